@@ -1,14 +1,167 @@
 //! The dependent-write workload and the consistency checker.
 //!
+//! - [`workload`] writes a strict chain of self-describing blocks ([`block`]) across the volumes of a
+//!   group, placed by [`layout`], through the crate's own NBD client ([`nbd`]);
+//! - [`check`] reads only the secondaries and says whether, together, they hold a gap-free prefix of that
+//!   chain reaching the last write acknowledged before the first failed copy.
+//!
 //! This crate is a library whose binary only parses flags and calls [`run`], so later crates' tests can
-//! start it in-process. Its real work arrives with its own issue.
+//! drive it in-process.
+
+pub mod block;
+pub mod check;
+pub mod layout;
+pub mod nbd;
+pub mod workload;
+
+pub use check::{CheckError, CheckOptions, Image, Source, Verdict, check, check_sources, scan};
+pub use layout::{BLOCK_SIZE, Layout, Location};
+pub use nbd::{NbdAddress, NbdClient, NbdError};
+pub use workload::{
+    OnError, Progress, WorkloadHandle, WorkloadOptions, WorkloadReport, run_workload,
+};
+
+use std::path::PathBuf;
+use std::time::Duration;
 
 /// Start-up options.
-#[derive(Debug, Clone, Default, clap::Args)]
-pub struct Options {}
+#[derive(Debug, Clone, clap::Args)]
+pub struct Options {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
 
-/// Runs the component until it is asked to stop.
-pub async fn run(_options: Options) -> anyhow::Result<()> {
-    tracing::info!("lockstep-checker has no work yet: see its issue");
-    Ok(())
+/// The binary's subcommands.
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum Command {
+    /// Write a dependent chain of blocks across the volumes.
+    Workload(WorkloadArgs),
+    /// Check that the secondaries hold a gap-free prefix of the chain.
+    Check(CheckArgs),
+}
+
+/// Flags of `workload`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct WorkloadArgs {
+    /// A volume, as nbd://host:port/export or nbd+unix:///export?socket=PATH; repeat in volume order.
+    #[arg(long = "volume", required = true)]
+    pub volumes: Vec<NbdAddress>,
+    /// How many writes to issue; without it, write until interrupted.
+    #[arg(long)]
+    pub writes: Option<u64>,
+    /// Slots per volume: the region the chain cycles through (4 KiB each).
+    #[arg(long, default_value_t = 1024)]
+    pub slots: u64,
+    /// First block of the region on every volume.
+    #[arg(long, default_value_t = 0)]
+    pub base_block: u64,
+    /// The run id (decimal or 0x-hex); a fresh one by default.
+    #[arg(long, value_parser = parse_u64)]
+    pub run_id: Option<u64>,
+    /// The first sequence to write (to continue a run).
+    #[arg(long, default_value_t = 1)]
+    pub first_seq: u64,
+    /// Send writes with FUA.
+    #[arg(long)]
+    pub fua: bool,
+    /// What to do when a write fails.
+    #[arg(long, value_enum, default_value_t = OnError::Stop)]
+    pub on_error: OnError,
+    /// Milliseconds between retries of a failed write.
+    #[arg(long, default_value_t = 50)]
+    pub retry_backoff_ms: u64,
+    /// Print the report as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Flags of `check`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct CheckArgs {
+    /// A secondary image: a file, or an NBD URI; repeat in volume order.
+    #[arg(long = "secondary", required = true)]
+    pub secondaries: Vec<String>,
+    /// The last write acknowledged before the first failed copy: the secondaries must reach it.
+    #[arg(long)]
+    pub acked_before_failure: u64,
+    /// The run to check (decimal or 0x-hex); by default the only run present.
+    #[arg(long, value_parser = parse_u64)]
+    pub run_id: Option<u64>,
+    /// Print the verdict as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn parse_u64(s: &str) -> Result<u64, std::num::ParseIntError> {
+    match s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
+        Some(hex) => u64::from_str_radix(hex, 16),
+        None => s.parse(),
+    }
+}
+
+/// Turns a `--secondary` value into a source: NBD URIs are exports, anything else a file.
+pub fn parse_source(s: &str) -> Result<Source, nbd::AddressError> {
+    if s.starts_with("nbd://") || s.starts_with("nbd+unix://") {
+        Ok(Source::Nbd(s.parse()?))
+    } else {
+        Ok(Source::File(PathBuf::from(s)))
+    }
+}
+
+/// Runs the chosen subcommand. A check that finds the secondaries inconsistent prints the verdict and
+/// returns an error, so the process exits non-zero.
+pub async fn run(options: Options) -> anyhow::Result<()> {
+    match options.command {
+        Command::Workload(a) => {
+            let layout = Layout::new(a.volumes.len() as u32, a.slots, a.base_block)?;
+            let mut opts = WorkloadOptions::new(layout, a.writes);
+            if let Some(id) = a.run_id {
+                opts.run_id = id;
+            }
+            opts.first_seq = a.first_seq;
+            opts.fua = a.fua;
+            opts.on_error = a.on_error;
+            opts.retry_backoff = Duration::from_millis(a.retry_backoff_ms);
+            eprintln!("run id {:#x}", opts.run_id);
+            let handle = WorkloadHandle::spawn(a.volumes, opts);
+            let cancel = handle.cancel.clone();
+            let interrupt = tokio::spawn(async move {
+                if tokio::signal::ctrl_c().await.is_ok() {
+                    cancel.cancel();
+                }
+            });
+            let report = handle.join().await;
+            interrupt.abort();
+            let report = report?;
+            if a.json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                println!("{report}");
+            }
+            Ok(())
+        }
+        Command::Check(a) => {
+            let sources = a
+                .secondaries
+                .iter()
+                .map(|s| parse_source(s))
+                .collect::<Result<Vec<_>, _>>()?;
+            let opts = CheckOptions {
+                acked_before_failure: a.acked_before_failure,
+                run_id: a.run_id,
+            };
+            let verdict = check_sources(&sources, &opts).await?;
+            if a.json {
+                println!("{}", serde_json::to_string_pretty(&verdict)?);
+            } else {
+                print!("{verdict}");
+            }
+            if verdict.is_consistent() {
+                Ok(())
+            } else {
+                anyhow::bail!("the secondaries are not consistent")
+            }
+        }
+    }
 }

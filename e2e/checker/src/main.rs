@@ -3,7 +3,10 @@
 use clap::Parser;
 
 #[derive(Debug, Parser)]
-#[command(version, about = "The dependent-write workload and the consistency checker.")]
+#[command(
+    version,
+    about = "The dependent-write workload and the consistency checker."
+)]
 struct Cli {
     #[command(flatten)]
     options: lockstep_checker::Options,

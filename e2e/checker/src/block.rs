@@ -1,0 +1,289 @@
+//! The self-describing 4 KiB block the workload writes, and its decoding.
+//!
+//! Layout of a block (little-endian):
+//!
+//! | bytes       | field                                            |
+//! |-------------|--------------------------------------------------|
+//! | 0..8        | magic `LKSTPBLK`                                 |
+//! | 8..10       | format version (1)                               |
+//! | 10..12      | reserved, zero                                   |
+//! | 12..16      | volume index                                     |
+//! | 16..24      | run id                                           |
+//! | 24..32      | sequence number (≥ 1)                            |
+//! | 32..40      | sequence of the previous write (`seq - 1`)       |
+//! | 40..44      | number of volumes of the run                     |
+//! | 44..48      | reserved, zero                                   |
+//! | 48..56      | slots per volume                                 |
+//! | 56..64      | first block of the region                        |
+//! | 64..72      | slot                                             |
+//! | 72..4092    | pattern fill, a pseudo-random stream of (run, seq) |
+//! | 4092..4096  | CRC-32C of bytes 0..4092                         |
+//!
+//! A block thus names its run, its place in the dependent chain and the whole layout, so a checker can
+//! read images without being told how they were written.
+
+use crate::layout::{BLOCK_SIZE, Layout};
+use serde::{Deserialize, Serialize};
+
+/// The magic that opens every workload block.
+pub const MAGIC: [u8; 8] = *b"LKSTPBLK";
+/// The block format version this crate writes and reads.
+pub const VERSION: u16 = 1;
+const BLOCK: usize = BLOCK_SIZE as usize;
+const PATTERN_START: usize = 72;
+const CRC_START: usize = BLOCK - 4;
+
+/// The header of a valid workload block.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlockHeader {
+    /// The run that wrote it.
+    pub run_id: u64,
+    /// Its place in the dependent chain, from 1.
+    pub seq: u64,
+    /// The write it depends on (`seq - 1`; 0 for the first).
+    pub prev_seq: u64,
+    /// The volume it was written to.
+    pub volume: u32,
+    /// The slot it was written to.
+    pub slot: u64,
+    /// The run's layout.
+    pub layout: Layout,
+}
+
+impl BlockHeader {
+    /// The header of write `seq` of run `run_id` under `layout`.
+    pub fn new(run_id: u64, seq: u64, layout: Layout) -> Self {
+        let loc = layout.locate(seq);
+        Self {
+            run_id,
+            seq,
+            prev_seq: seq.saturating_sub(1),
+            volume: loc.volume,
+            slot: loc.slot,
+            layout,
+        }
+    }
+}
+
+/// Why bytes that carry the magic are not a valid block.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+pub enum Corruption {
+    /// The checksum does not match.
+    #[error("checksum mismatch (stored {stored:#010x}, computed {computed:#010x})")]
+    Checksum {
+        /// Stored CRC-32C.
+        stored: u32,
+        /// Computed CRC-32C.
+        computed: u32,
+    },
+    /// A format version this crate does not read.
+    #[error("unknown block format version {0}")]
+    Version(u16),
+    /// The fields contradict each other (the layout, the chain link or the placement).
+    #[error("inconsistent header: {0}")]
+    Header(String),
+    /// The pattern fill is not the one for this run and sequence.
+    #[error("pattern fill does not match run and sequence")]
+    Pattern,
+}
+
+/// What a 4 KiB block of an image holds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Content {
+    /// All zeros: never written (or a hole of a sparse file).
+    Zero,
+    /// A valid workload block.
+    Block(BlockHeader),
+    /// Carries the magic but is not a valid block (e.g. a torn write).
+    Corrupt(Corruption),
+    /// Non-zero data that is not a workload block.
+    Foreign,
+}
+
+/// CRC-32C (Castagnoli), table-driven.
+pub fn crc32c(data: &[u8]) -> u32 {
+    const TABLE: [u32; 256] = {
+        let mut table = [0u32; 256];
+        let mut i = 0;
+        while i < 256 {
+            let mut c = i as u32;
+            let mut k = 0;
+            while k < 8 {
+                c = if c & 1 != 0 {
+                    (c >> 1) ^ 0x82F6_3B78
+                } else {
+                    c >> 1
+                };
+                k += 1;
+            }
+            table[i] = c;
+            i += 1;
+        }
+        table
+    };
+    let mut crc = !0u32;
+    for &b in data {
+        crc = TABLE[((crc ^ u32::from(b)) & 0xff) as usize] ^ (crc >> 8);
+    }
+    !crc
+}
+
+/// Fills `out` with the pattern of (`run_id`, `seq`): a splitmix64 stream.
+fn fill_pattern(run_id: u64, seq: u64, out: &mut [u8]) {
+    let mut state = run_id ^ seq.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0x4C4B_5354_5042_4C4B;
+    for chunk in out.chunks_mut(8) {
+        state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^= z >> 31;
+        let bytes = z.to_le_bytes();
+        chunk.copy_from_slice(&bytes[..chunk.len()]);
+    }
+}
+
+/// Encodes write `seq` of run `run_id` under `layout` as a 4 KiB block.
+pub fn encode(run_id: u64, seq: u64, layout: Layout) -> Vec<u8> {
+    encode_header(&BlockHeader::new(run_id, seq, layout))
+}
+
+/// Encodes a block with exactly this header (tests use it to build malformed blocks).
+pub fn encode_header(h: &BlockHeader) -> Vec<u8> {
+    let mut b = vec![0u8; BLOCK];
+    b[0..8].copy_from_slice(&MAGIC);
+    b[8..10].copy_from_slice(&VERSION.to_le_bytes());
+    b[12..16].copy_from_slice(&h.volume.to_le_bytes());
+    b[16..24].copy_from_slice(&h.run_id.to_le_bytes());
+    b[24..32].copy_from_slice(&h.seq.to_le_bytes());
+    b[32..40].copy_from_slice(&h.prev_seq.to_le_bytes());
+    b[40..44].copy_from_slice(&h.layout.volumes().to_le_bytes());
+    b[48..56].copy_from_slice(&h.layout.slots().to_le_bytes());
+    b[56..64].copy_from_slice(&h.layout.base().to_le_bytes());
+    b[64..72].copy_from_slice(&h.slot.to_le_bytes());
+    fill_pattern(h.run_id, h.seq, &mut b[PATTERN_START..CRC_START]);
+    let crc = crc32c(&b[..CRC_START]);
+    b[CRC_START..].copy_from_slice(&crc.to_le_bytes());
+    b
+}
+
+fn u16_at(b: &[u8], at: usize) -> u16 {
+    let mut a = [0u8; 2];
+    a.copy_from_slice(&b[at..at + 2]);
+    u16::from_le_bytes(a)
+}
+
+fn u32_at(b: &[u8], at: usize) -> u32 {
+    let mut a = [0u8; 4];
+    a.copy_from_slice(&b[at..at + 4]);
+    u32::from_le_bytes(a)
+}
+
+fn u64_at(b: &[u8], at: usize) -> u64 {
+    let mut a = [0u8; 8];
+    a.copy_from_slice(&b[at..at + 8]);
+    u64::from_le_bytes(a)
+}
+
+/// Decodes one block of an image. A slice shorter than 4 KiB (the tail of an image) reads as if padded
+/// with zeros.
+pub fn decode(bytes: &[u8]) -> Content {
+    if bytes.len() < BLOCK {
+        let mut padded = vec![0u8; BLOCK];
+        padded[..bytes.len()].copy_from_slice(bytes);
+        return decode(&padded);
+    }
+    let b = &bytes[..BLOCK];
+    if b.iter().all(|&x| x == 0) {
+        return Content::Zero;
+    }
+    if b[0..8] != MAGIC {
+        return Content::Foreign;
+    }
+    let stored = u32_at(b, CRC_START);
+    let computed = crc32c(&b[..CRC_START]);
+    if stored != computed {
+        return Content::Corrupt(Corruption::Checksum { stored, computed });
+    }
+    let version = u16_at(b, 8);
+    if version != VERSION {
+        return Content::Corrupt(Corruption::Version(version));
+    }
+    match parse_header(b) {
+        Ok(h) => {
+            let mut expect = vec![0u8; CRC_START - PATTERN_START];
+            fill_pattern(h.run_id, h.seq, &mut expect);
+            if b[PATTERN_START..CRC_START] == expect[..] {
+                Content::Block(h)
+            } else {
+                Content::Corrupt(Corruption::Pattern)
+            }
+        }
+        Err(why) => Content::Corrupt(Corruption::Header(why)),
+    }
+}
+
+fn parse_header(b: &[u8]) -> Result<BlockHeader, String> {
+    if u16_at(b, 10) != 0 || u32_at(b, 44) != 0 {
+        return Err("reserved fields are not zero".into());
+    }
+    let layout =
+        Layout::new(u32_at(b, 40), u64_at(b, 48), u64_at(b, 56)).map_err(|e| e.to_string())?;
+    let h = BlockHeader {
+        volume: u32_at(b, 12),
+        run_id: u64_at(b, 16),
+        seq: u64_at(b, 24),
+        prev_seq: u64_at(b, 32),
+        slot: u64_at(b, 64),
+        layout,
+    };
+    if h.seq == 0 {
+        return Err("sequence 0".into());
+    }
+    if h.prev_seq != h.seq - 1 {
+        return Err(format!(
+            "seq {} names previous write {}, not {}",
+            h.seq,
+            h.prev_seq,
+            h.seq - 1
+        ));
+    }
+    let loc = layout.locate(h.seq);
+    if (h.volume, h.slot) != (loc.volume, loc.slot) {
+        return Err(format!(
+            "seq {} claims volume {} slot {}, but the layout puts it on {loc}",
+            h.seq, h.volume, h.slot
+        ));
+    }
+    Ok(h)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn crc32c_check_value() {
+        assert_eq!(crc32c(b"123456789"), 0xE306_9283);
+    }
+
+    #[test]
+    fn round_trip_and_damage() -> Result<(), crate::layout::LayoutError> {
+        let layout = Layout::new(3, 8, 1)?;
+        let mut b = encode(42, 17, layout);
+        assert_eq!(decode(&b), Content::Block(BlockHeader::new(42, 17, layout)));
+        b[100] ^= 1;
+        assert!(matches!(
+            decode(&b),
+            Content::Corrupt(Corruption::Checksum { .. })
+        ));
+        assert_eq!(decode(&[0u8; 4096]), Content::Zero);
+        assert_eq!(decode(&[7u8; 10]), Content::Foreign);
+        let mut h = BlockHeader::new(42, 17, layout);
+        h.prev_seq = 3;
+        assert!(matches!(
+            decode(&encode_header(&h)),
+            Content::Corrupt(Corruption::Header(_))
+        ));
+        Ok(())
+    }
+}
