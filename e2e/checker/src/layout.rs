@@ -45,6 +45,10 @@ pub enum LayoutError {
     /// No slots.
     #[error("a layout needs at least one slot per volume")]
     NoSlots,
+    /// The region holds a single block in all: a torn write there would erase the only evidence of the
+    /// write before it.
+    #[error("a layout needs at least two slots in all (volumes × slots ≥ 2)")]
+    SingleSlot,
     /// The region does not fit in a 64-bit byte offset.
     #[error("region of {slots} slots at block {base} overflows a 64-bit byte offset")]
     TooLarge {
@@ -71,6 +75,9 @@ impl Layout {
         }
         if slots == 0 {
             return Err(LayoutError::NoSlots);
+        }
+        if volumes == 1 && slots == 1 {
+            return Err(LayoutError::SingleSlot);
         }
         base.checked_add(slots)
             .and_then(|end| end.checked_mul(BLOCK_SIZE))
@@ -187,7 +194,7 @@ mod tests {
 
     #[test]
     fn newest_matches_brute_force() -> Result<(), LayoutError> {
-        for (v, s) in [(1, 1), (2, 3), (3, 1), (4, 5)] {
+        for (v, s) in [(1, 2), (2, 1), (2, 3), (3, 1), (4, 5)] {
             let l = Layout::new(v, s, 0)?;
             for k in 0..60 {
                 for loc in l.locations() {
@@ -207,6 +214,7 @@ mod tests {
     fn rejects_bad_parameters() {
         assert_eq!(Layout::new(0, 1, 0), Err(LayoutError::NoVolumes));
         assert_eq!(Layout::new(1, 0, 0), Err(LayoutError::NoSlots));
+        assert_eq!(Layout::new(1, 1, 0), Err(LayoutError::SingleSlot));
         assert!(Layout::new(1, u64::MAX, 1).is_err());
     }
 }

@@ -12,6 +12,7 @@ pub mod block;
 pub mod check;
 pub mod layout;
 pub mod nbd;
+pub mod synth;
 pub mod workload;
 
 pub use check::{CheckError, CheckOptions, Image, Source, Verdict, check, check_sources, scan};

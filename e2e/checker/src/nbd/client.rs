@@ -336,3 +336,137 @@ async fn export_name(
     }
     Ok(proto::decode_export_name_reply(&b))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
+
+    const SIZE: u64 = 4 << 20;
+
+    async fn read_option(s: &mut DuplexStream) -> std::io::Result<(u32, Vec<u8>)> {
+        let mut h = [0u8; 16];
+        s.read_exact(&mut h).await?;
+        assert_eq!(&h[0..8], b"IHAVEOPT");
+        let opt = u32::from_be_bytes([h[8], h[9], h[10], h[11]]);
+        let len = u32::from_be_bytes([h[12], h[13], h[14], h[15]]);
+        let mut data = vec![0u8; len as usize];
+        s.read_exact(&mut data).await?;
+        Ok((opt, data))
+    }
+
+    fn option_reply(opt: u32, reply: u32, data: &[u8]) -> Vec<u8> {
+        let mut out = proto::OPTION_REPLY_MAGIC.to_be_bytes().to_vec();
+        out.extend_from_slice(&opt.to_be_bytes());
+        out.extend_from_slice(&reply.to_be_bytes());
+        out.extend_from_slice(&(data.len() as u32).to_be_bytes());
+        out.extend_from_slice(data);
+        out
+    }
+
+    /// A tiny in-memory server: `go` selects whether it knows `NBD_OPT_GO`; serves reads, writes, flush.
+    async fn serve(mut s: DuplexStream, go: bool) -> std::io::Result<Vec<u8>> {
+        let mut disk = vec![0u8; SIZE as usize];
+        let mut greeting = b"NBDMAGICIHAVEOPT".to_vec();
+        greeting
+            .extend_from_slice(&(proto::FLAG_FIXED_NEWSTYLE | proto::FLAG_NO_ZEROES).to_be_bytes());
+        s.write_all(&greeting).await?;
+        let mut cf = [0u8; 4];
+        s.read_exact(&mut cf).await?;
+        let flags = proto::TFLAG_HAS_FLAGS | proto::TFLAG_SEND_FLUSH | proto::TFLAG_SEND_FUA;
+        loop {
+            let (opt, data) = read_option(&mut s).await?;
+            match opt {
+                proto::OPT_GO if go => {
+                    assert_eq!(&data[4..data.len() - 2], b"vol");
+                    let mut info = proto::INFO_EXPORT.to_be_bytes().to_vec();
+                    info.extend_from_slice(&SIZE.to_be_bytes());
+                    info.extend_from_slice(&flags.to_be_bytes());
+                    s.write_all(&option_reply(opt, proto::REP_INFO, &info))
+                        .await?;
+                    s.write_all(&option_reply(opt, proto::REP_ACK, &[])).await?;
+                    break;
+                }
+                proto::OPT_EXPORT_NAME => {
+                    assert_eq!(data, b"vol");
+                    let mut r = SIZE.to_be_bytes().to_vec();
+                    r.extend_from_slice(&flags.to_be_bytes());
+                    s.write_all(&r).await?;
+                    break;
+                }
+                _ => {
+                    s.write_all(&option_reply(opt, proto::REP_ERR_UNSUP, b"no"))
+                        .await?
+                }
+            }
+        }
+        loop {
+            let mut h = [0u8; 28];
+            s.read_exact(&mut h).await?;
+            let cmd = u16::from_be_bytes([h[6], h[7]]);
+            let cookie = &h[8..16];
+            let off = u64::from_be_bytes(h[16..24].try_into().unwrap_or_default()) as usize;
+            let len = u32::from_be_bytes(h[24..28].try_into().unwrap_or_default()) as usize;
+            let mut reply = proto::SIMPLE_REPLY_MAGIC.to_be_bytes().to_vec();
+            let error: u32 = if off + len > disk.len() { 22 } else { 0 };
+            match cmd {
+                0 => {
+                    reply.extend_from_slice(&error.to_be_bytes());
+                    reply.extend_from_slice(cookie);
+                    if error == 0 {
+                        reply.extend_from_slice(&disk[off..off + len]);
+                    }
+                }
+                1 => {
+                    let mut data = vec![0u8; len];
+                    s.read_exact(&mut data).await?;
+                    if error == 0 {
+                        disk[off..off + len].copy_from_slice(&data);
+                    }
+                    reply.extend_from_slice(&error.to_be_bytes());
+                    reply.extend_from_slice(cookie);
+                }
+                2 => return Ok(disk),
+                _ => {
+                    reply.extend_from_slice(&0u32.to_be_bytes());
+                    reply.extend_from_slice(cookie);
+                }
+            }
+            s.write_all(&reply).await?;
+        }
+    }
+
+    async fn exercise(go: bool) -> Result<(), Box<dyn std::error::Error>> {
+        let (a, b) = tokio::io::duplex(1 << 16);
+        let server = tokio::spawn(serve(b, go));
+        let mut c = NbdClient::handshake(Box::new(a), "vol").await?;
+        assert_eq!(c.size(), SIZE);
+        assert!(c.info().can_fua() && c.info().can_flush());
+        let data: Vec<u8> = (0..3 * MAX_REQUEST / 2).map(|i| (i % 251) as u8).collect();
+        c.write(4096, &data, true).await?;
+        c.flush().await?;
+        let mut back = vec![0u8; data.len()];
+        c.read(4096, &mut back).await?;
+        assert_eq!(back, data);
+        let err = c.write(SIZE, &[1u8; 512], false).await;
+        assert!(
+            matches!(err, Err(NbdError::Command { code: 22, .. })),
+            "{err:?}"
+        );
+        assert!(err.is_err_and(|e| !e.connection_lost()));
+        c.disconnect().await?;
+        let disk = server.await??;
+        assert_eq!(&disk[4096..4096 + data.len()], &data[..]);
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn opt_go() -> Result<(), Box<dyn std::error::Error>> {
+        exercise(true).await
+    }
+
+    #[tokio::test]
+    async fn falls_back_to_export_name() -> Result<(), Box<dyn std::error::Error>> {
+        exercise(false).await
+    }
+}
