@@ -1,0 +1,288 @@
+//! The workload against real `qemu-nbd` servers, and the checker on copies of their files.
+
+mod support;
+
+use lockstep_checker::check::{Found, LinkState, Problem};
+use lockstep_checker::workload::StopReason;
+use lockstep_checker::{
+    BLOCK_SIZE, CheckOptions, Layout, OnError, Source, Verdict, WorkloadHandle, WorkloadOptions,
+    check_sources,
+};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use support::{QemuNbd, TestResult, copy_files, unix_volumes};
+
+const VOLUME_SIZE: u64 = 1 << 20;
+const WAIT: Duration = Duration::from_secs(60);
+
+async fn check_files(
+    files: &[PathBuf],
+    acked: u64,
+    run_id: Option<u64>,
+) -> Result<Verdict, Box<dyn std::error::Error>> {
+    let sources: Vec<Source> = files.iter().cloned().map(Source::File).collect();
+    Ok(check_sources(
+        &sources,
+        &CheckOptions {
+            acked_before_failure: acked,
+            run_id,
+        },
+    )
+    .await?)
+}
+
+fn addresses(servers: &[QemuNbd]) -> Vec<lockstep_checker::NbdAddress> {
+    servers.iter().map(|s| s.address.clone()).collect()
+}
+
+fn copy_block(from: &Path, to: &Path, offset: u64) -> std::io::Result<()> {
+    use std::io::{Read, Seek, SeekFrom, Write};
+    let mut buf = vec![0u8; BLOCK_SIZE as usize];
+    let mut f = std::fs::File::open(from)?;
+    f.seek(SeekFrom::Start(offset))?;
+    f.read_exact(&mut buf)?;
+    let mut t = std::fs::OpenOptions::new().write(true).open(to)?;
+    t.seek(SeekFrom::Start(offset))?;
+    t.write_all(&buf)
+}
+
+/// Three volumes, a run that wraps the region twice, written in two phases; then the checker on exact
+/// copies, an earlier prefix, a copy with a middle write removed, empty copies, and over NBD.
+#[tokio::test]
+async fn workload_on_qemu_nbd_then_check_copies() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let servers = unix_volumes(dir.path(), 3, VOLUME_SIZE).await?;
+    let layout = Layout::new(3, 16, 4)?; // period 48
+    let mut opts = WorkloadOptions::new(layout, Some(40));
+    opts.fua = true;
+    let run_id = opts.run_id;
+
+    let first = WorkloadHandle::spawn(addresses(&servers), opts.clone())
+        .join()
+        .await?;
+    assert_eq!(
+        (first.stopped, first.last_acked, first.acked),
+        (StopReason::Completed, 40, 40),
+        "{first}"
+    );
+    let snap = copy_files(&servers, dir.path(), "snap40")?;
+
+    opts.first_seq = 41;
+    opts.writes = Some(63);
+    opts.fua = false;
+    let second = WorkloadHandle::spawn(addresses(&servers), opts)
+        .join()
+        .await?;
+    assert_eq!(
+        (
+            second.stopped,
+            second.last_acked,
+            second.first_failure.clone()
+        ),
+        (StopReason::Completed, 103, None),
+        "{second}"
+    );
+    let full = copy_files(&servers, dir.path(), "full")?;
+
+    // An exact copy passes.
+    let v = check_files(&full, 103, None).await?;
+    assert_eq!(v.prefix_end(), Some(103), "{v}");
+    match &v {
+        Verdict::Consistent(c) => {
+            assert_eq!(c.run_id, run_id);
+            assert_eq!(c.volumes.iter().map(|s| s.blocks).sum::<u64>(), 48);
+        }
+        Verdict::Inconsistent(_) => unreachable!(),
+    }
+
+    // An earlier consistent prefix passes with that prefix, and fails if more was acknowledged.
+    let v = check_files(&snap, 40, Some(run_id)).await?;
+    assert_eq!(v.prefix_end(), Some(40), "{v}");
+    let v = check_files(&snap, 41, Some(run_id)).await?;
+    assert_eq!(
+        v.problems(),
+        &[Problem::Behind {
+            prefix_end: 40,
+            required: 41
+        }],
+        "{v}"
+    );
+    let v = check_files(&full, 104, None).await?;
+    assert!(!v.is_consistent() && v.gaps().is_empty(), "{v}");
+
+    // A middle write removed: slot of write 80 gets back what it held before (write 32, from the snapshot).
+    let loc = layout.locate(80);
+    let holed: Vec<PathBuf> = copy_files(&servers, dir.path(), "holed")?;
+    copy_block(
+        &snap[loc.volume as usize],
+        &holed[loc.volume as usize],
+        loc.offset,
+    )?;
+    let v = check_files(&holed, 60, None).await?;
+    assert!(!v.is_consistent(), "{v}");
+    let gap = &v.gaps()[0];
+    assert_eq!(
+        (v.gaps().len(), gap.missing, gap.location, &gap.found),
+        (1, 80, loc, &Found::Older { seq: 32 })
+    );
+    assert!(
+        gap.chain
+            .iter()
+            .any(|l| l.seq == 81 && l.state == LinkState::Present),
+        "{v}"
+    );
+    let text = v.to_string();
+    assert!(
+        text.contains("write 80 is missing")
+            && text.contains("write 81 was issued only after write 80"),
+        "{text}"
+    );
+
+    // Empty copies fail.
+    let empty: Vec<PathBuf> = (0..3)
+        .map(|i| dir.path().join(format!("empty{i}.img")))
+        .collect();
+    for f in &empty {
+        support::sparse_file(f, VOLUME_SIZE)?;
+    }
+    let v = check_files(&empty, 0, None).await?;
+    assert_eq!(v.problems(), &[Problem::Empty], "{v}");
+
+    // The checker reads over NBD too: serve the full copies read-only.
+    let mut readers = Vec::new();
+    for (i, f) in full.iter().enumerate() {
+        readers.push(
+            QemuNbd::unix(
+                f,
+                &format!("copy{i}"),
+                &dir.path().join(format!("copy{i}.sock")),
+                true,
+            )
+            .await?,
+        );
+    }
+    let sources: Vec<Source> = readers
+        .iter()
+        .map(|r| Source::Nbd(r.address.clone()))
+        .collect();
+    let v = check_sources(
+        &sources,
+        &CheckOptions {
+            acked_before_failure: 103,
+            run_id: None,
+        },
+    )
+    .await?;
+    assert_eq!(v.prefix_end(), Some(103), "{v}");
+
+    for s in readers.into_iter().chain(servers) {
+        s.kill().await?;
+    }
+    Ok(())
+}
+
+/// A caller follows progress while the workload runs, then cancels it.
+#[tokio::test]
+async fn progress_and_cancel() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let servers = unix_volumes(dir.path(), 2, VOLUME_SIZE).await?;
+    let layout = Layout::new(2, 8, 0)?;
+    let mut handle = WorkloadHandle::spawn(addresses(&servers), WorkloadOptions::new(layout, None));
+    let seen = handle.wait_for_acked(50, WAIT).await?;
+    assert!(
+        seen.last_acked >= 50 && seen.first_failure.is_none(),
+        "{seen:?}"
+    );
+    let report = handle.stop_and_join().await?;
+    assert_eq!(report.stopped, StopReason::Cancelled, "{report}");
+    assert!(report.last_acked >= 50);
+
+    let files: Vec<PathBuf> = servers.iter().map(|s| s.file.clone()).collect();
+    let v = check_files(&files, report.last_acked, None).await?;
+    // A write cancelled in flight may or may not have landed.
+    let end = v.prefix_end().ok_or_else(|| v.to_string())?;
+    assert!(
+        end == report.last_acked || Some(end) == report.in_flight_at_stop,
+        "{v} / {report}"
+    );
+    for s in servers {
+        s.kill().await?;
+    }
+    Ok(())
+}
+
+/// A volume's server dies mid-run: the workload stops at the first failed write and records it; what was
+/// written is a consistent prefix reaching the last acknowledged write.
+#[tokio::test]
+async fn server_killed_mid_run_stops_at_first_failure() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let mut servers = unix_volumes(dir.path(), 3, VOLUME_SIZE).await?;
+    let layout = Layout::new(3, 8, 0)?;
+    let mut handle = WorkloadHandle::spawn(addresses(&servers), WorkloadOptions::new(layout, None));
+    handle.wait_for_acked(20, WAIT).await?;
+    let victim = servers.remove(1);
+    let victim_file = victim.file.clone();
+    victim.kill().await?;
+    let report = handle.join().await?;
+    assert_eq!(report.stopped, StopReason::Failed, "{report}");
+    let failure = report.first_failure.clone().ok_or("no failure recorded")?;
+    assert_eq!(
+        (failure.volume, failure.seq, failure.last_acked_before),
+        (1, report.last_acked + 1, report.last_acked),
+        "{report}"
+    );
+    assert_eq!(layout.locate(failure.seq).volume, 1);
+
+    let files = vec![
+        servers[0].file.clone(),
+        victim_file,
+        servers[1].file.clone(),
+    ];
+    let v = check_files(&files, report.last_acked, None).await?;
+    let end = v.prefix_end().ok_or_else(|| v.to_string())?;
+    assert!(
+        end == report.last_acked || end == failure.seq,
+        "{v} / {report}"
+    );
+    for s in servers {
+        s.kill().await?;
+    }
+    Ok(())
+}
+
+/// With `OnError::Retry` the workload retries the same write, reconnects once the server is back, and the
+/// chain stays gap-free.
+#[tokio::test]
+async fn retry_reconnects_and_keeps_the_chain() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let mut servers = unix_volumes(dir.path(), 2, VOLUME_SIZE).await?;
+    let layout = Layout::new(2, 8, 0)?;
+    let mut opts = WorkloadOptions::new(layout, Some(120));
+    opts.on_error = OnError::Retry;
+    opts.retry_backoff = Duration::from_millis(5);
+    let mut handle = WorkloadHandle::spawn(addresses(&servers), opts);
+    handle.wait_for_acked(20, WAIT).await?;
+    let victim = servers.remove(0);
+    let (file, address) = (victim.file.clone(), victim.address.clone());
+    victim.kill().await?;
+    tokio::time::timeout(WAIT, handle.progress.wait_for(|p| p.failures > 0 || p.done)).await??;
+    let stalled = handle.current();
+    assert!(stalled.failures > 0 && !stalled.done, "{stalled:?}");
+    servers.insert(0, QemuNbd::restart(&file, &address, false).await?);
+
+    let report = handle.join().await?;
+    assert_eq!(
+        (report.stopped, report.last_acked),
+        (StopReason::Completed, 120),
+        "{report}"
+    );
+    let failure = report.first_failure.clone().ok_or("no failure recorded")?;
+    assert_eq!(failure.volume, 0);
+    let files: Vec<PathBuf> = servers.iter().map(|s| s.file.clone()).collect();
+    let v = check_files(&files, 120, None).await?;
+    assert_eq!(v.prefix_end(), Some(120), "{v}");
+    for s in servers {
+        s.kill().await?;
+    }
+    Ok(())
+}
