@@ -1,14 +1,339 @@
-//! The Lockstep reference replicator: NBD-served volumes copied synchronously to a secondary.
+//! The Lockstep reference replicator: file-backed volumes served over NBD and copied synchronously to a
+//! secondary.
 //!
-//! This crate is a library whose binary only parses flags and calls [`run`], so later crates' tests can
-//! start it in-process. Its real work arrives with its own issue.
+//! One binary, two modes. `primary` serves sparse-file volumes to applications over NBD (TCP and/or a
+//! unix socket) and copies every write to the secondary before acknowledging it; `secondary` receives the
+//! ordered replication streams and applies them durably. The binary only parses flags and calls [`run`];
+//! tests and later crates start [`Primary`] and [`secondary::Secondary`] in-process.
+//!
+//! Modules: [`nbd`] (protocol codec and server), [`wire`] (replication frames), [`store`] (ordered file
+//! I/O with group commit), [`copy`] (the copy state machine and link), [`volume`], [`secondary`],
+//! [`dirty`] (dirty-region map), [`events`], [`linkcut`] (a fault-injecting TCP proxy for tests).
+
+pub mod copy;
+pub mod dirty;
+pub mod events;
+pub mod linkcut;
+pub mod nbd;
+pub mod secondary;
+pub mod store;
+pub mod volume;
+pub mod wire;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::{TcpListener, UnixListener};
+use tokio::sync::broadcast;
+use tokio::task::JoinHandle;
+
+pub use copy::{CopyConfig, CopyError, CopyMode};
+pub use events::{CopyFailed, Event};
+pub use volume::{Volume, VolumeConfig, VolumeError, VolumeStatus};
 
 /// Start-up options.
-#[derive(Debug, Clone, Default, clap::Args)]
-pub struct Options {}
+#[derive(Debug, Clone, clap::Args)]
+pub struct Options {
+    /// What to run.
+    #[command(subcommand)]
+    pub mode: Mode,
+}
 
-/// Runs the component until it is asked to stop.
-pub async fn run(_options: Options) -> anyhow::Result<()> {
-    tracing::info!("lockstep-replicator has no work yet: see its issue");
-    Ok(())
+/// The binary's modes.
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum Mode {
+    /// Serve volumes over NBD and copy their writes to a secondary.
+    Primary(PrimaryArgs),
+    /// Receive replication streams and apply them to files in a directory.
+    Secondary(SecondaryArgs),
+}
+
+/// Flags of `lockstep-replicator primary`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct PrimaryArgs {
+    /// A volume: `NAME=PATH[,size=SIZE][,secondary=HOST:PORT]` (SIZE like 1G, 512M, 4096). Repeatable.
+    /// A volume without `secondary=` is served with replication off.
+    #[arg(long = "volume", required = true)]
+    pub volumes: Vec<String>,
+    /// NBD over TCP on this address.
+    #[arg(long)]
+    pub nbd_listen: Option<SocketAddr>,
+    /// NBD over a unix socket at this path.
+    #[arg(long)]
+    pub nbd_socket: Option<PathBuf>,
+    /// How long a write may wait for the secondary's acknowledgement, in milliseconds.
+    #[arg(long, default_value_t = 5000)]
+    pub copy_timeout_ms: u64,
+    /// Serve every volume with replication off, ignoring `secondary=`.
+    #[arg(long)]
+    pub replication_off: bool,
+}
+
+/// Flags of `lockstep-replicator secondary`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct SecondaryArgs {
+    /// Listen for primaries on this address.
+    #[arg(long)]
+    pub listen: SocketAddr,
+    /// Directory of the secondary volume files (one per volume, named after it).
+    #[arg(long)]
+    pub dir: PathBuf,
+}
+
+/// Why the replicator could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// A flag or configuration value is wrong.
+    #[error("configuration: {0}")]
+    Config(String),
+    /// A volume could not be opened.
+    #[error(transparent)]
+    Volume(#[from] VolumeError),
+    /// A socket could not be bound.
+    #[error("bind: {0}")]
+    Bind(#[from] std::io::Error),
+}
+
+/// Parses a size such as `4096`, `512K`, `64M`, `1G`, `2T` (binary units; an optional trailing `iB`/`B`).
+pub fn parse_size(s: &str) -> Result<u64, StartError> {
+    let t = s.trim();
+    let t = t
+        .strip_suffix("iB")
+        .or_else(|| t.strip_suffix('B'))
+        .unwrap_or(t);
+    let (digits, shift) = match t.chars().last() {
+        Some('K' | 'k') => (&t[..t.len() - 1], 10),
+        Some('M' | 'm') => (&t[..t.len() - 1], 20),
+        Some('G' | 'g') => (&t[..t.len() - 1], 30),
+        Some('T' | 't') => (&t[..t.len() - 1], 40),
+        _ => (t, 0),
+    };
+    digits
+        .parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(1u64 << shift))
+        .ok_or_else(|| StartError::Config(format!("bad size {s:?}")))
+}
+
+/// Parses a `--volume` value: `NAME=PATH[,size=SIZE][,secondary=HOST:PORT]`.
+pub fn parse_volume(spec: &str, copy_timeout: Duration) -> Result<VolumeConfig, StartError> {
+    let bad = |why: &str| StartError::Config(format!("--volume {spec:?}: {why}"));
+    let mut parts = spec.split(',');
+    let (name, path) = parts
+        .next()
+        .and_then(|p| p.split_once('='))
+        .ok_or_else(|| bad("expected NAME=PATH"))?;
+    let mut config = VolumeConfig {
+        name: name.to_owned(),
+        path: PathBuf::from(path),
+        size: None,
+        copy: None,
+    };
+    for part in parts {
+        match part.split_once('=') {
+            Some(("size", v)) => config.size = Some(parse_size(v)?),
+            Some(("secondary", v)) => {
+                config.copy = Some(CopyConfig {
+                    secondary: v.to_owned(),
+                    timeout: copy_timeout,
+                });
+            }
+            _ => return Err(bad("unknown field")),
+        }
+    }
+    Ok(config)
+}
+
+/// How to run a primary.
+#[derive(Debug, Clone)]
+pub struct PrimaryConfig {
+    /// The volumes.
+    pub volumes: Vec<VolumeConfig>,
+    /// NBD over TCP.
+    pub nbd_listen: Option<SocketAddr>,
+    /// NBD over a unix socket.
+    pub nbd_socket: Option<PathBuf>,
+    /// Record WRITE latencies (for the benchmark).
+    pub record_latency: bool,
+}
+
+/// A running primary; stops serving when dropped.
+#[derive(Debug)]
+pub struct Primary {
+    server: Arc<nbd::NbdServer>,
+    events: broadcast::Sender<Event>,
+    tcp: Option<SocketAddr>,
+    unix: Option<PathBuf>,
+    latency: Option<Arc<nbd::LatencyRecorder>>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Drop for Primary {
+    fn drop(&mut self) {
+        for task in &self.tasks {
+            task.abort();
+        }
+    }
+}
+
+impl Primary {
+    /// Opens the volumes, starts their replication links and the NBD listeners.
+    pub async fn start(config: PrimaryConfig) -> Result<Primary, StartError> {
+        if config.nbd_listen.is_none() && config.nbd_socket.is_none() {
+            return Err(StartError::Config(
+                "give --nbd-listen, --nbd-socket or both".into(),
+            ));
+        }
+        let (events, _) = broadcast::channel(1024);
+        let mut volumes = Vec::new();
+        for v in config.volumes {
+            if volumes.iter().any(|o: &Arc<Volume>| o.name() == v.name) {
+                return Err(StartError::Config(format!("volume {} given twice", v.name)));
+            }
+            volumes.push(Volume::open(v, events.clone())?);
+        }
+        let exports = nbd::Exports::new(volumes);
+        let latency = config
+            .record_latency
+            .then(|| Arc::new(nbd::LatencyRecorder::default()));
+        let server = match &latency {
+            Some(l) => nbd::NbdServer::with_latency(exports, Arc::clone(l)),
+            None => nbd::NbdServer::new(exports),
+        };
+        let mut tasks = Vec::new();
+        let mut tcp = None;
+        if let Some(addr) = config.nbd_listen {
+            let listener = TcpListener::bind(addr).await?;
+            tcp = Some(listener.local_addr()?);
+            tasks.push(tokio::spawn(Arc::clone(&server).serve_tcp(listener)));
+        }
+        if let Some(path) = &config.nbd_socket {
+            // A stale socket file from an earlier run would make bind fail.
+            if path.exists() {
+                std::fs::remove_file(path)?;
+            }
+            let listener = UnixListener::bind(path)?;
+            tasks.push(tokio::spawn(Arc::clone(&server).serve_unix(listener)));
+        }
+        Ok(Primary {
+            server,
+            events,
+            tcp,
+            unix: config.nbd_socket,
+            latency,
+            tasks,
+        })
+    }
+
+    /// The NBD TCP address, if serving TCP.
+    pub fn nbd_addr(&self) -> Option<SocketAddr> {
+        self.tcp
+    }
+
+    /// The NBD unix socket, if serving one.
+    pub fn nbd_socket(&self) -> Option<&std::path::Path> {
+        self.unix.as_deref()
+    }
+
+    /// Subscribes to replication events (only events after this call are seen).
+    pub fn subscribe(&self) -> broadcast::Receiver<Event> {
+        self.events.subscribe()
+    }
+
+    /// The volume named `name`.
+    pub fn volume(&self, name: &str) -> Option<&Arc<Volume>> {
+        self.server.exports().get(name).filter(|v| v.name() == name)
+    }
+
+    /// WRITE latencies recorded so far, if recording (microseconds).
+    pub fn take_latencies(&self) -> Vec<u32> {
+        self.latency.as_ref().map(|l| l.take()).unwrap_or_default()
+    }
+}
+
+/// Runs the component until it is asked to stop (SIGINT / SIGTERM).
+pub async fn run(options: Options) -> anyhow::Result<()> {
+    match options.mode {
+        Mode::Primary(args) => {
+            let timeout = Duration::from_millis(args.copy_timeout_ms);
+            let mut volumes = args
+                .volumes
+                .iter()
+                .map(|spec| parse_volume(spec, timeout))
+                .collect::<Result<Vec<_>, _>>()?;
+            if args.replication_off {
+                for v in &mut volumes {
+                    v.copy = None;
+                }
+            }
+            let primary = Primary::start(PrimaryConfig {
+                volumes,
+                nbd_listen: args.nbd_listen,
+                nbd_socket: args.nbd_socket,
+                record_latency: false,
+            })
+            .await?;
+            let mut events = primary.subscribe();
+            tracing::info!(tcp = ?primary.nbd_addr(), unix = ?primary.nbd_socket(), "primary serving");
+            tokio::select! {
+                () = shutdown_signal() => {}
+                () = async {
+                    while let Ok(event) = events.recv().await {
+                        tracing::warn!(?event, "replication event");
+                    }
+                } => {}
+            }
+            Ok(())
+        }
+        Mode::Secondary(args) => {
+            let secondary = secondary::Secondary::start(secondary::SecondaryConfig {
+                listen: args.listen,
+                dir: args.dir,
+            })
+            .await?;
+            tracing::info!(addr = %secondary.local_addr(), "secondary serving");
+            shutdown_signal().await;
+            Ok(())
+        }
+    }
+}
+
+async fn shutdown_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        () = term => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_and_volume_specs_parse() {
+        assert_eq!(parse_size("4096").unwrap(), 4096);
+        assert_eq!(parse_size("1G").unwrap(), 1 << 30);
+        assert_eq!(parse_size("64MiB").unwrap(), 64 << 20);
+        assert!(parse_size("x").is_err());
+        assert!(parse_size("99999999999T").is_err());
+        let v = parse_volume(
+            "vol1=/tmp/v1,size=1M,secondary=127.0.0.1:7000",
+            Duration::from_secs(1),
+        )
+        .unwrap();
+        assert_eq!(v.name, "vol1");
+        assert_eq!(v.size, Some(1 << 20));
+        assert_eq!(v.copy.unwrap().secondary, "127.0.0.1:7000");
+        assert!(parse_volume("nopath", Duration::from_secs(1)).is_err());
+    }
 }

@@ -3,7 +3,10 @@
 use clap::Parser;
 
 #[derive(Debug, Parser)]
-#[command(version, about = "The Lockstep reference replicator: NBD-served volumes copied synchronously to a secondary.")]
+#[command(
+    version,
+    about = "The Lockstep reference replicator: NBD-served volumes copied synchronously to a secondary."
+)]
 struct Cli {
     #[command(flatten)]
     options: lockstep_replicator::Options,

@@ -1,0 +1,294 @@
+//! The secondary: receives ordered replication streams over TCP and applies them to its own files.
+//!
+//! One connection carries one volume (see [`crate::wire`]). Frames must carry consecutive sequence
+//! numbers and stay inside the volume; anything else — a malformed frame, a gap, an out-of-range write —
+//! is refused with an `Error` frame and the connection is closed, after every earlier write has been
+//! applied and acknowledged.
+//!
+//! **Durability.** Writes go through a [`Store`] with `durable = true`: they are applied in sequence
+//! order with `pwrite`, and the writer thread calls `fdatasync` once per batch (group commit) before
+//! answering. A sequence is acknowledged only after the `fdatasync` covering it returned successfully,
+//! so an `Ack(n)` means every write up to `n` is on stable storage in the secondary's file.
+//!
+//! A new connection for a volume takes over from an older one: the older connection is cancelled and
+//! finishes (applying and acknowledging what it already accepted) before the new one starts.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use futures::{SinkExt, StreamExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+use tokio_util::codec::{FramedRead, FramedWrite};
+use tokio_util::sync::CancellationToken;
+
+use crate::store::{Store, StoreError, StoreOp};
+use crate::wire::{Frame, FrameCodec, FrameError};
+
+/// How long a new connection may take to say hello.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// Writes accepted but not yet acknowledged, per connection.
+const MAX_UNACKED: usize = 4096;
+
+/// How to run a secondary.
+#[derive(Debug, Clone)]
+pub struct SecondaryConfig {
+    /// Where to listen for primaries.
+    pub listen: SocketAddr,
+    /// The directory holding one file per volume, named after the volume.
+    pub dir: PathBuf,
+}
+
+/// Why a replication connection ended abnormally.
+#[derive(Debug, thiserror::Error)]
+pub enum SecondaryError {
+    /// The socket or the frame codec failed.
+    #[error(transparent)]
+    Frame(#[from] FrameError),
+    /// The volume's file failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The primary broke the protocol; the connection was refused.
+    #[error("refused: {0}")]
+    Refused(String),
+}
+
+/// Per volume: the token that cancels its current connection, and the lock a connection holds.
+type Lease = (CancellationToken, Arc<tokio::sync::Mutex<()>>);
+
+#[derive(Debug, Default)]
+struct Registry {
+    volumes: Mutex<HashMap<String, Lease>>,
+}
+
+/// A running secondary; stops when dropped.
+#[derive(Debug)]
+pub struct Secondary {
+    addr: SocketAddr,
+    task: JoinHandle<()>,
+}
+
+impl Drop for Secondary {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Secondary {
+    /// Binds and starts serving.
+    pub async fn start(config: SecondaryConfig) -> std::io::Result<Secondary> {
+        std::fs::create_dir_all(&config.dir)?;
+        let listener = TcpListener::bind(config.listen).await?;
+        let addr = listener.local_addr()?;
+        let registry = Arc::new(Registry::default());
+        let dir = config.dir.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                match listener.accept().await {
+                    Ok((tcp, peer)) => {
+                        let registry = Arc::clone(&registry);
+                        let dir = dir.clone();
+                        tokio::spawn(async move {
+                            if let Err(e) = serve(registry, dir, tcp).await {
+                                tracing::warn!(%peer, error = %e, "replication connection ended");
+                            }
+                        });
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "replication accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                }
+            }
+        });
+        Ok(Secondary { addr, task })
+    }
+
+    /// The address primaries connect to.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Serves until the task ends (it does not, unless aborted).
+    pub async fn wait(mut self) {
+        let _ = (&mut self.task).await;
+    }
+}
+
+enum AckItem {
+    Wait(u64, oneshot::Receiver<Result<(), StoreError>>),
+    Refuse(u64, String),
+}
+
+async fn serve(
+    registry: Arc<Registry>,
+    dir: PathBuf,
+    tcp: TcpStream,
+) -> Result<(), SecondaryError> {
+    tcp.set_nodelay(true).map_err(FrameError::Io)?;
+    let (rd, wr) = tcp.into_split();
+    let mut frames = FramedRead::new(rd, FrameCodec);
+    let mut out = FramedWrite::new(wr, FrameCodec);
+    let hello = tokio::time::timeout(HELLO_TIMEOUT, frames.next())
+        .await
+        .map_err(|_| SecondaryError::Refused("no hello".into()))?;
+    let (volume, size, first_seq) = match hello {
+        Some(Ok(Frame::Hello {
+            volume,
+            size,
+            first_seq,
+        })) => (volume, size, first_seq),
+        Some(Ok(other)) => {
+            let message = format!("expected hello, got {other:?}");
+            out.send(Frame::Error {
+                seq: 0,
+                message: message.clone(),
+            })
+            .await?;
+            return Err(SecondaryError::Refused(message));
+        }
+        Some(Err(e)) => {
+            let message = e.to_string();
+            let _ = out.send(Frame::Error { seq: 0, message }).await;
+            return Err(e.into());
+        }
+        None => return Ok(()),
+    };
+
+    // Take the volume over from any older connection.
+    let token = CancellationToken::new();
+    let lock = {
+        let mut volumes = registry
+            .volumes
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let entry = volumes.entry(volume.clone()).or_insert_with(|| {
+            (
+                CancellationToken::new(),
+                Arc::new(tokio::sync::Mutex::new(())),
+            )
+        });
+        entry.0.cancel();
+        entry.0 = token.clone();
+        Arc::clone(&entry.1)
+    };
+    let _guard = lock.lock_owned().await;
+
+    let store = match Store::open(&dir.join(&volume), Some(size)) {
+        Ok(store) => store,
+        Err(e) => {
+            let _ = out
+                .send(Frame::Error {
+                    seq: first_seq,
+                    message: e.to_string(),
+                })
+                .await;
+            return Err(e.into());
+        }
+    };
+    out.send(Frame::Welcome {
+        next_seq: first_seq,
+    })
+    .await?;
+    tracing::info!(%volume, size, first_seq, "replication stream started");
+
+    let (acks, mut ack_rx) = mpsc::channel::<AckItem>(MAX_UNACKED);
+    let acker = tokio::spawn(async move {
+        while let Some(item) = ack_rx.recv().await {
+            match item {
+                AckItem::Wait(seq, rx) => {
+                    let result = rx.await.unwrap_or_else(|_| {
+                        Err(StoreError {
+                            op: "write",
+                            path: String::new(),
+                            message: "the writer thread has stopped".into(),
+                        })
+                    });
+                    match result {
+                        Ok(()) => out.feed(Frame::Ack { seq }).await?,
+                        Err(e) => {
+                            out.send(Frame::Error {
+                                seq,
+                                message: e.to_string(),
+                            })
+                            .await?;
+                            return Err(SecondaryError::Store(e));
+                        }
+                    }
+                }
+                AckItem::Refuse(seq, message) => {
+                    out.send(Frame::Error {
+                        seq,
+                        message: message.clone(),
+                    })
+                    .await?;
+                    return Err(SecondaryError::Refused(message));
+                }
+            }
+            if ack_rx.is_empty() {
+                SinkExt::<Frame>::flush(&mut out).await?;
+            }
+        }
+        SinkExt::<Frame>::flush(&mut out).await?;
+        Ok::<(), SecondaryError>(())
+    });
+
+    let mut expected = first_seq;
+    loop {
+        let frame = tokio::select! {
+            () = token.cancelled() => break,
+            frame = frames.next() => frame,
+        };
+        let refuse = |message: String| AckItem::Refuse(expected, message);
+        let item = match frame {
+            None => break,
+            Some(Err(e)) => refuse(e.to_string()),
+            Some(Ok(Frame::Write { seq, offset, data })) if seq == expected => {
+                if offset
+                    .checked_add(data.len() as u64)
+                    .is_some_and(|end| end <= size)
+                {
+                    AckItem::Wait(seq, store.submit(StoreOp::Write { offset, data }, true))
+                } else {
+                    refuse(format!(
+                        "write at {offset} outside the volume ({size} bytes)"
+                    ))
+                }
+            }
+            Some(Ok(Frame::Trim {
+                seq,
+                offset,
+                length,
+            })) if seq == expected => {
+                let length = u64::from(length);
+                if offset.checked_add(length).is_some_and(|end| end <= size) {
+                    AckItem::Wait(seq, store.submit(StoreOp::Trim { offset, length }, true))
+                } else {
+                    refuse(format!(
+                        "trim at {offset} outside the volume ({size} bytes)"
+                    ))
+                }
+            }
+            Some(Ok(Frame::Write { seq, .. } | Frame::Trim { seq, .. })) => {
+                refuse(format!("sequence {seq} out of order (expected {expected})"))
+            }
+            Some(Ok(other)) => refuse(format!("unexpected frame {other:?}")),
+        };
+        let refused = matches!(item, AckItem::Refuse(..));
+        if acks.send(item).await.is_err() || refused {
+            break;
+        }
+        expected += 1;
+    }
+    drop(acks);
+    match acker.await {
+        Ok(result) => result,
+        Err(e) => Err(SecondaryError::Refused(format!(
+            "acknowledger stopped: {e}"
+        ))),
+    }
+}

@@ -1,0 +1,401 @@
+//! The replication stream between a primary and its secondary: frames and their codec, no I/O.
+//!
+//! One TCP connection carries one volume. The primary opens with [`Frame::Hello`] (volume name, size,
+//! the first sequence number it will send); the secondary answers [`Frame::Welcome`]. Then the primary
+//! sends [`Frame::Write`] and [`Frame::Trim`] with consecutive sequence numbers, and the secondary
+//! answers [`Frame::Ack`] (cumulative: every sequence up to and including `seq` is durable) or
+//! [`Frame::Error`] (it refused or failed `seq`, and closes the connection).
+//!
+//! Every frame starts with a fixed 28-byte header, big-endian:
+//! `magic u32 | kind u8 | flags u8 (0) | reserved u16 (0) | seq u64 | offset u64 | length u32`,
+//! followed by `length` payload bytes for `Hello` (the name), `Write` (the data) and `Error` (a message).
+//! The decoder refuses anything else: a wrong magic, an unknown kind, non-zero flags or reserved bits,
+//! a payload larger than [`MAX_WRITE`], a name that is not a valid volume name, a message that is not
+//! UTF-8, or a range whose end overflows.
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use tokio_util::codec::{Decoder, Encoder};
+
+/// `LSR1`.
+pub const FRAME_MAGIC: u32 = 0x4c53_5231;
+/// Length of a frame header.
+pub const HEADER_LEN: usize = 28;
+/// The largest write payload (matches the NBD server's maximum request).
+pub const MAX_WRITE: u32 = 32 * 1024 * 1024;
+/// The longest volume name.
+pub const MAX_NAME: u32 = 255;
+/// The longest error message.
+pub const MAX_MESSAGE: u32 = 4096;
+
+const KIND_HELLO: u8 = 1;
+const KIND_WRITE: u8 = 2;
+const KIND_TRIM: u8 = 3;
+const KIND_WELCOME: u8 = 0x81;
+const KIND_ACK: u8 = 0x82;
+const KIND_ERROR: u8 = 0x83;
+
+/// One message of the replication stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Frame {
+    /// Primary → secondary, first: which volume, its size, the first sequence that follows.
+    Hello {
+        /// The volume name (see [`valid_volume_name`]).
+        volume: String,
+        /// The volume's size in bytes.
+        size: u64,
+        /// The sequence of the first write frame that follows.
+        first_seq: u64,
+    },
+    /// Primary → secondary: write `data` at `offset`.
+    Write {
+        /// The write's sequence number on its volume.
+        seq: u64,
+        /// Byte offset.
+        offset: u64,
+        /// The bytes.
+        data: Bytes,
+    },
+    /// Primary → secondary: discard a range.
+    Trim {
+        /// Sequence number.
+        seq: u64,
+        /// Byte offset.
+        offset: u64,
+        /// Byte length.
+        length: u32,
+    },
+    /// Secondary → primary: ready; expects `next_seq` next.
+    Welcome {
+        /// The sequence the secondary expects next.
+        next_seq: u64,
+    },
+    /// Secondary → primary: every sequence up to `seq` is durable.
+    Ack {
+        /// Highest durable sequence.
+        seq: u64,
+    },
+    /// Secondary → primary: `seq` was refused or failed; the connection ends.
+    Error {
+        /// The sequence concerned.
+        seq: u64,
+        /// What went wrong, for people.
+        message: String,
+    },
+}
+
+/// Why bytes on the replication link were refused.
+#[derive(Debug, thiserror::Error)]
+pub enum FrameError {
+    /// The header did not start with [`FRAME_MAGIC`].
+    #[error("bad frame magic {0:#x}")]
+    BadMagic(u32),
+    /// An unknown frame kind.
+    #[error("unknown frame kind {0:#x}")]
+    UnknownKind(u8),
+    /// A malformed field.
+    #[error("malformed frame: {0}")]
+    Malformed(&'static str),
+    /// The socket failed.
+    #[error("replication link: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Whether `name` may name a volume (and a file in the secondary's directory): 1–255 bytes of
+/// `[A-Za-z0-9._-]`, not starting with a dot.
+pub fn valid_volume_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= MAX_NAME as usize
+        && !name.starts_with('.')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-')
+}
+
+/// The codec for [`Frame`]s (both directions).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct FrameCodec;
+
+struct Header {
+    kind: u8,
+    seq: u64,
+    offset: u64,
+    length: u32,
+}
+
+fn parse_header(b: &[u8]) -> Result<Header, FrameError> {
+    let mut b = &b[..HEADER_LEN];
+    let magic = b.get_u32();
+    if magic != FRAME_MAGIC {
+        return Err(FrameError::BadMagic(magic));
+    }
+    let kind = b.get_u8();
+    let flags = b.get_u8();
+    let reserved = b.get_u16();
+    if flags != 0 || reserved != 0 {
+        return Err(FrameError::Malformed("non-zero flags or reserved bits"));
+    }
+    let seq = b.get_u64();
+    let offset = b.get_u64();
+    let length = b.get_u32();
+    let max = match kind {
+        KIND_HELLO => MAX_NAME,
+        KIND_WRITE => MAX_WRITE,
+        KIND_ERROR => MAX_MESSAGE,
+        KIND_TRIM | KIND_WELCOME | KIND_ACK => u32::MAX,
+        other => return Err(FrameError::UnknownKind(other)),
+    };
+    if length > max {
+        return Err(FrameError::Malformed("payload too large"));
+    }
+    if matches!(kind, KIND_WRITE | KIND_TRIM) && offset.checked_add(u64::from(length)).is_none() {
+        return Err(FrameError::Malformed("range overflows"));
+    }
+    if matches!(kind, KIND_WELCOME | KIND_ACK) && (offset != 0 || length != 0) {
+        return Err(FrameError::Malformed("unexpected fields"));
+    }
+    Ok(Header {
+        kind,
+        seq,
+        offset,
+        length,
+    })
+}
+
+fn payload_len(h: &Header) -> usize {
+    match h.kind {
+        KIND_HELLO | KIND_WRITE | KIND_ERROR => h.length as usize,
+        _ => 0,
+    }
+}
+
+impl Decoder for FrameCodec {
+    type Item = Frame;
+    type Error = FrameError;
+
+    fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Frame>, FrameError> {
+        if src.len() < HEADER_LEN {
+            src.reserve(HEADER_LEN - src.len());
+            return Ok(None);
+        }
+        let h = parse_header(src)?;
+        let need = HEADER_LEN + payload_len(&h);
+        if src.len() < need {
+            src.reserve(need - src.len());
+            return Ok(None);
+        }
+        src.advance(HEADER_LEN);
+        let payload = src.split_to(payload_len(&h)).freeze();
+        let frame = match h.kind {
+            KIND_HELLO => {
+                let volume = std::str::from_utf8(&payload)
+                    .map_err(|_| FrameError::Malformed("volume name is not UTF-8"))?;
+                if !valid_volume_name(volume) {
+                    return Err(FrameError::Malformed("invalid volume name"));
+                }
+                Frame::Hello {
+                    volume: volume.to_owned(),
+                    size: h.offset,
+                    first_seq: h.seq,
+                }
+            }
+            KIND_WRITE => Frame::Write {
+                seq: h.seq,
+                offset: h.offset,
+                data: payload,
+            },
+            KIND_TRIM => Frame::Trim {
+                seq: h.seq,
+                offset: h.offset,
+                length: h.length,
+            },
+            KIND_WELCOME => Frame::Welcome { next_seq: h.seq },
+            KIND_ACK => Frame::Ack { seq: h.seq },
+            KIND_ERROR => Frame::Error {
+                seq: h.seq,
+                message: std::str::from_utf8(&payload)
+                    .map_err(|_| FrameError::Malformed("message is not UTF-8"))?
+                    .to_owned(),
+            },
+            other => return Err(FrameError::UnknownKind(other)),
+        };
+        Ok(Some(frame))
+    }
+}
+
+fn put_header(dst: &mut BytesMut, kind: u8, seq: u64, offset: u64, length: u32) {
+    dst.reserve(HEADER_LEN + length as usize);
+    dst.put_u32(FRAME_MAGIC);
+    dst.put_u8(kind);
+    dst.put_u8(0);
+    dst.put_u16(0);
+    dst.put_u64(seq);
+    dst.put_u64(offset);
+    dst.put_u32(length);
+}
+
+/// Truncates `s` to at most `max` bytes on a character boundary.
+fn clip(s: &str, max: usize) -> &str {
+    let mut end = s.len().min(max);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+impl Encoder<Frame> for FrameCodec {
+    type Error = FrameError;
+
+    fn encode(&mut self, frame: Frame, dst: &mut BytesMut) -> Result<(), FrameError> {
+        self.encode(&frame, dst)
+    }
+}
+
+impl Encoder<&Frame> for FrameCodec {
+    type Error = FrameError;
+
+    fn encode(&mut self, frame: &Frame, dst: &mut BytesMut) -> Result<(), FrameError> {
+        match frame {
+            Frame::Hello {
+                volume,
+                size,
+                first_seq,
+            } => {
+                if !valid_volume_name(volume) {
+                    return Err(FrameError::Malformed("invalid volume name"));
+                }
+                put_header(dst, KIND_HELLO, *first_seq, *size, volume.len() as u32);
+                dst.put_slice(volume.as_bytes());
+            }
+            Frame::Write { seq, offset, data } => {
+                let length = u32::try_from(data.len())
+                    .ok()
+                    .filter(|l| *l <= MAX_WRITE)
+                    .ok_or(FrameError::Malformed("payload too large"))?;
+                put_header(dst, KIND_WRITE, *seq, *offset, length);
+                dst.put_slice(data);
+            }
+            Frame::Trim {
+                seq,
+                offset,
+                length,
+            } => put_header(dst, KIND_TRIM, *seq, *offset, *length),
+            Frame::Welcome { next_seq } => put_header(dst, KIND_WELCOME, *next_seq, 0, 0),
+            Frame::Ack { seq } => put_header(dst, KIND_ACK, *seq, 0, 0),
+            Frame::Error { seq, message } => {
+                let message = clip(message, MAX_MESSAGE as usize);
+                put_header(dst, KIND_ERROR, *seq, 0, message.len() as u32);
+                dst.put_slice(message.as_bytes());
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Decodes every complete frame in `bytes` until an error or the end (for fuzzing and tests).
+pub fn decode_all(bytes: &[u8]) -> Result<Vec<Frame>, FrameError> {
+    let mut buf = BytesMut::from(bytes);
+    let mut out = Vec::new();
+    while let Some(frame) = FrameCodec.decode(&mut buf)? {
+        out.push(frame);
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn frame() -> impl Strategy<Value = Frame> {
+        prop_oneof![
+            (
+                "[a-zA-Z0-9_-][a-zA-Z0-9._-]{0,30}",
+                any::<u64>(),
+                any::<u64>()
+            )
+                .prop_map(|(volume, size, first_seq)| Frame::Hello {
+                    volume,
+                    size,
+                    first_seq
+                }),
+            (
+                any::<u64>(),
+                0u64..u64::MAX / 2,
+                proptest::collection::vec(any::<u8>(), 0..2048)
+            )
+                .prop_map(|(seq, offset, data)| Frame::Write {
+                    seq,
+                    offset,
+                    data: Bytes::from(data)
+                }),
+            (any::<u64>(), 0u64..u64::MAX / 2, any::<u32>()).prop_map(|(seq, offset, length)| {
+                Frame::Trim {
+                    seq,
+                    offset,
+                    length,
+                }
+            }),
+            any::<u64>().prop_map(|next_seq| Frame::Welcome { next_seq }),
+            any::<u64>().prop_map(|seq| Frame::Ack { seq }),
+            (any::<u64>(), "\\PC{0,100}").prop_map(|(seq, message)| Frame::Error { seq, message }),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(10_000))]
+
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..256)) {
+            let _ = decode_all(&bytes);
+        }
+
+        #[test]
+        fn valid_header_with_arbitrary_tail_never_panics(kind in any::<u8>(), seq in any::<u64>(), offset in any::<u64>(), length in 0u32..600, tail in proptest::collection::vec(any::<u8>(), 0..600)) {
+            let mut buf = BytesMut::new();
+            put_header(&mut buf, kind, seq, offset, length);
+            buf.extend_from_slice(&tail);
+            let _ = decode_all(&buf);
+        }
+
+        #[test]
+        fn frames_round_trip(frames in proptest::collection::vec(frame(), 1..8), split in any::<prop::sample::Index>()) {
+            let mut buf = BytesMut::new();
+            for f in &frames {
+                FrameCodec.encode(f, &mut buf).unwrap();
+            }
+            // Feed in two pieces to exercise partial frames.
+            let at = split.index(buf.len() + 1);
+            let rest = buf.split_off(at);
+            let mut codec = FrameCodec;
+            let mut out = Vec::new();
+            while let Some(f) = codec.decode(&mut buf).unwrap() { out.push(f); }
+            buf.extend_from_slice(&rest);
+            while let Some(f) = codec.decode(&mut buf).unwrap() { out.push(f); }
+            prop_assert!(buf.is_empty());
+            prop_assert_eq!(out, frames);
+        }
+    }
+
+    #[test]
+    fn refuses_bad_names_and_oversized_payloads() {
+        for name in ["", ".hidden", "../etc", "a/b", "x y"] {
+            assert!(!valid_volume_name(name), "{name}");
+        }
+        let mut buf = BytesMut::new();
+        put_header(&mut buf, KIND_HELLO, 0, 10, 2);
+        buf.extend_from_slice(b"..");
+        assert!(decode_all(&buf).is_err());
+        let mut buf = BytesMut::new();
+        put_header(&mut buf, KIND_WRITE, 0, 0, MAX_WRITE + 1);
+        assert!(matches!(decode_all(&buf), Err(FrameError::Malformed(_))));
+        let mut buf = BytesMut::new();
+        put_header(&mut buf, KIND_WRITE, 0, u64::MAX, 1);
+        assert!(matches!(decode_all(&buf), Err(FrameError::Malformed(_))));
+        let mut buf = BytesMut::new();
+        put_header(&mut buf, 0x42, 0, 0, 0);
+        assert!(matches!(
+            decode_all(&buf),
+            Err(FrameError::UnknownKind(0x42))
+        ));
+    }
+}
