@@ -103,10 +103,10 @@ pub enum CheckError {
         source: NbdError,
     },
     /// Blocks of several runs are present and no run id was given.
-    #[error("blocks of several runs are present ({0:?}): name the run to check")]
+    #[error("blocks of several runs are present ({}): name the run to check", .0.iter().map(|r| format!("{r:#x}")).collect::<Vec<_>>().join(", "))]
     AmbiguousRun(Vec<u64>),
     /// Blocks of the run disagree on the layout.
-    #[error("blocks of run {run_id} disagree on the layout: {a:?} and {b:?}")]
+    #[error("blocks of run {run_id:#x} disagree on the layout: {a:?} and {b:?}")]
     LayoutMismatch {
         /// The run.
         run_id: u64,
@@ -149,6 +149,13 @@ pub enum Found {
         /// Its sequence.
         seq: u64,
     },
+    /// A block of the same run that belongs in another slot.
+    Elsewhere {
+        /// Its sequence.
+        seq: u64,
+        /// Where it belongs.
+        belongs: Location,
+    },
     /// A block of another run.
     OtherRun {
         /// That run.
@@ -170,6 +177,9 @@ impl std::fmt::Display for Found {
         match self {
             Found::Zero => write!(f, "zeros (never written)"),
             Found::Older { seq } => write!(f, "write {seq} (an older generation of that slot)"),
+            Found::Elsewhere { seq, belongs } => {
+                write!(f, "write {seq}, which belongs on {belongs}")
+            }
             Found::OtherRun { run_id, seq } => {
                 write!(f, "write {seq} of another run ({run_id:#x})")
             }
@@ -445,7 +455,7 @@ impl std::fmt::Display for Verdict {
                 for g in i.gaps.iter().take(SHOWN_GAPS) {
                     writeln!(
                         f,
-                        "  gap: write {} is missing: it belongs on {} of {}, which holds {} instead.",
+                        "  gap: write {} is missing from {} of {}; that slot holds {}.",
                         g.missing, g.location, g.image, g.found
                     )?;
                     let chain: Vec<String> = g.chain.iter().map(ToString::to_string).collect();
@@ -688,7 +698,15 @@ pub fn check(images: &[Image], options: &CheckOptions) -> Result<Verdict, CheckE
         };
         let found = match content_at(loc) {
             Content::Block(h) if h.run_id == run_id && h.seq == expected => continue,
-            Content::Block(h) if h.run_id == run_id => Found::Older { seq: h.seq },
+            Content::Block(h)
+                if h.run_id == run_id && h.seq < expected && layout.locate(h.seq) == loc =>
+            {
+                Found::Older { seq: h.seq }
+            }
+            Content::Block(h) if h.run_id == run_id => Found::Elsewhere {
+                seq: h.seq,
+                belongs: layout.locate(h.seq),
+            },
             Content::Block(h) => Found::OtherRun {
                 run_id: h.run_id,
                 seq: h.seq,

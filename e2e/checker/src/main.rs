@@ -1,6 +1,7 @@
 //! `lockstep-checker`: parses flags and calls [`lockstep_checker::run`].
 
 use clap::Parser;
+use std::process::ExitCode;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -13,9 +14,16 @@ struct Cli {
 }
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
+async fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_writer(std::io::stderr)
         .init();
-    lockstep_checker::run(Cli::parse().options).await
+    match lockstep_checker::run(Cli::parse().options).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("lockstep-checker: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
 }
