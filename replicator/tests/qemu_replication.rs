@@ -11,7 +11,12 @@ use lockstep_replicator::{CopyMode, Primary, PrimaryConfig, VolumeConfig};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn qemu_writes_are_replicated_and_read_back() {
-    let pair = start_pair(&[("vol1", 8 * MIB), ("vol2", 4 * MIB)], false, Duration::from_secs(10)).await;
+    let pair = start_pair(
+        &[("vol1", 8 * MIB), ("vol2", 4 * MIB)],
+        false,
+        Duration::from_secs(10),
+    )
+    .await;
     let tcp = pair.tcp_url("vol1");
     let unix = pair.unix_url("vol1");
 
@@ -32,7 +37,12 @@ async fn qemu_writes_are_replicated_and_read_back() {
 
     let out = qemu_io(
         &unix,
-        &["write -P 0xef 4M 512k", "write -P 0x44 7M 1M", "discard 7M 64k", "flush"],
+        &[
+            "write -P 0xef 4M 512k",
+            "write -P 0x44 7M 1M",
+            "discard 7M 64k",
+            "flush",
+        ],
     )
     .await;
     assert!(out.clean(), "qemu-io over unix: {out:?}");
@@ -40,7 +50,11 @@ async fn qemu_writes_are_replicated_and_read_back() {
     // Overlapping writes in flight together must land in the same order on both sides.
     let mut cmds = Vec::new();
     for i in 0..32u32 {
-        cmds.push(format!("aio_write -P {} {} 8k", i + 1, 6 * MIB + u64::from(i % 4) * 4096));
+        cmds.push(format!(
+            "aio_write -P {} {} 8k",
+            i + 1,
+            6 * MIB + u64::from(i % 4) * 4096
+        ));
     }
     cmds.push("aio_flush".into());
     let cmds: Vec<&str> = cmds.iter().map(String::as_str).collect();
@@ -55,7 +69,10 @@ async fn qemu_writes_are_replicated_and_read_back() {
         let s = pair.secondary_file(vol);
         let cmp = qemu_img_compare(p.to_str().unwrap(), s.to_str().unwrap()).await;
         assert!(cmp.success, "{vol}: primary and secondary differ: {cmp:?}");
-        assert_eq!(std::fs::metadata(&s).unwrap().len(), std::fs::metadata(&p).unwrap().len());
+        assert_eq!(
+            std::fs::metadata(&s).unwrap().len(),
+            std::fs::metadata(&p).unwrap().len()
+        );
     }
     // The NBD view matches the secondary too.
     let cmp = qemu_img_compare(&tcp, pair.secondary_file("vol1").to_str().unwrap()).await;
@@ -95,11 +112,23 @@ async fn qemu_img_lists_and_reads_exports() {
     let conv = pair.dir.path().join("copy.raw");
     let out = tool(
         "qemu-img",
-        &["convert", "-f", "raw", "-O", "raw", &pair.unix_url("vol1"), conv.to_str().unwrap()],
+        &[
+            "convert",
+            "-f",
+            "raw",
+            "-O",
+            "raw",
+            &pair.unix_url("vol1"),
+            conv.to_str().unwrap(),
+        ],
     )
     .await;
     assert!(out.success, "{out:?}");
-    assert!(read_file_at(&conv, 0, 2 * MIB as usize).iter().all(|&b| b == 0x5a));
+    assert!(
+        read_file_at(&conv, 0, 2 * MIB as usize)
+            .iter()
+            .all(|&b| b == 0x5a)
+    );
     // An export that does not exist is refused.
     let out = qemu_io(&pair.tcp_url("nope"), &["read 0 4k"]).await;
     assert!(!out.clean(), "{out:?}");
@@ -123,11 +152,23 @@ async fn replication_off_serves_the_file_alone() {
     .await
     .unwrap();
     let url = format!("nbd://{}/solo", primary.nbd_addr().unwrap());
-    let out = qemu_io(&url, &["write -f -P 0x99 4k 8k", "read -P 0x99 4k 8k", "read -P 0 0 4k"]).await;
+    let out = qemu_io(
+        &url,
+        &[
+            "write -f -P 0x99 4k 8k",
+            "read -P 0x99 4k 8k",
+            "read -P 0 0 4k",
+        ],
+    )
+    .await;
     assert!(out.clean(), "{out:?}");
     assert!(read_file_at(&path, 4096, 8192).iter().all(|&b| b == 0x99));
     assert_eq!(primary.volume("solo").unwrap().status().mode, CopyMode::Off);
     // The default export (empty name) is the only one.
-    let out = qemu_io(&format!("nbd://{}", primary.nbd_addr().unwrap()), &["read -P 0x99 4k 8k"]).await;
+    let out = qemu_io(
+        &format!("nbd://{}", primary.nbd_addr().unwrap()),
+        &["read -P 0x99 4k 8k"],
+    )
+    .await;
     assert!(out.clean(), "{out:?}");
 }
