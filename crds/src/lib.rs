@@ -1,1 +1,11 @@
 //! Lockstep's API: the custom resource types, the gRPC protocols and the shared domain types.
+//!
+//! - [`v1alpha1`]: `ConsistencyGroup`, `MemberCluster` and `ReplicationNode` (group `lockstep.dev`).
+//! - [`proto`]: the `Control` (sidecar ↔ operator) and `Replicator` (sidecar → replicator) gRPC services.
+//! - [`domain`]: epochs, stages, policies, phases and paths, shared by everything above.
+//! - [`crds`]: the CustomResourceDefinitions as generated from the types; `crdgen` writes them to YAML.
+
+pub mod crds;
+pub mod domain;
+pub mod proto;
+pub mod v1alpha1;

@@ -1,0 +1,284 @@
+//! The shared domain types: a group's epoch and stage, policies, phases, paths and volume states.
+//!
+//! They are defined once here and used by the CRDs, the protocols and every component. The ordering of
+//! [`GroupEpoch`] is the ordering of DESIGN.md rule 3: by epoch, then by stage (Freeze < Release < Resume).
+
+use std::{fmt, time::Duration};
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// Malformed domain values, refused wherever they arrive (gRPC, status, flags).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DomainError {
+    /// A directive or acknowledgement without a group UID.
+    #[error("the message names no group UID")]
+    MissingGroupUid,
+    /// The stage field was left unset.
+    #[error("the message leaves the stage unspecified")]
+    StageUnspecified,
+    /// The stage field holds a value this version does not know.
+    #[error("the message carries the unknown stage {0}")]
+    StageUnknown(i32),
+    /// A duration that is not of the form `30s`, `1m30s`, `500ms`.
+    #[error("{0:?} is not a duration such as 30s, 1m30s or 500ms")]
+    Duration(String),
+}
+
+/// The stages of one epoch, in the only order they happen.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, JsonSchema,
+)]
+pub enum Stage {
+    /// Replication is suspended on every member and writes are held.
+    Freeze,
+    /// Held writes were released; primaries run on, unreplicated.
+    Release,
+    /// Members resynchronise and copy again.
+    Resume,
+}
+
+impl fmt::Display for Stage {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Stage::Freeze => "Freeze",
+            Stage::Release => "Release",
+            Stage::Resume => "Resume",
+        })
+    }
+}
+
+/// One point in a group's life: (group UID, epoch, stage). Directives and acknowledgements carry it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct GroupEpoch {
+    /// The group's `metadata.uid` in the hub cluster.
+    pub group_uid: String,
+    /// Grows by one with each freeze; never decreases.
+    pub epoch: u64,
+    /// The stage within the epoch.
+    pub stage: Stage,
+}
+
+impl GroupEpoch {
+    /// A point of a named group; refuses an empty UID.
+    pub fn new(group_uid: &str, epoch: u64, stage: Stage) -> Result<Self, DomainError> {
+        if group_uid.is_empty() {
+            return Err(DomainError::MissingGroupUid);
+        }
+        Ok(Self {
+            group_uid: group_uid.to_owned(),
+            epoch,
+            stage,
+        })
+    }
+
+    /// The (epoch, stage) pair by which points of the same group are ordered.
+    pub fn position(&self) -> (u64, Stage) {
+        (self.epoch, self.stage)
+    }
+
+    /// True when `self` is a later point of the same group than `other` (a different group is never later:
+    /// epochs belong to a group's UID).
+    pub fn supersedes(&self, other: &GroupEpoch) -> bool {
+        self.group_uid == other.group_uid && self.position() > other.position()
+    }
+}
+
+impl fmt::Display for GroupEpoch {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}@{}/{}", self.group_uid, self.epoch, self.stage)
+    }
+}
+
+/// What a group does once every member is frozen.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+pub enum Policy {
+    /// Once every member is frozen, release the held writes: primaries keep running, unreplicated, and
+    /// the secondaries keep the consistent image of the freeze. Favours availability.
+    #[default]
+    FreezeAndGo,
+    /// Writes stay held until a person sets `spec.release.epoch` (or the hold timeout fails them). Favours
+    /// a recovery point of zero: nothing is acknowledged that the secondaries lack.
+    FreezeAndStop,
+}
+
+/// Where a group is in its life cycle.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+pub enum Phase {
+    /// Every member copies synchronously to its secondary.
+    Replicating,
+    /// A copy failed or a freeze was asked for: members are being suspended.
+    Freezing,
+    /// Every member acknowledged the freeze; writes are held (FreezeAndStop) or about to be released.
+    Frozen,
+    /// Held writes were released; primaries run unreplicated; the secondaries keep the frozen image.
+    Running,
+    /// Members are copying their dirty regions back to the secondaries; the image is not consistent.
+    Resyncing,
+    /// The operator cannot do what the group asks (unresolved members, unreachable clusters); see
+    /// conditions.
+    Degraded,
+}
+
+impl fmt::Display for Phase {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(self, f)
+    }
+}
+
+/// The two independent paths between the control system and the nodes.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, JsonSchema,
+)]
+pub enum Path {
+    /// Path 1: through the Kubernetes API servers (ReplicationNode status, mirrored groups).
+    Api,
+    /// Path 2: the operator's gRPC Control service.
+    Grpc,
+}
+
+impl fmt::Display for Path {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Path::Api => "api",
+            Path::Grpc => "grpc",
+        })
+    }
+}
+
+/// Which paths reach a member cluster.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+pub enum ClusterPaths {
+    /// Both paths (the default and the recommended setting).
+    #[default]
+    Both,
+    /// Only the Kubernetes API server: the cluster's nodes have no route to the operator's gRPC Service.
+    ApiOnly,
+    /// Only gRPC: the cluster's API server is not reachable from the hub (an edge cluster behind NAT whose
+    /// sidecars dial out).
+    GrpcOnly,
+}
+
+impl ClusterPaths {
+    /// True when the path reaches the cluster.
+    pub fn includes(self, path: Path) -> bool {
+        matches!(
+            (self, path),
+            (ClusterPaths::Both, _)
+                | (ClusterPaths::ApiOnly, Path::Api)
+                | (ClusterPaths::GrpcOnly, Path::Grpc)
+        )
+    }
+}
+
+/// What a volume's replication is doing, as a sidecar reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+pub enum VolumeState {
+    /// Copying every write synchronously.
+    Replicating,
+    /// A copy failed; writes are held until the group is frozen and released.
+    Held,
+    /// Suspended at an epoch; every write is held until a release at that epoch.
+    Suspended,
+    /// Released: writes are acknowledged primary-only and tracked as dirty.
+    Running,
+    /// Copying its dirty regions back to the secondary.
+    Resyncing,
+    /// Just started serving: I/O waits until the sidecar confirms the group, epoch and stage.
+    Unconfirmed,
+    /// In no group, or replication is off.
+    Standalone,
+}
+
+/// The condition types a ConsistencyGroup carries.
+pub mod condition {
+    /// The group is doing what its spec asks, with no error.
+    pub const READY: &str = "Ready";
+    /// Every resolved member volume acknowledged a freeze at the current epoch.
+    pub const FROZEN: &str = "Frozen";
+    /// The secondaries together hold an image the application could have seen at one instant.
+    pub const CONSISTENT_IMAGE: &str = "ConsistentImage";
+    /// Every member in the spec is resolved to volumes and nodes.
+    pub const MEMBERS_RESOLVED: &str = "MembersResolved";
+}
+
+/// Parses a Go-style duration (`500ms`, `30s`, `1m30s`, `2h`) as Kubernetes writes them.
+pub fn parse_duration(text: &str) -> Result<Duration, DomainError> {
+    let error = || DomainError::Duration(text.to_owned());
+    let mut rest = text.trim();
+    if rest.is_empty() {
+        return Err(error());
+    }
+    let mut total = Duration::ZERO;
+    while !rest.is_empty() {
+        let digits = rest.find(|c: char| !c.is_ascii_digit()).ok_or_else(error)?;
+        if digits == 0 {
+            return Err(error());
+        }
+        let value: u64 = rest[..digits].parse().map_err(|_| error())?;
+        rest = &rest[digits..];
+        let unit_len = rest
+            .find(|c: char| c.is_ascii_digit())
+            .unwrap_or(rest.len());
+        let unit = match &rest[..unit_len] {
+            "ms" => Duration::from_millis(1),
+            "s" => Duration::from_secs(1),
+            "m" => Duration::from_secs(60),
+            "h" => Duration::from_secs(3600),
+            _ => return Err(error()),
+        };
+        let part = unit
+            .checked_mul(u32::try_from(value).map_err(|_| error())?)
+            .ok_or_else(error)?;
+        total = total.checked_add(part).ok_or_else(error)?;
+        rest = &rest[unit_len..];
+    }
+    Ok(total)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn points_order_by_epoch_then_stage_within_one_group() {
+        let at = |epoch, stage| GroupEpoch::new("g", epoch, stage).unwrap();
+        assert!(at(1, Stage::Release).supersedes(&at(1, Stage::Freeze)));
+        assert!(at(1, Stage::Resume).supersedes(&at(1, Stage::Release)));
+        assert!(at(2, Stage::Freeze).supersedes(&at(1, Stage::Resume)));
+        assert!(!at(1, Stage::Freeze).supersedes(&at(1, Stage::Freeze)));
+        let other = GroupEpoch::new("h", 9, Stage::Resume).unwrap();
+        assert!(
+            !other.supersedes(&at(1, Stage::Freeze)),
+            "epochs belong to one group"
+        );
+        assert_eq!(
+            GroupEpoch::new("", 1, Stage::Freeze),
+            Err(DomainError::MissingGroupUid)
+        );
+    }
+
+    #[test]
+    fn durations_parse_like_kubernetes_writes_them() {
+        assert_eq!(parse_duration("30s"), Ok(Duration::from_secs(30)));
+        assert_eq!(parse_duration("1m30s"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("2h"), Ok(Duration::from_secs(7200)));
+        for bad in ["", "30", "s", "1.5s", "-1s", "10x", "99999999999999h"] {
+            assert!(parse_duration(bad).is_err(), "{bad:?} should be refused");
+        }
+    }
+
+    #[test]
+    fn cluster_paths_say_which_path_reaches_a_cluster() {
+        assert!(ClusterPaths::Both.includes(Path::Api) && ClusterPaths::Both.includes(Path::Grpc));
+        assert!(
+            ClusterPaths::ApiOnly.includes(Path::Api)
+                && !ClusterPaths::ApiOnly.includes(Path::Grpc)
+        );
+        assert!(
+            !ClusterPaths::GrpcOnly.includes(Path::Api)
+                && ClusterPaths::GrpcOnly.includes(Path::Grpc)
+        );
+    }
+}

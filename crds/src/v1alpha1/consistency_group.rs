@@ -1,0 +1,267 @@
+//! `ConsistencyGroup`: volumes, across clusters, whose secondaries must stay mutually consistent.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, LabelSelector, Time};
+use kube::CustomResource;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::domain::{Path, Phase, Policy, Stage, VolumeState};
+
+/// The volumes named here stay mutually consistent on their secondaries: the first failed copy in any
+/// member freezes replication on every member before any dependent write can reach a secondary.
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[kube(
+    group = "lockstep.dev",
+    version = "v1alpha1",
+    kind = "ConsistencyGroup",
+    doc = "Volumes, across clusters, whose secondaries stay mutually consistent: the first failed copy in any member freezes replication on every member.",
+    plural = "consistencygroups",
+    shortname = "cg",
+    category = "lockstep",
+    status = "ConsistencyGroupStatus",
+    printcolumn = r#"{"name":"Phase","type":"string","jsonPath":".status.phase","description":"Where the group is in its life cycle."}"#,
+    printcolumn = r#"{"name":"Epoch","type":"integer","jsonPath":".status.epoch","description":"The current freeze epoch."}"#,
+    printcolumn = r#"{"name":"Members","type":"integer","jsonPath":".status.memberCount","description":"Resolved member volumes."}"#,
+    printcolumn = r#"{"name":"Frozen","type":"string","jsonPath":".status.conditions[?(@.type==\"Frozen\")].status","description":"Whether every member volume acknowledged the freeze."}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+#[serde(rename_all = "camelCase")]
+// `namespace` is a CEL reserved word: Kubernetes exposes such fields as `__namespace__` in rules.
+#[schemars(extend("x-kubernetes-validations" = [
+    {
+        "rule": "size(self.members) > 0",
+        "message": "a ConsistencyGroup needs at least one member: list the clusters and PVCs it keeps consistent"
+    },
+    {
+        "rule": "self.members.all(m, self.members.exists_one(n, n.cluster == m.cluster && n.__namespace__ == m.__namespace__))",
+        "message": "each (cluster, namespace) may appear only once in members: merge the PVCs of duplicate entries into one"
+    }
+]))]
+pub struct ConsistencyGroupSpec {
+    /// The volumes of the group, per member cluster and namespace.
+    #[schemars(length(max = 32))]
+    pub members: Vec<GroupMember>,
+
+    /// What happens once every member is frozen: FreezeAndGo releases held writes and lets primaries run
+    /// unreplicated; FreezeAndStop keeps writes held until a person sets spec.release.epoch.
+    #[serde(default)]
+    pub policy: Policy,
+
+    /// How long a write may stay held (not acknowledged) while the group freezes, as a duration such as
+    /// 30s or 2m (1s to 10m). Held writes that outlive it fail with an I/O error; they are never
+    /// acknowledged unreplicated. Keep it below the applications' and kernels' I/O timeouts.
+    #[serde(default = "default_hold_timeout")]
+    #[schemars(length(max = 16), regex(pattern = r"^([0-9]+(ms|s|m|h))+$"))]
+    #[schemars(extend("x-kubernetes-validations" = [{
+        "rule": "duration(self) >= duration('1s') && duration(self) <= duration('10m')",
+        "message": "holdTimeout must be between 1s and 10m: writes are held (not acknowledged) for at most that long"
+    }]))]
+    pub hold_timeout: String,
+
+    /// Releases the held writes of a FreezeAndStop freeze. Acts only while `epoch` equals the group's
+    /// current epoch and every resolved volume acknowledged the freeze, so a value left in Git never acts
+    /// twice.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub release: Option<EpochIntent>,
+
+    /// Thaws the group: resynchronises every member and returns it to Replicating. Acts only while `epoch`
+    /// equals the group's current epoch. The secondaries are inconsistent until every member is in sync.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resync: Option<EpochIntent>,
+
+    /// Takes a planned freeze (for a test of the disaster recovery site, or a backup of the secondaries).
+    /// Acts only while `epoch` equals the group's current epoch; the freeze raises the epoch by one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub freeze: Option<EpochIntent>,
+}
+
+fn default_hold_timeout() -> String {
+    "30s".to_owned()
+}
+
+/// The group's volumes in one namespace of one member cluster.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [
+    {
+        "rule": "has(self.pvcNames) != has(self.selector)",
+        "message": "a member names its PVCs in pvcNames or selects them with selector: give exactly one of the two"
+    }
+]))]
+pub struct GroupMember {
+    /// The MemberCluster (by name, in the hub) whose volumes these are.
+    #[schemars(length(min = 1, max = 63))]
+    pub cluster: String,
+
+    /// The namespace of the PersistentVolumeClaims.
+    #[schemars(length(min = 1, max = 63))]
+    pub namespace: String,
+
+    /// The PersistentVolumeClaims, by name. The only form a gRPC-only cluster supports, as the hub cannot
+    /// list its PVCs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 256), inner(length(min = 1, max = 253)))]
+    pub pvc_names: Option<Vec<String>>,
+
+    /// Selects the PersistentVolumeClaims by label.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selector: Option<LabelSelector>,
+}
+
+/// An intent that names the epoch it is meant for, so that it acts at most once.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub struct EpochIntent {
+    /// The epoch this intent is meant for: it acts only while the group's current epoch equals it.
+    pub epoch: u64,
+}
+
+/// What the operator observed and did: the current epoch, the members it resolved and what each
+/// acknowledged.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [
+    {
+        "rule": "(has(self.epoch) ? self.epoch : 0) >= (has(oldSelf.epoch) ? oldSelf.epoch : 0)",
+        "message": "status.epoch never decreases: epochs only grow, so a deposed operator cannot move a group back"
+    }
+]))]
+pub struct ConsistencyGroupStatus {
+    /// Where the group is in its life cycle: Replicating, Freezing, Frozen, Running, Resyncing or Degraded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<Phase>,
+
+    /// The group's freeze epoch: raised by one with every freeze, never lowered.
+    #[serde(default)]
+    pub epoch: u64,
+
+    /// The stage of the current epoch: Freeze, Release or Resume. Absent before the first freeze.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stage: Option<Stage>,
+
+    /// What started the current epoch's freeze.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trigger: Option<FreezeTrigger>,
+
+    /// The member volumes, resolved to clusters, claims, volumes and nodes.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 1024))]
+    pub members: Vec<MemberVolumeStatus>,
+
+    /// How many member volumes are resolved.
+    #[serde(default)]
+    pub member_count: u32,
+
+    /// The volumes whose secondaries make up the consistent image of `consistentImage.epoch`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub consistent_image: Option<ConsistentImage>,
+
+    /// Held writes that failed with an I/O error because the hold timeout expired before the release.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hold_timeouts: Option<HoldTimeouts>,
+
+    /// The generation of the spec this status reflects.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+
+    /// Ready, Frozen, ConsistentImage and MembersResolved.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16))]
+    pub conditions: Vec<Condition>,
+}
+
+/// The first report that made the operator raise the epoch, or a planned freeze.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct FreezeTrigger {
+    /// Why: `CopyFailed` for a failed copy, `Planned` for spec.freeze, `Adopted` for a freeze a member
+    /// reported that was never persisted.
+    pub reason: String,
+    /// The member cluster of the reporting node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<String>,
+    /// The reporting node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
+    /// The volume whose copy failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub volume_handle: Option<String>,
+    /// The path that brought the report first.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<Path>,
+    /// The error the replicator gave, for people.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    /// When the operator received the report.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub at: Option<Time>,
+}
+
+/// One member volume, resolved.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MemberVolumeStatus {
+    /// The member cluster.
+    pub cluster: String,
+    /// The claim's namespace.
+    pub namespace: String,
+    /// The PersistentVolumeClaim.
+    pub pvc: String,
+    /// The bound PersistentVolume, once bound.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub persistent_volume: Option<String>,
+    /// The CSI volume handle, the replicator's name for the volume.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub volume_handle: Option<String>,
+    /// The node whose sidecar serves the volume.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
+    /// The volume's replication state, as its sidecar last reported it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state: Option<VolumeState>,
+    /// The highest (epoch, stage) the volume acknowledged, and by which path.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub acknowledged: Option<Acknowledgement>,
+}
+
+/// An acknowledgement of one volume.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Acknowledgement {
+    /// The epoch acknowledged.
+    pub epoch: u64,
+    /// The stage acknowledged.
+    pub stage: Stage,
+    /// The path that brought the acknowledgement first.
+    pub path: Path,
+    /// True when the node suspended the volume by its own fail-safe rather than by directive.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub fail_safe: bool,
+    /// When the operator received it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub at: Option<Time>,
+}
+
+/// The secondaries that together hold the consistent image of one epoch.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ConsistentImage {
+    /// The epoch whose freeze the image is.
+    pub epoch: u64,
+    /// The volume handles that acknowledged that epoch: exactly the volumes the image covers.
+    #[schemars(length(max = 1024))]
+    pub volume_handles: Vec<String>,
+}
+
+/// Held writes failed by the hold timeout.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct HoldTimeouts {
+    /// The epoch during which the writes failed.
+    pub epoch: u64,
+    /// The volumes whose held writes failed.
+    #[schemars(length(max = 1024))]
+    pub volume_handles: Vec<String>,
+    /// When the first of them failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub since: Option<Time>,
+}

@@ -1,0 +1,215 @@
+//! The committed CRD YAML matches the types, and the examples are accepted or refused as they say.
+//!
+//! Valid examples must pass the generated OpenAPI schema (`jsonschema`) and every CEL rule (evaluated by
+//! `kube-cel`, with defaults applied as the API server does). Each invalid example carries a
+//! `# expect: <text>` header: the text must appear in a schema error (as `path: message`) or in a failed
+//! CEL rule's message.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::{Path, PathBuf};
+
+use lockstep_api::crds;
+use serde_json::{Value, json};
+
+fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// The openAPIV3Schema of the CRD serving `kind`.
+fn schema_for(kind: &str) -> Value {
+    let crd = crds::all()
+        .into_iter()
+        .find(|crd| crd.spec.names.kind == kind)
+        .unwrap_or_else(|| panic!("no CRD serves kind {kind}"));
+    let schema = crd.spec.versions[0]
+        .schema
+        .as_ref()
+        .unwrap()
+        .open_api_v3_schema
+        .as_ref()
+        .unwrap();
+    serde_json::to_value(schema).unwrap()
+}
+
+/// Every error the API server would give for `object` (schema first, then CEL), as `path: message`.
+fn admission_errors(object: &Value, old: Option<&Value>) -> Vec<String> {
+    let kind = object["kind"]
+        .as_str()
+        .expect("every example names its kind");
+    let schema = schema_for(kind);
+    let validator = jsonschema::draft4::new(&schema).expect("the generated schema compiles");
+    let mut errors: Vec<String> = validator
+        .iter_errors(object)
+        .map(|error| {
+            let path = error
+                .instance_path()
+                .as_str()
+                .trim_start_matches('/')
+                .replace('/', ".");
+            format!("{path}: {error}")
+        })
+        .collect();
+    if let Err(failures) = kube_cel::Validator::new().validate(&schema, object, old) {
+        errors.extend(failures.iter().map(ToString::to_string));
+    }
+    errors
+}
+
+fn documents(path: &Path) -> Vec<Value> {
+    let text = std::fs::read_to_string(path).unwrap();
+    serde_yaml_ng::Deserializer::from_str(&text)
+        .map(|document| {
+            let value: serde_yaml_ng::Value = serde::Deserialize::deserialize(document).unwrap();
+            serde_json::to_value(value).unwrap()
+        })
+        .collect()
+}
+
+fn yaml_files(dir: &Path) -> Vec<PathBuf> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|entry| entry.unwrap().path())
+        .filter(|path| path.extension().is_some_and(|ext| ext == "yaml"))
+        .collect();
+    files.sort();
+    files
+}
+
+#[test]
+fn committed_crd_yaml_matches_the_types() {
+    for crd in crds::all() {
+        let file = repo_root().join("crds").join(crds::file_name(&crd));
+        let committed = std::fs::read_to_string(&file).unwrap_or_default();
+        let generated = crds::to_yaml(&crd).unwrap();
+        assert!(
+            committed == generated,
+            "{} is out of date with the types in crds/src/v1alpha1: run `{}` and commit the result",
+            file.display(),
+            crds::REGENERATE_COMMAND
+        );
+    }
+}
+
+#[test]
+fn every_valid_example_is_accepted() {
+    let files = yaml_files(&repo_root().join("examples"));
+    assert!(
+        files.len() >= 4,
+        "expected the example manifests, found {files:?}"
+    );
+    for file in files {
+        for object in documents(&file) {
+            let errors = admission_errors(&object, None);
+            assert!(
+                errors.is_empty(),
+                "{} should be valid, but: {errors:#?}",
+                file.display()
+            );
+        }
+    }
+}
+
+#[test]
+fn every_invalid_example_is_refused_for_its_stated_reason() {
+    let files = yaml_files(&repo_root().join("examples/invalid"));
+    assert!(
+        files.len() >= 10,
+        "expected the invalid examples, found {files:?}"
+    );
+    for file in files {
+        let text = std::fs::read_to_string(&file).unwrap();
+        let expected = text
+            .lines()
+            .find_map(|line| line.strip_prefix("# expect: "))
+            .unwrap_or_else(|| panic!("{} has no `# expect:` header", file.display()));
+        let [object] = documents(&file)
+            .try_into()
+            .expect("one object per invalid example");
+        let errors = admission_errors(&object, None);
+        assert!(
+            errors.iter().any(|error| error.contains(expected)),
+            "{} should be refused with {expected:?}, got {errors:#?}",
+            file.display()
+        );
+    }
+}
+
+fn group_with_status_epoch(epoch: u64) -> Value {
+    json!({
+        "apiVersion": "lockstep.dev/v1alpha1",
+        "kind": "ConsistencyGroup",
+        "metadata": {"name": "orders-db"},
+        "spec": {"members": [{"cluster": "east", "namespace": "orders", "pvcNames": ["wal"]}]},
+        "status": {"epoch": epoch, "phase": "Frozen", "stage": "Freeze"}
+    })
+}
+
+#[test]
+fn the_status_epoch_never_decreases() {
+    let old = group_with_status_epoch(5);
+    let lowered = admission_errors(&group_with_status_epoch(4), Some(&old));
+    assert!(
+        lowered
+            .iter()
+            .any(|error| error.contains("status.epoch never decreases")),
+        "lowering the epoch must be refused, got {lowered:#?}"
+    );
+    assert_eq!(
+        admission_errors(&group_with_status_epoch(5), Some(&old)),
+        Vec::<String>::new()
+    );
+    assert_eq!(
+        admission_errors(&group_with_status_epoch(6), Some(&old)),
+        Vec::<String>::new()
+    );
+}
+
+/// Every rule in a compiled schema, with the cost analysis of the node it sits on.
+fn cost_warnings(node: &kube_cel::CompiledSchema, found: &mut Vec<String>, rules: &mut usize) {
+    for compiled in &node.validations {
+        let compiled = compiled.as_ref().expect("every CEL rule compiles");
+        *rules += 1;
+        let warnings = kube_cel::estimate_rule_cost(&compiled.rule.rule, node);
+        found.extend(
+            warnings
+                .into_iter()
+                .map(|warning| format!("{}: {}", warning.rule, warning.message)),
+        );
+    }
+    let children = node
+        .properties
+        .values()
+        .chain(node.items.as_deref())
+        .chain(node.additional_properties.as_deref());
+    for child in children {
+        cost_warnings(child, found, rules);
+    }
+}
+
+#[test]
+fn cel_rules_compile_and_touch_only_bounded_lists_and_strings() {
+    // kube-apiserver refuses rules whose estimated cost is unbounded; kube-cel's estimator warns the same.
+    let mut rules = 0;
+    for crd in crds::all() {
+        let schema = schema_for(&crd.spec.names.kind);
+        let compiled = kube_cel::compile_schema(&schema);
+        assert!(
+            !compiled.has_errors(),
+            "{}: {:?}",
+            crd.spec.names.kind,
+            compiled.compilation_errors()
+        );
+        let mut warnings = Vec::new();
+        cost_warnings(&compiled, &mut warnings, &mut rules);
+        assert!(
+            warnings.is_empty(),
+            "{}: {warnings:#?}",
+            crd.spec.names.kind
+        );
+    }
+    assert!(
+        rules >= 8,
+        "expected the project's CEL rules, found {rules}"
+    );
+}
