@@ -3,7 +3,10 @@
 use clap::Parser;
 
 #[derive(Debug, Parser)]
-#[command(version, about = "The Lockstep operator: the control system that freezes every member of a consistency group.")]
+#[command(
+    version,
+    about = "The Lockstep operator: the control system that freezes every member of a consistency group."
+)]
 struct Cli {
     #[command(flatten)]
     options: lockstep_operator::Options,

@@ -3,7 +3,10 @@
 use clap::Parser;
 
 #[derive(Debug, Parser)]
-#[command(version, about = "Lockstep end to end: simulated clusters, fault injection, scenarios, benchmarks and the demo.")]
+#[command(
+    version,
+    about = "Lockstep end to end: simulated clusters, fault injection, scenarios, benchmarks and the demo."
+)]
 struct Cli {
     #[command(flatten)]
     options: lockstep_e2e::Options,
