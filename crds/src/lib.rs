@@ -3,8 +3,10 @@
 //! - [`v1alpha1`]: `ConsistencyGroup`, `MemberCluster` and `ReplicationNode` (group `lockstep.dev`).
 //! - [`proto`]: the `Control` (sidecar ↔ operator) and `Replicator` (sidecar → replicator) gRPC services.
 //! - [`domain`]: epochs, stages, policies, phases and paths, shared by everything above.
+//! - [`conditions`]: standard conditions with honest transition times and observed generations.
 //! - [`crds`]: the CustomResourceDefinitions as generated from the types; `crdgen` writes them to YAML.
 
+pub mod conditions;
 pub mod crds;
 pub mod domain;
 pub mod proto;
