@@ -1,21 +1,28 @@
-//! The consistency checker: do the secondaries, taken together, hold exactly a prefix of the dependent
-//! chain?
+//! The consistency checker: do the secondaries, taken together, hold a state the application could have
+//! seen at one instant?
 //!
 //! The core ([`check`]) is pure: it takes [`Image`]s (what each secondary holds, block by block) and
 //! returns a [`Verdict`]. [`scan`] reads images from files or NBD exports.
 //!
-//! # Why it is sound with overwrites
-//! Placement is a pure function of the sequence ([`Layout`]), so the state after a prefix `1..=k` is
-//! determined: each slot holds the newest write `≤ k` landing there, or whatever it held before the run.
-//! If the secondaries hold any prefix at all, it is `1..=M` where `M` is the newest write present: a write
-//! `k > M` would be in its slot (nothing newer can have overwritten it). So the checker takes `M`, computes
-//! for every slot the write the prefix `1..=M` puts there, and calls every slot that does not hold it a
-//! gap. Writes that a later generation has overwritten are not required: the state is the same whether or
-//! not they ever reached the secondary.
+//! What is checked, for the workload's lanes (each a strict chain of writes, see [`crate::layout`]):
+//! 1. every lane's writes on the secondaries form a gap-free prefix `1..=M` of the lane;
+//! 2. every write present depends only on writes present: a block records, for every lane, the last
+//!    write acknowledged when it was issued, and that write must be within that lane's prefix;
+//! 3. each lane's prefix reaches the write the caller says was acknowledged before the first failed copy;
+//! 4. the secondaries are not empty.
 //!
-//! One slot may legitimately hold a torn block: the one write `M + 1` could have been in flight (never
-//! acknowledged) when replication stopped. The checker accepts a corrupt or foreign block there, and only
-//! there, and says so in the verdict.
+//! # Why it is sound with overwrites
+//! Placement is a pure function of (lane, sequence) ([`Layout`]), so the state after a lane's prefix
+//! `1..=k` is determined: each of the lane's slots holds its newest write `≤ k` landing there, or what
+//! it held before the run. If a lane's slots hold any prefix at all, it is `1..=M` where `M` is the
+//! lane's newest write present: a write `k > M` would be in its slot (nothing newer can have overwritten
+//! it). So the checker takes `M`, computes for every slot the write the prefix `1..=M` puts there, and
+//! calls every slot that does not hold it a gap. Writes that a later generation has overwritten are not
+//! required: the state is the same whether or not they ever reached the secondary.
+//!
+//! One slot per lane may legitimately hold a torn block: the lane's write `M + 1` could have been in
+//! flight (never acknowledged) when replication stopped. The checker accepts a corrupt or foreign block
+//! there, and only there, and says so in the verdict.
 
 use crate::block::{self, Content};
 use crate::layout::{BLOCK_SIZE, Layout, Location};
@@ -103,7 +110,7 @@ pub enum CheckError {
         source: NbdError,
     },
     /// Blocks of several runs are present and no run id was given.
-    #[error("blocks of several runs are present ({}): name the run to check", .0.iter().map(|r| format!("{r:#x}")).collect::<Vec<_>>().join(", "))]
+    #[error("blocks of several runs are present ({}): name the run to check", hex_list(.0))]
     AmbiguousRun(Vec<u64>),
     /// Blocks of the run disagree on the layout.
     #[error("blocks of run {run_id:#x} disagree on the layout: {a:?} and {b:?}")]
@@ -114,6 +121,16 @@ pub enum CheckError {
         a: Layout,
         /// Another.
         b: Layout,
+    },
+    /// More lanes were given acknowledged writes than the run has.
+    #[error("run {run_id:#x} has {lanes} lanes, but acknowledged writes were given for {given}")]
+    LaneCount {
+        /// The run.
+        run_id: u64,
+        /// Lanes in the layout.
+        lanes: u32,
+        /// Entries given.
+        given: usize,
     },
     /// The run's layout has a different number of volumes than images were given.
     #[error(
@@ -129,13 +146,52 @@ pub enum CheckError {
     },
 }
 
+fn hex_list(runs: &[u64]) -> String {
+    runs.iter()
+        .map(|r| format!("{r:#x}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// What the caller knows about the run.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CheckOptions {
-    /// The last write acknowledged before the first failed copy: the secondaries must reach it.
-    pub acked_before_failure: u64,
+    /// Per lane, the last write acknowledged before the first failed copy: the secondaries must reach
+    /// it. Missing entries require nothing.
+    pub acked_before_failure: Vec<u64>,
     /// The run to check; `None` takes the only run present.
     pub run_id: Option<u64>,
+}
+
+impl CheckOptions {
+    /// For a single-lane run: the secondaries must reach write `acked`.
+    pub fn new(acked: u64) -> Self {
+        Self {
+            acked_before_failure: vec![acked],
+            run_id: None,
+        }
+    }
+
+    /// Per lane, the writes the secondaries must reach.
+    pub fn lanes(acked: Vec<u64>) -> Self {
+        Self {
+            acked_before_failure: acked,
+            run_id: None,
+        }
+    }
+
+    /// Checks only run `run_id`.
+    pub fn run(mut self, run_id: u64) -> Self {
+        self.run_id = Some(run_id);
+        self
+    }
+
+    fn required(&self, lane: u32) -> u64 {
+        self.acked_before_failure
+            .get(lane as usize)
+            .copied()
+            .unwrap_or(0)
+    }
 }
 
 /// What a slot holds instead of the write the prefix puts there.
@@ -144,13 +200,15 @@ pub struct CheckOptions {
 pub enum Found {
     /// Nothing (zeros).
     Zero,
-    /// An older write of the same run (an earlier generation of the slot).
+    /// An older write of the same lane (an earlier generation of the slot).
     Older {
         /// Its sequence.
         seq: u64,
     },
-    /// A block of the same run that belongs in another slot.
+    /// A block of the run that belongs in another place.
     Elsewhere {
+        /// Its lane.
+        lane: u32,
         /// Its sequence.
         seq: u64,
         /// Where it belongs.
@@ -176,9 +234,9 @@ impl std::fmt::Display for Found {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Found::Zero => write!(f, "zeros (never written)"),
-            Found::Older { seq } => write!(f, "write {seq} (an older generation of that slot)"),
-            Found::Elsewhere { seq, belongs } => {
-                write!(f, "write {seq}, which belongs on {belongs}")
+            Found::Older { seq } => write!(f, "write {seq}, an older generation of that slot"),
+            Found::Elsewhere { lane, seq, belongs } => {
+                write!(f, "write {seq} of lane {lane}, which belongs on {belongs}")
             }
             Found::OtherRun { run_id, seq } => {
                 write!(f, "write {seq} of another run ({run_id:#x})")
@@ -189,13 +247,13 @@ impl std::fmt::Display for Found {
     }
 }
 
-/// The state of one write of the chain on the secondaries.
+/// The state of one write of a lane on the secondaries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case", tag = "state")]
 pub enum LinkState {
     /// The write is in its slot.
     Present,
-    /// A later write to the same slot has replaced it (normal for a long run).
+    /// A later write of the lane has replaced it in its slot (normal for a long run).
     Overwritten {
         /// The write now in the slot.
         by: u64,
@@ -204,7 +262,7 @@ pub enum LinkState {
     Missing,
 }
 
-/// One write of the chain, as evidence.
+/// One write of a lane's chain, as evidence.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ChainLink {
     /// The write.
@@ -236,9 +294,11 @@ impl std::fmt::Display for ChainLink {
     }
 }
 
-/// A write the secondaries lack although later writes, which depend on it, are present.
+/// A write the secondaries lack although a later write of its lane, which depends on it, is present.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Gap {
+    /// The lane.
+    pub lane: u32,
     /// The missing write.
     pub missing: u64,
     /// Where it should be.
@@ -247,7 +307,7 @@ pub struct Gap {
     pub image: String,
     /// What is there instead.
     pub found: Found,
-    /// The chain around it: the write before, the missing one, the next present ones and the newest.
+    /// The lane's chain around it: the write before, the missing one, the next present ones, the newest.
     pub chain: Vec<ChainLink>,
 }
 
@@ -257,15 +317,36 @@ pub struct Gap {
 pub enum Problem {
     /// The secondaries hold no write of the run at all.
     Empty,
-    /// The secondaries stop short of a write that was acknowledged before the first failed copy.
+    /// A lane stops short of a write that was acknowledged before the first failed copy.
     Behind {
-        /// The last write of the gap-free prefix held.
+        /// The lane.
+        lane: u32,
+        /// The last write of the lane's gap-free prefix held.
         prefix_end: u64,
-        /// The write they must reach.
+        /// The write it must reach.
         required: u64,
+    },
+    /// A write is present although a write of another lane it depends on is not.
+    Dependency {
+        /// The lane of the present write.
+        lane: u32,
+        /// The present write (the earliest of its lane with this problem).
+        seq: u64,
+        /// Where it is.
+        location: Location,
+        /// The lane it depends on.
+        on_lane: u32,
+        /// The write of that lane acknowledged before it was issued.
+        on_seq: u64,
+        /// How far that lane's gap-free prefix reaches.
+        held_through: u64,
+        /// Where that lane's first missing write belongs.
+        first_missing: Location,
     },
     /// A block of the run sits where the layout does not put it.
     Misplaced {
+        /// Its lane.
+        lane: u32,
         /// Its sequence.
         seq: u64,
         /// The image it was found in.
@@ -280,29 +361,46 @@ pub enum Problem {
 impl std::fmt::Display for Problem {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Problem::Empty => write!(
-                f,
-                "the secondaries hold no write of the run: an empty secondary does not pass"
-            ),
+            Problem::Empty => {
+                write!(
+                    f,
+                    "the secondaries hold no write of the run: an empty secondary does not pass"
+                )
+            }
             Problem::Behind {
+                lane,
                 prefix_end,
                 required,
             } => write!(
                 f,
-                "the secondaries hold writes 1..={prefix_end} without a gap, short of write {required}, \
-                 which was acknowledged before the first failed copy"
+                "lane {lane}: the secondaries hold writes 1..={prefix_end} without a gap, short of write \
+                 {required}, which was acknowledged before the first failed copy"
+            ),
+            Problem::Dependency {
+                lane,
+                seq,
+                location,
+                on_lane,
+                on_seq,
+                held_through,
+                first_missing,
+            } => write!(
+                f,
+                "write {seq} of lane {lane} is present ({location}), but it was issued after write {on_seq} of \
+                 lane {on_lane} was acknowledged, and lane {on_lane} is held only through write {held_through} \
+                 (write {} belongs on {first_missing})",
+                held_through + 1
             ),
             Problem::Misplaced {
+                lane,
                 seq,
                 image,
                 offset,
                 belongs,
-            } => {
-                write!(
-                    f,
-                    "write {seq} was found in {image} at byte offset {offset}, but belongs on {belongs}"
-                )
-            }
+            } => write!(
+                f,
+                "write {seq} of lane {lane} was found in {image} at byte offset {offset}, but belongs on {belongs}"
+            ),
         }
     }
 }
@@ -316,41 +414,39 @@ pub struct VolumeSummary {
     pub image: String,
     /// Blocks of the run in their slots.
     pub blocks: u64,
-    /// The newest of them.
-    pub newest: Option<u64>,
 }
 
-/// The secondaries hold exactly a prefix of the chain.
+/// The secondaries hold a consistent state.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ConsistentReport {
     /// The run.
     pub run_id: u64,
     /// Its layout.
     pub layout: Layout,
-    /// The prefix is `1..=prefix_end`.
-    pub prefix_end: u64,
-    /// What the caller required.
-    pub acked_before_failure: u64,
-    /// The slot of write `prefix_end + 1`, if it holds a torn block (that write was in flight).
-    pub torn_frontier: Option<Location>,
+    /// Per lane, the prefix held is `1..=prefix_ends[lane]`.
+    pub prefix_ends: Vec<u64>,
+    /// What the caller required, per lane.
+    pub acked_before_failure: Vec<u64>,
+    /// Slots holding a torn block: the lane's next write was in flight.
+    pub torn: Vec<Location>,
     /// Per volume.
     pub volumes: Vec<VolumeSummary>,
 }
 
-/// The secondaries do not hold a prefix reaching the required write.
+/// The secondaries do not hold a consistent state reaching the required writes.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct InconsistentReport {
     /// The run, if any block of it was found.
     pub run_id: Option<u64>,
     /// Its layout, if known.
     pub layout: Option<Layout>,
-    /// The newest write present.
-    pub newest: u64,
-    /// Writes `1..=contiguous_through` are all accounted for.
-    pub contiguous_through: u64,
-    /// What the caller required.
-    pub acked_before_failure: u64,
-    /// Missing writes, in sequence order, with evidence.
+    /// Per lane, the newest write present.
+    pub newest: Vec<u64>,
+    /// Per lane, writes `1..=contiguous_through[lane]` are all accounted for.
+    pub contiguous_through: Vec<u64>,
+    /// What the caller required, per lane.
+    pub acked_before_failure: Vec<u64>,
+    /// Missing writes, by lane and sequence, with evidence.
     pub gaps: Vec<Gap>,
     /// Other problems.
     pub problems: Vec<Problem>,
@@ -362,7 +458,8 @@ pub struct InconsistentReport {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case", tag = "verdict")]
 pub enum Verdict {
-    /// The secondaries hold a gap-free prefix reaching the required write.
+    /// The secondaries hold a gap-free prefix of every lane, with every dependency present, reaching the
+    /// required writes.
     Consistent(ConsistentReport),
     /// They do not.
     Inconsistent(InconsistentReport),
@@ -374,10 +471,15 @@ impl Verdict {
         matches!(self, Verdict::Consistent(_))
     }
 
-    /// The end of the prefix held, when consistent.
+    /// The end of lane 0's prefix (the whole chain of a single-lane run), when consistent.
     pub fn prefix_end(&self) -> Option<u64> {
+        self.prefix_ends().and_then(|p| p.first().copied())
+    }
+
+    /// Every lane's prefix end, when consistent.
+    pub fn prefix_ends(&self) -> Option<&[u64]> {
         match self {
-            Verdict::Consistent(c) => Some(c.prefix_end),
+            Verdict::Consistent(c) => Some(&c.prefix_ends),
             Verdict::Inconsistent(_) => None,
         }
     }
@@ -401,20 +503,25 @@ impl Verdict {
 
 fn write_volumes(f: &mut std::fmt::Formatter<'_>, volumes: &[VolumeSummary]) -> std::fmt::Result {
     for v in volumes {
-        match v.newest {
-            Some(n) => writeln!(
-                f,
-                "  volume {} ({}): {} blocks of the run, newest write {n}",
-                v.volume, v.image, v.blocks
-            )?,
-            None => writeln!(
-                f,
-                "  volume {} ({}): no block of the run",
-                v.volume, v.image
-            )?,
-        }
+        writeln!(
+            f,
+            "  volume {} ({}): {} blocks of the run",
+            v.volume, v.image, v.blocks
+        )?;
     }
     Ok(())
+}
+
+fn ranges(ends: &[u64]) -> String {
+    match ends {
+        [one] => format!("writes 1..={one}"),
+        many => many
+            .iter()
+            .enumerate()
+            .map(|(l, e)| format!("lane {l}: 1..={e}"))
+            .collect::<Vec<_>>()
+            .join(", "),
+    }
 }
 
 impl std::fmt::Display for Verdict {
@@ -423,18 +530,19 @@ impl std::fmt::Display for Verdict {
             Verdict::Consistent(c) => {
                 writeln!(
                     f,
-                    "CONSISTENT: the {} secondaries of run {:#x} hold exactly writes 1..={}, reaching write {} \
-                     (acknowledged before the first failed copy).",
+                    "CONSISTENT: the {} secondaries of run {:#x} hold exactly {}, with every dependency present; \
+                     required (acknowledged before the first failed copy): {}.",
                     c.layout.volumes(),
                     c.run_id,
-                    c.prefix_end,
-                    c.acked_before_failure
+                    ranges(&c.prefix_ends),
+                    ranges(&c.acked_before_failure).replace("1..=", "")
                 )?;
-                if let Some(t) = c.torn_frontier {
+                for t in &c.torn {
+                    let next = c.prefix_ends.get(t.lane as usize).map_or(0, |e| e + 1);
                     writeln!(
                         f,
-                        "  {t} holds a torn block: write {} was in flight, never acknowledged.",
-                        c.prefix_end + 1
+                        "  {t} holds a torn block: write {next} of lane {} was in flight, never acknowledged.",
+                        t.lane
                     )?;
                 }
                 write_volumes(f, &c.volumes)
@@ -443,23 +551,29 @@ impl std::fmt::Display for Verdict {
                 match i.run_id {
                     Some(run) => writeln!(
                         f,
-                        "INCONSISTENT: run {run:#x}: writes 1..={} are all accounted for; the newest write present is {}; \
+                        "INCONSISTENT: run {run:#x}: accounted for without a gap: {}; newest present: {}; \
                          {} gap(s), {} other problem(s).",
-                        i.contiguous_through,
-                        i.newest,
+                        ranges(&i.contiguous_through),
+                        ranges(&i.newest).replace("1..=", ""),
                         i.gaps.len(),
                         i.problems.len()
                     )?,
                     None => writeln!(f, "INCONSISTENT: no block of the run was found.")?,
                 }
+                let lanes = i.layout.map_or(1, |l| l.lanes());
                 for g in i.gaps.iter().take(SHOWN_GAPS) {
+                    let of_lane = if lanes > 1 {
+                        format!(" of lane {}", g.lane)
+                    } else {
+                        String::new()
+                    };
                     writeln!(
                         f,
-                        "  gap: write {} is missing from {} of {}; that slot holds {}.",
+                        "  gap: write {}{of_lane} is missing from {} of {}; that slot holds {}.",
                         g.missing, g.location, g.image, g.found
                     )?;
                     let chain: Vec<String> = g.chain.iter().map(ToString::to_string).collect();
-                    writeln!(f, "       chain: {}", chain.join(" -> "))?;
+                    writeln!(f, "       chain{of_lane}: {}", chain.join(" -> "))?;
                     if let Some(later) = g
                         .chain
                         .iter()
@@ -467,18 +581,14 @@ impl std::fmt::Display for Verdict {
                     {
                         writeln!(
                             f,
-                            "       write {} was issued only after write {} was acknowledged, yet it is on the secondaries and {} is not.",
+                            "       write {} was issued only after write {} was acknowledged, yet it is on the \
+                             secondaries and {} is not.",
                             later.seq, g.missing, g.missing
                         )?;
                     }
                 }
                 if i.gaps.len() > SHOWN_GAPS {
-                    let last = i.gaps.last().map_or(0, |g| g.missing);
-                    writeln!(
-                        f,
-                        "  ... and {} more gaps, up to write {last}",
-                        i.gaps.len() - SHOWN_GAPS
-                    )?;
+                    writeln!(f, "  ... and {} more gaps", i.gaps.len() - SHOWN_GAPS)?;
                 }
                 for p in &i.problems {
                     writeln!(f, "  problem: {p}")?;
@@ -562,25 +672,29 @@ pub fn check(images: &[Image], options: &CheckOptions) -> Result<Verdict, CheckE
     if images.is_empty() {
         return Err(CheckError::NoImages);
     }
-    let empty = |images: &[Image]| {
+    let summaries = |counts: &[u64]| -> Vec<VolumeSummary> {
+        images
+            .iter()
+            .enumerate()
+            .map(|(v, i)| VolumeSummary {
+                volume: v as u32,
+                image: i.label.clone(),
+                blocks: counts.get(v).copied().unwrap_or(0),
+            })
+            .collect()
+    };
+    let empty = |run_id, layout, problems: Vec<Problem>| {
+        let mut all = vec![Problem::Empty];
+        all.extend(problems);
         Verdict::Inconsistent(InconsistentReport {
-            run_id: options.run_id,
-            layout: None,
-            newest: 0,
-            contiguous_through: 0,
-            acked_before_failure: options.acked_before_failure,
+            run_id,
+            layout,
+            newest: Vec::new(),
+            contiguous_through: Vec::new(),
+            acked_before_failure: options.acked_before_failure.clone(),
             gaps: Vec::new(),
-            problems: vec![Problem::Empty],
-            volumes: images
-                .iter()
-                .enumerate()
-                .map(|(v, i)| VolumeSummary {
-                    volume: v as u32,
-                    image: i.label.clone(),
-                    blocks: 0,
-                    newest: None,
-                })
-                .collect(),
+            problems: all,
+            volumes: summaries(&[]),
         })
     };
 
@@ -588,7 +702,7 @@ pub fn check(images: &[Image], options: &CheckOptions) -> Result<Verdict, CheckE
     let headers = || {
         images.iter().enumerate().flat_map(|(v, img)| {
             img.blocks.iter().filter_map(move |(&off, c)| match c {
-                Content::Block(h) => Some((v, off, *h)),
+                Content::Block(h) => Some((v, off, h)),
                 _ => None,
             })
         })
@@ -598,7 +712,7 @@ pub fn check(images: &[Image], options: &CheckOptions) -> Result<Verdict, CheckE
         None => {
             let runs: BTreeSet<u64> = headers().map(|(_, _, h)| h.run_id).collect();
             match runs.len() {
-                0 => return Ok(empty(images)),
+                0 => return Ok(empty(None, None, Vec::new())),
                 1 => runs.into_iter().next().unwrap_or_default(),
                 _ => return Err(CheckError::AmbiguousRun(runs.into_iter().collect())),
             }
@@ -619,7 +733,7 @@ pub fn check(images: &[Image], options: &CheckOptions) -> Result<Verdict, CheckE
         }
     }
     let Some(layout) = layout else {
-        return Ok(empty(images));
+        return Ok(empty(Some(run_id), None, Vec::new()));
     };
     if images.len() != layout.volumes() as usize {
         return Err(CheckError::VolumeCount {
@@ -628,31 +742,34 @@ pub fn check(images: &[Image], options: &CheckOptions) -> Result<Verdict, CheckE
             images: images.len(),
         });
     }
+    let lanes = layout.lanes() as usize;
+    if options
+        .acked_before_failure
+        .iter()
+        .skip(lanes)
+        .any(|&a| a > 0)
+    {
+        return Err(CheckError::LaneCount {
+            run_id,
+            lanes: layout.lanes(),
+            given: options.acked_before_failure.len(),
+        });
+    }
 
     // Blocks of the run in their place, and misplaced ones.
     let mut problems = Vec::new();
-    let mut newest = 0u64;
-    let mut present = BTreeSet::new();
-    let mut volumes: Vec<VolumeSummary> = images
-        .iter()
-        .enumerate()
-        .map(|(v, i)| VolumeSummary {
-            volume: v as u32,
-            image: i.label.clone(),
-            blocks: 0,
-            newest: None,
-        })
-        .collect();
+    let mut newest = vec![0u64; lanes];
+    let mut present: BTreeMap<(u32, u64), &block::BlockHeader> = BTreeMap::new();
+    let mut counts = vec![0u64; images.len()];
     for (v, off, h) in headers().filter(|(_, _, h)| h.run_id == run_id) {
-        let belongs = layout.locate(h.seq);
+        let belongs = layout.locate(h.lane, h.seq);
         if belongs.volume as usize == v && belongs.offset == off {
-            newest = newest.max(h.seq);
-            present.insert(h.seq);
-            let s = &mut volumes[v];
-            s.blocks += 1;
-            s.newest = s.newest.max(Some(h.seq));
+            newest[h.lane as usize] = newest[h.lane as usize].max(h.seq);
+            present.insert((h.lane, h.seq), h);
+            counts[v] += 1;
         } else {
             problems.push(Problem::Misplaced {
+                lane: h.lane,
                 seq: h.seq,
                 image: images[v].label.clone(),
                 offset: off,
@@ -660,24 +777,23 @@ pub fn check(images: &[Image], options: &CheckOptions) -> Result<Verdict, CheckE
             });
         }
     }
-    if newest == 0 {
-        let mut verdict = empty(images);
-        if let Verdict::Inconsistent(r) = &mut verdict {
-            r.run_id = Some(run_id);
-            r.layout = Some(layout);
-            r.problems.extend(problems);
-        }
-        return Ok(verdict);
+    if newest.iter().all(|&n| n == 0) {
+        return Ok(empty(Some(run_id), Some(layout), problems));
     }
 
-    // Every slot against the prefix 1..=newest.
+    // Every slot against its lane's prefix 1..=newest.
     let content_at = |loc: Location| images[loc.volume as usize].at(loc.offset);
-    let link = |seq: u64| {
-        let location = layout.locate(seq);
+    let link = |lane: u32, seq: u64| {
+        let location = layout.locate(lane, seq);
         let state = match content_at(location) {
-            Content::Block(h) if h.run_id == run_id && h.seq == seq => LinkState::Present,
+            Content::Block(h) if h.run_id == run_id && h.lane == lane && h.seq == seq => {
+                LinkState::Present
+            }
             Content::Block(h)
-                if h.run_id == run_id && h.seq > seq && layout.locate(h.seq) == location =>
+                if h.run_id == run_id
+                    && h.lane == lane
+                    && h.seq > seq
+                    && layout.locate(lane, h.seq) == location =>
             {
                 LinkState::Overwritten { by: h.seq }
             }
@@ -689,23 +805,31 @@ pub fn check(images: &[Image], options: &CheckOptions) -> Result<Verdict, CheckE
             state,
         }
     };
-    let frontier = layout.locate(newest + 1);
-    let mut torn_frontier = None;
-    let mut missing: Vec<(u64, Location, Found)> = Vec::new();
+    let mut torn = Vec::new();
+    let mut missing: Vec<(u32, u64, Location, Found)> = Vec::new();
     for loc in layout.locations() {
-        let Some(expected) = layout.newest_at_or_before(loc.volume, loc.slot, newest) else {
+        let lane_newest = newest[loc.lane as usize];
+        let Some(expected) =
+            layout.newest_at_or_before(loc.lane, loc.volume, loc.slot, lane_newest)
+        else {
             continue;
         };
         let found = match content_at(loc) {
-            Content::Block(h) if h.run_id == run_id && h.seq == expected => continue,
+            Content::Block(h) if h.run_id == run_id && h.lane == loc.lane && h.seq == expected => {
+                continue;
+            }
             Content::Block(h)
-                if h.run_id == run_id && h.seq < expected && layout.locate(h.seq) == loc =>
+                if h.run_id == run_id
+                    && h.lane == loc.lane
+                    && h.seq < expected
+                    && layout.locate(h.lane, h.seq) == loc =>
             {
                 Found::Older { seq: h.seq }
             }
             Content::Block(h) if h.run_id == run_id => Found::Elsewhere {
+                lane: h.lane,
                 seq: h.seq,
-                belongs: layout.locate(h.seq),
+                belongs: layout.locate(h.lane, h.seq),
             },
             Content::Block(h) => Found::OtherRun {
                 run_id: h.run_id,
@@ -717,52 +841,92 @@ pub fn check(images: &[Image], options: &CheckOptions) -> Result<Verdict, CheckE
             Content::Foreign => Found::Foreign,
             Content::Zero => Found::Zero,
         };
+        let frontier = layout.locate(loc.lane, lane_newest + 1);
         if loc == frontier && matches!(found, Found::Corrupt { .. } | Found::Foreign) {
-            torn_frontier = Some(loc);
+            torn.push(loc);
             continue;
         }
-        missing.push((expected, loc, found));
+        missing.push((loc.lane, expected, loc, found));
     }
-    missing.sort_by_key(|(seq, _, _)| *seq);
+    missing.sort_by_key(|(lane, seq, _, _)| (*lane, *seq));
 
-    // Evidence: the chain around each gap.
+    // Evidence: each lane's chain around each gap.
     let gaps: Vec<Gap> = missing
         .into_iter()
-        .map(|(seq, location, found)| {
+        .map(|(lane, seq, location, found)| {
             let mut seqs: Vec<u64> = Vec::new();
             if seq > 1 {
                 seqs.push(seq - 1);
             }
             seqs.push(seq);
-            seqs.extend(present.range(seq + 1..).take(2));
-            if !seqs.contains(&newest) {
-                seqs.push(newest);
+            seqs.extend(
+                present
+                    .range((lane, seq + 1)..(lane, u64::MAX))
+                    .map(|(&(_, s), _)| s)
+                    .take(2),
+            );
+            let lane_newest = newest[lane as usize];
+            if !seqs.contains(&lane_newest) {
+                seqs.push(lane_newest);
             }
             Gap {
+                lane,
                 missing: seq,
                 location,
                 image: images[location.volume as usize].label.clone(),
                 found,
-                chain: seqs.into_iter().map(link).collect(),
+                chain: seqs.into_iter().map(|s| link(lane, s)).collect(),
             }
         })
         .collect();
 
-    let contiguous_through = gaps.first().map_or(newest, |g| g.missing - 1);
-    if contiguous_through < options.acked_before_failure {
-        problems.push(Problem::Behind {
-            prefix_end: contiguous_through,
-            required: options.acked_before_failure,
-        });
+    let mut contiguous_through = newest.clone();
+    for g in &gaps {
+        let c = &mut contiguous_through[g.lane as usize];
+        *c = (*c).min(g.missing - 1);
+    }
+
+    // Dependencies across lanes: the earliest present write of each lane that depends on a missing one.
+    for l in 0..layout.lanes() {
+        for j in (0..layout.lanes()).filter(|&j| j != l) {
+            let held = contiguous_through[j as usize];
+            let violation = present
+                .range((l, 0)..=(l, u64::MAX))
+                .map(|(_, h)| *h)
+                .find(|h| h.deps.get(j as usize).is_some_and(|&d| d > held));
+            if let Some(h) = violation {
+                problems.push(Problem::Dependency {
+                    lane: l,
+                    seq: h.seq,
+                    location: layout.locate(l, h.seq),
+                    on_lane: j,
+                    on_seq: h.deps[j as usize],
+                    held_through: held,
+                    first_missing: layout.locate(j, held + 1),
+                });
+            }
+        }
+    }
+
+    for l in 0..layout.lanes() {
+        let required = options.required(l);
+        let prefix_end = contiguous_through[l as usize];
+        if prefix_end < required {
+            problems.push(Problem::Behind {
+                lane: l,
+                prefix_end,
+                required,
+            });
+        }
     }
     if gaps.is_empty() && problems.is_empty() {
         return Ok(Verdict::Consistent(ConsistentReport {
             run_id,
             layout,
-            prefix_end: newest,
-            acked_before_failure: options.acked_before_failure,
-            torn_frontier,
-            volumes,
+            prefix_ends: newest,
+            acked_before_failure: options.acked_before_failure.clone(),
+            torn,
+            volumes: summaries(&counts),
         }));
     }
     Ok(Verdict::Inconsistent(InconsistentReport {
@@ -770,9 +934,9 @@ pub fn check(images: &[Image], options: &CheckOptions) -> Result<Verdict, CheckE
         layout: Some(layout),
         newest,
         contiguous_through,
-        acked_before_failure: options.acked_before_failure,
+        acked_before_failure: options.acked_before_failure.clone(),
         gaps,
         problems,
-        volumes,
+        volumes: summaries(&counts),
     }))
 }

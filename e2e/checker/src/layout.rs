@@ -1,26 +1,32 @@
-//! Where each write of the dependent chain lands: a pure, deterministic placement.
+//! Where each write of the workload lands: a pure, deterministic placement.
 //!
-//! Sequence numbers start at 1. Write `seq` goes to volume `(seq - 1) % volumes` (round robin), and within
-//! that volume to slot `((seq - 1) / volumes) % slots` of a region of `slots` blocks starting at block
-//! `base`. A run longer than `volumes * slots` writes therefore overwrites older blocks: the *generation*
-//! of a write is how many times its slot had been written before it.
+//! The workload runs one or more *lanes*: independent writers, each a strict chain of writes numbered
+//! from 1 (write `s + 1` of a lane is issued only after its write `s` was acknowledged). Every volume's
+//! region (starting at block `base`) gives each lane `slots` blocks of its own: lane `l` owns slots
+//! `l * slots .. (l + 1) * slots`. Write `s` of lane `l` goes to volume `(s - 1 + l) % volumes` (round
+//! robin, lanes shifted so they start on different volumes), to the lane's slot `((s - 1) / volumes) %
+//! slots`. A lane longer than `volumes * slots` writes overwrites its older blocks; the *generation* of a
+//! write is how many times its slot was written before it.
 //!
-//! Because placement is a pure function of the sequence, the secondaries after any prefix `1..=k` of the
-//! chain are fully determined: each slot holds the newest write `≤ k` that maps to it, or nothing. That is
-//! what lets the checker stay sound with overwrites: it checks each slot against the newest generation
-//! the claimed prefix puts there (see [`Layout::newest_at_or_before`]).
+//! Because placement is a pure function of (lane, sequence), what a lane's slots hold after its prefix
+//! `1..=k` is determined: each slot holds the newest write `≤ k` of the lane that maps to it, or
+//! nothing. That is what keeps the checker sound with overwrites (see [`Layout::newest_at_or_before`]).
 
 use serde::{Deserialize, Serialize};
 
 /// The size of one workload block, in bytes.
 pub const BLOCK_SIZE: u64 = 4096;
+/// The most lanes a run may have (each block records every lane's acknowledged frontier).
+pub const MAX_LANES: u32 = 64;
 
-/// A block's place: which volume, which slot of the region.
+/// A block's place: which lane's slot, on which volume.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct Location {
+    /// The lane owning the slot.
+    pub lane: u32,
     /// Index of the volume (position in the workload's volume list, and in the checker's image list).
     pub volume: u32,
-    /// Slot within the volume's region.
+    /// Slot within the lane's part of the region.
     pub slot: u64,
     /// Byte offset of the block within the volume.
     pub offset: u64,
@@ -30,8 +36,8 @@ impl std::fmt::Display for Location {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "volume {} slot {} (byte offset {})",
-            self.volume, self.slot, self.offset
+            "volume {} lane {} slot {} (byte offset {})",
+            self.volume, self.lane, self.slot, self.offset
         )
     }
 }
@@ -43,16 +49,21 @@ pub enum LayoutError {
     #[error("a layout needs at least one volume")]
     NoVolumes,
     /// No slots.
-    #[error("a layout needs at least one slot per volume")]
+    #[error("a layout needs at least one slot per lane and volume")]
     NoSlots,
-    /// The region holds a single block in all: a torn write there would erase the only evidence of the
-    /// write before it.
-    #[error("a layout needs at least two slots in all (volumes × slots ≥ 2)")]
+    /// No lanes, or too many.
+    #[error("a layout needs 1 to {MAX_LANES} lanes, not {0}")]
+    Lanes(u32),
+    /// A lane has a single block in all: a torn write there would erase the only evidence of the write
+    /// before it.
+    #[error("a layout needs at least two slots per lane in all (volumes × slots ≥ 2)")]
     SingleSlot,
     /// The region does not fit in a 64-bit byte offset.
-    #[error("region of {slots} slots at block {base} overflows a 64-bit byte offset")]
+    #[error("region of {lanes} × {slots} slots at block {base} overflows a 64-bit byte offset")]
     TooLarge {
-        /// Slots requested.
+        /// Lanes requested.
+        lanes: u32,
+        /// Slots per lane requested.
         slots: u64,
         /// First block requested.
         base: u64,
@@ -63,27 +74,46 @@ pub enum LayoutError {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Layout {
     volumes: u32,
+    lanes: u32,
     slots: u64,
     base: u64,
 }
 
 impl Layout {
-    /// A layout over `volumes` volumes, each with a region of `slots` blocks starting at block `base`.
+    /// A single-lane layout over `volumes` volumes, each with a region of `slots` blocks starting at
+    /// block `base`.
     pub fn new(volumes: u32, slots: u64, base: u64) -> Result<Self, LayoutError> {
+        Self::with_lanes(volumes, 1, slots, base)
+    }
+
+    /// A layout of `lanes` lanes over `volumes` volumes; each lane has `slots` blocks on every volume, in
+    /// a region starting at block `base`.
+    pub fn with_lanes(
+        volumes: u32,
+        lanes: u32,
+        slots: u64,
+        base: u64,
+    ) -> Result<Self, LayoutError> {
         if volumes == 0 {
             return Err(LayoutError::NoVolumes);
         }
         if slots == 0 {
             return Err(LayoutError::NoSlots);
         }
+        if lanes == 0 || lanes > MAX_LANES {
+            return Err(LayoutError::Lanes(lanes));
+        }
         if volumes == 1 && slots == 1 {
             return Err(LayoutError::SingleSlot);
         }
-        base.checked_add(slots)
+        slots
+            .checked_mul(u64::from(lanes))
+            .and_then(|n| n.checked_add(base))
             .and_then(|end| end.checked_mul(BLOCK_SIZE))
-            .ok_or(LayoutError::TooLarge { slots, base })?;
+            .ok_or(LayoutError::TooLarge { lanes, slots, base })?;
         Ok(Self {
             volumes,
+            lanes,
             slots,
             base,
         })
@@ -94,7 +124,12 @@ impl Layout {
         self.volumes
     }
 
-    /// Slots per volume.
+    /// Number of lanes.
+    pub fn lanes(&self) -> u32 {
+        self.lanes
+    }
+
+    /// Slots per lane on each volume.
     pub fn slots(&self) -> u64 {
         self.slots
     }
@@ -104,61 +139,76 @@ impl Layout {
         self.base
     }
 
+    /// Writes of a lane before it starts overwriting its own blocks.
+    pub fn period(&self) -> u64 {
+        u64::from(self.volumes) * self.slots
+    }
+
     /// The smallest volume size, in bytes, that holds the region.
     pub fn required_volume_size(&self) -> u64 {
-        // `new` checked that this does not overflow.
-        (self.base + self.slots) * BLOCK_SIZE
+        // `with_lanes` checked that this does not overflow.
+        (self.base + u64::from(self.lanes) * self.slots) * BLOCK_SIZE
     }
 
-    /// Volume and slot of write `seq` (`seq ≥ 1`).
-    pub fn locate(&self, seq: u64) -> Location {
+    /// Where write `seq` (`≥ 1`) of `lane` lands.
+    pub fn locate(&self, lane: u32, seq: u64) -> Location {
         let index = seq.saturating_sub(1);
-        let volume = (index % u64::from(self.volumes)) as u32;
-        let slot = (index / u64::from(self.volumes)) % self.slots;
-        self.location(volume, slot)
+        let v = u64::from(self.volumes);
+        let volume = ((index + u64::from(lane)) % v) as u32;
+        let slot = (index / v) % self.slots;
+        self.location(lane, volume, slot)
     }
 
-    /// The location of `slot` on `volume`.
-    pub fn location(&self, volume: u32, slot: u64) -> Location {
+    /// The location of `slot` of `lane` on `volume`.
+    pub fn location(&self, lane: u32, volume: u32, slot: u64) -> Location {
+        let block = self.base + u64::from(lane) * self.slots + slot;
         Location {
+            lane,
             volume,
             slot,
-            offset: (self.base + slot) * BLOCK_SIZE,
+            offset: block * BLOCK_SIZE,
         }
     }
 
-    /// The slot whose block sits at byte `offset`, if that is inside the region.
-    pub fn slot_at_offset(&self, offset: u64) -> Option<u64> {
+    /// The lane and slot whose block sits at byte `offset`, if that is inside the region.
+    pub fn slot_at_offset(&self, offset: u64) -> Option<(u32, u64)> {
         if !offset.is_multiple_of(BLOCK_SIZE) {
             return None;
         }
-        let block = offset / BLOCK_SIZE;
-        (block >= self.base && block < self.base + self.slots).then(|| block - self.base)
+        let block = (offset / BLOCK_SIZE).checked_sub(self.base)?;
+        let lane = block / self.slots;
+        (lane < u64::from(self.lanes)).then_some((lane as u32, block % self.slots))
     }
 
     /// How many writes to the same slot came before `seq`.
     pub fn generation(&self, seq: u64) -> u64 {
-        seq.saturating_sub(1) / u64::from(self.volumes) / self.slots
+        seq.saturating_sub(1) / self.period()
     }
 
-    /// The newest write `≤ k` that lands on (`volume`, `slot`): what that slot holds after the prefix
-    /// `1..=k`. `None` when no write of the prefix lands there.
-    pub fn newest_at_or_before(&self, volume: u32, slot: u64, k: u64) -> Option<u64> {
-        if volume >= self.volumes || slot >= self.slots {
+    /// The newest write `≤ k` of `lane` that lands on (`volume`, `slot`): what that slot holds after the
+    /// lane's prefix `1..=k`. `None` when no write of the prefix lands there.
+    pub fn newest_at_or_before(&self, lane: u32, volume: u32, slot: u64, k: u64) -> Option<u64> {
+        if volume >= self.volumes || slot >= self.slots || lane >= self.lanes {
             return None;
         }
-        // Writes landing on (volume, slot) are 1 + volume + volumes * (slot + slots * g), g = 0, 1, ...
-        let first = 1 + u64::from(volume) + u64::from(self.volumes) * slot;
+        // Writes of `lane` landing on (volume, slot) have index s - 1 = r + V * (slot + slots * g), where
+        // r = (volume - lane) mod V, for g = 0, 1, ...
+        let v = u64::from(self.volumes);
+        let r = (u64::from(volume) + v - u64::from(lane) % v) % v;
+        let first = 1 + r + v * slot;
         if k < first {
             return None;
         }
-        let period = u64::from(self.volumes) * self.slots;
+        let period = self.period();
         Some(first + (k - first) / period * period)
     }
 
-    /// Every location of the region, volume by volume.
+    /// Every location of the region: lane by lane, volume by volume.
     pub fn locations(&self) -> impl Iterator<Item = Location> + '_ {
-        (0..self.volumes).flat_map(move |v| (0..self.slots).map(move |s| self.location(v, s)))
+        (0..self.lanes).flat_map(move |l| {
+            (0..self.volumes)
+                .flat_map(move |v| (0..self.slots).map(move |s| self.location(l, v, s)))
+        })
     }
 }
 
@@ -170,7 +220,7 @@ mod tests {
     fn round_robin_then_slots_then_wraps() -> Result<(), LayoutError> {
         let l = Layout::new(3, 2, 10)?;
         let placed: Vec<(u32, u64)> = (1..=8)
-            .map(|s| (l.locate(s).volume, l.locate(s).slot))
+            .map(|s| (l.locate(0, s).volume, l.locate(0, s).slot))
             .collect();
         assert_eq!(
             placed,
@@ -185,7 +235,7 @@ mod tests {
                 (1, 0)
             ]
         );
-        assert_eq!(l.locate(1).offset, 10 * BLOCK_SIZE);
+        assert_eq!(l.locate(0, 1).offset, 10 * BLOCK_SIZE);
         assert_eq!(l.generation(6), 0);
         assert_eq!(l.generation(7), 1);
         assert_eq!(l.required_volume_size(), 12 * BLOCK_SIZE);
@@ -193,14 +243,34 @@ mod tests {
     }
 
     #[test]
+    fn lanes_have_their_own_slots_and_start_apart() -> Result<(), LayoutError> {
+        let l = Layout::with_lanes(3, 2, 4, 1)?;
+        assert_eq!(
+            l.locate(1, 1),
+            Location {
+                lane: 1,
+                volume: 1,
+                slot: 0,
+                offset: (1 + 4) * BLOCK_SIZE
+            }
+        );
+        assert_eq!(l.slot_at_offset((1 + 4 + 3) * BLOCK_SIZE), Some((1, 3)));
+        assert_eq!(l.slot_at_offset(BLOCK_SIZE), Some((0, 0)));
+        assert_eq!(l.slot_at_offset(0), None);
+        assert_eq!(l.slot_at_offset(9 * BLOCK_SIZE), None);
+        assert_eq!(l.required_volume_size(), 9 * BLOCK_SIZE);
+        Ok(())
+    }
+
+    #[test]
     fn newest_matches_brute_force() -> Result<(), LayoutError> {
-        for (v, s) in [(1, 2), (2, 1), (2, 3), (3, 1), (4, 5)] {
-            let l = Layout::new(v, s, 0)?;
+        for (v, lanes, s) in [(1, 1, 2), (2, 1, 1), (2, 3, 3), (3, 2, 1), (4, 3, 5)] {
+            let l = Layout::with_lanes(v, lanes, s, 0)?;
             for k in 0..60 {
                 for loc in l.locations() {
-                    let brute = (1..=k).rev().find(|&q| l.locate(q) == loc);
+                    let brute = (1..=k).rev().find(|&q| l.locate(loc.lane, q) == loc);
                     assert_eq!(
-                        l.newest_at_or_before(loc.volume, loc.slot, k),
+                        l.newest_at_or_before(loc.lane, loc.volume, loc.slot, k),
                         brute,
                         "{l:?} k={k} {loc}"
                     );
@@ -215,6 +285,11 @@ mod tests {
         assert_eq!(Layout::new(0, 1, 0), Err(LayoutError::NoVolumes));
         assert_eq!(Layout::new(1, 0, 0), Err(LayoutError::NoSlots));
         assert_eq!(Layout::new(1, 1, 0), Err(LayoutError::SingleSlot));
+        assert_eq!(Layout::with_lanes(2, 0, 1, 0), Err(LayoutError::Lanes(0)));
+        assert_eq!(
+            Layout::with_lanes(2, MAX_LANES + 1, 1, 0),
+            Err(LayoutError::Lanes(MAX_LANES + 1))
+        );
         assert!(Layout::new(1, u64::MAX, 1).is_err());
     }
 }

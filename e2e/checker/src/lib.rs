@@ -38,7 +38,7 @@ pub struct Options {
 pub enum Command {
     /// Write a dependent chain of blocks across the volumes.
     Workload(WorkloadArgs),
-    /// Check that the secondaries hold a gap-free prefix of the chain.
+    /// Check that the secondaries hold a gap-free prefix of every lane, with every dependency present.
     Check(CheckArgs),
 }
 
@@ -48,10 +48,13 @@ pub struct WorkloadArgs {
     /// A volume, as nbd://host:port/export or nbd+unix:///export?socket=PATH; repeat in volume order.
     #[arg(long = "volume", required = true)]
     pub volumes: Vec<NbdAddress>,
-    /// How many writes to issue; without it, write until interrupted.
+    /// How many writes each lane issues; without it, write until interrupted.
     #[arg(long)]
     pub writes: Option<u64>,
-    /// Slots per volume: the region the chain cycles through (4 KiB each).
+    /// Concurrent writers, each a strict dependent chain.
+    #[arg(long, default_value_t = 1)]
+    pub lanes: u32,
+    /// Slots per lane on each volume: the region a lane cycles through (4 KiB each).
     #[arg(long, default_value_t = 1024)]
     pub slots: u64,
     /// First block of the region on every volume.
@@ -60,9 +63,9 @@ pub struct WorkloadArgs {
     /// The run id (decimal or 0x-hex); a fresh one by default.
     #[arg(long, value_parser = parse_u64)]
     pub run_id: Option<u64>,
-    /// The first sequence to write (to continue a run).
-    #[arg(long, default_value_t = 1)]
-    pub first_seq: u64,
+    /// To continue a run: the last write already written, per lane (comma-separated).
+    #[arg(long, value_delimiter = ',')]
+    pub start_after: Vec<u64>,
     /// Send writes with FUA.
     #[arg(long)]
     pub fua: bool,
@@ -83,9 +86,10 @@ pub struct CheckArgs {
     /// A secondary image: a file, or an NBD URI; repeat in volume order.
     #[arg(long = "secondary", required = true)]
     pub secondaries: Vec<String>,
-    /// The last write acknowledged before the first failed copy: the secondaries must reach it.
-    #[arg(long)]
-    pub acked_before_failure: u64,
+    /// The last write acknowledged before the first failed copy, per lane (comma-separated): the
+    /// secondaries must reach it.
+    #[arg(long, value_delimiter = ',', required = true)]
+    pub acked_before_failure: Vec<u64>,
     /// The run to check (decimal or 0x-hex); by default the only run present.
     #[arg(long, value_parser = parse_u64)]
     pub run_id: Option<u64>,
@@ -115,12 +119,13 @@ pub fn parse_source(s: &str) -> Result<Source, nbd::AddressError> {
 pub async fn run(options: Options) -> anyhow::Result<()> {
     match options.command {
         Command::Workload(a) => {
-            let layout = Layout::new(a.volumes.len() as u32, a.slots, a.base_block)?;
+            let layout =
+                Layout::with_lanes(a.volumes.len() as u32, a.lanes, a.slots, a.base_block)?;
             let mut opts = WorkloadOptions::new(layout, a.writes);
             if let Some(id) = a.run_id {
                 opts.run_id = id;
             }
-            opts.first_seq = a.first_seq;
+            opts.start_after = a.start_after;
             opts.fua = a.fua;
             opts.on_error = a.on_error;
             opts.retry_backoff = Duration::from_millis(a.retry_backoff_ms);

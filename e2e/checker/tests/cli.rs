@@ -37,7 +37,7 @@ async fn workload_then_check_through_the_binary() -> TestResult {
     .await?;
     assert!(out.status.success(), "{}", text(&out));
     let report: serde_json::Value = serde_json::from_slice(&out.stdout)?;
-    assert_eq!(report["last_acked"], 50, "{report}");
+    assert_eq!(report["last_acked"], serde_json::json!([50]), "{report}");
     assert_eq!(report["stopped"], "completed", "{report}");
 
     let files: Vec<String> = servers
@@ -72,7 +72,7 @@ async fn workload_then_check_through_the_binary() -> TestResult {
     assert!(ok.status.success(), "{}", text(&ok));
     let verdict: serde_json::Value = serde_json::from_slice(&ok.stdout)?;
     assert_eq!(verdict["verdict"], "consistent", "{verdict}");
-    assert_eq!(verdict["prefix_end"], 50, "{verdict}");
+    assert_eq!(verdict["prefix_ends"], serde_json::json!([50]), "{verdict}");
 
     let behind = run(&[
         "check",
