@@ -1,14 +1,109 @@
 //! A test Kubernetes API server: real HTTP, watch, CRDs with schema and CEL validation.
 //!
-//! This crate is a library whose binary only parses flags and calls [`run`], so later crates' tests can
-//! start it in-process. Its real work arrives with its own issue.
+//! No kube-apiserver can be had on the project's machines, so this crate serves the Kubernetes API for
+//! tests and the demo: the operator, the sidecars, kube-rs and kubectl talk to it as to kube-apiserver.
+//! It is test infrastructure, not a product.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+//! use lockstep_testapi::{Options, TestApiServer};
+//! let server = TestApiServer::start(Options::default()).await?;
+//! let client = server.client().await?; // a kube::Client
+//! server.faults().drop_watches();       // fault hooks
+//! server.stop().await;                  // connections refused
+//! server.restart().await?;              // same port, same objects
+//! # Ok(()) }
+//! ```
+//!
+//! # What it serves
+//! - HTTP/1.1 JSON on 127.0.0.1; errors as `meta/v1 Status` with kube-apiserver's reasons and wording
+//!   (404 `NotFound`, 409 `AlreadyExists`/`Conflict`, 410 `Expired`, 422 `Invalid` with causes).
+//! - `/healthz`, `/livez`, `/readyz`, `/version` (v1.33.0), and plain-JSON discovery (`/api`, `/apis`, …).
+//! - Built-in kinds (no schema validation): Namespace, Node, PersistentVolume, PersistentVolumeClaim,
+//!   Secret, ConfigMap, Pod, Service, ServiceAccount, Event (core and `events.k8s.io`, one storage),
+//!   Lease, Deployment, DaemonSet, StatefulSet, RBAC roles and bindings, CustomResourceDefinition.
+//!   Nothing runs them: no scheduler, no controllers, no garbage collector.
+//! - CRDs register their resource on create (names, short names, categories, scope, served versions,
+//!   status subresource) and get `NamesAccepted` and `Established` at once; custom resources are pruned,
+//!   defaulted and validated ([`schema`]).
+//! - Verbs ([`api`]), watches ([`watch`]), field ownership and server-side apply ([`managed`] documents
+//!   exactly how ownership is simplified), patches ([`patch`]), selectors ([`selector`]).
+//! - One global resourceVersion; durable mode keeps everything in a data directory ([`store`]).
+//! - Fault hooks ([`Faults`], and [`TestApiServer::stop`], [`TestApiServer::refuse_connections`]).
 
-/// Start-up options.
-#[derive(Debug, Clone, Default, clap::Args)]
-pub struct Options {}
+pub mod api;
+pub mod discovery;
+pub mod error;
+pub mod faults;
+pub mod http;
+pub mod managed;
+pub mod patch;
+pub mod resources;
+pub mod schema;
+pub mod selector;
+mod server;
+pub mod store;
+pub mod watch;
 
-/// Runs the component until it is asked to stop.
-pub async fn run(_options: Options) -> anyhow::Result<()> {
-    tracing::info!("lockstep-testapi has no work yet: see its issue");
+use std::hash::{BuildHasher, Hasher};
+use std::path::PathBuf;
+
+pub use error::{ApiError, ServerError};
+pub use faults::{Failure, Faults};
+pub use server::{Options, TestApiServer};
+
+/// Flags of the `lockstep-testapi` binary.
+#[derive(Debug, Clone, clap::Args)]
+pub struct CliOptions {
+    /// Server options.
+    #[command(flatten)]
+    pub server: Options,
+    /// Write a kubeconfig for the server here once it listens.
+    #[arg(long)]
+    pub kubeconfig_out: Option<PathBuf>,
+}
+
+/// Runs the server until Ctrl-C.
+pub async fn run(options: CliOptions) -> anyhow::Result<()> {
+    let server = TestApiServer::start(options.server).await?;
+    if let Some(path) = &options.kubeconfig_out {
+        server.write_kubeconfig(path)?;
+        tracing::info!(path = %path.display(), "kubeconfig written");
+    }
+    println!("lockstep-testapi listening on {}", server.url());
+    tokio::signal::ctrl_c().await?;
+    server.stop().await;
     Ok(())
+}
+
+/// 64 random bits (from the standard library's per-process random hasher keys).
+pub(crate) fn random_u64() -> u64 {
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0),
+    );
+    h.finish()
+}
+
+/// A random RFC 4122 version-4 UUID.
+pub(crate) fn uid() -> String {
+    let (a, b) = (random_u64(), random_u64());
+    let b = (b & 0x3fff_ffff_ffff_ffff) | 0x8000_0000_0000_0000;
+    let a = (a & 0xffff_ffff_ffff_0fff) | 0x0000_0000_0000_4000;
+    format!(
+        "{:08x}-{:04x}-{:04x}-{:04x}-{:012x}",
+        a >> 32,
+        (a >> 16) & 0xffff,
+        a & 0xffff,
+        b >> 48,
+        b & 0xffff_ffff_ffff
+    )
+}
+
+/// Now, as kube-apiserver stamps times (RFC 3339, seconds, `Z`).
+pub(crate) fn now() -> String {
+    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
 }

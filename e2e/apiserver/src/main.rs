@@ -3,10 +3,13 @@
 use clap::Parser;
 
 #[derive(Debug, Parser)]
-#[command(version, about = "A test Kubernetes API server: real HTTP, watch, CRDs with schema and CEL validation.")]
+#[command(
+    version,
+    about = "A test Kubernetes API server: real HTTP, watch, CRDs with schema and CEL validation."
+)]
 struct Cli {
     #[command(flatten)]
-    options: lockstep_testapi::Options,
+    options: lockstep_testapi::CliOptions,
 }
 
 #[tokio::main]

@@ -1,0 +1,190 @@
+//! HTTP/1.1: routes a request to health, version, discovery, a resource verb or a watch, applies the
+//! fault hooks, and writes JSON answers (errors as `meta/v1 Status`, with `Warning` and `Retry-After`
+//! headers where due).
+
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode, header};
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::{BodyExt, Full, StreamBody};
+use hyper::body::{Frame, Incoming};
+use serde_json::Value;
+
+use crate::api::{self, Call, Query, Target};
+use crate::discovery;
+use crate::error::ApiError;
+use crate::faults::Faults;
+use crate::store::Store;
+
+/// The body type of every answer.
+pub type Body = UnsyncBoxBody<Bytes, Infallible>;
+
+/// What a running server's connections share.
+#[derive(Debug)]
+pub struct Shared {
+    /// The objects.
+    pub store: Arc<Store>,
+    /// The fault switches.
+    pub faults: Arc<Faults>,
+    /// `host:port`, for `/api`'s server address.
+    pub address: String,
+}
+
+fn full(bytes: impl Into<Bytes>) -> Body {
+    Full::new(bytes.into())
+        .map_err(|never| match never {})
+        .boxed_unsync()
+}
+
+fn json_response(code: u16, body: &Value, warnings: &[String]) -> Response<Body> {
+    let bytes = serde_json::to_vec(body).unwrap_or_default();
+    let mut builder = Response::builder()
+        .status(StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR))
+        .header(header::CONTENT_TYPE, "application/json");
+    for w in warnings {
+        builder = builder.header("Warning", format!("299 - {w:?}"));
+    }
+    builder
+        .body(full(bytes))
+        .unwrap_or_else(|_| Response::new(full(Bytes::new())))
+}
+
+fn error_response(err: &ApiError) -> Response<Body> {
+    let mut resp = json_response(err.code, &err.to_status(), &[]);
+    if let Some(secs) = err.retry_after
+        && let Ok(v) = header::HeaderValue::from_str(&secs.to_string())
+    {
+        resp.headers_mut().insert(header::RETRY_AFTER, v);
+    }
+    resp
+}
+
+fn text(code: u16, body: &'static str) -> Response<Body> {
+    Response::builder()
+        .status(StatusCode::from_u16(code).unwrap_or(StatusCode::OK))
+        .header(header::CONTENT_TYPE, "text/plain; charset=utf-8")
+        .body(full(body))
+        .unwrap_or_else(|_| Response::new(full(Bytes::new())))
+}
+
+/// Answers one request.
+pub async fn serve(
+    shared: Arc<Shared>,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, Infallible> {
+    let path = req.uri().path().to_string();
+    let exempt = matches!(path.as_str(), "/healthz" | "/livez" | "/readyz");
+    if let Some(code) = shared.faults.before_request(exempt).await {
+        let err = if code == 429 {
+            ApiError::too_many_requests()
+        } else {
+            ApiError::internal("injected fault: internal error")
+        };
+        return Ok(error_response(&err));
+    }
+    let method = req.method().clone();
+    tracing::debug!(%method, uri = %req.uri(), "request");
+    Ok(match route(&shared, req).await {
+        Ok(resp) => resp,
+        Err(err) => {
+            tracing::debug!(%method, %path, code = err.code, message = %err.message, "refused");
+            error_response(&err)
+        }
+    })
+}
+
+async fn route(shared: &Arc<Shared>, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
+    let path = req.uri().path().trim_end_matches('/').to_string();
+    let query = Query::parse(req.uri().query());
+    let method = req.method().clone();
+    if method == Method::GET {
+        match path.as_str() {
+            "/healthz" | "/livez" | "/readyz" => return Ok(text(200, "ok")),
+            "/version" => return Ok(json_response(200, &discovery::version(), &[])),
+            "/api" => {
+                return Ok(json_response(
+                    200,
+                    &discovery::core_versions(&shared.address),
+                    &[],
+                ));
+            }
+            "/apis" => {
+                let list = discovery::group_list(&shared.store.lock().registry);
+                return Ok(json_response(200, &list, &[]));
+            }
+            _ => {}
+        }
+        let segs: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+        let doc = match segs.as_slice() {
+            ["api", version] => Some(discovery::resource_list(
+                &shared.store.lock().registry,
+                "",
+                version,
+            )),
+            ["apis", group] => Some(discovery::group(&shared.store.lock().registry, group)),
+            ["apis", group, version] => Some(discovery::resource_list(
+                &shared.store.lock().registry,
+                group,
+                version,
+            )),
+            _ => None,
+        };
+        if let Some(doc) = doc {
+            return doc
+                .map(|d| json_response(200, &d, &[]))
+                .ok_or_else(ApiError::no_route);
+        }
+    }
+    let target = Target::parse(&path).ok_or_else(ApiError::no_route)?;
+    if method == Method::GET && target.name.is_none() && query.flag("watch") {
+        let lines =
+            crate::watch::start(&shared.store, &target, &query, shared.faults.watch_drops())?;
+        let stream = futures::stream::unfold(lines, |mut rx| async move {
+            rx.recv()
+                .await
+                .map(|b| (Ok::<_, Infallible>(Frame::data(b)), rx))
+        });
+        let body = StreamBody::new(stream).boxed_unsync();
+        return Response::builder()
+            .status(StatusCode::OK)
+            .header(header::CONTENT_TYPE, "application/json")
+            .body(body)
+            .map_err(|e| ApiError::internal(e.to_string()));
+    }
+    let header_str = |name: header::HeaderName| {
+        req.headers()
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_string()
+    };
+    let content_type = header_str(header::CONTENT_TYPE);
+    let user_agent = header_str(header::USER_AGENT);
+    let body = req
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| ApiError::bad_request(format!("reading the body: {e}")))?
+        .to_bytes();
+    let now = crate::now();
+    let call = Call {
+        method: method.as_str(),
+        target: &target,
+        query: &query,
+        body: &body,
+        content_type: &content_type,
+        user_agent: &user_agent,
+        now: &now,
+    };
+    let outcome = {
+        let mut inner = shared.store.lock();
+        api::handle(&mut inner, &call)?
+    };
+    Ok(json_response(
+        outcome.code,
+        &outcome.body,
+        &outcome.warnings,
+    ))
+}
