@@ -599,60 +599,151 @@ impl std::fmt::Display for Verdict {
     }
 }
 
-/// Reads one secondary image.
-pub async fn scan(source: &Source) -> Result<Image, CheckError> {
-    const CHUNK: usize = 1 << 20;
-    let mut image = Image {
-        label: source.to_string(),
-        blocks: BTreeMap::new(),
-    };
-    let mut buf = vec![0u8; CHUNK];
-    match source {
-        Source::File(path) => {
-            let io = |source| CheckError::Io {
-                path: path.clone(),
-                source,
-            };
-            let mut file = tokio::fs::File::open(path).await.map_err(io)?;
-            let mut offset = 0u64;
-            loop {
-                // Fill the chunk fully (short reads happen) so blocks stay aligned.
+/// Reads a source front to back.
+enum Reader<'a> {
+    File {
+        path: &'a std::path::Path,
+        file: tokio::fs::File,
+    },
+    Nbd {
+        address: &'a NbdAddress,
+        client: NbdClient,
+        offset: u64,
+    },
+}
+
+impl<'a> Reader<'a> {
+    async fn open(source: &'a Source) -> Result<Self, CheckError> {
+        match source {
+            Source::File(path) => {
+                let file = tokio::fs::File::open(path)
+                    .await
+                    .map_err(|source| CheckError::Io {
+                        path: path.clone(),
+                        source,
+                    })?;
+                Ok(Reader::File { path, file })
+            }
+            Source::Nbd(address) => {
+                let client =
+                    NbdClient::connect(address)
+                        .await
+                        .map_err(|source| CheckError::Nbd {
+                            address: address.clone(),
+                            source,
+                        })?;
+                Ok(Reader::Nbd {
+                    address,
+                    client,
+                    offset: 0,
+                })
+            }
+        }
+    }
+
+    /// Fills `buf` with the next bytes; fewer only at the end, 0 after it.
+    async fn next(&mut self, buf: &mut [u8]) -> Result<usize, CheckError> {
+        match self {
+            Reader::File { path, file } => {
+                // Short reads happen: fill the buffer so blocks stay aligned.
                 let mut filled = 0;
-                while filled < CHUNK {
-                    let n = file.read(&mut buf[filled..]).await.map_err(io)?;
+                while filled < buf.len() {
+                    let n =
+                        file.read(&mut buf[filled..])
+                            .await
+                            .map_err(|source| CheckError::Io {
+                                path: path.to_path_buf(),
+                                source,
+                            })?;
                     if n == 0 {
                         break;
                     }
                     filled += n;
                 }
-                image.add_bytes(offset, &buf[..filled]);
-                offset += filled as u64;
-                if filled < CHUNK {
-                    break;
-                }
+                Ok(filled)
+            }
+            Reader::Nbd {
+                address,
+                client,
+                offset,
+            } => {
+                let n = (client.size() - *offset).min(buf.len() as u64) as usize;
+                client
+                    .read(*offset, &mut buf[..n])
+                    .await
+                    .map_err(|source| CheckError::Nbd {
+                        address: (*address).clone(),
+                        source,
+                    })?;
+                *offset += n as u64;
+                Ok(n)
             }
         }
-        Source::Nbd(address) => {
-            let nbd = |source| CheckError::Nbd {
-                address: address.clone(),
-                source,
-            };
-            let mut client = NbdClient::connect(address).await.map_err(nbd)?;
-            let size = client.size();
-            let mut offset = 0u64;
-            while offset < size {
-                let n = (size - offset).min(CHUNK as u64) as usize;
-                client.read(offset, &mut buf[..n]).await.map_err(nbd)?;
-                image.add_bytes(offset, &buf[..n]);
-                offset += n as u64;
-            }
+    }
+
+    async fn close(self) {
+        if let Reader::Nbd {
+            address, client, ..
+        } = self
+        {
             // The data is read; a failed goodbye does not change it.
             if let Err(e) = client.disconnect().await {
                 tracing::debug!(%address, error = %e, "NBD disconnect failed after reading");
             }
         }
     }
+}
+
+const CHUNK: usize = 1 << 20;
+
+/// Reads one secondary image.
+pub async fn scan(source: &Source) -> Result<Image, CheckError> {
+    let mut image = Image {
+        label: source.to_string(),
+        blocks: BTreeMap::new(),
+    };
+    let mut buf = vec![0u8; CHUNK];
+    let mut reader = Reader::open(source).await?;
+    let mut offset = 0u64;
+    loop {
+        let n = reader.next(&mut buf).await?;
+        if n == 0 {
+            break;
+        }
+        image.add_bytes(offset, &buf[..n]);
+        offset += n as u64;
+    }
+    reader.close().await;
     Ok(image)
+}
+
+/// Compares two images byte for byte (e.g. a primary and its secondary after a resync): the offset of
+/// the first byte that differs, or where the shorter one ends; `None` when they are identical.
+pub async fn first_difference(a: &Source, b: &Source) -> Result<Option<u64>, CheckError> {
+    let (mut ra, mut rb) = (Reader::open(a).await?, Reader::open(b).await?);
+    let (mut ba, mut bb) = (vec![0u8; CHUNK], vec![0u8; CHUNK]);
+    let mut offset = 0u64;
+    let found = loop {
+        let na = ra.next(&mut ba).await?;
+        let nb = rb.next(&mut bb).await?;
+        if let Some(i) = ba[..na.min(nb)]
+            .iter()
+            .zip(&bb[..na.min(nb)])
+            .position(|(x, y)| x != y)
+        {
+            break Some(offset + i as u64);
+        }
+        if na != nb {
+            break Some(offset + na.min(nb) as u64);
+        }
+        if na == 0 {
+            break None;
+        }
+        offset += na as u64;
+    };
+    ra.close().await;
+    rb.close().await;
+    Ok(found)
 }
 
 /// Reads every source (in volume order) and checks them.

@@ -7,6 +7,28 @@
 //!
 //! This crate is a library whose binary only parses flags and calls [`run`], so later crates' tests can
 //! drive it in-process.
+//!
+//! # Use from a test
+//! ```no_run
+//! use lockstep_checker::{CheckOptions, Layout, NbdAddress, Source, WorkloadHandle, WorkloadOptions};
+//! use std::time::Duration;
+//!
+//! # async fn demo(primaries: Vec<NbdAddress>, secondaries: Vec<std::path::PathBuf>) -> Result<(), Box<dyn std::error::Error>> {
+//! // Three volumes, three concurrent lanes, 256 slots per lane on each volume, until cancelled.
+//! let layout = Layout::with_lanes(3, 3, 256, 0)?;
+//! let mut workload = WorkloadHandle::spawn(primaries, WorkloadOptions::new(layout, None));
+//! workload.wait_for_acked(100, Duration::from_secs(30)).await?;
+//! // ... cut a link; once the replicator reports the failed copy (and before any release), take the
+//! // lanes' acknowledged writes: every one of them must be on the secondaries.
+//! let acked = workload.current().last_acked;
+//! // ... suspend, release ...
+//! let report = workload.stop_and_join().await?;
+//! let sources: Vec<Source> = secondaries.into_iter().map(Source::File).collect();
+//! let verdict = lockstep_checker::check_sources(&sources, &CheckOptions::lanes(acked).run(report.run_id)).await?;
+//! assert!(verdict.is_consistent(), "{verdict}");
+//! # Ok(())
+//! # }
+//! ```
 
 pub mod block;
 pub mod check;
@@ -15,7 +37,9 @@ pub mod nbd;
 pub mod synth;
 pub mod workload;
 
-pub use check::{CheckError, CheckOptions, Image, Source, Verdict, check, check_sources, scan};
+pub use check::{
+    CheckError, CheckOptions, Image, Source, Verdict, check, check_sources, first_difference, scan,
+};
 pub use layout::{BLOCK_SIZE, Layout, Location};
 pub use nbd::{NbdAddress, NbdClient, NbdError};
 pub use workload::{

@@ -496,6 +496,8 @@ pub struct WorkloadHandle {
     /// Cancels the workload.
     pub cancel: CancellationToken,
     task: JoinHandle<Result<WorkloadReport, WorkloadError>>,
+    /// Cancels the workload when the handle is dropped (e.g. by a failing test).
+    _guard: tokio_util::sync::DropGuard,
 }
 
 /// The workload did not reach a goal in time.
@@ -518,10 +520,12 @@ impl WorkloadHandle {
         let token = cancel.clone();
         let task =
             tokio::spawn(async move { run_workload(&addresses, &options, &tx, &token).await });
+        let _guard = cancel.clone().drop_guard();
         Self {
             progress,
             cancel,
             task,
+            _guard,
         }
     }
 

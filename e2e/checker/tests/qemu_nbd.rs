@@ -289,3 +289,28 @@ async fn retry_reconnects_and_keeps_the_chain() -> TestResult {
     kill_all(servers).await?;
     Ok(())
 }
+
+/// `first_difference` compares images byte for byte, from files and over NBD.
+#[tokio::test]
+async fn first_difference_finds_the_first_differing_byte() -> TestResult {
+    use lockstep_checker::first_difference;
+    let dir = tempfile::tempdir()?;
+    let a = dir.path().join("a.img");
+    let b = dir.path().join("b.img");
+    let mut data = vec![7u8; 3 << 20];
+    std::fs::write(&a, &data)?;
+    std::fs::write(&b, &data)?;
+    let (fa, fb) = (Source::File(a.clone()), Source::File(b.clone()));
+    assert_eq!(first_difference(&fa, &fb).await?, None);
+    data[(2 << 20) + 5] = 8;
+    std::fs::write(&b, &data)?;
+    assert_eq!(first_difference(&fa, &fb).await?, Some((2 << 20) + 5));
+    let server = QemuNbd::unix(&b, "b", &dir.path().join("b.sock"), true).await?;
+    let nb = Source::Nbd(server.address.clone());
+    assert_eq!(first_difference(&fa, &nb).await?, Some((2 << 20) + 5));
+    assert_eq!(first_difference(&fb, &nb).await?, None);
+    std::fs::write(&a, &data[..4096])?;
+    assert_eq!(first_difference(&fa, &fb).await?, Some(4096));
+    server.kill().await?;
+    Ok(())
+}
