@@ -22,7 +22,8 @@ async fn main() -> ExitCode {
     match lockstep_checker::run(Cli::parse().options).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("lockstep-checker: {e:#}");
+            // Every error of this crate already names its cause in its message.
+            eprintln!("lockstep-checker: {e}");
             ExitCode::FAILURE
         }
     }
