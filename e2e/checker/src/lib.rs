@@ -43,7 +43,8 @@ pub use check::{
 pub use layout::{BLOCK_SIZE, Layout, Location};
 pub use nbd::{NbdAddress, NbdClient, NbdError};
 pub use workload::{
-    OnError, Progress, WorkloadHandle, WorkloadOptions, WorkloadReport, run_workload,
+    OnError, Progress, StopReason, WaitError, WorkloadError, WorkloadHandle, WorkloadOptions,
+    WorkloadReport, run_workload,
 };
 
 use std::path::PathBuf;

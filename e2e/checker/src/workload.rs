@@ -246,6 +246,9 @@ pub enum WorkloadError {
         /// Why.
         source: NbdError,
     },
+    /// The workload was cancelled while it was still opening its volumes.
+    #[error("cancelled before every volume was open")]
+    CancelledBeforeStart,
     /// The workload task panicked or was aborted.
     #[error("workload task ended abnormally: {0}")]
     Task(String),
@@ -267,14 +270,22 @@ pub async fn run_workload(
         });
     }
     let lanes = layout.lanes();
-    let mut connections: Vec<Vec<Option<NbdClient>>> = Vec::with_capacity(lanes as usize);
-    for _ in 0..lanes {
-        let mut clients = Vec::with_capacity(addresses.len());
-        for (v, address) in addresses.iter().enumerate() {
-            clients.push(Some(open(v as u32, address, options).await?));
+    let connect_all = async {
+        let mut connections: Vec<Vec<Option<NbdClient>>> = Vec::with_capacity(lanes as usize);
+        for _ in 0..lanes {
+            let mut clients = Vec::with_capacity(addresses.len());
+            for (v, address) in addresses.iter().enumerate() {
+                clients.push(Some(open(v as u32, address, options).await?));
+            }
+            connections.push(clients);
         }
-        connections.push(clients);
-    }
+        Ok::<_, WorkloadError>(connections)
+    };
+    let connections = tokio::select! {
+        biased;
+        () = cancel.cancelled() => return Err(WorkloadError::CancelledBeforeStart),
+        c = connect_all => c?,
+    };
 
     let start: Vec<u64> = (0..lanes).map(|l| options.start(l)).collect();
     progress.send_modify(|p| {
@@ -311,9 +322,16 @@ pub async fn run_workload(
         let mut clients = outcome.clients;
         if outcome.stopped == StopReason::Completed && options.flush_at_end {
             for (v, client) in clients.iter_mut().enumerate() {
-                if let Some(c) = client.as_mut().filter(|c| c.info().can_flush())
-                    && let Err(source) = c.flush().await
-                {
+                let Some(c) = client.as_mut().filter(|c| c.info().can_flush()) else {
+                    continue;
+                };
+                // A server may hold the flush (a suspended volume): cancelling skips it.
+                let flushed = tokio::select! {
+                    biased;
+                    () = cancel.cancelled() => break,
+                    r = c.flush() => r,
+                };
+                if let Err(source) = flushed {
                     flush_error.get_or_insert(WorkloadError::Flush {
                         volume: v as u32,
                         source,

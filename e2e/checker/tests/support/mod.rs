@@ -172,3 +172,73 @@ pub fn copy_files(servers: &[QemuNbd], dir: &Path, tag: &str) -> std::io::Result
         })
         .collect()
 }
+
+/// A fake NBD server on a unix socket that negotiates like a real one, then *holds* every request: it
+/// never replies (like a replicator holding I/O on a suspended volume). Stops when dropped.
+pub struct HoldingServer {
+    pub address: NbdAddress,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl HoldingServer {
+    /// Serves an export of `size` bytes named `name` on `socket`.
+    pub fn start(socket: &Path, name: &str, size: u64) -> std::io::Result<Self> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::UnixListener::bind(socket)?;
+        let task = tokio::spawn(async move {
+            while let Ok((mut s, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let serve = async {
+                        let mut hello = b"NBDMAGICIHAVEOPT".to_vec();
+                        hello.extend_from_slice(&3u16.to_be_bytes());
+                        s.write_all(&hello).await?;
+                        let mut flags = [0u8; 4];
+                        s.read_exact(&mut flags).await?;
+                        let mut opt = [0u8; 16];
+                        s.read_exact(&mut opt).await?;
+                        let len = u32::from_be_bytes([opt[12], opt[13], opt[14], opt[15]]);
+                        let mut data = vec![0u8; len as usize];
+                        s.read_exact(&mut data).await?;
+                        let reply = |kind: u32, payload: &[u8]| {
+                            let mut r = 0x0003_e889_0455_65a9u64.to_be_bytes().to_vec();
+                            r.extend_from_slice(&7u32.to_be_bytes());
+                            r.extend_from_slice(&kind.to_be_bytes());
+                            r.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+                            r.extend_from_slice(payload);
+                            r
+                        };
+                        let mut info = 0u16.to_be_bytes().to_vec();
+                        info.extend_from_slice(&size.to_be_bytes());
+                        info.extend_from_slice(&(1u16 | 4 | 8).to_be_bytes());
+                        s.write_all(&reply(3, &info)).await?;
+                        s.write_all(&reply(1, &[])).await?;
+                        // Transmission: read requests and their data, answer nothing.
+                        loop {
+                            let mut h = [0u8; 28];
+                            s.read_exact(&mut h).await?;
+                            if u16::from_be_bytes([h[6], h[7]]) == 1 {
+                                let n = u32::from_be_bytes([h[24], h[25], h[26], h[27]]);
+                                let mut payload = vec![0u8; n as usize];
+                                s.read_exact(&mut payload).await?;
+                            }
+                        }
+                        #[allow(unreachable_code)]
+                        Ok::<(), std::io::Error>(())
+                    };
+                    let _ = serve.await;
+                });
+            }
+        });
+        let address = NbdAddress::Unix {
+            socket: socket.to_owned(),
+            export: name.to_owned(),
+        };
+        Ok(Self { address, task })
+    }
+}
+
+impl Drop for HoldingServer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
