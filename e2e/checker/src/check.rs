@@ -514,6 +514,7 @@ fn write_volumes(f: &mut std::fmt::Formatter<'_>, volumes: &[VolumeSummary]) -> 
 
 fn ranges(ends: &[u64]) -> String {
     match ends {
+        [] => "nothing".to_owned(),
         [one] => format!("writes 1..={one}"),
         many => many
             .iter()
