@@ -1,7 +1,11 @@
 //! The Lockstep operator: the control system that freezes every member of a consistency group.
 //!
 //! This crate is a library whose binary only parses flags and calls [`run`], so later crates' tests can
-//! start it in-process. Its real work arrives with its own issue.
+//! start it in-process.
+//!
+//! - [`freeze`]: the pure decisions (group status + event → new status, directives, events).
+
+pub mod freeze;
 
 /// Start-up options.
 #[derive(Debug, Clone, Default, clap::Args)]

@@ -1,0 +1,542 @@
+//! The control system's decisions, pure: a group as persisted + one event → the new status, the
+//! directives to send and the events to record. No I/O here; `reconcile` fetches, calls [`decide`],
+//! then applies.
+//!
+//! The safety rules of DESIGN.md live in this file:
+//! - rule 1: a freeze is sent at once, before the new epoch is persisted ([`Decision::freeze_now`]); a
+//!   release or resume is sent only once the status naming it is persisted ([`Decision::after_persist`]),
+//!   and a release needs every resolved member volume to have acknowledged the freeze;
+//! - rule 4: a report raises the epoch only when the epoch its sender had seen is the current one and the
+//!   group is replicating, so duplicated and replayed reports are harmless;
+//! - rule 5: Frozen needs MembersResolved and an acknowledgement from every resolved volume; the
+//!   consistent image lists exactly the volumes that acknowledged;
+//! - rule 8: the highest epoch any member reports having seen or enforced is adopted.
+//!
+//! A group that never froze is "replicating at (0, Resume)": a missing `status.stage` means Resume.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use lockstep_api::{
+    conditions::{self, ConditionUpdate},
+    domain::{GroupEpoch, Path, Phase, Policy, Stage, VolumeState, condition},
+    v1alpha1::{
+        Acknowledgement, ConsistencyGroup, ConsistencyGroupStatus, ConsistentImage, FreezeTrigger,
+        MemberVolumeStatus,
+    },
+};
+
+/// Something the control system heard about a group.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    /// A node could not copy a write.
+    Report(Report),
+    /// A node enforced a directive on some volumes.
+    Ack(Ack),
+    /// Nothing new arrived: evaluate the spec's intents and the acknowledgements again.
+    Evaluate,
+}
+
+/// A copy failure, as a sidecar reported it on one path.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Report {
+    /// The path that brought it.
+    pub path: Path,
+    /// The reporting node's cluster and name.
+    pub cluster: String,
+    /// The reporting node.
+    pub node: String,
+    /// The volume whose copy failed.
+    pub volume_handle: String,
+    /// The highest epoch of the group the sender had seen.
+    pub epoch_seen: u64,
+    /// The replicator's error, for people.
+    pub message: String,
+}
+
+/// An acknowledgement: these volumes are at (epoch, stage).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Ack {
+    /// The path that brought it.
+    pub path: Path,
+    /// The epoch enforced.
+    pub epoch: u64,
+    /// The stage enforced.
+    pub stage: Stage,
+    /// The volumes now at that point.
+    pub volume_handles: Vec<String>,
+    /// The node suspended by its own fail-safe, not by directive.
+    pub fail_safe: bool,
+}
+
+/// An event for people, recorded on the group.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Note {
+    /// Warning (something failed) or Normal.
+    pub warning: bool,
+    /// CamelCase reason.
+    pub reason: &'static str,
+    /// A sentence.
+    pub message: String,
+}
+
+/// What to do about one event.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Decision {
+    /// The status to persist (with the resourceVersion the group was read at).
+    pub status: ConsistencyGroupStatus,
+    /// A freeze to send on both paths now, before `status` is persisted (rule 1: freezing is always safe).
+    pub freeze_now: Option<GroupEpoch>,
+    /// A release or resume to send on both paths only after `status` was persisted.
+    pub after_persist: Option<GroupEpoch>,
+    /// Events for people.
+    pub notes: Vec<Note>,
+}
+
+/// Why no decision could be made.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DecideError {
+    /// The group has no UID yet (it was never persisted); epochs belong to a UID.
+    #[error("the group {0:?} has no metadata.uid")]
+    NoUid(String),
+}
+
+/// The (epoch, stage) a status is at; a group that never froze is at (epoch, Resume).
+pub fn position(status: &ConsistencyGroupStatus) -> (u64, Stage) {
+    (status.epoch, status.stage.unwrap_or(Stage::Resume))
+}
+
+fn replicating(status: &ConsistencyGroupStatus) -> bool {
+    status.stage.unwrap_or(Stage::Resume) == Stage::Resume
+}
+
+/// Decides what one event means for a group.
+pub fn decide(
+    group: &ConsistencyGroup,
+    event: &Event,
+    now: &Time,
+) -> Result<Decision, DecideError> {
+    let name = group.metadata.name.clone().unwrap_or_default();
+    let uid = group
+        .metadata
+        .uid
+        .clone()
+        .ok_or_else(|| DecideError::NoUid(name.clone()))?;
+    let generation = group.metadata.generation;
+    let mut decision = Decision {
+        status: group.status.clone().unwrap_or_default(),
+        freeze_now: None,
+        after_persist: None,
+        notes: Vec::new(),
+    };
+    let status = &mut decision.status;
+
+    match event {
+        Event::Report(report) => {
+            mark_state(status, &report.volume_handle, VolumeState::Held);
+            if report.epoch_seen > status.epoch {
+                adopt(&mut decision, &uid, report.epoch_seen, now);
+            } else if report.epoch_seen == status.epoch && replicating(status) {
+                let trigger = FreezeTrigger {
+                    reason: "CopyFailed".to_owned(),
+                    cluster: Some(report.cluster.clone()),
+                    node: Some(report.node.clone()),
+                    volume_handle: Some(report.volume_handle.clone()),
+                    path: Some(report.path),
+                    message: Some(report.message.clone()),
+                    at: Some(now.clone()),
+                };
+                freeze(&mut decision, &uid, trigger);
+            }
+        }
+        Event::Ack(ack) => {
+            if ack.epoch > status.epoch {
+                adopt(&mut decision, &uid, ack.epoch, now);
+            } else if ack.fail_safe && ack.epoch == status.epoch && replicating(status) {
+                // A node suspended on its own at the current epoch: treat it as the failure it stands for.
+                let trigger = FreezeTrigger {
+                    reason: "FailSafe".to_owned(),
+                    cluster: None,
+                    node: None,
+                    volume_handle: ack.volume_handles.first().cloned(),
+                    path: Some(ack.path),
+                    message: Some(
+                        "a sidecar reached neither path and suspended its volumes".to_owned(),
+                    ),
+                    at: Some(now.clone()),
+                };
+                freeze(&mut decision, &uid, trigger);
+            }
+            record_ack(&mut decision.status, ack, now);
+        }
+        Event::Evaluate => {}
+    }
+
+    // A planned freeze names the epoch it is meant for.
+    if let Some(intent) = group.spec.freeze
+        && intent.epoch == decision.status.epoch
+        && replicating(&decision.status)
+        && decision.freeze_now.is_none()
+    {
+        let trigger = FreezeTrigger {
+            reason: "Planned".to_owned(),
+            cluster: None,
+            node: None,
+            volume_handle: None,
+            path: None,
+            message: Some(format!("spec.freeze.epoch named epoch {}", intent.epoch)),
+            at: Some(now.clone()),
+        };
+        freeze(&mut decision, &uid, trigger);
+    }
+
+    advance(&mut decision, group, &uid);
+    set_conditions(&mut decision.status, group, generation, now);
+    decision.status.observed_generation = generation;
+    Ok(decision)
+}
+
+/// Raises the epoch by one and freezes.
+fn freeze(decision: &mut Decision, uid: &str, trigger: FreezeTrigger) {
+    let status = &mut decision.status;
+    status.epoch += 1;
+    status.stage = Some(Stage::Freeze);
+    status.phase = Some(Phase::Freezing);
+    status.consistent_image = None;
+    decision.notes.push(Note {
+        warning: true,
+        reason: "Freezing",
+        message: format!(
+            "freezing every member at epoch {} ({}{})",
+            status.epoch,
+            trigger.reason,
+            trigger
+                .volume_handle
+                .as_ref()
+                .map(|volume| format!(" on volume {volume}"))
+                .unwrap_or_default()
+        ),
+    });
+    status.trigger = Some(trigger);
+    decision.freeze_now = Some(GroupEpoch {
+        group_uid: uid.to_owned(),
+        epoch: status.epoch,
+        stage: Stage::Freeze,
+    });
+}
+
+/// Adopts a higher epoch a member has seen or enforced (rule 8): a freeze that was sent but never persisted.
+fn adopt(decision: &mut Decision, uid: &str, epoch: u64, now: &Time) {
+    let status = &mut decision.status;
+    status.epoch = epoch;
+    status.stage = Some(Stage::Freeze);
+    status.phase = Some(Phase::Freezing);
+    status.consistent_image = None;
+    status.trigger = Some(FreezeTrigger {
+        reason: "Adopted".to_owned(),
+        cluster: None,
+        node: None,
+        volume_handle: None,
+        path: None,
+        message: Some(format!(
+            "a member had seen epoch {epoch}, which was never persisted"
+        )),
+        at: Some(now.clone()),
+    });
+    decision.notes.push(Note {
+        warning: true,
+        reason: "FreezeAdopted",
+        message: format!("finishing the freeze at epoch {epoch} that a member had already seen"),
+    });
+    decision.freeze_now = Some(GroupEpoch {
+        group_uid: uid.to_owned(),
+        epoch,
+        stage: Stage::Freeze,
+    });
+}
+
+fn mark_state(status: &mut ConsistencyGroupStatus, volume_handle: &str, state: VolumeState) {
+    for member in &mut status.members {
+        if member.volume_handle.as_deref() == Some(volume_handle) {
+            member.state = Some(state);
+        }
+    }
+}
+
+/// Records an acknowledgement on each named member volume, never moving one backwards; the first path to
+/// bring a point is the one recorded.
+fn record_ack(status: &mut ConsistencyGroupStatus, ack: &Ack, now: &Time) {
+    for member in &mut status.members {
+        let Some(handle) = member.volume_handle.as_deref() else {
+            continue;
+        };
+        if !ack.volume_handles.iter().any(|acked| acked == handle) {
+            continue;
+        }
+        let newer = member
+            .acknowledged
+            .as_ref()
+            .is_none_or(|old| (ack.epoch, ack.stage) > (old.epoch, old.stage));
+        if newer {
+            member.acknowledged = Some(Acknowledgement {
+                epoch: ack.epoch,
+                stage: ack.stage,
+                path: ack.path,
+                fail_safe: ack.fail_safe,
+                at: Some(now.clone()),
+            });
+            member.state = Some(match ack.stage {
+                Stage::Freeze => VolumeState::Suspended,
+                Stage::Release => VolumeState::Running,
+                Stage::Resume => VolumeState::Resyncing,
+            });
+        }
+    }
+}
+
+fn members_resolved(status: &ConsistencyGroupStatus) -> bool {
+    conditions::status_of(&status.conditions, condition::MEMBERS_RESOLVED) == Some(true)
+        && !status.members.is_empty()
+        && status
+            .members
+            .iter()
+            .all(|member| member.volume_handle.is_some())
+}
+
+/// The member volumes that have not acknowledged (epoch, stage) or later.
+fn unacknowledged(
+    status: &ConsistencyGroupStatus,
+    epoch: u64,
+    stage: Stage,
+) -> Vec<&MemberVolumeStatus> {
+    status
+        .members
+        .iter()
+        .filter(|member| {
+            member
+                .acknowledged
+                .as_ref()
+                .is_none_or(|ack| (ack.epoch, ack.stage) < (epoch, stage))
+        })
+        .collect()
+}
+
+/// Moves the group along its life cycle as far as the persisted acknowledgements and intents allow.
+fn advance(decision: &mut Decision, group: &ConsistencyGroup, uid: &str) {
+    let status = &mut decision.status;
+    let (epoch, stage) = position(status);
+    let all_frozen =
+        members_resolved(status) && unacknowledged(status, epoch, Stage::Freeze).is_empty();
+    let point = |stage| GroupEpoch {
+        group_uid: uid.to_owned(),
+        epoch,
+        stage,
+    };
+
+    match stage {
+        Stage::Freeze if !all_frozen => status.phase = Some(Phase::Freezing),
+        Stage::Freeze => {
+            if status.phase != Some(Phase::Frozen) {
+                decision.notes.push(Note {
+                    warning: false,
+                    reason: "Frozen",
+                    message: format!(
+                        "every member volume acknowledged the freeze at epoch {epoch}"
+                    ),
+                });
+            }
+            status.phase = Some(Phase::Frozen);
+            status.consistent_image = Some(ConsistentImage {
+                epoch,
+                volume_handles: status
+                    .members
+                    .iter()
+                    .filter_map(|member| member.volume_handle.clone())
+                    .collect(),
+            });
+            let release_asked = group
+                .spec
+                .release
+                .is_some_and(|intent| intent.epoch == epoch);
+            if group.spec.policy == Policy::FreezeAndGo || release_asked {
+                status.stage = Some(Stage::Release);
+                status.phase = Some(Phase::Running);
+                decision.after_persist = Some(point(Stage::Release));
+                decision.notes.push(Note {
+                    warning: false,
+                    reason: "Released",
+                    message: format!(
+                        "releasing held writes at epoch {epoch}; primaries run unreplicated"
+                    ),
+                });
+            }
+        }
+        Stage::Release => status.phase = Some(Phase::Running),
+        Stage::Resume => {
+            let resyncing = status.phase == Some(Phase::Resyncing);
+            let in_sync = status
+                .members
+                .iter()
+                .all(|member| member.state == Some(VolumeState::Replicating));
+            status.phase = Some(if resyncing && !in_sync {
+                Phase::Resyncing
+            } else if members_resolved(status) {
+                Phase::Replicating
+            } else {
+                Phase::Degraded
+            });
+        }
+    }
+
+    // A resync names the epoch it is meant for and thaws a frozen or running group.
+    let frozen_or_running = match position(status).1 {
+        Stage::Freeze => status.phase == Some(Phase::Frozen),
+        Stage::Release => true,
+        Stage::Resume => false,
+    };
+    if group
+        .spec
+        .resync
+        .is_some_and(|intent| intent.epoch == epoch)
+        && frozen_or_running
+        && decision.freeze_now.is_none()
+    {
+        status.stage = Some(Stage::Resume);
+        status.phase = Some(Phase::Resyncing);
+        decision.after_persist = Some(point(Stage::Resume));
+        decision.notes.push(Note {
+            warning: false,
+            reason: "Resyncing",
+            message: format!("resynchronising every member after epoch {epoch}; the secondaries are inconsistent until done"),
+        });
+    }
+}
+
+fn stale_intents(group: &ConsistencyGroup, epoch: u64) -> Vec<String> {
+    let intents = [
+        ("release", group.spec.release),
+        ("resync", group.spec.resync),
+        ("freeze", group.spec.freeze),
+    ];
+    intents
+        .into_iter()
+        .filter_map(|(name, intent)| {
+            let intent = intent?;
+            (intent.epoch != epoch).then(|| {
+                format!(
+                    "spec.{name}.epoch {} is not the current epoch {epoch}: ignored (it already acted, or it is out of date)",
+                    intent.epoch
+                )
+            })
+        })
+        .collect()
+}
+
+fn set_conditions(
+    status: &mut ConsistencyGroupStatus,
+    group: &ConsistencyGroup,
+    generation: Option<i64>,
+    now: &Time,
+) {
+    let (epoch, stage) = position(status);
+    let phase = status.phase.unwrap_or(Phase::Replicating);
+    let frozen = match stage {
+        Stage::Freeze => phase == Phase::Frozen,
+        Stage::Release => true,
+        Stage::Resume => false,
+    };
+    let missing: Vec<String> = if stage == Stage::Freeze {
+        unacknowledged(status, epoch, Stage::Freeze)
+            .iter()
+            .map(|member| format!("{}/{}/{}", member.cluster, member.namespace, member.pvc))
+            .collect()
+    } else {
+        Vec::new()
+    };
+    let frozen_update = ConditionUpdate {
+        type_: condition::FROZEN,
+        status: frozen,
+        reason: match (stage, frozen) {
+            (Stage::Freeze, true) => "AllMembersAcknowledged",
+            (Stage::Freeze, false) => "WaitingForAcknowledgements",
+            (Stage::Release, _) => "FrozenAndReleased",
+            (Stage::Resume, _) => "Replicating",
+        },
+        message: match (stage, frozen) {
+            (Stage::Freeze, true) => format!("every member volume is suspended at epoch {epoch}"),
+            (Stage::Freeze, false) if !members_resolved(status) => {
+                format!(
+                    "freezing at epoch {epoch}; the release waits until every member is resolved"
+                )
+            }
+            (Stage::Freeze, false) => format!(
+                "freezing at epoch {epoch}; waiting for {}",
+                missing.join(", ")
+            ),
+            (Stage::Release, _) => {
+                format!(
+                    "the secondaries hold the image of epoch {epoch}; primaries run unreplicated"
+                )
+            }
+            (Stage::Resume, _) => "replication is running on every member".to_owned(),
+        },
+    };
+    conditions::set(&mut status.conditions, frozen_update, generation, now);
+
+    let resyncing = phase == Phase::Resyncing;
+    let image = ConditionUpdate {
+        type_: condition::CONSISTENT_IMAGE,
+        status: !resyncing,
+        reason: if resyncing {
+            "Resyncing"
+        } else {
+            "DependentWriteConsistent"
+        },
+        message: if resyncing {
+            "members are copying their dirty regions: the secondaries are not a consistent image until every member is in sync".to_owned()
+        } else {
+            "the secondaries together hold a state the application could have seen at one instant"
+                .to_owned()
+        },
+    };
+    conditions::set(&mut status.conditions, image, generation, now);
+
+    let stale = stale_intents(group, epoch);
+    let ready = phase == Phase::Replicating && members_resolved(status) && stale.is_empty();
+    let ready_update = ConditionUpdate {
+        type_: condition::READY,
+        status: ready,
+        reason: if !stale.is_empty() {
+            "StaleIntent"
+        } else {
+            match phase {
+                Phase::Replicating if ready => "Replicating",
+                Phase::Replicating | Phase::Degraded => "MembersNotResolved",
+                Phase::Freezing => "Freezing",
+                Phase::Frozen => "WaitingForRelease",
+                Phase::Running => "RunningUnreplicated",
+                Phase::Resyncing => "Resyncing",
+            }
+        },
+        message: if !stale.is_empty() {
+            stale.join("; ")
+        } else {
+            match phase {
+                Phase::Replicating if ready => "every member replicates synchronously".to_owned(),
+                Phase::Replicating | Phase::Degraded => {
+                    "not every member is resolved to a volume".to_owned()
+                }
+                Phase::Freezing => format!("freezing at epoch {epoch}"),
+                Phase::Frozen => format!(
+                    "frozen at epoch {epoch}; writes stay held until spec.release.epoch: {epoch}"
+                ),
+                Phase::Running => format!(
+                    "released at epoch {epoch}; set spec.resync.epoch: {epoch} to resynchronise"
+                ),
+                Phase::Resyncing => format!("resynchronising after epoch {epoch}"),
+            }
+        },
+    };
+    conditions::set(&mut status.conditions, ready_update, generation, now);
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,509 @@
+//! Every transition of the freeze state machine, with duplicated, reordered and stale inputs.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
+use lockstep_api::{
+    conditions,
+    domain::{Path, Phase, Policy, Stage, VolumeState, condition},
+    v1alpha1::{
+        ConsistencyGroup, ConsistencyGroupSpec, ConsistencyGroupStatus, EpochIntent, GroupMember,
+        MemberVolumeStatus,
+    },
+};
+use proptest::prelude::*;
+
+use super::*;
+
+const VOLUMES: [&str; 3] = ["vol-wal", "vol-data", "vol-west"];
+
+fn now() -> Time {
+    Time(k8s_openapi::jiff::Timestamp::from_second(1_700_000_000).unwrap())
+}
+
+/// A resolved three-volume group, replicating at epoch 0.
+fn group(policy: Policy) -> ConsistencyGroup {
+    let mut group = ConsistencyGroup::new(
+        "orders-db",
+        ConsistencyGroupSpec {
+            members: vec![GroupMember {
+                cluster: "east".into(),
+                namespace: "orders".into(),
+                pvc_names: Some(
+                    VOLUMES
+                        .iter()
+                        .map(|volume| format!("pvc-{volume}"))
+                        .collect(),
+                ),
+                selector: None,
+            }],
+            policy,
+            hold_timeout: "30s".into(),
+            release: None,
+            resync: None,
+            freeze: None,
+        },
+    );
+    group.metadata = ObjectMeta {
+        name: Some("orders-db".into()),
+        uid: Some("uid-1".into()),
+        generation: Some(1),
+        ..ObjectMeta::default()
+    };
+    let mut status = ConsistencyGroupStatus {
+        members: VOLUMES
+            .iter()
+            .map(|volume| MemberVolumeStatus {
+                cluster: if *volume == "vol-west" {
+                    "west"
+                } else {
+                    "east"
+                }
+                .into(),
+                namespace: "orders".into(),
+                pvc: format!("pvc-{volume}"),
+                persistent_volume: Some(format!("pv-{volume}")),
+                volume_handle: Some((*volume).into()),
+                node: Some("node-1".into()),
+                state: Some(VolumeState::Replicating),
+                acknowledged: None,
+            })
+            .collect(),
+        member_count: 3,
+        ..ConsistencyGroupStatus::default()
+    };
+    conditions::set(
+        &mut status.conditions,
+        conditions::ConditionUpdate {
+            type_: condition::MEMBERS_RESOLVED,
+            status: true,
+            reason: "Resolved",
+            message: "every member resolved".into(),
+        },
+        Some(1),
+        &now(),
+    );
+    group.status = Some(status);
+    group
+}
+
+fn report(path: Path, epoch_seen: u64) -> Event {
+    Event::Report(Report {
+        path,
+        cluster: "east".into(),
+        node: "node-1".into(),
+        volume_handle: "vol-wal".into(),
+        epoch_seen,
+        message: "secondary unreachable".into(),
+    })
+}
+
+fn ack(path: Path, epoch: u64, stage: Stage, volumes: &[&str]) -> Event {
+    Event::Ack(Ack {
+        path,
+        epoch,
+        stage,
+        volume_handles: volumes.iter().map(|volume| (*volume).to_owned()).collect(),
+        fail_safe: false,
+    })
+}
+
+/// Applies a decision as the reconciler would after a successful persist.
+fn persist(group: &mut ConsistencyGroup, decision: &Decision) {
+    group.status = Some(decision.status.clone());
+}
+
+fn step(group: &mut ConsistencyGroup, event: &Event) -> Decision {
+    let decision = decide(group, event, &now()).unwrap();
+    persist(group, &decision);
+    decision
+}
+
+fn status(group: &ConsistencyGroup) -> &ConsistencyGroupStatus {
+    group.status.as_ref().unwrap()
+}
+
+fn condition_is(group: &ConsistencyGroup, type_: &str) -> Option<bool> {
+    conditions::status_of(&status(group).conditions, type_)
+}
+
+#[test]
+fn a_report_at_the_current_epoch_freezes_at_once_at_the_next_epoch() {
+    let mut group = group(Policy::FreezeAndGo);
+    let decision = step(&mut group, &report(Path::Grpc, 0));
+    let freeze = decision
+        .freeze_now
+        .expect("a freeze is sent before persisting");
+    assert_eq!(
+        (freeze.group_uid.as_str(), freeze.epoch, freeze.stage),
+        ("uid-1", 1, Stage::Freeze)
+    );
+    assert_eq!(
+        decision.after_persist, None,
+        "nothing is released before every member acknowledged"
+    );
+    assert_eq!(position(status(&group)), (1, Stage::Freeze));
+    assert_eq!(status(&group).phase, Some(Phase::Freezing));
+    let trigger = status(&group).trigger.as_ref().unwrap();
+    assert_eq!(trigger.reason, "CopyFailed");
+    assert_eq!(trigger.path, Some(Path::Grpc));
+    assert_eq!(trigger.volume_handle.as_deref(), Some("vol-wal"));
+    assert_eq!(condition_is(&group, condition::FROZEN), Some(false));
+    assert!(
+        decision
+            .notes
+            .iter()
+            .any(|note| note.reason == "Freezing" && note.warning)
+    );
+}
+
+#[test]
+fn the_same_failure_on_both_paths_and_replayed_yields_exactly_one_new_epoch() {
+    for first in [Path::Api, Path::Grpc] {
+        let second = if first == Path::Api {
+            Path::Grpc
+        } else {
+            Path::Api
+        };
+        let mut group = group(Policy::FreezeAndGo);
+        assert!(step(&mut group, &report(first, 0)).freeze_now.is_some());
+        for replay in [report(second, 0), report(first, 0), report(second, 0)] {
+            let decision = step(&mut group, &replay);
+            assert_eq!(
+                decision.freeze_now, None,
+                "a report naming an old epoch is already answered"
+            );
+        }
+        assert_eq!(position(status(&group)), (1, Stage::Freeze));
+        assert_eq!(
+            status(&group).trigger.as_ref().unwrap().path,
+            Some(first),
+            "the first path is recorded"
+        );
+    }
+}
+
+#[test]
+fn a_report_naming_the_current_epoch_of_a_freeze_in_progress_changes_nothing() {
+    let mut group = group(Policy::FreezeAndGo);
+    step(&mut group, &report(Path::Api, 0));
+    let decision = step(&mut group, &report(Path::Api, 1));
+    assert_eq!(
+        decision.freeze_now, None,
+        "the sender already saw this freeze"
+    );
+    assert_eq!(position(status(&group)), (1, Stage::Freeze));
+}
+
+#[test]
+fn freeze_and_go_releases_only_once_every_resolved_volume_acknowledged() {
+    let mut group = group(Policy::FreezeAndGo);
+    step(&mut group, &report(Path::Grpc, 0));
+    let partial = step(
+        &mut group,
+        &ack(Path::Api, 1, Stage::Freeze, &["vol-wal", "vol-data"]),
+    );
+    assert_eq!(
+        partial.after_persist, None,
+        "vol-west has not acknowledged: no release"
+    );
+    assert_eq!(status(&group).phase, Some(Phase::Freezing));
+    let frozen = status(&group)
+        .conditions
+        .iter()
+        .find(|c| c.type_ == condition::FROZEN)
+        .unwrap();
+    assert!(
+        frozen.message.contains("west/orders/pvc-vol-west"),
+        "{}",
+        frozen.message
+    );
+
+    let last = step(
+        &mut group,
+        &ack(Path::Grpc, 1, Stage::Freeze, &["vol-west"]),
+    );
+    let release = last.after_persist.expect("release once all acknowledged");
+    assert_eq!((release.epoch, release.stage), (1, Stage::Release));
+    assert_eq!(last.freeze_now, None);
+    assert_eq!(position(status(&group)), (1, Stage::Release));
+    assert_eq!(status(&group).phase, Some(Phase::Running));
+    let image = status(&group).consistent_image.as_ref().unwrap();
+    assert_eq!(image.epoch, 1);
+    assert_eq!(image.volume_handles, VOLUMES.to_vec());
+    assert_eq!(condition_is(&group, condition::FROZEN), Some(true));
+    assert_eq!(
+        condition_is(&group, condition::CONSISTENT_IMAGE),
+        Some(true)
+    );
+    let paths: Vec<Path> = status(&group)
+        .members
+        .iter()
+        .map(|member| member.acknowledged.as_ref().unwrap().path)
+        .collect();
+    assert_eq!(
+        paths,
+        vec![Path::Api, Path::Api, Path::Grpc],
+        "each volume records the path that acknowledged it"
+    );
+}
+
+#[test]
+fn an_unresolved_member_blocks_the_release() {
+    let mut group = group(Policy::FreezeAndGo);
+    group.status.as_mut().unwrap().members[2].volume_handle = None;
+    step(&mut group, &report(Path::Grpc, 0));
+    let decision = step(
+        &mut group,
+        &ack(Path::Grpc, 1, Stage::Freeze, &["vol-wal", "vol-data"]),
+    );
+    assert_eq!(decision.after_persist, None);
+    assert_eq!(status(&group).phase, Some(Phase::Freezing));
+    assert_eq!(condition_is(&group, condition::FROZEN), Some(false));
+}
+
+#[test]
+fn acknowledgements_never_move_a_volume_backwards_and_keep_the_first_path() {
+    let mut group = group(Policy::FreezeAndGo);
+    step(&mut group, &report(Path::Grpc, 0));
+    step(&mut group, &ack(Path::Grpc, 1, Stage::Freeze, &VOLUMES));
+    step(&mut group, &ack(Path::Api, 1, Stage::Release, &VOLUMES));
+    // Reordered and duplicated: a late freeze ack on the other path.
+    let decision = step(&mut group, &ack(Path::Api, 1, Stage::Freeze, &VOLUMES));
+    assert_eq!(
+        decision.after_persist, None,
+        "the release was already decided"
+    );
+    for member in &status(&group).members {
+        let acked = member.acknowledged.as_ref().unwrap();
+        assert_eq!(
+            (acked.epoch, acked.stage, acked.path),
+            (1, Stage::Release, Path::Api)
+        );
+    }
+}
+
+#[test]
+fn freeze_and_stop_holds_until_the_release_names_the_current_epoch() {
+    let mut group = group(Policy::FreezeAndStop);
+    step(&mut group, &report(Path::Api, 0));
+    let frozen = step(&mut group, &ack(Path::Api, 1, Stage::Freeze, &VOLUMES));
+    assert_eq!(
+        frozen.after_persist, None,
+        "FreezeAndStop waits for a person"
+    );
+    assert_eq!(status(&group).phase, Some(Phase::Frozen));
+    assert_eq!(condition_is(&group, condition::FROZEN), Some(true));
+
+    group.spec.release = Some(EpochIntent { epoch: 0 });
+    let stale = step(&mut group, &Event::Evaluate);
+    assert_eq!(
+        stale.after_persist, None,
+        "a release for another epoch never acts"
+    );
+    let ready = status(&group)
+        .conditions
+        .iter()
+        .find(|c| c.type_ == condition::READY)
+        .unwrap();
+    assert_eq!(
+        (ready.status.as_str(), ready.reason.as_str()),
+        ("False", "StaleIntent")
+    );
+    assert!(
+        ready
+            .message
+            .contains("spec.release.epoch 0 is not the current epoch 1"),
+        "{}",
+        ready.message
+    );
+
+    group.spec.release = Some(EpochIntent { epoch: 1 });
+    let released = step(&mut group, &Event::Evaluate);
+    assert_eq!(
+        released
+            .after_persist
+            .map(|point| (point.epoch, point.stage)),
+        Some((1, Stage::Release))
+    );
+    assert_eq!(status(&group).phase, Some(Phase::Running));
+    // Left in Git, it never acts twice.
+    assert_eq!(step(&mut group, &Event::Evaluate).after_persist, None);
+}
+
+#[test]
+fn a_release_intent_waits_for_every_acknowledgement() {
+    let mut group = group(Policy::FreezeAndStop);
+    group.spec.release = Some(EpochIntent { epoch: 1 });
+    step(&mut group, &report(Path::Api, 0));
+    let decision = step(&mut group, &ack(Path::Api, 1, Stage::Freeze, &["vol-wal"]));
+    assert_eq!(decision.after_persist, None);
+    assert_eq!(status(&group).phase, Some(Phase::Freezing));
+}
+
+#[test]
+fn a_member_that_saw_a_higher_epoch_is_adopted_and_the_freeze_finished() {
+    let mut group = group(Policy::FreezeAndGo);
+    let decision = step(&mut group, &report(Path::Grpc, 3));
+    assert_eq!(
+        decision.freeze_now.map(|point| (point.epoch, point.stage)),
+        Some((3, Stage::Freeze))
+    );
+    assert_eq!(status(&group).trigger.as_ref().unwrap().reason, "Adopted");
+
+    let mut group = self::group(Policy::FreezeAndGo);
+    let decision = step(&mut group, &ack(Path::Api, 2, Stage::Freeze, &VOLUMES));
+    assert_eq!(
+        decision.freeze_now.map(|point| point.epoch),
+        Some(2),
+        "the freeze is sent again"
+    );
+    assert_eq!(
+        position(status(&group)),
+        (2, Stage::Release),
+        "every volume had already acknowledged it"
+    );
+    assert_eq!(
+        decision.after_persist.map(|point| point.stage),
+        Some(Stage::Release)
+    );
+}
+
+#[test]
+fn a_fail_safe_suspension_at_the_current_epoch_freezes_the_group() {
+    let mut group = group(Policy::FreezeAndGo);
+    let event = Event::Ack(Ack {
+        path: Path::Api,
+        epoch: 0,
+        stage: Stage::Freeze,
+        volume_handles: vec!["vol-west".into()],
+        fail_safe: true,
+    });
+    let decision = step(&mut group, &event);
+    assert_eq!(decision.freeze_now.map(|point| point.epoch), Some(1));
+    assert_eq!(status(&group).trigger.as_ref().unwrap().reason, "FailSafe");
+}
+
+#[test]
+fn a_planned_freeze_acts_once_at_its_epoch() {
+    let mut group = group(Policy::FreezeAndStop);
+    group.spec.freeze = Some(EpochIntent { epoch: 0 });
+    let decision = step(&mut group, &Event::Evaluate);
+    assert_eq!(decision.freeze_now.map(|point| point.epoch), Some(1));
+    assert_eq!(status(&group).trigger.as_ref().unwrap().reason, "Planned");
+    let again = step(&mut group, &Event::Evaluate);
+    assert_eq!(again.freeze_now, None, "left in Git, it never acts twice");
+    assert_eq!(position(status(&group)), (1, Stage::Freeze));
+    let ready = status(&group)
+        .conditions
+        .iter()
+        .find(|c| c.type_ == condition::READY)
+        .unwrap();
+    assert_eq!(ready.reason, "StaleIntent");
+}
+
+#[test]
+fn resync_thaws_and_the_image_is_inconsistent_until_every_member_is_in_sync() {
+    let mut group = group(Policy::FreezeAndGo);
+    step(&mut group, &report(Path::Api, 0));
+    step(&mut group, &ack(Path::Api, 1, Stage::Freeze, &VOLUMES));
+    group.spec.resync = Some(EpochIntent { epoch: 1 });
+    let decision = step(&mut group, &Event::Evaluate);
+    assert_eq!(
+        decision
+            .after_persist
+            .map(|point| (point.epoch, point.stage)),
+        Some((1, Stage::Resume))
+    );
+    assert_eq!(status(&group).phase, Some(Phase::Resyncing));
+    assert_eq!(
+        condition_is(&group, condition::CONSISTENT_IMAGE),
+        Some(false)
+    );
+
+    step(&mut group, &ack(Path::Grpc, 1, Stage::Resume, &VOLUMES));
+    assert_eq!(
+        status(&group).phase,
+        Some(Phase::Resyncing),
+        "resumed is not yet in sync"
+    );
+    for member in &mut group.status.as_mut().unwrap().members {
+        member.state = Some(VolumeState::Replicating);
+    }
+    step(&mut group, &Event::Evaluate);
+    assert_eq!(status(&group).phase, Some(Phase::Replicating));
+    assert_eq!(
+        condition_is(&group, condition::CONSISTENT_IMAGE),
+        Some(true)
+    );
+    assert_eq!(condition_is(&group, condition::READY), Some(true));
+    // The next failure freezes at the next epoch.
+    assert_eq!(
+        step(&mut group, &report(Path::Grpc, 1))
+            .freeze_now
+            .map(|point| point.epoch),
+        Some(2)
+    );
+}
+
+#[test]
+fn a_group_without_a_uid_is_refused() {
+    let mut group = group(Policy::FreezeAndGo);
+    group.metadata.uid = None;
+    assert_eq!(
+        decide(&group, &Event::Evaluate, &now()),
+        Err(DecideError::NoUid("orders-db".into()))
+    );
+}
+
+fn any_event() -> impl Strategy<Value = Event> {
+    let path = prop_oneof![Just(Path::Api), Just(Path::Grpc)];
+    let stage = prop_oneof![
+        Just(Stage::Freeze),
+        Just(Stage::Release),
+        Just(Stage::Resume)
+    ];
+    let volumes = proptest::sample::subsequence(VOLUMES.to_vec(), 0..=3);
+    prop_oneof![
+        (path.clone(), 0u64..4).prop_map(|(path, epoch)| report(path, epoch)),
+        (path, 0u64..4, stage, volumes, any::<bool>()).prop_map(
+            |(path, epoch, stage, volumes, fail_safe)| {
+                Event::Ack(Ack {
+                    path,
+                    epoch,
+                    stage,
+                    volume_handles: volumes.into_iter().map(str::to_owned).collect(),
+                    fail_safe,
+                })
+            }
+        ),
+        Just(Event::Evaluate),
+    ]
+}
+
+proptest! {
+    /// Whatever arrives, in whatever order: the epoch never decreases, a release is sent only at a persisted
+    /// epoch every volume acknowledged, and a new epoch is always announced by a freeze.
+    #[test]
+    fn safety_holds_for_any_sequence_of_events(
+        policy in prop_oneof![Just(Policy::FreezeAndGo), Just(Policy::FreezeAndStop)],
+        events in proptest::collection::vec(any_event(), 1..40),
+    ) {
+        let mut group = group(policy);
+        for event in &events {
+            let before = status(&group).clone();
+            let decision = decide(&group, event, &now()).unwrap();
+            prop_assert!(position(&decision.status).0 >= before.epoch, "the epoch went backwards");
+            if decision.status.epoch > before.epoch {
+                let freeze = decision.freeze_now.clone();
+                prop_assert_eq!(freeze.map(|point| point.epoch), Some(decision.status.epoch));
+            }
+            if let Some(point) = &decision.after_persist && point.stage == Stage::Release {
+                prop_assert!(decision.status.members.iter().all(|member| member
+                    .acknowledged
+                    .as_ref()
+                    .is_some_and(|ack| (ack.epoch, ack.stage) >= (point.epoch, Stage::Freeze))));
+                prop_assert_eq!(point.epoch, decision.status.epoch);
+            }
+            persist(&mut group, &decision);
+        }
+    }
+}
