@@ -17,7 +17,7 @@
 //! | 56..64      | first block of the region                                    |
 //! | 64..72      | slot (within the lane's part of the region)                  |
 //! | 72..76      | number of lanes `L`                                          |
-//! | 76..80      | reserved, zero                                               |
+//! | 76..80      | span: how many volumes each lane cycles over                 |
 //! | 80..80+8L   | dependencies: per lane, the last write acknowledged when this one was issued (own lane: `seq - 1`) |
 //! | ..4092      | pattern fill, a pseudo-random stream of (run, lane, seq)     |
 //! | 4092..4096  | CRC-32C of bytes 0..4092                                     |
@@ -184,6 +184,7 @@ pub fn encode_header(h: &BlockHeader) -> Vec<u8> {
     b[56..64].copy_from_slice(&h.layout.base().to_le_bytes());
     b[64..72].copy_from_slice(&h.slot.to_le_bytes());
     b[72..76].copy_from_slice(&h.layout.lanes().to_le_bytes());
+    b[76..80].copy_from_slice(&h.layout.span().to_le_bytes());
     let lanes = h.layout.lanes() as usize;
     for (i, d) in h.deps.iter().take(lanes).enumerate() {
         b[DEPS_START + 8 * i..DEPS_START + 8 * i + 8].copy_from_slice(&d.to_le_bytes());
@@ -257,10 +258,11 @@ pub fn decode(bytes: &[u8]) -> Content {
 }
 
 fn parse_header(b: &[u8]) -> Result<BlockHeader, String> {
-    if u16_at(b, 10) != 0 || u32_at(b, 76) != 0 {
+    if u16_at(b, 10) != 0 {
         return Err("reserved fields are not zero".into());
     }
-    let layout = Layout::with_lanes(u32_at(b, 40), u32_at(b, 72), u64_at(b, 48), u64_at(b, 56))
+    let (volumes, lanes, span) = (u32_at(b, 40), u32_at(b, 72), u32_at(b, 76));
+    let layout = Layout::with_span(volumes, lanes, span, u64_at(b, 48), u64_at(b, 56))
         .map_err(|e| e.to_string())?;
     let deps = (0..layout.lanes() as usize)
         .map(|i| u64_at(b, DEPS_START + 8 * i))

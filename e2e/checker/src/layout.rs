@@ -3,10 +3,14 @@
 //! The workload runs one or more *lanes*: independent writers, each a strict chain of writes numbered
 //! from 1 (write `s + 1` of a lane is issued only after its write `s` was acknowledged). Every volume's
 //! region (starting at block `base`) gives each lane `slots` blocks of its own: lane `l` owns slots
-//! `l * slots .. (l + 1) * slots`. Write `s` of lane `l` goes to volume `(s - 1 + l) % volumes` (round
-//! robin, lanes shifted so they start on different volumes), to the lane's slot `((s - 1) / volumes) %
-//! slots`. A lane longer than `volumes * slots` writes overwrites its older blocks; the *generation* of a
-//! write is how many times its slot was written before it.
+//! `l * slots .. (l + 1) * slots`. Each lane cycles over `span` consecutive volumes starting at its own
+//! index: write `s` of lane `l` goes to volume `(l + (s - 1) % span) % volumes`, to the lane's slot
+//! `((s - 1) / span) % slots`. A lane longer than `span * slots` writes overwrites its older blocks; the
+//! *generation* of a write is how many times its slot was written before it.
+//!
+//! With `span < volumes` a lane never touches some volumes, so it keeps writing while another volume
+//! holds its writes — which lets a test see what the other volumes do meanwhile (e.g. 3 volumes, 3
+//! lanes, span 2: while volume 0 holds, lane 1 still writes to volumes 1 and 2).
 //!
 //! Because placement is a pure function of (lane, sequence), what a lane's slots hold after its prefix
 //! `1..=k` is determined: each slot holds the newest write `≤ k` of the lane that maps to it, or
@@ -54,9 +58,17 @@ pub enum LayoutError {
     /// No lanes, or too many.
     #[error("a layout needs 1 to {MAX_LANES} lanes, not {0}")]
     Lanes(u32),
+    /// The span is 0 or more than the volumes.
+    #[error("a lane spans 1 to {volumes} volumes, not {span}")]
+    Span {
+        /// Span requested.
+        span: u32,
+        /// Volumes of the layout.
+        volumes: u32,
+    },
     /// A lane has a single block in all: a torn write there would erase the only evidence of the write
     /// before it.
-    #[error("a layout needs at least two slots per lane in all (volumes × slots ≥ 2)")]
+    #[error("a layout needs at least two slots per lane in all (span × slots ≥ 2)")]
     SingleSlot,
     /// The region does not fit in a 64-bit byte offset.
     #[error("region of {lanes} × {slots} slots at block {base} overflows a 64-bit byte offset")]
@@ -75,6 +87,7 @@ pub enum LayoutError {
 pub struct Layout {
     volumes: u32,
     lanes: u32,
+    span: u32,
     slots: u64,
     base: u64,
 }
@@ -86,11 +99,22 @@ impl Layout {
         Self::with_lanes(volumes, 1, slots, base)
     }
 
-    /// A layout of `lanes` lanes over `volumes` volumes; each lane has `slots` blocks on every volume, in
-    /// a region starting at block `base`.
+    /// A layout of `lanes` lanes over `volumes` volumes, every lane writing to every volume; each lane
+    /// has `slots` blocks on every volume, in a region starting at block `base`.
     pub fn with_lanes(
         volumes: u32,
         lanes: u32,
+        slots: u64,
+        base: u64,
+    ) -> Result<Self, LayoutError> {
+        Self::with_span(volumes, lanes, volumes, slots, base)
+    }
+
+    /// Like [`Layout::with_lanes`], but each lane cycles over only `span` volumes (see the module docs).
+    pub fn with_span(
+        volumes: u32,
+        lanes: u32,
+        span: u32,
         slots: u64,
         base: u64,
     ) -> Result<Self, LayoutError> {
@@ -103,7 +127,10 @@ impl Layout {
         if lanes == 0 || lanes > MAX_LANES {
             return Err(LayoutError::Lanes(lanes));
         }
-        if volumes == 1 && slots == 1 {
+        if span == 0 || span > volumes {
+            return Err(LayoutError::Span { span, volumes });
+        }
+        if span == 1 && slots == 1 {
             return Err(LayoutError::SingleSlot);
         }
         slots
@@ -114,6 +141,7 @@ impl Layout {
         Ok(Self {
             volumes,
             lanes,
+            span,
             slots,
             base,
         })
@@ -129,6 +157,11 @@ impl Layout {
         self.lanes
     }
 
+    /// How many volumes each lane cycles over.
+    pub fn span(&self) -> u32 {
+        self.span
+    }
+
     /// Slots per lane on each volume.
     pub fn slots(&self) -> u64 {
         self.slots
@@ -141,21 +174,33 @@ impl Layout {
 
     /// Writes of a lane before it starts overwriting its own blocks.
     pub fn period(&self) -> u64 {
-        u64::from(self.volumes) * self.slots
+        u64::from(self.span) * self.slots
     }
 
     /// The smallest volume size, in bytes, that holds the region.
     pub fn required_volume_size(&self) -> u64 {
-        // `with_lanes` checked that this does not overflow.
+        // `with_span` checked that this does not overflow.
         (self.base + u64::from(self.lanes) * self.slots) * BLOCK_SIZE
+    }
+
+    /// Whether `lane` writes to `volume`.
+    pub fn lane_writes_to(&self, lane: u32, volume: u32) -> bool {
+        self.span_index(lane, volume).is_some()
+    }
+
+    /// The position of `volume` in `lane`'s cycle, if the lane writes to it.
+    fn span_index(&self, lane: u32, volume: u32) -> Option<u64> {
+        let v = u64::from(self.volumes);
+        let i = (u64::from(volume) + v - u64::from(lane) % v) % v;
+        (volume < self.volumes && i < u64::from(self.span)).then_some(i)
     }
 
     /// Where write `seq` (`≥ 1`) of `lane` lands.
     pub fn locate(&self, lane: u32, seq: u64) -> Location {
         let index = seq.saturating_sub(1);
-        let v = u64::from(self.volumes);
-        let volume = ((index + u64::from(lane)) % v) as u32;
-        let slot = (index / v) % self.slots;
+        let (v, span) = (u64::from(self.volumes), u64::from(self.span));
+        let volume = ((u64::from(lane) + index % span) % v) as u32;
+        let slot = (index / span) % self.slots;
         self.location(lane, volume, slot)
     }
 
@@ -188,14 +233,13 @@ impl Layout {
     /// The newest write `≤ k` of `lane` that lands on (`volume`, `slot`): what that slot holds after the
     /// lane's prefix `1..=k`. `None` when no write of the prefix lands there.
     pub fn newest_at_or_before(&self, lane: u32, volume: u32, slot: u64, k: u64) -> Option<u64> {
-        if volume >= self.volumes || slot >= self.slots || lane >= self.lanes {
+        if slot >= self.slots || lane >= self.lanes {
             return None;
         }
-        // Writes of `lane` landing on (volume, slot) have index s - 1 = r + V * (slot + slots * g), where
-        // r = (volume - lane) mod V, for g = 0, 1, ...
-        let v = u64::from(self.volumes);
-        let r = (u64::from(volume) + v - u64::from(lane) % v) % v;
-        let first = 1 + r + v * slot;
+        // Writes of `lane` landing on (volume, slot) have index s - 1 = i + span * (slot + slots * g),
+        // where i is the volume's position in the lane's cycle, for g = 0, 1, ...
+        let i = self.span_index(lane, volume)?;
+        let first = 1 + i + u64::from(self.span) * slot;
         if k < first {
             return None;
         }
@@ -245,15 +289,13 @@ mod tests {
     #[test]
     fn lanes_have_their_own_slots_and_start_apart() -> Result<(), LayoutError> {
         let l = Layout::with_lanes(3, 2, 4, 1)?;
-        assert_eq!(
-            l.locate(1, 1),
-            Location {
-                lane: 1,
-                volume: 1,
-                slot: 0,
-                offset: (1 + 4) * BLOCK_SIZE
-            }
-        );
+        let first = Location {
+            lane: 1,
+            volume: 1,
+            slot: 0,
+            offset: (1 + 4) * BLOCK_SIZE,
+        };
+        assert_eq!(l.locate(1, 1), first);
         assert_eq!(l.slot_at_offset((1 + 4 + 3) * BLOCK_SIZE), Some((1, 3)));
         assert_eq!(l.slot_at_offset(BLOCK_SIZE), Some((0, 0)));
         assert_eq!(l.slot_at_offset(0), None);
@@ -263,17 +305,40 @@ mod tests {
     }
 
     #[test]
+    fn a_span_keeps_lanes_off_some_volumes() -> Result<(), LayoutError> {
+        let l = Layout::with_span(3, 3, 2, 4, 0)?;
+        let vols = |lane| {
+            (1..=6)
+                .map(|s| l.locate(lane, s).volume)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(vols(0), vec![0, 1, 0, 1, 0, 1]);
+        assert_eq!(vols(1), vec![1, 2, 1, 2, 1, 2]);
+        assert_eq!(vols(2), vec![2, 0, 2, 0, 2, 0]);
+        assert!(!l.lane_writes_to(1, 0) && l.lane_writes_to(1, 2));
+        assert_eq!(l.newest_at_or_before(1, 0, 0, 100), None);
+        assert_eq!(l.period(), 8);
+        Ok(())
+    }
+
+    #[test]
     fn newest_matches_brute_force() -> Result<(), LayoutError> {
-        for (v, lanes, s) in [(1, 1, 2), (2, 1, 1), (2, 3, 3), (3, 2, 1), (4, 3, 5)] {
-            let l = Layout::with_lanes(v, lanes, s, 0)?;
+        let cases = [
+            (1, 1, 1, 2),
+            (2, 1, 2, 1),
+            (2, 3, 2, 3),
+            (3, 2, 3, 1),
+            (4, 3, 4, 5),
+            (3, 3, 2, 2),
+            (4, 5, 1, 3),
+        ];
+        for (v, lanes, span, s) in cases {
+            let l = Layout::with_span(v, lanes, span, s, 0)?;
             for k in 0..60 {
                 for loc in l.locations() {
                     let brute = (1..=k).rev().find(|&q| l.locate(loc.lane, q) == loc);
-                    assert_eq!(
-                        l.newest_at_or_before(loc.lane, loc.volume, loc.slot, k),
-                        brute,
-                        "{l:?} k={k} {loc}"
-                    );
+                    let newest = l.newest_at_or_before(loc.lane, loc.volume, loc.slot, k);
+                    assert_eq!(newest, brute, "{l:?} k={k} {loc}");
                 }
             }
         }
@@ -286,10 +351,29 @@ mod tests {
         assert_eq!(Layout::new(1, 0, 0), Err(LayoutError::NoSlots));
         assert_eq!(Layout::new(1, 1, 0), Err(LayoutError::SingleSlot));
         assert_eq!(Layout::with_lanes(2, 0, 1, 0), Err(LayoutError::Lanes(0)));
+        let too_many = MAX_LANES + 1;
         assert_eq!(
-            Layout::with_lanes(2, MAX_LANES + 1, 1, 0),
-            Err(LayoutError::Lanes(MAX_LANES + 1))
+            Layout::with_lanes(2, too_many, 1, 0),
+            Err(LayoutError::Lanes(too_many))
         );
         assert!(Layout::new(1, u64::MAX, 1).is_err());
+        assert_eq!(
+            Layout::with_span(3, 1, 0, 4, 0),
+            Err(LayoutError::Span {
+                span: 0,
+                volumes: 3
+            })
+        );
+        assert_eq!(
+            Layout::with_span(3, 1, 4, 4, 0),
+            Err(LayoutError::Span {
+                span: 4,
+                volumes: 3
+            })
+        );
+        assert_eq!(
+            Layout::with_span(3, 1, 1, 1, 0),
+            Err(LayoutError::SingleSlot)
+        );
     }
 }

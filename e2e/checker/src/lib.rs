@@ -14,8 +14,9 @@
 //! use std::time::Duration;
 //!
 //! # async fn demo(primaries: Vec<NbdAddress>, secondaries: Vec<std::path::PathBuf>) -> Result<(), Box<dyn std::error::Error>> {
-//! // Three volumes, three concurrent lanes, 256 slots per lane on each volume, until cancelled.
-//! let layout = Layout::with_lanes(3, 3, 256, 0)?;
+//! // Three volumes, three concurrent lanes each cycling over two volumes (so while one volume holds,
+//! // a lane that avoids it keeps writing to the others), 256 slots per lane, until cancelled.
+//! let layout = Layout::with_span(3, 3, 2, 256, 0)?;
 //! let mut workload = WorkloadHandle::spawn(primaries, WorkloadOptions::new(layout, None));
 //! workload.wait_for_acked(100, Duration::from_secs(30)).await?;
 //! // ... cut a link; once the replicator reports the failed copy (and before any release), take the
@@ -79,6 +80,9 @@ pub struct WorkloadArgs {
     /// Concurrent writers, each a strict dependent chain.
     #[arg(long, default_value_t = 1)]
     pub lanes: u32,
+    /// How many volumes each lane cycles over (default: all).
+    #[arg(long)]
+    pub span: Option<u32>,
     /// Slots per lane on each volume: the region a lane cycles through (4 KiB each).
     #[arg(long, default_value_t = 1024)]
     pub slots: u64,
@@ -144,8 +148,9 @@ pub fn parse_source(s: &str) -> Result<Source, nbd::AddressError> {
 pub async fn run(options: Options) -> anyhow::Result<()> {
     match options.command {
         Command::Workload(a) => {
-            let layout =
-                Layout::with_lanes(a.volumes.len() as u32, a.lanes, a.slots, a.base_block)?;
+            let volumes = a.volumes.len() as u32;
+            let span = a.span.unwrap_or(volumes);
+            let layout = Layout::with_span(volumes, a.lanes, span, a.slots, a.base_block)?;
             let mut opts = WorkloadOptions::new(layout, a.writes);
             if let Some(id) = a.run_id {
                 opts.run_id = id;

@@ -195,9 +195,9 @@ fn empty_secondaries_fail_and_say_so() -> Result<(), Box<dyn std::error::Error>>
 
 /// A multi-lane layout and a schedule: which lane writes next, each write acknowledged before the next.
 fn lanes_and_schedule() -> impl Strategy<Value = (Layout, Vec<u32>)> {
-    (1u32..=3, 2u32..=4, 1u64..=4)
-        .prop_filter_map("valid layout", |(v, n, s)| {
-            Layout::with_lanes(v, n, s, 1).ok()
+    (1u32..=3, 2u32..=4, 1u32..=3, 1u64..=4)
+        .prop_filter_map("valid layout", |(v, n, span, s)| {
+            Layout::with_span(v, n, span.min(v), s, 1).ok()
         })
         .prop_flat_map(|l| {
             let lanes = l.lanes();

@@ -109,3 +109,45 @@ async fn cancel_while_a_server_never_answers_the_handshake() -> TestResult {
     mute.abort();
     Ok(())
 }
+
+/// With a span, lanes that avoid the held volume keep writing to completion while the others wait.
+#[tokio::test]
+async fn lanes_off_the_held_volume_keep_writing() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let held = HoldingServer::start(&dir.path().join("held.sock"), "vol0", SIZE)?;
+    let mut servers = Vec::new();
+    for i in [1, 2] {
+        let file = dir.path().join(format!("vol{i}.img"));
+        sparse_file(&file, SIZE)?;
+        let socket = dir.path().join(format!("vol{i}.sock"));
+        servers.push(QemuNbd::unix(&file, &format!("vol{i}"), &socket, false).await?);
+    }
+    // Lane 0 cycles over volumes 0, 1; lane 1 over 1, 2; lane 2 over 2, 0.
+    let layout = Layout::with_span(3, 3, 2, 8, 0)?;
+    let mut addresses = vec![held.address.clone()];
+    addresses.extend(servers.iter().map(|s| s.address.clone()));
+    let mut handle = WorkloadHandle::spawn(addresses, WorkloadOptions::new(layout, Some(40)));
+    let goal = |p: &lockstep_checker::Progress| {
+        p.last_acked(1) == 40
+            && p.in_flight.first() == Some(&Some(1))
+            && p.in_flight.get(2) == Some(&Some(2))
+    };
+    let progress = handle
+        .wait_until("lane 1 done, lanes 0 and 2 held", goal, WAIT)
+        .await?;
+    assert_eq!(progress.last_acked, vec![0, 40, 1], "{progress:?}");
+    let report = handle.stop_and_join().await?;
+    assert_eq!(report.stopped, StopReason::Cancelled, "{report}");
+
+    let empty = dir.path().join("vol0-secondary.img");
+    sparse_file(&empty, SIZE)?;
+    let mut sources = vec![Source::File(empty)];
+    sources.extend(servers.iter().map(|s| Source::File(s.file.clone())));
+    let options = CheckOptions::lanes(report.last_acked.clone()).run(report.run_id);
+    let v = check_sources(&sources, &options).await?;
+    assert_eq!(v.prefix_ends(), Some(&[0u64, 40, 1][..]), "{v}");
+    for s in servers {
+        s.kill().await?;
+    }
+    Ok(())
+}
