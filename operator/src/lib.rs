@@ -4,8 +4,10 @@
 //! start it in-process.
 //!
 //! - [`freeze`]: the pure decisions (group status + event → new status, directives, events).
+//! - [`members`]: the pure resolution of a group's members to volumes and nodes.
 
 pub mod freeze;
+pub mod members;
 
 /// Start-up options.
 #[derive(Debug, Clone, Default, clap::Args)]

@@ -1,0 +1,523 @@
+//! Resolution of a group's members, pure: the spec's (cluster, namespace, PVC names or selector) + what
+//! each member cluster shows → member volumes (cluster, namespace, PVC, PV, volume handle, node) and the
+//! MembersResolved condition.
+//!
+//! Each cluster is seen through a [`ClusterView`]: its PVCs and PVs (API path) or the volumes its
+//! sidecars reported over gRPC (gRPC-only clusters), plus the node serving each volume. A volume belongs
+//! to at most one group (DESIGN.md rule 5): a volume another group already claims is refused here and
+//! named in the condition. Acknowledgements already recorded for a volume are kept across resolutions.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim};
+use kube::core::{Selector, SelectorExt};
+use lockstep_api::{
+    domain::ClusterPaths,
+    v1alpha1::{GroupMember, MemberVolumeStatus},
+};
+
+/// What the operator currently knows of one member cluster.
+#[derive(Debug, Clone, Default)]
+pub struct ClusterView {
+    /// Which paths reach it.
+    pub paths: ClusterPaths,
+    /// Why the cluster cannot be read through its API server, when it cannot (unreachable, bad
+    /// kubeconfig, no MemberCluster of that name).
+    pub unavailable: Option<String>,
+    /// Its PersistentVolumeClaims (API path).
+    pub claims: Vec<PersistentVolumeClaim>,
+    /// Its PersistentVolumes (API path).
+    pub volumes: Vec<PersistentVolume>,
+    /// Volumes its sidecars resolved and reported (gRPC-only clusters, or any cluster's sidecars).
+    pub reported: Vec<ReportedVolume>,
+    /// The node serving each volume handle, from ReplicationNode status or sidecar sessions.
+    pub node_of_volume: BTreeMap<String, String>,
+}
+
+/// A volume a sidecar resolved on its node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReportedVolume {
+    /// The PVC's namespace.
+    pub namespace: String,
+    /// The PVC's name.
+    pub pvc: String,
+    /// The bound PV.
+    pub persistent_volume: String,
+    /// The CSI volume handle.
+    pub volume_handle: String,
+    /// The node whose sidecar reported it.
+    pub node: String,
+}
+
+/// The outcome of resolving a group's members.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Resolution {
+    /// Every member volume, resolved as far as possible.
+    pub members: Vec<MemberVolumeStatus>,
+    /// True when every member in the spec resolved to volumes with a handle and a node.
+    pub resolved: bool,
+    /// Why not, in sentences (empty when resolved).
+    pub problems: Vec<String>,
+}
+
+/// Resolves the spec's members against the clusters' views.
+///
+/// `previous` carries acknowledgements and states forward by volume handle; `claimed_elsewhere` maps
+/// volume handles to the name of another group that owns them.
+pub fn resolve(
+    spec_members: &[GroupMember],
+    clusters: &BTreeMap<String, ClusterView>,
+    previous: &[MemberVolumeStatus],
+    claimed_elsewhere: &BTreeMap<String, String>,
+) -> Resolution {
+    let mut members = Vec::new();
+    let mut problems = Vec::new();
+    for member in spec_members {
+        let Some(view) = clusters.get(&member.cluster) else {
+            problems.push(format!(
+                "member cluster {:?} is not a known MemberCluster",
+                member.cluster
+            ));
+            continue;
+        };
+        let claims = match claim_names(member, view) {
+            Ok(claims) => claims,
+            Err(problem) => {
+                problems.push(problem);
+                continue;
+            }
+        };
+        if claims.is_empty() {
+            problems.push(format!(
+                "no PersistentVolumeClaim in {}/{} matches the member's selector",
+                member.cluster, member.namespace
+            ));
+        }
+        for pvc in claims {
+            let mut resolved = resolve_claim(&member.cluster, &member.namespace, &pvc, view);
+            match (&resolved.volume_handle, &resolved.node) {
+                (None, _) => problems.push(format!(
+                    "{}/{}/{pvc} is not bound to a CSI volume yet{}",
+                    member.cluster,
+                    member.namespace,
+                    view.unavailable
+                        .as_ref()
+                        .map(|why| format!(" ({why})"))
+                        .unwrap_or_default()
+                )),
+                (Some(handle), _) if claimed_elsewhere.contains_key(handle) => {
+                    problems.push(format!(
+                        "{}/{}/{pvc} (volume {handle}) already belongs to group {:?}; a volume belongs to at most one group",
+                        member.cluster, member.namespace, claimed_elsewhere[handle]
+                    ));
+                    resolved.volume_handle = None;
+                }
+                (Some(handle), None) => problems.push(format!(
+                    "{}/{}/{pvc} (volume {handle}) is served by no node with a Lockstep sidecar",
+                    member.cluster, member.namespace
+                )),
+                (Some(_), Some(_)) => {}
+            }
+            if let Some(earlier) = previous.iter().find(|earlier| {
+                earlier.volume_handle.is_some() && earlier.volume_handle == resolved.volume_handle
+            }) {
+                resolved.acknowledged = earlier.acknowledged.clone();
+                resolved.state = earlier.state;
+            }
+            members.push(resolved);
+        }
+    }
+    Resolution {
+        resolved: problems.is_empty() && !members.is_empty(),
+        members,
+        problems,
+    }
+}
+
+/// The PVC names a member covers in its cluster.
+fn claim_names(member: &GroupMember, view: &ClusterView) -> Result<BTreeSet<String>, String> {
+    if let Some(names) = &member.pvc_names {
+        return Ok(names.iter().cloned().collect());
+    }
+    let Some(selector) = &member.selector else {
+        return Err(format!(
+            "member {}/{} names no PVCs and no selector",
+            member.cluster, member.namespace
+        ));
+    };
+    if view.paths == ClusterPaths::GrpcOnly {
+        return Err(format!(
+            "member {}/{} uses a selector, but cluster {} is GrpcOnly: the hub cannot list its PVCs; name them in pvcNames",
+            member.cluster, member.namespace, member.cluster
+        ));
+    }
+    if let Some(why) = &view.unavailable {
+        return Err(format!(
+            "cannot list the PVCs of {}/{}: {why}",
+            member.cluster, member.namespace
+        ));
+    }
+    let selector = Selector::try_from(selector.clone()).map_err(|error| {
+        format!(
+            "member {}/{} has an invalid selector: {error}",
+            member.cluster, member.namespace
+        )
+    })?;
+    Ok(view
+        .claims
+        .iter()
+        .filter(|claim| claim.metadata.namespace.as_deref() == Some(member.namespace.as_str()))
+        .filter(|claim| {
+            selector.matches(claim.metadata.labels.as_ref().unwrap_or(&BTreeMap::new()))
+        })
+        .filter_map(|claim| claim.metadata.name.clone())
+        .collect())
+}
+
+/// Resolves one claim: through the API path (PVC → PV → CSI handle), else through sidecar reports.
+fn resolve_claim(
+    cluster: &str,
+    namespace: &str,
+    pvc: &str,
+    view: &ClusterView,
+) -> MemberVolumeStatus {
+    let mut resolved = MemberVolumeStatus {
+        cluster: cluster.to_owned(),
+        namespace: namespace.to_owned(),
+        pvc: pvc.to_owned(),
+        persistent_volume: None,
+        volume_handle: None,
+        node: None,
+        state: None,
+        acknowledged: None,
+    };
+    let bound = view
+        .claims
+        .iter()
+        .find(|claim| {
+            claim.metadata.namespace.as_deref() == Some(namespace)
+                && claim.metadata.name.as_deref() == Some(pvc)
+        })
+        .and_then(|claim| claim.spec.as_ref()?.volume_name.clone());
+    if let Some(pv_name) = bound {
+        let handle = view
+            .volumes
+            .iter()
+            .find(|pv| pv.metadata.name.as_deref() == Some(pv_name.as_str()))
+            .and_then(|pv| Some(pv.spec.as_ref()?.csi.as_ref()?.volume_handle.clone()));
+        resolved.persistent_volume = Some(pv_name);
+        resolved.volume_handle = handle;
+    }
+    if resolved.volume_handle.is_none()
+        && let Some(reported) = view
+            .reported
+            .iter()
+            .find(|reported| reported.namespace == namespace && reported.pvc == pvc)
+    {
+        resolved.persistent_volume = Some(reported.persistent_volume.clone());
+        resolved.volume_handle = Some(reported.volume_handle.clone());
+        resolved.node = Some(reported.node.clone());
+    }
+    if let Some(handle) = &resolved.volume_handle
+        && resolved.node.is_none()
+    {
+        resolved.node = view.node_of_volume.get(handle).cloned();
+    }
+    resolved
+}
+
+#[cfg(test)]
+mod tests {
+    use k8s_openapi::{
+        api::core::v1::{
+            CSIPersistentVolumeSource, PersistentVolumeClaimSpec, PersistentVolumeSpec,
+        },
+        apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta},
+    };
+    use lockstep_api::{
+        domain::{Path, Stage},
+        v1alpha1::Acknowledgement,
+    };
+
+    use super::*;
+
+    fn claim(namespace: &str, name: &str, app: &str, pv: Option<&str>) -> PersistentVolumeClaim {
+        PersistentVolumeClaim {
+            metadata: ObjectMeta {
+                namespace: Some(namespace.into()),
+                name: Some(name.into()),
+                labels: Some(BTreeMap::from([("app".to_owned(), app.to_owned())])),
+                ..ObjectMeta::default()
+            },
+            spec: Some(PersistentVolumeClaimSpec {
+                volume_name: pv.map(Into::into),
+                ..Default::default()
+            }),
+            status: None,
+        }
+    }
+
+    fn pv(name: &str, handle: &str) -> PersistentVolume {
+        PersistentVolume {
+            metadata: ObjectMeta {
+                name: Some(name.into()),
+                ..ObjectMeta::default()
+            },
+            spec: Some(PersistentVolumeSpec {
+                csi: Some(CSIPersistentVolumeSource {
+                    driver: "nbd.lockstep.dev".into(),
+                    volume_handle: handle.into(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            status: None,
+        }
+    }
+
+    fn east() -> ClusterView {
+        ClusterView {
+            claims: vec![
+                claim("orders", "wal", "orders", Some("pv-wal")),
+                claim("orders", "data", "orders", Some("pv-data")),
+                claim("orders", "scratch", "other", Some("pv-scratch")),
+                claim("billing", "ledger", "orders", Some("pv-ledger")),
+            ],
+            volumes: vec![
+                pv("pv-wal", "vol-wal"),
+                pv("pv-data", "vol-data"),
+                pv("pv-scratch", "vol-scratch"),
+            ],
+            node_of_volume: BTreeMap::from([
+                ("vol-wal".to_owned(), "node-a".to_owned()),
+                ("vol-data".to_owned(), "node-b".to_owned()),
+            ]),
+            ..ClusterView::default()
+        }
+    }
+
+    fn by_names(cluster: &str, names: &[&str]) -> GroupMember {
+        GroupMember {
+            cluster: cluster.into(),
+            namespace: "orders".into(),
+            pvc_names: Some(names.iter().map(|name| (*name).to_owned()).collect()),
+            selector: None,
+        }
+    }
+
+    fn by_label(cluster: &str, app: &str) -> GroupMember {
+        GroupMember {
+            cluster: cluster.into(),
+            namespace: "orders".into(),
+            pvc_names: None,
+            selector: Some(LabelSelector {
+                match_labels: Some(BTreeMap::from([("app".to_owned(), app.to_owned())])),
+                match_expressions: None,
+            }),
+        }
+    }
+
+    fn handles(resolution: &Resolution) -> Vec<(String, Option<String>, Option<String>)> {
+        resolution
+            .members
+            .iter()
+            .map(|member| {
+                (
+                    member.pvc.clone(),
+                    member.volume_handle.clone(),
+                    member.node.clone(),
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn named_and_selected_claims_resolve_to_volumes_and_nodes() {
+        let clusters = BTreeMap::from([("east".to_owned(), east())]);
+        let resolution = resolve(
+            &[by_label("east", "orders")],
+            &clusters,
+            &[],
+            &BTreeMap::new(),
+        );
+        assert!(resolution.resolved, "{:?}", resolution.problems);
+        assert_eq!(
+            handles(&resolution),
+            vec![
+                (
+                    "data".into(),
+                    Some("vol-data".into()),
+                    Some("node-b".into())
+                ),
+                ("wal".into(), Some("vol-wal".into()), Some("node-a".into())),
+            ],
+            "the selector matches within the member's namespace only"
+        );
+        let by_name = resolve(
+            &[by_names("east", &["wal"])],
+            &clusters,
+            &[],
+            &BTreeMap::new(),
+        );
+        assert_eq!(
+            by_name.members[0].persistent_volume.as_deref(),
+            Some("pv-wal")
+        );
+    }
+
+    #[test]
+    fn a_selector_change_adds_and_removes_members() {
+        let mut view = east();
+        let clusters = BTreeMap::from([("east".to_owned(), view.clone())]);
+        let before = resolve(
+            &[by_label("east", "orders")],
+            &clusters,
+            &[],
+            &BTreeMap::new(),
+        );
+        assert_eq!(before.members.len(), 2);
+        view.node_of_volume
+            .insert("vol-scratch".into(), "node-c".into());
+        let clusters = BTreeMap::from([("east".to_owned(), view)]);
+        let after = resolve(
+            &[by_label("east", "other")],
+            &clusters,
+            &before.members,
+            &BTreeMap::new(),
+        );
+        assert_eq!(
+            handles(&after),
+            vec![(
+                "scratch".into(),
+                Some("vol-scratch".into()),
+                Some("node-c".into())
+            )]
+        );
+    }
+
+    #[test]
+    fn grpc_only_clusters_resolve_from_sidecar_reports() {
+        let edge = ClusterView {
+            paths: ClusterPaths::GrpcOnly,
+            unavailable: Some("GrpcOnly: no API server path".into()),
+            reported: vec![ReportedVolume {
+                namespace: "orders".into(),
+                pvc: "wal".into(),
+                persistent_volume: "pv-edge-wal".into(),
+                volume_handle: "vol-edge-wal".into(),
+                node: "edge-node".into(),
+            }],
+            ..ClusterView::default()
+        };
+        let clusters = BTreeMap::from([("edge".to_owned(), edge)]);
+        let resolution = resolve(
+            &[by_names("edge", &["wal"])],
+            &clusters,
+            &[],
+            &BTreeMap::new(),
+        );
+        assert!(resolution.resolved, "{:?}", resolution.problems);
+        assert_eq!(
+            handles(&resolution),
+            vec![(
+                "wal".into(),
+                Some("vol-edge-wal".into()),
+                Some("edge-node".into())
+            )]
+        );
+
+        let selected = resolve(
+            &[by_label("edge", "orders")],
+            &clusters,
+            &[],
+            &BTreeMap::new(),
+        );
+        assert!(!selected.resolved);
+        assert!(
+            selected.problems[0].contains("GrpcOnly"),
+            "{:?}",
+            selected.problems
+        );
+    }
+
+    #[test]
+    fn unknown_clusters_unbound_claims_and_nodeless_volumes_are_named() {
+        let mut view = east();
+        view.node_of_volume.clear();
+        let clusters = BTreeMap::from([("east".to_owned(), view)]);
+        let resolution = resolve(
+            &[
+                by_names("east", &["wal", "missing"]),
+                by_names("mars", &["wal"]),
+            ],
+            &clusters,
+            &[],
+            &BTreeMap::new(),
+        );
+        assert!(!resolution.resolved);
+        let text = resolution.problems.join("\n");
+        assert!(text.contains("served by no node"), "{text}");
+        assert!(text.contains("east/orders/missing is not bound"), "{text}");
+        assert!(
+            text.contains("\"mars\" is not a known MemberCluster"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn a_volume_claimed_by_another_group_is_refused() {
+        let clusters = BTreeMap::from([("east".to_owned(), east())]);
+        let other = BTreeMap::from([("vol-wal".to_owned(), "payments".to_owned())]);
+        let resolution = resolve(
+            &[by_names("east", &["wal", "data"])],
+            &clusters,
+            &[],
+            &other,
+        );
+        assert!(!resolution.resolved);
+        assert!(
+            resolution.problems[0].contains("already belongs to group \"payments\""),
+            "{:?}",
+            resolution.problems
+        );
+        let wal = resolution
+            .members
+            .iter()
+            .find(|member| member.pvc == "wal")
+            .unwrap();
+        assert_eq!(wal.volume_handle, None, "the refused volume is not counted");
+    }
+
+    #[test]
+    fn acknowledgements_survive_a_new_resolution() {
+        let clusters = BTreeMap::from([("east".to_owned(), east())]);
+        let mut first = resolve(
+            &[by_names("east", &["wal"])],
+            &clusters,
+            &[],
+            &BTreeMap::new(),
+        );
+        first.members[0].acknowledged = Some(Acknowledgement {
+            epoch: 2,
+            stage: Stage::Freeze,
+            path: Path::Grpc,
+            fail_safe: false,
+            at: None,
+        });
+        let again = resolve(
+            &[by_names("east", &["wal", "data"])],
+            &clusters,
+            &first.members,
+            &BTreeMap::new(),
+        );
+        let acknowledged = |pvc: &str| {
+            again
+                .members
+                .iter()
+                .find(|member| member.pvc == pvc)
+                .and_then(|member| member.acknowledged.clone())
+        };
+        assert_eq!(acknowledged("wal"), first.members[0].acknowledged);
+        assert_eq!(acknowledged("data"), None);
+    }
+}
