@@ -1,9 +1,11 @@
 //! The dependent-write workload and the consistency checker.
 //!
-//! - [`workload`] writes a strict chain of self-describing blocks ([`block`]) across the volumes of a
-//!   group, placed by [`layout`], through the crate's own NBD client ([`nbd`]);
-//! - [`check`] reads only the secondaries and says whether, together, they hold a gap-free prefix of that
-//!   chain reaching the last write acknowledged before the first failed copy.
+//! - [`workload`] writes strict chains ("lanes") of self-describing blocks ([`block`]) across the volumes
+//!   of a group, placed by [`layout`], through the crate's own NBD client ([`nbd`]);
+//! - [`mod@check`] reads only the secondaries and says whether, together, they hold a state the
+//!   application could have seen at one instant: a gap-free prefix of every lane, with every write's
+//!   dependencies present, reaching the writes acknowledged before the first failed copy;
+//! - [`synth`] builds the images of such states for tests.
 //!
 //! This crate is a library whose binary only parses flags and calls [`run`], so later crates' tests can
 //! drive it in-process.
