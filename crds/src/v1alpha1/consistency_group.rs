@@ -265,3 +265,37 @@ pub struct HoldTimeouts {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub since: Option<Time>,
 }
+
+/// The label a mirror carries naming the hub that owns it (the operator's `--hub-name`).
+pub const HUB_LABEL: &str = "lockstep.dev/hub";
+/// The label a mirror carries naming its hub group's `metadata.uid`: epochs belong to that UID.
+pub const GROUP_UID_LABEL: &str = "lockstep.dev/group-uid";
+
+impl ConsistencyGroup {
+    /// The UID epochs belong to: the hub group's `metadata.uid`, which a mirror in a member cluster
+    /// carries in its [`GROUP_UID_LABEL`] label (its own UID is that of the copy).
+    pub fn group_uid(&self) -> Option<&str> {
+        self.metadata
+            .labels
+            .as_ref()
+            .and_then(|labels| labels.get(GROUP_UID_LABEL))
+            .or(self.metadata.uid.as_ref())
+            .map(String::as_str)
+    }
+
+    /// True when this object is a mirror written by a hub rather than a group a person created.
+    pub fn is_mirror(&self) -> bool {
+        self.metadata
+            .labels
+            .as_ref()
+            .is_some_and(|labels| labels.contains_key(HUB_LABEL))
+    }
+
+    /// The group's (epoch, stage): a group that never froze is replicating at (epoch, Resume).
+    pub fn position(&self) -> (u64, Stage) {
+        self.status
+            .as_ref()
+            .map(|status| (status.epoch, status.stage.unwrap_or(Stage::Resume)))
+            .unwrap_or((0, Stage::Resume))
+    }
+}
