@@ -164,10 +164,15 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
             eprintln!("run id {:#x}", opts.run_id);
             let handle = WorkloadHandle::spawn(a.volumes, opts);
             let cancel = handle.cancel.clone();
+            // SIGINT or SIGTERM stops the workload; the report is still printed.
+            let mut term =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
             let interrupt = tokio::spawn(async move {
-                if tokio::signal::ctrl_c().await.is_ok() {
-                    cancel.cancel();
+                tokio::select! {
+                    r = tokio::signal::ctrl_c() => if r.is_err() { return },
+                    _ = term.recv() => {}
                 }
+                cancel.cancel();
             });
             let report = handle.join().await;
             interrupt.abort();

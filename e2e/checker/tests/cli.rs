@@ -105,3 +105,45 @@ async fn workload_then_check_through_the_binary() -> TestResult {
     }
     Ok(())
 }
+
+/// `workload` without `--writes` runs until SIGTERM, then prints its report.
+#[tokio::test]
+async fn workload_stops_on_sigterm_and_reports() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let file = dir.path().join("vol0.img");
+    sparse_file(&file, 1 << 20)?;
+    let server = QemuNbd::tcp(&file, "vol0", false).await?;
+    let child = Command::new(BIN)
+        .args([
+            "workload",
+            "--volume",
+            &server.address.to_string(),
+            "--slots",
+            "8",
+            "--json",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()?;
+    // Poll the file until the workload has written something, with a deadline.
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(60);
+    while std::fs::read(&file)?.iter().all(|&b| b == 0) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no write reached the volume"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    let pid = child.id().ok_or("no pid")?;
+    let status = Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .await?;
+    assert!(status.success());
+    let out = child.wait_with_output().await?;
+    assert!(out.status.success(), "{}", text(&out));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    assert_eq!(report["stopped"], "cancelled", "{report}");
+    server.kill().await?;
+    Ok(())
+}
