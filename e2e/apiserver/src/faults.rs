@@ -1,4 +1,4 @@
-//! Fault hooks for tests: hang every request, add latency, fail a fraction of requests with `500` or
+//! Fault hooks for tests: hang every request (or only new watches), add latency, fail a fraction of requests with `500` or
 //! `429`, drop open watches. (Refusing connections and stopping are on [`crate::TestApiServer`], since
 //! they close the listener.) Health endpoints (`/healthz`, `/livez`, `/readyz`) are exempt from failures
 //! and latency but not from a hang.
@@ -21,6 +21,7 @@ pub enum Failure {
 #[derive(Debug)]
 pub struct Faults {
     hang: watch::Sender<bool>,
+    hang_watches: watch::Sender<bool>,
     latency_ms: AtomicU64,
     fail_permille: AtomicU32,
     fail_code: AtomicU16,
@@ -31,6 +32,7 @@ impl Default for Faults {
     fn default() -> Self {
         Self {
             hang: watch::Sender::new(false),
+            hang_watches: watch::Sender::new(false),
             latency_ms: AtomicU64::new(0),
             fail_permille: AtomicU32::new(0),
             fail_code: AtomicU16::new(500),
@@ -44,6 +46,12 @@ impl Faults {
     /// unless the client gave up).
     pub fn set_hang(&self, hang: bool) {
         self.hang.send_replace(hang);
+    }
+
+    /// While `true`, new watch requests wait before they start (other requests are answered): a watcher
+    /// that lost its stream stays away while the test makes changes, e.g. to outrun the watch history.
+    pub fn set_hang_watches(&self, hang: bool) {
+        self.hang_watches.send_replace(hang);
     }
 
     /// Delay added before every request is handled.
@@ -73,12 +81,19 @@ impl Faults {
     /// Clears every fault.
     pub fn clear(&self) {
         self.set_hang(false);
+        self.set_hang_watches(false);
         self.set_latency(Duration::ZERO);
         self.fail_requests(0.0, Failure::InternalError);
     }
 
     pub(crate) fn watch_drops(&self) -> watch::Receiver<u64> {
         self.drops.subscribe()
+    }
+
+    /// Waits while watches are hung.
+    pub(crate) async fn before_watch(&self) {
+        let mut hang = self.hang_watches.subscribe();
+        let _ = hang.wait_for(|h| !*h).await;
     }
 
     /// Waits while hung, then for the latency; returns the injected failure code, if this request fails.

@@ -139,6 +139,7 @@ async fn route(shared: &Arc<Shared>, req: Request<Incoming>) -> Result<Response<
     }
     let target = Target::parse(&path).ok_or_else(ApiError::no_route)?;
     if method == Method::GET && target.name.is_none() && query.flag("watch") {
+        shared.faults.before_watch().await;
         let lines =
             crate::watch::start(&shared.store, &target, &query, shared.faults.watch_drops())?;
         let stream = futures::stream::unfold(lines, |mut rx| async move {

@@ -172,7 +172,7 @@ pub fn start(
                     filter.event(&change)
                 }
                 Ok(Message::Tick(rv)) => {
-                    if !bookmarks || rv <= last_bookmark || rv < last {
+                    if !bookmarks || rv < last_bookmark || rv < last {
                         continue;
                     }
                     last_bookmark = rv;
