@@ -1,7 +1,11 @@
 //! The Lockstep sidecar: the per-node agent that reports copy failures and enforces freezes.
 //!
 //! This crate is a library whose binary only parses flags and calls [`run`], so later crates' tests can
-//! start it in-process. Its real work arrives with its own issue.
+//! start it in-process.
+//!
+//! Modules: [`enforce`] (the pure enforcement core).
+
+pub mod enforce;
 
 /// Start-up options.
 #[derive(Debug, Clone, Default, clap::Args)]

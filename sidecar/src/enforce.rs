@@ -1,0 +1,924 @@
+//! The enforcement core: pure, no I/O.
+//!
+//! [`Enforcer`] knows, per group, the highest (epoch, stage) seen by either path, which local volumes
+//! belong to it (by path), what each volume carries and whether a fail-safe suspension is in force. An
+//! [`Input`] (a directive from a path, a membership change, the replicator's inventory, a copy failure, the
+//! fail-safe timer) yields an [`Outcome`]: replicator operations, in order, and acknowledgements.
+//!
+//! Idempotence lives here (DESIGN.md rules 3, 5, 6, 8):
+//! - the highest (epoch, stage) seen by either path is enforced exactly once per volume; a stale, repeated
+//!   or reordered directive changes nothing;
+//! - reaching (e, Release) without having frozen at e means `Suspend(e)` then `Release(e)`; reaching
+//!   (e, Resume) from a suspension at an older epoch means `Suspend(e)` then `Resume(e)`;
+//! - the fail-safe suspends at the epoch last seen, marked fail-safe, and only a directive at a higher
+//!   epoch lifts it;
+//! - a volume is confirmed to its replicator (`Configure`) only after its group's point was read from a
+//!   path, and never at anything older than what the volume carries.
+//!
+//! Operations for one volume are always issued in increasing [`Level`]: the proptests at the bottom check
+//! it over random interleavings of directives from the two paths.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+
+use lockstep_api::domain::{GroupEpoch, Path, Stage};
+
+/// Where a volume is in its group's life: an (epoch, stage) point, or a fail-safe suspension at an epoch,
+/// which ranks above every stage of that epoch and below the next epoch (only a higher epoch lifts it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Level {
+    /// The epoch.
+    pub epoch: u64,
+    /// The rank within the epoch.
+    pub rank: Rank,
+}
+
+/// The rank of a [`Level`] within its epoch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Rank {
+    /// Suspended at the epoch by directive: every write held.
+    Freeze,
+    /// Released at the epoch: primary-only.
+    Release,
+    /// Replicating (resumed at the epoch, or never frozen at it).
+    Resume,
+    /// Suspended at the epoch by the sidecar's own fail-safe.
+    FailSafe,
+}
+
+impl Level {
+    /// The level of an (epoch, stage) point.
+    pub fn point(epoch: u64, stage: Stage) -> Self {
+        let rank = match stage {
+            Stage::Freeze => Rank::Freeze,
+            Stage::Release => Rank::Release,
+            Stage::Resume => Rank::Resume,
+        };
+        Self { epoch, rank }
+    }
+
+    /// A fail-safe suspension at an epoch.
+    pub fn fail_safe(epoch: u64) -> Self {
+        Self {
+            epoch,
+            rank: Rank::FailSafe,
+        }
+    }
+
+    /// The stage a replicator records for this level (a fail-safe suspension is a Freeze, marked).
+    pub fn stage(self) -> Stage {
+        match self.rank {
+            Rank::Freeze | Rank::FailSafe => Stage::Freeze,
+            Rank::Release => Stage::Release,
+            Rank::Resume => Stage::Resume,
+        }
+    }
+
+    /// True for a fail-safe suspension.
+    pub fn is_fail_safe(self) -> bool {
+        self.rank == Rank::FailSafe
+    }
+
+    /// True when a volume at `self` already satisfies `target` (nothing to do). A fail-safe target is
+    /// satisfied by any non-replicating level at its epoch or anything at a higher epoch.
+    pub fn satisfies(self, target: Level) -> bool {
+        match target.rank {
+            Rank::FailSafe => {
+                self.epoch > target.epoch
+                    || (self.epoch == target.epoch && self.rank != Rank::Resume)
+            }
+            _ => self >= target,
+        }
+    }
+}
+
+impl fmt::Display for Level {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.rank {
+            Rank::FailSafe => write!(f, "{}/Freeze(fail-safe)", self.epoch),
+            _ => write!(f, "{}/{}", self.epoch, self.stage()),
+        }
+    }
+}
+
+/// What the replicator says a volume carries (from `ListVolumes` or `State`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Carried {
+    /// The volume handle.
+    pub volume: String,
+    /// The group it carries; `None` when in no group.
+    pub group_uid: Option<String>,
+    /// Its level in that group.
+    pub level: Level,
+    /// False while the replicator holds its I/O waiting for a confirmation.
+    pub confirmed: bool,
+}
+
+/// A write whose copy failed, as the core records it for the reports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Failure {
+    /// The volume.
+    pub volume: String,
+    /// The group.
+    pub group_uid: String,
+    /// The epoch the sidecar had seen when the copy failed (DESIGN.md rule 4).
+    pub epoch_seen: u64,
+    /// The replicator's sequence number of the write.
+    pub sequence: u64,
+    /// What failed.
+    pub error: String,
+    /// When, in milliseconds since the Unix epoch.
+    pub since_unix_ms: i64,
+}
+
+/// An input to the core.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Input {
+    /// The replicator's volumes (the complete list): what each carries.
+    Inventory(Vec<Carried>),
+    /// A path's view of which local volumes belong to a group (replaces that path's previous view).
+    Membership {
+        /// The path.
+        path: Path,
+        /// The group.
+        group_uid: String,
+        /// Its name, for logs.
+        group_name: String,
+        /// The volume handles on this node.
+        volumes: BTreeSet<String>,
+        /// The group's hold timeout.
+        hold_timeout_ms: u64,
+    },
+    /// A path no longer lists the group (deleted, or no longer on this node).
+    GroupGone {
+        /// The path.
+        path: Path,
+        /// The group.
+        group_uid: String,
+    },
+    /// A path delivered its complete view: volumes in no group may now be confirmed standalone.
+    Synced(Path),
+    /// A directive (or the group's current point) read from a path.
+    Directive {
+        /// The path.
+        path: Path,
+        /// What to enforce.
+        target: GroupEpoch,
+    },
+    /// The replicator reported a failed copy (the write is held).
+    CopyFailed {
+        /// The volume.
+        volume: String,
+        /// The write's sequence number.
+        sequence: u64,
+        /// What failed.
+        error: String,
+        /// When.
+        since_unix_ms: i64,
+    },
+    /// Neither path was reachable for the fail-safe interval: suspend every group holding a failed write.
+    FailSafeTimer,
+    /// A replicator operation on these volumes failed: forget what they carry until the next inventory.
+    OperationFailed {
+        /// The volumes.
+        volumes: Vec<String>,
+    },
+}
+
+/// One replicator operation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Operation {
+    /// Suspend at an epoch (hold every write, stop copying).
+    Suspend {
+        /// The group.
+        group_uid: String,
+        /// The epoch.
+        epoch: u64,
+        /// The volumes.
+        volumes: Vec<String>,
+        /// Taken by the fail-safe.
+        fail_safe: bool,
+    },
+    /// Release held writes at exactly the epoch.
+    Release {
+        /// The group.
+        group_uid: String,
+        /// The epoch.
+        epoch: u64,
+        /// The volumes.
+        volumes: Vec<String>,
+    },
+    /// Resynchronise and copy again.
+    Resume {
+        /// The group.
+        group_uid: String,
+        /// The epoch.
+        epoch: u64,
+        /// The volumes.
+        volumes: Vec<String>,
+    },
+    /// Confirm a volume's group and (epoch, stage), and set its hold timeout. An empty group confirms
+    /// that the volume is in no group.
+    Configure {
+        /// The volume.
+        volume: String,
+        /// The group, or empty.
+        group_uid: String,
+        /// The epoch.
+        epoch: u64,
+        /// The stage.
+        stage: Stage,
+        /// The hold timeout.
+        hold_timeout_ms: u64,
+    },
+}
+
+impl Operation {
+    /// The volumes the operation acts on.
+    pub fn volumes(&self) -> Vec<String> {
+        match self {
+            Operation::Suspend { volumes, .. }
+            | Operation::Release { volumes, .. }
+            | Operation::Resume { volumes, .. } => volumes.clone(),
+            Operation::Configure { volume, .. } => vec![volume.clone()],
+        }
+    }
+
+    /// The level the operation brings its volumes to.
+    pub fn level(&self) -> Level {
+        match self {
+            Operation::Suspend {
+                epoch, fail_safe, ..
+            } => {
+                if *fail_safe {
+                    Level::fail_safe(*epoch)
+                } else {
+                    Level::point(*epoch, Stage::Freeze)
+                }
+            }
+            Operation::Release { epoch, .. } => Level::point(*epoch, Stage::Release),
+            Operation::Resume { epoch, .. } => Level::point(*epoch, Stage::Resume),
+            Operation::Configure { epoch, stage, .. } => Level::point(*epoch, *stage),
+        }
+    }
+}
+
+/// An acknowledgement to send on both paths: the volumes now at (group, epoch, stage).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ack {
+    /// What was enforced.
+    pub point: GroupEpoch,
+    /// The volume handles at that point (sorted).
+    pub volumes: Vec<String>,
+    /// True for a fail-safe suspension.
+    pub fail_safe: bool,
+}
+
+/// Input the core refused, for the log (never a panic).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    /// A membership names a volume this node's replicator does not serve.
+    #[error("group {group_uid} names volume {volume}, which this node does not serve")]
+    NotOwned {
+        /// The group.
+        group_uid: String,
+        /// The volume.
+        volume: String,
+    },
+    /// A volume is claimed by two groups; the first claim wins.
+    #[error("volume {volume} is claimed by group {claimed_by} and also by {group_uid}")]
+    DoubleClaim {
+        /// The refused group.
+        group_uid: String,
+        /// The volume.
+        volume: String,
+        /// The group that holds it.
+        claimed_by: String,
+    },
+    /// A stale, repeated or reordered directive.
+    #[error("directive {target} is not newer than {seen}: nothing to do")]
+    Stale {
+        /// The directive.
+        target: GroupEpoch,
+        /// What the core had seen.
+        seen: Level,
+    },
+    /// A directive at or below a fail-safe suspension's epoch.
+    #[error("directive {target} does not lift the fail-safe suspension at epoch {epoch}")]
+    BelowFailSafe {
+        /// The directive.
+        target: GroupEpoch,
+        /// The fail-safe epoch.
+        epoch: u64,
+    },
+    /// A copy failure on a volume in no known group.
+    #[error("copy failure on volume {volume}, which is in no known group")]
+    FailureOutsideGroup {
+        /// The volume.
+        volume: String,
+    },
+    /// A volume carries a newer point than its group's path view: it stays held, unconfirmed.
+    #[error(
+        "volume {volume} carries {carried}, newer than {seen} read from the paths: not confirmed"
+    )]
+    CarriesNewer {
+        /// The volume.
+        volume: String,
+        /// What it carries.
+        carried: Level,
+        /// What the paths said.
+        seen: Level,
+    },
+}
+
+/// What an input produced.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Outcome {
+    /// Replicator operations, in the order to run them.
+    pub operations: Vec<Operation>,
+    /// Acknowledgements to send on both paths.
+    pub acks: Vec<Ack>,
+    /// Refused or ignored input, for the log.
+    pub refused: Vec<Refusal>,
+    /// Groups whose fail-safe was taken by this input.
+    pub fail_safe_taken: Vec<String>,
+}
+
+/// What the core knows about one local volume.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Volume {
+    /// The group it carries, as the replicator said or as the core set it.
+    group_uid: Option<String>,
+    /// Its level in that group; `None` when unknown (fresh, or after a failed operation).
+    level: Option<Level>,
+    /// Confirmed to the replicator.
+    confirmed: bool,
+}
+
+/// What the core knows about one group.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct Group {
+    name: String,
+    /// The highest point read from either path.
+    seen: Option<Level>,
+    /// The path that first brought `seen`.
+    seen_by: Option<Path>,
+    /// Local volumes, per path.
+    members: BTreeMap<Path, BTreeSet<String>>,
+    hold_timeout_ms: u64,
+    /// A fail-safe suspension in force, at this epoch.
+    fail_safe: Option<u64>,
+    /// Outstanding copy failures, by volume.
+    failures: BTreeMap<String, Failure>,
+    /// The last acknowledgement produced.
+    last_ack: Option<Ack>,
+}
+
+/// The default hold timeout used until a path names the group's own.
+pub const DEFAULT_HOLD_TIMEOUT_MS: u64 = 30_000;
+
+/// The pure enforcement core of one node.
+#[derive(Debug, Clone, Default)]
+pub struct Enforcer {
+    groups: BTreeMap<String, Group>,
+    volumes: BTreeMap<String, Volume>,
+    inventory_known: bool,
+    synced: BTreeSet<Path>,
+}
+
+/// A read-only view of one group, for status and metrics.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupView {
+    /// The group UID.
+    pub group_uid: String,
+    /// Its name.
+    pub name: String,
+    /// The highest point seen by a path.
+    pub seen: Option<Level>,
+    /// The fail-safe epoch in force.
+    pub fail_safe: Option<u64>,
+    /// The local volumes (union of the paths' views, served here).
+    pub volumes: Vec<String>,
+    /// The last acknowledgement.
+    pub last_ack: Option<Ack>,
+}
+
+/// A read-only view of one volume.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VolumeView {
+    /// The handle.
+    pub volume: String,
+    /// The group it is in, if any.
+    pub group_uid: Option<String>,
+    /// Its level.
+    pub level: Option<Level>,
+    /// Confirmed to the replicator.
+    pub confirmed: bool,
+}
+
+impl Enforcer {
+    /// An empty core.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Feeds one input.
+    pub fn handle(&mut self, input: Input) -> Outcome {
+        let mut out = Outcome::default();
+        match input {
+            Input::Inventory(carried) => self.inventory(carried, &mut out),
+            Input::Membership {
+                path,
+                group_uid,
+                group_name,
+                volumes,
+                hold_timeout_ms,
+            } => {
+                if group_uid.is_empty() {
+                    return out;
+                }
+                let group = self.groups.entry(group_uid.clone()).or_default();
+                group.name = group_name;
+                group.hold_timeout_ms = hold_timeout_ms;
+                group.members.insert(path, volumes);
+                self.enforce_all(&mut out);
+            }
+            Input::GroupGone { path, group_uid } => {
+                if let Some(group) = self.groups.get_mut(&group_uid) {
+                    group.members.remove(&path);
+                }
+                self.enforce_all(&mut out);
+            }
+            Input::Synced(path) => {
+                self.synced.insert(path);
+                self.enforce_all(&mut out);
+            }
+            Input::Directive { path, target } => self.directive(path, target, &mut out),
+            Input::CopyFailed {
+                volume,
+                sequence,
+                error,
+                since_unix_ms,
+            } => self.copy_failed(volume, sequence, error, since_unix_ms, &mut out),
+            Input::FailSafeTimer => self.fail_safe(&mut out),
+            Input::OperationFailed { volumes } => {
+                for name in volumes {
+                    if let Some(volume) = self.volumes.get_mut(&name) {
+                        volume.level = None;
+                        volume.confirmed = false;
+                    }
+                }
+                // Re-learnt from the next inventory; nothing acts on them until then.
+                self.inventory_known = false;
+            }
+        }
+        out
+    }
+
+    fn inventory(&mut self, carried: Vec<Carried>, out: &mut Outcome) {
+        let served: BTreeSet<String> = carried.iter().map(|c| c.volume.clone()).collect();
+        self.volumes.retain(|name, _| served.contains(name));
+        for c in carried {
+            let known = self.volumes.get(&c.volume);
+            // A volume the core already tracks keeps the core's view (it only grows) unless the
+            // replicator carries something newer or the core lost track of it.
+            let replace = match known {
+                None => true,
+                Some(v) => match (v.level, v.group_uid == c.group_uid) {
+                    (None, _) | (_, false) => true,
+                    (Some(level), true) => c.level > level || (!c.confirmed && v.confirmed),
+                },
+            };
+            if replace {
+                self.volumes.insert(
+                    c.volume.clone(),
+                    Volume {
+                        level: c.group_uid.as_ref().map(|_| c.level),
+                        group_uid: c.group_uid,
+                        confirmed: c.confirmed,
+                    },
+                );
+            }
+        }
+        self.inventory_known = true;
+        self.enforce_all(out);
+    }
+
+    fn directive(&mut self, path: Path, target: GroupEpoch, out: &mut Outcome) {
+        let level = Level::point(target.epoch, target.stage);
+        let group = self.groups.entry(target.group_uid.clone()).or_default();
+        if let Some(seen) = group.seen
+            && level <= seen
+        {
+            out.refused.push(Refusal::Stale { target, seen });
+            return;
+        }
+        if let Some(epoch) = group.fail_safe {
+            if target.epoch <= epoch {
+                out.refused.push(Refusal::BelowFailSafe { target, epoch });
+                return;
+            }
+            group.fail_safe = None;
+        }
+        group.seen = Some(level);
+        group.seen_by = Some(path);
+        // A report counts as acknowledged once its sender sees a higher epoch (rule 4).
+        group.failures.retain(|_, f| f.epoch_seen >= target.epoch);
+        self.enforce_all(out);
+    }
+
+    fn copy_failed(
+        &mut self,
+        volume: String,
+        sequence: u64,
+        error: String,
+        since_unix_ms: i64,
+        out: &mut Outcome,
+    ) {
+        let Some(group_uid) = self.group_of(&volume) else {
+            out.refused.push(Refusal::FailureOutsideGroup { volume });
+            return;
+        };
+        let carried = self
+            .volumes
+            .get(&volume)
+            .filter(|v| v.group_uid.as_deref() == Some(group_uid.as_str()))
+            .and_then(|v| v.level)
+            .map_or(0, |l| l.epoch);
+        let Some(group) = self.groups.get_mut(&group_uid) else {
+            return;
+        };
+        let epoch_seen = group.seen.map_or(0, |l| l.epoch).max(carried);
+        group
+            .failures
+            .entry(volume.clone())
+            .or_insert_with(|| Failure {
+                volume,
+                group_uid,
+                epoch_seen,
+                sequence,
+                error,
+                since_unix_ms,
+            });
+    }
+
+    fn fail_safe(&mut self, out: &mut Outcome) {
+        let uids: Vec<String> = self
+            .groups
+            .iter()
+            .filter(|(_, g)| !g.failures.is_empty() && g.fail_safe.is_none())
+            .map(|(uid, _)| uid.clone())
+            .collect();
+        for uid in uids {
+            if let Some(group) = self.groups.get_mut(&uid) {
+                let epoch = group.seen.map_or(0, |l| l.epoch);
+                group.fail_safe = Some(epoch);
+                out.fail_safe_taken.push(uid);
+            }
+        }
+        self.enforce_all(out);
+    }
+
+    /// The group a local volume belongs to: the first group (by UID) whose membership names it.
+    fn group_of(&self, volume: &str) -> Option<String> {
+        self.groups
+            .iter()
+            .find(|(_, g)| g.members.values().any(|m| m.contains(volume)))
+            .map(|(uid, _)| uid.clone())
+    }
+
+    /// Every group's local volumes: the union of the paths' views, served here, each volume in at most
+    /// one group.
+    fn local_volumes(&self, out: &mut Outcome) -> BTreeMap<String, BTreeSet<String>> {
+        let mut claimed: BTreeMap<String, String> = BTreeMap::new();
+        let mut result: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+        for (uid, group) in &self.groups {
+            let entry = result.entry(uid.clone()).or_default();
+            for name in group.members.values().flatten() {
+                if self.inventory_known && !self.volumes.contains_key(name) {
+                    out.refused.push(Refusal::NotOwned {
+                        group_uid: uid.clone(),
+                        volume: name.clone(),
+                    });
+                    continue;
+                }
+                if !self.volumes.contains_key(name) {
+                    continue;
+                }
+                match claimed.get(name) {
+                    Some(other) if other != uid => out.refused.push(Refusal::DoubleClaim {
+                        group_uid: uid.clone(),
+                        volume: name.clone(),
+                        claimed_by: other.clone(),
+                    }),
+                    Some(_) => {}
+                    None => {
+                        claimed.insert(name.clone(), uid.clone());
+                        entry.insert(name.clone());
+                    }
+                }
+            }
+        }
+        result
+    }
+
+    fn enforce_all(&mut self, out: &mut Outcome) {
+        if !self.inventory_known {
+            return;
+        }
+        let local = self.local_volumes(out);
+        out.refused.dedup();
+        for (uid, volumes) in &local {
+            self.enforce_group(uid, volumes, out);
+        }
+        self.confirm_standalone(&local, out);
+    }
+
+    fn enforce_group(&mut self, uid: &str, volumes: &BTreeSet<String>, out: &mut Outcome) {
+        let Some(group) = self.groups.get(uid) else {
+            return;
+        };
+        let Some(seen) = group.seen else {
+            return; // nothing read from a path yet: the volumes stay as they are (held if unconfirmed)
+        };
+        let target = match group.fail_safe {
+            Some(epoch) => Level::fail_safe(epoch),
+            None => seen,
+        };
+        let hold_timeout_ms = if group.hold_timeout_ms == 0 {
+            DEFAULT_HOLD_TIMEOUT_MS
+        } else {
+            group.hold_timeout_ms
+        };
+        let mut suspend = Vec::new();
+        let mut release = Vec::new();
+        let mut resume = Vec::new();
+        let mut configure = Vec::new();
+        for name in volumes {
+            let Some(volume) = self.volumes.get_mut(name) else {
+                continue;
+            };
+            let carried = match volume.group_uid.as_deref() {
+                Some(g) if g == uid => volume.level,
+                _ => None,
+            };
+            if let Some(level) = carried
+                && level.satisfies(target)
+            {
+                if !volume.confirmed {
+                    if level == target && !target.is_fail_safe() {
+                        configure.push(name.clone());
+                        volume.confirmed = true;
+                    } else if level > target {
+                        out.refused.push(Refusal::CarriesNewer {
+                            volume: name.clone(),
+                            carried: level,
+                            seen: target,
+                        });
+                    }
+                }
+                continue;
+            }
+            if target.is_fail_safe() && !volume.confirmed && carried.is_none() {
+                continue; // unconfirmed and unknown: it holds its I/O anyway
+            }
+            let steps = steps(carried, target);
+            if steps.suspend {
+                suspend.push(name.clone());
+            }
+            if steps.release {
+                release.push(name.clone());
+            }
+            if steps.resume {
+                resume.push(name.clone());
+            }
+            if (steps.configure || !volume.confirmed) && !target.is_fail_safe() {
+                configure.push(name.clone());
+                volume.confirmed = true;
+            }
+            volume.group_uid = Some(uid.to_owned());
+            volume.level = Some(target);
+        }
+        let epoch = target.epoch;
+        if !suspend.is_empty() {
+            out.operations.push(Operation::Suspend {
+                group_uid: uid.to_owned(),
+                epoch,
+                volumes: suspend,
+                fail_safe: target.is_fail_safe(),
+            });
+        }
+        if !release.is_empty() {
+            out.operations.push(Operation::Release {
+                group_uid: uid.to_owned(),
+                epoch,
+                volumes: release,
+            });
+        }
+        if !resume.is_empty() {
+            out.operations.push(Operation::Resume {
+                group_uid: uid.to_owned(),
+                epoch,
+                volumes: resume,
+            });
+        }
+        for volume in configure {
+            out.operations.push(Operation::Configure {
+                volume,
+                group_uid: uid.to_owned(),
+                epoch,
+                stage: target.stage(),
+                hold_timeout_ms,
+            });
+        }
+        // Acknowledge the volumes at the target, when that changed.
+        let at_target: Vec<String> = volumes
+            .iter()
+            .filter(|name| {
+                self.volumes.get(*name).is_some_and(|v| {
+                    v.group_uid.as_deref() == Some(uid)
+                        && v.level.is_some_and(|l| l.satisfies(target) && l <= target)
+                        && (v.confirmed || target.is_fail_safe())
+                })
+            })
+            .cloned()
+            .collect();
+        if at_target.is_empty() {
+            return;
+        }
+        let ack = Ack {
+            point: GroupEpoch {
+                group_uid: uid.to_owned(),
+                epoch,
+                stage: target.stage(),
+            },
+            volumes: at_target,
+            fail_safe: target.is_fail_safe(),
+        };
+        if let Some(group) = self.groups.get_mut(uid)
+            && group.last_ack.as_ref() != Some(&ack)
+        {
+            group.last_ack = Some(ack.clone());
+            out.acks.push(ack);
+        }
+    }
+
+    /// Volumes in no group, once a path has delivered its complete view, are confirmed standalone.
+    fn confirm_standalone(
+        &mut self,
+        local: &BTreeMap<String, BTreeSet<String>>,
+        out: &mut Outcome,
+    ) {
+        if self.synced.is_empty() {
+            return;
+        }
+        let in_group: BTreeSet<&String> = local.values().flatten().collect();
+        for (name, volume) in &mut self.volumes {
+            if volume.confirmed || in_group.contains(name) || volume.group_uid.is_some() {
+                // A volume that carries a group but is listed by none stays as it is (rule 5: a volume
+                // that leaves a frozen group stays suspended until the group replicates again).
+                continue;
+            }
+            volume.confirmed = true;
+            out.operations.push(Operation::Configure {
+                volume: name.clone(),
+                group_uid: String::new(),
+                epoch: 0,
+                stage: Stage::Resume,
+                hold_timeout_ms: DEFAULT_HOLD_TIMEOUT_MS,
+            });
+        }
+    }
+
+    /// Outstanding copy failures (reported on both paths until a higher epoch is seen).
+    pub fn failures(&self) -> Vec<Failure> {
+        self.groups
+            .values()
+            .flat_map(|g| g.failures.values().cloned())
+            .collect()
+    }
+
+    /// The highest point seen or carried per group (for `SubscribeRequest.seen`, rule 8).
+    pub fn seen(&self) -> Vec<GroupEpoch> {
+        let mut best: BTreeMap<String, Level> = BTreeMap::new();
+        for (uid, group) in &self.groups {
+            if let Some(level) = group.seen {
+                best.insert(uid.clone(), level);
+            }
+        }
+        for volume in self.volumes.values() {
+            if let (Some(uid), Some(level)) = (&volume.group_uid, volume.level) {
+                let entry = best.entry(uid.clone()).or_insert(level);
+                if level > *entry {
+                    *entry = level;
+                }
+            }
+        }
+        best.into_iter()
+            .map(|(group_uid, level)| GroupEpoch {
+                group_uid,
+                epoch: level.epoch,
+                stage: level.stage(),
+            })
+            .collect()
+    }
+
+    /// The highest epoch seen for a group by a path.
+    pub fn seen_epoch(&self, group_uid: &str) -> Option<u64> {
+        self.groups
+            .get(group_uid)
+            .and_then(|g| g.seen)
+            .map(|l| l.epoch)
+    }
+
+    /// Groups, for status and metrics.
+    pub fn groups(&self) -> Vec<GroupView> {
+        let mut scratch = Outcome::default();
+        let local = self.local_volumes(&mut scratch);
+        self.groups
+            .iter()
+            .map(|(uid, g)| GroupView {
+                group_uid: uid.clone(),
+                name: g.name.clone(),
+                seen: g.seen,
+                fail_safe: g.fail_safe,
+                volumes: local
+                    .get(uid)
+                    .map(|v| v.iter().cloned().collect())
+                    .unwrap_or_default(),
+                last_ack: g.last_ack.clone(),
+            })
+            .collect()
+    }
+
+    /// Volumes, for status.
+    pub fn volumes(&self) -> Vec<VolumeView> {
+        self.volumes
+            .iter()
+            .map(|(name, v)| VolumeView {
+                volume: name.clone(),
+                group_uid: v.group_uid.clone(),
+                level: v.level,
+                confirmed: v.confirmed,
+            })
+            .collect()
+    }
+
+    /// True while some group holds an outstanding failure and has no fail-safe in force.
+    pub fn holds_unreported_risk(&self) -> bool {
+        self.groups
+            .values()
+            .any(|g| !g.failures.is_empty() && g.fail_safe.is_none())
+    }
+}
+
+/// The replicator steps that bring a volume from `from` to `to` (`from` < `to`, not satisfying it).
+#[derive(Debug, Default)]
+struct Steps {
+    suspend: bool,
+    release: bool,
+    resume: bool,
+    /// Record the new point with a `Configure` (no transition carries it).
+    configure: bool,
+}
+
+fn steps(from: Option<Level>, to: Level) -> Steps {
+    let e = to.epoch;
+    match to.rank {
+        Rank::Freeze | Rank::FailSafe => Steps {
+            suspend: true,
+            ..Steps::default()
+        },
+        Rank::Release => Steps {
+            suspend: from != Some(Level::point(e, Stage::Freeze)),
+            release: true,
+            ..Steps::default()
+        },
+        Rank::Resume => match from {
+            // Never frozen at all, or replicating at an older epoch: it already copies; record it.
+            None => Steps {
+                configure: true,
+                ..Steps::default()
+            },
+            Some(level) if level.rank == Rank::Resume => Steps {
+                configure: true,
+                ..Steps::default()
+            },
+            // Suspended or released at this epoch: resume.
+            Some(level) if level.epoch == e && level.rank != Rank::FailSafe => Steps {
+                resume: true,
+                ..Steps::default()
+            },
+            // Suspended (or fail-safe) or released at an older epoch: move the suspension to this epoch
+            // first, so that Resume(e) names the epoch the volume is at.
+            Some(_) => Steps {
+                suspend: true,
+                resume: true,
+                ..Steps::default()
+            },
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,672 @@
+//! Tests of the enforcement core: unit tests of each rule, and proptests over random interleavings of
+//! directives from the two paths checked against a model replicator that refuses what a real one refuses.
+
+use super::*;
+use proptest::prelude::*;
+
+const G: &str = "group-uid";
+
+fn point(epoch: u64, stage: Stage) -> GroupEpoch {
+    GroupEpoch {
+        group_uid: G.to_owned(),
+        epoch,
+        stage,
+    }
+}
+
+fn fresh(volume: &str) -> Carried {
+    Carried {
+        volume: volume.to_owned(),
+        group_uid: None,
+        level: Level::point(0, Stage::Resume),
+        confirmed: false,
+    }
+}
+
+fn carrying(volume: &str, level: Level, confirmed: bool) -> Carried {
+    Carried {
+        volume: volume.to_owned(),
+        group_uid: Some(G.to_owned()),
+        level,
+        confirmed,
+    }
+}
+
+fn membership(path: Path, volumes: &[&str]) -> Input {
+    Input::Membership {
+        path,
+        group_uid: G.to_owned(),
+        group_name: "orders".to_owned(),
+        volumes: volumes.iter().map(|v| (*v).to_owned()).collect(),
+        hold_timeout_ms: 10_000,
+    }
+}
+
+fn directive(path: Path, epoch: u64, stage: Stage) -> Input {
+    Input::Directive {
+        path,
+        target: point(epoch, stage),
+    }
+}
+
+fn names(volumes: &[&str]) -> Vec<String> {
+    volumes.iter().map(|v| (*v).to_owned()).collect()
+}
+
+fn configure(volume: &str, epoch: u64, stage: Stage) -> Operation {
+    Operation::Configure {
+        volume: volume.to_owned(),
+        group_uid: G.to_owned(),
+        epoch,
+        stage,
+        hold_timeout_ms: 10_000,
+    }
+}
+
+fn suspend(epoch: u64, volumes: &[&str], fail_safe: bool) -> Operation {
+    Operation::Suspend {
+        group_uid: G.to_owned(),
+        epoch,
+        volumes: names(volumes),
+        fail_safe,
+    }
+}
+
+fn ack(epoch: u64, stage: Stage, volumes: &[&str], fail_safe: bool) -> Ack {
+    Ack {
+        point: point(epoch, stage),
+        volumes: names(volumes),
+        fail_safe,
+    }
+}
+
+/// A node with two fresh volumes in the group, replicating at (0, Resume), confirmed.
+fn replicating() -> Enforcer {
+    let mut core = Enforcer::new();
+    core.handle(Input::Inventory(vec![
+        fresh("v1"),
+        fresh("v2"),
+        fresh("other"),
+    ]));
+    core.handle(membership(Path::Api, &["v1", "v2"]));
+    let out = core.handle(directive(Path::Api, 0, Stage::Resume));
+    assert_eq!(
+        out.operations,
+        vec![
+            configure("v1", 0, Stage::Resume),
+            configure("v2", 0, Stage::Resume)
+        ]
+    );
+    assert_eq!(out.acks, vec![ack(0, Stage::Resume, &["v1", "v2"], false)]);
+    core
+}
+
+#[test]
+fn a_freeze_suspends_the_groups_volumes_once_and_is_acknowledged_with_the_list() {
+    for first in [Path::Api, Path::Grpc] {
+        let mut core = replicating();
+        let out = core.handle(directive(first, 1, Stage::Freeze));
+        assert_eq!(out.operations, vec![suspend(1, &["v1", "v2"], false)]);
+        assert_eq!(out.acks, vec![ack(1, Stage::Freeze, &["v1", "v2"], false)]);
+        for path in [Path::Api, Path::Grpc, first, Path::Api] {
+            let again = core.handle(directive(path, 1, Stage::Freeze));
+            assert!(again.operations.is_empty() && again.acks.is_empty());
+            assert!(matches!(again.refused[..], [Refusal::Stale { .. }]));
+        }
+    }
+}
+
+#[test]
+fn stale_and_reordered_directives_change_nothing() {
+    let mut core = replicating();
+    core.handle(directive(Path::Grpc, 2, Stage::Release));
+    for (epoch, stage) in [
+        (1, Stage::Freeze),
+        (2, Stage::Freeze),
+        (1, Stage::Resume),
+        (2, Stage::Release),
+        (0, Stage::Resume),
+    ] {
+        let out = core.handle(directive(Path::Api, epoch, stage));
+        assert!(
+            out.operations.is_empty() && out.acks.is_empty(),
+            "{epoch} {stage}"
+        );
+    }
+}
+
+#[test]
+fn release_without_the_freeze_suspends_first() {
+    let mut core = replicating();
+    let out = core.handle(directive(Path::Api, 1, Stage::Release));
+    assert_eq!(
+        out.operations,
+        vec![
+            suspend(1, &["v1", "v2"], false),
+            Operation::Release {
+                group_uid: G.to_owned(),
+                epoch: 1,
+                volumes: names(&["v1", "v2"]),
+            }
+        ]
+    );
+    assert_eq!(out.acks, vec![ack(1, Stage::Release, &["v1", "v2"], false)]);
+}
+
+#[test]
+fn release_after_the_freeze_only_releases_and_resume_only_resumes() {
+    let mut core = replicating();
+    core.handle(directive(Path::Api, 1, Stage::Freeze));
+    let out = core.handle(directive(Path::Grpc, 1, Stage::Release));
+    assert_eq!(
+        out.operations,
+        vec![Operation::Release {
+            group_uid: G.to_owned(),
+            epoch: 1,
+            volumes: names(&["v1", "v2"]),
+        }]
+    );
+    let out = core.handle(directive(Path::Api, 1, Stage::Resume));
+    assert_eq!(
+        out.operations,
+        vec![Operation::Resume {
+            group_uid: G.to_owned(),
+            epoch: 1,
+            volumes: names(&["v1", "v2"]),
+        }]
+    );
+    assert_eq!(out.acks, vec![ack(1, Stage::Resume, &["v1", "v2"], false)]);
+}
+
+#[test]
+fn a_missed_freeze_is_resumed_at_the_new_epoch() {
+    let mut core = replicating();
+    core.handle(directive(Path::Api, 1, Stage::Freeze));
+    // Epoch 2 passed entirely while this node was cut off: its volumes are suspended at 1.
+    let out = core.handle(directive(Path::Api, 2, Stage::Resume));
+    assert_eq!(
+        out.operations,
+        vec![
+            suspend(2, &["v1", "v2"], false),
+            Operation::Resume {
+                group_uid: G.to_owned(),
+                epoch: 2,
+                volumes: names(&["v1", "v2"]),
+            }
+        ]
+    );
+}
+
+#[test]
+fn a_replicating_volume_skipping_an_epoch_is_only_recorded() {
+    let mut core = replicating();
+    let out = core.handle(directive(Path::Api, 3, Stage::Resume));
+    assert_eq!(
+        out.operations,
+        vec![
+            configure("v1", 3, Stage::Resume),
+            configure("v2", 3, Stage::Resume)
+        ]
+    );
+}
+
+#[test]
+fn the_fail_safe_suspends_at_the_epoch_last_seen_and_only_a_higher_epoch_lifts_it() {
+    let mut core = replicating();
+    core.handle(directive(Path::Api, 4, Stage::Resume));
+    // Nothing to protect: the timer does nothing.
+    let out = core.handle(Input::FailSafeTimer);
+    assert!(out.operations.is_empty() && out.fail_safe_taken.is_empty());
+
+    core.handle(Input::CopyFailed {
+        volume: "v1".into(),
+        sequence: 9,
+        error: "link down".into(),
+        since_unix_ms: 1,
+    });
+    assert_eq!(core.failures().len(), 1);
+    assert_eq!(core.failures()[0].epoch_seen, 4);
+    assert!(core.holds_unreported_risk());
+    let out = core.handle(Input::FailSafeTimer);
+    assert_eq!(out.operations, vec![suspend(4, &["v1", "v2"], true)]);
+    assert_eq!(out.acks, vec![ack(4, Stage::Freeze, &["v1", "v2"], true)]);
+    assert_eq!(out.fail_safe_taken, vec![G.to_owned()]);
+    assert!(!core.holds_unreported_risk());
+    assert!(core.handle(Input::FailSafeTimer).operations.is_empty());
+
+    // Directives at the fail-safe's epoch do not lift it.
+    for stage in [Stage::Freeze, Stage::Release, Stage::Resume] {
+        let out = core.handle(directive(Path::Grpc, 4, stage));
+        assert!(out.operations.is_empty());
+    }
+    let out = core.handle(directive(Path::Grpc, 5, Stage::Release));
+    assert_eq!(
+        out.operations,
+        vec![
+            suspend(5, &["v1", "v2"], false),
+            Operation::Release {
+                group_uid: G.to_owned(),
+                epoch: 5,
+                volumes: names(&["v1", "v2"]),
+            }
+        ]
+    );
+    assert!(
+        core.failures().is_empty(),
+        "a higher epoch acknowledges the report"
+    );
+}
+
+#[test]
+fn a_restarted_sidecar_confirms_a_frozen_volume_without_touching_it() {
+    let mut core = Enforcer::new();
+    core.handle(Input::Inventory(vec![
+        carrying("v1", Level::point(3, Stage::Freeze), false),
+        carrying("v2", Level::point(3, Stage::Freeze), false),
+    ]));
+    core.handle(membership(Path::Grpc, &["v1", "v2"]));
+    let out = core.handle(directive(Path::Grpc, 3, Stage::Freeze));
+    assert_eq!(
+        out.operations,
+        vec![
+            configure("v1", 3, Stage::Freeze),
+            configure("v2", 3, Stage::Freeze)
+        ]
+    );
+    assert_eq!(out.acks, vec![ack(3, Stage::Freeze, &["v1", "v2"], false)]);
+    assert_eq!(core.seen(), vec![point(3, Stage::Freeze)]);
+}
+
+#[test]
+fn a_volume_is_never_confirmed_older_than_it_carries() {
+    let mut core = Enforcer::new();
+    core.handle(Input::Inventory(vec![carrying(
+        "v1",
+        Level::point(3, Stage::Freeze),
+        false,
+    )]));
+    core.handle(membership(Path::Api, &["v1"]));
+    let out = core.handle(directive(Path::Api, 2, Stage::Resume));
+    assert!(out.operations.is_empty());
+    assert!(matches!(out.refused[..], [Refusal::CarriesNewer { .. }]));
+    // The node still says it has seen epoch 3 (rule 8: the operator adopts it).
+    assert_eq!(core.seen(), vec![point(3, Stage::Freeze)]);
+    let out = core.handle(directive(Path::Api, 3, Stage::Freeze));
+    assert_eq!(out.operations, vec![configure("v1", 3, Stage::Freeze)]);
+}
+
+#[test]
+fn a_directive_before_the_membership_is_kept_and_enforced_when_the_volumes_arrive() {
+    let mut core = Enforcer::new();
+    core.handle(Input::Inventory(vec![fresh("v1")]));
+    let out = core.handle(directive(Path::Grpc, 2, Stage::Freeze));
+    assert!(out.operations.is_empty());
+    let out = core.handle(membership(Path::Api, &["v1"]));
+    assert_eq!(
+        out.operations,
+        vec![
+            suspend(2, &["v1"], false),
+            configure("v1", 2, Stage::Freeze)
+        ]
+    );
+    assert_eq!(out.acks, vec![ack(2, Stage::Freeze, &["v1"], false)]);
+}
+
+#[test]
+fn a_volume_joining_a_frozen_group_is_suspended_and_the_ack_grows() {
+    let mut core = replicating();
+    core.handle(directive(Path::Grpc, 1, Stage::Freeze));
+    let out = core.handle(membership(Path::Grpc, &["other"]));
+    assert_eq!(
+        out.operations,
+        vec![
+            suspend(1, &["other"], false),
+            configure("other", 1, Stage::Freeze)
+        ]
+    );
+    assert_eq!(
+        out.acks,
+        vec![ack(1, Stage::Freeze, &["other", "v1", "v2"], false)]
+    );
+    // A volume leaving a path's view but still listed by the other stays in the group.
+    let out = core.handle(Input::GroupGone {
+        path: Path::Grpc,
+        group_uid: G.into(),
+    });
+    assert_eq!(out.acks, vec![ack(1, Stage::Freeze, &["v1", "v2"], false)]);
+    assert!(
+        out.operations.is_empty(),
+        "a leaving volume stays suspended"
+    );
+}
+
+#[test]
+fn volumes_not_served_here_and_double_claims_are_refused() {
+    let mut core = replicating();
+    let out = core.handle(membership(Path::Grpc, &["v1", "elsewhere"]));
+    assert!(out.refused.contains(&Refusal::NotOwned {
+        group_uid: G.into(),
+        volume: "elsewhere".into()
+    }));
+    let out = core.handle(Input::Membership {
+        path: Path::Api,
+        group_uid: "zzz-second".into(),
+        group_name: "second".into(),
+        volumes: ["v1".to_owned()].into(),
+        hold_timeout_ms: 1000,
+    });
+    assert!(out.refused.contains(&Refusal::DoubleClaim {
+        group_uid: "zzz-second".into(),
+        volume: "v1".into(),
+        claimed_by: G.into()
+    }));
+    let out = core.handle(Input::Directive {
+        path: Path::Api,
+        target: GroupEpoch {
+            group_uid: "zzz-second".into(),
+            epoch: 7,
+            stage: Stage::Freeze,
+        },
+    });
+    assert!(out.operations.is_empty(), "{out:?}");
+    let out = core.handle(Input::CopyFailed {
+        volume: "unknown".into(),
+        sequence: 1,
+        error: String::new(),
+        since_unix_ms: 0,
+    });
+    assert!(matches!(
+        out.refused[..],
+        [Refusal::FailureOutsideGroup { .. }]
+    ));
+}
+
+#[test]
+fn volumes_in_no_group_are_confirmed_standalone_once_a_path_is_synced() {
+    let mut core = replicating();
+    let out = core.handle(Input::Synced(Path::Api));
+    assert_eq!(
+        out.operations,
+        vec![Operation::Configure {
+            volume: "other".into(),
+            group_uid: String::new(),
+            epoch: 0,
+            stage: Stage::Resume,
+            hold_timeout_ms: DEFAULT_HOLD_TIMEOUT_MS,
+        }]
+    );
+    assert!(core.handle(Input::Synced(Path::Grpc)).operations.is_empty());
+}
+
+#[test]
+fn nothing_acts_before_the_inventory_and_a_failed_operation_waits_for_the_next() {
+    let mut core = Enforcer::new();
+    core.handle(membership(Path::Api, &["v1"]));
+    assert!(
+        core.handle(directive(Path::Api, 1, Stage::Freeze))
+            .operations
+            .is_empty()
+    );
+    let out = core.handle(Input::Inventory(vec![fresh("v1")]));
+    assert_eq!(
+        out.operations,
+        vec![
+            suspend(1, &["v1"], false),
+            configure("v1", 1, Stage::Freeze)
+        ]
+    );
+    core.handle(Input::OperationFailed {
+        volumes: names(&["v1"]),
+    });
+    // The replicator says it never got there: it is brought there again.
+    let out = core.handle(Input::Inventory(vec![carrying(
+        "v1",
+        Level::point(0, Stage::Resume),
+        true,
+    )]));
+    assert_eq!(out.operations, vec![suspend(1, &["v1"], false)]);
+}
+
+// ---- proptests -------------------------------------------------------------------------------------
+
+/// A model replicator: refuses (panics on) what a real one refuses, so every sequence the core emits
+/// must be valid.
+#[derive(Debug, Clone, Default)]
+struct ModelVolume {
+    level: Option<Level>,
+    history: Vec<(&'static str, Level)>,
+}
+
+impl ModelVolume {
+    fn apply(&mut self, op: &Operation) {
+        let target = op.level();
+        let kind = match op {
+            Operation::Suspend { .. } => "suspend",
+            Operation::Release { .. } => "release",
+            Operation::Resume { .. } => "resume",
+            Operation::Configure { .. } => "configure",
+        };
+        match op {
+            Operation::Release { epoch, .. } => assert_eq!(
+                self.level,
+                Some(Level::point(*epoch, Stage::Freeze)),
+                "Release({epoch}) on a volume not suspended at exactly {epoch}"
+            ),
+            Operation::Resume { epoch, .. } => {
+                let level = self.level.unwrap_or(Level::point(0, Stage::Resume));
+                assert!(
+                    level.epoch == *epoch && matches!(level.rank, Rank::Freeze | Rank::Release),
+                    "Resume({epoch}) from {level}"
+                );
+            }
+            _ => {}
+        }
+        if kind != "configure"
+            && let Some(last) = self.history.iter().rev().find(|(k, _)| *k != "configure")
+        {
+            assert!(
+                target > last.1,
+                "{kind} {target} after {} {}",
+                last.0,
+                last.1
+            );
+        }
+        if let Some(last) = self.history.last() {
+            assert!(
+                target >= last.1,
+                "{kind} {target} after {} {}",
+                last.0,
+                last.1
+            );
+        }
+        if kind == "configure" {
+            assert!(
+                self.history
+                    .iter()
+                    .all(|(k, l)| *k != "configure" || *l != target),
+                "configured twice at {target}"
+            );
+        }
+        self.history.push((kind, target));
+        if self.level.is_none_or(|l| target > l) {
+            self.level = Some(target);
+        }
+    }
+}
+
+/// The operator's points: (0, Resume), then for each later epoch a freeze, perhaps a release, perhaps a
+/// resume.
+fn operator_points() -> impl Strategy<Value = Vec<(u64, Stage)>> {
+    prop::collection::vec((any::<bool>(), any::<bool>()), 1..6).prop_map(|epochs| {
+        let mut points = vec![(0, Stage::Resume)];
+        for (i, (release, resume)) in epochs.into_iter().enumerate() {
+            let e = i as u64 + 1;
+            points.push((e, Stage::Freeze));
+            if release {
+                points.push((e, Stage::Release));
+            }
+            if resume {
+                points.push((e, Stage::Resume));
+            }
+        }
+        points
+    })
+}
+
+#[derive(Debug, Clone)]
+enum Event {
+    Deliver(usize, Path),
+    Join(Path, usize),
+    CopyFailed(usize),
+    FailSafe,
+}
+
+fn scenario() -> impl Strategy<Value = (Vec<(u64, Stage)>, Vec<Event>)> {
+    operator_points().prop_flat_map(|points| {
+        let n = points.len();
+        let event = prop_oneof![
+            8 => (0..n, prop_oneof![Just(Path::Api), Just(Path::Grpc)])
+                .prop_map(|(i, p)| Event::Deliver(i, p)),
+            2 => (prop_oneof![Just(Path::Api), Just(Path::Grpc)], 0..3usize)
+                .prop_map(|(p, k)| Event::Join(p, k)),
+            1 => (0..3usize).prop_map(Event::CopyFailed),
+            1 => Just(Event::FailSafe),
+        ];
+        (Just(points), prop::collection::vec(event, 1..40))
+    })
+}
+
+const VOLUMES: [&str; 3] = ["a", "b", "c"];
+
+fn run(points: &[(u64, Stage)], events: &[Event]) -> (Enforcer, BTreeMap<String, ModelVolume>) {
+    let mut core = Enforcer::new();
+    let mut model: BTreeMap<String, ModelVolume> = BTreeMap::new();
+    let mut feed = |core: &mut Enforcer, input: Input| {
+        let out = core.handle(input);
+        for op in &out.operations {
+            for volume in op.volumes() {
+                model.entry(volume).or_default().apply(op);
+            }
+        }
+        for ack in &out.acks {
+            for volume in &ack.volumes {
+                let level = model.get(volume).and_then(|m| m.level);
+                let expected = if ack.fail_safe {
+                    Level::fail_safe(ack.point.epoch)
+                } else {
+                    Level::point(ack.point.epoch, ack.point.stage)
+                };
+                assert!(
+                    level.is_some_and(|l| l.satisfies(expected)),
+                    "ack {} lists {volume} at {level:?}",
+                    ack.point
+                );
+            }
+        }
+    };
+    feed(
+        &mut core,
+        Input::Inventory(VOLUMES.iter().map(|v| fresh(v)).collect()),
+    );
+    let mut members: BTreeMap<Path, BTreeSet<String>> = BTreeMap::new();
+    for event in events {
+        let input = match event {
+            Event::Deliver(i, path) => {
+                let (epoch, stage) = points[*i];
+                directive(*path, epoch, stage)
+            }
+            Event::Join(path, k) => {
+                let set = members.entry(*path).or_default();
+                set.insert(VOLUMES[*k].to_owned());
+                Input::Membership {
+                    path: *path,
+                    group_uid: G.to_owned(),
+                    group_name: "g".into(),
+                    volumes: set.clone(),
+                    hold_timeout_ms: 10_000,
+                }
+            }
+            Event::CopyFailed(k) => Input::CopyFailed {
+                volume: VOLUMES[*k].to_owned(),
+                sequence: 1,
+                error: "cut".into(),
+                since_unix_ms: 0,
+            },
+            Event::FailSafe => Input::FailSafeTimer,
+        };
+        // Every input twice: the second time changes nothing.
+        feed(&mut core, input.clone());
+        let again = core.handle(input);
+        assert!(again.operations.is_empty(), "repeat acted: {again:?}");
+        assert!(again.acks.is_empty(), "repeat acknowledged: {again:?}");
+    }
+    (core, model)
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(2000))]
+
+    /// Per volume, operations are monotone in (epoch, stage), each point enforced at most once, every
+    /// Release at exactly the epoch of the suspension, and acks only list volumes that got there.
+    #[test]
+    fn random_interleavings_of_two_paths_enforce_each_point_once((points, events) in scenario()) {
+        let (core, model) = run(&points, &events);
+        // Every volume in the group ends at the highest point delivered (or the fail-safe above it).
+        let delivered = events.iter().filter_map(|e| match e {
+            Event::Deliver(i, _) => Some(points[*i]),
+            _ => None,
+        }).max();
+        let members: BTreeSet<usize> = events.iter().filter_map(|e| match e {
+            Event::Join(_, k) => Some(*k),
+            _ => None,
+        }).collect();
+        if let Some((epoch, stage)) = delivered {
+            let view = core.groups();
+            let group = view.iter().find(|g| g.group_uid == G);
+            let fail_safe = group.and_then(|g| g.fail_safe);
+            for k in members {
+                let level = model.get(VOLUMES[k]).and_then(|m| m.level);
+                let expected = match fail_safe {
+                    Some(e) => Level::fail_safe(e),
+                    None => Level::point(epoch, stage),
+                };
+                // Under a fail-safe, a volume never confirmed is left alone: it holds its I/O anyway.
+                let unconfirmed_ok = fail_safe.is_some() && level.is_none();
+                prop_assert!(
+                    unconfirmed_ok || level.is_some_and(|l| l.satisfies(expected)),
+                    "{} at {:?}, expected {}", VOLUMES[k], level, expected
+                );
+            }
+        }
+    }
+
+    /// The same directives delivered in any order, on either path, duplicated, end in the same place as
+    /// delivering only the highest.
+    #[test]
+    fn order_and_duplicates_do_not_matter(
+        points in operator_points(),
+        order in prop::collection::vec((any::<prop::sample::Index>(), any::<bool>()), 1..30),
+    ) {
+        let events: Vec<Event> = [Event::Join(Path::Api, 0), Event::Join(Path::Grpc, 1)]
+            .into_iter()
+            .chain(order.iter().map(|(i, api)| {
+                Event::Deliver(i.index(points.len()), if *api { Path::Api } else { Path::Grpc })
+            }))
+            .collect();
+        let (_, model) = run(&points, &events);
+        let highest = order.iter().map(|(i, _)| points[i.index(points.len())]).max();
+        let Some(highest) = highest else { return Ok(()) };
+        let only: Vec<Event> = vec![
+            Event::Join(Path::Api, 0),
+            Event::Join(Path::Grpc, 1),
+            Event::Deliver(points.iter().position(|p| *p == highest).unwrap_or(0), Path::Api),
+        ];
+        let (_, direct) = run(&points, &only);
+        for v in ["a", "b"] {
+            prop_assert_eq!(
+                model.get(v).and_then(|m| m.level),
+                direct.get(v).and_then(|m| m.level)
+            );
+        }
+    }
+}
