@@ -31,6 +31,11 @@ pub enum Event {
     Report(Report),
     /// A node enforced a directive on some volumes.
     Ack(Ack),
+    /// A member says it has seen or enforced this epoch of the group (rule 8), e.g. on reconnecting.
+    Seen {
+        /// The epoch seen.
+        epoch: u64,
+    },
     /// Nothing new arrived: evaluate the spec's intents and the acknowledgements again.
     Evaluate,
 }
@@ -166,6 +171,11 @@ pub fn decide(
                 freeze(&mut decision, &uid, trigger);
             }
             record_ack(&mut decision.status, ack, now);
+        }
+        Event::Seen { epoch } => {
+            if *epoch > decision.status.epoch {
+                adopt(&mut decision, &uid, *epoch, now);
+            }
         }
         Event::Evaluate => {}
     }

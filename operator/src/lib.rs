@@ -1,20 +1,295 @@
 //! The Lockstep operator: the control system that freezes every member of a consistency group.
 //!
 //! This crate is a library whose binary only parses flags and calls [`run`], so later crates' tests can
-//! start it in-process.
+//! start it in-process ([`Operator::start`]).
 //!
 //! - [`freeze`]: the pure decisions (group status + event → new status, directives, events).
 //! - [`members`]: the pure resolution of a group's members to volumes and nodes.
+//! - [`engine`]: fetch → decide → send and persist → record, one group at a time.
+//! - [`clusters`], [`mirror`], [`fanout`], [`sessions`], [`control`]: member clusters, mirrors, the two
+//!   delivery paths and the gRPC `Control` service.
+//! - [`metrics`]: Prometheus metrics; [`http`]: `/healthz`, `/readyz`, `/metrics`.
 
+pub mod clusters;
+pub mod control;
+pub mod engine;
+pub mod fanout;
 pub mod freeze;
+pub mod http;
 pub mod members;
+pub mod metrics;
+pub mod mirror;
+pub mod sessions;
 
-/// Start-up options.
-#[derive(Debug, Clone, Default, clap::Args)]
-pub struct Options {}
+use std::{collections::BTreeMap, net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
-/// Runs the component until it is asked to stop.
-pub async fn run(_options: Options) -> anyhow::Result<()> {
-    tracing::info!("lockstep-operator has no work yet: see its issue");
+use futures::StreamExt;
+use kube::{
+    Api, Client, Config, ResourceExt,
+    config::{KubeConfigOptions, Kubeconfig},
+    runtime::{WatchStreamExt, reflector, watcher},
+};
+use lockstep_api::{
+    proto::control::v1::control_server::ControlServer,
+    v1alpha1::{ConsistencyGroup, MemberCluster, ReplicationNode},
+};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::{engine::Engine, metrics::Metrics, sessions::Sessions};
+
+/// Start-up options (flags and environment).
+#[derive(Debug, Clone, clap::Args)]
+pub struct Options {
+    /// Kubeconfig of the hub cluster; in-cluster configuration (or $KUBECONFIG) when absent.
+    #[arg(long, env = "LOCKSTEP_KUBECONFIG")]
+    pub kubeconfig: Option<PathBuf>,
+    /// This hub's identity: mirrors in member clusters are labelled with it.
+    #[arg(long, env = "LOCKSTEP_HUB_NAME", default_value = "hub")]
+    pub hub_name: String,
+    /// Where the gRPC Control service listens (sidecars dial it).
+    #[arg(long, env = "LOCKSTEP_GRPC_LISTEN", default_value = "0.0.0.0:7443")]
+    pub grpc_listen: SocketAddr,
+    /// Where `/healthz`, `/readyz` and `/metrics` are served.
+    #[arg(long, env = "LOCKSTEP_HTTP_LISTEN", default_value = "0.0.0.0:8080")]
+    pub http_listen: SocketAddr,
+    /// How often every group is reconciled even when nothing changed (members resolved, mirrors written).
+    #[arg(long, env = "LOCKSTEP_RESYNC_INTERVAL", default_value = "2s", value_parser = parse_duration)]
+    pub resync_interval: Duration,
+}
+
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    lockstep_api::domain::parse_duration(text).map_err(|error| error.to_string())
+}
+
+/// A running operator.
+#[derive(Debug)]
+pub struct Operator {
+    /// The address the gRPC Control service listens on.
+    pub grpc_addr: SocketAddr,
+    /// The address of the health and metrics endpoints.
+    pub http_addr: SocketAddr,
+    engine: Engine,
+    shutdown: CancellationToken,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+/// Builds a client from a kubeconfig file, or the default configuration.
+pub async fn client_from(kubeconfig: Option<&std::path::Path>) -> anyhow::Result<Client> {
+    let Some(path) = kubeconfig else {
+        return Ok(Client::try_default().await?);
+    };
+    let kubeconfig = Kubeconfig::read_from(path)?;
+    let config = Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default()).await?;
+    Ok(Client::try_from(config)?)
+}
+
+impl Operator {
+    /// Starts the operator against the hub `client`: reflectors, reconcile loop, member watches, the
+    /// gRPC service and the HTTP endpoints.
+    pub async fn start(client: Client, options: &Options) -> anyhow::Result<Self> {
+        let shutdown = CancellationToken::new();
+        let metrics = Metrics::default();
+        let sessions = Sessions::default();
+
+        let (groups, groups_writer) = reflector::store::<ConsistencyGroup>();
+        let (member_clusters, clusters_writer) = reflector::store::<MemberCluster>();
+        let engine = Engine::new(
+            client.clone(),
+            options.hub_name.clone(),
+            groups.clone(),
+            member_clusters.clone(),
+            sessions,
+            metrics.clone(),
+        );
+        let mut tasks = Vec::new();
+
+        // The hub's groups: a reflector, and a reconcile as soon as one changes.
+        let group_changes = {
+            let engine = engine.clone();
+            let stream = watcher(
+                Api::<ConsistencyGroup>::all(client.clone()),
+                watcher::Config::default(),
+            )
+            .default_backoff()
+            .reflect(groups_writer)
+            .applied_objects();
+            async move {
+                let mut stream = std::pin::pin!(stream);
+                while let Some(change) = stream.next().await {
+                    match change {
+                        Ok(group) => {
+                            let engine = engine.clone();
+                            tokio::spawn(async move {
+                                if let Err(error) = engine.reconcile(Arc::new(group)).await {
+                                    tracing::warn!(%error, "reconcile failed");
+                                }
+                            });
+                        }
+                        Err(error) => tracing::warn!(%error, "watching ConsistencyGroups"),
+                    }
+                }
+            }
+        };
+        tasks.push(spawn_until(&shutdown, group_changes));
+        let clusters_stream = watcher(
+            Api::<MemberCluster>::all(client.clone()),
+            watcher::Config::default(),
+        )
+        .default_backoff()
+        .reflect(clusters_writer)
+        .for_each(|_| futures::future::ready(()));
+        tasks.push(spawn_until(&shutdown, clusters_stream));
+
+        // The periodic reconcile of everything, which also (re)connects member clusters and their watches.
+        tasks.push(spawn_until(
+            &shutdown,
+            resync_loop(engine.clone(), options.resync_interval),
+        ));
+
+        // Path 2: the gRPC Control service.
+        let grpc_listener = tokio::net::TcpListener::bind(options.grpc_listen).await?;
+        let grpc_addr = grpc_listener.local_addr()?;
+        let service = ControlServer::new(control::ControlService::new(engine.clone()));
+        let grpc = {
+            let shutdown = shutdown.clone();
+            async move {
+                let incoming = tokio_stream::wrappers::TcpListenerStream::new(grpc_listener);
+                let served = tonic::transport::Server::builder()
+                    .add_service(service)
+                    .serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned())
+                    .await;
+                if let Err(error) = served {
+                    tracing::error!(%error, "the gRPC Control service stopped");
+                }
+            }
+        };
+        tasks.push(tokio::spawn(grpc));
+
+        let http_listener = tokio::net::TcpListener::bind(options.http_listen).await?;
+        let http_addr = http_listener.local_addr()?;
+        tasks.push(tokio::spawn(http::serve(
+            http_listener,
+            metrics,
+            groups,
+            shutdown.clone(),
+        )));
+
+        tracing::info!(%grpc_addr, %http_addr, hub = %options.hub_name, "operator started");
+        Ok(Self {
+            grpc_addr,
+            http_addr,
+            engine,
+            shutdown,
+            tasks,
+        })
+    }
+
+    /// The engine, for tests that look inside.
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
+    /// Stops every task and waits for them.
+    pub async fn shutdown(self) {
+        self.shutdown.cancel();
+        for task in self.tasks {
+            task.abort();
+            let _ = task.await;
+        }
+    }
+}
+
+fn spawn_until<F>(shutdown: &CancellationToken, work: F) -> JoinHandle<()>
+where
+    F: std::future::Future<Output = ()> + Send + 'static,
+{
+    let shutdown = shutdown.clone();
+    tokio::spawn(async move {
+        tokio::select! {
+            () = shutdown.cancelled() => {}
+            () = work => {}
+        }
+    })
+}
+
+/// Every interval: reconnect member clusters, start ReplicationNode watches for new ones, reconcile every
+/// group, and count groups and volumes for the metrics.
+async fn resync_loop(engine: Engine, interval: Duration) {
+    let mut node_watches: BTreeMap<String, JoinHandle<()>> = BTreeMap::new();
+    let mut ticker = tokio::time::interval(interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticker.tick().await;
+        engine.refresh_members().await;
+        for (name, member) in engine.members().await {
+            let Ok(client) = member.client else { continue };
+            if node_watches
+                .get(&name)
+                .is_some_and(|task| !task.is_finished())
+            {
+                continue;
+            }
+            node_watches.insert(
+                name.clone(),
+                tokio::spawn(watch_replication_nodes(engine.clone(), name, client)),
+            );
+        }
+        let groups = engine.groups();
+        let reconciles = groups.iter().map(|group| {
+            let engine = engine.clone();
+            let group = group.clone();
+            async move {
+                if let Err(error) = engine.reconcile(group).await {
+                    tracing::warn!(%error, "reconcile failed");
+                }
+            }
+        });
+        futures::future::join_all(reconciles).await;
+        let groups = engine.groups();
+        let phases: Vec<_> = groups
+            .iter()
+            .filter_map(|group| group.status.as_ref()?.phase)
+            .collect();
+        let states: Vec<_> = groups
+            .iter()
+            .flat_map(|group| group.status.iter().flat_map(|status| status.members.iter()))
+            .filter_map(|member| member.state)
+            .collect();
+        engine.metrics().census(&phases, &states);
+    }
+}
+
+/// Path 1 of reports and acknowledgements: a member cluster's ReplicationNodes.
+async fn watch_replication_nodes(engine: Engine, cluster: String, client: Client) {
+    let stream = watcher(
+        Api::<ReplicationNode>::all(client),
+        watcher::Config::default(),
+    )
+    .default_backoff()
+    .applied_objects();
+    let mut stream = std::pin::pin!(stream);
+    while let Some(change) = stream.next().await {
+        match change {
+            Ok(node) => {
+                tracing::debug!(%cluster, node = %node.name_any(), "ReplicationNode changed");
+                engine.from_replication_nodes(&cluster, &node).await;
+            }
+            Err(error) => tracing::debug!(%cluster, %error, "watching ReplicationNodes"),
+        }
+    }
+}
+
+/// Runs the operator until SIGTERM or Ctrl-C.
+pub async fn run(options: Options) -> anyhow::Result<()> {
+    let client = client_from(options.kubeconfig.as_deref()).await?;
+    let operator = Operator::start(client, &options).await?;
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = terminate.recv() => {}
+    }
+    tracing::info!("shutting down");
+    operator.shutdown().await;
     Ok(())
 }

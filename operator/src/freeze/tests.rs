@@ -368,6 +368,17 @@ fn a_member_that_saw_a_higher_epoch_is_adopted_and_the_freeze_finished() {
 }
 
 #[test]
+fn an_epoch_seen_on_reconnect_is_adopted_only_when_higher() {
+    let mut group = group(Policy::FreezeAndGo);
+    step(&mut group, &report(Path::Grpc, 0));
+    assert_eq!(step(&mut group, &Event::Seen { epoch: 1 }).freeze_now, None);
+    assert_eq!(step(&mut group, &Event::Seen { epoch: 0 }).freeze_now, None);
+    let adopted = step(&mut group, &Event::Seen { epoch: 4 });
+    assert_eq!(adopted.freeze_now.map(|point| point.epoch), Some(4));
+    assert_eq!(position(status(&group)), (4, Stage::Freeze));
+}
+
+#[test]
 fn a_fail_safe_suspension_at_the_current_epoch_freezes_the_group() {
     let mut group = group(Policy::FreezeAndGo);
     let event = Event::Ack(Ack {
@@ -475,6 +486,7 @@ fn any_event() -> impl Strategy<Value = Event> {
                 })
             }
         ),
+        (0u64..4).prop_map(|epoch| Event::Seen { epoch }),
         Just(Event::Evaluate),
     ]
 }

@@ -1,0 +1,247 @@
+//! The gRPC `Control` service (path 2): sidecars report failures, subscribe to directives and acknowledge.
+//!
+//! Malformed messages (no node identity, an unset stage, no group UID) are refused with InvalidArgument
+//! and logged; a report or acknowledgement for a group this hub does not know is answered without effect.
+
+use std::{pin::Pin, time::Duration};
+
+use futures::Stream;
+use lockstep_api::{
+    domain::{GroupEpoch, Path},
+    proto::control::v1::{
+        self as pb, AckRequest, AckResponse, ControlMessage, ReportRequest, ReportResponse,
+        SubscribeRequest, control_message::Kind, control_server::Control,
+    },
+};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+
+use crate::{
+    engine::Engine,
+    freeze::{self, Event},
+    members::ReportedVolume,
+    sessions::{self, NodeKey},
+};
+
+/// How often a subscribed sidecar hears a heartbeat.
+pub const HEARTBEAT: Duration = Duration::from_secs(2);
+
+/// The `Control` service.
+#[derive(Debug, Clone)]
+pub struct ControlService {
+    engine: Engine,
+}
+
+impl ControlService {
+    /// A service deciding through `engine`.
+    pub fn new(engine: Engine) -> Self {
+        Self { engine }
+    }
+}
+
+fn node_key(node: Option<&pb::NodeIdentity>) -> Result<NodeKey, Status> {
+    let node = node.ok_or_else(|| Status::invalid_argument("the message names no node"))?;
+    if node.cluster.is_empty() || node.node.is_empty() {
+        return Err(Status::invalid_argument(
+            "the node identity needs both a cluster and a node name",
+        ));
+    }
+    Ok((node.cluster.clone(), node.node.clone()))
+}
+
+fn reported_volumes(node: &NodeKey, volumes: &[pb::ResolvedVolume]) -> Vec<ReportedVolume> {
+    volumes
+        .iter()
+        .filter(|volume| !volume.volume_handle.is_empty() && !volume.pvc.is_empty())
+        .map(|volume| ReportedVolume {
+            namespace: volume.namespace.clone(),
+            pvc: volume.pvc.clone(),
+            persistent_volume: volume.persistent_volume.clone(),
+            volume_handle: volume.volume_handle.clone(),
+            node: node.1.clone(),
+        })
+        .collect()
+}
+
+fn refuse(what: &str, node: &NodeKey, reason: impl std::fmt::Display) -> Status {
+    tracing::warn!(cluster = %node.0, node = %node.1, %reason, "refused a malformed {what}");
+    Status::invalid_argument(format!("malformed {what}: {reason}"))
+}
+
+/// The Membership message for a node's cluster: every group with members there.
+fn membership(engine: &Engine, cluster: &str) -> ControlMessage {
+    let groups = engine
+        .groups()
+        .iter()
+        .filter_map(|group| {
+            let uid = group.metadata.uid.clone()?;
+            let members: Vec<pb::ResolvedVolume> = group
+                .spec
+                .members
+                .iter()
+                .filter(|member| member.cluster == cluster)
+                .flat_map(|member| {
+                    member
+                        .pvc_names
+                        .iter()
+                        .flatten()
+                        .map(|pvc| pb::ResolvedVolume {
+                            namespace: member.namespace.clone(),
+                            pvc: pvc.clone(),
+                            ..pb::ResolvedVolume::default()
+                        })
+                })
+                .chain(
+                    group
+                        .status
+                        .iter()
+                        .flat_map(|status| status.members.iter())
+                        .filter(|m| m.cluster == cluster)
+                        .map(|member| pb::ResolvedVolume {
+                            namespace: member.namespace.clone(),
+                            pvc: member.pvc.clone(),
+                            persistent_volume: member.persistent_volume.clone().unwrap_or_default(),
+                            volume_handle: member.volume_handle.clone().unwrap_or_default(),
+                        }),
+                )
+                .collect();
+            if members.is_empty() {
+                return None;
+            }
+            let (epoch, stage) = group.position();
+            let hold_timeout_ms = lockstep_api::domain::parse_duration(&group.spec.hold_timeout)
+                .map(|timeout| u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX))
+                .unwrap_or(30_000);
+            Some(pb::GroupMembership {
+                group_name: group.metadata.name.clone().unwrap_or_default(),
+                current: Some(pb::GroupEpoch::from(&GroupEpoch {
+                    group_uid: uid,
+                    epoch,
+                    stage,
+                })),
+                hold_timeout_ms,
+                volumes: members,
+            })
+        })
+        .collect();
+    ControlMessage {
+        kind: Some(Kind::Membership(pb::Membership { groups })),
+    }
+}
+
+type ControlStream = Pin<Box<dyn Stream<Item = Result<ControlMessage, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Control for ControlService {
+    async fn report(
+        &self,
+        request: Request<ReportRequest>,
+    ) -> Result<Response<ReportResponse>, Status> {
+        let request = request.into_inner();
+        let node = node_key(request.node.as_ref())?;
+        if !request.volumes.is_empty() {
+            self.engine
+                .sessions()
+                .record_volumes(&node, reported_volumes(&node, &request.volumes));
+        }
+        let mut groups = Vec::new();
+        for failure in &request.failures {
+            if failure.group_uid.is_empty() || failure.volume_handle.is_empty() {
+                return Err(refuse(
+                    "report",
+                    &node,
+                    "a failure without a group UID or a volume handle",
+                ));
+            }
+            let event = Event::Report(freeze::Report {
+                path: Path::Grpc,
+                cluster: node.0.clone(),
+                node: node.1.clone(),
+                volume_handle: failure.volume_handle.clone(),
+                epoch_seen: failure.epoch_seen,
+                message: failure.error.clone(),
+            });
+            self.engine.handle_quietly(&failure.group_uid, event).await;
+            if let Some(current) = self.engine.current(&failure.group_uid) {
+                groups.push(pb::GroupEpoch::from(&current));
+            }
+        }
+        Ok(Response::new(ReportResponse { groups }))
+    }
+
+    type SubscribeStream = ControlStream;
+
+    async fn subscribe(
+        &self,
+        request: Request<SubscribeRequest>,
+    ) -> Result<Response<Self::SubscribeStream>, Status> {
+        let request = request.into_inner();
+        let node = node_key(request.node.as_ref())?;
+        let mut seen = Vec::new();
+        for point in &request.seen {
+            seen.push(
+                GroupEpoch::try_from(point)
+                    .map_err(|error| refuse("subscription", &node, error))?,
+            );
+        }
+        let (id, receiver) = self
+            .engine
+            .sessions()
+            .open(node.clone(), reported_volumes(&node, &request.volumes));
+        tracing::info!(cluster = %node.0, node = %node.1, "sidecar subscribed");
+        self.engine
+            .sessions()
+            .send_to_node(&node, membership(&self.engine, &node.0));
+        for (point, name) in self.engine.current_directives_for(&node.0) {
+            self.engine
+                .sessions()
+                .send_to_node(&node, sessions::directive(&point, &name));
+        }
+        // Rule 8: a node that saw a higher epoch than this hub persisted makes the hub adopt it.
+        for point in seen {
+            self.engine
+                .handle_quietly(&point.group_uid, Event::Seen { epoch: point.epoch })
+                .await;
+        }
+        let sessions = self.engine.sessions().clone();
+        tokio::spawn(async move {
+            let mut ticker = tokio::time::interval(HEARTBEAT);
+            loop {
+                ticker.tick().await;
+                let sent_unix_ms = k8s_openapi::jiff::Timestamp::now().as_millisecond();
+                let heartbeat = ControlMessage {
+                    kind: Some(Kind::Heartbeat(pb::Heartbeat { sent_unix_ms })),
+                };
+                if !sessions.send_to_node(&node, heartbeat) {
+                    sessions.close(&node, id);
+                    break;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(receiver))))
+    }
+
+    async fn ack(&self, request: Request<AckRequest>) -> Result<Response<AckResponse>, Status> {
+        let request = request.into_inner();
+        let node = node_key(request.node.as_ref())?;
+        let enforced = request
+            .enforced
+            .as_ref()
+            .ok_or_else(|| refuse("acknowledgement", &node, "no point named"))?;
+        let point = GroupEpoch::try_from(enforced)
+            .map_err(|error| refuse("acknowledgement", &node, error))?;
+        let event = Event::Ack(freeze::Ack {
+            path: Path::Grpc,
+            epoch: point.epoch,
+            stage: point.stage,
+            volume_handles: request.volume_handles.clone(),
+            fail_safe: request.fail_safe,
+        });
+        self.engine.handle_quietly(&point.group_uid, event).await;
+        let current = self
+            .engine
+            .current(&point.group_uid)
+            .map(|current| pb::GroupEpoch::from(&current));
+        Ok(Response::new(AckResponse { current }))
+    }
+}

@@ -1,0 +1,551 @@
+//! The control loop: fetch → decide ([`crate::freeze`]) → send and persist → record, one group at a time.
+//!
+//! Every event about a group — a report or acknowledgement from either path, a change of the group, a
+//! periodic evaluation — goes through [`Engine::handle`], which serialises the group's decisions behind a
+//! lock, reads the group fresh from the hub, decides, sends a freeze at once (before persisting, rule 1),
+//! persists the status with a resourceVersion precondition (a deposed or racing writer gets 409 and
+//! decides again on fresh state), and only then sends a release or resume. State lives in the API server:
+//! a restarted operator picks up where the status says.
+
+use std::{
+    collections::BTreeMap,
+    sync::{Arc, Mutex},
+    time::Instant,
+};
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::{
+    Api, Client, Resource, ResourceExt,
+    api::PostParams,
+    runtime::{
+        events::{Event as KubeEvent, EventType, Recorder, Reporter},
+        reflector::Store,
+    },
+};
+use lockstep_api::{
+    conditions::{self, ConditionUpdate},
+    domain::{GroupEpoch, Path, Stage, condition},
+    v1alpha1::{ConsistencyGroup, ConsistencyGroupStatus, MemberCluster},
+};
+use tracing::Instrument;
+
+use crate::{
+    clusters::{self, Member},
+    fanout::Fanout,
+    freeze::{self, Decision, Event},
+    members,
+    metrics::Metrics,
+    mirror,
+    sessions::Sessions,
+};
+
+/// How often a conflicting status write is retried on fresh state before the event is dropped (the next
+/// evaluation or the sender's retry brings it back).
+const CONFLICT_RETRIES: usize = 5;
+
+/// Errors of one decision.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    /// The hub's API server failed.
+    #[error("hub API server: {0}")]
+    Hub(#[from] kube::Error),
+    /// The decision could not be made.
+    #[error(transparent)]
+    Decide(#[from] freeze::DecideError),
+    /// The group is not known (deleted, or a report for a group that never existed).
+    #[error("no ConsistencyGroup with UID {0:?}")]
+    UnknownGroup(String),
+    /// Another writer kept changing the group.
+    #[error("the status of group {0} kept conflicting; will decide again")]
+    Conflicts(String),
+}
+
+/// The control system's shared state.
+#[derive(Clone)]
+pub struct Engine {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    hub: Client,
+    hub_name: String,
+    groups: Store<ConsistencyGroup>,
+    member_clusters: Store<MemberCluster>,
+    sessions: Sessions,
+    fanout: Fanout,
+    metrics: Metrics,
+    recorder: Recorder,
+    /// One lock per group UID: decisions about a group never interleave.
+    locks: Mutex<BTreeMap<String, Arc<tokio::sync::Mutex<GroupMemory>>>>,
+    /// Connected member clusters, by name.
+    members: tokio::sync::RwLock<BTreeMap<String, Member>>,
+}
+
+/// What the engine remembers of a group between decisions (never needed for safety).
+#[derive(Default)]
+struct GroupMemory {
+    /// When the current freeze started, for the freeze-latency metric.
+    freeze_started: Option<(u64, Instant)>,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine")
+            .field("hub_name", &self.inner.hub_name)
+            .finish()
+    }
+}
+
+impl Engine {
+    /// Builds the engine over reflector stores of the hub's groups and member clusters.
+    pub fn new(
+        hub: Client,
+        hub_name: String,
+        groups: Store<ConsistencyGroup>,
+        member_clusters: Store<MemberCluster>,
+        sessions: Sessions,
+        metrics: Metrics,
+    ) -> Self {
+        let reporter = Reporter {
+            controller: "lockstep-operator".into(),
+            instance: Some(hub_name.clone()),
+        };
+        let fanout = Fanout::new(sessions.clone(), metrics.clone());
+        Self {
+            inner: Arc::new(Inner {
+                recorder: Recorder::new(hub.clone(), reporter),
+                hub,
+                hub_name,
+                groups,
+                member_clusters,
+                sessions,
+                fanout,
+                metrics,
+                locks: Mutex::default(),
+                members: tokio::sync::RwLock::default(),
+            }),
+        }
+    }
+
+    /// The hub's identity, as mirrors are labelled with it.
+    pub fn hub_name(&self) -> &str {
+        &self.inner.hub_name
+    }
+
+    /// The gRPC sessions.
+    pub fn sessions(&self) -> &Sessions {
+        &self.inner.sessions
+    }
+
+    /// The metrics.
+    pub fn metrics(&self) -> &Metrics {
+        &self.inner.metrics
+    }
+
+    /// The group with this UID, from the hub's reflector.
+    pub fn group_by_uid(&self, uid: &str) -> Option<Arc<ConsistencyGroup>> {
+        self.inner
+            .groups
+            .state()
+            .into_iter()
+            .find(|group| group.metadata.uid.as_deref() == Some(uid))
+    }
+
+    /// Every group of the hub.
+    pub fn groups(&self) -> Vec<Arc<ConsistencyGroup>> {
+        self.inner.groups.state()
+    }
+
+    /// The current (epoch, stage) of a group, as last persisted.
+    pub fn current(&self, uid: &str) -> Option<GroupEpoch> {
+        let group = self.group_by_uid(uid)?;
+        let (epoch, stage) = group.position();
+        Some(GroupEpoch {
+            group_uid: uid.to_owned(),
+            epoch,
+            stage,
+        })
+    }
+
+    /// The member clusters of a group (by name, from its spec).
+    pub fn member_clusters_of(group: &ConsistencyGroup) -> Vec<String> {
+        let mut clusters: Vec<String> = group
+            .spec
+            .members
+            .iter()
+            .map(|member| member.cluster.clone())
+            .collect();
+        clusters.sort();
+        clusters.dedup();
+        clusters
+    }
+
+    fn lock_for(&self, uid: &str) -> Arc<tokio::sync::Mutex<GroupMemory>> {
+        let mut locks = self
+            .inner
+            .locks
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        locks.entry(uid.to_owned()).or_default().clone()
+    }
+
+    /// Decides one event about a group and carries the decision out.
+    pub async fn handle(&self, uid: &str, event: Event) -> Result<(), EngineError> {
+        let name = self
+            .group_by_uid(uid)
+            .map(|group| group.name_any())
+            .ok_or_else(|| EngineError::UnknownGroup(uid.to_owned()))?;
+        let span = tracing::info_span!("decide", group = %name, event = event_kind(&event));
+        self.handle_named(uid, &name, event).instrument(span).await
+    }
+
+    async fn handle_named(&self, uid: &str, name: &str, event: Event) -> Result<(), EngineError> {
+        match &event {
+            Event::Report(report) => self.inner.metrics.report(report.path),
+            Event::Ack(ack) => self.inner.metrics.ack(ack.path),
+            Event::Seen { .. } | Event::Evaluate => {}
+        }
+        let lock = self.lock_for(uid);
+        let mut memory = lock.lock().await;
+        let api = Api::<ConsistencyGroup>::all(self.inner.hub.clone());
+        for _ in 0..CONFLICT_RETRIES {
+            let group = api.get(name).await?;
+            if group.metadata.uid.as_deref() != Some(uid) {
+                return Err(EngineError::UnknownGroup(uid.to_owned()));
+            }
+            let decision = freeze::decide(&group, &event, &now())?;
+            if let Some(point) = &decision.freeze_now {
+                // Rule 1: freeze at once, on both paths, before anything is persisted.
+                memory.freeze_started = Some((point.epoch, Instant::now()));
+                self.send(&group, point, Some(&decision.status)).await;
+            }
+            if group.status.as_ref() != Some(&decision.status) {
+                match self.persist(&api, &group, &decision.status).await {
+                    Ok(()) => {}
+                    Err(kube::Error::Api(status)) if status.code == 409 => {
+                        tracing::debug!("status conflict; deciding again on fresh state");
+                        continue;
+                    }
+                    Err(error) => return Err(error.into()),
+                }
+            }
+            self.after_persist(&group, &decision, &mut memory).await;
+            return Ok(());
+        }
+        Err(EngineError::Conflicts(name.to_owned()))
+    }
+
+    async fn persist(
+        &self,
+        api: &Api<ConsistencyGroup>,
+        group: &ConsistencyGroup,
+        status: &ConsistencyGroupStatus,
+    ) -> Result<(), kube::Error> {
+        let mut updated = group.clone();
+        updated.status = Some(status.clone());
+        // The resourceVersion read above is the precondition: a concurrent writer (or a deposed leader) loses.
+        api.replace_status(&group.name_any(), &PostParams::default(), &updated)
+            .await?;
+        Ok(())
+    }
+
+    async fn after_persist(
+        &self,
+        group: &ConsistencyGroup,
+        decision: &Decision,
+        memory: &mut GroupMemory,
+    ) {
+        if let Some(point) = &decision.after_persist {
+            self.send(group, point, Some(&decision.status)).await;
+        }
+        let frozen =
+            conditions::status_of(&decision.status.conditions, condition::FROZEN) == Some(true);
+        if frozen
+            && let Some((epoch, started)) = memory.freeze_started
+            && epoch == decision.status.epoch
+        {
+            self.inner.metrics.freeze_completed(started.elapsed());
+            memory.freeze_started = None;
+        }
+        for note in &decision.notes {
+            self.record(group, note.warning, note.reason, &note.message)
+                .await;
+        }
+    }
+
+    /// Sends a directive on both paths; a release or resume is also mirrored with the status it belongs to.
+    async fn send(
+        &self,
+        group: &ConsistencyGroup,
+        point: &GroupEpoch,
+        status: Option<&ConsistencyGroupStatus>,
+    ) {
+        let members = self.inner.members.read().await.clone();
+        let clusters = Self::member_clusters_of(group);
+        let targets: Vec<Member> = clusters
+            .iter()
+            .filter_map(|name| members.get(name).cloned())
+            .collect();
+        self.inner
+            .fanout
+            .send(group, point, status, &clusters, &targets)
+            .await;
+    }
+
+    /// Records a Kubernetes Event on the group.
+    pub async fn record(
+        &self,
+        group: &ConsistencyGroup,
+        warning: bool,
+        reason: &str,
+        message: &str,
+    ) {
+        let event = KubeEvent {
+            type_: if warning {
+                EventType::Warning
+            } else {
+                EventType::Normal
+            },
+            reason: reason.to_owned(),
+            note: Some(message.chars().take(1024).collect()),
+            action: reason.to_owned(),
+            secondary: None,
+        };
+        if let Err(error) = self
+            .inner
+            .recorder
+            .publish(&event, &group.object_ref(&()))
+            .await
+        {
+            tracing::warn!(%error, reason, "could not record an event");
+        }
+    }
+
+    /// Reconnects member clusters whose MemberCluster (or Secret) may have changed.
+    pub async fn refresh_members(&self) {
+        let mut connected = BTreeMap::new();
+        for cluster in self.inner.member_clusters.state() {
+            let member = clusters::connect(&self.inner.hub, &cluster).await;
+            connected.insert(member.name.clone(), member);
+        }
+        *self.inner.members.write().await = connected;
+    }
+
+    /// Connected member clusters.
+    pub async fn members(&self) -> BTreeMap<String, Member> {
+        self.inner.members.read().await.clone()
+    }
+
+    /// Level-triggered reconcile of one group: resolve its members, write MembersResolved, evaluate, and
+    /// keep its mirrors current.
+    pub async fn reconcile(&self, group: Arc<ConsistencyGroup>) -> Result<(), EngineError> {
+        let name = group.name_any();
+        let uid = group
+            .metadata
+            .uid
+            .clone()
+            .ok_or_else(|| EngineError::UnknownGroup(name.clone()))?;
+        let span = tracing::info_span!("reconcile", group = %name);
+        async {
+            self.resolve(&uid, &name).await?;
+            self.handle_named(&uid, &name, Event::Evaluate).await?;
+            self.mirror(&name).await
+        }
+        .instrument(span)
+        .await
+    }
+
+    async fn resolve(&self, uid: &str, name: &str) -> Result<(), EngineError> {
+        let members = self.members().await;
+        let group = Api::<ConsistencyGroup>::all(self.inner.hub.clone())
+            .get(name)
+            .await?;
+        let mut views = BTreeMap::new();
+        for cluster in Self::member_clusters_of(&group) {
+            if let Some(member) = members.get(&cluster) {
+                views.insert(cluster, clusters::view(member, &self.inner.sessions).await);
+            }
+        }
+        let claimed_elsewhere = self.claimed_elsewhere(uid);
+        let lock = self.lock_for(uid);
+        let _serialised = lock.lock().await;
+        let api = Api::<ConsistencyGroup>::all(self.inner.hub.clone());
+        for _ in 0..CONFLICT_RETRIES {
+            let group = api.get(name).await?;
+            let mut status = group.status.clone().unwrap_or_default();
+            // Resolve against the latest status, so acknowledgements recorded meanwhile are kept.
+            let resolution = members::resolve(
+                &group.spec.members,
+                &views,
+                &status.members,
+                &claimed_elsewhere,
+            );
+            status.members = resolution.members;
+            status.member_count = u32::try_from(status.members.len()).unwrap_or(u32::MAX);
+            let update = ConditionUpdate {
+                type_: condition::MEMBERS_RESOLVED,
+                status: resolution.resolved,
+                reason: if resolution.resolved {
+                    "Resolved"
+                } else {
+                    "Unresolved"
+                },
+                message: if resolution.resolved {
+                    format!(
+                        "{} member volumes resolved to volumes and nodes",
+                        status.member_count
+                    )
+                } else {
+                    resolution.problems.join("; ")
+                },
+            };
+            conditions::set(
+                &mut status.conditions,
+                update,
+                group.metadata.generation,
+                &now(),
+            );
+            if group.status.as_ref() == Some(&status) {
+                return Ok(());
+            }
+            match self.persist(&api, &group, &status).await {
+                Ok(()) => return Ok(()),
+                Err(kube::Error::Api(error)) if error.code == 409 => continue,
+                Err(error) => return Err(error.into()),
+            }
+        }
+        Err(EngineError::Conflicts(name.to_owned()))
+    }
+
+    /// Volume handles claimed by other groups of this hub (the older group keeps a contested volume).
+    fn claimed_elsewhere(&self, uid: &str) -> BTreeMap<String, String> {
+        let mine = self.group_by_uid(uid);
+        let my_age = mine.as_ref().map(|group| {
+            (
+                group.metadata.creation_timestamp.clone().map(|t| t.0),
+                group.name_any(),
+            )
+        });
+        let mut claimed = BTreeMap::new();
+        for other in self.inner.groups.state() {
+            if other.metadata.uid.as_deref() == Some(uid) {
+                continue;
+            }
+            let other_age = (
+                other.metadata.creation_timestamp.clone().map(|t| t.0),
+                other.name_any(),
+            );
+            if my_age.as_ref().is_some_and(|mine| other_age > *mine) {
+                continue; // the younger group yields
+            }
+            for member in other.status.iter().flat_map(|status| status.members.iter()) {
+                if let Some(handle) = &member.volume_handle {
+                    claimed.insert(handle.clone(), other.name_any());
+                }
+            }
+        }
+        claimed
+    }
+
+    /// Writes the group's mirror into every member cluster reached through its API server (not the hub).
+    async fn mirror(&self, name: &str) -> Result<(), EngineError> {
+        let group = Api::<ConsistencyGroup>::all(self.inner.hub.clone())
+            .get(name)
+            .await?;
+        let members = self.members().await;
+        for cluster in Self::member_clusters_of(&group) {
+            let Some(member) = members.get(&cluster) else {
+                continue;
+            };
+            let Ok(client) = &member.client else { continue };
+            if member.local {
+                continue;
+            }
+            if let Err(error) = mirror::apply(client, &cluster, &self.inner.hub_name, &group).await
+            {
+                tracing::warn!(%error, "mirror not written");
+            }
+        }
+        Ok(())
+    }
+
+    /// A report or acknowledgement seen in a member cluster's ReplicationNode (path 1).
+    pub async fn from_replication_nodes(
+        &self,
+        cluster: &str,
+        node: &lockstep_api::v1alpha1::ReplicationNode,
+    ) {
+        let Some(status) = &node.status else { return };
+        for failure in &status.failures {
+            let event = Event::Report(freeze::Report {
+                path: Path::Api,
+                cluster: cluster.to_owned(),
+                node: node.spec.node_name.clone(),
+                volume_handle: failure.volume_handle.clone(),
+                epoch_seen: failure.epoch_seen,
+                message: failure.error.clone(),
+            });
+            self.handle_quietly(&failure.group_uid, event).await;
+        }
+        for enforced in &status.enforced {
+            let event = Event::Ack(freeze::Ack {
+                path: Path::Api,
+                epoch: enforced.epoch,
+                stage: enforced.stage,
+                volume_handles: enforced.volume_handles.clone(),
+                fail_safe: enforced.fail_safe,
+            });
+            self.handle_quietly(&enforced.group_uid, event).await;
+        }
+    }
+
+    /// Handles an event whose failure is only worth a log line (the sender retries; reconciles repeat).
+    pub async fn handle_quietly(&self, uid: &str, event: Event) {
+        if let Err(error) = self.handle(uid, event).await {
+            tracing::warn!(%error, group_uid = uid, "event not handled");
+        }
+    }
+
+    /// Sends the current directive of every group with members in `cluster` to one node (a sidecar that
+    /// just subscribed: "send again, collect acknowledgements again").
+    pub fn current_directives_for(&self, cluster: &str) -> Vec<(GroupEpoch, String)> {
+        self.groups()
+            .iter()
+            .filter(|group| {
+                group
+                    .spec
+                    .members
+                    .iter()
+                    .any(|member| member.cluster == cluster)
+            })
+            .filter_map(|group| {
+                let uid = group.metadata.uid.clone()?;
+                let (epoch, stage) = group.position();
+                group.status.as_ref()?.stage?;
+                Some((
+                    GroupEpoch {
+                        group_uid: uid,
+                        epoch,
+                        stage,
+                    },
+                    group.name_any(),
+                ))
+            })
+            .filter(|(point, _)| point.stage != Stage::Resume || point.epoch > 0)
+            .collect()
+    }
+}
+
+fn event_kind(event: &Event) -> &'static str {
+    match event {
+        Event::Report(_) => "report",
+        Event::Ack(_) => "ack",
+        Event::Seen { .. } => "seen",
+        Event::Evaluate => "evaluate",
+    }
+}
+
+/// The current time as Kubernetes writes it.
+pub fn now() -> Time {
+    Time(k8s_openapi::jiff::Timestamp::now())
+}

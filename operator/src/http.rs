@@ -1,0 +1,55 @@
+//! `/healthz`, `/readyz` (the hub's groups have been listed) and `/metrics` (Prometheus text).
+
+use axum::{Router, extract::State, http::StatusCode, response::IntoResponse, routing::get};
+use kube::runtime::reflector::Store;
+use lockstep_api::v1alpha1::ConsistencyGroup;
+use tokio_util::sync::CancellationToken;
+
+use crate::metrics::Metrics;
+
+#[derive(Clone)]
+struct HttpState {
+    metrics: Metrics,
+    groups: Store<ConsistencyGroup>,
+}
+
+/// Serves the endpoints until `shutdown`.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    metrics: Metrics,
+    groups: Store<ConsistencyGroup>,
+    shutdown: CancellationToken,
+) {
+    let app = Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(ready))
+        .route("/metrics", get(metrics_text))
+        .with_state(HttpState { metrics, groups });
+    let served = axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown.cancelled_owned())
+        .await;
+    if let Err(error) = served {
+        tracing::error!(%error, "the HTTP endpoints stopped");
+    }
+}
+
+async fn ready(State(state): State<HttpState>) -> impl IntoResponse {
+    if state.groups.wait_until_ready().await.is_ok() {
+        (StatusCode::OK, "ready")
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the hub's groups are not listed yet",
+        )
+    }
+}
+
+async fn metrics_text(State(state): State<HttpState>) -> impl IntoResponse {
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        state.metrics.encode(),
+    )
+}

@@ -1,0 +1,196 @@
+//! Prometheus metrics, labelled by path, stage, phase and state — never by volume or write.
+
+use std::{sync::Arc, time::Duration};
+
+use lockstep_api::domain::{Path, Phase, Stage, VolumeState};
+use prometheus_client::{
+    encoding::EncodeLabelSet,
+    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
+    registry::Registry,
+};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PathLabels {
+    path: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DirectiveLabels {
+    path: String,
+    stage: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PhaseLabels {
+    phase: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StateLabels {
+    state: String,
+}
+
+/// The operator's metrics.
+#[derive(Clone)]
+pub struct Metrics {
+    registry: Arc<Registry>,
+    reports: Family<PathLabels, Counter>,
+    acks: Family<PathLabels, Counter>,
+    directives: Family<DirectiveLabels, Counter>,
+    freeze_latency: Histogram,
+    groups: Family<PhaseLabels, Gauge>,
+    volumes: Family<StateLabels, Gauge>,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("lockstep");
+        let reports = Family::<PathLabels, Counter>::default();
+        let acks = Family::<PathLabels, Counter>::default();
+        let directives = Family::<DirectiveLabels, Counter>::default();
+        let freeze_latency = Histogram::new([
+            0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+        ]);
+        let groups = Family::<PhaseLabels, Gauge>::default();
+        let volumes = Family::<StateLabels, Gauge>::default();
+        registry.register(
+            "reports",
+            "Copy-failure reports received, by path",
+            reports.clone(),
+        );
+        registry.register(
+            "acknowledgements",
+            "Acknowledgements received, by path",
+            acks.clone(),
+        );
+        registry.register(
+            "directives",
+            "Directives sent: gRPC messages and mirror writes, by path and stage",
+            directives.clone(),
+        );
+        registry.register(
+            "freeze_latency_seconds",
+            "From the decision to freeze to the last member volume's acknowledgement",
+            freeze_latency.clone(),
+        );
+        registry.register("groups", "Consistency groups, by phase", groups.clone());
+        registry.register(
+            "member_volumes",
+            "Member volumes, by replication state",
+            volumes.clone(),
+        );
+        Self {
+            registry: Arc::new(registry),
+            reports,
+            acks,
+            directives,
+            freeze_latency,
+            groups,
+            volumes,
+        }
+    }
+}
+
+impl Metrics {
+    /// A report arrived on a path.
+    pub fn report(&self, path: Path) {
+        self.reports
+            .get_or_create(&PathLabels {
+                path: path.to_string(),
+            })
+            .inc();
+    }
+
+    /// An acknowledgement arrived on a path.
+    pub fn ack(&self, path: Path) {
+        self.acks
+            .get_or_create(&PathLabels {
+                path: path.to_string(),
+            })
+            .inc();
+    }
+
+    /// Directives went out on a path.
+    pub fn directives(&self, path: Path, stage: Stage, count: usize) {
+        let labels = DirectiveLabels {
+            path: path.to_string(),
+            stage: stage.to_string(),
+        };
+        self.directives
+            .get_or_create(&labels)
+            .inc_by(u64::try_from(count).unwrap_or(u64::MAX));
+    }
+
+    /// A freeze completed: every member volume acknowledged.
+    pub fn freeze_completed(&self, latency: Duration) {
+        self.freeze_latency.observe(latency.as_secs_f64());
+    }
+
+    /// Sets the gauges of groups by phase and member volumes by state.
+    pub fn census(&self, phases: &[Phase], states: &[VolumeState]) {
+        self.groups.clear();
+        for phase in phases {
+            self.groups
+                .get_or_create(&PhaseLabels {
+                    phase: phase.to_string(),
+                })
+                .inc();
+        }
+        self.volumes.clear();
+        for state in states {
+            self.volumes
+                .get_or_create(&StateLabels {
+                    state: format!("{state:?}"),
+                })
+                .inc();
+        }
+    }
+
+    /// The metrics in Prometheus text format.
+    pub fn encode(&self) -> String {
+        let mut text = String::new();
+        if let Err(error) = prometheus_client::encoding::text::encode(&mut text, &self.registry) {
+            tracing::warn!(%error, "metrics could not be encoded");
+        }
+        text
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn metrics_are_labelled_by_path_stage_and_phase() {
+        let metrics = Metrics::default();
+        metrics.report(Path::Grpc);
+        metrics.directives(Path::Api, Stage::Freeze, 2);
+        metrics.census(
+            &[Phase::Frozen],
+            &[VolumeState::Suspended, VolumeState::Suspended],
+        );
+        let text = metrics.encode();
+        assert!(
+            text.contains(r#"lockstep_reports_total{path="grpc"} 1"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"lockstep_directives_total{path="api",stage="Freeze"} 2"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"lockstep_groups{phase="Frozen"} 1"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"lockstep_member_volumes{state="Suspended"} 2"#),
+            "{text}"
+        );
+    }
+}

@@ -1,0 +1,210 @@
+//! The sidecars subscribed over gRPC (path 2): one open `Subscribe` stream per node.
+//!
+//! A directive goes to every session of the group's member clusters: one message per node, never one per
+//! volume. A sidecar of a gRPC-only cluster also tells, here, which PVCs it resolved on its node; member
+//! resolution reads them back.
+
+use std::{
+    collections::BTreeMap,
+    sync::{Arc, Mutex, MutexGuard},
+};
+
+use lockstep_api::{
+    domain::GroupEpoch,
+    proto::control::v1::{self as pb, ControlMessage, control_message::Kind},
+};
+use tokio::sync::mpsc;
+
+use crate::members::ReportedVolume;
+
+/// How many messages may wait for a slow sidecar before the stream counts as stuck and is closed.
+const SESSION_BUFFER: usize = 64;
+
+/// A node's identity: (member cluster, node name).
+pub type NodeKey = (String, String);
+
+struct Session {
+    id: u64,
+    sender: mpsc::Sender<Result<ControlMessage, tonic::Status>>,
+    volumes: Vec<ReportedVolume>,
+}
+
+/// The registry of open streams, shared by the gRPC service and the fan-out.
+#[derive(Clone, Default)]
+pub struct Sessions {
+    inner: Arc<Mutex<Inner>>,
+}
+
+#[derive(Default)]
+struct Inner {
+    next_id: u64,
+    by_node: BTreeMap<NodeKey, Session>,
+}
+
+impl std::fmt::Debug for Sessions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sessions")
+            .field("open", &self.lock().by_node.len())
+            .finish()
+    }
+}
+
+impl Sessions {
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // A poisoned registry only means a panic elsewhere; its data stays usable.
+        self.inner
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Opens a session for a node, replacing (and so closing) an older one of the same node.
+    pub fn open(
+        &self,
+        node: NodeKey,
+        volumes: Vec<ReportedVolume>,
+    ) -> (u64, mpsc::Receiver<Result<ControlMessage, tonic::Status>>) {
+        let (sender, receiver) = mpsc::channel(SESSION_BUFFER);
+        let mut inner = self.lock();
+        inner.next_id += 1;
+        let id = inner.next_id;
+        inner.by_node.insert(
+            node,
+            Session {
+                id,
+                sender,
+                volumes,
+            },
+        );
+        (id, receiver)
+    }
+
+    /// Closes a session, unless a newer one of the same node replaced it.
+    pub fn close(&self, node: &NodeKey, id: u64) {
+        let mut inner = self.lock();
+        if inner
+            .by_node
+            .get(node)
+            .is_some_and(|session| session.id == id)
+        {
+            inner.by_node.remove(node);
+        }
+    }
+
+    /// Records the volumes a node's sidecar resolved (sent with a report or a subscription).
+    pub fn record_volumes(&self, node: &NodeKey, volumes: Vec<ReportedVolume>) {
+        if let Some(session) = self.lock().by_node.get_mut(node) {
+            session.volumes = volumes;
+        }
+    }
+
+    /// The volumes the sessions of a cluster reported.
+    pub fn reported_volumes(&self, cluster: &str) -> Vec<ReportedVolume> {
+        self.lock()
+            .by_node
+            .iter()
+            .filter(|((session_cluster, _), _)| session_cluster == cluster)
+            .flat_map(|(_, session)| session.volumes.iter().cloned())
+            .collect()
+    }
+
+    /// How many sessions a cluster has open.
+    pub fn count(&self, cluster: &str) -> usize {
+        self.lock()
+            .by_node
+            .keys()
+            .filter(|(session_cluster, _)| session_cluster == cluster)
+            .count()
+    }
+
+    /// Sends a message to every session of the given clusters; returns how many took it. A session whose
+    /// buffer is full or whose stream is gone is closed: its sidecar reconnects and is sent the current
+    /// state again.
+    pub fn send_to_clusters(&self, clusters: &[String], message: &ControlMessage) -> usize {
+        let mut inner = self.lock();
+        let mut sent = 0;
+        inner.by_node.retain(|(cluster, node), session| {
+            if !clusters.iter().any(|wanted| wanted == cluster) {
+                return true;
+            }
+            match session.sender.try_send(Ok(message.clone())) {
+                Ok(()) => {
+                    sent += 1;
+                    true
+                }
+                Err(error) => {
+                    tracing::warn!(%cluster, %node, %error, "closing a gRPC session that cannot take a message");
+                    false
+                }
+            }
+        });
+        sent
+    }
+
+    /// Sends a message to one node's session, if it is open.
+    pub fn send_to_node(&self, node: &NodeKey, message: ControlMessage) -> bool {
+        self.lock()
+            .by_node
+            .get(node)
+            .is_some_and(|session| session.sender.try_send(Ok(message)).is_ok())
+    }
+
+    /// Every open session's node.
+    pub fn nodes(&self) -> Vec<NodeKey> {
+        self.lock().by_node.keys().cloned().collect()
+    }
+}
+
+/// The directive message for a point of a group.
+pub fn directive(point: &GroupEpoch, group_name: &str) -> ControlMessage {
+    ControlMessage {
+        kind: Some(Kind::Directive(pb::Directive {
+            target: Some(pb::GroupEpoch::from(point)),
+            group_name: group_name.to_owned(),
+        })),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use lockstep_api::domain::Stage;
+
+    use super::*;
+
+    fn key(cluster: &str, node: &str) -> NodeKey {
+        (cluster.to_owned(), node.to_owned())
+    }
+
+    #[tokio::test]
+    async fn a_directive_reaches_each_node_of_the_member_clusters_once() {
+        let sessions = Sessions::default();
+        let (_, mut east_a) = sessions.open(key("east", "a"), Vec::new());
+        let (_, mut east_b) = sessions.open(key("east", "b"), Vec::new());
+        let (_, mut west) = sessions.open(key("west", "a"), Vec::new());
+        let point = GroupEpoch::new("uid", 1, Stage::Freeze).unwrap();
+        let sent = sessions.send_to_clusters(&["east".to_owned()], &directive(&point, "orders"));
+        assert_eq!(sent, 2);
+        assert!(east_a.try_recv().is_ok() && east_b.try_recv().is_ok());
+        assert!(east_a.try_recv().is_err(), "one message per node");
+        assert!(west.try_recv().is_err(), "west is not a member cluster");
+    }
+
+    #[tokio::test]
+    async fn a_reconnecting_node_replaces_its_old_session_and_gone_streams_are_dropped() {
+        let sessions = Sessions::default();
+        let (old, _old_receiver) = sessions.open(key("east", "a"), Vec::new());
+        let (_, receiver) = sessions.open(key("east", "a"), Vec::new());
+        sessions.close(&key("east", "a"), old);
+        assert_eq!(
+            sessions.count("east"),
+            1,
+            "closing the replaced session leaves the new one"
+        );
+        drop(receiver);
+        let point = GroupEpoch::new("uid", 1, Stage::Freeze).unwrap();
+        assert_eq!(
+            sessions.send_to_clusters(&["east".to_owned()], &directive(&point, "g")),
+            0
+        );
+        assert_eq!(sessions.count("east"), 0);
+    }
+}
