@@ -181,6 +181,8 @@ pub struct Call<'a> {
     pub content_type: &'a str,
     /// `User-Agent`, for the default field manager.
     pub user_agent: &'a str,
+    /// `Accept`, for Table answers.
+    pub accept: &'a str,
     /// The time to stamp (RFC 3339).
     pub now: &'a str,
 }
@@ -234,8 +236,40 @@ pub fn resolve(inner: &Inner, target: &Target) -> Result<std::sync::Arc<Resource
 pub fn handle(inner: &mut Inner, call: &Call<'_>) -> Result<Outcome, ApiError> {
     let t = resolve(inner, call.target)?;
     match (call.method, call.target.name.is_some()) {
-        ("GET", true) => get(inner, &t, call).map(Outcome::ok),
-        ("GET", false) => list(inner, &t, call).map(Outcome::ok),
+        ("GET", true) => {
+            let object = get(inner, &t, call)?;
+            if crate::table::wants_table(call.accept) {
+                let meta = json!({"resourceVersion": inner.rv().to_string()});
+                let include = call.query.get("includeObject");
+                return Ok(Outcome::ok(crate::table::table(
+                    &t,
+                    &call.target.version,
+                    &[object],
+                    meta,
+                    include,
+                )));
+            }
+            Ok(Outcome::ok(object))
+        }
+        ("GET", false) => {
+            let mut listed = list(inner, &t, call)?;
+            if crate::table::wants_table(call.accept) {
+                let items = match listed.get_mut("items").map(Value::take) {
+                    Some(Value::Array(items)) => items,
+                    _ => vec![],
+                };
+                let meta = listed.get("metadata").cloned().unwrap_or_default();
+                let include = call.query.get("includeObject");
+                return Ok(Outcome::ok(crate::table::table(
+                    &t,
+                    &call.target.version,
+                    &items,
+                    meta,
+                    include,
+                )));
+            }
+            Ok(Outcome::ok(listed))
+        }
         ("POST", false) if call.target.subresource.is_none() => create(inner, &t, call),
         ("PUT", true) => update(inner, &t, call),
         ("PATCH", true) => patch(inner, &t, call),
@@ -344,6 +378,9 @@ fn list(inner: &Inner, t: &ResourceType, call: &Call<'_>) -> Result<Value, ApiEr
 }
 
 fn parse_body(call: &Call<'_>) -> Result<Value, ApiError> {
+    if call.content_type.contains("protobuf") || call.content_type.contains("cbor") {
+        return Err(ApiError::unsupported_body(call.content_type));
+    }
     let v: Value = if call.content_type.contains("yaml") {
         serde_yaml_ng::from_slice(call.body)
             .map_err(|e| ApiError::bad_request(format!("invalid YAML: {e}")))?

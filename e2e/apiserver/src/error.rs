@@ -221,6 +221,17 @@ impl ApiError {
         )
     }
 
+    /// 415: a body encoding the server does not read (protobuf, CBOR): clients retry with JSON.
+    pub fn unsupported_body(content_type: &str) -> Self {
+        Self::new(
+            415,
+            "UnsupportedMediaType",
+            format!(
+                "the body of the request was in an unknown format - accepted media types include: application/json, application/yaml; got {content_type}"
+            ),
+        )
+    }
+
     /// 500: something went wrong inside the server (or a fault hook says so).
     pub fn internal(message: impl Into<String>) -> Self {
         Self::new(500, "InternalError", message)

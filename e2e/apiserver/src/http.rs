@@ -1,4 +1,4 @@
-//! HTTP/1.1: routes a request to health, version, discovery, a resource verb or a watch, applies the
+//! HTTP/1.1: routes a request to health, version, discovery, OpenAPI, a resource verb or a watch, applies the
 //! fault hooks, and writes JSON answers (errors as `meta/v1 Status`, with `Warning` and `Retry-After`
 //! headers where due).
 
@@ -13,10 +13,10 @@ use hyper::body::{Frame, Incoming};
 use serde_json::Value;
 
 use crate::api::{self, Call, Query, Target};
-use crate::discovery;
 use crate::error::ApiError;
 use crate::faults::Faults;
 use crate::store::Store;
+use crate::{discovery, openapi};
 
 /// The body type of every answer.
 pub type Body = UnsyncBoxBody<Bytes, Infallible>;
@@ -114,6 +114,23 @@ async fn route(shared: &Arc<Shared>, req: Request<Incoming>) -> Result<Response<
                 let list = discovery::group_list(&shared.store.lock().registry);
                 return Ok(json_response(200, &list, &[]));
             }
+            // kubectl before 1.28 needs an OpenAPI v2 document for apply, and only reads it as
+            // protobuf: an empty message is a valid (empty) gnostic Document.
+            "/openapi/v2" => {
+                return Response::builder()
+                    .status(StatusCode::OK)
+                    .header(
+                        header::CONTENT_TYPE,
+                        "application/com.github.proto-openapi.spec.v2.v1.0+protobuf",
+                    )
+                    .body(full(Bytes::new()))
+                    .map_err(|e| ApiError::internal(e.to_string()));
+            }
+            "/openapi/v3" => {
+                let inner = shared.store.lock();
+                let doc = openapi::root(&inner.registry, &format!("{:016X}", inner.rv()));
+                return Ok(json_response(200, &doc, &[]));
+            }
             _ => {}
         }
         let segs: Vec<&str> = path.trim_start_matches('/').split('/').collect();
@@ -125,6 +142,16 @@ async fn route(shared: &Arc<Shared>, req: Request<Incoming>) -> Result<Response<
             )),
             ["apis", group] => Some(discovery::group(&shared.store.lock().registry, group)),
             ["apis", group, version] => Some(discovery::resource_list(
+                &shared.store.lock().registry,
+                group,
+                version,
+            )),
+            ["openapi", "v3", "api", version] => Some(openapi::group_version(
+                &shared.store.lock().registry,
+                "",
+                version,
+            )),
+            ["openapi", "v3", "apis", group, version] => Some(openapi::group_version(
                 &shared.store.lock().registry,
                 group,
                 version,
@@ -163,6 +190,7 @@ async fn route(shared: &Arc<Shared>, req: Request<Incoming>) -> Result<Response<
     };
     let content_type = header_str(header::CONTENT_TYPE);
     let user_agent = header_str(header::USER_AGENT);
+    let accept = header_str(header::ACCEPT);
     let body = req
         .into_body()
         .collect()
@@ -177,6 +205,7 @@ async fn route(shared: &Arc<Shared>, req: Request<Incoming>) -> Result<Response<
         body: &body,
         content_type: &content_type,
         user_agent: &user_agent,
+        accept: &accept,
         now: &now,
     };
     let outcome = {

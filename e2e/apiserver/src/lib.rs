@@ -18,7 +18,8 @@
 //! # What it serves
 //! - HTTP/1.1 JSON on 127.0.0.1; errors as `meta/v1 Status` with kube-apiserver's reasons and wording
 //!   (404 `NotFound`, 409 `AlreadyExists`/`Conflict`, 410 `Expired`, 422 `Invalid` with causes).
-//! - `/healthz`, `/livez`, `/readyz`, `/version` (v1.33.0), and plain-JSON discovery (`/api`, `/apis`, …).
+//! - `/healthz`, `/livez`, `/readyz`, `/version` (v1.33.0), plain-JSON discovery (`/api`, `/apis`, …),
+//!   OpenAPI v3 ([`openapi`]) and Table answers for `kubectl get` ([`table`]): real kubectl works against it.
 //! - Built-in kinds (no schema validation): Namespace, Node, PersistentVolume, PersistentVolumeClaim,
 //!   Secret, ConfigMap, Pod, Service, ServiceAccount, Event (core and `events.k8s.io`, one storage),
 //!   Lease, Deployment, DaemonSet, StatefulSet, RBAC roles and bindings, CustomResourceDefinition.
@@ -37,12 +38,14 @@ pub mod error;
 pub mod faults;
 pub mod http;
 pub mod managed;
+pub mod openapi;
 pub mod patch;
 pub mod resources;
 pub mod schema;
 pub mod selector;
 mod server;
 pub mod store;
+pub mod table;
 pub mod watch;
 
 use std::hash::{BuildHasher, Hasher};
