@@ -1,0 +1,304 @@
+//! Real kubectl against the test API server: the oldest and the newest of the machine's versioned
+//! kubectl binaries (`kubectl.1.NN` beside the file the `kubectl` command links to; set
+//! `LOCKSTEP_KUBECTL_DIR` to look elsewhere — a directory holding one version runs just that one), each
+//! with a fresh `--cache-dir`: CRDs apply and become Established, the examples apply, `get` shows the printer columns,
+//! `explain` prints field docs, invalid examples and unknown fields are refused with their messages,
+//! `patch`, `apply --server-side`, and `delete` waiting for a finalizer.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Output;
+use std::time::Duration;
+
+use common::{TestResult, eventually, server};
+use kube::api::{Api, ApiResource, DynamicObject, Patch, PatchParams};
+use serde_json::json;
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn kubectl_dir() -> PathBuf {
+    if let Ok(dir) = std::env::var("LOCKSTEP_KUBECTL_DIR") {
+        return PathBuf::from(dir);
+    }
+    let from_path = std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|p| p.join("kubectl"))
+            .find(|p| p.exists())
+            .and_then(|p| std::fs::canonicalize(p).ok())
+            .and_then(|p| p.parent().map(Path::to_path_buf))
+    });
+    match from_path {
+        Some(dir) if has_versions(&dir) => dir,
+        _ => PathBuf::from("/usr/lib/google-cloud-sdk/bin"),
+    }
+}
+
+fn versions(dir: &Path) -> Vec<(u32, PathBuf)> {
+    let mut found: Vec<(u32, PathBuf)> = std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .filter_map(Result::ok)
+                .filter_map(|e| {
+                    let name = e.file_name().to_string_lossy().to_string();
+                    let minor = name.strip_prefix("kubectl.1.")?.parse().ok()?;
+                    Some((minor, e.path()))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    found.sort();
+    found
+}
+
+fn has_versions(dir: &Path) -> bool {
+    !versions(dir).is_empty()
+}
+
+/// The binary to test: the oldest (`newest == false`) or newest version.
+fn kubectl(newest: bool) -> Result<PathBuf, String> {
+    let dir = kubectl_dir();
+    let all = versions(&dir);
+    let pick = if newest { all.last() } else { all.first() };
+    pick.map(|(_, p)| p.clone())
+        .ok_or_else(|| format!("no kubectl.1.NN binaries in {}", dir.display()))
+}
+
+struct Kubectl {
+    binary: PathBuf,
+    kubeconfig: PathBuf,
+    cache: PathBuf,
+}
+
+impl Kubectl {
+    fn command(&self, args: &[&str]) -> tokio::process::Command {
+        let mut cmd = tokio::process::Command::new(&self.binary);
+        cmd.arg("--kubeconfig")
+            .arg(&self.kubeconfig)
+            .arg("--cache-dir")
+            .arg(&self.cache)
+            .args(args)
+            .current_dir(repo())
+            .kill_on_drop(true);
+        cmd
+    }
+
+    async fn run(&self, args: &[&str]) -> Result<Output, std::io::Error> {
+        self.command(args).output().await
+    }
+
+    /// Runs and requires success; returns stdout.
+    async fn ok(&self, args: &[&str]) -> Result<String, String> {
+        let out = self.run(args).await.map_err(|e| format!("{args:?}: {e}"))?;
+        let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+        if !out.status.success() {
+            return Err(format!(
+                "kubectl {args:?} failed: {}{}",
+                stdout,
+                String::from_utf8_lossy(&out.stderr)
+            ));
+        }
+        Ok(stdout)
+    }
+
+    /// Runs and requires failure; returns stderr.
+    async fn fails(&self, args: &[&str]) -> Result<String, String> {
+        let out = self.run(args).await.map_err(|e| format!("{args:?}: {e}"))?;
+        if out.status.success() {
+            return Err(format!(
+                "kubectl {args:?} succeeded: {}",
+                String::from_utf8_lossy(&out.stdout)
+            ));
+        }
+        Ok(String::from_utf8_lossy(&out.stderr).to_string())
+    }
+}
+
+async fn scenario(newest: bool) -> TestResult {
+    let (server, client) = server().await?;
+    let dir = tempfile::tempdir()?;
+    let k = Kubectl {
+        binary: kubectl(newest)?,
+        kubeconfig: dir.path().join("kubeconfig"),
+        cache: dir.path().join("cache"),
+    };
+    server.write_kubeconfig(&k.kubeconfig)?;
+    let version = k.ok(&["version", "-o", "json"]).await?;
+    assert!(version.contains("v1.33.0"), "server version: {version}");
+
+    let out = k.ok(&["apply", "-f", "crds/"]).await?;
+    assert!(
+        out.contains("consistencygroups.lockstep.dev created"),
+        "{out}"
+    );
+    k.ok(&[
+        "wait",
+        "--for=condition=Established",
+        "crd",
+        "--all",
+        "--timeout=30s",
+    ])
+    .await?;
+    let out = k.ok(&["apply", "-f", "examples/"]).await?;
+    assert!(
+        out.contains("consistencygroup.lockstep.dev/orders-db created"),
+        "{out}"
+    );
+    let again = k.ok(&["apply", "-f", "examples/"]).await?;
+    assert!(again.contains("orders-db unchanged"), "{again}");
+
+    // Printer columns.
+    let out = k.ok(&["get", "cg"]).await?;
+    let header: Vec<&str> = out
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .collect();
+    assert_eq!(
+        header,
+        vec!["NAME", "PHASE", "EPOCH", "MEMBERS", "FROZEN", "AGE"],
+        "{out}"
+    );
+    assert!(out.contains("orders-db"), "{out}");
+
+    // Field docs.
+    let out = k.ok(&["explain", "cg.spec.members"]).await?;
+    for field in ["cluster", "namespace", "pvcNames", "selector"] {
+        assert!(out.contains(field), "explain lacks {field}: {out}");
+    }
+
+    // Invalid examples: refused with their own message.
+    let mut invalid: Vec<PathBuf> = std::fs::read_dir(repo().join("examples/invalid"))?
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .collect();
+    invalid.sort();
+    assert!(!invalid.is_empty());
+    for path in invalid {
+        let text = std::fs::read_to_string(&path)?;
+        let expect = text
+            .lines()
+            .next()
+            .and_then(|l| l.strip_prefix("# expect:"))
+            .map(str::trim)
+            .ok_or_else(|| format!("{} has no '# expect:' line", path.display()))?;
+        let file = path.to_string_lossy().to_string();
+        let err = k.fails(&["apply", "-f", &file]).await?;
+        assert!(
+            err.contains(expect),
+            "{file}: expected {expect:?} in {err:?}"
+        );
+    }
+
+    // An unknown field.
+    let unknown = dir.path().join("unknown.yaml");
+    std::fs::write(
+        &unknown,
+        "apiVersion: lockstep.dev/v1alpha1\nkind: ConsistencyGroup\nmetadata:\n  name: typo\nspec:\n  polcy: FreezeAndGo\n  members:\n  - cluster: east\n    namespace: a\n    pvcNames: [x]\n",
+    )?;
+    let err = k
+        .fails(&["apply", "-f", &unknown.to_string_lossy()])
+        .await?;
+    assert!(err.contains("unknown field \"spec.polcy\""), "{err}");
+
+    // Patch, and server-side apply.
+    let out = k
+        .ok(&[
+            "patch",
+            "cg",
+            "orders-db",
+            "--type=merge",
+            "-p",
+            r#"{"spec":{"holdTimeout":"45s"}}"#,
+        ])
+        .await?;
+    assert!(out.contains("patched"), "{out}");
+    let timeout = k
+        .ok(&[
+            "get",
+            "cg",
+            "orders-db",
+            "-o",
+            "jsonpath={.spec.holdTimeout}",
+        ])
+        .await?;
+    assert_eq!(timeout, "45s");
+    let out = k
+        .ok(&[
+            "apply",
+            "--server-side",
+            "--force-conflicts",
+            "-f",
+            "examples/consistencygroup-two-cluster.yaml",
+        ])
+        .await?;
+    assert!(out.contains("serverside-applied"), "{out}");
+    let timeout = k
+        .ok(&[
+            "get",
+            "cg",
+            "orders-db",
+            "-o",
+            "jsonpath={.spec.holdTimeout}",
+        ])
+        .await?;
+    assert_eq!(
+        timeout, "30s",
+        "the applied manifest wins with --force-conflicts"
+    );
+
+    // Delete waits for the finalizer.
+    let groups = ApiResource {
+        group: "lockstep.dev".into(),
+        version: "v1alpha1".into(),
+        api_version: "lockstep.dev/v1alpha1".into(),
+        kind: "ConsistencyGroup".into(),
+        plural: "consistencygroups".into(),
+    };
+    let cgs: Api<DynamicObject> = Api::all_with(client.clone(), &groups);
+    let finalize =
+        |list: serde_json::Value| Patch::Merge(json!({"metadata": {"finalizers": list}}));
+    cgs.patch(
+        "orders-db",
+        &PatchParams::default(),
+        &finalize(json!(["lockstep.dev/test"])),
+    )
+    .await?;
+    let mut deleting = k
+        .command(&["delete", "cg", "orders-db", "--timeout=60s"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()?;
+    eventually(30, "deletionTimestamp", || async {
+        cgs.get("orders-db")
+            .await
+            .ok()?
+            .metadata
+            .deletion_timestamp
+            .map(|_| ())
+    })
+    .await?;
+    assert!(
+        deleting.try_wait()?.is_none(),
+        "kubectl delete returned while the finalizer was there"
+    );
+    cgs.patch("orders-db", &PatchParams::default(), &finalize(json!(null)))
+        .await?;
+    let done = tokio::time::timeout(Duration::from_secs(60), deleting.wait_with_output()).await??;
+    assert!(done.status.success());
+    assert!(String::from_utf8_lossy(&done.stdout).contains("deleted"));
+    assert!(cgs.get_opt("orders-db").await?.is_none());
+    Ok(())
+}
+
+#[tokio::test]
+async fn the_oldest_kubectl() -> TestResult {
+    scenario(false).await
+}
+
+#[tokio::test]
+async fn the_newest_kubectl() -> TestResult {
+    scenario(true).await
+}
