@@ -13,6 +13,7 @@
 pub mod copy;
 pub mod dirty;
 pub mod events;
+pub mod hold;
 pub mod linkcut;
 pub mod nbd;
 pub mod secondary;
@@ -29,9 +30,10 @@ use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::broadcast;
 use tokio::task::JoinHandle;
 
-pub use copy::{CopyConfig, CopyError, CopyMode};
-pub use events::{CopyFailed, Event};
-pub use volume::{Volume, VolumeConfig, VolumeError, VolumeStatus};
+pub use copy::{CopyConfig, CopyError};
+pub use events::{CopyFailed, Event, HoldTimedOut};
+pub use hold::{DirectiveError, Mode as ReplMode, Stage};
+pub use volume::{DEFAULT_HOLD_TIMEOUT, Volume, VolumeConfig, VolumeError, VolumeStatus};
 
 /// Start-up options.
 #[derive(Debug, Clone, clap::Args)]
@@ -69,6 +71,14 @@ pub struct PrimaryArgs {
     /// Serve every volume with replication off, ignoring `secondary=`.
     #[arg(long)]
     pub replication_off: bool,
+    /// How long a held write waits before failing with an I/O error, in milliseconds (until the sidecar
+    /// configures the group's own).
+    #[arg(long, default_value_t = 30_000)]
+    pub hold_timeout_ms: u64,
+    /// Serve the `Replicator` gRPC service on this unix socket. Volumes then start unconfirmed: their I/O
+    /// waits until the sidecar confirms their group, epoch and stage (fail closed).
+    #[arg(long)]
+    pub control_socket: Option<PathBuf>,
 }
 
 /// Flags of `lockstep-replicator secondary`.
@@ -119,18 +129,14 @@ pub fn parse_size(s: &str) -> Result<u64, StartError> {
 
 /// Parses a `--volume` value: `NAME=PATH[,size=SIZE][,secondary=HOST:PORT]`.
 pub fn parse_volume(spec: &str, copy_timeout: Duration) -> Result<VolumeConfig, StartError> {
+    // Hold timeout and confirmation are set by the caller.
     let bad = |why: &str| StartError::Config(format!("--volume {spec:?}: {why}"));
     let mut parts = spec.split(',');
     let (name, path) = parts
         .next()
         .and_then(|p| p.split_once('='))
         .ok_or_else(|| bad("expected NAME=PATH"))?;
-    let mut config = VolumeConfig {
-        name: name.to_owned(),
-        path: PathBuf::from(path),
-        size: None,
-        copy: None,
-    };
+    let mut config = VolumeConfig::new(name, PathBuf::from(path), None, None);
     for part in parts {
         match part.split_once('=') {
             Some(("size", v)) => config.size = Some(parse_size(v)?),
@@ -263,10 +269,12 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
                 .iter()
                 .map(|spec| parse_volume(spec, timeout))
                 .collect::<Result<Vec<_>, _>>()?;
-            if args.replication_off {
-                for v in &mut volumes {
+            for v in &mut volumes {
+                if args.replication_off {
                     v.copy = None;
                 }
+                v.hold_timeout = Duration::from_millis(args.hold_timeout_ms);
+                v.require_confirmation = args.control_socket.is_some();
             }
             let primary = Primary::start(PrimaryConfig {
                 volumes,

@@ -35,7 +35,7 @@ pub struct StoreError {
 }
 
 /// One ordered operation on the file.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub enum StoreOp {
     /// Write `data` at `offset`.
     Write {
@@ -53,6 +53,15 @@ pub enum StoreOp {
     },
     /// Nothing to apply: used with `durable` to make every earlier operation durable.
     Flush,
+    /// Read a range in queue order (it reflects every earlier operation and no later one), for resync.
+    Snapshot {
+        /// Byte offset.
+        offset: u64,
+        /// Byte length.
+        length: u64,
+        /// Where the bytes go.
+        out: oneshot::Sender<Result<Bytes, StoreError>>,
+    },
 }
 
 struct Job {
@@ -195,7 +204,7 @@ fn apply_op(file: &File, op: &StoreOp) -> std::io::Result<()> {
             )
             .map_err(std::io::Error::from)
         }
-        StoreOp::Flush => Ok(()),
+        StoreOp::Flush | StoreOp::Snapshot { .. } => Ok(()),
     }
 }
 
@@ -215,6 +224,28 @@ fn writer_loop(file: &File, path: &str, rx: &mpsc::Receiver<Job>) {
                 StoreOp::Write { .. } => "write",
                 StoreOp::Trim { .. } => "trim",
                 StoreOp::Flush => "flush",
+                StoreOp::Snapshot { .. } => "snapshot",
+            };
+            let job = match job.op {
+                StoreOp::Snapshot {
+                    offset,
+                    length,
+                    out,
+                } => {
+                    let mut buf = vec![0u8; usize::try_from(length).unwrap_or(0)];
+                    let result = file
+                        .read_exact_at(&mut buf, offset)
+                        .map(|()| Bytes::from(buf))
+                        .map_err(|e| StoreError {
+                            op: "snapshot",
+                            path: path.to_owned(),
+                            message: e.to_string(),
+                        });
+                    let _ = out.send(result);
+                    let _ = job.done.send(Ok(()));
+                    continue;
+                }
+                op => Job { op, ..job },
             };
             match apply_op(file, &job.op) {
                 Err(e) => {

@@ -1,17 +1,31 @@
-//! A served volume: its file ([`Store`]), its write sequence and its copy state, tied together so that
-//! every write enters the local queue and the copy queue in the same order.
+//! A served volume: its file ([`Store`]), its replication state ([`ReplState`]) and the tasks that carry
+//! out the state's effects — the replication link, the resync driver, the persister of the state file
+//! and the hold-timeout supervisor.
+//!
+//! Every write takes its sequence number, enters the local store queue and is handed to the state
+//! machine under one lock, so local and remote order agree. The state file (`<volume file>.lockstep.json`)
+//! sits beside the volume's data and is replaced atomically (write, fsync, rename, fsync directory).
 
-use std::path::PathBuf;
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
-use std::time::{Instant, SystemTime};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use tokio::sync::{broadcast, mpsc};
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
 
-use crate::copy::{CopyConfig, CopyError, CopyMode, CopyState, CopyWait};
+use crate::copy::{CopyConfig, CopyError};
 use crate::events::Event;
+use crate::hold::{CopyWait, DirectiveError, Effect, Mode, Persisted, ReplState, Stage};
 use crate::store::{Store, StoreError, StoreOp};
 use crate::wire::{Frame, valid_volume_name};
+
+/// The default hold timeout.
+pub const DEFAULT_HOLD_TIMEOUT: Duration = Duration::from_secs(30);
+/// How often held writes are checked against the hold timeout.
+const HOLD_CHECK: Duration = Duration::from_millis(20);
+/// Resync pieces in flight at once, and their size.
+const RESYNC_WINDOW: usize = 16;
+const RESYNC_PIECE: u64 = 1024 * 1024;
 
 /// How to serve one volume.
 #[derive(Debug, Clone)]
@@ -24,6 +38,24 @@ pub struct VolumeConfig {
     pub size: Option<u64>,
     /// Where to copy writes; `None` turns replication off.
     pub copy: Option<CopyConfig>,
+    /// How long a held write waits before it fails (until the sidecar configures another).
+    pub hold_timeout: Duration,
+    /// Start unconfirmed: hold all I/O until [`Volume::configure`] (fail closed, DESIGN.md rule 6).
+    pub require_confirmation: bool,
+}
+
+impl VolumeConfig {
+    /// A volume with the default hold timeout that needs no confirmation.
+    pub fn new(name: &str, path: PathBuf, size: Option<u64>, copy: Option<CopyConfig>) -> Self {
+        VolumeConfig {
+            name: name.to_owned(),
+            path,
+            size,
+            copy,
+            hold_timeout: DEFAULT_HOLD_TIMEOUT,
+            require_confirmation: false,
+        }
+    }
 }
 
 /// Why a volume operation failed.
@@ -51,126 +83,210 @@ pub struct VolumeStatus {
     /// The volume.
     pub name: String,
     /// Replication mode.
-    pub mode: CopyMode,
+    pub mode: Mode,
+    /// The group ("" for none).
+    pub group_uid: String,
+    /// The epoch.
+    pub epoch: u64,
+    /// The stage within the epoch.
+    pub stage: Option<Stage>,
+    /// Suspended by the fail-safe.
+    pub fail_safe: bool,
     /// The sequence the next write will get.
     pub next_seq: u64,
-    /// The highest sequence the secondary acknowledged.
+    /// The highest sequence the secondary acknowledged on the current link.
     pub last_acked: Option<u64>,
     /// Writes waiting for the secondary.
     pub pending: usize,
+    /// Writes held.
+    pub held: usize,
     /// Bytes the secondary may lack.
     pub dirty_bytes: u64,
-}
-
-#[derive(Debug)]
-struct Inner {
-    next_seq: u64,
-    copy: CopyState,
-}
-
-/// The part of a volume its replication link task refers to (weakly).
-#[derive(Debug)]
-pub(crate) struct Shared {
-    name: String,
-    inner: Mutex<Inner>,
-    events: broadcast::Sender<Event>,
-}
-
-impl Shared {
-    fn lock(&self) -> MutexGuard<'_, Inner> {
-        // Critical sections never leave `Inner` half-updated, so a poisoned lock is still consistent.
-        self.inner.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
-    pub(crate) fn name(&self) -> &str {
-        &self.name
-    }
-
-    pub(crate) fn oldest_pending(&self) -> Option<Instant> {
-        self.lock().copy.oldest_pending()
-    }
-
-    pub(crate) fn copy_acked(&self, generation: u64, seq: u64) -> Result<(), CopyError> {
-        let mut inner = self.lock();
-        let next_seq = inner.next_seq;
-        inner.copy.acked(generation, seq, next_seq)
-    }
-
-    pub(crate) fn copy_failed(&self, generation: u64, error: &CopyError) {
-        let event = {
-            let mut inner = self.lock();
-            let next_seq = inner.next_seq;
-            inner
-                .copy
-                .fail(generation, error, next_seq, &self.name, SystemTime::now())
-        };
-        if let Some(event) = event {
-            // No subscriber is fine: the state itself records the failure.
-            let _ = self.events.send(Event::CopyFailed(event));
-        }
-    }
+    /// The hold timeout.
+    pub hold_timeout: Duration,
+    /// The secondary's address ("" when not replicated).
+    pub secondary: String,
 }
 
 /// A served volume.
 #[derive(Debug)]
 pub struct Volume {
-    shared: Arc<Shared>,
+    name: String,
     store: Store,
+    copy: Option<CopyConfig>,
+    state_path: PathBuf,
+    state: Mutex<ReplState>,
+    events: broadcast::Sender<Event>,
+    confirmed: watch::Sender<bool>,
+    persist: mpsc::UnboundedSender<()>,
+    me: Weak<Volume>,
+}
+
+/// The state file beside a volume's data file.
+pub fn state_path(data: &Path) -> PathBuf {
+    let mut name = data.file_name().unwrap_or_default().to_os_string();
+    name.push(".lockstep.json");
+    data.with_file_name(name)
+}
+
+fn load_state(path: &Path) -> Result<Option<Persisted>, String> {
+    match std::fs::read(path) {
+        Ok(bytes) => serde_json::from_slice(&bytes)
+            .map(Some)
+            .map_err(|e| format!("{}: {e}", path.display())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(format!("{}: {e}", path.display())),
+    }
+}
+
+fn save_state(path: &Path, state: &Persisted) -> std::io::Result<()> {
+    use std::io::Write;
+    let bytes = serde_json::to_vec_pretty(state).map_err(std::io::Error::other)?;
+    let tmp = path.with_extension("json.tmp");
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(&bytes)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    if let Some(dir) = path.parent() {
+        let dir = if dir.as_os_str().is_empty() {
+            Path::new(".")
+        } else {
+            dir
+        };
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
 }
 
 impl Volume {
-    /// Opens the volume's file and, if it is replicated, starts its replication link. Must be called
-    /// inside a tokio runtime.
+    /// Opens the volume's file and its persisted state and starts its tasks. Must be called inside a
+    /// tokio runtime.
     pub fn open(
         config: VolumeConfig,
         events: broadcast::Sender<Event>,
     ) -> Result<Arc<Volume>, VolumeError> {
-        if !valid_volume_name(&config.name) {
-            return Err(VolumeError::Config {
-                name: config.name,
-                reason:
-                    "a volume name is 1-255 characters of [A-Za-z0-9._-], not starting with '.'"
-                        .into(),
-            });
-        }
-        let store = Store::open(&config.path, config.size)?;
-        let next_seq = 0;
-        let generation = 1;
-        let (copy, link) = match &config.copy {
-            None => (CopyState::off(), None),
-            Some(copy_config) => {
-                let (tx, rx) = mpsc::unbounded_channel();
-                (
-                    CopyState::replicating(tx, generation),
-                    Some((copy_config.clone(), rx)),
-                )
-            }
-        };
-        let shared = Arc::new(Shared {
+        let bad = |reason: String| VolumeError::Config {
             name: config.name.clone(),
-            inner: Mutex::new(Inner { next_seq, copy }),
-            events,
-        });
-        if let Some((copy_config, rx)) = link {
-            let hello = Frame::Hello {
-                volume: config.name.clone(),
-                size: store.size(),
-                first_seq: next_seq,
-            };
-            tokio::spawn(crate::copy::run_link(
-                Arc::downgrade(&shared),
-                generation,
-                copy_config,
-                hello,
-                rx,
+            reason,
+        };
+        if !valid_volume_name(&config.name) {
+            return Err(bad(
+                "a volume name is 1-255 characters of [A-Za-z0-9._-], not starting with '.'".into(),
             ));
         }
-        Ok(Arc::new(Volume { shared, store }))
+        let store = Store::open(&config.path, config.size)?;
+        let state_path = state_path(&config.path);
+        let restored = load_state(&state_path).map_err(bad)?;
+        let state = ReplState::new(
+            &config.name,
+            config.copy.is_some(),
+            config.hold_timeout,
+            restored,
+            !config.require_confirmation,
+        );
+        let (persist, persist_rx) = mpsc::unbounded_channel();
+        let (confirmed, _) = watch::channel(state.confirmed());
+        let volume = Arc::new_cyclic(|me| Volume {
+            name: config.name.clone(),
+            store,
+            copy: config.copy.clone(),
+            state_path,
+            state: Mutex::new(state),
+            events,
+            confirmed,
+            persist,
+            me: me.clone(),
+        });
+        tokio::spawn(persister(Arc::downgrade(&volume), persist_rx));
+        tokio::spawn(hold_supervisor(Arc::downgrade(&volume)));
+        let effects = volume.lock().take_effects();
+        volume.apply(effects);
+        // Record the initial state so it travels with the data from the start.
+        let _ = volume.persist.send(());
+        Ok(volume)
+    }
+
+    fn lock(&self) -> MutexGuard<'_, ReplState> {
+        // Critical sections never leave the state half-updated, so a poisoned lock is still consistent.
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Carries out effects queued by the state machine (call without holding the lock).
+    fn apply(&self, effects: Vec<Effect>) {
+        for effect in effects {
+            match effect {
+                Effect::StartLink {
+                    generation,
+                    first_seq,
+                    rx,
+                } => {
+                    if let Some(config) = &self.copy {
+                        let hello = Frame::Hello {
+                            volume: self.name.clone(),
+                            size: self.store.size(),
+                            first_seq,
+                        };
+                        tokio::spawn(crate::copy::run_link(
+                            self.me.clone(),
+                            generation,
+                            config.clone(),
+                            hello,
+                            rx,
+                        ));
+                    }
+                }
+                Effect::StartResync { generation } => {
+                    tokio::spawn(resync(self.me.clone(), generation));
+                }
+                Effect::Persist => {
+                    let _ = self.persist.send(());
+                }
+                Effect::Event(event) => {
+                    // No subscriber is fine: the state itself records what happened.
+                    let _ = self.events.send(event);
+                }
+                Effect::StateChanged => {
+                    let status = self.status();
+                    self.confirmed.send_if_modified(|c| {
+                        let now = status.mode != Mode::Unconfirmed;
+                        std::mem::replace(c, now) != now
+                    });
+                    let _ = self.events.send(Event::StateChanged(Box::new(status)));
+                }
+            }
+        }
+    }
+
+    /// Runs `f` on the state under the lock, then carries out its effects.
+    fn with_state<T>(&self, f: impl FnOnce(&mut ReplState) -> T) -> T {
+        let (out, effects) = {
+            let mut state = self.lock();
+            let out = f(&mut state);
+            (out, state.take_effects())
+        };
+        self.apply(effects);
+        out
+    }
+
+    pub(crate) fn link_current(&self, generation: u64) -> bool {
+        self.lock().generation() == generation
+    }
+
+    pub(crate) fn oldest_pending(&self) -> Option<Instant> {
+        self.lock().oldest_pending()
+    }
+
+    pub(crate) fn copy_acked(&self, generation: u64, seq: u64) -> Result<(), CopyError> {
+        self.with_state(|s| s.acked(generation, seq))
+    }
+
+    pub(crate) fn copy_failed(&self, generation: u64, error: &CopyError) {
+        self.with_state(|s| s.link_failed(generation, error, Instant::now()));
     }
 
     /// The export name.
     pub fn name(&self) -> &str {
-        &self.shared.name
+        &self.name
     }
 
     /// The size in bytes.
@@ -179,35 +295,59 @@ impl Volume {
     }
 
     /// The backing file.
-    pub fn path(&self) -> &std::path::Path {
+    pub fn path(&self) -> &Path {
         self.store.path()
+    }
+
+    /// The state file.
+    pub fn state_file(&self) -> &Path {
+        &self.state_path
     }
 
     /// A snapshot of the volume's replication.
     pub fn status(&self) -> VolumeStatus {
-        let inner = self.shared.lock();
+        let s = self.lock().snapshot();
         VolumeStatus {
-            name: self.shared.name.clone(),
-            mode: inner.copy.mode().clone(),
-            next_seq: inner.next_seq,
-            last_acked: inner.copy.last_acked(),
-            pending: inner.copy.pending(),
-            dirty_bytes: inner.copy.dirty().dirty_bytes(),
+            name: self.name.clone(),
+            mode: s.mode,
+            group_uid: s.group_uid,
+            epoch: s.epoch,
+            stage: s.stage,
+            fail_safe: s.fail_safe,
+            next_seq: s.next_seq,
+            last_acked: s.last_acked,
+            pending: s.pending,
+            held: s.held,
+            dirty_bytes: s.dirty_bytes,
+            hold_timeout: s.hold_timeout,
+            secondary: self
+                .copy
+                .as_ref()
+                .map(|c| c.secondary.clone())
+                .unwrap_or_default(),
         }
     }
 
     /// The dirty regions as `(offset, length)` ranges.
     pub fn dirty_regions(&self) -> Vec<(u64, u64)> {
-        self.shared.lock().copy.dirty().regions()
+        self.lock().dirty().regions()
+    }
+
+    /// Waits until the volume is confirmed (fail closed).
+    async fn gate(&self) {
+        let mut rx = self.confirmed.subscribe();
+        // The sender lives as long as the volume.
+        let _ = rx.wait_for(|c| *c).await;
     }
 
     /// Reads `length` bytes at `offset` (the caller checked the range).
     pub async fn read(&self, offset: u64, length: u32) -> Result<Bytes, VolumeError> {
+        self.gate().await;
         Ok(self.store.read(offset, length).await?)
     }
 
-    /// Writes `data` at `offset` (the caller checked the range). Returns once the write is local (and
-    /// durable if `fua`) and, when replicating, durable on the secondary.
+    /// Writes `data` at `offset` (the caller checked the range). Completes once the write is local (and
+    /// durable if `fua`) and its replication completed: durable on the secondary, or released.
     pub async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<(), VolumeError> {
         let length = data.len() as u64;
         let frame_data = data.clone();
@@ -247,6 +387,7 @@ impl Volume {
     /// Makes every completed write durable locally. (Writes acknowledged while replicating are already
     /// durable on the secondary.)
     pub async fn flush(&self) -> Result<(), VolumeError> {
+        self.gate().await;
         Ok(self.store.apply(StoreOp::Flush, true).await?)
     }
 
@@ -258,16 +399,13 @@ impl Volume {
         length: u64,
         frame: impl FnOnce(u64) -> Frame,
     ) -> Result<(), VolumeError> {
-        let (local, copy): (_, CopyWait) = {
-            let mut inner = self.shared.lock();
-            let seq = inner.next_seq;
-            inner.next_seq += 1;
+        self.gate().await;
+        let (local, copy): (_, CopyWait) = self.with_state(|state| {
+            let seq = state.next_seq();
             let local = self.store.submit(op, durable);
-            let copy = inner
-                .copy
-                .submit(seq, offset, length, frame(seq), Instant::now());
+            let copy = state.submit(seq, offset, length, frame(seq), Instant::now());
             (local, copy)
-        };
+        });
         let (local, copy) = tokio::join!(local, copy.wait());
         let local = local.unwrap_or_else(|_| {
             Err(StoreError {
@@ -279,5 +417,154 @@ impl Volume {
         local?;
         copy?;
         Ok(())
+    }
+
+    async fn await_persist(
+        rx: Option<oneshot::Receiver<Result<(), CopyError>>>,
+    ) -> Result<(), DirectiveError> {
+        if let Some(rx) = rx {
+            rx.await
+                .unwrap_or_else(|_| Err(CopyError::Persist("the persister stopped".into())))
+                .map_err(|e| DirectiveError::Persist(e.to_string()))?;
+        }
+        Ok(())
+    }
+
+    /// The sidecar's confirmation / configuration (group, epoch, stage, hold timeout).
+    pub async fn configure(
+        &self,
+        group: &str,
+        epoch: u64,
+        stage: Option<Stage>,
+        hold_timeout: Option<Duration>,
+    ) -> Result<VolumeStatus, DirectiveError> {
+        let rx = self.with_state(|s| {
+            if let Some(t) = hold_timeout {
+                s.set_hold_timeout(t);
+            }
+            s.configure(group, epoch, stage, Instant::now())
+        })?;
+        Self::await_persist(rx).await?;
+        if stage == Some(Stage::Release) {
+            self.with_state(|s| s.release_persisted(epoch));
+        }
+        Ok(self.status())
+    }
+
+    /// Suspends at `epoch`. Returns once the send queue is closed and the persisted dirty map covers
+    /// every write the secondary had not acknowledged and every later one.
+    pub async fn suspend(
+        &self,
+        group: &str,
+        epoch: u64,
+        fail_safe: bool,
+    ) -> Result<VolumeStatus, DirectiveError> {
+        let rx = self.with_state(|s| s.suspend(group, epoch, fail_safe, Instant::now()))?;
+        Self::await_persist(rx).await?;
+        Ok(self.status())
+    }
+
+    /// Releases at exactly `epoch`: the held writes complete, primary-only.
+    pub async fn release(&self, group: &str, epoch: u64) -> Result<VolumeStatus, DirectiveError> {
+        let rx = self.with_state(|s| s.release(group, epoch))?;
+        Self::await_persist(rx).await?;
+        self.with_state(|s| s.release_persisted(epoch));
+        Ok(self.status())
+    }
+
+    /// Resumes at `epoch`: resynchronises the dirty regions, then copies synchronously again. Returns once
+    /// the resync has started.
+    pub async fn resume(&self, group: &str, epoch: u64) -> Result<VolumeStatus, DirectiveError> {
+        let rx = self.with_state(|s| s.resume(group, epoch))?;
+        Self::await_persist(rx).await?;
+        Ok(self.status())
+    }
+}
+
+/// Writes the state file whenever asked, answering the waiters the snapshot covered.
+async fn persister(volume: Weak<Volume>, mut rx: mpsc::UnboundedReceiver<()>) {
+    while rx.recv().await.is_some() {
+        while rx.try_recv().is_ok() {}
+        let Some(v) = volume.upgrade() else {
+            return;
+        };
+        let (state, waiters, version) = v.lock().take_persist();
+        let path = v.state_path.clone();
+        let result = tokio::task::spawn_blocking(move || save_state(&path, &state))
+            .await
+            .map_err(|e| e.to_string())
+            .and_then(|r| r.map_err(|e| e.to_string()));
+        match &result {
+            Ok(()) => v.lock().persisted(version),
+            Err(e) => {
+                tracing::error!(volume = %v.name, error = %e, "persisting the volume state failed")
+            }
+        }
+        let result = result.map_err(CopyError::Persist);
+        for w in waiters {
+            let _ = w.send(result.clone());
+        }
+    }
+}
+
+/// Fails held writes that outlive the hold timeout.
+async fn hold_supervisor(volume: Weak<Volume>) {
+    let mut tick = tokio::time::interval(HOLD_CHECK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let Some(v) = volume.upgrade() else {
+            return;
+        };
+        v.with_state(|s| s.expire_holds(Instant::now()));
+    }
+}
+
+/// Copies the dirty regions over link `generation`, a window of pieces at a time, each read in order
+/// with the writes around it; finishes the resync when the map is empty.
+async fn resync(volume: Weak<Volume>, generation: u64) {
+    loop {
+        let Some(v) = volume.upgrade() else {
+            return;
+        };
+        let batch = v.with_state(|s| {
+            if !s.resyncing(generation) {
+                return None;
+            }
+            let pieces = s.dirty().pieces(RESYNC_PIECE, v.store.size());
+            if pieces.is_empty() {
+                s.resync_done(generation);
+                return None;
+            }
+            let mut waits = Vec::new();
+            for (offset, length) in pieces.into_iter().take(RESYNC_WINDOW) {
+                let seq = s.next_seq();
+                let (out, data) = oneshot::channel();
+                // The store answers `out` with the bytes; the job's own completion is not needed.
+                drop(v.store.submit(
+                    StoreOp::Snapshot {
+                        offset,
+                        length,
+                        out,
+                    },
+                    false,
+                ));
+                match s.submit_resync(generation, seq, offset, length, data, Instant::now()) {
+                    Some(done) => waits.push(done),
+                    None => return None,
+                }
+            }
+            Some(waits)
+        });
+        drop(v);
+        let Some(waits) = batch else {
+            return;
+        };
+        for done in waits {
+            if done.await.is_err() {
+                // The link failed or was closed; the state machine already moved on.
+                return;
+            }
+        }
     }
 }

@@ -12,13 +12,16 @@ use std::time::{Duration, SystemTime};
 use common::*;
 use lockstep_replicator::linkcut::LinkMode;
 use lockstep_replicator::nbd::proto;
-use lockstep_replicator::{CopyFailed, CopyMode, Event};
+use lockstep_replicator::{CopyFailed, Event, ReplMode};
 use tokio::sync::broadcast;
 
 async fn next_copy_failed(events: &mut broadcast::Receiver<Event>) -> CopyFailed {
-    match tokio::time::timeout(Duration::from_secs(30), events.recv()).await {
-        Ok(Ok(Event::CopyFailed(ev))) => ev,
-        other => panic!("expected CopyFailed, got {other:?}"),
+    loop {
+        match tokio::time::timeout(Duration::from_secs(30), events.recv()).await {
+            Ok(Ok(Event::CopyFailed(ev))) => return ev,
+            Ok(Ok(_)) => {}
+            other => panic!("expected CopyFailed, got {other:?}"),
+        }
     }
 }
 
@@ -45,7 +48,7 @@ async fn cut_then_write(mode: LinkMode, timeout: Duration) -> (Pair, CopyFailed)
     assert!(!out.success, "{out:?}");
     let status = pair.primary.volume("vol1").unwrap().status();
     assert!(
-        matches!(status.mode, CopyMode::Failed { first_seq: 2, .. }),
+        matches!(status.mode, ReplMode::Held { first_seq: 2, .. }),
         "{status:?}"
     );
     assert_eq!(status.last_acked, Some(1));
@@ -91,13 +94,16 @@ async fn secondary_refusal_is_a_copy_failure() {
     .unwrap();
     let primary = lockstep_replicator::Primary::start(lockstep_replicator::PrimaryConfig {
         volumes: vec![lockstep_replicator::VolumeConfig {
-            name: "vol1".into(),
-            path: dir.path().join("primary-vol1"),
-            size: Some(MIB),
-            copy: Some(lockstep_replicator::CopyConfig {
-                secondary: secondary.local_addr().to_string(),
-                timeout: Duration::from_secs(30),
-            }),
+            hold_timeout: HOLD_TIMEOUT,
+            ..lockstep_replicator::VolumeConfig::new(
+                "vol1",
+                dir.path().join("primary-vol1"),
+                Some(MIB),
+                Some(lockstep_replicator::CopyConfig {
+                    secondary: secondary.local_addr().to_string(),
+                    timeout: Duration::from_secs(30),
+                }),
+            )
         }],
         nbd_listen: Some("127.0.0.1:0".parse().unwrap()),
         nbd_socket: None,
@@ -107,10 +113,10 @@ async fn secondary_refusal_is_a_copy_failure() {
     .unwrap();
     let vol = Arc::clone(primary.volume("vol1").unwrap());
     eventually("the refusal", Duration::from_secs(30), || {
-        matches!(vol.status().mode, CopyMode::Failed { .. }).then_some(())
+        matches!(vol.status().mode, ReplMode::Held { .. }).then_some(())
     })
     .await;
-    let CopyMode::Failed {
+    let ReplMode::Held {
         error, first_seq, ..
     } = vol.status().mode
     else {

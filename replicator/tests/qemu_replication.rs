@@ -7,7 +7,7 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use lockstep_replicator::{CopyMode, Primary, PrimaryConfig, VolumeConfig};
+use lockstep_replicator::{Primary, PrimaryConfig, ReplMode, VolumeConfig};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn qemu_writes_are_replicated_and_read_back() {
@@ -96,7 +96,7 @@ async fn qemu_writes_are_replicated_and_read_back() {
     let out = qemu_io(&unix, &["read -P 0xef 4M 512k"]).await;
     assert!(out.clean(), "read back over unix: {out:?}");
     let status = pair.primary.volume("vol1").unwrap().status();
-    assert_eq!(status.mode, CopyMode::Replicating);
+    assert_eq!(status.mode, ReplMode::Replicating);
     assert_eq!(status.pending, 0);
     assert_eq!(status.last_acked, Some(status.next_seq - 1));
     assert_eq!(status.dirty_bytes, 0);
@@ -139,12 +139,7 @@ async fn replication_off_serves_the_file_alone() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("solo");
     let primary = Primary::start(PrimaryConfig {
-        volumes: vec![VolumeConfig {
-            name: "solo".into(),
-            path: path.clone(),
-            size: Some(MIB),
-            copy: None,
-        }],
+        volumes: vec![VolumeConfig::new("solo", path.clone(), Some(MIB), None)],
         nbd_listen: Some("127.0.0.1:0".parse().unwrap()),
         nbd_socket: None,
         record_latency: false,
@@ -163,7 +158,10 @@ async fn replication_off_serves_the_file_alone() {
     .await;
     assert!(out.clean(), "{out:?}");
     assert!(read_file_at(&path, 4096, 8192).iter().all(|&b| b == 0x99));
-    assert_eq!(primary.volume("solo").unwrap().status().mode, CopyMode::Off);
+    assert_eq!(
+        primary.volume("solo").unwrap().status().mode,
+        ReplMode::Standalone
+    );
     // The default export (empty name) is the only one.
     let out = qemu_io(
         &format!("nbd://{}", primary.nbd_addr().unwrap()),

@@ -192,12 +192,12 @@ async fn run_case(
                 timeout: Duration::from_secs(30),
             });
             let primary = Primary::start(PrimaryConfig {
-                volumes: vec![VolumeConfig {
-                    name: "vol1".into(),
-                    path: primary_file.to_owned(),
-                    size: Some(size),
+                volumes: vec![VolumeConfig::new(
+                    "vol1",
+                    primary_file.to_owned(),
+                    Some(size),
                     copy,
-                }],
+                )],
                 nbd_listen: Some("127.0.0.1:0".parse()?),
                 nbd_socket: None,
                 record_latency: true,

@@ -520,7 +520,7 @@ mod tests {
     }
 
     proptest! {
-        #![proptest_config(ProptestConfig::with_cases(20_000))]
+        #![proptest_config(ProptestConfig::with_cases(5_000))]
 
         #[test]
         fn arbitrary_request_bytes_never_panic(bytes in proptest::array::uniform28(any::<u8>()), size in any::<u64>()) {

@@ -14,6 +14,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 pub const MIB: u64 = 1024 * 1024;
+/// The hold timeout of the fixtures' volumes: a held write fails with EIO after it.
+pub const HOLD_TIMEOUT: Duration = Duration::from_millis(300);
 
 /// A primary replicating to a secondary, optionally through a [`LinkCut`].
 pub struct Pair {
@@ -68,13 +70,16 @@ pub async fn start_pair(volumes: &[(&str, u64)], cut: bool, timeout: Duration) -
         volumes: volumes
             .iter()
             .map(|(name, size)| VolumeConfig {
-                name: (*name).to_owned(),
-                path: dir.path().join("primary").join(name),
-                size: Some(*size),
-                copy: Some(CopyConfig {
-                    secondary: target.clone(),
-                    timeout,
-                }),
+                hold_timeout: HOLD_TIMEOUT,
+                ..VolumeConfig::new(
+                    name,
+                    dir.path().join("primary").join(name),
+                    Some(*size),
+                    Some(CopyConfig {
+                        secondary: target.clone(),
+                        timeout,
+                    }),
+                )
             })
             .collect(),
         nbd_listen: Some("127.0.0.1:0".parse().unwrap()),

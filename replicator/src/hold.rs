@@ -1,0 +1,1082 @@
+//! The per-volume replication state machine: copying, holding, suspend / release / resume at epochs,
+//! hold timeouts and the dirty-region map. Pure: no I/O. It only completes waiters (oneshot senders)
+//! and queues [`Effect`]s that the volume carries out (start a link, persist, publish an event).
+//!
+//! Modes (the `Mode` of the Replicator protocol):
+//! - `Unconfirmed`: just started; I/O waits until the sidecar confirms the volume (fail closed).
+//! - `Standalone`: no secondary; writes complete once local.
+//! - `Replicating`: every write is copied; it completes when the secondary acknowledges it.
+//! - `Held`: a copy failed; that write, every write in flight and every new write is **held** — its
+//!   completion is kept, not answered — and recorded in the dirty map.
+//! - `Suspended(e)`: the send queue is closed; every write is held until `Release(e)` or a resume.
+//! - `Running(e)`: released at `e`; writes complete once local, recorded in the dirty map (persisted
+//!   before the write completes when it dirties a new chunk).
+//! - `Resyncing(e)`: dirty regions are being copied; new writes are copied synchronously; writes held
+//!   before the resume complete when the resync finishes.
+//!
+//! Held writes never complete successfully except by a release, a finished resync or a group's removal
+//! (DESIGN.md rule 9); a held write older than the hold timeout fails, and the volume keeps holding.
+//! Points (group, epoch, stage) never move backwards: an older directive or confirmation changes nothing.
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant, SystemTime};
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::copy::CopyError;
+use crate::dirty::DirtyMap;
+use crate::events::{CopyFailed, Event, HoldTimedOut};
+use crate::store::StoreError;
+use crate::wire::Frame;
+
+/// A stage within an epoch: Freeze < Release < Resume.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum Stage {
+    /// Suspended.
+    Freeze,
+    /// Released.
+    Release,
+    /// Resumed.
+    Resume,
+}
+
+/// What a volume's replication is doing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Mode {
+    /// Waiting for the sidecar's confirmation; I/O waits.
+    Unconfirmed,
+    /// No secondary.
+    Standalone,
+    /// Copying every write synchronously.
+    Replicating,
+    /// A copy failed; writes are held.
+    Held {
+        /// The first sequence not copied.
+        first_seq: u64,
+        /// What failed.
+        error: String,
+        /// When.
+        since: SystemTime,
+    },
+    /// Suspended at an epoch; writes are held.
+    Suspended {
+        /// The epoch.
+        epoch: u64,
+        /// Taken by the sidecar's fail-safe (lifted only at a higher epoch).
+        fail_safe: bool,
+    },
+    /// Released at an epoch: primary-only, dirty recorded.
+    Running {
+        /// The epoch.
+        epoch: u64,
+    },
+    /// Copying dirty regions, then synchronous again.
+    Resyncing {
+        /// The epoch.
+        epoch: u64,
+    },
+}
+
+impl Mode {
+    fn copies(&self) -> bool {
+        matches!(self, Mode::Replicating | Mode::Resyncing { .. })
+    }
+}
+
+/// An item on a replication link's send queue, in sequence order.
+#[derive(Debug)]
+pub enum LinkItem {
+    /// A frame ready to send.
+    Frame(Frame),
+    /// A resync write whose data the store reads in order (it reflects every earlier write only).
+    Deferred {
+        /// Sequence.
+        seq: u64,
+        /// Offset.
+        offset: u64,
+        /// The data, when read.
+        data: oneshot::Receiver<Result<Bytes, StoreError>>,
+    },
+}
+
+/// Work for the volume to carry out after a state change (outside the lock).
+#[derive(Debug)]
+pub enum Effect {
+    /// Start replication link `generation`, first sequence `first_seq`, fed by `rx`.
+    StartLink {
+        /// Link generation.
+        generation: u64,
+        /// First sequence it carries.
+        first_seq: u64,
+        /// Its send queue.
+        rx: mpsc::UnboundedReceiver<LinkItem>,
+    },
+    /// Start copying the dirty regions over link `generation`.
+    StartResync {
+        /// Link generation.
+        generation: u64,
+    },
+    /// Write the persisted state.
+    Persist,
+    /// Publish an event.
+    Event(Event),
+    /// The volume's state changed (publish its status).
+    StateChanged,
+}
+
+/// How a write's replication completes.
+#[derive(Debug)]
+pub enum CopyWait {
+    /// Already decided.
+    Done(Result<(), CopyError>),
+    /// Decided later (ack, release, resync, persist or hold timeout).
+    Wait(oneshot::Receiver<Result<(), CopyError>>),
+}
+
+impl CopyWait {
+    /// Waits for the outcome.
+    pub async fn wait(self) -> Result<(), CopyError> {
+        match self {
+            CopyWait::Done(r) => r,
+            CopyWait::Wait(rx) => rx
+                .await
+                .unwrap_or_else(|_| Err(CopyError::Link("the volume stopped".into()))),
+        }
+    }
+}
+
+#[derive(Debug)]
+enum PendingKind {
+    Write(oneshot::Sender<Result<(), CopyError>>),
+    Resync(oneshot::Sender<()>),
+}
+
+#[derive(Debug)]
+struct Pending {
+    seq: u64,
+    offset: u64,
+    length: u64,
+    enqueued: Instant,
+    kind: PendingKind,
+}
+
+#[derive(Debug)]
+struct Held {
+    since: Instant,
+    done: oneshot::Sender<Result<(), CopyError>>,
+}
+
+/// Why a directive was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DirectiveError {
+    /// The volume has no secondary: there is nothing to suspend or resume.
+    #[error("volume {0} is not replicated")]
+    NotReplicated(String),
+    /// The directive names another group than the volume's.
+    #[error("volume {volume} belongs to group {actual:?}, not {named:?}")]
+    WrongGroup {
+        /// The volume.
+        volume: String,
+        /// Its group.
+        actual: String,
+        /// The group named.
+        named: String,
+    },
+    /// The directive does not apply in the volume's state (e.g. a release at another epoch).
+    #[error("refused: {0}")]
+    Refused(String),
+    /// The state could not be persisted.
+    #[error("persisting the volume state: {0}")]
+    Persist(String),
+}
+
+/// The persisted part of a volume's replication state (DESIGN.md rule 6).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Persisted {
+    /// The group ("" for none).
+    pub group_uid: String,
+    /// The epoch.
+    pub epoch: u64,
+    /// The stage within the epoch, if any directive was seen.
+    pub stage: Option<Stage>,
+    /// The mode to return to: `replicating`, `held`, `suspended`, `running`, `resyncing`.
+    pub mode: String,
+    /// Whether a suspension is the fail-safe's.
+    pub fail_safe: bool,
+    /// The hold timeout in milliseconds.
+    pub hold_timeout_ms: u64,
+    /// Dirty regions `(offset, length)`.
+    pub dirty: Vec<(u64, u64)>,
+}
+
+/// A snapshot for status.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Snapshot {
+    /// Mode.
+    pub mode: Mode,
+    /// Group ("" for none).
+    pub group_uid: String,
+    /// Epoch.
+    pub epoch: u64,
+    /// Stage.
+    pub stage: Option<Stage>,
+    /// Fail-safe suspension.
+    pub fail_safe: bool,
+    /// The next write's sequence.
+    pub next_seq: u64,
+    /// Highest sequence the secondary acknowledged (on the current link).
+    pub last_acked: Option<u64>,
+    /// Writes waiting for the secondary.
+    pub pending: usize,
+    /// Writes held.
+    pub held: usize,
+    /// Dirty bytes.
+    pub dirty_bytes: u64,
+    /// Hold timeout.
+    pub hold_timeout: Duration,
+}
+
+/// A volume's replication state.
+#[derive(Debug)]
+pub struct ReplState {
+    volume: String,
+    has_secondary: bool,
+    mode: Mode,
+    /// While `Unconfirmed`: the mode to enter on confirmation.
+    restored: Mode,
+    group: String,
+    epoch: u64,
+    stage: Option<Stage>,
+    hold_timeout: Duration,
+    next_seq: u64,
+    pending: VecDeque<Pending>,
+    held: VecDeque<Held>,
+    link: Option<mpsc::UnboundedSender<LinkItem>>,
+    generation: u64,
+    last_acked: Option<u64>,
+    dirty: DirtyMap,
+    persist_waiters: Vec<oneshot::Sender<Result<(), CopyError>>>,
+    /// Bumped whenever the dirty map gains a chunk.
+    dirty_version: u64,
+    /// The `dirty_version` the last completed persist covered.
+    persisted_version: u64,
+    effects: Vec<Effect>,
+}
+
+fn mode_name(mode: &Mode) -> &'static str {
+    match mode {
+        Mode::Unconfirmed => "unconfirmed",
+        Mode::Standalone => "standalone",
+        Mode::Replicating => "replicating",
+        Mode::Held { .. } => "held",
+        Mode::Suspended { .. } => "suspended",
+        Mode::Running { .. } => "running",
+        Mode::Resyncing { .. } => "resyncing",
+    }
+}
+
+impl ReplState {
+    /// A fresh or restored state. `confirmed` false starts `Unconfirmed` (fail closed).
+    pub fn new(
+        volume: &str,
+        has_secondary: bool,
+        hold_timeout: Duration,
+        restored: Option<Persisted>,
+        confirmed: bool,
+    ) -> ReplState {
+        let mut s = ReplState {
+            volume: volume.to_owned(),
+            has_secondary,
+            mode: Mode::Unconfirmed,
+            restored: Mode::Standalone,
+            group: String::new(),
+            epoch: 0,
+            stage: None,
+            hold_timeout,
+            next_seq: 0,
+            pending: VecDeque::new(),
+            held: VecDeque::new(),
+            link: None,
+            generation: 0,
+            last_acked: None,
+            dirty: DirtyMap::default(),
+            persist_waiters: Vec::new(),
+            dirty_version: 0,
+            persisted_version: 0,
+            effects: Vec::new(),
+        };
+        s.restored = if !has_secondary {
+            Mode::Standalone
+        } else if let Some(p) = restored {
+            s.group = p.group_uid;
+            s.epoch = p.epoch;
+            s.stage = p.stage;
+            s.hold_timeout = Duration::from_millis(p.hold_timeout_ms);
+            for (offset, length) in p.dirty {
+                s.dirty.mark(offset, length);
+            }
+            match p.mode.as_str() {
+                "suspended" => Mode::Suspended {
+                    epoch: p.epoch,
+                    fail_safe: p.fail_safe,
+                },
+                "running" => Mode::Running { epoch: p.epoch },
+                "resyncing" => Mode::Resyncing { epoch: p.epoch },
+                "replicating" if s.dirty.dirty_bytes() == 0 => Mode::Replicating,
+                "replicating" => Mode::Resyncing { epoch: p.epoch },
+                // Held, or anything unknown: hold (freezing is always safe).
+                _ => Mode::Held {
+                    first_seq: 0,
+                    error: "held before the restart".into(),
+                    since: SystemTime::now(),
+                },
+            }
+        } else {
+            Mode::Replicating
+        };
+        if confirmed {
+            s.confirm();
+        }
+        s
+    }
+
+    /// Effects queued since the last call.
+    pub fn take_effects(&mut self) -> Vec<Effect> {
+        std::mem::take(&mut self.effects)
+    }
+
+    /// The current link generation.
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// Whether I/O may proceed (the volume is confirmed).
+    pub fn confirmed(&self) -> bool {
+        self.mode != Mode::Unconfirmed
+    }
+
+    /// The current mode.
+    pub fn mode(&self) -> &Mode {
+        &self.mode
+    }
+
+    /// The dirty map.
+    pub fn dirty(&self) -> &DirtyMap {
+        &self.dirty
+    }
+
+    /// A status snapshot.
+    pub fn snapshot(&self) -> Snapshot {
+        let fail_safe = matches!(
+            self.mode,
+            Mode::Suspended {
+                fail_safe: true,
+                ..
+            }
+        );
+        Snapshot {
+            mode: self.mode.clone(),
+            group_uid: self.group.clone(),
+            epoch: self.epoch,
+            stage: self.stage,
+            fail_safe,
+            next_seq: self.next_seq,
+            last_acked: self.last_acked,
+            pending: self.pending.len(),
+            held: self.held.len(),
+            dirty_bytes: self.dirty.dirty_bytes(),
+            hold_timeout: self.hold_timeout,
+        }
+    }
+
+    /// What to persist, the waiters the write will answer, and the dirty version it covers (pass it to
+    /// [`ReplState::persisted`] once written).
+    #[allow(clippy::type_complexity)]
+    pub fn take_persist(
+        &mut self,
+    ) -> (Persisted, Vec<oneshot::Sender<Result<(), CopyError>>>, u64) {
+        let mode = if self.mode == Mode::Unconfirmed {
+            &self.restored
+        } else {
+            &self.mode
+        };
+        let p = Persisted {
+            group_uid: self.group.clone(),
+            epoch: self.epoch,
+            stage: self.stage,
+            mode: mode_name(mode).into(),
+            fail_safe: matches!(
+                mode,
+                Mode::Suspended {
+                    fail_safe: true,
+                    ..
+                }
+            ),
+            hold_timeout_ms: u64::try_from(self.hold_timeout.as_millis()).unwrap_or(u64::MAX),
+            dirty: self.dirty.regions(),
+        };
+        (
+            p,
+            std::mem::take(&mut self.persist_waiters),
+            self.dirty_version,
+        )
+    }
+
+    /// A persist covering `version` completed.
+    pub fn persisted(&mut self, version: u64) {
+        self.persisted_version = self.persisted_version.max(version);
+    }
+
+    fn mark_dirty(&mut self, offset: u64, length: u64) -> bool {
+        let newly = !self.dirty.is_dirty_all(offset, length);
+        if newly {
+            self.dirty.mark(offset, length);
+            self.dirty_version += 1;
+        }
+        newly
+    }
+
+    fn persist(&mut self) -> oneshot::Receiver<Result<(), CopyError>> {
+        let (tx, rx) = oneshot::channel();
+        self.persist_waiters.push(tx);
+        self.effects.push(Effect::Persist);
+        rx
+    }
+
+    fn changed(&mut self) {
+        self.effects.push(Effect::StateChanged);
+    }
+
+    /// Opens a new link generation; the old one's acks and failures are ignored from now on.
+    fn open_link(&mut self) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        self.generation += 1;
+        self.link = Some(tx);
+        self.last_acked = None;
+        self.effects.push(Effect::StartLink {
+            generation: self.generation,
+            first_seq: self.next_seq,
+            rx,
+        });
+    }
+
+    /// Closes the send queue: pending writes become held (and dirty); resync chunks are dropped.
+    fn close_link(&mut self, now: Instant) {
+        self.generation += 1;
+        self.link = None;
+        for p in std::mem::take(&mut self.pending) {
+            self.mark_dirty(p.offset, p.length);
+            if let PendingKind::Write(done) = p.kind {
+                self.held.push_back(Held { since: now, done });
+            }
+        }
+    }
+
+    fn complete_held(&mut self, result: &Result<(), CopyError>) {
+        for h in std::mem::take(&mut self.held) {
+            let _ = h.done.send(result.clone());
+        }
+    }
+
+    fn enter(&mut self, mode: Mode) {
+        if mode.copies() && !self.mode.copies() {
+            self.open_link();
+        }
+        if let Mode::Resyncing { .. } = mode {
+            self.effects.push(Effect::StartResync {
+                generation: self.generation,
+            });
+        }
+        self.mode = mode;
+        self.changed();
+    }
+
+    fn confirm(&mut self) {
+        if self.mode == Mode::Unconfirmed {
+            let restored = std::mem::replace(&mut self.restored, Mode::Standalone);
+            self.enter(restored);
+        }
+    }
+
+    /// Takes the next write sequence.
+    pub fn next_seq(&mut self) -> u64 {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        seq
+    }
+
+    /// Decides how write or trim `frame` (sequence `seq`, `[offset, offset+length)`) is replicated. Called
+    /// under the volume's lock, in sequence order, after the local operation was queued.
+    pub fn submit(
+        &mut self,
+        seq: u64,
+        offset: u64,
+        length: u64,
+        frame: Frame,
+        now: Instant,
+    ) -> CopyWait {
+        match &self.mode {
+            Mode::Standalone => CopyWait::Done(Ok(())),
+            Mode::Replicating | Mode::Resyncing { .. } => {
+                let (done, rx) = oneshot::channel();
+                self.pending.push_back(Pending {
+                    seq,
+                    offset,
+                    length,
+                    enqueued: now,
+                    kind: PendingKind::Write(done),
+                });
+                if let Some(link) = &self.link {
+                    let _ = link.send(LinkItem::Frame(frame));
+                }
+                CopyWait::Wait(rx)
+            }
+            Mode::Running { .. } => {
+                // Acknowledge only once the map on disk covers this write.
+                if !self.mark_dirty(offset, length) && self.persisted_version >= self.dirty_version
+                {
+                    CopyWait::Done(Ok(()))
+                } else {
+                    CopyWait::Wait(self.persist())
+                }
+            }
+            Mode::Held { .. } | Mode::Suspended { .. } | Mode::Unconfirmed => {
+                if self.mark_dirty(offset, length) {
+                    // Not awaited: the write is held anyway; this keeps the map on disk current.
+                    drop(self.persist());
+                }
+                let (done, rx) = oneshot::channel();
+                self.held.push_back(Held { since: now, done });
+                CopyWait::Wait(rx)
+            }
+        }
+    }
+
+    /// Queues a resync copy of `[offset, offset+length)` with data read in order by the store. Returns
+    /// the completion the resync driver waits for, or `None` if link `generation` is no longer current.
+    pub fn submit_resync(
+        &mut self,
+        generation: u64,
+        seq: u64,
+        offset: u64,
+        length: u64,
+        data: oneshot::Receiver<Result<Bytes, StoreError>>,
+        now: Instant,
+    ) -> Option<oneshot::Receiver<()>> {
+        if generation != self.generation || !matches!(self.mode, Mode::Resyncing { .. }) {
+            return None;
+        }
+        let (done, rx) = oneshot::channel();
+        self.pending.push_back(Pending {
+            seq,
+            offset,
+            length,
+            enqueued: now,
+            kind: PendingKind::Resync(done),
+        });
+        if let Some(link) = &self.link {
+            let _ = link.send(LinkItem::Deferred { seq, offset, data });
+        }
+        Some(rx)
+    }
+
+    /// Whether link `generation` is resyncing.
+    pub fn resyncing(&self, generation: u64) -> bool {
+        generation == self.generation && matches!(self.mode, Mode::Resyncing { .. })
+    }
+
+    /// The resync finished on link `generation` (the dirty map is empty): replicate, and complete the
+    /// writes held before the resume.
+    pub fn resync_done(&mut self, generation: u64) {
+        if !self.resyncing(generation) || self.dirty.dirty_bytes() != 0 {
+            return;
+        }
+        self.mode = Mode::Replicating;
+        self.complete_held(&Ok(()));
+        self.changed();
+        drop(self.persist());
+    }
+
+    /// The secondary acknowledged every sequence up to `seq` on link `generation`.
+    pub fn acked(&mut self, generation: u64, seq: u64) -> Result<(), CopyError> {
+        if generation != self.generation || !self.mode.copies() {
+            return Ok(());
+        }
+        if seq >= self.next_seq || self.last_acked.is_some_and(|last| seq < last) {
+            return Err(CopyError::Protocol(format!(
+                "ack for sequence {seq} (next {}, last acked {:?})",
+                self.next_seq, self.last_acked
+            )));
+        }
+        self.last_acked = Some(seq);
+        while self.pending.front().is_some_and(|p| p.seq <= seq) {
+            if let Some(p) = self.pending.pop_front() {
+                match p.kind {
+                    PendingKind::Write(done) => {
+                        let _ = done.send(Ok(()));
+                    }
+                    PendingKind::Resync(done) => {
+                        self.dirty.clear(p.offset, p.length);
+                        let _ = done.send(());
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// When the oldest write still waiting for the secondary entered the queue.
+    pub fn oldest_pending(&self) -> Option<Instant> {
+        self.pending.front().map(|p| p.enqueued)
+    }
+
+    /// Link `generation` failed: hold everything in flight and everything after it.
+    pub fn link_failed(&mut self, generation: u64, error: &CopyError, now: Instant) {
+        if generation != self.generation || !self.mode.copies() {
+            return;
+        }
+        let first_seq = self.pending.front().map_or(self.next_seq, |p| p.seq);
+        let since = SystemTime::now();
+        self.close_link(now);
+        self.mode = Mode::Held {
+            first_seq,
+            error: error.to_string(),
+            since,
+        };
+        self.effects
+            .push(Effect::Event(Event::CopyFailed(CopyFailed {
+                volume: self.volume.clone(),
+                sequence: first_seq,
+                group_uid: self.group.clone(),
+                epoch_known: self.epoch,
+                error: error.to_string(),
+                since,
+            })));
+        self.changed();
+        drop(self.persist());
+    }
+
+    /// Fails held writes older than the hold timeout; the volume keeps holding.
+    pub fn expire_holds(&mut self, now: Instant) {
+        let timeout = self.hold_timeout;
+        let mut failed = 0u64;
+        while self
+            .held
+            .front()
+            .is_some_and(|h| now.saturating_duration_since(h.since) >= timeout)
+        {
+            if let Some(h) = self.held.pop_front() {
+                let _ = h.done.send(Err(CopyError::HoldTimeout(timeout)));
+                failed += 1;
+            }
+        }
+        if failed > 0 {
+            self.effects
+                .push(Effect::Event(Event::HoldTimedOut(HoldTimedOut {
+                    volume: self.volume.clone(),
+                    failed_writes: failed,
+                })));
+        }
+    }
+
+    fn check_group(&self, group: &str) -> Result<(), DirectiveError> {
+        if !self.has_secondary {
+            return Err(DirectiveError::NotReplicated(self.volume.clone()));
+        }
+        if group.is_empty() || group != self.group {
+            return Err(DirectiveError::WrongGroup {
+                volume: self.volume.clone(),
+                actual: self.group.clone(),
+                named: group.to_owned(),
+            });
+        }
+        Ok(())
+    }
+
+    fn position(&self) -> (u64, Option<Stage>) {
+        (self.epoch, self.stage)
+    }
+
+    /// Suspends at `epoch`: closes the send queue and holds every write until a release at exactly
+    /// `epoch` (or a resume). Returns the persist completion to await before answering, or `None` when
+    /// the directive is stale or a duplicate (nothing changed).
+    pub fn suspend(
+        &mut self,
+        group: &str,
+        epoch: u64,
+        fail_safe: bool,
+        now: Instant,
+    ) -> Result<Option<oneshot::Receiver<Result<(), CopyError>>>, DirectiveError> {
+        self.check_group(group)?;
+        let live = if self.mode == Mode::Unconfirmed {
+            &self.restored
+        } else {
+            &self.mode
+        };
+        let already = match live {
+            Mode::Suspended { epoch: at, .. } => *at >= epoch,
+            _ => false,
+        };
+        let stale = if fail_safe {
+            // The fail-safe suspends at the epoch it last saw, even after that epoch's release.
+            epoch < self.epoch
+        } else {
+            (epoch, Some(Stage::Freeze)) < self.position()
+        };
+        if already || stale {
+            return Ok(None);
+        }
+        self.close_link(now);
+        if self.stage.is_none() || (epoch, Some(Stage::Freeze)) > self.position() {
+            self.epoch = epoch;
+            self.stage = Some(Stage::Freeze);
+        }
+        let mode = Mode::Suspended { epoch, fail_safe };
+        if self.mode == Mode::Unconfirmed {
+            self.restored = mode;
+        } else {
+            self.mode = mode;
+            self.changed();
+        }
+        Ok(Some(self.persist()))
+    }
+
+    /// Releases at exactly `epoch`: held writes complete (primary-only) once the state — whose dirty
+    /// map covers them — is persisted, and later writes run primary-only. `None`: a duplicate.
+    pub fn release(
+        &mut self,
+        group: &str,
+        epoch: u64,
+    ) -> Result<Option<oneshot::Receiver<Result<(), CopyError>>>, DirectiveError> {
+        self.check_group(group)?;
+        match self.mode {
+            Mode::Suspended {
+                epoch: at,
+                fail_safe: false,
+            } if at == epoch => {}
+            Mode::Running { epoch: at }
+                if at == epoch && self.position() == (epoch, Some(Stage::Release)) =>
+            {
+                return Ok(None);
+            }
+            ref other => {
+                return Err(DirectiveError::Refused(format!(
+                    "release at epoch {epoch} needs the volume suspended at exactly {epoch} \
+                     (not by the fail-safe); it is {other:?} at epoch {}",
+                    self.epoch
+                )));
+            }
+        }
+        self.epoch = epoch;
+        self.stage = Some(Stage::Release);
+        self.mode = Mode::Running { epoch };
+        self.changed();
+        Ok(Some(self.persist()))
+    }
+
+    /// Called once the release's persist completed: the held writes complete.
+    pub fn release_persisted(&mut self, epoch: u64) {
+        if self.mode == (Mode::Running { epoch }) {
+            self.complete_held(&Ok(()));
+        }
+    }
+
+    /// Resumes at `epoch`: copies the dirty regions, then replicates synchronously. `None`: stale or a
+    /// duplicate.
+    pub fn resume(
+        &mut self,
+        group: &str,
+        epoch: u64,
+    ) -> Result<Option<oneshot::Receiver<Result<(), CopyError>>>, DirectiveError> {
+        self.check_group(group)?;
+        if self.mode == Mode::Unconfirmed {
+            return Err(DirectiveError::Refused(
+                "the volume is not confirmed yet".into(),
+            ));
+        }
+        if (epoch, Some(Stage::Resume)) <= self.position() {
+            return Ok(None);
+        }
+        if let Mode::Suspended {
+            epoch: at,
+            fail_safe: true,
+        } = self.mode
+            && epoch <= at
+        {
+            return Err(DirectiveError::Refused(format!(
+                "a fail-safe suspension at epoch {at} is lifted only at a higher epoch"
+            )));
+        }
+        self.start_resync(epoch, Instant::now());
+        self.stage = Some(Stage::Resume);
+        Ok(Some(self.persist()))
+    }
+
+    fn start_resync(&mut self, epoch: u64, now: Instant) {
+        if self.mode.copies() {
+            // Restart on a fresh link so the resync's ordering is simple.
+            self.close_link(now);
+            self.mode = Mode::Running { epoch };
+        }
+        self.epoch = epoch;
+        self.enter(Mode::Resyncing { epoch });
+    }
+
+    /// Sets the hold timeout.
+    pub fn set_hold_timeout(&mut self, timeout: Duration) {
+        self.hold_timeout = timeout;
+    }
+
+    /// The sidecar's confirmation / configuration: the volume's group and the point it read. An older
+    /// point of the same group is ignored (and does not confirm). Returns the persist to await, if any.
+    pub fn configure(
+        &mut self,
+        group: &str,
+        epoch: u64,
+        stage: Option<Stage>,
+        now: Instant,
+    ) -> Result<Option<oneshot::Receiver<Result<(), CopyError>>>, DirectiveError> {
+        if !self.has_secondary {
+            self.group = group.to_owned();
+            self.confirm();
+            return Ok(None);
+        }
+        if group.is_empty() {
+            // In no group (or the group was deleted, rule 9): stop holding, resync, replicate; writes held
+            // until now complete once the resync has copied them.
+            let was_group = !self.group.is_empty();
+            self.group.clear();
+            self.epoch = 0;
+            self.stage = None;
+            self.confirm();
+            if (was_group && self.mode != Mode::Replicating)
+                || matches!(
+                    self.mode,
+                    Mode::Held { .. } | Mode::Suspended { .. } | Mode::Running { .. }
+                )
+            {
+                self.start_resync(0, now);
+            }
+            return Ok(Some(self.persist()));
+        }
+        if group != self.group {
+            // A new group: its epochs start a new order.
+            self.group = group.to_owned();
+            self.epoch = 0;
+            self.stage = None;
+        }
+        let current = self.position();
+        let asked = (epoch, stage);
+        if asked < current {
+            return Ok(None);
+        }
+        self.confirm();
+        if asked == current {
+            return Ok(Some(self.persist()));
+        }
+        match stage {
+            None => {
+                self.epoch = epoch;
+                Ok(Some(self.persist()))
+            }
+            Some(Stage::Freeze) => self.suspend(group, epoch, false, now),
+            Some(Stage::Release) => {
+                if self.mode
+                    == (Mode::Suspended {
+                        epoch,
+                        fail_safe: false,
+                    })
+                {
+                    self.release(group, epoch)
+                } else {
+                    self.close_link(now);
+                    self.epoch = epoch;
+                    self.stage = Some(Stage::Release);
+                    self.mode = Mode::Running { epoch };
+                    self.changed();
+                    Ok(Some(self.persist()))
+                }
+            }
+            Some(Stage::Resume) => self.resume(group, epoch),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(seq: u64) -> Frame {
+        Frame::Write {
+            seq,
+            offset: seq * 4096,
+            data: Bytes::from_static(&[1u8; 16]),
+        }
+    }
+
+    fn replicating() -> ReplState {
+        let mut s = ReplState::new("v", true, Duration::from_secs(60), None, false);
+        s.configure("g", 1, None, Instant::now()).unwrap();
+        s.take_effects();
+        s
+    }
+
+    fn submit(s: &mut ReplState) -> CopyWait {
+        let seq = s.next_seq();
+        s.submit(seq, seq * 4096, 4096, write(seq), Instant::now())
+    }
+
+    fn done(w: &mut CopyWait) -> Option<Result<(), CopyError>> {
+        match w {
+            CopyWait::Done(r) => Some(r.clone()),
+            CopyWait::Wait(rx) => rx.try_recv().ok(),
+        }
+    }
+
+    #[test]
+    fn unconfirmed_holds_until_configured() {
+        let mut s = ReplState::new("v", true, Duration::from_secs(60), None, false);
+        assert!(!s.confirmed());
+        // An older confirmation of a restored state does not confirm.
+        let restored = Persisted {
+            group_uid: "g".into(),
+            epoch: 5,
+            stage: Some(Stage::Freeze),
+            mode: "suspended".into(),
+            fail_safe: false,
+            hold_timeout_ms: 1000,
+            dirty: vec![(0, 4096)],
+        };
+        let mut r = ReplState::new("v", true, Duration::from_secs(60), Some(restored), false);
+        assert!(matches!(
+            r.configure("g", 4, Some(Stage::Resume), Instant::now()),
+            Ok(None)
+        ));
+        assert!(!r.confirmed());
+        r.configure("g", 5, Some(Stage::Freeze), Instant::now())
+            .unwrap();
+        assert_eq!(
+            r.mode(),
+            &Mode::Suspended {
+                epoch: 5,
+                fail_safe: false
+            }
+        );
+        assert!(r.dirty().is_dirty(0, 1));
+        s.configure("", 0, None, Instant::now()).unwrap();
+        assert!(s.confirmed());
+    }
+
+    #[test]
+    fn copy_failure_holds_and_suspend_release_complete_them() {
+        let mut s = replicating();
+        let mut a = submit(&mut s);
+        let mut b = submit(&mut s);
+        let gen_ = s.generation;
+        s.acked(gen_, 0).unwrap();
+        assert_eq!(done(&mut a), Some(Ok(())));
+        s.link_failed(gen_, &CopyError::Link("cut".into()), Instant::now());
+        assert!(matches!(s.mode(), Mode::Held { first_seq: 1, .. }));
+        let mut c = submit(&mut s);
+        assert_eq!(done(&mut b), None, "held, not failed");
+        assert_eq!(done(&mut c), None);
+        assert!(s.dirty().is_dirty(4096, 4096) && s.dirty().is_dirty(2 * 4096, 4096));
+        // Release before suspend is refused; suspend; release at the wrong epoch is refused.
+        assert!(s.release("g", 2).is_err());
+        assert!(s.suspend("other", 2, false, Instant::now()).is_err());
+        assert!(s.suspend("g", 2, false, Instant::now()).unwrap().is_some());
+        assert!(
+            s.suspend("g", 2, false, Instant::now()).unwrap().is_none(),
+            "duplicate"
+        );
+        assert!(
+            s.suspend("g", 1, false, Instant::now()).unwrap().is_none(),
+            "stale"
+        );
+        let mut d = submit(&mut s);
+        assert!(s.release("g", 3).is_err());
+        assert!(s.release("g", 1).is_err());
+        assert!(s.release("g", 2).unwrap().is_some());
+        assert_eq!(done(&mut b), None, "not before the persist");
+        s.release_persisted(2);
+        for w in [&mut b, &mut c, &mut d] {
+            assert_eq!(done(w), Some(Ok(())));
+        }
+        assert!(s.release("g", 2).unwrap().is_none(), "duplicate release");
+        // Running: primary-only, newly dirty writes wait for a persist.
+        let mut e = submit(&mut s);
+        assert_eq!(done(&mut e), None);
+        let (_, waiters, version) = s.take_persist();
+        s.persisted(version);
+        for w in waiters {
+            let _ = w.send(Ok(()));
+        }
+        assert_eq!(done(&mut e), Some(Ok(())));
+        // A stale suspend after the release changes nothing.
+        assert!(s.suspend("g", 2, false, Instant::now()).unwrap().is_none());
+    }
+
+    #[test]
+    fn hold_timeout_fails_held_writes_and_keeps_holding() {
+        let mut s = replicating();
+        s.set_hold_timeout(Duration::from_millis(10));
+        let t0 = Instant::now();
+        let mut a = submit(&mut s);
+        let g = s.generation;
+        s.link_failed(g, &CopyError::Timeout(Duration::from_secs(1)), t0);
+        s.expire_holds(t0);
+        assert_eq!(done(&mut a), None);
+        s.expire_holds(t0 + Duration::from_millis(20));
+        assert_eq!(
+            done(&mut a),
+            Some(Err(CopyError::HoldTimeout(Duration::from_millis(10))))
+        );
+        let mut b = submit(&mut s);
+        assert_eq!(done(&mut b), None, "still holding after the timeout");
+        assert!(matches!(s.mode(), Mode::Held { .. }));
+    }
+
+    #[test]
+    fn fail_safe_is_lifted_only_at_a_higher_epoch() {
+        let mut s = replicating();
+        s.suspend("g", 3, true, Instant::now()).unwrap();
+        assert!(s.release("g", 3).is_err());
+        assert!(s.resume("g", 3).is_err());
+        assert!(s.suspend("g", 4, false, Instant::now()).unwrap().is_some());
+        assert!(s.release("g", 4).unwrap().is_some());
+    }
+
+    #[test]
+    fn resume_resyncs_then_replicates() {
+        let mut s = replicating();
+        let g = s.generation;
+        let mut a = submit(&mut s);
+        s.suspend("g", 2, false, Instant::now()).unwrap();
+        s.take_effects();
+        assert!(s.acked(g, 0).is_ok(), "an old link's ack is ignored");
+        assert_eq!(done(&mut a), None);
+        s.resume("g", 2).unwrap();
+        assert!(matches!(s.mode(), Mode::Resyncing { epoch: 2 }));
+        let effects = s.take_effects();
+        assert!(
+            effects
+                .iter()
+                .any(|e| matches!(e, Effect::StartResync { .. }))
+        );
+        let g2 = s.generation;
+        let (_tx, data) = oneshot::channel();
+        let seq = s.next_seq();
+        let mut chunk = s
+            .submit_resync(g2, seq, 0, crate::dirty::CHUNK, data, Instant::now())
+            .unwrap();
+        s.acked(g2, seq).unwrap();
+        assert!(chunk.try_recv().is_ok());
+        assert_eq!(s.dirty().dirty_bytes(), 0);
+        s.resync_done(g2);
+        assert_eq!(s.mode(), &Mode::Replicating);
+        assert_eq!(done(&mut a), Some(Ok(())));
+        assert!(s.resume("g", 2).unwrap().is_none(), "duplicate resume");
+    }
+}
