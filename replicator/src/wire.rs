@@ -223,7 +223,13 @@ impl Decoder for FrameCodec {
 }
 
 fn put_header(dst: &mut BytesMut, kind: u8, seq: u64, offset: u64, length: u32) {
-    dst.reserve(HEADER_LEN + length as usize);
+    // Only frames with a payload carry it after the header (a trim's length is not a payload): reserve
+    // for those only. Found by `cargo fuzz` (a 4 GiB trim made the encoder reserve 4 GiB).
+    let payload = match kind {
+        KIND_HELLO | KIND_WRITE | KIND_ERROR => length as usize,
+        _ => 0,
+    };
+    dst.reserve(HEADER_LEN + payload);
     dst.put_u32(FRAME_MAGIC);
     dst.put_u8(kind);
     dst.put_u8(0);
@@ -374,6 +380,23 @@ mod tests {
             prop_assert!(buf.is_empty());
             prop_assert_eq!(out, frames);
         }
+    }
+
+    #[test]
+    fn encoding_a_huge_trim_does_not_reserve_its_length() {
+        let mut buf = BytesMut::new();
+        FrameCodec
+            .encode(
+                &Frame::Trim {
+                    seq: 1,
+                    offset: 0,
+                    length: u32::MAX,
+                },
+                &mut buf,
+            )
+            .unwrap();
+        assert_eq!(buf.len(), HEADER_LEN);
+        assert!(buf.capacity() < 1 << 20);
     }
 
     #[test]
