@@ -468,7 +468,11 @@ impl Enforcer {
                         volume.confirmed = false;
                     }
                 }
-                // Re-learnt from the next inventory; nothing acts on them until then.
+                // Re-learnt from the next inventory; nothing acts on them until then, and the next
+                // acknowledgement of their groups is sent afresh.
+                for group in self.groups.values_mut() {
+                    group.last_ack = None;
+                }
                 self.inventory_known = false;
             }
         }

@@ -3,7 +3,10 @@
 use clap::Parser;
 
 #[derive(Debug, Parser)]
-#[command(version, about = "The Lockstep sidecar: the per-node agent that reports copy failures and enforces freezes.")]
+#[command(
+    version,
+    about = "The Lockstep sidecar: the per-node agent that reports copy failures and enforces freezes."
+)]
 struct Cli {
     #[command(flatten)]
     options: lockstep_sidecar::Options,

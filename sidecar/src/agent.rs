@@ -1,0 +1,412 @@
+//! The agent: one task that owns the [`Enforcer`], feeds it the inputs of both paths and the
+//! replicator, runs the resulting operations on the replicator and publishes a [`Snapshot`] that the
+//! paths send on (acknowledgements, reports, status).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use lockstep_api::domain::{GroupEpoch, VolumeState};
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+
+use crate::enforce::{Ack, Enforcer, Failure, GroupView, Input, Rank, Refusal, VolumeView};
+use crate::metrics::{GroupLabels, Metrics};
+use crate::replicator::{Replicator, ReplicatorEvent};
+use crate::report::{Backoff, Reports};
+
+/// An acknowledgement as published: what, and when it was first produced (ms since the Unix epoch).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PublishedAck {
+    /// The acknowledgement.
+    pub ack: Ack,
+    /// When the node enforced it.
+    pub at_unix_ms: i64,
+}
+
+/// What the paths send: the core's state after the last input.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Snapshot {
+    /// The latest acknowledgement per group.
+    pub acks: BTreeMap<String, PublishedAck>,
+    /// Outstanding failures.
+    pub failures: Vec<Failure>,
+    /// The highest point seen or carried per group.
+    pub seen: Vec<GroupEpoch>,
+    /// The local volumes.
+    pub volumes: Vec<VolumeView>,
+    /// The known groups.
+    pub groups: Vec<GroupView>,
+    /// The replicator's inventory is known.
+    pub inventory_known: bool,
+}
+
+impl Snapshot {
+    /// The volume state a sidecar reports for a volume.
+    pub fn volume_state(&self, volume: &VolumeView) -> VolumeState {
+        if self.failures.iter().any(|f| f.volume == volume.volume) {
+            return VolumeState::Held;
+        }
+        match (volume.confirmed, &volume.group_uid, volume.level) {
+            (false, _, _) => VolumeState::Unconfirmed,
+            (true, None, _) | (true, Some(_), None) => VolumeState::Standalone,
+            (true, Some(_), Some(level)) => match level.rank {
+                Rank::Freeze | Rank::FailSafe => VolumeState::Suspended,
+                Rank::Release => VolumeState::Running,
+                Rank::Resume => VolumeState::Replicating,
+            },
+        }
+    }
+}
+
+/// What the paths share with the agent.
+#[derive(Debug)]
+pub struct Context {
+    /// This node's name.
+    pub node: String,
+    /// This cluster's MemberCluster name.
+    pub cluster: String,
+    /// Inputs to the core.
+    pub inputs: mpsc::UnboundedSender<Input>,
+    /// The core's latest state.
+    pub snapshot: watch::Receiver<Snapshot>,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+    /// Which path delivered which failure.
+    pub reports: Reports,
+    /// Cancelled on shutdown.
+    pub stop: CancellationToken,
+}
+
+impl Context {
+    /// Feeds an input to the core (dropped after shutdown).
+    pub fn send(&self, input: Input) {
+        if self.inputs.send(input).is_err() {
+            tracing::debug!("input after shutdown dropped");
+        }
+    }
+
+    /// Sleeps, or returns false when stopping.
+    pub async fn sleep(&self, delay: Duration) -> bool {
+        tokio::select! {
+            _ = self.stop.cancelled() => false,
+            _ = tokio::time::sleep(delay) => true,
+        }
+    }
+}
+
+/// Agent timings.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    /// Re-list the replicator's volumes this often.
+    pub inventory_interval: Duration,
+    /// Fail safe after a failure reached neither path this long.
+    pub fail_safe_interval: Duration,
+}
+
+/// The agent's state.
+pub struct Agent {
+    core: Enforcer,
+    replicator: Replicator,
+    context: Arc<Context>,
+    publish: watch::Sender<Snapshot>,
+    acks: BTreeMap<String, PublishedAck>,
+    config: AgentConfig,
+}
+
+impl std::fmt::Debug for Agent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Agent").finish_non_exhaustive()
+    }
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+impl Agent {
+    /// A new agent and its shared context.
+    pub fn new(
+        node: String,
+        cluster: String,
+        replicator: Replicator,
+        metrics: Arc<Metrics>,
+        config: AgentConfig,
+        stop: CancellationToken,
+    ) -> (Self, Arc<Context>, mpsc::UnboundedReceiver<Input>) {
+        let (inputs, receiver) = mpsc::unbounded_channel();
+        let (publish, snapshot) = watch::channel(Snapshot::default());
+        let context = Arc::new(Context {
+            node,
+            cluster,
+            inputs,
+            snapshot,
+            metrics,
+            reports: Reports::new(),
+            stop,
+        });
+        let agent = Self {
+            core: Enforcer::new(),
+            replicator,
+            context: context.clone(),
+            publish,
+            acks: BTreeMap::new(),
+            config,
+        };
+        (agent, context, receiver)
+    }
+
+    /// Runs until the context stops.
+    pub async fn run(mut self, mut inputs: mpsc::UnboundedReceiver<Input>) {
+        let stop = self.context.stop.clone();
+        let mut inventory = tokio::time::interval(self.config.inventory_interval);
+        let check = (self.config.fail_safe_interval / 4).max(Duration::from_millis(20));
+        let mut fail_safe = tokio::time::interval(check);
+        fail_safe.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        inventory.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => break,
+                input = inputs.recv() => match input {
+                    Some(input) => self.process(input).await,
+                    None => break,
+                },
+                _ = inventory.tick() => self.refresh_inventory().await,
+                _ = fail_safe.tick() => {
+                    let failures = self.core.failures();
+                    if self.context.reports.fail_safe_due(
+                        &failures,
+                        self.config.fail_safe_interval,
+                        Instant::now(),
+                    ) {
+                        self.process(Input::FailSafeTimer).await;
+                    }
+                }
+            }
+        }
+    }
+
+    async fn refresh_inventory(&mut self) {
+        match self.replicator.list().await {
+            Ok(volumes) => {
+                self.context.metrics.set_path_up("replicator", true);
+                mark_ready(&self.context.metrics);
+                self.process(Input::Inventory(volumes)).await;
+            }
+            Err(error) => {
+                self.context.metrics.set_path_up("replicator", false);
+                tracing::warn!(%error, "cannot list the replicator's volumes");
+            }
+        }
+    }
+
+    fn group_name(&self, uid: &str) -> String {
+        self.core
+            .groups()
+            .into_iter()
+            .find(|g| g.group_uid == uid && !g.name.is_empty())
+            .map_or_else(|| uid.to_owned(), |g| g.name)
+    }
+
+    async fn process(&mut self, input: Input) {
+        let directive = match &input {
+            Input::Directive { path, target } => Some((*path, target.clone())),
+            _ => None,
+        };
+        let out = self.core.handle(input);
+        if let Some((path, target)) = directive {
+            let state = if out
+                .refused
+                .iter()
+                .any(|r| matches!(r, Refusal::Stale { .. } | Refusal::BelowFailSafe { .. }))
+            {
+                "stale"
+            } else {
+                "enforced"
+            };
+            self.context
+                .metrics
+                .directives
+                .get_or_create(&GroupLabels {
+                    group: self.group_name(&target.group_uid),
+                    path: path.to_string(),
+                    state: state.to_owned(),
+                })
+                .inc();
+            if state == "enforced" {
+                tracing::info!(%target, %path, "directive");
+            }
+        }
+        for refusal in &out.refused {
+            match refusal {
+                Refusal::Stale { .. } => tracing::debug!(%refusal, "ignored"),
+                _ => tracing::warn!(%refusal, "refused"),
+            }
+        }
+        for uid in &out.fail_safe_taken {
+            tracing::warn!(group = %uid, "fail-safe: a failed write reached neither path; suspending the group's volumes");
+            self.context
+                .metrics
+                .fail_safes
+                .get_or_create(&GroupLabels {
+                    group: self.group_name(uid),
+                    path: "local".to_owned(),
+                    state: "taken".to_owned(),
+                })
+                .inc();
+        }
+        let mut failed: Vec<String> = Vec::new();
+        for operation in &out.operations {
+            let kind = match operation {
+                crate::enforce::Operation::Suspend { .. } => "suspend",
+                crate::enforce::Operation::Release { .. } => "release",
+                crate::enforce::Operation::Resume { .. } => "resume",
+                crate::enforce::Operation::Configure { .. } => "configure",
+            };
+            let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_millis(400));
+            let mut attempt = 0;
+            loop {
+                attempt += 1;
+                match self.replicator.apply(operation).await {
+                    Ok(()) => {
+                        tracing::info!(?operation, "replicator");
+                        Metrics::count(&self.context.metrics.replicator_calls, kind, "ok");
+                        break;
+                    }
+                    Err(error) if attempt < 4 => {
+                        tracing::warn!(%error, ?operation, "replicator call failed; retrying");
+                        tokio::time::sleep(backoff.next_delay()).await;
+                    }
+                    Err(error) => {
+                        tracing::error!(%error, ?operation, "replicator call failed");
+                        Metrics::count(&self.context.metrics.replicator_calls, kind, "error");
+                        failed.extend(operation.volumes());
+                        break;
+                    }
+                }
+            }
+        }
+        let mut acks = out.acks;
+        if !failed.is_empty() {
+            acks.retain(|ack| !ack.volumes.iter().any(|v| failed.contains(v)));
+            let _ = self.core.handle(Input::OperationFailed { volumes: failed });
+        }
+        for ack in acks {
+            self.acks.insert(
+                ack.point.group_uid.clone(),
+                PublishedAck {
+                    ack,
+                    at_unix_ms: now_ms(),
+                },
+            );
+        }
+        self.publish_snapshot();
+    }
+
+    fn publish_snapshot(&mut self) {
+        let failures = self.core.failures();
+        self.context.reports.track(&failures, Instant::now());
+        let volumes = self.core.volumes();
+        let groups = self.core.groups();
+        let snapshot = Snapshot {
+            acks: self.acks.clone(),
+            failures,
+            seen: self.core.seen(),
+            volumes,
+            groups,
+            inventory_known: true,
+        };
+        // Volumes by group and state, for the metrics.
+        let metrics = &self.context.metrics;
+        metrics.volumes.clear();
+        for volume in &snapshot.volumes {
+            let group = volume
+                .group_uid
+                .as_deref()
+                .map_or_else(|| "none".to_owned(), |uid| self.group_name(uid));
+            metrics
+                .volumes
+                .get_or_create(&GroupLabels {
+                    group,
+                    path: "local".to_owned(),
+                    state: format!("{:?}", snapshot.volume_state(volume)),
+                })
+                .inc();
+        }
+        self.publish.send_if_modified(|current| {
+            if *current == snapshot {
+                false
+            } else {
+                *current = snapshot;
+                true
+            }
+        });
+    }
+}
+
+/// Watches the replicator's events: copy failures go to the core; other changes refresh the inventory.
+pub async fn watch_replicator(context: Arc<Context>, replicator: Replicator) {
+    let mut backoff = Backoff::default();
+    loop {
+        if context.stop.is_cancelled() {
+            return;
+        }
+        let stream = match replicator.watch().await {
+            Ok(stream) => stream,
+            Err(error) => {
+                tracing::warn!(%error, "cannot watch the replicator's events");
+                if !context.sleep(backoff.next_delay()).await {
+                    return;
+                }
+                continue;
+            }
+        };
+        // A (re)started stream: the replicator may have restarted, so re-learn what volumes carry.
+        if let Ok(volumes) = replicator.list().await {
+            context.send(Input::Inventory(volumes));
+        }
+        futures::pin_mut!(stream);
+        loop {
+            use futures::StreamExt;
+            let event = tokio::select! {
+                _ = context.stop.cancelled() => return,
+                event = stream.next() => event,
+            };
+            match event {
+                Some(Ok(ReplicatorEvent::CopyFailed(failed))) => {
+                    backoff.reset();
+                    tracing::warn!(volume = %failed.volume_handle, error = %failed.error, "copy failed");
+                    context.send(Input::CopyFailed {
+                        volume: failed.volume_handle,
+                        sequence: failed.sequence,
+                        error: failed.error,
+                        since_unix_ms: failed.since_unix_ms,
+                    });
+                }
+                Some(Ok(ReplicatorEvent::HoldTimedOut(timed_out))) => {
+                    tracing::warn!(volume = %timed_out.volume_handle, failed_writes = timed_out.failed_writes, "held writes timed out");
+                }
+                Some(Ok(ReplicatorEvent::StateChanged(_))) => {
+                    backoff.reset();
+                }
+                Some(Err(status)) => {
+                    tracing::warn!(%status, "replicator event stream failed");
+                    break;
+                }
+                None => break,
+            }
+        }
+        if !context.sleep(backoff.next_delay()).await {
+            return;
+        }
+    }
+}
+
+/// Marks the replicator ready in the metrics once the first inventory is in.
+pub fn mark_ready(metrics: &Metrics) {
+    metrics.ready.store(true, Ordering::Relaxed);
+}

@@ -1,0 +1,334 @@
+//! Path 1: the Kubernetes API server of this node's cluster.
+//!
+//! - [`watch_groups`]: the (mirrored) ConsistencyGroups in this cluster. Each one's status gives the
+//!   group's current (epoch, stage) — a missing stage is the baseline "Replicating at that epoch" — and,
+//!   in `status.members`, its volumes; those resolved to this cluster and node are this node's members.
+//! - [`write_status`]: this node's `ReplicationNode` (server-side apply, field manager
+//!   `lockstep-sidecar`): volumes, outstanding failures (path 1 of the report) and what was enforced
+//!   (path 1 of the acknowledgement). Written when something changes, retried with backoff on failure.
+//! - [`renew_lease`]: liveness, a `coordination.k8s.io` Lease per node in Lockstep's namespace, so the
+//!   status is not rewritten every few seconds.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta, Time};
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Patch, PatchParams};
+use kube::runtime::WatchStreamExt;
+use kube::runtime::watcher;
+use kube::{Api, Client, ResourceExt};
+use lockstep_api::domain::{GroupEpoch, Path, Stage, parse_duration};
+use lockstep_api::v1alpha1::{
+    ClaimRef, ConsistencyGroup, CopyFailureReport, Enforcement, NodeVolume, ReplicationNode,
+    ReplicationNodeStatus,
+};
+use serde_json::json;
+
+use crate::agent::{Context, Snapshot};
+use crate::enforce::{DEFAULT_HOLD_TIMEOUT_MS, Input};
+use crate::metrics::Metrics;
+use crate::report::Backoff;
+
+/// The field manager of every write this sidecar makes.
+pub const FIELD_MANAGER: &str = "lockstep-sidecar";
+/// The label a mirrored group carries with the hub group's UID; a group without it is the hub's own.
+pub const GROUP_UID_LABEL: &str = "lockstep.dev/group-uid";
+
+/// The group UID of a (possibly mirrored) ConsistencyGroup: the hub's UID, from the mirror's label, or
+/// the object's own UID in the hub.
+pub fn group_uid(group: &ConsistencyGroup) -> Option<String> {
+    group
+        .labels()
+        .get(GROUP_UID_LABEL)
+        .filter(|v| !v.is_empty())
+        .cloned()
+        .or_else(|| group.uid())
+}
+
+/// What one group object says to this node: its point (if it has a status) and this node's volumes.
+pub fn read_group(
+    group: &ConsistencyGroup,
+    cluster: &str,
+    node: &str,
+) -> Option<(Option<GroupEpoch>, BTreeSet<String>, u64)> {
+    let uid = group_uid(group)?;
+    let status = group.status.as_ref();
+    let point = status.map(|s| GroupEpoch {
+        group_uid: uid.clone(),
+        epoch: s.epoch,
+        stage: s.stage.unwrap_or(Stage::Resume),
+    });
+    let volumes = status
+        .map(|s| {
+            s.members
+                .iter()
+                .filter(|m| m.cluster == cluster && m.node.as_deref() == Some(node))
+                .filter_map(|m| m.volume_handle.clone())
+                .filter(|h| !h.is_empty())
+                .collect()
+        })
+        .unwrap_or_default();
+    let hold = parse_duration(&group.spec.hold_timeout)
+        .ok()
+        .and_then(|d| u64::try_from(d.as_millis()).ok())
+        .unwrap_or(DEFAULT_HOLD_TIMEOUT_MS);
+    Some((point, volumes, hold))
+}
+
+fn feed_group(context: &Context, group: &ConsistencyGroup) -> Option<String> {
+    let Some((point, volumes, hold_timeout_ms)) =
+        read_group(group, &context.cluster, &context.node)
+    else {
+        tracing::warn!(group = %group.name_any(), "ConsistencyGroup without a UID refused");
+        return None;
+    };
+    let uid = group_uid(group)?;
+    // The point first, so that volumes joining are brought straight to it.
+    if let Some(target) = point {
+        context.send(Input::Directive {
+            path: Path::Api,
+            target,
+        });
+    }
+    context.send(Input::Membership {
+        path: Path::Api,
+        group_uid: uid.clone(),
+        group_name: group.name_any(),
+        volumes,
+        hold_timeout_ms,
+    });
+    Some(uid)
+}
+
+/// Watches the ConsistencyGroups of this cluster until stopped.
+pub async fn watch_groups(client: Client, context: Arc<Context>) {
+    let api: Api<ConsistencyGroup> = Api::all(client);
+    let stream = watcher(api, watcher::Config::default()).default_backoff();
+    futures::pin_mut!(stream);
+    let mut listed: BTreeSet<String> = BTreeSet::new();
+    let mut relisting: BTreeSet<String> = BTreeSet::new();
+    loop {
+        let event = tokio::select! {
+            _ = context.stop.cancelled() => return,
+            event = stream.next() => event,
+        };
+        let Some(event) = event else { return };
+        match event {
+            Ok(watcher::Event::Apply(group)) => {
+                context.metrics.set_path_up("api", true);
+                if let Some(uid) = feed_group(&context, &group) {
+                    listed.insert(uid);
+                }
+            }
+            Ok(watcher::Event::Delete(group)) => {
+                if let Some(uid) = group_uid(&group) {
+                    listed.remove(&uid);
+                    context.send(Input::GroupGone {
+                        path: Path::Api,
+                        group_uid: uid,
+                    });
+                }
+            }
+            Ok(watcher::Event::Init) => relisting.clear(),
+            Ok(watcher::Event::InitApply(group)) => {
+                if let Some(uid) = feed_group(&context, &group) {
+                    relisting.insert(uid);
+                }
+            }
+            Ok(watcher::Event::InitDone) => {
+                context.metrics.set_path_up("api", true);
+                for gone in listed.difference(&relisting) {
+                    context.send(Input::GroupGone {
+                        path: Path::Api,
+                        group_uid: gone.clone(),
+                    });
+                }
+                listed = std::mem::take(&mut relisting);
+                context.send(Input::Synced(Path::Api));
+                tracing::info!(groups = listed.len(), "ConsistencyGroups listed");
+            }
+            Err(error) => {
+                context.metrics.set_path_up("api", false);
+                tracing::warn!(%error, "ConsistencyGroup watch failed; retrying");
+            }
+        }
+    }
+}
+
+fn time(ms: i64) -> Time {
+    Time(Timestamp::from_millisecond(ms).unwrap_or(Timestamp::UNIX_EPOCH))
+}
+
+/// The `ReplicationNode` status for a snapshot.
+pub fn node_status(snapshot: &Snapshot) -> ReplicationNodeStatus {
+    let volumes: Vec<NodeVolume> = snapshot
+        .volumes
+        .iter()
+        .map(|v| NodeVolume {
+            volume_handle: v.volume.clone(),
+            pvc: None::<ClaimRef>,
+            group_uid: v.group_uid.clone(),
+            state: snapshot.volume_state(v),
+            epoch: v.level.map_or(0, |l| l.epoch),
+            stage: v.level.map(|l| l.stage()),
+        })
+        .collect();
+    let failures: Vec<CopyFailureReport> = snapshot
+        .failures
+        .iter()
+        .map(|f| CopyFailureReport {
+            volume_handle: f.volume.clone(),
+            group_uid: f.group_uid.clone(),
+            epoch_seen: f.epoch_seen,
+            sequence: f.sequence,
+            error: f.error.chars().take(1024).collect(),
+            since: time(f.since_unix_ms),
+        })
+        .collect();
+    let enforced: Vec<Enforcement> = snapshot
+        .acks
+        .values()
+        .map(|p| Enforcement {
+            group_uid: p.ack.point.group_uid.clone(),
+            epoch: p.ack.point.epoch,
+            stage: p.ack.point.stage,
+            volume_handles: p.ack.volumes.clone(),
+            fail_safe: p.ack.fail_safe,
+            at: Some(time(p.at_unix_ms)),
+        })
+        .collect();
+    ReplicationNodeStatus {
+        volume_count: u32::try_from(volumes.len()).unwrap_or(u32::MAX),
+        volumes,
+        failure_count: u32::try_from(failures.len()).unwrap_or(u32::MAX),
+        failures,
+        enforced,
+        conditions: Vec::new(),
+    }
+}
+
+/// Keeps this node's `ReplicationNode` status current: on every change, retried with backoff.
+pub async fn write_status(client: Client, context: Arc<Context>) {
+    let api: Api<ReplicationNode> = Api::all(client);
+    let params = PatchParams::apply(FIELD_MANAGER).force();
+    let name = context.node.clone();
+    let mut snapshots = context.snapshot.clone();
+    let mut backoff = Backoff::default();
+    let mut created = false;
+    let mut written: Option<ReplicationNodeStatus> = None;
+    loop {
+        let snapshot = snapshots.borrow_and_update().clone();
+        let status = node_status(&snapshot);
+        let mut ok = true;
+        if !created {
+            let object = json!({
+                "apiVersion": "lockstep.dev/v1alpha1",
+                "kind": "ReplicationNode",
+                "metadata": {"name": name},
+                "spec": {"nodeName": context.node, "cluster": context.cluster},
+            });
+            match api.patch(&name, &params, &Patch::Apply(&object)).await {
+                Ok(_) => created = true,
+                Err(error) => {
+                    tracing::warn!(%error, "cannot apply the ReplicationNode");
+                    ok = false;
+                }
+            }
+        }
+        if ok && written.as_ref() != Some(&status) {
+            let object = json!({
+                "apiVersion": "lockstep.dev/v1alpha1",
+                "kind": "ReplicationNode",
+                "metadata": {"name": name},
+                "status": status,
+            });
+            match api
+                .patch_status(&name, &params, &Patch::Apply(&object))
+                .await
+            {
+                Ok(_) => {
+                    Metrics::count(&context.metrics.reports, "api", "ok");
+                    context.metrics.set_path_up("api", true);
+                    context.reports.delivered(&snapshot.failures, Path::Api);
+                    if !snapshot.failures.is_empty() {
+                        tracing::info!(
+                            failures = snapshot.failures.len(),
+                            "reported through the API server"
+                        );
+                    }
+                    written = Some(status);
+                }
+                Err(error) => {
+                    Metrics::count(&context.metrics.reports, "api", "error");
+                    context.metrics.set_path_up("api", false);
+                    tracing::debug!(%error, "ReplicationNode status write failed; will retry");
+                    if matches!(&error, kube::Error::Api(s) if s.code == 404) {
+                        created = false;
+                    }
+                    ok = false;
+                }
+            }
+        }
+        if ok {
+            backoff.reset();
+            tokio::select! {
+                _ = context.stop.cancelled() => return,
+                changed = snapshots.changed() => if changed.is_err() { return },
+            }
+        } else if !context.sleep(backoff.next_delay()).await {
+            return;
+        }
+    }
+}
+
+/// Renews this node's Lease in `namespace` every `duration / 3`.
+pub async fn renew_lease(
+    client: Client,
+    context: Arc<Context>,
+    namespace: String,
+    duration: Duration,
+) {
+    let api: Api<Lease> = Api::namespaced(client, &namespace);
+    let params = PatchParams::apply(FIELD_MANAGER).force();
+    let name = format!("lockstep-sidecar-{}", context.node);
+    let seconds = i32::try_from(duration.as_secs().max(1)).unwrap_or(i32::MAX);
+    let period = (duration / 3).max(Duration::from_millis(100));
+    let mut backoff = Backoff::default();
+    loop {
+        let lease = Lease {
+            metadata: ObjectMeta {
+                name: Some(name.clone()),
+                namespace: Some(namespace.clone()),
+                ..ObjectMeta::default()
+            },
+            spec: Some(LeaseSpec {
+                holder_identity: Some(context.node.clone()),
+                lease_duration_seconds: Some(seconds),
+                renew_time: Some(MicroTime(Timestamp::now())),
+                ..LeaseSpec::default()
+            }),
+        };
+        let mut object = serde_json::to_value(&lease).unwrap_or_default();
+        if let Some(map) = object.as_object_mut() {
+            map.insert("apiVersion".into(), json!("coordination.k8s.io/v1"));
+            map.insert("kind".into(), json!("Lease"));
+        }
+        let delay = match api.patch(&name, &params, &Patch::Apply(&object)).await {
+            Ok(_) => {
+                backoff.reset();
+                period
+            }
+            Err(error) => {
+                tracing::debug!(%error, "Lease renewal failed; will retry");
+                backoff.next_delay().min(period)
+            }
+        };
+        if !context.sleep(delay).await {
+            return;
+        }
+    }
+}

@@ -1,0 +1,362 @@
+//! Path 2: the operator's gRPC `Control` service.
+//!
+//! Three loops share one lazy channel: [`subscribe`] keeps the long-lived `Subscribe` stream open
+//! (reconnecting with backoff; directives and memberships go to the core), [`acknowledge`] sends each new
+//! acknowledgement with `Ack`, and [`report`] sends outstanding failures with `Report`, each retried with
+//! backoff until it succeeds. Answers that name a group's current point are fed to the core too: they
+//! were read from this path.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use lockstep_api::domain::{GroupEpoch, Path};
+use lockstep_api::proto::control::v1 as pb;
+use pb::control_client::ControlClient;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::agent::{Context, Snapshot};
+use crate::enforce::Input;
+use crate::metrics::Metrics;
+use crate::report::Backoff;
+
+/// Errors setting up the gRPC path.
+#[derive(Debug, thiserror::Error)]
+pub enum GrpcPathError {
+    /// The endpoint is not a valid URI.
+    #[error("operator endpoint {endpoint:?}: {source}")]
+    Endpoint {
+        /// The endpoint.
+        endpoint: String,
+        /// Why.
+        source: tonic::transport::Error,
+    },
+}
+
+/// gRPC path settings.
+#[derive(Debug, Clone)]
+pub struct GrpcConfig {
+    /// The operator's Control endpoint, e.g. `http://lockstep-operator.lockstep:9443`.
+    pub endpoint: String,
+    /// Per-call timeout for Report and Ack; connect timeout.
+    pub timeout: Duration,
+    /// Reconnect when the stream is silent this long (the operator sends heartbeats).
+    pub idle_timeout: Duration,
+}
+
+/// Channels to the operator: one for the stream (no per-call deadline), one for unary calls.
+#[derive(Debug, Clone)]
+pub struct GrpcPath {
+    stream: ControlClient<Channel>,
+    unary: ControlClient<Channel>,
+    config: GrpcConfig,
+}
+
+impl GrpcPath {
+    /// Builds lazy channels to the endpoint.
+    pub fn new(config: GrpcConfig) -> Result<Self, GrpcPathError> {
+        let endpoint = |with_timeout: bool| {
+            let e = Endpoint::from_shared(config.endpoint.clone())
+                .map_err(|source| GrpcPathError::Endpoint {
+                    endpoint: config.endpoint.clone(),
+                    source,
+                })?
+                .connect_timeout(config.timeout)
+                .tcp_nodelay(true);
+            Ok::<_, GrpcPathError>(if with_timeout {
+                e.timeout(config.timeout)
+            } else {
+                e
+            })
+        };
+        Ok(Self {
+            stream: ControlClient::new(endpoint(false)?.connect_lazy()),
+            unary: ControlClient::new(endpoint(true)?.connect_lazy()),
+            config,
+        })
+    }
+
+    /// Starts the three loops.
+    pub fn spawn(self, context: Arc<Context>) -> Vec<tokio::task::JoinHandle<()>> {
+        vec![
+            tokio::spawn(subscribe(self.clone(), context.clone())),
+            tokio::spawn(acknowledge(self.clone(), context.clone())),
+            tokio::spawn(report(self, context)),
+        ]
+    }
+}
+
+fn identity(context: &Context) -> pb::NodeIdentity {
+    pb::NodeIdentity {
+        cluster: context.cluster.clone(),
+        node: context.node.clone(),
+    }
+}
+
+/// Feeds a point read from this path to the core; malformed ones are refused and logged.
+fn feed_point(context: &Context, message: Option<&pb::GroupEpoch>, why: &str) {
+    let Some(message) = message else {
+        tracing::warn!(why, "gRPC message without a group point refused");
+        return;
+    };
+    match GroupEpoch::try_from(message) {
+        Ok(target) => context.send(Input::Directive {
+            path: Path::Grpc,
+            target,
+        }),
+        Err(error) => {
+            tracing::warn!(%error, why, "malformed gRPC group point refused");
+            Metrics::count(&context.metrics.reports, "grpc", "malformed");
+        }
+    }
+}
+
+/// Keeps the Subscribe stream open.
+pub async fn subscribe(path: GrpcPath, context: Arc<Context>) {
+    let mut backoff = Backoff::default();
+    // Groups the last membership listed, to notice groups that left.
+    let mut listed: BTreeSet<String> = BTreeSet::new();
+    loop {
+        if context.stop.is_cancelled() {
+            return;
+        }
+        let request = pb::SubscribeRequest {
+            node: Some(identity(&context)),
+            volumes: Vec::new(),
+            seen: context
+                .snapshot
+                .borrow()
+                .seen
+                .iter()
+                .map(pb::GroupEpoch::from)
+                .collect(),
+        };
+        let mut client = path.stream.clone();
+        let opened = tokio::select! {
+            _ = context.stop.cancelled() => return,
+            opened = tokio::time::timeout(path.config.timeout, client.subscribe(request)) => opened,
+        };
+        let mut stream = match opened {
+            Ok(Ok(response)) => response.into_inner(),
+            Ok(Err(status)) => {
+                tracing::warn!(%status, "gRPC Subscribe refused");
+                down(&context, &mut backoff).await;
+                continue;
+            }
+            Err(_) => {
+                tracing::warn!("gRPC Subscribe timed out");
+                down(&context, &mut backoff).await;
+                continue;
+            }
+        };
+        tracing::info!(endpoint = %path.config.endpoint, "gRPC Subscribe stream open");
+        context.metrics.set_path_up("grpc", true);
+        loop {
+            let next = tokio::select! {
+                _ = context.stop.cancelled() => return,
+                next = tokio::time::timeout(path.config.idle_timeout, stream.next()) => next,
+            };
+            let message = match next {
+                Err(_) => {
+                    tracing::warn!("gRPC stream silent past the idle timeout; reconnecting");
+                    break;
+                }
+                Ok(None) => {
+                    tracing::warn!("gRPC stream closed by the operator");
+                    break;
+                }
+                Ok(Some(Err(status))) => {
+                    tracing::warn!(%status, "gRPC stream failed");
+                    break;
+                }
+                Ok(Some(Ok(message))) => message,
+            };
+            backoff.reset();
+            match message.kind {
+                Some(pb::control_message::Kind::Directive(directive)) => {
+                    feed_point(&context, directive.target.as_ref(), "directive");
+                }
+                Some(pb::control_message::Kind::Membership(membership)) => {
+                    membership_update(&context, membership, &mut listed);
+                }
+                Some(pb::control_message::Kind::Heartbeat(_)) => {}
+                None => tracing::warn!("empty gRPC control message refused"),
+            }
+        }
+        down(&context, &mut backoff).await;
+    }
+}
+
+async fn down(context: &Context, backoff: &mut Backoff) {
+    context.metrics.set_path_up("grpc", false);
+    let _ = context.sleep(backoff.next_delay()).await;
+}
+
+fn membership_update(context: &Context, membership: pb::Membership, listed: &mut BTreeSet<String>) {
+    let served: BTreeSet<String> = context
+        .snapshot
+        .borrow()
+        .volumes
+        .iter()
+        .map(|v| v.volume.clone())
+        .collect();
+    let mut now = BTreeSet::new();
+    for group in membership.groups {
+        let Some(current) = group.current.as_ref() else {
+            tracing::warn!(group = %group.group_name, "membership without a current point refused");
+            continue;
+        };
+        let target = match GroupEpoch::try_from(current) {
+            Ok(target) => target,
+            Err(error) => {
+                tracing::warn!(%error, group = %group.group_name, "malformed membership refused");
+                continue;
+            }
+        };
+        // The membership lists the group's volumes in this cluster; this node's are those it serves.
+        let volumes: BTreeSet<String> = group
+            .volumes
+            .iter()
+            .map(|v| v.volume_handle.clone())
+            .filter(|h| !h.is_empty() && served.contains(h))
+            .collect();
+        now.insert(target.group_uid.clone());
+        context.send(Input::Directive {
+            path: Path::Grpc,
+            target: target.clone(),
+        });
+        context.send(Input::Membership {
+            path: Path::Grpc,
+            group_uid: target.group_uid,
+            group_name: group.group_name,
+            volumes,
+            hold_timeout_ms: group.hold_timeout_ms,
+        });
+    }
+    for gone in listed.difference(&now) {
+        context.send(Input::GroupGone {
+            path: Path::Grpc,
+            group_uid: gone.clone(),
+        });
+    }
+    *listed = now;
+    context.send(Input::Synced(Path::Grpc));
+}
+
+/// Sends every new acknowledgement with `Ack`, retrying with backoff.
+pub async fn acknowledge(path: GrpcPath, context: Arc<Context>) {
+    let mut sent: BTreeMap<String, crate::enforce::Ack> = BTreeMap::new();
+    let mut snapshots = context.snapshot.clone();
+    let mut backoff = Backoff::default();
+    loop {
+        let pending: Vec<crate::enforce::Ack> = snapshots
+            .borrow_and_update()
+            .acks
+            .values()
+            .filter(|p| sent.get(&p.ack.point.group_uid) != Some(&p.ack))
+            .map(|p| p.ack.clone())
+            .collect();
+        let mut failed = false;
+        for ack in pending {
+            let request = pb::AckRequest {
+                node: Some(identity(&context)),
+                enforced: Some(pb::GroupEpoch::from(&ack.point)),
+                volume_handles: ack.volumes.clone(),
+                fail_safe: ack.fail_safe,
+            };
+            match path.unary.clone().ack(request).await {
+                Ok(response) => {
+                    Metrics::count(&context.metrics.acks, "grpc", "ok");
+                    tracing::info!(point = %ack.point, volumes = ?ack.volumes, "acknowledged over gRPC");
+                    feed_point(
+                        &context,
+                        response.into_inner().current.as_ref(),
+                        "ack answer",
+                    );
+                    sent.insert(ack.point.group_uid.clone(), ack);
+                }
+                Err(status) => {
+                    Metrics::count(&context.metrics.acks, "grpc", "error");
+                    tracing::debug!(%status, point = %ack.point, "gRPC Ack failed; will retry");
+                    failed = true;
+                }
+            }
+        }
+        if failed {
+            if !context.sleep(backoff.next_delay()).await {
+                return;
+            }
+            continue;
+        }
+        backoff.reset();
+        tokio::select! {
+            _ = context.stop.cancelled() => return,
+            changed = snapshots.changed() => if changed.is_err() { return },
+        }
+    }
+}
+
+/// Sends outstanding failures with `Report` until acknowledged (a higher epoch seen by either path):
+/// at once, then with backoff on failure, and again every `resend` while still outstanding.
+pub async fn report(path: GrpcPath, context: Arc<Context>) {
+    let mut snapshots = context.snapshot.clone();
+    let mut backoff = Backoff::default();
+    let resend = Duration::from_secs(5);
+    let mut last_sent: Option<tokio::time::Instant> = None;
+    let mut retry_at: Option<tokio::time::Instant> = None;
+    loop {
+        let snapshot: Snapshot = snapshots.borrow_and_update().clone();
+        let pending = context.reports.pending(&snapshot.failures, Path::Grpc);
+        let now = tokio::time::Instant::now();
+        let due = !snapshot.failures.is_empty()
+            && retry_at.is_none_or(|t| now >= t)
+            && (!pending.is_empty() || last_sent.is_none_or(|t| now >= t + resend));
+        if due {
+            let request = pb::ReportRequest {
+                node: Some(identity(&context)),
+                failures: snapshot
+                    .failures
+                    .iter()
+                    .map(|f| pb::CopyFailure {
+                        group_uid: f.group_uid.clone(),
+                        volume_handle: f.volume.clone(),
+                        epoch_seen: f.epoch_seen,
+                        sequence: f.sequence,
+                        error: f.error.clone(),
+                        since_unix_ms: f.since_unix_ms,
+                    })
+                    .collect(),
+                volumes: Vec::new(),
+            };
+            match path.unary.clone().report(request).await {
+                Ok(response) => {
+                    Metrics::count(&context.metrics.reports, "grpc", "ok");
+                    if !pending.is_empty() {
+                        tracing::info!(failures = pending.len(), "reported over gRPC");
+                    }
+                    context.reports.delivered(&snapshot.failures, Path::Grpc);
+                    for group in &response.into_inner().groups {
+                        feed_point(&context, Some(group), "report answer");
+                    }
+                    backoff.reset();
+                    last_sent = Some(tokio::time::Instant::now());
+                    retry_at = None;
+                }
+                Err(status) => {
+                    Metrics::count(&context.metrics.reports, "grpc", "error");
+                    tracing::debug!(%status, "gRPC Report failed; will retry");
+                    retry_at = Some(tokio::time::Instant::now() + backoff.next_delay());
+                }
+            }
+        }
+        let wake = retry_at.unwrap_or_else(|| {
+            last_sent.map_or(tokio::time::Instant::now() + resend, |t| t + resend)
+        });
+        tokio::select! {
+            _ = context.stop.cancelled() => return,
+            changed = snapshots.changed() => if changed.is_err() { return },
+            _ = tokio::time::sleep_until(wake), if !snapshot.failures.is_empty() => {}
+        }
+    }
+}
