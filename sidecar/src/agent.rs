@@ -113,6 +113,7 @@ pub struct Agent {
     publish: watch::Sender<Snapshot>,
     acks: BTreeMap<String, PublishedAck>,
     config: AgentConfig,
+    logged: std::collections::BTreeSet<String>,
 }
 
 impl std::fmt::Debug for Agent {
@@ -156,6 +157,7 @@ impl Agent {
             publish,
             acks: BTreeMap::new(),
             config,
+            logged: std::collections::BTreeSet::new(),
         };
         (agent, context, receiver)
     }
@@ -244,7 +246,16 @@ impl Agent {
         for refusal in &out.refused {
             match refusal {
                 Refusal::Stale { .. } => tracing::debug!(%refusal, "ignored"),
-                _ => tracing::warn!(%refusal, "refused"),
+                _ => {
+                    // Standing refusals (a volume not served here, a double claim) come back with
+                    // every input: log each once.
+                    if self.logged.len() > 1024 {
+                        self.logged.clear();
+                    }
+                    if self.logged.insert(refusal.to_string()) {
+                        tracing::warn!(%refusal, "refused");
+                    }
+                }
             }
         }
         for uid in &out.fail_safe_taken {

@@ -13,7 +13,9 @@
 //! - the fail-safe suspends at the epoch last seen, marked fail-safe, and only a directive at a higher
 //!   epoch lifts it;
 //! - a volume is confirmed to its replicator (`Configure`) only after its group's point was read from a
-//!   path, and never at anything older than what the volume carries.
+//!   path, and never at anything older than what the volume carries. An unconfirmed or fresh volume gets
+//!   one `Configure` at the target, which the replicator enforces itself; a confirmed volume of the group
+//!   gets `Suspend` / `Release` / `Resume` directives.
 //!
 //! Operations for one volume are always issued in increasing [`Level`]: the proptests at the bottom check
 //! it over random interleavings of directives from the two paths.
@@ -598,8 +600,14 @@ impl Enforcer {
         let mut result: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
         for (uid, group) in &self.groups {
             let entry = result.entry(uid.clone()).or_default();
-            for name in group.members.values().flatten() {
-                if self.inventory_known && !self.volumes.contains_key(name) {
+            // The API path lists this node's volumes: one not served here is refused. The gRPC
+            // membership lists the whole cluster's: the others are simply not this node's.
+            let listed = group
+                .members
+                .iter()
+                .flat_map(|(path, names)| names.iter().map(move |n| (*path, n)));
+            for (path, name) in listed {
+                if path == Path::Api && self.inventory_known && !self.volumes.contains_key(name) {
                     out.refused.push(Refusal::NotOwned {
                         group_uid: uid.clone(),
                         volume: name.clone(),
@@ -683,8 +691,18 @@ impl Enforcer {
                 }
                 continue;
             }
-            if target.is_fail_safe() && !volume.confirmed && carried.is_none() {
-                continue; // unconfirmed and unknown: it holds its I/O anyway
+            if !volume.confirmed || carried.is_none() {
+                // Unconfirmed, fresh or joining from no group: one `Configure` confirms it and brings it
+                // to the target (the replicator suspends / releases / resumes as the point asks). Under
+                // a fail-safe it is left alone: unconfirmed, it holds its I/O anyway.
+                if target.is_fail_safe() {
+                    continue;
+                }
+                configure.push(name.clone());
+                volume.confirmed = true;
+                volume.group_uid = Some(uid.to_owned());
+                volume.level = Some(target);
+                continue;
             }
             let steps = steps(carried, target);
             if steps.suspend {
@@ -696,9 +714,8 @@ impl Enforcer {
             if steps.resume {
                 resume.push(name.clone());
             }
-            if (steps.configure || !volume.confirmed) && !target.is_fail_safe() {
+            if steps.configure {
                 configure.push(name.clone());
-                volume.confirmed = true;
             }
             volume.group_uid = Some(uid.to_owned());
             volume.level = Some(target);

@@ -194,13 +194,6 @@ async fn down(context: &Context, backoff: &mut Backoff) {
 }
 
 fn membership_update(context: &Context, membership: pb::Membership, listed: &mut BTreeSet<String>) {
-    let served: BTreeSet<String> = context
-        .snapshot
-        .borrow()
-        .volumes
-        .iter()
-        .map(|v| v.volume.clone())
-        .collect();
     let mut now = BTreeSet::new();
     for group in membership.groups {
         let Some(current) = group.current.as_ref() else {
@@ -214,12 +207,13 @@ fn membership_update(context: &Context, membership: pb::Membership, listed: &mut
                 continue;
             }
         };
-        // The membership lists the group's volumes in this cluster; this node's are those it serves.
+        // The membership lists the group's volumes in this cluster; this node's are those it serves
+        // (the core keeps only those).
         let volumes: BTreeSet<String> = group
             .volumes
             .iter()
             .map(|v| v.volume_handle.clone())
-            .filter(|h| !h.is_empty() && served.contains(h))
+            .filter(|h| !h.is_empty())
             .collect();
         now.insert(target.group_uid.clone());
         context.send(Input::Directive {

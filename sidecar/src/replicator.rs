@@ -161,7 +161,7 @@ impl Replicator {
                         volume_handle: volume.clone(),
                         group_uid: group_uid.clone(),
                         epoch: *epoch,
-                        stage: pb::Stage::from(*stage).into(),
+                        stage: configure_stage(*epoch, *stage).into(),
                         hold_timeout_ms: *hold_timeout_ms,
                     })
                     .await
@@ -169,6 +169,16 @@ impl Replicator {
             }
         }
         Ok(())
+    }
+}
+
+/// The stage a `Configure` names: the baseline (Replicating at epoch 0, before any freeze) is sent as
+/// unspecified, which the replicator reads as "replicating, never frozen" rather than as a resume.
+fn configure_stage(epoch: u64, stage: Stage) -> pb::Stage {
+    if epoch == 0 && stage == Stage::Resume {
+        pb::Stage::Unspecified
+    } else {
+        pb::Stage::from(stage)
     }
 }
 
