@@ -225,19 +225,25 @@ pub fn get<'a>(object: &'a Value, path: &[String]) -> Option<&'a Value> {
     Some(cur)
 }
 
+/// Removes the field at `path`, and every map on the way that the removal left empty (kube-apiserver drops
+/// a struct whose last owned field an apply removed, rather than leaving `{}` behind).
 fn remove(object: &mut Value, path: &[String]) {
-    let Some((last, parents)) = path.split_last() else {
+    let Some((first, rest)) = path.split_first() else {
         return;
     };
-    let mut cur = object;
-    for seg in parents {
-        match cur.get_mut(seg) {
-            Some(next) => cur = next,
-            None => return,
-        }
+    let Some(map) = object.as_object_mut() else {
+        return;
+    };
+    if rest.is_empty() {
+        map.remove(first);
+        return;
     }
-    if let Some(map) = cur.as_object_mut() {
-        map.remove(last);
+    if let Some(child) = map.get_mut(first) {
+        let was_empty = child.as_object().is_some_and(|m| m.is_empty());
+        remove(child, rest);
+        if !was_empty && child.as_object().is_some_and(|m| m.is_empty()) {
+            map.remove(first);
+        }
     }
 }
 
@@ -487,6 +493,34 @@ mod tests {
         // bob dropped "b" and "shared" from his config: "b" goes, "shared" stays (alice owns it).
         assert!(forced["spec"].get("b").is_none());
         assert_eq!(forced["spec"]["shared"], "s");
+        Ok(())
+    }
+
+    #[test]
+    fn an_apply_that_drops_a_whole_struct_removes_it_not_leaves_it_empty()
+    -> Result<(), Vec<(String, String)>> {
+        let live = json!({"metadata": {"name": "x"}, "status": {"epoch": 1}});
+        let first = apply(
+            &live,
+            &json!({"status": {"epoch": 1, "trigger": {"reason": "CopyFailed", "node": "n"}}}),
+            "op",
+            false,
+            Scope::Status,
+            "v1",
+            "t",
+        )?;
+        assert_eq!(first["status"]["trigger"]["reason"], "CopyFailed");
+        let second = apply(
+            &first,
+            &json!({"status": {"epoch": 1}}),
+            "op",
+            false,
+            Scope::Status,
+            "v1",
+            "t",
+        )?;
+        assert!(second["status"].get("trigger").is_none(), "{second}");
+        assert_eq!(second["status"]["epoch"], 1);
         Ok(())
     }
 
