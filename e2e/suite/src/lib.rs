@@ -1,14 +1,84 @@
-//! Lockstep end to end: simulated clusters, fault injection, scenarios, benchmarks and the demo.
+//! Lockstep end to end: simulated clusters, fault injection, scenarios and the demo.
 //!
-//! This crate is a library whose binary only parses flags and calls [`run`], so later crates' tests can
-//! start it in-process. Its real work arrives with its own issue.
+//! - [`cluster`]: a simulated member cluster — a test API server with Lockstep's CRDs, a namespace, a
+//!   node, and real replicated volumes (replicator primary over NBD, link-cut proxy, secondary) with
+//!   their PersistentVolumes and bound claims;
+//! - [`world`]: several clusters, the first the hub, with MemberClusters and a ConsistencyGroup applied;
+//! - [`faults`]: replication links cut and restored, API servers stopped and started;
+//! - [`control`]: the [`control::ControlSystem`] seam — the demo freezing the replicators itself until
+//!   the operator and sidecars replace it;
+//! - [`demo`]: the scenario: workload, cut, freeze, checker verdict, link restored;
+//! - [`timeline`], [`kubectl`]: what the demo prints.
+//!
+//! The binary `lockstep-demo` only parses flags and calls [`run`], so tests run the same scenario
+//! in-process.
 
-/// Start-up options.
-#[derive(Debug, Clone, Default, clap::Args)]
-pub struct Options {}
+pub mod cluster;
+pub mod control;
+pub mod demo;
+pub mod faults;
+pub mod kubectl;
+pub mod timeline;
+pub mod world;
 
-/// Runs the component until it is asked to stop.
-pub async fn run(_options: Options) -> anyhow::Result<()> {
-    tracing::info!("lockstep-demo has no work yet: see its issue");
+use control::{ManualFreeze, ReplicatorApi};
+use demo::ScenarioOptions;
+use faults::LinkCutMode;
+use timeline::Timeline;
+
+/// Flags of `lockstep-demo`; the defaults are the embedded example.
+#[derive(Debug, Clone, clap::Args)]
+pub struct Options {
+    /// The volume whose replication link is cut (east-postgres-wal, east-postgres-data or west-reporting).
+    #[arg(long, default_value = "east-postgres-data")]
+    pub cut: String,
+    /// How the link is cut: its connections reset, or every byte silently dropped.
+    #[arg(long, value_enum, default_value_t = LinkCutMode::Reset)]
+    pub cut_mode: LinkCutMode,
+    /// Concurrent dependent-write chains of the workload.
+    #[arg(long, default_value_t = 3)]
+    pub lanes: u32,
+    /// Size of every volume, in MiB.
+    #[arg(long, default_value_t = 16)]
+    pub volume_mib: u64,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        let d = ScenarioOptions::default();
+        Self {
+            cut: d.cut,
+            cut_mode: d.cut_mode,
+            lanes: d.lanes,
+            volume_mib: d.volume_mib,
+        }
+    }
+}
+
+impl Options {
+    /// The scenario these flags ask for.
+    pub fn scenario(&self) -> ScenarioOptions {
+        ScenarioOptions {
+            cut: self.cut.clone(),
+            cut_mode: self.cut_mode,
+            lanes: self.lanes,
+            volume_mib: self.volume_mib,
+            ..ScenarioOptions::default()
+        }
+    }
+}
+
+/// How the demo reaches the replicators today: in-process, as the primaries do not serve their gRPC
+/// control socket yet. Switch to [`ReplicatorApi::Grpc`] when they do.
+pub const REPLICATOR_API: ReplicatorApi = ReplicatorApi::InProcess;
+
+/// Runs the demo, printing its timeline; fails when the checker finds the secondaries inconsistent.
+pub async fn run(options: Options) -> anyhow::Result<()> {
+    let timeline = Timeline::new(true);
+    let mut control = ManualFreeze::new(REPLICATOR_API);
+    let report = demo::run_scenario(&options.scenario(), &mut control, &timeline).await?;
+    if !report.verdict.is_consistent() {
+        anyhow::bail!("the secondaries are not consistent");
+    }
     Ok(())
 }

@@ -1,0 +1,72 @@
+//! Faults injected for real into simulated clusters: a replication link cut (its connections reset, or
+//! silently blackholed) and restored; a member cluster's API server stopped and started again.
+
+use lockstep_replicator::linkcut::LinkMode;
+
+use crate::cluster::{ClusterError, SimCluster};
+
+/// How a replication link is cut.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum LinkCutMode {
+    /// Every connection is reset at once: the primary sees the failure immediately.
+    #[default]
+    Reset,
+    /// Every byte is dropped silently: the primary sees only silence, and a write's copy fails when the
+    /// secondary has not acknowledged it within the copy timeout (a dead route).
+    Blackhole,
+}
+
+impl LinkCutMode {
+    fn mode(self) -> LinkMode {
+        match self {
+            LinkCutMode::Reset => LinkMode::Reset,
+            LinkCutMode::Blackhole => LinkMode::Blackhole,
+        }
+    }
+}
+
+impl std::fmt::Display for LinkCutMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            LinkCutMode::Reset => "reset",
+            LinkCutMode::Blackhole => "blackholed",
+        })
+    }
+}
+
+impl SimCluster {
+    /// Cuts the replication link of volume `handle`.
+    pub fn cut_link(&self, handle: &str, how: LinkCutMode) -> Result<(), ClusterError> {
+        self.volume(handle)?.link.set_mode(how.mode());
+        Ok(())
+    }
+
+    /// Lets the replication link of volume `handle` carry traffic again (new connections, and open ones
+    /// that were blackholed).
+    pub fn restore_link(&self, handle: &str) -> Result<(), ClusterError> {
+        self.volume(handle)?.link.set_mode(LinkMode::Pass);
+        Ok(())
+    }
+
+    /// Whether the link of volume `handle` carries traffic.
+    pub fn link_is_up(&self, handle: &str) -> Result<bool, ClusterError> {
+        Ok(self.volume(handle)?.link.mode() == LinkMode::Pass)
+    }
+
+    /// Stops the cluster's API server: connections are refused and open watches cut; its objects are
+    /// kept.
+    pub async fn stop_api_server(&self) {
+        self.api.stop().await;
+    }
+
+    /// Starts the cluster's API server again on the same port, with the same objects.
+    pub async fn start_api_server(&self) -> Result<(), ClusterError> {
+        self.api
+            .restart()
+            .await
+            .map_err(|source| ClusterError::ApiServer {
+                cluster: self.spec.name.clone(),
+                source,
+            })
+    }
+}
