@@ -34,6 +34,7 @@ use crate::{
     fanout::Fanout,
     freeze::{self, Decision, Event},
     members,
+    members::ClusterView,
     metrics::Metrics,
     mirror,
     sessions::Sessions,
@@ -200,6 +201,16 @@ impl Engine {
     }
 
     async fn handle_named(&self, uid: &str, name: &str, event: Event) -> Result<(), EngineError> {
+        self.handle_observed(uid, name, event, None).await
+    }
+
+    async fn handle_observed(
+        &self,
+        uid: &str,
+        name: &str,
+        event: Event,
+        observation: Option<&Observation>,
+    ) -> Result<(), EngineError> {
         match &event {
             Event::Report(report) => self.inner.metrics.report(report.path),
             Event::Ack(ack) => self.inner.metrics.ack(ack.path),
@@ -209,9 +220,13 @@ impl Engine {
         let mut memory = lock.lock().await;
         let api = Api::<ConsistencyGroup>::all(self.inner.hub.clone());
         for _ in 0..CONFLICT_RETRIES {
-            let group = api.get(name).await?;
+            let mut group = api.get(name).await?;
             if group.metadata.uid.as_deref() != Some(uid) {
                 return Err(EngineError::UnknownGroup(uid.to_owned()));
+            }
+            let read = group.status.clone();
+            if let Some(observation) = observation {
+                apply_resolution(&mut group, observation);
             }
             let decision = freeze::decide(&group, &event, &now())?;
             if let Some(point) = &decision.freeze_now {
@@ -219,7 +234,7 @@ impl Engine {
                 memory.freeze_started = Some((point.epoch, Instant::now()));
                 self.send(&group, point, Some(&decision.status)).await;
             }
-            if group.status.as_ref() != Some(&decision.status) {
+            if read.as_ref() != Some(&decision.status) {
                 match self.persist(&api, &group, &decision.status).await {
                     Ok(()) => {}
                     Err(kube::Error::Api(status)) if status.code == 409 => {
@@ -336,8 +351,8 @@ impl Engine {
         self.inner.members.read().await.clone()
     }
 
-    /// Level-triggered reconcile of one group: resolve its members, write MembersResolved, evaluate, and
-    /// keep its mirrors current.
+    /// Level-triggered reconcile of one group: resolve its members (MembersResolved), evaluate in the
+    /// same decision, and keep its mirrors current.
     pub async fn reconcile(&self, group: Arc<ConsistencyGroup>) -> Result<(), EngineError> {
         let name = group.name_any();
         let uid = group
@@ -347,74 +362,28 @@ impl Engine {
             .ok_or_else(|| EngineError::UnknownGroup(name.clone()))?;
         let span = tracing::info_span!("reconcile", group = %name);
         async {
-            self.resolve(&uid, &name).await?;
-            self.handle_named(&uid, &name, Event::Evaluate).await?;
+            let observation = self.observe(&uid, &group).await;
+            self.handle_observed(&uid, &name, Event::Evaluate, Some(&observation))
+                .await?;
             self.mirror(&name).await
         }
         .instrument(span)
         .await
     }
 
-    async fn resolve(&self, uid: &str, name: &str) -> Result<(), EngineError> {
+    /// What the member clusters show of a group's members, read without holding the group's lock.
+    async fn observe(&self, uid: &str, group: &ConsistencyGroup) -> Observation {
         let members = self.members().await;
-        let group = Api::<ConsistencyGroup>::all(self.inner.hub.clone())
-            .get(name)
-            .await?;
         let mut views = BTreeMap::new();
-        for cluster in Self::member_clusters_of(&group) {
+        for cluster in Self::member_clusters_of(group) {
             if let Some(member) = members.get(&cluster) {
                 views.insert(cluster, clusters::view(member, &self.inner.sessions).await);
             }
         }
-        let claimed_elsewhere = self.claimed_elsewhere(uid);
-        let lock = self.lock_for(uid);
-        let _serialised = lock.lock().await;
-        let api = Api::<ConsistencyGroup>::all(self.inner.hub.clone());
-        for _ in 0..CONFLICT_RETRIES {
-            let group = api.get(name).await?;
-            let mut status = group.status.clone().unwrap_or_default();
-            // Resolve against the latest status, so acknowledgements recorded meanwhile are kept.
-            let resolution = members::resolve(
-                &group.spec.members,
-                &views,
-                &status.members,
-                &claimed_elsewhere,
-            );
-            status.members = resolution.members;
-            status.member_count = u32::try_from(status.members.len()).unwrap_or(u32::MAX);
-            let update = ConditionUpdate {
-                type_: condition::MEMBERS_RESOLVED,
-                status: resolution.resolved,
-                reason: if resolution.resolved {
-                    "Resolved"
-                } else {
-                    "Unresolved"
-                },
-                message: if resolution.resolved {
-                    format!(
-                        "{} member volumes resolved to volumes and nodes",
-                        status.member_count
-                    )
-                } else {
-                    resolution.problems.join("; ")
-                },
-            };
-            conditions::set(
-                &mut status.conditions,
-                update,
-                group.metadata.generation,
-                &now(),
-            );
-            if group.status.as_ref() == Some(&status) {
-                return Ok(());
-            }
-            match self.persist(&api, &group, &status).await {
-                Ok(()) => return Ok(()),
-                Err(kube::Error::Api(error)) if error.code == 409 => continue,
-                Err(error) => return Err(error.into()),
-            }
+        Observation {
+            views,
+            claimed_elsewhere: self.claimed_elsewhere(uid),
         }
-        Err(EngineError::Conflicts(name.to_owned()))
     }
 
     /// Volume handles claimed by other groups of this hub (the older group keeps a contested volume).
@@ -461,9 +430,13 @@ impl Engine {
             if member.local {
                 continue;
             }
-            if let Err(error) = mirror::apply(client, &cluster, &self.inner.hub_name, &group).await
-            {
-                tracing::warn!(%error, "mirror not written");
+            match mirror::apply(client, &cluster, &self.inner.hub_name, &group).await {
+                Ok(()) => {
+                    if let Some(status) = &group.status {
+                        self.inner.fanout.mirror_status(member, name, status);
+                    }
+                }
+                Err(error) => tracing::warn!(%error, "mirror not written"),
             }
         }
         Ok(())
@@ -534,6 +507,45 @@ impl Engine {
             .filter(|(point, _)| point.stage != Stage::Resume || point.epoch > 0)
             .collect()
     }
+}
+
+/// What the member clusters showed of a group's members.
+struct Observation {
+    views: BTreeMap<String, ClusterView>,
+    claimed_elsewhere: BTreeMap<String, String>,
+}
+
+/// Resolves the members into the group's status (members, count, MembersResolved), keeping
+/// acknowledgements recorded in that status.
+fn apply_resolution(group: &mut ConsistencyGroup, observation: &Observation) {
+    let generation = group.metadata.generation;
+    let status = group.status.get_or_insert_with(Default::default);
+    let resolution = members::resolve(
+        &group.spec.members,
+        &observation.views,
+        &status.members,
+        &observation.claimed_elsewhere,
+    );
+    status.members = resolution.members;
+    status.member_count = u32::try_from(status.members.len()).unwrap_or(u32::MAX);
+    let update = ConditionUpdate {
+        type_: condition::MEMBERS_RESOLVED,
+        status: resolution.resolved,
+        reason: if resolution.resolved {
+            "Resolved"
+        } else {
+            "Unresolved"
+        },
+        message: if resolution.resolved {
+            format!(
+                "{} member volumes resolved to volumes and nodes",
+                status.member_count
+            )
+        } else {
+            resolution.problems.join("; ")
+        },
+    };
+    conditions::set(&mut status.conditions, update, generation, &now());
 }
 
 fn event_kind(event: &Event) -> &'static str {

@@ -64,15 +64,41 @@ impl Fanout {
         tracing::info!(epoch = point.epoch, stage = %point.stage, nodes = sent, "directive sent over gRPC");
         let Some(status) = status else { return };
         for member in targets {
-            if member.local || !member.paths.includes(Path::Api) {
-                continue;
+            if self.mirror_status(member, &name, status) {
+                self.metrics.directives(Path::Api, point.stage, 1);
             }
-            let Ok(client) = &member.client else { continue };
-            let mirrored = mirror::mirror_status(status, &member.name);
-            self.writer(&member.name, &name, client)
-                .send_replace(Some(mirrored));
-            self.metrics.directives(Path::Api, point.stage, 1);
         }
+    }
+
+    /// Hands a group's status to the writer of its mirror in `member` (when that cluster has a mirror: not
+    /// the hub, reached through its API server). A status behind the last one handed over, in (epoch,
+    /// stage), is dropped: a mirror never moves backwards, even when a freeze sent before persisting
+    /// overtakes a reconcile of the older state. Returns whether it was handed over.
+    pub fn mirror_status(
+        &self,
+        member: &Member,
+        group: &str,
+        status: &ConsistencyGroupStatus,
+    ) -> bool {
+        if member.local || !member.paths.includes(Path::Api) {
+            return false;
+        }
+        let Ok(client) = &member.client else {
+            return false;
+        };
+        let mirrored = mirror::mirror_status(status, &member.name);
+        let writer = self.writer(&member.name, group, client);
+        writer.send_if_modified(|latest| {
+            let behind = latest
+                .as_ref()
+                .is_some_and(|latest| position(&mirrored) < position(latest));
+            if behind || latest.as_ref() == Some(&mirrored) {
+                return false;
+            }
+            *latest = Some(mirrored.clone());
+            true
+        });
+        true
     }
 
     /// The writer of one (cluster, group) mirror, started on first use.
@@ -97,6 +123,13 @@ impl Fanout {
         writers.insert(key, sender.clone());
         sender
     }
+}
+
+fn position(status: &ConsistencyGroupStatus) -> (u64, lockstep_api::domain::Stage) {
+    (
+        status.epoch,
+        status.stage.unwrap_or(lockstep_api::domain::Stage::Resume),
+    )
 }
 
 /// Writes the latest status handed to it into one mirror, retrying until it lands or a newer one comes.

@@ -61,7 +61,8 @@ pub fn mirror_status(hub_status: &ConsistencyGroupStatus, cluster: &str) -> Cons
     }
 }
 
-/// Writes (creates or updates) the mirror of `group` into a member cluster.
+/// Writes (creates or updates) the mirror of `group` into a member cluster: labels and spec. Its status
+/// goes through [`crate::fanout::Fanout::mirror_status`], which never moves it backwards.
 pub async fn apply(
     client: &Client,
     cluster: &str,

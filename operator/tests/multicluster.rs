@@ -1,0 +1,838 @@
+//! The operator against two test API servers over real HTTP (east is the hub, west a member reached by
+//! both paths) and a sidecar stand-in speaking real gRPC: members resolve to volumes and nodes, mirrors
+//! appear and are kept, selector changes move members, bad clusters show in conditions, and a failure
+//! reported on one path freezes the group on both.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::{collections::BTreeMap, future::Future, time::Duration};
+
+use k8s_openapi::{
+    api::core::v1::{
+        CSIPersistentVolumeSource, Namespace, PersistentVolume, PersistentVolumeClaim,
+        PersistentVolumeClaimSpec, PersistentVolumeSpec, Secret,
+    },
+    apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
+    apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta},
+};
+use kube::{
+    Api, Client, ResourceExt,
+    api::{Patch, PatchParams, PostParams},
+};
+use lockstep_api::{
+    conditions,
+    domain::{ClusterPaths, Phase, Policy, Stage, VolumeState, condition},
+    proto::control::v1::{
+        self as pb, AckRequest, NodeIdentity, ReportRequest, SubscribeRequest,
+        control_client::ControlClient, control_message::Kind,
+    },
+    v1alpha1::{
+        ConsistencyGroup, ConsistencyGroupSpec, GROUP_UID_LABEL, GroupMember, HUB_LABEL,
+        MemberCluster, MemberClusterSpec, NodeVolume, ReplicationNode, ReplicationNodeSpec,
+        ReplicationNodeStatus, SecretKeyRef,
+    },
+};
+use lockstep_operator::{Operator, Options};
+use lockstep_testapi::{Options as ApiOptions, TestApiServer};
+use serde_json::json;
+use tokio_stream::StreamExt;
+
+type TestResult = Result<(), Box<dyn std::error::Error + Send + Sync>>;
+
+/// Polls `check` until it returns `Some`, or panics naming `what` after a generous deadline.
+async fn eventually<T, F, Fut>(what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// A test API server with the project's CRDs installed and an `orders` namespace.
+async fn cluster() -> (TestApiServer, Client) {
+    let server = TestApiServer::start(ApiOptions::default()).await.unwrap();
+    let client = server.client().await.unwrap();
+    let crds = Api::<CustomResourceDefinition>::all(client.clone());
+    for crd in lockstep_api::crds::all() {
+        crds.create(&PostParams::default(), &crd).await.unwrap();
+    }
+    for crd in lockstep_api::crds::all() {
+        let name = crd.metadata.name.clone().unwrap();
+        eventually(&format!("CRD {name} established"), || {
+            let crds = crds.clone();
+            let name = name.clone();
+            async move {
+                let crd = crds.get(&name).await.ok()?;
+                crd.status?
+                    .conditions?
+                    .iter()
+                    .any(|c| c.type_ == "Established" && c.status == "True")
+                    .then_some(())
+            }
+        })
+        .await;
+    }
+    for namespace in ["orders", "lockstep-system"] {
+        let namespace = Namespace {
+            metadata: ObjectMeta {
+                name: Some(namespace.into()),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        Api::<Namespace>::all(client.clone())
+            .create(&PostParams::default(), &namespace)
+            .await
+            .unwrap();
+    }
+    (server, client)
+}
+
+/// A bound PVC, its CSI PV, served by `node`'s sidecar (as its ReplicationNode says).
+async fn volume(client: &Client, pvc: &str, app: &str, handle: &str) {
+    let pv = PersistentVolume {
+        metadata: ObjectMeta {
+            name: Some(format!("pv-{handle}")),
+            ..Default::default()
+        },
+        spec: Some(PersistentVolumeSpec {
+            csi: Some(CSIPersistentVolumeSource {
+                driver: "nbd.lockstep.dev".into(),
+                volume_handle: handle.into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        status: None,
+    };
+    Api::<PersistentVolume>::all(client.clone())
+        .create(&PostParams::default(), &pv)
+        .await
+        .unwrap();
+    let claim = PersistentVolumeClaim {
+        metadata: ObjectMeta {
+            name: Some(pvc.into()),
+            namespace: Some("orders".into()),
+            labels: Some(BTreeMap::from([("app".to_owned(), app.to_owned())])),
+            ..Default::default()
+        },
+        spec: Some(PersistentVolumeClaimSpec {
+            volume_name: Some(format!("pv-{handle}")),
+            ..Default::default()
+        }),
+        status: None,
+    };
+    Api::<PersistentVolumeClaim>::namespaced(client.clone(), "orders")
+        .create(&PostParams::default(), &claim)
+        .await
+        .unwrap();
+}
+
+/// The ReplicationNode a sidecar on `node` keeps: the volumes it serves.
+async fn replication_node(client: &Client, cluster: &str, node: &str, handles: &[&str]) {
+    let api = Api::<ReplicationNode>::all(client.clone());
+    let object = ReplicationNode::new(
+        node,
+        ReplicationNodeSpec {
+            node_name: node.into(),
+            cluster: cluster.into(),
+        },
+    );
+    api.create(&PostParams::default(), &object).await.unwrap();
+    let status = ReplicationNodeStatus {
+        volumes: handles
+            .iter()
+            .map(|handle| NodeVolume {
+                volume_handle: (*handle).into(),
+                pvc: None,
+                group_uid: None,
+                state: VolumeState::Replicating,
+                epoch: 0,
+                stage: None,
+            })
+            .collect(),
+        volume_count: u32::try_from(handles.len()).unwrap(),
+        ..Default::default()
+    };
+    let patch =
+        json!({"apiVersion": "lockstep.dev/v1alpha1", "kind": "ReplicationNode", "status": status});
+    api.patch_status(
+        node,
+        &PatchParams::apply("test-sidecar").force(),
+        &Patch::Apply(&patch),
+    )
+    .await
+    .unwrap();
+}
+
+async fn member_cluster(hub: &Client, name: &str, spec: MemberClusterSpec) {
+    Api::<MemberCluster>::all(hub.clone())
+        .create(&PostParams::default(), &MemberCluster::new(name, spec))
+        .await
+        .unwrap();
+}
+
+async fn kubeconfig_secret(hub: &Client, name: &str, of: &TestApiServer) {
+    let yaml = serde_yaml_ng::to_string(&of.kubeconfig().unwrap()).unwrap();
+    let secret = Secret {
+        metadata: ObjectMeta {
+            name: Some(name.into()),
+            namespace: Some("lockstep-system".into()),
+            ..Default::default()
+        },
+        string_data: Some(BTreeMap::from([("kubeconfig".to_owned(), yaml)])),
+        ..Default::default()
+    };
+    Api::<Secret>::namespaced(hub.clone(), "lockstep-system")
+        .create(&PostParams::default(), &secret)
+        .await
+        .unwrap();
+}
+
+fn options() -> Options {
+    Options {
+        kubeconfig: None,
+        hub_name: "hub-east".into(),
+        grpc_listen: "127.0.0.1:0".parse().unwrap(),
+        http_listen: "127.0.0.1:0".parse().unwrap(),
+        resync_interval: Duration::from_millis(200),
+    }
+}
+
+fn group_spec(members: Vec<GroupMember>, policy: Policy) -> ConsistencyGroupSpec {
+    ConsistencyGroupSpec {
+        members,
+        policy,
+        hold_timeout: "30s".into(),
+        release: None,
+        resync: None,
+        freeze: None,
+    }
+}
+
+fn by_names(cluster: &str, names: &[&str]) -> GroupMember {
+    GroupMember {
+        cluster: cluster.into(),
+        namespace: "orders".into(),
+        pvc_names: Some(names.iter().map(|name| (*name).to_owned()).collect()),
+        selector: None,
+    }
+}
+
+fn by_label(cluster: &str, app: &str) -> GroupMember {
+    GroupMember {
+        cluster: cluster.into(),
+        namespace: "orders".into(),
+        pvc_names: None,
+        selector: Some(LabelSelector {
+            match_labels: Some(BTreeMap::from([("app".to_owned(), app.to_owned())])),
+            match_expressions: None,
+        }),
+    }
+}
+
+fn condition_of(group: &ConsistencyGroup, type_: &str) -> Option<(bool, String)> {
+    let status = group.status.as_ref()?;
+    let found = status.conditions.iter().find(|c| c.type_ == type_)?;
+    Some((found.status == "True", found.message.clone()))
+}
+
+/// Two clusters: east (hub, local) with wal + data on node e1, west (both paths) with reporting on w1.
+struct World {
+    east: TestApiServer,
+    east_client: Client,
+    west: TestApiServer,
+    west_client: Client,
+    operator: Operator,
+}
+
+async fn world() -> World {
+    let _ = tracing_subscriber::fmt()
+        .with_test_writer()
+        .with_env_filter(
+            std::env::var("RUST_LOG").unwrap_or_else(|_| "lockstep_operator=info".into()),
+        )
+        .try_init();
+    let (east, east_client) = cluster().await;
+    let (west, west_client) = cluster().await;
+    volume(&east_client, "wal", "orders", "vol-wal").await;
+    volume(&east_client, "data", "orders", "vol-data").await;
+    volume(&west_client, "reporting", "orders", "vol-reporting").await;
+    volume(&west_client, "scratch", "scratch", "vol-scratch").await;
+    replication_node(&east_client, "east", "e1", &["vol-wal", "vol-data"]).await;
+    replication_node(
+        &west_client,
+        "west",
+        "w1",
+        &["vol-reporting", "vol-scratch"],
+    )
+    .await;
+    member_cluster(
+        &east_client,
+        "east",
+        MemberClusterSpec {
+            paths: ClusterPaths::Both,
+            local: true,
+            kubeconfig_secret_ref: None,
+            network: None,
+        },
+    )
+    .await;
+    kubeconfig_secret(&east_client, "west-kubeconfig", &west).await;
+    member_cluster(
+        &east_client,
+        "west",
+        MemberClusterSpec {
+            paths: ClusterPaths::Both,
+            local: false,
+            kubeconfig_secret_ref: Some(SecretKeyRef {
+                namespace: "lockstep-system".into(),
+                name: "west-kubeconfig".into(),
+                key: "kubeconfig".into(),
+            }),
+            network: None,
+        },
+    )
+    .await;
+    let operator = Operator::start(east_client.clone(), &options())
+        .await
+        .unwrap();
+    World {
+        east,
+        east_client,
+        west,
+        west_client,
+        operator,
+    }
+}
+
+async fn resolved(client: &Client, name: &str, expected: usize) -> ConsistencyGroup {
+    let api = Api::<ConsistencyGroup>::all(client.clone());
+    eventually(
+        &format!("group {name} resolved to {expected} volumes"),
+        || {
+            let api = api.clone();
+            async move {
+                let group = api.get(name).await.ok()?;
+                let (resolved, _) = condition_of(&group, condition::MEMBERS_RESOLVED)?;
+                (resolved && group.status.as_ref()?.members.len() == expected).then_some(group)
+            }
+        },
+    )
+    .await
+}
+
+#[tokio::test]
+async fn a_two_cluster_group_resolves_and_is_mirrored_and_its_mirror_kept() -> TestResult {
+    let world = world().await;
+    let hub_groups = Api::<ConsistencyGroup>::all(world.east_client.clone());
+    let spec = group_spec(
+        vec![
+            by_names("east", &["wal", "data"]),
+            by_label("west", "orders"),
+        ],
+        Policy::FreezeAndGo,
+    );
+    hub_groups
+        .create(
+            &PostParams::default(),
+            &ConsistencyGroup::new("orders-db", spec),
+        )
+        .await?;
+
+    let group = resolved(&world.east_client, "orders-db", 3).await;
+    let mut found: Vec<(String, String, String, String)> = group
+        .status
+        .as_ref()
+        .unwrap()
+        .members
+        .iter()
+        .map(|m| {
+            (
+                m.cluster.clone(),
+                m.pvc.clone(),
+                m.volume_handle.clone().unwrap(),
+                m.node.clone().unwrap(),
+            )
+        })
+        .collect();
+    found.sort();
+    assert_eq!(
+        found,
+        vec![
+            ("east".into(), "data".into(), "vol-data".into(), "e1".into()),
+            ("east".into(), "wal".into(), "vol-wal".into(), "e1".into()),
+            (
+                "west".into(),
+                "reporting".into(),
+                "vol-reporting".into(),
+                "w1".into()
+            ),
+        ]
+    );
+    assert_eq!(
+        group.status.as_ref().unwrap().phase,
+        Some(Phase::Replicating)
+    );
+
+    // The mirror in west: labelled, same spec, west's members in status.
+    let mirrors = Api::<ConsistencyGroup>::all(world.west_client.clone());
+    let uid = group.metadata.uid.clone().unwrap();
+    let mirror = eventually("the mirror in west", || {
+        let mirrors = mirrors.clone();
+        async move {
+            let mirror = mirrors.get("orders-db").await.ok()?;
+            (mirror.status.as_ref()?.members.len() == 1).then_some(mirror)
+        }
+    })
+    .await;
+    assert_eq!(
+        mirror.labels().get(HUB_LABEL).map(String::as_str),
+        Some("hub-east")
+    );
+    assert_eq!(mirror.labels().get(GROUP_UID_LABEL), Some(&uid));
+    assert_eq!(
+        mirror.group_uid(),
+        Some(uid.as_str()),
+        "sidecars in west see the hub's UID"
+    );
+    assert_eq!(mirror.spec, group.spec);
+    assert_eq!(
+        mirror.status.as_ref().unwrap().members[0]
+            .volume_handle
+            .as_deref(),
+        Some("vol-reporting")
+    );
+
+    // A person edits the mirror's spec: the hub's spec comes back.
+    let edit = json!({"spec": {"policy": "FreezeAndStop"}});
+    mirrors
+        .patch("orders-db", &PatchParams::default(), &Patch::Merge(&edit))
+        .await?;
+    eventually("the mirror's spec restored", || {
+        let mirrors = mirrors.clone();
+        async move {
+            (mirrors.get("orders-db").await.ok()?.spec.policy == Policy::FreezeAndGo).then_some(())
+        }
+    })
+    .await;
+
+    // A selector change moves west's members.
+    let change = json!({"spec": {"members": [
+        {"cluster": "east", "namespace": "orders", "pvcNames": ["wal", "data"]},
+        {"cluster": "west", "namespace": "orders", "selector": {"matchLabels": {"app": "scratch"}}}
+    ]}});
+    hub_groups
+        .patch("orders-db", &PatchParams::default(), &Patch::Merge(&change))
+        .await?;
+    eventually("west's member replaced by the selector change", || {
+        let hub_groups = hub_groups.clone();
+        async move {
+            let group = hub_groups.get("orders-db").await.ok()?;
+            let west: Vec<_> = group
+                .status?
+                .members
+                .into_iter()
+                .filter(|m| m.cluster == "west")
+                .collect();
+            (west.len() == 1 && west[0].volume_handle.as_deref() == Some("vol-scratch"))
+                .then_some(())
+        }
+    })
+    .await;
+
+    // kubectl in the member cluster answers for the mirror.
+    if let Some(kubectl) = kubectl() {
+        let dir = tempfile::tempdir()?;
+        let config = dir.path().join("west.kubeconfig");
+        world.west.write_kubeconfig(&config)?;
+        let output = tokio::process::Command::new(kubectl)
+            .args([
+                "--kubeconfig",
+                config.to_str().unwrap(),
+                "--cache-dir",
+                dir.path().join("cache").to_str().unwrap(),
+            ])
+            .args(["get", "cg", "orders-db"])
+            .output()
+            .await?;
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        assert!(
+            output.status.success(),
+            "kubectl get cg failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        assert!(stdout.contains("orders-db"), "{stdout}");
+    }
+    world.operator.shutdown().await;
+    drop((world.east, world.west));
+    Ok(())
+}
+
+/// The newest versioned kubectl the machine has, else the one on PATH.
+fn kubectl() -> Option<std::path::PathBuf> {
+    let versioned = std::path::Path::new("/usr/lib/google-cloud-sdk/bin/kubectl.1.33");
+    if versioned.exists() {
+        return Some(versioned.to_path_buf());
+    }
+    std::env::var_os("PATH").and_then(|path| {
+        std::env::split_paths(&path)
+            .map(|dir| dir.join("kubectl"))
+            .find(|candidate| candidate.exists())
+    })
+}
+
+#[tokio::test]
+async fn unreachable_clusters_bad_kubeconfigs_and_double_claims_show_in_conditions() -> TestResult {
+    let world = world().await;
+    let hub_groups = Api::<ConsistencyGroup>::all(world.east_client.clone());
+    // A member cluster whose Secret holds no kubeconfig.
+    let secret = Secret {
+        metadata: ObjectMeta {
+            name: Some("broken".into()),
+            namespace: Some("lockstep-system".into()),
+            ..Default::default()
+        },
+        string_data: Some(BTreeMap::from([(
+            "kubeconfig".to_owned(),
+            "this is not a kubeconfig".to_owned(),
+        )])),
+        ..Default::default()
+    };
+    Api::<Secret>::namespaced(world.east_client.clone(), "lockstep-system")
+        .create(&PostParams::default(), &secret)
+        .await?;
+    let broken = MemberClusterSpec {
+        paths: ClusterPaths::Both,
+        local: false,
+        kubeconfig_secret_ref: Some(SecretKeyRef {
+            namespace: "lockstep-system".into(),
+            name: "broken".into(),
+            key: "kubeconfig".into(),
+        }),
+        network: None,
+    };
+    member_cluster(&world.east_client, "north", broken).await;
+    let spec = group_spec(
+        vec![by_names("east", &["wal"]), by_label("north", "orders")],
+        Policy::FreezeAndGo,
+    );
+    hub_groups
+        .create(
+            &PostParams::default(),
+            &ConsistencyGroup::new("bad-kubeconfig", spec),
+        )
+        .await?;
+    let message = eventually("MembersResolved=False naming the bad kubeconfig", || {
+        let hub_groups = hub_groups.clone();
+        async move {
+            let (resolved, message) = condition_of(
+                &hub_groups.get("bad-kubeconfig").await.ok()?,
+                condition::MEMBERS_RESOLVED,
+            )?;
+            (!resolved && message.contains("not a valid kubeconfig")).then_some(message)
+        }
+    })
+    .await;
+    assert!(message.contains("north"), "{message}");
+
+    // A double claim: the older group keeps vol-wal.
+    let spec = group_spec(vec![by_names("east", &["wal"])], Policy::FreezeAndGo);
+    hub_groups
+        .create(
+            &PostParams::default(),
+            &ConsistencyGroup::new("greedy", spec),
+        )
+        .await?;
+    eventually("the younger group refused the volume", || {
+        let hub_groups = hub_groups.clone();
+        async move {
+            let (resolved, message) = condition_of(
+                &hub_groups.get("greedy").await.ok()?,
+                condition::MEMBERS_RESOLVED,
+            )?;
+            (!resolved && message.contains("already belongs to group \"bad-kubeconfig\""))
+                .then_some(())
+        }
+    })
+    .await;
+
+    // West's API server stops: a group there says so, and the other groups go on.
+    let spec = group_spec(vec![by_label("west", "orders")], Policy::FreezeAndGo);
+    hub_groups
+        .create(
+            &PostParams::default(),
+            &ConsistencyGroup::new("west-only", spec),
+        )
+        .await?;
+    resolved(&world.east_client, "west-only", 1).await;
+    world.west.stop().await;
+    eventually(
+        "MembersResolved=False naming the unreachable API server",
+        || {
+            let hub_groups = hub_groups.clone();
+            async move {
+                let (resolved, message) = condition_of(
+                    &hub_groups.get("west-only").await.ok()?,
+                    condition::MEMBERS_RESOLVED,
+                )?;
+                (!resolved && message.contains("west")).then_some(())
+            }
+        },
+    )
+    .await;
+    world.operator.shutdown().await;
+    Ok(())
+}
+
+async fn next_directive(
+    stream: &mut tonic::Streaming<pb::ControlMessage>,
+    want: impl Fn(&pb::GroupEpoch) -> bool,
+) -> pb::GroupEpoch {
+    let found = tokio::time::timeout(Duration::from_secs(30), async {
+        while let Some(message) = stream.next().await {
+            if let Some(Kind::Directive(directive)) = message.unwrap().kind
+                && let Some(target) = directive.target
+                && want(&target)
+            {
+                return Some(target);
+            }
+        }
+        None
+    })
+    .await;
+    found
+        .expect("a directive within the deadline")
+        .expect("the stream stays open")
+}
+
+#[tokio::test]
+async fn a_failure_reported_over_grpc_freezes_on_both_paths_and_releases_once_all_acknowledged()
+-> TestResult {
+    let world = world().await;
+    let hub_groups = Api::<ConsistencyGroup>::all(world.east_client.clone());
+    let spec = group_spec(
+        vec![
+            by_names("east", &["wal", "data"]),
+            by_names("west", &["reporting"]),
+        ],
+        Policy::FreezeAndGo,
+    );
+    hub_groups
+        .create(
+            &PostParams::default(),
+            &ConsistencyGroup::new("orders-db", spec),
+        )
+        .await?;
+    let group = resolved(&world.east_client, "orders-db", 3).await;
+    let uid = group.metadata.uid.clone().unwrap();
+
+    // West's sidecar (stand-in) subscribes over gRPC.
+    let mut control =
+        ControlClient::connect(format!("http://{}", world.operator.grpc_addr)).await?;
+    let west_node = NodeIdentity {
+        cluster: "west".into(),
+        node: "w1".into(),
+    };
+    let mut stream = control
+        .subscribe(SubscribeRequest {
+            node: Some(west_node.clone()),
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    let first = tokio::time::timeout(Duration::from_secs(30), stream.next())
+        .await?
+        .unwrap()?;
+    let Some(Kind::Membership(membership)) = first.kind else {
+        panic!("membership comes first, got {first:?}")
+    };
+    assert_eq!(membership.groups.len(), 1);
+    assert!(
+        membership.groups[0]
+            .volumes
+            .iter()
+            .any(|volume| volume.pvc == "reporting")
+    );
+
+    // A malformed report is refused, not a panic.
+    let refused = control
+        .report(ReportRequest {
+            node: None,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument);
+
+    // East's node reports a failed copy over gRPC only.
+    let failure = pb::CopyFailure {
+        group_uid: uid.clone(),
+        volume_handle: "vol-wal".into(),
+        epoch_seen: 0,
+        sequence: 42,
+        error: "secondary unreachable".into(),
+        since_unix_ms: 0,
+    };
+    let east_node = NodeIdentity {
+        cluster: "east".into(),
+        node: "e1".into(),
+    };
+    let answer = control
+        .report(ReportRequest {
+            node: Some(east_node.clone()),
+            failures: vec![failure.clone()],
+            volumes: vec![],
+        })
+        .await?
+        .into_inner();
+    assert_eq!(
+        answer.groups.iter().map(|g| g.epoch).max(),
+        Some(1),
+        "the answer carries the new epoch"
+    );
+    // The same report again (a retry, or the other path) changes nothing.
+    control
+        .report(ReportRequest {
+            node: Some(east_node.clone()),
+            failures: vec![failure],
+            volumes: vec![],
+        })
+        .await?;
+
+    // Path 2: the freeze reached west's node.
+    let freeze = next_directive(&mut stream, |target| {
+        target.stage == pb::Stage::Freeze as i32
+    })
+    .await;
+    assert_eq!((freeze.group_uid.as_str(), freeze.epoch), (uid.as_str(), 1));
+    // Path 1: the freeze reached west's mirror.
+    let mirrors = Api::<ConsistencyGroup>::all(world.west_client.clone());
+    eventually("the mirror in west at epoch 1", || {
+        let mirrors = mirrors.clone();
+        async move {
+            (mirrors.get("orders-db").await.ok()?.position() >= (1, Stage::Freeze)).then_some(())
+        }
+    })
+    .await;
+    assert_eq!(
+        hub_groups.get("orders-db").await?.position(),
+        (1, Stage::Freeze)
+    );
+
+    // West acknowledges over gRPC; east through its ReplicationNode (path 1), one volume at a time.
+    control
+        .ack(AckRequest {
+            node: Some(west_node),
+            enforced: Some(freeze.clone()),
+            volume_handles: vec!["vol-reporting".into()],
+            fail_safe: false,
+        })
+        .await?;
+    // A sidecar applies its whole status each time (volumes and enforcements).
+    let enforced = |handles: &[&str]| {
+        json!({"apiVersion": "lockstep.dev/v1alpha1", "kind": "ReplicationNode", "status": {
+            "volumes": [
+                {"volumeHandle": "vol-wal", "state": "Suspended", "epoch": 1, "stage": "Freeze"},
+                {"volumeHandle": "vol-data", "state": "Suspended", "epoch": 1, "stage": "Freeze"}
+            ],
+            "volumeCount": 2,
+            "enforced": [{"groupUid": uid, "epoch": 1, "stage": "Freeze", "volumeHandles": handles}]
+        }})
+    };
+    let east_nodes = Api::<ReplicationNode>::all(world.east_client.clone());
+    east_nodes
+        .patch_status(
+            "e1",
+            &PatchParams::apply("test-sidecar").force(),
+            &Patch::Apply(&enforced(&["vol-wal"])),
+        )
+        .await?;
+    let waiting = eventually("Frozen=False waiting for vol-data", || {
+        let hub_groups = hub_groups.clone();
+        async move {
+            let group = hub_groups.get("orders-db").await.ok()?;
+            let (frozen, message) = condition_of(&group, condition::FROZEN)?;
+            (!frozen && message.contains("east/orders/data") && !message.contains("wal"))
+                .then_some(group)
+        }
+    })
+    .await;
+    assert_eq!(
+        waiting.position(),
+        (1, Stage::Freeze),
+        "one volume unacknowledged blocks the release"
+    );
+
+    east_nodes
+        .patch_status(
+            "e1",
+            &PatchParams::apply("test-sidecar").force(),
+            &Patch::Apply(&enforced(&["vol-wal", "vol-data"])),
+        )
+        .await?;
+    let release = next_directive(&mut stream, |target| {
+        target.stage == pb::Stage::Release as i32
+    })
+    .await;
+    assert_eq!(release.epoch, 1);
+    let group = eventually("the group Running at epoch 1", || {
+        let hub_groups = hub_groups.clone();
+        async move {
+            let group = hub_groups.get("orders-db").await.ok()?;
+            (group.status.as_ref()?.phase == Some(Phase::Running)).then_some(group)
+        }
+    })
+    .await;
+    let status = group.status.as_ref().unwrap();
+    let mut image = status.consistent_image.clone().unwrap().volume_handles;
+    image.sort();
+    assert_eq!(image, vec!["vol-data", "vol-reporting", "vol-wal"]);
+    assert_eq!(
+        conditions::status_of(&status.conditions, condition::FROZEN),
+        Some(true)
+    );
+    assert_eq!(
+        status.trigger.as_ref().unwrap().volume_handle.as_deref(),
+        Some("vol-wal")
+    );
+
+    // The metrics saw it.
+    let metrics = reqwest_free_get(world.operator.http_addr, "/metrics").await;
+    assert!(
+        metrics.contains("lockstep_reports_total{path=\"grpc\"}"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("lockstep_freeze_latency_seconds_count 1"),
+        "{metrics}"
+    );
+    world.operator.shutdown().await;
+    Ok(())
+}
+
+/// A minimal HTTP GET over a TCP socket (the operator's metrics endpoint).
+async fn reqwest_free_get(addr: std::net::SocketAddr, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut socket = tokio::net::TcpStream::connect(addr).await.unwrap();
+    socket
+        .write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+                .as_bytes(),
+        )
+        .await
+        .unwrap();
+    let mut response = String::new();
+    socket.read_to_string(&mut response).await.unwrap();
+    response
+}
