@@ -329,7 +329,7 @@ impl Agent {
             seen: self.core.seen(),
             volumes,
             groups,
-            inventory_known: true,
+            inventory_known: self.core.inventory_known(),
         };
         // Volumes by group and state, for the metrics.
         let metrics = &self.context.metrics;

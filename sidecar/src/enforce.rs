@@ -885,6 +885,11 @@ impl Enforcer {
             .collect()
     }
 
+    /// True once the replicator's inventory is known.
+    pub fn inventory_known(&self) -> bool {
+        self.inventory_known
+    }
+
     /// True while some group holds an outstanding failure and has no fail-safe in force.
     pub fn holds_unreported_risk(&self) -> bool {
         self.groups

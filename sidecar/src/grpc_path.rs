@@ -121,6 +121,13 @@ pub async fn subscribe(path: GrpcPath, context: Arc<Context>) {
         if context.stop.is_cancelled() {
             return;
         }
+        // Name what the volumes carry (rule 8): wait a little for the replicator's inventory first.
+        let mut snapshots = context.snapshot.clone();
+        let _ = tokio::time::timeout(
+            path.config.timeout,
+            snapshots.wait_for(|s| s.inventory_known),
+        )
+        .await;
         let request = pb::SubscribeRequest {
             node: Some(identity(&context)),
             volumes: Vec::new(),

@@ -1,0 +1,748 @@
+//! Test fixtures: a recording `Replicator` gRPC double on a unix socket, a test `Control` server on a
+//! loopback port (standing in for the operator), the test API server with Lockstep's CRDs, and polling
+//! waits with generous deadlines (never fixed sleeps, never timing assertions).
+
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::{Stream, StreamExt};
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{Patch, PatchParams, PostParams};
+use kube::{Api, Client};
+use lockstep_api::proto::control::v1 as cpb;
+use lockstep_api::proto::replicator::v1 as rpb;
+use lockstep_api::v1alpha1::{ConsistencyGroup, ReplicationNode};
+use lockstep_sidecar::{Options, Sidecar};
+use lockstep_testapi::TestApiServer;
+use serde_json::json;
+use tokio::sync::broadcast;
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status};
+
+pub const CLUSTER: &str = "east";
+pub const NODE: &str = "node-1";
+pub const GROUP: &str = "orders";
+
+/// Polls `check` every 25 ms for up to 60 s; panics with `what` when it never holds.
+pub async fn eventually<F: FnMut() -> bool>(what: &str, mut check: F) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while tokio::time::Instant::now() < deadline {
+        if check() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("timed out waiting for: {what}");
+}
+
+/// As [`eventually`], with an async check.
+pub async fn eventually_async<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while tokio::time::Instant::now() < deadline {
+        if check().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("timed out waiting for: {what}");
+}
+
+// ---- Replicator double ---------------------------------------------------------------------------
+
+/// One recorded replicator call.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Call {
+    pub kind: &'static str,
+    pub volumes: Vec<String>,
+    pub group: String,
+    pub epoch: u64,
+    pub stage: i32,
+    pub fail_safe: bool,
+}
+
+#[derive(Debug, Default)]
+pub struct ReplicatorState {
+    pub volumes: Mutex<BTreeMap<String, rpb::VolumeState>>,
+    pub calls: Mutex<Vec<Call>>,
+}
+
+/// A recording Replicator service: keeps each volume's group, epoch, stage and mode.
+#[derive(Debug, Clone)]
+pub struct FakeReplicator {
+    pub state: Arc<ReplicatorState>,
+    pub events: broadcast::Sender<rpb::ReplicationEvent>,
+    pub socket: PathBuf,
+    stop: CancellationToken,
+    _dir: Arc<tempfile::TempDir>,
+}
+
+impl FakeReplicator {
+    /// Serves `volumes` (fresh: no group, unconfirmed, replicating once confirmed).
+    pub async fn start(volumes: &[&str]) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("replicator.sock");
+        let state = Arc::new(ReplicatorState::default());
+        for v in volumes {
+            state.volumes.lock().unwrap().insert(
+                (*v).to_owned(),
+                rpb::VolumeState {
+                    volume_handle: (*v).to_owned(),
+                    mode: rpb::Mode::Unconfirmed as i32,
+                    ..Default::default()
+                },
+            );
+        }
+        let (events, _) = broadcast::channel(64);
+        let fake = Self {
+            state,
+            events,
+            socket,
+            stop: CancellationToken::new(),
+            _dir: Arc::new(dir),
+        };
+        fake.serve();
+        fake
+    }
+
+    fn serve(&self) {
+        let listener = tokio::net::UnixListener::bind(&self.socket).unwrap();
+        let service = rpb::replicator_server::ReplicatorServer::new(self.clone());
+        let stop = self.stop.clone();
+        tokio::spawn(async move {
+            tonic::transport::Server::builder()
+                .add_service(service)
+                .serve_with_incoming_shutdown(
+                    tokio_stream::wrappers::UnixListenerStream::new(listener),
+                    stop.cancelled_owned(),
+                )
+                .await
+                .unwrap();
+        });
+    }
+
+    /// The recorded calls of a kind.
+    pub fn calls(&self, kind: &str) -> Vec<Call> {
+        self.state
+            .calls
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|c| c.kind == kind)
+            .cloned()
+            .collect()
+    }
+
+    pub fn all_calls(&self) -> Vec<Call> {
+        self.state.calls.lock().unwrap().clone()
+    }
+
+    pub fn volume(&self, name: &str) -> rpb::VolumeState {
+        self.state.volumes.lock().unwrap()[name].clone()
+    }
+
+    /// A copy failure on a volume (its write is held).
+    pub fn fail_copy(&self, volume: &str) {
+        let known = {
+            let mut volumes = self.state.volumes.lock().unwrap();
+            let v = volumes.get_mut(volume).unwrap();
+            v.mode = rpb::Mode::Held as i32;
+            v.epoch
+        };
+        let _ = self.events.send(rpb::ReplicationEvent {
+            kind: Some(rpb::replication_event::Kind::CopyFailed(rpb::CopyFailed {
+                volume_handle: volume.to_owned(),
+                sequence: 42,
+                group_uid: String::new(),
+                epoch_known: known,
+                error: "link cut".to_owned(),
+                since_unix_ms: 1_700_000_000_000,
+            })),
+        });
+    }
+
+    /// As after a replicator restart: every volume waits for a confirmation again.
+    pub fn unconfirm_all(&self) {
+        for v in self.state.volumes.lock().unwrap().values_mut() {
+            v.mode = rpb::Mode::Unconfirmed as i32;
+        }
+    }
+
+    fn record(&self, call: Call) {
+        self.state.calls.lock().unwrap().push(call);
+    }
+
+    fn states(&self, names: &[String]) -> Vec<rpb::VolumeState> {
+        let volumes = self.state.volumes.lock().unwrap();
+        names
+            .iter()
+            .filter_map(|n| volumes.get(n).cloned())
+            .collect()
+    }
+}
+
+fn position(v: &rpb::VolumeState) -> (u64, i32) {
+    (v.epoch, v.stage)
+}
+
+#[tonic::async_trait]
+impl rpb::replicator_server::Replicator for FakeReplicator {
+    async fn list_volumes(
+        &self,
+        _: Request<rpb::ListVolumesRequest>,
+    ) -> Result<Response<rpb::ListVolumesResponse>, Status> {
+        let volumes = self
+            .state
+            .volumes
+            .lock()
+            .unwrap()
+            .values()
+            .cloned()
+            .collect();
+        Ok(Response::new(rpb::ListVolumesResponse { volumes }))
+    }
+
+    type WatchEventsStream =
+        Pin<Box<dyn Stream<Item = Result<rpb::ReplicationEvent, Status>> + Send + 'static>>;
+
+    async fn watch_events(
+        &self,
+        _: Request<rpb::WatchEventsRequest>,
+    ) -> Result<Response<Self::WatchEventsStream>, Status> {
+        let stream = tokio_stream::wrappers::BroadcastStream::new(self.events.subscribe())
+            .filter_map(|e| async move { e.ok().map(Ok) })
+            .take_until(self.stop.clone().cancelled_owned());
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn configure(
+        &self,
+        request: Request<rpb::ConfigureRequest>,
+    ) -> Result<Response<rpb::VolumeState>, Status> {
+        let r = request.into_inner();
+        self.record(Call {
+            kind: "configure",
+            volumes: vec![r.volume_handle.clone()],
+            group: r.group_uid.clone(),
+            epoch: r.epoch,
+            stage: r.stage,
+            fail_safe: false,
+        });
+        let mut volumes = self.state.volumes.lock().unwrap();
+        let v = volumes
+            .get_mut(&r.volume_handle)
+            .ok_or_else(|| Status::not_found("no such volume"))?;
+        if v.group_uid != r.group_uid {
+            v.group_uid = r.group_uid.clone();
+            v.epoch = 0;
+            v.stage = 0;
+        }
+        if (r.epoch, r.stage) >= position(v) {
+            v.epoch = r.epoch;
+            v.stage = r.stage;
+            v.fail_safe = false;
+            v.mode = match rpb::Stage::try_from(r.stage) {
+                Ok(rpb::Stage::Freeze) => rpb::Mode::Suspended,
+                Ok(rpb::Stage::Release) => rpb::Mode::Running,
+                _ => rpb::Mode::Replicating,
+            } as i32;
+        }
+        Ok(Response::new(v.clone()))
+    }
+
+    async fn suspend(
+        &self,
+        request: Request<rpb::DirectiveRequest>,
+    ) -> Result<Response<rpb::DirectiveResponse>, Status> {
+        let r = request.into_inner();
+        self.record(Call {
+            kind: "suspend",
+            volumes: r.volume_handles.clone(),
+            group: r.group_uid.clone(),
+            epoch: r.epoch,
+            stage: rpb::Stage::Freeze as i32,
+            fail_safe: r.fail_safe,
+        });
+        {
+            let mut volumes = self.state.volumes.lock().unwrap();
+            for name in &r.volume_handles {
+                let v = volumes
+                    .get_mut(name)
+                    .ok_or_else(|| Status::not_found("no such volume"))?;
+                if v.group_uid != r.group_uid {
+                    return Err(Status::failed_precondition("wrong group"));
+                }
+                if r.fail_safe {
+                    v.fail_safe = true;
+                } else if (r.epoch, rpb::Stage::Freeze as i32) > position(v) {
+                    v.epoch = r.epoch;
+                    v.stage = rpb::Stage::Freeze as i32;
+                    v.fail_safe = false;
+                }
+                v.mode = rpb::Mode::Suspended as i32;
+            }
+        }
+        Ok(Response::new(rpb::DirectiveResponse {
+            volumes: self.states(&r.volume_handles),
+        }))
+    }
+
+    async fn release(
+        &self,
+        request: Request<rpb::DirectiveRequest>,
+    ) -> Result<Response<rpb::DirectiveResponse>, Status> {
+        let r = request.into_inner();
+        self.record(Call {
+            kind: "release",
+            volumes: r.volume_handles.clone(),
+            group: r.group_uid.clone(),
+            epoch: r.epoch,
+            stage: rpb::Stage::Release as i32,
+            fail_safe: false,
+        });
+        {
+            let mut volumes = self.state.volumes.lock().unwrap();
+            for name in &r.volume_handles {
+                let v = volumes
+                    .get_mut(name)
+                    .ok_or_else(|| Status::not_found("no such volume"))?;
+                if v.mode != rpb::Mode::Suspended as i32 || v.epoch != r.epoch || v.fail_safe {
+                    return Err(Status::failed_precondition("not suspended at that epoch"));
+                }
+                v.stage = rpb::Stage::Release as i32;
+                v.mode = rpb::Mode::Running as i32;
+            }
+        }
+        Ok(Response::new(rpb::DirectiveResponse {
+            volumes: self.states(&r.volume_handles),
+        }))
+    }
+
+    async fn resume(
+        &self,
+        request: Request<rpb::DirectiveRequest>,
+    ) -> Result<Response<rpb::DirectiveResponse>, Status> {
+        let r = request.into_inner();
+        self.record(Call {
+            kind: "resume",
+            volumes: r.volume_handles.clone(),
+            group: r.group_uid.clone(),
+            epoch: r.epoch,
+            stage: rpb::Stage::Resume as i32,
+            fail_safe: false,
+        });
+        {
+            let mut volumes = self.state.volumes.lock().unwrap();
+            for name in &r.volume_handles {
+                let v = volumes
+                    .get_mut(name)
+                    .ok_or_else(|| Status::not_found("no such volume"))?;
+                v.epoch = r.epoch;
+                v.stage = rpb::Stage::Resume as i32;
+                v.mode = rpb::Mode::Replicating as i32;
+                v.fail_safe = false;
+            }
+        }
+        Ok(Response::new(rpb::DirectiveResponse {
+            volumes: self.states(&r.volume_handles),
+        }))
+    }
+
+    async fn state(
+        &self,
+        request: Request<rpb::StateRequest>,
+    ) -> Result<Response<rpb::VolumeState>, Status> {
+        let name = request.into_inner().volume_handle;
+        let volumes = self.state.volumes.lock().unwrap();
+        volumes
+            .get(&name)
+            .cloned()
+            .map(Response::new)
+            .ok_or_else(|| Status::not_found("no such volume"))
+    }
+}
+
+// ---- Control server ------------------------------------------------------------------------------
+
+#[derive(Debug, Default)]
+pub struct ControlState {
+    pub reports: Mutex<Vec<cpb::ReportRequest>>,
+    pub acks: Mutex<Vec<cpb::AckRequest>>,
+    pub subscribes: Mutex<Vec<cpb::SubscribeRequest>>,
+    /// Sent to every new subscriber first.
+    pub membership: Mutex<Option<cpb::Membership>>,
+    /// The current point per group, for answers.
+    pub current: Mutex<BTreeMap<String, cpb::GroupEpoch>>,
+    /// While set, every call is refused (as by a cut network), even on open connections.
+    pub refusing: std::sync::atomic::AtomicBool,
+}
+
+/// A test `Control` server on a loopback port: records reports, acks and subscriptions, pushes
+/// directives, sends heartbeats; can be stopped (connections refused) and started again on its port.
+#[derive(Debug, Clone)]
+pub struct FakeControl {
+    pub state: Arc<ControlState>,
+    pub out: broadcast::Sender<cpb::ControlMessage>,
+    pub addr: SocketAddr,
+    stop: Arc<Mutex<CancellationToken>>,
+}
+
+impl FakeControl {
+    pub async fn start() -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (out, _) = broadcast::channel(64);
+        let control = Self {
+            state: Arc::new(ControlState::default()),
+            out,
+            addr,
+            stop: Arc::new(Mutex::new(CancellationToken::new())),
+        };
+        control.serve(listener);
+        // Heartbeats.
+        let out = control.out.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                let _ = out.send(cpb::ControlMessage {
+                    kind: Some(cpb::control_message::Kind::Heartbeat(cpb::Heartbeat {
+                        sent_unix_ms: 0,
+                    })),
+                });
+            }
+        });
+        control
+    }
+
+    fn serve(&self, listener: tokio::net::TcpListener) {
+        let token = CancellationToken::new();
+        *self.stop.lock().unwrap() = token.clone();
+        let service = cpb::control_server::ControlServer::new(ControlService {
+            control: self.clone(),
+            token: token.clone(),
+        });
+        tokio::spawn(async move {
+            let _ = tonic::transport::Server::builder()
+                .add_service(service)
+                .serve_with_incoming_shutdown(
+                    tokio_stream::wrappers::TcpListenerStream::new(listener),
+                    token.cancelled_owned(),
+                )
+                .await;
+        });
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Stops serving: streams end, new connections are refused.
+    pub fn stop(&self) {
+        self.state
+            .refusing
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        self.stop.lock().unwrap().cancel();
+    }
+
+    /// Serves again on the same port.
+    pub async fn restart(&self) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            match tokio::net::TcpListener::bind(self.addr).await {
+                Ok(listener) => {
+                    self.state
+                        .refusing
+                        .store(false, std::sync::atomic::Ordering::SeqCst);
+                    return self.serve(listener);
+                }
+                Err(e) if tokio::time::Instant::now() < deadline => {
+                    let _ = e;
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Err(e) => panic!("rebind {}: {e}", self.addr),
+            }
+        }
+    }
+
+    pub fn set_membership(&self, group_uid: &str, epoch: u64, stage: cpb::Stage, volumes: &[&str]) {
+        let current = cpb::GroupEpoch {
+            group_uid: group_uid.to_owned(),
+            epoch,
+            stage: stage as i32,
+        };
+        self.state
+            .current
+            .lock()
+            .unwrap()
+            .insert(group_uid.to_owned(), current.clone());
+        let membership = cpb::Membership {
+            groups: vec![cpb::GroupMembership {
+                group_name: GROUP.to_owned(),
+                current: Some(current),
+                hold_timeout_ms: 30_000,
+                volumes: volumes
+                    .iter()
+                    .map(|v| cpb::ResolvedVolume {
+                        namespace: "shop".into(),
+                        pvc: format!("pvc-{v}"),
+                        persistent_volume: format!("pv-{v}"),
+                        volume_handle: (*v).to_owned(),
+                    })
+                    .collect(),
+            }],
+        };
+        *self.state.membership.lock().unwrap() = Some(membership.clone());
+        let _ = self.out.send(cpb::ControlMessage {
+            kind: Some(cpb::control_message::Kind::Membership(membership)),
+        });
+    }
+
+    /// Pushes a directive down every open stream.
+    pub fn push(&self, group_uid: &str, epoch: u64, stage: cpb::Stage) {
+        let target = cpb::GroupEpoch {
+            group_uid: group_uid.to_owned(),
+            epoch,
+            stage: stage as i32,
+        };
+        self.state
+            .current
+            .lock()
+            .unwrap()
+            .insert(group_uid.to_owned(), target.clone());
+        let _ = self.out.send(cpb::ControlMessage {
+            kind: Some(cpb::control_message::Kind::Directive(cpb::Directive {
+                target: Some(target),
+                group_name: GROUP.to_owned(),
+            })),
+        });
+    }
+
+    pub fn subscribers(&self) -> usize {
+        self.out.receiver_count()
+    }
+
+    pub fn acks(&self) -> Vec<cpb::AckRequest> {
+        self.state.acks.lock().unwrap().clone()
+    }
+
+    pub fn reports(&self) -> Vec<cpb::ReportRequest> {
+        self.state.reports.lock().unwrap().clone()
+    }
+
+    /// True when an Ack for (epoch, stage) listed exactly `volumes`.
+    pub fn acked(&self, epoch: u64, stage: cpb::Stage, volumes: &[&str], fail_safe: bool) -> bool {
+        self.acks().iter().any(|a| {
+            a.enforced
+                .as_ref()
+                .is_some_and(|e| e.epoch == epoch && e.stage == stage as i32)
+                && a.volume_handles == volumes
+                && a.fail_safe == fail_safe
+        })
+    }
+}
+
+struct ControlService {
+    control: FakeControl,
+    token: CancellationToken,
+}
+
+impl ControlService {
+    fn refuse(&self) -> Result<(), Status> {
+        if self.token.is_cancelled()
+            || self
+                .control
+                .state
+                .refusing
+                .load(std::sync::atomic::Ordering::SeqCst)
+        {
+            Err(Status::unavailable("refused"))
+        } else {
+            Ok(())
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl cpb::control_server::Control for ControlService {
+    async fn report(
+        &self,
+        request: Request<cpb::ReportRequest>,
+    ) -> Result<Response<cpb::ReportResponse>, Status> {
+        self.refuse()?;
+        let r = request.into_inner();
+        let current = self.control.state.current.lock().unwrap().clone();
+        let groups = r
+            .failures
+            .iter()
+            .filter_map(|f| current.get(&f.group_uid).cloned())
+            .collect();
+        self.control.state.reports.lock().unwrap().push(r);
+        Ok(Response::new(cpb::ReportResponse { groups }))
+    }
+
+    type SubscribeStream =
+        Pin<Box<dyn Stream<Item = Result<cpb::ControlMessage, Status>> + Send + 'static>>;
+
+    async fn subscribe(
+        &self,
+        request: Request<cpb::SubscribeRequest>,
+    ) -> Result<Response<Self::SubscribeStream>, Status> {
+        self.refuse()?;
+        self.control
+            .state
+            .subscribes
+            .lock()
+            .unwrap()
+            .push(request.into_inner());
+        let first: Vec<Result<cpb::ControlMessage, Status>> = self
+            .control
+            .state
+            .membership
+            .lock()
+            .unwrap()
+            .clone()
+            .map(|m| {
+                Ok(cpb::ControlMessage {
+                    kind: Some(cpb::control_message::Kind::Membership(m)),
+                })
+            })
+            .into_iter()
+            .collect();
+        let live = tokio_stream::wrappers::BroadcastStream::new(self.control.out.subscribe())
+            .filter_map(|m| async move { m.ok().map(Ok) });
+        let stream = futures::stream::iter(first)
+            .chain(live)
+            .take_until(self.token.clone().cancelled_owned());
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn ack(
+        &self,
+        request: Request<cpb::AckRequest>,
+    ) -> Result<Response<cpb::AckResponse>, Status> {
+        self.refuse()?;
+        let r = request.into_inner();
+        let current = r.enforced.as_ref().and_then(|e| {
+            self.control
+                .state
+                .current
+                .lock()
+                .unwrap()
+                .get(&e.group_uid)
+                .cloned()
+        });
+        self.control.state.acks.lock().unwrap().push(r);
+        Ok(Response::new(cpb::AckResponse { current }))
+    }
+}
+
+// ---- API server ----------------------------------------------------------------------------------
+
+/// A test API server with Lockstep's CRDs and namespace.
+pub async fn api_server() -> (TestApiServer, Client) {
+    let server = TestApiServer::start(lockstep_testapi::Options::default())
+        .await
+        .unwrap();
+    let client = server.client().await.unwrap();
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    for crd in lockstep_api::crds::all() {
+        crds.create(&PostParams::default(), &crd).await.unwrap();
+    }
+    let namespaces: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(client.clone());
+    namespaces
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({"metadata": {"name": "lockstep"}})).unwrap(),
+        )
+        .await
+        .unwrap();
+    (server, client)
+}
+
+/// Creates the group (as the operator's mirror would look) with this node's volumes resolved, at
+/// epoch 0 with no stage. Returns its UID.
+pub async fn create_group(client: &Client, volumes: &[&str]) -> String {
+    let groups: Api<ConsistencyGroup> = Api::all(client.clone());
+    let group: ConsistencyGroup = serde_json::from_value(json!({
+        "apiVersion": "lockstep.dev/v1alpha1",
+        "kind": "ConsistencyGroup",
+        "metadata": {"name": GROUP},
+        "spec": {
+            "holdTimeout": "30s",
+            "members": [{"cluster": CLUSTER, "namespace": "shop", "pvcNames": volumes.iter().map(|v| format!("pvc-{v}")).collect::<Vec<_>>()}]
+        }
+    }))
+    .unwrap();
+    let created = groups.create(&PostParams::default(), &group).await.unwrap();
+    let uid = created.metadata.uid.clone().unwrap();
+    let members: Vec<_> = volumes
+        .iter()
+        .map(|v| {
+            json!({"cluster": CLUSTER, "namespace": "shop", "pvc": format!("pvc-{v}"),
+                   "volumeHandle": v, "node": NODE})
+        })
+        .chain(std::iter::once(
+            json!({"cluster": CLUSTER, "namespace": "shop",
+            "pvc": "pvc-elsewhere", "volumeHandle": "vol-elsewhere", "node": "node-2"}),
+        ))
+        .collect();
+    groups
+        .patch_status(
+            GROUP,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"status": {"epoch": 0, "members": members}})),
+        )
+        .await
+        .unwrap();
+    uid
+}
+
+/// Sets the group's (epoch, stage) in its status, as the operator does on path 1.
+pub async fn set_point(client: &Client, epoch: u64, stage: &str) {
+    let groups: Api<ConsistencyGroup> = Api::all(client.clone());
+    groups
+        .patch_status(
+            GROUP,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"status": {"epoch": epoch, "stage": stage}})),
+        )
+        .await
+        .unwrap();
+}
+
+/// This node's ReplicationNode, if written.
+pub async fn replication_node(client: &Client) -> Option<ReplicationNode> {
+    let nodes: Api<ReplicationNode> = Api::all(client.clone());
+    nodes.get_opt(NODE).await.ok().flatten()
+}
+
+// ---- Sidecar ---------------------------------------------------------------------------------------
+
+pub fn options(replicator: &FakeReplicator) -> Options {
+    let mut options = Options::new(NODE, CLUSTER);
+    options.replicator_socket = replicator.socket.clone();
+    options.listen = "127.0.0.1:0".parse().unwrap();
+    options.rpc_timeout = Duration::from_secs(2);
+    options.inventory_interval = Duration::from_millis(500);
+    options.fail_safe_interval = Duration::from_secs(2);
+    options.grpc_idle_timeout = Duration::from_secs(5);
+    options.lease_duration = Duration::from_secs(3);
+    options
+}
+
+pub async fn start(options: Options, client: Option<Client>) -> Sidecar {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
+    Sidecar::start(options, client).await.unwrap()
+}

@@ -1,0 +1,490 @@
+//! The sidecar end to end against real parts: real HTTP to the test API server (path 1), real gRPC to a
+//! test `Control` server on a loopback port (path 2), and a recording Replicator service on a unix
+//! socket. Every wait polls with a generous deadline; nothing asserts on timing.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use common::*;
+use lockstep_api::proto::control::v1 as cpb;
+use lockstep_api::proto::replicator::v1 as rpb;
+
+fn suspends_at(rep: &FakeReplicator, epoch: u64) -> Vec<Call> {
+    rep.calls("suspend")
+        .into_iter()
+        .filter(|c| c.epoch == epoch)
+        .collect()
+}
+
+fn names(v: &[&str]) -> Vec<String> {
+    v.iter().map(|s| (*s).to_owned()).collect()
+}
+
+async fn enforced_in_status(
+    client: &kube::Client,
+    uid: &str,
+    epoch: u64,
+    stage: lockstep_api::domain::Stage,
+    volumes: &[&str],
+    fail_safe: bool,
+) -> bool {
+    replication_node(client).await.is_some_and(|n| {
+        n.status.is_some_and(|s| {
+            s.enforced.iter().any(|e| {
+                e.group_uid == uid
+                    && e.epoch == epoch
+                    && e.stage == stage
+                    && e.volume_handles == names(volumes)
+                    && e.fail_safe == fail_safe
+            })
+        })
+    })
+}
+
+async fn confirmed(rep: &FakeReplicator, volumes: &[&str]) {
+    for v in volumes {
+        let rep = rep.clone();
+        let v = (*v).to_owned();
+        eventually(&format!("{v} confirmed"), move || {
+            rep.volume(&v).mode != rpb::Mode::Unconfirmed as i32
+        })
+        .await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn grpc_only_configuration_freezes_once_and_acknowledges_with_the_volume_list() {
+    let rep = FakeReplicator::start(&["v1", "v2", "v3"]).await;
+    let control = FakeControl::start().await;
+    control.set_membership(
+        "uid-g",
+        0,
+        cpb::Stage::Resume,
+        &["v1", "v2", "vol-other-node"],
+    );
+    let mut options = options(&rep);
+    options.no_api_path = true;
+    options.operator_endpoint = Some(control.endpoint());
+    let sidecar = start(options, None).await;
+
+    // Fail closed until a path spoke; then confirmed: v1, v2 in the group, v3 in none.
+    confirmed(&rep, &["v1", "v2", "v3"]).await;
+    assert_eq!(rep.volume("v1").group_uid, "uid-g");
+    assert_eq!(rep.volume("v3").group_uid, "");
+    eventually("subscribed", || control.subscribers() > 0).await;
+
+    // Malformed directives are refused, never a panic.
+    let _ = control.out.send(cpb::ControlMessage {
+        kind: Some(cpb::control_message::Kind::Directive(cpb::Directive {
+            target: Some(cpb::GroupEpoch {
+                group_uid: "uid-g".into(),
+                epoch: 9,
+                stage: 0,
+            }),
+            group_name: GROUP.into(),
+        })),
+    });
+    let _ = control.out.send(cpb::ControlMessage {
+        kind: Some(cpb::control_message::Kind::Directive(cpb::Directive {
+            target: None,
+            group_name: GROUP.into(),
+        })),
+    });
+
+    control.push("uid-g", 1, cpb::Stage::Freeze);
+    control.push("uid-g", 1, cpb::Stage::Freeze);
+    eventually("suspended at 1", || !suspends_at(&rep, 1).is_empty()).await;
+    eventually("acknowledged over gRPC", || {
+        control.acked(1, cpb::Stage::Freeze, &["v1", "v2"], false)
+    })
+    .await;
+    // Stale and repeated directives, then a marker: everything before it was processed.
+    control.push("uid-g", 0, cpb::Stage::Resume);
+    control.push("uid-g", 1, cpb::Stage::Freeze);
+    control.push("uid-g", 1, cpb::Stage::Release);
+    eventually("released at 1", || !rep.calls("release").is_empty()).await;
+    let suspends = suspends_at(&rep, 1);
+    assert_eq!(suspends.len(), 1, "{suspends:?}");
+    assert_eq!(suspends[0].volumes, names(&["v1", "v2"]));
+    assert!(suspends_at(&rep, 9).is_empty());
+    assert!(
+        rep.calls("suspend")
+            .iter()
+            .all(|c| !c.volumes.contains(&"v3".to_owned()))
+    );
+    assert_eq!(rep.volume("v1").mode, rpb::Mode::Running as i32);
+
+    // /healthz, /readyz, /metrics.
+    let addr = sidecar.metrics_addr();
+    for path in ["/healthz", "/readyz", "/metrics"] {
+        let body = http_get(addr, path).await;
+        assert!(body.starts_with("HTTP/1.1 200"), "{path}: {body}");
+        if path == "/metrics" {
+            assert!(body.contains("lockstep_sidecar_directives_total"), "{body}");
+            assert!(!body.contains("v1"), "metrics never carry a volume");
+        }
+    }
+    sidecar.shutdown().await;
+}
+
+async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream
+        .write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await
+        .unwrap();
+    let mut body = String::new();
+    stream.read_to_string(&mut body).await.unwrap();
+    body
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn api_only_configuration_freezes_once_and_acknowledges_in_the_node_status() {
+    use lockstep_api::domain::Stage;
+    let rep = FakeReplicator::start(&["v1", "v2"]).await;
+    let (_server, client) = api_server().await;
+    let uid = create_group(&client, &["v1", "v2"]).await;
+    let sidecar = start(options(&rep), Some(client.clone())).await;
+    confirmed(&rep, &["v1", "v2"]).await;
+    assert_eq!(rep.volume("v2").group_uid, uid);
+
+    set_point(&client, 1, "Freeze").await;
+    eventually("suspended at 1", || !suspends_at(&rep, 1).is_empty()).await;
+    eventually_async("enforced in status", || {
+        enforced_in_status(&client, &uid, 1, Stage::Freeze, &["v1", "v2"], false)
+    })
+    .await;
+    set_point(&client, 1, "Release").await;
+    eventually("released", || !rep.calls("release").is_empty()).await;
+    assert_eq!(suspends_at(&rep, 1).len(), 1);
+    assert_eq!(suspends_at(&rep, 1)[0].volumes, names(&["v1", "v2"]));
+    eventually_async("release in status", || {
+        enforced_in_status(&client, &uid, 1, Stage::Release, &["v1", "v2"], false)
+    })
+    .await;
+    // The node Lease exists in Lockstep's namespace.
+    let leases: kube::Api<k8s_openapi::api::coordination::v1::Lease> =
+        kube::Api::namespaced(client.clone(), "lockstep");
+    eventually_async("lease", || {
+        let leases = leases.clone();
+        async move {
+            leases
+                .get_opt(&format!("lockstep-sidecar-{NODE}"))
+                .await
+                .ok()
+                .flatten()
+                .is_some()
+        }
+    })
+    .await;
+    sidecar.shutdown().await;
+}
+
+/// Both paths: a freeze delivered on both, in either order and duplicated, suspends once and is
+/// acknowledged on both with the volume list.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_freeze_on_both_paths_in_either_order_suspends_once_and_is_acknowledged_on_both() {
+    use lockstep_api::domain::Stage;
+    let rep = FakeReplicator::start(&["v1", "v2"]).await;
+    let (_server, client) = api_server().await;
+    let uid = create_group(&client, &["v1", "v2"]).await;
+    let control = FakeControl::start().await;
+    control.set_membership(&uid, 0, cpb::Stage::Resume, &["v1", "v2"]);
+    let mut options = options(&rep);
+    options.operator_endpoint = Some(control.endpoint());
+    let sidecar = start(options, Some(client.clone())).await;
+    confirmed(&rep, &["v1", "v2"]).await;
+    eventually("subscribed", || control.subscribers() > 0).await;
+
+    // gRPC first, then the API path, then gRPC again.
+    control.push(&uid, 1, cpb::Stage::Freeze);
+    eventually("suspended at 1", || !suspends_at(&rep, 1).is_empty()).await;
+    set_point(&client, 1, "Freeze").await;
+    control.push(&uid, 1, cpb::Stage::Freeze);
+    eventually("acked over gRPC", || {
+        control.acked(1, cpb::Stage::Freeze, &["v1", "v2"], false)
+    })
+    .await;
+    eventually_async("acked in status", || {
+        enforced_in_status(&client, &uid, 1, Stage::Freeze, &["v1", "v2"], false)
+    })
+    .await;
+
+    // The API path first, then gRPC twice.
+    set_point(&client, 2, "Freeze").await;
+    eventually("suspended at 2", || !suspends_at(&rep, 2).is_empty()).await;
+    control.push(&uid, 2, cpb::Stage::Freeze);
+    control.push(&uid, 2, cpb::Stage::Freeze);
+    set_point(&client, 2, "Freeze").await;
+    eventually("acked 2 over gRPC", || {
+        control.acked(2, cpb::Stage::Freeze, &["v1", "v2"], false)
+    })
+    .await;
+    eventually_async("acked 2 in status", || {
+        enforced_in_status(&client, &uid, 2, Stage::Freeze, &["v1", "v2"], false)
+    })
+    .await;
+    // A marker on one path: everything before it on both paths was processed.
+    control.push(&uid, 2, cpb::Stage::Release);
+    eventually("released at 2", || !rep.calls("release").is_empty()).await;
+    assert_eq!(suspends_at(&rep, 1).len(), 1, "{:?}", rep.all_calls());
+    assert_eq!(suspends_at(&rep, 2).len(), 1, "{:?}", rep.all_calls());
+    assert_eq!(suspends_at(&rep, 2)[0].volumes, names(&["v1", "v2"]));
+    sidecar.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_cut_link_is_reported_on_both_paths_naming_the_same_epoch_until_a_higher_one() {
+    let rep = FakeReplicator::start(&["v1", "v2"]).await;
+    let (_server, client) = api_server().await;
+    let uid = create_group(&client, &["v1", "v2"]).await;
+    set_point(&client, 3, "Resume").await;
+    let control = FakeControl::start().await;
+    control.set_membership(&uid, 3, cpb::Stage::Resume, &["v1", "v2"]);
+    let mut options = options(&rep);
+    options.operator_endpoint = Some(control.endpoint());
+    let sidecar = start(options, Some(client.clone())).await;
+    confirmed(&rep, &["v1", "v2"]).await;
+    eventually("subscribed", || control.subscribers() > 0).await;
+    // Wait for the sidecar to have taken in epoch 3 on both paths (its ack).
+    eventually("acked 3", || {
+        control.acked(3, cpb::Stage::Resume, &["v1", "v2"], false)
+    })
+    .await;
+
+    rep.fail_copy("v1");
+    eventually("reported over gRPC", || {
+        control
+            .reports()
+            .iter()
+            .any(|r| r.failures.iter().any(|f| f.volume_handle == "v1"))
+    })
+    .await;
+    let grpc_epoch = control
+        .reports()
+        .iter()
+        .flat_map(|r| r.failures.clone())
+        .find(|f| f.volume_handle == "v1")
+        .unwrap()
+        .epoch_seen;
+    eventually_async("reported in status", || async {
+        replication_node(&client).await.is_some_and(|n| {
+            n.status
+                .is_some_and(|s| s.failures.iter().any(|f| f.volume_handle == "v1"))
+        })
+    })
+    .await;
+    let status = replication_node(&client).await.unwrap().status.unwrap();
+    let api_failure = status
+        .failures
+        .iter()
+        .find(|f| f.volume_handle == "v1")
+        .unwrap();
+    assert_eq!(api_failure.epoch_seen, grpc_epoch);
+    assert_eq!(grpc_epoch, 3);
+    assert_eq!(api_failure.group_uid, uid);
+
+    // A higher epoch seen (here by the API path only) acknowledges the report on both.
+    set_point(&client, 4, "Freeze").await;
+    eventually_async("failure cleared from status", || async {
+        replication_node(&client)
+            .await
+            .is_some_and(|n| n.status.is_some_and(|s| s.failures.is_empty()))
+    })
+    .await;
+    sidecar.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn with_the_api_server_stopped_reports_and_freezes_flow_over_grpc() {
+    use lockstep_api::domain::Stage;
+    let rep = FakeReplicator::start(&["v1", "v2"]).await;
+    let (server, client) = api_server().await;
+    let uid = create_group(&client, &["v1", "v2"]).await;
+    let control = FakeControl::start().await;
+    control.set_membership(&uid, 0, cpb::Stage::Resume, &["v1", "v2"]);
+    let mut options = options(&rep);
+    options.operator_endpoint = Some(control.endpoint());
+    let sidecar = start(options, Some(client.clone())).await;
+    confirmed(&rep, &["v1", "v2"]).await;
+    eventually("subscribed", || control.subscribers() > 0).await;
+
+    server.stop().await;
+    rep.fail_copy("v2");
+    eventually("reported over gRPC", || {
+        control.reports().iter().any(|r| {
+            r.failures
+                .iter()
+                .any(|f| f.volume_handle == "v2" && f.epoch_seen == 0)
+        })
+    })
+    .await;
+    control.push(&uid, 1, cpb::Stage::Freeze);
+    eventually("suspended at 1", || !suspends_at(&rep, 1).is_empty()).await;
+    eventually("acked over gRPC", || {
+        control.acked(1, cpb::Stage::Freeze, &["v1", "v2"], false)
+    })
+    .await;
+    // The API path catches up when its server returns.
+    server.restart().await.unwrap();
+    eventually_async("enforced in status after restart", || {
+        enforced_in_status(&client, &uid, 1, Stage::Freeze, &["v1", "v2"], false)
+    })
+    .await;
+    assert_eq!(suspends_at(&rep, 1).len(), 1);
+    sidecar.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn with_grpc_refused_reports_and_freezes_flow_over_the_api_server() {
+    use lockstep_api::domain::Stage;
+    let rep = FakeReplicator::start(&["v1", "v2"]).await;
+    let (_server, client) = api_server().await;
+    let uid = create_group(&client, &["v1", "v2"]).await;
+    let control = FakeControl::start().await;
+    control.set_membership(&uid, 0, cpb::Stage::Resume, &["v1", "v2"]);
+    let mut options = options(&rep);
+    options.operator_endpoint = Some(control.endpoint());
+    let sidecar = start(options, Some(client.clone())).await;
+    confirmed(&rep, &["v1", "v2"]).await;
+    eventually("subscribed", || control.subscribers() > 0).await;
+
+    control.stop();
+    eventually("stream closed", || control.subscribers() == 0).await;
+    rep.fail_copy("v1");
+    eventually_async("reported in status", || async {
+        replication_node(&client).await.is_some_and(|n| {
+            n.status.is_some_and(|s| {
+                s.failures
+                    .iter()
+                    .any(|f| f.volume_handle == "v1" && f.epoch_seen == 0)
+            })
+        })
+    })
+    .await;
+    set_point(&client, 1, "Freeze").await;
+    eventually("suspended at 1", || !suspends_at(&rep, 1).is_empty()).await;
+    eventually_async("enforced in status", || {
+        enforced_in_status(&client, &uid, 1, Stage::Freeze, &["v1", "v2"], false)
+    })
+    .await;
+    // gRPC catches up when the operator listens again.
+    control.restart().await;
+    eventually("acked over gRPC after restart", || {
+        control.acked(1, cpb::Stage::Freeze, &["v1", "v2"], false)
+    })
+    .await;
+    assert_eq!(suspends_at(&rep, 1).len(), 1);
+    sidecar.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn with_both_paths_down_the_fail_safe_suspends_and_only_a_higher_epoch_lifts_it() {
+    use lockstep_api::domain::Stage;
+    let rep = FakeReplicator::start(&["v1", "v2"]).await;
+    let (server, client) = api_server().await;
+    let uid = create_group(&client, &["v1", "v2"]).await;
+    let control = FakeControl::start().await;
+    control.set_membership(&uid, 0, cpb::Stage::Resume, &["v1", "v2"]);
+    let mut options = options(&rep);
+    options.operator_endpoint = Some(control.endpoint());
+    // Well below the group's 30 s hold timeout.
+    options.fail_safe_interval = std::time::Duration::from_secs(2);
+    let sidecar = start(options, Some(client.clone())).await;
+    confirmed(&rep, &["v1", "v2"]).await;
+    eventually("subscribed", || control.subscribers() > 0).await;
+
+    server.stop().await;
+    control.stop();
+    rep.fail_copy("v1");
+    eventually("fail-safe suspension", || {
+        rep.calls("suspend").iter().any(|c| c.fail_safe)
+    })
+    .await;
+    let taken: Vec<Call> = rep
+        .calls("suspend")
+        .into_iter()
+        .filter(|c| c.fail_safe)
+        .collect();
+    assert_eq!(taken.len(), 1);
+    assert_eq!(taken[0].epoch, 0, "at the epoch last seen");
+    assert_eq!(taken[0].volumes, names(&["v1", "v2"]));
+    assert!(rep.volume("v2").fail_safe);
+
+    // Contact returns: the node says it suspended on its own, on both paths.
+    server.restart().await.unwrap();
+    control.restart().await;
+    eventually("fail-safe acked over gRPC", || {
+        control.acked(0, cpb::Stage::Freeze, &["v1", "v2"], true)
+    })
+    .await;
+    eventually_async("fail-safe in status", || {
+        enforced_in_status(&client, &uid, 0, Stage::Freeze, &["v1", "v2"], true)
+    })
+    .await;
+    // Only a higher epoch lifts it.
+    control.push(&uid, 1, cpb::Stage::Freeze);
+    eventually("suspended at 1", || !suspends_at(&rep, 1).is_empty()).await;
+    assert!(!rep.volume("v1").fail_safe);
+    assert!(rep.calls("release").is_empty() && rep.calls("resume").is_empty());
+    sidecar.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_restarted_sidecar_keeps_a_frozen_groups_volumes_suspended() {
+    let rep = FakeReplicator::start(&["v1", "v2"]).await;
+    let control = FakeControl::start().await;
+    control.set_membership("uid-g", 0, cpb::Stage::Resume, &["v1", "v2"]);
+    let mut opts = options(&rep);
+    opts.no_api_path = true;
+    opts.operator_endpoint = Some(control.endpoint());
+    let sidecar = start(opts.clone(), None).await;
+    confirmed(&rep, &["v1", "v2"]).await;
+    eventually("subscribed", || control.subscribers() > 0).await;
+    control.push("uid-g", 1, cpb::Stage::Freeze);
+    eventually("acked", || {
+        control.acked(1, cpb::Stage::Freeze, &["v1", "v2"], false)
+    })
+    .await;
+    control.set_membership("uid-g", 1, cpb::Stage::Freeze, &["v1", "v2"]);
+    sidecar.abort();
+
+    // The replicator restarted too: its volumes carry (1, Freeze) and hold I/O until confirmed.
+    rep.unconfirm_all();
+    let before = rep.all_calls().len();
+    let sidecar = start(opts, None).await;
+    confirmed(&rep, &["v1", "v2"]).await;
+    eventually("acked again", || {
+        control
+            .acks()
+            .iter()
+            .filter(|a| a.enforced.as_ref().is_some_and(|e| e.epoch == 1))
+            .count()
+            >= 2
+    })
+    .await;
+    let after: Vec<Call> = rep.all_calls()[before..].to_vec();
+    assert!(
+        after
+            .iter()
+            .all(|c| c.kind == "configure" && c.epoch == 1 && c.stage == rpb::Stage::Freeze as i32),
+        "{after:?}"
+    );
+    for v in ["v1", "v2"] {
+        assert_eq!(rep.volume(v).mode, rpb::Mode::Suspended as i32);
+    }
+    // The new subscription told the operator what the node had seen (rule 8).
+    let last = control
+        .state
+        .subscribes
+        .lock()
+        .unwrap()
+        .last()
+        .cloned()
+        .unwrap();
+    assert!(last.seen.iter().any(|s| s.epoch == 1), "{last:?}");
+    sidecar.shutdown().await;
+}
