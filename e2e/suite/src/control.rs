@@ -19,7 +19,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use hyper_util::rt::TokioIo;
-use lockstep_api::domain::{Phase, Policy, Stage};
+use lockstep_api::domain::{Phase, Policy, Stage, condition};
 use lockstep_api::proto::replicator::v1 as pb;
 use lockstep_replicator::{ReplMode, VolumeStatus};
 use pb::replicator_client::ReplicatorClient;
@@ -32,6 +32,8 @@ use crate::kubectl;
 use crate::timeline::Timeline;
 use crate::world::World;
 
+/// How long the members may take to resynchronise.
+const RESYNC_DEADLINE: Duration = Duration::from_secs(60);
 /// How long a replicator may take to confirm a directive.
 const DIRECTIVE_DEADLINE: Duration = Duration::from_secs(10);
 
@@ -138,7 +140,8 @@ pub trait ControlSystem {
         timeline: &Timeline,
     ) -> impl Future<Output = Result<FreezeOutcome, ControlError>>;
 
-    /// The failed link is back: resynchronise every member and return the group to Replicating.
+    /// The failed link is back: resynchronise every member and return the group to Replicating. Returns
+    /// once every member is in sync.
     fn thaw(
         &mut self,
         world: &World,
@@ -426,6 +429,35 @@ impl<'a> NodeControl<'a> {
         }
     }
 
+    /// Whether every volume of `handles` copies synchronously with nothing dirty and nothing held.
+    pub async fn in_sync(&self, handles: &[String]) -> Result<bool, ControlError> {
+        for handle in handles {
+            let synced = match self {
+                NodeControl::Grpc { node, client } => {
+                    let s = client
+                        .clone()
+                        .state(pb::StateRequest {
+                            volume_handle: handle.clone(),
+                        })
+                        .await
+                        .map_err(Self::call_err(node, "State"))?
+                        .into_inner();
+                    s.mode == i32::from(pb::Mode::Replicating)
+                        && s.dirty_bytes == 0
+                        && s.held_writes == 0
+                }
+                NodeControl::InProcess(cluster) => {
+                    let s = cluster.volume_status(handle)?;
+                    s.mode == ReplMode::Replicating && s.dirty_bytes == 0 && s.held == 0
+                }
+            };
+            if !synced {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+
     /// Stops copying and holds every write of `handles` at `epoch`; returns once they are suspended.
     pub async fn suspend(
         &self,
@@ -556,11 +588,13 @@ impl ControlSystem for ManualFreeze {
                 "epoch": epoch,
                 "memberCount": enrolled.len(),
                 "members": members_status(world),
-                "conditions": [{
-                    "type": "MembersResolved", "status": "True", "reason": "AllMembersResolved",
-                    "message": format!("{} member volumes resolved", enrolled.len()),
-                    "lastTransitionTime": now(),
-                }],
+                "conditions": world.conditions_with(&[
+                    (condition::MEMBERS_RESOLVED, true, "AllMembersResolved",
+                     format!("{} member volumes resolved and confirmed", enrolled.len())),
+                    (condition::FROZEN, false, "Replicating", "no freeze in progress".into()),
+                    (condition::CONSISTENT_IMAGE, true, "InSync",
+                     "every member copies synchronously".into()),
+                ]).await?,
             }))
             .await?;
         timeline.say(format!(
@@ -620,11 +654,12 @@ impl ControlSystem for ManualFreeze {
             .patch_group_status(json!({
                 "phase": Phase::Frozen,
                 "consistentImage": {"epoch": epoch, "volumeHandles": frozen},
-                "conditions": [{
-                    "type": "Frozen", "status": "True", "reason": "AllMembersAcknowledged",
-                    "message": format!("all {total} member volumes acknowledged epoch {epoch}"),
-                    "lastTransitionTime": now(),
-                }],
+                "conditions": world.conditions_with(&[
+                    (condition::FROZEN, true, "AllMembersAcknowledged",
+                     format!("all {total} member volumes acknowledged epoch {epoch}")),
+                    (condition::CONSISTENT_IMAGE, true, "Frozen",
+                     format!("the secondaries hold the image of epoch {epoch}")),
+                ]).await?,
             }))
             .await?;
         timeline.say(format!(
@@ -702,10 +737,51 @@ impl ControlSystem for ManualFreeze {
             }
         }
         let group = world
-            .patch_group_status(json!({"phase": Phase::Resyncing, "stage": Stage::Resume}))
+            .patch_group_status(json!({
+                "phase": Phase::Resyncing,
+                "stage": Stage::Resume,
+                "conditions": world.conditions_with(&[
+                    (condition::FROZEN, false, "Resumed", format!("resumed at epoch {epoch}")),
+                    (condition::CONSISTENT_IMAGE, false, "Resyncing",
+                     "the secondaries are inconsistent until every member is in sync".into()),
+                ]).await?,
+            }))
             .await?;
         timeline.say(format!(
             "control: resync started | {}",
+            kubectl::cg_line(&group)
+        ));
+        let deadline = tokio::time::Instant::now() + RESYNC_DEADLINE;
+        let mut tick = tokio::time::interval(Duration::from_millis(20));
+        for (node, handles) in &nodes {
+            loop {
+                tick.tick().await;
+                if node.in_sync(handles).await? {
+                    break;
+                }
+                if tokio::time::Instant::now() >= deadline {
+                    return Err(ControlError::Timeout {
+                        node: node.node().to_owned(),
+                        volume: handles.join(", "),
+                        wanted: "in sync",
+                        within: RESYNC_DEADLINE,
+                    });
+                }
+            }
+        }
+        let group = world
+            .patch_group_status(json!({
+                "phase": Phase::Replicating,
+                "conditions": world.conditions_with(&[(
+                    condition::CONSISTENT_IMAGE,
+                    true,
+                    "InSync",
+                    "every member copies synchronously".into(),
+                )]).await?,
+            }))
+            .await?;
+        timeline.say(format!(
+            "control: every member in sync again | {}",
             kubectl::cg_line(&group)
         ));
         Ok(ThawOutcome::Resumed)

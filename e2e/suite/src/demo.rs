@@ -11,7 +11,7 @@ use lockstep_checker::{
     CheckOptions, Layout, OnError, Progress, Source, Verdict, WorkloadHandle, WorkloadOptions,
     WorkloadReport,
 };
-use lockstep_replicator::{Event, ReplMode};
+use lockstep_replicator::Event;
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
@@ -289,18 +289,6 @@ pub async fn run_in_world<C: ControlSystem>(
         }
     }
     let thaw = control.thaw(world, timeline).await?;
-    if thaw == ThawOutcome::Resumed {
-        for (c, v) in world.volumes() {
-            wait_in_sync(c, &v.spec.handle).await?;
-        }
-        let group = world
-            .patch_group_status(serde_json::json!({"phase": "Replicating"}))
-            .await?;
-        timeline.say(format!(
-            "control: every member in sync again | {}",
-            kubectl::cg_line(&group)
-        ));
-    }
     let mut differences = Vec::new();
     for (c, v) in world.volumes() {
         let diff =
@@ -373,28 +361,4 @@ async fn writes_per_second(workload: &WorkloadHandle) -> f64 {
     tokio::time::sleep(RATE_WINDOW).await;
     let after = workload.current().acked;
     (after - before) as f64 / start.elapsed().as_secs_f64()
-}
-
-/// Polls the volume until it replicates with nothing dirty, within [`STEP_DEADLINE`].
-async fn wait_in_sync(
-    cluster: &crate::cluster::SimCluster,
-    handle: &str,
-) -> Result<(), ScenarioError> {
-    let deadline = tokio::time::Instant::now() + STEP_DEADLINE;
-    let mut tick = tokio::time::interval(Duration::from_millis(20));
-    loop {
-        tick.tick().await;
-        let s = cluster.volume_status(handle)?;
-        if s.mode == ReplMode::Replicating && s.dirty_bytes == 0 && s.held == 0 {
-            return Ok(());
-        }
-        if tokio::time::Instant::now() >= deadline {
-            return Err(ScenarioError::Control(ControlError::Timeout {
-                node: cluster.spec.node.clone(),
-                volume: handle.to_owned(),
-                wanted: "in sync",
-                within: STEP_DEADLINE,
-            }));
-        }
-    }
 }

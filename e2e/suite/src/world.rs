@@ -269,6 +269,38 @@ impl World {
             })
     }
 
+    /// The group's conditions as they are now with `updates` applied (type, status, reason, message),
+    /// transition times kept where a status does not change: a value for a status patch.
+    pub async fn conditions_with(
+        &self,
+        updates: &[(&str, bool, &str, String)],
+    ) -> Result<serde_json::Value, ClusterError> {
+        use lockstep_api::conditions::{ConditionUpdate, set};
+        let group = self.group_now().await?;
+        let mut conditions = group
+            .status
+            .as_ref()
+            .map(|s| s.conditions.clone())
+            .unwrap_or_default();
+        let now = k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+            k8s_openapi::jiff::Timestamp::now(),
+        );
+        for (type_, status, reason, message) in updates {
+            set(
+                &mut conditions,
+                ConditionUpdate {
+                    type_,
+                    status: *status,
+                    reason,
+                    message: message.clone(),
+                },
+                group.metadata.generation,
+                &now,
+            );
+        }
+        Ok(json!(conditions))
+    }
+
     /// Merge-patches the group's status in the hub (what the operator does; the demo does it while the
     /// operator is not built).
     pub async fn patch_group_status(

@@ -1,0 +1,127 @@
+//! The demo scenario, in-process: two simulated clusters, three replicated volumes, the dependent-write
+//! workload, one link cut, the freeze, the checker on the secondaries, the link restored and resynced.
+//!
+//! A negative control shows the scenario and the checker catch a broken freeze: a control system that
+//! releases each volume as soon as it has suspended it — before every member is frozen, against
+//! DESIGN.md rule 1 — lets a suspended volume acknowledge writes early, and the checker fails.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::time::Duration;
+
+use lockstep_e2e::control::{
+    ControlError, ControlSystem, CopyFailure, FreezeOutcome, ManualFreeze, NodeControl, ThawOutcome,
+};
+use lockstep_e2e::demo::{ScenarioOptions, run_scenario};
+use lockstep_e2e::timeline::Timeline;
+use lockstep_e2e::world::World;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_freeze_keeps_the_secondaries_consistent_and_resync_makes_them_identical() {
+    let timeline = Timeline::new(false);
+    let mut control = ManualFreeze::new(lockstep_e2e::REPLICATOR_API);
+    let options = ScenarioOptions::default();
+    let report = run_scenario(&options, &mut control, &timeline)
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", timeline.text()));
+    let text = timeline.text();
+    assert!(report.verdict.is_consistent(), "{}\n{text}", report.verdict);
+    assert_eq!(report.failure.volume, options.cut, "{text}");
+    assert_eq!(report.freeze.epoch, 1, "{text}");
+    assert_eq!(report.freeze.frozen.len(), 3, "{text}");
+    assert!(report.freeze.released, "{text}");
+    assert_eq!(report.thaw, ThawOutcome::Resumed, "{text}");
+    // The workload ran on after the release, unreplicated, and the resync copied all of it.
+    assert!(
+        report
+            .workload
+            .last_acked
+            .iter()
+            .zip(&report.acked_before_failure)
+            .any(|(end, at_failure)| end > at_failure),
+        "{text}"
+    );
+    for (volume, difference) in &report.differences {
+        assert_eq!(
+            *difference, None,
+            "{volume} differs after the resync\n{text}"
+        );
+    }
+    assert!(text.contains("verdict: CONSISTENT"), "{text}");
+}
+
+/// A broken control system: it suspends and at once releases each volume in turn, waiting after each
+/// release until that volume has acknowledged some writes primary-only while the others still copy.
+struct EarlyRelease {
+    inner: ManualFreeze,
+}
+
+impl ControlSystem for EarlyRelease {
+    fn describe(&self) -> String {
+        "BROKEN on purpose: releases each volume before the others are suspended".into()
+    }
+
+    async fn enroll(
+        &mut self,
+        world: &World,
+        timeline: &Timeline,
+    ) -> Result<Vec<String>, ControlError> {
+        self.inner.enroll(world, timeline).await
+    }
+
+    async fn freeze(
+        &mut self,
+        world: &World,
+        _failure: &CopyFailure,
+        timeline: &Timeline,
+    ) -> Result<FreezeOutcome, ControlError> {
+        let epoch = 1;
+        let mut frozen = Vec::new();
+        for cluster in &world.clusters {
+            let node = NodeControl::new(cluster, lockstep_e2e::REPLICATOR_API)?;
+            for v in &cluster.volumes {
+                let handle = vec![v.spec.handle.clone()];
+                node.suspend(&handle, &world.group_uid, epoch).await?;
+                node.release(&handle, &world.group_uid, epoch).await?;
+                timeline.say(format!("broken control: {} released early", v.spec.handle));
+                frozen.push(v.spec.handle.clone());
+                // Let it acknowledge writes primary-only while the volumes after it still copy.
+                let start = cluster.volume_status(&v.spec.handle)?.next_seq;
+                let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+                let mut tick = tokio::time::interval(Duration::from_millis(5));
+                while cluster.volume_status(&v.spec.handle)?.next_seq < start + 30
+                    && tokio::time::Instant::now() < deadline
+                {
+                    tick.tick().await;
+                }
+            }
+        }
+        Ok(FreezeOutcome {
+            epoch,
+            frozen,
+            released: true,
+        })
+    }
+
+    async fn thaw(&mut self, _: &World, _: &Timeline) -> Result<ThawOutcome, ControlError> {
+        Ok(ThawOutcome::Unsupported("not needed by this test".into()))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_volume_released_before_every_member_is_suspended_makes_the_checker_fail() {
+    let timeline = Timeline::new(false);
+    let mut control = EarlyRelease {
+        inner: ManualFreeze::new(lockstep_e2e::REPLICATOR_API),
+    };
+    let report = run_scenario(&ScenarioOptions::default(), &mut control, &timeline)
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", timeline.text()));
+    let text = timeline.text();
+    assert!(
+        !report.verdict.is_consistent(),
+        "the checker passed a broken freeze:\n{}\n{text}",
+        report.verdict
+    );
+    assert!(!report.verdict.gaps().is_empty(), "{}", report.verdict);
+    assert!(text.contains("verdict: INCONSISTENT"), "{text}");
+}
