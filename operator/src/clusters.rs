@@ -33,6 +33,8 @@ pub struct Member {
     pub local: bool,
     /// The client for its API server, or why there is none.
     pub client: Result<Client, String>,
+    /// The MemberCluster's resourceVersion the client was built from.
+    pub version: Option<String>,
 }
 
 impl std::fmt::Debug for Member {
@@ -70,6 +72,23 @@ pub async fn connect(hub: &Client, cluster: &MemberCluster) -> Member {
         paths: spec.paths,
         local: spec.local,
         client,
+        version: cluster.resource_version(),
+    }
+}
+
+/// Whether the member's API server answers, within a bounded time.
+pub async fn probe(member: &Member) -> Result<(), String> {
+    let client = member.client.as_ref().map_err(Clone::clone)?;
+    match tokio::time::timeout(API_TIMEOUT, client.apiserver_version()).await {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(error)) => Err(format!(
+            "the API server of cluster {} failed: {error}",
+            member.name
+        )),
+        Err(_) => Err(format!(
+            "the API server of cluster {} did not answer within {API_TIMEOUT:?}",
+            member.name
+        )),
     }
 }
 

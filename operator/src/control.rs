@@ -161,6 +161,13 @@ impl Control for ControlService {
                 epoch_seen: failure.epoch_seen,
                 message: failure.error.clone(),
             });
+            if self.engine.group_by_uid(&failure.group_uid).is_none() {
+                tracing::warn!(cluster = %node.0, node = %node.1, group_uid = %failure.group_uid, "report for a group this hub does not know");
+                return Err(Status::not_found(format!(
+                    "no ConsistencyGroup with UID {:?} on this hub",
+                    failure.group_uid
+                )));
+            }
             self.engine.handle_quietly(&failure.group_uid, event).await;
             if let Some(current) = self.engine.current(&failure.group_uid) {
                 groups.push(pb::GroupEpoch::from(&current));

@@ -336,14 +336,98 @@ impl Engine {
         }
     }
 
-    /// Reconnects member clusters whose MemberCluster (or Secret) may have changed.
+    /// Connects member clusters that are new, changed or failed last time, probes each API server, and
+    /// writes every MemberCluster's status (Reachable, gRPC sessions) when it changed.
     pub async fn refresh_members(&self) {
+        let previous = self.inner.members.read().await.clone();
         let mut connected = BTreeMap::new();
+        let mut probes = Vec::new();
         for cluster in self.inner.member_clusters.state() {
-            let member = clusters::connect(&self.inner.hub, &cluster).await;
-            connected.insert(member.name.clone(), member);
+            let version = cluster.resource_version();
+            let member = match previous.get(&cluster.name_any()) {
+                Some(known) if known.client.is_ok() && known.version == version => known.clone(),
+                _ => clusters::connect(&self.inner.hub, &cluster).await,
+            };
+            connected.insert(member.name.clone(), member.clone());
+            probes.push(async move {
+                let reachable = clusters::probe(&member).await;
+                self.write_member_status(&cluster, &member, reachable).await;
+            });
         }
         *self.inner.members.write().await = connected;
+        // Probed concurrently: one unreachable cluster delays no other.
+        futures::future::join_all(probes).await;
+    }
+
+    async fn write_member_status(
+        &self,
+        cluster: &MemberCluster,
+        member: &Member,
+        reachable: Result<(), String>,
+    ) {
+        let sessions = u32::try_from(self.inner.sessions.count(&member.name)).unwrap_or(u32::MAX);
+        let mut status = cluster.status.clone().unwrap_or_default();
+        let api_path = member.paths.includes(Path::Api);
+        let update = match (&reachable, api_path) {
+            (Ok(()), _) => ConditionUpdate {
+                type_: "Reachable",
+                status: true,
+                reason: "ApiServerAnswers",
+                message: format!("the API server answers; {sessions} sidecars hold a gRPC stream"),
+            },
+            (Err(_), false) => ConditionUpdate {
+                type_: "Reachable",
+                status: sessions > 0,
+                reason: if sessions > 0 {
+                    "SidecarsConnected"
+                } else {
+                    "NoSidecarConnected"
+                },
+                message: format!("GrpcOnly: {sessions} sidecars hold a gRPC stream"),
+            },
+            (Err(why), true) => ConditionUpdate {
+                type_: "Reachable",
+                status: false,
+                reason: "ApiServerUnreachable",
+                message: format!("{why}; {sessions} sidecars hold a gRPC stream"),
+            },
+        };
+        let before = status.clone();
+        conditions::set(
+            &mut status.conditions,
+            update,
+            cluster.metadata.generation,
+            &now(),
+        );
+        status.grpc_sessions = sessions;
+        status.observed_generation = cluster.metadata.generation;
+        if reachable.is_ok() && api_path {
+            status.last_api_contact = Some(now());
+        }
+        let changed = {
+            let mut a = before.clone();
+            let mut b = status.clone();
+            a.last_api_contact = None;
+            b.last_api_contact = None;
+            a != b
+        };
+        if !changed {
+            return;
+        }
+        let patch = serde_json::json!({
+            "apiVersion": "lockstep.dev/v1alpha1",
+            "kind": "MemberCluster",
+            "metadata": {"name": member.name},
+            "status": status,
+        });
+        let params = kube::api::PatchParams::apply(mirror::FIELD_MANAGER).force();
+        let api = Api::<MemberCluster>::all(self.inner.hub.clone());
+        if let Err(error) = api
+            .patch_status(&member.name, &params, &kube::api::Patch::Apply(&patch))
+            .await
+        {
+            tracing::warn!(cluster = %member.name, %error, "MemberCluster status not written");
+        }
     }
 
     /// Connected member clusters.

@@ -591,7 +591,240 @@ async fn unreachable_clusters_bad_kubeconfigs_and_double_claims_show_in_conditio
         },
     )
     .await;
+    let member_clusters = Api::<MemberCluster>::all(world.east_client.clone());
+    for (cluster, says) in [
+        ("west", "did not answer"),
+        ("north", "not a valid kubeconfig"),
+    ] {
+        let message = eventually(&format!("MemberCluster {cluster} Reachable=False"), || {
+            let member_clusters = member_clusters.clone();
+            async move {
+                let status = member_clusters.get(cluster).await.ok()?.status?;
+                let reachable = status.conditions.iter().find(|c| c.type_ == "Reachable")?;
+                (reachable.status == "False").then(|| reachable.message.clone())
+            }
+        })
+        .await;
+        assert!(
+            message.contains(says) || message.contains("failed"),
+            "{cluster}: {message}"
+        );
+    }
+    let east = member_clusters.get("east").await?.status.unwrap();
+    assert_eq!(
+        east.conditions
+            .iter()
+            .find(|c| c.type_ == "Reachable")
+            .unwrap()
+            .status,
+        "True"
+    );
     world.operator.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_group_spanning_a_grpc_only_and_an_api_only_cluster_resolves_and_freezes_both()
+-> TestResult {
+    let _ = tracing_subscriber::fmt().with_test_writer().try_init();
+    let (east, hub) = cluster().await;
+    let (south, south_client) = cluster().await;
+    volume(&south_client, "ledger", "orders", "vol-ledger").await;
+    replication_node(&south_client, "south", "s1", &["vol-ledger"]).await;
+    member_cluster(
+        &hub,
+        "east",
+        MemberClusterSpec {
+            paths: ClusterPaths::Both,
+            local: true,
+            kubeconfig_secret_ref: None,
+            network: None,
+        },
+    )
+    .await;
+    member_cluster(
+        &hub,
+        "edge",
+        MemberClusterSpec {
+            paths: ClusterPaths::GrpcOnly,
+            local: false,
+            kubeconfig_secret_ref: None,
+            network: Some("lte".into()),
+        },
+    )
+    .await;
+    kubeconfig_secret(&hub, "south-kubeconfig", &south).await;
+    let api_only = MemberClusterSpec {
+        paths: ClusterPaths::ApiOnly,
+        local: false,
+        kubeconfig_secret_ref: Some(SecretKeyRef {
+            namespace: "lockstep-system".into(),
+            name: "south-kubeconfig".into(),
+            key: "kubeconfig".into(),
+        }),
+        network: None,
+    };
+    member_cluster(&hub, "south", api_only).await;
+    let operator = Operator::start(hub.clone(), &options()).await?;
+
+    // The edge node's sidecar dials out and says which PVCs it resolved.
+    let mut control = ControlClient::connect(format!("http://{}", operator.grpc_addr)).await?;
+    let edge_node = NodeIdentity {
+        cluster: "edge".into(),
+        node: "edge-1".into(),
+    };
+    let volumes = vec![pb::ResolvedVolume {
+        namespace: "orders".into(),
+        pvc: "wal".into(),
+        persistent_volume: "pv-edge-wal".into(),
+        volume_handle: "vol-edge-wal".into(),
+    }];
+    let mut stream = control
+        .subscribe(SubscribeRequest {
+            node: Some(edge_node.clone()),
+            volumes,
+            seen: vec![],
+        })
+        .await?
+        .into_inner();
+
+    let groups = Api::<ConsistencyGroup>::all(hub.clone());
+    let spec = group_spec(
+        vec![by_names("edge", &["wal"]), by_label("south", "orders")],
+        Policy::FreezeAndGo,
+    );
+    groups
+        .create(
+            &PostParams::default(),
+            &ConsistencyGroup::new("edge-db", spec),
+        )
+        .await?;
+    let group = resolved(&hub, "edge-db", 2).await;
+    let uid = group.metadata.uid.clone().unwrap();
+    let mut found: Vec<(String, String)> = group
+        .status
+        .unwrap()
+        .members
+        .into_iter()
+        .map(|m| (m.volume_handle.unwrap(), m.node.unwrap()))
+        .collect();
+    found.sort();
+    assert_eq!(
+        found,
+        vec![
+            ("vol-edge-wal".into(), "edge-1".into()),
+            ("vol-ledger".into(), "s1".into())
+        ]
+    );
+
+    // A report for a group this hub does not know is refused.
+    let stray = pb::CopyFailure {
+        group_uid: "no-such-group".into(),
+        volume_handle: "v".into(),
+        ..Default::default()
+    };
+    let refused = control
+        .report(ReportRequest {
+            node: Some(edge_node.clone()),
+            failures: vec![stray],
+            volumes: vec![],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::NotFound);
+
+    // South's copy fails, reported through its API server only (ReplicationNode status).
+    let south_nodes = Api::<ReplicationNode>::all(south_client.clone());
+    let failed = json!({"apiVersion": "lockstep.dev/v1alpha1", "kind": "ReplicationNode", "status": {
+        "volumes": [{"volumeHandle": "vol-ledger", "state": "Held", "epoch": 0}],
+        "volumeCount": 1,
+        "failures": [{"volumeHandle": "vol-ledger", "groupUid": uid, "epochSeen": 0, "sequence": 7,
+                      "error": "link down", "since": "2026-11-25T00:00:00Z"}],
+        "failureCount": 1
+    }});
+    south_nodes
+        .patch_status(
+            "s1",
+            &PatchParams::apply("test-sidecar").force(),
+            &Patch::Apply(&failed),
+        )
+        .await?;
+
+    // The edge cluster hears the freeze over gRPC; south through its mirror.
+    let freeze = next_directive(&mut stream, |target| {
+        target.stage == pb::Stage::Freeze as i32
+    })
+    .await;
+    assert_eq!((freeze.group_uid.as_str(), freeze.epoch), (uid.as_str(), 1));
+    let mirrors = Api::<ConsistencyGroup>::all(south_client.clone());
+    eventually("south's mirror at epoch 1", || {
+        let mirrors = mirrors.clone();
+        async move {
+            (mirrors.get("edge-db").await.ok()?.position() >= (1, Stage::Freeze)).then_some(())
+        }
+    })
+    .await;
+    let trigger = groups
+        .get("edge-db")
+        .await?
+        .status
+        .unwrap()
+        .trigger
+        .unwrap();
+    assert_eq!(trigger.path, Some(lockstep_api::domain::Path::Api));
+
+    // Both acknowledge, each on its only path: the group is frozen and released.
+    control
+        .ack(AckRequest {
+            node: Some(edge_node),
+            enforced: Some(freeze),
+            volume_handles: vec!["vol-edge-wal".into()],
+            fail_safe: false,
+        })
+        .await?;
+    let acked = json!({"apiVersion": "lockstep.dev/v1alpha1", "kind": "ReplicationNode", "status": {
+        "volumes": [{"volumeHandle": "vol-ledger", "state": "Suspended", "epoch": 1, "stage": "Freeze"}],
+        "volumeCount": 1,
+        "enforced": [{"groupUid": uid, "epoch": 1, "stage": "Freeze", "volumeHandles": ["vol-ledger"]}]
+    }});
+    south_nodes
+        .patch_status(
+            "s1",
+            &PatchParams::apply("test-sidecar").force(),
+            &Patch::Apply(&acked),
+        )
+        .await?;
+    let release = next_directive(&mut stream, |target| {
+        target.stage == pb::Stage::Release as i32
+    })
+    .await;
+    assert_eq!(release.epoch, 1);
+    eventually("south's mirror released", || {
+        let mirrors = mirrors.clone();
+        async move {
+            (mirrors.get("edge-db").await.ok()?.position() == (1, Stage::Release)).then_some(())
+        }
+    })
+    .await;
+    let member_clusters = Api::<MemberCluster>::all(hub.clone());
+    let edge = eventually("edge Reachable through its sidecars", || {
+        let member_clusters = member_clusters.clone();
+        async move {
+            let status = member_clusters.get("edge").await.ok()?.status?;
+            (status.grpc_sessions == 1).then_some(status)
+        }
+    })
+    .await;
+    assert_eq!(
+        edge.conditions
+            .iter()
+            .find(|c| c.type_ == "Reachable")
+            .unwrap()
+            .status,
+        "True"
+    );
+    operator.shutdown().await;
+    drop((east, south));
     Ok(())
 }
 
