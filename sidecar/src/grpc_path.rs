@@ -46,11 +46,24 @@ pub struct GrpcConfig {
 }
 
 /// Channels to the operator: one for the stream (no per-call deadline), one for unary calls.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct GrpcPath {
     stream: ControlClient<Channel>,
     unary: ControlClient<Channel>,
     config: GrpcConfig,
+    /// A client of this cluster's own API server, to resolve named PVCs (gRPC-only clusters).
+    resolver: Option<kube::Client>,
+    /// PVCs resolved to volumes this node serves, reported to the operator.
+    resolved: Arc<std::sync::Mutex<BTreeMap<(String, String), pb::ResolvedVolume>>>,
+}
+
+impl std::fmt::Debug for GrpcPath {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GrpcPath")
+            .field("config", &self.config)
+            .field("resolver", &self.resolver.is_some())
+            .finish_non_exhaustive()
+    }
 }
 
 impl GrpcPath {
@@ -74,7 +87,36 @@ impl GrpcPath {
             stream: ControlClient::new(endpoint(false)?.connect_lazy()),
             unary: ControlClient::new(endpoint(true)?.connect_lazy()),
             config,
+            resolver: None,
+            resolved: Arc::default(),
         })
+    }
+
+    /// Resolves PVCs named without a volume handle through this cluster's API server.
+    pub fn with_resolver(mut self, client: kube::Client) -> Self {
+        self.resolver = Some(client);
+        self
+    }
+
+    /// The PVCs resolved to volumes this node serves.
+    pub fn resolved_volumes(&self) -> Vec<pb::ResolvedVolume> {
+        match self.resolved.lock() {
+            Ok(map) => map.values().cloned().collect(),
+            Err(poisoned) => poisoned.into_inner().values().cloned().collect(),
+        }
+    }
+
+    fn remember(&self, volumes: BTreeMap<(String, String), pb::ResolvedVolume>) -> bool {
+        let mut map = match self.resolved.lock() {
+            Ok(map) => map,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        if *map == volumes {
+            false
+        } else {
+            *map = volumes;
+            true
+        }
     }
 
     /// Starts the three loops.
@@ -130,7 +172,7 @@ pub async fn subscribe(path: GrpcPath, context: Arc<Context>) {
         .await;
         let request = pb::SubscribeRequest {
             node: Some(identity(&context)),
-            volumes: Vec::new(),
+            volumes: path.resolved_volumes(),
             seen: context
                 .snapshot
                 .borrow()
@@ -185,7 +227,7 @@ pub async fn subscribe(path: GrpcPath, context: Arc<Context>) {
                     feed_point(&context, directive.target.as_ref(), "directive");
                 }
                 Some(pb::control_message::Kind::Membership(membership)) => {
-                    membership_update(&context, membership, &mut listed);
+                    membership_update(&path, &context, membership, &mut listed).await;
                 }
                 Some(pb::control_message::Kind::Heartbeat(_)) => {}
                 None => tracing::warn!("empty gRPC control message refused"),
@@ -200,8 +242,39 @@ async fn down(context: &Context, backoff: &mut Backoff) {
     let _ = context.sleep(backoff.next_delay()).await;
 }
 
-fn membership_update(context: &Context, membership: pb::Membership, listed: &mut BTreeSet<String>) {
+/// Resolves a PVC to its PersistentVolume and CSI volume handle through this cluster's API server.
+async fn resolve(client: &kube::Client, namespace: &str, pvc: &str) -> Option<(String, String)> {
+    use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim};
+    let claims: kube::Api<PersistentVolumeClaim> = kube::Api::namespaced(client.clone(), namespace);
+    let claim = claims.get_opt(pvc).await.ok().flatten()?;
+    let pv = claim.spec?.volume_name.filter(|n| !n.is_empty())?;
+    let volumes: kube::Api<PersistentVolume> = kube::Api::all(client.clone());
+    let handle = volumes
+        .get_opt(&pv)
+        .await
+        .ok()
+        .flatten()?
+        .spec?
+        .csi?
+        .volume_handle;
+    Some((pv, handle))
+}
+
+async fn membership_update(
+    path: &GrpcPath,
+    context: &Context,
+    membership: pb::Membership,
+    listed: &mut BTreeSet<String>,
+) {
+    let served: BTreeSet<String> = context
+        .snapshot
+        .borrow()
+        .volumes
+        .iter()
+        .map(|v| v.volume.clone())
+        .collect();
     let mut now = BTreeSet::new();
+    let mut resolved = BTreeMap::new();
     for group in membership.groups {
         let Some(current) = group.current.as_ref() else {
             tracing::warn!(group = %group.group_name, "membership without a current point refused");
@@ -215,13 +288,28 @@ fn membership_update(context: &Context, membership: pb::Membership, listed: &mut
             }
         };
         // The membership lists the group's volumes in this cluster; this node's are those it serves
-        // (the core keeps only those).
-        let volumes: BTreeSet<String> = group
-            .volumes
-            .iter()
-            .map(|v| v.volume_handle.clone())
-            .filter(|h| !h.is_empty())
-            .collect();
+        // (the core keeps only those). A PVC named without a volume handle is resolved here.
+        let mut volumes = BTreeSet::new();
+        for entry in &group.volumes {
+            let mut entry = entry.clone();
+            if entry.volume_handle.is_empty()
+                && let Some(client) = &path.resolver
+            {
+                if let Some((pv, handle)) = resolve(client, &entry.namespace, &entry.pvc).await {
+                    entry.persistent_volume = pv;
+                    entry.volume_handle = handle;
+                } else {
+                    tracing::debug!(namespace = %entry.namespace, pvc = %entry.pvc, "PVC not resolved (yet)");
+                }
+            }
+            if entry.volume_handle.is_empty() {
+                continue;
+            }
+            if served.contains(&entry.volume_handle) {
+                resolved.insert((entry.namespace.clone(), entry.pvc.clone()), entry.clone());
+            }
+            volumes.insert(entry.volume_handle);
+        }
         now.insert(target.group_uid.clone());
         context.send(Input::Directive {
             path: Path::Grpc,
@@ -243,6 +331,20 @@ fn membership_update(context: &Context, membership: pb::Membership, listed: &mut
     }
     *listed = now;
     context.send(Input::Synced(Path::Grpc));
+    if path.remember(resolved) {
+        // Tell the operator which of the named PVCs this node serves (how a gRPC-only member resolves).
+        let request = pb::ReportRequest {
+            node: Some(identity(context)),
+            failures: Vec::new(),
+            volumes: path.resolved_volumes(),
+        };
+        match path.unary.clone().report(request).await {
+            Ok(_) => tracing::info!("resolved volumes reported over gRPC"),
+            Err(status) => {
+                tracing::warn!(%status, "reporting resolved volumes failed; the next Subscribe carries them")
+            }
+        }
+    }
 }
 
 /// Sends every new acknowledgement with `Ack`, retrying with backoff.
@@ -328,7 +430,7 @@ pub async fn report(path: GrpcPath, context: Arc<Context>) {
                         since_unix_ms: f.since_unix_ms,
                     })
                     .collect(),
-                volumes: Vec::new(),
+                volumes: path.resolved_volumes(),
             };
             match path.unary.clone().report(request).await {
                 Ok(response) => {

@@ -147,22 +147,27 @@ pub struct Sidecar {
 }
 
 impl Sidecar {
-    /// Starts every task. `client` overrides the kubeconfig (tests pass one); it is ignored when the API
-    /// path is off.
+    /// Starts every task. `client` overrides the kubeconfig (tests pass one). With the API path off it
+    /// is used only to resolve named PVCs for the gRPC path.
     pub async fn start(
         options: Options,
         client: Option<kube::Client>,
     ) -> Result<Self, SidecarError> {
-        let client = if options.no_api_path {
-            None
-        } else if let Some(client) = client {
-            Some(client)
-        } else {
-            Some(kube_client(&options).await?)
-        };
-        if client.is_none() && options.operator_endpoint.is_none() {
+        if options.no_api_path && options.operator_endpoint.is_none() {
             return Err(SidecarError::NoPath);
         }
+        let client = match client {
+            Some(client) => Some(client),
+            None if options.no_api_path => match kube_client(&options).await {
+                // Without path 1 the local API server still resolves named PVCs, when reachable.
+                Ok(client) => Some(client),
+                Err(error) => {
+                    tracing::info!(%error, "no local API server: PVCs must come resolved from the operator");
+                    None
+                }
+            },
+            None => Some(kube_client(&options).await?),
+        };
         let stop = CancellationToken::new();
         let metrics = Arc::new(Metrics::new());
         let listener =
@@ -200,11 +205,15 @@ impl Sidecar {
                 timeout: options.rpc_timeout,
                 idle_timeout: options.grpc_idle_timeout,
             })?;
+            let path = match &client {
+                Some(client) => path.with_resolver(client.clone()),
+                None => path,
+            };
             tasks.spawn(grpc_path::subscribe(path.clone(), context.clone()));
             tasks.spawn(grpc_path::acknowledge(path.clone(), context.clone()));
             tasks.spawn(grpc_path::report(path, context.clone()));
         }
-        if let Some(client) = client {
+        if let Some(client) = client.filter(|_| !options.no_api_path) {
             tasks.spawn(api_path::watch_groups(client.clone(), context.clone()));
             tasks.spawn(api_path::write_status(client.clone(), context.clone()));
             tasks.spawn(api_path::renew_lease(

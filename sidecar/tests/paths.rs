@@ -488,3 +488,42 @@ async fn a_restarted_sidecar_keeps_a_frozen_groups_volumes_suspended() {
     assert!(last.seen.iter().any(|s| s.epoch == 1), "{last:?}");
     sidecar.shutdown().await;
 }
+
+/// A gRPC-only cluster: the operator names PVCs only; the sidecar resolves them through its own API
+/// server, reports which it serves, and freezes from the stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_grpc_only_cluster_resolves_named_pvcs_itself_and_freezes_from_the_stream() {
+    let rep = FakeReplicator::start(&["v1", "v2"]).await;
+    let (_server, client) = api_server().await;
+    // v3 is another node's volume: resolvable, but not served here.
+    create_claims(&client, &["v1", "v2", "v3"]).await;
+    let control = FakeControl::start().await;
+    control.set_membership_by_pvc("uid-edge", 0, cpb::Stage::Resume, &["v1", "v2", "v3"]);
+    let mut options = options(&rep);
+    options.no_api_path = true;
+    options.operator_endpoint = Some(control.endpoint());
+    let sidecar = start(options, Some(client.clone())).await;
+    confirmed(&rep, &["v1", "v2"]).await;
+    assert_eq!(rep.volume("v1").group_uid, "uid-edge");
+    eventually("resolved volumes reported", || {
+        control.reports().iter().any(|r| {
+            let mut handles: Vec<&str> =
+                r.volumes.iter().map(|v| v.volume_handle.as_str()).collect();
+            handles.sort();
+            handles == ["v1", "v2"]
+                && r.volumes
+                    .iter()
+                    .all(|v| v.persistent_volume.starts_with("pv-") && v.namespace == "shop")
+        })
+    })
+    .await;
+    control.push("uid-edge", 1, cpb::Stage::Freeze);
+    eventually("suspended at 1", || !suspends_at(&rep, 1).is_empty()).await;
+    eventually("acked", || {
+        control.acked(1, cpb::Stage::Freeze, &["v1", "v2"], false)
+    })
+    .await;
+    // Path 1 is off: no ReplicationNode is written.
+    assert!(replication_node(&client).await.is_none());
+    sidecar.shutdown().await;
+}

@@ -474,6 +474,28 @@ impl FakeControl {
     }
 
     pub fn set_membership(&self, group_uid: &str, epoch: u64, stage: cpb::Stage, volumes: &[&str]) {
+        self.set_membership_with(group_uid, epoch, stage, volumes, true);
+    }
+
+    /// A membership naming PVCs only (`pvc-<volume>`), for the sidecar to resolve itself.
+    pub fn set_membership_by_pvc(
+        &self,
+        group_uid: &str,
+        epoch: u64,
+        stage: cpb::Stage,
+        volumes: &[&str],
+    ) {
+        self.set_membership_with(group_uid, epoch, stage, volumes, false);
+    }
+
+    fn set_membership_with(
+        &self,
+        group_uid: &str,
+        epoch: u64,
+        stage: cpb::Stage,
+        volumes: &[&str],
+        with_handles: bool,
+    ) {
         let current = cpb::GroupEpoch {
             group_uid: group_uid.to_owned(),
             epoch,
@@ -494,8 +516,16 @@ impl FakeControl {
                     .map(|v| cpb::ResolvedVolume {
                         namespace: "shop".into(),
                         pvc: format!("pvc-{v}"),
-                        persistent_volume: format!("pv-{v}"),
-                        volume_handle: (*v).to_owned(),
+                        persistent_volume: if with_handles {
+                            format!("pv-{v}")
+                        } else {
+                            String::new()
+                        },
+                        volume_handle: if with_handles {
+                            (*v).to_owned()
+                        } else {
+                            String::new()
+                        },
                     })
                     .collect(),
             }],
@@ -745,4 +775,43 @@ pub async fn start(options: Options, client: Option<Client>) -> Sidecar {
         .with_test_writer()
         .try_init();
     Sidecar::start(options, client).await.unwrap()
+}
+
+/// Creates namespace `shop` with a bound PVC `pvc-<v>` and a CSI PV `pv-<v>` (handle `v`) per volume.
+pub async fn create_claims(client: &Client, volumes: &[&str]) {
+    use k8s_openapi::api::core::v1::{Namespace, PersistentVolume, PersistentVolumeClaim};
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    namespaces
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({"metadata": {"name": "shop"}})).unwrap(),
+        )
+        .await
+        .unwrap();
+    let pvs: Api<PersistentVolume> = Api::all(client.clone());
+    let pvcs: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), "shop");
+    for v in volumes {
+        pvs.create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({
+                "metadata": {"name": format!("pv-{v}")},
+                "spec": {"capacity": {"storage": "1Gi"}, "accessModes": ["ReadWriteOnce"],
+                         "csi": {"driver": "lockstep.dev", "volumeHandle": v}}
+            }))
+            .unwrap(),
+        )
+        .await
+        .unwrap();
+        pvcs.create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({
+                "metadata": {"name": format!("pvc-{v}"), "namespace": "shop"},
+                "spec": {"accessModes": ["ReadWriteOnce"], "volumeName": format!("pv-{v}"),
+                         "resources": {"requests": {"storage": "1Gi"}}}
+            }))
+            .unwrap(),
+        )
+        .await
+        .unwrap();
+    }
 }
