@@ -285,6 +285,70 @@ impl Engine {
         for note in &decision.notes {
             self.record(group, note.warning, note.reason, &note.message)
                 .await;
+            if matches!(note.reason, "Freezing" | "Released" | "Resyncing") {
+                self.record_on_claims(group, &decision.status, note).await;
+            }
+        }
+    }
+
+    /// Tells application owners: an Event on every member PVC (in its own cluster) when its writes are
+    /// held, released unreplicated, or resynchronised. Clusters without an API path are skipped.
+    async fn record_on_claims(
+        &self,
+        group: &ConsistencyGroup,
+        status: &ConsistencyGroupStatus,
+        note: &freeze::Note,
+    ) {
+        let members = self.members().await;
+        let reporter = Reporter {
+            controller: "lockstep-operator".into(),
+            instance: Some(self.inner.hub_name.clone()),
+        };
+        let message = match note.reason {
+            "Freezing" => format!(
+                "writes to this volume are held (not acknowledged) while ConsistencyGroup {} freezes at epoch {}; \
+                 they are released once every member is frozen, or fail with an I/O error after {}",
+                group.name_any(),
+                status.epoch,
+                group.spec.hold_timeout
+            ),
+            "Released" => format!(
+                "held writes released at epoch {}: this volume runs unreplicated until ConsistencyGroup {} is resynchronised",
+                status.epoch,
+                group.name_any()
+            ),
+            _ => format!("ConsistencyGroup {}: {}", group.name_any(), note.message),
+        };
+        let event = KubeEvent {
+            type_: if note.warning {
+                EventType::Warning
+            } else {
+                EventType::Normal
+            },
+            reason: note.reason.to_owned(),
+            note: Some(message),
+            action: note.reason.to_owned(),
+            secondary: Some(group.object_ref(&())),
+        };
+        for (cluster, member) in &members {
+            let Ok(client) = &member.client else { continue };
+            let recorder = Recorder::new(client.clone(), reporter.clone());
+            for volume in status
+                .members
+                .iter()
+                .filter(|volume| &volume.cluster == cluster)
+            {
+                let claim = k8s_openapi::api::core::v1::ObjectReference {
+                    api_version: Some("v1".into()),
+                    kind: Some("PersistentVolumeClaim".into()),
+                    namespace: Some(volume.namespace.clone()),
+                    name: Some(volume.pvc.clone()),
+                    ..Default::default()
+                };
+                if let Err(error) = recorder.publish(&event, &claim).await {
+                    tracing::debug!(%cluster, pvc = %volume.pvc, %error, "could not record an event on a claim");
+                }
+            }
         }
     }
 

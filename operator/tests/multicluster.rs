@@ -1040,6 +1040,32 @@ async fn a_failure_reported_over_grpc_freezes_on_both_paths_and_releases_once_al
         Some("vol-wal")
     );
 
+    // Application owners see it on their claims, in their own cluster.
+    let events =
+        Api::<k8s_openapi::api::events::v1::Event>::namespaced(world.west_client.clone(), "orders");
+    let seen = eventually("an Event on west's claim", || {
+        let events = events.clone();
+        async move {
+            let list = events.list(&Default::default()).await.ok()?;
+            let notes: Vec<String> = list
+                .items
+                .into_iter()
+                .filter(|event| {
+                    event.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("reporting")
+                })
+                .filter_map(|event| event.note)
+                .collect();
+            (notes.iter().any(|note| note.contains("held"))
+                && notes.iter().any(|note| note.contains("released")))
+            .then_some(notes)
+        }
+    })
+    .await;
+    assert!(
+        seen.iter().any(|note| note.contains("orders-db")),
+        "{seen:?}"
+    );
+
     // The metrics saw it.
     let metrics = reqwest_free_get(world.operator.http_addr, "/metrics").await;
     assert!(
