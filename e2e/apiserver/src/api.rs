@@ -821,7 +821,7 @@ fn scope_of(t: &ResourceType, call: &Call<'_>) -> Scope {
 }
 
 /// Builds the successor from the client's version of the object, keeping what this scope cannot change.
-fn successor(t: &ResourceType, scope: Scope, old: &Value, mut proposed: Value) -> Value {
+fn successor(scope: Scope, old: &Value, mut proposed: Value) -> Value {
     match scope {
         Scope::Status => {
             let mut new = old.clone();
@@ -841,7 +841,6 @@ fn successor(t: &ResourceType, scope: Scope, old: &Value, mut proposed: Value) -
                     None => obj.remove("status"),
                 };
             }
-            let _ = t;
             proposed
         }
     }
@@ -870,7 +869,7 @@ fn update(inner: &mut Inner, t: &ResourceType, call: &Call<'_>) -> Result<Outcom
     let old = existing(inner, t, call.target)?;
     check_rv(t, &old, &body, &name)?;
     let scope = scope_of(t, call);
-    let new = successor(t, scope, &old, t.to_stored(body));
+    let new = successor(scope, &old, t.to_stored(body));
     Write {
         t,
         call,
@@ -945,7 +944,7 @@ fn patch(inner: &mut Inner, t: &ResourceType, call: &Call<'_>) -> Result<Outcome
     patch::apply(kind, &mut served, call.body)?;
     let proposed = t.to_stored(served);
     check_rv(t, &old, &proposed, &name)?;
-    let new = successor(t, scope, &old, proposed);
+    let new = successor(scope, &old, proposed);
     Write {
         t,
         call,
@@ -1031,7 +1030,7 @@ fn delete_object(
         }
         return inner.commit(ChangeKind::Modified, &t.storage, marked);
     }
-    let (ns, name) = crate::store::object_key(&old);
+    let (_, name) = crate::store::object_key(&old);
     if t.group.is_empty() && t.plural == "namespaces" {
         delete_namespaced_contents(inner, &name, now)?;
     }
@@ -1057,7 +1056,6 @@ fn delete_object(
             }
         }
     }
-    let _ = ns;
     inner.commit(ChangeKind::Deleted, &t.storage, old)
 }
 

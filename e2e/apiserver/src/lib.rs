@@ -32,6 +32,20 @@
 //! - One global resourceVersion; durable mode keeps everything in a data directory ([`store`]).
 //! - Fault hooks ([`Faults`], and [`TestApiServer::stop`], [`TestApiServer::refuse_connections`]).
 
+//! # What it does not do
+//! - Request bodies in protobuf or CBOR get `415`: kubectl's typed generators that send protobuf
+//!   (`kubectl create configmap|secret|namespace …` in kubectl 1.33) fail; `kubectl apply`, `get`,
+//!   `patch`, `delete`, `wait`, `explain` work (they speak JSON). `/openapi/v2` is an empty document.
+//! - No authentication or authorization, admission webhooks, conversion webhooks (versions of a CRD differ
+//!   only in `apiVersion`), garbage collection of owner references, or controllers (a Pod stays as written).
+//! - Built-in kinds are not schema-checked: unknown fields in them are kept, not refused.
+//! - Strategic merge patch is a JSON merge patch (lists are replaced, not merged by key); server-side
+//!   apply treats lists as atomic ([`managed`]).
+//! - Lists are always served at the latest resourceVersion (`resourceVersionMatch` is ignored); a
+//!   paginated list reports its first page's resourceVersion, so a watch started from it may repeat a change
+//!   the later pages already showed (never miss one).
+//! - Aggregated discovery is not served: clients fall back to the plain documents, as kubectl does.
+
 pub mod api;
 pub mod discovery;
 pub mod error;

@@ -391,7 +391,10 @@ impl Store {
                     "spec": {"finalizers": ["kubernetes"]}, "status": {"phase": "Active"}});
                 inner
                     .commit(ChangeKind::Added, &ns_key, object)
-                    .map_err(|e| ServerError::Kubeconfig(e.message))?;
+                    .map_err(|e| ServerError::Storage {
+                        path: data_dir.map(Path::to_path_buf).unwrap_or_default(),
+                        source: std::io::Error::other(e.message),
+                    })?;
             }
         }
         Ok(Self {

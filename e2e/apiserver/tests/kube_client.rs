@@ -467,3 +467,55 @@ async fn server_side_apply_from_two_managers() -> TestResult {
     assert_eq!(api_error(&err).map(|e| e.0), Some(400));
     Ok(())
 }
+
+#[tokio::test]
+async fn events_are_one_resource_in_two_api_groups() -> TestResult {
+    use k8s_openapi::api::core::v1::Event as CoreEvent;
+    use k8s_openapi::api::events::v1::Event;
+    let (_server, client) = server().await?;
+    let events: Api<Event> = Api::namespaced(client.clone(), "default");
+    let event: Event = serde_json::from_value(json!({
+        "metadata": {"name": "freeze.1"},
+        "eventTime": "2026-01-01T00:00:00.000000Z",
+        "reason": "Frozen", "note": "epoch 3: every member suspended", "type": "Normal", "action": "Freeze",
+        "reportingController": "lockstep.dev/operator", "reportingInstance": "operator-0",
+        "regarding": {"kind": "ConsistencyGroup", "name": "orders-db", "apiVersion": "lockstep.dev/v1alpha1"}
+    }))?;
+    events.create(&PostParams::default(), &event).await?;
+    let core: Api<CoreEvent> = Api::namespaced(client, "default");
+    let seen = core.get("freeze.1").await?;
+    assert_eq!(
+        seen.message.as_deref(),
+        Some("epoch 3: every member suspended")
+    );
+    assert_eq!(seen.involved_object.name.as_deref(), Some("orders-db"));
+    assert_eq!(
+        seen.reporting_component.as_deref(),
+        Some("lockstep.dev/operator")
+    );
+    let back = events.get("freeze.1").await?;
+    assert_eq!(
+        back.note.as_deref(),
+        Some("epoch 3: every member suspended")
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn deleting_a_namespace_deletes_its_objects() -> TestResult {
+    let (_server, client) = server().await?;
+    let nss: Api<Namespace> = Api::all(client.clone());
+    let ns: Namespace = serde_json::from_value(json!({"metadata": {"name": "doomed"}}))?;
+    let created = nss.create(&PostParams::default(), &ns).await?;
+    assert_eq!(
+        created.status.and_then(|s| s.phase).as_deref(),
+        Some("Active")
+    );
+    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), "doomed");
+    cms.create(&PostParams::default(), &config_map("inside", &[]))
+        .await?;
+    nss.delete("doomed", &DeleteParams::default()).await?;
+    assert!(nss.get_opt("doomed").await?.is_none());
+    assert!(cms.get_opt("inside").await?.is_none());
+    Ok(())
+}

@@ -424,3 +424,31 @@ async fn fault_hooks() -> TestResult {
     assert_eq!(url, Some(server.url()));
     Ok(())
 }
+
+#[tokio::test]
+async fn a_streaming_list_watcher_gets_the_initial_events() -> TestResult {
+    let (_server, client) = server().await?;
+    let cms: Api<ConfigMap> = Api::namespaced(client, "default");
+    for name in ["s1", "s2"] {
+        cms.create(&PostParams::default(), &config_map(name, &[]))
+            .await?;
+    }
+    let (tx, mut events) = mpsc::unbounded_channel();
+    let api = cms.clone();
+    let task = tokio::spawn(async move {
+        let mut stream =
+            watcher::watcher(api, watcher::Config::default().streaming_lists()).boxed();
+        while let Some(Ok(event)) = stream.next().await {
+            if tx.send(event).is_err() {
+                break;
+            }
+        }
+    });
+    let initial = until(&mut events, "InitDone").await?;
+    assert_eq!(initial, vec!["Init", "InitApply s1", "InitApply s2"]);
+    cms.create(&PostParams::default(), &config_map("s3", &[]))
+        .await?;
+    until(&mut events, "Apply s3").await?;
+    task.abort();
+    Ok(())
+}
