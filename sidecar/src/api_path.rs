@@ -35,18 +35,15 @@ use crate::report::Backoff;
 
 /// The field manager of every write this sidecar makes.
 pub const FIELD_MANAGER: &str = "lockstep-sidecar";
-/// The label a mirrored group carries with the hub group's UID; a group without it is the hub's own.
-pub const GROUP_UID_LABEL: &str = "lockstep.dev/group-uid";
+pub use lockstep_api::v1alpha1::GROUP_UID_LABEL;
 
-/// The group UID of a (possibly mirrored) ConsistencyGroup: the hub's UID, from the mirror's label, or
-/// the object's own UID in the hub.
+/// The group UID of a (possibly mirrored) ConsistencyGroup: the hub's UID, from the mirror's
+/// [`GROUP_UID_LABEL`], or the object's own UID in the hub.
 pub fn group_uid(group: &ConsistencyGroup) -> Option<String> {
     group
-        .labels()
-        .get(GROUP_UID_LABEL)
-        .filter(|v| !v.is_empty())
-        .cloned()
-        .or_else(|| group.uid())
+        .group_uid()
+        .filter(|uid| !uid.is_empty())
+        .map(str::to_owned)
 }
 
 /// What one group object says to this node: its point (if it has a status) and this node's volumes.
@@ -330,5 +327,131 @@ pub async fn renew_lease(
         if !context.sleep(delay).await {
             return;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::agent::PublishedAck;
+    use crate::enforce::{Ack, Failure, Level, VolumeView};
+    use lockstep_api::domain::VolumeState;
+
+    fn group(labels: serde_json::Value, status: serde_json::Value) -> ConsistencyGroup {
+        serde_json::from_value(json!({
+            "apiVersion": "lockstep.dev/v1alpha1",
+            "kind": "ConsistencyGroup",
+            "metadata": {"name": "orders", "uid": "mirror-uid", "labels": labels},
+            "spec": {"holdTimeout": "1m30s", "members": [{"cluster": "east", "namespace": "shop", "pvcNames": ["a"]}]},
+            "status": status,
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn a_mirror_names_the_hub_groups_uid_and_this_nodes_volumes() {
+        let g = group(
+            json!({GROUP_UID_LABEL: "hub-uid", "lockstep.dev/hub": "hub"}),
+            json!({"epoch": 4, "members": [
+                {"cluster": "east", "namespace": "shop", "pvc": "a", "volumeHandle": "va", "node": "n1"},
+                {"cluster": "east", "namespace": "shop", "pvc": "b", "volumeHandle": "vb", "node": "n2"},
+                {"cluster": "west", "namespace": "shop", "pvc": "c", "volumeHandle": "vc", "node": "n1"},
+                {"cluster": "east", "namespace": "shop", "pvc": "d", "node": "n1"}
+            ]}),
+        );
+        let (point, volumes, hold) = read_group(&g, "east", "n1").unwrap();
+        // A missing stage is the baseline: replicating at that epoch.
+        assert_eq!(
+            point,
+            Some(GroupEpoch::new("hub-uid", 4, Stage::Resume).unwrap())
+        );
+        assert_eq!(volumes, ["va".to_owned()].into());
+        assert_eq!(hold, 90_000);
+        let own = group(json!({}), json!({"epoch": 2, "stage": "Freeze"}));
+        let (point, volumes, _) = read_group(&own, "east", "n1").unwrap();
+        assert_eq!(
+            point,
+            Some(GroupEpoch::new("mirror-uid", 2, Stage::Freeze).unwrap())
+        );
+        assert!(volumes.is_empty());
+    }
+
+    #[test]
+    fn the_node_status_lists_volumes_failures_and_enforcements() {
+        let snapshot = Snapshot {
+            acks: [(
+                "g".to_owned(),
+                PublishedAck {
+                    ack: Ack {
+                        point: GroupEpoch::new("g", 3, Stage::Freeze).unwrap(),
+                        volumes: vec!["va".into()],
+                        fail_safe: true,
+                    },
+                    at_unix_ms: 1_700_000_000_000,
+                },
+            )]
+            .into(),
+            failures: vec![Failure {
+                volume: "vb".into(),
+                group_uid: "g".into(),
+                epoch_seen: 2,
+                sequence: 7,
+                error: "x".repeat(5000),
+                since_unix_ms: 1_700_000_000_000,
+            }],
+            seen: vec![],
+            volumes: vec![
+                VolumeView {
+                    volume: "va".into(),
+                    group_uid: Some("g".into()),
+                    level: Some(Level::fail_safe(3)),
+                    confirmed: true,
+                },
+                VolumeView {
+                    volume: "vb".into(),
+                    group_uid: Some("g".into()),
+                    level: Some(Level::point(2, Stage::Resume)),
+                    confirmed: true,
+                },
+                VolumeView {
+                    volume: "vc".into(),
+                    group_uid: None,
+                    level: None,
+                    confirmed: false,
+                },
+            ],
+            groups: vec![],
+            inventory_known: true,
+        };
+        let status = node_status(&snapshot);
+        assert_eq!(status.volume_count, 3);
+        let states: Vec<VolumeState> = status.volumes.iter().map(|v| v.state).collect();
+        assert_eq!(
+            states,
+            [
+                VolumeState::Suspended,
+                VolumeState::Held,
+                VolumeState::Unconfirmed
+            ]
+        );
+        assert_eq!(status.failure_count, 1);
+        assert_eq!(status.failures[0].epoch_seen, 2);
+        assert_eq!(
+            status.failures[0].error.len(),
+            1024,
+            "bounded as the schema says"
+        );
+        assert_eq!(status.enforced.len(), 1);
+        assert!(status.enforced[0].fail_safe);
+        assert_eq!(status.enforced[0].stage, Stage::Freeze);
+        // It serialises to what the CRD accepts (camelCase, Time as RFC 3339).
+        let json = serde_json::to_value(&status).unwrap();
+        assert!(
+            json["failures"][0]["since"]
+                .as_str()
+                .unwrap()
+                .starts_with("2023-11-14T")
+        );
+        assert_eq!(json["enforced"][0]["volumeHandles"], json!(["va"]));
     }
 }
