@@ -290,6 +290,15 @@ async fn scenario(newest: bool) -> TestResult {
     assert!(done.status.success());
     assert!(String::from_utf8_lossy(&done.stdout).contains("deleted"));
     assert!(cgs.get_opt("orders-db").await?.is_none());
+    let out = k
+        .ok(&["delete", "-f", "examples/", "--ignore-not-found"])
+        .await?;
+    assert!(
+        out.contains("membercluster.lockstep.dev \"east\" deleted"),
+        "{out}"
+    );
+    let left = k.ok(&["get", "mc", "-o", "name"]).await?;
+    assert_eq!(left.trim(), "", "every MemberCluster deleted");
     Ok(())
 }
 

@@ -177,6 +177,14 @@ async fn a_watch_resumes_after_a_restart_in_durable_mode() -> TestResult {
     };
     let (server, client) = server_with(options).await?;
     let cms: Api<ConfigMap> = Api::namespaced(client.clone(), "default");
+    common::install_widgets(&client).await?;
+    let widgets: Api<kube::api::DynamicObject> =
+        Api::namespaced_with(client.clone(), "default", &common::widget_resource());
+    let widget = serde_json::from_value(
+        json!({"apiVersion": "test.lockstep.dev/v1", "kind": "Widget",
+                                               "metadata": {"name": "w"}, "spec": {"size": 1}}),
+    )?;
+    widgets.create(&PostParams::default(), &widget).await?;
     let before = cms
         .create(&PostParams::default(), &config_map("before", &[]))
         .await?;
@@ -207,6 +215,18 @@ async fn a_watch_resumes_after_a_restart_in_durable_mode() -> TestResult {
         again.metadata.resource_version.as_deref(),
         Some(rv_before.as_str())
     );
+    // CRDs come back registered, with their validation.
+    assert_eq!(widgets.get("w").await?.data["spec"]["mode"], "Safe");
+    let bad = serde_json::from_value(
+        json!({"apiVersion": "test.lockstep.dev/v1", "kind": "Widget",
+                                            "metadata": {"name": "bad"}, "spec": {"size": 99}}),
+    )?;
+    let err = widgets
+        .create(&PostParams::default(), &bad)
+        .await
+        .err()
+        .ok_or("validation lost")?;
+    assert_eq!(api_error(&err).map(|e| e.0), Some(422));
 
     // The watcher resumes from its resourceVersion: the next change arrives, with no relist.
     let after = cms
