@@ -10,6 +10,8 @@
 //! I/O with group commit), [`copy`] (the copy state machine and link), [`volume`], [`secondary`],
 //! [`dirty`] (dirty-region map), [`events`], [`linkcut`] (a fault-injecting TCP proxy for tests).
 
+#[cfg(feature = "control")]
+pub mod control;
 pub mod copy;
 pub mod dirty;
 pub mod events;
@@ -163,6 +165,8 @@ pub struct PrimaryConfig {
     pub nbd_socket: Option<PathBuf>,
     /// Record WRITE latencies (for the benchmark).
     pub record_latency: bool,
+    /// Serve the `Replicator` gRPC service on this unix socket.
+    pub control_socket: Option<PathBuf>,
 }
 
 /// A running primary; stops serving when dropped.
@@ -223,6 +227,22 @@ impl Primary {
             let listener = UnixListener::bind(path)?;
             tasks.push(tokio::spawn(Arc::clone(&server).serve_unix(listener)));
         }
+        #[cfg(feature = "control")]
+        if let Some(path) = &config.control_socket {
+            let listener = control::bind(path)?;
+            let service = control::ControlService::new(server.exports().clone(), events.clone());
+            tasks.push(tokio::spawn(async move {
+                if let Err(e) = service.serve_unix(listener).await {
+                    tracing::error!(error = %e, "the control service stopped");
+                }
+            }));
+        }
+        #[cfg(not(feature = "control"))]
+        if config.control_socket.is_some() {
+            return Err(StartError::Config(
+                "built without the control service (feature `control`)".into(),
+            ));
+        }
         Ok(Primary {
             server,
             events,
@@ -281,6 +301,7 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
                 nbd_listen: args.nbd_listen,
                 nbd_socket: args.nbd_socket,
                 record_latency: false,
+                control_socket: args.control_socket,
             })
             .await?;
             let mut events = primary.subscribe();

@@ -108,6 +108,7 @@ async fn secondary_refusal_is_a_copy_failure() {
         nbd_listen: Some("127.0.0.1:0".parse().unwrap()),
         nbd_socket: None,
         record_latency: false,
+        control_socket: None,
     })
     .await
     .unwrap();

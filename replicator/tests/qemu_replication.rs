@@ -143,6 +143,7 @@ async fn replication_off_serves_the_file_alone() {
         nbd_listen: Some("127.0.0.1:0".parse().unwrap()),
         nbd_socket: None,
         record_latency: false,
+        control_socket: None,
     })
     .await
     .unwrap();

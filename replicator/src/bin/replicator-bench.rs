@@ -201,6 +201,7 @@ async fn run_case(
                 nbd_listen: Some("127.0.0.1:0".parse()?),
                 nbd_socket: None,
                 record_latency: true,
+                control_socket: None,
             })
             .await?;
             let addr = primary.nbd_addr().context("no NBD address")?;

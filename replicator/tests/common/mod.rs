@@ -85,6 +85,7 @@ pub async fn start_pair(volumes: &[(&str, u64)], cut: bool, timeout: Duration) -
         nbd_listen: Some("127.0.0.1:0".parse().unwrap()),
         nbd_socket: Some(dir.path().join("nbd.sock")),
         record_latency: false,
+        control_socket: None,
     })
     .await
     .unwrap();

@@ -1,0 +1,259 @@
+//! The `Replicator` gRPC service (`lockstep.replicator.v1`), served on a unix socket: how the node's
+//! sidecar lists volumes, watches replication events, confirms / configures volumes and directs suspend,
+//! release and resume at epochs. Every directive is handed to the volume's state machine
+//! ([`crate::hold`]), which refuses or ignores what DESIGN.md rules 2, 3, 6 and 8 forbid.
+
+use std::path::Path;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, UNIX_EPOCH};
+
+use futures::{Stream, StreamExt};
+use lockstep_api::proto::replicator::v1 as pb;
+use pb::replicator_server::{Replicator, ReplicatorServer};
+use tokio::net::UnixListener;
+use tokio::sync::broadcast;
+use tokio_stream::wrappers::{BroadcastStream, UnixListenerStream};
+use tonic::{Request, Response, Status};
+
+use crate::events::Event;
+use crate::hold::{DirectiveError, Mode, Stage};
+use crate::nbd::Exports;
+use crate::volume::{Volume, VolumeStatus};
+
+/// The service over a set of volumes.
+#[derive(Debug, Clone)]
+pub struct ControlService {
+    exports: Exports,
+    events: broadcast::Sender<Event>,
+}
+
+impl ControlService {
+    /// A service for `exports`, publishing `events`.
+    pub fn new(exports: Exports, events: broadcast::Sender<Event>) -> Self {
+        ControlService { exports, events }
+    }
+
+    fn volume(&self, name: &str) -> Result<&Arc<Volume>, Status> {
+        self.exports
+            .get(name)
+            .filter(|v| v.name() == name)
+            .ok_or_else(|| Status::not_found(format!("no volume {name:?}")))
+    }
+
+    /// Serves on a unix socket until the task is dropped.
+    pub async fn serve_unix(self, listener: UnixListener) -> Result<(), tonic::transport::Error> {
+        tonic::transport::Server::builder()
+            .add_service(ReplicatorServer::new(self))
+            .serve_with_incoming(UnixListenerStream::new(listener))
+            .await
+    }
+}
+
+/// Binds the control socket (removing a stale socket file).
+pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
+    if path.exists() {
+        std::fs::remove_file(path)?;
+    }
+    UnixListener::bind(path)
+}
+
+fn stage_to_pb(stage: Option<Stage>) -> pb::Stage {
+    match stage {
+        None => pb::Stage::Unspecified,
+        Some(Stage::Freeze) => pb::Stage::Freeze,
+        Some(Stage::Release) => pb::Stage::Release,
+        Some(Stage::Resume) => pb::Stage::Resume,
+    }
+}
+
+fn stage_from_pb(stage: i32) -> Result<Option<Stage>, Status> {
+    match pb::Stage::try_from(stage) {
+        Ok(pb::Stage::Unspecified) => Ok(None),
+        Ok(pb::Stage::Freeze) => Ok(Some(Stage::Freeze)),
+        Ok(pb::Stage::Release) => Ok(Some(Stage::Release)),
+        Ok(pb::Stage::Resume) => Ok(Some(Stage::Resume)),
+        Err(_) => Err(Status::invalid_argument(format!("unknown stage {stage}"))),
+    }
+}
+
+fn mode_to_pb(mode: &Mode) -> pb::Mode {
+    match mode {
+        Mode::Unconfirmed => pb::Mode::Unconfirmed,
+        Mode::Standalone => pb::Mode::Standalone,
+        Mode::Replicating => pb::Mode::Replicating,
+        Mode::Held { .. } => pb::Mode::Held,
+        Mode::Suspended { .. } => pb::Mode::Suspended,
+        Mode::Running { .. } => pb::Mode::Running,
+        Mode::Resyncing { .. } => pb::Mode::Resyncing,
+    }
+}
+
+/// A volume's status as the protocol's `VolumeState`.
+pub fn state_to_pb(s: &VolumeStatus) -> pb::VolumeState {
+    pb::VolumeState {
+        volume_handle: s.name.clone(),
+        group_uid: s.group_uid.clone(),
+        epoch: s.epoch,
+        stage: stage_to_pb(s.stage).into(),
+        mode: mode_to_pb(&s.mode).into(),
+        fail_safe: s.fail_safe,
+        held_writes: s.held as u64,
+        dirty_bytes: s.dirty_bytes,
+        last_acked_sequence: s.last_acked.unwrap_or(0),
+        hold_timeout_ms: u64::try_from(s.hold_timeout.as_millis()).unwrap_or(u64::MAX),
+        secondary: s.secondary.clone(),
+    }
+}
+
+fn event_to_pb(event: Event) -> pb::ReplicationEvent {
+    use pb::replication_event::Kind;
+    let kind = match event {
+        Event::CopyFailed(e) => Kind::CopyFailed(pb::CopyFailed {
+            volume_handle: e.volume,
+            sequence: e.sequence,
+            group_uid: e.group_uid,
+            epoch_known: e.epoch_known,
+            error: e.error,
+            since_unix_ms: e
+                .since
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX)),
+        }),
+        Event::HoldTimedOut(e) => Kind::HoldTimedOut(pb::HoldTimedOut {
+            volume_handle: e.volume,
+            failed_writes: e.failed_writes,
+        }),
+        Event::StateChanged(s) => Kind::StateChanged(state_to_pb(&s)),
+    };
+    pb::ReplicationEvent { kind: Some(kind) }
+}
+
+fn directive_status(e: DirectiveError) -> Status {
+    match e {
+        DirectiveError::NotReplicated(_) | DirectiveError::Refused(_) => {
+            Status::failed_precondition(e.to_string())
+        }
+        DirectiveError::WrongGroup { .. } => Status::failed_precondition(e.to_string()),
+        DirectiveError::Persist(_) => Status::internal(e.to_string()),
+    }
+}
+
+type EventStream = Pin<Box<dyn Stream<Item = Result<pb::ReplicationEvent, Status>> + Send>>;
+
+#[derive(Clone, Copy)]
+enum Directive {
+    Suspend,
+    Release,
+    Resume,
+}
+
+impl ControlService {
+    async fn directive(
+        &self,
+        request: pb::DirectiveRequest,
+        what: Directive,
+    ) -> Result<Response<pb::DirectiveResponse>, Status> {
+        if request.group_uid.is_empty() {
+            return Err(Status::invalid_argument("the directive names no group"));
+        }
+        // Resolve every volume first, so an unknown name changes nothing.
+        let volumes = request
+            .volume_handles
+            .iter()
+            .map(|name| self.volume(name).cloned())
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut states = Vec::new();
+        for volume in volumes {
+            let result = match what {
+                Directive::Suspend => {
+                    volume
+                        .suspend(&request.group_uid, request.epoch, request.fail_safe)
+                        .await
+                }
+                Directive::Release => volume.release(&request.group_uid, request.epoch).await,
+                Directive::Resume => volume.resume(&request.group_uid, request.epoch).await,
+            };
+            states.push(state_to_pb(&result.map_err(directive_status)?));
+        }
+        Ok(Response::new(pb::DirectiveResponse { volumes: states }))
+    }
+}
+
+#[tonic::async_trait]
+impl Replicator for ControlService {
+    async fn list_volumes(
+        &self,
+        _request: Request<pb::ListVolumesRequest>,
+    ) -> Result<Response<pb::ListVolumesResponse>, Status> {
+        Ok(Response::new(pb::ListVolumesResponse {
+            volumes: self
+                .exports
+                .iter()
+                .map(|v| state_to_pb(&v.status()))
+                .collect(),
+        }))
+    }
+
+    type WatchEventsStream = EventStream;
+
+    async fn watch_events(
+        &self,
+        _request: Request<pb::WatchEventsRequest>,
+    ) -> Result<Response<EventStream>, Status> {
+        let stream = BroadcastStream::new(self.events.subscribe()).map(|item| match item {
+            Ok(event) => Ok(event_to_pb(event)),
+            // The watcher fell behind: end its stream so it re-lists rather than miss an event.
+            Err(e) => Err(Status::data_loss(format!("events lost ({e}); list again"))),
+        });
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn configure(
+        &self,
+        request: Request<pb::ConfigureRequest>,
+    ) -> Result<Response<pb::VolumeState>, Status> {
+        let r = request.into_inner();
+        let volume = self.volume(&r.volume_handle)?;
+        let stage = stage_from_pb(r.stage)?;
+        let hold_timeout =
+            (r.hold_timeout_ms > 0).then(|| Duration::from_millis(r.hold_timeout_ms));
+        let status = volume
+            .configure(&r.group_uid, r.epoch, stage, hold_timeout)
+            .await
+            .map_err(directive_status)?;
+        Ok(Response::new(state_to_pb(&status)))
+    }
+
+    async fn suspend(
+        &self,
+        request: Request<pb::DirectiveRequest>,
+    ) -> Result<Response<pb::DirectiveResponse>, Status> {
+        self.directive(request.into_inner(), Directive::Suspend)
+            .await
+    }
+
+    async fn release(
+        &self,
+        request: Request<pb::DirectiveRequest>,
+    ) -> Result<Response<pb::DirectiveResponse>, Status> {
+        self.directive(request.into_inner(), Directive::Release)
+            .await
+    }
+
+    async fn resume(
+        &self,
+        request: Request<pb::DirectiveRequest>,
+    ) -> Result<Response<pb::DirectiveResponse>, Status> {
+        self.directive(request.into_inner(), Directive::Resume)
+            .await
+    }
+
+    async fn state(
+        &self,
+        request: Request<pb::StateRequest>,
+    ) -> Result<Response<pb::VolumeState>, Status> {
+        let volume = self.volume(&request.get_ref().volume_handle)?;
+        Ok(Response::new(state_to_pb(&volume.status())))
+    }
+}
