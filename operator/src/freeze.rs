@@ -132,6 +132,11 @@ pub fn decide(
         after_persist: None,
         notes: Vec::new(),
     };
+    if group.metadata.deletion_timestamp.is_some() {
+        decide_deletion(group, &uid, event, &mut decision, now);
+        decision.status.observed_generation = generation;
+        return Ok(decision);
+    }
     let status = &mut decision.status;
 
     match event {
@@ -202,6 +207,63 @@ pub fn decide(
     set_conditions(&mut decision.status, group, generation, now);
     decision.status.observed_generation = generation;
     Ok(decision)
+}
+
+/// A group being deleted ends its guarantees openly (rule 9): no new freeze; a frozen or released group
+/// resumes normal replication at its current epoch, so that no volume stays held; acknowledgements are
+/// still recorded so the finalizer knows when every volume resumed.
+fn decide_deletion(
+    group: &ConsistencyGroup,
+    uid: &str,
+    event: &Event,
+    decision: &mut Decision,
+    now: &Time,
+) {
+    if let Event::Ack(ack) = event
+        && ack.epoch == decision.status.epoch
+    {
+        record_ack(&mut decision.status, ack, now);
+    }
+    let status = &mut decision.status;
+    if !replicating(status) {
+        status.stage = Some(Stage::Resume);
+        status.phase = Some(Phase::Resyncing);
+        decision.after_persist = Some(GroupEpoch {
+            group_uid: uid.to_owned(),
+            epoch: status.epoch,
+            stage: Stage::Resume,
+        });
+        decision.notes.push(Note {
+            warning: true,
+            reason: "Deleting",
+            message: format!(
+                "the group {} is being deleted: its guarantees end; releasing held writes and resuming normal replication at epoch {}",
+                group.metadata.name.as_deref().unwrap_or_default(),
+                status.epoch
+            ),
+        });
+    }
+}
+
+/// Whether a group being deleted may go: every member volume acknowledged the resume of its current
+/// epoch (or the group never froze), or `deadline_passed`. Returns the volumes that did not acknowledge.
+pub fn deletion_outcome(
+    status: &ConsistencyGroupStatus,
+    deadline_passed: bool,
+) -> Option<Vec<String>> {
+    let (epoch, _) = position(status);
+    let never_froze = epoch == 0;
+    let missing: Vec<String> = unacknowledged(status, epoch, Stage::Resume)
+        .iter()
+        .map(|member| {
+            member
+                .volume_handle
+                .clone()
+                .unwrap_or_else(|| member.pvc.clone())
+        })
+        .collect();
+    (never_froze || missing.is_empty() || deadline_passed)
+        .then(|| if never_froze { Vec::new() } else { missing })
 }
 
 /// Raises the epoch by one and freezes.

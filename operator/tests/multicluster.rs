@@ -1080,6 +1080,147 @@ async fn a_failure_reported_over_grpc_freezes_on_both_paths_and_releases_once_al
     Ok(())
 }
 
+#[tokio::test]
+async fn deleting_a_frozen_group_resumes_its_volumes_removes_mirrors_and_says_so() -> TestResult {
+    let world = world().await;
+    let hub_groups = Api::<ConsistencyGroup>::all(world.east_client.clone());
+    let spec = group_spec(
+        vec![by_names("east", &["wal"]), by_names("west", &["reporting"])],
+        Policy::FreezeAndStop,
+    );
+    hub_groups
+        .create(
+            &PostParams::default(),
+            &ConsistencyGroup::new("doomed", spec),
+        )
+        .await?;
+    let group = resolved(&world.east_client, "doomed", 2).await;
+    let uid = group.metadata.uid.clone().unwrap();
+    eventually("the finalizer added", || {
+        let hub_groups = hub_groups.clone();
+        async move {
+            let group = hub_groups.get("doomed").await.ok()?;
+            group
+                .finalizers()
+                .iter()
+                .any(|f| f == lockstep_operator::engine::FINALIZER)
+                .then_some(())
+        }
+    })
+    .await;
+
+    let mut control =
+        ControlClient::connect(format!("http://{}", world.operator.grpc_addr)).await?;
+    let west_node = NodeIdentity {
+        cluster: "west".into(),
+        node: "w1".into(),
+    };
+    let mut stream = control
+        .subscribe(SubscribeRequest {
+            node: Some(west_node.clone()),
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    let failure = pb::CopyFailure {
+        group_uid: uid.clone(),
+        volume_handle: "vol-reporting".into(),
+        ..Default::default()
+    };
+    control
+        .report(ReportRequest {
+            node: Some(west_node.clone()),
+            failures: vec![failure],
+            volumes: vec![],
+        })
+        .await?;
+    let freeze = next_directive(&mut stream, |target| {
+        target.stage == pb::Stage::Freeze as i32
+    })
+    .await;
+    let ack = |point: pb::GroupEpoch, handles: Vec<String>| AckRequest {
+        node: Some(NodeIdentity {
+            cluster: "east".into(),
+            node: "e1".into(),
+        }),
+        enforced: Some(point),
+        volume_handles: handles,
+        fail_safe: false,
+    };
+    control
+        .ack(ack(
+            freeze.clone(),
+            vec!["vol-wal".into(), "vol-reporting".into()],
+        ))
+        .await?;
+    eventually("the group Frozen (FreezeAndStop holds)", || {
+        let hub_groups = hub_groups.clone();
+        async move {
+            (hub_groups.get("doomed").await.ok()?.status?.phase == Some(Phase::Frozen))
+                .then_some(())
+        }
+    })
+    .await;
+
+    hub_groups.delete("doomed", &Default::default()).await?;
+    let resume = next_directive(&mut stream, |target| {
+        target.stage == pb::Stage::Resume as i32
+    })
+    .await;
+    assert_eq!(
+        resume.epoch, 1,
+        "deletion resumes at the current epoch: no volume stays held"
+    );
+    let deleting = hub_groups.get("doomed").await?;
+    assert!(
+        deleting.metadata.deletion_timestamp.is_some(),
+        "the object waits for the volumes"
+    );
+    control
+        .ack(ack(resume, vec!["vol-wal".into(), "vol-reporting".into()]))
+        .await?;
+    eventually("the group gone from the hub", || {
+        let hub_groups = hub_groups.clone();
+        async move {
+            hub_groups
+                .get_opt("doomed")
+                .await
+                .ok()?
+                .is_none()
+                .then_some(())
+        }
+    })
+    .await;
+    let mirrors = Api::<ConsistencyGroup>::all(world.west_client.clone());
+    eventually("the mirror gone from west", || {
+        let mirrors = mirrors.clone();
+        async move {
+            mirrors
+                .get_opt("doomed")
+                .await
+                .ok()?
+                .is_none()
+                .then_some(())
+        }
+    })
+    .await;
+    let events = Api::<k8s_openapi::api::events::v1::Event>::all(world.east_client.clone())
+        .list(&Default::default())
+        .await?;
+    let reasons: Vec<String> = events
+        .items
+        .iter()
+        .filter(|event| event.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("doomed"))
+        .filter_map(|event| event.reason.clone())
+        .collect();
+    assert!(
+        reasons.iter().any(|r| r == "Deleting") && reasons.iter().any(|r| r == "Deleted"),
+        "{reasons:?}"
+    );
+    world.operator.shutdown().await;
+    Ok(())
+}
+
 /// A minimal HTTP GET over a TCP socket (the operator's metrics endpoint).
 async fn reqwest_free_get(addr: std::net::SocketAddr, path: &str) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};

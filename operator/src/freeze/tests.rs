@@ -456,6 +456,39 @@ fn resync_thaws_and_the_image_is_inconsistent_until_every_member_is_in_sync() {
 }
 
 #[test]
+fn deleting_a_frozen_group_resumes_it_and_never_freezes_again() {
+    let mut group = group(Policy::FreezeAndStop);
+    step(&mut group, &report(Path::Api, 0));
+    step(&mut group, &ack(Path::Api, 1, Stage::Freeze, &VOLUMES));
+    assert_eq!(status(&group).phase, Some(Phase::Frozen));
+    group.metadata.deletion_timestamp = Some(now());
+    let decision = step(&mut group, &Event::Evaluate);
+    assert_eq!(
+        decision
+            .after_persist
+            .map(|point| (point.epoch, point.stage)),
+        Some((1, Stage::Resume))
+    );
+    assert!(decision.notes.iter().any(|note| note.reason == "Deleting"));
+    assert_eq!(
+        step(&mut group, &report(Path::Grpc, 1)).freeze_now,
+        None,
+        "a deleted group freezes nothing"
+    );
+    assert_eq!(
+        deletion_outcome(status(&group), false),
+        None,
+        "waits for the volumes to resume"
+    );
+    assert_eq!(
+        deletion_outcome(status(&group), true),
+        Some(VOLUMES.iter().map(|v| v.to_string()).collect())
+    );
+    step(&mut group, &ack(Path::Grpc, 1, Stage::Resume, &VOLUMES));
+    assert_eq!(deletion_outcome(status(&group), false), Some(Vec::new()));
+}
+
+#[test]
 fn a_group_without_a_uid_is_refused() {
     let mut group = group(Policy::FreezeAndGo);
     group.metadata.uid = None;
