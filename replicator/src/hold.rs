@@ -1079,4 +1079,54 @@ mod tests {
         assert_eq!(done(&mut a), Some(Ok(())));
         assert!(s.resume("g", 2).unwrap().is_none(), "duplicate resume");
     }
+
+    #[test]
+    fn leaving_the_group_resyncs_and_completes_held_writes_only_when_copied() {
+        let mut s = replicating();
+        let mut a = submit(&mut s);
+        s.suspend("g", 2, false, Instant::now()).unwrap();
+        s.configure("", 0, None, Instant::now()).unwrap();
+        assert!(matches!(s.mode(), Mode::Resyncing { epoch: 0 }));
+        assert_eq!(s.snapshot().group_uid, "");
+        assert_eq!(
+            done(&mut a),
+            None,
+            "not acknowledged before the resync copied it"
+        );
+        let g = s.generation();
+        let (_tx, data) = oneshot::channel();
+        let seq = s.next_seq();
+        s.submit_resync(g, seq, 0, crate::dirty::CHUNK, data, Instant::now())
+            .unwrap();
+        s.acked(g, seq).unwrap();
+        s.resync_done(g);
+        assert_eq!(done(&mut a), Some(Ok(())));
+        assert_eq!(s.mode(), &Mode::Replicating);
+    }
+
+    #[test]
+    fn running_acknowledges_only_what_the_persisted_map_covers() {
+        let mut s = replicating();
+        s.suspend("g", 2, false, Instant::now()).unwrap();
+        s.release("g", 2).unwrap();
+        s.release_persisted(2);
+        // First write to a chunk waits for a persist; a second write to the same chunk before that
+        // persist completes waits too.
+        let mut a = s.submit(10, 0, 4096, write(10), Instant::now());
+        let mut b = s.submit(11, 4096, 4096, write(11), Instant::now());
+        assert_eq!(done(&mut a), None);
+        assert_eq!(done(&mut b), None);
+        let (p, waiters, version) = s.take_persist();
+        assert_eq!(p.mode, "running");
+        assert_eq!(p.dirty, vec![(0, crate::dirty::CHUNK)]);
+        s.persisted(version);
+        for w in waiters {
+            let _ = w.send(Ok(()));
+        }
+        assert_eq!(done(&mut a), Some(Ok(())));
+        assert_eq!(done(&mut b), Some(Ok(())));
+        // Now covered on disk: immediate.
+        let mut c = s.submit(12, 8192, 4096, write(12), Instant::now());
+        assert_eq!(done(&mut c), Some(Ok(())));
+    }
 }
