@@ -165,6 +165,11 @@ pub async fn view(member: &Member, sessions: &Sessions) -> ClusterView {
             view.claims = claims;
             view.volumes = volumes;
             view.node_of_volume.extend(nodes_of_volumes(&nodes));
+            view.state_of_volume = nodes
+                .iter()
+                .flat_map(|node| node.status.iter().flat_map(|status| status.volumes.iter()))
+                .map(|volume| (volume.volume_handle.clone(), volume.state))
+                .collect();
         }
         Ok(Err(error)) => {
             view.unavailable = Some(format!(

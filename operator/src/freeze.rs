@@ -444,10 +444,13 @@ fn advance(decision: &mut Decision, group: &ConsistencyGroup, uid: &str) {
         Stage::Release => status.phase = Some(Phase::Running),
         Stage::Resume => {
             let resyncing = status.phase == Some(Phase::Resyncing);
-            let in_sync = status
-                .members
-                .iter()
-                .all(|member| member.state == Some(VolumeState::Replicating));
+            let in_sync = status.members.iter().all(|member| {
+                member.state == Some(VolumeState::Replicating)
+                    && member
+                        .acknowledged
+                        .as_ref()
+                        .is_some_and(|ack| (ack.epoch, ack.stage) >= (epoch, Stage::Resume))
+            });
             status.phase = Some(if resyncing && !in_sync {
                 Phase::Resyncing
             } else if members_resolved(status) {

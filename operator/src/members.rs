@@ -12,7 +12,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim};
 use kube::core::{Selector, SelectorExt};
 use lockstep_api::{
-    domain::ClusterPaths,
+    domain::{ClusterPaths, VolumeState},
     v1alpha1::{GroupMember, MemberVolumeStatus},
 };
 
@@ -32,6 +32,8 @@ pub struct ClusterView {
     pub reported: Vec<ReportedVolume>,
     /// The node serving each volume handle, from ReplicationNode status or sidecar sessions.
     pub node_of_volume: BTreeMap<String, String>,
+    /// Each volume's replication state as its sidecar last reported it (ReplicationNode status).
+    pub state_of_volume: BTreeMap<String, VolumeState>,
 }
 
 /// A volume a sidecar resolved on its node.
@@ -123,6 +125,13 @@ pub fn resolve(
             }) {
                 resolved.acknowledged = earlier.acknowledged.clone();
                 resolved.state = earlier.state;
+            }
+            if let Some(state) = resolved
+                .volume_handle
+                .as_ref()
+                .and_then(|handle| view.state_of_volume.get(handle))
+            {
+                resolved.state = Some(*state);
             }
             members.push(resolved);
         }
