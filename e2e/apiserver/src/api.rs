@@ -496,38 +496,40 @@ impl Write<'_> {
         let call = self.call;
         let name = meta_str(&new, "name").unwrap_or_default().to_string();
         let mut warnings = Vec::new();
-        // Validation (custom resources), with field-validation for unknown fields.
-        if t.custom {
-            let old_served = old.map(|o| t.to_served(o.clone(), &call.target.version));
-            let mut served = t.to_served(new, &call.target.version);
-            let pruned = validate_custom(
+        // Validation (custom resources: schema and CEL; built-ins: field names), then field validation
+        // for the unknown fields that were dropped.
+        let old_served = old.map(|o| t.to_served(o.clone(), &call.target.version));
+        let mut served = t.to_served(new, &call.target.version);
+        let pruned = if t.custom {
+            validate_custom(
                 t,
                 &call.target.version,
                 &mut served,
                 old_served.as_ref(),
                 &name,
-            )?;
-            if !pruned.is_empty() {
-                match call.query.get("fieldValidation").unwrap_or("Warn") {
-                    "Strict" => {
-                        let list: Vec<String> = pruned
-                            .iter()
-                            .map(|p| format!("unknown field \"{}\"", &p[1..]))
-                            .collect();
-                        return Err(ApiError::bad_request(format!(
-                            "strict decoding error: {}",
-                            list.join(", ")
-                        )));
-                    }
-                    "Ignore" => {}
-                    _ => warnings.extend(
-                        pruned
-                            .iter()
-                            .map(|p| format!("unknown field \"{}\"", &p[1..])),
-                    ),
-                }
+            )?
+        } else {
+            match crate::builtin_schema::schema(&t.group, &t.plural) {
+                Some(schema) => crate::builtin_schema::prune(&schema, &mut served),
+                None => vec![],
             }
-            new = t.to_stored(served);
+        };
+        new = t.to_stored(served);
+        if !pruned.is_empty() {
+            let unknown: Vec<String> = pruned
+                .iter()
+                .map(|p| format!("unknown field \"{}\"", &p[1..]))
+                .collect();
+            match call.query.get("fieldValidation").unwrap_or("Warn") {
+                "Strict" => {
+                    return Err(ApiError::bad_request(format!(
+                        "strict decoding error: {}",
+                        unknown.join(", ")
+                    )));
+                }
+                "Ignore" => {}
+                _ => warnings.extend(unknown),
+            }
         }
         let crd_type = if t.group == CRD_GROUP && t.plural == CRD_PLURAL {
             let crd_t = resources::from_crd(&new)?;

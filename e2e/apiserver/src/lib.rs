@@ -47,6 +47,7 @@
 //! - Aggregated discovery is not served: clients fall back to the plain documents, as kubectl does.
 
 pub mod api;
+pub mod builtin_schema;
 pub mod discovery;
 pub mod error;
 pub mod faults;

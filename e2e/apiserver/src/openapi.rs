@@ -7,8 +7,7 @@
 //!   sees server-side field validation and lets the server refuse unknown fields (`fieldValidation=Strict`);
 //! - for custom resources, the CRD's `openAPIV3Schema` (with `apiVersion`, `kind` and `metadata` filled in
 //!   as kube-apiserver does), so `kubectl explain` prints the field docs;
-//! - for built-in kinds, an open object schema (no field docs: `kubectl explain` of built-ins is not
-//!   supported here).
+//! - for built-in kinds, the schemas `k8s-openapi` carries (so `kubectl explain pod.spec` works too).
 
 use serde_json::{Map, Value, json};
 
@@ -40,6 +39,12 @@ pub fn root(registry: &Registry, hash: &str) -> Value {
 
 /// The schema id kube-apiserver gives a kind: reversed group, version, kind (`dev.lockstep.v1alpha1.Kind`).
 fn schema_id(t: &ResourceType, version: &str) -> String {
+    if !t.custom
+        && let Some(title) = crate::builtin_schema::schema(&t.group, &t.plural)
+            .and_then(|s| s.get("title").and_then(Value::as_str).map(str::to_string))
+    {
+        return title;
+    }
     if t.group.is_empty() {
         return format!("io.k8s.api.core.{version}.{}", t.kind);
     }
@@ -86,6 +91,33 @@ fn operation(
         "x-kubernetes-action": action,
         "x-kubernetes-group-version-kind": gvk(t, version),
     })
+}
+
+/// The schema of a built-in kind and the definitions it refers to, from `k8s-openapi`.
+fn builtin_schemas(t: &ResourceType, version: &str, schemas: &mut Map<String, Value>) -> bool {
+    let Some(generated) = crate::builtin_schema::schema(&t.group, &t.plural) else {
+        return false;
+    };
+    let mut root = (*generated).clone();
+    if let Some(defs) = root
+        .pointer("/components/schemas")
+        .and_then(Value::as_object)
+    {
+        for (name, def) in defs {
+            schemas.insert(name.clone(), def.clone());
+        }
+    }
+    if let Some(obj) = root.as_object_mut() {
+        for key in ["$schema", "title", "components"] {
+            obj.remove(key);
+        }
+        obj.insert(
+            "x-kubernetes-group-version-kind".into(),
+            json!([gvk(t, version)]),
+        );
+    }
+    schemas.insert(schema_id(t, version), root);
+    true
 }
 
 /// The schema published for one kind and version.
@@ -197,7 +229,9 @@ pub fn group_version(registry: &Registry, group: &str, version: &str) -> Option<
                 }),
             );
         }
-        schemas.insert(schema_id(t, version), kind_schema(t, version));
+        if t.custom || !builtin_schemas(t, version, &mut schemas) {
+            schemas.insert(schema_id(t, version), kind_schema(t, version));
+        }
     }
     Some(json!({
         "openapi": "3.0.0",

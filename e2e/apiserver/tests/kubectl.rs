@@ -3,7 +3,8 @@
 //! `LOCKSTEP_KUBECTL_DIR` to look elsewhere — a directory holding one version runs just that one), each
 //! with a fresh `--cache-dir`: CRDs apply and become Established, the examples apply, `get` shows the printer columns,
 //! `explain` prints field docs, invalid examples and unknown fields are refused with their messages,
-//! `patch`, `apply --server-side`, and `delete` waiting for a finalizer.
+//! `patch`, `apply --server-side`, and `delete` waiting for a finalizer; built-in kinds refuse unknown
+//! fields and `explain` them.
 
 mod common;
 
@@ -203,6 +204,24 @@ async fn scenario(newest: bool) -> TestResult {
         .fails(&["apply", "-f", &unknown.to_string_lossy()])
         .await?;
     assert!(err.contains("unknown field \"spec.polcy\""), "{err}");
+
+    // Unknown fields of built-in kinds too, named as kube-apiserver names them; their docs for explain.
+    let deployment = dir.path().join("deployment.yaml");
+    std::fs::write(
+        &deployment,
+        "apiVersion: apps/v1\nkind: Deployment\nmetadata:\n  name: d\nspec:\n  selector:\n    matchLabels: {a: b}\n  template:\n    metadata:\n      labels: {a: b}\n    spec:\n      containers:\n      - name: c\n        image: busybox\n        imagePullPolcy: Always\n",
+    )?;
+    let err = k
+        .fails(&["apply", "-f", &deployment.to_string_lossy()])
+        .await?;
+    assert!(
+        err.contains("unknown field \"spec.template.spec.containers[0].imagePullPolcy\""),
+        "{err}"
+    );
+    let out = k
+        .ok(&["explain", "pod.spec.containers.imagePullPolicy"])
+        .await?;
+    assert!(out.contains("imagePullPolicy"), "{out}");
 
     // Patch, and server-side apply.
     let out = k
