@@ -262,6 +262,8 @@ pub struct ReplState {
     dirty_version: u64,
     /// The `dirty_version` the last completed persist covered.
     persisted_version: u64,
+    /// Deliberately wrong semantics, for tests that must catch them: acknowledge writes while suspended.
+    broken_ack_while_suspended: bool,
     effects: Vec<Effect>,
 }
 
@@ -305,6 +307,7 @@ impl ReplState {
             persist_waiters: Vec::new(),
             dirty_version: 0,
             persisted_version: 0,
+            broken_ack_while_suspended: false,
             effects: Vec::new(),
         };
         s.restored = if !has_secondary {
@@ -345,6 +348,13 @@ impl ReplState {
     /// Effects queued since the last call.
     pub fn take_effects(&mut self) -> Vec<Effect> {
         std::mem::take(&mut self.effects)
+    }
+
+    /// **Breaks the safety rules on purpose** (rule 2): a suspended volume then acknowledges new writes
+    /// primary-only before any release. Only for tests that show the checks catch it.
+    #[doc(hidden)]
+    pub fn break_ack_while_suspended(&mut self) {
+        self.broken_ack_while_suspended = true;
     }
 
     /// The current link generation.
@@ -542,6 +552,10 @@ impl ReplState {
                     CopyWait::Wait(self.persist())
                 }
             }
+            Mode::Suspended { .. } if self.broken_ack_while_suspended => {
+                self.mark_dirty(offset, length);
+                CopyWait::Done(Ok(()))
+            }
             Mode::Held { .. } | Mode::Suspended { .. } | Mode::Unconfirmed => {
                 if self.mark_dirty(offset, length) {
                     // Not awaited: the write is held anyway; this keeps the map on disk current.
@@ -732,6 +746,9 @@ impl ReplState {
         if self.stage.is_none() || (epoch, Some(Stage::Freeze)) > self.position() {
             self.epoch = epoch;
             self.stage = Some(Stage::Freeze);
+        }
+        if self.broken_ack_while_suspended {
+            self.complete_held(&Ok(()));
         }
         let mode = Mode::Suspended { epoch, fail_safe };
         if self.mode == Mode::Unconfirmed {

@@ -328,6 +328,12 @@ impl Volume {
         }
     }
 
+    /// **Breaks the safety rules on purpose**: see [`ReplState::break_ack_while_suspended`]. Tests only.
+    #[doc(hidden)]
+    pub fn break_ack_while_suspended(&self) {
+        self.lock().break_ack_while_suspended();
+    }
+
     /// The dirty regions as `(offset, length)` ranges.
     pub fn dirty_regions(&self) -> Vec<(u64, u64)> {
         self.lock().dirty().regions()
