@@ -555,8 +555,22 @@ pub fn crd_status(crd: &Value, t: &ResourceType, now: &str) -> Value {
     if !t.categories.is_empty() {
         accepted.insert("categories".into(), t.categories.clone().into());
     }
+    // A condition keeps its transition time while it stays True.
+    let since = |kind: &str| -> String {
+        crd.pointer("/status/conditions")
+            .and_then(Value::as_array)
+            .and_then(|cs| {
+                cs.iter().find(|c| {
+                    c.get("type").and_then(Value::as_str) == Some(kind)
+                        && c.get("status").and_then(Value::as_str) == Some("True")
+                })
+            })
+            .and_then(|c| c.get("lastTransitionTime").and_then(Value::as_str))
+            .unwrap_or(now)
+            .to_string()
+    };
     let condition = |kind: &str, reason: &str, message: &str| {
-        serde_json::json!({"type": kind, "status": "True", "lastTransitionTime": now,
+        serde_json::json!({"type": kind, "status": "True", "lastTransitionTime": since(kind),
                            "reason": reason, "message": message})
     };
     let mut stored: Vec<String> = crd

@@ -362,6 +362,33 @@ async fn crds_register_and_validate_custom_resources() -> TestResult {
         Some("Widget.test.lockstep.dev \"w\" is invalid: status: Invalid value: \"object\": status.epoch never decreases".into())
     );
 
+    // Re-applying the same CRD changes nothing (its conditions keep their times).
+    let crds: Api<k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition> =
+        Api::all(client.clone());
+    let before = crds.get("widgets.test.lockstep.dev").await?;
+    let again = crds
+        .patch(
+            "widgets.test.lockstep.dev",
+            &PatchParams::apply("installer").force(),
+            &Patch::Apply(common::widget_crd()),
+        )
+        .await?;
+    let again2 = crds
+        .patch(
+            "widgets.test.lockstep.dev",
+            &PatchParams::apply("installer").force(),
+            &Patch::Apply(common::widget_crd()),
+        )
+        .await?;
+    assert_eq!(
+        again.metadata.resource_version,
+        again2.metadata.resource_version
+    );
+    assert_eq!(
+        before.status.and_then(|s| s.conditions),
+        again2.status.and_then(|s| s.conditions)
+    );
+
     // Short names and the resource show in discovery.
     let discovery = kube::discovery::Discovery::new(client.clone())
         .run()
