@@ -255,7 +255,7 @@ async fn a_cut_link_is_reported_on_both_paths_naming_the_same_epoch_until_a_high
     })
     .await;
 
-    rep.fail_copy("v1");
+    rep.fail_copy("v1").await;
     eventually("reported over gRPC", || {
         control
             .reports()
@@ -313,7 +313,7 @@ async fn with_the_api_server_stopped_reports_and_freezes_flow_over_grpc() {
     eventually("subscribed", || control.subscribers() > 0).await;
 
     server.stop().await;
-    rep.fail_copy("v2");
+    rep.fail_copy("v2").await;
     eventually("reported over gRPC", || {
         control.reports().iter().any(|r| {
             r.failures
@@ -354,7 +354,7 @@ async fn with_grpc_refused_reports_and_freezes_flow_over_the_api_server() {
 
     control.stop();
     eventually("stream closed", || control.subscribers() == 0).await;
-    rep.fail_copy("v1");
+    rep.fail_copy("v1").await;
     eventually_async("reported in status", || async {
         replication_node(&client).await.is_some_and(|n| {
             n.status.is_some_and(|s| {
@@ -399,7 +399,7 @@ async fn with_both_paths_down_the_fail_safe_suspends_and_only_a_higher_epoch_lif
 
     server.stop().await;
     control.stop();
-    rep.fail_copy("v1");
+    rep.fail_copy("v1").await;
     eventually("fail-safe suspension", || {
         rep.calls("suspend").iter().any(|c| c.fail_safe)
     })

@@ -150,8 +150,13 @@ impl FakeReplicator {
         self.state.volumes.lock().unwrap()[name].clone()
     }
 
-    /// A copy failure on a volume (its write is held).
-    pub fn fail_copy(&self, volume: &str) {
+    /// A copy failure on a volume (its write is held), once the sidecar watches the events.
+    pub async fn fail_copy(&self, volume: &str) {
+        let events = self.events.clone();
+        eventually("the sidecar watches replication events", move || {
+            events.receiver_count() > 0
+        })
+        .await;
         let known = {
             let mut volumes = self.state.volumes.lock().unwrap();
             let v = volumes.get_mut(volume).unwrap();
