@@ -559,7 +559,8 @@ async fn lane_scenario(broken: bool) -> (u64, Vec<u64>) {
             .unwrap()
             .break_ack_while_suspended();
     }
-    let lane = |i: u64| -> (usize, u64) { (if i % 2 == 0 { 0 } else { 2 }, (i / 2) * 4096) };
+    let lane =
+        |i: u64| -> (usize, u64) { (if i.is_multiple_of(2) { 0 } else { 2 }, (i / 2) * 4096) };
     let acked = Arc::new(AtomicU64::new(0));
     let addr = c.primary.nbd_addr().unwrap();
     let workload = {
