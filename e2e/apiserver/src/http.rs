@@ -167,8 +167,14 @@ async fn route(shared: &Arc<Shared>, req: Request<Incoming>) -> Result<Response<
     let target = Target::parse(&path).ok_or_else(ApiError::no_route)?;
     if method == Method::GET && target.name.is_none() && query.flag("watch") {
         shared.faults.before_watch().await;
-        let lines =
-            crate::watch::start(&shared.store, &target, &query, shared.faults.watch_drops())?;
+        let accept = req
+            .headers()
+            .get(header::ACCEPT)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_string();
+        let drops = shared.faults.watch_drops();
+        let lines = crate::watch::start(&shared.store, &target, &query, &accept, drops)?;
         let stream = futures::stream::unfold(lines, |mut rx| async move {
             rx.recv()
                 .await

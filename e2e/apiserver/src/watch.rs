@@ -10,6 +10,7 @@
 //!   `k8s.io/initial-events-end: "true"`.
 //! - `allowWatchBookmarks=true`: a `BOOKMARK` at the latest resourceVersion every bookmark interval.
 //! - Selectors: an object that starts matching arrives as `ADDED`, one that stops matching as `DELETED`.
+//! - Asked for Tables (`kubectl get -w`), each event carries a one-row `Table`.
 //! - The stream ends at `timeoutSeconds`, when the client goes, when the fault hook drops watches, or when
 //!   the watcher falls too far behind (the client then resumes from its last resourceVersion).
 
@@ -37,9 +38,27 @@ struct Filter {
     version: String,
     namespace: Option<String>,
     selectors: Selectors,
+    /// `Some(includeObject)` when the client asked for Tables (`kubectl get -w`).
+    table: Option<Option<String>>,
 }
 
 impl Filter {
+    /// A stored object as this watch shows it: served shape, or a one-row Table.
+    fn render(&self, object: &Value) -> Value {
+        let served = self.t.to_served(object.clone(), &self.version);
+        match &self.table {
+            None => served,
+            Some(include) => {
+                let rv = served
+                    .pointer("/metadata/resourceVersion")
+                    .cloned()
+                    .unwrap_or_default();
+                let meta = json!({"resourceVersion": rv});
+                crate::table::table(&self.t, &self.version, &[served], meta, include.as_deref())
+            }
+        }
+    }
+
     fn matches(&self, object: &Value) -> bool {
         let ns_ok = self.namespace.as_deref().is_none_or(|ns| {
             object
@@ -66,10 +85,7 @@ impl Filter {
             ChangeKind::Deleted if now || before => "DELETED",
             _ => return None,
         };
-        Some(line(
-            kind,
-            self.t.to_served(change.object.clone(), &self.version),
-        ))
+        Some(line(kind, self.render(&change.object)))
     }
 
     fn bookmark(&self, rv: u64, initial_end: bool) -> Bytes {
@@ -90,6 +106,7 @@ pub fn start(
     store: &Arc<Store>,
     target: &Target,
     query: &Query,
+    accept: &str,
     mut dropped: tokio::sync::watch::Receiver<u64>,
 ) -> Result<mpsc::Receiver<Bytes>, ApiError> {
     let selectors = query.selectors()?;
@@ -109,6 +126,8 @@ pub fn start(
         version: target.version.clone(),
         namespace: target.namespace.clone(),
         selectors,
+        table: crate::table::wants_table(accept)
+            .then(|| query.get("includeObject").map(str::to_string)),
     };
     let mut initial = Vec::new();
     let start_rv = match requested {
@@ -116,10 +135,7 @@ pub fn start(
         _ => {
             for (_, object) in inner.list(&filter.t.storage, filter.namespace.as_deref(), None) {
                 if filter.selectors.matches(object) {
-                    initial.push(line(
-                        "ADDED",
-                        filter.t.to_served(object.clone(), &filter.version),
-                    ));
+                    initial.push(line("ADDED", filter.render(object)));
                 }
             }
             inner.rv()

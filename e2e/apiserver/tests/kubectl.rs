@@ -269,6 +269,44 @@ async fn scenario(newest: bool) -> TestResult {
         "the applied manifest wins with --force-conflicts"
     );
 
+    // `get -w` prints changes as rows with the printer columns.
+    let mut watching = k
+        .command(&["get", "cg", "-w"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()?;
+    let stdout = watching.stdout.take().ok_or("no stdout")?;
+    let mut lines = tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(stdout));
+    let mut read_until = async |want: &[&str]| -> Result<String, String> {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            match tokio::time::timeout_at(deadline, lines.next_line()).await {
+                Ok(Ok(Some(line))) if want.iter().all(|w| line.contains(w)) => return Ok(line),
+                Ok(Ok(Some(_))) => {}
+                other => return Err(format!("kubectl get -w: no line with {want:?}: {other:?}")),
+            }
+        }
+    };
+    read_until(&["orders-db"]).await?;
+    let groups_status = ApiResource {
+        group: "lockstep.dev".into(),
+        version: "v1alpha1".into(),
+        api_version: "lockstep.dev/v1alpha1".into(),
+        kind: "ConsistencyGroup".into(),
+        plural: "consistencygroups".into(),
+    };
+    let status_api: Api<DynamicObject> = Api::all_with(client.clone(), &groups_status);
+    status_api
+        .patch_status(
+            "orders-db",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"status": {"phase": "Frozen", "epoch": 7}})),
+        )
+        .await?;
+    let row = read_until(&["orders-db", "Frozen"]).await?;
+    let cells: Vec<&str> = row.split_whitespace().collect();
+    assert_eq!(cells.get(1..3), Some(&["Frozen", "7"][..]), "{row}");
+    watching.kill().await?;
+
     // Delete waits for the finalizer.
     let groups = ApiResource {
         group: "lockstep.dev".into(),
