@@ -1,0 +1,315 @@
+//! The sidecar driving the real reference replicator (its `Replicator` gRPC service on a unix socket,
+//! volumes served over NBD and copied to a real secondary through a cuttable link), with real HTTP to the
+//! test API server and real gRPC to a test `Control` server. A cut link is reported on both paths, the
+//! freeze suspends every volume of the group, and only the release lets the held write complete.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use hyper_util::rt::TokioIo;
+use lockstep_api::domain::Stage;
+use lockstep_api::proto::control::v1 as cpb;
+use lockstep_api::proto::replicator::v1 as rpb;
+use lockstep_checker::{NbdAddress, NbdClient};
+use lockstep_replicator::copy::CopyConfig;
+use lockstep_replicator::linkcut::{LinkCut, LinkMode};
+use lockstep_replicator::secondary::{Secondary, SecondaryConfig};
+use lockstep_replicator::{Primary, PrimaryConfig, VolumeConfig};
+use rpb::replicator_client::ReplicatorClient;
+use tonic::transport::{Channel, Endpoint, Uri};
+
+const MIB: u64 = 1024 * 1024;
+
+struct Node {
+    dir: tempfile::TempDir,
+    _secondary: Secondary,
+    links: Vec<LinkCut>,
+    primary: Primary,
+}
+
+impl Node {
+    async fn start(volumes: &[&str]) -> Node {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("primary")).unwrap();
+        let secondary = Secondary::start(SecondaryConfig {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            dir: dir.path().join("secondary"),
+        })
+        .await
+        .unwrap();
+        let mut links = Vec::new();
+        let mut configs = Vec::new();
+        for name in volumes {
+            let link = LinkCut::start(secondary.local_addr()).await.unwrap();
+            configs.push(VolumeConfig {
+                require_confirmation: true,
+                ..VolumeConfig::new(
+                    name,
+                    dir.path().join("primary").join(name),
+                    Some(4 * MIB),
+                    Some(CopyConfig {
+                        secondary: link.addr().to_string(),
+                        timeout: Duration::from_secs(5),
+                    }),
+                )
+            });
+            links.push(link);
+        }
+        let primary = Primary::start(PrimaryConfig {
+            volumes: configs,
+            nbd_listen: Some("127.0.0.1:0".parse().unwrap()),
+            nbd_socket: None,
+            record_latency: false,
+            control_socket: Some(dir.path().join("control.sock")),
+        })
+        .await
+        .unwrap();
+        Node {
+            dir,
+            _secondary: secondary,
+            links,
+            primary,
+        }
+    }
+
+    fn socket(&self) -> std::path::PathBuf {
+        self.dir.path().join("control.sock")
+    }
+
+    async fn nbd(&self, volume: &str) -> NbdClient {
+        let addr = self.primary.nbd_addr().unwrap();
+        let address: NbdAddress = format!("nbd://{}:{}/{volume}", addr.ip(), addr.port())
+            .parse()
+            .unwrap();
+        NbdClient::connect(&address).await.unwrap()
+    }
+
+    async fn client(&self) -> ReplicatorClient<Channel> {
+        let path = self.socket();
+        let channel = Endpoint::try_from("http://replicator.invalid")
+            .unwrap()
+            .connect_with_connector(tower::service_fn(move |_: Uri| {
+                let path = path.clone();
+                async move {
+                    Ok::<_, std::io::Error>(TokioIo::new(
+                        tokio::net::UnixStream::connect(path).await?,
+                    ))
+                }
+            }))
+            .await
+            .unwrap();
+        ReplicatorClient::new(channel)
+    }
+}
+
+async fn mode(client: &mut ReplicatorClient<Channel>, volume: &str) -> i32 {
+    client
+        .state(rpb::StateRequest {
+            volume_handle: volume.to_owned(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .mode
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_cut_link_on_the_real_replicator_is_reported_frozen_and_released_over_both_paths() {
+    let node = Node::start(&["v1", "v2"]).await;
+    let mut replicator = node.client().await;
+    let (_server, client) = api_server().await;
+    let uid = create_group(&client, &["v1", "v2"]).await;
+    let control = FakeControl::start().await;
+    control.set_membership(&uid, 0, cpb::Stage::Resume, &["v1", "v2"]);
+    let mut opts = FakeReplicatorless::options(&node.socket());
+    opts.operator_endpoint = Some(control.endpoint());
+    let sidecar = start(opts.clone(), Some(client.clone())).await;
+
+    // Fail closed until the sidecar confirms; then replicating.
+    for v in ["v1", "v2"] {
+        let r = replicator.clone();
+        eventually_async(&format!("{v} replicating"), move || {
+            let mut r = r.clone();
+            async move { mode(&mut r, v).await == rpb::Mode::Replicating as i32 }
+        })
+        .await;
+    }
+    let mut v1 = node.nbd("v1").await;
+    v1.write(0, &[1u8; 4096], false).await.unwrap();
+
+    // Cut v1's link: its next write is held and reported on both paths at epoch 0.
+    node.links[0].set_mode(LinkMode::Reset);
+    let held = tokio::spawn(async move {
+        let result = v1.write(4096, &[2u8; 4096], false).await;
+        (v1, result)
+    });
+    eventually("reported over gRPC", || {
+        control.reports().iter().any(|r| {
+            r.failures
+                .iter()
+                .any(|f| f.volume_handle == "v1" && f.epoch_seen == 0)
+        })
+    })
+    .await;
+    eventually_async("reported in status", || async {
+        replication_node(&client).await.is_some_and(|n| {
+            n.status.is_some_and(|s| {
+                s.failures
+                    .iter()
+                    .any(|f| f.volume_handle == "v1" && f.epoch_seen == 0)
+            })
+        })
+    })
+    .await;
+    assert!(!held.is_finished(), "the failed write is held");
+
+    // The freeze, on both paths: both volumes suspended, acknowledged on both with the list.
+    control.push(&uid, 1, cpb::Stage::Freeze);
+    set_point(&client, 1, "Freeze").await;
+    eventually("acked over gRPC", || {
+        control.acked(1, cpb::Stage::Freeze, &["v1", "v2"], false)
+    })
+    .await;
+    eventually_async("acked in status", || async {
+        replication_node(&client).await.is_some_and(|n| {
+            n.status.is_some_and(|s| {
+                s.enforced.iter().any(|e| {
+                    e.epoch == 1 && e.stage == Stage::Freeze && e.volume_handles == ["v1", "v2"]
+                })
+            })
+        })
+    })
+    .await;
+    for v in ["v1", "v2"] {
+        assert_eq!(mode(&mut replicator, v).await, rpb::Mode::Suspended as i32);
+    }
+    assert!(!held.is_finished(), "still held until the release");
+
+    // A restarted sidecar keeps them suspended.
+    sidecar.abort();
+    let sidecar = start(opts, Some(client.clone())).await;
+    eventually("acked again after restart", || {
+        control
+            .acks()
+            .iter()
+            .filter(|a| a.enforced.as_ref().is_some_and(|e| e.epoch == 1))
+            .count()
+            >= 2
+    })
+    .await;
+    for v in ["v1", "v2"] {
+        assert_eq!(mode(&mut replicator, v).await, rpb::Mode::Suspended as i32);
+    }
+
+    // The release lets the held write complete (primary-only).
+    control.push(&uid, 1, cpb::Stage::Release);
+    let (_v1, result) = tokio::time::timeout(Duration::from_secs(60), held)
+        .await
+        .unwrap()
+        .unwrap();
+    result.unwrap();
+    assert_eq!(mode(&mut replicator, "v2").await, rpb::Mode::Running as i32);
+    sidecar.shutdown().await;
+}
+
+/// Both paths down while the real replicator holds a failed write: the fail-safe suspends the group's
+/// volumes (marked) well before the hold timeout; contact returns and says so; only a higher epoch lifts
+/// it, and the release then completes the held write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn with_both_paths_down_the_real_replicator_is_suspended_by_the_fail_safe() {
+    let node = Node::start(&["v1", "v2"]).await;
+    let mut replicator = node.client().await;
+    let (server, client) = api_server().await;
+    let uid = create_group(&client, &["v1", "v2"]).await;
+    let control = FakeControl::start().await;
+    control.set_membership(&uid, 0, cpb::Stage::Resume, &["v1", "v2"]);
+    let mut opts = FakeReplicatorless::options(&node.socket());
+    opts.operator_endpoint = Some(control.endpoint());
+    // Far below the group's 30 s hold timeout.
+    opts.fail_safe_interval = Duration::from_secs(2);
+    let sidecar = start(opts, Some(client.clone())).await;
+    for v in ["v1", "v2"] {
+        let r = replicator.clone();
+        eventually_async(&format!("{v} replicating"), move || {
+            let mut r = r.clone();
+            async move { mode(&mut r, v).await == rpb::Mode::Replicating as i32 }
+        })
+        .await;
+    }
+    eventually("subscribed", || control.subscribers() > 0).await;
+
+    server.stop().await;
+    control.stop();
+    node.links[1].set_mode(LinkMode::Reset);
+    let mut v2 = node.nbd("v2").await;
+    let held = tokio::spawn(async move { v2.write(0, &[7u8; 4096], false).await });
+    let r = replicator.clone();
+    eventually_async("fail-safe suspension of both volumes", move || {
+        let mut r = r.clone();
+        async move {
+            let mut all = true;
+            for v in ["v1", "v2"] {
+                let s = r
+                    .state(rpb::StateRequest {
+                        volume_handle: v.into(),
+                    })
+                    .await
+                    .unwrap()
+                    .into_inner();
+                all &= s.fail_safe && s.mode == rpb::Mode::Suspended as i32 && s.epoch == 0;
+            }
+            all
+        }
+    })
+    .await;
+    assert!(!held.is_finished(), "the failed write stays held");
+
+    // Contact returns: the fail-safe is acknowledged on both paths.
+    server.restart().await.unwrap();
+    control.restart().await;
+    eventually("fail-safe acked over gRPC", || {
+        control.acked(0, cpb::Stage::Freeze, &["v1", "v2"], true)
+    })
+    .await;
+    eventually_async("fail-safe in status", || async {
+        replication_node(&client).await.is_some_and(|n| {
+            n.status
+                .is_some_and(|s| s.enforced.iter().any(|e| e.fail_safe && e.epoch == 0))
+        })
+    })
+    .await;
+    // A directive at the same epoch does not lift it; a higher epoch does, and its release completes
+    // the held write.
+    control.push(&uid, 0, cpb::Stage::Release);
+    control.push(&uid, 1, cpb::Stage::Freeze);
+    control.push(&uid, 1, cpb::Stage::Release);
+    tokio::time::timeout(Duration::from_secs(60), held)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    for v in ["v1", "v2"] {
+        assert_eq!(mode(&mut replicator, v).await, rpb::Mode::Running as i32);
+    }
+    sidecar.shutdown().await;
+}
+
+/// Options for a sidecar in front of a real replicator socket.
+struct FakeReplicatorless;
+
+impl FakeReplicatorless {
+    fn options(socket: &std::path::Path) -> lockstep_sidecar::Options {
+        let mut options = lockstep_sidecar::Options::new(NODE, CLUSTER);
+        options.replicator_socket = socket.to_path_buf();
+        options.listen = "127.0.0.1:0".parse().unwrap();
+        options.rpc_timeout = Duration::from_secs(5);
+        options.inventory_interval = Duration::from_millis(500);
+        options.fail_safe_interval = Duration::from_secs(10);
+        options.grpc_idle_timeout = Duration::from_secs(5);
+        options.lease_duration = Duration::from_secs(3);
+        options
+    }
+}
