@@ -290,8 +290,19 @@ async fn membership_update(
         // The membership lists the group's volumes in this cluster; this node's are those it serves
         // (the core keeps only those). A PVC named without a volume handle is resolved here.
         let mut volumes = BTreeSet::new();
+        let known: BTreeSet<(&str, &str)> = group
+            .volumes
+            .iter()
+            .filter(|v| !v.volume_handle.is_empty())
+            .map(|v| (v.namespace.as_str(), v.pvc.as_str()))
+            .collect();
         for entry in &group.volumes {
             let mut entry = entry.clone();
+            if entry.volume_handle.is_empty()
+                && known.contains(&(entry.namespace.as_str(), entry.pvc.as_str()))
+            {
+                continue; // the operator resolved it already: the entry with the handle counts
+            }
             if entry.volume_handle.is_empty()
                 && let Some(client) = &path.resolver
             {

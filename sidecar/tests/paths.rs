@@ -450,6 +450,19 @@ async fn a_restarted_sidecar_keeps_a_frozen_groups_volumes_suspended() {
     })
     .await;
     control.set_membership("uid-g", 1, cpb::Stage::Freeze, &["v1", "v2"]);
+
+    // The replicator restarts under a running sidecar: its volumes wait for a confirmation, which the
+    // sidecar gives at what they carry, without moving them.
+    let configures = rep.calls("configure").len();
+    rep.unconfirm_all();
+    confirmed(&rep, &["v1", "v2"]).await;
+    let again: Vec<Call> = rep.calls("configure")[configures..].to_vec();
+    assert!(
+        again
+            .iter()
+            .all(|c| c.epoch == 1 && c.stage == rpb::Stage::Freeze as i32),
+        "{again:?}"
+    );
     sidecar.abort();
 
     // The replicator restarted too: its volumes carry (1, Freeze) and hold I/O until confirmed.
