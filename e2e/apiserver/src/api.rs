@@ -378,7 +378,11 @@ fn list(inner: &Inner, t: &ResourceType, call: &Call<'_>) -> Result<Value, ApiEr
 }
 
 fn parse_body(call: &Call<'_>) -> Result<Value, ApiError> {
-    if call.content_type.contains("protobuf") || call.content_type.contains("cbor") {
+    if call.content_type.contains("protobuf") {
+        return crate::protobuf::decode(call.body)
+            .ok_or_else(|| ApiError::unsupported_body(call.content_type));
+    }
+    if call.content_type.contains("cbor") {
         return Err(ApiError::unsupported_body(call.content_type));
     }
     let v: Value = if call.content_type.contains("yaml") {

@@ -33,9 +33,10 @@
 //! - Fault hooks ([`Faults`], and [`TestApiServer::stop`], [`TestApiServer::refuse_connections`]).
 
 //! # What it does not do
-//! - Request bodies in protobuf or CBOR get `415`: kubectl's typed generators that send protobuf
-//!   (`kubectl create configmap|secret|namespace …` in kubectl 1.33) fail; `kubectl apply`, `get`,
-//!   `patch`, `delete`, `wait`, `explain` work (they speak JSON). `/openapi/v2` is an empty document.
+//! - Request bodies in CBOR, and in protobuf other than Namespace, ConfigMap and Secret ([`protobuf`]),
+//!   get `415`: kubectl 1.33's typed generators for other kinds (`kubectl create deployment …`) fail;
+//!   `kubectl apply`, `get`, `patch`, `delete`, `wait`, `explain` work (they speak JSON).
+//!   `/openapi/v2` is an empty document.
 //! - No authentication or authorization, admission webhooks, conversion webhooks (versions of a CRD differ
 //!   only in `apiVersion`), garbage collection of owner references, or controllers (a Pod stays as written).
 //! - Built-in kinds are not schema-checked: unknown fields in them are kept, not refused.
@@ -55,6 +56,7 @@ pub mod http;
 pub mod managed;
 pub mod openapi;
 pub mod patch;
+pub mod protobuf;
 pub mod resources;
 pub mod schema;
 pub mod selector;

@@ -223,6 +223,52 @@ async fn scenario(newest: bool) -> TestResult {
         .await?;
     assert!(out.contains("imagePullPolicy"), "{out}");
 
+    // Typed generators (protobuf bodies in kubectl 1.33).
+    k.ok(&["create", "namespace", "orders"]).await?;
+    k.ok(&[
+        "-n",
+        "orders",
+        "create",
+        "configmap",
+        "cfg",
+        "--from-literal=a=b",
+    ])
+    .await?;
+    k.ok(&[
+        "-n",
+        "orders",
+        "create",
+        "secret",
+        "generic",
+        "sec",
+        "--from-literal=password=hunter2",
+    ])
+    .await?;
+    let data = k
+        .ok(&[
+            "-n",
+            "orders",
+            "get",
+            "configmap",
+            "cfg",
+            "-o",
+            "jsonpath={.data.a}",
+        ])
+        .await?;
+    assert_eq!(data, "b");
+    let secret = k
+        .ok(&[
+            "-n",
+            "orders",
+            "get",
+            "secret",
+            "sec",
+            "-o",
+            "jsonpath={.data.password}",
+        ])
+        .await?;
+    assert_eq!(secret, "aHVudGVyMg==");
+
     // Patch, and server-side apply.
     let out = k
         .ok(&[
