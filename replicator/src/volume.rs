@@ -176,7 +176,15 @@ impl Volume {
         }
         let store = Store::open(&config.path, config.size)?;
         let state_path = state_path(&config.path);
-        let restored = load_state(&state_path).map_err(bad)?;
+        let mut restored = load_state(&state_path).map_err(bad)?;
+        if let Some(p) = &mut restored
+            && p.mode == "standalone"
+            && config.copy.is_some()
+        {
+            // Served unreplicated before: nothing says what the secondary lacks, so all of it is dirty.
+            p.mode = "resyncing".into();
+            p.dirty = vec![(0, store.size())];
+        }
         let state = ReplState::new(
             &config.name,
             config.copy.is_some(),

@@ -171,3 +171,60 @@ async fn replication_off_serves_the_file_alone() {
     .await;
     assert!(out.clean(), "{out:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_volume_served_unreplicated_before_is_fully_resynced() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("vol1");
+    let primary = Primary::start(PrimaryConfig {
+        volumes: vec![VolumeConfig::new("vol1", path.clone(), Some(2 * MIB), None)],
+        nbd_listen: Some("127.0.0.1:0".parse().unwrap()),
+        nbd_socket: None,
+        record_latency: false,
+        control_socket: None,
+    })
+    .await
+    .unwrap();
+    let url = format!("nbd://{}/vol1", primary.nbd_addr().unwrap());
+    let out = qemu_io(&url, &["write -P 0x61 0 1M", "write -P 0x62 1536k 512k"]).await;
+    assert!(out.clean(), "{out:?}");
+    drop(primary);
+    // Now replicated: the secondary never saw those writes, so the whole volume is resynchronised.
+    let secondary = lockstep_replicator::secondary::Secondary::start(
+        lockstep_replicator::secondary::SecondaryConfig {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            dir: dir.path().join("secondary"),
+        },
+    )
+    .await
+    .unwrap();
+    let primary = Primary::start(PrimaryConfig {
+        volumes: vec![VolumeConfig::new(
+            "vol1",
+            path.clone(),
+            Some(2 * MIB),
+            Some(lockstep_replicator::CopyConfig {
+                secondary: secondary.local_addr().to_string(),
+                timeout: Duration::from_secs(10),
+            }),
+        )],
+        nbd_listen: Some("127.0.0.1:0".parse().unwrap()),
+        nbd_socket: None,
+        record_latency: false,
+        control_socket: None,
+    })
+    .await
+    .unwrap();
+    let vol = primary.volume("vol1").unwrap().clone();
+    eventually("the resync", Duration::from_secs(30), || {
+        (vol.status().mode == ReplMode::Replicating).then_some(())
+    })
+    .await;
+    assert_eq!(vol.status().dirty_bytes, 0);
+    let cmp = qemu_img_compare(
+        path.to_str().unwrap(),
+        dir.path().join("secondary").join("vol1").to_str().unwrap(),
+    )
+    .await;
+    assert!(cmp.success, "{cmp:?}");
+}

@@ -179,12 +179,19 @@ async fn wait_for_port(addr: SocketAddr) -> anyhow::Result<()> {
 
 async fn run_case(
     case: Case,
-    primary_file: &Path,
+    files: [&Path; 2],
     secondary: SocketAddr,
     size: u64,
     counts: [(u32, u64); 2],
 ) -> anyhow::Result<Vec<Row>> {
     let mut rows = Vec::new();
+    // The replicated volume has its own file (a volume served unreplicated in between would need a
+    // full resync); replication off and qemu-nbd share the other one.
+    let primary_file = if case.server == Server::Replicated {
+        files[0]
+    } else {
+        files[1]
+    };
     match case.server {
         Server::Replicated | Server::Off => {
             let copy = (case.server == Server::Replicated).then(|| CopyConfig {
@@ -284,10 +291,12 @@ async fn main() -> anyhow::Result<()> {
         }
     };
     let size = (args.count_qd1.max(args.count_qd16).max(500) * 4096).next_multiple_of(1 << 20);
+    let replicated_file = dir.join("primary-replicated");
     let primary_file = dir.join("primary-vol1");
     let secondary_dir = dir.join("secondary");
     std::fs::create_dir_all(&secondary_dir)?;
     // Allocate both files up front so no case pays for block allocation.
+    prefill(&replicated_file, size)?;
     prefill(&primary_file, size)?;
     prefill(&secondary_dir.join("vol1"), size)?;
     let secondary = Secondary::start(SecondaryConfig {
@@ -311,7 +320,16 @@ async fn main() -> anyhow::Result<()> {
     let mut all: Vec<Row> = Vec::new();
     for round in 0..args.rounds.max(1) {
         for case in CASES {
-            all.extend(run_case(case, &primary_file, secondary.local_addr(), size, counts).await?);
+            all.extend(
+                run_case(
+                    case,
+                    [&replicated_file, &primary_file],
+                    secondary.local_addr(),
+                    size,
+                    counts,
+                )
+                .await?,
+            );
         }
         println!("round {} of {} done", round + 1, args.rounds.max(1));
     }
