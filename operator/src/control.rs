@@ -39,6 +39,18 @@ impl ControlService {
     }
 }
 
+impl ControlService {
+    fn leader_only(&self) -> Result<(), Status> {
+        if self.engine.is_leader() {
+            Ok(())
+        } else {
+            Err(Status::unavailable(
+                "this operator replica is not the leader; retry (the Service routes to the leader)",
+            ))
+        }
+    }
+}
+
 fn node_key(node: Option<&pb::NodeIdentity>) -> Result<NodeKey, Status> {
     let node = node.ok_or_else(|| Status::invalid_argument("the message names no node"))?;
     if node.cluster.is_empty() || node.node.is_empty() {
@@ -137,6 +149,7 @@ impl Control for ControlService {
         &self,
         request: Request<ReportRequest>,
     ) -> Result<Response<ReportResponse>, Status> {
+        self.leader_only()?;
         let request = request.into_inner();
         let node = node_key(request.node.as_ref())?;
         if !request.volumes.is_empty() {
@@ -182,6 +195,7 @@ impl Control for ControlService {
         &self,
         request: Request<SubscribeRequest>,
     ) -> Result<Response<Self::SubscribeStream>, Status> {
+        self.leader_only()?;
         let request = request.into_inner();
         let node = node_key(request.node.as_ref())?;
         let mut seen = Vec::new();
@@ -229,6 +243,7 @@ impl Control for ControlService {
     }
 
     async fn ack(&self, request: Request<AckRequest>) -> Result<Response<AckResponse>, Status> {
+        self.leader_only()?;
         let request = request.into_inner();
         let node = node_key(request.node.as_ref())?;
         let enforced = request

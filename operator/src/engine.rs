@@ -59,6 +59,9 @@ pub enum EngineError {
     /// The group is not known (deleted, or a report for a group that never existed).
     #[error("no ConsistencyGroup with UID {0:?}")]
     UnknownGroup(String),
+    /// This replica is not the leader: only the leader decides and writes.
+    #[error("this operator replica is not the leader")]
+    NotLeader,
     /// Another writer kept changing the group.
     #[error("the status of group {0} kept conflicting; will decide again")]
     Conflicts(String),
@@ -83,6 +86,8 @@ struct Inner {
     locks: Mutex<BTreeMap<String, Arc<tokio::sync::Mutex<GroupMemory>>>>,
     /// Connected member clusters, by name.
     members: tokio::sync::RwLock<BTreeMap<String, Member>>,
+    /// Whether this replica holds the leader Lease (always true without leader election).
+    leader: tokio::sync::watch::Receiver<bool>,
 }
 
 /// What the engine remembers of a group between decisions (never needed for safety).
@@ -109,6 +114,7 @@ impl Engine {
         member_clusters: Store<MemberCluster>,
         sessions: Sessions,
         metrics: Metrics,
+        leader: tokio::sync::watch::Receiver<bool>,
     ) -> Self {
         let reporter = Reporter {
             controller: "lockstep-operator".into(),
@@ -127,8 +133,14 @@ impl Engine {
                 metrics,
                 locks: Mutex::default(),
                 members: tokio::sync::RwLock::default(),
+                leader,
             }),
         }
+    }
+
+    /// Whether this replica is the leader (only the leader serves Control and writes).
+    pub fn is_leader(&self) -> bool {
+        *self.inner.leader.borrow()
     }
 
     /// The hub's identity, as mirrors are labelled with it.
@@ -214,6 +226,9 @@ impl Engine {
         event: Event,
         observation: Option<&Observation>,
     ) -> Result<(), EngineError> {
+        if !self.is_leader() {
+            return Err(EngineError::NotLeader);
+        }
         match &event {
             Event::Report(report) => self.inner.metrics.report(report.path),
             Event::Ack(ack) => self.inner.metrics.ack(ack.path),

@@ -1,4 +1,4 @@
-//! `/healthz`, `/readyz` (the hub's groups have been listed) and `/metrics` (Prometheus text).
+//! `/healthz`, `/readyz` (leading, and the hub's groups have been listed) and `/metrics` (Prometheus text).
 
 use axum::{Router, extract::State, http::StatusCode, response::IntoResponse, routing::get};
 use kube::runtime::reflector::Store;
@@ -11,6 +11,7 @@ use crate::metrics::Metrics;
 struct HttpState {
     metrics: Metrics,
     groups: Store<ConsistencyGroup>,
+    leader: tokio::sync::watch::Receiver<bool>,
 }
 
 /// Serves the endpoints until `shutdown`.
@@ -18,13 +19,18 @@ pub async fn serve(
     listener: tokio::net::TcpListener,
     metrics: Metrics,
     groups: Store<ConsistencyGroup>,
+    leader: tokio::sync::watch::Receiver<bool>,
     shutdown: CancellationToken,
 ) {
     let app = Router::new()
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(ready))
         .route("/metrics", get(metrics_text))
-        .with_state(HttpState { metrics, groups });
+        .with_state(HttpState {
+            metrics,
+            groups,
+            leader,
+        });
     let served = axum::serve(listener, app)
         .with_graceful_shutdown(shutdown.cancelled_owned())
         .await;
@@ -33,7 +39,15 @@ pub async fn serve(
     }
 }
 
+/// Ready when leading and the hub's groups are listed: a Service in front of the replicas then routes
+/// sidecars to the leader only.
 async fn ready(State(state): State<HttpState>) -> impl IntoResponse {
+    if !*state.leader.borrow() {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "standby: another replica holds the leader Lease",
+        );
+    }
     if state.groups.wait_until_ready().await.is_ok() {
         (StatusCode::OK, "ready")
     } else {

@@ -56,7 +56,22 @@ pub struct Options {
     /// How often every group is reconciled even when nothing changed (members resolved, mirrors written).
     #[arg(long, env = "LOCKSTEP_RESYNC_INTERVAL", default_value = "2s", value_parser = parse_duration)]
     pub resync_interval: Duration,
+    /// Run several replicas: only the holder of the leader Lease serves Control and writes.
+    #[arg(long, env = "LOCKSTEP_LEADER_ELECTION")]
+    pub leader_election: bool,
+    /// The namespace of the leader Lease (Lockstep's namespace).
+    #[arg(long, env = "LOCKSTEP_NAMESPACE", default_value = "lockstep")]
+    pub namespace: String,
+    /// This replica's identity in the leader Lease (the Pod's name).
+    #[arg(long, env = "POD_NAME", default_value = "lockstep-operator")]
+    pub identity: String,
+    /// How long the leader Lease lasts without renewal: a standby takes over within it.
+    #[arg(long, default_value = "15s", value_parser = parse_duration)]
+    pub lease_duration: Duration,
 }
+
+/// The name of the leader Lease.
+pub const LEADER_LEASE: &str = "lockstep-operator-leader";
 
 fn parse_duration(text: &str) -> Result<Duration, String> {
     lockstep_api::domain::parse_duration(text).map_err(|error| error.to_string())
@@ -91,6 +106,44 @@ impl Operator {
         let shutdown = CancellationToken::new();
         let metrics = Metrics::default();
         let sessions = Sessions::default();
+        let mut tasks = Vec::new();
+        let leader = if options.leader_election {
+            let seconds = options.lease_duration.as_secs().max(2);
+            let manager =
+                kube_lease_manager::LeaseManagerBuilder::new(client.clone(), LEADER_LEASE)
+                    .with_namespace(options.namespace.clone())
+                    .with_identity(options.identity.clone())
+                    .with_duration(seconds)
+                    .with_grace(1)
+                    .with_field_manager(mirror::FIELD_MANAGER)
+                    .build()
+                    .await?;
+            let (leader, lease_task) = manager.watch().await;
+            let mut changes = leader.clone();
+            let sessions = sessions.clone();
+            let identity = options.identity.clone();
+            tasks.push(spawn_until(&shutdown, async move {
+                while changes.changed().await.is_ok() {
+                    let leading = *changes.borrow_and_update();
+                    tracing::info!(%identity, leading, "leadership changed");
+                    if !leading {
+                        sessions.close_all();
+                    }
+                }
+            }));
+            tasks.push(tokio::spawn(async move {
+                // Aborting this task aborts the lease manager's: the Lease is then left to expire, as
+                // after a crash (a standby takes over within the lease duration).
+                let mut lease_task = AbortOnDrop(lease_task);
+                let outcome = (&mut lease_task.0).await;
+                if let Ok(Err(error)) = outcome {
+                    tracing::error!(%error, "leader election stopped");
+                }
+            }));
+            leader
+        } else {
+            tokio::sync::watch::channel(true).1
+        };
 
         let (groups, groups_writer) = reflector::store::<ConsistencyGroup>();
         let (member_clusters, clusters_writer) = reflector::store::<MemberCluster>();
@@ -101,8 +154,8 @@ impl Operator {
             member_clusters.clone(),
             sessions,
             metrics.clone(),
+            leader.clone(),
         );
-        let mut tasks = Vec::new();
 
         // The hub's groups: a reflector, and a reconcile as soon as one changes.
         let group_changes = {
@@ -118,6 +171,7 @@ impl Operator {
                 let mut stream = std::pin::pin!(stream);
                 while let Some(change) = stream.next().await {
                     match change {
+                        Ok(_) if !engine.is_leader() => {}
                         Ok(group) => {
                             let engine = engine.clone();
                             tokio::spawn(async move {
@@ -172,6 +226,7 @@ impl Operator {
             http_listener,
             metrics,
             groups,
+            leader,
             shutdown.clone(),
         )));
 
@@ -193,10 +248,20 @@ impl Operator {
     /// Stops every task and waits for them.
     pub async fn shutdown(self) {
         self.shutdown.cancel();
+        self.engine.sessions().close_all();
         for task in self.tasks {
             task.abort();
             let _ = task.await;
         }
+    }
+}
+
+/// Aborts a task when dropped (a detached JoinHandle would let it run on).
+struct AbortOnDrop<T>(JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 
@@ -221,6 +286,9 @@ async fn resync_loop(engine: Engine, interval: Duration) {
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         ticker.tick().await;
+        if !engine.is_leader() {
+            continue;
+        }
         engine.refresh_members().await;
         for (name, member) in engine.members().await {
             let Ok(client) = member.client else { continue };

@@ -148,6 +148,11 @@ impl Sessions {
             .is_some_and(|session| session.sender.try_send(Ok(message)).is_ok())
     }
 
+    /// Closes every session (this replica lost the leadership): the sidecars reconnect to the leader.
+    pub fn close_all(&self) {
+        self.lock().by_node.clear();
+    }
+
     /// Every open session's node.
     pub fn nodes(&self) -> Vec<NodeKey> {
         self.lock().by_node.keys().cloned().collect()

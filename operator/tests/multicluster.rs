@@ -60,6 +60,12 @@ where
 
 /// A test API server with the project's CRDs installed and an `orders` namespace.
 async fn cluster() -> (TestApiServer, Client) {
+    let _ = tracing_subscriber::fmt()
+        .with_test_writer()
+        .with_env_filter(
+            std::env::var("RUST_LOG").unwrap_or_else(|_| "lockstep_operator=info".into()),
+        )
+        .try_init();
     let server = TestApiServer::start(ApiOptions::default()).await.unwrap();
     let client = server.client().await.unwrap();
     let crds = Api::<CustomResourceDefinition>::all(client.clone());
@@ -206,6 +212,10 @@ fn options() -> Options {
         grpc_listen: "127.0.0.1:0".parse().unwrap(),
         http_listen: "127.0.0.1:0".parse().unwrap(),
         resync_interval: Duration::from_millis(200),
+        leader_election: false,
+        namespace: "lockstep-system".into(),
+        identity: "operator-0".into(),
+        lease_duration: Duration::from_secs(2),
     }
 }
 
@@ -1218,6 +1228,183 @@ async fn deleting_a_frozen_group_resumes_its_volumes_removes_mirrors_and_says_so
         "{reasons:?}"
     );
     world.operator.shutdown().await;
+    Ok(())
+}
+
+async fn single_cluster_group(hub: &Client) -> (ConsistencyGroup, String) {
+    let groups = Api::<ConsistencyGroup>::all(hub.clone());
+    let spec = group_spec(
+        vec![by_names("east", &["wal", "data"])],
+        Policy::FreezeAndGo,
+    );
+    groups
+        .create(
+            &PostParams::default(),
+            &ConsistencyGroup::new("orders-db", spec),
+        )
+        .await
+        .unwrap();
+    let group = resolved(hub, "orders-db", 2).await;
+    let uid = group.metadata.uid.clone().unwrap();
+    (group, uid)
+}
+
+async fn east_only() -> (TestApiServer, Client) {
+    let (east, hub) = cluster().await;
+    volume(&hub, "wal", "orders", "vol-wal").await;
+    volume(&hub, "data", "orders", "vol-data").await;
+    replication_node(&hub, "east", "e1", &["vol-wal", "vol-data"]).await;
+    let local = MemberClusterSpec {
+        paths: ClusterPaths::Both,
+        local: true,
+        kubeconfig_secret_ref: None,
+        network: None,
+    };
+    member_cluster(&hub, "east", local).await;
+    (east, hub)
+}
+
+fn east_node() -> NodeIdentity {
+    NodeIdentity {
+        cluster: "east".into(),
+        node: "e1".into(),
+    }
+}
+
+#[tokio::test]
+async fn the_standby_finishes_a_freeze_the_killed_leader_started_and_the_deposed_write_is_refused()
+-> TestResult {
+    let (_east, hub) = east_only().await;
+    let ha = |identity: &str| Options {
+        leader_election: true,
+        identity: identity.into(),
+        ..options()
+    };
+    let first = Operator::start(hub.clone(), &ha("operator-a")).await?;
+    eventually("operator-a leads", || async {
+        first.engine().is_leader().then_some(())
+    })
+    .await;
+    let second = Operator::start(hub.clone(), &ha("operator-b")).await?;
+    let (_, uid) = single_cluster_group(&hub).await;
+    assert!(!second.engine().is_leader(), "one leader at a time");
+    let mut standby = ControlClient::connect(format!("http://{}", second.grpc_addr)).await?;
+    let refused = standby
+        .report(ReportRequest {
+            node: Some(east_node()),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        refused.code(),
+        tonic::Code::Unavailable,
+        "only the leader serves Control"
+    );
+
+    // The leader freezes, then dies before any acknowledgement.
+    let mut leader = ControlClient::connect(format!("http://{}", first.grpc_addr)).await?;
+    let failure = pb::CopyFailure {
+        group_uid: uid.clone(),
+        volume_handle: "vol-wal".into(),
+        ..Default::default()
+    };
+    leader
+        .report(ReportRequest {
+            node: Some(east_node()),
+            failures: vec![failure],
+            volumes: vec![],
+        })
+        .await?;
+    let groups = Api::<ConsistencyGroup>::all(hub.clone());
+    let stale = groups.get("orders-db").await?;
+    assert_eq!(stale.position(), (1, Stage::Freeze));
+    first.shutdown().await;
+
+    // The standby takes over within the lease duration and finishes the freeze.
+    eventually("operator-b leads", || async {
+        second.engine().is_leader().then_some(())
+    })
+    .await;
+    let mut stream = standby
+        .subscribe(SubscribeRequest {
+            node: Some(east_node()),
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    let freeze = next_directive(&mut stream, |target| {
+        target.stage == pb::Stage::Freeze as i32
+    })
+    .await;
+    assert_eq!(
+        freeze.epoch, 1,
+        "the new leader sends the persisted freeze again"
+    );
+    standby
+        .ack(AckRequest {
+            node: Some(east_node()),
+            enforced: Some(freeze),
+            volume_handles: vec!["vol-wal".into(), "vol-data".into()],
+            fail_safe: false,
+        })
+        .await?;
+    let release = next_directive(&mut stream, |target| {
+        target.stage == pb::Stage::Release as i32
+    })
+    .await;
+    assert_eq!(release.epoch, 1, "the epoch never went backwards");
+    let released = groups.get("orders-db").await?;
+    assert_eq!(released.position(), (1, Stage::Release));
+
+    // The deposed leader's write, made with what it had read, is fenced by the resourceVersion.
+    let deposed = groups
+        .replace_status("orders-db", &PostParams::default(), &stale)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(deposed, kube::Error::Api(ref status) if status.code == 409),
+        "{deposed}"
+    );
+    assert_eq!(
+        groups.get("orders-db").await?.position(),
+        (1, Stage::Release)
+    );
+    second.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_freeze_sent_but_never_persisted_is_finished_by_the_next_operator() -> TestResult {
+    let (_east, hub) = east_only().await;
+    let operator = Operator::start(hub.clone(), &options()).await?;
+    let (_, uid) = single_cluster_group(&hub).await;
+    // A sidecar reconnects having seen epoch 3, which no status records (the old leader died first).
+    let seen = pb::GroupEpoch {
+        group_uid: uid.clone(),
+        epoch: 3,
+        stage: pb::Stage::Freeze as i32,
+    };
+    let mut control = ControlClient::connect(format!("http://{}", operator.grpc_addr)).await?;
+    let mut stream = control
+        .subscribe(SubscribeRequest {
+            node: Some(east_node()),
+            volumes: vec![],
+            seen: vec![seen],
+        })
+        .await?
+        .into_inner();
+    let freeze = next_directive(&mut stream, |target| {
+        target.stage == pb::Stage::Freeze as i32
+    })
+    .await;
+    assert_eq!(freeze.epoch, 3);
+    let group = Api::<ConsistencyGroup>::all(hub.clone())
+        .get("orders-db")
+        .await?;
+    assert_eq!(group.position(), (3, Stage::Freeze));
+    assert_eq!(group.status.unwrap().trigger.unwrap().reason, "Adopted");
+    operator.shutdown().await;
     Ok(())
 }
 
