@@ -280,32 +280,31 @@ async fn kube_client(options: &Options) -> Result<kube::Client, SidecarError> {
 
 /// Runs the sidecar until SIGTERM or Ctrl-C, then shuts down gracefully.
 pub async fn run(options: Options) -> anyhow::Result<()> {
+    // Listen for SIGTERM before anything starts, so an early one is a graceful stop too.
+    let signal = shutdown_signal()?;
     let sidecar = Sidecar::start(options, None).await?;
-    shutdown_signal().await;
+    signal.await;
     tracing::info!("shutting down");
     sidecar.shutdown().await;
     Ok(())
 }
 
-async fn shutdown_signal() {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = term.recv() => {},
-                    _ = tokio::signal::ctrl_c() => {},
-                }
-            }
-            Err(error) => {
-                tracing::warn!(%error, "cannot listen for SIGTERM; Ctrl-C only");
-                let _ = tokio::signal::ctrl_c().await;
-            }
+#[cfg(unix)]
+fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()>> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => {},
+            _ = interrupt.recv() => {},
         }
-    }
-    #[cfg(not(unix))]
-    {
+    })
+}
+
+#[cfg(not(unix))]
+fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()>> {
+    Ok(async {
         let _ = tokio::signal::ctrl_c().await;
-    }
+    })
 }
