@@ -20,7 +20,7 @@
 //!   (404 `NotFound`, 409 `AlreadyExists`/`Conflict`, 410 `Expired`, 422 `Invalid` with causes).
 //! - `/healthz`, `/livez`, `/readyz`, `/version` (v1.33.0), plain-JSON discovery (`/api`, `/apis`, …),
 //!   OpenAPI v3 ([`openapi`]) and Table answers for `kubectl get` ([`table`]): real kubectl works against it.
-//! - Built-in kinds (no schema validation): Namespace, Node, PersistentVolume, PersistentVolumeClaim,
+//! - Built-in kinds (unknown fields dropped, or refused with `fieldValidation=Strict`): Namespace, Node, PersistentVolume, PersistentVolumeClaim,
 //!   Secret, ConfigMap, Pod, Service, ServiceAccount, Event (core and `events.k8s.io`, one storage),
 //!   Lease, Deployment, DaemonSet, StatefulSet, RBAC roles and bindings, CustomResourceDefinition.
 //!   Nothing runs them: no scheduler, no controllers, no garbage collector.
@@ -31,7 +31,7 @@
 //!   exactly how ownership is simplified), patches ([`patch`]), selectors ([`selector`]).
 //! - One global resourceVersion; durable mode keeps everything in a data directory ([`store`]).
 //! - Fault hooks ([`Faults`], and [`TestApiServer::stop`], [`TestApiServer::refuse_connections`]).
-
+//!
 //! # What it does not do
 //! - Request bodies in CBOR, and in protobuf other than Namespace, ConfigMap and Secret ([`protobuf`]),
 //!   get `415`: kubectl 1.33's typed generators for other kinds (`kubectl create deployment …`) fail;
@@ -39,7 +39,8 @@
 //!   `/openapi/v2` is an empty document.
 //! - No authentication or authorization, admission webhooks, conversion webhooks (versions of a CRD differ
 //!   only in `apiVersion`), garbage collection of owner references, or controllers (a Pod stays as written).
-//! - Built-in kinds are not schema-checked: unknown fields in them are kept, not refused.
+//! - Built-in kinds are checked for unknown field names only ([`builtin_schema`]), not for values or
+//!   required fields.
 //! - Strategic merge patch is a JSON merge patch (lists are replaced, not merged by key); server-side
 //!   apply treats lists as atomic ([`managed`]).
 //! - Lists are always served at the latest resourceVersion (`resourceVersionMatch` is ignored); a
