@@ -472,3 +472,62 @@ async fn a_streaming_list_watcher_gets_the_initial_events() -> TestResult {
     task.abort();
     Ok(())
 }
+
+#[tokio::test]
+async fn a_watch_delivers_every_change_in_order_exactly_once() -> TestResult {
+    let (server, client) = server().await?;
+    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), "default");
+    let start = server
+        .resource_version()
+        .ok_or("no resourceVersion")?
+        .to_string();
+    let mut stream = cms.watch(&WatchParams::default(), &start).await?.boxed();
+
+    // Four writers at once, each creating then updating its own objects.
+    let mut writers = Vec::new();
+    for w in 0..4 {
+        let cms = cms.clone();
+        writers.push(tokio::spawn(async move {
+            let mut rvs = Vec::new();
+            for i in 0..25 {
+                let name = format!("w{w}-{i}");
+                let created = cms
+                    .create(&PostParams::default(), &config_map(&name, &[]))
+                    .await?;
+                rvs.push(created.metadata.resource_version.unwrap_or_default());
+                let patch = Patch::Merge(json!({"data": {"n": i.to_string()}}));
+                let patched = cms.patch(&name, &PatchParams::default(), &patch).await?;
+                rvs.push(patched.metadata.resource_version.unwrap_or_default());
+            }
+            Ok::<_, kube::Error>(rvs)
+        }));
+    }
+    let mut written = Vec::new();
+    for w in writers {
+        written.extend(w.await??);
+    }
+    let mut written: Vec<u64> = written
+        .iter()
+        .map(|rv| rv.parse())
+        .collect::<Result<_, _>>()?;
+    written.sort_unstable();
+
+    let mut seen = Vec::new();
+    while seen.len() < written.len() {
+        match tokio::time::timeout(Duration::from_secs(10), stream.try_next()).await {
+            Ok(Ok(Some(WatchEvent::Added(c) | WatchEvent::Modified(c)))) => {
+                seen.push(
+                    c.metadata
+                        .resource_version
+                        .unwrap_or_default()
+                        .parse::<u64>()?,
+                );
+            }
+            Ok(Ok(Some(WatchEvent::Bookmark(_)))) => {}
+            other => return Err(format!("after {} events: {other:?}", seen.len()).into()),
+        }
+    }
+    assert!(seen.windows(2).all(|w| w[0] < w[1]), "events out of order");
+    assert_eq!(seen, written, "every write exactly once");
+    Ok(())
+}
