@@ -668,6 +668,12 @@ impl ControlSystem for ManualFreeze {
             kubectl::cg_line(&group)
         ));
         let mut released = false;
+        if world.group.spec.policy == Policy::FreezeAndStop {
+            timeline.say(
+                "control: FreezeAndStop: the held writes stay held (not acknowledged) until a person \
+                 sets spec.release.epoch or spec.resync.epoch, or the hold timeout fails them",
+            );
+        }
         if world.group.spec.policy == Policy::FreezeAndGo {
             let mut refused = None;
             for (node, handles) in &nodes {

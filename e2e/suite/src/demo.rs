@@ -7,6 +7,8 @@
 
 use std::time::Duration;
 
+use lockstep_api::domain::Policy;
+use lockstep_api::v1alpha1::ConsistencyGroup;
 use lockstep_checker::{
     CheckOptions, Layout, OnError, Progress, Source, Verdict, WorkloadHandle, WorkloadOptions,
     WorkloadReport,
@@ -44,6 +46,8 @@ pub struct ScenarioOptions {
     pub slots: u64,
     /// Writes acknowledged before the link is cut.
     pub writes_before_cut: u64,
+    /// The group's policy; `None` keeps the example's (FreezeAndGo).
+    pub policy: Option<Policy>,
 }
 
 impl Default for ScenarioOptions {
@@ -56,6 +60,7 @@ impl Default for ScenarioOptions {
             span: 2,
             slots: 256,
             writes_before_cut: 300,
+            policy: None,
         }
     }
 }
@@ -121,7 +126,11 @@ pub async fn run_scenario<C: ControlSystem>(
         "Lockstep demo: two simulated clusters, three replicated volumes in one ConsistencyGroup, \
          a dependent-write workload, one replication link cut",
     );
-    let world = World::start(WorldSpec::example(options.volume_mib << 20)?, timeline).await?;
+    let mut spec = WorldSpec::example(options.volume_mib << 20)?;
+    if let Some(policy) = options.policy {
+        spec.group.spec.policy = policy;
+    }
+    let world = World::start(spec, timeline).await?;
     run_in_world(&world, options, control, timeline).await
 }
 
@@ -247,7 +256,7 @@ pub async fn run_in_world<C: ControlSystem>(
         if freeze.released {
             "primaries run on, unreplicated"
         } else {
-            "writes are not acknowledged while frozen"
+            "FreezeAndStop: writes stay held until a person releases or resyncs"
         },
         now.acked,
         now.failures,
@@ -288,6 +297,25 @@ pub async fn run_in_world<C: ControlSystem>(
             }
         }
     }
+    // The person's intent, named by epoch so that it acts once: thaw and resync.
+    let intent = serde_json::json!({"spec": {"resync": {"epoch": freeze.epoch}}});
+    kube::Api::<ConsistencyGroup>::all(world.hub().client.clone())
+        .patch(
+            &world.group_name,
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(&intent),
+        )
+        .await
+        .map_err(|source| ClusterError::Kube {
+            cluster: world.hub().name().to_owned(),
+            what: format!("setting spec.resync.epoch of cg {}", world.group_name),
+            source,
+        })?;
+    timeline.say(format!(
+        "{}: kubectl patch cg {} --type merge -p '{intent}'",
+        world.hub().name(),
+        world.group_name
+    ));
     let thaw = control.thaw(world, timeline).await?;
     let mut differences = Vec::new();
     for (c, v) in world.volumes() {

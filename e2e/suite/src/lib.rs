@@ -41,6 +41,27 @@ pub struct Options {
     /// Size of every volume, in MiB.
     #[arg(long, default_value_t = 16)]
     pub volume_mib: u64,
+    /// The group's policy (the example's is freeze-and-go).
+    #[arg(long, value_enum, default_value_t = PolicyFlag::FreezeAndGo)]
+    pub policy: PolicyFlag,
+}
+
+/// `--policy`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum PolicyFlag {
+    /// Once every member is frozen, release the held writes; primaries run on unreplicated.
+    FreezeAndGo,
+    /// Keep the writes held until a person acts (the demo sets spec.resync.epoch).
+    FreezeAndStop,
+}
+
+impl From<PolicyFlag> for lockstep_api::domain::Policy {
+    fn from(flag: PolicyFlag) -> Self {
+        match flag {
+            PolicyFlag::FreezeAndGo => Self::FreezeAndGo,
+            PolicyFlag::FreezeAndStop => Self::FreezeAndStop,
+        }
+    }
 }
 
 impl Default for Options {
@@ -51,6 +72,7 @@ impl Default for Options {
             cut_mode: d.cut_mode,
             lanes: d.lanes,
             volume_mib: d.volume_mib,
+            policy: PolicyFlag::FreezeAndGo,
         }
     }
 }
@@ -63,6 +85,7 @@ impl Options {
             cut_mode: self.cut_mode,
             lanes: self.lanes,
             volume_mib: self.volume_mib,
+            policy: Some(self.policy.into()),
             ..ScenarioOptions::default()
         }
     }

@@ -49,6 +49,30 @@ async fn the_freeze_keeps_the_secondaries_consistent_and_resync_makes_them_ident
     assert!(text.contains("verdict: CONSISTENT"), "{text}");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn freeze_and_stop_keeps_the_writes_held_until_the_resync_and_stays_consistent() {
+    let timeline = Timeline::new(false);
+    let mut control = ManualFreeze::new(lockstep_e2e::REPLICATOR_API);
+    let options = ScenarioOptions {
+        policy: Some(lockstep_api::domain::Policy::FreezeAndStop),
+        cut: "west-reporting".into(),
+        ..ScenarioOptions::default()
+    };
+    let report = run_scenario(&options, &mut control, &timeline)
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", timeline.text()));
+    let text = timeline.text();
+    assert!(report.verdict.is_consistent(), "{}\n{text}", report.verdict);
+    assert!(!report.freeze.released, "{text}");
+    assert_eq!(report.thaw, ThawOutcome::Resumed, "{text}");
+    for (volume, difference) in &report.differences {
+        assert_eq!(
+            *difference, None,
+            "{volume} differs after the resync\n{text}"
+        );
+    }
+}
+
 /// A broken control system: it suspends and at once releases each volume in turn, waiting after each
 /// release until that volume has acknowledged some writes primary-only while the others still copy.
 struct EarlyRelease {
