@@ -313,6 +313,18 @@ pub enum Refusal {
         /// The fail-safe epoch.
         epoch: u64,
     },
+    /// A volume still frozen in the group it left is not moved into another before that one replicates.
+    #[error(
+        "volume {volume} stays suspended in group {frozen_in} until it replicates again; not joining {group_uid}"
+    )]
+    StillFrozen {
+        /// The volume.
+        volume: String,
+        /// The group that claims it now.
+        group_uid: String,
+        /// The frozen group it carries.
+        frozen_in: String,
+    },
     /// A copy failure on a volume in no known group.
     #[error("copy failure on volume {volume}, which is in no known group")]
     FailureOutsideGroup {
@@ -666,10 +678,31 @@ impl Enforcer {
         let mut release = Vec::new();
         let mut resume = Vec::new();
         let mut configure = Vec::new();
+        let groups = &self.groups;
         for name in volumes {
             let Some(volume) = self.volumes.get_mut(name) else {
                 continue;
             };
+            // A volume that left a frozen group stays suspended until that group replicates again
+            // (rule 5): it does not join this one before.
+            if let (Some(other), Some(level)) = (volume.group_uid.as_deref(), volume.level)
+                && other != uid
+                && level.rank != Rank::Resume
+            {
+                let replicating_again = groups
+                    .get(other)
+                    .and_then(|g| g.seen)
+                    .is_some_and(|s| s.rank == Rank::Resume && s.epoch >= level.epoch)
+                    && groups.get(other).is_some_and(|g| g.fail_safe.is_none());
+                if !replicating_again {
+                    out.refused.push(Refusal::StillFrozen {
+                        volume: name.clone(),
+                        group_uid: uid.to_owned(),
+                        frozen_in: other.to_owned(),
+                    });
+                    continue;
+                }
+            }
             let carried = match volume.group_uid.as_deref() {
                 Some(g) if g == uid => volume.level,
                 _ => None,

@@ -370,6 +370,38 @@ fn volumes_not_served_here_and_double_claims_are_refused() {
 }
 
 #[test]
+fn a_volume_leaving_a_frozen_group_stays_suspended_until_that_group_replicates() {
+    let mut core = replicating();
+    core.handle(directive(Path::Api, 2, Stage::Freeze));
+    // v2 moves to another group while the first is frozen: refused, left suspended.
+    core.handle(membership(Path::Api, &["v1"]));
+    let other = |epoch, stage| Input::Directive {
+        path: Path::Api,
+        target: GroupEpoch {
+            group_uid: "other-group".into(),
+            epoch,
+            stage,
+        },
+    };
+    core.handle(other(0, Stage::Resume));
+    let out = core.handle(Input::Membership {
+        path: Path::Api,
+        group_uid: "other-group".into(),
+        group_name: "other".into(),
+        volumes: ["v2".to_owned()].into(),
+        hold_timeout_ms: 1000,
+    });
+    assert!(out.operations.is_empty(), "{out:?}");
+    assert!(matches!(out.refused[..], [Refusal::StillFrozen { .. }]));
+    // Once the first group replicates again, v2 joins the other group.
+    let out = core.handle(directive(Path::Grpc, 2, Stage::Resume));
+    assert!(out.operations.iter().any(|op| matches!(
+        op,
+        Operation::Configure { volume, group_uid, .. } if volume == "v2" && group_uid == "other-group"
+    )));
+}
+
+#[test]
 fn volumes_in_no_group_are_confirmed_standalone_once_a_path_is_synced() {
     let mut core = replicating();
     let out = core.handle(Input::Synced(Path::Api));
