@@ -7,8 +7,16 @@
 //! tests and later crates start [`Primary`] and [`secondary::Secondary`] in-process.
 //!
 //! Modules: [`nbd`] (protocol codec and server), [`wire`] (replication frames), [`store`] (ordered file
-//! I/O with group commit), [`copy`] (the copy state machine and link), [`volume`], [`secondary`],
-//! [`dirty`] (dirty-region map), [`events`], [`linkcut`] (a fault-injecting TCP proxy for tests).
+//! I/O with group commit), [`hold`] (the per-volume replication state machine: copy, hold, suspend /
+//! release / resume, hold timeout, persisted state), [`copy`] (the replication link), [`volume`],
+//! [`secondary`], [`dirty`] (dirty-region map), [`events`], `control` (the `Replicator` gRPC service,
+//! feature `control`, on by default), [`linkcut`] (a fault-injecting TCP proxy for tests).
+//!
+//! Durability: the secondary acknowledges a write only after an `fdatasync` of its file that followed
+//! the write returned (group commit: one `fdatasync` per batch of queued writes). The primary
+//! acknowledges a write to its NBD client only when the write is in its own file (durable too if the
+//! client asked for FUA) **and** the secondary acknowledged it — or, after a release, when the persisted
+//! dirty-region map covers it.
 
 #[cfg(feature = "control")]
 pub mod control;
