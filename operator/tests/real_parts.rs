@@ -1,0 +1,394 @@
+//! The whole freeze with real parts: two test API servers over real HTTP (east is the hub), the reference
+//! replicator on each node (volumes served over NBD, copied through a cuttable link to a real secondary),
+//! a real sidecar per node over real gRPC and a unix socket, and the operator. The dependent-write workload
+//! runs across the three volumes; one link is cut; the operator freezes every member on both paths,
+//! releases (FreezeAndGo), and the consistency checker passes on the secondaries.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::{collections::BTreeMap, future::Future, path::PathBuf, time::Duration};
+
+use k8s_openapi::{
+    api::core::v1::{
+        CSIPersistentVolumeSource, Namespace, PersistentVolume, PersistentVolumeClaim,
+        PersistentVolumeClaimSpec, PersistentVolumeSpec, Secret,
+    },
+    apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
+    apimachinery::pkg::apis::meta::v1::ObjectMeta,
+};
+use kube::{Api, Client, api::PostParams};
+use lockstep_api::{
+    domain::{ClusterPaths, Phase, Policy, Stage},
+    v1alpha1::{
+        ConsistencyGroup, ConsistencyGroupSpec, GroupMember, MemberCluster, MemberClusterSpec,
+        SecretKeyRef,
+    },
+};
+use lockstep_checker::{
+    CheckOptions, Layout, NbdAddress, OnError, Source, WorkloadHandle, WorkloadOptions,
+};
+use lockstep_operator::{Operator, Options};
+use lockstep_replicator::{
+    Primary, PrimaryConfig, VolumeConfig,
+    copy::CopyConfig,
+    linkcut::{LinkCut, LinkMode},
+    secondary::{Secondary, SecondaryConfig},
+};
+use lockstep_sidecar::Sidecar;
+use lockstep_testapi::TestApiServer;
+
+const MIB: u64 = 1024 * 1024;
+
+async fn eventually<T, F, Fut>(what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A test API server with the CRDs, namespaces `orders` and `lockstep`.
+async fn cluster() -> (TestApiServer, Client) {
+    let server = TestApiServer::start(Default::default()).await.unwrap();
+    let client = server.client().await.unwrap();
+    let crds = Api::<CustomResourceDefinition>::all(client.clone());
+    for crd in lockstep_api::crds::all() {
+        crds.create(&PostParams::default(), &crd).await.unwrap();
+        let name = crd.metadata.name.clone().unwrap();
+        eventually("CRD established", || {
+            let crds = crds.clone();
+            let name = name.clone();
+            async move {
+                let crd = crds.get(&name).await.ok()?;
+                crd.status?
+                    .conditions?
+                    .iter()
+                    .any(|c| c.type_ == "Established" && c.status == "True")
+                    .then_some(())
+            }
+        })
+        .await;
+    }
+    for namespace in ["orders", "lockstep"] {
+        let object = Namespace {
+            metadata: ObjectMeta {
+                name: Some(namespace.into()),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        Api::<Namespace>::all(client.clone())
+            .create(&PostParams::default(), &object)
+            .await
+            .unwrap();
+    }
+    (server, client)
+}
+
+/// One node: a replicator primary serving `volumes`, each copied through its own cuttable link to the
+/// node's secondary; the PV and bound PVC of each volume in the cluster's API server.
+struct Node {
+    dir: tempfile::TempDir,
+    _secondary: Secondary,
+    links: BTreeMap<String, LinkCut>,
+    primary: Primary,
+}
+
+impl Node {
+    async fn start(client: &Client, volumes: &[&str]) -> Node {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("primary")).unwrap();
+        let secondary = Secondary::start(SecondaryConfig {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            dir: dir.path().join("secondary"),
+        })
+        .await
+        .unwrap();
+        let mut links = BTreeMap::new();
+        let mut configs = Vec::new();
+        for name in volumes {
+            let link = LinkCut::start(secondary.local_addr()).await.unwrap();
+            let copy = CopyConfig {
+                secondary: link.addr().to_string(),
+                timeout: Duration::from_secs(5),
+            };
+            configs.push(VolumeConfig {
+                require_confirmation: true,
+                ..VolumeConfig::new(
+                    name,
+                    dir.path().join("primary").join(name),
+                    Some(4 * MIB),
+                    Some(copy),
+                )
+            });
+            links.insert((*name).to_owned(), link);
+            claim(client, name).await;
+        }
+        let primary = Primary::start(PrimaryConfig {
+            volumes: configs,
+            nbd_listen: Some("127.0.0.1:0".parse().unwrap()),
+            nbd_socket: None,
+            record_latency: false,
+            control_socket: Some(dir.path().join("control.sock")),
+        })
+        .await
+        .unwrap();
+        Node {
+            dir,
+            _secondary: secondary,
+            links,
+            primary,
+        }
+    }
+
+    fn socket(&self) -> PathBuf {
+        self.dir.path().join("control.sock")
+    }
+
+    fn nbd(&self, volume: &str) -> NbdAddress {
+        let addr = self.primary.nbd_addr().unwrap();
+        format!("nbd://{}:{}/{volume}", addr.ip(), addr.port())
+            .parse()
+            .unwrap()
+    }
+
+    fn secondary_file(&self, volume: &str) -> PathBuf {
+        self.dir.path().join("secondary").join(volume)
+    }
+}
+
+async fn claim(client: &Client, volume: &str) {
+    let pv = PersistentVolume {
+        metadata: ObjectMeta {
+            name: Some(format!("pv-{volume}")),
+            ..Default::default()
+        },
+        spec: Some(PersistentVolumeSpec {
+            csi: Some(CSIPersistentVolumeSource {
+                driver: "nbd.lockstep.dev".into(),
+                volume_handle: volume.into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        status: None,
+    };
+    Api::<PersistentVolume>::all(client.clone())
+        .create(&PostParams::default(), &pv)
+        .await
+        .unwrap();
+    let pvc = PersistentVolumeClaim {
+        metadata: ObjectMeta {
+            name: Some(volume.into()),
+            namespace: Some("orders".into()),
+            ..Default::default()
+        },
+        spec: Some(PersistentVolumeClaimSpec {
+            volume_name: Some(format!("pv-{volume}")),
+            ..Default::default()
+        }),
+        status: None,
+    };
+    Api::<PersistentVolumeClaim>::namespaced(client.clone(), "orders")
+        .create(&PostParams::default(), &pvc)
+        .await
+        .unwrap();
+}
+
+async fn sidecar(
+    node: &Node,
+    cluster: &str,
+    name: &str,
+    client: &Client,
+    operator: &Operator,
+) -> Sidecar {
+    let mut options = lockstep_sidecar::Options::new(name, cluster);
+    options.replicator_socket = node.socket();
+    options.operator_endpoint = Some(format!("http://{}", operator.grpc_addr));
+    options.listen = "127.0.0.1:0".parse().unwrap();
+    options.inventory_interval = Duration::from_millis(300);
+    options.rpc_timeout = Duration::from_secs(2);
+    options.fail_safe_interval = Duration::from_secs(10);
+    options.lease_duration = Duration::from_secs(3);
+    Sidecar::start(options, Some(client.clone())).await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_cut_link_freezes_every_member_on_both_paths_and_the_secondaries_stay_consistent() {
+    let _ = tracing_subscriber::fmt()
+        .with_test_writer()
+        .with_env_filter(std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
+        .try_init();
+    let (_east, hub) = cluster().await;
+    let (west, west_client) = cluster().await;
+    let east_node = Node::start(&hub, &["wal", "data"]).await;
+    let west_node = Node::start(&west_client, &["reporting"]).await;
+
+    // The hub knows both clusters.
+    let local = MemberClusterSpec {
+        paths: ClusterPaths::Both,
+        local: true,
+        kubeconfig_secret_ref: None,
+        network: None,
+    };
+    Api::<MemberCluster>::all(hub.clone())
+        .create(&PostParams::default(), &MemberCluster::new("east", local))
+        .await
+        .unwrap();
+    let yaml = serde_yaml_ng::to_string(&west.kubeconfig().unwrap()).unwrap();
+    let secret = Secret {
+        metadata: ObjectMeta {
+            name: Some("west".into()),
+            namespace: Some("lockstep".into()),
+            ..Default::default()
+        },
+        string_data: Some(BTreeMap::from([("kubeconfig".to_owned(), yaml)])),
+        ..Default::default()
+    };
+    Api::<Secret>::namespaced(hub.clone(), "lockstep")
+        .create(&PostParams::default(), &secret)
+        .await
+        .unwrap();
+    let both = MemberClusterSpec {
+        paths: ClusterPaths::Both,
+        local: false,
+        kubeconfig_secret_ref: Some(SecretKeyRef {
+            namespace: "lockstep".into(),
+            name: "west".into(),
+            key: "kubeconfig".into(),
+        }),
+        network: None,
+    };
+    Api::<MemberCluster>::all(hub.clone())
+        .create(&PostParams::default(), &MemberCluster::new("west", both))
+        .await
+        .unwrap();
+
+    let options = Options {
+        kubeconfig: None,
+        hub_name: "east".into(),
+        grpc_listen: "127.0.0.1:0".parse().unwrap(),
+        http_listen: "127.0.0.1:0".parse().unwrap(),
+        resync_interval: Duration::from_millis(300),
+        leader_election: false,
+        namespace: "lockstep".into(),
+        identity: "operator-0".into(),
+        lease_duration: Duration::from_secs(15),
+    };
+    let operator = Operator::start(hub.clone(), &options).await.unwrap();
+    let _east_sidecar = sidecar(&east_node, "east", "e1", &hub, &operator).await;
+    let _west_sidecar = sidecar(&west_node, "west", "w1", &west_client, &operator).await;
+
+    let groups = Api::<ConsistencyGroup>::all(hub.clone());
+    let member = |cluster: &str, names: &[&str]| GroupMember {
+        cluster: cluster.into(),
+        namespace: "orders".into(),
+        pvc_names: Some(names.iter().map(|name| (*name).to_owned()).collect()),
+        selector: None,
+    };
+    let spec = ConsistencyGroupSpec {
+        members: vec![
+            member("east", &["wal", "data"]),
+            member("west", &["reporting"]),
+        ],
+        policy: Policy::FreezeAndGo,
+        hold_timeout: "30s".into(),
+        release: None,
+        resync: None,
+        freeze: None,
+    };
+    groups
+        .create(
+            &PostParams::default(),
+            &ConsistencyGroup::new("orders-db", spec),
+        )
+        .await
+        .unwrap();
+    eventually("the group resolved and replicating", || {
+        let groups = groups.clone();
+        async move {
+            let status = groups.get("orders-db").await.ok()?.status?;
+            (status.phase == Some(Phase::Replicating) && status.member_count == 3).then_some(())
+        }
+    })
+    .await;
+
+    // The dependent-write workload across the three volumes (lanes keep writing beside a held volume).
+    let addresses = vec![
+        east_node.nbd("wal"),
+        east_node.nbd("data"),
+        west_node.nbd("reporting"),
+    ];
+    let layout = Layout::with_span(3, 3, 2, 64, 0).unwrap();
+    let mut workload_options = WorkloadOptions::new(layout, None);
+    workload_options.on_error = OnError::Retry;
+    workload_options.retry_backoff = Duration::from_millis(20);
+    workload_options.flush_at_end = false;
+    let run_id = workload_options.run_id;
+    let mut workload = WorkloadHandle::spawn(addresses, workload_options);
+    workload
+        .wait_for_acked(60, Duration::from_secs(60))
+        .await
+        .unwrap();
+
+    // Cut wal's replication link.
+    east_node.links["wal"].set_mode(LinkMode::Reset);
+    let before_failure = workload.current().last_acked.clone();
+    let group = eventually("the freeze released at epoch 1 (FreezeAndGo)", || {
+        let groups = groups.clone();
+        async move {
+            let group = groups.get("orders-db").await.ok()?;
+            (group.position() == (1, Stage::Release)).then_some(group)
+        }
+    })
+    .await;
+    let status = group.status.clone().unwrap();
+    assert_eq!(status.phase, Some(Phase::Running));
+    let mut image = status.consistent_image.clone().unwrap().volume_handles;
+    image.sort();
+    assert_eq!(
+        image,
+        vec!["data", "reporting", "wal"],
+        "every member is in the consistent image"
+    );
+    assert_eq!(
+        status.trigger.as_ref().unwrap().volume_handle.as_deref(),
+        Some("wal")
+    );
+    for member in &status.members {
+        let ack = member.acknowledged.as_ref().unwrap();
+        assert!((ack.epoch, ack.stage) >= (1, Stage::Freeze), "{member:?}");
+    }
+
+    // The primaries run on, unreplicated.
+    let after_release = workload.current().acked;
+    workload
+        .wait_for_acked(after_release + 30, Duration::from_secs(60))
+        .await
+        .unwrap();
+    let report = workload.stop_and_join().await.unwrap();
+    assert!(report.acked > after_release);
+
+    // The secondaries together hold a state the application could have produced.
+    let sources = vec![
+        Source::File(east_node.secondary_file("wal")),
+        Source::File(east_node.secondary_file("data")),
+        Source::File(west_node.secondary_file("reporting")),
+    ];
+    let verdict =
+        lockstep_checker::check_sources(&sources, &CheckOptions::lanes(before_failure).run(run_id))
+            .await
+            .unwrap();
+    assert!(verdict.is_consistent(), "{verdict}");
+    operator.shutdown().await;
+}
