@@ -214,8 +214,8 @@ pub struct SimCluster {
     pub primary: Primary,
     /// The replicator secondary (the remote site) of every volume.
     pub secondary: Secondary,
-    /// The unix socket of the node replicator's `Replicator` gRPC service, when it serves one
-    /// (replicator part 2; `None` until then).
+    /// The unix socket of the node replicator's `Replicator` gRPC service (what the node's sidecar
+    /// dials).
     pub control_socket: Option<PathBuf>,
     /// The volumes, in spec order.
     pub volumes: Vec<SimVolume>,
@@ -305,11 +305,13 @@ impl SimCluster {
             links.push(link);
         }
         let socket = dir.join("nbd.sock");
+        let control_socket = dir.join("replicator.sock");
         let primary = Primary::start(PrimaryConfig {
             volumes: configs.clone(),
             nbd_listen: None,
             nbd_socket: Some(socket.clone()),
             record_latency: false,
+            control_socket: Some(control_socket.clone()),
         })
         .await
         .map_err(|source| ClusterError::Replicator {
@@ -359,7 +361,7 @@ impl SimCluster {
             kubeconfig,
             primary,
             secondary,
-            control_socket: None,
+            control_socket: Some(control_socket),
             volumes,
             dir: dir.to_path_buf(),
         })

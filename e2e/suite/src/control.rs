@@ -547,7 +547,7 @@ impl ControlSystem for ManualFreeze {
     fn describe(&self) -> String {
         match self.api {
             ReplicatorApi::Grpc => "operator not built yet: the demo freezes the replicators itself, \
-                                    through their Replicator gRPC service"
+                                    through their Replicator gRPC service (each node's unix socket)"
                 .into(),
             ReplicatorApi::InProcess => "operator not built yet: the demo freezes the replicators itself \
                                          (directives called in-process: the replicator's gRPC socket is \

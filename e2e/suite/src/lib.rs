@@ -91,9 +91,9 @@ impl Options {
     }
 }
 
-/// How the demo reaches the replicators today: in-process, as the primaries do not serve their gRPC
-/// control socket yet. Switch to [`ReplicatorApi::Grpc`] when they do.
-pub const REPLICATOR_API: ReplicatorApi = ReplicatorApi::InProcess;
+/// How the demo reaches the replicators: through their `Replicator` gRPC service on each node's unix
+/// socket, as a sidecar does.
+pub const REPLICATOR_API: ReplicatorApi = ReplicatorApi::Grpc;
 
 /// Runs the demo, printing its timeline; fails when the checker finds the secondaries inconsistent.
 pub async fn run(options: Options) -> anyhow::Result<()> {
