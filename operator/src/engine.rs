@@ -806,10 +806,15 @@ fn apply_resolution(group: &mut ConsistencyGroup, observation: &Observation) {
             "Unresolved"
         },
         message: if resolution.resolved {
-            format!(
+            let mut message = format!(
                 "{} member volumes resolved to volumes and nodes",
                 status.member_count
-            )
+            );
+            if !resolution.stale.is_empty() {
+                message.push_str("; ");
+                message.push_str(&resolution.stale.join("; "));
+            }
+            message
         } else {
             resolution.problems.join("; ")
         },

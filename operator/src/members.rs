@@ -60,6 +60,8 @@ pub struct Resolution {
     pub resolved: bool,
     /// Why not, in sentences (empty when resolved).
     pub problems: Vec<String>,
+    /// Members kept as last resolved because their cluster's API server could not be read.
+    pub stale: Vec<String>,
 }
 
 /// Resolves the spec's members against the clusters' views.
@@ -74,6 +76,7 @@ pub fn resolve(
 ) -> Resolution {
     let mut members = Vec::new();
     let mut problems = Vec::new();
+    let mut stale = Vec::new();
     for member in spec_members {
         let Some(view) = clusters.get(&member.cluster) else {
             problems.push(format!(
@@ -82,6 +85,38 @@ pub fn resolve(
             ));
             continue;
         };
+        // An API server that cannot be read does not change which volumes a member is: keep what was
+        // resolved before (with its acknowledgements) rather than unresolve it and block a release.
+        if view.paths != ClusterPaths::GrpcOnly && view.unavailable.is_some() {
+            let known: Vec<MemberVolumeStatus> = previous
+                .iter()
+                .filter(|earlier| {
+                    earlier.cluster == member.cluster && earlier.namespace == member.namespace
+                })
+                .filter(|earlier| {
+                    member
+                        .pvc_names
+                        .as_ref()
+                        .is_none_or(|names| names.contains(&earlier.pvc))
+                })
+                .filter(|earlier| earlier.volume_handle.is_some() && earlier.node.is_some())
+                .cloned()
+                .collect();
+            let expected = member
+                .pvc_names
+                .as_ref()
+                .map_or(known.len().max(1), Vec::len);
+            if known.len() == expected {
+                stale.push(format!(
+                    "{}/{} kept as last resolved ({})",
+                    member.cluster,
+                    member.namespace,
+                    view.unavailable.as_deref().unwrap_or_default()
+                ));
+                members.extend(known);
+                continue;
+            }
+        }
         let claims = match claim_names(member, view) {
             Ok(claims) => claims,
             Err(problem) => {
@@ -140,6 +175,7 @@ pub fn resolve(
         resolved: problems.is_empty() && !members.is_empty(),
         members,
         problems,
+        stale,
     }
 }
 
@@ -470,6 +506,46 @@ mod tests {
         assert!(
             text.contains("\"mars\" is not a known MemberCluster"),
             "{text}"
+        );
+    }
+
+    #[test]
+    fn an_unreadable_api_server_keeps_what_was_resolved() {
+        let clusters = BTreeMap::from([("east".to_owned(), east())]);
+        let before = resolve(
+            &[by_names("east", &["wal", "data"])],
+            &clusters,
+            &[],
+            &BTreeMap::new(),
+        );
+        assert!(before.resolved);
+        let down = ClusterView {
+            unavailable: Some("did not answer".into()),
+            ..ClusterView::default()
+        };
+        let clusters = BTreeMap::from([("east".to_owned(), down)]);
+        let during = resolve(
+            &[by_names("east", &["wal", "data"])],
+            &clusters,
+            &before.members,
+            &BTreeMap::new(),
+        );
+        assert!(during.resolved, "{:?}", during.problems);
+        assert!(
+            during.stale[0].contains("did not answer"),
+            "{:?}",
+            during.stale
+        );
+        assert_eq!(during.members, before.members);
+        let new_claim = resolve(
+            &[by_names("east", &["wal", "data", "new"])],
+            &clusters,
+            &before.members,
+            &BTreeMap::new(),
+        );
+        assert!(
+            !new_claim.resolved,
+            "a claim never resolved cannot be resolved while the API server is down"
         );
     }
 

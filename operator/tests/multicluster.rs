@@ -588,15 +588,16 @@ async fn unreachable_clusters_bad_kubeconfigs_and_double_claims_show_in_conditio
     resolved(&world.east_client, "west-only", 1).await;
     world.west.stop().await;
     eventually(
-        "MembersResolved=False naming the unreachable API server",
+        "MembersResolved keeps west's volumes, saying its API server cannot be read",
         || {
             let hub_groups = hub_groups.clone();
             async move {
-                let (resolved, message) = condition_of(
-                    &hub_groups.get("west-only").await.ok()?,
-                    condition::MEMBERS_RESOLVED,
-                )?;
-                (!resolved && message.contains("west")).then_some(())
+                let group = hub_groups.get("west-only").await.ok()?;
+                let (resolved, message) = condition_of(&group, condition::MEMBERS_RESOLVED)?;
+                (resolved
+                    && message.contains("kept as last resolved")
+                    && group.status?.members.len() == 1)
+                    .then_some(())
             }
         },
     )
