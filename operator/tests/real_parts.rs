@@ -210,11 +210,11 @@ async fn sidecar(
     cluster: &str,
     name: &str,
     client: &Client,
-    operator: &Operator,
+    endpoint: &str,
 ) -> Sidecar {
     let mut options = lockstep_sidecar::Options::new(name, cluster);
     options.replicator_socket = node.socket();
-    options.operator_endpoint = Some(format!("http://{}", operator.grpc_addr));
+    options.operator_endpoint = Some(endpoint.to_owned());
     options.listen = "127.0.0.1:0".parse().unwrap();
     options.inventory_interval = Duration::from_millis(300);
     options.rpc_timeout = Duration::from_secs(2);
@@ -223,8 +223,33 @@ async fn sidecar(
     Sidecar::start(options, Some(client.clone())).await.unwrap()
 }
 
+/// What else is broken when the link is cut.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fault {
+    /// Nothing: both paths work.
+    None,
+    /// West's API server is stopped: west hears the freeze and answers over gRPC only.
+    WestApiServerDown,
+    /// The operator's gRPC listener cannot be reached: every member freezes through the API servers.
+    GrpcDown,
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_cut_link_freezes_every_member_on_both_paths_and_the_secondaries_stay_consistent() {
+    scenario(Fault::None).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn with_a_member_api_server_stopped_its_volumes_freeze_over_grpc() {
+    scenario(Fault::WestApiServerDown).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn with_the_grpc_listener_down_every_member_freezes_through_the_api_servers() {
+    scenario(Fault::GrpcDown).await;
+}
+
+async fn scenario(fault: Fault) {
     let _ = tracing_subscriber::fmt()
         .with_test_writer()
         .with_env_filter(std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
@@ -286,8 +311,18 @@ async fn a_cut_link_freezes_every_member_on_both_paths_and_the_secondaries_stay_
         lease_duration: Duration::from_secs(15),
     };
     let operator = Operator::start(hub.clone(), &options).await.unwrap();
-    let _east_sidecar = sidecar(&east_node, "east", "e1", &hub, &operator).await;
-    let _west_sidecar = sidecar(&west_node, "west", "w1", &west_client, &operator).await;
+    let endpoint = if fault == Fault::GrpcDown {
+        // A port nothing listens on: every call to the operator is refused.
+        let unused = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        format!("http://{unused}")
+    } else {
+        format!("http://{}", operator.grpc_addr)
+    };
+    let _east_sidecar = sidecar(&east_node, "east", "e1", &hub, &endpoint).await;
+    let _west_sidecar = sidecar(&west_node, "west", "w1", &west_client, &endpoint).await;
 
     let groups = Api::<ConsistencyGroup>::all(hub.clone());
     let member = |cluster: &str, names: &[&str]| GroupMember {
@@ -341,6 +376,9 @@ async fn a_cut_link_freezes_every_member_on_both_paths_and_the_secondaries_stay_
         .await
         .unwrap();
 
+    if fault == Fault::WestApiServerDown {
+        west.stop().await;
+    }
     // Cut wal's replication link.
     east_node.links["wal"].set_mode(LinkMode::Reset);
     let before_failure = workload.current().last_acked.clone();
@@ -354,6 +392,25 @@ async fn a_cut_link_freezes_every_member_on_both_paths_and_the_secondaries_stay_
     .await;
     let status = group.status.clone().unwrap();
     assert_eq!(status.phase, Some(Phase::Running));
+    let west_ack = status
+        .members
+        .iter()
+        .find(|m| m.cluster == "west")
+        .unwrap()
+        .acknowledged
+        .clone()
+        .unwrap();
+    match fault {
+        Fault::WestApiServerDown => assert_eq!(west_ack.path, lockstep_api::domain::Path::Grpc),
+        Fault::GrpcDown => {
+            assert_eq!(west_ack.path, lockstep_api::domain::Path::Api);
+            assert_eq!(
+                status.trigger.as_ref().unwrap().path,
+                Some(lockstep_api::domain::Path::Api)
+            );
+        }
+        Fault::None => {}
+    }
     let mut image = status.consistent_image.clone().unwrap().volume_handles;
     image.sort();
     assert_eq!(
