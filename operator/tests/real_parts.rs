@@ -162,6 +162,10 @@ impl Node {
             .unwrap()
     }
 
+    fn primary_file(&self, volume: &str) -> PathBuf {
+        self.dir.path().join("primary").join(volume)
+    }
+
     fn secondary_file(&self, volume: &str) -> PathBuf {
         self.dir.path().join("secondary").join(volume)
     }
@@ -249,12 +253,24 @@ async fn with_the_grpc_listener_down_every_member_freezes_through_the_api_server
     scenario(Fault::GrpcDown).await;
 }
 
-async fn scenario(fault: Fault) {
+/// Two clusters (east is the hub), three volumes on two nodes with their sidecars, the operator, and a
+/// group of the three volumes, replicating.
+struct Bed {
+    _east: TestApiServer,
+    west: TestApiServer,
+    hub: Client,
+    east_node: Node,
+    west_node: Node,
+    operator: Operator,
+    _sidecars: Vec<Sidecar>,
+}
+
+async fn setup(fault: Fault, policy: Policy) -> Bed {
     let _ = tracing_subscriber::fmt()
         .with_test_writer()
         .with_env_filter(std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
         .try_init();
-    let (_east, hub) = cluster().await;
+    let (east, hub) = cluster().await;
     let (west, west_client) = cluster().await;
     let east_node = Node::start(&hub, &["wal", "data"]).await;
     let west_node = Node::start(&west_client, &["reporting"]).await;
@@ -321,8 +337,8 @@ async fn scenario(fault: Fault) {
     } else {
         format!("http://{}", operator.grpc_addr)
     };
-    let _east_sidecar = sidecar(&east_node, "east", "e1", &hub, &endpoint).await;
-    let _west_sidecar = sidecar(&west_node, "west", "w1", &west_client, &endpoint).await;
+    let east_sidecar = sidecar(&east_node, "east", "e1", &hub, &endpoint).await;
+    let west_sidecar = sidecar(&west_node, "west", "w1", &west_client, &endpoint).await;
 
     let groups = Api::<ConsistencyGroup>::all(hub.clone());
     let member = |cluster: &str, names: &[&str]| GroupMember {
@@ -336,7 +352,7 @@ async fn scenario(fault: Fault) {
             member("east", &["wal", "data"]),
             member("west", &["reporting"]),
         ],
-        policy: Policy::FreezeAndGo,
+        policy,
         hold_timeout: "30s".into(),
         release: None,
         resync: None,
@@ -358,11 +374,23 @@ async fn scenario(fault: Fault) {
     })
     .await;
 
-    // The dependent-write workload across the three volumes (lanes keep writing beside a held volume).
+    Bed {
+        _east: east,
+        west,
+        hub,
+        east_node,
+        west_node,
+        operator,
+        _sidecars: vec![east_sidecar, west_sidecar],
+    }
+}
+
+/// The dependent-write workload across the three volumes (lanes keep writing beside a held volume).
+async fn start_workload(bed: &Bed) -> (WorkloadHandle, u64) {
     let addresses = vec![
-        east_node.nbd("wal"),
-        east_node.nbd("data"),
-        west_node.nbd("reporting"),
+        bed.east_node.nbd("wal"),
+        bed.east_node.nbd("data"),
+        bed.west_node.nbd("reporting"),
     ];
     let layout = Layout::with_span(3, 3, 2, 64, 0).unwrap();
     let mut workload_options = WorkloadOptions::new(layout, None);
@@ -375,12 +403,27 @@ async fn scenario(fault: Fault) {
         .wait_for_acked(60, Duration::from_secs(60))
         .await
         .unwrap();
+    (workload, run_id)
+}
+
+fn secondaries(bed: &Bed) -> Vec<Source> {
+    vec![
+        Source::File(bed.east_node.secondary_file("wal")),
+        Source::File(bed.east_node.secondary_file("data")),
+        Source::File(bed.west_node.secondary_file("reporting")),
+    ]
+}
+
+async fn scenario(fault: Fault) {
+    let bed = setup(fault, Policy::FreezeAndGo).await;
+    let groups = Api::<ConsistencyGroup>::all(bed.hub.clone());
+    let (mut workload, run_id) = start_workload(&bed).await;
 
     if fault == Fault::WestApiServerDown {
-        west.stop().await;
+        bed.west.stop().await;
     }
     // Cut wal's replication link.
-    east_node.links["wal"].set_mode(LinkMode::Reset);
+    bed.east_node.links["wal"].set_mode(LinkMode::Reset);
     let before_failure = workload.current().last_acked.clone();
     let group = eventually("the freeze released at epoch 1 (FreezeAndGo)", || {
         let groups = groups.clone();
@@ -437,15 +480,159 @@ async fn scenario(fault: Fault) {
     assert!(report.acked > after_release);
 
     // The secondaries together hold a state the application could have produced.
-    let sources = vec![
-        Source::File(east_node.secondary_file("wal")),
-        Source::File(east_node.secondary_file("data")),
-        Source::File(west_node.secondary_file("reporting")),
-    ];
+    let sources = secondaries(&bed);
     let verdict =
         lockstep_checker::check_sources(&sources, &CheckOptions::lanes(before_failure).run(run_id))
             .await
             .unwrap();
     assert!(verdict.is_consistent(), "{verdict}");
-    operator.shutdown().await;
+    bed.operator.shutdown().await;
+}
+
+async fn patch_spec(groups: &Api<ConsistencyGroup>, spec: serde_json::Value) {
+    let patch = serde_json::json!({ "spec": spec });
+    groups
+        .patch(
+            "orders-db",
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(&patch),
+        )
+        .await
+        .unwrap();
+}
+
+async fn wait_for(
+    groups: &Api<ConsistencyGroup>,
+    what: &str,
+    done: impl Fn(&ConsistencyGroup) -> bool,
+) -> ConsistencyGroup {
+    eventually(what, || {
+        let groups = groups.clone();
+        let done = &done;
+        async move {
+            let group = groups.get("orders-db").await.ok()?;
+            done(&group).then_some(group)
+        }
+    })
+    .await
+}
+
+fn condition(group: &ConsistencyGroup, type_: &str) -> Option<(String, String, String)> {
+    let found = group
+        .status
+        .as_ref()?
+        .conditions
+        .iter()
+        .find(|c| c.type_ == type_)?;
+    Some((
+        found.status.clone(),
+        found.reason.clone(),
+        found.message.clone(),
+    ))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn freeze_and_stop_a_planned_freeze_holds_until_released_then_resync_makes_secondaries_identical()
+ {
+    let bed = setup(Fault::None, Policy::FreezeAndStop).await;
+    let groups = Api::<ConsistencyGroup>::all(bed.hub.clone());
+    let (mut workload, run_id) = start_workload(&bed).await;
+
+    // A planned freeze names the epoch it is meant for.
+    patch_spec(&groups, serde_json::json!({"freeze": {"epoch": 0}})).await;
+    let frozen = wait_for(&groups, "a planned freeze, every volume frozen", |group| {
+        group
+            .status
+            .as_ref()
+            .is_some_and(|status| status.phase == Some(Phase::Frozen))
+    })
+    .await;
+    assert_eq!(frozen.position(), (1, Stage::Freeze));
+    assert_eq!(
+        frozen
+            .status
+            .as_ref()
+            .unwrap()
+            .trigger
+            .as_ref()
+            .unwrap()
+            .reason,
+        "Planned"
+    );
+    // Writes are held: nothing more is acknowledged while frozen (FreezeAndStop).
+    let at_freeze = workload.current();
+    let verdict = lockstep_checker::check_sources(
+        &secondaries(&bed),
+        &CheckOptions::lanes(at_freeze.last_acked.clone()).run(run_id),
+    )
+    .await
+    .unwrap();
+    assert!(verdict.is_consistent(), "{verdict}");
+
+    // A release for another epoch is reported and ignored.
+    patch_spec(&groups, serde_json::json!({"release": {"epoch": 0}})).await;
+    let stale = wait_for(&groups, "the stale release reported", |group| {
+        condition(group, "Ready").is_some_and(|(_, reason, message)| {
+            reason == "StaleIntent"
+                && message.contains("spec.release.epoch 0 is not the current epoch 1")
+        })
+    })
+    .await;
+    assert_eq!(
+        stale.position(),
+        (1, Stage::Freeze),
+        "a stale release never acts"
+    );
+    assert!(
+        condition(&stale, "Ready")
+            .unwrap()
+            .2
+            .contains("spec.release.epoch 0 is not the current epoch 1")
+    );
+    assert_eq!(
+        workload.current().acked,
+        at_freeze.acked,
+        "writes stay held until the release"
+    );
+
+    // The release names the current epoch: held writes complete, primaries run on unreplicated.
+    patch_spec(&groups, serde_json::json!({"release": {"epoch": 1}})).await;
+    wait_for(&groups, "released", |group| {
+        group.position() == (1, Stage::Release)
+    })
+    .await;
+    workload
+        .wait_for_acked(at_freeze.acked + 30, Duration::from_secs(60))
+        .await
+        .unwrap();
+
+    // Resync returns the group to Replicating.
+    patch_spec(&groups, serde_json::json!({"resync": {"epoch": 1}})).await;
+    let replicating = wait_for(&groups, "resynced and replicating", |group| {
+        group.position() == (1, Stage::Resume)
+            && group
+                .status
+                .as_ref()
+                .is_some_and(|status| status.phase == Some(Phase::Replicating))
+    })
+    .await;
+    assert_eq!(
+        condition(&replicating, "ConsistentImage").unwrap().0,
+        "True"
+    );
+    workload.stop_and_join().await.unwrap();
+    for (node, volume) in [
+        (&bed.east_node, "wal"),
+        (&bed.east_node, "data"),
+        (&bed.west_node, "reporting"),
+    ] {
+        let difference = lockstep_checker::first_difference(
+            &Source::File(node.primary_file(volume)),
+            &Source::File(node.secondary_file(volume)),
+        )
+        .await
+        .unwrap();
+        assert_eq!(difference, None, "{volume}: primary and secondary differ");
+    }
+    bed.operator.shutdown().await;
 }
