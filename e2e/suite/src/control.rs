@@ -1,11 +1,10 @@
 //! The control system seam: who freezes the group when a copy fails.
 //!
-//! A scenario runs against any [`ControlSystem`]. Until the operator and the sidecars exist, the demo
-//! itself is the control system ([`ManualFreeze`]): on a failed copy it raises the group's epoch, suspends
-//! every member volume at that epoch, records the freeze in the group's status, and (FreezeAndGo)
-//! releases the held writes — exactly what the operator will do, minus the two paths. When the operator
-//! lands, a `ControlSystem` that starts it and the sidecars and waits for the group's status replaces
-//! `ManualFreeze` in one line of the scenario.
+//! A scenario runs against any [`ControlSystem`]: the operator and the sidecars
+//! ([`crate::operated::OperatorControl`], the demo's default), or the demo itself ([`ManualFreeze`]):
+//! on a failed copy it raises the group's epoch, suspends every member volume at that epoch, records the
+//! freeze in the group's status, and (FreezeAndGo) releases the held writes — what the operator does,
+//! minus the two paths. Choosing one is one line of the caller.
 //!
 //! [`NodeControl`] is how the demo drives one node's replicator: through the replicator's `Replicator`
 //! gRPC service on its unix socket ([`NodeControl::Grpc`], as a sidecar does), or — while the primary
@@ -546,13 +545,16 @@ fn members_status(world: &World) -> serde_json::Value {
 impl ControlSystem for ManualFreeze {
     fn describe(&self) -> String {
         match self.api {
-            ReplicatorApi::Grpc => "operator not built yet: the demo freezes the replicators itself, \
-                                    through their Replicator gRPC service (each node's unix socket)"
-                .into(),
-            ReplicatorApi::InProcess => "operator not built yet: the demo freezes the replicators itself \
-                                         (directives called in-process: the replicator's gRPC socket is \
-                                         not wired into the simulated nodes yet)"
-                .into(),
+            ReplicatorApi::Grpc => {
+                "the demo itself freezes the replicators, through their Replicator \
+                                    gRPC service (each node's unix socket), in the operator's order"
+                    .into()
+            }
+            ReplicatorApi::InProcess => {
+                "the demo itself freezes the replicators, with directives called \
+                                         in-process, in the operator's order"
+                    .into()
+            }
         }
     }
 

@@ -18,6 +18,7 @@ pub mod control;
 pub mod demo;
 pub mod faults;
 pub mod kubectl;
+pub mod operated;
 pub mod timeline;
 pub mod world;
 
@@ -41,9 +42,22 @@ pub struct Options {
     /// Size of every volume, in MiB.
     #[arg(long, default_value_t = 16)]
     pub volume_mib: u64,
+    /// Who freezes: the operator and sidecars, or the demo itself (through the replicators' gRPC
+    /// service, in the operator's order).
+    #[arg(long, value_enum, default_value_t = ControlFlag::Operator)]
+    pub control: ControlFlag,
     /// The group's policy (the example's is freeze-and-go).
     #[arg(long, value_enum, default_value_t = PolicyFlag::FreezeAndGo)]
     pub policy: PolicyFlag,
+}
+
+/// `--control`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ControlFlag {
+    /// The demo suspends and releases the replicators itself, through their gRPC service.
+    Demo,
+    /// The operator (in-process) and one sidecar per node, over both paths.
+    Operator,
 }
 
 /// `--policy`.
@@ -73,6 +87,7 @@ impl Default for Options {
             lanes: d.lanes,
             volume_mib: d.volume_mib,
             policy: PolicyFlag::FreezeAndGo,
+            control: ControlFlag::Operator,
         }
     }
 }
@@ -98,8 +113,16 @@ pub const REPLICATOR_API: ReplicatorApi = ReplicatorApi::Grpc;
 /// Runs the demo, printing its timeline; fails when the checker finds the secondaries inconsistent.
 pub async fn run(options: Options) -> anyhow::Result<()> {
     let timeline = Timeline::new(true);
-    let mut control = ManualFreeze::new(REPLICATOR_API);
-    let report = demo::run_scenario(&options.scenario(), &mut control, &timeline).await?;
+    let report = match options.control {
+        ControlFlag::Demo => {
+            let mut control = ManualFreeze::new(REPLICATOR_API);
+            demo::run_scenario(&options.scenario(), &mut control, &timeline).await?
+        }
+        ControlFlag::Operator => {
+            let mut control = operated::OperatorControl::new();
+            demo::run_scenario(&options.scenario(), &mut control, &timeline).await?
+        }
+    };
     if !report.verdict.is_consistent() {
         anyhow::bail!("the secondaries are not consistent");
     }

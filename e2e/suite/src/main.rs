@@ -14,11 +14,12 @@ struct Cli {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    // Warnings only by default: the demo's own output is its timeline.
+    // Errors only by default (the demo's own output is its timeline), and not kube's connection errors
+    // from clients still retrying while the simulated API servers shut down at the end.
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("error")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("error,kube_client=off")),
         )
         .with_writer(std::io::stderr)
         .init();

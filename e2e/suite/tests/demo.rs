@@ -73,6 +73,33 @@ async fn freeze_and_stop_keeps_the_writes_held_until_the_resync_and_stays_consis
     }
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_operator_and_sidecars_freeze_the_group_and_the_secondaries_stay_consistent() {
+    let timeline = Timeline::new(false);
+    let mut control = lockstep_e2e::operated::OperatorControl::new();
+    let options = ScenarioOptions::default();
+    let report = run_scenario(&options, &mut control, &timeline)
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", timeline.text()));
+    let text = timeline.text();
+    assert!(report.verdict.is_consistent(), "{}\n{text}", report.verdict);
+    assert_eq!(report.freeze.epoch, 1, "{text}");
+    let mut image = report.freeze.frozen.clone();
+    image.sort();
+    assert_eq!(
+        image,
+        ["east-postgres-data", "east-postgres-wal", "west-reporting"],
+        "{text}"
+    );
+    assert_eq!(report.thaw, ThawOutcome::Resumed, "{text}");
+    for (volume, difference) in &report.differences {
+        assert_eq!(
+            *difference, None,
+            "{volume} differs after the resync\n{text}"
+        );
+    }
+}
+
 /// A broken control system: it suspends and at once releases each volume in turn, waiting after each
 /// release until that volume has acknowledged some writes primary-only while the others still copy.
 struct EarlyRelease {

@@ -1,0 +1,252 @@
+//! [`OperatorControl`]: the real control system — the operator (in-process, in the hub) and one sidecar
+//! per simulated node, talking over both paths (the API servers and gRPC) — behind the same
+//! [`ControlSystem`] seam as the demo's own [`crate::control::ManualFreeze`]. The scenario does not
+//! change: it cuts a link and waits; here the operator and sidecars do the freezing, and this type only
+//! watches the group's status and says what it sees.
+
+use std::time::Duration;
+
+use lockstep_api::domain::{Phase, Policy, Stage};
+use lockstep_api::v1alpha1::ConsistencyGroup;
+use lockstep_operator::Operator;
+use lockstep_sidecar::Sidecar;
+
+use crate::cluster::ClusterError;
+use crate::control::{ControlError, ControlSystem, CopyFailure, FreezeOutcome, ThawOutcome};
+use crate::kubectl;
+use crate::timeline::Timeline;
+use crate::world::World;
+
+/// Lockstep's namespace in every cluster (leases, the member kubeconfig Secrets).
+const NAMESPACE: &str = "lockstep-system";
+/// How long the operator may take to resolve the members or freeze.
+const DEADLINE: Duration = Duration::from_secs(60);
+/// How long it may take to resync once asked.
+const RESYNC_DEADLINE: Duration = Duration::from_secs(30);
+
+/// The operator and the sidecars, started on [`ControlSystem::enroll`].
+#[derive(Default)]
+pub struct OperatorControl {
+    operator: Option<Operator>,
+    sidecars: Vec<Sidecar>,
+    epoch: u64,
+}
+
+impl std::fmt::Debug for OperatorControl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OperatorControl")
+            .field("running", &self.operator.is_some())
+            .field("sidecars", &self.sidecars.len())
+            .field("epoch", &self.epoch)
+            .finish()
+    }
+}
+
+impl OperatorControl {
+    /// Not started yet.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Stops the sidecars and the operator.
+    pub async fn shutdown(&mut self) {
+        for sidecar in self.sidecars.drain(..) {
+            sidecar.shutdown().await;
+        }
+        if let Some(operator) = self.operator.take() {
+            operator.shutdown().await;
+        }
+    }
+}
+
+fn started(what: &str, e: impl std::fmt::Display) -> ControlError {
+    ControlError::Unsupported(format!("{what} did not start: {e}"))
+}
+
+/// Polls the hub's group every 50 ms, saying each new (phase, epoch, stage), until `goal` holds.
+async fn watch_group(
+    world: &World,
+    timeline: &Timeline,
+    wanted: &'static str,
+    within: Duration,
+    goal: impl Fn(&ConsistencyGroup) -> bool,
+) -> Result<ConsistencyGroup, ControlError> {
+    let deadline = tokio::time::Instant::now() + within;
+    let mut tick = tokio::time::interval(Duration::from_millis(50));
+    let mut last = String::new();
+    loop {
+        tick.tick().await;
+        let group = world.group_now().await?;
+        let line = kubectl::cg_line(&group);
+        if line != last {
+            let stage = group
+                .status
+                .as_ref()
+                .and_then(|s| s.stage)
+                .map_or_else(String::new, |s| format!(" stage={s}"));
+            timeline.say(format!("operator: {line}{stage}"));
+            last = line;
+        }
+        if goal(&group) {
+            return Ok(group);
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(ControlError::Cluster(ClusterError::Timeout {
+                cluster: world.hub().name().to_owned(),
+                what: format!("cg/{} {wanted}", world.group_name),
+                within,
+            }));
+        }
+    }
+}
+
+impl ControlSystem for OperatorControl {
+    fn describe(&self) -> String {
+        "the operator (in-process, in the hub) and one sidecar per node, over both paths".into()
+    }
+
+    async fn enroll(
+        &mut self,
+        world: &World,
+        timeline: &Timeline,
+    ) -> Result<Vec<String>, ControlError> {
+        let hub = world.hub();
+        let options = lockstep_operator::Options {
+            kubeconfig: None,
+            hub_name: hub.name().to_owned(),
+            grpc_listen: ([127, 0, 0, 1], 0).into(),
+            http_listen: ([127, 0, 0, 1], 0).into(),
+            resync_interval: Duration::from_millis(300),
+            leader_election: false,
+            namespace: NAMESPACE.into(),
+            identity: "operator-0".into(),
+            lease_duration: Duration::from_secs(15),
+        };
+        let operator = Operator::start(hub.client.clone(), &options)
+            .await
+            .map_err(|e| started("the operator", e))?;
+        timeline.say(format!(
+            "{}: operator started (gRPC Control at {})",
+            hub.name(),
+            operator.grpc_addr
+        ));
+        let endpoint = format!("http://{}", operator.grpc_addr);
+        self.operator = Some(operator);
+        for cluster in &world.clusters {
+            let Some(socket) = &cluster.control_socket else {
+                return Err(ControlError::Unsupported(format!(
+                    "{}: the replicator serves no control socket",
+                    cluster.spec.node
+                )));
+            };
+            let mut o = lockstep_sidecar::Options::new(&cluster.spec.node, cluster.name());
+            o.replicator_socket = socket.clone();
+            o.operator_endpoint = Some(endpoint.clone());
+            o.namespace = NAMESPACE.into();
+            o.listen = ([127, 0, 0, 1], 0).into();
+            o.inventory_interval = Duration::from_millis(300);
+            o.rpc_timeout = Duration::from_secs(2);
+            o.fail_safe_interval = Duration::from_secs(10);
+            o.lease_duration = Duration::from_secs(3);
+            let sidecar = Sidecar::start(o, Some(cluster.client.clone()))
+                .await
+                .map_err(|e| started("a sidecar", e))?;
+            timeline.say(format!(
+                "{}: sidecar on {} started (replicator {}, operator {endpoint})",
+                cluster.name(),
+                cluster.spec.node,
+                socket.display()
+            ));
+            self.sidecars.push(sidecar);
+        }
+        let total = world.volumes().count() as u32;
+        let group = watch_group(world, timeline, "members resolved", DEADLINE, |g| {
+            g.status.as_ref().is_some_and(|s| s.member_count >= total)
+        })
+        .await?;
+        Ok(group
+            .status
+            .iter()
+            .flat_map(|s| s.members.iter())
+            .filter_map(|m| m.volume_handle.clone())
+            .collect())
+    }
+
+    async fn freeze(
+        &mut self,
+        world: &World,
+        _failure: &CopyFailure,
+        timeline: &Timeline,
+    ) -> Result<FreezeOutcome, ControlError> {
+        let from = self.epoch;
+        let go = world.group.spec.policy == Policy::FreezeAndGo;
+        let group = watch_group(world, timeline, "frozen", DEADLINE, |g| {
+            let (epoch, stage) = g.position();
+            let phase = g.status.as_ref().and_then(|s| s.phase);
+            epoch > from
+                && if go {
+                    stage == Stage::Release
+                } else {
+                    phase == Some(Phase::Frozen)
+                }
+        })
+        .await?;
+        let status = group.status.clone().unwrap_or_default();
+        self.epoch = status.epoch;
+        if let Some(t) = &status.trigger {
+            timeline.say(format!(
+                "operator: triggered by {} on {} ({}), first heard over {}",
+                t.reason,
+                t.volume_handle.as_deref().unwrap_or("?"),
+                t.node.as_deref().unwrap_or("?"),
+                t.path.map_or_else(|| "?".to_owned(), |p| p.to_string())
+            ));
+        }
+        for m in &status.members {
+            if let Some(ack) = &m.acknowledged {
+                timeline.say(format!(
+                    "operator: {}/{} ({}) acknowledged epoch {} {} over {}",
+                    m.cluster,
+                    m.pvc,
+                    m.volume_handle.as_deref().unwrap_or("?"),
+                    ack.epoch,
+                    ack.stage,
+                    ack.path
+                ));
+            }
+        }
+        Ok(FreezeOutcome {
+            epoch: status.epoch,
+            frozen: status
+                .consistent_image
+                .map(|i| i.volume_handles)
+                .unwrap_or_default(),
+            released: go,
+        })
+    }
+
+    async fn thaw(
+        &mut self,
+        world: &World,
+        timeline: &Timeline,
+    ) -> Result<ThawOutcome, ControlError> {
+        let epoch = self.epoch;
+        let resynced = watch_group(
+            world,
+            timeline,
+            "back to Replicating",
+            RESYNC_DEADLINE,
+            |g| {
+                g.position() == (epoch, Stage::Resume)
+                    && g.status.as_ref().and_then(|s| s.phase) == Some(Phase::Replicating)
+            },
+        )
+        .await;
+        let outcome = match resynced {
+            Ok(_) => ThawOutcome::Resumed,
+            Err(e) => ThawOutcome::Unsupported(format!("the operator did not resync: {e}")),
+        };
+        self.shutdown().await;
+        Ok(outcome)
+    }
+}
