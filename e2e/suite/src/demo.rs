@@ -345,6 +345,21 @@ pub async fn run_in_world<C: ControlSystem>(
         world.hub().name(),
         kubectl::cg_line(&group)
     ));
+    // The operator mirrors the group into every other member cluster, so `kubectl get cg` answers there.
+    for c in world.clusters.iter().skip(1) {
+        let mirror = kube::Api::<ConsistencyGroup>::all(c.client.clone())
+            .get_opt(&world.group_name)
+            .await
+            .map_err(|source| ClusterError::Kube {
+                cluster: c.name().to_owned(),
+                what: format!("reading the mirror of cg {}", world.group_name),
+                source,
+            })?;
+        timeline.say(match mirror {
+            Some(m) => format!("{}: {} (mirror)", c.name(), kubectl::cg_line(&m)),
+            None => format!("{}: no mirror of cg/{}", c.name(), world.group_name),
+        });
+    }
     timeline.say(format!(
         "verdict: {}",
         if verdict.is_consistent() {
