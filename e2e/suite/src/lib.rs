@@ -5,8 +5,10 @@
 //!   their PersistentVolumes and bound claims;
 //! - [`world`]: several clusters, the first the hub, with MemberClusters and a ConsistencyGroup applied;
 //! - [`faults`]: replication links cut and restored, API servers stopped and started;
-//! - [`control`]: the [`control::ControlSystem`] seam — the demo freezing the replicators itself until
-//!   the operator and sidecars replace it;
+//! - [`control`]: the [`control::ControlSystem`] seam, and the demo freezing the replicators itself
+//!   through their gRPC service ([`control::ManualFreeze`], `--control demo`);
+//! - [`operated`]: the real control system — the operator in the hub and a sidecar per node
+//!   ([`operated::OperatorControl`], the demo's default);
 //! - [`demo`]: the scenario: workload, cut, freeze, checker verdict, link restored;
 //! - [`timeline`], [`kubectl`]: what the demo prints.
 //!
