@@ -4,9 +4,15 @@
 //! A cluster that cannot be reached gives a view with `unavailable` set, within a bounded time: one
 //! member never stalls the others.
 
-use std::{collections::BTreeMap, time::Duration};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    time::Duration,
+};
 
-use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim, Secret};
+use k8s_openapi::api::{
+    coordination::v1::Lease,
+    core::v1::{PersistentVolume, PersistentVolumeClaim, Secret},
+};
 use kube::{
     Api, Client, Config, ResourceExt,
     api::ListParams,
@@ -131,7 +137,7 @@ async fn client_from_secret(
 
 /// What a member cluster shows: its PVCs, PVs and the node serving each volume (API path), plus what its
 /// sidecars reported over gRPC.
-pub async fn view(member: &Member, sessions: &Sessions) -> ClusterView {
+pub async fn view(member: &Member, sessions: &Sessions, lease_namespace: &str) -> ClusterView {
     let mut view = ClusterView {
         paths: member.paths,
         reported: sessions.reported_volumes(&member.name),
@@ -156,19 +162,31 @@ pub async fn view(member: &Member, sessions: &Sessions) -> ClusterView {
         let volumes = Api::<PersistentVolume>::all(client.clone())
             .list(&params)
             .await?;
-        let nodes = Api::<ReplicationNode>::all(client).list(&params).await?;
-        Ok::<_, kube::Error>((claims.items, volumes.items, nodes.items))
+        let nodes = Api::<ReplicationNode>::all(client.clone())
+            .list(&params)
+            .await?;
+        let leases = Api::<Lease>::namespaced(client, lease_namespace)
+            .list(&params)
+            .await?;
+        Ok::<_, kube::Error>((claims.items, volumes.items, nodes.items, leases.items))
     })
     .await;
     match listed {
-        Ok(Ok((claims, volumes, nodes))) => {
+        Ok(Ok((claims, volumes, nodes, leases))) => {
+            view.silent_nodes = silent_nodes(&leases);
             view.claims = claims;
             view.volumes = volumes;
             view.node_of_volume.extend(nodes_of_volumes(&nodes));
             view.state_of_volume = nodes
                 .iter()
                 .flat_map(|node| node.status.iter().flat_map(|status| status.volumes.iter()))
-                .map(|volume| (volume.volume_handle.clone(), volume.state))
+                .map(|volume| {
+                    let stage = volume.stage.unwrap_or(lockstep_api::domain::Stage::Resume);
+                    (
+                        volume.volume_handle.clone(),
+                        (volume.state, volume.epoch, stage),
+                    )
+                })
                 .collect();
         }
         Ok(Err(error)) => {
@@ -187,6 +205,26 @@ pub async fn view(member: &Member, sessions: &Sessions) -> ClusterView {
     view
 }
 
+/// Nodes whose sidecar Lease (`lockstep-sidecar-<node>`) was not renewed within its duration.
+pub fn silent_nodes(leases: &[Lease]) -> BTreeSet<String> {
+    let now = k8s_openapi::jiff::Timestamp::now();
+    leases
+        .iter()
+        .filter_map(|lease| {
+            let node = lease
+                .metadata
+                .name
+                .as_deref()?
+                .strip_prefix("lockstep-sidecar-")?;
+            let spec = lease.spec.as_ref()?;
+            let renewed = spec.renew_time.as_ref()?.0;
+            let duration = i64::from(spec.lease_duration_seconds.unwrap_or(15));
+            let expired = now.as_second() > renewed.as_second() + duration;
+            expired.then(|| node.to_owned())
+        })
+        .collect()
+}
+
 /// The node serving each volume, from the ReplicationNodes the sidecars keep.
 pub fn nodes_of_volumes(nodes: &[ReplicationNode]) -> BTreeMap<String, String> {
     nodes
@@ -199,4 +237,36 @@ pub fn nodes_of_volumes(nodes: &[ReplicationNode]) -> BTreeMap<String, String> {
                 .map(move |volume| (volume.volume_handle.clone(), name.clone()))
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use k8s_openapi::{
+        api::coordination::v1::LeaseSpec,
+        apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta},
+        jiff::{SignedDuration, Timestamp},
+    };
+
+    use super::*;
+
+    fn lease(node: &str, renewed_seconds_ago: i64) -> Lease {
+        let renewed = Timestamp::now() - SignedDuration::from_secs(renewed_seconds_ago);
+        Lease {
+            metadata: ObjectMeta {
+                name: Some(format!("lockstep-sidecar-{node}")),
+                ..Default::default()
+            },
+            spec: Some(LeaseSpec {
+                renew_time: Some(MicroTime(renewed)),
+                lease_duration_seconds: Some(15),
+                ..Default::default()
+            }),
+        }
+    }
+
+    #[test]
+    fn a_sidecar_that_stopped_renewing_its_lease_is_silent() {
+        let leases = [lease("alive", 1), lease("gone", 60)];
+        assert_eq!(silent_nodes(&leases), BTreeSet::from(["gone".to_owned()]));
+    }
 }

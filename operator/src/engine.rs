@@ -88,6 +88,8 @@ struct Inner {
     members: tokio::sync::RwLock<BTreeMap<String, Member>>,
     /// Whether this replica holds the leader Lease (always true without leader election).
     leader: tokio::sync::watch::Receiver<bool>,
+    /// Lockstep's namespace in every cluster (the sidecars' Leases live there).
+    lease_namespace: String,
 }
 
 /// What the engine remembers of a group between decisions (never needed for safety).
@@ -106,16 +108,19 @@ impl std::fmt::Debug for Engine {
 }
 
 impl Engine {
-    /// Builds the engine over reflector stores of the hub's groups and member clusters.
+    /// Builds the engine over reflector stores of the hub's groups and member clusters; `options` gives
+    /// the hub's name and Lockstep's namespace.
     pub fn new(
         hub: Client,
-        hub_name: String,
+        options: &crate::Options,
         groups: Store<ConsistencyGroup>,
         member_clusters: Store<MemberCluster>,
         sessions: Sessions,
         metrics: Metrics,
         leader: tokio::sync::watch::Receiver<bool>,
     ) -> Self {
+        let hub_name = options.hub_name.clone();
+        let lease_namespace = options.namespace.clone();
         let reporter = Reporter {
             controller: "lockstep-operator".into(),
             instance: Some(hub_name.clone()),
@@ -134,6 +139,7 @@ impl Engine {
                 locks: Mutex::default(),
                 members: tokio::sync::RwLock::default(),
                 leader,
+                lease_namespace,
             }),
         }
     }
@@ -646,7 +652,10 @@ impl Engine {
         let mut views = BTreeMap::new();
         for cluster in Self::member_clusters_of(group) {
             if let Some(member) = members.get(&cluster) {
-                views.insert(cluster, clusters::view(member, &self.inner.sessions).await);
+                views.insert(
+                    cluster,
+                    clusters::view(member, &self.inner.sessions, &self.inner.lease_namespace).await,
+                );
             }
         }
         Observation {

@@ -149,7 +149,7 @@ impl Operator {
         let (member_clusters, clusters_writer) = reflector::store::<MemberCluster>();
         let engine = Engine::new(
             client.clone(),
-            options.hub_name.clone(),
+            options,
             groups.clone(),
             member_clusters.clone(),
             sessions,

@@ -12,7 +12,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim};
 use kube::core::{Selector, SelectorExt};
 use lockstep_api::{
-    domain::{ClusterPaths, VolumeState},
+    domain::{ClusterPaths, Stage, VolumeState},
     v1alpha1::{GroupMember, MemberVolumeStatus},
 };
 
@@ -32,8 +32,11 @@ pub struct ClusterView {
     pub reported: Vec<ReportedVolume>,
     /// The node serving each volume handle, from ReplicationNode status or sidecar sessions.
     pub node_of_volume: BTreeMap<String, String>,
-    /// Each volume's replication state as its sidecar last reported it (ReplicationNode status).
-    pub state_of_volume: BTreeMap<String, VolumeState>,
+    /// Each volume's replication state as its sidecar last reported it (ReplicationNode status), with
+    /// the (epoch, stage) the volume was at when reported.
+    pub state_of_volume: BTreeMap<String, (VolumeState, u64, Stage)>,
+    /// Nodes whose sidecar Lease expired (their sidecar is not renewing it).
+    pub silent_nodes: BTreeSet<String>,
 }
 
 /// A volume a sidecar resolved on its node.
@@ -161,10 +164,15 @@ pub fn resolve(
                 resolved.acknowledged = earlier.acknowledged.clone();
                 resolved.state = earlier.state;
             }
-            if let Some(state) = resolved
+            // A report older than the volume's last acknowledgement says nothing about it now.
+            if let Some((state, epoch, stage)) = resolved
                 .volume_handle
                 .as_ref()
                 .and_then(|handle| view.state_of_volume.get(handle))
+                && resolved
+                    .acknowledged
+                    .as_ref()
+                    .is_none_or(|ack| (*epoch, *stage) >= (ack.epoch, ack.stage))
             {
                 resolved.state = Some(*state);
             }
