@@ -102,6 +102,9 @@ pub enum ScenarioError {
 pub struct ScenarioReport {
     /// The checker's verdict on the secondaries.
     pub verdict: Verdict,
+    /// The checker's verdict on the primaries once the workload stopped, requiring every acknowledged
+    /// write: consistent means nothing acknowledged was lost.
+    pub primaries: Verdict,
     /// Per lane, the last write acknowledged when the failure was reported: the secondaries must hold it.
     pub acked_before_failure: Vec<u64>,
     /// The failure that started the freeze.
@@ -283,6 +286,24 @@ pub async fn run_in_world<C: ControlSystem>(
 
     let report = workload.stop_and_join().await?;
     timeline.say(format!("workload stopped: {report}"));
+    // Nothing acknowledged was lost: the primaries hold every lane up to its last acknowledged write.
+    let primaries: Vec<Source> = world.volumes().map(|(_, v)| v.primary_source()).collect();
+    let on_primaries = lockstep_checker::check_sources(
+        &primaries,
+        &CheckOptions::lanes(report.last_acked.clone()).run(run_id),
+    )
+    .await?;
+    timeline.say(if on_primaries.is_consistent() {
+        format!(
+            "primaries: every acknowledged write is there (per lane up to {:?}), nothing lost",
+            report.last_acked
+        )
+    } else {
+        format!(
+            "primaries: acknowledged writes are MISSING: {}",
+            on_primaries.to_string().trim_end()
+        )
+    });
 
     // Back to normal.
     for c in &world.clusters {
@@ -374,6 +395,7 @@ pub async fn run_in_world<C: ControlSystem>(
     listeners.abort_all();
     Ok(ScenarioReport {
         verdict,
+        primaries: on_primaries,
         acked_before_failure,
         failure,
         freeze,

@@ -25,6 +25,11 @@ async fn the_freeze_keeps_the_secondaries_consistent_and_resync_makes_them_ident
         .unwrap_or_else(|e| panic!("{e}\n{}", timeline.text()));
     let text = timeline.text();
     assert!(report.verdict.is_consistent(), "{}\n{text}", report.verdict);
+    assert!(
+        report.primaries.is_consistent(),
+        "{}\n{text}",
+        report.primaries
+    );
     assert_eq!(report.failure.volume, options.cut, "{text}");
     assert_eq!(report.freeze.epoch, 1, "{text}");
     assert_eq!(report.freeze.frozen.len(), 3, "{text}");
@@ -64,6 +69,11 @@ async fn freeze_and_stop_keeps_the_writes_held_until_the_resync_and_stays_consis
     let text = timeline.text();
     assert!(report.verdict.is_consistent(), "{}\n{text}", report.verdict);
     assert!(!report.freeze.released, "{text}");
+    assert!(
+        report.primaries.is_consistent(),
+        "{}\n{text}",
+        report.primaries
+    );
     assert_eq!(report.thaw, ThawOutcome::Resumed, "{text}");
     for (volume, difference) in &report.differences {
         assert_eq!(
@@ -83,6 +93,11 @@ async fn the_operator_and_sidecars_freeze_the_group_and_the_secondaries_stay_con
         .unwrap_or_else(|e| panic!("{e}\n{}", timeline.text()));
     let text = timeline.text();
     assert!(report.verdict.is_consistent(), "{}\n{text}", report.verdict);
+    assert!(
+        report.primaries.is_consistent(),
+        "{}\n{text}",
+        report.primaries
+    );
     assert_eq!(report.freeze.epoch, 1, "{text}");
     let mut image = report.freeze.frozen.clone();
     image.sort();
