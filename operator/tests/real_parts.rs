@@ -6,16 +6,9 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::{collections::BTreeMap, future::Future, path::PathBuf, time::Duration};
+use std::{collections::BTreeMap, path::PathBuf, time::Duration};
 
-use k8s_openapi::{
-    api::core::v1::{
-        CSIPersistentVolumeSource, Namespace, PersistentVolume, PersistentVolumeClaim,
-        PersistentVolumeClaimSpec, PersistentVolumeSpec, Secret,
-    },
-    apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
-    apimachinery::pkg::apis::meta::v1::ObjectMeta,
-};
+use k8s_openapi::{api::core::v1::Secret, apimachinery::pkg::apis::meta::v1::ObjectMeta};
 use kube::{Api, Client, api::PostParams};
 use lockstep_api::{
     domain::{ClusterPaths, Phase, Policy, Stage},
@@ -37,63 +30,11 @@ use lockstep_replicator::{
 use lockstep_sidecar::Sidecar;
 use lockstep_testapi::TestApiServer;
 
+mod common;
+
+use common::{cluster, eventually, volume};
+
 const MIB: u64 = 1024 * 1024;
-
-async fn eventually<T, F, Fut>(what: &str, mut check: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Option<T>>,
-{
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    loop {
-        if let Some(value) = check().await {
-            return value;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-/// A test API server with the CRDs, namespaces `orders` and `lockstep`.
-async fn cluster() -> (TestApiServer, Client) {
-    let server = TestApiServer::start(Default::default()).await.unwrap();
-    let client = server.client().await.unwrap();
-    let crds = Api::<CustomResourceDefinition>::all(client.clone());
-    for crd in lockstep_api::crds::all() {
-        crds.create(&PostParams::default(), &crd).await.unwrap();
-        let name = crd.metadata.name.clone().unwrap();
-        eventually("CRD established", || {
-            let crds = crds.clone();
-            let name = name.clone();
-            async move {
-                let crd = crds.get(&name).await.ok()?;
-                crd.status?
-                    .conditions?
-                    .iter()
-                    .any(|c| c.type_ == "Established" && c.status == "True")
-                    .then_some(())
-            }
-        })
-        .await;
-    }
-    for namespace in ["orders", "lockstep"] {
-        let object = Namespace {
-            metadata: ObjectMeta {
-                name: Some(namespace.into()),
-                ..Default::default()
-            },
-            ..Default::default()
-        };
-        Api::<Namespace>::all(client.clone())
-            .create(&PostParams::default(), &object)
-            .await
-            .unwrap();
-    }
-    (server, client)
-}
 
 /// One node: a replicator primary serving `volumes`, each copied through its own cuttable link to the
 /// node's secondary; the PV and bound PVC of each volume in the cluster's API server.
@@ -132,7 +73,7 @@ impl Node {
                 )
             });
             links.insert((*name).to_owned(), link);
-            claim(client, name).await;
+            volume(client, name, "orders", name).await;
         }
         let primary = Primary::start(PrimaryConfig {
             volumes: configs,
@@ -169,44 +110,6 @@ impl Node {
     fn secondary_file(&self, volume: &str) -> PathBuf {
         self.dir.path().join("secondary").join(volume)
     }
-}
-
-async fn claim(client: &Client, volume: &str) {
-    let pv = PersistentVolume {
-        metadata: ObjectMeta {
-            name: Some(format!("pv-{volume}")),
-            ..Default::default()
-        },
-        spec: Some(PersistentVolumeSpec {
-            csi: Some(CSIPersistentVolumeSource {
-                driver: "nbd.lockstep.dev".into(),
-                volume_handle: volume.into(),
-                ..Default::default()
-            }),
-            ..Default::default()
-        }),
-        status: None,
-    };
-    Api::<PersistentVolume>::all(client.clone())
-        .create(&PostParams::default(), &pv)
-        .await
-        .unwrap();
-    let pvc = PersistentVolumeClaim {
-        metadata: ObjectMeta {
-            name: Some(volume.into()),
-            namespace: Some("orders".into()),
-            ..Default::default()
-        },
-        spec: Some(PersistentVolumeClaimSpec {
-            volume_name: Some(format!("pv-{volume}")),
-            ..Default::default()
-        }),
-        status: None,
-    };
-    Api::<PersistentVolumeClaim>::namespaced(client.clone(), "orders")
-        .create(&PostParams::default(), &pvc)
-        .await
-        .unwrap();
 }
 
 async fn sidecar(

@@ -1,0 +1,123 @@
+//! Helpers shared by the operator's integration tests: polling with a deadline, a test API server with the
+//! project's CRDs, bound claims.
+
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+use std::{collections::BTreeMap, future::Future, time::Duration};
+
+use k8s_openapi::{
+    api::core::v1::{
+        CSIPersistentVolumeSource, Namespace, PersistentVolume, PersistentVolumeClaim,
+        PersistentVolumeClaimSpec, PersistentVolumeSpec,
+    },
+    apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
+    apimachinery::pkg::apis::meta::v1::ObjectMeta,
+};
+use kube::{Api, Client, api::PostParams};
+use lockstep_testapi::{Options as ApiOptions, TestApiServer};
+
+/// Polls `check` until it returns `Some`, or panics naming `what` after a generous deadline.
+pub async fn eventually<T, F, Fut>(what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// A test API server with the project's CRDs installed and the namespaces `orders`, `lockstep` and
+/// `lockstep-system`.
+pub async fn cluster() -> (TestApiServer, Client) {
+    let _ = tracing_subscriber::fmt()
+        .with_test_writer()
+        .with_env_filter(
+            std::env::var("RUST_LOG").unwrap_or_else(|_| "lockstep_operator=info".into()),
+        )
+        .try_init();
+    let server = TestApiServer::start(ApiOptions::default()).await.unwrap();
+    let client = server.client().await.unwrap();
+    let crds = Api::<CustomResourceDefinition>::all(client.clone());
+    for crd in lockstep_api::crds::all() {
+        crds.create(&PostParams::default(), &crd).await.unwrap();
+    }
+    for crd in lockstep_api::crds::all() {
+        let name = crd.metadata.name.clone().unwrap();
+        eventually(&format!("CRD {name} established"), || {
+            let crds = crds.clone();
+            let name = name.clone();
+            async move {
+                let crd = crds.get(&name).await.ok()?;
+                crd.status?
+                    .conditions?
+                    .iter()
+                    .any(|c| c.type_ == "Established" && c.status == "True")
+                    .then_some(())
+            }
+        })
+        .await;
+    }
+    for namespace in ["orders", "lockstep", "lockstep-system"] {
+        let namespace = Namespace {
+            metadata: ObjectMeta {
+                name: Some(namespace.into()),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        Api::<Namespace>::all(client.clone())
+            .create(&PostParams::default(), &namespace)
+            .await
+            .unwrap();
+    }
+    (server, client)
+}
+
+/// A PVC `orders/<pvc>` labelled `app=<app>`, bound to a CSI PV `pv-<handle>` with volume handle `handle`.
+pub async fn volume(client: &Client, pvc: &str, app: &str, handle: &str) {
+    let pv = PersistentVolume {
+        metadata: ObjectMeta {
+            name: Some(format!("pv-{handle}")),
+            ..Default::default()
+        },
+        spec: Some(PersistentVolumeSpec {
+            csi: Some(CSIPersistentVolumeSource {
+                driver: "nbd.lockstep.dev".into(),
+                volume_handle: handle.into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        status: None,
+    };
+    Api::<PersistentVolume>::all(client.clone())
+        .create(&PostParams::default(), &pv)
+        .await
+        .unwrap();
+    let claim = PersistentVolumeClaim {
+        metadata: ObjectMeta {
+            name: Some(pvc.into()),
+            namespace: Some("orders".into()),
+            labels: Some(BTreeMap::from([("app".to_owned(), app.to_owned())])),
+            ..Default::default()
+        },
+        spec: Some(PersistentVolumeClaimSpec {
+            volume_name: Some(format!("pv-{handle}")),
+            ..Default::default()
+        }),
+        status: None,
+    };
+    Api::<PersistentVolumeClaim>::namespaced(client.clone(), "orders")
+        .create(&PostParams::default(), &claim)
+        .await
+        .unwrap();
+}
