@@ -40,6 +40,8 @@ pub struct Snapshot {
     pub groups: Vec<GroupView>,
     /// The replicator's inventory is known.
     pub inventory_known: bool,
+    /// Volumes the replicator is still resynchronising (resumed, not yet in sync).
+    pub resyncing: std::collections::BTreeSet<String>,
 }
 
 impl Snapshot {
@@ -54,6 +56,7 @@ impl Snapshot {
             (true, Some(_), Some(level)) => match level.rank {
                 Rank::Freeze | Rank::FailSafe => VolumeState::Suspended,
                 Rank::Release => VolumeState::Running,
+                Rank::Resume if self.resyncing.contains(&volume.volume) => VolumeState::Resyncing,
                 Rank::Resume => VolumeState::Replicating,
             },
         }
@@ -77,9 +80,18 @@ pub struct Context {
     pub reports: Reports,
     /// Cancelled on shutdown.
     pub stop: CancellationToken,
+    /// Volumes the replicator last said are resynchronising.
+    resyncing: std::sync::Mutex<std::collections::BTreeSet<String>>,
 }
 
 impl Context {
+    /// The volumes the replicator last said are resynchronising.
+    pub fn resyncing(&self) -> std::sync::MutexGuard<'_, std::collections::BTreeSet<String>> {
+        self.resyncing
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
     /// Feeds an input to the core (dropped after shutdown).
     pub fn send(&self, input: Input) {
         if self.inputs.send(input).is_err() {
@@ -149,6 +161,7 @@ impl Agent {
             metrics,
             reports: Reports::new(),
             stop,
+            resyncing: std::sync::Mutex::default(),
         });
         let agent = Self {
             core: Enforcer::new(),
@@ -193,8 +206,9 @@ impl Agent {
     }
 
     async fn refresh_inventory(&mut self) {
-        match self.replicator.list().await {
-            Ok(volumes) => {
+        match self.replicator.list_with_resyncing().await {
+            Ok((volumes, resyncing)) => {
+                *self.context.resyncing() = resyncing;
                 self.context.metrics.set_path_up("replicator", true);
                 mark_ready(&self.context.metrics);
                 self.process(Input::Inventory(volumes)).await;
@@ -330,6 +344,7 @@ impl Agent {
             volumes,
             groups,
             inventory_known: self.core.inventory_known(),
+            resyncing: self.context.resyncing().clone(),
         };
         // Volumes by group and state, for the metrics.
         let metrics = &self.context.metrics;
@@ -377,7 +392,8 @@ pub async fn watch_replicator(context: Arc<Context>, replicator: Replicator) {
             }
         };
         // A (re)started stream: the replicator may have restarted, so re-learn what volumes carry.
-        if let Ok(volumes) = replicator.list().await {
+        if let Ok((volumes, resyncing)) = replicator.list_with_resyncing().await {
+            *context.resyncing() = resyncing;
             context.send(Input::Inventory(volumes));
         }
         futures::pin_mut!(stream);
@@ -403,6 +419,11 @@ pub async fn watch_replicator(context: Arc<Context>, replicator: Replicator) {
                 }
                 Some(Ok(ReplicatorEvent::StateChanged(_))) => {
                     backoff.reset();
+                    // A resync may have started or finished: re-read what the volumes carry and do.
+                    if let Ok((volumes, resyncing)) = replicator.list_with_resyncing().await {
+                        *context.resyncing() = resyncing;
+                        context.send(Input::Inventory(volumes));
+                    }
                 }
                 Some(Err(status)) => {
                     tracing::warn!(%status, "replicator event stream failed");

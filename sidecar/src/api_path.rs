@@ -422,6 +422,7 @@ mod tests {
             ],
             groups: vec![],
             inventory_known: true,
+            resyncing: Default::default(),
         };
         let status = node_status(&snapshot);
         assert_eq!(status.volume_count, 3);
