@@ -43,6 +43,12 @@ use crate::{
 /// The finalizer by which a deleted group releases and resumes its volumes before it goes (rule 9).
 pub const FINALIZER: &str = "lockstep.dev/release-on-delete";
 
+/// One member cluster's last view and when it was read, behind a lock so concurrent reconciles read once.
+type CachedView = Arc<tokio::sync::Mutex<Option<(Instant, ClusterView)>>>;
+
+/// How long one read of a member cluster serves the groups reconciled after it.
+const VIEW_REUSE: std::time::Duration = std::time::Duration::from_millis(250);
+
 /// How often a conflicting status write is retried on fresh state before the event is dropped (the next
 /// evaluation or the sender's retry brings it back).
 const CONFLICT_RETRIES: usize = 5;
@@ -90,6 +96,8 @@ struct Inner {
     leader: tokio::sync::watch::Receiver<bool>,
     /// Lockstep's namespace in every cluster (the sidecars' Leases live there).
     lease_namespace: String,
+    /// The last view read of each member cluster.
+    views: Mutex<BTreeMap<String, CachedView>>,
 }
 
 /// What the engine remembers of a group between decisions (never needed for safety).
@@ -140,6 +148,7 @@ impl Engine {
                 members: tokio::sync::RwLock::default(),
                 leader,
                 lease_namespace,
+                views: Mutex::default(),
             }),
         }
     }
@@ -646,16 +655,35 @@ impl Engine {
         }
     }
 
+    /// One member cluster's view, shared by every group reconciled within [`VIEW_REUSE`]: a resync round
+    /// lists each cluster once, not once per group.
+    async fn view_of(&self, member: &Member) -> ClusterView {
+        let lock = {
+            let mut views = self
+                .inner
+                .views
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            views.entry(member.name.clone()).or_default().clone()
+        };
+        let mut cached = lock.lock().await;
+        if let Some((read, view)) = cached.as_ref()
+            && read.elapsed() < VIEW_REUSE
+        {
+            return view.clone();
+        }
+        let view = clusters::view(member, &self.inner.sessions, &self.inner.lease_namespace).await;
+        *cached = Some((Instant::now(), view.clone()));
+        view
+    }
+
     /// What the member clusters show of a group's members, read without holding the group's lock.
     async fn observe(&self, uid: &str, group: &ConsistencyGroup) -> Observation {
         let members = self.members().await;
         let mut views = BTreeMap::new();
         for cluster in Self::member_clusters_of(group) {
             if let Some(member) = members.get(&cluster) {
-                views.insert(
-                    cluster,
-                    clusters::view(member, &self.inner.sessions, &self.inner.lease_namespace).await,
-                );
+                views.insert(cluster, self.view_of(member).await);
             }
         }
         Observation {
