@@ -237,6 +237,17 @@ impl ApiError {
         Self::new(500, "InternalError", message)
     }
 
+    /// 403: RBAC does not allow the request ([`crate::authz`]).
+    pub fn forbidden(attributes: &crate::authz::Attributes, user: &str) -> Self {
+        let kind = attributes.resource.clone();
+        let name = attributes.name.clone().unwrap_or_default();
+        Self::new(403, "Forbidden", attributes.forbidden_message(user)).with_details(
+            &attributes.group,
+            &kind,
+            &name,
+        )
+    }
+
     /// 429: the fault hook's "too many requests".
     pub fn too_many_requests() -> Self {
         let mut err = Self::new(

@@ -13,6 +13,7 @@ use hyper::body::{Frame, Incoming};
 use serde_json::Value;
 
 use crate::api::{self, Call, Query, Target};
+use crate::authz::{Attributes, AuditEntry, AuditLog, Identity};
 use crate::error::ApiError;
 use crate::faults::Faults;
 use crate::store::Store;
@@ -30,6 +31,10 @@ pub struct Shared {
     pub faults: Arc<Faults>,
     /// `host:port`, for `/api`'s server address.
     pub address: String,
+    /// Whether RBAC is enforced ([`crate::authz`]).
+    pub authorize: bool,
+    /// Every resource request, and whether RBAC allows it.
+    pub audit: Arc<AuditLog>,
 }
 
 fn full(bytes: impl Into<Bytes>) -> Body {
@@ -93,6 +98,32 @@ pub async fn serve(
             error_response(&err)
         }
     })
+}
+
+/// Records the request in the audit log and, when RBAC is enforced, refuses what it does not allow.
+fn authorize<B>(
+    shared: &Shared,
+    req: &Request<B>,
+    target: &Target,
+    watch: bool,
+) -> Result<(), ApiError> {
+    let Some(attributes) = Attributes::of(req.method().as_str(), target, watch) else {
+        return Ok(());
+    };
+    let identity = Identity::from_authorization(
+        req.headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok()),
+    );
+    let allowed = crate::authz::is_allowed(&shared.store.lock(), &identity, &attributes);
+    let refusal =
+        (shared.authorize && !allowed).then(|| ApiError::forbidden(&attributes, &identity.user));
+    shared.audit.record(AuditEntry {
+        user: identity.user,
+        attributes,
+        allowed,
+    });
+    refusal.map_or(Ok(()), Err)
 }
 
 async fn route(shared: &Arc<Shared>, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
@@ -165,6 +196,7 @@ async fn route(shared: &Arc<Shared>, req: Request<Incoming>) -> Result<Response<
         }
     }
     let target = Target::parse(&path).ok_or_else(ApiError::no_route)?;
+    authorize(shared, &req, &target, query.flag("watch"))?;
     if method == Method::GET && target.name.is_none() && query.flag("watch") {
         shared.faults.before_watch().await;
         let accept = req

@@ -31,13 +31,16 @@
 //!   exactly how ownership is simplified), patches ([`patch`]), selectors ([`selector`]).
 //! - One global resourceVersion; durable mode keeps everything in a data directory ([`store`]).
 //! - Fault hooks ([`Faults`], and [`TestApiServer::stop`], [`TestApiServer::refuse_connections`]).
+//! - [`kubectl`] finds the real kubectl that tests and the demo run against it.
+//! - An audit log of every resource request and, on demand, RBAC enforced from the stored Roles and
+//!   bindings, with bearer tokens naming users ([`authz`]).
 //!
 //! # What it does not do
 //! - Request bodies in CBOR, and in protobuf other than Namespace, ConfigMap and Secret ([`protobuf`]),
 //!   get `415`: kubectl 1.33's typed generators for other kinds (`kubectl create deployment …`) fail;
 //!   `kubectl apply`, `get`, `patch`, `delete`, `wait`, `explain` work (they speak JSON).
 //!   `/openapi/v2` is an empty document.
-//! - No authentication or authorization, admission webhooks, conversion webhooks (versions of a CRD differ
+//! - No real authentication (a bearer token is the user name), no admission webhooks, conversion webhooks (versions of a CRD differ
 //!   only in `apiVersion`), garbage collection of owner references, or controllers (a Pod stays as written).
 //! - Built-in kinds are checked for unknown field names only ([`builtin_schema`]), not for values or
 //!   required fields.
@@ -49,11 +52,13 @@
 //! - Aggregated discovery is not served: clients fall back to the plain documents, as kubectl does.
 
 pub mod api;
+pub mod authz;
 pub mod builtin_schema;
 pub mod discovery;
 pub mod error;
 pub mod faults;
 pub mod http;
+pub mod kubectl;
 pub mod managed;
 pub mod openapi;
 pub mod patch;

@@ -13,6 +13,7 @@ use serde_json::json;
 use tokio::net::{TcpListener, TcpSocket};
 use tokio::task::{JoinHandle, JoinSet};
 
+use crate::authz::AuditLog;
 use crate::error::ServerError;
 use crate::faults::Faults;
 use crate::http::{Shared, serve};
@@ -33,6 +34,10 @@ pub struct Options {
     /// Interval between BOOKMARK events on watches that allow them, in milliseconds.
     #[arg(long, default_value_t = 1_000)]
     pub bookmark_interval_ms: u64,
+    /// Enforce RBAC: refuse (403) what the stored Roles, ClusterRoles and bindings do not allow. Bearer
+    /// tokens name users (see [`crate::authz`]); requests without one are the administrator.
+    #[arg(long)]
+    pub authorize: bool,
 }
 
 impl Default for Options {
@@ -42,6 +47,7 @@ impl Default for Options {
             data_dir: None,
             history: 10_000,
             bookmark_interval_ms: 1_000,
+            authorize: false,
         }
     }
 }
@@ -63,6 +69,7 @@ pub struct TestApiServer {
     addr: SocketAddr,
     options: Options,
     faults: Arc<Faults>,
+    audit: Arc<AuditLog>,
     store: Mutex<Option<Arc<Store>>>,
     running: Mutex<Option<Running>>,
 }
@@ -122,6 +129,7 @@ impl TestApiServer {
             addr,
             options,
             faults: Arc::new(Faults::default()),
+            audit: Arc::new(AuditLog::default()),
             store: Mutex::new(None),
             running: Mutex::new(None),
         };
@@ -150,6 +158,8 @@ impl TestApiServer {
             store: store.clone(),
             faults: self.faults.clone(),
             address: self.addr.to_string(),
+            authorize: self.options.authorize,
+            audit: self.audit.clone(),
         });
         let interval = Duration::from_millis(self.options.bookmark_interval_ms.max(10));
         let ticker = tokio::spawn(async move {
@@ -238,6 +248,11 @@ impl TestApiServer {
         &self.faults
     }
 
+    /// Every resource request so far, with who asked and whether RBAC allows it.
+    pub fn audit(&self) -> &AuditLog {
+        &self.audit
+    }
+
     /// `127.0.0.1:port`.
     pub fn addr(&self) -> SocketAddr {
         self.addr
@@ -255,19 +270,32 @@ impl TestApiServer {
     }
 
     /// A kubeconfig with one cluster, context and (credential-less) user, all named `lockstep-testapi`,
-    /// namespace `default`.
+    /// namespace `default`: the administrator.
     pub fn kubeconfig(&self) -> Result<kube::config::Kubeconfig, ServerError> {
-        serde_json::from_value(self.kubeconfig_json())
+        self.kubeconfig_as(None)
+    }
+
+    /// Like [`kubeconfig`](Self::kubeconfig), authenticating as `user` with a bearer token (see
+    /// [`crate::authz`]: `system:serviceaccount:<namespace>:<name>` is that ServiceAccount).
+    pub fn kubeconfig_as(
+        &self,
+        user: Option<&str>,
+    ) -> Result<kube::config::Kubeconfig, ServerError> {
+        serde_json::from_value(self.kubeconfig_json(user))
             .map_err(|e| ServerError::Kubeconfig(e.to_string()))
     }
 
-    fn kubeconfig_json(&self) -> serde_json::Value {
+    fn kubeconfig_json(&self, user: Option<&str>) -> serde_json::Value {
         let name = "lockstep-testapi";
+        let credentials = match user {
+            Some(token) => json!({"token": token}),
+            None => json!({}),
+        };
         json!({
             "apiVersion": "v1",
             "kind": "Config",
             "clusters": [{"name": name, "cluster": {"server": self.url()}}],
-            "users": [{"name": name, "user": {}}],
+            "users": [{"name": name, "user": credentials}],
             "contexts": [{"name": name, "context": {"cluster": name, "user": name, "namespace": "default"}}],
             "current-context": name,
             "preferences": {},
@@ -276,7 +304,7 @@ impl TestApiServer {
 
     /// Writes the kubeconfig as YAML to `path`.
     pub fn write_kubeconfig(&self, path: &Path) -> Result<(), ServerError> {
-        let yaml = serde_yaml_ng::to_string(&self.kubeconfig_json())
+        let yaml = serde_yaml_ng::to_string(&self.kubeconfig_json(None))
             .map_err(|e| ServerError::Kubeconfig(e.to_string()))?;
         std::fs::write(path, yaml).map_err(|source| ServerError::Storage {
             path: path.to_path_buf(),
@@ -286,8 +314,13 @@ impl TestApiServer {
 
     /// A `kube::Client` for this server, built from its kubeconfig.
     pub async fn client(&self) -> Result<kube::Client, ServerError> {
+        self.client_as(None).await
+    }
+
+    /// A `kube::Client` authenticating as `user` (see [`kubeconfig_as`](Self::kubeconfig_as)).
+    pub async fn client_as(&self, user: Option<&str>) -> Result<kube::Client, ServerError> {
         let config = kube::Config::from_custom_kubeconfig(
-            self.kubeconfig()?,
+            self.kubeconfig_as(user)?,
             &kube::config::KubeConfigOptions::default(),
         )
         .await
