@@ -11,6 +11,9 @@ use crate::v1alpha1::{ConsistencyGroup, MemberCluster, ReplicationNode};
 /// The command that regenerates the committed CRD YAML.
 pub const REGENERATE_COMMAND: &str = "cargo run -p lockstep-api --bin crdgen";
 
+/// Where the Helm chart keeps its copy of the CRDs, from the repository's root.
+pub const HELM_CHART_CRDS: &str = "deploy/helm/lockstep/crds";
+
 /// Every CRD of the project.
 pub fn all() -> Vec<CustomResourceDefinition> {
     vec![

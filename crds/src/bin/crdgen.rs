@@ -1,16 +1,27 @@
-//! `crdgen`: writes the generated CRD YAML into `crds/` (or the directory given), one file per CRD.
+//! `crdgen`: writes the generated CRD YAML, one file per CRD, into `crds/` and the Helm chart's
+//! `deploy/helm/lockstep/crds/` (or only into the directory given).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let dir = std::env::args_os()
-        .nth(1)
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")));
-    for crd in lockstep_api::crds::all() {
-        let path = dir.join(lockstep_api::crds::file_name(&crd));
-        std::fs::write(&path, lockstep_api::crds::to_yaml(&crd)?)?;
-        println!("wrote {}", path.display());
+    let dirs = match std::env::args_os().nth(1) {
+        Some(dir) => vec![PathBuf::from(dir)],
+        None => {
+            let crate_dir = Path::new(env!("CARGO_MANIFEST_DIR"));
+            vec![
+                crate_dir.to_path_buf(),
+                crate_dir
+                    .join("..")
+                    .join(lockstep_api::crds::HELM_CHART_CRDS),
+            ]
+        }
+    };
+    for dir in dirs {
+        for crd in lockstep_api::crds::all() {
+            let path = dir.join(lockstep_api::crds::file_name(&crd));
+            std::fs::write(&path, lockstep_api::crds::to_yaml(&crd)?)?;
+            println!("wrote {}", path.display());
+        }
     }
     Ok(())
 }

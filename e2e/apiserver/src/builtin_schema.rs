@@ -6,7 +6,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, OnceLock};
 
-use k8s_openapi::api::{apps, coordination, core, events, rbac};
+use k8s_openapi::api::{apps, coordination, core, events, policy, rbac};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use schemars::JsonSchema;
 use schemars::generate::SchemaSettings;
@@ -50,6 +50,10 @@ fn all() -> &'static HashMap<(&'static str, &'static str), Arc<Value>> {
             (
                 ("apps", "statefulsets"),
                 generate::<apps::v1::StatefulSet>(),
+            ),
+            (
+                ("policy", "poddisruptionbudgets"),
+                generate::<policy::v1::PodDisruptionBudget>(),
             ),
             (
                 ("rbac.authorization.k8s.io", "clusterroles"),

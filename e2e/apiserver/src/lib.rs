@@ -22,7 +22,8 @@
 //!   OpenAPI v3 ([`openapi`]) and Table answers for `kubectl get` ([`table`]): real kubectl works against it.
 //! - Built-in kinds (unknown fields dropped, or refused with `fieldValidation=Strict`): Namespace, Node, PersistentVolume, PersistentVolumeClaim,
 //!   Secret, ConfigMap, Pod, Service, ServiceAccount, Event (core and `events.k8s.io`, one storage),
-//!   Lease, Deployment, DaemonSet, StatefulSet, RBAC roles and bindings, CustomResourceDefinition.
+//!   Lease, Deployment, DaemonSet, StatefulSet, PodDisruptionBudget, RBAC roles and bindings,
+//!   CustomResourceDefinition.
 //!   Nothing runs them: no scheduler, no controllers, no garbage collector.
 //! - CRDs register their resource on create (names, short names, categories, scope, served versions,
 //!   status subresource) and get `NamesAccepted` and `Established` at once; custom resources are pruned,

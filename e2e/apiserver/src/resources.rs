@@ -234,6 +234,15 @@ const BUILT_INS: &[BuiltIn] = &[
         true,
     ),
     (
+        "policy",
+        "v1",
+        "poddisruptionbudgets",
+        "PodDisruptionBudget",
+        true,
+        &["pdb"],
+        true,
+    ),
+    (
         "rbac.authorization.k8s.io",
         "v1",
         "clusterroles",
