@@ -20,51 +20,16 @@ fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
 
-fn kubectl_dir() -> PathBuf {
-    if let Ok(dir) = std::env::var("LOCKSTEP_KUBECTL_DIR") {
-        return PathBuf::from(dir);
-    }
-    let from_path = std::env::var_os("PATH").and_then(|paths| {
-        std::env::split_paths(&paths)
-            .map(|p| p.join("kubectl"))
-            .find(|p| p.exists())
-            .and_then(|p| std::fs::canonicalize(p).ok())
-            .and_then(|p| p.parent().map(Path::to_path_buf))
-    });
-    match from_path {
-        Some(dir) if has_versions(&dir) => dir,
-        _ => PathBuf::from("/usr/lib/google-cloud-sdk/bin"),
-    }
-}
-
-fn versions(dir: &Path) -> Vec<(u32, PathBuf)> {
-    let mut found: Vec<(u32, PathBuf)> = std::fs::read_dir(dir)
-        .map(|entries| {
-            entries
-                .filter_map(Result::ok)
-                .filter_map(|e| {
-                    let name = e.file_name().to_string_lossy().to_string();
-                    let minor = name.strip_prefix("kubectl.1.")?.parse().ok()?;
-                    Some((minor, e.path()))
-                })
-                .collect()
-        })
-        .unwrap_or_default();
-    found.sort();
-    found
-}
-
-fn has_versions(dir: &Path) -> bool {
-    !versions(dir).is_empty()
-}
-
 /// The binary to test: the oldest (`newest == false`) or newest version.
 fn kubectl(newest: bool) -> Result<PathBuf, String> {
-    let dir = kubectl_dir();
-    let all = versions(&dir);
-    let pick = if newest { all.last() } else { all.first() };
-    pick.map(|(_, p)| p.clone())
-        .ok_or_else(|| format!("no kubectl.1.NN binaries in {}", dir.display()))
+    use lockstep_testapi::kubectl::{Pick, find, versions, versions_dir};
+    if versions(&versions_dir()).is_empty() {
+        return Err(format!(
+            "no kubectl.1.NN binaries in {}",
+            versions_dir().display()
+        ));
+    }
+    find(if newest { Pick::Newest } else { Pick::Oldest }).map_err(|e| e.to_string())
 }
 
 struct Kubectl {
