@@ -26,6 +26,7 @@ use lockstep_replicator::{CopyConfig, Primary, PrimaryConfig, VolumeConfig, Volu
 use lockstep_testapi::TestApiServer;
 use serde_json::json;
 
+use crate::kubectl::Kubectl;
 use crate::timeline::Timeline;
 
 /// The CSI driver the simulated PersistentVolumes name.
@@ -94,6 +95,9 @@ pub enum ClusterError {
         /// How long.
         within: Duration,
     },
+    /// A kubectl command failed.
+    #[error(transparent)]
+    Kubectl(#[from] crate::kubectl::KubectlError),
     /// A volume name that the cluster does not have.
     #[error("{cluster}: no volume {volume}")]
     NoVolume {
@@ -243,6 +247,17 @@ impl SimCluster {
         dir: &Path,
         timeline: &Timeline,
     ) -> Result<SimCluster, ClusterError> {
+        Self::start_with(spec, dir, None, timeline).await
+    }
+
+    /// [`SimCluster::start`], with Lockstep's CRDs applied by the real `kubectl` when one is given
+    /// (`kubectl apply -f crds/…` and `kubectl wait` until Established), as a person installs them.
+    pub async fn start_with(
+        spec: ClusterSpec,
+        dir: &Path,
+        kubectl: Option<&Kubectl>,
+        timeline: &Timeline,
+    ) -> Result<SimCluster, ClusterError> {
         let name = spec.name.clone();
         let io = |what: &str| {
             let cluster = name.clone();
@@ -267,15 +282,20 @@ impl SimCluster {
         api.write_kubeconfig(&kubeconfig).map_err(api_err)?;
         timeline.say(format!("{name}: API server up at {}", api.url()));
 
-        install_crds(&name, &client).await?;
-        timeline.say(format!(
-            "{name}: CRDs installed and Established: {}",
-            lockstep_api::crds::all()
-                .iter()
-                .map(|c| c.spec.names.plural.clone())
-                .collect::<Vec<_>>()
-                .join(", ")
-        ));
+        match kubectl {
+            Some(kubectl) => apply_crds(&name, &kubeconfig, kubectl, timeline).await?,
+            None => {
+                install_crds(&name, &client).await?;
+                timeline.say(format!(
+                    "{name}: CRDs installed and Established: {}",
+                    lockstep_api::crds::all()
+                        .iter()
+                        .map(|c| c.spec.names.plural.clone())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ));
+            }
+        }
         create(&name, &client, namespace_object(&spec.namespace)).await?;
         create(&name, &client, node_object(&spec.node)).await?;
 
@@ -446,6 +466,40 @@ pub async fn install_crds(cluster: &str, client: &kube::Client) -> Result<(), Cl
             }
         }
     }
+    Ok(())
+}
+
+/// The repository's generated CRD manifests, as paths from the repository's root.
+pub fn crd_manifests() -> Vec<String> {
+    lockstep_api::crds::all()
+        .iter()
+        .map(|c| format!("crds/lockstep.dev_{}.yaml", c.spec.names.plural))
+        .collect()
+}
+
+/// Applies the repository's CRD manifests with kubectl and waits until every CRD is Established.
+async fn apply_crds(
+    cluster: &str,
+    kubeconfig: &Path,
+    kubectl: &Kubectl,
+    timeline: &Timeline,
+) -> Result<(), ClusterError> {
+    let manifests = crd_manifests();
+    let mut args = vec!["apply"];
+    for m in &manifests {
+        args.extend(["-f", m.as_str()]);
+    }
+    kubectl.run(cluster, kubeconfig, &args, timeline).await?;
+    let wait = "--for=condition=Established";
+    let within = format!("--timeout={}s", STARTUP_DEADLINE.as_secs());
+    kubectl
+        .run(
+            cluster,
+            kubeconfig,
+            &["wait", wait, "crd", "--all", &within],
+            timeline,
+        )
+        .await?;
     Ok(())
 }
 

@@ -28,7 +28,7 @@ use tonic::transport::{Channel, Endpoint, Uri};
 
 use crate::cluster::{ClusterError, SimCluster};
 use crate::kubectl;
-use crate::timeline::Timeline;
+use crate::timeline::{Milestone, Timeline};
 use crate::world::World;
 
 /// How long the members may take to resynchronise.
@@ -146,6 +146,22 @@ pub trait ControlSystem {
         world: &World,
         timeline: &Timeline,
     ) -> impl Future<Output = Result<ThawOutcome, ControlError>>;
+
+    /// Takes the gRPC path between the sidecars and the control system down (`down`) or back up. A
+    /// control system without that path says so.
+    fn set_grpc_path(&mut self, down: bool) -> Result<(), ControlError> {
+        let _ = down;
+        Err(ControlError::Unsupported(format!(
+            "{} has no gRPC path to take down",
+            self.describe()
+        )))
+    }
+
+    /// What the control system saw so far (reports and acknowledgements received, directives sent),
+    /// each stamped when seen; none by default.
+    fn milestones(&self) -> Vec<Milestone> {
+        Vec::new()
+    }
 }
 
 /// A volume's state after a directive, for people.

@@ -1,11 +1,14 @@
-//! The demo scenario: two simulated clusters (east, the hub, and west), three replicated volumes, the
-//! dependent-write workload across all three, one replication link cut, the freeze, the consistency
-//! checker's verdict on the secondaries, and the link restored.
+//! The demo scenario: simulated clusters (by default the example's two, east the hub and west, with
+//! three replicated volumes), the dependent-write workload across every volume, one replication link cut
+//! (optionally with a control path down), the freeze and its timeline relative to the failure, the
+//! consistency checker's verdict on the secondaries, the check that nothing acknowledged was lost on the
+//! primaries, and the link restored and resynced. The CRDs, the group and the resync intent are applied
+//! with the real kubectl, and `kubectl get cg -A` shows the group in every cluster.
 //!
 //! [`run_scenario`] runs it against any [`ControlSystem`], saying each step on a [`Timeline`]; the
 //! binary prints the timeline as it happens, tests keep it and assert on the [`ScenarioReport`].
 
-use std::time::Duration;
+use std::time::{Duration, Instant, SystemTime};
 
 use lockstep_api::domain::Policy;
 use lockstep_api::v1alpha1::ConsistencyGroup;
@@ -13,16 +16,16 @@ use lockstep_checker::{
     CheckOptions, Layout, OnError, Progress, Source, Verdict, WorkloadHandle, WorkloadOptions,
     WorkloadReport,
 };
-use lockstep_replicator::Event;
+use lockstep_replicator::{Event, ReplMode};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
 use crate::cluster::ClusterError;
 use crate::control::{ControlError, ControlSystem, CopyFailure, FreezeOutcome, ThawOutcome};
-use crate::faults::LinkCutMode;
-use crate::kubectl;
-use crate::timeline::Timeline;
-use crate::world::{World, WorldError, WorldSpec};
+use crate::faults::{ControlPathFault, LinkCutMode};
+use crate::kubectl::{self, KubectlError};
+use crate::timeline::{Milestone, Timeline};
+use crate::world::{EXAMPLE_CLUSTERS, EXAMPLE_VOLUMES, World, WorldError, WorldSpec};
 
 /// How long the workload may take to get going, and a failure to be reported.
 const STEP_DEADLINE: Duration = Duration::from_secs(30);
@@ -48,6 +51,14 @@ pub struct ScenarioOptions {
     pub writes_before_cut: u64,
     /// The group's policy; `None` keeps the example's (FreezeAndGo).
     pub policy: Option<Policy>,
+    /// Simulated clusters (2 is the example; see [`WorldSpec::sized`]).
+    pub clusters: usize,
+    /// Replicated volumes in total (3 is the example).
+    pub volumes: usize,
+    /// Apply the CRDs, the group and the resync intent with the real kubectl (else kube-rs).
+    pub kubectl: bool,
+    /// A control path taken down while the link is cut.
+    pub path_fault: Option<ControlPathFault>,
 }
 
 impl Default for ScenarioOptions {
@@ -61,6 +72,10 @@ impl Default for ScenarioOptions {
             slots: 256,
             writes_before_cut: 300,
             policy: None,
+            clusters: EXAMPLE_CLUSTERS,
+            volumes: EXAMPLE_VOLUMES,
+            kubectl: true,
+            path_fault: None,
         }
     }
 }
@@ -92,6 +107,9 @@ pub enum ScenarioError {
     /// The volume to cut is not in the world.
     #[error("no volume {0} to cut (the volumes are {1})")]
     NoSuchVolume(String, String),
+    /// A kubectl command failed.
+    #[error(transparent)]
+    Kubectl(#[from] KubectlError),
     /// No failed copy was reported in time.
     #[error("no replicator reported a failed copy within {0:?} of the cut")]
     NoFailure(Duration),
@@ -117,23 +135,36 @@ pub struct ScenarioReport {
     pub workload: WorkloadReport,
     /// Per volume, where its primary and secondary first differ after the thaw (`None`: identical).
     pub differences: Vec<(String, Option<u64>)>,
+    /// The freeze's timeline: what happened, by time since the failed copy was detected (negative:
+    /// before), in order.
+    pub freeze_timeline: Vec<(f64, String)>,
 }
 
-/// Runs the scenario on the repository's example world (see [`WorldSpec::example`]).
+/// Runs the scenario on the repository's example world, or the generated one its options ask for (see
+/// [`WorldSpec::sized`]).
 pub async fn run_scenario<C: ControlSystem>(
     options: &ScenarioOptions,
     control: &mut C,
     timeline: &Timeline,
 ) -> Result<ScenarioReport, ScenarioError> {
-    timeline.say(
-        "Lockstep demo: two simulated clusters, three replicated volumes in one ConsistencyGroup, \
-         a dependent-write workload, one replication link cut",
-    );
-    let mut spec = WorldSpec::example(options.volume_mib << 20)?;
+    timeline.say(format!(
+        "Lockstep demo: {} simulated clusters, {} replicated volumes in one ConsistencyGroup, \
+         a dependent-write workload, one replication link cut{}",
+        options.clusters,
+        options.volumes,
+        options
+            .path_fault
+            .map_or_else(String::new, |f| format!(" with {f}"))
+    ));
+    let mut spec = WorldSpec::sized(options.clusters, options.volumes, options.volume_mib << 20)?;
     if let Some(policy) = options.policy {
         spec.group.spec.policy = policy;
     }
-    let world = World::start(spec, timeline).await?;
+    let world = if options.kubectl {
+        World::start_with_kubectl(spec, timeline).await?
+    } else {
+        World::start(spec, timeline).await?
+    };
     run_in_world(&world, options, control, timeline).await
 }
 
@@ -162,7 +193,10 @@ pub async fn run_in_world<C: ControlSystem>(
         let (name, node) = (cluster.name().to_owned(), cluster.spec.node.clone());
         listeners.spawn(async move {
             while let Ok(event) = rx.recv().await {
-                if tx.send((name.clone(), node.clone(), event)).is_err() {
+                if tx
+                    .send((Instant::now(), name.clone(), node.clone(), event))
+                    .is_err()
+                {
                     break;
                 }
             }
@@ -201,6 +235,7 @@ pub async fn run_in_world<C: ControlSystem>(
     ));
 
     // The fault.
+    let path_down = take_path_down(world, options.path_fault, control, timeline).await?;
     cut_cluster.cut_link(&options.cut, options.cut_mode)?;
     timeline.say(format!(
         "fault: replication link of {} ({}) {}",
@@ -209,7 +244,7 @@ pub async fn run_in_world<C: ControlSystem>(
         options.cut_mode
     ));
     let (cluster, node, failed) = tokio::time::timeout(STEP_DEADLINE, async {
-        while let Some((cluster, node, event)) = events.recv().await {
+        while let Some((_, cluster, node, event)) = events.recv().await {
             if let Event::CopyFailed(f) = event {
                 return Some((cluster, node, f));
             }
@@ -220,6 +255,12 @@ pub async fn run_in_world<C: ControlSystem>(
     .ok()
     .flatten()
     .ok_or(ScenarioError::NoFailure(STEP_DEADLINE))?;
+    // The moment the replicator detected the failure: the freeze timeline's zero.
+    let failed_at = SystemTime::now()
+        .duration_since(failed.since)
+        .ok()
+        .and_then(|ago| Instant::now().checked_sub(ago))
+        .unwrap_or_else(Instant::now);
     // Every write acknowledged by now was copied (a write is acknowledged only once its secondary has
     // it, until a release), so the secondaries must reach these.
     let at_failure = workload.current();
@@ -265,6 +306,28 @@ pub async fn run_in_world<C: ControlSystem>(
         now.failures,
         in_flight(&now)
     ));
+    let mut seen = Vec::new();
+    while let Ok((at, cluster, _, event)) = events.try_recv() {
+        seen.push((at, cluster, event));
+    }
+    let freeze_timeline = freeze_timeline(
+        failed_at,
+        &failure,
+        freeze.epoch,
+        &seen,
+        &control.milestones(),
+    );
+    timeline.say(format!(
+        "the freeze, from the failed copy (+0 ms: {} detected the failure of write #{} on {}):\n{}",
+        failure.node,
+        failure.sequence,
+        failure.volume,
+        freeze_timeline
+            .iter()
+            .map(|(ms, what)| format!("{ms:>+9.1} ms  {what}"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    ));
 
     // The verdict, on the secondaries only, while the primaries run on.
     let sources: Vec<Source> = world.volumes().map(|(_, v)| v.secondary_source()).collect();
@@ -306,6 +369,7 @@ pub async fn run_in_world<C: ControlSystem>(
     });
 
     // Back to normal.
+    bring_path_back(world, path_down, control, timeline).await?;
     for c in &world.clusters {
         for v in &c.volumes {
             if !c.link_is_up(&v.spec.handle)? {
@@ -320,23 +384,7 @@ pub async fn run_in_world<C: ControlSystem>(
     }
     // The person's intent, named by epoch so that it acts once: thaw and resync.
     let intent = serde_json::json!({"spec": {"resync": {"epoch": freeze.epoch}}});
-    kube::Api::<ConsistencyGroup>::all(world.hub().client.clone())
-        .patch(
-            &world.group_name,
-            &kube::api::PatchParams::default(),
-            &kube::api::Patch::Merge(&intent),
-        )
-        .await
-        .map_err(|source| ClusterError::Kube {
-            cluster: world.hub().name().to_owned(),
-            what: format!("setting spec.resync.epoch of cg {}", world.group_name),
-            source,
-        })?;
-    timeline.say(format!(
-        "{}: kubectl patch cg {} --type merge -p '{intent}'",
-        world.hub().name(),
-        world.group_name
-    ));
+    set_resync_intent(world, &intent, timeline).await?;
     let thaw = control.thaw(world, timeline).await?;
     let mut differences = Vec::new();
     for (c, v) in world.volumes() {
@@ -360,27 +408,7 @@ pub async fn run_in_world<C: ControlSystem>(
         });
         differences.push((v.spec.handle.clone(), diff));
     }
-    let group = world.group_now().await?;
-    timeline.say(format!(
-        "{}: {}",
-        world.hub().name(),
-        kubectl::cg_line(&group)
-    ));
-    // The operator mirrors the group into every other member cluster, so `kubectl get cg` answers there.
-    for c in world.clusters.iter().skip(1) {
-        let mirror = kube::Api::<ConsistencyGroup>::all(c.client.clone())
-            .get_opt(&world.group_name)
-            .await
-            .map_err(|source| ClusterError::Kube {
-                cluster: c.name().to_owned(),
-                what: format!("reading the mirror of cg {}", world.group_name),
-                source,
-            })?;
-        timeline.say(match mirror {
-            Some(m) => format!("{}: {} (mirror)", c.name(), kubectl::cg_line(&m)),
-            None => format!("{}: no mirror of cg/{}", c.name(), world.group_name),
-        });
-    }
+    show_groups(world, timeline).await?;
     timeline.say(format!(
         "verdict: {}",
         if verdict.is_consistent() {
@@ -402,7 +430,197 @@ pub async fn run_in_world<C: ControlSystem>(
         thaw,
         workload: report,
         differences,
+        freeze_timeline,
     })
+}
+
+/// Takes the control path `fault` names down, saying so; returns it, to be brought back.
+async fn take_path_down<C: ControlSystem>(
+    world: &World,
+    fault: Option<ControlPathFault>,
+    control: &mut C,
+    timeline: &Timeline,
+) -> Result<Option<ControlPathFault>, ScenarioError> {
+    match fault {
+        None => {}
+        Some(ControlPathFault::ApiDown) => {
+            let member = world.clusters.last().unwrap_or(world.hub());
+            member.stop_api_server().await;
+            timeline.say(format!(
+                "fault: {}'s API server stopped (connections refused): its sidecar has only the gRPC path",
+                member.name()
+            ));
+        }
+        Some(ControlPathFault::GrpcDown) => {
+            control.set_grpc_path(true)?;
+            timeline.say(
+                "fault: the sidecars' gRPC connections to the operator reset and refused: only the API path is left",
+            );
+        }
+    }
+    Ok(fault)
+}
+
+/// Brings back the control path [`take_path_down`] took down.
+async fn bring_path_back<C: ControlSystem>(
+    world: &World,
+    fault: Option<ControlPathFault>,
+    control: &mut C,
+    timeline: &Timeline,
+) -> Result<(), ScenarioError> {
+    match fault {
+        None => {}
+        Some(ControlPathFault::ApiDown) => {
+            let member = world.clusters.last().unwrap_or(world.hub());
+            member.start_api_server().await?;
+            timeline.say(format!(
+                "fault cleared: {}'s API server is back",
+                member.name()
+            ));
+        }
+        Some(ControlPathFault::GrpcDown) => {
+            control.set_grpc_path(false)?;
+            timeline.say("fault cleared: the gRPC path to the operator is back");
+        }
+    }
+    Ok(())
+}
+
+/// The person's intent to thaw and resync, named by epoch so that it acts once: `kubectl patch` in the
+/// hub (or the same merge patch through kube-rs in a world without kubectl).
+async fn set_resync_intent(
+    world: &World,
+    intent: &serde_json::Value,
+    timeline: &Timeline,
+) -> Result<(), ScenarioError> {
+    let hub = world.hub();
+    if let Some(k) = &world.kubectl {
+        let patch = intent.to_string();
+        let args = [
+            "patch",
+            "cg",
+            world.group_name.as_str(),
+            "--type=merge",
+            "-p",
+            &patch,
+        ];
+        k.run(hub.name(), &hub.kubeconfig, &args, timeline).await?;
+        return Ok(());
+    }
+    kube::Api::<ConsistencyGroup>::all(hub.client.clone())
+        .patch(
+            &world.group_name,
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(intent),
+        )
+        .await
+        .map_err(|source| ClusterError::Kube {
+            cluster: hub.name().to_owned(),
+            what: format!("setting spec.resync.epoch of cg {}", world.group_name),
+            source,
+        })?;
+    timeline.say(format!(
+        "{}: spec.resync set on cg {}: {intent}",
+        hub.name(),
+        world.group_name
+    ));
+    Ok(())
+}
+
+/// The group in every cluster: `kubectl get cg -A` (the hub's group and the operator's mirror in every
+/// other member), or one-line summaries read with kube-rs in a world without kubectl.
+async fn show_groups(world: &World, timeline: &Timeline) -> Result<(), ScenarioError> {
+    if let Some(k) = &world.kubectl {
+        for c in &world.clusters {
+            k.run(c.name(), &c.kubeconfig, &["get", "cg", "-A"], timeline)
+                .await?;
+        }
+        return Ok(());
+    }
+    let group = world.group_now().await?;
+    timeline.say(format!(
+        "{}: {}",
+        world.hub().name(),
+        kubectl::cg_line(&group)
+    ));
+    for c in world.clusters.iter().skip(1) {
+        let mirror = kube::Api::<ConsistencyGroup>::all(c.client.clone())
+            .get_opt(&world.group_name)
+            .await
+            .map_err(|source| ClusterError::Kube {
+                cluster: c.name().to_owned(),
+                what: format!("reading the mirror of cg {}", world.group_name),
+                source,
+            })?;
+        timeline.say(match mirror {
+            Some(m) => format!("{}: {} (mirror)", c.name(), kubectl::cg_line(&m)),
+            None => format!("{}: no mirror of cg/{}", c.name(), world.group_name),
+        });
+    }
+    Ok(())
+}
+
+/// The freeze, in order, in milliseconds from `failed_at`: each member volume frozen and released by its
+/// replicator at `epoch` (from the replicators' own events), and what the control system saw.
+fn freeze_timeline(
+    failed_at: Instant,
+    failure: &CopyFailure,
+    epoch: u64,
+    replicator_events: &[(Instant, String, Event)],
+    milestones: &[Milestone],
+) -> Vec<(f64, String)> {
+    let ms = |at: Instant| match at.checked_duration_since(failed_at) {
+        Some(after) => after.as_secs_f64() * 1e3,
+        None => -(failed_at.duration_since(at).as_secs_f64() * 1e3),
+    };
+    let mut lines = Vec::new();
+    let mut frozen = std::collections::BTreeSet::new();
+    let mut released = std::collections::BTreeSet::new();
+    for (at, cluster, event) in replicator_events {
+        let Event::StateChanged(status) = event else {
+            continue;
+        };
+        let volume = &status.name;
+        match status.mode {
+            ReplMode::Suspended { epoch: e, .. } if e == epoch && frozen.insert(volume.clone()) => {
+                lines.push((
+                    ms(*at),
+                    format!(
+                        "{cluster}/{volume}: frozen at epoch {e} by its replicator (writes held)"
+                    ),
+                ));
+            }
+            ReplMode::Running { epoch: e, .. } if e == epoch && released.insert(volume.clone()) => {
+                lines.push((
+                    ms(*at),
+                    format!(
+                        "{cluster}/{volume}: held writes released (primary-only now, changes tracked for the resync)"
+                    ),
+                ));
+            }
+            _ => {}
+        }
+    }
+    // The control system's milestones of this freeze: from just before the failure (a report can
+    // overtake the replicator's event to this process) until now.
+    let since = failed_at.checked_sub(Duration::from_millis(100));
+    for m in milestones {
+        if since.is_none_or(|s| m.at >= s) {
+            lines.push((ms(m.at), m.what.clone()));
+        }
+    }
+    lines.sort_by(|a, b| a.0.total_cmp(&b.0));
+    lines.insert(
+        0,
+        (
+            0.0,
+            format!(
+                "{}/{}: copy of write #{} on {} failed",
+                failure.cluster, failure.node, failure.sequence, failure.volume
+            ),
+        ),
+    );
+    lines
 }
 
 fn in_flight(p: &Progress) -> String {

@@ -1,5 +1,6 @@
 //! Faults injected for real into simulated clusters: a replication link cut (its connections reset, or
-//! silently blackholed) and restored; a member cluster's API server stopped and started again.
+//! silently blackholed) and restored; a member cluster's API server stopped and started again; a control
+//! path down while a link is cut ([`ControlPathFault`]).
 
 use lockstep_replicator::linkcut::LinkMode;
 
@@ -30,6 +31,27 @@ impl std::fmt::Display for LinkCutMode {
         f.write_str(match self {
             LinkCutMode::Reset => "reset",
             LinkCutMode::Blackhole => "blackholed",
+        })
+    }
+}
+
+/// A control path taken down just before the link is cut, and brought back before the resync: the freeze
+/// must still reach every member over the other path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ControlPathFault {
+    /// The API server of the last member cluster is stopped: that cluster's sidecar hears the freeze
+    /// and answers over gRPC only.
+    ApiDown,
+    /// The sidecars' connections to the operator's gRPC listener are reset and refused: every member
+    /// freezes through the API servers.
+    GrpcDown,
+}
+
+impl std::fmt::Display for ControlPathFault {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ControlPathFault::ApiDown => "a member's API server stopped",
+            ControlPathFault::GrpcDown => "the sidecars' gRPC path to the operator cut",
         })
     }
 }

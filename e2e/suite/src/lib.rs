@@ -26,18 +26,26 @@ pub mod world;
 
 use control::{ManualFreeze, ReplicatorApi};
 use demo::ScenarioOptions;
-use faults::LinkCutMode;
+use faults::{ControlPathFault, LinkCutMode};
 use timeline::Timeline;
 
 /// Flags of `lockstep-demo`; the defaults are the embedded example.
 #[derive(Debug, Clone, clap::Args)]
 pub struct Options {
-    /// The volume whose replication link is cut (east-postgres-wal, east-postgres-data or west-reporting).
-    #[arg(long, default_value = "east-postgres-data")]
-    pub cut: String,
-    /// How the link is cut: its connections reset, or every byte silently dropped.
-    #[arg(long, value_enum, default_value_t = LinkCutMode::Reset)]
-    pub cut_mode: LinkCutMode,
+    /// Simulated clusters (2 to 8); the first is the hub. 2 with 3 volumes is the repository's example
+    /// (east and west); any other shape is generated alike.
+    #[arg(long, default_value_t = world::EXAMPLE_CLUSTERS)]
+    pub clusters: usize,
+    /// Replicated volumes in total, spread over the clusters (at least one per cluster).
+    #[arg(long, default_value_t = world::EXAMPLE_VOLUMES)]
+    pub volumes: usize,
+    /// The volume whose replication link is cut (default: the hub's second volume, east-postgres-data in
+    /// the example).
+    #[arg(long)]
+    pub cut: Option<String>,
+    /// The fault injected.
+    #[arg(long, value_enum, default_value_t = FaultFlag::LinkCut)]
+    pub fault: FaultFlag,
     /// Concurrent dependent-write chains of the workload.
     #[arg(long, default_value_t = 3)]
     pub lanes: u32,
@@ -51,6 +59,40 @@ pub struct Options {
     /// The group's policy (the example's is freeze-and-go).
     #[arg(long, value_enum, default_value_t = PolicyFlag::FreezeAndGo)]
     pub policy: PolicyFlag,
+}
+
+/// `--fault`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum FaultFlag {
+    /// The replication link's connections are reset: the primary sees the failure at once.
+    LinkCut,
+    /// Every byte on the replication link is dropped: the copy fails at its timeout (2 s).
+    LinkBlackhole,
+    /// The link is cut and the last member cluster's API server is stopped: that member freezes over
+    /// gRPC only.
+    ApiDown,
+    /// The link is cut and the sidecars' gRPC path to the operator is down: every member freezes
+    /// through the API servers.
+    GrpcDown,
+}
+
+impl FaultFlag {
+    /// How the link is cut.
+    pub fn cut_mode(self) -> LinkCutMode {
+        match self {
+            FaultFlag::LinkBlackhole => LinkCutMode::Blackhole,
+            _ => LinkCutMode::Reset,
+        }
+    }
+
+    /// The control path down while the link is cut.
+    pub fn path_fault(self) -> Option<ControlPathFault> {
+        match self {
+            FaultFlag::ApiDown => Some(ControlPathFault::ApiDown),
+            FaultFlag::GrpcDown => Some(ControlPathFault::GrpcDown),
+            FaultFlag::LinkCut | FaultFlag::LinkBlackhole => None,
+        }
+    }
 }
 
 /// `--control`.
@@ -84,8 +126,10 @@ impl Default for Options {
     fn default() -> Self {
         let d = ScenarioOptions::default();
         Self {
-            cut: d.cut,
-            cut_mode: d.cut_mode,
+            clusters: d.clusters,
+            volumes: d.volumes,
+            cut: None,
+            fault: FaultFlag::LinkCut,
             lanes: d.lanes,
             volume_mib: d.volume_mib,
             policy: PolicyFlag::FreezeAndGo,
@@ -95,16 +139,26 @@ impl Default for Options {
 }
 
 impl Options {
-    /// The scenario these flags ask for.
-    pub fn scenario(&self) -> ScenarioOptions {
-        ScenarioOptions {
-            cut: self.cut.clone(),
-            cut_mode: self.cut_mode,
+    /// The scenario these flags ask for; an impossible world shape is refused here.
+    pub fn scenario(&self) -> Result<ScenarioOptions, world::WorldError> {
+        let d = ScenarioOptions::default();
+        let cut = match &self.cut {
+            Some(cut) => cut.clone(),
+            None => world::WorldSpec::sized(self.clusters, self.volumes, 1 << 20)?
+                .default_cut()
+                .unwrap_or(d.cut),
+        };
+        Ok(ScenarioOptions {
+            cut,
+            cut_mode: self.fault.cut_mode(),
+            path_fault: self.fault.path_fault(),
+            clusters: self.clusters,
+            volumes: self.volumes,
             lanes: self.lanes,
             volume_mib: self.volume_mib,
             policy: Some(self.policy.into()),
-            ..ScenarioOptions::default()
-        }
+            ..d
+        })
     }
 }
 
@@ -115,18 +169,22 @@ pub const REPLICATOR_API: ReplicatorApi = ReplicatorApi::Grpc;
 /// Runs the demo, printing its timeline; fails when the checker finds the secondaries inconsistent.
 pub async fn run(options: Options) -> anyhow::Result<()> {
     let timeline = Timeline::new(true);
+    let scenario = options.scenario()?;
     let report = match options.control {
         ControlFlag::Demo => {
             let mut control = ManualFreeze::new(REPLICATOR_API);
-            demo::run_scenario(&options.scenario(), &mut control, &timeline).await?
+            demo::run_scenario(&scenario, &mut control, &timeline).await?
         }
         ControlFlag::Operator => {
             let mut control = operated::OperatorControl::new();
-            demo::run_scenario(&options.scenario(), &mut control, &timeline).await?
+            demo::run_scenario(&scenario, &mut control, &timeline).await?
         }
     };
     if !report.verdict.is_consistent() {
         anyhow::bail!("the secondaries are not consistent");
+    }
+    if !report.primaries.is_consistent() {
+        anyhow::bail!("acknowledged writes are missing on the primaries");
     }
     Ok(())
 }

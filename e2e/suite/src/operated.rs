@@ -3,18 +3,26 @@
 //! [`ControlSystem`] seam as the demo's own [`crate::control::ManualFreeze`]. The scenario does not
 //! change: it cuts a link and waits; here the operator and sidecars do the freezing, and this type only
 //! watches the group's status and says what it sees.
+//!
+//! The sidecars dial the operator's gRPC listener through a link-cut proxy, so that the gRPC path can be
+//! taken down ([`ControlSystem::set_grpc_path`]). While it runs, a sampler reads the operator's own
+//! metrics (in-process, every 2 ms) and stamps each rise of a counter — a failure report received over
+//! the API or gRPC path, an acknowledgement, a batch of directives sent — as a [`Milestone`].
 
-use std::time::Duration;
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
 use lockstep_api::domain::{Phase, Policy, Stage};
 use lockstep_api::v1alpha1::ConsistencyGroup;
 use lockstep_operator::Operator;
+use lockstep_replicator::linkcut::{LinkCut, LinkMode};
 use lockstep_sidecar::Sidecar;
 
 use crate::cluster::ClusterError;
 use crate::control::{ControlError, ControlSystem, CopyFailure, FreezeOutcome, ThawOutcome};
 use crate::kubectl;
-use crate::timeline::Timeline;
+use crate::timeline::{Milestone, Timeline};
 use crate::world::World;
 
 /// Lockstep's namespace in every cluster (leases, the member kubeconfig Secrets).
@@ -23,6 +31,8 @@ const NAMESPACE: &str = "lockstep-system";
 const DEADLINE: Duration = Duration::from_secs(60);
 /// How long it may take to resync once asked.
 const RESYNC_DEADLINE: Duration = Duration::from_secs(30);
+/// How often the sampler reads the operator's metrics.
+const SAMPLE_EVERY: Duration = Duration::from_millis(2);
 
 /// The operator and the sidecars, started on [`ControlSystem::enroll`].
 #[derive(Default)]
@@ -30,6 +40,11 @@ pub struct OperatorControl {
     operator: Option<Operator>,
     sidecars: Vec<Sidecar>,
     epoch: u64,
+    /// The proxy the sidecars dial the operator's gRPC listener through.
+    grpc_link: Option<LinkCut>,
+    /// What the sampler saw.
+    milestones: Arc<Mutex<Vec<Milestone>>>,
+    sampler: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl std::fmt::Debug for OperatorControl {
@@ -50,12 +65,91 @@ impl OperatorControl {
 
     /// Stops the sidecars and the operator.
     pub async fn shutdown(&mut self) {
+        if let Some(sampler) = self.sampler.take() {
+            sampler.abort();
+        }
         for sidecar in self.sidecars.drain(..) {
             sidecar.shutdown().await;
         }
         if let Some(operator) = self.operator.take() {
             operator.shutdown().await;
         }
+    }
+}
+
+/// Reads the operator's metrics every [`SAMPLE_EVERY`] and stamps every rise of its report,
+/// acknowledgement and directive counters.
+fn sample_metrics(
+    metrics: lockstep_operator::metrics::Metrics,
+    milestones: Arc<Mutex<Vec<Milestone>>>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut seen: BTreeMap<String, u64> = BTreeMap::new();
+        let mut tick = tokio::time::interval(SAMPLE_EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let at = Instant::now();
+            for (series, value) in counters(&metrics.encode()) {
+                let before = seen.insert(series.clone(), value).unwrap_or(0);
+                if value > before
+                    && let Some(what) = milestone_words(&series, value - before)
+                {
+                    milestones
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .push(Milestone { at, what });
+                }
+            }
+        }
+    })
+}
+
+/// The report, acknowledgement and directive counters of a Prometheus text exposition: (series, value).
+fn counters(text: &str) -> Vec<(String, u64)> {
+    text.lines()
+        .filter(|l| {
+            [
+                "lockstep_reports_total{",
+                "lockstep_acknowledgements_total{",
+                "lockstep_directives_total{",
+            ]
+            .iter()
+            .any(|p| l.starts_with(p))
+        })
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            Some((series.to_owned(), value.parse::<f64>().ok()? as u64))
+        })
+        .collect()
+}
+
+/// A counter's rise by `by`, for people: `operator: failure report received over grpc`.
+fn milestone_words(series: &str, by: u64) -> Option<String> {
+    let label = |name: &str| {
+        let start = series.find(&format!("{name}=\""))? + name.len() + 2;
+        let end = series[start..].find('"')? + start;
+        Some(series[start..end].to_owned())
+    };
+    let path = label("path")?;
+    let times = if by > 1 {
+        format!(" ({by})")
+    } else {
+        String::new()
+    };
+    if series.starts_with("lockstep_reports_total") {
+        Some(format!(
+            "operator: failure report received over {path}{times}"
+        ))
+    } else if series.starts_with("lockstep_acknowledgements_total") {
+        Some(format!(
+            "operator: acknowledgement received over {path}{times}"
+        ))
+    } else {
+        let stage = label("stage")?;
+        Some(format!(
+            "operator: {stage} directives sent over {path} ({by})"
+        ))
     }
 }
 
@@ -130,7 +224,15 @@ impl ControlSystem for OperatorControl {
             hub.name(),
             operator.grpc_addr
         ));
-        let endpoint = format!("http://{}", operator.grpc_addr);
+        self.sampler = Some(sample_metrics(
+            operator.engine().metrics().clone(),
+            self.milestones.clone(),
+        ));
+        let link = LinkCut::start(operator.grpc_addr)
+            .await
+            .map_err(|e| started("the proxy to the operator's gRPC listener", e))?;
+        let endpoint = format!("http://{}", link.addr());
+        self.grpc_link = Some(link);
         self.operator = Some(operator);
         for cluster in &world.clusters {
             let Some(socket) = &cluster.control_socket else {
@@ -223,6 +325,25 @@ impl ControlSystem for OperatorControl {
                 .unwrap_or_default(),
             released: go,
         })
+    }
+
+    fn set_grpc_path(&mut self, down: bool) -> Result<(), ControlError> {
+        let link = self.grpc_link.as_ref().ok_or_else(|| {
+            ControlError::Unsupported("the operator and sidecars are not running".into())
+        })?;
+        link.set_mode(if down {
+            LinkMode::Reset
+        } else {
+            LinkMode::Pass
+        });
+        Ok(())
+    }
+
+    fn milestones(&self) -> Vec<Milestone> {
+        self.milestones
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
     }
 
     async fn thaw(

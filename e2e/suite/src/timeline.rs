@@ -6,6 +6,16 @@
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
+/// Something a control system saw, stamped with the moment it saw it: the demo prints these relative to
+/// the failure.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Milestone {
+    /// When.
+    pub at: Instant,
+    /// What, for people.
+    pub what: String,
+}
+
 /// A shared, cheaply cloned log of stamped lines.
 #[derive(Debug, Clone)]
 pub struct Timeline {

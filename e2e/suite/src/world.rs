@@ -5,9 +5,14 @@
 //! The default world is the repository's own example: `examples/consistencygroup-two-cluster.yaml`
 //! (group `orders-db`: east's `postgres-wal` and `postgres-data` by name, west's reporting volume by
 //! label), with east as the hub (`examples/membercluster-hub.yaml`) and west reached by both paths
-//! (`examples/membercluster-both.yaml`).
+//! (`examples/membercluster-both.yaml`). [`WorldSpec::sized`] generates larger worlds of the same shape.
+//!
+//! [`World::start_with_kubectl`] applies the CRDs, MemberClusters, kubeconfig Secrets and the group with
+//! the real `kubectl`, as a person would (the repository's example files where the world is the example,
+//! else manifests written into the world's directory); [`World::start`] creates them with kube-rs.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
 
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::{Namespace, Secret};
@@ -16,7 +21,7 @@ use lockstep_api::v1alpha1::{ConsistencyGroup, MemberCluster};
 use serde_json::json;
 
 use crate::cluster::{ClusterError, ClusterSpec, SimCluster, SimVolume, VolumeSpec};
-use crate::kubectl;
+use crate::kubectl::{self, Kubectl, KubectlError};
 use crate::timeline::Timeline;
 
 /// The example group the demo applies.
@@ -46,10 +51,46 @@ pub enum WorldError {
     /// A world needs at least one cluster.
     #[error("a world needs at least one cluster")]
     NoClusters,
+    /// A kubectl command failed.
+    #[error(transparent)]
+    Kubectl(#[from] KubectlError),
+    /// A manifest could not be written.
+    #[error("writing {path}: {source}")]
+    Write {
+        /// The file.
+        path: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// A generated world was asked for with an impossible shape.
+    #[error("a world needs 2 to {max} clusters and at least one volume per cluster (asked: {clusters} clusters, {volumes} volumes)", max = CLUSTER_NAMES.len())]
+    Shape {
+        /// Clusters asked for.
+        clusters: usize,
+        /// Volumes asked for, in total.
+        volumes: usize,
+    },
     /// The group has no UID after it was created.
     #[error("consistency group {0} has no uid")]
     NoUid(String),
 }
+
+/// The names of generated clusters, in order; the first is the hub.
+pub const CLUSTER_NAMES: [&str; 8] = [
+    "east", "west", "north", "south", "central", "coast", "inland", "metro",
+];
+/// The example's number of clusters.
+pub const EXAMPLE_CLUSTERS: usize = 2;
+/// The example's number of volumes, in total.
+pub const EXAMPLE_VOLUMES: usize = 3;
+/// The example files the demo applies, as paths from the repository's root, with their text.
+pub const EXAMPLE_FILES: [(&str, &str); 3] = [
+    ("examples/membercluster-hub.yaml", EXAMPLE_HUB_MEMBER),
+    ("examples/membercluster-both.yaml", EXAMPLE_REMOTE_MEMBER),
+    ("examples/consistencygroup-two-cluster.yaml", EXAMPLE_GROUP),
+];
+/// Lockstep's namespace in the hub, where remote members' kubeconfig Secrets live.
+const LOCKSTEP_NAMESPACE: &str = "lockstep-system";
 
 /// What to build.
 #[derive(Debug, Clone)]
@@ -98,6 +139,78 @@ impl WorldSpec {
     }
 }
 
+impl WorldSpec {
+    /// The example ([`WorldSpec::example`]) for 2 clusters and 3 volumes; otherwise a generated world
+    /// of the same shape: clusters named from [`CLUSTER_NAMES`] (the first the hub, every other reached by
+    /// both paths with its kubeconfig in a Secret), `volumes` spread over them as evenly as they go —
+    /// claims `orders/vol-N`, handles `<cluster>-vol-N` — and one FreezeAndGo group `orders-db` over all.
+    pub fn sized(clusters: usize, volumes: usize, size: u64) -> Result<WorldSpec, WorldError> {
+        if (clusters, volumes) == (EXAMPLE_CLUSTERS, EXAMPLE_VOLUMES) {
+            return Self::example(size);
+        }
+        if !(2..=CLUSTER_NAMES.len()).contains(&clusters) || volumes < clusters {
+            return Err(WorldError::Shape { clusters, volumes });
+        }
+        let namespace = "orders";
+        let mut cluster_specs = Vec::new();
+        let mut member_clusters = Vec::new();
+        let mut members = Vec::new();
+        for (i, name) in CLUSTER_NAMES.iter().take(clusters).enumerate() {
+            let count = volumes / clusters + usize::from(i < volumes % clusters);
+            let pvcs: Vec<String> = (1..=count).map(|n| format!("vol-{n}")).collect();
+            let mut spec = ClusterSpec::new(name, namespace);
+            for pvc in &pvcs {
+                spec = spec.volume(VolumeSpec::new(name, pvc, size));
+            }
+            cluster_specs.push(spec);
+            let paths = if i == 0 {
+                json!({"local": true, "paths": "Both", "network": format!("dc-{name}")})
+            } else {
+                json!({"paths": "Both", "network": format!("dc-{name}"), "kubeconfigSecretRef": {
+                    "namespace": LOCKSTEP_NAMESPACE, "name": format!("{name}-kubeconfig"), "key": "kubeconfig",
+                }})
+            };
+            member_clusters.push(from_json(
+                "a generated MemberCluster",
+                json!({"apiVersion": "lockstep.dev/v1alpha1", "kind": "MemberCluster",
+                       "metadata": {"name": name}, "spec": paths}),
+            )?);
+            members.push(json!({"cluster": name, "namespace": namespace, "pvcNames": pvcs}));
+        }
+        let group = from_json(
+            "the generated ConsistencyGroup",
+            json!({"apiVersion": "lockstep.dev/v1alpha1", "kind": "ConsistencyGroup",
+                   "metadata": {"name": "orders-db"},
+                   "spec": {"policy": "FreezeAndGo", "holdTimeout": "30s", "members": members}}),
+        )?;
+        Ok(WorldSpec {
+            clusters: cluster_specs,
+            member_clusters,
+            group,
+        })
+    }
+
+    /// The volume a scenario cuts unless told: the hub's second volume (the example's
+    /// `east-postgres-data`), else its first.
+    pub fn default_cut(&self) -> Option<String> {
+        let hub = self.clusters.first()?;
+        hub.volumes
+            .get(1)
+            .or(hub.volumes.first())
+            .map(|v| v.handle.clone())
+    }
+}
+
+fn from_json<T: serde::de::DeserializeOwned>(
+    what: &'static str,
+    value: serde_json::Value,
+) -> Result<T, WorldError> {
+    serde_json::from_value(value).map_err(|source| WorldError::Manifest {
+        what,
+        source: serde::de::Error::custom(source),
+    })
+}
+
 /// Running simulated clusters with the group applied. Dropping it stops everything and removes its
 /// files.
 #[derive(Debug)]
@@ -110,14 +223,35 @@ pub struct World {
     pub group_uid: String,
     /// The group as created.
     pub group: ConsistencyGroup,
+    /// The kubectl that applied the objects ([`World::start_with_kubectl`]), for the scenario's own
+    /// commands.
+    pub kubectl: Option<Kubectl>,
     // Last, so the clusters stop before their files go.
     dir: tempfile::TempDir,
 }
 
 impl World {
     /// Starts every cluster, then applies the member clusters, their kubeconfig Secrets and the group in
-    /// the hub, saying each step on `timeline`.
+    /// the hub with kube-rs, saying each step on `timeline`.
     pub async fn start(spec: WorldSpec, timeline: &Timeline) -> Result<World, WorldError> {
+        Self::start_applying(spec, false, timeline).await
+    }
+
+    /// [`World::start`], with the CRDs, the member clusters, their kubeconfig Secrets and the group
+    /// applied by the real `kubectl` (each command said on `timeline`); fails at once, naming
+    /// `scripts/install-tools.sh`, when there is no kubectl.
+    pub async fn start_with_kubectl(
+        spec: WorldSpec,
+        timeline: &Timeline,
+    ) -> Result<World, WorldError> {
+        Self::start_applying(spec, true, timeline).await
+    }
+
+    async fn start_applying(
+        spec: WorldSpec,
+        with_kubectl: bool,
+        timeline: &Timeline,
+    ) -> Result<World, WorldError> {
         if spec.clusters.is_empty() {
             return Err(WorldError::NoClusters);
         }
@@ -125,73 +259,55 @@ impl World {
             .prefix("lockstep-demo-")
             .tempdir()
             .map_err(WorldError::TempDir)?;
+        let kubectl = if with_kubectl {
+            Some(Kubectl::find(&dir.path().join("kubectl-cache"))?)
+        } else {
+            None
+        };
         timeline.say(format!("working directory {}", dir.path().display()));
+        if let Some(k) = &kubectl {
+            timeline.say(format!(
+                "kubectl: {} (from {}), run as `kubectl --kubeconfig {}/<cluster>/kubeconfig …`",
+                k.binary().display(),
+                Kubectl::repository()
+                    .canonicalize()
+                    .unwrap_or_else(|_| Kubectl::repository())
+                    .display(),
+                dir.path().display()
+            ));
+        }
         let mut clusters = Vec::new();
         for c in spec.clusters {
             let path = dir.path().join(&c.name);
-            clusters.push(SimCluster::start(c, &path, timeline).await?);
+            clusters.push(SimCluster::start_with(c, &path, kubectl.as_ref(), timeline).await?);
         }
         let hub = &clusters[0];
         let hub_name = hub.name().to_owned();
-        let kube = |what: String| {
-            let cluster = hub_name.clone();
-            move |source| ClusterError::Kube {
-                cluster,
-                what,
-                source,
+        let group_name = spec.group.metadata.name.clone().unwrap_or_default();
+        let group = match &kubectl {
+            Some(k) => {
+                apply_with_kubectl(
+                    k,
+                    &clusters,
+                    &spec.member_clusters,
+                    &spec.group,
+                    dir.path(),
+                    timeline,
+                )
+                .await?;
+                Api::<ConsistencyGroup>::all(hub.client.clone())
+                    .get(&group_name)
+                    .await
+                    .map_err(|source| ClusterError::Kube {
+                        cluster: hub_name.clone(),
+                        what: format!("reading cg {group_name}"),
+                        source,
+                    })?
+            }
+            None => {
+                create_with_client(&clusters, &spec.member_clusters, &spec.group, timeline).await?
             }
         };
-        let pp = PostParams::default();
-        for mc in &spec.member_clusters {
-            if let Some(secret_ref) = &mc.spec.kubeconfig_secret_ref {
-                let target = mc.metadata.name.as_deref().unwrap_or_default();
-                if let Some(member) = clusters.iter().find(|c| c.name() == target) {
-                    let kubeconfig =
-                        std::fs::read(&member.kubeconfig).map_err(|source| ClusterError::Io {
-                            cluster: target.to_owned(),
-                            what: "reading its kubeconfig".into(),
-                            source,
-                        })?;
-                    ensure_namespace(&hub.client, &secret_ref.namespace)
-                        .await
-                        .map_err(kube(format!("creating namespace {}", secret_ref.namespace)))?;
-                    let secret = Secret {
-                        metadata: kube::api::ObjectMeta {
-                            name: Some(secret_ref.name.clone()),
-                            namespace: Some(secret_ref.namespace.clone()),
-                            ..Default::default()
-                        },
-                        data: Some(BTreeMap::from([(
-                            secret_ref.key.clone(),
-                            ByteString(kubeconfig),
-                        )])),
-                        ..Default::default()
-                    };
-                    Api::<Secret>::namespaced(hub.client.clone(), &secret_ref.namespace)
-                        .create(&pp, &secret)
-                        .await
-                        .map_err(kube(format!("creating secret {}", secret_ref.name)))?;
-                    timeline.say(format!(
-                        "{hub_name}: secret/{}/{} holds {target}'s kubeconfig ({})",
-                        secret_ref.namespace,
-                        secret_ref.name,
-                        member.api.url()
-                    ));
-                }
-            }
-            let created = Api::<MemberCluster>::all(hub.client.clone())
-                .create(&pp, mc)
-                .await
-                .map_err(kube("creating a MemberCluster".into()))?;
-            timeline.say(format!(
-                "{hub_name}: applied {}",
-                kubectl::mc_line(&created)
-            ));
-        }
-        let group = Api::<ConsistencyGroup>::all(hub.client.clone())
-            .create(&pp, &spec.group)
-            .await
-            .map_err(kube("creating the ConsistencyGroup".into()))?;
         let group_name = group.metadata.name.clone().unwrap_or_default();
         let group_uid = group
             .metadata
@@ -231,6 +347,7 @@ impl World {
             group_name,
             group_uid,
             group,
+            kubectl,
             dir,
         })
     }
@@ -320,6 +437,166 @@ impl World {
                 source,
             })
     }
+}
+
+/// Creates the member clusters, their kubeconfig Secrets and the group in the hub with kube-rs.
+async fn create_with_client(
+    clusters: &[SimCluster],
+    member_clusters: &[MemberCluster],
+    group: &ConsistencyGroup,
+    timeline: &Timeline,
+) -> Result<ConsistencyGroup, WorldError> {
+    let hub = &clusters[0];
+    let hub_name = hub.name().to_owned();
+    let kube = |what: String| {
+        let cluster = hub_name.clone();
+        move |source| ClusterError::Kube {
+            cluster,
+            what,
+            source,
+        }
+    };
+    let pp = PostParams::default();
+    for mc in member_clusters {
+        if let Some(secret_ref) = &mc.spec.kubeconfig_secret_ref {
+            let target = mc.metadata.name.as_deref().unwrap_or_default();
+            if let Some(member) = clusters.iter().find(|c| c.name() == target) {
+                let kubeconfig =
+                    std::fs::read(&member.kubeconfig).map_err(|source| ClusterError::Io {
+                        cluster: target.to_owned(),
+                        what: "reading its kubeconfig".into(),
+                        source,
+                    })?;
+                ensure_namespace(&hub.client, &secret_ref.namespace)
+                    .await
+                    .map_err(kube(format!("creating namespace {}", secret_ref.namespace)))?;
+                let secret = Secret {
+                    metadata: kube::api::ObjectMeta {
+                        name: Some(secret_ref.name.clone()),
+                        namespace: Some(secret_ref.namespace.clone()),
+                        ..Default::default()
+                    },
+                    data: Some(BTreeMap::from([(
+                        secret_ref.key.clone(),
+                        ByteString(kubeconfig),
+                    )])),
+                    ..Default::default()
+                };
+                Api::<Secret>::namespaced(hub.client.clone(), &secret_ref.namespace)
+                    .create(&pp, &secret)
+                    .await
+                    .map_err(kube(format!("creating secret {}", secret_ref.name)))?;
+                timeline.say(format!(
+                    "{hub_name}: secret/{}/{} holds {target}'s kubeconfig ({})",
+                    secret_ref.namespace,
+                    secret_ref.name,
+                    member.api.url()
+                ));
+            }
+        }
+        let created = Api::<MemberCluster>::all(hub.client.clone())
+            .create(&pp, mc)
+            .await
+            .map_err(kube("creating a MemberCluster".into()))?;
+        timeline.say(format!(
+            "{hub_name}: applied {}",
+            kubectl::mc_line(&created)
+        ));
+    }
+    Ok(Api::<ConsistencyGroup>::all(hub.client.clone())
+        .create(&pp, group)
+        .await
+        .map_err(kube("creating the ConsistencyGroup".into()))?)
+}
+
+/// Applies the member clusters, their kubeconfig Secrets and the group in the hub with kubectl: the
+/// repository's example file for an object that is the example, else a manifest written to
+/// `<dir>/manifests/`.
+async fn apply_with_kubectl(
+    kubectl: &Kubectl,
+    clusters: &[SimCluster],
+    member_clusters: &[MemberCluster],
+    group: &ConsistencyGroup,
+    dir: &Path,
+    timeline: &Timeline,
+) -> Result<(), WorldError> {
+    let hub = &clusters[0];
+    let (hub_name, hub_config) = (hub.name(), hub.kubeconfig.as_path());
+    let mut namespaces = BTreeSet::new();
+    for mc in member_clusters {
+        let name = mc.metadata.name.as_deref().unwrap_or_default();
+        if let Some(secret_ref) = &mc.spec.kubeconfig_secret_ref
+            && let Some(member) = clusters.iter().find(|c| c.name() == name)
+        {
+            let ns = secret_ref.namespace.as_str();
+            if namespaces.insert(ns.to_owned()) {
+                kubectl
+                    .run(hub_name, hub_config, &["create", "namespace", ns], timeline)
+                    .await?;
+            }
+            let from_file = format!(
+                "--from-file={}={}",
+                secret_ref.key,
+                member.kubeconfig.display()
+            );
+            kubectl
+                .run(
+                    hub_name,
+                    hub_config,
+                    &[
+                        "-n",
+                        ns,
+                        "create",
+                        "secret",
+                        "generic",
+                        &secret_ref.name,
+                        &from_file,
+                    ],
+                    timeline,
+                )
+                .await?;
+        }
+        let file = manifest(mc, &format!("membercluster-{name}.yaml"), dir)?;
+        kubectl
+            .run(hub_name, hub_config, &["apply", "-f", &file], timeline)
+            .await?;
+    }
+    let name = group.metadata.name.as_deref().unwrap_or_default();
+    let file = manifest(group, &format!("consistencygroup-{name}.yaml"), dir)?;
+    kubectl
+        .run(hub_name, hub_config, &["apply", "-f", &file], timeline)
+        .await?;
+    Ok(())
+}
+
+/// The file to apply for `object`: the repository's example file (a path from the repository's root)
+/// when the object is that example, else the object written to `<dir>/manifests/<file_name>`.
+fn manifest<T>(object: &T, file_name: &str, dir: &Path) -> Result<String, WorldError>
+where
+    T: serde::Serialize + serde::de::DeserializeOwned,
+{
+    let wanted = serde_json::to_value(object).ok();
+    for (path, text) in EXAMPLE_FILES {
+        let example = serde_yaml_ng::from_str::<T>(text)
+            .ok()
+            .and_then(|e| serde_json::to_value(e).ok());
+        if wanted.is_some() && example == wanted {
+            return Ok(path.to_owned());
+        }
+    }
+    let manifests = dir.join("manifests");
+    let path = manifests.join(file_name);
+    let write_err = |source| WorldError::Write {
+        path: path.display().to_string(),
+        source,
+    };
+    std::fs::create_dir_all(&manifests).map_err(write_err)?;
+    let yaml = serde_yaml_ng::to_string(object).map_err(|source| WorldError::Manifest {
+        what: "a generated manifest",
+        source,
+    })?;
+    std::fs::write(&path, yaml).map_err(write_err)?;
+    Ok(path.display().to_string())
 }
 
 async fn ensure_namespace(client: &kube::Client, name: &str) -> Result<(), kube::Error> {

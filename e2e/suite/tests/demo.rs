@@ -1,5 +1,8 @@
 //! The demo scenario, in-process: two simulated clusters, three replicated volumes, the dependent-write
-//! workload, one link cut, the freeze, the checker on the secondaries, the link restored and resynced.
+//! workload, one link cut, the freeze, the checker on the secondaries, the link restored and resynced —
+//! the CRDs, the group and the resync intent applied with the real kubectl (run
+//! `source "$(./scripts/install-tools.sh)"` first). Also a generated world of three clusters and five
+//! volumes, and the freeze with the gRPC path down.
 //!
 //! A negative control shows the scenario and the checker catch a broken freeze: a control system that
 //! releases each volume as soon as it has suspended it — before every member is frozen, against
@@ -11,7 +14,8 @@ use std::time::Duration;
 use lockstep_e2e::control::{
     ControlError, ControlSystem, CopyFailure, FreezeOutcome, ManualFreeze, NodeControl, ThawOutcome,
 };
-use lockstep_e2e::demo::{ScenarioOptions, run_scenario};
+use lockstep_e2e::demo::{ScenarioOptions, ScenarioReport, run_scenario};
+use lockstep_e2e::faults::ControlPathFault;
 use lockstep_e2e::timeline::Timeline;
 use lockstep_e2e::world::World;
 
@@ -83,12 +87,14 @@ async fn freeze_and_stop_keeps_the_writes_held_until_the_resync_and_stays_consis
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn the_operator_and_sidecars_freeze_the_group_and_the_secondaries_stay_consistent() {
+/// Runs the scenario with the operator and the sidecars and checks what a person would: the checker
+/// passes on the secondaries, nothing acknowledged was lost on the primaries, every volume froze and was
+/// released at epoch 1 and is identical to its secondary after the resync, and `kubectl get cg -A`
+/// shows the group back in Replicating in every cluster.
+async fn operated_scenario(options: &ScenarioOptions) -> (ScenarioReport, String) {
     let timeline = Timeline::new(false);
     let mut control = lockstep_e2e::operated::OperatorControl::new();
-    let options = ScenarioOptions::default();
-    let report = run_scenario(&options, &mut control, &timeline)
+    let report = run_scenario(options, &mut control, &timeline)
         .await
         .unwrap_or_else(|e| panic!("{e}\n{}", timeline.text()));
     let text = timeline.text();
@@ -98,7 +104,64 @@ async fn the_operator_and_sidecars_freeze_the_group_and_the_secondaries_stay_con
         "{}\n{text}",
         report.primaries
     );
+    assert_eq!(report.failure.volume, options.cut, "{text}");
     assert_eq!(report.freeze.epoch, 1, "{text}");
+    assert_eq!(report.freeze.frozen.len(), options.volumes, "{text}");
+    assert!(report.freeze.released, "{text}");
+    assert_eq!(report.thaw, ThawOutcome::Resumed, "{text}");
+    for (volume, difference) in &report.differences {
+        assert_eq!(
+            *difference, None,
+            "{volume} differs after the resync\n{text}"
+        );
+        let said = |what: &str| {
+            report
+                .freeze_timeline
+                .iter()
+                .any(|(_, line)| line.contains(&format!("/{volume}: {what}")))
+        };
+        assert!(said("frozen at epoch 1"), "{volume} not frozen\n{text}");
+        assert!(
+            said("held writes released"),
+            "{volume} not released\n{text}"
+        );
+    }
+    assert!(
+        report
+            .freeze_timeline
+            .iter()
+            .any(|(_, line)| line.starts_with("operator: failure report received over")),
+        "{text}"
+    );
+    assert!(
+        text.contains(
+            r#"$ kubectl patch cg orders-db --type=merge -p '{"spec":{"resync":{"epoch":1}}}'"#
+        ),
+        "{text}"
+    );
+    // `kubectl get cg -A` in every cluster: the printer columns, the group (or its mirror) Replicating.
+    let gets: Vec<&str> = text
+        .split("$ kubectl get cg -A\n")
+        .skip(1)
+        .map(|after| after.lines().nth(1).unwrap_or_default())
+        .collect();
+    assert_eq!(gets.len(), options.clusters, "{text}");
+    for row in gets {
+        let cells: Vec<&str> = row.split_whitespace().collect();
+        assert_eq!(
+            cells.get(..3),
+            Some(&["orders-db", "Replicating", "1"][..]),
+            "{text}"
+        );
+    }
+    assert!(text.contains("verdict: CONSISTENT"), "{text}");
+    (report, text)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_operator_and_sidecars_freeze_the_group_and_the_secondaries_stay_consistent() {
+    let options = ScenarioOptions::default();
+    let (report, text) = operated_scenario(&options).await;
     let mut image = report.freeze.frozen.clone();
     image.sort();
     assert_eq!(
@@ -106,13 +169,70 @@ async fn the_operator_and_sidecars_freeze_the_group_and_the_secondaries_stay_con
         ["east-postgres-data", "east-postgres-wal", "west-reporting"],
         "{text}"
     );
-    assert_eq!(report.thaw, ThawOutcome::Resumed, "{text}");
-    for (volume, difference) in &report.differences {
-        assert_eq!(
-            *difference, None,
-            "{volume} differs after the resync\n{text}"
+    // The example is applied from the repository's files, the CRDs too.
+    for file in [
+        "crds/lockstep.dev_consistencygroups.yaml",
+        "examples/membercluster-hub.yaml",
+        "examples/membercluster-both.yaml",
+        "examples/consistencygroup-two-cluster.yaml",
+    ] {
+        assert!(
+            text.contains(&format!("-f {file}")),
+            "{file} not applied\n{text}"
         );
     }
+    assert!(text.contains("secret/west-kubeconfig created"), "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn three_clusters_and_five_volumes_freeze_together() {
+    let options = ScenarioOptions {
+        clusters: 3,
+        volumes: 5,
+        cut: "north-vol-1".into(),
+        ..ScenarioOptions::default()
+    };
+    let (report, text) = operated_scenario(&options).await;
+    let mut image = report.freeze.frozen.clone();
+    image.sort();
+    assert_eq!(
+        image,
+        [
+            "east-vol-1",
+            "east-vol-2",
+            "north-vol-1",
+            "west-vol-1",
+            "west-vol-2"
+        ],
+        "{text}"
+    );
+    assert!(
+        text.contains("consistencygroup.lockstep.dev/orders-db created"),
+        "{text}"
+    );
+    assert!(
+        text.contains("membercluster.lockstep.dev/north created"),
+        "{text}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn with_the_grpc_path_down_the_group_freezes_through_the_api_servers() {
+    let options = ScenarioOptions {
+        path_fault: Some(ControlPathFault::GrpcDown),
+        ..ScenarioOptions::default()
+    };
+    let (report, text) = operated_scenario(&options).await;
+    let heard_over = |what: &str, path: &str| {
+        report
+            .freeze_timeline
+            .iter()
+            .any(|(_, line)| line.starts_with(&format!("operator: {what} received over {path}")))
+    };
+    assert!(heard_over("failure report", "api"), "{text}");
+    assert!(!heard_over("failure report", "grpc"), "{text}");
+    assert!(heard_over("acknowledgement", "api"), "{text}");
+    assert!(!heard_over("acknowledgement", "grpc"), "{text}");
 }
 
 /// A broken control system: it suspends and at once releases each volume in turn, waiting after each
