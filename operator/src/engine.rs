@@ -558,7 +558,7 @@ impl Engine {
             let observation = self.observe(&uid, &group).await;
             self.handle_observed(&uid, &name, Event::Evaluate, Some(&observation))
                 .await?;
-            self.mirror(&name).await
+            self.mirror(&uid, &name).await
         }
         .instrument(span)
         .await
@@ -595,6 +595,10 @@ impl Engine {
             return Ok(());
         };
         let members = self.members().await;
+        // Under the group's lock, so that no mirror write of a reconcile that began before the deletion
+        // lands after the removal and leaves an orphan.
+        let lock = self.lock_for(uid);
+        let _mirrors = lock.lock().await;
         for cluster in Self::member_clusters_of(&group) {
             let Some(member) = members.get(&cluster) else {
                 continue;
@@ -722,11 +726,17 @@ impl Engine {
         claimed
     }
 
-    /// Writes the group's mirror into every member cluster reached through its API server (not the hub).
-    async fn mirror(&self, name: &str) -> Result<(), EngineError> {
+    /// Writes the group's mirror into every member cluster reached through its API server (not the hub),
+    /// unless the group is being deleted (its finalizer removes the mirrors, under the same lock).
+    async fn mirror(&self, uid: &str, name: &str) -> Result<(), EngineError> {
+        let lock = self.lock_for(uid);
+        let _mirrors = lock.lock().await;
         let group = Api::<ConsistencyGroup>::all(self.inner.hub.clone())
             .get(name)
             .await?;
+        if group.metadata.deletion_timestamp.is_some() {
+            return Ok(());
+        }
         let members = self.members().await;
         for cluster in Self::member_clusters_of(&group) {
             let Some(member) = members.get(&cluster) else {

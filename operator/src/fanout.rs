@@ -146,6 +146,12 @@ async fn write_latest(
             let write = mirror::write_status(&client, &cluster, &group, &status);
             match tokio::time::timeout(MIRROR_WRITE_TIMEOUT, write).await {
                 Ok(Ok(())) => break,
+                // The mirror is gone (its group deleted, or not written yet): the next mirror write
+                // brings the status along.
+                Ok(Err(error)) if error.is_not_found() => {
+                    tracing::debug!(%cluster, %group, %error, "mirror status not written: no mirror");
+                    break;
+                }
                 Ok(Err(error)) => {
                     tracing::warn!(%cluster, %group, %error, "mirror status not written; retrying")
                 }

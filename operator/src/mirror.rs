@@ -46,6 +46,13 @@ pub enum MirrorError {
     },
 }
 
+impl MirrorError {
+    /// Whether the member cluster answered that the mirror does not exist.
+    pub fn is_not_found(&self) -> bool {
+        matches!(self, Self::Api { source: kube::Error::Api(status), .. } if status.code == 404)
+    }
+}
+
 /// The status a mirror in `cluster` carries: the hub's position and conditions, and that cluster's members.
 pub fn mirror_status(hub_status: &ConsistencyGroupStatus, cluster: &str) -> ConsistencyGroupStatus {
     let members: Vec<_> = hub_status

@@ -50,11 +50,20 @@ pub async fn cluster() -> (TestApiServer, Client) {
     for crd in lockstep_api::crds::all() {
         crds.create(&PostParams::default(), &crd).await.unwrap();
     }
+    crds_established(&client).await;
+    for namespace in ["orders", "lockstep", "lockstep-system"] {
+        create_namespace(&client, namespace).await;
+    }
+    (server, client)
+}
+
+/// Waits until every CRD of the project is Established.
+pub async fn crds_established(client: &Client) {
+    let crds = Api::<CustomResourceDefinition>::all(client.clone());
     for crd in lockstep_api::crds::all() {
         let name = crd.metadata.name.clone().unwrap();
         eventually(&format!("CRD {name} established"), || {
-            let crds = crds.clone();
-            let name = name.clone();
+            let (crds, name) = (crds.clone(), name.clone());
             async move {
                 let crd = crds.get(&name).await.ok()?;
                 crd.status?
@@ -66,20 +75,21 @@ pub async fn cluster() -> (TestApiServer, Client) {
         })
         .await;
     }
-    for namespace in ["orders", "lockstep", "lockstep-system"] {
-        let namespace = Namespace {
-            metadata: ObjectMeta {
-                name: Some(namespace.into()),
-                ..Default::default()
-            },
+}
+
+/// Creates a namespace.
+pub async fn create_namespace(client: &Client, name: &str) {
+    let namespace = Namespace {
+        metadata: ObjectMeta {
+            name: Some(name.into()),
             ..Default::default()
-        };
-        Api::<Namespace>::all(client.clone())
-            .create(&PostParams::default(), &namespace)
-            .await
-            .unwrap();
-    }
-    (server, client)
+        },
+        ..Default::default()
+    };
+    Api::<Namespace>::all(client.clone())
+        .create(&PostParams::default(), &namespace)
+        .await
+        .unwrap();
 }
 
 /// A PVC `orders/<pvc>` labelled `app=<app>`, bound to a CSI PV `pv-<handle>` with volume handle `handle`.
