@@ -10,6 +10,12 @@ export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$PWD/target}
 echo "== offline schema check of the generated CRDs (kubernetes-validate, Kubernetes 1.33)"
 kubernetes-validate --quiet --strict -k 1.33.0 crds/*.yaml
 
+echo "== offline schema check of the Helm chart, rendered for a hub and for a member cluster"
+for values in "clusterName=east" "clusterName=west,operator.enabled=false,memberAccess.enabled=true"; do
+  helm template lockstep deploy/helm/lockstep --namespace lockstep --set "$values" \
+    | kubernetes-validate --quiet --strict -k 1.33.0 -
+done
+
 echo "== cargo test --workspace"
 # One test at a time within each test binary: the end-to-end tests run API servers, replicators, sidecars
 # and operators of their own, and on a 2-core machine several of them at once starve each other's timers.
