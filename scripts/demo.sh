@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Lockstep's demo: simulated clusters, replicated volumes, a cut replication link and the freeze, printed as
-# it happens. Run from anywhere: ./scripts/demo.sh
+# Lockstep's demo: simulated clusters set up with the real kubectl, replicated volumes, a cut replication link
+# and the freeze, printed as it happens. Run from anywhere: ./scripts/demo.sh [--help for its flags]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

@@ -165,7 +165,9 @@ pub async fn run_scenario<C: ControlSystem>(
     } else {
         World::start(spec, timeline).await?
     };
-    run_in_world(&world, options, control, timeline).await
+    let outcome = run_in_world(&world, options, control, timeline).await;
+    world.close().await;
+    outcome
 }
 
 /// Runs the scenario in an existing world.
@@ -207,13 +209,10 @@ pub async fn run_in_world<C: ControlSystem>(
 
     // The workload.
     let volumes = handles.len() as u32;
-    let layout = Layout::with_span(
-        volumes,
-        options.lanes,
-        options.span.min(volumes),
-        options.slots,
-        0,
-    )?;
+    // Enough lanes that every volume is written (lane i cycles over volumes i .. i + span).
+    let span = options.span.min(volumes);
+    let lanes = options.lanes.max(volumes + 1 - span);
+    let layout = Layout::with_span(volumes, lanes, span, options.slots, 0)?;
     let mut wopts = WorkloadOptions::new(layout, None);
     wopts.on_error = OnError::Retry;
     wopts.retry_backoff = Duration::from_millis(20);
@@ -228,7 +227,7 @@ pub async fn run_in_world<C: ControlSystem>(
     timeline.say(format!(
         "workload: run {run_id:#x}, {} lanes over {} ({} volumes each), every write issued after the \
          previous one was acknowledged; {} acknowledged so far, {rate:.0} writes/s, each copied synchronously",
-        options.lanes,
+        lanes,
         handles.join(", "),
         layout.span(),
         workload.current().acked,

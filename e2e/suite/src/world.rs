@@ -352,6 +352,23 @@ impl World {
         })
     }
 
+    /// Stops every cluster, then removes the world's files — retrying for a while, as tasks of the
+    /// stopped replicators may still be finishing a write (a plain drop can leave files behind then).
+    pub async fn close(self) {
+        let World { clusters, dir, .. } = self;
+        drop(clusters);
+        let path = dir.keep();
+        for _ in 0..40 {
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            match std::fs::remove_dir_all(&path) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => continue,
+                _ if path.exists() => continue,
+                _ => return,
+            }
+        }
+        tracing::warn!(dir = %path.display(), "the world's files could not all be removed");
+    }
+
     /// The hub.
     pub fn hub(&self) -> &SimCluster {
         &self.clusters[0]
@@ -614,5 +631,74 @@ async fn ensure_namespace(client: &kube::Client, name: &str) -> Result<(), kube:
         Ok(_) => Ok(()),
         Err(kube::Error::Api(status)) if status.code == 409 => Ok(()),
         Err(e) => Err(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn two_clusters_and_three_volumes_are_the_example() {
+        let spec = WorldSpec::sized(2, 3, 1 << 20).unwrap();
+        assert_eq!(spec.group.metadata.name.as_deref(), Some("orders-db"));
+        assert_eq!(spec.default_cut().as_deref(), Some("east-postgres-data"));
+        for (path, text) in EXAMPLE_FILES {
+            let applied = if path.contains("consistencygroup") {
+                manifest(&spec.group, "x.yaml", Path::new("/nonexistent")).unwrap()
+            } else {
+                let mc: MemberCluster = serde_yaml_ng::from_str(text).unwrap();
+                manifest(&mc, "x.yaml", Path::new("/nonexistent")).unwrap()
+            };
+            assert_eq!(applied, path);
+        }
+    }
+
+    #[test]
+    fn a_generated_world_spreads_the_volumes_and_names_every_claim_in_its_group() {
+        let spec = WorldSpec::sized(3, 5, 1 << 20).unwrap();
+        let names: Vec<&str> = spec.clusters.iter().map(|c| c.name.as_str()).collect();
+        assert_eq!(names, ["east", "west", "north"]);
+        let counts: Vec<usize> = spec.clusters.iter().map(|c| c.volumes.len()).collect();
+        assert_eq!(counts, [2, 2, 1]);
+        assert_eq!(spec.default_cut().as_deref(), Some("east-vol-2"));
+        let pvcs: Vec<Vec<String>> = spec
+            .group
+            .spec
+            .members
+            .iter()
+            .map(|m| m.pvc_names.clone().unwrap_or_default())
+            .collect();
+        assert_eq!(
+            pvcs,
+            [
+                vec!["vol-1", "vol-2"],
+                vec!["vol-1", "vol-2"],
+                vec!["vol-1"]
+            ]
+        );
+        assert!(spec.member_clusters[0].spec.local);
+        let secret = spec.member_clusters[2]
+            .spec
+            .kubeconfig_secret_ref
+            .as_ref()
+            .unwrap();
+        assert_eq!(secret.name, "north-kubeconfig");
+    }
+
+    #[test]
+    fn impossible_shapes_are_refused() {
+        assert!(matches!(
+            WorldSpec::sized(1, 3, 1 << 20),
+            Err(WorldError::Shape { .. })
+        ));
+        assert!(matches!(
+            WorldSpec::sized(9, 9, 1 << 20),
+            Err(WorldError::Shape { .. })
+        ));
+        assert!(matches!(
+            WorldSpec::sized(4, 3, 1 << 20),
+            Err(WorldError::Shape { .. })
+        ));
     }
 }
