@@ -21,12 +21,12 @@ use std::time::Duration;
 
 use futures::{SinkExt, StreamExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_util::codec::{FramedRead, FramedWrite};
 use tokio_util::sync::CancellationToken;
 
-use crate::store::{Store, StoreError, StoreOp};
+use crate::store::{Store, StoreError, StoreOp, StoreWait};
 use crate::wire::{Frame, FrameCodec, FrameError};
 
 /// How long a new connection may take to say hello.
@@ -120,7 +120,7 @@ impl Secondary {
 }
 
 enum AckItem {
-    Wait(u64, oneshot::Receiver<Result<(), StoreError>>),
+    Wait(u64, StoreWait),
     Refuse(u64, String),
 }
 
@@ -200,26 +200,17 @@ async fn serve(
     let acker = tokio::spawn(async move {
         while let Some(item) = ack_rx.recv().await {
             match item {
-                AckItem::Wait(seq, rx) => {
-                    let result = rx.await.unwrap_or_else(|_| {
-                        Err(StoreError {
-                            op: "write",
-                            path: String::new(),
-                            message: "the writer thread has stopped".into(),
+                AckItem::Wait(seq, applied) => match applied.await {
+                    Ok(()) => out.feed(Frame::Ack { seq }).await?,
+                    Err(e) => {
+                        out.send(Frame::Error {
+                            seq,
+                            message: e.to_string(),
                         })
-                    });
-                    match result {
-                        Ok(()) => out.feed(Frame::Ack { seq }).await?,
-                        Err(e) => {
-                            out.send(Frame::Error {
-                                seq,
-                                message: e.to_string(),
-                            })
-                            .await?;
-                            return Err(SecondaryError::Store(e));
-                        }
+                        .await?;
+                        return Err(SecondaryError::Store(e));
                     }
-                }
+                },
                 AckItem::Refuse(seq, message) => {
                     out.send(Frame::Error {
                         seq,

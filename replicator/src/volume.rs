@@ -349,6 +349,9 @@ impl Volume {
 
     /// Waits until the volume is confirmed (fail closed).
     async fn gate(&self) {
+        if *self.confirmed.borrow() {
+            return;
+        }
         let mut rx = self.confirmed.subscribe();
         // The sender lives as long as the volume.
         let _ = rx.wait_for(|c| *c).await;
@@ -421,13 +424,6 @@ impl Volume {
             (local, copy)
         });
         let (local, copy) = tokio::join!(local, copy.wait());
-        let local = local.unwrap_or_else(|_| {
-            Err(StoreError {
-                op: "write",
-                path: self.store.path().display().to_string(),
-                message: "the writer thread has stopped".into(),
-            })
-        });
         local?;
         copy?;
         Ok(())

@@ -4,15 +4,24 @@
 //! All parsing and validation goes through [`super::proto`]; this module only moves bytes. A request the
 //! codec rejects gets its NBD error; a stream that can no longer be trusted (bad magic, an oversized
 //! payload) is closed after every request already started has been answered.
+//!
+//! **The serving path.** The connection's task reads a request and runs it right there; only a request
+//! that has to wait (for an `fdatasync`, the secondary, a held write) becomes a task of its own. A
+//! reply is queued in the connection's [`ReplySink`] by whoever finished the request; the queue is
+//! written out by one task at a time, which takes every reply queued meanwhile (so concurrent replies
+//! share a `write`). The connection's task leaves its replies queued while a whole next request is
+//! already buffered, so a burst of requests gets one `write` of replies.
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::future::Future;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::task::{Context, Poll, Waker};
 use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
 use tokio::net::{TcpListener, UnixListener};
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
 use super::proto::{self, Command, Verdict};
@@ -20,6 +29,8 @@ use crate::volume::Volume;
 
 /// Requests one connection may have in flight; further ones wait to be read.
 const MAX_IN_FLIGHT: usize = 128;
+/// Reply data up to this size is copied into the reply queue; larger data is queued as it is.
+const COPY_REPLY_DATA_MAX: usize = 64 * 1024;
 
 /// Why a connection ended abnormally.
 #[derive(Debug, thiserror::Error)]
@@ -168,11 +179,12 @@ impl NbdServer {
     {
         let (rd, wr) = tokio::io::split(stream);
         let mut rd = BufReader::with_capacity(256 * 1024, rd);
-        let mut wr = BufWriter::with_capacity(256 * 1024, wr);
+        let mut wr = BufWriter::new(wr);
         let Some(volume) = self.handshake(&mut rd, &mut wr).await? else {
             return Ok(());
         };
-        transmission(volume, rd, wr, self.latency.clone()).await
+        // The handshake flushed everything; replies are written unbuffered by the reply queue.
+        transmission(volume, rd, wr.into_inner(), self.latency.clone()).await
     }
 
     /// Runs the option haggling; returns the chosen export, or `None` if the client aborted.
@@ -293,29 +305,135 @@ impl NbdServer {
     }
 }
 
-/// A reply on its way to the client.
-struct Reply {
-    header: [u8; proto::SIMPLE_REPLY_LEN],
-    data: Option<Bytes>,
+/// Replies waiting to be written to the client, and the write half while no task is writing.
+struct ReplySink<W> {
+    inner: Mutex<SinkInner<W>>,
 }
 
-async fn write_replies<W>(mut wr: W, mut rx: mpsc::UnboundedReceiver<Reply>) -> std::io::Result<()>
-where
-    W: AsyncWrite + Unpin,
-{
-    while let Some(reply) = rx.recv().await {
-        let mut next = Some(reply);
-        while let Some(reply) = next {
-            wr.write_all(&reply.header).await?;
-            if let Some(data) = reply.data {
-                wr.write_all(&data).await?;
-            }
-            next = rx.try_recv().ok();
+struct SinkInner<W> {
+    /// Queued pieces older than `tail`, in order.
+    chunks: Vec<Bytes>,
+    /// The newest queued bytes (headers and small data are appended here).
+    tail: BytesMut,
+    /// The write half; `None` while a task is writing (or after the socket failed).
+    writer: Option<W>,
+    /// The first write error.
+    failed: Option<std::io::Error>,
+}
+
+impl<W: AsyncWrite + Unpin> ReplySink<W> {
+    fn new(writer: W) -> ReplySink<W> {
+        ReplySink {
+            inner: Mutex::new(SinkInner {
+                chunks: Vec::new(),
+                tail: BytesMut::with_capacity(64 * 1024),
+                writer: Some(writer),
+                failed: None,
+            }),
         }
-        wr.flush().await?;
     }
-    wr.flush().await?;
-    wr.shutdown().await
+
+    fn lock(&self) -> MutexGuard<'_, SinkInner<W>> {
+        // Never left half-updated: a poisoned lock is still consistent.
+        self.inner.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Queues a reply (data follows the header for a successful READ).
+    fn queue(&self, header: &[u8], data: Option<Bytes>) {
+        let mut s = self.lock();
+        s.tail.extend_from_slice(header);
+        if let Some(data) = data {
+            if data.len() <= COPY_REPLY_DATA_MAX {
+                s.tail.extend_from_slice(&data);
+            } else {
+                let older = s.tail.split().freeze();
+                s.chunks.push(older);
+                s.chunks.push(data);
+            }
+        }
+    }
+
+    /// Writes out everything queued — unless another task is writing already: that one takes what was
+    /// queued here too before it lets go of the write half.
+    async fn flush(&self) {
+        let Some(mut writer) = self.lock().writer.take() else {
+            return;
+        };
+        loop {
+            let out = {
+                let mut s = self.lock();
+                if s.chunks.is_empty() && s.tail.is_empty() {
+                    s.writer = Some(writer);
+                    return;
+                }
+                let mut out = std::mem::take(&mut s.chunks);
+                if !s.tail.is_empty() {
+                    out.push(s.tail.split().freeze());
+                }
+                out
+            };
+            for chunk in out {
+                if let Err(e) = writer.write_all(&chunk).await {
+                    // The write half stays out: later replies have nowhere to go.
+                    self.lock().failed = Some(e);
+                    return;
+                }
+            }
+            if let Err(e) = writer.flush().await {
+                self.lock().failed = Some(e);
+                return;
+            }
+        }
+    }
+
+    /// Writes out the rest and shuts the write half down; the first write error, if any.
+    async fn close(&self) -> std::io::Result<()> {
+        self.flush().await;
+        let (writer, failed) = {
+            let mut s = self.lock();
+            (s.writer.take(), s.failed.take())
+        };
+        if let Some(e) = failed {
+            return Err(e);
+        }
+        match writer {
+            Some(mut writer) => writer.shutdown().await,
+            None => Ok(()),
+        }
+    }
+}
+
+/// Polls `fut` once on the calling task; if it cannot finish at once, it becomes a task of `tasks`.
+///
+/// The first poll uses a no-op waker, which is fine: a spawned task is always polled again, and every
+/// future registers the waker of its latest poll.
+fn run_or_spawn<F>(tasks: &mut JoinSet<()>, fut: F)
+where
+    F: Future<Output = ()> + Send + 'static,
+{
+    let mut fut = Box::pin(fut);
+    if fut
+        .as_mut()
+        .poll(&mut Context::from_waker(Waker::noop()))
+        .is_pending()
+    {
+        tasks.spawn(fut);
+    }
+}
+
+/// Whether `buffered` holds a whole request (header and any payload), so reading it will not wait.
+fn whole_request_buffered(buffered: &[u8]) -> bool {
+    let Some(header) = buffered.first_chunk::<{ proto::REQUEST_LEN }>() else {
+        return false;
+    };
+    match proto::parse_request_header(header) {
+        Ok(h) if h.command == proto::CMD_WRITE => {
+            buffered.len() - proto::REQUEST_LEN >= h.length as usize
+        }
+        Ok(_) => true,
+        // Not a request: reading it ends the connection, which writes out every reply anyway.
+        Err(_) => true,
+    }
 }
 
 async fn discard<R: AsyncRead + Unpin>(rd: &mut R, mut n: u64) -> std::io::Result<()> {
@@ -328,9 +446,34 @@ async fn discard<R: AsyncRead + Unpin>(rd: &mut R, mut n: u64) -> std::io::Resul
     Ok(())
 }
 
+/// Carries out a command; the NBD error (0 for success) and, for a READ, the data.
+async fn execute(volume: Arc<Volume>, command: Command, payload: Bytes) -> (u32, Option<Bytes>) {
+    let (result, data) = match command {
+        Command::Read { offset, length } => match volume.read(offset, length).await {
+            Ok(data) => (Ok(()), Some(data)),
+            Err(e) => (Err(e), None),
+        },
+        Command::Write { offset, fua, .. } => (volume.write(offset, payload, fua).await, None),
+        Command::Trim {
+            offset,
+            length,
+            fua,
+        } => (volume.trim(offset, length, fua).await, None),
+        Command::Flush => (volume.flush().await, None),
+        Command::Disconnect => (Ok(()), None),
+    };
+    match result {
+        Ok(()) => (0, data),
+        Err(e) => {
+            tracing::debug!(volume = %volume.name(), error = %e, "request failed");
+            (proto::EIO, None)
+        }
+    }
+}
+
 async fn transmission<R, W>(
     volume: Arc<Volume>,
-    mut rd: R,
+    mut rd: BufReader<R>,
     wr: W,
     latency: Option<Arc<LatencyRecorder>>,
 ) -> Result<(), NbdError>
@@ -338,12 +481,16 @@ where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin + Send + 'static,
 {
-    let (replies, rx) = mpsc::unbounded_channel::<Reply>();
-    let writer = tokio::spawn(write_replies(wr, rx));
+    let sink = Arc::new(ReplySink::new(wr));
     let permits = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
     let mut tasks = JoinSet::new();
     let size = volume.size();
     let outcome: Result<(), NbdError> = loop {
+        // Write out the queued replies unless the next request is already here.
+        if !whole_request_buffered(rd.buffer()) {
+            let sink = Arc::clone(&sink);
+            run_or_spawn(&mut tasks, async move { sink.flush().await });
+        }
         let mut header = [0u8; proto::REQUEST_LEN];
         match rd.read_exact(&mut header).await {
             Ok(_) => {}
@@ -363,10 +510,7 @@ where
                 if let Err(e) = discard(&mut rd, u64::from(n)).await {
                     break Err(e.into());
                 }
-                let _ = replies.send(Reply {
-                    header: proto::simple_reply(errno, header.cookie),
-                    data: None,
-                });
+                sink.queue(&proto::simple_reply(errno, header.cookie), None);
                 continue;
             }
             Verdict::Execute(Command::Disconnect) => break Ok(()),
@@ -385,51 +529,40 @@ where
         let Ok(permit) = Arc::clone(&permits).acquire_owned().await else {
             break Err(NbdError::Protocol("request limiter closed".into()));
         };
-        let volume = Arc::clone(&volume);
-        let replies = replies.clone();
-        let latency = latency.clone();
         let cookie = header.cookie;
-        tasks.spawn(async move {
-            let _permit = permit;
-            let (result, data) = match command {
-                Command::Read { offset, length } => match volume.read(offset, length).await {
-                    Ok(data) => (Ok(()), Some(data)),
-                    Err(e) => (Err(e), None),
-                },
-                Command::Write { offset, fua, .. } => {
-                    (volume.write(offset, payload, fua).await, None)
+        let is_write = matches!(command, Command::Write { .. });
+        let latency = latency.clone().filter(|_| is_write);
+        let mut request = Box::pin(execute(Arc::clone(&volume), command, payload));
+        match request
+            .as_mut()
+            .poll(&mut Context::from_waker(Waker::noop()))
+        {
+            Poll::Ready((errno, data)) => {
+                sink.queue(&proto::simple_reply(errno, cookie), data);
+                if let Some(latency) = &latency {
+                    latency.record(arrived);
                 }
-                Command::Trim {
-                    offset,
-                    length,
-                    fua,
-                } => (volume.trim(offset, length, fua).await, None),
-                Command::Flush => (volume.flush().await, None),
-                Command::Disconnect => (Ok(()), None),
-            };
-            let errno = match &result {
-                Ok(()) => 0,
-                Err(e) => {
-                    tracing::debug!(volume = %volume.name(), error = %e, "request failed");
-                    proto::EIO
-                }
-            };
-            let _ = replies.send(Reply {
-                header: proto::simple_reply(errno, cookie),
-                data: if errno == 0 { data } else { None },
-            });
-            if let (Some(latency), Command::Write { .. }) = (&latency, command) {
-                latency.record(arrived);
+                drop(permit);
             }
-        });
+            Poll::Pending => {
+                // It waits (fdatasync, the secondary, a hold): finish it on its own task.
+                let sink = Arc::clone(&sink);
+                tasks.spawn(async move {
+                    let (errno, data) = request.await;
+                    sink.queue(&proto::simple_reply(errno, cookie), data);
+                    if let Some(latency) = &latency {
+                        latency.record(arrived);
+                    }
+                    drop(permit);
+                    sink.flush().await;
+                });
+            }
+        }
     };
     // Answer every request already started, then close.
     while tasks.join_next().await.is_some() {}
-    drop(replies);
-    match writer.await {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) if outcome.is_ok() => return Err(e.into()),
-        _ => {}
+    match sink.close().await {
+        Err(e) if outcome.is_ok() => Err(e.into()),
+        _ => outcome,
     }
-    outcome
 }
