@@ -24,6 +24,7 @@ use crate::cluster::ClusterError;
 use crate::control::{ControlError, ControlSystem, CopyFailure, FreezeOutcome, ThawOutcome};
 use crate::faults::{ControlPathFault, LinkCutMode};
 use crate::kubectl::{self, KubectlError};
+use crate::observe::NodeStatusLog;
 use crate::timeline::{Milestone, Timeline};
 use crate::world::{EXAMPLE_CLUSTERS, EXAMPLE_VOLUMES, World, WorldError, WorldSpec};
 
@@ -206,6 +207,7 @@ pub async fn run_in_world<C: ControlSystem>(
     }
 
     control.enroll(world, timeline).await?;
+    let node_statuses = NodeStatusLog::start(world);
 
     // The workload.
     let volumes = handles.len() as u32;
@@ -309,13 +311,9 @@ pub async fn run_in_world<C: ControlSystem>(
     while let Ok((at, cluster, _, event)) = events.try_recv() {
         seen.push((at, cluster, event));
     }
-    let freeze_timeline = freeze_timeline(
-        failed_at,
-        &failure,
-        freeze.epoch,
-        &seen,
-        &control.milestones(),
-    );
+    let mut milestones = control.milestones();
+    milestones.extend(node_statuses.milestones(&world.group_uid, freeze.epoch));
+    let freeze_timeline = freeze_timeline(failed_at, &failure, freeze.epoch, &seen, &milestones);
     timeline.say(format!(
         "the freeze, from the failed copy (+0 ms: {} detected the failure of write #{} on {}):\n{}",
         failure.node,

@@ -10,7 +10,8 @@
 //! - [`operated`]: the real control system — the operator in the hub and a sidecar per node
 //!   ([`operated::OperatorControl`], the demo's default);
 //! - [`demo`]: the scenario: workload, cut, freeze, checker verdict, link restored;
-//! - [`timeline`], [`kubectl`]: what the demo prints.
+//! - [`observe`]: the sidecars' API path as the scenario sees it (ReplicationNode changes, stamped);
+//! - [`timeline`], [`kubectl`]: what the demo prints, and the real kubectl it runs.
 //!
 //! The binary `lockstep-demo` only parses flags and calls [`run`], so tests run the same scenario
 //! in-process.
@@ -20,6 +21,7 @@ pub mod control;
 pub mod demo;
 pub mod faults;
 pub mod kubectl;
+pub mod observe;
 pub mod operated;
 pub mod timeline;
 pub mod world;
