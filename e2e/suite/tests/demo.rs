@@ -125,6 +125,13 @@ async fn operated_scenario(options: &ScenarioOptions) -> (ScenarioReport, String
             said("held writes released"),
             "{volume} not released\n{text}"
         );
+        // Its sidecar acknowledged the freeze on the API path too.
+        assert!(
+            report.freeze_timeline.iter().any(
+                |(_, line)| line.contains(&format!("Freeze at epoch 1 on {volume} written to"))
+            ),
+            "{volume}: no acknowledgement in its ReplicationNode\n{text}"
+        );
     }
     assert!(
         report
