@@ -9,6 +9,8 @@
 //! order with `pwrite`, and the writer thread calls `fdatasync` once per batch (group commit) before
 //! answering. A sequence is acknowledged only after the `fdatasync` covering it returned successfully,
 //! so an `Ack(n)` means every write up to `n` is on stable storage in the secondary's file.
+//! Frames that arrived together share one `fdatasync`: the store's sync starts once no whole frame is
+//! left in the read buffer (or the acknowledger would otherwise wait for it).
 //!
 //! A new connection for a volume takes over from an older one: the older connection is cancelled and
 //! finishes (applying and acknowledging what it already accepted) before the new one starts.
@@ -27,7 +29,7 @@ use tokio_util::codec::{FramedRead, FramedWrite};
 use tokio_util::sync::CancellationToken;
 
 use crate::store::{Store, StoreError, StoreOp, StoreWait};
-use crate::wire::{Frame, FrameCodec, FrameError};
+use crate::wire::{Frame, FrameCodec, FrameError, whole_frame_buffered};
 
 /// How long a new connection may take to say hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
@@ -243,7 +245,10 @@ async fn serve(
                     .checked_add(data.len() as u64)
                     .is_some_and(|end| end <= size)
                 {
-                    AckItem::Wait(seq, store.submit(StoreOp::Write { offset, data }, true))
+                    AckItem::Wait(
+                        seq,
+                        store.submit_deferred(StoreOp::Write { offset, data }, true),
+                    )
                 } else {
                     refuse(format!(
                         "write at {offset} outside the volume ({size} bytes)"
@@ -257,7 +262,10 @@ async fn serve(
             })) if seq == expected => {
                 let length = u64::from(length);
                 if offset.checked_add(length).is_some_and(|end| end <= size) {
-                    AckItem::Wait(seq, store.submit(StoreOp::Trim { offset, length }, true))
+                    AckItem::Wait(
+                        seq,
+                        store.submit_deferred(StoreOp::Trim { offset, length }, true),
+                    )
                 } else {
                     refuse(format!(
                         "trim at {offset} outside the volume ({size} bytes)"
@@ -269,12 +277,26 @@ async fn serve(
             }
             Some(Ok(other)) => refuse(format!("unexpected frame {other:?}")),
         };
+        // Writes that arrived together share one fdatasync: start it once no whole frame is left.
+        if !whole_frame_buffered(frames.read_buffer()) {
+            store.start();
+        }
         let refused = matches!(item, AckItem::Refuse(..));
-        if acks.send(item).await.is_err() || refused {
+        let queued = match acks.try_send(item) {
+            Ok(()) => true,
+            Err(mpsc::error::TrySendError::Full(item)) => {
+                // The acknowledger is behind: start what it waits for before waiting for it.
+                store.start();
+                acks.send(item).await.is_ok()
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => false,
+        };
+        if !queued || refused {
             break;
         }
         expected += 1;
     }
+    store.start();
     drop(acks);
     match acker.await {
         Ok(result) => result,

@@ -264,6 +264,15 @@ impl Store {
     /// Applies (or queues) an operation behind every earlier one; the returned future completes once it
     /// is applied (and, if `durable`, once an `fdatasync` that started after it returned).
     pub fn submit(&self, op: StoreOp, durable: bool) -> StoreWait {
+        let wait = self.submit_deferred(op, durable);
+        self.start();
+        wait
+    }
+
+    /// Like [`Store::submit`], but the I/O thread is not woken until the next [`Store::start`] (or
+    /// another submission wakes it): a caller that knows more operations follow at once lets them join
+    /// the same `fdatasync`. The caller must call [`Store::start`] before it waits for anything.
+    pub fn submit_deferred(&self, op: StoreOp, durable: bool) -> StoreWait {
         let shared = &self.shared;
         let mut queue = shared.lock();
         if op.cheap() && queue.jobs.is_empty() && queue.applying == 0 {
@@ -276,19 +285,20 @@ impl Store {
             }
             let (done, rx) = oneshot::channel();
             queue.sync_waiters.push(done);
-            drop(queue);
-            shared.work.notify_one();
             return StoreWait {
                 state: WaitState::Waiting(rx, Arc::clone(shared)),
             };
         }
         let (done, rx) = oneshot::channel();
         queue.jobs.push_back(Job { op, durable, done });
-        drop(queue);
-        shared.work.notify_one();
         StoreWait {
             state: WaitState::Waiting(rx, Arc::clone(shared)),
         }
+    }
+
+    /// Wakes the I/O thread for everything submitted so far.
+    pub fn start(&self) {
+        self.shared.work.notify_one();
     }
 
     /// Applies an operation and waits for it.

@@ -297,6 +297,18 @@ impl Encoder<&Frame> for FrameCodec {
     }
 }
 
+/// Whether `buffered` starts with a whole frame (header and payload), so decoding it will not wait for
+/// the socket. Bytes that are no frame header count as whole: decoding them fails at once.
+pub fn whole_frame_buffered(buffered: &[u8]) -> bool {
+    if buffered.len() < HEADER_LEN {
+        return false;
+    }
+    match parse_header(buffered) {
+        Ok(h) => buffered.len() - HEADER_LEN >= payload_len(&h),
+        Err(_) => true,
+    }
+}
+
 /// Decodes every complete frame in `bytes` until an error or the end (for fuzzing and tests).
 pub fn decode_all(bytes: &[u8]) -> Result<Vec<Frame>, FrameError> {
     let mut buf = BytesMut::from(bytes);
@@ -345,6 +357,27 @@ mod tests {
             any::<u64>().prop_map(|seq| Frame::Ack { seq }),
             (any::<u64>(), "\\PC{0,100}").prop_map(|(seq, message)| Frame::Error { seq, message }),
         ]
+    }
+
+    #[test]
+    fn a_frame_counts_as_buffered_only_when_whole() {
+        let mut buf = BytesMut::new();
+        FrameCodec
+            .encode(
+                &Frame::Write {
+                    seq: 1,
+                    offset: 0,
+                    data: Bytes::from(vec![7u8; 4096]),
+                },
+                &mut buf,
+            )
+            .unwrap();
+        assert!(whole_frame_buffered(&buf));
+        assert!(!whole_frame_buffered(&buf[..buf.len() - 1]));
+        assert!(!whole_frame_buffered(&buf[..HEADER_LEN - 1]));
+        let mut ack = BytesMut::new();
+        FrameCodec.encode(&Frame::Ack { seq: 1 }, &mut ack).unwrap();
+        assert!(whole_frame_buffered(&ack));
     }
 
     proptest! {
