@@ -371,3 +371,32 @@ impl ControlSystem for OperatorControl {
         Ok(outcome)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counter_rises_of_the_operator_metrics_become_milestones() {
+        let metrics = lockstep_operator::metrics::Metrics::default();
+        metrics.report(lockstep_api::domain::Path::Grpc);
+        metrics.directives(lockstep_api::domain::Path::Api, Stage::Freeze, 2);
+        let found = counters(&metrics.encode());
+        assert!(
+            found.contains(&(r#"lockstep_reports_total{path="grpc"}"#.to_owned(), 1)),
+            "{found:?}"
+        );
+        let words: Vec<String> = found
+            .iter()
+            .filter_map(|(series, value)| milestone_words(series, *value))
+            .collect();
+        assert!(
+            words.contains(&"operator: failure report received over grpc".to_owned()),
+            "{words:?}"
+        );
+        assert!(
+            words.contains(&"operator: Freeze directives sent over api (2)".to_owned()),
+            "{words:?}"
+        );
+    }
+}
