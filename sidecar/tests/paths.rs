@@ -312,7 +312,7 @@ async fn with_the_api_server_stopped_reports_and_freezes_flow_over_grpc() {
     confirmed(&rep, &["v1", "v2"]).await;
     eventually("subscribed", || control.subscribers() > 0).await;
 
-    server.stop().await;
+    stop_api_server(&server, &client).await;
     rep.fail_copy("v2").await;
     eventually("reported over gRPC", || {
         control.reports().iter().any(|r| {
@@ -397,7 +397,7 @@ async fn with_both_paths_down_the_fail_safe_suspends_and_only_a_higher_epoch_lif
     confirmed(&rep, &["v1", "v2"]).await;
     eventually("subscribed", || control.subscribers() > 0).await;
 
-    server.stop().await;
+    stop_api_server(&server, &client).await;
     control.stop();
     rep.fail_copy("v1").await;
     eventually("fail-safe suspension", || {

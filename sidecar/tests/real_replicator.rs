@@ -241,7 +241,7 @@ async fn with_both_paths_down_the_real_replicator_is_suspended_by_the_fail_safe(
     }
     eventually("subscribed", || control.subscribers() > 0).await;
 
-    server.stop().await;
+    stop_api_server(&server, &client).await;
     control.stop();
     node.links[1].set_mode(LinkMode::Reset);
     let mut v2 = node.nbd("v2").await;
