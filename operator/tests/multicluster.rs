@@ -60,6 +60,7 @@ async fn replication_node(client: &Client, cluster: &str, node: &str, handles: &
                 state: VolumeState::Replicating,
                 epoch: 0,
                 stage: None,
+                hold_timeout: None,
             })
             .collect(),
         volume_count: u32::try_from(handles.len()).unwrap(),
@@ -634,6 +635,7 @@ async fn a_group_spanning_a_grpc_only_and_an_api_only_cluster_resolves_and_freez
             node: Some(edge_node.clone()),
             failures: vec![stray],
             volumes: vec![],
+            hold_timeouts: vec![],
         })
         .await
         .unwrap_err();
@@ -832,6 +834,7 @@ async fn a_failure_reported_over_grpc_freezes_on_both_paths_and_releases_once_al
             node: Some(east_node.clone()),
             failures: vec![failure.clone()],
             volumes: vec![],
+            hold_timeouts: vec![],
         })
         .await?
         .into_inner();
@@ -846,6 +849,7 @@ async fn a_failure_reported_over_grpc_freezes_on_both_paths_and_releases_once_al
             node: Some(east_node.clone()),
             failures: vec![failure],
             volumes: vec![],
+            hold_timeouts: vec![],
         })
         .await?;
 
@@ -1038,6 +1042,7 @@ async fn deleting_a_frozen_group_resumes_its_volumes_removes_mirrors_and_says_so
             node: Some(west_node.clone()),
             failures: vec![failure],
             volumes: vec![],
+            hold_timeouts: vec![],
         })
         .await?;
     let freeze = next_directive(&mut stream, |target| {
@@ -1210,6 +1215,7 @@ async fn the_standby_finishes_a_freeze_the_killed_leader_started_and_the_deposed
             node: Some(east_node()),
             failures: vec![failure],
             volumes: vec![],
+            hold_timeouts: vec![],
         })
         .await?;
     let groups = Api::<ConsistencyGroup>::all(hub.clone());

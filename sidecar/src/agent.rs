@@ -11,7 +11,9 @@ use lockstep_api::domain::{GroupEpoch, VolumeState};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
-use crate::enforce::{Ack, Enforcer, Failure, GroupView, Input, Rank, Refusal, VolumeView};
+use crate::enforce::{
+    Ack, Enforcer, Failure, GroupView, HoldTimeout, Input, Rank, Refusal, VolumeView,
+};
 use crate::metrics::{GroupLabels, Metrics};
 use crate::replicator::{Replicator, ReplicatorEvent};
 use crate::report::{Backoff, Reports};
@@ -32,6 +34,8 @@ pub struct Snapshot {
     pub acks: BTreeMap<String, PublishedAck>,
     /// Outstanding failures.
     pub failures: Vec<Failure>,
+    /// Held writes failed by the hold timeout, per volume, until the group resumes or freezes again.
+    pub hold_timeouts: Vec<HoldTimeout>,
     /// The highest point seen or carried per group.
     pub seen: Vec<GroupEpoch>,
     /// The local volumes.
@@ -340,6 +344,7 @@ impl Agent {
         let snapshot = Snapshot {
             acks: self.acks.clone(),
             failures,
+            hold_timeouts: self.core.hold_timeouts(),
             seen: self.core.seen(),
             volumes,
             groups,
@@ -415,7 +420,13 @@ pub async fn watch_replicator(context: Arc<Context>, replicator: Replicator) {
                     });
                 }
                 Some(Ok(ReplicatorEvent::HoldTimedOut(timed_out))) => {
-                    tracing::warn!(volume = %timed_out.volume_handle, failed_writes = timed_out.failed_writes, "held writes timed out");
+                    backoff.reset();
+                    tracing::warn!(volume = %timed_out.volume_handle, failed_writes = timed_out.failed_writes, "held writes failed at the hold timeout");
+                    context.send(Input::HoldTimedOut {
+                        volume: timed_out.volume_handle,
+                        failed_writes: timed_out.failed_writes,
+                        at_unix_ms: now_ms(),
+                    });
                 }
                 Some(Ok(ReplicatorEvent::StateChanged(_))) => {
                     backoff.reset();

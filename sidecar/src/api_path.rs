@@ -23,8 +23,8 @@ use kube::runtime::watcher;
 use kube::{Api, Client, ResourceExt};
 use lockstep_api::domain::{GroupEpoch, Path, Stage, parse_duration};
 use lockstep_api::v1alpha1::{
-    ClaimRef, ConsistencyGroup, CopyFailureReport, Enforcement, NodeVolume, ReplicationNode,
-    ReplicationNodeStatus,
+    ClaimRef, ConsistencyGroup, CopyFailureReport, Enforcement, NodeHoldTimeout, NodeVolume,
+    ReplicationNode, ReplicationNodeStatus,
 };
 use serde_json::json;
 
@@ -172,6 +172,15 @@ pub fn node_status(snapshot: &Snapshot) -> ReplicationNodeStatus {
             state: snapshot.volume_state(v),
             epoch: v.level.map_or(0, |l| l.epoch),
             stage: v.level.map(|l| l.stage()),
+            hold_timeout: snapshot
+                .hold_timeouts
+                .iter()
+                .find(|h| h.volume == v.volume && v.group_uid.as_ref() == Some(&h.group_uid))
+                .map(|h| NodeHoldTimeout {
+                    epoch: h.epoch,
+                    failed_writes: h.failed_writes,
+                    since: time(h.since_unix_ms),
+                }),
         })
         .collect();
     let failures: Vec<CopyFailureReport> = snapshot
@@ -334,7 +343,7 @@ pub async fn renew_lease(
 mod tests {
     use super::*;
     use crate::agent::PublishedAck;
-    use crate::enforce::{Ack, Failure, Level, VolumeView};
+    use crate::enforce::{Ack, Failure, HoldTimeout, Level, VolumeView};
     use lockstep_api::domain::VolumeState;
 
     fn group(labels: serde_json::Value, status: serde_json::Value) -> ConsistencyGroup {
@@ -399,6 +408,13 @@ mod tests {
                 error: "x".repeat(5000),
                 since_unix_ms: 1_700_000_000_000,
             }],
+            hold_timeouts: vec![HoldTimeout {
+                volume: "va".into(),
+                group_uid: "g".into(),
+                epoch: 3,
+                failed_writes: 12,
+                since_unix_ms: 1_700_000_001_000,
+            }],
             seen: vec![],
             volumes: vec![
                 VolumeView {
@@ -442,6 +458,9 @@ mod tests {
             1024,
             "bounded as the schema says"
         );
+        let held = status.volumes[0].hold_timeout.as_ref().unwrap();
+        assert_eq!((held.epoch, held.failed_writes), (3, 12));
+        assert!(status.volumes[1].hold_timeout.is_none());
         assert_eq!(status.enforced.len(), 1);
         assert!(status.enforced[0].fail_safe);
         assert_eq!(status.enforced[0].stage, Stage::Freeze);
@@ -454,5 +473,6 @@ mod tests {
                 .starts_with("2023-11-14T")
         );
         assert_eq!(json["enforced"][0]["volumeHandles"], json!(["va"]));
+        assert_eq!(json["volumes"][0]["holdTimeout"]["failedWrites"], json!(12));
     }
 }

@@ -133,6 +133,23 @@ pub struct Failure {
     pub since_unix_ms: i64,
 }
 
+/// Held writes of a volume that outlived the group's hold timeout and failed with an I/O error, as the
+/// core records them for the reports: a running total per volume and epoch, kept until the group resumes
+/// or freezes again.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HoldTimeout {
+    /// The volume.
+    pub volume: String,
+    /// The group.
+    pub group_uid: String,
+    /// The group's epoch the sidecar had seen when the writes failed (DESIGN.md rule 4).
+    pub epoch: u64,
+    /// How many held writes failed at that epoch so far.
+    pub failed_writes: u64,
+    /// When the first of them failed, in milliseconds since the Unix epoch.
+    pub since_unix_ms: i64,
+}
+
 /// An input to the core.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Input {
@@ -177,6 +194,15 @@ pub enum Input {
         error: String,
         /// When.
         since_unix_ms: i64,
+    },
+    /// The replicator failed held writes of a volume at the hold timeout (the volume keeps holding).
+    HoldTimedOut {
+        /// The volume.
+        volume: String,
+        /// How many held writes failed this time.
+        failed_writes: u64,
+        /// When, in milliseconds since the Unix epoch.
+        at_unix_ms: i64,
     },
     /// Neither path was reachable for the fail-safe interval: suspend every group holding a failed write.
     FailSafeTimer,
@@ -331,6 +357,20 @@ pub enum Refusal {
         /// The volume.
         volume: String,
     },
+    /// A hold timeout on a volume in no known group.
+    #[error("hold timeout on volume {volume}, which is in no known group")]
+    HoldTimeoutOutsideGroup {
+        /// The volume.
+        volume: String,
+    },
+    /// A hold timeout that names no volume or no failed write.
+    #[error("malformed hold timeout (volume {volume:?}, {failed_writes} failed writes) refused")]
+    MalformedHoldTimeout {
+        /// The volume named.
+        volume: String,
+        /// The count named.
+        failed_writes: u64,
+    },
     /// A volume carries a newer point than its group's path view: it stays held, unconfirmed.
     #[error(
         "volume {volume} carries {carried}, newer than {seen} read from the paths: not confirmed"
@@ -386,6 +426,8 @@ struct Group {
     failures: BTreeMap<String, Failure>,
     /// The last acknowledgement produced.
     last_ack: Option<Ack>,
+    /// Held writes failed by the hold timeout, by volume, with the point seen when first recorded.
+    hold_timeouts: BTreeMap<String, (HoldTimeout, Option<Level>)>,
 }
 
 /// The default hold timeout used until a path names the group's own.
@@ -474,6 +516,11 @@ impl Enforcer {
                 error,
                 since_unix_ms,
             } => self.copy_failed(volume, sequence, error, since_unix_ms, &mut out),
+            Input::HoldTimedOut {
+                volume,
+                failed_writes,
+                at_unix_ms,
+            } => self.hold_timed_out(volume, failed_writes, at_unix_ms, &mut out),
             Input::FailSafeTimer => self.fail_safe(&mut out),
             Input::OperationFailed { volumes } => {
                 for name in volumes {
@@ -490,6 +537,7 @@ impl Enforcer {
                 self.inventory_known = false;
             }
         }
+        self.forget_past_hold_timeouts();
         out
     }
 
@@ -557,12 +605,7 @@ impl Enforcer {
             out.refused.push(Refusal::FailureOutsideGroup { volume });
             return;
         };
-        let carried = self
-            .volumes
-            .get(&volume)
-            .filter(|v| v.group_uid.as_deref() == Some(group_uid.as_str()))
-            .and_then(|v| v.level)
-            .map_or(0, |l| l.epoch);
+        let carried = self.epoch_carried(&volume, &group_uid);
         let Some(group) = self.groups.get_mut(&group_uid) else {
             return;
         };
@@ -578,6 +621,82 @@ impl Enforcer {
                 error,
                 since_unix_ms,
             });
+    }
+
+    /// The epoch a volume carries in a group (0 when it carries another group or nothing known).
+    fn epoch_carried(&self, volume: &str, group_uid: &str) -> u64 {
+        self.volumes
+            .get(volume)
+            .filter(|v| v.group_uid.as_deref() == Some(group_uid))
+            .and_then(|v| v.level)
+            .map_or(0, |l| l.epoch)
+    }
+
+    fn hold_timed_out(
+        &mut self,
+        volume: String,
+        failed_writes: u64,
+        at_unix_ms: i64,
+        out: &mut Outcome,
+    ) {
+        if volume.is_empty() || failed_writes == 0 {
+            out.refused.push(Refusal::MalformedHoldTimeout {
+                volume,
+                failed_writes,
+            });
+            return;
+        }
+        let Some(group_uid) = self.group_of(&volume) else {
+            out.refused
+                .push(Refusal::HoldTimeoutOutsideGroup { volume });
+            return;
+        };
+        let carried = self.epoch_carried(&volume, &group_uid);
+        let Some(group) = self.groups.get_mut(&group_uid) else {
+            return;
+        };
+        let epoch = group
+            .seen
+            .map_or(0, |l| l.epoch)
+            .max(carried)
+            .max(group.fail_safe.unwrap_or(0));
+        let seen = group.seen;
+        match group.hold_timeouts.get_mut(&volume) {
+            Some((record, _)) if record.epoch == epoch => {
+                record.failed_writes = record.failed_writes.saturating_add(failed_writes);
+            }
+            _ => {
+                let record = HoldTimeout {
+                    volume: volume.clone(),
+                    group_uid,
+                    epoch,
+                    failed_writes,
+                    since_unix_ms: at_unix_ms,
+                };
+                group.hold_timeouts.insert(volume, (record, seen));
+            }
+        }
+    }
+
+    /// Forgets hold timeouts the group moved past: a resume after them, or a freeze at a higher epoch
+    /// (whose own timeouts are recorded afresh), and those of volumes that left the group or this node.
+    fn forget_past_hold_timeouts(&mut self) {
+        let members: BTreeMap<String, BTreeSet<String>> = self
+            .groups
+            .iter()
+            .map(|(uid, g)| (uid.clone(), g.members.values().flatten().cloned().collect()))
+            .collect();
+        for (uid, group) in &mut self.groups {
+            let seen = group.seen;
+            group.hold_timeouts.retain(|volume, (record, seen_then)| {
+                let moved_on = seen.is_some_and(|now| {
+                    Some(now) > *seen_then && (now.epoch > record.epoch || now.rank == Rank::Resume)
+                });
+                let still_here = self.volumes.contains_key(volume)
+                    && members.get(uid).is_some_and(|m| m.contains(volume));
+                !moved_on && still_here
+            });
+        }
     }
 
     fn fail_safe(&mut self, out: &mut Outcome) {
@@ -849,6 +968,14 @@ impl Enforcer {
         self.groups
             .values()
             .flat_map(|g| g.failures.values().cloned())
+            .collect()
+    }
+
+    /// Held writes failed by the hold timeout, per volume, until the group resumes or freezes again.
+    pub fn hold_timeouts(&self) -> Vec<HoldTimeout> {
+        self.groups
+            .values()
+            .flat_map(|g| g.hold_timeouts.values().map(|(record, _)| record.clone()))
             .collect()
     }
 

@@ -17,7 +17,7 @@ use pb::control_client::ControlClient;
 use tonic::transport::{Channel, Endpoint};
 
 use crate::agent::{Context, Snapshot};
-use crate::enforce::Input;
+use crate::enforce::{HoldTimeout, Input};
 use crate::metrics::Metrics;
 use crate::report::Backoff;
 
@@ -348,6 +348,7 @@ async fn membership_update(
             node: Some(identity(context)),
             failures: Vec::new(),
             volumes: path.resolved_volumes(),
+            hold_timeouts: Vec::new(),
         };
         match path.unary.clone().report(request).await {
             Ok(_) => tracing::info!("resolved volumes reported over gRPC"),
@@ -411,21 +412,38 @@ pub async fn acknowledge(path: GrpcPath, context: Arc<Context>) {
     }
 }
 
+/// The gRPC form of a hold timeout.
+fn hold_timeout_message(hold: &HoldTimeout) -> pb::HoldTimeout {
+    pb::HoldTimeout {
+        group_uid: hold.group_uid.clone(),
+        volume_handle: hold.volume.clone(),
+        epoch: hold.epoch,
+        failed_writes: hold.failed_writes,
+        since_unix_ms: hold.since_unix_ms,
+    }
+}
+
 /// Sends outstanding failures with `Report` until acknowledged (a higher epoch seen by either path):
-/// at once, then with backoff on failure, and again every `resend` while still outstanding.
+/// at once, then with backoff on failure, and again every `resend` while still outstanding. Hold
+/// timeouts ride on the same call, sent whenever they changed since the operator last took them.
 pub async fn report(path: GrpcPath, context: Arc<Context>) {
     let mut snapshots = context.snapshot.clone();
     let mut backoff = Backoff::default();
     let resend = Duration::from_secs(5);
     let mut last_sent: Option<tokio::time::Instant> = None;
     let mut retry_at: Option<tokio::time::Instant> = None;
+    let mut holds_sent: Vec<HoldTimeout> = Vec::new();
     loop {
         let snapshot: Snapshot = snapshots.borrow_and_update().clone();
         let pending = context.reports.pending(&snapshot.failures, Path::Grpc);
+        if snapshot.hold_timeouts.is_empty() {
+            holds_sent.clear(); // nothing to tell: the group resumed or froze again
+        }
+        let holds_pending = snapshot.hold_timeouts != holds_sent;
         let now = tokio::time::Instant::now();
-        let due = !snapshot.failures.is_empty()
-            && retry_at.is_none_or(|t| now >= t)
+        let failures_due = !snapshot.failures.is_empty()
             && (!pending.is_empty() || last_sent.is_none_or(|t| now >= t + resend));
+        let due = (failures_due || holds_pending) && retry_at.is_none_or(|t| now >= t);
         if due {
             let request = pb::ReportRequest {
                 node: Some(identity(&context)),
@@ -442,6 +460,11 @@ pub async fn report(path: GrpcPath, context: Arc<Context>) {
                     })
                     .collect(),
                 volumes: path.resolved_volumes(),
+                hold_timeouts: snapshot
+                    .hold_timeouts
+                    .iter()
+                    .map(hold_timeout_message)
+                    .collect(),
             };
             match path.unary.clone().report(request).await {
                 Ok(response) => {
@@ -449,7 +472,14 @@ pub async fn report(path: GrpcPath, context: Arc<Context>) {
                     if !pending.is_empty() {
                         tracing::info!(failures = pending.len(), "reported over gRPC");
                     }
+                    if holds_pending {
+                        tracing::info!(
+                            volumes = snapshot.hold_timeouts.len(),
+                            "hold timeouts reported over gRPC"
+                        );
+                    }
                     context.reports.delivered(&snapshot.failures, Path::Grpc);
+                    holds_sent = snapshot.hold_timeouts.clone();
                     for group in &response.into_inner().groups {
                         feed_point(&context, Some(group), "report answer");
                     }
@@ -467,10 +497,11 @@ pub async fn report(path: GrpcPath, context: Arc<Context>) {
         let wake = retry_at.unwrap_or_else(|| {
             last_sent.map_or(tokio::time::Instant::now() + resend, |t| t + resend)
         });
+        let waiting = !snapshot.failures.is_empty() || snapshot.hold_timeouts != holds_sent;
         tokio::select! {
             _ = context.stop.cancelled() => return,
             changed = snapshots.changed() => if changed.is_err() { return },
-            _ = tokio::time::sleep_until(wake), if !snapshot.failures.is_empty() => {}
+            _ = tokio::time::sleep_until(wake), if waiting => {}
         }
     }
 }

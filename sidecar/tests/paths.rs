@@ -183,13 +183,19 @@ async fn api_only_configuration_freezes_once_and_acknowledges_in_the_node_status
     sidecar.shutdown().await;
 }
 
-/// Both paths: a freeze delivered on both, in either order and duplicated, suspends once and is
-/// acknowledged on both with the volume list.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_freeze_on_both_paths_in_either_order_suspends_once_and_is_acknowledged_on_both() {
-    use lockstep_api::domain::Stage;
+/// A sidecar on both paths: volumes v1 and v2 of a group replicating at epoch 0, confirmed, subscribed.
+struct BothPaths {
+    rep: FakeReplicator,
+    _server: lockstep_testapi::TestApiServer,
+    client: kube::Client,
+    uid: String,
+    control: FakeControl,
+    sidecar: lockstep_sidecar::Sidecar,
+}
+
+async fn on_both_paths() -> BothPaths {
     let rep = FakeReplicator::start(&["v1", "v2"]).await;
-    let (_server, client) = api_server().await;
+    let (server, client) = api_server().await;
     let uid = create_group(&client, &["v1", "v2"]).await;
     let control = FakeControl::start().await;
     control.set_membership(&uid, 0, cpb::Stage::Resume, &["v1", "v2"]);
@@ -198,6 +204,29 @@ async fn a_freeze_on_both_paths_in_either_order_suspends_once_and_is_acknowledge
     let sidecar = start(options, Some(client.clone())).await;
     confirmed(&rep, &["v1", "v2"]).await;
     eventually("subscribed", || control.subscribers() > 0).await;
+    BothPaths {
+        rep,
+        _server: server,
+        client,
+        uid,
+        control,
+        sidecar,
+    }
+}
+
+/// Both paths: a freeze delivered on both, in either order and duplicated, suspends once and is
+/// acknowledged on both with the volume list.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_freeze_on_both_paths_in_either_order_suspends_once_and_is_acknowledged_on_both() {
+    use lockstep_api::domain::Stage;
+    let BothPaths {
+        rep,
+        _server,
+        client,
+        uid,
+        control,
+        sidecar,
+    } = on_both_paths().await;
 
     // gRPC first, then the API path, then gRPC again.
     control.push(&uid, 1, cpb::Stage::Freeze);
@@ -341,16 +370,14 @@ async fn with_the_api_server_stopped_reports_and_freezes_flow_over_grpc() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn with_grpc_refused_reports_and_freezes_flow_over_the_api_server() {
     use lockstep_api::domain::Stage;
-    let rep = FakeReplicator::start(&["v1", "v2"]).await;
-    let (_server, client) = api_server().await;
-    let uid = create_group(&client, &["v1", "v2"]).await;
-    let control = FakeControl::start().await;
-    control.set_membership(&uid, 0, cpb::Stage::Resume, &["v1", "v2"]);
-    let mut options = options(&rep);
-    options.operator_endpoint = Some(control.endpoint());
-    let sidecar = start(options, Some(client.clone())).await;
-    confirmed(&rep, &["v1", "v2"]).await;
-    eventually("subscribed", || control.subscribers() > 0).await;
+    let BothPaths {
+        rep,
+        _server,
+        client,
+        uid,
+        control,
+        sidecar,
+    } = on_both_paths().await;
 
     control.stop();
     eventually("stream closed", || control.subscribers() == 0).await;
@@ -430,6 +457,86 @@ async fn with_both_paths_down_the_fail_safe_suspends_and_only_a_higher_epoch_lif
     eventually("suspended at 1", || !suspends_at(&rep, 1).is_empty()).await;
     assert!(!rep.volume("v1").fail_safe);
     assert!(rep.calls("release").is_empty() && rep.calls("resume").is_empty());
+    sidecar.shutdown().await;
+}
+
+/// The hold timeout each path last carried for a volume: (epoch, failed writes).
+async fn hold_timeout_in_status(client: &kube::Client, volume: &str) -> Option<(u64, u64)> {
+    let status = replication_node(client).await?.status?;
+    let entry = status
+        .volumes
+        .into_iter()
+        .find(|v| v.volume_handle == volume)?;
+    entry.hold_timeout.map(|h| (h.epoch, h.failed_writes))
+}
+
+fn hold_timeout_reported(control: &FakeControl, volume: &str) -> Option<(u64, u64)> {
+    control.reports().last().and_then(|r| {
+        r.hold_timeouts
+            .iter()
+            .find(|h| h.volume_handle == volume)
+            .map(|h| (h.epoch, h.failed_writes))
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn held_writes_failed_at_the_hold_timeout_are_reported_on_both_paths_until_the_resume() {
+    let BothPaths {
+        rep,
+        _server,
+        client,
+        uid,
+        control,
+        sidecar,
+    } = on_both_paths().await;
+
+    // Frozen at epoch 1 (FreezeAndStop: writes stay held), then held writes time out twice on v1.
+    control.push(&uid, 1, cpb::Stage::Freeze);
+    eventually("suspended at 1", || !suspends_at(&rep, 1).is_empty()).await;
+    rep.time_out_holds("v1", 3).await;
+    rep.time_out_holds("v1", 2).await;
+    eventually("the running total reported over gRPC", || {
+        hold_timeout_reported(&control, "v1") == Some((1, 5))
+    })
+    .await;
+    eventually_async("the running total in the node status", || {
+        let client = client.clone();
+        async move { hold_timeout_in_status(&client, "v1").await == Some((1, 5)) }
+    })
+    .await;
+
+    // A malformed event (no failed write) is refused; the next real one still counts.
+    rep.time_out_holds("v2", 0).await;
+    rep.time_out_holds("v1", 1).await;
+    eventually_async("the next hold timeout in the node status", || {
+        let client = client.clone();
+        async move { hold_timeout_in_status(&client, "v1").await == Some((1, 6)) }
+    })
+    .await;
+    assert_eq!(hold_timeout_in_status(&client, "v2").await, None);
+    assert_eq!(hold_timeout_reported(&control, "v1"), Some((1, 6)));
+    assert_eq!(hold_timeout_reported(&control, "v2"), None);
+
+    // The release keeps the record (it happened during epoch 1); the resume clears it.
+    control.push(&uid, 1, cpb::Stage::Release);
+    eventually("released", || !rep.calls("release").is_empty()).await;
+    assert_eq!(hold_timeout_in_status(&client, "v1").await, Some((1, 6)));
+    control.push(&uid, 1, cpb::Stage::Resume);
+    eventually_async("cleared from the node status by the resume", || {
+        let client = client.clone();
+        async move {
+            replication_node(&client).await.is_some_and(|n| {
+                n.status.is_some_and(|s| {
+                    s.volumes.iter().any(|v| {
+                        v.volume_handle == "v1"
+                            && v.epoch == 1
+                            && v.stage == Some(lockstep_api::domain::Stage::Resume)
+                    }) && s.volumes.iter().all(|v| v.hold_timeout.is_none())
+                })
+            })
+        }
+    })
+    .await;
     sidecar.shutdown().await;
 }
 

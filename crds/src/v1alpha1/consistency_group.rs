@@ -252,16 +252,35 @@ pub struct ConsistentImage {
     pub volume_handles: Vec<String>,
 }
 
-/// Held writes failed by the hold timeout.
+/// Held writes failed by the hold timeout during the current epoch (cleared when the group resumes or
+/// freezes again). Counted per volume: each sidecar reports a running total per volume and epoch, so a
+/// report repeated on both paths counts once.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct HoldTimeouts {
     /// The epoch during which the writes failed.
     pub epoch: u64,
+    /// How many held writes failed with an I/O error, over every volume.
+    #[serde(default)]
+    pub failed_writes: u64,
     /// The volumes whose held writes failed.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 1024))]
-    pub volume_handles: Vec<String>,
+    pub volumes: Vec<VolumeHoldTimeout>,
     /// When the first of them failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub since: Option<Time>,
+}
+
+/// Held writes of one member volume failed by the hold timeout.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct VolumeHoldTimeout {
+    /// The CSI volume handle.
+    pub volume_handle: String,
+    /// How many of its held writes failed.
+    pub failed_writes: u64,
+    /// When the first of them failed, as its sidecar saw it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub since: Option<Time>,
 }

@@ -86,6 +86,23 @@ pub struct NodeVolume {
     /// The stage within that epoch.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stage: Option<Stage>,
+    /// Held writes that outlived the group's hold timeout and failed with an I/O error, until the
+    /// group resumes or freezes again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hold_timeout: Option<NodeHoldTimeout>,
+}
+
+/// Held writes of one volume failed by the hold timeout.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeHoldTimeout {
+    /// The group's epoch the sidecar had seen when the writes failed (DESIGN.md rule 4).
+    pub epoch: u64,
+    /// How many held writes failed at that epoch so far.
+    #[schemars(range(min = 1))]
+    pub failed_writes: u64,
+    /// When the first of them failed.
+    pub since: Time,
 }
 
 /// A PersistentVolumeClaim, by namespace and name.

@@ -369,6 +369,98 @@ fn volumes_not_served_here_and_double_claims_are_refused() {
     ));
 }
 
+fn timed_out(volume: &str, failed_writes: u64, at_unix_ms: i64) -> Input {
+    Input::HoldTimedOut {
+        volume: volume.to_owned(),
+        failed_writes,
+        at_unix_ms,
+    }
+}
+
+fn hold_timeout(volume: &str, epoch: u64, failed_writes: u64, since_unix_ms: i64) -> HoldTimeout {
+    HoldTimeout {
+        volume: volume.to_owned(),
+        group_uid: G.to_owned(),
+        epoch,
+        failed_writes,
+        since_unix_ms,
+    }
+}
+
+#[test]
+fn hold_timeouts_add_up_per_volume_and_epoch_until_the_group_resumes() {
+    let mut core = replicating();
+    core.handle(directive(Path::Api, 3, Stage::Freeze));
+    let out = core.handle(timed_out("v1", 2, 1_000));
+    assert!(
+        out.operations.is_empty() && out.refused.is_empty(),
+        "{out:?}"
+    );
+    core.handle(timed_out("v1", 3, 2_000));
+    core.handle(timed_out("v2", 1, 2_500));
+    assert_eq!(
+        core.hold_timeouts(),
+        vec![
+            hold_timeout("v1", 3, 5, 1_000),
+            hold_timeout("v2", 3, 1, 2_500)
+        ],
+        "a running total per volume, since the first"
+    );
+    // The release keeps them: they are what happened during epoch 3.
+    core.handle(directive(Path::Grpc, 3, Stage::Release));
+    assert_eq!(core.hold_timeouts().len(), 2);
+    // The resume forgets them.
+    core.handle(directive(Path::Grpc, 3, Stage::Resume));
+    assert!(core.hold_timeouts().is_empty());
+}
+
+#[test]
+fn a_hold_timeout_before_the_freeze_arrives_names_the_epoch_seen_and_a_new_freeze_starts_afresh() {
+    let mut core = replicating();
+    core.handle(Input::CopyFailed {
+        volume: "v1".into(),
+        sequence: 9,
+        error: "link cut".into(),
+        since_unix_ms: 500,
+    });
+    // Both paths down: the fail-safe suspends at epoch 0, and held writes time out there.
+    core.handle(Input::FailSafeTimer);
+    core.handle(timed_out("v1", 4, 1_000));
+    assert_eq!(core.hold_timeouts(), vec![hold_timeout("v1", 0, 4, 1_000)]);
+    // The operator's freeze at a higher epoch: the old record goes; later timeouts count afresh.
+    core.handle(directive(Path::Api, 1, Stage::Freeze));
+    assert!(core.hold_timeouts().is_empty());
+    core.handle(timed_out("v1", 1, 3_000));
+    assert_eq!(core.hold_timeouts(), vec![hold_timeout("v1", 1, 1, 3_000)]);
+}
+
+#[test]
+fn malformed_hold_timeouts_and_those_outside_a_group_are_refused() {
+    let mut core = replicating();
+    core.handle(directive(Path::Api, 1, Stage::Freeze));
+    let out = core.handle(timed_out("v1", 0, 1_000));
+    assert!(matches!(
+        out.refused[..],
+        [Refusal::MalformedHoldTimeout { .. }]
+    ));
+    let out = core.handle(timed_out("", 3, 1_000));
+    assert!(matches!(
+        out.refused[..],
+        [Refusal::MalformedHoldTimeout { .. }]
+    ));
+    let out = core.handle(timed_out("other", 3, 1_000));
+    assert!(matches!(
+        out.refused[..],
+        [Refusal::HoldTimeoutOutsideGroup { .. }]
+    ));
+    assert!(core.hold_timeouts().is_empty());
+    // A volume that leaves the group takes its record with it.
+    core.handle(timed_out("v2", 1, 1_000));
+    assert_eq!(core.hold_timeouts().len(), 1);
+    core.handle(membership(Path::Api, &["v1"]));
+    assert!(core.hold_timeouts().is_empty());
+}
+
 #[test]
 fn a_volume_leaving_a_frozen_group_stays_suspended_until_that_group_replicates() {
     let mut core = replicating();

@@ -175,6 +175,23 @@ impl FakeReplicator {
         });
     }
 
+    /// Held writes of a volume failed at the hold timeout, once the sidecar watches the events.
+    pub async fn time_out_holds(&self, volume: &str, failed_writes: u64) {
+        let events = self.events.clone();
+        eventually("the sidecar watches replication events", move || {
+            events.receiver_count() > 0
+        })
+        .await;
+        let _ = self.events.send(rpb::ReplicationEvent {
+            kind: Some(rpb::replication_event::Kind::HoldTimedOut(
+                rpb::HoldTimedOut {
+                    volume_handle: volume.to_owned(),
+                    failed_writes,
+                },
+            )),
+        });
+    }
+
     /// As after a replicator restart: every volume waits for a confirmation again.
     pub fn unconfirm_all(&self) {
         for v in self.state.volumes.lock().unwrap().values_mut() {
