@@ -186,6 +186,35 @@ impl Control for ControlService {
                 groups.push(pb::GroupEpoch::from(&current));
             }
         }
+        for held in &request.hold_timeouts {
+            if held.group_uid.is_empty() || held.volume_handle.is_empty() || held.failed_writes == 0
+            {
+                return Err(refuse(
+                    "report",
+                    &node,
+                    "a hold timeout without a group UID, a volume handle or a failed write",
+                ));
+            }
+            if self.engine.group_by_uid(&held.group_uid).is_none() {
+                tracing::warn!(cluster = %node.0, node = %node.1, group_uid = %held.group_uid, "hold timeout for a group this hub does not know");
+                continue;
+            }
+            let event = Event::HoldTimedOut(freeze::HoldTimeoutReport {
+                path: Path::Grpc,
+                volume_handle: held.volume_handle.clone(),
+                epoch: held.epoch,
+                failed_writes: held.failed_writes,
+                since: k8s_openapi::jiff::Timestamp::from_millisecond(held.since_unix_ms)
+                    .ok()
+                    .map(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time),
+            });
+            self.engine.handle_quietly(&held.group_uid, event).await;
+            if let Some(current) = self.engine.current(&held.group_uid)
+                && !groups.iter().any(|group| group.group_uid == held.group_uid)
+            {
+                groups.push(pb::GroupEpoch::from(&current));
+            }
+        }
         Ok(Response::new(ReportResponse { groups }))
     }
 

@@ -247,7 +247,7 @@ impl Engine {
         match &event {
             Event::Report(report) => self.inner.metrics.report(report.path),
             Event::Ack(ack) => self.inner.metrics.ack(ack.path),
-            Event::Seen { .. } | Event::Evaluate => {}
+            Event::HoldTimedOut(_) | Event::Seen { .. } | Event::Evaluate => {}
         }
         let lock = self.lock_for(uid);
         let mut memory = lock.lock().await;
@@ -269,7 +269,18 @@ impl Engine {
             }
             if read.as_ref() != Some(&decision.status) {
                 match self.persist(&api, &group, &decision.status).await {
-                    Ok(()) => {}
+                    Ok(()) => {
+                        let (failed, volumes) = freeze::hold_timeout_growth(
+                            read.as_ref()
+                                .and_then(|status| status.hold_timeouts.as_ref()),
+                            decision.status.hold_timeouts.as_ref(),
+                        );
+                        self.inner.metrics.held_writes_failed(name, failed);
+                        if !volumes.is_empty() {
+                            self.record_hold_timeouts_on_claims(&group, &decision.status, &volumes)
+                                .await;
+                        }
+                    }
                     Err(kube::Error::Api(status)) if status.code == 409 => {
                         tracing::debug!("status conflict; deciding again on fresh state");
                         continue;
@@ -371,17 +382,48 @@ impl Engine {
                 .iter()
                 .filter(|volume| &volume.cluster == cluster)
             {
-                let claim = k8s_openapi::api::core::v1::ObjectReference {
-                    api_version: Some("v1".into()),
-                    kind: Some("PersistentVolumeClaim".into()),
-                    namespace: Some(volume.namespace.clone()),
-                    name: Some(volume.pvc.clone()),
-                    ..Default::default()
-                };
-                if let Err(error) = recorder.publish(&event, &claim).await {
-                    tracing::debug!(%cluster, pvc = %volume.pvc, %error, "could not record an event on a claim");
-                }
+                publish_on_claim(&recorder, &event, volume).await;
             }
+        }
+    }
+
+    /// Tells the owners of the claims whose held writes just failed at the hold timeout (a Warning on each
+    /// such PVC, in its own cluster). Clusters without an API path are skipped.
+    async fn record_hold_timeouts_on_claims(
+        &self,
+        group: &ConsistencyGroup,
+        status: &ConsistencyGroupStatus,
+        volume_handles: &[String],
+    ) {
+        let members = self.members().await;
+        let reporter = Reporter {
+            controller: "lockstep-operator".into(),
+            instance: Some(self.inner.hub_name.clone()),
+        };
+        let event = KubeEvent {
+            type_: EventType::Warning,
+            reason: "HoldTimedOut".to_owned(),
+            note: Some(format!(
+                "held writes to this volume failed with an I/O error after holdTimeout {} while ConsistencyGroup {} is frozen at epoch {}; \
+                 later writes fail the same way until the group is released or resynchronised",
+                group.spec.hold_timeout,
+                group.name_any(),
+                status.epoch
+            )),
+            action: "HoldTimedOut".to_owned(),
+            secondary: Some(group.object_ref(&())),
+        };
+        for volume in status.members.iter().filter(|volume| {
+            volume
+                .volume_handle
+                .as_ref()
+                .is_some_and(|handle| volume_handles.contains(handle))
+        }) {
+            let Some(Ok(client)) = members.get(&volume.cluster).map(|member| &member.client) else {
+                continue;
+            };
+            let recorder = Recorder::new(client.clone(), reporter.clone());
+            publish_on_claim(&recorder, &event, volume).await;
         }
     }
 
@@ -776,6 +818,19 @@ impl Engine {
             });
             self.handle_quietly(&failure.group_uid, event).await;
         }
+        for volume in &status.volumes {
+            let (Some(group_uid), Some(held)) = (&volume.group_uid, &volume.hold_timeout) else {
+                continue;
+            };
+            let event = Event::HoldTimedOut(freeze::HoldTimeoutReport {
+                path: Path::Api,
+                volume_handle: volume.volume_handle.clone(),
+                epoch: held.epoch,
+                failed_writes: held.failed_writes,
+                since: Some(held.since.clone()),
+            });
+            self.handle_quietly(group_uid, event).await;
+        }
         for enforced in &status.enforced {
             let event = Event::Ack(freeze::Ack {
                 path: Path::Api,
@@ -869,10 +924,29 @@ fn apply_resolution(group: &mut ConsistencyGroup, observation: &Observation) {
     conditions::set(&mut status.conditions, update, generation, &now());
 }
 
+/// Records an Event on a member volume's claim, in the claim's cluster (a failure is only logged).
+async fn publish_on_claim(
+    recorder: &Recorder,
+    event: &KubeEvent,
+    volume: &lockstep_api::v1alpha1::MemberVolumeStatus,
+) {
+    let claim = k8s_openapi::api::core::v1::ObjectReference {
+        api_version: Some("v1".into()),
+        kind: Some("PersistentVolumeClaim".into()),
+        namespace: Some(volume.namespace.clone()),
+        name: Some(volume.pvc.clone()),
+        ..Default::default()
+    };
+    if let Err(error) = recorder.publish(event, &claim).await {
+        tracing::debug!(cluster = %volume.cluster, pvc = %volume.pvc, %error, "could not record an event on a claim");
+    }
+}
+
 fn event_kind(event: &Event) -> &'static str {
     match event {
         Event::Report(_) => "report",
         Event::Ack(_) => "ack",
+        Event::HoldTimedOut(_) => "hold-timeout",
         Event::Seen { .. } => "seen",
         Event::Evaluate => "evaluate",
     }

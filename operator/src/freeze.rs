@@ -12,6 +12,10 @@
 //!   consistent image lists exactly the volumes that acknowledged;
 //! - rule 8: the highest epoch any member reports having seen or enforced is adopted.
 //!
+//! Hold timeouts (held writes failed with an I/O error) are recorded per volume for the current epoch
+//! only, as running totals (a report repeated on both paths counts once), and cleared when the group
+//! freezes again or resumes.
+//!
 //! A group that never froze is "replicating at (0, Resume)": a missing `status.stage` means Resume.
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
@@ -20,7 +24,7 @@ use lockstep_api::{
     domain::{GroupEpoch, Path, Phase, Policy, Stage, VolumeState, condition},
     v1alpha1::{
         Acknowledgement, ConsistencyGroup, ConsistencyGroupStatus, ConsistentImage, FreezeTrigger,
-        MemberVolumeStatus,
+        HoldTimeouts, MemberVolumeStatus, VolumeHoldTimeout,
     },
 };
 
@@ -31,6 +35,8 @@ pub enum Event {
     Report(Report),
     /// A node enforced a directive on some volumes.
     Ack(Ack),
+    /// Held writes of a volume failed with an I/O error at the hold timeout.
+    HoldTimedOut(HoldTimeoutReport),
     /// A member says it has seen or enforced this epoch of the group (rule 8), e.g. on reconnecting.
     Seen {
         /// The epoch seen.
@@ -55,6 +61,22 @@ pub struct Report {
     pub epoch_seen: u64,
     /// The replicator's error, for people.
     pub message: String,
+}
+
+/// Held writes of one volume failed by the hold timeout, as a sidecar reported them: a running total for
+/// (volume, epoch), so the same report on both paths, or replayed, counts once.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HoldTimeoutReport {
+    /// The path that brought it.
+    pub path: Path,
+    /// The volume whose held writes failed.
+    pub volume_handle: String,
+    /// The group's epoch the sender had seen when they failed.
+    pub epoch: u64,
+    /// How many held writes of the volume failed at that epoch so far.
+    pub failed_writes: u64,
+    /// When the first of them failed.
+    pub since: Option<Time>,
 }
 
 /// An acknowledgement: these volumes are at (epoch, stage).
@@ -182,6 +204,7 @@ pub fn decide(
                 adopt(&mut decision, &uid, *epoch, now);
             }
         }
+        Event::HoldTimedOut(report) => record_hold_timeout(&mut decision, group, report),
         Event::Evaluate => {}
     }
 
@@ -204,6 +227,15 @@ pub fn decide(
     }
 
     advance(&mut decision, group, &uid);
+    // Hold timeouts belong to the current epoch's freeze: a new freeze or a resume clears them.
+    let status = &mut decision.status;
+    if status
+        .hold_timeouts
+        .as_ref()
+        .is_some_and(|held| held.epoch != status.epoch || replicating(status))
+    {
+        status.hold_timeouts = None;
+    }
     set_conditions(&mut decision.status, group, generation, now);
     decision.status.observed_generation = generation;
     Ok(decision)
@@ -323,6 +355,135 @@ fn adopt(decision: &mut Decision, uid: &str, epoch: u64, now: &Time) {
         epoch,
         stage: Stage::Freeze,
     });
+}
+
+/// Records a volume's running total of held writes failed at the current epoch of a freeze; a new
+/// volume gets a Warning. Totals only grow: a lower or repeated count changes nothing.
+fn record_hold_timeout(
+    decision: &mut Decision,
+    group: &ConsistencyGroup,
+    report: &HoldTimeoutReport,
+) {
+    let status = &mut decision.status;
+    let member = status
+        .members
+        .iter()
+        .any(|member| member.volume_handle.as_deref() == Some(report.volume_handle.as_str()));
+    if report.failed_writes == 0 || report.epoch != status.epoch || replicating(status) || !member {
+        return;
+    }
+    let epoch = status.epoch;
+    let held = status.hold_timeouts.get_or_insert_with(|| HoldTimeouts {
+        epoch,
+        failed_writes: 0,
+        volumes: Vec::new(),
+        since: None,
+    });
+    if held.epoch != epoch {
+        *held = HoldTimeouts {
+            epoch,
+            failed_writes: 0,
+            volumes: Vec::new(),
+            since: None,
+        };
+    }
+    let known = held
+        .volumes
+        .iter_mut()
+        .find(|volume| volume.volume_handle == report.volume_handle);
+    match known {
+        Some(volume) if volume.failed_writes >= report.failed_writes => return,
+        Some(volume) => volume.failed_writes = report.failed_writes,
+        None => {
+            held.volumes.push(VolumeHoldTimeout {
+                volume_handle: report.volume_handle.clone(),
+                failed_writes: report.failed_writes,
+                since: report.since.clone(),
+            });
+            held.volumes
+                .sort_by(|a, b| a.volume_handle.cmp(&b.volume_handle));
+            decision.notes.push(Note {
+                warning: true,
+                reason: "HoldTimedOut",
+                message: format!(
+                    "{} held writes of volume {} failed with an I/O error after holdTimeout {} at epoch {epoch}; its writes keep failing until {}",
+                    report.failed_writes,
+                    report.volume_handle,
+                    group.spec.hold_timeout,
+                    until_released(group, epoch),
+                ),
+            });
+        }
+    }
+    held.failed_writes = held.volumes.iter().fold(0u64, |total, volume| {
+        total.saturating_add(volume.failed_writes)
+    });
+    held.since = held
+        .volumes
+        .iter()
+        .filter_map(|volume| volume.since.clone())
+        .min_by_key(|since| since.0);
+}
+
+/// What ends failing writes: the release a person gives (FreezeAndStop) or the one that follows the freeze.
+fn until_released(group: &ConsistencyGroup, epoch: u64) -> String {
+    match group.spec.policy {
+        Policy::FreezeAndStop => format!("the release: set spec.release.epoch: {epoch}"),
+        Policy::FreezeAndGo => "every member is frozen and the writes are released".to_owned(),
+    }
+}
+
+/// What a persisted status change adds to the hold timeouts: failed writes newly counted, and the volumes
+/// newly listed (for the metric and the Events on their claims).
+pub fn hold_timeout_growth(
+    before: Option<&HoldTimeouts>,
+    after: Option<&HoldTimeouts>,
+) -> (u64, Vec<String>) {
+    let Some(after) = after else {
+        return (0, Vec::new());
+    };
+    let before = before.filter(|before| before.epoch == after.epoch);
+    let counted = |handle: &str| {
+        before
+            .and_then(|before| before.volumes.iter().find(|v| v.volume_handle == handle))
+            .map_or(0, |volume| volume.failed_writes)
+    };
+    let mut added = 0u64;
+    let mut new_volumes = Vec::new();
+    for volume in &after.volumes {
+        let was = counted(&volume.volume_handle);
+        added = added.saturating_add(volume.failed_writes.saturating_sub(was));
+        if was == 0 {
+            new_volumes.push(volume.volume_handle.clone());
+        }
+    }
+    (added, new_volumes)
+}
+
+/// The sentence conditions carry while held writes are failing at the current epoch.
+fn hold_timeout_sentence(
+    status: &ConsistencyGroupStatus,
+    group: &ConsistencyGroup,
+) -> Option<String> {
+    let held = status.hold_timeouts.as_ref()?;
+    let volumes: Vec<&str> = held
+        .volumes
+        .iter()
+        .map(|volume| volume.volume_handle.as_str())
+        .collect();
+    let mut sentence = format!(
+        "{} held writes failed with an I/O error (EIO) after holdTimeout {} on {}",
+        held.failed_writes,
+        group.spec.hold_timeout,
+        volumes.join(", ")
+    );
+    if status.stage == Some(Stage::Freeze) {
+        sentence.push_str(&format!(
+            "; writes keep failing until {}",
+            until_released(group, held.epoch)
+        ));
+    }
+    Some(sentence)
 }
 
 fn mark_state(status: &mut ConsistencyGroupStatus, volume_handle: &str, state: VolumeState) {
@@ -513,6 +674,11 @@ fn set_conditions(
 ) {
     let (epoch, stage) = position(status);
     let phase = status.phase.unwrap_or(Phase::Replicating);
+    let held = hold_timeout_sentence(status, group);
+    let with_held = |message: String| match &held {
+        Some(held) => format!("{message}; {held}"),
+        None => message,
+    };
     let frozen = match stage {
         Stage::Freeze => phase == Phase::Frozen,
         Stage::Release => true,
@@ -535,7 +701,7 @@ fn set_conditions(
             (Stage::Release, _) => "FrozenAndReleased",
             (Stage::Resume, _) => "Replicating",
         },
-        message: match (stage, frozen) {
+        message: with_held(match (stage, frozen) {
             (Stage::Freeze, true) => format!("every member volume is suspended at epoch {epoch}"),
             (Stage::Freeze, false) if !members_resolved(status) => {
                 format!(
@@ -552,7 +718,7 @@ fn set_conditions(
                 )
             }
             (Stage::Resume, _) => "replication is running on every member".to_owned(),
-        },
+        }),
     };
     conditions::set(&mut status.conditions, frozen_update, generation, now);
 
@@ -591,7 +757,7 @@ fn set_conditions(
                 Phase::Resyncing => "Resyncing",
             }
         },
-        message: if !stale.is_empty() {
+        message: with_held(if !stale.is_empty() {
             stale.join("; ")
         } else {
             match phase {
@@ -608,7 +774,7 @@ fn set_conditions(
                 ),
                 Phase::Resyncing => format!("resynchronising after epoch {epoch}"),
             }
-        },
+        }),
     };
     conditions::set(&mut status.conditions, ready_update, generation, now);
 }

@@ -1,4 +1,4 @@
-//! Prometheus metrics, labelled by path, stage, phase and state — never by volume or write.
+//! Prometheus metrics, labelled by group, path, stage, phase and state — never by volume or write.
 
 use std::{sync::Arc, time::Duration};
 
@@ -30,6 +30,11 @@ struct StateLabels {
     state: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct GroupLabels {
+    group: String,
+}
+
 /// The operator's metrics.
 #[derive(Clone)]
 pub struct Metrics {
@@ -40,6 +45,7 @@ pub struct Metrics {
     freeze_latency: Histogram,
     groups: Family<PhaseLabels, Gauge>,
     volumes: Family<StateLabels, Gauge>,
+    held_writes_failed: Family<GroupLabels, Counter>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -59,6 +65,12 @@ impl Default for Metrics {
         ]);
         let groups = Family::<PhaseLabels, Gauge>::default();
         let volumes = Family::<StateLabels, Gauge>::default();
+        let held_writes_failed = Family::<GroupLabels, Counter>::default();
+        registry.register(
+            "held_writes_failed",
+            "Held writes that failed with an I/O error at the hold timeout, by group",
+            held_writes_failed.clone(),
+        );
         registry.register(
             "reports",
             "Copy-failure reports received, by path",
@@ -93,6 +105,7 @@ impl Default for Metrics {
             freeze_latency,
             groups,
             volumes,
+            held_writes_failed,
         }
     }
 }
@@ -125,6 +138,18 @@ impl Metrics {
         self.directives
             .get_or_create(&labels)
             .inc_by(u64::try_from(count).unwrap_or(u64::MAX));
+    }
+
+    /// Held writes of a group failed at the hold timeout (counted once, as the group's status grew).
+    pub fn held_writes_failed(&self, group: &str, count: u64) {
+        if count == 0 {
+            return;
+        }
+        self.held_writes_failed
+            .get_or_create(&GroupLabels {
+                group: group.to_owned(),
+            })
+            .inc_by(count);
     }
 
     /// A freeze completed: every member volume acknowledged.
@@ -171,6 +196,9 @@ mod tests {
         let metrics = Metrics::default();
         metrics.report(Path::Grpc);
         metrics.directives(Path::Api, Stage::Freeze, 2);
+        metrics.held_writes_failed("orders-db", 3);
+        metrics.held_writes_failed("orders-db", 0);
+        metrics.held_writes_failed("orders-db", 2);
         metrics.census(
             &[Phase::Frozen],
             &[VolumeState::Suspended, VolumeState::Suspended],
@@ -182,6 +210,10 @@ mod tests {
         );
         assert!(
             text.contains(r#"lockstep_directives_total{path="api",stage="Freeze"} 2"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"lockstep_held_writes_failed_total{group="orders-db"} 5"#),
             "{text}"
         );
         assert!(

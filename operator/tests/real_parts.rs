@@ -169,6 +169,10 @@ struct Bed {
 }
 
 async fn setup(fault: Fault, policy: Policy) -> Bed {
+    setup_with_hold_timeout(fault, policy, "30s").await
+}
+
+async fn setup_with_hold_timeout(fault: Fault, policy: Policy, hold_timeout: &str) -> Bed {
     let _ = tracing_subscriber::fmt()
         .with_test_writer()
         .with_env_filter(std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
@@ -256,7 +260,7 @@ async fn setup(fault: Fault, policy: Policy) -> Bed {
             member("west", &["reporting"]),
         ],
         policy,
-        hold_timeout: "30s".into(),
+        hold_timeout: hold_timeout.into(),
         release: None,
         resync: None,
         freeze: None,
@@ -420,6 +424,34 @@ async fn wait_for(
     .await
 }
 
+/// Releases epoch 1 by `spec.release.epoch` and waits until 30 more writes than `acked` are acknowledged.
+async fn release_and_write_on(
+    groups: &Api<ConsistencyGroup>,
+    workload: &mut WorkloadHandle,
+    acked: u64,
+) {
+    patch_spec(groups, serde_json::json!({"release": {"epoch": 1}})).await;
+    wait_for(groups, "released", |group| {
+        group.position() == (1, Stage::Release)
+    })
+    .await;
+    workload
+        .wait_for_acked(acked + 30, Duration::from_secs(60))
+        .await
+        .unwrap();
+}
+
+/// The checker passes on the secondaries: together they hold the writes acknowledged by `last_acked`.
+async fn secondaries_hold_the_image_at(bed: &Bed, last_acked: &[u64], run_id: u64) {
+    let verdict = lockstep_checker::check_sources(
+        &secondaries(bed),
+        &CheckOptions::lanes(last_acked.to_vec()).run(run_id),
+    )
+    .await
+    .unwrap();
+    assert!(verdict.is_consistent(), "{verdict}");
+}
+
 fn condition(group: &ConsistencyGroup, type_: &str) -> Option<(String, String, String)> {
     let found = group
         .status
@@ -464,13 +496,7 @@ async fn freeze_and_stop_a_planned_freeze_holds_until_released_then_resync_makes
     );
     // Writes are held: nothing more is acknowledged while frozen (FreezeAndStop).
     let at_freeze = workload.current();
-    let verdict = lockstep_checker::check_sources(
-        &secondaries(&bed),
-        &CheckOptions::lanes(at_freeze.last_acked.clone()).run(run_id),
-    )
-    .await
-    .unwrap();
-    assert!(verdict.is_consistent(), "{verdict}");
+    secondaries_hold_the_image_at(&bed, &at_freeze.last_acked, run_id).await;
 
     // A release for another epoch is reported and ignored.
     patch_spec(&groups, serde_json::json!({"release": {"epoch": 0}})).await;
@@ -499,15 +525,7 @@ async fn freeze_and_stop_a_planned_freeze_holds_until_released_then_resync_makes
     );
 
     // The release names the current epoch: held writes complete, primaries run on unreplicated.
-    patch_spec(&groups, serde_json::json!({"release": {"epoch": 1}})).await;
-    wait_for(&groups, "released", |group| {
-        group.position() == (1, Stage::Release)
-    })
-    .await;
-    workload
-        .wait_for_acked(at_freeze.acked + 30, Duration::from_secs(60))
-        .await
-        .unwrap();
+    release_and_write_on(&groups, &mut workload, at_freeze.acked).await;
 
     // Resync returns the group to Replicating.
     patch_spec(&groups, serde_json::json!({"resync": {"epoch": 1}})).await;
@@ -547,4 +565,163 @@ async fn freeze_and_stop_a_planned_freeze_holds_until_released_then_resync_makes
         .await;
     }
     bed.operator.shutdown().await;
+}
+
+/// The Events recorded about an object (by name) in one cluster: (reason, note).
+async fn events_about(client: &Client, name: &str) -> Vec<(String, String)> {
+    Api::<k8s_openapi::api::events::v1::Event>::all(client.clone())
+        .list(&Default::default())
+        .await
+        .map(|list| {
+            list.items
+                .into_iter()
+                .filter(|event| {
+                    event.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name)
+                })
+                .map(|event| {
+                    (
+                        event.reason.unwrap_or_default(),
+                        event.note.unwrap_or_default(),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn freeze_and_stop_past_the_hold_timeout_held_writes_fail_with_eio_and_the_status_says_so_until_released()
+ {
+    let bed = setup_with_hold_timeout(Fault::None, Policy::FreezeAndStop, "1s").await;
+    let groups = Api::<ConsistencyGroup>::all(bed.hub.clone());
+    let (mut workload, run_id) = start_workload(&bed).await;
+
+    patch_spec(&groups, serde_json::json!({"freeze": {"epoch": 0}})).await;
+    wait_for(&groups, "a planned freeze, every volume frozen", |group| {
+        group
+            .status
+            .as_ref()
+            .is_some_and(|status| status.phase == Some(Phase::Frozen))
+    })
+    .await;
+    let at_freeze = workload.current();
+
+    // Past the hold timeout, a held write fails with an I/O error (the workload retries it; each retry
+    // is held and fails again until the release). Nothing is acknowledged meanwhile.
+    let failed = workload
+        .wait_until(
+            "a held write failed",
+            |progress| progress.failures > at_freeze.failures,
+            Duration::from_secs(60),
+        )
+        .await
+        .unwrap();
+    let failure = failed.first_failure.clone().unwrap();
+    assert!(failure.error.contains("EIO"), "{failure:?}");
+    assert_eq!(
+        workload.current().acked,
+        at_freeze.acked,
+        "never acknowledged unreplicated"
+    );
+
+    // The group's status says so: which volumes, how many writes, at this epoch, and how to release.
+    let said = wait_for(&groups, "hold timeouts in the group's status", |group| {
+        group.status.as_ref().is_some_and(|status| {
+            status
+                .hold_timeouts
+                .as_ref()
+                .is_some_and(|held| held.epoch == 1 && held.failed_writes > 0)
+        })
+    })
+    .await;
+    let held = said.status.as_ref().unwrap().hold_timeouts.clone().unwrap();
+    assert!(!held.volumes.is_empty());
+    assert!(held.since.is_some());
+    assert_eq!(
+        held.failed_writes,
+        held.volumes.iter().map(|v| v.failed_writes).sum::<u64>()
+    );
+    for volume in &held.volumes {
+        assert!(
+            ["wal", "data", "reporting"].contains(&volume.volume_handle.as_str()),
+            "{volume:?}"
+        );
+    }
+    let condition_says = wait_for(
+        &groups,
+        "the Ready condition names the hold timeout",
+        |group| {
+            condition(group, "Ready").is_some_and(|(_, _, message)| {
+                message.contains("held writes failed with an I/O error (EIO) after holdTimeout 1s")
+                    && message.contains("spec.release.epoch: 1")
+            })
+        },
+    )
+    .await;
+    assert_eq!(condition_says.position(), (1, Stage::Freeze), "still held");
+    let group_events = eventually("a HoldTimedOut Warning on the group", || {
+        let hub = bed.hub.clone();
+        async move {
+            let events = events_about(&hub, "orders-db").await;
+            events
+                .iter()
+                .any(|(reason, _)| reason == "HoldTimedOut")
+                .then_some(events)
+        }
+    })
+    .await;
+    assert!(
+        group_events
+            .iter()
+            .any(|(reason, note)| reason == "HoldTimedOut" && note.contains("I/O error")),
+        "{group_events:?}"
+    );
+    // ... and on the claim of a volume whose writes failed, in its own cluster.
+    let claim = held.volumes[0].volume_handle.clone();
+    let claim_client = if claim == "reporting" {
+        bed.west.client().await.unwrap()
+    } else {
+        bed.hub.clone()
+    };
+    eventually("a HoldTimedOut Warning on the claim", || {
+        let client = claim_client.clone();
+        let claim = claim.clone();
+        async move {
+            events_about(&client, &claim)
+                .await
+                .iter()
+                .any(|(reason, _)| reason == "HoldTimedOut")
+                .then_some(())
+        }
+    })
+    .await;
+    let metrics = eventually("the metric counts the failed writes", || {
+        let addr = bed.operator.http_addr;
+        async move {
+            let text = http_get(addr, "/metrics").await?;
+            text.contains("lockstep_held_writes_failed_total{group=\"orders-db\"}")
+                .then_some(text)
+        }
+    })
+    .await;
+    assert!(!metrics.is_empty());
+
+    // The release by epoch: writes complete again; the secondaries still hold the freeze's image.
+    release_and_write_on(&groups, &mut workload, at_freeze.acked).await;
+    workload.stop_and_join().await.unwrap();
+    secondaries_hold_the_image_at(&bed, &at_freeze.last_acked, run_id).await;
+    bed.operator.shutdown().await;
+}
+
+/// A plain HTTP/1.0 GET on the operator's HTTP listener; `None` on any failure.
+async fn http_get(addr: std::net::SocketAddr, path: &str) -> Option<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
+    stream
+        .write_all(format!("GET {path} HTTP/1.0\r\nHost: operator\r\n\r\n").as_bytes())
+        .await
+        .ok()?;
+    let mut body = String::new();
+    stream.read_to_string(&mut body).await.ok()?;
+    Some(body)
 }

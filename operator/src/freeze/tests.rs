@@ -6,7 +6,7 @@ use lockstep_api::{
     domain::{Path, Phase, Policy, Stage, VolumeState, condition},
     v1alpha1::{
         ConsistencyGroup, ConsistencyGroupSpec, ConsistencyGroupStatus, EpochIntent, GroupMember,
-        MemberVolumeStatus,
+        HoldTimeouts, MemberVolumeStatus, VolumeHoldTimeout,
     },
 };
 use proptest::prelude::*;
@@ -329,6 +329,139 @@ fn freeze_and_stop_holds_until_the_release_names_the_current_epoch() {
     assert_eq!(step(&mut group, &Event::Evaluate).after_persist, None);
 }
 
+fn timed_out(path: Path, volume: &str, epoch: u64, failed_writes: u64) -> Event {
+    Event::HoldTimedOut(HoldTimeoutReport {
+        path,
+        volume_handle: volume.into(),
+        epoch,
+        failed_writes,
+        since: Some(now()),
+    })
+}
+
+fn message_of(group: &ConsistencyGroup, type_: &str) -> String {
+    status(group)
+        .conditions
+        .iter()
+        .find(|c| c.type_ == type_)
+        .map(|c| c.message.clone())
+        .unwrap_or_default()
+}
+
+#[test]
+fn hold_timeouts_of_the_current_freeze_count_once_per_volume_and_say_how_to_release() {
+    let mut group = group(Policy::FreezeAndStop);
+    group.spec.hold_timeout = "1s".into();
+    step(&mut group, &report(Path::Api, 0));
+    step(&mut group, &ack(Path::Api, 1, Stage::Freeze, &VOLUMES));
+    assert_eq!(status(&group).phase, Some(Phase::Frozen));
+
+    let first = step(&mut group, &timed_out(Path::Grpc, "vol-wal", 1, 2));
+    assert_eq!(first.notes.len(), 1);
+    assert_eq!(first.notes[0].reason, "HoldTimedOut");
+    assert!(first.notes[0].warning);
+    assert!(
+        first.notes[0].message.contains("spec.release.epoch: 1"),
+        "{}",
+        first.notes[0].message
+    );
+    // The same running total on the other path, and a stale lower one, change nothing.
+    let again = step(&mut group, &timed_out(Path::Api, "vol-wal", 1, 2));
+    assert!(again.notes.is_empty());
+    step(&mut group, &timed_out(Path::Api, "vol-wal", 1, 1));
+    // The total grows; a second volume joins; a volume outside the group and an old epoch are ignored.
+    let grown = step(&mut group, &timed_out(Path::Api, "vol-wal", 1, 5));
+    assert!(grown.notes.is_empty(), "one Event per volume and epoch");
+    step(&mut group, &timed_out(Path::Grpc, "vol-west", 1, 1));
+    step(&mut group, &timed_out(Path::Grpc, "vol-stranger", 1, 9));
+    step(&mut group, &timed_out(Path::Grpc, "vol-data", 0, 9));
+    step(&mut group, &timed_out(Path::Grpc, "vol-data", 1, 0));
+    let held = status(&group).hold_timeouts.clone().unwrap();
+    assert_eq!((held.epoch, held.failed_writes), (1, 6));
+    let volumes: Vec<(&str, u64)> = held
+        .volumes
+        .iter()
+        .map(|v| (v.volume_handle.as_str(), v.failed_writes))
+        .collect();
+    assert_eq!(volumes, [("vol-wal", 5), ("vol-west", 1)]);
+    assert_eq!(held.since, Some(now()));
+    for type_ in [condition::READY, condition::FROZEN] {
+        let message = message_of(&group, type_);
+        assert!(
+            message.contains("6 held writes failed with an I/O error (EIO) after holdTimeout 1s")
+                && message.contains("spec.release.epoch: 1"),
+            "{type_}: {message}"
+        );
+    }
+
+    // Released: still said (it happened during epoch 1), without asking for a release.
+    group.spec.release = Some(EpochIntent { epoch: 1 });
+    step(&mut group, &Event::Evaluate);
+    assert_eq!(position(status(&group)), (1, Stage::Release));
+    let ready = message_of(&group, condition::READY);
+    assert!(ready.contains("6 held writes failed"), "{ready}");
+    assert!(!ready.contains("keep failing"), "{ready}");
+    // Resync clears them; a report of the old epoch does not bring them back.
+    group.spec.resync = Some(EpochIntent { epoch: 1 });
+    step(&mut group, &Event::Evaluate);
+    assert_eq!(status(&group).hold_timeouts, None);
+    step(&mut group, &timed_out(Path::Api, "vol-wal", 1, 7));
+    assert_eq!(status(&group).hold_timeouts, None);
+    assert!(!message_of(&group, condition::READY).contains("held writes"));
+}
+
+#[test]
+fn a_new_freeze_clears_the_hold_timeouts_of_the_last_one() {
+    let mut group = group(Policy::FreezeAndStop);
+    step(&mut group, &report(Path::Api, 0));
+    step(&mut group, &timed_out(Path::Api, "vol-wal", 1, 3));
+    assert!(
+        status(&group).hold_timeouts.is_some(),
+        "counted while freezing too"
+    );
+    step(&mut group, &Event::Seen { epoch: 2 });
+    assert_eq!(status(&group).epoch, 2);
+    assert_eq!(status(&group).hold_timeouts, None);
+}
+
+#[test]
+fn hold_timeout_growth_counts_only_what_a_status_change_added() {
+    let held = |epoch: u64, volumes: &[(&str, u64)]| HoldTimeouts {
+        epoch,
+        failed_writes: volumes.iter().map(|(_, n)| n).sum(),
+        volumes: volumes
+            .iter()
+            .map(|(handle, failed_writes)| VolumeHoldTimeout {
+                volume_handle: (*handle).into(),
+                failed_writes: *failed_writes,
+                since: None,
+            })
+            .collect(),
+        since: None,
+    };
+    assert_eq!(hold_timeout_growth(None, None), (0, vec![]));
+    assert_eq!(
+        hold_timeout_growth(None, Some(&held(1, &[("a", 2)]))),
+        (2, vec!["a".to_owned()])
+    );
+    assert_eq!(
+        hold_timeout_growth(
+            Some(&held(1, &[("a", 2)])),
+            Some(&held(1, &[("a", 5), ("b", 1)]))
+        ),
+        (4, vec!["b".to_owned()])
+    );
+    // A new epoch counts afresh.
+    assert_eq!(
+        hold_timeout_growth(Some(&held(1, &[("a", 2)])), Some(&held(2, &[("a", 1)]))),
+        (1, vec!["a".to_owned()])
+    );
+    assert_eq!(
+        hold_timeout_growth(Some(&held(1, &[("a", 2)])), None),
+        (0, vec![])
+    );
+}
+
 #[test]
 fn a_release_intent_waits_for_every_acknowledgement() {
     let mut group = group(Policy::FreezeAndStop);
@@ -520,6 +653,12 @@ fn any_event() -> impl Strategy<Value = Event> {
             }
         ),
         (0u64..4).prop_map(|epoch| Event::Seen { epoch }),
+        (0u64..4, 0u64..4).prop_map(|(epoch, failed)| timed_out(
+            Path::Api,
+            "vol-data",
+            epoch,
+            failed
+        )),
         Just(Event::Evaluate),
     ]
 }
@@ -547,6 +686,10 @@ proptest! {
                     .as_ref()
                     .is_some_and(|ack| (ack.epoch, ack.stage) >= (point.epoch, Stage::Freeze))));
                 prop_assert_eq!(point.epoch, decision.status.epoch);
+            }
+            if let Some(held) = &decision.status.hold_timeouts {
+                prop_assert_eq!(held.epoch, decision.status.epoch, "hold timeouts of another epoch kept");
+                prop_assert!(decision.status.stage.is_some_and(|stage| stage != Stage::Resume));
             }
             persist(&mut group, &decision);
         }
