@@ -8,6 +8,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use lockstep_api::domain::{GroupEpoch, VolumeState};
+use lockstep_api::v1alpha1::ClaimRef;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
@@ -86,6 +87,8 @@ pub struct Context {
     pub stop: CancellationToken,
     /// Volumes the replicator last said are resynchronising.
     resyncing: std::sync::Mutex<std::collections::BTreeSet<String>>,
+    /// The claim bound to each volume, as a path named it (for the node status).
+    claims: std::sync::Mutex<BTreeMap<String, ClaimRef>>,
 }
 
 impl Context {
@@ -94,6 +97,23 @@ impl Context {
         self.resyncing
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Remembers the claims a path named for volumes (volume handle → claim).
+    pub fn remember_claims(&self, named: impl IntoIterator<Item = (String, ClaimRef)>) {
+        let mut claims = self
+            .claims
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        claims.extend(named);
+    }
+
+    /// The claim bound to each volume, as the paths named them.
+    pub fn claims(&self) -> BTreeMap<String, ClaimRef> {
+        self.claims
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone()
     }
 
     /// Feeds an input to the core (dropped after shutdown).
@@ -166,6 +186,7 @@ impl Agent {
             reports: Reports::new(),
             stop,
             resyncing: std::sync::Mutex::default(),
+            claims: std::sync::Mutex::default(),
         });
         let agent = Self {
             core: Enforcer::new(),

@@ -84,6 +84,23 @@ fn feed_group(context: &Context, group: &ConsistencyGroup) -> Option<String> {
         return None;
     };
     let uid = group_uid(group)?;
+    context.remember_claims(
+        group
+            .status
+            .iter()
+            .flat_map(|status| status.members.iter())
+            .filter(|m| m.cluster == context.cluster && m.node.as_deref() == Some(&*context.node))
+            .filter_map(|m| {
+                let handle = m.volume_handle.clone().filter(|h| !h.is_empty())?;
+                Some((
+                    handle,
+                    ClaimRef {
+                        namespace: m.namespace.clone(),
+                        name: m.pvc.clone(),
+                    },
+                ))
+            }),
+    );
     // The point first, so that volumes joining are brought straight to it.
     if let Some(target) = point {
         context.send(Input::Directive {
@@ -160,14 +177,17 @@ fn time(ms: i64) -> Time {
     Time(Timestamp::from_millisecond(ms).unwrap_or(Timestamp::UNIX_EPOCH))
 }
 
-/// The `ReplicationNode` status for a snapshot.
-pub fn node_status(snapshot: &Snapshot) -> ReplicationNodeStatus {
+/// The `ReplicationNode` status for a snapshot, with the claims the paths named for its volumes.
+pub fn node_status(
+    snapshot: &Snapshot,
+    claims: &std::collections::BTreeMap<String, ClaimRef>,
+) -> ReplicationNodeStatus {
     let volumes: Vec<NodeVolume> = snapshot
         .volumes
         .iter()
         .map(|v| NodeVolume {
             volume_handle: v.volume.clone(),
-            pvc: None::<ClaimRef>,
+            pvc: claims.get(&v.volume).cloned(),
             group_uid: v.group_uid.clone(),
             state: snapshot.volume_state(v),
             epoch: v.level.map_or(0, |l| l.epoch),
@@ -228,7 +248,7 @@ pub async fn write_status(client: Client, context: Arc<Context>) {
     let mut written: Option<ReplicationNodeStatus> = None;
     loop {
         let snapshot = snapshots.borrow_and_update().clone();
-        let status = node_status(&snapshot);
+        let status = node_status(&snapshot, &context.claims());
         let mut ok = true;
         if !created {
             let object = json!({
@@ -440,8 +460,18 @@ mod tests {
             inventory_known: true,
             resyncing: Default::default(),
         };
-        let status = node_status(&snapshot);
+        let claims = [(
+            "vb".to_owned(),
+            ClaimRef {
+                namespace: "shop".into(),
+                name: "pvc-b".into(),
+            },
+        )]
+        .into();
+        let status = node_status(&snapshot, &claims);
         assert_eq!(status.volume_count, 3);
+        assert_eq!(status.volumes[0].pvc, None);
+        assert_eq!(status.volumes[1].pvc.as_ref().unwrap().name, "pvc-b");
         let states: Vec<VolumeState> = status.volumes.iter().map(|v| v.state).collect();
         assert_eq!(
             states,

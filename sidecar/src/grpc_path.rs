@@ -317,6 +317,13 @@ async fn membership_update(
                 continue;
             }
             if served.contains(&entry.volume_handle) {
+                context.remember_claims([(
+                    entry.volume_handle.clone(),
+                    lockstep_api::v1alpha1::ClaimRef {
+                        namespace: entry.namespace.clone(),
+                        name: entry.pvc.clone(),
+                    },
+                )]);
                 resolved.insert((entry.namespace.clone(), entry.pvc.clone()), entry.clone());
             }
             volumes.insert(entry.volume_handle);

@@ -180,6 +180,21 @@ async fn api_only_configuration_freezes_once_and_acknowledges_in_the_node_status
         }
     })
     .await;
+    // The node status names each volume's claim, as the group's status resolved it.
+    eventually_async("claims in the node status", || async {
+        replication_node(&client).await.is_some_and(|n| {
+            n.status.is_some_and(|s| {
+                s.volume_count == 2
+                    && s.volumes.iter().all(|v| {
+                        v.pvc.as_ref().is_some_and(|claim| {
+                            claim.namespace == "shop"
+                                && claim.name == format!("pvc-{}", v.volume_handle)
+                        })
+                    })
+            })
+        })
+    })
+    .await;
     sidecar.shutdown().await;
 }
 
