@@ -15,12 +15,13 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta, Time};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, MicroTime, ObjectMeta, Time};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Patch, PatchParams};
 use kube::runtime::WatchStreamExt;
 use kube::runtime::watcher;
 use kube::{Api, Client, ResourceExt};
+use lockstep_api::conditions::{self, ConditionUpdate};
 use lockstep_api::domain::{GroupEpoch, Path, Stage, parse_duration};
 use lockstep_api::v1alpha1::{
     ClaimRef, ConsistencyGroup, CopyFailureReport, Enforcement, NodeHoldTimeout, NodeVolume,
@@ -237,6 +238,76 @@ pub fn node_status(
     }
 }
 
+/// Sets the node's conditions: Ready (the replicator's volumes are known and no fail-safe suspension is
+/// in force) and HoldTimedOut (held writes failed at a hold timeout), keeping the transition times of
+/// `previous`.
+pub fn set_node_conditions(
+    status: &mut ReplicationNodeStatus,
+    snapshot: &Snapshot,
+    previous: &[Condition],
+    now: &Time,
+) {
+    let mut list = previous.to_vec();
+    let fail_safes: Vec<String> = snapshot
+        .groups
+        .iter()
+        .filter_map(|g| {
+            g.fail_safe
+                .map(|epoch| format!("{} at epoch {epoch}", g.name))
+        })
+        .collect();
+    let ready = ConditionUpdate {
+        type_: lockstep_api::domain::condition::READY,
+        status: snapshot.inventory_known && fail_safes.is_empty(),
+        reason: if !snapshot.inventory_known {
+            "ReplicatorUnknown"
+        } else if !fail_safes.is_empty() {
+            "FailSafe"
+        } else {
+            "Serving"
+        },
+        message: if !snapshot.inventory_known {
+            "the replicator's volumes are not known yet".to_owned()
+        } else if !fail_safes.is_empty() {
+            format!(
+                "suspended by its own fail-safe (a failed write reached neither path): {}; only a directive at a higher epoch lifts it",
+                fail_safes.join(", ")
+            )
+        } else {
+            format!("{} volumes served", snapshot.volumes.len())
+        },
+    };
+    conditions::set(&mut list, ready, None, now);
+    let failed: u64 = snapshot
+        .hold_timeouts
+        .iter()
+        .fold(0, |total, h| total.saturating_add(h.failed_writes));
+    let held = ConditionUpdate {
+        type_: "HoldTimedOut",
+        status: !snapshot.hold_timeouts.is_empty(),
+        reason: if snapshot.hold_timeouts.is_empty() {
+            "NoHeldWriteFailed"
+        } else {
+            "HeldWritesFailed"
+        },
+        message: if snapshot.hold_timeouts.is_empty() {
+            "no held write failed at a hold timeout".to_owned()
+        } else {
+            let volumes: Vec<String> = snapshot
+                .hold_timeouts
+                .iter()
+                .map(|h| format!("{} ({} at epoch {})", h.volume, h.failed_writes, h.epoch))
+                .collect();
+            format!(
+                "{failed} held writes failed with an I/O error at the hold timeout: {}; writes keep failing until the group is released or resumes",
+                volumes.join(", ")
+            )
+        },
+    };
+    conditions::set(&mut list, held, None, now);
+    status.conditions = list;
+}
+
 /// Keeps this node's `ReplicationNode` status current: on every change, retried with backoff.
 pub async fn write_status(client: Client, context: Arc<Context>) {
     let api: Api<ReplicationNode> = Api::all(client);
@@ -248,7 +319,12 @@ pub async fn write_status(client: Client, context: Arc<Context>) {
     let mut written: Option<ReplicationNodeStatus> = None;
     loop {
         let snapshot = snapshots.borrow_and_update().clone();
-        let status = node_status(&snapshot, &context.claims());
+        let mut status = node_status(&snapshot, &context.claims());
+        let previous = written
+            .as_ref()
+            .map(|w| w.conditions.clone())
+            .unwrap_or_default();
+        set_node_conditions(&mut status, &snapshot, &previous, &Time(Timestamp::now()));
         let mut ok = true;
         if !created {
             let object = json!({
@@ -504,5 +580,54 @@ mod tests {
         );
         assert_eq!(json["enforced"][0]["volumeHandles"], json!(["va"]));
         assert_eq!(json["volumes"][0]["holdTimeout"]["failedWrites"], json!(12));
+
+        // Conditions: ready, and the hold timeout said; the transition time moves only on a change.
+        let mut with_conditions = status.clone();
+        set_node_conditions(&mut with_conditions, &snapshot, &[], &time(1_000));
+        let held = with_conditions
+            .conditions
+            .iter()
+            .find(|c| c.type_ == "HoldTimedOut")
+            .unwrap();
+        assert_eq!(held.status, "True");
+        assert!(
+            held.message.contains("12 held writes failed"),
+            "{}",
+            held.message
+        );
+        assert_eq!(
+            conditions::status_of(&with_conditions.conditions, "Ready"),
+            Some(true)
+        );
+        let mut later = status.clone();
+        let cleared = Snapshot {
+            hold_timeouts: Vec::new(),
+            ..snapshot.clone()
+        };
+        set_node_conditions(
+            &mut later,
+            &cleared,
+            &with_conditions.conditions,
+            &time(2_000),
+        );
+        let ready = later
+            .conditions
+            .iter()
+            .find(|c| c.type_ == "Ready")
+            .unwrap();
+        assert_eq!(
+            ready.last_transition_time,
+            time(1_000),
+            "unchanged status keeps its time"
+        );
+        let held = later
+            .conditions
+            .iter()
+            .find(|c| c.type_ == "HoldTimedOut")
+            .unwrap();
+        assert_eq!(
+            (held.status.as_str(), held.last_transition_time.clone()),
+            ("False", time(2_000))
+        );
     }
 }

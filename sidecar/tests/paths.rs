@@ -520,6 +520,19 @@ async fn held_writes_failed_at_the_hold_timeout_are_reported_on_both_paths_until
     })
     .await;
 
+    let node = replication_node(&client).await.unwrap().status.unwrap();
+    let held = node
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "HoldTimedOut")
+        .unwrap();
+    assert_eq!(held.status, "True", "{held:?}");
+    assert!(
+        held.message.contains("v1 (5 at epoch 1)"),
+        "{}",
+        held.message
+    );
+
     // A malformed event (no failed write) is refused; the next real one still counts.
     rep.time_out_holds("v2", 0).await;
     rep.time_out_holds("v1", 1).await;

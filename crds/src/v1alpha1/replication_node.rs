@@ -60,7 +60,8 @@ pub struct ReplicationNodeStatus {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 256))]
     pub enforced: Vec<Enforcement>,
-    /// Ready and PathsReachable.
+    /// Ready (the replicator's volumes are known and no fail-safe suspension is in force) and
+    /// HoldTimedOut (held writes failed with an I/O error at a group's hold timeout).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 16))]
     pub conditions: Vec<Condition>,
