@@ -173,9 +173,7 @@ impl World {
                         .map_err(kube(format!("creating secret {}", secret_ref.name)))?;
                     timeline.say(format!(
                         "{hub_name}: secret/{}/{} holds {target}'s kubeconfig ({})",
-                        secret_ref.namespace,
-                        secret_ref.name,
-                        member.api.url()
+                        secret_ref.namespace, secret_ref.name, member.api_url
                     ));
                 }
             }
