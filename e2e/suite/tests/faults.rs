@@ -609,5 +609,24 @@ async fn the_scenarios_run_on_clusters_given_by_kubeconfig() {
         assert_eq!(image(&group), all_handles(&h), "{}", h.timeline.text());
         finish(h).await;
     }
-    drop(servers);
+    // Each run deleted what it created there: its group (through the operator's finalizer) and claims.
+    let hub = servers[0].client().await.unwrap();
+    let groups = kube::Api::<ConsistencyGroup>::all(hub.clone());
+    assert!(
+        groups
+            .list(&Default::default())
+            .await
+            .unwrap()
+            .items
+            .is_empty()
+    );
+    let claims = kube::Api::<k8s_openapi::api::core::v1::PersistentVolumeClaim>::all(hub);
+    assert!(
+        claims
+            .list(&Default::default())
+            .await
+            .unwrap()
+            .items
+            .is_empty()
+    );
 }
