@@ -304,9 +304,13 @@ impl std::fmt::Debug for Harness {
 
 impl Harness {
     /// Builds the world on `target`, starts the operator and the sidecars, waits until the group has
-    /// resolved every member and replicates, and starts the workload over the group's volumes.
-    pub async fn start(mut setup: Setup, target: Target) -> Result<Harness, FaultError> {
-        let timeline = Timeline::new(std::env::var_os("LOCKSTEP_E2E_PRINT").is_some());
+    /// resolved every member and replicates, and starts the workload over the group's volumes. Each
+    /// step is said on `timeline`.
+    pub async fn start(
+        mut setup: Setup,
+        target: Target,
+        timeline: Timeline,
+    ) -> Result<Harness, FaultError> {
         setup.world.group.spec.policy = setup.policy;
         let suffix = target.apply(&mut setup.world)?;
         if let Target::Kubeconfigs(_) = &target {

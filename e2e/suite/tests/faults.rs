@@ -18,6 +18,7 @@ use lockstep_api::v1alpha1::ConsistencyGroup;
 use lockstep_e2e::cluster::VolumeSpec;
 use lockstep_e2e::faults::LinkCutMode;
 use lockstep_e2e::scenario::{GrpcPath, Harness, Outcome, Setup, Target, suspended_at};
+use lockstep_e2e::timeline::Timeline;
 use lockstep_replicator::ReplMode;
 
 /// Starts a scenario on the target the environment names, panicking with the timeline on failure.
@@ -30,7 +31,10 @@ async fn start_on(setup: Setup, target: Target) -> Harness {
         .with_test_writer()
         .with_env_filter(std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
         .try_init();
-    Harness::start(setup, target).await.unwrap()
+    let timeline = Timeline::new(std::env::var_os("LOCKSTEP_E2E_PRINT").is_some());
+    Harness::start(setup, target, timeline.clone())
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", timeline.text()))
 }
 
 /// Runs `step`, or panics with the error and the timeline so far.
