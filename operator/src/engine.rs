@@ -478,6 +478,8 @@ impl Engine {
     /// Connects member clusters that are new, changed or failed last time, probes each API server, and
     /// writes every MemberCluster's status (Reachable, gRPC sessions) when it changed.
     pub async fn refresh_members(&self) {
+        // Before the first list of MemberClusters the store is empty: that is not "no clusters".
+        let _ = self.inner.member_clusters.wait_until_ready().await;
         let previous = self.inner.members.read().await.clone();
         let mut connected = BTreeMap::new();
         let mut probes = Vec::new();
@@ -596,6 +598,12 @@ impl Engine {
                 let mut finalizers = group.finalizers().to_vec();
                 finalizers.push(FINALIZER.to_owned());
                 self.set_finalizers(&name, &group, finalizers).await?;
+            }
+            if self.inner.members.read().await.is_empty() {
+                // A new operator (a restart mid-freeze) has not connected the member clusters yet:
+                // resolving now would drop every member with its acknowledgements, and the sidecars,
+                // having acknowledged, would not send them again.
+                self.refresh_members().await;
             }
             let observation = self.observe(&uid, &group).await;
             self.handle_observed(&uid, &name, Event::Evaluate, Some(&observation))

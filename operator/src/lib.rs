@@ -245,6 +245,15 @@ impl Operator {
         &self.engine
     }
 
+    /// Stops every task at once, without the orderly shutdown (a crash, for tests): the sidecars'
+    /// gRPC streams end as their connections would, and nothing is handed over.
+    pub fn abort(self) {
+        self.engine.sessions().close_all();
+        for task in &self.tasks {
+            task.abort();
+        }
+    }
+
     /// Stops every task and waits for them.
     pub async fn shutdown(self) {
         self.shutdown.cancel();

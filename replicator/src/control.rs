@@ -41,12 +41,96 @@ impl ControlService {
             .ok_or_else(|| Status::not_found(format!("no volume {name:?}")))
     }
 
-    /// Serves on a unix socket until the task is dropped.
+    /// Serves on a unix socket until the task is dropped. Dropping it also ends every accepted
+    /// connection (tonic serves each on a task of its own, which would otherwise run on), so a dropped
+    /// [`crate::Primary`] is gone for its clients as a killed process is.
     pub async fn serve_unix(self, listener: UnixListener) -> Result<(), tonic::transport::Error> {
+        let killed = tokio_util::sync::CancellationToken::new();
+        let _kill_connections_when_dropped = killed.clone().drop_guard();
+        let incoming = UnixListenerStream::new(listener)
+            .map(move |accepted| accepted.map(|stream| Killable::new(stream, &killed)));
         tonic::transport::Server::builder()
             .add_service(ReplicatorServer::new(self))
-            .serve_with_incoming(UnixListenerStream::new(listener))
+            .serve_with_incoming(incoming)
             .await
+    }
+}
+
+/// An accepted connection that fails every read and write once its server is gone.
+struct Killable {
+    stream: tokio::net::UnixStream,
+    killed: Pin<Box<tokio_util::sync::WaitForCancellationFutureOwned>>,
+}
+
+impl Killable {
+    fn new(stream: tokio::net::UnixStream, killed: &tokio_util::sync::CancellationToken) -> Self {
+        Killable {
+            stream,
+            killed: Box::pin(killed.clone().cancelled_owned()),
+        }
+    }
+
+    fn check(&mut self, cx: &mut std::task::Context<'_>) -> std::io::Result<()> {
+        match self.killed.as_mut().poll(cx) {
+            std::task::Poll::Ready(()) => Err(std::io::ErrorKind::ConnectionAborted.into()),
+            std::task::Poll::Pending => Ok(()),
+        }
+    }
+}
+
+macro_rules! unless_killed {
+    ($self:ident, $cx:ident, $call:expr) => {{
+        let this = $self.get_mut();
+        if let Err(e) = this.check($cx) {
+            return std::task::Poll::Ready(Err(e));
+        }
+        let stream = Pin::new(&mut this.stream);
+        $call(stream)
+    }};
+}
+
+impl tokio::io::AsyncRead for Killable {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        unless_killed!(self, cx, |s: Pin<&mut tokio::net::UnixStream>| s
+            .poll_read(cx, buf))
+    }
+}
+
+impl tokio::io::AsyncWrite for Killable {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        unless_killed!(self, cx, |s: Pin<&mut tokio::net::UnixStream>| s
+            .poll_write(cx, buf))
+    }
+
+    fn poll_flush(
+        self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        unless_killed!(self, cx, |s: Pin<&mut tokio::net::UnixStream>| s
+            .poll_flush(cx))
+    }
+
+    fn poll_shutdown(
+        self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_shutdown(cx)
+    }
+}
+
+impl tonic::transport::server::Connected for Killable {
+    type ConnectInfo = <tokio::net::UnixStream as tonic::transport::server::Connected>::ConnectInfo;
+
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.stream.connect_info()
     }
 }
 

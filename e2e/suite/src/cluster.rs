@@ -98,6 +98,22 @@ pub enum ClusterError {
     /// A kubectl command failed.
     #[error(transparent)]
     Kubectl(#[from] crate::kubectl::KubectlError),
+    /// A kubeconfig of a real cluster could not be used.
+    #[error("{cluster}: kubeconfig {path}: {why}")]
+    Kubeconfig {
+        /// The cluster.
+        cluster: String,
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        why: String,
+    },
+    /// The fault needs control of the cluster's API server, and this one is a real cluster's.
+    #[error("{cluster}: its API server is a real cluster's, which this suite cannot stop or start")]
+    NotControllable {
+        /// The cluster.
+        cluster: String,
+    },
     /// A volume name that the cluster does not have.
     #[error("{cluster}: no volume {volume}")]
     NoVolume {
@@ -139,6 +155,17 @@ impl VolumeSpec {
     }
 }
 
+/// Where a cluster's API server comes from.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum ApiSource {
+    /// A test API server started for the cluster (and stopped with it).
+    #[default]
+    TestServer,
+    /// A running cluster's API server, reached with this kubeconfig; the suite creates its objects
+    /// there (CRDs kept when present) and never stops it.
+    Kubeconfig(PathBuf),
+}
+
 /// What to build.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ClusterSpec {
@@ -154,6 +181,8 @@ pub struct ClusterSpec {
     pub copy_timeout: Duration,
     /// How long a held write may wait before it fails, until the volume is configured with its group's.
     pub hold_timeout: Duration,
+    /// Its API server.
+    pub api_source: ApiSource,
 }
 
 impl ClusterSpec {
@@ -167,6 +196,7 @@ impl ClusterSpec {
             volumes: Vec::new(),
             copy_timeout: Duration::from_secs(2),
             hold_timeout: lockstep_replicator::DEFAULT_HOLD_TIMEOUT,
+            api_source: ApiSource::TestServer,
         }
     }
 
@@ -208,14 +238,18 @@ impl SimVolume {
 pub struct SimCluster {
     /// What it was built from.
     pub spec: ClusterSpec,
-    /// Its API server.
-    pub api: TestApiServer,
+    /// Its test API server; `None` for a real cluster's ([`ApiSource::Kubeconfig`]).
+    pub api: Option<TestApiServer>,
+    /// Its API server's URL.
+    pub api_url: String,
     /// A client of its API server.
     pub client: kube::Client,
     /// A kubeconfig file for its API server (for kubectl and the operator).
     pub kubeconfig: PathBuf,
     /// The node's replicator primary, serving every volume.
     pub primary: Primary,
+    /// What the primary was started with (to start it again after a kill).
+    pub primary_config: PrimaryConfig,
     /// The replicator secondary (the remote site) of every volume.
     pub secondary: Secondary,
     /// The unix socket of the node replicator's `Replicator` gRPC service (what the node's sidecar
@@ -274,13 +308,27 @@ impl SimCluster {
         };
         std::fs::create_dir_all(dir.join("primary")).map_err(io("creating the primary dir"))?;
 
-        let api = TestApiServer::start(lockstep_testapi::Options::default())
-            .await
-            .map_err(api_err)?;
-        let client = api.client().await.map_err(api_err)?;
-        let kubeconfig = dir.join("kubeconfig");
-        api.write_kubeconfig(&kubeconfig).map_err(api_err)?;
-        timeline.say(format!("{name}: API server up at {}", api.url()));
+        let (api, client, kubeconfig, api_url) = match &spec.api_source {
+            ApiSource::TestServer => {
+                let api = TestApiServer::start(lockstep_testapi::Options::default())
+                    .await
+                    .map_err(api_err)?;
+                let client = api.client().await.map_err(api_err)?;
+                let kubeconfig = dir.join("kubeconfig");
+                api.write_kubeconfig(&kubeconfig).map_err(api_err)?;
+                timeline.say(format!("{name}: API server up at {}", api.url()));
+                let url = api.url();
+                (Some(api), client, kubeconfig, url)
+            }
+            ApiSource::Kubeconfig(path) => {
+                let (client, url) = connect(&name, path).await?;
+                timeline.say(format!(
+                    "{name}: real cluster at {url} (kubeconfig {})",
+                    path.display()
+                ));
+                (None, client, path.clone(), url)
+            }
+        };
 
         match kubectl {
             Some(kubectl) => apply_crds(&name, &kubeconfig, kubectl, timeline).await?,
@@ -297,7 +345,10 @@ impl SimCluster {
             }
         }
         create(&name, &client, namespace_object(&spec.namespace)).await?;
-        create(&name, &client, node_object(&spec.node)).await?;
+        if api.is_some() {
+            // A real cluster has its nodes; the simulated node exists only in a test API server.
+            create(&name, &client, node_object(&spec.node)).await?;
+        }
 
         let secondary = Secondary::start(SecondaryConfig {
             listen: ([127, 0, 0, 1], 0).into(),
@@ -326,18 +377,19 @@ impl SimCluster {
         }
         let socket = dir.join("nbd.sock");
         let control_socket = dir.join("replicator.sock");
-        let primary = Primary::start(PrimaryConfig {
+        let primary_config = PrimaryConfig {
             volumes: configs.clone(),
             nbd_listen: None,
             nbd_socket: Some(socket.clone()),
             record_latency: false,
             control_socket: Some(control_socket.clone()),
-        })
-        .await
-        .map_err(|source| ClusterError::Replicator {
-            cluster: name.clone(),
-            source,
-        })?;
+        };
+        let primary = Primary::start(primary_config.clone())
+            .await
+            .map_err(|source| ClusterError::Replicator {
+                cluster: name.clone(),
+                source,
+            })?;
         timeline.say(format!(
             "{name}: replicator on {} serving {} over NBD at {}; secondary (remote site) at {}",
             spec.node,
@@ -377,9 +429,11 @@ impl SimCluster {
         Ok(SimCluster {
             spec,
             api,
+            api_url,
             client,
             kubeconfig,
             primary,
+            primary_config,
             secondary,
             control_socket: Some(control_socket),
             volumes,
@@ -426,6 +480,23 @@ impl SimCluster {
                 volume: handle.to_owned(),
             })
     }
+}
+
+/// A client of the cluster `kubeconfig` names, and its API server's URL.
+async fn connect(cluster: &str, kubeconfig: &Path) -> Result<(kube::Client, String), ClusterError> {
+    let failed = |why: String| ClusterError::Kubeconfig {
+        cluster: cluster.to_owned(),
+        path: kubeconfig.to_path_buf(),
+        why,
+    };
+    let file =
+        kube::config::Kubeconfig::read_from(kubeconfig).map_err(|e| failed(e.to_string()))?;
+    let config = kube::Config::from_custom_kubeconfig(file, &Default::default())
+        .await
+        .map_err(|e| failed(e.to_string()))?;
+    let url = config.cluster_url.to_string();
+    let client = kube::Client::try_from(config).map_err(|e| failed(e.to_string()))?;
+    Ok((client, url))
 }
 
 fn kube_err(cluster: &str, what: impl Into<String>) -> impl FnOnce(kube::Error) -> ClusterError {

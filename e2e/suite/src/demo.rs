@@ -442,7 +442,7 @@ async fn take_path_down<C: ControlSystem>(
         None => {}
         Some(ControlPathFault::ApiDown) => {
             let member = world.clusters.last().unwrap_or(world.hub());
-            member.stop_api_server().await;
+            member.stop_api_server().await?;
             timeline.say(format!(
                 "fault: {}'s API server stopped (connections refused): its sidecar has only the gRPC path",
                 member.name()

@@ -70,20 +70,30 @@ impl SimCluster {
         Ok(())
     }
 
+    /// The cluster's test API server, or why there is none to control.
+    pub fn test_api_server(&self) -> Result<&lockstep_testapi::TestApiServer, ClusterError> {
+        self.api
+            .as_ref()
+            .ok_or_else(|| ClusterError::NotControllable {
+                cluster: self.spec.name.clone(),
+            })
+    }
+
     /// Whether the link of volume `handle` carries traffic.
     pub fn link_is_up(&self, handle: &str) -> Result<bool, ClusterError> {
         Ok(self.volume(handle)?.link.mode() == LinkMode::Pass)
     }
 
     /// Stops the cluster's API server: connections are refused and open watches cut; its objects are
-    /// kept.
-    pub async fn stop_api_server(&self) {
-        self.api.stop().await;
+    /// kept. Only a test API server can be stopped.
+    pub async fn stop_api_server(&self) -> Result<(), ClusterError> {
+        self.test_api_server()?.stop().await;
+        Ok(())
     }
 
     /// Starts the cluster's API server again on the same port, with the same objects.
     pub async fn start_api_server(&self) -> Result<(), ClusterError> {
-        self.api
+        self.test_api_server()?
             .restart()
             .await
             .map_err(|source| ClusterError::ApiServer {

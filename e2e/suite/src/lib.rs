@@ -9,6 +9,7 @@
 //!   through their gRPC service ([`control::ManualFreeze`], `--control demo`);
 //! - [`operated`]: the real control system — the operator in the hub and a sidecar per node
 //!   ([`operated::OperatorControl`], the demo's default);
+//! - [`scenario`]: the fault scenarios' harness (`tests/faults.rs`), on test API servers or real clusters;
 //! - [`demo`]: the scenario: workload, cut, freeze, checker verdict, link restored;
 //! - [`observe`]: the sidecars' API path as the scenario sees it (ReplicationNode changes, stamped);
 //! - [`timeline`], [`kubectl`]: what the demo prints, and the real kubectl it runs.
@@ -23,6 +24,7 @@ pub mod faults;
 pub mod kubectl;
 pub mod observe;
 pub mod operated;
+pub mod scenario;
 pub mod timeline;
 pub mod world;
 

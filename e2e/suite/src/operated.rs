@@ -26,7 +26,7 @@ use crate::timeline::{Milestone, Timeline};
 use crate::world::World;
 
 /// Lockstep's namespace in every cluster (leases, the member kubeconfig Secrets).
-const NAMESPACE: &str = "lockstep-system";
+pub const NAMESPACE: &str = "lockstep-system";
 /// How long the operator may take to resolve the members or freeze.
 const DEADLINE: Duration = Duration::from_secs(60);
 /// How long it may take to resync once asked.
@@ -157,8 +157,42 @@ fn started(what: &str, e: impl std::fmt::Display) -> ControlError {
     ControlError::Unsupported(format!("{what} did not start: {e}"))
 }
 
+/// The options of the operator in the hub `hub`: loopback listeners, a fast resync, no leader election.
+pub fn operator_options(hub: &str) -> lockstep_operator::Options {
+    lockstep_operator::Options {
+        kubeconfig: None,
+        hub_name: hub.to_owned(),
+        grpc_listen: ([127, 0, 0, 1], 0).into(),
+        http_listen: ([127, 0, 0, 1], 0).into(),
+        resync_interval: Duration::from_millis(300),
+        leader_election: false,
+        namespace: NAMESPACE.into(),
+        identity: "operator-0".into(),
+        lease_duration: Duration::from_secs(15),
+    }
+}
+
+/// The options of the sidecar on `cluster`'s node, dialing the replicator on `socket` and the operator
+/// at `endpoint`; short intervals so that a scenario takes seconds.
+pub fn sidecar_options(
+    cluster: &crate::cluster::SimCluster,
+    socket: &std::path::Path,
+    endpoint: &str,
+) -> lockstep_sidecar::Options {
+    let mut o = lockstep_sidecar::Options::new(&cluster.spec.node, cluster.name());
+    o.replicator_socket = socket.to_path_buf();
+    o.operator_endpoint = Some(endpoint.to_owned());
+    o.namespace = NAMESPACE.into();
+    o.listen = ([127, 0, 0, 1], 0).into();
+    o.inventory_interval = Duration::from_millis(300);
+    o.rpc_timeout = Duration::from_secs(2);
+    o.fail_safe_interval = Duration::from_secs(10);
+    o.lease_duration = Duration::from_secs(3);
+    o
+}
+
 /// Polls the hub's group every 50 ms, saying each new (phase, epoch, stage), until `goal` holds.
-async fn watch_group(
+pub async fn watch_group(
     world: &World,
     timeline: &Timeline,
     wanted: &'static str,
@@ -205,17 +239,7 @@ impl ControlSystem for OperatorControl {
         timeline: &Timeline,
     ) -> Result<Vec<String>, ControlError> {
         let hub = world.hub();
-        let options = lockstep_operator::Options {
-            kubeconfig: None,
-            hub_name: hub.name().to_owned(),
-            grpc_listen: ([127, 0, 0, 1], 0).into(),
-            http_listen: ([127, 0, 0, 1], 0).into(),
-            resync_interval: Duration::from_millis(300),
-            leader_election: false,
-            namespace: NAMESPACE.into(),
-            identity: "operator-0".into(),
-            lease_duration: Duration::from_secs(15),
-        };
+        let options = operator_options(hub.name());
         let operator = Operator::start(hub.client.clone(), &options)
             .await
             .map_err(|e| started("the operator", e))?;
@@ -241,15 +265,7 @@ impl ControlSystem for OperatorControl {
                     cluster.spec.node
                 )));
             };
-            let mut o = lockstep_sidecar::Options::new(&cluster.spec.node, cluster.name());
-            o.replicator_socket = socket.clone();
-            o.operator_endpoint = Some(endpoint.clone());
-            o.namespace = NAMESPACE.into();
-            o.listen = ([127, 0, 0, 1], 0).into();
-            o.inventory_interval = Duration::from_millis(300);
-            o.rpc_timeout = Duration::from_secs(2);
-            o.fail_safe_interval = Duration::from_secs(10);
-            o.lease_duration = Duration::from_secs(3);
+            let o = sidecar_options(cluster, socket, &endpoint);
             let sidecar = Sidecar::start(o, Some(cluster.client.clone()))
                 .await
                 .map_err(|e| started("a sidecar", e))?;

@@ -505,9 +505,7 @@ async fn create_with_client(
                     .map_err(kube(format!("creating secret {}", secret_ref.name)))?;
                 timeline.say(format!(
                     "{hub_name}: secret/{}/{} holds {target}'s kubeconfig ({})",
-                    secret_ref.namespace,
-                    secret_ref.name,
-                    member.api.url()
+                    secret_ref.namespace, secret_ref.name, member.api_url
                 ));
             }
         }

@@ -106,7 +106,7 @@ async fn a_stopped_api_server_refuses_requests_and_restarts_with_its_objects() {
     let dir = tempfile::tempdir().unwrap();
     let cluster = one_volume(dir.path()).await;
     let claims = Api::<PersistentVolumeClaim>::namespaced(cluster.client.clone(), "orders");
-    cluster.stop_api_server().await;
+    cluster.stop_api_server().await.unwrap();
     assert!(claims.get("wal").await.is_err());
     cluster.start_api_server().await.unwrap();
     assert_eq!(

@@ -131,14 +131,17 @@ impl NbdServer {
         &self.exports
     }
 
-    /// Accepts TCP connections forever, serving each on its own task.
+    /// Accepts TCP connections forever, serving each on its own task. The connections belong to this
+    /// task: aborting it (dropping the [`crate::Primary`]) drops them all, as a killed process would.
     pub async fn serve_tcp(self: Arc<Self>, listener: TcpListener) {
+        let mut connections = JoinSet::new();
         loop {
+            while connections.try_join_next().is_some() {}
             match listener.accept().await {
                 Ok((stream, peer)) => {
                     let _ = stream.set_nodelay(true);
                     let server = Arc::clone(&self);
-                    tokio::spawn(async move {
+                    connections.spawn(async move {
                         if let Err(e) = server.serve(stream).await {
                             tracing::info!(%peer, error = %e, "nbd connection ended");
                         }
@@ -152,13 +155,16 @@ impl NbdServer {
         }
     }
 
-    /// Accepts unix-socket connections forever, serving each on its own task.
+    /// Accepts unix-socket connections forever, serving each on its own task; like
+    /// [`NbdServer::serve_tcp`], aborting this task drops every connection.
     pub async fn serve_unix(self: Arc<Self>, listener: UnixListener) {
+        let mut connections = JoinSet::new();
         loop {
+            while connections.try_join_next().is_some() {}
             match listener.accept().await {
                 Ok((stream, _)) => {
                     let server = Arc::clone(&self);
-                    tokio::spawn(async move {
+                    connections.spawn(async move {
                         if let Err(e) = server.serve(stream).await {
                             tracing::info!(error = %e, "nbd connection ended");
                         }
