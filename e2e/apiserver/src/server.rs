@@ -11,6 +11,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use serde_json::json;
 use tokio::net::{TcpListener, TcpSocket};
+use tokio::sync::watch;
 use tokio::task::{JoinHandle, JoinSet};
 
 use crate::authz::AuditLog;
@@ -55,9 +56,18 @@ impl Default for Options {
 struct Running {
     accept: JoinHandle<()>,
     ticker: JoinHandle<()>,
+    stop: watch::Sender<bool>,
 }
 
 impl Running {
+    /// Closes the listener and every open connection (watches included), and returns once they are
+    /// closed: no request is answered after this.
+    async fn shut_down(self) {
+        let _ = self.stop.send(true);
+        self.ticker.abort();
+        let _ = self.accept.await;
+    }
+
     fn abort(&self) {
         self.accept.abort();
         self.ticker.abort();
@@ -91,10 +101,11 @@ fn bind(addr: SocketAddr) -> Result<TcpListener, ServerError> {
     socket.listen(1024).map_err(err)
 }
 
-async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
+async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
     let mut connections = JoinSet::new();
     loop {
         tokio::select! {
+            _ = stop.changed() => break,
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => {
                     let _ = stream.set_nodelay(true);
@@ -114,7 +125,9 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
             Some(_) = connections.join_next(), if !connections.is_empty() => {}
         }
     }
-    // Dropping `connections` (when this task is aborted) aborts every connection, watches included.
+    drop(listener);
+    // Every connection, watches included, is cut and gone before `stop` returns.
+    connections.shutdown().await;
 }
 
 impl TestApiServer {
@@ -168,26 +181,30 @@ impl TestApiServer {
                 store.lock().tick();
             }
         });
-        let accept = tokio::spawn(accept_loop(listener, shared));
+        let (stop, stopped) = watch::channel(false);
+        let accept = tokio::spawn(accept_loop(listener, shared, stopped));
         let mut running = self.running.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(old) = running.replace(Running { accept, ticker }) {
+        if let Some(old) = running.replace(Running {
+            accept,
+            ticker,
+            stop,
+        }) {
             old.abort();
         }
         Ok(())
     }
 
-    fn halt(&self) -> bool {
-        let running = self
-            .running
+    fn take_running(&self) -> Option<Running> {
+        self.running
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .take();
-        match running {
-            Some(r) => {
-                r.abort();
-                true
-            }
-            None => false,
+            .take()
+    }
+
+    /// Stops at once, without waiting for the connections to close (for `Drop`).
+    fn halt(&self) {
+        if let Some(running) = self.take_running() {
+            running.abort();
         }
     }
 
@@ -196,8 +213,8 @@ impl TestApiServer {
     /// reloads it from the data directory; in memory mode the state is kept, like an API server whose
     /// etcd survived.
     pub async fn stop(&self) {
-        if self.halt() {
-            tokio::task::yield_now().await;
+        if let Some(running) = self.take_running() {
+            running.shut_down().await;
             if self.options.data_dir.is_some() {
                 *self.store.lock().unwrap_or_else(|e| e.into_inner()) = None;
             }
@@ -217,8 +234,9 @@ impl TestApiServer {
     /// Closes the listener and every connection but keeps the state, so connecting is refused until
     /// [`accept_connections`](Self::accept_connections).
     pub async fn refuse_connections(&self) {
-        self.halt();
-        tokio::task::yield_now().await;
+        if let Some(running) = self.take_running() {
+            running.shut_down().await;
+        }
     }
 
     /// Listens again after [`refuse_connections`](Self::refuse_connections) (a no-op if listening).

@@ -546,3 +546,20 @@ async fn deleting_a_namespace_deletes_its_objects() -> TestResult {
     assert!(cms.get_opt("inside").await?.is_none());
     Ok(())
 }
+
+#[tokio::test]
+async fn once_stop_returns_no_request_is_answered_even_on_an_open_connection() -> TestResult {
+    let (server, client) = server().await?;
+    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), "default");
+    for round in 0..20 {
+        // The client's pooled connection is open and idle when the server stops.
+        cms.list(&ListParams::default()).await?;
+        server.stop().await;
+        assert!(
+            cms.list(&ListParams::default()).await.is_err(),
+            "round {round}: answered after stop"
+        );
+        server.restart().await?;
+    }
+    Ok(())
+}
