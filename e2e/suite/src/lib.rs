@@ -10,7 +10,8 @@
 //! - [`operated`]: the real control system — the operator in the hub and a sidecar per node
 //!   ([`operated::OperatorControl`], the demo's default);
 //! - [`demo`]: the scenario: workload, cut, freeze, checker verdict, link restored;
-//! - [`timeline`], [`kubectl`]: what the demo prints.
+//! - [`timeline`], [`kubectl`]: what the demo prints;
+//! - [`freeze_bench`]: the freeze benchmark (binary `lockstep-freeze-bench`).
 //!
 //! The binary `lockstep-demo` only parses flags and calls [`run`], so tests run the same scenario
 //! in-process.
@@ -19,6 +20,7 @@ pub mod cluster;
 pub mod control;
 pub mod demo;
 pub mod faults;
+pub mod freeze_bench;
 pub mod kubectl;
 pub mod operated;
 pub mod timeline;
