@@ -12,7 +12,8 @@
 //! - [`scenario`]: the fault scenarios' harness (`tests/faults.rs`), on test API servers or real clusters;
 //! - [`demo`]: the scenario: workload, cut, freeze, checker verdict, link restored;
 //! - [`observe`]: the sidecars' API path as the scenario sees it (ReplicationNode changes, stamped);
-//! - [`timeline`], [`kubectl`]: what the demo prints, and the real kubectl it runs.
+//! - [`timeline`], [`kubectl`]: what the demo prints, and the real kubectl it runs;
+//! - [`freeze_bench`]: the freeze benchmark (binary `lockstep-freeze-bench`).
 //!
 //! The binary `lockstep-demo` only parses flags and calls [`run`], so tests run the same scenario
 //! in-process.
@@ -21,6 +22,7 @@ pub mod cluster;
 pub mod control;
 pub mod demo;
 pub mod faults;
+pub mod freeze_bench;
 pub mod kubectl;
 pub mod observe;
 pub mod operated;

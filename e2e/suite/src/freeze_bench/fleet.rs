@@ -1,0 +1,593 @@
+//! One benchmark cell's world: a hub and member clusters (test API servers over real HTTP) with bound
+//! PVCs, `MemberCluster`s restricted to the cell's paths, one `ConsistencyGroup` over every volume; the
+//! real operator in-process against the hub; per node, an in-memory replicator on a unix socket and the
+//! real sidecar. [`Fleet::trial`] fails one copy and stamps the moments of the freeze;
+//! [`Fleet::resync`] brings the group back to Replicating at the new epoch for the next trial.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::{StreamExt, TryStreamExt};
+use k8s_openapi::ByteString;
+use k8s_openapi::api::core::v1::{
+    CSIPersistentVolumeSource, Namespace, PersistentVolume, PersistentVolumeClaim,
+    PersistentVolumeClaimSpec, PersistentVolumeSpec, Secret,
+};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use kube::api::{Patch, PatchParams, PostParams};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Api, Client};
+use lockstep_api::domain::{ClusterPaths, Policy, Stage, condition};
+use lockstep_api::proto::replicator::v1 as pb;
+use lockstep_api::v1alpha1::{
+    ConsistencyGroup, ConsistencyGroupSpec, GroupMember, MemberCluster, MemberClusterSpec,
+    SecretKeyRef,
+};
+use lockstep_operator::Operator;
+use lockstep_sidecar::Sidecar;
+use lockstep_testapi::TestApiServer;
+use tokio::task::JoinHandle;
+
+use super::replicator::{MemoryReplicator, Probe, TrialMarks};
+use super::{BenchError, PathChoice};
+
+/// Lockstep's namespace in every cluster.
+const SYSTEM_NAMESPACE: &str = "lockstep-system";
+/// The group every cell freezes.
+const GROUP: &str = "bench";
+/// At most this many PVCs per (cluster, namespace) member entry (the CRD allows 256).
+const CLAIMS_PER_NAMESPACE: usize = 200;
+/// How long a trial's freeze, or the set-up and resync around it, may take before it counts as lost.
+const DEADLINE: Duration = Duration::from_secs(60);
+/// How long the set-up (members resolved, every volume confirmed) may take.
+const SETUP_DEADLINE: Duration = Duration::from_secs(300);
+
+/// The shape of one cell.
+#[derive(Debug, Clone)]
+pub struct CellSpec {
+    /// Volumes in the group.
+    pub volumes: usize,
+    /// Member clusters (besides the hub, which holds the group and runs the operator).
+    pub clusters: usize,
+    /// Nodes (sidecars) per member cluster.
+    pub nodes_per_cluster: usize,
+    /// Which paths reach the members.
+    pub paths: PathChoice,
+    /// The operator's periodic reconcile interval.
+    pub operator_resync: Duration,
+}
+
+/// Where one volume lives.
+#[derive(Debug, Clone)]
+struct Placement {
+    handle: String,
+    pvc: String,
+    namespace: String,
+    cluster: usize,
+    node: usize,
+}
+
+struct MemberSim {
+    name: String,
+    api: TestApiServer,
+    client: Client,
+}
+
+/// A running cell.
+pub struct Fleet {
+    hub: TestApiServer,
+    hub_client: Client,
+    members: Vec<MemberSim>,
+    placements: Vec<Placement>,
+    replicators: Vec<MemoryReplicator>,
+    operator: Option<Operator>,
+    sidecars: Vec<Sidecar>,
+    probe: Arc<Probe>,
+    hub_watch: JoinHandle<()>,
+    epoch: u64,
+    sequence: u64,
+    _dir: tempfile::TempDir,
+}
+
+impl std::fmt::Debug for Fleet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Fleet")
+            .field("members", &self.members.len())
+            .field("volumes", &self.placements.len())
+            .field("sidecars", &self.sidecars.len())
+            .field("epoch", &self.epoch)
+            .finish()
+    }
+}
+
+fn kube_error(what: impl Into<String>) -> impl FnOnce(kube::Error) -> BenchError {
+    let what = what.into();
+    move |source| BenchError::Kube { what, source }
+}
+
+fn cluster_name(index: usize) -> String {
+    const NAMES: [&str; 6] = ["east", "west", "south", "north", "central", "edge"];
+    NAMES
+        .get(index)
+        .map_or_else(|| format!("member-{index}"), |name| (*name).to_owned())
+}
+
+fn node_name(cluster: usize, node: usize) -> String {
+    format!("{}-node-{node}", cluster_name(cluster))
+}
+
+/// Spreads the volumes round-robin over the clusters, then over each cluster's nodes, in namespaces of
+/// at most [`CLAIMS_PER_NAMESPACE`] claims.
+fn place(spec: &CellSpec) -> Vec<Placement> {
+    let clusters = spec.clusters.max(1);
+    let nodes = spec.nodes_per_cluster.max(1);
+    (0..spec.volumes)
+        .map(|i| {
+            let in_cluster = i / clusters;
+            Placement {
+                handle: format!("vol-{i:04}"),
+                pvc: format!("data-{i:04}"),
+                namespace: format!("bench-{}", in_cluster / CLAIMS_PER_NAMESPACE),
+                cluster: i % clusters,
+                node: in_cluster % nodes,
+            }
+        })
+        .collect()
+}
+
+async fn ensure_namespace(client: &Client, name: &str) -> Result<(), BenchError> {
+    let namespace = Namespace {
+        metadata: ObjectMeta {
+            name: Some(name.to_owned()),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    match Api::<Namespace>::all(client.clone())
+        .create(&PostParams::default(), &namespace)
+        .await
+    {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(status)) if status.code == 409 => Ok(()),
+        Err(error) => Err(kube_error(format!("creating namespace {name}"))(error)),
+    }
+}
+
+async fn start_cluster(name: &str) -> Result<(TestApiServer, Client), BenchError> {
+    let api = TestApiServer::start(lockstep_testapi::Options::default())
+        .await
+        .map_err(|e| BenchError::ApiServer(e.to_string()))?;
+    let client = api
+        .client()
+        .await
+        .map_err(|e| BenchError::ApiServer(e.to_string()))?;
+    crate::cluster::install_crds(name, &client)
+        .await
+        .map_err(|e| BenchError::ApiServer(e.to_string()))?;
+    ensure_namespace(&client, SYSTEM_NAMESPACE).await?;
+    Ok((api, client))
+}
+
+/// A CSI PV for the volume and a PVC bound to it.
+async fn create_volume(client: &Client, placement: &Placement) -> Result<(), BenchError> {
+    let pv_name = format!("pv-{}", placement.handle);
+    let pv = PersistentVolume {
+        metadata: ObjectMeta {
+            name: Some(pv_name.clone()),
+            ..Default::default()
+        },
+        spec: Some(PersistentVolumeSpec {
+            csi: Some(CSIPersistentVolumeSource {
+                driver: "nbd.lockstep.dev".into(),
+                volume_handle: placement.handle.clone(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        status: None,
+    };
+    Api::<PersistentVolume>::all(client.clone())
+        .create(&PostParams::default(), &pv)
+        .await
+        .map_err(kube_error(format!("creating {pv_name}")))?;
+    let claim = PersistentVolumeClaim {
+        metadata: ObjectMeta {
+            name: Some(placement.pvc.clone()),
+            namespace: Some(placement.namespace.clone()),
+            ..Default::default()
+        },
+        spec: Some(PersistentVolumeClaimSpec {
+            volume_name: Some(pv_name),
+            ..Default::default()
+        }),
+        status: None,
+    };
+    Api::<PersistentVolumeClaim>::namespaced(client.clone(), &placement.namespace)
+        .create(&PostParams::default(), &claim)
+        .await
+        .map_err(kube_error(format!("creating PVC {}", placement.pvc)))?;
+    Ok(())
+}
+
+fn member_paths(paths: PathChoice) -> ClusterPaths {
+    match paths {
+        PathChoice::Both => ClusterPaths::Both,
+        PathChoice::Api => ClusterPaths::ApiOnly,
+        PathChoice::Grpc => ClusterPaths::GrpcOnly,
+    }
+}
+
+/// The group: per (cluster, namespace), the PVCs by name (the form every kind of member supports).
+fn group_spec(members: &[MemberSim], placements: &[Placement]) -> ConsistencyGroupSpec {
+    let mut claims: BTreeMap<(usize, String), Vec<String>> = BTreeMap::new();
+    for placement in placements {
+        claims
+            .entry((placement.cluster, placement.namespace.clone()))
+            .or_default()
+            .push(placement.pvc.clone());
+    }
+    ConsistencyGroupSpec {
+        members: claims
+            .into_iter()
+            .filter_map(|((cluster, namespace), pvcs)| {
+                Some(GroupMember {
+                    cluster: members.get(cluster)?.name.clone(),
+                    namespace,
+                    pvc_names: Some(pvcs),
+                    selector: None,
+                })
+            })
+            .collect(),
+        policy: Policy::FreezeAndGo,
+        hold_timeout: "5m".to_owned(),
+        release: None,
+        resync: None,
+        freeze: None,
+    }
+}
+
+impl Fleet {
+    /// Builds the cell and waits until the group's members are resolved and every volume is confirmed
+    /// in the group, Replicating.
+    pub async fn start(spec: &CellSpec) -> Result<Fleet, BenchError> {
+        let dir = tempfile::Builder::new()
+            .prefix("lockstep-freeze-bench-")
+            .tempdir()
+            .map_err(BenchError::Io)?;
+        let (hub, hub_client) = start_cluster("hub").await?;
+        let mut members = Vec::new();
+        for index in 0..spec.clusters.max(1) {
+            let name = cluster_name(index);
+            let (api, client) = start_cluster(&name).await?;
+            members.push(MemberSim { name, api, client });
+        }
+        let placements = place(spec);
+        for member in &members {
+            let mut namespaces: Vec<&str> =
+                placements.iter().map(|p| p.namespace.as_str()).collect();
+            namespaces.sort_unstable();
+            namespaces.dedup();
+            for namespace in namespaces {
+                ensure_namespace(&member.client, namespace).await?;
+            }
+        }
+        futures::stream::iter(placements.iter().filter_map(|placement| {
+            let client = members.get(placement.cluster)?.client.clone();
+            Some(async move { create_volume(&client, placement).await })
+        }))
+        .buffer_unordered(16)
+        .try_collect::<Vec<()>>()
+        .await?;
+
+        let paths = member_paths(spec.paths);
+        for member in &members {
+            let secret_ref = (paths != ClusterPaths::GrpcOnly).then(|| SecretKeyRef {
+                namespace: SYSTEM_NAMESPACE.to_owned(),
+                name: format!("{}-kubeconfig", member.name),
+                key: "kubeconfig".to_owned(),
+            });
+            if let Some(reference) = &secret_ref {
+                let kubeconfig = member
+                    .api
+                    .kubeconfig()
+                    .map_err(|e| BenchError::ApiServer(e.to_string()))
+                    .and_then(|k| serde_yaml_ng::to_string(&k).map_err(BenchError::Yaml))?;
+                let secret = Secret {
+                    metadata: ObjectMeta {
+                        name: Some(reference.name.clone()),
+                        namespace: Some(reference.namespace.clone()),
+                        ..Default::default()
+                    },
+                    data: Some(BTreeMap::from([(
+                        reference.key.clone(),
+                        ByteString(kubeconfig.into_bytes()),
+                    )])),
+                    ..Default::default()
+                };
+                Api::<Secret>::namespaced(hub_client.clone(), SYSTEM_NAMESPACE)
+                    .create(&PostParams::default(), &secret)
+                    .await
+                    .map_err(kube_error("creating a kubeconfig Secret"))?;
+            }
+            let cluster = MemberCluster::new(
+                &member.name,
+                MemberClusterSpec {
+                    paths,
+                    local: false,
+                    kubeconfig_secret_ref: secret_ref,
+                    network: Some(format!("dc-{}", member.name)),
+                },
+            );
+            Api::<MemberCluster>::all(hub_client.clone())
+                .create(&PostParams::default(), &cluster)
+                .await
+                .map_err(kube_error("creating a MemberCluster"))?;
+        }
+        let group = ConsistencyGroup::new(GROUP, group_spec(&members, &placements));
+        Api::<ConsistencyGroup>::all(hub_client.clone())
+            .create(&PostParams::default(), &group)
+            .await
+            .map_err(kube_error("creating the ConsistencyGroup"))?;
+
+        let probe = Arc::new(Probe::default());
+        let mut replicators = Vec::new();
+        for cluster in 0..members.len() {
+            for node in 0..spec.nodes_per_cluster.max(1) {
+                let volumes: Vec<String> = placements
+                    .iter()
+                    .filter(|p| p.cluster == cluster && p.node == node)
+                    .map(|p| p.handle.clone())
+                    .collect();
+                let socket = dir
+                    .path()
+                    .join(format!("{}.sock", node_name(cluster, node)));
+                replicators.push(
+                    MemoryReplicator::start(&socket, &volumes, probe.clone())
+                        .map_err(|e| BenchError::Replicator(e.to_string()))?,
+                );
+            }
+        }
+
+        let options = lockstep_operator::Options {
+            kubeconfig: None,
+            hub_name: "hub".into(),
+            grpc_listen: ([127, 0, 0, 1], 0).into(),
+            http_listen: ([127, 0, 0, 1], 0).into(),
+            resync_interval: spec.operator_resync,
+            leader_election: false,
+            namespace: SYSTEM_NAMESPACE.into(),
+            identity: "operator-0".into(),
+            lease_duration: Duration::from_secs(15),
+        };
+        let operator = Operator::start(hub_client.clone(), &options)
+            .await
+            .map_err(|e| BenchError::Start(format!("the operator: {e}")))?;
+        let endpoint = format!("http://{}", operator.grpc_addr);
+        let mut sidecars = Vec::new();
+        for (cluster, member) in members.iter().enumerate() {
+            for node in 0..spec.nodes_per_cluster.max(1) {
+                let index = cluster * spec.nodes_per_cluster.max(1) + node;
+                let Some(replicator) = replicators.get(index) else {
+                    continue;
+                };
+                let mut o = lockstep_sidecar::Options::new(&node_name(cluster, node), &member.name);
+                o.replicator_socket = replicator.socket().to_path_buf();
+                o.operator_endpoint = (spec.paths != PathChoice::Api).then(|| endpoint.clone());
+                o.no_api_path = spec.paths == PathChoice::Grpc;
+                o.namespace = SYSTEM_NAMESPACE.into();
+                o.listen = ([127, 0, 0, 1], 0).into();
+                o.fail_safe_interval = Duration::from_secs(60);
+                let sidecar = Sidecar::start(o, Some(member.client.clone()))
+                    .await
+                    .map_err(|e| BenchError::Start(format!("a sidecar: {e}")))?;
+                sidecars.push(sidecar);
+            }
+        }
+        let hub_watch = tokio::spawn(watch_hub(hub_client.clone(), probe.clone()));
+        let fleet = Fleet {
+            hub,
+            hub_client,
+            members,
+            placements,
+            replicators,
+            operator: Some(operator),
+            sidecars,
+            probe,
+            hub_watch,
+            epoch: 0,
+            sequence: 0,
+            _dir: dir,
+        };
+        fleet.wait_ready().await?;
+        Ok(fleet)
+    }
+
+    fn groups(&self) -> Api<ConsistencyGroup> {
+        Api::all(self.hub_client.clone())
+    }
+
+    /// The group as the hub has it now.
+    async fn group(&self) -> Result<ConsistencyGroup, BenchError> {
+        self.groups()
+            .get(GROUP)
+            .await
+            .map_err(kube_error("reading the group"))
+    }
+
+    /// True when every volume is confirmed in the group at (epoch, Resume), replicating.
+    fn replicators_at(&self, uid: &str, epoch: u64) -> bool {
+        let wanted_stage = if epoch == 0 {
+            [pb::Stage::Unspecified as i32, pb::Stage::Resume as i32]
+        } else {
+            [pb::Stage::Resume as i32; 2]
+        };
+        self.replicators.iter().all(|replicator| {
+            replicator.watched()
+                && replicator.states().iter().all(|state| {
+                    state.group_uid == uid
+                        && state.epoch == epoch
+                        && wanted_stage.contains(&state.stage)
+                        && state.mode == pb::Mode::Replicating as i32
+                })
+        })
+    }
+
+    async fn wait_ready(&self) -> Result<(), BenchError> {
+        let deadline = Instant::now() + SETUP_DEADLINE;
+        loop {
+            let group = self.group().await?;
+            let status = group.status.clone().unwrap_or_default();
+            let resolved = lockstep_api::conditions::status_of(
+                &status.conditions,
+                condition::MEMBERS_RESOLVED,
+            ) == Some(true);
+            let uid = group.metadata.uid.clone().unwrap_or_default();
+            if resolved
+                && status.member_count as usize == self.placements.len()
+                && self.replicators_at(&uid, self.epoch)
+            {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                return Err(BenchError::Timeout(format!(
+                    "members resolved ({} of {}) and every volume confirmed",
+                    status.member_count,
+                    self.placements.len()
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Fails the copy of one volume (chosen by `index`, spread over nodes and clusters) and waits until
+    /// the freeze is done: every volume suspended, the hub's group at stage Release, the held write
+    /// released. Returns the moments seen (some missing when it timed out).
+    pub async fn trial(&mut self, index: usize) -> TrialMarks {
+        let volumes = self.placements.len().max(1);
+        let pick = (index * 7 + index / volumes) % volumes;
+        let Some(placement) = self.placements.get(pick).cloned() else {
+            return TrialMarks::default();
+        };
+        let nodes = self.sidecars.len() / self.members.len().max(1);
+        let replicator = self
+            .replicators
+            .get(placement.cluster * nodes.max(1) + placement.node)
+            .cloned();
+        let Some(replicator) = replicator else {
+            return TrialMarks::default();
+        };
+        let target = self.epoch + 1;
+        self.sequence += 1;
+        self.probe.arm(TrialMarks {
+            epoch: target,
+            failed_volume: placement.handle.clone(),
+            total: self.placements.len(),
+            started: Some(Instant::now()),
+            ..TrialMarks::default()
+        });
+        replicator.fail_copy(&placement.handle, self.sequence);
+        let deadline = tokio::time::Instant::now() + DEADLINE;
+        loop {
+            let notified = self.probe.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.probe.snapshot().is_some_and(|marks| marks.complete()) {
+                break;
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                break;
+            }
+        }
+        self.probe.disarm().unwrap_or_default()
+    }
+
+    /// Asks for a resync at the current epoch (the trial's) and waits until the group and every volume
+    /// are back to Replicating there, then `settle` more for trailing writes.
+    pub async fn resync(&mut self, settle: Duration) -> Result<(), BenchError> {
+        let group = self.group().await?;
+        let (epoch, _) = group.position();
+        let uid = group.metadata.uid.clone().unwrap_or_default();
+        self.epoch = epoch;
+        let patch = serde_json::json!({"spec": {"resync": {"epoch": epoch}}});
+        self.groups()
+            .patch(GROUP, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+            .map_err(kube_error("asking for a resync"))?;
+        let deadline = Instant::now() + DEADLINE;
+        loop {
+            let group = self.group().await?;
+            let phase = group.status.as_ref().and_then(|s| s.phase);
+            // Not phase Replicating: a gRPC-only member's volumes never report their state back as
+            // Replicating (no ReplicationNode), so such a group stays Resyncing; a freeze only needs the
+            // stage to be Resume, and every acknowledgement of the resume in keeps the trials apart.
+            let resumed = group.status.as_ref().is_some_and(|s| {
+                s.members.iter().all(|m| {
+                    m.acknowledged
+                        .as_ref()
+                        .is_some_and(|a| (a.epoch, a.stage) >= (epoch, Stage::Resume))
+                })
+            });
+            if group.position() == (epoch, Stage::Resume)
+                && resumed
+                && self.replicators_at(&uid, epoch)
+            {
+                break;
+            }
+            if Instant::now() >= deadline {
+                return Err(BenchError::Timeout(format!(
+                    "the group back to Replicating at epoch {epoch} (at {:?}, {phase:?})",
+                    group.position()
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        tokio::time::sleep(settle).await;
+        Ok(())
+    }
+
+    /// Sidecars (nodes) in the cell.
+    pub fn nodes(&self) -> usize {
+        self.sidecars.len()
+    }
+
+    /// Stops everything.
+    pub async fn shutdown(mut self) {
+        self.hub_watch.abort();
+        for sidecar in self.sidecars.drain(..) {
+            sidecar.shutdown().await;
+        }
+        if let Some(operator) = self.operator.take() {
+            operator.shutdown().await;
+        }
+        for replicator in &self.replicators {
+            replicator.stop();
+        }
+        for member in &self.members {
+            member.api.stop().await;
+        }
+        self.hub.stop().await;
+    }
+}
+
+/// Stamps the moment the hub's group shows the trial's epoch at stage Release: the operator had every
+/// volume's acknowledgement of the freeze and persisted the release decision.
+async fn watch_hub(client: Client, probe: Arc<Probe>) {
+    let stream = watcher(
+        Api::<ConsistencyGroup>::all(client),
+        watcher::Config::default(),
+    )
+    .default_backoff()
+    .applied_objects();
+    let mut stream = std::pin::pin!(stream);
+    while let Some(change) = stream.next().await {
+        let Ok(group) = change else { continue };
+        let now = Instant::now();
+        let (epoch, stage) = group.position();
+        probe.record(|marks| {
+            if epoch == marks.epoch && stage >= Stage::Release {
+                marks.frozen.get_or_insert(now);
+            }
+        });
+    }
+}

@@ -1,0 +1,352 @@
+//! The benchmark's figures: percentiles of each cell's trials, printed as a table, written as CSV, and
+//! drawn as an SVG of p99 against the volume count, one line per path (written by hand: a few lines).
+
+use std::fmt::Write as _;
+use std::time::{Duration, Instant};
+
+use super::PathChoice;
+use super::replicator::TrialMarks;
+
+/// p50, p99 and max of one measure, in milliseconds.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Spread {
+    /// The median.
+    pub p50: f64,
+    /// The 99th percentile (nearest rank: with 50 trials, the largest).
+    pub p99: f64,
+    /// The largest.
+    pub max: f64,
+}
+
+impl Spread {
+    /// The spread of `samples` (nearest-rank percentiles); zeros when there are none.
+    pub fn of(samples: &[Duration]) -> Spread {
+        let mut ms: Vec<f64> = samples.iter().map(|d| d.as_secs_f64() * 1000.0).collect();
+        ms.sort_by(f64::total_cmp);
+        let rank = |q: f64| -> f64 {
+            if ms.is_empty() {
+                return 0.0;
+            }
+            let index = ((q * ms.len() as f64).ceil() as usize).clamp(1, ms.len()) - 1;
+            ms[index]
+        };
+        Spread {
+            p50: rank(0.50),
+            p99: rank(0.99),
+            max: ms.last().copied().unwrap_or(0.0),
+        }
+    }
+}
+
+/// One cell's outcome.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CellResult {
+    /// Volumes in the group.
+    pub volumes: usize,
+    /// The paths that reached the members.
+    pub paths: PathChoice,
+    /// Member clusters.
+    pub clusters: usize,
+    /// Nodes (sidecars) in all.
+    pub nodes: usize,
+    /// Trials that completed.
+    pub trials: usize,
+    /// Trials that did not complete within the deadline (left out of the figures).
+    pub lost: usize,
+    /// Copy failed → every volume suspended at the new epoch (replicator side).
+    pub suspended: Spread,
+    /// Copy failed → the hub's group at the new epoch, stage Release: every volume's freeze
+    /// acknowledged and the release decided and persisted (the freeze latency).
+    pub frozen: Spread,
+    /// Copy failed → the held write released at its replicator (the workload's stall).
+    pub stall: Spread,
+}
+
+fn since(start: Option<Instant>, end: Option<Instant>) -> Option<Duration> {
+    Some(end?.saturating_duration_since(start?))
+}
+
+impl CellResult {
+    /// Summarises the trials of a cell.
+    pub fn from_trials(
+        volumes: usize,
+        paths: PathChoice,
+        clusters: usize,
+        nodes: usize,
+        trials: &[TrialMarks],
+    ) -> CellResult {
+        let complete: Vec<&TrialMarks> = trials.iter().filter(|t| t.complete()).collect();
+        let measure = |end: fn(&TrialMarks) -> Option<Instant>| -> Vec<Duration> {
+            complete
+                .iter()
+                .filter_map(|t| since(t.started, end(t)))
+                .collect()
+        };
+        CellResult {
+            volumes,
+            paths,
+            clusters,
+            nodes,
+            trials: complete.len(),
+            lost: trials.len() - complete.len(),
+            suspended: Spread::of(&measure(|t| t.all_suspended)),
+            frozen: Spread::of(&measure(|t| t.frozen)),
+            stall: Spread::of(&measure(|t| t.held_write_released)),
+        }
+    }
+}
+
+const HEADER: [&str; 15] = [
+    "volumes",
+    "paths",
+    "clusters",
+    "nodes",
+    "trials",
+    "lost",
+    "suspended_p50_ms",
+    "suspended_p99_ms",
+    "suspended_max_ms",
+    "frozen_p50_ms",
+    "frozen_p99_ms",
+    "frozen_max_ms",
+    "stall_p50_ms",
+    "stall_p99_ms",
+    "stall_max_ms",
+];
+
+fn fields(row: &CellResult) -> [String; 15] {
+    let ms = |v: f64| format!("{v:.1}");
+    [
+        row.volumes.to_string(),
+        row.paths.to_string(),
+        row.clusters.to_string(),
+        row.nodes.to_string(),
+        row.trials.to_string(),
+        row.lost.to_string(),
+        ms(row.suspended.p50),
+        ms(row.suspended.p99),
+        ms(row.suspended.max),
+        ms(row.frozen.p50),
+        ms(row.frozen.p99),
+        ms(row.frozen.max),
+        ms(row.stall.p50),
+        ms(row.stall.p99),
+        ms(row.stall.max),
+    ]
+}
+
+/// The rows as CSV, with a header line.
+pub fn csv(rows: &[CellResult]) -> String {
+    let mut out = HEADER.join(",");
+    out.push('\n');
+    for row in rows {
+        out.push_str(&fields(row).join(","));
+        out.push('\n');
+    }
+    out
+}
+
+/// The rows as an aligned table for people.
+pub fn table(rows: &[CellResult]) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "{:>7} {:>5} {:>8} {:>5} {:>6} {:>4} | {:^23} | {:^23} | {:^23}",
+        "volumes",
+        "paths",
+        "clusters",
+        "nodes",
+        "trials",
+        "lost",
+        "suspended ms p50/p99/max",
+        "frozen ms p50/p99/max",
+        "stall ms p50/p99/max"
+    );
+    for row in rows {
+        let spread = |s: &Spread| format!("{:>7.1}{:>8.1}{:>8.1}", s.p50, s.p99, s.max);
+        let _ = writeln!(
+            out,
+            "{:>7} {:>5} {:>8} {:>5} {:>6} {:>4} | {} | {} | {}",
+            row.volumes,
+            row.paths,
+            row.clusters,
+            row.nodes,
+            row.trials,
+            row.lost,
+            spread(&row.suspended),
+            spread(&row.frozen),
+            spread(&row.stall)
+        );
+    }
+    out
+}
+
+/// An SVG line chart of the freeze latency's p99 (and the stall's, dashed) against the volume count
+/// (log scale), one colour per path.
+pub fn svg(rows: &[CellResult]) -> String {
+    const W: f64 = 640.0;
+    const H: f64 = 400.0;
+    const LEFT: f64 = 70.0;
+    const RIGHT: f64 = 150.0;
+    const TOP: f64 = 40.0;
+    const BOTTOM: f64 = 50.0;
+    let mut volumes: Vec<usize> = rows.iter().map(|r| r.volumes).collect();
+    volumes.sort_unstable();
+    volumes.dedup();
+    let log = |v: usize| (v.max(1) as f64).log10();
+    let (x_min, x_max) = match (volumes.first(), volumes.last()) {
+        (Some(&a), Some(&b)) if a != b => (log(a), log(b)),
+        (Some(&a), _) => (log(a) - 0.5, log(a) + 0.5),
+        _ => (0.0, 1.0),
+    };
+    let y_top = rows
+        .iter()
+        .map(|r| r.frozen.p99.max(r.stall.p99))
+        .fold(1.0_f64, f64::max)
+        * 1.1;
+    let x = |v: usize| LEFT + (log(v) - x_min) / (x_max - x_min) * (W - LEFT - RIGHT);
+    let y = |ms: f64| H - BOTTOM - ms / y_top * (H - TOP - BOTTOM);
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" viewBox="0 0 {W} {H}" font-family="sans-serif" font-size="12">"#
+    );
+    let _ = writeln!(out, r#"<rect width="{W}" height="{H}" fill="white"/>"#);
+    let _ = writeln!(
+        out,
+        r#"<text x="{}" y="20" text-anchor="middle" font-size="14">Freeze latency p99 (solid) and held-write stall p99 (dashed)</text>"#,
+        W / 2.0
+    );
+    let (x0, y0) = (LEFT, H - BOTTOM);
+    let _ = writeln!(
+        out,
+        r#"<path d="M{x0},{TOP} V{y0} H{}" stroke="black" fill="none"/>"#,
+        W - RIGHT
+    );
+    for &v in &volumes {
+        let _ = writeln!(
+            out,
+            r#"<text x="{:.1}" y="{}" text-anchor="middle">{v}</text>"#,
+            x(v),
+            y0 + 18.0
+        );
+    }
+    let _ = writeln!(
+        out,
+        r#"<text x="{:.1}" y="{}" text-anchor="middle">volumes in the group</text>"#,
+        (LEFT + W - RIGHT) / 2.0,
+        H - 10.0
+    );
+    for step in 0..=4 {
+        let ms = y_top / 4.0 * f64::from(step);
+        let _ = writeln!(
+            out,
+            r#"<text x="{}" y="{:.1}" text-anchor="end">{ms:.0}</text><path d="M{x0},{:.1} h-4" stroke="black"/>"#,
+            LEFT - 6.0,
+            y(ms) + 4.0,
+            y(ms)
+        );
+    }
+    let _ = writeln!(
+        out,
+        r#"<text x="18" y="{:.1}" text-anchor="middle" transform="rotate(-90 18 {:.1})">milliseconds</text>"#,
+        (TOP + y0) / 2.0,
+        (TOP + y0) / 2.0
+    );
+    let colours = [
+        (PathChoice::Both, "#1f77b4"),
+        (PathChoice::Api, "#d62728"),
+        (PathChoice::Grpc, "#2ca02c"),
+    ];
+    let mut legend = TOP;
+    for (path, colour) in colours {
+        let mut series: Vec<&CellResult> = rows.iter().filter(|r| r.paths == path).collect();
+        if series.is_empty() {
+            continue;
+        }
+        series.sort_by_key(|r| r.volumes);
+        for (measure, dash) in [(0, ""), (1, r#" stroke-dasharray="5,4""#)] {
+            let value = |r: &CellResult| {
+                if measure == 0 {
+                    r.frozen.p99
+                } else {
+                    r.stall.p99
+                }
+            };
+            let points: Vec<String> = series
+                .iter()
+                .map(|r| format!("{:.1},{:.1}", x(r.volumes), y(value(r))))
+                .collect();
+            let _ = writeln!(
+                out,
+                r#"<polyline points="{}" fill="none" stroke="{colour}" stroke-width="2"{dash}/>"#,
+                points.join(" ")
+            );
+            for r in &series {
+                let _ = writeln!(
+                    out,
+                    r#"<circle cx="{:.1}" cy="{:.1}" r="3" fill="{colour}"/>"#,
+                    x(r.volumes),
+                    y(value(r))
+                );
+            }
+        }
+        let _ = writeln!(
+            out,
+            r#"<path d="M{},{legend} h24" stroke="{colour}" stroke-width="2"/><text x="{}" y="{}">{path}</text>"#,
+            W - RIGHT + 16.0,
+            W - RIGHT + 46.0,
+            legend + 4.0
+        );
+        legend += 20.0;
+    }
+    out.push_str("</svg>\n");
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ms(values: &[u64]) -> Vec<Duration> {
+        values.iter().map(|&v| Duration::from_millis(v)).collect()
+    }
+
+    #[test]
+    fn percentiles_are_nearest_rank() {
+        let samples: Vec<u64> = (1..=100).collect();
+        let spread = Spread::of(&ms(&samples));
+        assert_eq!(spread.p50, 50.0);
+        assert_eq!(spread.p99, 99.0);
+        assert_eq!(spread.max, 100.0);
+        let fifty: Vec<u64> = (1..=50).collect();
+        assert_eq!(Spread::of(&ms(&fifty)).p99, 50.0);
+        assert_eq!(Spread::of(&[]), Spread::default());
+    }
+
+    #[test]
+    fn the_csv_has_a_header_and_a_line_per_cell() {
+        let row = CellResult {
+            volumes: 10,
+            paths: PathChoice::Grpc,
+            clusters: 3,
+            nodes: 6,
+            trials: 50,
+            lost: 0,
+            suspended: Spread::of(&ms(&[1, 2])),
+            frozen: Spread::of(&ms(&[3, 4])),
+            stall: Spread::of(&ms(&[5, 6])),
+        };
+        let text = csv(std::slice::from_ref(&row));
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 2);
+        assert!(lines[0].starts_with("volumes,paths,clusters"));
+        assert_eq!(
+            lines[1],
+            "10,grpc,3,6,50,0,1.0,2.0,2.0,3.0,4.0,4.0,5.0,6.0,6.0"
+        );
+        let drawing = svg(&[row]);
+        assert!(drawing.starts_with("<svg") && drawing.trim_end().ends_with("</svg>"));
+        assert!(drawing.contains("grpc"));
+    }
+}
