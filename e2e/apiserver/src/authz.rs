@@ -14,6 +14,7 @@
 //! Aggregated ClusterRoles and non-resource URLs are not evaluated (discovery, OpenAPI and health are
 //! open to everyone).
 
+use std::collections::VecDeque;
 use std::sync::Mutex;
 
 use serde_json::Value;
@@ -161,21 +162,30 @@ pub struct AuditEntry {
     pub allowed: bool,
 }
 
-/// Every resource request since the server started (or since [`clear`](Self::clear)).
+/// How many entries the audit log keeps: the oldest go first, so a long run (the demo, a benchmark)
+/// does not grow without bound.
+pub const AUDIT_CAPACITY: usize = 100_000;
+
+/// The resource requests since the server started (or since [`clear`](Self::clear)), the latest
+/// [`AUDIT_CAPACITY`] of them.
 #[derive(Debug, Default)]
 pub struct AuditLog {
-    entries: Mutex<Vec<AuditEntry>>,
+    entries: Mutex<VecDeque<AuditEntry>>,
 }
 
 impl AuditLog {
-    /// Appends an entry.
+    /// Appends an entry, forgetting the oldest when full.
     pub fn record(&self, entry: AuditEntry) {
-        self.lock().push(entry);
+        let mut entries = self.lock();
+        if entries.len() == AUDIT_CAPACITY {
+            entries.pop_front();
+        }
+        entries.push_back(entry);
     }
 
     /// A copy of the entries, oldest first.
     pub fn entries(&self) -> Vec<AuditEntry> {
-        self.lock().clone()
+        self.lock().iter().cloned().collect()
     }
 
     /// The entries RBAC did not allow.
@@ -188,7 +198,7 @@ impl AuditLog {
         self.lock().clear();
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<AuditEntry>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<AuditEntry>> {
         self.entries.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
