@@ -13,12 +13,10 @@
 //! inline only when the queue is empty, so the order holds either way.
 //!
 //! **Durable** means: the bytes were written with `pwrite` and an `fdatasync` of the file that *started
-//! after that `pwrite` returned* returned successfully before the operation was answered. Syncing is
-//! group commit on [`SYNC_THREADS`] sync threads: a durable operation, once applied, joins the waiters of
-//! the next `fdatasync`; an idle sync thread takes every waiter registered so far, calls `fdatasync`
-//! once, and answers them all. While one `fdatasync` runs, another thread can start the next one for
-//! the writes applied since (as concurrent `O_DSYNC` writers would; the kernel merges the device
-//! flushes), so a write waits for one `fdatasync`, not for the end of an earlier one first.
+//! after that `pwrite` returned* returned successfully before the operation was answered. The I/O thread
+//! does group commit: a durable operation, once applied, joins the waiters of the next `fdatasync`; the
+//! thread takes every waiter registered so far, calls `fdatasync` once, and answers them all. Writes
+//! applied while an `fdatasync` runs wait for the next one.
 //!
 //! Reads run on tokio's blocking pool with positioned reads and see every write already answered.
 
@@ -36,10 +34,8 @@ use tokio::sync::oneshot;
 
 /// The largest write applied by the submitting task; larger ones go to the I/O thread.
 pub const INLINE_MAX: usize = 64 * 1024;
-/// The largest number of queued operations the I/O thread applies at once.
+/// The largest number of queued operations the I/O thread applies before its next `fdatasync`.
 const MAX_BATCH: usize = 512;
-/// How many `fdatasync` calls on one file may run at once.
-pub const SYNC_THREADS: usize = 4;
 
 /// An I/O failure on a volume's file, cheap to clone so one `fdatasync` error can answer many writes.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -121,10 +117,8 @@ struct Queue {
     applying: usize,
     /// Applied durable operations waiting for an `fdatasync` that starts after them.
     sync_waiters: Vec<Done>,
-    /// Every [`Store`] handle is gone: the threads end once the queue is drained.
+    /// Every [`Store`] handle is gone: the thread ends once the queue is drained.
     closed: bool,
-    /// The I/O thread ended (it registers no more sync waiters).
-    io_ended: bool,
 }
 
 #[derive(Debug)]
@@ -132,10 +126,7 @@ struct Shared {
     file: File,
     path: String,
     queue: Mutex<Queue>,
-    /// Signalled when `jobs` gets work (or on close).
-    jobs_ready: Condvar,
-    /// Signalled when `sync_waiters` gets work (or on close).
-    sync_ready: Condvar,
+    work: Condvar,
 }
 
 impl Shared {
@@ -160,8 +151,7 @@ struct Closer(Arc<Shared>);
 impl Drop for Closer {
     fn drop(&mut self) {
         self.0.lock().closed = true;
-        self.0.jobs_ready.notify_all();
-        self.0.sync_ready.notify_all();
+        self.0.work.notify_one();
     }
 }
 
@@ -246,21 +236,13 @@ impl Store {
             file,
             path: path.display().to_string(),
             queue: Mutex::new(Queue::default()),
-            jobs_ready: Condvar::new(),
-            sync_ready: Condvar::new(),
+            work: Condvar::new(),
         });
         let thread_shared = Arc::clone(&shared);
         std::thread::Builder::new()
             .name("store-io".into())
             .spawn(move || io_thread(&thread_shared))
             .map_err(|e| err("spawn I/O thread", e))?;
-        for _ in 0..SYNC_THREADS {
-            let thread_shared = Arc::clone(&shared);
-            std::thread::Builder::new()
-                .name("store-sync".into())
-                .spawn(move || sync_thread(&thread_shared))
-                .map_err(|e| err("spawn sync thread", e))?;
-        }
         Ok(Store {
             _closes_on_drop: Arc::new(Closer(Arc::clone(&shared))),
             shared,
@@ -314,18 +296,9 @@ impl Store {
         }
     }
 
-    /// Wakes the I/O and sync threads for everything submitted so far.
+    /// Wakes the I/O thread for everything submitted so far.
     pub fn start(&self) {
-        let (jobs, waiters) = {
-            let queue = self.shared.lock();
-            (!queue.jobs.is_empty(), !queue.sync_waiters.is_empty())
-        };
-        if jobs {
-            self.shared.jobs_ready.notify_one();
-        }
-        if waiters {
-            self.shared.sync_ready.notify_one();
-        }
+        self.shared.work.notify_one();
     }
 
     /// Applies an operation and waits for it.
@@ -401,22 +374,20 @@ fn apply_job(shared: &Shared, job: Job, waiting_sync: &mut Vec<Done>) {
     }
 }
 
-/// The I/O thread: applies queued operations in order; the durable ones join the sync waiters.
+/// The I/O thread: applies queued operations in order, then runs one `fdatasync` for every durable
+/// operation applied so far (its own and the submitters' inline ones).
 fn io_thread(shared: &Shared) {
     let mut batch: Vec<Job> = Vec::with_capacity(MAX_BATCH);
-    let mut applied_durable: Vec<Done> = Vec::with_capacity(MAX_BATCH);
+    let mut waiting_sync: Vec<Done> = Vec::with_capacity(MAX_BATCH);
     loop {
         {
             let mut queue = shared.lock();
-            while queue.jobs.is_empty() {
+            while queue.jobs.is_empty() && queue.sync_waiters.is_empty() {
                 if queue.closed {
-                    queue.io_ended = true;
-                    drop(queue);
-                    shared.sync_ready.notify_all();
                     return;
                 }
                 queue = shared
-                    .jobs_ready
+                    .work
                     .wait(queue)
                     .unwrap_or_else(PoisonError::into_inner);
             }
@@ -425,42 +396,23 @@ fn io_thread(shared: &Shared) {
             queue.applying = n;
         }
         for job in batch.drain(..) {
-            apply_job(shared, job, &mut applied_durable);
+            apply_job(shared, job, &mut waiting_sync);
         }
-        let mut queue = shared.lock();
-        queue.applying = 0;
-        if !applied_durable.is_empty() {
-            queue.sync_waiters.append(&mut applied_durable);
-            drop(queue);
-            shared.sync_ready.notify_one();
-        }
-    }
-}
-
-/// A sync thread: takes every sync waiter registered so far, runs one `fdatasync`, answers them.
-fn sync_thread(shared: &Shared) {
-    loop {
-        let waiters = {
+        {
+            // Every waiter registered so far finished its pwrite before registering, so the fdatasync
+            // below starts after all of them.
             let mut queue = shared.lock();
-            while queue.sync_waiters.is_empty() {
-                if queue.closed && queue.io_ended {
-                    return;
-                }
-                queue = shared
-                    .sync_ready
-                    .wait(queue)
-                    .unwrap_or_else(PoisonError::into_inner);
+            queue.applying = 0;
+            waiting_sync.append(&mut queue.sync_waiters);
+        }
+        if !waiting_sync.is_empty() {
+            let result = shared
+                .file
+                .sync_data()
+                .map_err(|e| shared.error("fdatasync", e.to_string()));
+            for done in waiting_sync.drain(..) {
+                let _ = done.send(result.clone());
             }
-            // Every waiter finished its pwrite before registering, so the fdatasync below starts after
-            // all of them.
-            std::mem::take(&mut queue.sync_waiters)
-        };
-        let result = shared
-            .file
-            .sync_data()
-            .map_err(|e| shared.error("fdatasync", e.to_string()));
-        for done in waiters {
-            let _ = done.send(result.clone());
         }
     }
 }
