@@ -13,6 +13,7 @@ use std::{
     time::Instant,
 };
 
+use futures::StreamExt;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::{
     Api, Client, Resource, ResourceExt,
@@ -48,6 +49,9 @@ type CachedView = Arc<tokio::sync::Mutex<Option<(Instant, ClusterView)>>>;
 
 /// How long one read of a member cluster serves the groups reconciled after it.
 const VIEW_REUSE: std::time::Duration = std::time::Duration::from_millis(250);
+
+/// How many Events on member claims one decision publishes at once.
+const CLAIM_EVENTS_IN_FLIGHT: usize = 16;
 
 /// How often a conflicting status write is retried on fresh state before the event is dropped (the next
 /// evaluation or the sender's retry brings it back).
@@ -89,7 +93,7 @@ struct Inner {
     metrics: Metrics,
     recorder: Recorder,
     /// One lock per group UID: decisions about a group never interleave.
-    locks: Mutex<BTreeMap<String, Arc<tokio::sync::Mutex<GroupMemory>>>>,
+    locks: Mutex<BTreeMap<String, Arc<GroupLock>>>,
     /// Connected member clusters, by name.
     members: tokio::sync::RwLock<BTreeMap<String, Member>>,
     /// Whether this replica holds the leader Lease (always true without leader election).
@@ -100,11 +104,69 @@ struct Inner {
     views: Mutex<BTreeMap<String, CachedView>>,
 }
 
+/// One group's decisions: the lock that serialises them and the inbox where events wait for it.
+#[derive(Default)]
+struct GroupLock {
+    memory: tokio::sync::Mutex<GroupMemory>,
+    inbox: Mutex<Batch>,
+    /// The (epoch, stage) this operator last persisted, ahead of the reflector's copy for a moment.
+    persisted: Mutex<Option<(u64, Stage)>>,
+}
+
+impl GroupLock {
+    fn persisted(&self) -> Option<(u64, Stage)> {
+        *self
+            .persisted
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn set_persisted(&self, position: (u64, Stage)) {
+        let mut persisted = self
+            .persisted
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        *persisted = (*persisted).max(Some(position));
+    }
+
+    fn inbox(&self, events: Vec<Event>, observation: Option<Observation>) {
+        let mut inbox = self
+            .inbox
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        inbox.needs_fresh_read |= events.iter().any(|event| matches!(event, Event::Evaluate));
+        inbox.events.extend(events);
+        if observation.is_some() {
+            inbox.observation = observation;
+        }
+    }
+
+    fn take_inbox(&self) -> Option<Batch> {
+        let mut inbox = self
+            .inbox
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        (!inbox.events.is_empty()).then(|| std::mem::take(&mut *inbox))
+    }
+}
+
+/// Events about one group waiting to be decided together.
+#[derive(Default)]
+struct Batch {
+    events: Vec<Event>,
+    /// The latest resolution of the members read for a reconcile in the batch.
+    observation: Option<Observation>,
+    /// An evaluation is in the batch: the spec may have changed, so the group is read afresh.
+    needs_fresh_read: bool,
+}
+
 /// What the engine remembers of a group between decisions (never needed for safety).
 #[derive(Default)]
 struct GroupMemory {
     /// When the current freeze started, for the freeze-latency metric.
     freeze_started: Option<(u64, Instant)>,
+    /// The group as this operator last wrote it (what the API server answered to the write).
+    last_written: Option<ConsistencyGroup>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -187,10 +249,13 @@ impl Engine {
         self.inner.groups.state()
     }
 
-    /// The current (epoch, stage) of a group, as last persisted.
+    /// The current (epoch, stage) of a group, as last persisted: what this operator wrote last, or what
+    /// the hub's reflector shows, whichever is further (positions only grow).
     pub fn current(&self, uid: &str) -> Option<GroupEpoch> {
         let group = self.group_by_uid(uid)?;
-        let (epoch, stage) = group.position();
+        let written = self.existing_lock(uid).and_then(|lock| lock.persisted());
+        let (epoch, stage) =
+            written.map_or(group.position(), |written| written.max(group.position()));
         Some(GroupEpoch {
             group_uid: uid.to_owned(),
             epoch,
@@ -211,7 +276,16 @@ impl Engine {
         clusters
     }
 
-    fn lock_for(&self, uid: &str) -> Arc<tokio::sync::Mutex<GroupMemory>> {
+    fn existing_lock(&self, uid: &str) -> Option<Arc<GroupLock>> {
+        let locks = self
+            .inner
+            .locks
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        locks.get(uid).cloned()
+    }
+
+    fn lock_for(&self, uid: &str) -> Arc<GroupLock> {
         let mut locks = self
             .inner
             .locks
@@ -234,34 +308,80 @@ impl Engine {
         self.handle_observed(uid, name, event, None).await
     }
 
+    /// Queues the event in the group's inbox, then decides everything queued there in one batch: events
+    /// that arrive while a decision is being persisted (the acknowledgements of a freeze, a burst of
+    /// reports) wait for the lock together and cost one status write, not one each. An event decided in
+    /// another caller's batch returns `Ok` here; a failed batch is retried by its senders and by the next
+    /// periodic evaluation, as a failed decision always was.
     async fn handle_observed(
         &self,
         uid: &str,
         name: &str,
         event: Event,
-        observation: Option<&Observation>,
+        observation: Option<Observation>,
+    ) -> Result<(), EngineError> {
+        self.handle_all(uid, name, vec![event], observation).await
+    }
+
+    async fn handle_all(
+        &self,
+        uid: &str,
+        name: &str,
+        events: Vec<Event>,
+        observation: Option<Observation>,
     ) -> Result<(), EngineError> {
         if !self.is_leader() {
             return Err(EngineError::NotLeader);
         }
-        match &event {
-            Event::Report(report) => self.inner.metrics.report(report.path),
-            Event::Ack(ack) => self.inner.metrics.ack(ack.path),
-            Event::HoldTimedOut(_) | Event::Seen { .. } | Event::Evaluate => {}
+        for event in &events {
+            match event {
+                Event::Report(report) => self.inner.metrics.report(report.path),
+                Event::Ack(ack) => self.inner.metrics.ack(ack.path),
+                Event::HoldTimedOut(_) | Event::Seen { .. } | Event::Evaluate => {}
+            }
         }
-        let lock = self.lock_for(uid);
-        let mut memory = lock.lock().await;
+        let group_lock = self.lock_for(uid);
+        group_lock.inbox(events, observation);
+        let mut memory = group_lock.memory.lock().await;
+        let Some(batch) = group_lock.take_inbox() else {
+            return Ok(()); // decided in the batch of the caller before us
+        };
+        self.inner.metrics.decision_batch(batch.events.len());
+        self.decide_and_apply(uid, name, &batch, &group_lock, &mut memory)
+            .await
+    }
+
+    /// Reads the group (or takes the copy this operator last wrote, when nothing in the batch asks for a
+    /// fresh read), decides the batch, sends a freeze at once, persists, then sends a release or resume.
+    async fn decide_and_apply(
+        &self,
+        uid: &str,
+        name: &str,
+        batch: &Batch,
+        group_lock: &GroupLock,
+        memory: &mut GroupMemory,
+    ) -> Result<(), EngineError> {
         let api = Api::<ConsistencyGroup>::all(self.inner.hub.clone());
+        // Events from sidecars may be decided on the copy this operator last wrote: only spec edits can
+        // have changed the group since, and a stale copy either decides nothing new (the next evaluation
+        // reads afresh) or fails its write on the resourceVersion precondition and is read again.
+        let mut cached = memory
+            .last_written
+            .take()
+            .filter(|_| !batch.needs_fresh_read);
         for _ in 0..CONFLICT_RETRIES {
-            let mut group = api.get(name).await?;
+            let mut group = match cached.take() {
+                Some(group) => group,
+                None => api.get(name).await?,
+            };
             if group.metadata.uid.as_deref() != Some(uid) {
                 return Err(EngineError::UnknownGroup(uid.to_owned()));
             }
             let read = group.status.clone();
-            if let Some(observation) = observation {
+            if let Some(observation) = &batch.observation {
                 apply_resolution(&mut group, observation);
             }
-            let decision = freeze::decide(&group, &event, &now())?;
+            let decision = freeze::decide_batch(&group, &batch.events, &now())?;
             if let Some(point) = &decision.freeze_now {
                 // Rule 1: freeze at once, on both paths, before anything is persisted.
                 memory.freeze_started = Some((point.epoch, Instant::now()));
@@ -269,7 +389,9 @@ impl Engine {
             }
             if read.as_ref() != Some(&decision.status) {
                 match self.persist(&api, &group, &decision.status).await {
-                    Ok(()) => {
+                    Ok(written) => {
+                        group_lock.set_persisted(freeze::position(&decision.status));
+                        memory.last_written = Some(written);
                         let (failed, volumes) = freeze::hold_timeout_growth(
                             read.as_ref()
                                 .and_then(|status| status.hold_timeouts.as_ref()),
@@ -277,8 +399,16 @@ impl Engine {
                         );
                         self.inner.metrics.held_writes_failed(name, failed);
                         if !volumes.is_empty() {
-                            self.record_hold_timeouts_on_claims(&group, &decision.status, &volumes)
-                                .await;
+                            let (engine, group, status) =
+                                (self.clone(), group.clone(), decision.status.clone());
+                            tokio::spawn(
+                                async move {
+                                    engine
+                                        .record_hold_timeouts_on_claims(&group, &status, &volumes)
+                                        .await;
+                                }
+                                .instrument(tracing::Span::current()),
+                            );
                         }
                     }
                     Err(kube::Error::Api(status)) if status.code == 409 => {
@@ -287,8 +417,10 @@ impl Engine {
                     }
                     Err(error) => return Err(error.into()),
                 }
+            } else {
+                memory.last_written = Some(group.clone()).filter(|_| batch.observation.is_none());
             }
-            self.after_persist(&group, &decision, &mut memory).await;
+            self.after_persist(&group, &decision, memory).await;
             return Ok(());
         }
         Err(EngineError::Conflicts(name.to_owned()))
@@ -299,13 +431,12 @@ impl Engine {
         api: &Api<ConsistencyGroup>,
         group: &ConsistencyGroup,
         status: &ConsistencyGroupStatus,
-    ) -> Result<(), kube::Error> {
+    ) -> Result<ConsistencyGroup, kube::Error> {
         let mut updated = group.clone();
         updated.status = Some(status.clone());
         // The resourceVersion read above is the precondition: a concurrent writer (or a deposed leader) loses.
         api.replace_status(&group.name_any(), &PostParams::default(), &updated)
-            .await?;
-        Ok(())
+            .await
     }
 
     async fn after_persist(
@@ -326,13 +457,39 @@ impl Engine {
             self.inner.metrics.freeze_completed(started.elapsed());
             memory.freeze_started = None;
         }
-        for note in &decision.notes {
-            self.record(group, note.warning, note.reason, &note.message)
-                .await;
-            if matches!(note.reason, "Freezing" | "Released" | "Resyncing") {
-                self.record_on_claims(group, &decision.status, note).await;
-            }
+        if !decision.notes.is_empty() {
+            self.publish_notes(
+                group.clone(),
+                decision.status.clone(),
+                decision.notes.clone(),
+            );
         }
+    }
+
+    /// Records the notes of a decision as Events on the group and, for holds and releases, on every
+    /// member claim — in the background, off the group's lock: a hundred claims' Events must not delay
+    /// the acknowledgements queued behind the decision.
+    fn publish_notes(
+        &self,
+        group: ConsistencyGroup,
+        status: ConsistencyGroupStatus,
+        notes: Vec<freeze::Note>,
+    ) {
+        let engine = self.clone();
+        let span = tracing::Span::current();
+        tokio::spawn(
+            async move {
+                for note in &notes {
+                    engine
+                        .record(&group, note.warning, note.reason, &note.message)
+                        .await;
+                    if matches!(note.reason, "Freezing" | "Released" | "Resyncing") {
+                        engine.record_on_claims(&group, &status, note).await;
+                    }
+                }
+            }
+            .instrument(span),
+        );
     }
 
     /// Tells application owners: an Event on every member PVC (in its own cluster) when its writes are
@@ -374,6 +531,7 @@ impl Engine {
             action: note.reason.to_owned(),
             secondary: Some(group.object_ref(&())),
         };
+        let mut publishing = Vec::new();
         for (cluster, member) in &members {
             let Ok(client) = &member.client else { continue };
             let recorder = Recorder::new(client.clone(), reporter.clone());
@@ -382,9 +540,15 @@ impl Engine {
                 .iter()
                 .filter(|volume| &volume.cluster == cluster)
             {
-                publish_on_claim(&recorder, &event, volume).await;
+                let (recorder, event) = (recorder.clone(), &event);
+                publishing.push(async move { publish_on_claim(&recorder, event, volume).await });
             }
         }
+        // Concurrently, a few at a time per operator: one slow cluster delays no other claim's Event.
+        futures::stream::iter(publishing)
+            .buffer_unordered(CLAIM_EVENTS_IN_FLIGHT)
+            .collect::<Vec<()>>()
+            .await;
     }
 
     /// Tells the owners of the claims whose held writes just failed at the hold timeout (a Warning on each
@@ -606,7 +770,7 @@ impl Engine {
                 self.refresh_members().await;
             }
             let observation = self.observe(&uid, &group).await;
-            self.handle_observed(&uid, &name, Event::Evaluate, Some(&observation))
+            self.handle_observed(&uid, &name, Event::Evaluate, Some(observation))
                 .await?;
             self.mirror(&uid, &name).await
         }
@@ -648,7 +812,7 @@ impl Engine {
         // Under the group's lock, so that no mirror write of a reconcile that began before the deletion
         // lands after the removal and leaves an orphan.
         let lock = self.lock_for(uid);
-        let _mirrors = lock.lock().await;
+        let _mirrors = lock.memory.lock().await;
         for cluster in Self::member_clusters_of(&group) {
             let Some(member) = members.get(&cluster) else {
                 continue;
@@ -780,7 +944,7 @@ impl Engine {
     /// unless the group is being deleted (its finalizer removes the mirrors, under the same lock).
     async fn mirror(&self, uid: &str, name: &str) -> Result<(), EngineError> {
         let lock = self.lock_for(uid);
-        let _mirrors = lock.lock().await;
+        let _mirrors = lock.memory.lock().await;
         let group = Api::<ConsistencyGroup>::all(self.inner.hub.clone())
             .get(name)
             .await?;
@@ -808,13 +972,15 @@ impl Engine {
         Ok(())
     }
 
-    /// A report or acknowledgement seen in a member cluster's ReplicationNode (path 1).
+    /// The reports and acknowledgements seen in a member cluster's ReplicationNode (path 1), handed to
+    /// each group as one batch.
     pub async fn from_replication_nodes(
         &self,
         cluster: &str,
         node: &lockstep_api::v1alpha1::ReplicationNode,
     ) {
         let Some(status) = &node.status else { return };
+        let mut by_group: BTreeMap<&str, Vec<Event>> = BTreeMap::new();
         for failure in &status.failures {
             let event = Event::Report(freeze::Report {
                 path: Path::Api,
@@ -824,7 +990,7 @@ impl Engine {
                 epoch_seen: failure.epoch_seen,
                 message: failure.error.clone(),
             });
-            self.handle_quietly(&failure.group_uid, event).await;
+            by_group.entry(&failure.group_uid).or_default().push(event);
         }
         for volume in &status.volumes {
             let (Some(group_uid), Some(held)) = (&volume.group_uid, &volume.hold_timeout) else {
@@ -837,7 +1003,7 @@ impl Engine {
                 failed_writes: held.failed_writes,
                 since: Some(held.since.clone()),
             });
-            self.handle_quietly(group_uid, event).await;
+            by_group.entry(group_uid).or_default().push(event);
         }
         for enforced in &status.enforced {
             let event = Event::Ack(freeze::Ack {
@@ -847,7 +1013,26 @@ impl Engine {
                 volume_handles: enforced.volume_handles.clone(),
                 fail_safe: enforced.fail_safe,
             });
-            self.handle_quietly(&enforced.group_uid, event).await;
+            by_group.entry(&enforced.group_uid).or_default().push(event);
+        }
+        for (uid, events) in by_group {
+            self.handle_many_quietly(uid, events).await;
+        }
+    }
+
+    /// Handles several events about one group as one batch; a failure is only worth a log line.
+    pub async fn handle_many_quietly(&self, uid: &str, events: Vec<Event>) {
+        let Some(name) = self.group_by_uid(uid).map(|group| group.name_any()) else {
+            tracing::warn!(group_uid = uid, "events for a group this hub does not know");
+            return;
+        };
+        let span = tracing::info_span!("decide", group = %name, events = events.len());
+        let result = self
+            .handle_all(uid, &name, events, None)
+            .instrument(span)
+            .await;
+        if let Err(error) = result {
+            tracing::warn!(%error, group_uid = uid, "events not handled");
         }
     }
 

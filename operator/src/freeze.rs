@@ -241,6 +241,57 @@ pub fn decide(
     Ok(decision)
 }
 
+/// Decides a batch of events that queued up for one group while an earlier decision was being persisted,
+/// as if each had been decided and persisted in turn, so that the batch costs one status write.
+///
+/// The merged decision sends the highest freeze of the batch at once (a freeze at a higher epoch
+/// suspends as well as a lower one), sends after persisting only the highest release or resume, and only
+/// when it lies beyond that freeze (a release of an epoch the batch froze past would be refused), and
+/// keeps every note in order.
+pub fn decide_batch(
+    group: &ConsistencyGroup,
+    events: &[Event],
+    now: &Time,
+) -> Result<Decision, DecideError> {
+    let mut group = group.clone();
+    let mut merged: Option<Decision> = None;
+    for event in events {
+        let decision = decide(&group, event, now)?;
+        group.status = Some(decision.status.clone());
+        merged = Some(match merged {
+            None => decision,
+            Some(mut merged) => {
+                merged.status = decision.status;
+                merged.freeze_now = highest(merged.freeze_now, decision.freeze_now);
+                merged.after_persist = highest(merged.after_persist, decision.after_persist);
+                merged.notes.extend(decision.notes);
+                merged
+            }
+        });
+    }
+    let mut merged = match merged {
+        Some(merged) => merged,
+        None => decide(&group, &Event::Evaluate, now)?,
+    };
+    if let (Some(after), Some(freeze)) = (&merged.after_persist, &merged.freeze_now)
+        && (after.epoch, after.stage) <= (freeze.epoch, freeze.stage)
+    {
+        merged.after_persist = None;
+    }
+    Ok(merged)
+}
+
+fn highest(a: Option<GroupEpoch>, b: Option<GroupEpoch>) -> Option<GroupEpoch> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(if (b.epoch, b.stage) >= (a.epoch, a.stage) {
+            b
+        } else {
+            a
+        }),
+        (a, b) => a.or(b),
+    }
+}
+
 /// A group being deleted ends its guarantees openly (rule 9): no new freeze; a frozen or released group
 /// resumes normal replication at its current epoch, so that no volume stays held; acknowledgements are
 /// still recorded so the finalizer knows when every volume resumed.

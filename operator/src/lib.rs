@@ -345,17 +345,27 @@ async fn watch_replication_nodes(engine: Engine, cluster: String, client: Client
     )
     .default_backoff()
     .applied_objects();
-    let mut stream = std::pin::pin!(stream);
-    while let Some(change) = stream.next().await {
-        match change {
-            Ok(node) => {
-                tracing::debug!(%cluster, node = %node.name_any(), "ReplicationNode changed");
-                engine.from_replication_nodes(&cluster, &node).await;
+    // Nodes are handled concurrently: one node's decision waiting for its group's lock must not hold
+    // back another node's acknowledgement, which would then miss the batch. Reordering two updates of
+    // one node is harmless: every report and acknowledgement names its epoch (rules 3 and 4).
+    stream
+        .for_each_concurrent(REPLICATION_NODES_IN_FLIGHT, |change| {
+            let (engine, cluster) = (&engine, &cluster);
+            async move {
+                match change {
+                    Ok(node) => {
+                        tracing::debug!(%cluster, node = %node.name_any(), "ReplicationNode changed");
+                        engine.from_replication_nodes(cluster, &node).await;
+                    }
+                    Err(error) => tracing::debug!(%cluster, %error, "watching ReplicationNodes"),
+                }
             }
-            Err(error) => tracing::debug!(%cluster, %error, "watching ReplicationNodes"),
-        }
-    }
+        })
+        .await;
 }
+
+/// How many ReplicationNode changes of one member cluster are handled at once.
+const REPLICATION_NODES_IN_FLIGHT: usize = 64;
 
 /// Runs the operator until SIGTERM or Ctrl-C.
 pub async fn run(options: Options) -> anyhow::Result<()> {

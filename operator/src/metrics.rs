@@ -46,6 +46,7 @@ pub struct Metrics {
     groups: Family<PhaseLabels, Gauge>,
     volumes: Family<StateLabels, Gauge>,
     held_writes_failed: Family<GroupLabels, Counter>,
+    decision_batch: Histogram,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -66,6 +67,12 @@ impl Default for Metrics {
         let groups = Family::<PhaseLabels, Gauge>::default();
         let volumes = Family::<StateLabels, Gauge>::default();
         let held_writes_failed = Family::<GroupLabels, Counter>::default();
+        let decision_batch = Histogram::new([1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0]);
+        registry.register(
+            "decision_batch_events",
+            "Events decided together in one decision (one read and at most one status write)",
+            decision_batch.clone(),
+        );
         registry.register(
             "held_writes_failed",
             "Held writes that failed with an I/O error at the hold timeout, by group",
@@ -106,6 +113,7 @@ impl Default for Metrics {
             groups,
             volumes,
             held_writes_failed,
+            decision_batch,
         }
     }
 }
@@ -150,6 +158,11 @@ impl Metrics {
                 group: group.to_owned(),
             })
             .inc_by(count);
+    }
+
+    /// A decision took `events` events from a group's inbox.
+    pub fn decision_batch(&self, events: usize) {
+        self.decision_batch.observe(events as f64);
     }
 
     /// A freeze completed: every member volume acknowledged.

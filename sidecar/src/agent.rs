@@ -423,11 +423,16 @@ pub async fn watch_replicator(context: Arc<Context>, replicator: Replicator) {
             context.send(Input::Inventory(volumes));
         }
         futures::pin_mut!(stream);
+        // An event read while coalescing a burst of state changes, to be handled next.
+        let mut next = None;
         loop {
-            use futures::StreamExt;
-            let event = tokio::select! {
-                _ = context.stop.cancelled() => return,
-                event = stream.next() => event,
+            use futures::{FutureExt, StreamExt};
+            let event = match next.take() {
+                Some(event) => event,
+                None => tokio::select! {
+                    _ = context.stop.cancelled() => return,
+                    event = stream.next() => event,
+                },
             };
             match event {
                 Some(Ok(ReplicatorEvent::CopyFailed(failed))) => {
@@ -451,6 +456,14 @@ pub async fn watch_replicator(context: Arc<Context>, replicator: Replicator) {
                 }
                 Some(Ok(ReplicatorEvent::StateChanged(_))) => {
                     backoff.reset();
+                    // A freeze changes every volume at once: the changes already queued behind this
+                    // one are read now and answered by one re-read, not one each.
+                    while let Some(queued) = stream.next().now_or_never() {
+                        if !matches!(queued, Some(Ok(ReplicatorEvent::StateChanged(_)))) {
+                            next = Some(queued);
+                            break;
+                        }
+                    }
                     // A resync may have started or finished: re-read what the volumes carry and do.
                     if let Ok((volumes, resyncing)) = replicator.list_with_resyncing().await {
                         *context.resyncing() = resyncing;

@@ -695,3 +695,72 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn a_batch_of_acknowledgements_is_one_decision_that_releases() {
+    let mut group = group(Policy::FreezeAndGo);
+    step(&mut group, &report(Path::Grpc, 0));
+    let acks = [
+        ack(Path::Grpc, 1, Stage::Freeze, &["vol-wal"]),
+        ack(Path::Api, 1, Stage::Freeze, &["vol-data"]),
+        ack(Path::Grpc, 1, Stage::Freeze, &["vol-west"]),
+    ];
+    let decision = decide_batch(&group, &acks, &now()).unwrap();
+    assert_eq!(decision.freeze_now, None);
+    let release = decision
+        .after_persist
+        .expect("a release after the last ack");
+    assert_eq!((release.epoch, release.stage), (1, Stage::Release));
+    assert_eq!(decision.status.stage, Some(Stage::Release));
+}
+
+#[test]
+fn a_batch_that_freezes_past_a_release_sends_only_the_freeze() {
+    let mut group = group(Policy::FreezeAndGo);
+    step(&mut group, &report(Path::Grpc, 0));
+    let events = [
+        ack(Path::Grpc, 1, Stage::Freeze, &VOLUMES),
+        Event::Seen { epoch: 3 },
+    ];
+    let decision = decide_batch(&group, &events, &now()).unwrap();
+    assert_eq!(decision.freeze_now.map(|point| point.epoch), Some(3));
+    assert_eq!(
+        decision.after_persist, None,
+        "a release of epoch 1 would be refused at epoch 3"
+    );
+    assert_eq!(position(&decision.status), (3, Stage::Freeze));
+}
+
+proptest! {
+    /// A batch ends where the same events decided one by one end, freezes at the highest epoch any of
+    /// them froze at, and sends a release only once every volume acknowledged its epoch.
+    #[test]
+    fn a_batch_decides_as_its_events_one_by_one(
+        policy in prop_oneof![Just(Policy::FreezeAndGo), Just(Policy::FreezeAndStop)],
+        prefix in proptest::collection::vec(any_event(), 0..10),
+        batch in proptest::collection::vec(any_event(), 1..12),
+    ) {
+        let mut group = group(policy);
+        for event in &prefix {
+            step(&mut group, event);
+        }
+        let merged = decide_batch(&group, &batch, &now()).unwrap();
+        let mut one_by_one = group.clone();
+        let mut highest_freeze = None;
+        for event in &batch {
+            let decision = step(&mut one_by_one, event);
+            if let Some(point) = decision.freeze_now {
+                highest_freeze = Some(point.epoch).max(highest_freeze);
+            }
+        }
+        prop_assert_eq!(&merged.status, status(&one_by_one));
+        prop_assert_eq!(merged.freeze_now.map(|point| point.epoch), highest_freeze);
+        if let Some(point) = &merged.after_persist && point.stage == Stage::Release {
+            prop_assert_eq!(point.epoch, merged.status.epoch);
+            prop_assert!(merged.status.members.iter().all(|member| member
+                .acknowledged
+                .as_ref()
+                .is_some_and(|ack| (ack.epoch, ack.stage) >= (point.epoch, Stage::Freeze))));
+        }
+    }
+}
