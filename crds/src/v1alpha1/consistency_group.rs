@@ -119,19 +119,22 @@ pub struct EpochIntent {
 /// acknowledged.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
-#[schemars(extend("x-kubernetes-validations" = [
-    {
-        "rule": "(has(self.epoch) ? self.epoch : 0) >= (has(oldSelf.epoch) ? oldSelf.epoch : 0)",
-        "message": "status.epoch never decreases: epochs only grow, so a deposed operator cannot move a group back"
-    }
-]))]
 pub struct ConsistencyGroupStatus {
     /// Where the group is in its life cycle: Replicating, Freezing, Frozen, Running, Resyncing or Degraded.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub phase: Option<Phase>,
 
     /// The group's freeze epoch: raised by one with every freeze, never lowered.
+    // The rule sits on the field, not on the status: a rule on the status would have the API server
+    // convert every member's entry for every write. An omitted epoch is defaulted to 0 before the rule
+    // runs, so leaving it out cannot lower it either.
     #[serde(default)]
+    #[schemars(extend("x-kubernetes-validations" = [
+        {
+            "rule": "self >= oldSelf",
+            "message": "status.epoch never decreases: epochs only grow, so a deposed operator cannot move a group back"
+        }
+    ]))]
     pub epoch: u64,
 
     /// The stage of the current epoch: Freeze, Release or Resume. Absent before the first freeze.

@@ -207,7 +207,23 @@ async fn a_status_update_that_lowers_the_epoch_is_refused() -> TestResult {
         )),
         "{message}"
     );
-    // Raising it again is fine; the value stayed at 3.
+    // Leaving the epoch out cannot lower it either: it is defaulted to 0, which the rule refuses.
+    let err = api
+        .patch_status(
+            &name,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"status": {"epoch": null}})),
+        )
+        .await
+        .err()
+        .ok_or("the epoch was removed")?;
+    let (code, _, message) = api_error(&err).ok_or("not an API error")?;
+    assert_eq!(code, 422);
+    assert!(
+        message.contains("status.epoch never decreases"),
+        "{message}"
+    );
+    // The value stayed at 3.
     assert_eq!(api.get_status(&name).await?.data["status"]["epoch"], 3);
     Ok(())
 }
