@@ -535,9 +535,21 @@ impl Fleet {
                 break;
             }
             if Instant::now() >= deadline {
+                let unacknowledged = group.status.as_ref().map_or(0, |s| {
+                    s.members
+                        .iter()
+                        .filter(|m| {
+                            m.acknowledged
+                                .as_ref()
+                                .is_none_or(|a| (a.epoch, a.stage) < (epoch, Stage::Resume))
+                        })
+                        .count()
+                });
                 return Err(BenchError::Timeout(format!(
-                    "the group back to Replicating at epoch {epoch} (at {:?}, {phase:?})",
-                    group.position()
+                    "the group back to Replicating at epoch {epoch} (at {:?}, {phase:?}; {unacknowledged} \
+                     members without the resume acknowledged; replicators all resumed: {})",
+                    group.position(),
+                    self.replicators_at(&uid, epoch)
                 )));
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
