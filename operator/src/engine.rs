@@ -50,6 +50,9 @@ type CachedView = Arc<tokio::sync::Mutex<Option<(Instant, ClusterView)>>>;
 /// How long one read of a member cluster serves the groups reconciled after it.
 const VIEW_REUSE: std::time::Duration = std::time::Duration::from_millis(250);
 
+/// How many undecided events one group's inbox keeps while its decisions fail.
+const INBOX_LIMIT: usize = 10_000;
+
 /// How many Events on member claims one decision publishes at once.
 const CLAIM_EVENTS_IN_FLIGHT: usize = 16;
 
@@ -139,6 +142,25 @@ impl GroupLock {
         if observation.is_some() {
             inbox.observation = observation;
         }
+    }
+
+    /// Puts the events of a failed batch back in front of those that arrived since, up to
+    /// [`INBOX_LIMIT`] events (the oldest go first: a hub down for long must not grow it without bound).
+    fn requeue(&self, mut events: Vec<Event>) {
+        let mut inbox = self
+            .inbox
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        events.append(&mut inbox.events);
+        let excess = events.len().saturating_sub(INBOX_LIMIT);
+        if excess > 0 {
+            tracing::warn!(
+                dropped = excess,
+                "decision inbox full: oldest events dropped"
+            );
+        }
+        inbox.events = events.split_off(excess);
+        inbox.needs_fresh_read = true;
     }
 
     fn take_inbox(&self) -> Option<Batch> {
@@ -347,8 +369,15 @@ impl Engine {
             return Ok(()); // decided in the batch of the caller before us
         };
         self.inner.metrics.decision_batch(batch.events.len());
-        self.decide_and_apply(uid, name, &batch, &group_lock, &mut memory)
-            .await
+        let result = self
+            .decide_and_apply(uid, name, &batch, &group_lock, &mut memory)
+            .await;
+        if let Err(EngineError::Hub(_) | EngineError::Conflicts(_)) = &result {
+            // Not lost with the batch: the next event or periodic evaluation decides them again, on a
+            // fresh read (they are idempotent: every report and acknowledgement names its epoch).
+            group_lock.requeue(batch.events);
+        }
+        result
     }
 
     /// Reads the group (or takes the copy this operator last wrote, when nothing in the batch asks for a
@@ -1148,4 +1177,56 @@ fn event_kind(event: &Event) -> &'static str {
 /// The current time as Kubernetes writes it.
 pub fn now() -> Time {
     Time(k8s_openapi::jiff::Timestamp::now())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    fn seen(epoch: u64) -> Event {
+        Event::Seen { epoch }
+    }
+
+    #[test]
+    fn events_queue_until_one_caller_takes_them_all() {
+        let lock = GroupLock::default();
+        lock.inbox(vec![seen(1)], None);
+        lock.inbox(vec![seen(2), seen(3)], None);
+        let batch = lock.take_inbox().unwrap();
+        assert_eq!(batch.events, vec![seen(1), seen(2), seen(3)]);
+        assert!(
+            !batch.needs_fresh_read,
+            "sidecar events may use the last written copy"
+        );
+        assert!(
+            lock.take_inbox().is_none(),
+            "a later caller finds its event decided"
+        );
+        lock.inbox(vec![Event::Evaluate], None);
+        assert!(lock.take_inbox().unwrap().needs_fresh_read);
+    }
+
+    #[test]
+    fn a_failed_batch_goes_back_before_newer_events_and_is_read_afresh() {
+        let lock = GroupLock::default();
+        lock.inbox(vec![seen(1), seen(2)], None);
+        let failed = lock.take_inbox().unwrap();
+        lock.inbox(vec![seen(3)], None);
+        lock.requeue(failed.events);
+        let again = lock.take_inbox().unwrap();
+        assert_eq!(again.events, vec![seen(1), seen(2), seen(3)]);
+        assert!(again.needs_fresh_read);
+    }
+
+    #[test]
+    fn a_requeued_inbox_keeps_at_most_its_limit_dropping_the_oldest() {
+        let lock = GroupLock::default();
+        let many: Vec<Event> = (0..INBOX_LIMIT as u64 + 5).map(seen).collect();
+        lock.requeue(many);
+        let kept = lock.take_inbox().unwrap().events;
+        assert_eq!(kept.len(), INBOX_LIMIT);
+        assert_eq!(kept.first(), Some(&seen(5)));
+    }
 }
