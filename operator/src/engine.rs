@@ -673,6 +673,7 @@ impl Engine {
     pub async fn refresh_members(&self) {
         // Before the first list of MemberClusters the store is empty: that is not "no clusters".
         let _ = self.inner.member_clusters.wait_until_ready().await;
+        tracing::debug!("member clusters listed");
         let previous = self.inner.members.read().await.clone();
         let mut connected = BTreeMap::new();
         let mut probes = Vec::new();
@@ -689,6 +690,7 @@ impl Engine {
             });
         }
         *self.inner.members.write().await = connected;
+        tracing::debug!("member clusters connected; probing");
         // Probed concurrently: one unreachable cluster delays no other.
         futures::future::join_all(probes).await;
     }

@@ -289,8 +289,12 @@ where
 
 /// Every interval: reconnect member clusters, start ReplicationNode watches for new ones, reconcile every
 /// group, and count groups and volumes for the metrics.
+///
+/// The ReplicationNode watches are owned by this loop: when it is stopped (the operator shut down or
+/// aborted), they stop with it. Detached, they outlived their operator and went on deciding about
+/// ReplicationNode changes on its frozen view of the hub — beside the operator started after it.
 async fn resync_loop(engine: Engine, interval: Duration) {
-    let mut node_watches: BTreeMap<String, JoinHandle<()>> = BTreeMap::new();
+    let mut node_watches: BTreeMap<String, AbortOnDrop<()>> = BTreeMap::new();
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -298,18 +302,24 @@ async fn resync_loop(engine: Engine, interval: Duration) {
         if !engine.is_leader() {
             continue;
         }
+        tracing::debug!("resync: refreshing member clusters");
         engine.refresh_members().await;
+        tracing::debug!("resync: member clusters refreshed");
         for (name, member) in engine.members().await {
             let Ok(client) = member.client else { continue };
             if node_watches
                 .get(&name)
-                .is_some_and(|task| !task.is_finished())
+                .is_some_and(|task| !task.0.is_finished())
             {
                 continue;
             }
             node_watches.insert(
                 name.clone(),
-                tokio::spawn(watch_replication_nodes(engine.clone(), name, client)),
+                AbortOnDrop(tokio::spawn(watch_replication_nodes(
+                    engine.clone(),
+                    name,
+                    client,
+                ))),
             );
         }
         let groups = engine.groups();
@@ -323,6 +333,7 @@ async fn resync_loop(engine: Engine, interval: Duration) {
             }
         });
         futures::future::join_all(reconciles).await;
+        tracing::debug!("resync: every group reconciled");
         let groups = engine.groups();
         let phases: Vec<_> = groups
             .iter()
