@@ -1325,3 +1325,69 @@ async fn reqwest_free_get(addr: std::net::SocketAddr, path: &str) -> String {
     socket.read_to_string(&mut response).await.unwrap();
     response
 }
+
+/// Writes the status of ReplicationNode `e1` in `client`'s cluster as a sidecar would (path 1).
+async fn node_status(client: &Client, status: serde_json::Value) {
+    let patch =
+        json!({"apiVersion": "lockstep.dev/v1alpha1", "kind": "ReplicationNode", "status": status});
+    Api::<ReplicationNode>::all(client.clone())
+        .patch_status(
+            "e1",
+            &PatchParams::apply("test-sidecar").force(),
+            &Patch::Apply(&patch),
+        )
+        .await
+        .unwrap();
+}
+
+/// An operator that was shut down decides nothing more: its ReplicationNode watches stop with it (they
+/// used to outlive it, deciding on its last view of the hub beside the operator that came next — with
+/// node names reused across runs on the same clusters, a second run's ReplicationNodes reached both).
+#[tokio::test]
+async fn an_operator_shut_down_no_longer_acts_on_replication_nodes() -> TestResult {
+    let (_east, hub) = east_only().await;
+    let operator = Operator::start(hub.clone(), &options()).await?;
+    let (_, uid) = single_cluster_group(&hub).await;
+    let volumes = json!([
+        {"volumeHandle": "vol-wal", "state": "Replicating", "epoch": 0},
+        {"volumeHandle": "vol-data", "state": "Replicating", "epoch": 0}
+    ]);
+    // A failure reported on path 1 freezes the group: the operator watches the node.
+    node_status(
+        &hub,
+        json!({"volumes": volumes, "volumeCount": 2, "failureCount": 1, "failures": [{
+            "volumeHandle": "vol-wal", "groupUid": uid, "epochSeen": 0, "sequence": 1,
+            "error": "link cut", "since": "2026-01-01T00:00:00Z"}]}),
+    )
+    .await;
+    let groups = Api::<ConsistencyGroup>::all(hub.clone());
+    eventually("frozen at epoch 1 through the ReplicationNode", || async {
+        (groups.get("orders-db").await.ok()?.position() == (1, Stage::Freeze)).then_some(())
+    })
+    .await;
+    operator.shutdown().await;
+
+    // Both volumes acknowledge the freeze on path 1. Nobody may release the group: no operator runs.
+    node_status(
+        &hub,
+        json!({"volumes": volumes, "volumeCount": 2, "enforced": [{
+            "groupUid": uid, "epoch": 1, "stage": "Freeze",
+            "volumeHandles": ["vol-wal", "vol-data"]}]}),
+    )
+    .await;
+    let watch = Api::<ReplicationNode>::all(hub.clone());
+    eventually("the acknowledgement stored", || async {
+        let node = watch.get("e1").await.ok()?;
+        (!node.status?.enforced.is_empty()).then_some(())
+    })
+    .await;
+    // A live watch takes well under the resync interval to hand a change to the engine; give a leaked
+    // one several times that.
+    tokio::time::sleep(options().resync_interval * 3).await;
+    assert_eq!(
+        groups.get("orders-db").await?.position(),
+        (1, Stage::Freeze),
+        "a shut-down operator released the group"
+    );
+    Ok(())
+}
