@@ -26,7 +26,7 @@ use lockstep_api::{
 use crate::{members::ClusterView, sessions::Sessions};
 
 /// How long one member cluster may take to answer a list before it counts as unreachable.
-const API_TIMEOUT: Duration = Duration::from_secs(5);
+pub const API_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// One member cluster as the operator reaches it.
 #[derive(Clone)]
@@ -104,9 +104,10 @@ async fn client_from_secret(
     name: &str,
     key: &str,
 ) -> Result<Client, String> {
-    let secret = Api::<Secret>::namespaced(hub.clone(), namespace)
-        .get(name)
+    let secrets = Api::<Secret>::namespaced(hub.clone(), namespace);
+    let secret = tokio::time::timeout(API_TIMEOUT, secrets.get(name))
         .await
+        .map_err(|_| format!("reading Secret {namespace}/{name} took over {API_TIMEOUT:?}"))?
         .map_err(|error| format!("cannot read Secret {namespace}/{name}: {error}"))?;
     let bytes = secret
         .data

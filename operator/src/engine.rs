@@ -34,6 +34,7 @@ use crate::{
     clusters::{self, Member},
     fanout::Fanout,
     freeze::{self, Decision, Event},
+    listed::Listed,
     members,
     members::ClusterView,
     metrics::Metrics,
@@ -91,6 +92,8 @@ struct Inner {
     hub_name: String,
     groups: Store<ConsistencyGroup>,
     member_clusters: Store<MemberCluster>,
+    /// Whether `member_clusters` has been listed once.
+    clusters_listed: Listed,
     sessions: Sessions,
     fanout: Fanout,
     metrics: Metrics,
@@ -200,13 +203,13 @@ impl std::fmt::Debug for Engine {
 }
 
 impl Engine {
-    /// Builds the engine over reflector stores of the hub's groups and member clusters; `options` gives
-    /// the hub's name and Lockstep's namespace.
+    /// Builds the engine over reflector stores of the hub's groups and member clusters (with whether the
+    /// latter has been listed once); `options` gives the hub's name and Lockstep's namespace.
     pub fn new(
         hub: Client,
         options: &crate::Options,
         groups: Store<ConsistencyGroup>,
-        member_clusters: Store<MemberCluster>,
+        (member_clusters, clusters_listed): (Store<MemberCluster>, Listed),
         sessions: Sessions,
         metrics: Metrics,
         leader: tokio::sync::watch::Receiver<bool>,
@@ -225,6 +228,7 @@ impl Engine {
                 hub_name,
                 groups,
                 member_clusters,
+                clusters_listed,
                 sessions,
                 fanout,
                 metrics,
@@ -672,7 +676,7 @@ impl Engine {
     /// writes every MemberCluster's status (Reachable, gRPC sessions) when it changed.
     pub async fn refresh_members(&self) {
         // Before the first list of MemberClusters the store is empty: that is not "no clusters".
-        let _ = self.inner.member_clusters.wait_until_ready().await;
+        self.inner.clusters_listed.wait().await;
         tracing::debug!("member clusters listed");
         let previous = self.inner.members.read().await.clone();
         let mut connected = BTreeMap::new();
@@ -758,11 +762,20 @@ impl Engine {
         });
         let params = kube::api::PatchParams::apply(mirror::FIELD_MANAGER).force();
         let api = Api::<MemberCluster>::all(self.inner.hub.clone());
-        if let Err(error) = api
-            .patch_status(&member.name, &params, &kube::api::Patch::Apply(&patch))
-            .await
-        {
-            tracing::warn!(cluster = %member.name, %error, "MemberCluster status not written");
+        // Bounded: the resync loop waits for every member's status, and a hub that accepts the
+        // connection but never answers must not stop it.
+        let patch = kube::api::Patch::Apply(&patch);
+        let write = api.patch_status(&member.name, &params, &patch);
+        match tokio::time::timeout(clusters::API_TIMEOUT, write).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(error)) => {
+                tracing::warn!(cluster = %member.name, %error, "MemberCluster status not written");
+            }
+            Err(_) => tracing::warn!(
+                cluster = %member.name,
+                timeout = ?clusters::API_TIMEOUT,
+                "MemberCluster status not written: the hub did not answer in time"
+            ),
         }
     }
 

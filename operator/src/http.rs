@@ -1,16 +1,14 @@
 //! `/healthz`, `/readyz` (leading, and the hub's groups have been listed) and `/metrics` (Prometheus text).
 
 use axum::{Router, extract::State, http::StatusCode, response::IntoResponse, routing::get};
-use kube::runtime::reflector::Store;
-use lockstep_api::v1alpha1::ConsistencyGroup;
 use tokio_util::sync::CancellationToken;
 
-use crate::metrics::Metrics;
+use crate::{listed::Listed, metrics::Metrics};
 
 #[derive(Clone)]
 struct HttpState {
     metrics: Metrics,
-    groups: Store<ConsistencyGroup>,
+    groups_listed: Listed,
     leader: tokio::sync::watch::Receiver<bool>,
 }
 
@@ -18,7 +16,7 @@ struct HttpState {
 pub async fn serve(
     listener: tokio::net::TcpListener,
     metrics: Metrics,
-    groups: Store<ConsistencyGroup>,
+    groups_listed: Listed,
     leader: tokio::sync::watch::Receiver<bool>,
     shutdown: CancellationToken,
 ) {
@@ -28,7 +26,7 @@ pub async fn serve(
         .route("/metrics", get(metrics_text))
         .with_state(HttpState {
             metrics,
-            groups,
+            groups_listed,
             leader,
         });
     let served = axum::serve(listener, app)
@@ -48,7 +46,7 @@ async fn ready(State(state): State<HttpState>) -> impl IntoResponse {
             "standby: another replica holds the leader Lease",
         );
     }
-    if state.groups.wait_until_ready().await.is_ok() {
+    if state.groups_listed.is_listed() {
         (StatusCode::OK, "ready")
     } else {
         (

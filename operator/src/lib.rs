@@ -16,6 +16,7 @@ pub mod engine;
 pub mod fanout;
 pub mod freeze;
 pub mod http;
+pub mod listed;
 pub mod members;
 pub mod metrics;
 pub mod mirror;
@@ -36,7 +37,7 @@ use lockstep_api::{
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::{engine::Engine, metrics::Metrics, sessions::Sessions};
+use crate::{engine::Engine, listed::Listed, metrics::Metrics, sessions::Sessions};
 
 /// Start-up options (flags and environment).
 #[derive(Debug, Clone, clap::Args)]
@@ -147,11 +148,15 @@ impl Operator {
 
         let (groups, groups_writer) = reflector::store::<ConsistencyGroup>();
         let (member_clusters, clusters_writer) = reflector::store::<MemberCluster>();
+        let (groups_listed, task) = Listed::watch(groups.clone());
+        tasks.push(task);
+        let (clusters_listed, task) = Listed::watch(member_clusters.clone());
+        tasks.push(task);
         let engine = Engine::new(
             client.clone(),
             options,
             groups.clone(),
-            member_clusters.clone(),
+            (member_clusters, clusters_listed),
             sessions,
             metrics.clone(),
             leader.clone(),
@@ -225,7 +230,7 @@ impl Operator {
         tasks.push(tokio::spawn(http::serve(
             http_listener,
             metrics,
-            groups,
+            groups_listed,
             leader,
             shutdown.clone(),
         )));

@@ -593,9 +593,9 @@ async fn the_scenarios_run_on_clusters_given_by_kubeconfig() {
     let target = Target::parse(&kubeconfigs.join(",")).unwrap();
     assert!(target.is_real());
 
-    // Once: a second run against the same clusters stalls in its resync about one time in four (same
-    // node names as the first run's; open in issue 12's note), so CI does not run it yet.
-    for _ in 0..1 {
+    // Twice on the same clusters, as a user re-running the suite would: the second run reuses the first
+    // run's node names, and must not be confused by what the first run left behind.
+    for _ in 0..2 {
         let mut h = start_on(Setup::new(Policy::FreezeAndGo).unwrap(), target.clone()).await;
         assert!(h.on_real_clusters());
         assert!(h.cluster("west").unwrap().api.is_none());
