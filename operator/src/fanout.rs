@@ -125,7 +125,8 @@ impl Fanout {
     }
 }
 
-fn position(status: &ConsistencyGroupStatus) -> (u64, lockstep_api::domain::Stage) {
+/// Where a status is in the group's life: (epoch, stage); a mirror's status never moves back in it.
+pub(crate) fn position(status: &ConsistencyGroupStatus) -> (u64, lockstep_api::domain::Stage) {
     (
         status.epoch,
         status.stage.unwrap_or(lockstep_api::domain::Stage::Resume),

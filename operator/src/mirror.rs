@@ -83,7 +83,8 @@ pub async fn apply(
         cluster: cluster.to_owned(),
         source,
     };
-    if let Some(existing) = api.get_opt(&name).await.map_err(api_error)? {
+    let existing = api.get_opt(&name).await.map_err(api_error)?;
+    if let Some(existing) = &existing {
         let labels = existing.labels();
         let owner = match labels.get(HUB_LABEL) {
             Some(hub) if hub == hub_name && labels.get(GROUP_UID_LABEL) == Some(&uid) => None,
@@ -116,7 +117,16 @@ pub async fn apply(
     api.patch(&name, &params, &Patch::Apply(&object))
         .await
         .map_err(api_error)?;
-    if let Some(status) = &group.status {
+    // The status goes along when the mirror has none as recent: a new mirror, or one whose status the
+    // fan-out could not write while it was missing. A mirror already at or past this status is left to
+    // the fan-out, which orders its writes: this copy (from a reconcile) may be older than what it wrote.
+    let mirrored_position = existing
+        .as_ref()
+        .and_then(|existing| existing.status.as_ref())
+        .map(crate::fanout::position);
+    if let Some(status) = &group.status
+        && mirrored_position.is_none_or(|mirrored| mirrored < crate::fanout::position(status))
+    {
         write_status(client, cluster, &name, &mirror_status(status, cluster)).await?;
     }
     Ok(())

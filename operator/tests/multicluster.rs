@@ -1391,3 +1391,39 @@ async fn an_operator_shut_down_no_longer_acts_on_replication_nodes() -> TestResu
     );
     Ok(())
 }
+
+/// A reconcile works on the reflector's copy of the hub group, which can be behind the status the
+/// fan-out already wrote into a mirror. Writing that copy's status would be refused ("status.epoch never
+/// decreases") and logged as a failed mirror write; the mirror write leaves the newer status alone.
+#[tokio::test]
+async fn a_mirror_write_from_an_older_copy_leaves_the_mirrors_newer_status_alone() -> TestResult {
+    use lockstep_api::v1alpha1::ConsistencyGroupStatus;
+    let (_west, member) = cluster().await;
+    let at = |epoch, stage| {
+        let mut group = ConsistencyGroup::new(
+            "orders-db",
+            group_spec(vec![by_names("west", &["wal"])], Policy::FreezeAndGo),
+        );
+        group.metadata.uid = Some("uid-orders-db".into());
+        group.status = Some(ConsistencyGroupStatus {
+            epoch,
+            stage: Some(stage),
+            ..Default::default()
+        });
+        group
+    };
+    lockstep_operator::mirror::apply(&member, "west", "east", &at(3, Stage::Release)).await?;
+    lockstep_operator::mirror::apply(&member, "west", "east", &at(2, Stage::Resume)).await?;
+    let mirror = Api::<ConsistencyGroup>::all(member.clone())
+        .get("orders-db")
+        .await?;
+    let status = mirror.status.unwrap();
+    assert_eq!((status.epoch, status.stage), (3, Some(Stage::Release)));
+    // A newer status still goes along.
+    lockstep_operator::mirror::apply(&member, "west", "east", &at(4, Stage::Freeze)).await?;
+    let mirror = Api::<ConsistencyGroup>::all(member.clone())
+        .get("orders-db")
+        .await?;
+    assert_eq!(mirror.status.unwrap().epoch, 4);
+    Ok(())
+}
