@@ -13,10 +13,12 @@
 //! inline only when the queue is empty, so the order holds either way.
 //!
 //! **Durable** means: the bytes were written with `pwrite` and an `fdatasync` of the file that *started
-//! after that `pwrite` returned* returned successfully before the operation was answered. The I/O thread
-//! does group commit: a durable operation, once applied, joins the waiters of the next `fdatasync`; the
-//! thread takes every waiter registered so far, calls `fdatasync` once, and answers them all. Writes
-//! applied while an `fdatasync` runs wait for the next one.
+//! after that `pwrite` returned* returned successfully before the operation was answered. Syncing is
+//! group commit on [`SYNC_THREADS`] sync threads: a durable operation, once applied, joins the waiters of
+//! the next `fdatasync`; an idle sync thread takes every waiter registered so far, calls `fdatasync`
+//! once, and answers them all. While one `fdatasync` runs, another thread can start the next one for
+//! the writes applied since (as concurrent `O_DSYNC` writers would; the kernel merges the device
+//! flushes), so a write waits for one `fdatasync`, not for the end of an earlier one first.
 //!
 //! Reads run on tokio's blocking pool with positioned reads and see every write already answered.
 
@@ -34,8 +36,10 @@ use tokio::sync::oneshot;
 
 /// The largest write applied by the submitting task; larger ones go to the I/O thread.
 pub const INLINE_MAX: usize = 64 * 1024;
-/// The largest number of queued operations the I/O thread applies before its next `fdatasync`.
+/// The largest number of queued operations the I/O thread applies at once.
 const MAX_BATCH: usize = 512;
+/// How many `fdatasync` calls on one file may run at once.
+pub const SYNC_THREADS: usize = 4;
 
 /// An I/O failure on a volume's file, cheap to clone so one `fdatasync` error can answer many writes.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -117,8 +121,10 @@ struct Queue {
     applying: usize,
     /// Applied durable operations waiting for an `fdatasync` that starts after them.
     sync_waiters: Vec<Done>,
-    /// Every [`Store`] handle is gone: the thread ends once the queue is drained.
+    /// Every [`Store`] handle is gone: the threads end once the queue is drained.
     closed: bool,
+    /// The I/O thread ended (it registers no more sync waiters).
+    io_ended: bool,
 }
 
 #[derive(Debug)]
@@ -126,7 +132,10 @@ struct Shared {
     file: File,
     path: String,
     queue: Mutex<Queue>,
-    work: Condvar,
+    /// Signalled when `jobs` gets work (or on close).
+    jobs_ready: Condvar,
+    /// Signalled when `sync_waiters` gets work (or on close).
+    sync_ready: Condvar,
 }
 
 impl Shared {
@@ -151,7 +160,8 @@ struct Closer(Arc<Shared>);
 impl Drop for Closer {
     fn drop(&mut self) {
         self.0.lock().closed = true;
-        self.0.work.notify_one();
+        self.0.jobs_ready.notify_all();
+        self.0.sync_ready.notify_all();
     }
 }
 
@@ -236,15 +246,26 @@ impl Store {
             file,
             path: path.display().to_string(),
             queue: Mutex::new(Queue::default()),
-            work: Condvar::new(),
+            jobs_ready: Condvar::new(),
+            sync_ready: Condvar::new(),
         });
         let thread_shared = Arc::clone(&shared);
         std::thread::Builder::new()
             .name("store-io".into())
             .spawn(move || io_thread(&thread_shared))
             .map_err(|e| err("spawn I/O thread", e))?;
+        // From here on a failed spawn drops the closer, which ends the threads already started (and
+        // releases the file) instead of leaving them waiting for a store that was never returned.
+        let closer = Arc::new(Closer(Arc::clone(&shared)));
+        for _ in 0..SYNC_THREADS {
+            let thread_shared = Arc::clone(&shared);
+            std::thread::Builder::new()
+                .name("store-sync".into())
+                .spawn(move || sync_thread(&thread_shared))
+                .map_err(|e| err("spawn sync thread", e))?;
+        }
         Ok(Store {
-            _closes_on_drop: Arc::new(Closer(Arc::clone(&shared))),
+            _closes_on_drop: closer,
             shared,
             path: path.to_owned(),
             size,
@@ -296,9 +317,12 @@ impl Store {
         }
     }
 
-    /// Wakes the I/O thread for everything submitted so far.
+    /// Wakes the I/O thread and a sync thread for everything submitted so far. Unconditional: the work
+    /// was queued under the lock before, so a thread either sees it when it next checks or is waiting
+    /// and is woken here.
     pub fn start(&self) {
-        self.shared.work.notify_one();
+        self.shared.jobs_ready.notify_one();
+        self.shared.sync_ready.notify_one();
     }
 
     /// Applies an operation and waits for it.
@@ -374,20 +398,22 @@ fn apply_job(shared: &Shared, job: Job, waiting_sync: &mut Vec<Done>) {
     }
 }
 
-/// The I/O thread: applies queued operations in order, then runs one `fdatasync` for every durable
-/// operation applied so far (its own and the submitters' inline ones).
+/// The I/O thread: applies queued operations in order; the durable ones join the sync waiters.
 fn io_thread(shared: &Shared) {
     let mut batch: Vec<Job> = Vec::with_capacity(MAX_BATCH);
-    let mut waiting_sync: Vec<Done> = Vec::with_capacity(MAX_BATCH);
+    let mut applied_durable: Vec<Done> = Vec::with_capacity(MAX_BATCH);
     loop {
         {
             let mut queue = shared.lock();
-            while queue.jobs.is_empty() && queue.sync_waiters.is_empty() {
+            while queue.jobs.is_empty() {
                 if queue.closed {
+                    queue.io_ended = true;
+                    drop(queue);
+                    shared.sync_ready.notify_all();
                     return;
                 }
                 queue = shared
-                    .work
+                    .jobs_ready
                     .wait(queue)
                     .unwrap_or_else(PoisonError::into_inner);
             }
@@ -396,23 +422,42 @@ fn io_thread(shared: &Shared) {
             queue.applying = n;
         }
         for job in batch.drain(..) {
-            apply_job(shared, job, &mut waiting_sync);
+            apply_job(shared, job, &mut applied_durable);
         }
-        {
-            // Every waiter registered so far finished its pwrite before registering, so the fdatasync
-            // below starts after all of them.
+        let mut queue = shared.lock();
+        queue.applying = 0;
+        if !applied_durable.is_empty() {
+            queue.sync_waiters.append(&mut applied_durable);
+            drop(queue);
+            shared.sync_ready.notify_one();
+        }
+    }
+}
+
+/// A sync thread: takes every sync waiter registered so far, runs one `fdatasync`, answers them.
+fn sync_thread(shared: &Shared) {
+    loop {
+        let waiters = {
             let mut queue = shared.lock();
-            queue.applying = 0;
-            waiting_sync.append(&mut queue.sync_waiters);
-        }
-        if !waiting_sync.is_empty() {
-            let result = shared
-                .file
-                .sync_data()
-                .map_err(|e| shared.error("fdatasync", e.to_string()));
-            for done in waiting_sync.drain(..) {
-                let _ = done.send(result.clone());
+            while queue.sync_waiters.is_empty() {
+                if queue.closed && queue.io_ended {
+                    return;
+                }
+                queue = shared
+                    .sync_ready
+                    .wait(queue)
+                    .unwrap_or_else(PoisonError::into_inner);
             }
+            // Every waiter finished its pwrite before registering, so the fdatasync below starts after
+            // all of them.
+            std::mem::take(&mut queue.sync_waiters)
+        };
+        let result = shared
+            .file
+            .sync_data()
+            .map_err(|e| shared.error("fdatasync", e.to_string()));
+        for done in waiters {
+            let _ = done.send(result.clone());
         }
     }
 }
@@ -511,6 +556,163 @@ mod tests {
                 _ => 1,
             };
             assert!(block.iter().all(|&x| x == want), "block {i}");
+        }
+    }
+
+    /// How long a test waits for any one answer before calling it a stall.
+    const STALL: std::time::Duration = std::time::Duration::from_secs(20);
+
+    async fn answered(wait: StoreWait, what: &str) -> Result<(), StoreError> {
+        match tokio::time::timeout(STALL, wait).await {
+            Ok(result) => result,
+            Err(_) => panic!("{what}: no answer within {STALL:?} (lost wake-up?)"),
+        }
+    }
+
+    fn block(fill: u8, len: usize) -> Bytes {
+        Bytes::from(vec![fill; len])
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn concurrent_durable_and_plain_submissions_never_stall() {
+        const TASKS: u64 = 24;
+        const ROUNDS: u64 = 60;
+        const REGION: u64 = 256 * 1024;
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("v"), Some(TASKS * REGION)).unwrap();
+        let mut tasks = Vec::new();
+        for t in 0..TASKS {
+            let store = store.clone();
+            tasks.push(tokio::spawn(async move {
+                let base = t * REGION;
+                for round in 0..ROUNDS {
+                    let fill = (round % 250 + 1) as u8;
+                    let durable = (t + round) % 3 != 0;
+                    let small = |i: u64| StoreOp::Write {
+                        offset: base + i * 4096,
+                        data: block(fill, 4096),
+                    };
+                    match (t + round) % 4 {
+                        // One write, submitted and woken at once.
+                        0 => answered(store.submit(small(0), durable), "submit").await?,
+                        // A burst submitted deferred, then started once, as the secondary does.
+                        1 => {
+                            let waits: Vec<_> = (0..4)
+                                .map(|i| store.submit_deferred(small(i), durable || i == 3))
+                                .collect();
+                            store.start();
+                            for w in waits {
+                                answered(w, "deferred").await?;
+                            }
+                        }
+                        // A large write (the I/O thread's) with small ones queued behind it.
+                        2 => {
+                            let large = store.submit(
+                                StoreOp::Write {
+                                    offset: base,
+                                    data: block(fill, 2 * INLINE_MAX),
+                                },
+                                durable,
+                            );
+                            let behind = store.submit(small(1), true);
+                            answered(large, "large").await?;
+                            answered(behind, "behind large").await?;
+                        }
+                        // A flush and a trim.
+                        _ => {
+                            let flush = store.submit(StoreOp::Flush, true);
+                            answered(flush, "flush").await?;
+                            let trim = store.submit(
+                                StoreOp::Trim {
+                                    offset: base + 8 * 4096,
+                                    length: 4096,
+                                },
+                                durable,
+                            );
+                            answered(trim, "trim").await?;
+                        }
+                    }
+                }
+                Ok::<(), StoreError>(())
+            }));
+        }
+        for task in tasks {
+            task.await.unwrap().unwrap();
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn every_durable_write_is_answered_ok_and_reads_back() {
+        const WRITES: u64 = 2000;
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("v"), Some(WRITES * 4096)).unwrap();
+        let mut waits = Vec::new();
+        for i in 0..WRITES {
+            let op = StoreOp::Write {
+                offset: i * 4096,
+                data: block((i % 251) as u8, 4096),
+            };
+            // Alternate single submissions with deferred bursts of up to seven.
+            if i % 8 == 0 {
+                store.start();
+                waits.push(tokio::spawn(answered(store.submit(op, true), "durable")));
+            } else {
+                waits.push(tokio::spawn(answered(
+                    store.submit_deferred(op, true),
+                    "deferred durable",
+                )));
+            }
+            if i % 64 == 0 {
+                tokio::task::yield_now().await;
+            }
+        }
+        store.start();
+        let mut ok = 0;
+        for w in waits {
+            w.await.unwrap().unwrap();
+            ok += 1;
+        }
+        assert_eq!(ok, WRITES);
+        let got = store.read(0, (WRITES * 4096) as u32).await.unwrap();
+        for (i, b) in got.chunks(4096).enumerate() {
+            assert!(b.iter().all(|&x| x == (i % 251) as u8), "block {i}");
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn dropping_the_store_with_syncs_in_flight_answers_them_and_ends_its_threads() {
+        for _ in 0..20 {
+            let dir = tempfile::tempdir().unwrap();
+            let store = Store::open(&dir.path().join("v"), Some(1 << 20)).unwrap();
+            let shared = Arc::downgrade(&store.shared);
+            let mut waits = Vec::new();
+            for i in 0..64u64 {
+                let op = StoreOp::Write {
+                    offset: (i % 256) * 4096,
+                    data: block(1, if i % 16 == 0 { 2 * INLINE_MAX } else { 4096 }),
+                };
+                waits.push(if i % 2 == 0 {
+                    store.submit(op, true)
+                } else {
+                    store.submit_deferred(op, true)
+                });
+            }
+            // The last handle goes without a start(): closing must still wake every thread.
+            drop(store);
+            for w in waits {
+                answered(w, "in flight at drop").await.unwrap();
+            }
+            // Every thread ends, dropping its share of the file.
+            let ended = tokio::time::timeout(STALL, async {
+                while shared.upgrade().is_some() {
+                    tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+                }
+            })
+            .await;
+            assert!(
+                ended.is_ok(),
+                "store threads still running {STALL:?} after the drop"
+            );
         }
     }
 }

@@ -1,17 +1,20 @@
-//! `replicator-bench`: 4 KiB write IOPS and latency through the replicator, measured with
-//! `qemu-img bench` over NBD/TCP on loopback, at queue depth 1 and 16, for:
+//! `replicator-bench`: 4 KiB write IOPS and latency through the replicator over NBD/TCP on loopback,
+//! at queue depth 1 and 16, for:
 //!
-//! - replicated, client cache `none` (no FUA): acknowledged once the primary has the write in its file and
-//!   the secondary has it durable (fdatasync, group commit);
-//! - replicated + FUA (client cache `writethrough`): durable on both sides before the acknowledgement;
+//! - replicated, no FUA: acknowledged once the primary has the write in its file and the secondary has
+//!   it durable (fdatasync, group commit);
+//! - replicated + FUA: durable on both sides before the acknowledgement;
 //! - replication off + FUA: durable on the primary only (the same durability as the first row, on one
 //!   disk instead of the other);
 //! - replication off, no FUA;
 //! - `qemu-nbd` on the same file, without and with FUA.
 //!
-//! IOPS come from `qemu-img bench`'s run time; the mean latency is queue depth / IOPS; p50 / p99 are
-//! measured inside the replicator's NBD server (from a request's arrival to its reply being queued), so
-//! they are not available for `qemu-nbd`. Figures only: nothing is asserted.
+//! Every case is measured by the same client, built in: one TCP connection (fixed newstyle handshake,
+//! `NBD_OPT_GO`, or `NBD_OPT_EXPORT_NAME` if the server has no GO), sequential 4 KiB `NBD_CMD_WRITE`s
+//! (with `NBD_CMD_FLAG_FUA` for the FUA cases) kept `QD` in flight, replies matched by cookie. Each
+//! request is timed from just before it is sent to the moment its reply is read, so IOPS, p50 and p99
+//! are client-side figures for every server alike. `--qemu-img` adds `qemu-img bench`'s IOPS for the same
+//! writes as a cross-check of the built-in client. Figures only: nothing is asserted.
 //!
 //! `qemu-nbd` runs with its defaults made explicit, `--cache=writeback --aio=threads`: like the
 //! replicator it writes through the page cache and calls `fdatasync` for FUA and FLUSH, so both do the
@@ -31,9 +34,11 @@ use clap::Parser;
 use lockstep_replicator::secondary::{Secondary, SecondaryConfig};
 use lockstep_replicator::{CopyConfig, Primary, PrimaryConfig, VolumeConfig};
 
+use client::NbdClient;
+
 #[derive(Debug, Parser)]
 #[command(
-    about = "4 KiB write benchmark: replicated vs replication off vs qemu-nbd, via qemu-img bench"
+    about = "4 KiB write benchmark: replicated vs replication off vs qemu-nbd, client-side latency"
 )]
 struct Args {
     /// Writes per run at queue depth 1.
@@ -45,6 +50,9 @@ struct Args {
     /// Rounds over all cases (interleaved, to spread the machine's drift); the median round is shown.
     #[arg(long, default_value_t = 3)]
     rounds: u32,
+    /// Also run `qemu-img bench` for every case and depth and show its IOPS (a cross-check).
+    #[arg(long)]
+    qemu_img: bool,
     /// Directory for the volume files (default: a temporary directory under $TMPDIR).
     #[arg(long)]
     dir: Option<PathBuf>,
@@ -102,18 +110,48 @@ struct Row {
     round: u32,
     case: Case,
     depth: u32,
+    /// Writes per second over the run, client side.
     iops: f64,
     mean_us: f64,
-    p50_us: Option<u32>,
-    p99_us: Option<u32>,
+    p50_us: f64,
+    p99_us: f64,
+    /// `qemu-img bench`'s IOPS for the same writes, with `--qemu-img`.
+    qemu_img_iops: Option<f64>,
 }
 
-fn percentile(sorted: &[u32], p: f64) -> Option<u32> {
-    if sorted.is_empty() {
-        return None;
-    }
-    let idx = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted.get(idx).copied()
+/// The export every server offers.
+const EXPORT: &str = "vol1";
+/// The longest one run may take before it counts as a stall.
+const RUN_TIMEOUT: Duration = Duration::from_secs(300);
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    let idx = ((sorted.len().saturating_sub(1)) as f64 * p).round() as usize;
+    sorted.get(idx).copied().unwrap_or(f64::NAN)
+}
+
+/// One run of the built-in client: `count` writes at `depth`, timed per request.
+async fn measure(
+    addr: SocketAddr,
+    fua: bool,
+    count: u64,
+    depth: u32,
+) -> anyhow::Result<(f64, f64, f64, f64)> {
+    let mut client = NbdClient::connect(addr, EXPORT).await?;
+    let started = Instant::now();
+    let latencies = tokio::time::timeout(RUN_TIMEOUT, client.write_run(count, depth, fua))
+        .await
+        .with_context(|| format!("{count} writes at QD{depth} took over {RUN_TIMEOUT:?}"))??;
+    let secs = started.elapsed().as_secs_f64();
+    client.disconnect().await?;
+    let mut us: Vec<f64> = latencies.iter().map(|d| d.as_secs_f64() * 1e6).collect();
+    us.sort_by(f64::total_cmp);
+    let mean = us.iter().sum::<f64>() / us.len().max(1) as f64;
+    Ok((
+        count as f64 / secs,
+        mean,
+        percentile(&us, 0.50),
+        percentile(&us, 0.99),
+    ))
 }
 
 async fn qemu_img_bench(url: &str, fua: bool, count: u64, depth: u32) -> anyhow::Result<f64> {
@@ -127,13 +165,13 @@ async fn qemu_img_bench(url: &str, fua: bool, count: u64, depth: u32) -> anyhow:
             "-t",
             cache,
             "-s",
-            "4096",
+            &client::BLOCK.to_string(),
             "-c",
             &count.to_string(),
             "-d",
             &depth.to_string(),
             "--pattern",
-            "171",
+            &client::PATTERN.to_string(),
             url,
         ])
         .output()
@@ -154,7 +192,7 @@ async fn qemu_img_bench(url: &str, fua: bool, count: u64, depth: u32) -> anyhow:
         })
         .and_then(|s| s.parse::<f64>().ok())
         .with_context(|| format!("unexpected qemu-img bench output: {stdout}"))?;
-    Ok(secs)
+    Ok(count as f64 / secs)
 }
 
 fn prefill(path: &Path, bytes: u64) -> anyhow::Result<()> {
@@ -186,15 +224,71 @@ async fn wait_for_port(addr: SocketAddr) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// What a run measures, the same for every case.
+#[derive(Debug, Clone, Copy)]
+struct Plan {
+    counts: [(u32, u64); 2],
+    qemu_img: bool,
+}
+
+/// Runs every depth of `plan` against the NBD server at `addr`.
+async fn measure_all(
+    round: u32,
+    case: Case,
+    addr: SocketAddr,
+    plan: Plan,
+) -> anyhow::Result<Vec<Row>> {
+    // Warm up (connection, page cache), unmeasured.
+    measure(addr, case.fua, 500, 16).await?;
+    let mut rows = Vec::new();
+    for (depth, count) in plan.counts {
+        let (iops, mean_us, p50_us, p99_us) = measure(addr, case.fua, count, depth).await?;
+        let qemu_img_iops = if plan.qemu_img {
+            let url = format!("nbd://{addr}/{EXPORT}");
+            Some(qemu_img_bench(&url, case.fua, count, depth).await?)
+        } else {
+            None
+        };
+        rows.push(Row {
+            round,
+            case,
+            depth,
+            iops,
+            mean_us,
+            p50_us,
+            p99_us,
+            qemu_img_iops,
+        });
+    }
+    Ok(rows)
+}
+
+/// The replicator serving [`EXPORT`] from `file` on a loopback port, copied to a secondary if `copy`.
+async fn start_primary(
+    file: &Path,
+    size: u64,
+    copy: Option<CopyConfig>,
+) -> anyhow::Result<(Primary, SocketAddr)> {
+    let primary = Primary::start(PrimaryConfig {
+        volumes: vec![VolumeConfig::new(EXPORT, file.to_owned(), Some(size), copy)],
+        nbd_listen: Some("127.0.0.1:0".parse()?),
+        nbd_socket: None,
+        record_latency: false,
+        control_socket: None,
+    })
+    .await?;
+    let addr = primary.nbd_addr().context("no NBD address")?;
+    Ok((primary, addr))
+}
+
 async fn run_case(
     round: u32,
     case: Case,
     files: [&Path; 2],
     secondary: SocketAddr,
     size: u64,
-    counts: [(u32, u64); 2],
+    plan: Plan,
 ) -> anyhow::Result<Vec<Row>> {
-    let mut rows = Vec::new();
     // The replicated volume has its own file (a volume served unreplicated in between would need a
     // full resync); replication off and qemu-nbd share the other one.
     let primary_file = if case.server == Server::Replicated {
@@ -208,50 +302,20 @@ async fn run_case(
                 secondary: secondary.to_string(),
                 timeout: Duration::from_secs(30),
             });
-            let primary = Primary::start(PrimaryConfig {
-                volumes: vec![VolumeConfig::new(
-                    "vol1",
-                    primary_file.to_owned(),
-                    Some(size),
-                    copy,
-                )],
-                nbd_listen: Some("127.0.0.1:0".parse()?),
-                nbd_socket: None,
-                record_latency: true,
-                control_socket: None,
-            })
-            .await?;
-            let addr = primary.nbd_addr().context("no NBD address")?;
-            let url = format!("nbd://{addr}/vol1");
-            // Warm up (connections, page cache), unmeasured.
-            qemu_img_bench(&url, case.fua, 500, 16).await?;
-            for (depth, count) in counts {
-                primary.take_latencies();
-                let secs = qemu_img_bench(&url, case.fua, count, depth).await?;
-                let mut lat = primary.take_latencies();
-                lat.sort_unstable();
-                let iops = count as f64 / secs;
-                rows.push(Row {
-                    round,
-                    case,
-                    depth,
-                    iops,
-                    mean_us: f64::from(depth) / iops * 1e6,
-                    p50_us: percentile(&lat, 0.50),
-                    p99_us: percentile(&lat, 0.99),
-                });
-            }
-            if let Some(v) = primary.volume("vol1") {
+            let (primary, addr) = start_primary(primary_file, size, copy).await?;
+            let rows = measure_all(round, case, addr, plan).await?;
+            if let Some(v) = primary.volume(EXPORT) {
                 let status = v.status();
                 if status.pending != 0 || status.dirty_bytes != 0 {
                     bail!("unexpected volume state after the run: {status:?}");
                 }
             }
+            Ok(rows)
         }
         Server::QemuNbd => {
             let port = free_port()?;
             let mut child = tokio::process::Command::new("qemu-nbd")
-                .args(["-f", "raw", "-x", "vol1", "-b", "127.0.0.1", "-p"])
+                .args(["-f", "raw", "-x", EXPORT, "-b", "127.0.0.1", "-p"])
                 .arg(port.to_string())
                 .args(["-t", "-e", "4", "--cache=writeback", "--aio=threads"])
                 .arg(primary_file)
@@ -260,35 +324,68 @@ async fn run_case(
                 .context("starting qemu-nbd")?;
             let addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
             wait_for_port(addr).await?;
-            let url = format!("nbd://{addr}/vol1");
-            qemu_img_bench(&url, case.fua, 500, 16).await?;
-            for (depth, count) in counts {
-                let secs = qemu_img_bench(&url, case.fua, count, depth).await?;
-                let iops = count as f64 / secs;
-                rows.push(Row {
-                    round,
-                    case,
-                    depth,
-                    iops,
-                    mean_us: f64::from(depth) / iops * 1e6,
-                    p50_us: None,
-                    p99_us: None,
-                });
-            }
+            let rows = measure_all(round, case, addr, plan).await;
             child.kill().await.ok();
+            rows
         }
     }
-    Ok(rows)
-}
-
-fn fmt_us(v: Option<u32>) -> String {
-    v.map_or_else(|| "-".into(), |v| v.to_string())
 }
 
 fn find(rows: &[Row], label: &str, depth: u32) -> Option<Row> {
     rows.iter()
         .find(|r| r.case.label == label && r.depth == depth)
         .cloned()
+}
+
+/// The table of median rows, with `qemu-img bench`'s IOPS if it ran.
+fn print_table(rows: &[Row], qemu_img: bool) {
+    let extra = |v: &str| {
+        if qemu_img {
+            format!(" {v:>13} |")
+        } else {
+            String::new()
+        }
+    };
+    println!();
+    println!(
+        "| {:<36} | {:>3} | {:>7} | {:>7} | {:>7} | {:>7} |{}",
+        "case",
+        "QD",
+        "IOPS",
+        "mean µs",
+        "p50 µs",
+        "p99 µs",
+        extra("qemu-img IOPS")
+    );
+    println!(
+        "|{:-<38}|{:-<5}|{:-<9}|{:-<9}|{:-<9}|{:-<9}|{}",
+        "",
+        "",
+        "",
+        "",
+        "",
+        "",
+        if qemu_img {
+            "-".repeat(15) + "|"
+        } else {
+            String::new()
+        }
+    );
+    for r in rows {
+        let qemu = r
+            .qemu_img_iops
+            .map_or_else(|| "-".into(), |v| format!("{v:.0}"));
+        println!(
+            "| {:<36} | {:>3} | {:>7.0} | {:>7.0} | {:>7.0} | {:>7.0} |{}",
+            r.case.label,
+            r.depth,
+            r.iops,
+            r.mean_us,
+            r.p50_us,
+            r.p99_us,
+            extra(&qemu)
+        );
+    }
 }
 
 /// The machine's load average (1, 5, 15 minutes), as the kernel prints it.
@@ -316,7 +413,7 @@ fn targets() -> [Target; 8] {
         ours,
         theirs,
         depth: 1,
-        metric: |r| r.mean_us,
+        metric: |r| r.p50_us,
         at_least: false,
         limit: 1.5,
     };
@@ -331,7 +428,11 @@ fn targets() -> [Target; 8] {
     };
     let [replicated, replicated_fua, off_fua, off, qemu, qemu_fua] = CASES.map(|c| c.label);
     [
-        latency("replicated vs off+FUA: QD1 latency", replicated, off_fua),
+        latency(
+            "replicated vs off+FUA: QD1 p50 latency",
+            replicated,
+            off_fua,
+        ),
         throughput(
             "replicated vs off+FUA: QD16 IOPS",
             replicated,
@@ -340,7 +441,7 @@ fn targets() -> [Target; 8] {
             0.7,
         ),
         latency(
-            "replicated+FUA vs off+FUA: QD1 latency",
+            "replicated+FUA vs off+FUA: QD1 p50 latency",
             replicated_fua,
             off_fua,
         ),
@@ -415,12 +516,12 @@ async fn main() -> anyhow::Result<()> {
     .await?;
 
     println!(
-        "4 KiB sequential writes, qemu-img bench over NBD/TCP loopback; {} CPUs; files in {}",
+        "4 KiB sequential writes over NBD/TCP loopback, built-in client (one connection); {} CPUs; files in {}",
         std::thread::available_parallelism().map_or(0, |n| n.get()),
         dir.display()
     );
     println!(
-        "count: {} at QD1, {} at QD16, median of {} rounds; mean = QD / IOPS (client side); p50/p99 measured in the replicator's server (request in -> reply queued)",
+        "count: {} at QD1, {} at QD16, median round (by IOPS) of {}; IOPS, mean, p50 and p99 all client side (request sent -> reply read)",
         args.count_qd1,
         args.count_qd16,
         args.rounds.max(1)
@@ -428,6 +529,10 @@ async fn main() -> anyhow::Result<()> {
     println!("load average at start: {}", load_average());
     let rounds = args.rounds.max(1);
     let counts = [(1, args.count_qd1), (16, args.count_qd16)];
+    let plan = Plan {
+        counts,
+        qemu_img: args.qemu_img,
+    };
     let mut all: Vec<Row> = Vec::new();
     for round in 0..rounds {
         for case in CASES {
@@ -438,7 +543,7 @@ async fn main() -> anyhow::Result<()> {
                     [&replicated_file, &primary_file],
                     secondary.local_addr(),
                     size,
-                    counts,
+                    plan,
                 )
                 .await?,
             );
@@ -464,26 +569,7 @@ async fn main() -> anyhow::Result<()> {
             }
         }
     }
-    println!();
-    println!(
-        "| {:<36} | {:>3} | {:>9} | {:>9} | {:>7} | {:>7} |",
-        "case", "QD", "IOPS", "mean µs", "p50 µs", "p99 µs"
-    );
-    println!(
-        "|{:-<38}|{:-<5}|{:-<11}|{:-<11}|{:-<9}|{:-<9}|",
-        "", "", "", "", "", ""
-    );
-    for r in &rows {
-        println!(
-            "| {:<36} | {:>3} | {:>9.0} | {:>9.0} | {:>7} | {:>7} |",
-            r.case.label,
-            r.depth,
-            r.iops,
-            r.mean_us,
-            fmt_us(r.p50_us),
-            fmt_us(r.p99_us)
-        );
-    }
+    print_table(&rows, args.qemu_img);
     println!();
     println!(
         "Targets (issue 5): ratio of the median rows; in brackets the median of the per-round ratios, then each round's"
@@ -514,4 +600,451 @@ async fn main() -> anyhow::Result<()> {
     }
     println!("load average at end: {}", load_average());
     Ok(())
+}
+
+/// A small NBD client for timing writes: fixed newstyle handshake, simple replies, one TCP connection.
+mod client {
+    use std::collections::HashMap;
+    use std::net::SocketAddr;
+    use std::sync::{Mutex, PoisonError};
+    use std::time::{Duration, Instant};
+
+    use anyhow::{Context, bail, ensure};
+    use lockstep_replicator::nbd::proto;
+    use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+    use tokio::net::TcpStream;
+    use tokio::sync::Semaphore;
+
+    /// The bytes of every write (qemu-img bench's `--pattern 171`).
+    pub const PATTERN: u8 = 171;
+    /// The size of every write.
+    pub const BLOCK: u32 = 4096;
+    /// The longest option reply data accepted.
+    const MAX_REPLY_DATA: u32 = proto::MAX_OPTION_LEN;
+
+    /// A connection in the transmission phase.
+    pub struct NbdClient<S> {
+        stream: S,
+        /// The export's size in bytes.
+        pub size: u64,
+        /// The export's transmission flags.
+        pub flags: u16,
+    }
+
+    impl NbdClient<TcpStream> {
+        /// Connects over TCP and opens `export`.
+        pub async fn connect(addr: SocketAddr, export: &str) -> anyhow::Result<Self> {
+            let stream = TcpStream::connect(addr)
+                .await
+                .with_context(|| format!("connecting to {addr}"))?;
+            stream.set_nodelay(true)?;
+            NbdClient::handshake(stream, export).await
+        }
+    }
+
+    async fn read_u16<S: AsyncRead + Unpin>(s: &mut S) -> anyhow::Result<u16> {
+        let mut b = [0u8; 2];
+        s.read_exact(&mut b).await?;
+        Ok(u16::from_be_bytes(b))
+    }
+
+    async fn read_u64<S: AsyncRead + Unpin>(s: &mut S) -> anyhow::Result<u64> {
+        let mut b = [0u8; 8];
+        s.read_exact(&mut b).await?;
+        Ok(u64::from_be_bytes(b))
+    }
+
+    async fn send_option<S: AsyncWrite + Unpin>(
+        s: &mut S,
+        option: u32,
+        data: &[u8],
+    ) -> anyhow::Result<()> {
+        let length = u32::try_from(data.len()).context("option data too long")?;
+        let mut buf = proto::encode_option_header(&proto::OptionHeader { option, length }).to_vec();
+        buf.extend_from_slice(data);
+        s.write_all(&buf).await?;
+        Ok(())
+    }
+
+    impl<S: AsyncRead + AsyncWrite + Unpin> NbdClient<S> {
+        /// Runs the fixed newstyle handshake on `stream`: `NBD_OPT_GO`, or `NBD_OPT_EXPORT_NAME` if
+        /// the server does not support GO.
+        pub async fn handshake(mut stream: S, export: &str) -> anyhow::Result<Self> {
+            let magic = read_u64(&mut stream)
+                .await
+                .context("reading the greeting")?;
+            ensure!(magic == proto::NBD_MAGIC, "bad greeting magic {magic:#x}");
+            let opt = read_u64(&mut stream)
+                .await
+                .context("reading the greeting")?;
+            ensure!(opt == proto::IHAVEOPT, "not a newstyle server ({opt:#x})");
+            let server_flags = read_u16(&mut stream)
+                .await
+                .context("reading the greeting")?;
+            ensure!(
+                server_flags & proto::FLAG_FIXED_NEWSTYLE != 0,
+                "server is not fixed newstyle"
+            );
+            let no_zeroes = server_flags & proto::FLAG_NO_ZEROES != 0;
+            let mut client_flags = proto::CLIENT_FLAG_FIXED_NEWSTYLE;
+            if no_zeroes {
+                client_flags |= proto::CLIENT_FLAG_NO_ZEROES;
+            }
+            stream.write_all(&client_flags.to_be_bytes()).await?;
+
+            let go = proto::encode_info_request(&proto::InfoRequest {
+                name: export.to_owned(),
+                items: Vec::new(),
+            });
+            send_option(&mut stream, proto::OPT_GO, &go).await?;
+            let mut export_info = None;
+            loop {
+                let mut header = [0u8; 20];
+                stream
+                    .read_exact(&mut header)
+                    .await
+                    .context("reading an option reply")?;
+                let magic = u64::from_be_bytes(header[0..8].try_into()?);
+                ensure!(
+                    magic == proto::OPTION_REPLY_MAGIC,
+                    "bad option reply magic {magic:#x}"
+                );
+                let option = u32::from_be_bytes(header[8..12].try_into()?);
+                ensure!(
+                    option == proto::OPT_GO,
+                    "reply to option {option}, not to GO"
+                );
+                let reply_type = u32::from_be_bytes(header[12..16].try_into()?);
+                let len = u32::from_be_bytes(header[16..20].try_into()?);
+                ensure!(
+                    len <= MAX_REPLY_DATA,
+                    "option reply of {len} bytes is too long"
+                );
+                let mut data = vec![0u8; len as usize];
+                stream
+                    .read_exact(&mut data)
+                    .await
+                    .context("reading an option reply")?;
+                match reply_type {
+                    proto::REP_ACK => break,
+                    proto::REP_INFO => {
+                        let kind = data.get(0..2).map(|b| u16::from_be_bytes([b[0], b[1]]));
+                        if kind == Some(proto::INFO_EXPORT) {
+                            ensure!(data.len() == 12, "NBD_INFO_EXPORT of {len} bytes");
+                            let mut size = [0u8; 8];
+                            size.copy_from_slice(&data[2..10]);
+                            export_info = Some((
+                                u64::from_be_bytes(size),
+                                u16::from_be_bytes([data[10], data[11]]),
+                            ));
+                        }
+                    }
+                    proto::REP_ERR_UNSUP => {
+                        return NbdClient::export_name(stream, export, no_zeroes).await;
+                    }
+                    t if t & (1 << 31) != 0 => {
+                        bail!(
+                            "server refused export {export:?}: error {t:#x} {}",
+                            String::from_utf8_lossy(&data)
+                        )
+                    }
+                    // Other informational replies (NBD_REP_SERVER, ...) carry nothing needed here.
+                    _ => {}
+                }
+            }
+            let (size, flags) = export_info.context("GO acknowledged without NBD_INFO_EXPORT")?;
+            Ok(NbdClient {
+                stream,
+                size,
+                flags,
+            })
+        }
+
+        /// The older way in: `NBD_OPT_EXPORT_NAME`, answered with size and flags (no option reply).
+        async fn export_name(mut stream: S, export: &str, no_zeroes: bool) -> anyhow::Result<Self> {
+            send_option(&mut stream, proto::OPT_EXPORT_NAME, export.as_bytes()).await?;
+            let size = read_u64(&mut stream)
+                .await
+                .context("reading the EXPORT_NAME reply")?;
+            let flags = read_u16(&mut stream)
+                .await
+                .context("reading the EXPORT_NAME reply")?;
+            if !no_zeroes {
+                let mut zeroes = [0u8; 124];
+                stream
+                    .read_exact(&mut zeroes)
+                    .await
+                    .context("reading the EXPORT_NAME reply")?;
+            }
+            Ok(NbdClient {
+                stream,
+                size,
+                flags,
+            })
+        }
+
+        /// Writes `count` sequential [`BLOCK`]-byte blocks from offset 0 (wrapping at the export's end),
+        /// `depth` in flight, with the FUA flag if `fua`; returns each request's latency (send to reply),
+        /// in completion order. Any error reply, unknown cookie or malformed reply is an error.
+        pub async fn write_run(
+            &mut self,
+            count: u64,
+            depth: u32,
+            fua: bool,
+        ) -> anyhow::Result<Vec<Duration>> {
+            ensure!(depth > 0, "queue depth 0");
+            let blocks = self.size / u64::from(BLOCK);
+            ensure!(blocks > 0, "export of {} bytes is too small", self.size);
+            ensure!(
+                !fua || self.flags & proto::TX_SEND_FUA != 0,
+                "the server does not take FUA (transmission flags {:#x})",
+                self.flags
+            );
+            let flags = if fua { proto::CMD_FLAG_FUA } else { 0 };
+            let credits = Semaphore::new(depth as usize);
+            let in_flight: Mutex<HashMap<u64, Instant>> = Mutex::new(HashMap::new());
+            let (mut rx, mut tx) = tokio::io::split(&mut self.stream);
+            let send = async {
+                let mut buf = vec![PATTERN; proto::REQUEST_LEN + BLOCK as usize];
+                for cookie in 0..count {
+                    credits.acquire().await?.forget();
+                    let header = proto::encode_request_header(&proto::RequestHeader {
+                        flags,
+                        command: proto::CMD_WRITE,
+                        cookie,
+                        offset: (cookie % blocks) * u64::from(BLOCK),
+                        length: BLOCK,
+                    });
+                    buf[..proto::REQUEST_LEN].copy_from_slice(&header);
+                    in_flight
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .insert(cookie, Instant::now());
+                    tx.write_all(&buf).await.context("sending a write")?;
+                }
+                Ok::<(), anyhow::Error>(())
+            };
+            let receive = async {
+                let mut latencies = Vec::with_capacity(usize::try_from(count).unwrap_or(0));
+                let mut header = [0u8; proto::SIMPLE_REPLY_LEN];
+                for _ in 0..count {
+                    rx.read_exact(&mut header)
+                        .await
+                        .context("reading a reply")?;
+                    let at = Instant::now();
+                    let reply = proto::parse_simple_reply(&header).context("malformed reply")?;
+                    let sent = in_flight
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .remove(&reply.cookie)
+                        .with_context(|| {
+                            format!(
+                                "reply to cookie {:#x}, which is not in flight",
+                                reply.cookie
+                            )
+                        })?;
+                    ensure!(
+                        reply.error == 0,
+                        "write {} failed with error {}",
+                        reply.cookie,
+                        reply.error
+                    );
+                    latencies.push(at - sent);
+                    credits.add_permits(1);
+                }
+                Ok(latencies)
+            };
+            let ((), latencies) = tokio::try_join!(send, receive)?;
+            Ok(latencies)
+        }
+
+        /// Sends `NBD_CMD_DISC` and closes the connection.
+        pub async fn disconnect(mut self) -> anyhow::Result<()> {
+            let header = proto::encode_request_header(&proto::RequestHeader {
+                flags: 0,
+                command: proto::CMD_DISC,
+                cookie: u64::MAX,
+                offset: 0,
+                length: 0,
+            });
+            self.stream.write_all(&header).await?;
+            self.stream.shutdown().await?;
+            Ok(())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::client::{BLOCK, NbdClient, PATTERN};
+    use super::*;
+    use lockstep_replicator::nbd::proto;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
+
+    /// A fake server: sends `bytes` and ends its side, then reads and drops whatever the client sends.
+    fn fake(bytes: Vec<u8>) -> DuplexStream {
+        let (client, server) = tokio::io::duplex(1 << 20);
+        tokio::spawn(async move {
+            let (mut server, mut out) = tokio::io::split(server);
+            out.write_all(&bytes).await.unwrap();
+            out.shutdown().await.unwrap();
+            let mut sink = vec![0u8; 1 << 16];
+            while server.read(&mut sink).await.is_ok_and(|n| n > 0) {}
+        });
+        client
+    }
+
+    /// A greeting and a GO answered with an 8 MiB export that takes FUA.
+    fn good_handshake() -> Vec<u8> {
+        let mut b = proto::server_greeting().to_vec();
+        let info = proto::info_export(8 << 20, proto::TX_FLAGS);
+        b.extend(proto::option_reply(proto::OPT_GO, proto::REP_INFO, &info));
+        b.extend(proto::option_reply(proto::OPT_GO, proto::REP_ACK, &[]));
+        b
+    }
+
+    async fn handshake_error(bytes: Vec<u8>) -> String {
+        match NbdClient::handshake(fake(bytes), EXPORT).await {
+            Ok(_) => panic!("handshake accepted"),
+            Err(e) => format!("{e:#}"),
+        }
+    }
+
+    async fn run_error(replies: &[u8]) -> String {
+        let mut bytes = good_handshake();
+        bytes.extend_from_slice(replies);
+        let mut client = NbdClient::handshake(fake(bytes), EXPORT).await.unwrap();
+        assert_eq!(client.size, 8 << 20);
+        match client.write_run(4, 2, true).await {
+            Ok(_) => panic!("run accepted"),
+            Err(e) => format!("{e:#}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn malformed_handshakes_are_errors() {
+        let mut bad_magic = good_handshake();
+        bad_magic[0] ^= 1;
+        assert!(handshake_error(bad_magic).await.contains("greeting magic"));
+
+        let mut too_long = proto::server_greeting().to_vec();
+        too_long.extend(proto::option_reply(proto::OPT_GO, proto::REP_INFO, &[]));
+        too_long[18 + 16..18 + 20].copy_from_slice(&u32::MAX.to_be_bytes());
+        assert!(handshake_error(too_long).await.contains("too long"));
+
+        let mut no_info = proto::server_greeting().to_vec();
+        no_info.extend(proto::option_reply(proto::OPT_GO, proto::REP_ACK, &[]));
+        assert!(handshake_error(no_info).await.contains("NBD_INFO_EXPORT"));
+
+        let mut short_info = proto::server_greeting().to_vec();
+        short_info.extend(proto::option_reply(
+            proto::OPT_GO,
+            proto::REP_INFO,
+            &[0, 0, 1],
+        ));
+        assert!(
+            handshake_error(short_info)
+                .await
+                .contains("NBD_INFO_EXPORT")
+        );
+
+        let mut refused = proto::server_greeting().to_vec();
+        refused.extend(proto::option_reply(
+            proto::OPT_GO,
+            proto::REP_ERR_UNKNOWN,
+            b"no",
+        ));
+        assert!(handshake_error(refused).await.contains("refused"));
+
+        let truncated = proto::server_greeting()[..10].to_vec();
+        assert!(handshake_error(truncated).await.contains("greeting"));
+    }
+
+    #[tokio::test]
+    async fn export_name_is_the_fallback_when_go_is_unsupported() {
+        let mut b = proto::server_greeting().to_vec();
+        b.extend(proto::option_reply(
+            proto::OPT_GO,
+            proto::REP_ERR_UNSUP,
+            &[],
+        ));
+        b.extend(proto::export_name_reply(1 << 20, proto::TX_FLAGS, true));
+        let client = NbdClient::handshake(fake(b), EXPORT).await.unwrap();
+        assert_eq!((client.size, client.flags), (1 << 20, proto::TX_FLAGS));
+    }
+
+    #[tokio::test]
+    async fn malformed_or_unexpected_replies_are_errors() {
+        let mut bad_magic = proto::simple_reply(0, 0);
+        bad_magic[0] ^= 1;
+        assert!(run_error(&bad_magic).await.contains("malformed reply"));
+        let unknown = proto::simple_reply(0, 99);
+        assert!(run_error(&unknown).await.contains("not in flight"));
+        let mut twice = proto::simple_reply(0, 0).to_vec();
+        twice.extend(proto::simple_reply(0, 0));
+        assert!(run_error(&twice).await.contains("not in flight"));
+        let failed = proto::simple_reply(proto::EIO, 0);
+        assert!(run_error(&failed).await.contains("error 5"));
+        let short = &proto::simple_reply(0, 0)[..7];
+        assert!(run_error(short).await.contains("reading a reply"));
+    }
+
+    #[tokio::test]
+    async fn fua_is_refused_by_a_server_that_does_not_offer_it() {
+        let mut b = proto::server_greeting().to_vec();
+        let info = proto::info_export(1 << 20, proto::TX_HAS_FLAGS);
+        b.extend(proto::option_reply(proto::OPT_GO, proto::REP_INFO, &info));
+        b.extend(proto::option_reply(proto::OPT_GO, proto::REP_ACK, &[]));
+        let mut client = NbdClient::handshake(fake(b), EXPORT).await.unwrap();
+        let e = client.write_run(1, 1, true).await.unwrap_err();
+        assert!(format!("{e:#}").contains("FUA"));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn timed_writes_through_the_replicator_land_and_are_all_answered() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("v");
+        let (_primary, addr) = start_primary(&path, 1 << 20, None).await.unwrap();
+        for (count, depth, fua) in [(300, 16, true), (40, 1, false), (1, 16, false)] {
+            let mut client = NbdClient::connect(addr, EXPORT).await.unwrap();
+            assert_eq!(client.size, 1 << 20);
+            let latencies = client.write_run(count, depth, fua).await.unwrap();
+            assert_eq!(latencies.len() as u64, count);
+            client.disconnect().await.unwrap();
+        }
+        // 300 writes wrap around the 256 blocks: every block holds the pattern.
+        let data = std::fs::read(&path).unwrap();
+        assert_eq!(data.len() as u64, 256 * u64::from(BLOCK));
+        assert!(data.iter().all(|&b| b == PATTERN));
+        let (iops, mean, p50, p99) = measure(addr, false, 64, 4).await.unwrap();
+        assert!(iops > 0.0 && mean > 0.0 && p50 > 0.0 && p99 >= p50);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn timed_writes_through_qemu_nbd_are_all_answered() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("v");
+        prefill(&path, 1 << 20).unwrap();
+        let port = free_port().unwrap();
+        let mut child = tokio::process::Command::new("qemu-nbd")
+            .args(["-f", "raw", "-x", EXPORT, "-b", "127.0.0.1", "-p"])
+            .arg(port.to_string())
+            .args(["-t", "-e", "4"])
+            .arg(&path)
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        wait_for_port(addr).await.unwrap();
+        for (count, depth, fua) in [(300, 16, true), (20, 1, false)] {
+            let mut client = NbdClient::connect(addr, EXPORT).await.unwrap();
+            assert_eq!(client.size, 1 << 20);
+            let latencies = client.write_run(count, depth, fua).await.unwrap();
+            assert_eq!(latencies.len() as u64, count);
+            client.disconnect().await.unwrap();
+        }
+        child.kill().await.unwrap();
+        let data = std::fs::read(&path).unwrap();
+        assert!(data.iter().all(|&b| b == PATTERN));
+    }
 }
