@@ -1012,6 +1012,14 @@ impl Enforcer {
             .map(|l| l.epoch)
     }
 
+    /// A known group's name, if it has one (cheap: no view of its volumes is built).
+    pub fn group_name(&self, uid: &str) -> Option<&str> {
+        self.groups
+            .get(uid)
+            .map(|group| group.name.as_str())
+            .filter(|name| !name.is_empty())
+    }
+
     /// Groups, for status and metrics.
     pub fn groups(&self) -> Vec<GroupView> {
         let mut scratch = Outcome::default();

@@ -122,6 +122,13 @@ async fn grpc_only_configuration_freezes_once_and_acknowledges_with_the_volume_l
         if path == "/metrics" {
             assert!(body.contains("lockstep_sidecar_directives_total"), "{body}");
             assert!(!body.contains("v1"), "metrics never carry a volume");
+            // Volumes are counted under the group's name, not its UID.
+            let named = format!("group=\"{GROUP}\"");
+            assert!(
+                body.lines()
+                    .any(|l| l.starts_with("lockstep_sidecar_volumes") && l.contains(&named)),
+                "{body}"
+            );
         }
     }
     sidecar.shutdown().await;
