@@ -15,18 +15,25 @@ use crate::error::Cause;
 #[derive(Debug)]
 pub struct Schema {
     raw: Value,
-    cel: kube_cel::CompiledSchema,
+    /// The rules, compiled over [`rule_tree`] of the schema; `None` when the schema has none.
+    cel: Option<(Value, kube_cel::CompiledSchema)>,
 }
 
 impl Schema {
     /// Compiles the schema's CEL rules; a rule that does not compile refuses the schema.
     pub fn new(raw: Value) -> Result<Self, String> {
-        let cel = kube_cel::compile_schema(&raw);
-        let mut errors = Vec::new();
-        collect_compile_errors(&cel, &mut errors);
-        if !errors.is_empty() {
-            return Err(format!("compilation failed: {}", errors.join("; ")));
-        }
+        let cel = match rule_tree(&raw) {
+            None => None,
+            Some(tree) => {
+                let compiled = kube_cel::compile_schema(&tree);
+                let mut errors = Vec::new();
+                collect_compile_errors(&compiled, &mut errors);
+                if !errors.is_empty() {
+                    return Err(format!("compilation failed: {}", errors.join("; ")));
+                }
+                Some((tree, compiled))
+            }
+        };
         Ok(Self { raw, cel })
     }
 
@@ -91,7 +98,14 @@ impl Schema {
         if !causes.is_empty() {
             return causes;
         }
-        if let Err(errors) = kube_cel::validate_compiled(&self.cel, object, old) {
+        let Some((tree, cel)) = &self.cel else {
+            return causes;
+        };
+        // Only what the rules can see is converted for CEL (kube-cel converts every node it walks,
+        // subtree and all): a status listing 1000 volumes, none of them under a rule, costs nothing.
+        let object = rule_view(tree, object);
+        let old = old.map(|old| rule_view(tree, old));
+        if let Err(errors) = kube_cel::validate_compiled(cel, &object, old.as_ref()) {
             for e in errors.iter() {
                 let field = e.field_path.trim_start_matches('.').to_string();
                 let message = match e.reason.as_deref() {
@@ -115,6 +129,74 @@ impl Schema {
             }
         }
         causes
+    }
+}
+
+/// The part of a schema the CEL rules live in: a node with rules is kept whole (its rules may read any
+/// of it), a node without keeps only the children that lead to rules, and a subtree with no rule is
+/// dropped. `None` when the schema has no rule at all. kube-apiserver likewise evaluates each rule on its
+/// own node and converts nothing for the rest.
+fn rule_tree(schema: &Value) -> Option<Value> {
+    let node = schema.as_object()?;
+    let has_rules = node
+        .get("x-kubernetes-validations")
+        .and_then(Value::as_array)
+        .is_some_and(|rules| !rules.is_empty());
+    if has_rules {
+        return Some(schema.clone());
+    }
+    let mut kept = Map::new();
+    if let Some(properties) = node.get("properties").and_then(Value::as_object) {
+        let properties: Map<String, Value> = properties
+            .iter()
+            .filter_map(|(name, sub)| Some((name.clone(), rule_tree(sub)?)))
+            .collect();
+        if !properties.is_empty() {
+            kept.insert("properties".into(), Value::Object(properties));
+        }
+    }
+    for key in ["items", "additionalProperties"] {
+        if let Some(sub) = node.get(key).and_then(rule_tree) {
+            kept.insert(key.into(), sub);
+        }
+    }
+    if kept.is_empty() {
+        return None;
+    }
+    for key in ["type", "x-kubernetes-preserve-unknown-fields"] {
+        if let Some(value) = node.get(key) {
+            kept.insert(key.into(), value.clone());
+        }
+    }
+    Some(Value::Object(kept))
+}
+
+/// `value` as the rules of `tree` (a [`rule_tree`]) see it: whole under a node with rules, elsewhere
+/// only the fields that lead to one. Paths and list indices are unchanged, so errors name the same
+/// fields.
+fn rule_view(tree: &Value, value: &Value) -> Value {
+    if tree.get("x-kubernetes-validations").is_some() {
+        return value.clone();
+    }
+    match value {
+        Value::Object(fields) => {
+            let properties = tree.get("properties").and_then(Value::as_object);
+            let additional = tree.get("additionalProperties");
+            let view = fields
+                .iter()
+                .filter_map(|(name, field)| {
+                    // A structural schema has properties or additionalProperties, never both.
+                    let sub = properties.and_then(|p| p.get(name)).or(additional)?;
+                    Some((name.clone(), rule_view(sub, field)))
+                })
+                .collect();
+            Value::Object(view)
+        }
+        Value::Array(items) => match tree.get("items") {
+            Some(sub) => Value::Array(items.iter().map(|item| rule_view(sub, item)).collect()),
+            None => Value::Array(Vec::new()),
+        },
+        other => other.clone(),
     }
 }
 
@@ -664,6 +746,46 @@ mod tests {
         );
         assert_eq!(obj["spec"]["free"]["anything"], json!([1]));
         assert_eq!(obj["metadata"]["name"], "a");
+    }
+
+    #[test]
+    fn rules_see_their_own_nodes_whole_and_nothing_without_a_rule() {
+        let raw = json!({"type": "object", "properties": {
+            "spec": {"type": "object",
+                     "x-kubernetes-validations": [{"rule": "self.a == self.b"}],
+                     "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}}},
+            "status": {"type": "object", "properties": {
+                "epoch": {"type": "integer", "x-kubernetes-validations": [{"rule": "self >= oldSelf"}]},
+                "members": {"type": "array", "items": {"type": "object",
+                            "properties": {"name": {"type": "string"}}}},
+                "rows": {"type": "array", "items": {"type": "object", "properties": {
+                    "n": {"type": "integer", "x-kubernetes-validations": [{"rule": "self > 0"}]},
+                    "note": {"type": "string"}}}}}}}});
+        let tree = rule_tree(&raw).unwrap();
+        let object = json!({"metadata": {"name": "x"},
+                            "spec": {"a": 1, "b": 1, "extra": true},
+                            "status": {"epoch": 2, "members": [{"name": "v"}],
+                                       "rows": [{"n": 1, "note": "kept out"}]}});
+        assert_eq!(
+            rule_view(&tree, &object),
+            json!({"spec": {"a": 1, "b": 1, "extra": true},
+                   "status": {"epoch": 2, "rows": [{"n": 1}]}})
+        );
+        assert!(
+            rule_tree(&json!({"type": "object", "properties": {"a": {"type": "string"}}}))
+                .is_none()
+        );
+        // The rules still judge, and name, the same fields.
+        let s = Schema::new(raw).unwrap();
+        let bad =
+            json!({"spec": {"a": 1, "b": 1}, "status": {"epoch": 1, "rows": [{"n": 1}, {"n": 0}]}});
+        let old = json!({"spec": {"a": 1, "b": 1}, "status": {"epoch": 2}});
+        let fields: Vec<_> = s
+            .validate(&bad, Some(&old))
+            .into_iter()
+            .map(|c| c.field)
+            .collect();
+        assert_eq!(fields, vec!["status.epoch", "status.rows[1].n"]);
     }
 
     #[test]
