@@ -780,11 +780,12 @@ mod tests {
         let bad =
             json!({"spec": {"a": 1, "b": 1}, "status": {"epoch": 1, "rows": [{"n": 1}, {"n": 0}]}});
         let old = json!({"spec": {"a": 1, "b": 1}, "status": {"epoch": 2}});
-        let fields: Vec<_> = s
+        let mut fields: Vec<_> = s
             .validate(&bad, Some(&old))
             .into_iter()
             .map(|c| c.field)
             .collect();
+        fields.sort();
         assert_eq!(fields, vec!["status.epoch", "status.rows[1].n"]);
     }
 
