@@ -20,12 +20,25 @@
 //! the writes applied since (as concurrent `O_DSYNC` writers would; the kernel merges the device
 //! flushes), so a write waits for one `fdatasync`, not for the end of an earlier one first.
 //!
+//! Each sync thread calls `fdatasync` on its own open file description of the file (opened again, not
+//! `dup`ed): Linux reports a write-back error once per open file description, so with a shared one an
+//! error for one batch's pages could be returned to another thread's overlapping call while the batch's
+//! own call returned success. With one description each, every sync thread sees every write-back error
+//! since its own previous call, so a batch whose pages were lost always gets an error (sometimes a
+//! batch whose pages were not does too).
+//!
+//! A failed `fdatasync` is sticky: pages it dropped are gone, and a later `fdatasync` may succeed without
+//! them. From the moment the first failure is recorded, every durable operation is answered with an
+//! error saying an earlier `fdatasync` failed (it is still applied in order; only the promise of
+//! durability is gone), including batches whose own `fdatasync` was running at the time; no `fdatasync`
+//! is attempted any more. Non-durable operations and reads go on as before.
+//!
 //! Reads run on tokio's blocking pool with positioned reads and see every write already answered.
 
 use std::collections::VecDeque;
 use std::fs::{File, OpenOptions};
 use std::future::Future;
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
@@ -125,11 +138,34 @@ struct Queue {
     closed: bool,
     /// The I/O thread ended (it registers no more sync waiters).
     io_ended: bool,
+    /// Set by the first failed `fdatasync`: every durable operation answered from then on gets it.
+    sync_failed: Option<StoreError>,
 }
+
+impl Queue {
+    /// Registers an applied durable operation for the next `fdatasync`, or answers it with the sticky
+    /// failure.
+    fn join_sync(&mut self, done: Done) {
+        match &self.sync_failed {
+            Some(e) => {
+                let _ = done.send(Err(e.clone()));
+            }
+            None => self.sync_waiters.push(done),
+        }
+    }
+}
+
+/// How a sync thread syncs its file: `File::sync_data` except in tests.
+type SyncFn = fn(&File) -> std::io::Result<()>;
 
 #[derive(Debug)]
 struct Shared {
+    /// Written, trimmed and read by the I/O thread, the submitters and the readers.
     file: File,
+    /// One open file description per sync thread, each opened separately (see the module doc).
+    sync_files: Vec<File>,
+    /// What a sync thread calls on its file.
+    sync: SyncFn,
     path: String,
     queue: Mutex<Queue>,
     /// Signalled when `jobs` gets work (or on close).
@@ -220,6 +256,16 @@ impl Store {
     /// Opens (creating if needed) the file at `path`, extends it sparsely to `size` if it is shorter
     /// (`None` keeps its current length) and starts its I/O thread.
     pub fn open(path: &Path, size: Option<u64>) -> Result<Store, StoreError> {
+        Store::open_inner(path, size, File::sync_data)
+    }
+
+    /// [`Store::open`] with the sync threads calling `sync` instead of `File::sync_data`.
+    #[cfg(test)]
+    fn open_with_sync(path: &Path, size: Option<u64>, sync: SyncFn) -> Result<Store, StoreError> {
+        Store::open_inner(path, size, sync)
+    }
+
+    fn open_inner(path: &Path, size: Option<u64>, sync: SyncFn) -> Result<Store, StoreError> {
         let err = |op: &'static str, e: std::io::Error| StoreError {
             op,
             path: path.display().to_string(),
@@ -242,8 +288,13 @@ impl Store {
             }
             None => current,
         };
+        let sync_files = (0..SYNC_THREADS)
+            .map(|_| reopen(path, &file).map_err(|e| err("reopen for fdatasync", e)))
+            .collect::<Result<Vec<_>, _>>()?;
         let shared = Arc::new(Shared {
             file,
+            sync_files,
+            sync,
             path: path.display().to_string(),
             queue: Mutex::new(Queue::default()),
             jobs_ready: Condvar::new(),
@@ -257,11 +308,11 @@ impl Store {
         // From here on a failed spawn drops the closer, which ends the threads already started (and
         // releases the file) instead of leaving them waiting for a store that was never returned.
         let closer = Arc::new(Closer(Arc::clone(&shared)));
-        for _ in 0..SYNC_THREADS {
+        for index in 0..shared.sync_files.len() {
             let thread_shared = Arc::clone(&shared);
             std::thread::Builder::new()
                 .name("store-sync".into())
-                .spawn(move || sync_thread(&thread_shared))
+                .spawn(move || sync_thread(&thread_shared, index))
                 .map_err(|e| err("spawn sync thread", e))?;
         }
         Ok(Store {
@@ -305,7 +356,7 @@ impl Store {
                 return StoreWait::ready(Ok(()));
             }
             let (done, rx) = oneshot::channel();
-            queue.sync_waiters.push(done);
+            queue.join_sync(done);
             return StoreWait {
                 state: WaitState::Waiting(rx, Arc::clone(shared)),
             };
@@ -347,6 +398,19 @@ impl Store {
             Err(e) => Err(self.shared.error("read", e.to_string())),
         }
     }
+}
+
+/// Opens `path` again as a new open file description (not a `dup`, which would share its write-back
+/// error cursor), refusing it unless it is still the file `opened`.
+fn reopen(path: &Path, opened: &File) -> std::io::Result<File> {
+    let file = OpenOptions::new().read(true).write(true).open(path)?;
+    let (a, b) = (opened.metadata()?, file.metadata()?);
+    if (a.dev(), a.ino()) != (b.dev(), b.ino()) {
+        return Err(std::io::Error::other(
+            "the path was replaced while the volume was being opened",
+        ));
+    }
+    Ok(file)
 }
 
 fn apply_op(file: &File, op: &StoreOp) -> std::io::Result<()> {
@@ -427,17 +491,23 @@ fn io_thread(shared: &Shared) {
         let mut queue = shared.lock();
         queue.applying = 0;
         if !applied_durable.is_empty() {
-            queue.sync_waiters.append(&mut applied_durable);
+            for done in applied_durable.drain(..) {
+                queue.join_sync(done);
+            }
             drop(queue);
             shared.sync_ready.notify_one();
         }
     }
 }
 
-/// A sync thread: takes every sync waiter registered so far, runs one `fdatasync`, answers them.
-fn sync_thread(shared: &Shared) {
+/// A sync thread: takes every sync waiter registered so far, runs one `fdatasync` on its own file
+/// (`shared.sync_files[index]`), answers them.
+fn sync_thread(shared: &Shared, index: usize) {
+    let Some(file) = shared.sync_files.get(index) else {
+        return;
+    };
     loop {
-        let waiters = {
+        let (waiters, failed) = {
             let mut queue = shared.lock();
             while queue.sync_waiters.is_empty() {
                 if queue.closed && queue.io_ended {
@@ -450,12 +520,33 @@ fn sync_thread(shared: &Shared) {
             }
             // Every waiter finished its pwrite before registering, so the fdatasync below starts after
             // all of them.
-            std::mem::take(&mut queue.sync_waiters)
+            (
+                std::mem::take(&mut queue.sync_waiters),
+                queue.sync_failed.clone(),
+            )
         };
-        let result = shared
-            .file
-            .sync_data()
-            .map_err(|e| shared.error("fdatasync", e.to_string()));
+        let result = match failed {
+            Some(e) => Err(e),
+            None => (shared.sync)(file).map_err(|e| shared.error("fdatasync", e.to_string())),
+        };
+        let result = {
+            let mut queue = shared.lock();
+            match (result, &queue.sync_failed) {
+                (Err(e), None) => {
+                    queue.sync_failed = Some(shared.error(
+                        "fdatasync",
+                        format!(
+                            "an earlier fdatasync failed ({}), so durability can no longer be promised",
+                            e.message
+                        ),
+                    ));
+                    Err(e)
+                }
+                // Another thread's fdatasync failed meanwhile: no durable answer is Ok from then on.
+                (Ok(()), Some(sticky)) => Err(sticky.clone()),
+                (result, _) => result,
+            }
+        };
         for done in waiters {
             let _ = done.send(result.clone());
         }
@@ -713,6 +804,123 @@ mod tests {
                 ended.is_ok(),
                 "store threads still running {STALL:?} after the drop"
             );
+        }
+    }
+
+    /// Fails every `fdatasync` while set, standing in for a disk that dropped written-back pages.
+    static SYNC_FAILING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
+
+    fn failing_sync(file: &File) -> std::io::Result<()> {
+        if SYNC_FAILING.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(std::io::Error::other("injected write-back error"));
+        }
+        file.sync_data()
+    }
+
+    fn write(offset: u64, fill: u8, len: usize) -> StoreOp {
+        StoreOp::Write {
+            offset,
+            data: block(fill, len),
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn a_failed_fdatasync_fails_its_batch_and_every_later_durable_operation() {
+        const STICKY: &str = "an earlier fdatasync failed";
+        let dir = tempfile::tempdir().unwrap();
+        let store =
+            Store::open_with_sync(&dir.path().join("v"), Some(1 << 20), failing_sync).unwrap();
+        // The failing batch: a deferred burst (inline) and a large write (the I/O thread's).
+        let mut waits: Vec<_> = (0..8u64)
+            .map(|i| store.submit_deferred(write(i * 4096, 1, 4096), true))
+            .collect();
+        waits.push(store.submit(write(8 * 4096, 1, 2 * INLINE_MAX), true));
+        store.start();
+        let mut injected = 0;
+        for w in waits {
+            let e = answered(w, "failing batch").await.unwrap_err();
+            assert_eq!(e.op, "fdatasync");
+            if e.message.contains("injected") {
+                injected += 1;
+            } else {
+                assert!(e.message.contains(STICKY), "{e}");
+            }
+        }
+        assert!(injected > 0);
+
+        // The sync works again, but pages may have been lost: every durable operation still fails.
+        SYNC_FAILING.store(false, std::sync::atomic::Ordering::SeqCst);
+        assert!(failing_sync(&store.shared.file).is_ok());
+        let burst: Vec<_> = (0..4u64)
+            .map(|i| store.submit_deferred(write((64 + i) * 4096, 2, 4096), true))
+            .collect();
+        store.start();
+        let later = [
+            store.submit(write(40 * 4096, 3, 4096), true),
+            store.submit(write(48 * 4096, 3, 2 * INLINE_MAX), true),
+            store.submit(StoreOp::Flush, true),
+            store.submit(
+                StoreOp::Trim {
+                    offset: 0,
+                    length: 4096,
+                },
+                true,
+            ),
+        ];
+        for w in burst.into_iter().chain(later) {
+            let e = answered(w, "after the failure").await.unwrap_err();
+            assert!(e.message.contains(STICKY), "{e}");
+            assert!(e.message.contains("injected"), "{e}");
+        }
+
+        // Non-durable operations go on, and everything was applied in order.
+        let plain = [
+            store.submit(write(100 * 4096, 4, 4096), false),
+            store.submit(write(101 * 4096, 5, 2 * INLINE_MAX), false),
+            store.submit(StoreOp::Flush, false),
+        ];
+        for w in plain {
+            answered(w, "non-durable").await.unwrap();
+        }
+        let got = store.read(0, 200 * 4096).await.unwrap();
+        for (i, b) in got.chunks(4096).enumerate() {
+            let want = match i {
+                0 => 0,
+                // The large write at block 8 is 2 × INLINE_MAX: 32 blocks.
+                1..40 => 1,
+                40 => 3,
+                // Submitted after the deferred writes at 64..68, so it lands over them.
+                48..80 => 3,
+                100 => 4,
+                101..133 => 5,
+                _ => 0,
+            };
+            assert!(b.iter().all(|&x| x == want), "block {i}");
+        }
+    }
+
+    #[tokio::test]
+    async fn each_sync_thread_has_its_own_open_file_description() {
+        use rustix::fs::{OFlags, fcntl_getfl, fcntl_setfl};
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("v"), Some(1 << 20)).unwrap();
+        let shared = &store.shared;
+        assert_eq!(shared.sync_files.len(), SYNC_THREADS);
+        let files: Vec<&File> = std::iter::once(&shared.file)
+            .chain(&shared.sync_files)
+            .collect();
+        let ino = shared.file.metadata().unwrap().ino();
+        // Status flags belong to the open file description: after a `dup` (`try_clone`) a flag set on
+        // one file would show on the other too.
+        for (i, a) in files.iter().enumerate() {
+            assert_eq!(a.metadata().unwrap().ino(), ino, "file {i}");
+            let flags = fcntl_getfl(a).unwrap();
+            fcntl_setfl(a, flags | OFlags::APPEND).unwrap();
+            for (j, b) in files.iter().enumerate() {
+                let append = fcntl_getfl(b).unwrap().contains(OFlags::APPEND);
+                assert_eq!(append, i == j, "O_APPEND set on file {i}, seen on file {j}");
+            }
+            fcntl_setfl(a, flags).unwrap();
         }
     }
 }
