@@ -57,16 +57,35 @@ mod tests {
 
     use super::*;
 
-    /// Tasks waiting at once, the way the resync loop and reconciles wait on the MemberCluster store.
-    async fn waiters_all_return(
-        count: usize,
-        wait: impl Fn() -> tokio::task::JoinHandle<()>,
-    ) -> bool {
-        let waiting: Vec<_> = (0..count).map(|_| wait()).collect();
-        let all = futures::future::join_all(waiting);
-        tokio::time::timeout(Duration::from_secs(5), all)
-            .await
-            .is_ok()
+    const WAITERS: usize = 8;
+
+    /// Spawns `WAITERS` tasks waiting at once (the way the resync loop and reconciles wait on the
+    /// MemberCluster store) and returns once every one of them has parked in its wait: each counts
+    /// itself and then waits in the same poll, on this single-threaded test runtime.
+    async fn park_waiters<F>(wait: impl Fn() -> F) -> tokio::task::JoinHandle<bool>
+    where
+        F: std::future::Future<Output = ()> + Send + 'static,
+    {
+        let parked = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let waiting: Vec<_> = (0..WAITERS)
+            .map(|_| {
+                let (parked, wait) = (parked.clone(), wait());
+                tokio::spawn(async move {
+                    parked.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    wait.await;
+                })
+            })
+            .collect();
+        while parked.load(std::sync::atomic::Ordering::SeqCst) < WAITERS {
+            tokio::task::yield_now().await;
+        }
+        // Whether all of them return once the list completes.
+        tokio::spawn(async move {
+            let all = futures::future::join_all(waiting);
+            tokio::time::timeout(Duration::from_secs(5), all)
+                .await
+                .is_ok()
+        })
     }
 
     #[tokio::test]
@@ -74,17 +93,11 @@ mod tests {
         let (store, mut writer) = reflector::store::<ConfigMap>();
         let (listed, _task) = Listed::watch(store);
         assert!(!listed.is_listed());
-        let waiting = tokio::spawn(async move {
-            waiters_all_return(8, || {
-                let listed = listed.clone();
-                tokio::spawn(async move {
-                    assert!(listed.wait().await);
-                })
-            })
-            .await
-        });
-        // Let every waiter poll (and park) before the list completes.
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        let waiting = park_waiters(|| {
+            let listed = listed.clone();
+            async move { assert!(listed.wait().await) }
+        })
+        .await;
         writer.apply_watcher_event(&watcher::Event::Init);
         writer.apply_watcher_event(&watcher::Event::InitDone);
         assert!(waiting.await.unwrap(), "a waiter was never woken");
@@ -95,16 +108,11 @@ mod tests {
     #[tokio::test]
     async fn kube_runtime_wakes_only_one_of_several_tasks_waiting_on_a_store() {
         let (store, mut writer) = reflector::store::<ConfigMap>();
-        let waiting = tokio::spawn(async move {
-            waiters_all_return(8, || {
-                let store = store.clone();
-                tokio::spawn(async move {
-                    store.wait_until_ready().await.unwrap();
-                })
-            })
-            .await
-        });
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        let waiting = park_waiters(|| {
+            let store = store.clone();
+            async move { store.wait_until_ready().await.unwrap() }
+        })
+        .await;
         writer.apply_watcher_event(&watcher::Event::Init);
         writer.apply_watcher_event(&watcher::Event::InitDone);
         assert!(!waiting.await.unwrap(), "every waiter was woken");
