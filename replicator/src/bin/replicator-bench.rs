@@ -56,6 +56,9 @@ struct Args {
     /// Directory for the volume files (default: a temporary directory under $TMPDIR).
     #[arg(long)]
     dir: Option<PathBuf>,
+    /// Run only the cases whose label contains this text (for profiling one case), e.g. `--only "off + FUA"`.
+    #[arg(long)]
+    only: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -528,6 +531,17 @@ async fn main() -> anyhow::Result<()> {
     );
     println!("load average at start: {}", load_average());
     let rounds = args.rounds.max(1);
+    let selected: Vec<Case> = CASES
+        .into_iter()
+        .filter(|c| {
+            args.only
+                .as_ref()
+                .is_none_or(|only| c.label.contains(only.as_str()))
+        })
+        .collect();
+    if selected.is_empty() {
+        bail!("--only {:?} matches no case", args.only.unwrap_or_default());
+    }
     let counts = [(1, args.count_qd1), (16, args.count_qd16)];
     let plan = Plan {
         counts,
@@ -535,7 +549,7 @@ async fn main() -> anyhow::Result<()> {
     };
     let mut all: Vec<Row> = Vec::new();
     for round in 0..rounds {
-        for case in CASES {
+        for case in selected.iter().copied() {
             all.extend(
                 run_case(
                     round,
