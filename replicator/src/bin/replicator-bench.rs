@@ -20,6 +20,9 @@
 //! replicator it writes through the page cache and calls `fdatasync` for FUA and FLUSH, so both do the
 //! same work per request (`--cache=none` would add O_DIRECT device writes to every request).
 //!
+//! The secondary runs in this process but on a tokio runtime of its own, as it would in its own process
+//! (on another node, in a deployment); the client and the primary share the main runtime.
+//!
 //! The rounds interleave the cases (each round runs every case once, in order), so every ratio is also
 //! computed within each round, between runs minutes apart at most; the median of those per-round ratios
 //! is printed beside the ratio of the median rows.
@@ -264,6 +267,40 @@ async fn measure_all(
         });
     }
     Ok(rows)
+}
+
+/// Starts the secondary on a runtime of its own, as its own process would have (in a deployment it is
+/// on another node): sharing the primary's and the client's workers would add their queueing to its
+/// path. Returns its address; it serves until the process ends.
+fn start_secondary(dir: PathBuf) -> anyhow::Result<SocketAddr> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .thread_name("secondary")
+        .enable_all()
+        .build()?;
+    let (started, addr) = std::sync::mpsc::channel();
+    std::thread::Builder::new()
+        .name("secondary".into())
+        .spawn(move || {
+            runtime.block_on(async move {
+                let secondary = Secondary::start(SecondaryConfig {
+                    listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+                    dir,
+                })
+                .await;
+                match secondary {
+                    Ok(secondary) => {
+                        let _ = started.send(Ok(secondary.local_addr()));
+                        secondary.wait().await;
+                    }
+                    Err(e) => {
+                        let _ = started.send(Err(e));
+                    }
+                }
+            });
+        })?;
+    addr.recv()
+        .context("the secondary's thread ended")?
+        .context("starting the secondary")
 }
 
 /// The replicator serving [`EXPORT`] from `file` on a loopback port, copied to a secondary if `copy`.
@@ -512,11 +549,7 @@ async fn main() -> anyhow::Result<()> {
     prefill(&replicated_file, size)?;
     prefill(&primary_file, size)?;
     prefill(&secondary_dir.join("vol1"), size)?;
-    let secondary = Secondary::start(SecondaryConfig {
-        listen: "127.0.0.1:0".parse()?,
-        dir: secondary_dir,
-    })
-    .await?;
+    let secondary = start_secondary(secondary_dir)?;
 
     println!(
         "4 KiB sequential writes over NBD/TCP loopback, built-in client (one connection); {} CPUs; files in {}",
@@ -555,7 +588,7 @@ async fn main() -> anyhow::Result<()> {
                     round,
                     case,
                     [&replicated_file, &primary_file],
-                    secondary.local_addr(),
+                    secondary,
                     size,
                     plan,
                 )
