@@ -10,7 +10,9 @@
 //! answering. A sequence is acknowledged only after the `fdatasync` covering it returned successfully,
 //! so an `Ack(n)` means every write up to `n` is on stable storage in the secondary's file.
 //! Frames that arrived together share one `fdatasync`: the store's sync starts once no whole frame is
-//! left in the read buffer (or the acknowledger would otherwise wait for it).
+//! left in the read buffer (or the acknowledger would otherwise wait for it). Acknowledgements are
+//! cumulative: one `Ack` answers every write that became durable with it, and it is sent before the
+//! acknowledger waits for the next batch (never held back behind a later `fdatasync`).
 //!
 //! A new connection for a volume takes over from an older one: the older connection is cancelled and
 //! finishes (applying and acknowledging what it already accepted) before the new one starts.
@@ -21,7 +23,8 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use futures::{SinkExt, StreamExt};
+use futures::{FutureExt, SinkExt, StreamExt};
+use tokio::io::AsyncWrite;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -121,9 +124,70 @@ impl Secondary {
     }
 }
 
-enum AckItem {
-    Wait(u64, StoreWait),
+/// What the acknowledger answers next, in sequence order: a write once its wait completes, or a refusal.
+enum AckItem<W = StoreWait> {
+    Wait(u64, W),
     Refuse(u64, String),
+}
+
+/// Sends `Ack(seq)` for the highest durable sequence not yet acknowledged, if there is one.
+async fn send_ack<O: AsyncWrite + Unpin>(
+    out: &mut FramedWrite<O, FrameCodec>,
+    unsent: &mut Option<u64>,
+) -> Result<(), FrameError> {
+    match unsent.take() {
+        Some(seq) => out.send(Frame::Ack { seq }).await,
+        None => Ok(()),
+    }
+}
+
+/// Answers the primary in sequence order: one cumulative `Ack` for each run of writes that became
+/// durable together, sent before it waits for a later write's `fdatasync` (an acknowledgement is never
+/// held back behind the next batch), and an `Error` for the first write refused or failed, after which
+/// the connection ends.
+async fn acknowledge<O, W>(
+    mut out: FramedWrite<O, FrameCodec>,
+    mut items: mpsc::Receiver<AckItem<W>>,
+) -> Result<(), SecondaryError>
+where
+    O: AsyncWrite + Unpin,
+    W: Future<Output = Result<(), StoreError>> + Unpin,
+{
+    let mut unsent: Option<u64> = None;
+    while let Some(item) = items.recv().await {
+        let (seq, failure) = match item {
+            AckItem::Wait(seq, mut applied) => {
+                let result = match (&mut applied).now_or_never() {
+                    Some(result) => result,
+                    None => {
+                        send_ack(&mut out, &mut unsent).await?;
+                        applied.await
+                    }
+                };
+                (
+                    seq,
+                    result
+                        .err()
+                        .map(|e| (e.to_string(), SecondaryError::Store(e))),
+                )
+            }
+            AckItem::Refuse(seq, message) => (
+                seq,
+                Some((message.clone(), SecondaryError::Refused(message))),
+            ),
+        };
+        if let Some((message, error)) = failure {
+            send_ack(&mut out, &mut unsent).await?;
+            out.send(Frame::Error { seq, message }).await?;
+            return Err(error);
+        }
+        unsent = Some(seq);
+        if items.is_empty() {
+            send_ack(&mut out, &mut unsent).await?;
+        }
+    }
+    send_ack(&mut out, &mut unsent).await?;
+    Ok(())
 }
 
 async fn serve(
@@ -198,37 +262,8 @@ async fn serve(
     .await?;
     tracing::info!(%volume, size, first_seq, "replication stream started");
 
-    let (acks, mut ack_rx) = mpsc::channel::<AckItem>(MAX_UNACKED);
-    let acker = tokio::spawn(async move {
-        while let Some(item) = ack_rx.recv().await {
-            match item {
-                AckItem::Wait(seq, applied) => match applied.await {
-                    Ok(()) => out.feed(Frame::Ack { seq }).await?,
-                    Err(e) => {
-                        out.send(Frame::Error {
-                            seq,
-                            message: e.to_string(),
-                        })
-                        .await?;
-                        return Err(SecondaryError::Store(e));
-                    }
-                },
-                AckItem::Refuse(seq, message) => {
-                    out.send(Frame::Error {
-                        seq,
-                        message: message.clone(),
-                    })
-                    .await?;
-                    return Err(SecondaryError::Refused(message));
-                }
-            }
-            if ack_rx.is_empty() {
-                SinkExt::<Frame>::flush(&mut out).await?;
-            }
-        }
-        SinkExt::<Frame>::flush(&mut out).await?;
-        Ok::<(), SecondaryError>(())
-    });
+    let (acks, ack_rx) = mpsc::channel::<AckItem>(MAX_UNACKED);
+    let acker = tokio::spawn(acknowledge(out, ack_rx));
 
     let mut expected = first_seq;
     loop {
@@ -303,5 +338,113 @@ async fn serve(
         Err(e) => Err(SecondaryError::Refused(format!(
             "acknowledger stopped: {e}"
         ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::sync::oneshot;
+
+    /// A wait the test completes by hand.
+    type Manual =
+        futures::future::MapErr<oneshot::Receiver<()>, fn(oneshot::error::RecvError) -> StoreError>;
+
+    fn manual() -> (oneshot::Sender<()>, Manual) {
+        let (done, rx) = oneshot::channel();
+        let lost: fn(oneshot::error::RecvError) -> StoreError = |_| StoreError {
+            op: "fdatasync",
+            path: "v".into(),
+            message: "sync thread gone".into(),
+        };
+        (done, futures::TryFutureExt::map_err(rx, lost))
+    }
+
+    /// The acknowledger writing to one end of a loopback TCP connection; the other end, framed.
+    async fn acknowledger() -> (
+        mpsc::Sender<AckItem<Manual>>,
+        mpsc::Receiver<AckItem<Manual>>,
+        FramedRead<TcpStream, FrameCodec>,
+        TcpStream,
+    ) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap());
+        let (client, accepted) = tokio::join!(client, listener.accept());
+        let (items, rx) = mpsc::channel(16);
+        (
+            items,
+            rx,
+            FramedRead::new(client.unwrap(), FrameCodec),
+            accepted.unwrap().0,
+        )
+    }
+
+    async fn next_frame(frames: &mut FramedRead<TcpStream, FrameCodec>) -> Frame {
+        tokio::time::timeout(Duration::from_secs(10), frames.next())
+            .await
+            .expect("a frame within 10 s")
+            .expect("the connection open")
+            .expect("a well-formed frame")
+    }
+
+    #[tokio::test]
+    async fn an_ack_is_sent_before_waiting_for_the_next_batch_and_covers_its_whole_batch() {
+        let (items, rx, mut frames, server) = acknowledger().await;
+        // Writes 1-3 became durable together; write 4 waits for a later fdatasync.
+        let mut later = Vec::new();
+        for seq in 1..=4 {
+            let (done, wait) = manual();
+            if seq < 4 {
+                done.send(()).unwrap();
+            } else {
+                later.push(done);
+            }
+            items.send(AckItem::Wait(seq, wait)).await.unwrap();
+        }
+        let acker = tokio::spawn(acknowledge(FramedWrite::new(server, FrameCodec), rx));
+        // The batch is acknowledged with one cumulative ack while write 4 is still pending.
+        assert_eq!(next_frame(&mut frames).await, Frame::Ack { seq: 3 });
+        let (done, wait) = manual();
+        items.send(AckItem::Wait(5, wait)).await.unwrap();
+        later.push(done);
+        for done in later {
+            done.send(()).unwrap();
+        }
+        let mut last = None;
+        while last != Some(5) {
+            match next_frame(&mut frames).await {
+                Frame::Ack { seq } => {
+                    assert!(
+                        seq >= 4 && last.is_none_or(|l| seq > l),
+                        "ack {seq} after {last:?}"
+                    );
+                    last = Some(seq);
+                }
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        drop(items);
+        acker.await.unwrap().unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_failed_write_is_answered_with_an_error_after_the_acks_before_it() {
+        let (items, rx, mut frames, server) = acknowledger().await;
+        let (done, wait) = manual();
+        done.send(()).unwrap();
+        items.send(AckItem::Wait(7, wait)).await.unwrap();
+        let (gone, wait) = manual();
+        drop(gone);
+        items.send(AckItem::Wait(8, wait)).await.unwrap();
+        let acker = tokio::spawn(acknowledge(FramedWrite::new(server, FrameCodec), rx));
+        assert_eq!(next_frame(&mut frames).await, Frame::Ack { seq: 7 });
+        match next_frame(&mut frames).await {
+            Frame::Error { seq: 8, message } => assert!(message.contains("sync thread gone")),
+            other => panic!("expected an error for 8, got {other:?}"),
+        }
+        assert!(matches!(
+            acker.await.unwrap(),
+            Err(SecondaryError::Store(_))
+        ));
     }
 }
