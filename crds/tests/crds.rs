@@ -13,7 +13,7 @@ use lockstep_api::crds;
 use serde_json::{Value, json};
 
 fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+    manifest_dir().join("..")
 }
 
 /// The openAPIV3Schema of the CRD serving `kind`.
@@ -214,4 +214,11 @@ fn cel_rules_compile_and_touch_only_bounded_lists_and_strings() {
         rules >= 8,
         "expected the project's CEL rules, found {rules}"
     );
+}
+
+/// The crate's directory: where cargo says it is when it runs this (a binary reused from a build in
+/// another checkout of the same tree would otherwise read that checkout's files), else where it was built.
+fn manifest_dir() -> PathBuf {
+    std::env::var_os("CARGO_MANIFEST_DIR")
+        .map_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")), PathBuf::from)
 }

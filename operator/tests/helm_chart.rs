@@ -39,7 +39,7 @@ const SIDECAR: &str = "system:serviceaccount:lockstep:lockstep-sidecar";
 const MEMBER_ACCESS: &str = "system:serviceaccount:lockstep:lockstep-member-access";
 
 fn chart() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/helm/lockstep")
+    manifest_dir().join("../deploy/helm/lockstep")
 }
 
 /// A tool installed by `scripts/install-tools.sh` (into `$LOCKSTEP_TOOLS/bin`), or found on `PATH`.
@@ -502,4 +502,11 @@ async fn with_the_charts_rbac_enforced_its_service_accounts_freeze_resync_and_de
             );
         }
     }
+}
+
+/// The crate's directory: where cargo says it is when it runs this (a binary reused from a build in
+/// another checkout of the same tree would otherwise read that checkout's files), else where it was built.
+fn manifest_dir() -> PathBuf {
+    std::env::var_os("CARGO_MANIFEST_DIR")
+        .map_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")), PathBuf::from)
 }

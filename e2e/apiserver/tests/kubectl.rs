@@ -17,7 +17,7 @@ use kube::api::{Api, ApiResource, DynamicObject, Patch, PatchParams};
 use serde_json::json;
 
 fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+    manifest_dir().join("../..")
 }
 
 /// The binary to test: the oldest (`newest == false`) or newest version.
@@ -378,4 +378,11 @@ async fn the_oldest_kubectl() -> TestResult {
 #[tokio::test]
 async fn the_newest_kubectl() -> TestResult {
     scenario(true).await
+}
+
+/// The crate's directory: where cargo says it is when it runs this (a binary reused from a build in
+/// another checkout of the same tree would otherwise read that checkout's files), else where it was built.
+fn manifest_dir() -> PathBuf {
+    std::env::var_os("CARGO_MANIFEST_DIR")
+        .map_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")), PathBuf::from)
 }

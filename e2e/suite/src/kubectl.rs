@@ -120,7 +120,7 @@ impl Kubectl {
 
     /// The repository's root: where commands run.
     pub fn repository() -> PathBuf {
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+        manifest_dir().join("../..")
     }
 
     /// Runs `kubectl <args>` against the API server of `kubeconfig` (cluster `cluster`), saying the
@@ -185,6 +185,13 @@ fn shell_word(word: &str) -> String {
     } else {
         format!("'{}'", word.replace('\'', "'\\''"))
     }
+}
+
+/// The crate's directory: where cargo says it is when it runs this (a binary reused from a build in
+/// another checkout of the same tree would otherwise read that checkout's files), else where it was built.
+fn manifest_dir() -> PathBuf {
+    std::env::var_os("CARGO_MANIFEST_DIR")
+        .map_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")), PathBuf::from)
 }
 
 #[cfg(test)]
