@@ -155,7 +155,7 @@ where
 {
     let mut unsent: Option<u64> = None;
     while let Some(item) = items.recv().await {
-        let (seq, failure) = match item {
+        let failure = match item {
             AckItem::Wait(seq, mut applied) => {
                 let result = match (&mut applied).now_or_never() {
                     Some(result) => result,
@@ -164,24 +164,23 @@ where
                         applied.await
                     }
                 };
-                (
-                    seq,
-                    result
-                        .err()
-                        .map(|e| (e.to_string(), SecondaryError::Store(e))),
-                )
+                match result {
+                    Ok(()) => {
+                        unsent = Some(seq);
+                        None
+                    }
+                    Err(e) => Some((seq, e.to_string(), SecondaryError::Store(e))),
+                }
             }
-            AckItem::Refuse(seq, message) => (
-                seq,
-                Some((message.clone(), SecondaryError::Refused(message))),
-            ),
+            AckItem::Refuse(seq, message) => {
+                Some((seq, message.clone(), SecondaryError::Refused(message)))
+            }
         };
-        if let Some((message, error)) = failure {
+        if let Some((seq, message, error)) = failure {
             send_ack(&mut out, &mut unsent).await?;
             out.send(Frame::Error { seq, message }).await?;
             return Err(error);
         }
-        unsent = Some(seq);
         if items.is_empty() {
             send_ack(&mut out, &mut unsent).await?;
         }

@@ -534,11 +534,7 @@ fn io_thread(shared: &Shared) {
         for done in applied_durable.drain(..) {
             queue.join_sync(done);
         }
-        let (_, sync) = queue.wake_needed();
-        drop(queue);
-        if sync {
-            shared.sync_ready.notify_one();
-        }
+        shared.wake(queue);
     }
 }
 
