@@ -201,6 +201,7 @@ impl Control for ControlService {
             }
             let event = Event::HoldTimedOut(freeze::HoldTimeoutReport {
                 path: Path::Grpc,
+                cluster: node.0.clone(),
                 volume_handle: held.volume_handle.clone(),
                 epoch: held.epoch,
                 failed_writes: held.failed_writes,
@@ -283,6 +284,7 @@ impl Control for ControlService {
             .map_err(|error| refuse("acknowledgement", &node, error))?;
         let event = Event::Ack(freeze::Ack {
             path: Path::Grpc,
+            cluster: node.0.clone(),
             epoch: point.epoch,
             stage: point.stage,
             volume_handles: request.volume_handles.clone(),

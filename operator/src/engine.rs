@@ -1042,6 +1042,7 @@ impl Engine {
             };
             let event = Event::HoldTimedOut(freeze::HoldTimeoutReport {
                 path: Path::Api,
+                cluster: cluster.to_owned(),
                 volume_handle: volume.volume_handle.clone(),
                 epoch: held.epoch,
                 failed_writes: held.failed_writes,
@@ -1052,6 +1053,7 @@ impl Engine {
         for enforced in &status.enforced {
             let event = Event::Ack(freeze::Ack {
                 path: Path::Api,
+                cluster: cluster.to_owned(),
                 epoch: enforced.epoch,
                 stage: enforced.stage,
                 volume_handles: enforced.volume_handles.clone(),

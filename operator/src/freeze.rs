@@ -69,6 +69,8 @@ pub struct Report {
 pub struct HoldTimeoutReport {
     /// The path that brought it.
     pub path: Path,
+    /// The cluster of the reporting node: a volume is (cluster, volume handle).
+    pub cluster: String,
     /// The volume whose held writes failed.
     pub volume_handle: String,
     /// The group's epoch the sender had seen when they failed.
@@ -84,6 +86,8 @@ pub struct HoldTimeoutReport {
 pub struct Ack {
     /// The path that brought it.
     pub path: Path,
+    /// The cluster of the acknowledging node: a volume is (cluster, volume handle).
+    pub cluster: String,
     /// The epoch enforced.
     pub epoch: u64,
     /// The stage enforced.

@@ -96,14 +96,50 @@ fn report(path: Path, epoch_seen: u64) -> Event {
     })
 }
 
+/// The cluster of a fixture volume: `vol-west` is in west, the others in east.
+fn cluster_of(volume: &str) -> &'static str {
+    if volume == "vol-west" { "west" } else { "east" }
+}
+
+/// One node's acknowledgement: every volume named must be in the same cluster.
 fn ack(path: Path, epoch: u64, stage: Stage, volumes: &[&str]) -> Event {
+    let cluster = volumes.first().map_or("east", |volume| cluster_of(volume));
+    assert!(
+        volumes.iter().all(|volume| cluster_of(volume) == cluster),
+        "one acknowledgement comes from one cluster"
+    );
     Event::Ack(Ack {
         path,
+        cluster: cluster.into(),
         epoch,
         stage,
         volume_handles: volumes.iter().map(|volume| (*volume).to_owned()).collect(),
         fail_safe: false,
     })
+}
+
+/// The acknowledgements of volumes in several clusters: one per cluster.
+fn acks(path: Path, epoch: u64, stage: Stage, volumes: &[&str]) -> Vec<Event> {
+    ["east", "west"]
+        .into_iter()
+        .filter_map(|cluster| {
+            let mine: Vec<&str> = volumes
+                .iter()
+                .copied()
+                .filter(|volume| cluster_of(volume) == cluster)
+                .collect();
+            (!mine.is_empty()).then(|| ack(path, epoch, stage, &mine))
+        })
+        .collect()
+}
+
+/// Steps through several events, returning the last decision.
+fn step_all(group: &mut ConsistencyGroup, events: &[Event]) -> Decision {
+    let mut last = None;
+    for event in events {
+        last = Some(step(group, event));
+    }
+    last.expect("at least one event")
 }
 
 /// Applies a decision as the reconciler would after a successful persist.
@@ -264,10 +300,10 @@ fn an_unresolved_member_blocks_the_release() {
 fn acknowledgements_never_move_a_volume_backwards_and_keep_the_first_path() {
     let mut group = group(Policy::FreezeAndGo);
     step(&mut group, &report(Path::Grpc, 0));
-    step(&mut group, &ack(Path::Grpc, 1, Stage::Freeze, &VOLUMES));
-    step(&mut group, &ack(Path::Api, 1, Stage::Release, &VOLUMES));
+    step_all(&mut group, &acks(Path::Grpc, 1, Stage::Freeze, &VOLUMES));
+    step_all(&mut group, &acks(Path::Api, 1, Stage::Release, &VOLUMES));
     // Reordered and duplicated: a late freeze ack on the other path.
-    let decision = step(&mut group, &ack(Path::Api, 1, Stage::Freeze, &VOLUMES));
+    let decision = step_all(&mut group, &acks(Path::Api, 1, Stage::Freeze, &VOLUMES));
     assert_eq!(
         decision.after_persist, None,
         "the release was already decided"
@@ -285,7 +321,7 @@ fn acknowledgements_never_move_a_volume_backwards_and_keep_the_first_path() {
 fn freeze_and_stop_holds_until_the_release_names_the_current_epoch() {
     let mut group = group(Policy::FreezeAndStop);
     step(&mut group, &report(Path::Api, 0));
-    let frozen = step(&mut group, &ack(Path::Api, 1, Stage::Freeze, &VOLUMES));
+    let frozen = step_all(&mut group, &acks(Path::Api, 1, Stage::Freeze, &VOLUMES));
     assert_eq!(
         frozen.after_persist, None,
         "FreezeAndStop waits for a person"
@@ -332,6 +368,7 @@ fn freeze_and_stop_holds_until_the_release_names_the_current_epoch() {
 fn timed_out(path: Path, volume: &str, epoch: u64, failed_writes: u64) -> Event {
     Event::HoldTimedOut(HoldTimeoutReport {
         path,
+        cluster: cluster_of(volume).into(),
         volume_handle: volume.into(),
         epoch,
         failed_writes,
@@ -353,7 +390,7 @@ fn hold_timeouts_of_the_current_freeze_count_once_per_volume_and_say_how_to_rele
     let mut group = group(Policy::FreezeAndStop);
     group.spec.hold_timeout = "1s".into();
     step(&mut group, &report(Path::Api, 0));
-    step(&mut group, &ack(Path::Api, 1, Stage::Freeze, &VOLUMES));
+    step_all(&mut group, &acks(Path::Api, 1, Stage::Freeze, &VOLUMES));
     assert_eq!(status(&group).phase, Some(Phase::Frozen));
 
     let first = step(&mut group, &timed_out(Path::Grpc, "vol-wal", 1, 2));
@@ -483,7 +520,9 @@ fn a_member_that_saw_a_higher_epoch_is_adopted_and_the_freeze_finished() {
     assert_eq!(status(&group).trigger.as_ref().unwrap().reason, "Adopted");
 
     let mut group = self::group(Policy::FreezeAndGo);
-    let decision = step(&mut group, &ack(Path::Api, 2, Stage::Freeze, &VOLUMES));
+    let decision =
+        decide_batch(&group, &acks(Path::Api, 2, Stage::Freeze, &VOLUMES), &now()).unwrap();
+    persist(&mut group, &decision);
     assert_eq!(
         decision.freeze_now.map(|point| point.epoch),
         Some(2),
@@ -516,6 +555,7 @@ fn a_fail_safe_suspension_at_the_current_epoch_freezes_the_group() {
     let mut group = group(Policy::FreezeAndGo);
     let event = Event::Ack(Ack {
         path: Path::Api,
+        cluster: "west".into(),
         epoch: 0,
         stage: Stage::Freeze,
         volume_handles: vec!["vol-west".into()],
@@ -548,7 +588,7 @@ fn a_planned_freeze_acts_once_at_its_epoch() {
 fn resync_thaws_and_the_image_is_inconsistent_until_every_member_is_in_sync() {
     let mut group = group(Policy::FreezeAndGo);
     step(&mut group, &report(Path::Api, 0));
-    step(&mut group, &ack(Path::Api, 1, Stage::Freeze, &VOLUMES));
+    step_all(&mut group, &acks(Path::Api, 1, Stage::Freeze, &VOLUMES));
     group.spec.resync = Some(EpochIntent { epoch: 1 });
     let decision = step(&mut group, &Event::Evaluate);
     assert_eq!(
@@ -563,7 +603,7 @@ fn resync_thaws_and_the_image_is_inconsistent_until_every_member_is_in_sync() {
         Some(false)
     );
 
-    step(&mut group, &ack(Path::Grpc, 1, Stage::Resume, &VOLUMES));
+    step_all(&mut group, &acks(Path::Grpc, 1, Stage::Resume, &VOLUMES));
     assert_eq!(
         status(&group).phase,
         Some(Phase::Resyncing),
@@ -592,7 +632,7 @@ fn resync_thaws_and_the_image_is_inconsistent_until_every_member_is_in_sync() {
 fn deleting_a_frozen_group_resumes_it_and_never_freezes_again() {
     let mut group = group(Policy::FreezeAndStop);
     step(&mut group, &report(Path::Api, 0));
-    step(&mut group, &ack(Path::Api, 1, Stage::Freeze, &VOLUMES));
+    step_all(&mut group, &acks(Path::Api, 1, Stage::Freeze, &VOLUMES));
     assert_eq!(status(&group).phase, Some(Phase::Frozen));
     group.metadata.deletion_timestamp = Some(now());
     let decision = step(&mut group, &Event::Evaluate);
@@ -617,7 +657,7 @@ fn deleting_a_frozen_group_resumes_it_and_never_freezes_again() {
         deletion_outcome(status(&group), true),
         Some(VOLUMES.iter().map(|v| v.to_string()).collect())
     );
-    step(&mut group, &ack(Path::Grpc, 1, Stage::Resume, &VOLUMES));
+    step_all(&mut group, &acks(Path::Grpc, 1, Stage::Resume, &VOLUMES));
     assert_eq!(deletion_outcome(status(&group), false), Some(Vec::new()));
 }
 
@@ -639,12 +679,14 @@ fn any_event() -> impl Strategy<Value = Event> {
         Just(Stage::Resume)
     ];
     let volumes = proptest::sample::subsequence(VOLUMES.to_vec(), 0..=3);
+    let cluster = prop_oneof![Just("east"), Just("west")];
     prop_oneof![
         (path.clone(), 0u64..4).prop_map(|(path, epoch)| report(path, epoch)),
-        (path, 0u64..4, stage, volumes, any::<bool>()).prop_map(
-            |(path, epoch, stage, volumes, fail_safe)| {
+        (path, cluster, 0u64..4, stage, volumes, any::<bool>()).prop_map(
+            |(path, cluster, epoch, stage, volumes, fail_safe)| {
                 Event::Ack(Ack {
                     path,
+                    cluster: cluster.into(),
                     epoch,
                     stage,
                     volume_handles: volumes.into_iter().map(str::to_owned).collect(),
@@ -718,10 +760,8 @@ fn a_batch_of_acknowledgements_is_one_decision_that_releases() {
 fn a_batch_that_freezes_past_a_release_sends_only_the_freeze() {
     let mut group = group(Policy::FreezeAndGo);
     step(&mut group, &report(Path::Grpc, 0));
-    let events = [
-        ack(Path::Grpc, 1, Stage::Freeze, &VOLUMES),
-        Event::Seen { epoch: 3 },
-    ];
+    let mut events = acks(Path::Grpc, 1, Stage::Freeze, &VOLUMES);
+    events.push(Event::Seen { epoch: 3 });
     let decision = decide_batch(&group, &events, &now()).unwrap();
     assert_eq!(decision.freeze_now.map(|point| point.epoch), Some(3));
     assert_eq!(
