@@ -613,4 +613,38 @@ mod tests {
         assert_eq!(acknowledged("wal"), first.members[0].acknowledged);
         assert_eq!(acknowledged("data"), None);
     }
+
+    #[test]
+    fn an_acknowledgement_stays_with_its_own_cluster_s_volume() {
+        let clusters = BTreeMap::from([("east".to_owned(), east()), ("west".to_owned(), east())]);
+        let mut first = resolve(
+            &[by_names("west", &["wal"])],
+            &clusters,
+            &[],
+            &BTreeMap::new(),
+        );
+        first.members[0].acknowledged = Some(Acknowledgement {
+            epoch: 2,
+            stage: Stage::Freeze,
+            path: Path::Grpc,
+            fail_safe: false,
+            at: None,
+        });
+        // East's wal has the same volume handle as west's: it is another volume.
+        let again = resolve(
+            &[by_names("east", &["wal"]), by_names("west", &["wal"])],
+            &clusters,
+            &first.members,
+            &BTreeMap::new(),
+        );
+        let acknowledged = |cluster: &str| {
+            again
+                .members
+                .iter()
+                .find(|member| member.cluster == cluster)
+                .and_then(|member| member.acknowledged.clone())
+        };
+        assert_eq!(acknowledged("east"), None);
+        assert_eq!(acknowledged("west"), first.members[0].acknowledged);
+    }
 }

@@ -804,3 +804,181 @@ proptest! {
         }
     }
 }
+
+/// The fixture group with a fourth member in west whose volume handle is the same as east's `vol-wal`:
+/// a volume is (cluster, volume handle), never a handle alone.
+fn group_with_twin(policy: Policy) -> ConsistencyGroup {
+    let mut group = group(policy);
+    let status = group.status.as_mut().unwrap();
+    status.members.push(MemberVolumeStatus {
+        cluster: "west".into(),
+        namespace: "orders".into(),
+        pvc: "pvc-west-wal".into(),
+        persistent_volume: Some("pv-west-wal".into()),
+        volume_handle: Some("vol-wal".into()),
+        node: Some("west-node-1".into()),
+        state: Some(VolumeState::Replicating),
+        acknowledged: None,
+    });
+    status.member_count = 4;
+    group
+}
+
+fn member<'a>(group: &'a ConsistencyGroup, cluster: &str, handle: &str) -> &'a MemberVolumeStatus {
+    status(group)
+        .members
+        .iter()
+        .find(|member| member.cluster == cluster && member.volume_handle.as_deref() == Some(handle))
+        .unwrap()
+}
+
+fn west_ack(epoch: u64, stage: Stage, volumes: &[&str]) -> Event {
+    Event::Ack(Ack {
+        path: Path::Api,
+        cluster: "west".into(),
+        epoch,
+        stage,
+        volume_handles: volumes.iter().map(|volume| (*volume).to_owned()).collect(),
+        fail_safe: false,
+    })
+}
+
+#[test]
+fn an_acknowledgement_counts_only_for_the_same_named_volume_of_its_own_cluster() {
+    let mut group = group(Policy::FreezeAndGo);
+    step(&mut group, &report(Path::Grpc, 0));
+    step(&mut group, &ack(Path::Grpc, 1, Stage::Freeze, &["vol-wal"]));
+    // West has a volume named like east's vol-data; it is no member of this group.
+    let decision = step(
+        &mut group,
+        &west_ack(1, Stage::Freeze, &["vol-west", "vol-data"]),
+    );
+    assert_eq!(
+        decision.after_persist, None,
+        "east's vol-data never acknowledged"
+    );
+    assert_eq!(status(&group).phase, Some(Phase::Freezing));
+    assert_eq!(member(&group, "east", "vol-data").acknowledged, None);
+    assert!(status(&group).consistent_image.is_none());
+
+    let decision = step(&mut group, &ack(Path::Api, 1, Stage::Freeze, &["vol-data"]));
+    assert_eq!(
+        decision
+            .after_persist
+            .map(|point| (point.epoch, point.stage)),
+        Some((1, Stage::Release))
+    );
+}
+
+#[test]
+fn a_twin_volume_in_another_cluster_is_acknowledged_on_its_own() {
+    let mut group = group_with_twin(Policy::FreezeAndGo);
+    step(&mut group, &report(Path::Grpc, 0));
+    step_all(&mut group, &acks(Path::Grpc, 1, Stage::Freeze, &VOLUMES));
+    assert_eq!(
+        member(&group, "west", "vol-wal").acknowledged,
+        None,
+        "east's vol-wal acknowledged, not west's"
+    );
+    assert_eq!(status(&group).phase, Some(Phase::Freezing));
+    let decision = step(&mut group, &west_ack(1, Stage::Freeze, &["vol-wal"]));
+    assert_eq!(
+        decision.after_persist.map(|point| point.stage),
+        Some(Stage::Release)
+    );
+}
+
+#[test]
+fn reports_and_hold_timeouts_from_another_cluster_leave_a_same_named_member_alone() {
+    let mut group = group(Policy::FreezeAndStop);
+    step(&mut group, &report(Path::Grpc, 0));
+    step_all(&mut group, &acks(Path::Grpc, 1, Stage::Freeze, &VOLUMES));
+    let west_timeout = Event::HoldTimedOut(HoldTimeoutReport {
+        path: Path::Grpc,
+        cluster: "west".into(),
+        volume_handle: "vol-data".into(),
+        epoch: 1,
+        failed_writes: 5,
+        since: Some(now()),
+    });
+    step(&mut group, &west_timeout);
+    assert_eq!(
+        status(&group).hold_timeouts,
+        None,
+        "west has no member volume vol-data"
+    );
+
+    let mut group = self::group(Policy::FreezeAndGo);
+    let west_report = Event::Report(Report {
+        path: Path::Api,
+        cluster: "west".into(),
+        node: "west-node-1".into(),
+        volume_handle: "vol-data".into(),
+        epoch_seen: 0,
+        message: "secondary unreachable".into(),
+    });
+    step(&mut group, &west_report);
+    assert_eq!(
+        member(&group, "east", "vol-data").state,
+        Some(VolumeState::Replicating),
+        "east's vol-data did not fail"
+    );
+}
+
+fn any_clustered_event() -> impl Strategy<Value = Event> {
+    let stage = prop_oneof![
+        Just(Stage::Freeze),
+        Just(Stage::Release),
+        Just(Stage::Resume)
+    ];
+    let cluster = prop_oneof![Just("east"), Just("west")];
+    let volumes = proptest::sample::subsequence(VOLUMES.to_vec(), 0..=3);
+    prop_oneof![
+        any_event(),
+        (cluster, 0u64..4, stage, volumes).prop_map(|(cluster, epoch, stage, volumes)| {
+            Event::Ack(Ack {
+                path: Path::Grpc,
+                cluster: cluster.into(),
+                epoch,
+                stage,
+                volume_handles: volumes.into_iter().map(str::to_owned).collect(),
+                fail_safe: false,
+            })
+        }),
+    ]
+}
+
+proptest! {
+    /// With the same volume handle in two clusters, a release is sent only once every member volume —
+    /// (cluster, handle) — really acknowledged the freeze: the model keeps what each one acknowledged.
+    #[test]
+    fn same_named_volumes_in_two_clusters_are_acknowledged_apart(
+        policy in prop_oneof![Just(Policy::FreezeAndGo), Just(Policy::FreezeAndStop)],
+        events in proptest::collection::vec(any_clustered_event(), 1..40),
+    ) {
+        let mut group = group_with_twin(policy);
+        let mut acknowledged: std::collections::BTreeMap<(String, String), (u64, Stage)> =
+            std::collections::BTreeMap::new();
+        for event in &events {
+            if let Event::Ack(ack) = event {
+                for handle in &ack.volume_handles {
+                    let entry = acknowledged
+                        .entry((ack.cluster.clone(), handle.clone()))
+                        .or_insert((ack.epoch, ack.stage));
+                    *entry = (*entry).max((ack.epoch, ack.stage));
+                }
+            }
+            let decision = decide(&group, event, &now()).unwrap();
+            if let Some(point) = &decision.after_persist && point.stage == Stage::Release {
+                for member in &decision.status.members {
+                    let key = (member.cluster.clone(), member.volume_handle.clone().unwrap());
+                    prop_assert!(
+                        acknowledged.get(&key).is_some_and(|at| *at >= (point.epoch, Stage::Freeze)),
+                        "released epoch {} while {:?} never acknowledged it", point.epoch, key
+                    );
+                }
+            }
+            persist(&mut group, &decision);
+        }
+    }
+}
