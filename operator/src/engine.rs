@@ -590,7 +590,7 @@ impl Engine {
         &self,
         group: &ConsistencyGroup,
         status: &ConsistencyGroupStatus,
-        volume_handles: &[String],
+        volumes: &[(String, String)],
     ) {
         let members = self.members().await;
         let reporter = Reporter {
@@ -611,10 +611,9 @@ impl Engine {
             secondary: Some(group.object_ref(&())),
         };
         for volume in status.members.iter().filter(|volume| {
-            volume
-                .volume_handle
-                .as_ref()
-                .is_some_and(|handle| volume_handles.contains(handle))
+            volumes.iter().any(|(cluster, handle)| {
+                *cluster == volume.cluster && volume.volume_handle.as_ref() == Some(handle)
+            })
         }) {
             let Some(Ok(client)) = members.get(&volume.cluster).map(|member| &member.client) else {
                 continue;

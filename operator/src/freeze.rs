@@ -24,7 +24,7 @@ use lockstep_api::{
     domain::{GroupEpoch, Path, Phase, Policy, Stage, VolumeState, condition},
     v1alpha1::{
         Acknowledgement, ConsistencyGroup, ConsistencyGroupStatus, ConsistentImage, FreezeTrigger,
-        HoldTimeouts, MemberVolumeStatus, VolumeHoldTimeout,
+        HoldTimeouts, ImageVolume, MemberVolumeStatus, VolumeHoldTimeout,
     },
 };
 
@@ -167,7 +167,12 @@ pub fn decide(
 
     match event {
         Event::Report(report) => {
-            mark_state(status, &report.volume_handle, VolumeState::Held);
+            mark_state(
+                status,
+                &report.cluster,
+                &report.volume_handle,
+                VolumeState::Held,
+            );
             if report.epoch_seen > status.epoch {
                 adopt(&mut decision, &uid, report.epoch_seen, now);
             } else if report.epoch_seen == status.epoch && replicating(status) {
@@ -190,7 +195,7 @@ pub fn decide(
                 // A node suspended on its own at the current epoch: treat it as the failure it stands for.
                 let trigger = FreezeTrigger {
                     reason: "FailSafe".to_owned(),
-                    cluster: None,
+                    cluster: Some(ack.cluster.clone()),
                     node: None,
                     volume_handle: ack.volume_handles.first().cloned(),
                     path: Some(ack.path),
@@ -423,7 +428,7 @@ fn record_hold_timeout(
     let member = status
         .members
         .iter()
-        .any(|member| member.volume_handle.as_deref() == Some(report.volume_handle.as_str()));
+        .any(|member| is_volume(member, &report.cluster, &report.volume_handle));
     if report.failed_writes == 0 || report.epoch != status.epoch || replicating(status) || !member {
         return;
     }
@@ -442,27 +447,29 @@ fn record_hold_timeout(
             since: None,
         };
     }
-    let known = held
-        .volumes
-        .iter_mut()
-        .find(|volume| volume.volume_handle == report.volume_handle);
+    let known = held.volumes.iter_mut().find(|volume| {
+        volume.cluster == report.cluster && volume.volume_handle == report.volume_handle
+    });
     match known {
         Some(volume) if volume.failed_writes >= report.failed_writes => return,
         Some(volume) => volume.failed_writes = report.failed_writes,
         None => {
             held.volumes.push(VolumeHoldTimeout {
+                cluster: report.cluster.clone(),
                 volume_handle: report.volume_handle.clone(),
                 failed_writes: report.failed_writes,
                 since: report.since.clone(),
             });
-            held.volumes
-                .sort_by(|a, b| a.volume_handle.cmp(&b.volume_handle));
+            held.volumes.sort_by(|a, b| {
+                (&a.cluster, &a.volume_handle).cmp(&(&b.cluster, &b.volume_handle))
+            });
             decision.notes.push(Note {
                 warning: true,
                 reason: "HoldTimedOut",
                 message: format!(
-                    "{} held writes of volume {} failed with an I/O error after holdTimeout {} at epoch {epoch}; its writes keep failing until {}",
+                    "{} held writes of volume {}/{} failed with an I/O error after holdTimeout {} at epoch {epoch}; its writes keep failing until {}",
                     report.failed_writes,
+                    report.cluster,
                     report.volume_handle,
                     group.spec.hold_timeout,
                     until_released(group, epoch),
@@ -489,27 +496,32 @@ fn until_released(group: &ConsistencyGroup, epoch: u64) -> String {
 }
 
 /// What a persisted status change adds to the hold timeouts: failed writes newly counted, and the volumes
-/// newly listed (for the metric and the Events on their claims).
+/// newly listed as (cluster, volume handle) (for the metric and the Events on their claims).
 pub fn hold_timeout_growth(
     before: Option<&HoldTimeouts>,
     after: Option<&HoldTimeouts>,
-) -> (u64, Vec<String>) {
+) -> (u64, Vec<(String, String)>) {
     let Some(after) = after else {
         return (0, Vec::new());
     };
     let before = before.filter(|before| before.epoch == after.epoch);
-    let counted = |handle: &str| {
+    let counted = |cluster: &str, handle: &str| {
         before
-            .and_then(|before| before.volumes.iter().find(|v| v.volume_handle == handle))
+            .and_then(|before| {
+                before
+                    .volumes
+                    .iter()
+                    .find(|v| v.cluster == cluster && v.volume_handle == handle)
+            })
             .map_or(0, |volume| volume.failed_writes)
     };
     let mut added = 0u64;
     let mut new_volumes = Vec::new();
     for volume in &after.volumes {
-        let was = counted(&volume.volume_handle);
+        let was = counted(&volume.cluster, &volume.volume_handle);
         added = added.saturating_add(volume.failed_writes.saturating_sub(was));
         if was == 0 {
-            new_volumes.push(volume.volume_handle.clone());
+            new_volumes.push((volume.cluster.clone(), volume.volume_handle.clone()));
         }
     }
     (added, new_volumes)
@@ -521,10 +533,10 @@ fn hold_timeout_sentence(
     group: &ConsistencyGroup,
 ) -> Option<String> {
     let held = status.hold_timeouts.as_ref()?;
-    let volumes: Vec<&str> = held
+    let volumes: Vec<String> = held
         .volumes
         .iter()
-        .map(|volume| volume.volume_handle.as_str())
+        .map(|volume| format!("{}/{}", volume.cluster, volume.volume_handle))
         .collect();
     let mut sentence = format!(
         "{} held writes failed with an I/O error (EIO) after holdTimeout {} on {}",
@@ -541,9 +553,20 @@ fn hold_timeout_sentence(
     Some(sentence)
 }
 
-fn mark_state(status: &mut ConsistencyGroupStatus, volume_handle: &str, state: VolumeState) {
+/// Whether a member is the volume (cluster, volume handle): a handle alone names no volume, since another
+/// cluster may have a volume of the same name.
+fn is_volume(member: &MemberVolumeStatus, cluster: &str, volume_handle: &str) -> bool {
+    member.cluster == cluster && member.volume_handle.as_deref() == Some(volume_handle)
+}
+
+fn mark_state(
+    status: &mut ConsistencyGroupStatus,
+    cluster: &str,
+    volume_handle: &str,
+    state: VolumeState,
+) {
     for member in &mut status.members {
-        if member.volume_handle.as_deref() == Some(volume_handle) {
+        if is_volume(member, cluster, volume_handle) {
             member.state = Some(state);
         }
     }
@@ -556,7 +579,8 @@ fn record_ack(status: &mut ConsistencyGroupStatus, ack: &Ack, now: &Time) {
         let Some(handle) = member.volume_handle.as_deref() else {
             continue;
         };
-        if !ack.volume_handles.iter().any(|acked| acked == handle) {
+        if member.cluster != ack.cluster || !ack.volume_handles.iter().any(|acked| acked == handle)
+        {
             continue;
         }
         let newer = member
@@ -634,10 +658,15 @@ fn advance(decision: &mut Decision, group: &ConsistencyGroup, uid: &str) {
             status.phase = Some(Phase::Frozen);
             status.consistent_image = Some(ConsistentImage {
                 epoch,
-                volume_handles: status
+                volumes: status
                     .members
                     .iter()
-                    .filter_map(|member| member.volume_handle.clone())
+                    .filter_map(|member| {
+                        Some(ImageVolume {
+                            cluster: member.cluster.clone(),
+                            volume_handle: member.volume_handle.clone()?,
+                        })
+                    })
                     .collect(),
             });
             let release_asked = group

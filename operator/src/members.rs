@@ -159,7 +159,9 @@ pub fn resolve(
                 (Some(_), Some(_)) => {}
             }
             if let Some(earlier) = previous.iter().find(|earlier| {
-                earlier.volume_handle.is_some() && earlier.volume_handle == resolved.volume_handle
+                earlier.cluster == resolved.cluster
+                    && earlier.volume_handle.is_some()
+                    && earlier.volume_handle == resolved.volume_handle
             }) {
                 resolved.acknowledged = earlier.acknowledged.clone();
                 resolved.state = earlier.state;

@@ -938,7 +938,14 @@ async fn a_failure_reported_over_grpc_freezes_on_both_paths_and_releases_once_al
     })
     .await;
     let status = group.status.as_ref().unwrap();
-    let mut image = status.consistent_image.clone().unwrap().volume_handles;
+    let mut image = status
+        .consistent_image
+        .clone()
+        .unwrap()
+        .volumes
+        .into_iter()
+        .map(|volume| volume.volume_handle)
+        .collect::<Vec<_>>();
     image.sort();
     assert_eq!(image, vec!["vol-data", "vol-reporting", "vol-wal"]);
     assert_eq!(
@@ -1049,20 +1056,22 @@ async fn deleting_a_frozen_group_resumes_its_volumes_removes_mirrors_and_says_so
         target.stage == pb::Stage::Freeze as i32
     })
     .await;
-    let ack = |point: pb::GroupEpoch, handles: Vec<String>| AckRequest {
-        node: Some(NodeIdentity {
-            cluster: "east".into(),
-            node: "e1".into(),
-        }),
+    // Each node acknowledges its own cluster's volumes: a volume is (cluster, volume handle).
+    let east_node = NodeIdentity {
+        cluster: "east".into(),
+        node: "e1".into(),
+    };
+    let ack = |node: &NodeIdentity, point: pb::GroupEpoch, handle: &str| AckRequest {
+        node: Some(node.clone()),
         enforced: Some(point),
-        volume_handles: handles,
+        volume_handles: vec![handle.into()],
         fail_safe: false,
     };
     control
-        .ack(ack(
-            freeze.clone(),
-            vec!["vol-wal".into(), "vol-reporting".into()],
-        ))
+        .ack(ack(&east_node, freeze.clone(), "vol-wal"))
+        .await?;
+    control
+        .ack(ack(&west_node, freeze.clone(), "vol-reporting"))
         .await?;
     eventually("the group Frozen (FreezeAndStop holds)", || {
         let hub_groups = hub_groups.clone();
@@ -1088,7 +1097,10 @@ async fn deleting_a_frozen_group_resumes_its_volumes_removes_mirrors_and_says_so
         "the object waits for the volumes"
     );
     control
-        .ack(ack(resume, vec!["vol-wal".into(), "vol-reporting".into()]))
+        .ack(ack(&east_node, resume.clone(), "vol-wal"))
+        .await?;
+    control
+        .ack(ack(&west_node, resume, "vol-reporting"))
         .await?;
     eventually("the group gone from the hub", || {
         let hub_groups = hub_groups.clone();

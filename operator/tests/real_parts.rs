@@ -361,7 +361,14 @@ async fn scenario(fault: Fault) {
         }
         Fault::None => {}
     }
-    let mut image = status.consistent_image.clone().unwrap().volume_handles;
+    let mut image = status
+        .consistent_image
+        .clone()
+        .unwrap()
+        .volumes
+        .into_iter()
+        .map(|volume| volume.volume_handle)
+        .collect::<Vec<_>>();
     image.sort();
     assert_eq!(
         image,

@@ -250,9 +250,20 @@ pub struct Acknowledgement {
 pub struct ConsistentImage {
     /// The epoch whose freeze the image is.
     pub epoch: u64,
-    /// The volume handles that acknowledged that epoch: exactly the volumes the image covers.
+    /// The volumes that were in sync when that freeze began and acknowledged it: exactly the volumes the
+    /// image covers.
     #[schemars(length(max = 1024))]
-    pub volume_handles: Vec<String>,
+    pub volumes: Vec<ImageVolume>,
+}
+
+/// One volume of a consistent image: a volume handle names a volume only within its cluster.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, PartialOrd, Ord, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ImageVolume {
+    /// The member cluster.
+    pub cluster: String,
+    /// The CSI volume handle.
+    pub volume_handle: String,
 }
 
 /// Held writes failed by the hold timeout during the current epoch (cleared when the group resumes or
@@ -279,6 +290,9 @@ pub struct HoldTimeouts {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct VolumeHoldTimeout {
+    /// The member cluster of the volume.
+    #[serde(default)]
+    pub cluster: String,
     /// The CSI volume handle.
     pub volume_handle: String,
     /// How many of its held writes failed.

@@ -337,7 +337,7 @@ impl ControlSystem for OperatorControl {
             epoch: status.epoch,
             frozen: status
                 .consistent_image
-                .map(|i| i.volume_handles)
+                .map(|i| i.volumes.into_iter().map(|v| v.volume_handle).collect())
                 .unwrap_or_default(),
             released: go,
         })

@@ -114,11 +114,11 @@ fn condition(group: &ConsistencyGroup, type_: &str) -> Option<String> {
 }
 
 fn image(group: &ConsistencyGroup) -> Vec<String> {
-    let mut handles = group
+    let mut handles: Vec<String> = group
         .status
         .as_ref()
         .and_then(|s| s.consistent_image.as_ref())
-        .map(|i| i.volume_handles.clone())
+        .map(|i| i.volumes.iter().map(|v| v.volume_handle.clone()).collect())
         .unwrap_or_default();
     handles.sort();
     handles

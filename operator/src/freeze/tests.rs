@@ -264,7 +264,17 @@ fn freeze_and_go_releases_only_once_every_resolved_volume_acknowledged() {
     assert_eq!(status(&group).phase, Some(Phase::Running));
     let image = status(&group).consistent_image.as_ref().unwrap();
     assert_eq!(image.epoch, 1);
-    assert_eq!(image.volume_handles, VOLUMES.to_vec());
+    assert_eq!(
+        image
+            .volumes
+            .iter()
+            .map(|volume| (volume.cluster.as_str(), volume.volume_handle.as_str()))
+            .collect::<Vec<_>>(),
+        VOLUMES
+            .iter()
+            .map(|volume| (cluster_of(volume), *volume))
+            .collect::<Vec<_>>()
+    );
     assert_eq!(condition_is(&group, condition::FROZEN), Some(true));
     assert_eq!(
         condition_is(&group, condition::CONSISTENT_IMAGE),
@@ -469,6 +479,7 @@ fn hold_timeout_growth_counts_only_what_a_status_change_added() {
         volumes: volumes
             .iter()
             .map(|(handle, failed_writes)| VolumeHoldTimeout {
+                cluster: "east".into(),
                 volume_handle: (*handle).into(),
                 failed_writes: *failed_writes,
                 since: None,
@@ -479,19 +490,19 @@ fn hold_timeout_growth_counts_only_what_a_status_change_added() {
     assert_eq!(hold_timeout_growth(None, None), (0, vec![]));
     assert_eq!(
         hold_timeout_growth(None, Some(&held(1, &[("a", 2)]))),
-        (2, vec!["a".to_owned()])
+        (2, vec![("east".to_owned(), "a".to_owned())])
     );
     assert_eq!(
         hold_timeout_growth(
             Some(&held(1, &[("a", 2)])),
             Some(&held(1, &[("a", 5), ("b", 1)]))
         ),
-        (4, vec!["b".to_owned()])
+        (4, vec![("east".to_owned(), "b".to_owned())])
     );
     // A new epoch counts afresh.
     assert_eq!(
         hold_timeout_growth(Some(&held(1, &[("a", 2)])), Some(&held(2, &[("a", 1)]))),
-        (1, vec!["a".to_owned()])
+        (1, vec![("east".to_owned(), "a".to_owned())])
     );
     assert_eq!(
         hold_timeout_growth(Some(&held(1, &[("a", 2)])), None),
