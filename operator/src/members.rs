@@ -245,6 +245,7 @@ fn resolve_claim(
         node: None,
         state: None,
         acknowledged: None,
+        image_epoch: None,
     };
     let bound = view
         .claims

@@ -200,7 +200,7 @@ pub struct FreezeTrigger {
 }
 
 /// One member volume, resolved.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct MemberVolumeStatus {
     /// The member cluster.
@@ -224,6 +224,11 @@ pub struct MemberVolumeStatus {
     /// The highest (epoch, stage) the volume acknowledged, and by which path.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub acknowledged: Option<Acknowledgement>,
+    /// The epoch of the freeze whose consistent image this volume's secondary belongs to: set when that
+    /// freeze began, for the volumes in sync at that moment (DESIGN rule 5 and 7). A volume that joined
+    /// later, or was still resyncing, has none until the group replicates in sync again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_epoch: Option<u64>,
 }
 
 /// An acknowledgement of one volume.

@@ -65,6 +65,7 @@ fn group(policy: Policy) -> ConsistencyGroup {
                 node: Some("node-1".into()),
                 state: Some(VolumeState::Replicating),
                 acknowledged: None,
+                image_epoch: None,
             })
             .collect(),
         member_count: 3,
@@ -830,6 +831,7 @@ fn group_with_twin(policy: Policy) -> ConsistencyGroup {
         node: Some("west-node-1".into()),
         state: Some(VolumeState::Replicating),
         acknowledged: None,
+        image_epoch: None,
     });
     status.member_count = 4;
     group
