@@ -995,3 +995,208 @@ proptest! {
         }
     }
 }
+
+fn condition_message(group: &ConsistencyGroup, type_: &str) -> String {
+    status(group)
+        .conditions
+        .iter()
+        .find(|condition| condition.type_ == type_)
+        .map(|condition| condition.message.clone())
+        .unwrap_or_default()
+}
+
+fn image_of(group: &ConsistencyGroup) -> Vec<(String, String)> {
+    status(group)
+        .consistent_image
+        .iter()
+        .flat_map(|image| image.volumes.iter())
+        .map(|volume| (volume.cluster.clone(), volume.volume_handle.clone()))
+        .collect()
+}
+
+fn unresolve(group: &mut ConsistencyGroup) {
+    let status = group.status.as_mut().unwrap();
+    status.members[2].volume_handle = None;
+    conditions::set(
+        &mut status.conditions,
+        conditions::ConditionUpdate {
+            type_: condition::MEMBERS_RESOLVED,
+            status: false,
+            reason: "Unresolved",
+            message: "west/orders/pvc-vol-west is not bound to a CSI volume yet".into(),
+        },
+        Some(1),
+        &now(),
+    );
+}
+
+#[test]
+fn the_image_is_never_claimed_while_a_member_is_unresolved() {
+    let mut group = group(Policy::FreezeAndGo);
+    unresolve(&mut group);
+    step(&mut group, &Event::Evaluate);
+    assert_eq!(
+        condition_is(&group, condition::CONSISTENT_IMAGE),
+        Some(false),
+        "{}",
+        condition_message(&group, condition::CONSISTENT_IMAGE)
+    );
+    assert!(
+        !condition_message(&group, condition::FROZEN).contains("every member"),
+        "{}",
+        condition_message(&group, condition::FROZEN)
+    );
+
+    let mut empty = self::group(Policy::FreezeAndGo);
+    empty.status.as_mut().unwrap().members.clear();
+    step(&mut empty, &Event::Evaluate);
+    assert_eq!(
+        condition_is(&empty, condition::CONSISTENT_IMAGE),
+        Some(false)
+    );
+    assert!(!condition_message(&empty, condition::FROZEN).contains("every member"));
+}
+
+#[test]
+fn the_image_condition_counts_the_volumes_outside_it_and_names_at_most_twenty() {
+    let mut group = group(Policy::FreezeAndGo);
+    let status = group.status.as_mut().unwrap();
+    for n in 0..25 {
+        status.members.push(MemberVolumeStatus {
+            cluster: "east".into(),
+            namespace: "orders".into(),
+            pvc: format!("pvc-extra-{n:02}"),
+            persistent_volume: Some(format!("pv-extra-{n:02}")),
+            volume_handle: Some(format!("vol-extra-{n:02}")),
+            node: Some("node-1".into()),
+            // Replication is off on these volumes: their secondaries are behind.
+            state: Some(VolumeState::Standalone),
+            ..MemberVolumeStatus::default()
+        });
+    }
+    step(&mut group, &Event::Evaluate);
+    assert_eq!(
+        condition_is(&group, condition::CONSISTENT_IMAGE),
+        Some(false)
+    );
+    let message = condition_message(&group, condition::CONSISTENT_IMAGE);
+    assert!(message.contains("25"), "{message}");
+    let named = (0..25)
+        .filter(|n| message.contains(&format!("pvc-extra-{n:02}")))
+        .count();
+    assert_eq!(named, 20, "{message}");
+}
+
+#[test]
+fn a_freeze_during_a_resync_holds_only_the_volumes_in_sync_in_its_image() {
+    let mut group = group(Policy::FreezeAndGo);
+    step(&mut group, &report(Path::Api, 0));
+    step_all(&mut group, &acks(Path::Api, 1, Stage::Freeze, &VOLUMES));
+    group.spec.resync = Some(EpochIntent { epoch: 1 });
+    step(&mut group, &Event::Evaluate);
+    step_all(&mut group, &acks(Path::Grpc, 1, Stage::Resume, &VOLUMES));
+    // Only vol-wal finished its resync; the others are still copying dirty regions.
+    for member in &mut group.status.as_mut().unwrap().members {
+        member.state = Some(if member.volume_handle.as_deref() == Some("vol-wal") {
+            VolumeState::Replicating
+        } else {
+            VolumeState::Resyncing
+        });
+    }
+    step(&mut group, &Event::Evaluate);
+    assert_eq!(status(&group).phase, Some(Phase::Resyncing));
+
+    let decision = step(&mut group, &report(Path::Api, 1));
+    assert_eq!(decision.freeze_now.map(|point| point.epoch), Some(2));
+    step_all(&mut group, &acks(Path::Api, 2, Stage::Freeze, &VOLUMES));
+    assert_eq!(status(&group).phase, Some(Phase::Running));
+    assert_eq!(
+        image_of(&group),
+        vec![("east".to_owned(), "vol-wal".to_owned())],
+        "the volumes still resyncing at the freeze are not in its image"
+    );
+    assert_eq!(
+        condition_is(&group, condition::CONSISTENT_IMAGE),
+        Some(false)
+    );
+    let message = condition_message(&group, condition::CONSISTENT_IMAGE);
+    assert!(
+        message.contains("pvc-vol-data") && message.contains("pvc-vol-west"),
+        "{message}"
+    );
+}
+
+#[test]
+fn a_volume_joining_during_a_freeze_stays_outside_its_image_until_the_next_resync() {
+    let mut group = group(Policy::FreezeAndStop);
+    step(&mut group, &report(Path::Api, 0));
+    // A claim joins (by selector) while the group freezes: resolution adds it with nothing recorded.
+    group
+        .status
+        .as_mut()
+        .unwrap()
+        .members
+        .push(MemberVolumeStatus {
+            cluster: "east".into(),
+            namespace: "orders".into(),
+            pvc: "pvc-vol-late".into(),
+            persistent_volume: Some("pv-vol-late".into()),
+            volume_handle: Some("vol-late".into()),
+            node: Some("node-1".into()),
+            ..MemberVolumeStatus::default()
+        });
+    step_all(&mut group, &acks(Path::Api, 1, Stage::Freeze, &VOLUMES));
+    assert_eq!(
+        status(&group).phase,
+        Some(Phase::Freezing),
+        "the joiner must suspend first"
+    );
+    step(&mut group, &ack(Path::Api, 1, Stage::Freeze, &["vol-late"]));
+    assert_eq!(status(&group).phase, Some(Phase::Frozen));
+    assert!(
+        !image_of(&group).contains(&("east".to_owned(), "vol-late".to_owned())),
+        "a volume that joined during the freeze is outside its image"
+    );
+    assert_eq!(image_of(&group).len(), 3);
+    assert_eq!(
+        condition_is(&group, condition::CONSISTENT_IMAGE),
+        Some(false)
+    );
+    assert!(condition_message(&group, condition::CONSISTENT_IMAGE).contains("pvc-vol-late"));
+
+    // The next resync brings it in.
+    group.spec.resync = Some(EpochIntent { epoch: 1 });
+    step(&mut group, &Event::Evaluate);
+    step_all(
+        &mut group,
+        &acks(
+            Path::Api,
+            1,
+            Stage::Resume,
+            &["vol-wal", "vol-data", "vol-west"],
+        ),
+    );
+    step(&mut group, &ack(Path::Api, 1, Stage::Resume, &["vol-late"]));
+    for member in &mut group.status.as_mut().unwrap().members {
+        member.state = Some(VolumeState::Replicating);
+    }
+    step(&mut group, &Event::Evaluate);
+    assert_eq!(status(&group).phase, Some(Phase::Replicating));
+    assert_eq!(
+        condition_is(&group, condition::CONSISTENT_IMAGE),
+        Some(true)
+    );
+    let decision = step(&mut group, &report(Path::Api, 1));
+    assert_eq!(decision.freeze_now.map(|point| point.epoch), Some(2));
+    step_all(&mut group, &acks(Path::Api, 2, Stage::Freeze, &VOLUMES));
+    step(&mut group, &ack(Path::Api, 2, Stage::Freeze, &["vol-late"]));
+    assert_eq!(
+        image_of(&group).len(),
+        4,
+        "in sync at this freeze: in its image"
+    );
+    assert_eq!(
+        condition_is(&group, condition::CONSISTENT_IMAGE),
+        Some(true)
+    );
+}
