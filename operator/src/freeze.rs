@@ -167,12 +167,6 @@ pub fn decide(
 
     match event {
         Event::Report(report) => {
-            mark_state(
-                status,
-                &report.cluster,
-                &report.volume_handle,
-                VolumeState::Held,
-            );
             if report.epoch_seen > status.epoch {
                 adopt(&mut decision, &uid, report.epoch_seen, now);
             } else if report.epoch_seen == status.epoch && replicating(status) {
@@ -187,6 +181,14 @@ pub fn decide(
                 };
                 freeze(&mut decision, &uid, trigger);
             }
+            // Marked after the freeze decided which volumes were in sync as it began: this one was (its
+            // secondary never got the write whose copy failed).
+            mark_state(
+                &mut decision.status,
+                &report.cluster,
+                &report.volume_handle,
+                VolumeState::Held,
+            );
         }
         Event::Ack(ack) => {
             if ack.epoch > status.epoch {
@@ -361,6 +363,7 @@ pub fn deletion_outcome(
 /// Raises the epoch by one and freezes.
 fn freeze(decision: &mut Decision, uid: &str, trigger: FreezeTrigger) {
     let status = &mut decision.status;
+    begin_image(status, status.epoch + 1);
     status.epoch += 1;
     status.stage = Some(Stage::Freeze);
     status.phase = Some(Phase::Freezing);
@@ -390,6 +393,7 @@ fn freeze(decision: &mut Decision, uid: &str, trigger: FreezeTrigger) {
 /// Adopts a higher epoch a member has seen or enforced (rule 8): a freeze that was sent but never persisted.
 fn adopt(decision: &mut Decision, uid: &str, epoch: u64, now: &Time) {
     let status = &mut decision.status;
+    begin_image(status, epoch);
     status.epoch = epoch;
     status.stage = Some(Stage::Freeze);
     status.phase = Some(Phase::Freezing);
@@ -553,6 +557,153 @@ fn hold_timeout_sentence(
     Some(sentence)
 }
 
+/// Decides, as a freeze at `new_epoch` begins, which member volumes its image can hold (rules 5 and 7):
+/// when the group was replicating, the volumes in sync then; when it was already frozen or released, the
+/// volumes of the image it held (their secondaries have not moved since). A volume that joins later, or
+/// was still resyncing, stays outside until the group replicates in sync again.
+fn begin_image(status: &mut ConsistencyGroupStatus, new_epoch: u64) {
+    let (epoch, stage) = position(status);
+    let resyncing = status.phase == Some(Phase::Resyncing);
+    for member in &mut status.members {
+        let in_image = match stage {
+            Stage::Resume => in_sync(member, epoch, resyncing),
+            Stage::Freeze | Stage::Release => member.image_epoch == Some(epoch),
+        };
+        member.image_epoch = in_image.then_some(new_epoch);
+    }
+}
+
+/// Whether a member volume's secondary is in sync with its primary while the group is at (epoch, Resume).
+/// During a resync only a volume that finished it is; otherwise one whose sidecar reports it replicating
+/// (or holding a write whose copy failed, which its secondary never got), or that no sidecar reported a
+/// state for (gRPC-only clusters report none while replicating). A volume primary-only, resyncing,
+/// suspended, in no group yet, or not yet confirmed is not.
+fn in_sync(member: &MemberVolumeStatus, epoch: u64, resyncing: bool) -> bool {
+    if resyncing {
+        return member.state == Some(VolumeState::Replicating)
+            && member
+                .acknowledged
+                .as_ref()
+                .is_some_and(|ack| (ack.epoch, ack.stage) >= (epoch, Stage::Resume));
+    }
+    matches!(
+        member.state,
+        None | Some(VolumeState::Replicating) | Some(VolumeState::Held)
+    )
+}
+
+/// Whether a member volume is in the group's consistent image now: at (epoch, Resume), in sync; during a
+/// freeze or after its release, in the image of that freeze and acknowledged it.
+fn in_image(member: &MemberVolumeStatus, epoch: u64, stage: Stage) -> bool {
+    match stage {
+        Stage::Resume => in_sync(member, epoch, false),
+        Stage::Freeze | Stage::Release => {
+            member.image_epoch == Some(epoch)
+                && member
+                    .acknowledged
+                    .as_ref()
+                    .is_some_and(|ack| (ack.epoch, ack.stage) >= (epoch, Stage::Freeze))
+        }
+    }
+}
+
+/// How many volumes a condition names before it only counts the rest.
+const NAMED_IN_CONDITION: usize = 20;
+
+/// "a, b, c and 5 more": at most [`NAMED_IN_CONDITION`] member volumes named, the rest counted.
+fn name_some(members: &[&MemberVolumeStatus]) -> String {
+    let mut text = members
+        .iter()
+        .take(NAMED_IN_CONDITION)
+        .map(|member| format!("{}/{}/{}", member.cluster, member.namespace, member.pvc))
+        .collect::<Vec<_>>()
+        .join(", ");
+    if members.len() > NAMED_IN_CONDITION {
+        text.push_str(&format!(" and {} more", members.len() - NAMED_IN_CONDITION));
+    }
+    text
+}
+
+/// The ConsistentImage condition: True only when every member is resolved and every resolved volume is in
+/// the image (DESIGN rule 5), never claimed while a freeze is still collecting acknowledgements or a
+/// resync is copying.
+fn image_condition(status: &ConsistencyGroupStatus) -> ConditionUpdate<'static> {
+    let (epoch, stage) = position(status);
+    let phase = status.phase.unwrap_or(Phase::Replicating);
+    let no = |reason, message| ConditionUpdate {
+        type_: condition::CONSISTENT_IMAGE,
+        status: false,
+        reason,
+        message,
+    };
+    if !members_resolved(status) {
+        let unresolved = status
+            .members
+            .iter()
+            .filter(|member| member.volume_handle.is_none())
+            .count();
+        return no(
+            "MembersNotResolved",
+            format!(
+                "not every member is resolved to a volume ({} of {} member volumes resolved; see MembersResolved): no image can be claimed",
+                status.members.len() - unresolved,
+                status.members.len()
+            ),
+        );
+    }
+    if stage == Stage::Resume && phase == Phase::Resyncing {
+        return no(
+            "Resyncing",
+            "members are copying their dirty regions: the secondaries are not a consistent image until every member is in sync".to_owned(),
+        );
+    }
+    if stage == Stage::Freeze && phase != Phase::Frozen {
+        return no(
+            "Freezing",
+            format!(
+                "freezing at epoch {epoch}: the image is known once every member volume acknowledged the freeze"
+            ),
+        );
+    }
+    let outside: Vec<&MemberVolumeStatus> = status
+        .members
+        .iter()
+        .filter(|member| !in_image(member, epoch, stage))
+        .collect();
+    if !outside.is_empty() {
+        let what = match stage {
+            Stage::Resume => "not replicating in sync".to_owned(),
+            Stage::Freeze | Stage::Release => format!(
+                "outside the image of epoch {epoch} (not in sync when the freeze began); a resync brings them in"
+            ),
+        };
+        return no(
+            "VolumesOutsideImage",
+            format!(
+                "{} of {} member volumes are {what}: {}",
+                outside.len(),
+                status.members.len(),
+                name_some(&outside)
+            ),
+        );
+    }
+    ConditionUpdate {
+        type_: condition::CONSISTENT_IMAGE,
+        status: true,
+        reason: "DependentWriteConsistent",
+        message: match stage {
+            Stage::Resume => format!(
+                "all {} member volumes replicate in sync: the secondaries together hold a state the application could have seen at one instant",
+                status.members.len()
+            ),
+            Stage::Freeze | Stage::Release => format!(
+                "the secondaries of all {} member volumes hold the image of epoch {epoch}, a state the application could have seen at one instant",
+                status.members.len()
+            ),
+        },
+    }
+}
+
 /// Whether a member is the volume (cluster, volume handle): a handle alone names no volume, since another
 /// cluster may have a volume of the same name.
 fn is_volume(member: &MemberVolumeStatus, cluster: &str, volume_handle: &str) -> bool {
@@ -661,6 +812,7 @@ fn advance(decision: &mut Decision, group: &ConsistencyGroup, uid: &str) {
                 volumes: status
                     .members
                     .iter()
+                    .filter(|member| in_image(member, epoch, Stage::Freeze))
                     .filter_map(|member| {
                         Some(ImageVolume {
                             cluster: member.cluster.clone(),
@@ -801,27 +953,30 @@ fn set_conditions(
                     "the secondaries hold the image of epoch {epoch}; primaries run unreplicated"
                 )
             }
-            (Stage::Resume, _) => "replication is running on every member".to_owned(),
+            (Stage::Resume, _) if !members_resolved(status) => {
+                "not frozen; some members are not resolved to a volume (see MembersResolved), so replication is not known to run on all of them".to_owned()
+            }
+            (Stage::Resume, _) => {
+                let behind: Vec<&MemberVolumeStatus> = status
+                    .members
+                    .iter()
+                    .filter(|member| !in_sync(member, epoch, phase == Phase::Resyncing))
+                    .collect();
+                if behind.is_empty() {
+                    "replication is running on every member".to_owned()
+                } else {
+                    format!(
+                        "not frozen; {} member volumes are not replicating in sync: {}",
+                        behind.len(),
+                        name_some(&behind)
+                    )
+                }
+            }
         }),
     };
     conditions::set(&mut status.conditions, frozen_update, generation, now);
 
-    let resyncing = phase == Phase::Resyncing;
-    let image = ConditionUpdate {
-        type_: condition::CONSISTENT_IMAGE,
-        status: !resyncing,
-        reason: if resyncing {
-            "Resyncing"
-        } else {
-            "DependentWriteConsistent"
-        },
-        message: if resyncing {
-            "members are copying their dirty regions: the secondaries are not a consistent image until every member is in sync".to_owned()
-        } else {
-            "the secondaries together hold a state the application could have seen at one instant"
-                .to_owned()
-        },
-    };
+    let image = image_condition(status);
     conditions::set(&mut status.conditions, image, generation, now);
 
     let stale = stale_intents(group, epoch);

@@ -165,6 +165,7 @@ pub fn resolve(
             }) {
                 resolved.acknowledged = earlier.acknowledged.clone();
                 resolved.state = earlier.state;
+                resolved.image_epoch = earlier.image_epoch;
             }
             // A report older than the volume's last acknowledgement says nothing about it now.
             if let Some((state, epoch, stage)) = resolved
@@ -600,6 +601,7 @@ mod tests {
             fail_safe: false,
             at: None,
         });
+        first.members[0].image_epoch = Some(2);
         let again = resolve(
             &[by_names("east", &["wal", "data"])],
             &clusters,
@@ -615,6 +617,15 @@ mod tests {
         };
         assert_eq!(acknowledged("wal"), first.members[0].acknowledged);
         assert_eq!(acknowledged("data"), None);
+        let image_epoch = |pvc: &str| {
+            again
+                .members
+                .iter()
+                .find(|member| member.pvc == pvc)
+                .and_then(|member| member.image_epoch)
+        };
+        assert_eq!(image_epoch("wal"), Some(2), "still in the image of epoch 2");
+        assert_eq!(image_epoch("data"), None);
     }
 
     #[test]

@@ -275,8 +275,13 @@ async fn setup_with_hold_timeout(fault: Fault, policy: Policy, hold_timeout: &st
     eventually("the group resolved and replicating", || {
         let groups = groups.clone();
         async move {
-            let status = groups.get("orders-db").await.ok()?.status?;
-            (status.phase == Some(Phase::Replicating) && status.member_count == 3).then_some(())
+            let group = groups.get("orders-db").await.ok()?;
+            // Protected: every member volume replicates in sync within the group.
+            let protected =
+                condition(&group, "ConsistentImage").is_some_and(|(on, _, _)| on == "True");
+            let status = group.status?;
+            (status.phase == Some(Phase::Replicating) && status.member_count == 3 && protected)
+                .then_some(())
         }
     })
     .await;
@@ -373,7 +378,8 @@ async fn scenario(fault: Fault) {
     assert_eq!(
         image,
         vec!["data", "reporting", "wal"],
-        "every member is in the consistent image"
+        "every member is in the consistent image: {:?}",
+        status.members
     );
     assert_eq!(
         status.trigger.as_ref().unwrap().volume_handle.as_deref(),

@@ -13,7 +13,8 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use lockstep_api::domain::{Phase, Policy, Stage};
+use lockstep_api::conditions;
+use lockstep_api::domain::{Phase, Policy, Stage, condition};
 use lockstep_api::v1alpha1::ConsistencyGroup;
 use lockstep_operator::Operator;
 use lockstep_replicator::linkcut::{LinkCut, LinkMode};
@@ -278,9 +279,19 @@ impl ControlSystem for OperatorControl {
             self.sidecars.push(sidecar);
         }
         let total = world.volumes().count() as u32;
-        let group = watch_group(world, timeline, "members resolved", DEADLINE, |g| {
-            g.status.as_ref().is_some_and(|s| s.member_count >= total)
-        })
+        let group = watch_group(
+            world,
+            timeline,
+            "members resolved, replicating in sync",
+            DEADLINE,
+            |g| {
+                g.status.as_ref().is_some_and(|s| {
+                    s.member_count >= total
+                        && conditions::status_of(&s.conditions, condition::CONSISTENT_IMAGE)
+                            == Some(true)
+                })
+            },
+        )
         .await?;
         Ok(group
             .status

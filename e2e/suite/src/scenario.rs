@@ -18,7 +18,8 @@ use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim, Secret};
 use kube::api::{Api, DeleteParams, Patch, PatchParams};
-use lockstep_api::domain::{Phase, Policy, Stage};
+use lockstep_api::conditions;
+use lockstep_api::domain::{Phase, Policy, Stage, condition};
 use lockstep_api::v1alpha1::{ConsistencyGroup, MemberCluster};
 use lockstep_checker::{
     CheckOptions, Layout, OnError, Source, Verdict, WorkloadHandle, WorkloadOptions,
@@ -356,11 +357,17 @@ impl Harness {
             harness.start_sidecar(&name).await?;
         }
         harness
-            .wait_group("every member resolved, replicating", |g| {
-                g.status.as_ref().is_some_and(|s| {
-                    s.member_count >= members && s.phase == Some(Phase::Replicating)
-                })
-            })
+            .wait_group(
+                "every member resolved, replicating in sync (ConsistentImage)",
+                |g| {
+                    g.status.as_ref().is_some_and(|s| {
+                        s.member_count >= members
+                            && s.phase == Some(Phase::Replicating)
+                            && conditions::status_of(&s.conditions, condition::CONSISTENT_IMAGE)
+                                == Some(true)
+                    })
+                },
+            )
             .await?;
         harness.start_workload(setup.writes_before_fault).await?;
         Ok(harness)
