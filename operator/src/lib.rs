@@ -8,6 +8,7 @@
 //! - [`engine`]: fetch → decide → send and persist → record, one group at a time.
 //! - [`clusters`], [`mirror`], [`fanout`], [`sessions`], [`control`]: member clusters, mirrors, the two
 //!   delivery paths and the gRPC `Control` service.
+//! - [`leader`]: leader election on a Lease, leading only within the renew deadline.
 //! - [`metrics`]: Prometheus metrics; [`http`]: `/healthz`, `/readyz`, `/metrics`.
 
 pub mod clusters;
@@ -16,6 +17,7 @@ pub mod engine;
 pub mod fanout;
 pub mod freeze;
 pub mod http;
+pub mod leader;
 pub mod listed;
 pub mod members;
 pub mod metrics;
@@ -109,17 +111,17 @@ impl Operator {
         let sessions = Sessions::default();
         let mut tasks = Vec::new();
         let leader = if options.leader_election {
-            let seconds = options.lease_duration.as_secs().max(2);
-            let manager =
-                kube_lease_manager::LeaseManagerBuilder::new(client.clone(), LEADER_LEASE)
-                    .with_namespace(options.namespace.clone())
-                    .with_identity(options.identity.clone())
-                    .with_duration(seconds)
-                    .with_grace(1)
-                    .with_field_manager(mirror::FIELD_MANAGER)
-                    .build()
-                    .await?;
-            let (leader, lease_task) = manager.watch().await;
+            let election = leader::LeaderElection::new(
+                client.clone(),
+                &options.namespace,
+                LEADER_LEASE,
+                &options.identity,
+                options.lease_duration,
+            );
+            let (leading, leader) = tokio::sync::watch::channel(false);
+            // Aborting this task leaves the Lease to expire, as after a crash: a standby takes over
+            // within the lease duration.
+            tasks.push(tokio::spawn(election.run(leading)));
             let mut changes = leader.clone();
             let sessions = sessions.clone();
             let identity = options.identity.clone();
@@ -128,17 +130,9 @@ impl Operator {
                     let leading = *changes.borrow_and_update();
                     tracing::info!(%identity, leading, "leadership changed");
                     if !leading {
+                        // The sidecars reconnect, through the Service, to the replica that leads.
                         sessions.close_all();
                     }
-                }
-            }));
-            tasks.push(tokio::spawn(async move {
-                // Aborting this task aborts the lease manager's: the Lease is then left to expire, as
-                // after a crash (a standby takes over within the lease duration).
-                let mut lease_task = AbortOnDrop(lease_task);
-                let outcome = (&mut lease_task.0).await;
-                if let Ok(Err(error)) = outcome {
-                    tracing::error!(%error, "leader election stopped");
                 }
             }));
             leader
