@@ -2,7 +2,8 @@
 //! client: a leader whose route to the hub is blackholed (a proxy that drops every byte, so no request
 //! fails — they just never answer) stops answering ready and serving Control within one lease duration,
 //! its Subscribe streams end, the standby takes over, and once the route is back and the Lease is free
-//! again it serves again.
+//! again it serves again. A sidecar that dials the replicas through a Service (each new connection to a
+//! replica answering ready) is sent to the new leader: the deposed one closes its connections.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -140,6 +141,108 @@ async fn a_leader_cut_off_from_the_hub_stops_serving_within_the_lease_and_the_st
     })
     .await;
     assert_eq!(report_code(first.grpc_addr).await, tonic::Code::Ok);
+    first.shutdown().await;
+    Ok(())
+}
+
+/// A Service in front of the replicas' gRPC listeners, as kube-proxy is: each new connection goes to the
+/// first replica whose `/readyz` answers 200; open connections stay where they are.
+async fn service(replicas: Vec<(SocketAddr, SocketAddr)>) -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut client, _)) = listener.accept().await {
+            let replicas = replicas.clone();
+            tokio::spawn(async move {
+                for (grpc, http) in replicas {
+                    if readyz(http).await == Some(200)
+                        && let Ok(mut upstream) = tokio::net::TcpStream::connect(grpc).await
+                    {
+                        let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn a_deposed_leader_sends_its_sidecars_through_the_service_to_the_new_leader() -> TestResult {
+    let (server, hub) = cluster().await;
+    let route = LinkCut::start(server.addr()).await?;
+    let first = Operator::start(client_through(&route), &replica("operator-a")).await?;
+    eventually("operator-a answers ready", || async {
+        (readyz(first.http_addr).await == Some(200)).then_some(())
+    })
+    .await;
+    let second = Operator::start(hub.clone(), &replica("operator-b")).await?;
+    let endpoint = service(vec![
+        (first.grpc_addr, first.http_addr),
+        (second.grpc_addr, second.http_addr),
+    ])
+    .await;
+    // One client, as a sidecar keeps one: its calls reach whichever replica its connection is to.
+    let control = ControlClient::connect(format!("http://{endpoint}")).await?;
+    let report = || {
+        let mut control = control.clone();
+        async move {
+            let request = ReportRequest {
+                node: Some(node()),
+                ..Default::default()
+            };
+            control.report(request).await.map(|_| ())
+        }
+    };
+    report().await?;
+    let mut stream = control
+        .clone()
+        .subscribe(SubscribeRequest {
+            node: Some(node()),
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+
+    route.set_mode(LinkMode::Blackhole);
+    let ended = tokio::time::timeout(Duration::from_secs(60), async {
+        while let Some(Ok(_)) = stream.next().await {}
+    })
+    .await;
+    assert!(
+        ended.is_ok(),
+        "the deposed leader ends its Subscribe streams"
+    );
+    eventually("the standby leads", || async {
+        (readyz(second.http_addr).await == Some(200)).then_some(())
+    })
+    .await;
+    eventually("the sidecar's calls reach the new leader", || async {
+        report().await.ok()
+    })
+    .await;
+    let mut stream = control
+        .clone()
+        .subscribe(SubscribeRequest {
+            node: Some(node()),
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    assert!(
+        stream.next().await.is_some_and(|message| message.is_ok()),
+        "the new leader serves the subscription"
+    );
+    assert!(
+        second
+            .engine()
+            .sessions()
+            .nodes()
+            .contains(&("east".into(), "e1".into())),
+        "the session is on the new leader"
+    );
+    second.shutdown().await;
     first.shutdown().await;
     Ok(())
 }
