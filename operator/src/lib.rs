@@ -204,20 +204,12 @@ impl Operator {
         let grpc_listener = tokio::net::TcpListener::bind(options.grpc_listen).await?;
         let grpc_addr = grpc_listener.local_addr()?;
         let service = ControlServer::new(control::ControlService::new(engine.clone()));
-        let grpc = {
-            let shutdown = shutdown.clone();
-            async move {
-                let incoming = tokio_stream::wrappers::TcpListenerStream::new(grpc_listener);
-                let served = tonic::transport::Server::builder()
-                    .add_service(service)
-                    .serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned())
-                    .await;
-                if let Err(error) = served {
-                    tracing::error!(%error, "the gRPC Control service stopped");
-                }
-            }
-        };
-        tasks.push(tokio::spawn(grpc));
+        tasks.push(tokio::spawn(serve_control(
+            Arc::new(grpc_listener),
+            service,
+            leader.clone(),
+            shutdown.clone(),
+        )));
 
         let http_listener = tokio::net::TcpListener::bind(options.http_listen).await?;
         let http_addr = http_listener.local_addr()?;
@@ -261,6 +253,58 @@ impl Operator {
             task.abort();
             let _ = task.await;
         }
+    }
+}
+
+/// Serves the gRPC Control service on `listener` until `shutdown`. Each time this replica stops leading,
+/// the server is shut down gracefully — an HTTP/2 GOAWAY on every connection, which close once their
+/// calls end (the Subscribe streams were ended with the sessions) — and served again on the same
+/// listener: the sidecars' clients connect anew, and the Service sends the new connections to the
+/// replica that leads. Otherwise a sidecar's calls went on over its connection to the deposed replica,
+/// each answered UNAVAILABLE.
+async fn serve_control(
+    listener: Arc<tokio::net::TcpListener>,
+    service: ControlServer<control::ControlService>,
+    leader: tokio::sync::watch::Receiver<bool>,
+    shutdown: CancellationToken,
+) {
+    // The servers that are draining their connections: aborted with this task.
+    let mut draining = tokio::task::JoinSet::new();
+    loop {
+        let generation = CancellationToken::new();
+        let incoming = futures::stream::unfold(Arc::clone(&listener), |listener| async move {
+            let accepted = listener.accept().await.map(|(stream, _)| stream);
+            Some((accepted, listener))
+        });
+        let served = tonic::transport::Server::builder()
+            .add_service(service.clone())
+            .serve_with_incoming_shutdown(incoming, generation.clone().cancelled_owned());
+        draining.spawn(async move {
+            if let Err(error) = served.await {
+                tracing::error!(%error, "the gRPC Control service stopped");
+            }
+        });
+        let mut leading = leader.clone();
+        let deposed = async move {
+            // Ends once this replica has led and then stopped leading; never without leader election.
+            if leading.wait_for(|leads| *leads).await.is_err()
+                || leading.wait_for(|leads| !*leads).await.is_err()
+            {
+                std::future::pending::<()>().await;
+            }
+        };
+        tokio::select! {
+            () = shutdown.cancelled() => {
+                generation.cancel();
+                while draining.join_next().await.is_some() {}
+                return;
+            }
+            () = deposed => {
+                tracing::info!("no longer leading: closing every gRPC connection");
+                generation.cancel();
+            }
+        }
+        while draining.try_join_next().is_some() {}
     }
 }
 
