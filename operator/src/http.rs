@@ -43,7 +43,7 @@ async fn ready(State(state): State<HttpState>) -> impl IntoResponse {
     if !*state.leader.borrow() {
         return (
             StatusCode::SERVICE_UNAVAILABLE,
-            "standby: another replica holds the leader Lease",
+            "standby: another replica holds the leader Lease, or this one could not renew it in time",
         );
     }
     if state.groups_listed.is_listed() {

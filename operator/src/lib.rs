@@ -8,6 +8,7 @@
 //! - [`engine`]: fetch → decide → send and persist → record, one group at a time.
 //! - [`clusters`], [`mirror`], [`fanout`], [`sessions`], [`control`]: member clusters, mirrors, the two
 //!   delivery paths and the gRPC `Control` service.
+//! - [`leader`]: leader election on a Lease, leading only within the renew deadline.
 //! - [`metrics`]: Prometheus metrics; [`http`]: `/healthz`, `/readyz`, `/metrics`.
 
 pub mod clusters;
@@ -16,6 +17,7 @@ pub mod engine;
 pub mod fanout;
 pub mod freeze;
 pub mod http;
+pub mod leader;
 pub mod listed;
 pub mod members;
 pub mod metrics;
@@ -109,17 +111,17 @@ impl Operator {
         let sessions = Sessions::default();
         let mut tasks = Vec::new();
         let leader = if options.leader_election {
-            let seconds = options.lease_duration.as_secs().max(2);
-            let manager =
-                kube_lease_manager::LeaseManagerBuilder::new(client.clone(), LEADER_LEASE)
-                    .with_namespace(options.namespace.clone())
-                    .with_identity(options.identity.clone())
-                    .with_duration(seconds)
-                    .with_grace(1)
-                    .with_field_manager(mirror::FIELD_MANAGER)
-                    .build()
-                    .await?;
-            let (leader, lease_task) = manager.watch().await;
+            let election = leader::LeaderElection::new(
+                client.clone(),
+                &options.namespace,
+                LEADER_LEASE,
+                &options.identity,
+                options.lease_duration,
+            );
+            let (leading, leader) = tokio::sync::watch::channel(false);
+            // Aborting this task leaves the Lease to expire, as after a crash: a standby takes over
+            // within the lease duration.
+            tasks.push(tokio::spawn(election.run(leading)));
             let mut changes = leader.clone();
             let sessions = sessions.clone();
             let identity = options.identity.clone();
@@ -128,17 +130,9 @@ impl Operator {
                     let leading = *changes.borrow_and_update();
                     tracing::info!(%identity, leading, "leadership changed");
                     if !leading {
+                        // The sidecars reconnect, through the Service, to the replica that leads.
                         sessions.close_all();
                     }
-                }
-            }));
-            tasks.push(tokio::spawn(async move {
-                // Aborting this task aborts the lease manager's: the Lease is then left to expire, as
-                // after a crash (a standby takes over within the lease duration).
-                let mut lease_task = AbortOnDrop(lease_task);
-                let outcome = (&mut lease_task.0).await;
-                if let Ok(Err(error)) = outcome {
-                    tracing::error!(%error, "leader election stopped");
                 }
             }));
             leader
@@ -210,20 +204,12 @@ impl Operator {
         let grpc_listener = tokio::net::TcpListener::bind(options.grpc_listen).await?;
         let grpc_addr = grpc_listener.local_addr()?;
         let service = ControlServer::new(control::ControlService::new(engine.clone()));
-        let grpc = {
-            let shutdown = shutdown.clone();
-            async move {
-                let incoming = tokio_stream::wrappers::TcpListenerStream::new(grpc_listener);
-                let served = tonic::transport::Server::builder()
-                    .add_service(service)
-                    .serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned())
-                    .await;
-                if let Err(error) = served {
-                    tracing::error!(%error, "the gRPC Control service stopped");
-                }
-            }
-        };
-        tasks.push(tokio::spawn(grpc));
+        tasks.push(tokio::spawn(serve_control(
+            Arc::new(grpc_listener),
+            service,
+            leader.clone(),
+            shutdown.clone(),
+        )));
 
         let http_listener = tokio::net::TcpListener::bind(options.http_listen).await?;
         let http_addr = http_listener.local_addr()?;
@@ -267,6 +253,58 @@ impl Operator {
             task.abort();
             let _ = task.await;
         }
+    }
+}
+
+/// Serves the gRPC Control service on `listener` until `shutdown`. Each time this replica stops leading,
+/// the server is shut down gracefully — an HTTP/2 GOAWAY on every connection, which close once their
+/// calls end (the Subscribe streams were ended with the sessions) — and served again on the same
+/// listener: the sidecars' clients connect anew, and the Service sends the new connections to the
+/// replica that leads. Otherwise a sidecar's calls went on over its connection to the deposed replica,
+/// each answered UNAVAILABLE.
+async fn serve_control(
+    listener: Arc<tokio::net::TcpListener>,
+    service: ControlServer<control::ControlService>,
+    leader: tokio::sync::watch::Receiver<bool>,
+    shutdown: CancellationToken,
+) {
+    // The servers that are draining their connections: aborted with this task.
+    let mut draining = tokio::task::JoinSet::new();
+    loop {
+        let generation = CancellationToken::new();
+        let incoming = futures::stream::unfold(Arc::clone(&listener), |listener| async move {
+            let accepted = listener.accept().await.map(|(stream, _)| stream);
+            Some((accepted, listener))
+        });
+        let served = tonic::transport::Server::builder()
+            .add_service(service.clone())
+            .serve_with_incoming_shutdown(incoming, generation.clone().cancelled_owned());
+        draining.spawn(async move {
+            if let Err(error) = served.await {
+                tracing::error!(%error, "the gRPC Control service stopped");
+            }
+        });
+        let mut leading = leader.clone();
+        let deposed = async move {
+            // Ends once this replica has led and then stopped leading; never without leader election.
+            if leading.wait_for(|leads| *leads).await.is_err()
+                || leading.wait_for(|leads| !*leads).await.is_err()
+            {
+                std::future::pending::<()>().await;
+            }
+        };
+        tokio::select! {
+            () = shutdown.cancelled() => {
+                generation.cancel();
+                while draining.join_next().await.is_some() {}
+                return;
+            }
+            () = deposed => {
+                tracing::info!("no longer leading: closing every gRPC connection");
+                generation.cancel();
+            }
+        }
+        while draining.try_join_next().is_some() {}
     }
 }
 

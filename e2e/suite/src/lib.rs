@@ -10,6 +10,7 @@
 //! - [`operated`]: the real control system — the operator in the hub and a sidecar per node
 //!   ([`operated::OperatorControl`], the demo's default);
 //! - [`scenario`]: the fault scenarios' harness (`tests/faults.rs`), on test API servers or real clusters;
+//! - [`service`]: a Service in front of operator replicas, routing new connections to the ready one;
 //! - [`demo`]: the scenario: workload, cut, freeze, checker verdict, link restored;
 //! - [`observe`]: the sidecars' API path as the scenario sees it (ReplicationNode changes, stamped);
 //! - [`timeline`], [`kubectl`]: what the demo prints, and the real kubectl it runs;
@@ -27,6 +28,7 @@ pub mod kubectl;
 pub mod observe;
 pub mod operated;
 pub mod scenario;
+pub mod service;
 pub mod timeline;
 pub mod world;
 

@@ -36,6 +36,7 @@ use crate::cluster::{ApiSource, ClusterError, SimCluster};
 use crate::control::ControlError;
 use crate::faults::LinkCutMode;
 use crate::operated::{operator_options, sidecar_options, watch_group};
+use crate::service::{Endpoint, ReadyService};
 use crate::timeline::Timeline;
 use crate::world::{World, WorldError, WorldSpec};
 
@@ -43,6 +44,8 @@ use crate::world::{World, WorldError, WorldSpec};
 pub const KUBECONFIGS_VAR: &str = "LOCKSTEP_E2E_KUBECONFIGS";
 /// How long the control system may take to get somewhere (resolve, freeze, release, resync).
 const DEADLINE: Duration = Duration::from_secs(60);
+/// The leader Lease's duration when two operator replicas run ([`Setup::standby_operator`]).
+pub const LEASE_DURATION: Duration = Duration::from_secs(3);
 
 /// Why a scenario could not run to its end.
 #[derive(Debug, thiserror::Error)]
@@ -218,6 +221,10 @@ pub struct Setup {
     pub joining_later: Vec<String>,
     /// Writes acknowledged before [`Harness::start`] returns.
     pub writes_before_fault: u64,
+    /// Two operator replicas with leader election instead of one: the first leads and reaches the hub
+    /// through a proxy that [`Harness::blackhole_leader_hub`] silences; the sidecars dial both through a
+    /// [`ReadyService`]. (Killing and restarting the operator is for one replica only.)
+    pub standby_operator: bool,
 }
 
 impl Setup {
@@ -232,6 +239,7 @@ impl Setup {
             fail_safe_interval: Duration::from_secs(10),
             joining_later: Vec::new(),
             writes_before_fault: 150,
+            standby_operator: false,
         })
     }
 }
@@ -275,7 +283,14 @@ pub struct Harness {
     /// On real clusters, this run's suffix of names.
     suffix: Option<String>,
     operator: Option<Operator>,
-    /// Where the operator's gRPC listener is (kept across restarts).
+    /// The second replica, standing by, with [`Setup::standby_operator`].
+    standby: Option<Operator>,
+    /// The first replica's route to the hub, with [`Setup::standby_operator`].
+    leader_route: Option<LinkCut>,
+    /// The Service in front of both replicas, with [`Setup::standby_operator`].
+    service: Option<ReadyService>,
+    /// Where the operator's gRPC listener is (kept across restarts), or the Service in front of the
+    /// replicas: what the sidecars dial.
     grpc_addr: Option<SocketAddr>,
     grpc: GrpcPath,
     fail_safe_interval: Duration,
@@ -331,6 +346,9 @@ impl Harness {
             target,
             suffix,
             operator: None,
+            standby: None,
+            leader_route: None,
+            service: None,
             grpc_addr: None,
             grpc: setup.grpc,
             fail_safe_interval: setup.fail_safe_interval,
@@ -349,7 +367,11 @@ impl Harness {
         for name in harness.cluster_names() {
             harness.listen(&name)?;
         }
-        harness.start_operator().await?;
+        if setup.standby_operator {
+            harness.start_replicas().await?;
+        } else {
+            harness.start_operator().await?;
+        }
         for name in &setup.proxied {
             harness.proxy_paths(name).await?;
         }
@@ -480,6 +502,88 @@ impl Harness {
         ));
         self.grpc_addr = Some(operator.grpc_addr);
         self.operator = Some(operator);
+        Ok(())
+    }
+
+    /// Starts two operator replicas with leader election: the first, reaching the hub through a proxy,
+    /// leads before the second starts; the sidecars dial a Service in front of both.
+    async fn start_replicas(&mut self) -> Result<(), FaultError> {
+        let hub = self.world.hub();
+        let route = LinkCut::start(resolve(&hub.api_url).await?)
+            .await
+            .map_err(|source| FaultError::Io {
+                what: "proxy to the hub".into(),
+                source,
+            })?;
+        let replica = |identity: &str| {
+            let mut options = operator_options(hub.name());
+            options.leader_election = true;
+            options.identity = identity.to_owned();
+            options.lease_duration = LEASE_DURATION;
+            options
+        };
+        let client = client_through(hub, route.addr()).await?;
+        let first = Operator::start(client, &replica("operator-0"))
+            .await
+            .map_err(|e| start_failed("operator-0")(e.to_string()))?;
+        let http = first.http_addr;
+        poll_async("operator-0 leads", || async move {
+            crate::service::ready(http).await.then_some(())
+        })
+        .await?;
+        let second = Operator::start(hub.client.clone(), &replica("operator-1"))
+            .await
+            .map_err(|e| start_failed("operator-1")(e.to_string()))?;
+        let endpoints = [&first, &second].map(|o| Endpoint {
+            grpc: o.grpc_addr,
+            http: o.http_addr,
+        });
+        let service = ReadyService::start(endpoints.to_vec())
+            .await
+            .map_err(|source| FaultError::Io {
+                what: "the operator Service".into(),
+                source,
+            })?;
+        self.timeline.say(format!(
+            "{}: operator-0 leads (its route to the hub proxied), operator-1 stands by; the sidecars dial \
+             both through a Service at {} that routes to the ready one",
+            hub.name(),
+            service.addr()
+        ));
+        self.grpc_addr = Some(service.addr());
+        self.operator = Some(first);
+        self.standby = Some(second);
+        self.leader_route = Some(route);
+        self.service = Some(service);
+        Ok(())
+    }
+
+    /// The operator replica `index` (0: the first, 1: the standby of [`Setup::standby_operator`]).
+    pub fn replica(&self, index: usize) -> Option<&Operator> {
+        match index {
+            0 => self.operator.as_ref(),
+            1 => self.standby.as_ref(),
+            _ => None,
+        }
+    }
+
+    /// Silences the first replica's route to the hub (every byte dropped: its requests neither fail nor
+    /// answer), or lets it through again.
+    pub fn blackhole_leader_hub(&self, cut: bool) -> Result<(), FaultError> {
+        let route = self
+            .leader_route
+            .as_ref()
+            .ok_or_else(|| FaultError::Setup("no standby operator was set up".into()))?;
+        route.set_mode(if cut {
+            LinkMode::Blackhole
+        } else {
+            LinkMode::Pass
+        });
+        self.timeline.say(if cut {
+            "fault: operator-0's route to the hub blackholed"
+        } else {
+            "fault cleared: operator-0 reaches the hub again"
+        });
         Ok(())
     }
 
@@ -881,6 +985,9 @@ impl Harness {
             paths.api.set_mode(LinkMode::Pass);
             paths.grpc.set_mode(LinkMode::Pass);
         }
+        if let Some(route) = &self.leader_route {
+            route.set_mode(LinkMode::Pass);
+        }
         let group_volumes = self.group_volume_count();
         let back = |g: &ConsistencyGroup| {
             g.status.as_ref().is_some_and(|s| {
@@ -968,9 +1075,13 @@ impl Harness {
         for sidecar in self.sidecars.iter_mut().filter_map(Option::take) {
             sidecar.shutdown().await;
         }
-        if let Some(operator) = self.operator.take() {
+        for operator in [self.operator.take(), self.standby.take()]
+            .into_iter()
+            .flatten()
+        {
             operator.shutdown().await;
         }
+        self.service = None;
         self.listener_tasks.abort_all();
     }
 
