@@ -129,6 +129,11 @@ pub fn state_path(data: &Path) -> PathBuf {
     data.with_file_name(name)
 }
 
+/// Where the next state is written before it replaces the state file `state` (see [`state_path`]).
+pub fn state_scratch_path(state: &Path) -> PathBuf {
+    state.with_extension("json.tmp")
+}
+
 fn load_state(path: &Path) -> Result<Option<Persisted>, String> {
     match std::fs::read(path) {
         Ok(bytes) => serde_json::from_slice(&bytes)
@@ -142,7 +147,7 @@ fn load_state(path: &Path) -> Result<Option<Persisted>, String> {
 fn save_state(path: &Path, state: &Persisted) -> std::io::Result<()> {
     use std::io::Write;
     let bytes = serde_json::to_vec_pretty(state).map_err(std::io::Error::other)?;
-    let tmp = path.with_extension("json.tmp");
+    let tmp = state_scratch_path(path);
     let mut f = std::fs::File::create(&tmp)?;
     f.write_all(&bytes)?;
     f.sync_all()?;
