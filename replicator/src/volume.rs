@@ -460,9 +460,6 @@ impl Volume {
             s.configure(group, epoch, stage, Instant::now())
         })?;
         Self::await_persist(rx).await?;
-        if stage == Some(Stage::Release) {
-            self.with_state(|s| s.release_persisted(epoch));
-        }
         Ok(self.status())
     }
 
@@ -479,11 +476,11 @@ impl Volume {
         Ok(self.status())
     }
 
-    /// Releases at exactly `epoch`: the held writes complete, primary-only.
+    /// Releases at exactly `epoch`: returns once the state saying so is on disk, when the held writes
+    /// complete, primary-only. If it cannot be written the volume stays suspended, holding.
     pub async fn release(&self, group: &str, epoch: u64) -> Result<VolumeStatus, DirectiveError> {
         let rx = self.with_state(|s| s.release(group, epoch))?;
         Self::await_persist(rx).await?;
-        self.with_state(|s| s.release_persisted(epoch));
         Ok(self.status())
     }
 
@@ -503,19 +500,20 @@ async fn persister(volume: Weak<Volume>, mut rx: mpsc::UnboundedReceiver<()>) {
         let Some(v) = volume.upgrade() else {
             return;
         };
-        let (state, waiters, version) = v.lock().take_persist();
+        let (state, waiters, ticket) = v.lock().take_persist();
         let path = v.state_path.clone();
         let result = tokio::task::spawn_blocking(move || save_state(&path, &state))
             .await
             .map_err(|e| e.to_string())
             .and_then(|r| r.map_err(|e| e.to_string()));
+        let result = result.map_err(CopyError::Persist);
         match &result {
-            Ok(()) => v.lock().persisted(version),
+            Ok(()) => v.with_state(|s| s.persisted(ticket)),
             Err(e) => {
-                tracing::error!(volume = %v.name, error = %e, "persisting the volume state failed")
+                tracing::error!(volume = %v.name, error = %e, "persisting the volume state failed");
+                v.with_state(|s| s.persist_failed(&ticket, e));
             }
         }
-        let result = result.map_err(CopyError::Persist);
         for w in waiters {
             let _ = w.send(result.clone());
         }
