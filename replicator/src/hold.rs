@@ -17,6 +17,12 @@
 //! Held writes never complete successfully except by a release, a finished resync or a group's removal
 //! (DESIGN.md rule 9); a held write older than the hold timeout fails, and the volume keeps holding.
 //! Points (group, epoch, stage) never move backwards: an older directive or confirmation changes nothing.
+//!
+//! A release takes effect only once it is durable (rules 2 and 6): the volume stays `Suspended` while the
+//! state saying "running at `e`" — with the dirty map covering the held writes — is written, enters
+//! `Running` when that write succeeds, and stays suspended at its old stage when it fails, so a retry
+//! writes it again. A held write completes only once a written state covers its dirty region. Likewise a
+//! repeated suspend is "already done" only once the suspension and the map are on disk.
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant, SystemTime};
@@ -166,6 +172,28 @@ struct Pending {
 struct Held {
     since: Instant,
     done: oneshot::Sender<Result<(), CopyError>>,
+    /// The dirty version a written state must cover before a release may complete this write.
+    covered_at: u64,
+}
+
+/// A release accepted at `epoch` whose state is being written: the volume holds until it is on disk.
+#[derive(Debug)]
+struct Releasing {
+    epoch: u64,
+    waiters: Vec<oneshot::Sender<Result<(), CopyError>>>,
+}
+
+/// What one state write holds: pass it back to [`ReplState::persisted`] once it is on disk, or to
+/// [`ReplState::persist_failed`] when the write failed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PersistTicket {
+    /// The dirty version the written map covers.
+    version: u64,
+    group: String,
+    epoch: u64,
+    stage: Option<Stage>,
+    /// The mode written (a pending release is written as `Running`).
+    mode: Mode,
 }
 
 /// Why a directive was refused.
@@ -262,6 +290,10 @@ pub struct ReplState {
     dirty_version: u64,
     /// The `dirty_version` the last completed persist covered.
     persisted_version: u64,
+    /// A release waiting for its state to be written.
+    releasing: Option<Releasing>,
+    /// What the last successful state write put on disk.
+    durable: Option<PersistTicket>,
     /// Deliberately wrong semantics, for tests that must catch them: acknowledge writes while suspended.
     broken_ack_while_suspended: bool,
     effects: Vec<Effect>,
@@ -307,6 +339,8 @@ impl ReplState {
             persist_waiters: Vec::new(),
             dirty_version: 0,
             persisted_version: 0,
+            releasing: None,
+            durable: None,
             broken_ack_while_suspended: false,
             effects: Vec::new(),
         };
@@ -401,22 +435,37 @@ impl ReplState {
         }
     }
 
-    /// What to persist, the waiters the write will answer, and the dirty version it covers (pass it to
-    /// [`ReplState::persisted`] once written).
+    /// The epoch of a release whose state is being written, if the volume is still suspended for it.
+    fn pending_release(&self) -> Option<u64> {
+        let epoch = self.releasing.as_ref()?.epoch;
+        let suspended = Mode::Suspended {
+            epoch,
+            fail_safe: false,
+        };
+        (self.mode == suspended && self.position() == (epoch, Some(Stage::Freeze))).then_some(epoch)
+    }
+
+    /// What to persist, the waiters the write will answer, and the ticket to pass back to
+    /// [`ReplState::persisted`] once written (or [`ReplState::persist_failed`]). A release being
+    /// written is written as running at its epoch.
     #[allow(clippy::type_complexity)]
     pub fn take_persist(
         &mut self,
-    ) -> (Persisted, Vec<oneshot::Sender<Result<(), CopyError>>>, u64) {
-        let mode = if self.mode == Mode::Unconfirmed {
-            &self.restored
-        } else {
-            &self.mode
+    ) -> (
+        Persisted,
+        Vec<oneshot::Sender<Result<(), CopyError>>>,
+        PersistTicket,
+    ) {
+        let (mode, stage) = match self.pending_release() {
+            Some(epoch) => (Mode::Running { epoch }, Some(Stage::Release)),
+            None if self.mode == Mode::Unconfirmed => (self.restored.clone(), self.stage),
+            None => (self.mode.clone(), self.stage),
         };
         let p = Persisted {
             group_uid: self.group.clone(),
             epoch: self.epoch,
-            stage: self.stage,
-            mode: mode_name(mode).into(),
+            stage,
+            mode: mode_name(&mode).into(),
             fail_safe: matches!(
                 mode,
                 Mode::Suspended {
@@ -427,16 +476,76 @@ impl ReplState {
             hold_timeout_ms: u64::try_from(self.hold_timeout.as_millis()).unwrap_or(u64::MAX),
             dirty: self.dirty.regions(),
         };
-        (
-            p,
-            std::mem::take(&mut self.persist_waiters),
-            self.dirty_version,
-        )
+        let ticket = PersistTicket {
+            version: self.dirty_version,
+            group: self.group.clone(),
+            epoch: self.epoch,
+            stage,
+            mode,
+        };
+        (p, std::mem::take(&mut self.persist_waiters), ticket)
     }
 
-    /// A persist covering `version` completed.
-    pub fn persisted(&mut self, version: u64) {
-        self.persisted_version = self.persisted_version.max(version);
+    /// The state of `ticket` is on disk: a release it carried takes effect, and held writes its map
+    /// covers complete (primary-only) once the volume runs released at the epoch written.
+    pub fn persisted(&mut self, ticket: PersistTicket) {
+        self.persisted_version = self.persisted_version.max(ticket.version);
+        if let Mode::Running { epoch } = ticket.mode
+            && ticket.group == self.group
+        {
+            if self.pending_release() == Some(epoch) {
+                self.epoch = epoch;
+                self.stage = Some(Stage::Release);
+                self.mode = Mode::Running { epoch };
+                self.changed();
+                for w in self.releasing.take().map(|r| r.waiters).unwrap_or_default() {
+                    let _ = w.send(Ok(()));
+                }
+            }
+            if self.mode == (Mode::Running { epoch }) {
+                while self
+                    .held
+                    .front()
+                    .is_some_and(|h| h.covered_at <= ticket.version)
+                {
+                    if let Some(h) = self.held.pop_front() {
+                        let _ = h.done.send(Ok(()));
+                    }
+                }
+            }
+        }
+        self.durable = Some(ticket);
+    }
+
+    /// The state of `ticket` could not be written: a release it carried fails (its callers retry) and
+    /// the volume stays suspended at its old stage, holding.
+    pub fn persist_failed(&mut self, ticket: &PersistTicket, error: &CopyError) {
+        if let Mode::Running { epoch } = ticket.mode
+            && self.pending_release() == Some(epoch)
+        {
+            for w in self.releasing.take().map(|r| r.waiters).unwrap_or_default() {
+                let _ = w.send(Err(error.clone()));
+            }
+        }
+    }
+
+    /// Fails the callers of a release that a later directive superseded before it was written.
+    fn abandon_release(&mut self) {
+        for w in self.releasing.take().map(|r| r.waiters).unwrap_or_default() {
+            let _ = w.send(Err(CopyError::Persist(
+                "a later directive superseded the release before its state was written".into(),
+            )));
+        }
+    }
+
+    /// Whether the state on disk holds a suspension at `epoch` or later and a map covering every
+    /// dirty region known now.
+    fn suspension_durable(&self, epoch: u64) -> bool {
+        self.persisted_version >= self.dirty_version
+            && self.durable.as_ref().is_some_and(|d| {
+                d.group == self.group
+                    && matches!(d.mode, Mode::Suspended { epoch: at, .. } if at >= epoch)
+            })
     }
 
     fn mark_dirty(&mut self, offset: u64, length: u64) -> bool {
@@ -479,7 +588,11 @@ impl ReplState {
         for p in std::mem::take(&mut self.pending) {
             self.mark_dirty(p.offset, p.length);
             if let PendingKind::Write(done) = p.kind {
-                self.held.push_back(Held { since: now, done });
+                self.held.push_back(Held {
+                    since: now,
+                    done,
+                    covered_at: self.dirty_version,
+                });
             }
         }
     }
@@ -562,7 +675,11 @@ impl ReplState {
                     drop(self.persist());
                 }
                 let (done, rx) = oneshot::channel();
-                self.held.push_back(Held { since: now, done });
+                self.held.push_back(Held {
+                    since: now,
+                    done,
+                    covered_at: self.dirty_version,
+                });
                 CopyWait::Wait(rx)
             }
         }
@@ -739,9 +856,15 @@ impl ReplState {
         } else {
             (epoch, Some(Stage::Freeze)) < self.position()
         };
-        if already || stale {
+        if stale || (already && self.suspension_durable(epoch)) {
             return Ok(None);
         }
+        if already {
+            // Suspended in memory, but the suspension or the map covering its held writes is not on
+            // disk yet (its write failed, or is under way): write it again before answering.
+            return Ok(Some(self.persist()));
+        }
+        self.abandon_release();
         self.close_link(now);
         if self.stage.is_none() || (epoch, Some(Stage::Freeze)) > self.position() {
             self.epoch = epoch;
@@ -760,8 +883,11 @@ impl ReplState {
         Ok(Some(self.persist()))
     }
 
-    /// Releases at exactly `epoch`: held writes complete (primary-only) once the state — whose dirty
-    /// map covers them — is persisted, and later writes run primary-only. `None`: a duplicate.
+    /// Releases at exactly `epoch` once the state saying so — whose dirty map covers the held writes —
+    /// is on disk: until then the volume stays suspended at `(epoch, Freeze)` and holds; then held writes
+    /// complete (primary-only) and later writes run primary-only. If the write fails, the returned
+    /// completion fails and the volume is still suspended, so a retry writes it again. `None`: a
+    /// duplicate of a release already on disk.
     pub fn release(
         &mut self,
         group: &str,
@@ -786,18 +912,19 @@ impl ReplState {
                 )));
             }
         }
-        self.epoch = epoch;
-        self.stage = Some(Stage::Release);
-        self.mode = Mode::Running { epoch };
-        self.changed();
-        Ok(Some(self.persist()))
-    }
-
-    /// Called once the release's persist completed: the held writes complete.
-    pub fn release_persisted(&mut self, epoch: u64) {
-        if self.mode == (Mode::Running { epoch }) {
-            self.complete_held(&Ok(()));
+        let (done, rx) = oneshot::channel();
+        match &mut self.releasing {
+            Some(r) if r.epoch == epoch => r.waiters.push(done),
+            _ => {
+                self.abandon_release();
+                self.releasing = Some(Releasing {
+                    epoch,
+                    waiters: vec![done],
+                });
+            }
         }
+        self.effects.push(Effect::Persist);
+        Ok(Some(rx))
     }
 
     /// Resumes at `epoch`: copies the dirty regions, then replicates synchronously. `None`: stale or a
@@ -832,6 +959,7 @@ impl ReplState {
     }
 
     fn start_resync(&mut self, epoch: u64, now: Instant) {
+        self.abandon_release();
         if self.mode.copies() {
             // Restart on a fresh link so the resync's ordering is simple.
             self.close_link(now);
@@ -864,6 +992,7 @@ impl ReplState {
             // In no group (or the group was deleted, rule 9): stop holding, resync, replicate; writes held
             // until now complete once the resync has copied them.
             let was_group = !self.group.is_empty();
+            self.abandon_release();
             self.group.clear();
             self.epoch = 0;
             self.stage = None;
@@ -880,6 +1009,7 @@ impl ReplState {
         }
         if group != self.group {
             // A new group: its epochs start a new order.
+            self.abandon_release();
             self.group = group.to_owned();
             self.epoch = 0;
             self.stage = None;
@@ -908,12 +1038,18 @@ impl ReplState {
                 {
                     self.release(group, epoch)
                 } else {
+                    // Released while this volume was away: suspend at the epoch (held, like every
+                    // write since), then release once that is on disk, like any release.
+                    self.abandon_release();
                     self.close_link(now);
                     self.epoch = epoch;
-                    self.stage = Some(Stage::Release);
-                    self.mode = Mode::Running { epoch };
+                    self.stage = Some(Stage::Freeze);
+                    self.mode = Mode::Suspended {
+                        epoch,
+                        fail_safe: false,
+                    };
                     self.changed();
-                    Ok(Some(self.persist()))
+                    self.release(group, epoch)
                 }
             }
             Some(Stage::Resume) => self.resume(group, epoch),
@@ -950,6 +1086,23 @@ mod tests {
             CopyWait::Done(r) => Some(r.clone()),
             CopyWait::Wait(rx) => rx.try_recv().ok(),
         }
+    }
+
+    /// Writes the state as the persister does, successfully or not, and answers its waiters.
+    fn write_state(s: &mut ReplState, ok: bool) -> Persisted {
+        let (p, waiters, ticket) = s.take_persist();
+        let result = if ok {
+            s.persisted(ticket);
+            Ok(())
+        } else {
+            let error = CopyError::Persist("disk full".into());
+            s.persist_failed(&ticket, &error);
+            Err(error)
+        };
+        for w in waiters {
+            let _ = w.send(result.clone());
+        }
+        p
     }
 
     #[test]
@@ -1005,6 +1158,11 @@ mod tests {
         assert!(s.suspend("other", 2, false, Instant::now()).is_err());
         assert!(s.suspend("g", 2, false, Instant::now()).unwrap().is_some());
         assert!(
+            s.suspend("g", 2, false, Instant::now()).unwrap().is_some(),
+            "not on disk yet: written again"
+        );
+        write_state(&mut s, true);
+        assert!(
             s.suspend("g", 2, false, Instant::now()).unwrap().is_none(),
             "duplicate"
         );
@@ -1017,19 +1175,25 @@ mod tests {
         assert!(s.release("g", 1).is_err());
         assert!(s.release("g", 2).unwrap().is_some());
         assert_eq!(done(&mut b), None, "not before the persist");
-        s.release_persisted(2);
+        write_state(&mut s, true);
         for w in [&mut b, &mut c, &mut d] {
             assert_eq!(done(w), Some(Ok(())));
         }
         assert!(s.release("g", 2).unwrap().is_none(), "duplicate release");
-        // Running: primary-only, newly dirty writes wait for a persist.
-        let mut e = submit(&mut s);
+        // Running: primary-only; a write to a chunk already dirty on disk completes at once, a newly
+        // dirty one waits for a persist.
+        let mut covered = submit(&mut s);
+        assert_eq!(done(&mut covered), Some(Ok(())));
+        let seq = s.next_seq();
+        let mut e = s.submit(
+            seq,
+            5 * crate::dirty::CHUNK,
+            4096,
+            write(seq),
+            Instant::now(),
+        );
         assert_eq!(done(&mut e), None);
-        let (_, waiters, version) = s.take_persist();
-        s.persisted(version);
-        for w in waiters {
-            let _ = w.send(Ok(()));
-        }
+        write_state(&mut s, true);
         assert_eq!(done(&mut e), Some(Ok(())));
         // A stale suspend after the release changes nothing.
         assert!(s.suspend("g", 2, false, Instant::now()).unwrap().is_none());
@@ -1126,24 +1290,93 @@ mod tests {
         let mut s = replicating();
         s.suspend("g", 2, false, Instant::now()).unwrap();
         s.release("g", 2).unwrap();
-        s.release_persisted(2);
+        write_state(&mut s, true);
         // First write to a chunk waits for a persist; a second write to the same chunk before that
         // persist completes waits too.
         let mut a = s.submit(10, 0, 4096, write(10), Instant::now());
         let mut b = s.submit(11, 4096, 4096, write(11), Instant::now());
         assert_eq!(done(&mut a), None);
         assert_eq!(done(&mut b), None);
-        let (p, waiters, version) = s.take_persist();
+        let p = write_state(&mut s, true);
         assert_eq!(p.mode, "running");
         assert_eq!(p.dirty, vec![(0, crate::dirty::CHUNK)]);
-        s.persisted(version);
-        for w in waiters {
-            let _ = w.send(Ok(()));
-        }
         assert_eq!(done(&mut a), Some(Ok(())));
         assert_eq!(done(&mut b), Some(Ok(())));
         // Now covered on disk: immediate.
         let mut c = s.submit(12, 8192, 4096, write(12), Instant::now());
         assert_eq!(done(&mut c), Some(Ok(())));
+    }
+
+    #[test]
+    fn a_release_takes_effect_only_once_its_state_is_written() {
+        let mut s = replicating();
+        let mut a = submit(&mut s);
+        s.suspend("g", 2, false, Instant::now()).unwrap();
+        write_state(&mut s, true);
+        let mut first = s.release("g", 2).unwrap().unwrap();
+        assert!(matches!(s.mode(), Mode::Suspended { epoch: 2, .. }));
+        // The state written says released at 2, and its map covers the held write.
+        let p = write_state(&mut s, false);
+        assert_eq!(
+            (p.mode.as_str(), p.stage),
+            ("running", Some(Stage::Release))
+        );
+        assert_eq!(p.dirty.first().map(|&(offset, _)| offset), Some(0));
+        assert!(matches!(first.try_recv(), Ok(Err(CopyError::Persist(_)))));
+        assert_eq!(
+            s.mode(),
+            &Mode::Suspended {
+                epoch: 2,
+                fail_safe: false
+            },
+            "still suspended after the failed write"
+        );
+        assert_eq!(s.snapshot().stage, Some(Stage::Freeze));
+        assert_eq!(done(&mut a), None, "held");
+        // A write arriving while the retry's state is being written is held, and covered by a later
+        // write only.
+        let mut retry = s
+            .release("g", 2)
+            .unwrap()
+            .expect("written again, not a duplicate");
+        let (_, waiters, ticket) = s.take_persist();
+        let mut b = s.submit(9, 9 * crate::dirty::CHUNK, 4096, write(9), Instant::now());
+        s.persisted(ticket);
+        for w in waiters {
+            let _ = w.send(Ok(()));
+        }
+        assert_eq!(retry.try_recv(), Ok(Ok(())));
+        assert_eq!(s.mode(), &Mode::Running { epoch: 2 });
+        assert_eq!(done(&mut a), Some(Ok(())));
+        assert_eq!(done(&mut b), None, "its chunk is not on disk yet");
+        write_state(&mut s, false);
+        assert_eq!(done(&mut b), None, "still not on disk");
+        write_state(&mut s, true);
+        assert_eq!(done(&mut b), Some(Ok(())));
+    }
+
+    #[test]
+    fn a_repeated_suspend_is_done_only_once_it_is_on_disk() {
+        let mut s = replicating();
+        let mut first = s.suspend("g", 2, false, Instant::now()).unwrap().unwrap();
+        write_state(&mut s, false);
+        assert!(matches!(first.try_recv(), Ok(Err(_))));
+        assert!(
+            matches!(s.mode(), Mode::Suspended { epoch: 2, .. }),
+            "holds"
+        );
+        let mut again = s
+            .suspend("g", 2, false, Instant::now())
+            .unwrap()
+            .expect("written again, not already done");
+        let p = write_state(&mut s, true);
+        assert_eq!((p.mode.as_str(), p.epoch), ("suspended", 2));
+        assert_eq!(again.try_recv(), Ok(Ok(())));
+        assert!(s.suspend("g", 2, false, Instant::now()).unwrap().is_none());
+        // A held write to a new chunk: not "already done" until the map covering it is written.
+        let _held = submit(&mut s);
+        assert!(s.suspend("g", 2, false, Instant::now()).unwrap().is_some());
+        write_state(&mut s, true);
+        assert!(s.suspend("g", 2, false, Instant::now()).unwrap().is_none());
     }
 }

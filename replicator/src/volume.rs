@@ -129,6 +129,11 @@ pub fn state_path(data: &Path) -> PathBuf {
     data.with_file_name(name)
 }
 
+/// Where the next state is written before it replaces the state file `state` (see [`state_path`]).
+pub fn state_scratch_path(state: &Path) -> PathBuf {
+    state.with_extension("json.tmp")
+}
+
 fn load_state(path: &Path) -> Result<Option<Persisted>, String> {
     match std::fs::read(path) {
         Ok(bytes) => serde_json::from_slice(&bytes)
@@ -142,7 +147,7 @@ fn load_state(path: &Path) -> Result<Option<Persisted>, String> {
 fn save_state(path: &Path, state: &Persisted) -> std::io::Result<()> {
     use std::io::Write;
     let bytes = serde_json::to_vec_pretty(state).map_err(std::io::Error::other)?;
-    let tmp = path.with_extension("json.tmp");
+    let tmp = state_scratch_path(path);
     let mut f = std::fs::File::create(&tmp)?;
     f.write_all(&bytes)?;
     f.sync_all()?;
@@ -455,9 +460,6 @@ impl Volume {
             s.configure(group, epoch, stage, Instant::now())
         })?;
         Self::await_persist(rx).await?;
-        if stage == Some(Stage::Release) {
-            self.with_state(|s| s.release_persisted(epoch));
-        }
         Ok(self.status())
     }
 
@@ -474,11 +476,11 @@ impl Volume {
         Ok(self.status())
     }
 
-    /// Releases at exactly `epoch`: the held writes complete, primary-only.
+    /// Releases at exactly `epoch`: returns once the state saying so is on disk, when the held writes
+    /// complete, primary-only. If it cannot be written the volume stays suspended, holding.
     pub async fn release(&self, group: &str, epoch: u64) -> Result<VolumeStatus, DirectiveError> {
         let rx = self.with_state(|s| s.release(group, epoch))?;
         Self::await_persist(rx).await?;
-        self.with_state(|s| s.release_persisted(epoch));
         Ok(self.status())
     }
 
@@ -498,19 +500,20 @@ async fn persister(volume: Weak<Volume>, mut rx: mpsc::UnboundedReceiver<()>) {
         let Some(v) = volume.upgrade() else {
             return;
         };
-        let (state, waiters, version) = v.lock().take_persist();
+        let (state, waiters, ticket) = v.lock().take_persist();
         let path = v.state_path.clone();
         let result = tokio::task::spawn_blocking(move || save_state(&path, &state))
             .await
             .map_err(|e| e.to_string())
             .and_then(|r| r.map_err(|e| e.to_string()));
+        let result = result.map_err(CopyError::Persist);
         match &result {
-            Ok(()) => v.lock().persisted(version),
+            Ok(()) => v.with_state(|s| s.persisted(ticket)),
             Err(e) => {
-                tracing::error!(volume = %v.name, error = %e, "persisting the volume state failed")
+                tracing::error!(volume = %v.name, error = %e, "persisting the volume state failed");
+                v.with_state(|s| s.persist_failed(&ticket, e));
             }
         }
-        let result = result.map_err(CopyError::Persist);
         for w in waiters {
             let _ = w.send(result.clone());
         }

@@ -211,7 +211,12 @@ async fn a_cut_link_on_the_real_replicator_is_reported_frozen_and_released_over_
         .unwrap()
         .unwrap();
     result.unwrap();
-    assert_eq!(mode(&mut replicator, "v2").await, rpb::Mode::Running as i32);
+    // v2 runs once its own release is on disk (the directive releases the volumes one by one).
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while mode(&mut replicator, "v2").await != rpb::Mode::Running as i32 {
+        assert!(std::time::Instant::now() < deadline, "v2 never released");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     sidecar.shutdown().await;
 }
 

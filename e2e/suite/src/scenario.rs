@@ -646,6 +646,22 @@ impl Harness {
         Ok(())
     }
 
+    /// How many `kind` calls (`suspend`, `release`, `resume`, `configure`) `cluster`'s sidecar made to its
+    /// replicator that failed even after the sidecar's retries (0 while no sidecar runs there).
+    pub fn replicator_calls_failed(&self, cluster: &str, kind: &str) -> Result<u64, FaultError> {
+        let i = self.index(cluster)?;
+        Ok(self.sidecars[i].as_ref().map_or(0, |sidecar| {
+            sidecar
+                .metrics()
+                .replicator_calls
+                .get_or_create(&lockstep_sidecar::metrics::PathLabels {
+                    path: kind.to_owned(),
+                    state: "error".to_owned(),
+                })
+                .get()
+        }))
+    }
+
     /// Puts proxies (link-cut proxies, like the replication links') between `cluster`'s sidecar and its
     /// API server, and between it and the operator's gRPC listener.
     async fn proxy_paths(&mut self, cluster: &str) -> Result<(), FaultError> {
