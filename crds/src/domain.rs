@@ -59,6 +59,11 @@ pub struct GroupEpoch {
     pub stage: Stage,
 }
 
+/// The largest epoch Lockstep ever uses: 2^53 - 1, the largest integer a JSON number keeps exactly
+/// (kubectl and most JSON tools print numbers as doubles). Epochs above it are refused wherever they
+/// arrive: in manifests, in statuses and on the wire.
+pub const MAX_EPOCH: u64 = (1 << 53) - 1;
+
 impl GroupEpoch {
     /// A point of a named group; refuses an empty UID.
     pub fn new(group_uid: &str, epoch: u64, stage: Stage) -> Result<Self, DomainError> {

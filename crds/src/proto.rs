@@ -93,6 +93,27 @@ mod tests {
     use super::*;
 
     #[test]
+    fn epochs_beyond_2_53_are_refused_on_the_wire() {
+        for epoch in [crate::domain::MAX_EPOCH + 1, i64::MAX as u64, u64::MAX] {
+            let message = control::v1::GroupEpoch {
+                group_uid: "uid-1".into(),
+                epoch,
+                stage: control::v1::Stage::Freeze.into(),
+            };
+            assert!(
+                GroupEpoch::try_from(&message).is_err(),
+                "epoch {epoch} accepted"
+            );
+        }
+        let largest = control::v1::GroupEpoch {
+            group_uid: "uid-1".into(),
+            epoch: crate::domain::MAX_EPOCH,
+            stage: control::v1::Stage::Freeze.into(),
+        };
+        assert!(GroupEpoch::try_from(&largest).is_ok());
+    }
+
+    #[test]
     fn group_epoch_round_trips_and_malformed_messages_are_refused() {
         let point = GroupEpoch::new("uid-1", 7, Stage::Release).unwrap();
         let message = control::v1::GroupEpoch::from(&point);

@@ -222,3 +222,24 @@ fn manifest_dir() -> PathBuf {
     std::env::var_os("CARGO_MANIFEST_DIR")
         .map_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")), PathBuf::from)
 }
+
+#[test]
+fn status_epochs_beyond_2_53_are_refused() {
+    let errors = admission_errors(
+        &group_with_status_epoch(lockstep_api::domain::MAX_EPOCH + 1),
+        None,
+    );
+    assert!(
+        errors
+            .iter()
+            .any(|error| error.contains("9007199254740991")),
+        "an epoch beyond 2^53 - 1 must be refused, got {errors:#?}"
+    );
+    assert_eq!(
+        admission_errors(
+            &group_with_status_epoch(lockstep_api::domain::MAX_EPOCH),
+            None
+        ),
+        Vec::<String>::new()
+    );
+}

@@ -1200,3 +1200,120 @@ fn a_volume_joining_during_a_freeze_stays_outside_its_image_until_the_next_resyn
         Some(true)
     );
 }
+
+#[test]
+fn an_epoch_beyond_the_next_one_is_refused_never_adopted() {
+    let mut group = group(Policy::FreezeAndGo);
+    for event in [
+        Event::Seen { epoch: u64::MAX },
+        Event::Seen { epoch: 2 },
+        report(Path::Grpc, 5),
+        ack(Path::Api, 7, Stage::Freeze, &["vol-wal"]),
+    ] {
+        let decision = step(&mut group, &event);
+        assert_eq!(decision.freeze_now, None, "{event:?} adopted");
+        assert_eq!(position(status(&group)), (0, Stage::Resume), "{event:?}");
+    }
+    // Only the next epoch can have been sent before it was persisted.
+    let decision = step(&mut group, &Event::Seen { epoch: 1 });
+    assert_eq!(decision.freeze_now.map(|point| point.epoch), Some(1));
+}
+
+#[test]
+fn a_batch_adopts_at_most_one_past_what_was_persisted() {
+    let group = group(Policy::FreezeAndGo);
+    let decision = decide_batch(
+        &group,
+        &[report(Path::Grpc, 0), Event::Seen { epoch: 2 }],
+        &now(),
+    )
+    .unwrap();
+    assert_eq!(decision.status.epoch, 1, "epoch 2 was never sent");
+    assert_eq!(decision.freeze_now.map(|point| point.epoch), Some(1));
+}
+
+#[test]
+fn the_epoch_stops_at_the_largest_a_person_can_type_and_never_overflows() {
+    let mut group = group(Policy::FreezeAndGo);
+    group.status.as_mut().unwrap().epoch = lockstep_api::domain::MAX_EPOCH;
+    let decision = step(
+        &mut group,
+        &report(Path::Grpc, lockstep_api::domain::MAX_EPOCH),
+    );
+    assert_eq!(decision.freeze_now, None);
+    assert_eq!(status(&group).epoch, lockstep_api::domain::MAX_EPOCH);
+    assert!(
+        decision
+            .notes
+            .iter()
+            .any(|note| note.warning && note.message.contains("epoch")),
+        "{:?}",
+        decision.notes
+    );
+    group.status.as_mut().unwrap().epoch = u64::MAX;
+    // A status no API server could have stored changes nothing and panics nowhere.
+    step(&mut group, &report(Path::Grpc, u64::MAX));
+}
+
+fn any_wild_event() -> impl Strategy<Value = Event> {
+    let epoch = prop_oneof![
+        0u64..4,
+        Just(lockstep_api::domain::MAX_EPOCH),
+        Just(lockstep_api::domain::MAX_EPOCH + 1),
+        Just(i64::MAX as u64),
+        (u64::MAX - 2)..=u64::MAX,
+    ];
+    let volume = prop_oneof![
+        Just("vol-wal"),
+        Just("vol-data"),
+        Just("vol-west"),
+        Just("vol-stranger")
+    ];
+    let cluster = prop_oneof![Just("east"), Just("west"), Just("nowhere")];
+    prop_oneof![
+        any_event(),
+        epoch.clone().prop_map(|epoch| Event::Seen { epoch }),
+        (epoch.clone(), volume.clone(), cluster.clone()).prop_map(
+            |(epoch_seen, volume, cluster)| {
+                Event::Report(Report {
+                    path: Path::Grpc,
+                    cluster: cluster.into(),
+                    node: "node-x".into(),
+                    volume_handle: volume.into(),
+                    epoch_seen,
+                    message: "copy failed".into(),
+                })
+            }
+        ),
+        (epoch, volume, cluster).prop_map(|(epoch, volume, cluster)| Event::Ack(Ack {
+            path: Path::Api,
+            cluster: cluster.into(),
+            epoch,
+            stage: Stage::Freeze,
+            volume_handles: vec![volume.into()],
+            fail_safe: false,
+        })),
+    ]
+}
+
+proptest! {
+    /// Whatever epochs arrive, from members or strangers: the epoch grows by at most one per persisted
+    /// decision, never passes 2^53 - 1, and nothing panics.
+    #[test]
+    fn epochs_near_the_top_and_strangers_never_move_the_epoch_past_the_next(
+        policy in prop_oneof![Just(Policy::FreezeAndGo), Just(Policy::FreezeAndStop)],
+        events in proptest::collection::vec(any_wild_event(), 1..40),
+    ) {
+        let mut group = group(policy);
+        for event in &events {
+            let before = status(&group).epoch;
+            let decision = decide(&group, event, &now()).unwrap();
+            prop_assert!(decision.status.epoch <= before + 1, "{} -> {} on {:?}", before, decision.status.epoch, event);
+            prop_assert!(decision.status.epoch <= lockstep_api::domain::MAX_EPOCH);
+            if let Some(point) = &decision.freeze_now {
+                prop_assert!(point.epoch <= before + 1);
+            }
+            persist(&mut group, &decision);
+        }
+    }
+}
