@@ -25,7 +25,7 @@ use kube::{
 };
 use lockstep_api::{
     conditions::{self, ConditionUpdate},
-    domain::{GroupEpoch, Path, Stage, condition},
+    domain::{ClaimOrder, GroupEpoch, Path, Stage, condition},
     v1alpha1::{ConsistencyGroup, ConsistencyGroupStatus, MemberCluster},
 };
 use tracing::Instrument;
@@ -947,40 +947,35 @@ impl Engine {
                 views.insert(cluster, self.view_of(member).await);
             }
         }
+        let claimed_elsewhere = self.claimed_elsewhere(uid, group, &views);
         Observation {
             views,
-            claimed_elsewhere: self.claimed_elsewhere(uid),
+            claimed_elsewhere,
         }
     }
 
-    /// Volume handles claimed by other groups of this hub (the older group keeps a contested volume).
-    fn claimed_elsewhere(&self, uid: &str) -> BTreeMap<String, String> {
-        let mine = self.group_by_uid(uid);
-        let my_age = mine.as_ref().map(|group| {
-            (
-                group.metadata.creation_timestamp.clone().map(|t| t.0),
-                group.name_any(),
-            )
-        });
-        let mut claimed = BTreeMap::new();
-        for other in self.inner.groups.state() {
-            if other.metadata.uid.as_deref() == Some(uid) {
-                continue;
-            }
-            let other_age = (
-                other.metadata.creation_timestamp.clone().map(|t| t.0),
-                other.name_any(),
-            );
-            if my_age.as_ref().is_some_and(|mine| other_age > *mine) {
-                continue; // the younger group yields
-            }
-            for member in other.status.iter().flat_map(|status| status.members.iter()) {
-                if let Some(handle) = &member.volume_handle {
-                    claimed.insert(handle.clone(), other.name_any());
-                }
-            }
-        }
-        claimed
+    /// The volumes of `views` that other groups of this hub hold ahead of this one (rule 5).
+    fn claimed_elsewhere(
+        &self,
+        uid: &str,
+        group: &ConsistencyGroup,
+        views: &BTreeMap<String, ClusterView>,
+    ) -> members::Claims {
+        let groups = self.inner.groups.state();
+        let ordered: Vec<(Arc<ConsistencyGroup>, ClaimOrder)> = groups
+            .iter()
+            .filter_map(|other| Some((other.clone(), other.claim_order()?)))
+            .collect();
+        let Some(my_order) = group.claim_order() else {
+            return members::Claims::new();
+        };
+        let me = claimant_of(group, &my_order);
+        let others: Vec<members::Claimant<'_>> = ordered
+            .iter()
+            .filter(|(other, _)| other.metadata.uid.as_deref() != Some(uid))
+            .map(|(other, order)| claimant_of(other, order))
+            .collect();
+        members::claimed_elsewhere(&me, &others, views)
     }
 
     /// Writes the group's mirror into every member cluster reached through its API server (not the hub),
@@ -1121,7 +1116,20 @@ impl Engine {
 /// What the member clusters showed of a group's members.
 struct Observation {
     views: BTreeMap<String, ClusterView>,
-    claimed_elsewhere: BTreeMap<String, String>,
+    claimed_elsewhere: members::Claims,
+}
+
+/// A group as a claimant of volumes: its spec, its last resolution and whether it is at a replicating
+/// point (Replicating, or resumed), where it lets go of volumes it no longer claims.
+fn claimant_of<'a>(group: &'a ConsistencyGroup, order: &'a ClaimOrder) -> members::Claimant<'a> {
+    let status = group.status.as_ref();
+    members::Claimant {
+        name: group.metadata.name.as_deref().unwrap_or_default(),
+        order,
+        spec_members: &group.spec.members,
+        status_members: status.map_or(&[], |status| status.members.as_slice()),
+        replicating: group.position().1 == Stage::Resume,
+    }
 }
 
 /// Resolves the members into the group's status (members, count, MembersResolved), keeping

@@ -23,7 +23,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
-use lockstep_api::domain::{GroupEpoch, Path, Stage};
+use lockstep_api::domain::{ClaimOrder, GroupEpoch, Path, Stage};
 
 /// Where a volume is in its group's life: an (epoch, stage) point, or a fail-safe suspension at an epoch,
 /// which ranks above every stage of that epoch and below the next epoch (only a higher epoch lifts it).
@@ -163,6 +163,8 @@ pub enum Input {
         group_uid: String,
         /// Its name, for logs.
         group_name: String,
+        /// Its place in the claim order: of two groups listing a volume, the first claim wins.
+        order: ClaimOrder,
         /// The volume handles on this node.
         volumes: BTreeSet<String>,
         /// The group's hold timeout.
@@ -487,6 +489,7 @@ impl Enforcer {
                 path,
                 group_uid,
                 group_name,
+                order: _,
                 volumes,
                 hold_timeout_ms,
             } => {
