@@ -97,10 +97,11 @@ pub struct GroupMember {
     #[schemars(length(min = 1, max = 63))]
     pub namespace: String,
 
-    /// The PersistentVolumeClaims, by name. The only form a gRPC-only cluster supports, as the hub cannot
-    /// list its PVCs.
+    /// The PersistentVolumeClaims, by name, each once. The only form a gRPC-only cluster supports, as the
+    /// hub cannot list its PVCs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 256), inner(length(min = 1, max = 253)))]
+    #[schemars(extend("x-kubernetes-list-type" = "set"))]
     pub pvc_names: Option<Vec<String>>,
 
     /// Selects the PersistentVolumeClaims by label.
