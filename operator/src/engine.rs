@@ -192,6 +192,9 @@ struct GroupMemory {
     freeze_started: Option<(u64, Instant)>,
     /// The group as this operator last wrote it (what the API server answered to the write).
     last_written: Option<ConsistencyGroup>,
+    /// The claims on volumes of other groups refused at the last resolution (an Event says when they
+    /// change).
+    refused_claims: Vec<String>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -411,9 +414,10 @@ impl Engine {
                 return Err(EngineError::UnknownGroup(uid.to_owned()));
             }
             let read = group.status.clone();
-            if let Some(observation) = &batch.observation {
-                apply_resolution(&mut group, observation);
-            }
+            let refused = batch
+                .observation
+                .as_ref()
+                .map(|observation| apply_resolution(&mut group, observation));
             let decision = freeze::decide_batch(&group, &batch.events, &now())?;
             if let Some(point) = &decision.freeze_now {
                 // Rule 1: freeze at once, on both paths, before anything is persisted.
@@ -453,10 +457,43 @@ impl Engine {
             } else {
                 memory.last_written = Some(group.clone()).filter(|_| batch.observation.is_none());
             }
+            if let Some(refused) = refused {
+                self.report_refused_claims(&group, refused, memory);
+            }
             self.after_persist(&group, &decision, memory).await;
             return Ok(());
         }
         Err(EngineError::Conflicts(name.to_owned()))
+    }
+
+    /// Says on the group, with a Warning Event, which of its claims are refused because another group
+    /// holds the volume (rule 5) — when that changes, not at every reconcile.
+    fn report_refused_claims(
+        &self,
+        group: &ConsistencyGroup,
+        refused: Vec<String>,
+        memory: &mut GroupMemory,
+    ) {
+        if refused == memory.refused_claims {
+            return;
+        }
+        memory.refused_claims = refused.clone();
+        if refused.is_empty() {
+            return;
+        }
+        tracing::warn!(refused = ?refused, "claims on volumes of other groups refused");
+        let (engine, group) = (self.clone(), group.clone());
+        let message = format!(
+            "{} volume(s) refused: {}",
+            refused.len(),
+            refused.join("; ")
+        );
+        tokio::spawn(
+            async move {
+                engine.record(&group, true, "ClaimRefused", &message).await;
+            }
+            .instrument(tracing::Span::current()),
+        );
     }
 
     async fn persist(
@@ -1133,8 +1170,9 @@ fn claimant_of<'a>(group: &'a ConsistencyGroup, order: &'a ClaimOrder) -> member
 }
 
 /// Resolves the members into the group's status (members, count, MembersResolved), keeping
-/// acknowledgements recorded in that status.
-fn apply_resolution(group: &mut ConsistencyGroup, observation: &Observation) {
+/// acknowledgements recorded in that status; returns the claims refused because another group holds the
+/// volume.
+fn apply_resolution(group: &mut ConsistencyGroup, observation: &Observation) -> Vec<String> {
     let generation = group.metadata.generation;
     let status = group.status.get_or_insert_with(Default::default);
     let resolution = members::resolve(
@@ -1150,6 +1188,8 @@ fn apply_resolution(group: &mut ConsistencyGroup, observation: &Observation) {
         status: resolution.resolved,
         reason: if resolution.resolved {
             "Resolved"
+        } else if !resolution.refused.is_empty() {
+            "ClaimedByAnotherGroup"
         } else {
             "Unresolved"
         },
@@ -1168,6 +1208,7 @@ fn apply_resolution(group: &mut ConsistencyGroup, observation: &Observation) {
         },
     };
     conditions::set(&mut status.conditions, update, generation, &now());
+    resolution.refused
 }
 
 /// Records an Event on a member volume's claim, in the claim's cluster (a failure is only logged).

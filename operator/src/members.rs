@@ -68,6 +68,9 @@ pub struct Resolution {
     pub problems: Vec<String>,
     /// Members kept as last resolved because their cluster's API server could not be read.
     pub stale: Vec<String>,
+    /// Claims refused because another group holds the volume, in sentences naming that group (also in
+    /// `problems`).
+    pub refused: Vec<String>,
 }
 
 /// Resolves the spec's members against the clusters' views.
@@ -83,6 +86,7 @@ pub fn resolve(
     let mut members = Vec::new();
     let mut problems = Vec::new();
     let mut stale = Vec::new();
+    let mut refused = Vec::new();
     for member in spec_members {
         let Some(view) = clusters.get(&member.cluster) else {
             problems.push(format!(
@@ -149,15 +153,15 @@ pub fn resolve(
                         .unwrap_or_default()
                 )),
                 (Some(handle), _)
-                    if let Some(holder) = claimed_elsewhere
-                        .iter()
-                        .find(|((_, claimed), _)| claimed == handle)
-                        .map(|(_, holder)| holder) =>
+                    if let Some(holder) =
+                        claimed_elsewhere.get(&(member.cluster.clone(), handle.clone())) =>
                 {
-                    problems.push(format!(
+                    let refusal = format!(
                         "{}/{}/{pvc} (volume {handle}) already belongs to group {holder:?}; a volume belongs to at most one group",
                         member.cluster, member.namespace
-                    ));
+                    );
+                    problems.push(refusal.clone());
+                    refused.push(refusal);
                     resolved.volume_handle = None;
                 }
                 (Some(handle), None) => problems.push(format!(
@@ -194,6 +198,7 @@ pub fn resolve(
         members,
         problems,
         stale,
+        refused,
     }
 }
 
@@ -213,28 +218,65 @@ pub struct Claimant<'a> {
     pub replicating: bool,
 }
 
-/// The volumes, in the clusters of `views`, that groups other than `me` hold ahead of it.
+/// The volumes, in the clusters of `views`, that groups other than `me` hold ahead of it (DESIGN.md
+/// rule 5), by (cluster, volume handle).
+///
+/// A group earlier in the claim order (creation time, then UID) claims what its spec resolves to, whether
+/// or not it has resolved yet: the decision depends on neither its status nor the order in which groups
+/// are reconciled, so it is the same after a restart. A group that holds a volume (its last resolution
+/// names it) and is not at a replicating point keeps it, whatever the order, until it replicates again;
+/// `me` keeps what it holds itself against any later claim.
 pub fn claimed_elsewhere(
     me: &Claimant<'_>,
     others: &[Claimant<'_>],
     views: &BTreeMap<String, ClusterView>,
 ) -> Claims {
-    let _ = views;
+    let held_by_me: BTreeSet<(&str, &str)> = held(me.status_members).collect();
     let mut claimed = Claims::new();
-    for other in others {
-        if (other.order.created_unix_ms(), other.name) > (me.order.created_unix_ms(), me.name) {
-            continue; // the younger group yields
+    // `me` keeps a volume it holds against `holder` when its claim is the earlier one, or when it is not
+    // at a replicating point (it has not let the volume go).
+    let mut claim = |cluster: &str, handle: &str, holder: &Claimant<'_>| {
+        let kept =
+            held_by_me.contains(&(cluster, handle)) && (me.order < holder.order || !me.replicating);
+        if views.contains_key(cluster) && !kept {
+            claimed
+                .entry((cluster.to_owned(), handle.to_owned()))
+                .or_insert_with(|| holder.name.to_owned());
         }
-        for member in other.status_members {
-            if let Some(handle) = &member.volume_handle {
-                claimed.insert(
-                    (member.cluster.clone(), handle.clone()),
-                    other.name.to_owned(),
-                );
+    };
+    let mut ordered: Vec<&Claimant<'_>> = others.iter().collect();
+    ordered.sort_by(|a, b| a.order.cmp(b.order));
+    for other in ordered {
+        if other.order < me.order {
+            // The other group's status stands in for clusters whose API server cannot be read now.
+            let resolution = resolve(
+                other.spec_members,
+                views,
+                other.status_members,
+                &Claims::new(),
+            );
+            for member in &resolution.members {
+                if let Some(handle) = &member.volume_handle {
+                    claim(&member.cluster, handle, other);
+                }
+            }
+        }
+        // What it holds from its last resolution counts until it lets the volume go at a replicating
+        // point.
+        if !other.replicating {
+            for (cluster, handle) in held(other.status_members) {
+                claim(cluster, handle, other);
             }
         }
     }
     claimed
+}
+
+/// The (cluster, volume handle) of each resolved member.
+fn held(members: &[MemberVolumeStatus]) -> impl Iterator<Item = (&str, &str)> {
+    members
+        .iter()
+        .filter_map(|member| Some((member.cluster.as_str(), member.volume_handle.as_deref()?)))
 }
 
 /// The PVC names a member covers in its cluster.
