@@ -335,7 +335,7 @@ async fn membership_update(
         });
         context.send(Input::Membership {
             path: Path::Grpc,
-            order: ClaimOrder::new(None, target.group_uid.clone()),
+            order: ClaimOrder::new(Some(group.created_unix_ms), target.group_uid.clone()),
             group_uid: target.group_uid,
             group_name: group.group_name,
             volumes,
