@@ -195,6 +195,44 @@ pub enum VolumeState {
     Standalone,
 }
 
+/// Where a group stands when two groups claim one volume (DESIGN.md rule 5): the first claim wins, by the
+/// hub group's creation time, then its UID. The operator and every sidecar order groups by this, so they
+/// decide alike, and neither input changes over a group's life, so the decision survives restarts. A group
+/// whose creation time is unknown ranks after every group whose time is known.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ClaimOrder {
+    /// The hub group's `metadata.creationTimestamp`, in milliseconds since the Unix epoch (`i64::MAX`
+    /// when unknown).
+    created_unix_ms: i64,
+    /// The hub group's UID.
+    group_uid: String,
+}
+
+impl ClaimOrder {
+    /// The order of the hub group `group_uid`, created at `created_unix_ms` (`None` or 0: unknown).
+    pub fn new(created_unix_ms: Option<i64>, group_uid: impl Into<String>) -> Self {
+        Self {
+            created_unix_ms: created_unix_ms.filter(|ms| *ms != 0).unwrap_or(i64::MAX),
+            group_uid: group_uid.into(),
+        }
+    }
+
+    /// The creation time in milliseconds since the Unix epoch, if known (0 otherwise, as the gRPC
+    /// message carries it).
+    pub fn created_unix_ms(&self) -> i64 {
+        if self.created_unix_ms == i64::MAX {
+            0
+        } else {
+            self.created_unix_ms
+        }
+    }
+
+    /// The group's UID.
+    pub fn group_uid(&self) -> &str {
+        &self.group_uid
+    }
+}
+
 /// The condition types a ConsistencyGroup carries.
 pub mod condition {
     /// The group is doing what its spec asks, with no error.

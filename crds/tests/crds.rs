@@ -50,10 +50,43 @@ fn admission_errors(object: &Value, old: Option<&Value>) -> Vec<String> {
             format!("{path}: {error}")
         })
         .collect();
+    list_type_errors(&schema, object, "", &mut errors);
     if let Err(failures) = kube_cel::Validator::new().validate(&schema, object, old) {
         errors.extend(failures.iter().map(ToString::to_string));
     }
     errors
+}
+
+/// What the API server says of a list whose `x-kubernetes-list-type` is `set` and that repeats an item
+/// (JSON Schema has no such keyword, and Kubernetes forbids `uniqueItems`).
+fn list_type_errors(schema: &Value, object: &Value, path: &str, errors: &mut Vec<String>) {
+    let at = |key: &str| {
+        if path.is_empty() {
+            key.to_owned()
+        } else {
+            format!("{path}.{key}")
+        }
+    };
+    match object {
+        Value::Object(fields) => {
+            for (key, value) in fields {
+                if let Some(sub) = schema.pointer(&format!("/properties/{key}")) {
+                    list_type_errors(sub, value, &at(key), errors);
+                }
+            }
+        }
+        Value::Array(items) => {
+            let is_set = schema["x-kubernetes-list-type"] == "set";
+            for (index, item) in items.iter().enumerate() {
+                let item_path = format!("{path}[{index}]");
+                if is_set && items[..index].contains(item) {
+                    errors.push(format!("{item_path}: Duplicate value: {item}"));
+                }
+                list_type_errors(&schema["items"], item, &item_path, errors);
+            }
+        }
+        _ => {}
+    }
 }
 
 fn documents(path: &Path) -> Vec<Value> {

@@ -133,6 +133,9 @@ fn membership(engine: &Engine, cluster: &str) -> ControlMessage {
                 })),
                 hold_timeout_ms,
                 volumes: members,
+                created_unix_ms: group
+                    .claim_order()
+                    .map_or(0, |order| order.created_unix_ms()),
             })
         })
         .collect();

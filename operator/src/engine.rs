@@ -25,7 +25,7 @@ use kube::{
 };
 use lockstep_api::{
     conditions::{self, ConditionUpdate},
-    domain::{GroupEpoch, Path, Stage, condition},
+    domain::{ClaimOrder, GroupEpoch, Path, Stage, condition},
     v1alpha1::{ConsistencyGroup, ConsistencyGroupStatus, MemberCluster},
 };
 use tracing::Instrument;
@@ -192,6 +192,9 @@ struct GroupMemory {
     freeze_started: Option<(u64, Instant)>,
     /// The group as this operator last wrote it (what the API server answered to the write).
     last_written: Option<ConsistencyGroup>,
+    /// The claims on volumes of other groups refused at the last resolution (an Event says when they
+    /// change).
+    refused_claims: Vec<String>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -411,9 +414,10 @@ impl Engine {
                 return Err(EngineError::UnknownGroup(uid.to_owned()));
             }
             let read = group.status.clone();
-            if let Some(observation) = &batch.observation {
-                apply_resolution(&mut group, observation);
-            }
+            let refused = batch
+                .observation
+                .as_ref()
+                .map(|observation| apply_resolution(&mut group, observation));
             let decision = freeze::decide_batch(&group, &batch.events, &now())?;
             if let Some(point) = &decision.freeze_now {
                 // Rule 1: freeze at once, on both paths, before anything is persisted.
@@ -453,10 +457,43 @@ impl Engine {
             } else {
                 memory.last_written = Some(group.clone()).filter(|_| batch.observation.is_none());
             }
+            if let Some(refused) = refused {
+                self.report_refused_claims(&group, refused, memory);
+            }
             self.after_persist(&group, &decision, memory).await;
             return Ok(());
         }
         Err(EngineError::Conflicts(name.to_owned()))
+    }
+
+    /// Says on the group, with a Warning Event, which of its claims are refused because another group
+    /// holds the volume (rule 5) — when that changes, not at every reconcile.
+    fn report_refused_claims(
+        &self,
+        group: &ConsistencyGroup,
+        refused: Vec<String>,
+        memory: &mut GroupMemory,
+    ) {
+        if refused == memory.refused_claims {
+            return;
+        }
+        memory.refused_claims = refused.clone();
+        if refused.is_empty() {
+            return;
+        }
+        tracing::warn!(refused = ?refused, "claims on volumes of other groups refused");
+        let (engine, group) = (self.clone(), group.clone());
+        let message = format!(
+            "{} volume(s) refused: {}",
+            refused.len(),
+            refused.join("; ")
+        );
+        tokio::spawn(
+            async move {
+                engine.record(&group, true, "ClaimRefused", &message).await;
+            }
+            .instrument(tracing::Span::current()),
+        );
     }
 
     async fn persist(
@@ -947,40 +984,35 @@ impl Engine {
                 views.insert(cluster, self.view_of(member).await);
             }
         }
+        let claimed_elsewhere = self.claimed_elsewhere(uid, group, &views);
         Observation {
             views,
-            claimed_elsewhere: self.claimed_elsewhere(uid),
+            claimed_elsewhere,
         }
     }
 
-    /// Volume handles claimed by other groups of this hub (the older group keeps a contested volume).
-    fn claimed_elsewhere(&self, uid: &str) -> BTreeMap<String, String> {
-        let mine = self.group_by_uid(uid);
-        let my_age = mine.as_ref().map(|group| {
-            (
-                group.metadata.creation_timestamp.clone().map(|t| t.0),
-                group.name_any(),
-            )
-        });
-        let mut claimed = BTreeMap::new();
-        for other in self.inner.groups.state() {
-            if other.metadata.uid.as_deref() == Some(uid) {
-                continue;
-            }
-            let other_age = (
-                other.metadata.creation_timestamp.clone().map(|t| t.0),
-                other.name_any(),
-            );
-            if my_age.as_ref().is_some_and(|mine| other_age > *mine) {
-                continue; // the younger group yields
-            }
-            for member in other.status.iter().flat_map(|status| status.members.iter()) {
-                if let Some(handle) = &member.volume_handle {
-                    claimed.insert(handle.clone(), other.name_any());
-                }
-            }
-        }
-        claimed
+    /// The volumes of `views` that other groups of this hub hold ahead of this one (rule 5).
+    fn claimed_elsewhere(
+        &self,
+        uid: &str,
+        group: &ConsistencyGroup,
+        views: &BTreeMap<String, ClusterView>,
+    ) -> members::Claims {
+        let groups = self.inner.groups.state();
+        let ordered: Vec<(Arc<ConsistencyGroup>, ClaimOrder)> = groups
+            .iter()
+            .filter_map(|other| Some((other.clone(), other.claim_order()?)))
+            .collect();
+        let Some(my_order) = group.claim_order() else {
+            return members::Claims::new();
+        };
+        let me = claimant_of(group, &my_order);
+        let others: Vec<members::Claimant<'_>> = ordered
+            .iter()
+            .filter(|(other, _)| other.metadata.uid.as_deref() != Some(uid))
+            .map(|(other, order)| claimant_of(other, order))
+            .collect();
+        members::claimed_elsewhere(&me, &others, views)
     }
 
     /// Writes the group's mirror into every member cluster reached through its API server (not the hub),
@@ -1121,12 +1153,26 @@ impl Engine {
 /// What the member clusters showed of a group's members.
 struct Observation {
     views: BTreeMap<String, ClusterView>,
-    claimed_elsewhere: BTreeMap<String, String>,
+    claimed_elsewhere: members::Claims,
+}
+
+/// A group as a claimant of volumes: its spec, its last resolution and whether it is at a replicating
+/// point (Replicating, or resumed), where it lets go of volumes it no longer claims.
+fn claimant_of<'a>(group: &'a ConsistencyGroup, order: &'a ClaimOrder) -> members::Claimant<'a> {
+    let status = group.status.as_ref();
+    members::Claimant {
+        name: group.metadata.name.as_deref().unwrap_or_default(),
+        order,
+        spec_members: &group.spec.members,
+        status_members: status.map_or(&[], |status| status.members.as_slice()),
+        replicating: group.position().1 == Stage::Resume,
+    }
 }
 
 /// Resolves the members into the group's status (members, count, MembersResolved), keeping
-/// acknowledgements recorded in that status.
-fn apply_resolution(group: &mut ConsistencyGroup, observation: &Observation) {
+/// acknowledgements recorded in that status; returns the claims refused because another group holds the
+/// volume.
+fn apply_resolution(group: &mut ConsistencyGroup, observation: &Observation) -> Vec<String> {
     let generation = group.metadata.generation;
     let status = group.status.get_or_insert_with(Default::default);
     let resolution = members::resolve(
@@ -1142,6 +1188,8 @@ fn apply_resolution(group: &mut ConsistencyGroup, observation: &Observation) {
         status: resolution.resolved,
         reason: if resolution.resolved {
             "Resolved"
+        } else if !resolution.refused.is_empty() {
+            "ClaimedByAnotherGroup"
         } else {
             "Unresolved"
         },
@@ -1160,6 +1208,7 @@ fn apply_resolution(group: &mut ConsistencyGroup, observation: &Observation) {
         },
     };
     conditions::set(&mut status.conditions, update, generation, &now());
+    resolution.refused
 }
 
 /// Records an Event on a member volume's claim, in the claim's cluster (a failure is only logged).

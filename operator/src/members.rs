@@ -12,9 +12,12 @@ use std::collections::{BTreeMap, BTreeSet};
 use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim};
 use kube::core::{Selector, SelectorExt};
 use lockstep_api::{
-    domain::{ClusterPaths, Stage, VolumeState},
+    domain::{ClaimOrder, ClusterPaths, Stage, VolumeState},
     v1alpha1::{GroupMember, MemberVolumeStatus},
 };
+
+/// Volumes other groups hold, by (member cluster, volume handle), with the name of the group holding each.
+pub type Claims = BTreeMap<(String, String), String>;
 
 /// What the operator currently knows of one member cluster.
 #[derive(Debug, Clone, Default)]
@@ -65,21 +68,25 @@ pub struct Resolution {
     pub problems: Vec<String>,
     /// Members kept as last resolved because their cluster's API server could not be read.
     pub stale: Vec<String>,
+    /// Claims refused because another group holds the volume, in sentences naming that group (also in
+    /// `problems`).
+    pub refused: Vec<String>,
 }
 
 /// Resolves the spec's members against the clusters' views.
 ///
 /// `previous` carries acknowledgements and states forward by volume handle; `claimed_elsewhere` maps
-/// volume handles to the name of another group that owns them.
+/// (cluster, volume handle) to the name of another group that holds the volume.
 pub fn resolve(
     spec_members: &[GroupMember],
     clusters: &BTreeMap<String, ClusterView>,
     previous: &[MemberVolumeStatus],
-    claimed_elsewhere: &BTreeMap<String, String>,
+    claimed_elsewhere: &Claims,
 ) -> Resolution {
     let mut members = Vec::new();
     let mut problems = Vec::new();
     let mut stale = Vec::new();
+    let mut refused = Vec::new();
     for member in spec_members {
         let Some(view) = clusters.get(&member.cluster) else {
             problems.push(format!(
@@ -145,11 +152,16 @@ pub fn resolve(
                         .map(|why| format!(" ({why})"))
                         .unwrap_or_default()
                 )),
-                (Some(handle), _) if claimed_elsewhere.contains_key(handle) => {
-                    problems.push(format!(
-                        "{}/{}/{pvc} (volume {handle}) already belongs to group {:?}; a volume belongs to at most one group",
-                        member.cluster, member.namespace, claimed_elsewhere[handle]
-                    ));
+                (Some(handle), _)
+                    if let Some(holder) =
+                        claimed_elsewhere.get(&(member.cluster.clone(), handle.clone())) =>
+                {
+                    let refusal = format!(
+                        "{}/{}/{pvc} (volume {handle}) already belongs to group {holder:?}; a volume belongs to at most one group",
+                        member.cluster, member.namespace
+                    );
+                    problems.push(refusal.clone());
+                    refused.push(refusal);
                     resolved.volume_handle = None;
                 }
                 (Some(handle), None) => problems.push(format!(
@@ -187,7 +199,85 @@ pub fn resolve(
         members,
         problems,
         stale,
+        refused,
     }
+}
+
+/// A group of the hub, as far as claims on volumes go.
+#[derive(Debug, Clone, Copy)]
+pub struct Claimant<'a> {
+    /// Its name, for the refusal.
+    pub name: &'a str,
+    /// Its place in the claim order.
+    pub order: &'a ClaimOrder,
+    /// Its spec's members.
+    pub spec_members: &'a [GroupMember],
+    /// Its members as last resolved (its status).
+    pub status_members: &'a [MemberVolumeStatus],
+    /// True at a replicating point (Replicating, or resumed by its finalizer): it lets go of the volumes
+    /// it no longer claims.
+    pub replicating: bool,
+}
+
+/// The volumes, in the clusters of `views`, that groups other than `me` hold ahead of it (DESIGN.md
+/// rule 5), by (cluster, volume handle).
+///
+/// A group earlier in the claim order (creation time, then UID) claims what its spec resolves to, whether
+/// or not it has resolved yet: the decision depends on neither its status nor the order in which groups
+/// are reconciled, so it is the same after a restart. A group that holds a volume (its last resolution
+/// names it) and is not at a replicating point keeps it, whatever the order, until it replicates again;
+/// `me` keeps what it holds itself against any later claim.
+pub fn claimed_elsewhere(
+    me: &Claimant<'_>,
+    others: &[Claimant<'_>],
+    views: &BTreeMap<String, ClusterView>,
+) -> Claims {
+    let held_by_me: BTreeSet<(&str, &str)> = held(me.status_members).collect();
+    let mut claimed = Claims::new();
+    // `me` keeps a volume it holds against `holder` when its claim is the earlier one, or when it is not
+    // at a replicating point (it has not let the volume go).
+    let mut claim = |cluster: &str, handle: &str, holder: &Claimant<'_>| {
+        let kept =
+            held_by_me.contains(&(cluster, handle)) && (me.order < holder.order || !me.replicating);
+        if views.contains_key(cluster) && !kept {
+            claimed
+                .entry((cluster.to_owned(), handle.to_owned()))
+                .or_insert_with(|| holder.name.to_owned());
+        }
+    };
+    let mut ordered: Vec<&Claimant<'_>> = others.iter().collect();
+    ordered.sort_by(|a, b| a.order.cmp(b.order));
+    for other in ordered {
+        if other.order < me.order {
+            // The other group's status stands in for clusters whose API server cannot be read now.
+            let resolution = resolve(
+                other.spec_members,
+                views,
+                other.status_members,
+                &Claims::new(),
+            );
+            for member in &resolution.members {
+                if let Some(handle) = &member.volume_handle {
+                    claim(&member.cluster, handle, other);
+                }
+            }
+        }
+        // What it holds from its last resolution counts until it lets the volume go at a replicating
+        // point.
+        if !other.replicating {
+            for (cluster, handle) in held(other.status_members) {
+                claim(cluster, handle, other);
+            }
+        }
+    }
+    claimed
+}
+
+/// The (cluster, volume handle) of each resolved member.
+fn held(members: &[MemberVolumeStatus]) -> impl Iterator<Item = (&str, &str)> {
+    members
+        .iter()
+        .filter_map(|member| Some((member.cluster.as_str(), member.volume_handle.as_deref()?)))
 }
 
 /// The PVC names a member covers in its cluster.
@@ -564,7 +654,10 @@ mod tests {
     #[test]
     fn a_volume_claimed_by_another_group_is_refused() {
         let clusters = BTreeMap::from([("east".to_owned(), east())]);
-        let other = BTreeMap::from([("vol-wal".to_owned(), "payments".to_owned())]);
+        let other = BTreeMap::from([(
+            ("east".to_owned(), "vol-wal".to_owned()),
+            "payments".to_owned(),
+        )]);
         let resolution = resolve(
             &[by_names("east", &["wal", "data"])],
             &clusters,
@@ -583,6 +676,164 @@ mod tests {
             .find(|member| member.pvc == "wal")
             .unwrap();
         assert_eq!(wal.volume_handle, None, "the refused volume is not counted");
+    }
+
+    fn resolved(cluster: &str, pvc: &str, handle: &str) -> MemberVolumeStatus {
+        MemberVolumeStatus {
+            cluster: cluster.into(),
+            namespace: "orders".into(),
+            pvc: pvc.into(),
+            persistent_volume: None,
+            volume_handle: Some(handle.into()),
+            node: Some("node-a".into()),
+            state: None,
+            acknowledged: None,
+            image_epoch: None,
+        }
+    }
+
+    fn claimant<'a>(
+        name: &'a str,
+        order: &'a ClaimOrder,
+        spec_members: &'a [GroupMember],
+        status_members: &'a [MemberVolumeStatus],
+        replicating: bool,
+    ) -> Claimant<'a> {
+        Claimant {
+            name,
+            order,
+            spec_members,
+            status_members,
+            replicating,
+        }
+    }
+
+    fn key(cluster: &str, handle: &str) -> (String, String) {
+        (cluster.to_owned(), handle.to_owned())
+    }
+
+    #[test]
+    fn an_older_group_claims_its_volumes_before_it_has_resolved_them() {
+        // After an operator restart (or right after both were applied) the older group may not have
+        // resolved yet: its claim stands on its spec, not on its status.
+        let clusters = BTreeMap::from([("east".to_owned(), east())]);
+        let (first, later) = (
+            ClaimOrder::new(Some(1_000), "uid-first"),
+            ClaimOrder::new(Some(2_000), "uid-later"),
+        );
+        let first_spec = [by_names("east", &["wal", "data"])];
+        let later_spec = [by_label("east", "orders")];
+        let first = claimant("first", &first, &first_spec, &[], true);
+        let later = claimant("later", &later, &later_spec, &[], true);
+        let claimed = claimed_elsewhere(&later, &[first], &clusters);
+        assert_eq!(
+            claimed,
+            BTreeMap::from([
+                (key("east", "vol-data"), "first".to_owned()),
+                (key("east", "vol-wal"), "first".to_owned()),
+            ])
+        );
+        let resolution = resolve(&later_spec, &clusters, &[], &claimed);
+        assert!(!resolution.resolved);
+        assert!(
+            resolution
+                .members
+                .iter()
+                .all(|member| member.volume_handle.is_none()),
+            "the later group counts none of the first group's volumes: {:?}",
+            resolution.members
+        );
+        assert!(
+            claimed_elsewhere(&first, &[later], &clusters).is_empty(),
+            "the first group yields nothing to the later one"
+        );
+    }
+
+    #[test]
+    fn the_first_claim_wins_by_creation_time_then_uid_never_by_name() {
+        let clusters = BTreeMap::from([("east".to_owned(), east())]);
+        let spec = [by_names("east", &["wal"])];
+        let held = [resolved("east", "wal", "vol-wal")];
+        // Created later but named and UID'd to sort first: still the later claim.
+        let (older, younger) = (
+            ClaimOrder::new(Some(1_000), "uid-9"),
+            ClaimOrder::new(Some(2_000), "uid-1"),
+        );
+        let zeta = claimant("zeta", &older, &spec, &held, true);
+        let alpha = claimant("alpha", &younger, &spec, &held, true);
+        assert!(claimed_elsewhere(&zeta, &[alpha], &clusters).is_empty());
+        assert_eq!(
+            claimed_elsewhere(&alpha, &[zeta], &clusters).get(&key("east", "vol-wal")),
+            Some(&"zeta".to_owned())
+        );
+        // Created in the same instant (creation times have a second's grain): the smaller UID wins,
+        // whatever the names.
+        let (small_uid, large_uid) = (
+            ClaimOrder::new(Some(1_000), "uid-1"),
+            ClaimOrder::new(Some(1_000), "uid-9"),
+        );
+        let zeta = claimant("zeta", &small_uid, &spec, &held, true);
+        let alpha = claimant("alpha", &large_uid, &spec, &held, true);
+        assert!(claimed_elsewhere(&zeta, &[alpha], &clusters).is_empty());
+        assert_eq!(
+            claimed_elsewhere(&alpha, &[zeta], &clusters).get(&key("east", "vol-wal")),
+            Some(&"zeta".to_owned())
+        );
+    }
+
+    #[test]
+    fn a_same_named_volume_in_another_cluster_is_another_volume() {
+        let mut west = east();
+        west.node_of_volume
+            .insert("vol-wal".into(), "west-node".into());
+        let clusters = BTreeMap::from([("east".to_owned(), east()), ("west".to_owned(), west)]);
+        let (first, later) = (
+            ClaimOrder::new(Some(1_000), "uid-first"),
+            ClaimOrder::new(Some(2_000), "uid-later"),
+        );
+        let first_spec = [by_names("east", &["wal"])];
+        let later_spec = [by_names("west", &["wal"])];
+        let held = [resolved("east", "wal", "vol-wal")];
+        let first = claimant("first", &first, &first_spec, &held, true);
+        let later = claimant("later", &later, &later_spec, &[], true);
+        let claimed = claimed_elsewhere(&later, &[first], &clusters);
+        let resolution = resolve(&later_spec, &clusters, &[], &claimed);
+        assert!(resolution.resolved, "{:?}", resolution.problems);
+        assert_eq!(
+            resolution.members[0].volume_handle.as_deref(),
+            Some("vol-wal")
+        );
+    }
+
+    #[test]
+    fn a_volume_changes_group_only_once_its_old_group_replicates() {
+        // The later group holds the volume (it had it before the first group's selector matched it) and
+        // is frozen: the volume stays with it until it replicates again.
+        let clusters = BTreeMap::from([("east".to_owned(), east())]);
+        let (first, later) = (
+            ClaimOrder::new(Some(1_000), "uid-first"),
+            ClaimOrder::new(Some(2_000), "uid-later"),
+        );
+        let first_spec = [by_names("east", &["wal", "data"])];
+        let first_held = [resolved("east", "data", "vol-data")];
+        let later_spec = [by_names("east", &["wal"])];
+        let later_held = [resolved("east", "wal", "vol-wal")];
+        let first = claimant("first", &first, &first_spec, &first_held, true);
+        let frozen = claimant("later", &later, &later_spec, &later_held, false);
+        assert_eq!(
+            claimed_elsewhere(&first, &[frozen], &clusters),
+            BTreeMap::from([(key("east", "vol-wal"), "later".to_owned())]),
+            "the frozen group has not let the volume go"
+        );
+        let replicating = claimant("later", &later, &later_spec, &later_held, true);
+        assert!(
+            claimed_elsewhere(&first, &[replicating], &clusters).is_empty(),
+            "at a replicating point the first claim takes it"
+        );
+        // A group keeps what it holds against a later group, frozen or not.
+        let first_holding_wal = [resolved("east", "wal", "vol-wal")];
+        let first = claimant("first", first.order, &first_spec, &first_holding_wal, true);
+        assert!(claimed_elsewhere(&first, &[frozen], &clusters).is_empty());
     }
 
     #[test]

@@ -2,7 +2,8 @@
 //! answers there and the cluster's sidecars learn groups, members and epochs through their own API server
 //! (path 1).
 //!
-//! A mirror is labelled with the hub's identity and the hub group's UID. Its spec is the hub's (edits made
+//! A mirror is labelled with the hub's identity and the hub group's UID, and annotated with the hub
+//! group's creation time (the claim order of rule 5). Its spec is the hub's (edits made
 //! in the mirror are overwritten by server-side apply with force); its status carries the epoch, stage and
 //! the members in that cluster. A mirror another hub owns is never touched.
 
@@ -13,7 +14,7 @@ use kube::{
     api::{Patch, PatchParams},
 };
 use lockstep_api::v1alpha1::{
-    ConsistencyGroup, ConsistencyGroupStatus, GROUP_UID_LABEL, HUB_LABEL,
+    ConsistencyGroup, ConsistencyGroupStatus, GROUP_CREATED_ANNOTATION, GROUP_UID_LABEL, HUB_LABEL,
 };
 use serde_json::json;
 
@@ -107,10 +108,19 @@ pub async fn apply(
         (HUB_LABEL.to_owned(), hub_name.to_owned()),
         (GROUP_UID_LABEL.to_owned(), uid),
     ]);
+    // The hub group's creation time goes along: with the UID it orders claims on a volume, the same way
+    // in every cluster (rule 5); the mirror's own creation time is that of the copy.
+    let annotations: BTreeMap<String, String> = group
+        .metadata
+        .creation_timestamp
+        .as_ref()
+        .map(|created| (GROUP_CREATED_ANNOTATION.to_owned(), created.0.to_string()))
+        .into_iter()
+        .collect();
     let object = json!({
         "apiVersion": "lockstep.dev/v1alpha1",
         "kind": "ConsistencyGroup",
-        "metadata": { "name": name, "labels": labels },
+        "metadata": { "name": name, "labels": labels, "annotations": annotations },
         "spec": group.spec,
     });
     let params = PatchParams::apply(FIELD_MANAGER).force();

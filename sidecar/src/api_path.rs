@@ -22,7 +22,7 @@ use kube::runtime::WatchStreamExt;
 use kube::runtime::watcher;
 use kube::{Api, Client, ResourceExt};
 use lockstep_api::conditions::{self, ConditionUpdate};
-use lockstep_api::domain::{GroupEpoch, Path, Stage, parse_duration};
+use lockstep_api::domain::{ClaimOrder, GroupEpoch, Path, Stage, parse_duration};
 use lockstep_api::v1alpha1::{
     ClaimRef, ConsistencyGroup, CopyFailureReport, Enforcement, NodeHoldTimeout, NodeVolume,
     ReplicationNode, ReplicationNodeStatus,
@@ -113,6 +113,9 @@ fn feed_group(context: &Context, group: &ConsistencyGroup) -> Option<String> {
         path: Path::Api,
         group_uid: uid.clone(),
         group_name: group.name_any(),
+        order: group
+            .claim_order()
+            .unwrap_or_else(|| ClaimOrder::new(None, uid.clone())),
         volumes,
         hold_timeout_ms,
     });

@@ -23,7 +23,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
-use lockstep_api::domain::{GroupEpoch, Path, Stage};
+use lockstep_api::domain::{ClaimOrder, GroupEpoch, Path, Stage};
 
 /// Where a volume is in its group's life: an (epoch, stage) point, or a fail-safe suspension at an epoch,
 /// which ranks above every stage of that epoch and below the next epoch (only a higher epoch lifts it).
@@ -163,6 +163,8 @@ pub enum Input {
         group_uid: String,
         /// Its name, for logs.
         group_name: String,
+        /// Its place in the claim order: of two groups listing a volume, the first claim wins.
+        order: ClaimOrder,
         /// The volume handles on this node.
         volumes: BTreeSet<String>,
         /// The group's hold timeout.
@@ -339,9 +341,10 @@ pub enum Refusal {
         /// The fail-safe epoch.
         epoch: u64,
     },
-    /// A volume still frozen in the group it left is not moved into another before that one replicates.
+    /// A volume is not moved into another group before the group it carries let it go at a replicating
+    /// point (or, after a restart, before the paths said whether that group still exists).
     #[error(
-        "volume {volume} stays suspended in group {frozen_in} until it replicates again; not joining {group_uid}"
+        "volume {volume} stays in group {frozen_in} until that group lets it go at a replicating point; not joining {group_uid}"
     )]
     StillFrozen {
         /// The volume.
@@ -413,6 +416,8 @@ struct Volume {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 struct Group {
     name: String,
+    /// Its place in the claim order, as a path named it.
+    order: Option<ClaimOrder>,
     /// The highest point read from either path.
     seen: Option<Level>,
     /// The path that first brought `seen`.
@@ -487,6 +492,7 @@ impl Enforcer {
                 path,
                 group_uid,
                 group_name,
+                order,
                 volumes,
                 hold_timeout_ms,
             } => {
@@ -495,6 +501,12 @@ impl Enforcer {
                 }
                 let group = self.groups.entry(group_uid.clone()).or_default();
                 group.name = group_name;
+                // Both paths name the same order; one that knows the creation time wins over one that
+                // does not (a mirror written before the annotation existed).
+                group.order = Some(match group.order.take() {
+                    Some(known) => known.min(order),
+                    None => order,
+                });
                 group.hold_timeout_ms = hold_timeout_ms;
                 group.members.insert(path, volumes);
                 self.enforce_all(&mut out);
@@ -716,21 +728,51 @@ impl Enforcer {
         self.enforce_all(out);
     }
 
-    /// The group a local volume belongs to: the first group (by UID) whose membership names it.
+    /// The group a local volume belongs to (see [`Enforcer::local_volumes`]).
     fn group_of(&self, volume: &str) -> Option<String> {
+        let mut scratch = Outcome::default();
+        self.local_volumes(&mut scratch)
+            .into_iter()
+            .find(|(_, volumes)| volumes.contains(volume))
+            .map(|(uid, _)| uid)
+    }
+
+    /// A group's place in the claim order (a group no path has ordered ranks after every ordered one).
+    fn order_of(&self, uid: &str) -> ClaimOrder {
         self.groups
-            .iter()
-            .find(|(_, g)| g.members.values().any(|m| m.contains(volume)))
-            .map(|(uid, _)| uid.clone())
+            .get(uid)
+            .and_then(|group| group.order.clone())
+            .unwrap_or_else(|| ClaimOrder::new(None, uid))
+    }
+
+    /// Whether the group a volume carries at `level` has let it go at a replicating point: it is
+    /// replicating (resumed at or after that level's epoch, no fail-safe in force), or — once a path
+    /// delivered its complete view — no path knows it any more and the volume was left replicating (its
+    /// finalizer resumed it).
+    fn let_go(&self, uid: &str, level: Level) -> bool {
+        match self.groups.get(uid) {
+            Some(group)
+                if group.seen.is_some() || group.members.values().any(|m| !m.is_empty()) =>
+            {
+                group
+                    .seen
+                    .is_some_and(|seen| seen.rank == Rank::Resume && seen.epoch >= level.epoch)
+                    && group.fail_safe.is_none()
+            }
+            _ => !self.synced.is_empty() && level.rank == Rank::Resume,
+        }
     }
 
     /// Every group's local volumes: the union of the paths' views, served here, each volume in at most
-    /// one group.
+    /// one group (DESIGN.md rule 5). Of the groups listing a volume the first claim wins (creation time,
+    /// then UID, as the operator decides) — except that a volume stays in the group it carries, while
+    /// that group lists it, until that group has let it go at a replicating point. Every other claim is
+    /// refused and never acted on.
     fn local_volumes(&self, out: &mut Outcome) -> BTreeMap<String, BTreeSet<String>> {
-        let mut claimed: BTreeMap<String, String> = BTreeMap::new();
+        let mut claimants: BTreeMap<&String, Vec<(ClaimOrder, &String)>> = BTreeMap::new();
         let mut result: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
         for (uid, group) in &self.groups {
-            let entry = result.entry(uid.clone()).or_default();
+            result.entry(uid.clone()).or_default();
             // The API path lists this node's volumes: one not served here is refused. The gRPC
             // membership lists the whole cluster's: the others are simply not this node's.
             let listed = group
@@ -748,19 +790,44 @@ impl Enforcer {
                 if !self.volumes.contains_key(name) {
                     continue;
                 }
-                match claimed.get(name) {
-                    Some(other) if other != uid => out.refused.push(Refusal::DoubleClaim {
-                        group_uid: uid.clone(),
-                        volume: name.clone(),
-                        claimed_by: other.clone(),
-                    }),
-                    Some(_) => {}
-                    None => {
-                        claimed.insert(name.clone(), uid.clone());
-                        entry.insert(name.clone());
-                    }
+                let entry = claimants.entry(name).or_default();
+                if !entry.iter().any(|(_, listed_by)| *listed_by == uid) {
+                    entry.push((self.order_of(uid), uid));
                 }
             }
+        }
+        for (name, mut listing) in claimants {
+            listing.sort();
+            let Some((_, first)) = listing.first() else {
+                continue;
+            };
+            let carried = self
+                .volumes
+                .get(name)
+                .and_then(|volume| Some((volume.group_uid.as_ref()?, volume.level?)));
+            let owner = match carried {
+                Some((holder, level))
+                    if holder != *first
+                        && listing.iter().any(|(_, uid)| *uid == holder)
+                        && !self.let_go(holder, level) =>
+                {
+                    holder
+                }
+                _ => *first,
+            };
+            for (_, uid) in &listing {
+                if *uid != owner {
+                    out.refused.push(Refusal::DoubleClaim {
+                        group_uid: (*uid).clone(),
+                        volume: name.clone(),
+                        claimed_by: owner.clone(),
+                    });
+                }
+            }
+            result
+                .entry(owner.clone())
+                .or_default()
+                .insert(name.clone());
         }
         result
     }
@@ -797,30 +864,27 @@ impl Enforcer {
         let mut release = Vec::new();
         let mut resume = Vec::new();
         let mut configure = Vec::new();
-        let groups = &self.groups;
+        // A volume that carries another group joins this one only once that group let it go at a
+        // replicating point (rule 5): until then it stays as it is (suspended, if it was).
+        let held_elsewhere: BTreeMap<&String, String> = volumes
+            .iter()
+            .filter_map(|name| {
+                let volume = self.volumes.get(name)?;
+                let (other, level) = (volume.group_uid.as_ref()?, volume.level?);
+                (other != uid && !self.let_go(other, level)).then(|| (name, other.clone()))
+            })
+            .collect();
         for name in volumes {
             let Some(volume) = self.volumes.get_mut(name) else {
                 continue;
             };
-            // A volume that left a frozen group stays suspended until that group replicates again
-            // (rule 5): it does not join this one before.
-            if let (Some(other), Some(level)) = (volume.group_uid.as_deref(), volume.level)
-                && other != uid
-                && level.rank != Rank::Resume
-            {
-                let replicating_again = groups
-                    .get(other)
-                    .and_then(|g| g.seen)
-                    .is_some_and(|s| s.rank == Rank::Resume && s.epoch >= level.epoch)
-                    && groups.get(other).is_some_and(|g| g.fail_safe.is_none());
-                if !replicating_again {
-                    out.refused.push(Refusal::StillFrozen {
-                        volume: name.clone(),
-                        group_uid: uid.to_owned(),
-                        frozen_in: other.to_owned(),
-                    });
-                    continue;
-                }
+            if let Some(other) = held_elsewhere.get(name) {
+                out.refused.push(Refusal::StillFrozen {
+                    volume: name.clone(),
+                    group_uid: uid.to_owned(),
+                    frozen_in: other.clone(),
+                });
+                continue;
             }
             let carried = match volume.group_uid.as_deref() {
                 Some(g) if g == uid => volume.level,

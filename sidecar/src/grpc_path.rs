@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
-use lockstep_api::domain::{GroupEpoch, Path};
+use lockstep_api::domain::{ClaimOrder, GroupEpoch, Path};
 use lockstep_api::proto::control::v1 as pb;
 use pb::control_client::ControlClient;
 use tonic::transport::{Channel, Endpoint};
@@ -335,6 +335,7 @@ async fn membership_update(
         });
         context.send(Input::Membership {
             path: Path::Grpc,
+            order: ClaimOrder::new(Some(group.created_unix_ms), target.group_uid.clone()),
             group_uid: target.group_uid,
             group_name: group.group_name,
             volumes,

@@ -5,7 +5,7 @@ use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use crate::domain::{Path, Phase, Policy, Stage, VolumeState};
+use crate::domain::{ClaimOrder, Path, Phase, Policy, Stage, VolumeState};
 
 /// The volumes named here stay mutually consistent on their secondaries: the first failed copy in any
 /// member freezes replication on every member before any dependent write can reach a secondary.
@@ -97,10 +97,11 @@ pub struct GroupMember {
     #[schemars(length(min = 1, max = 63))]
     pub namespace: String,
 
-    /// The PersistentVolumeClaims, by name. The only form a gRPC-only cluster supports, as the hub cannot
-    /// list its PVCs.
+    /// The PersistentVolumeClaims, by name, each once. The only form a gRPC-only cluster supports, as the
+    /// hub cannot list its PVCs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 256), inner(length(min = 1, max = 253)))]
+    #[schemars(extend("x-kubernetes-list-type" = "set"))]
     pub pvc_names: Option<Vec<String>>,
 
     /// Selects the PersistentVolumeClaims by label.
@@ -311,6 +312,9 @@ pub struct VolumeHoldTimeout {
 pub const HUB_LABEL: &str = "lockstep.dev/hub";
 /// The label a mirror carries naming its hub group's `metadata.uid`: epochs belong to that UID.
 pub const GROUP_UID_LABEL: &str = "lockstep.dev/group-uid";
+/// The annotation a mirror carries with its hub group's `metadata.creationTimestamp` (RFC 3339): with the
+/// UID, it orders claims on a volume the same way in every cluster (DESIGN.md rule 5).
+pub const GROUP_CREATED_ANNOTATION: &str = "lockstep.dev/group-created";
 
 impl ConsistencyGroup {
     /// The UID epochs belong to: the hub group's `metadata.uid`, which a mirror in a member cluster
@@ -322,6 +326,26 @@ impl ConsistencyGroup {
             .and_then(|labels| labels.get(GROUP_UID_LABEL))
             .or(self.metadata.uid.as_ref())
             .map(String::as_str)
+    }
+
+    /// The group's place in the claim order (DESIGN.md rule 5): the hub group's creation time — a
+    /// mirror's from its [`GROUP_CREATED_ANNOTATION`], as the mirror's own is that of the copy — then its
+    /// UID. `None` without a UID.
+    pub fn claim_order(&self) -> Option<ClaimOrder> {
+        let uid = self.group_uid().filter(|uid| !uid.is_empty())?;
+        let created = if self.is_mirror() {
+            self.metadata
+                .annotations
+                .as_ref()
+                .and_then(|annotations| annotations.get(GROUP_CREATED_ANNOTATION))
+                .and_then(|text| text.parse::<k8s_openapi::jiff::Timestamp>().ok())
+        } else {
+            self.metadata.creation_timestamp.as_ref().map(|time| time.0)
+        };
+        Some(ClaimOrder::new(
+            created.map(|time| time.as_millisecond()),
+            uid,
+        ))
     }
 
     /// True when this object is a mirror written by a hub rather than a group a person created.

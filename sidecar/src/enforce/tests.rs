@@ -5,6 +5,8 @@ use super::*;
 use proptest::prelude::*;
 
 const G: &str = "group-uid";
+/// When group `G` was created, in milliseconds since the Unix epoch.
+const FIRST_CREATED_MS: i64 = 1_700_000_000_000;
 
 fn point(epoch: u64, stage: Stage) -> GroupEpoch {
     GroupEpoch {
@@ -37,6 +39,7 @@ fn membership(path: Path, volumes: &[&str]) -> Input {
         path,
         group_uid: G.to_owned(),
         group_name: "orders".to_owned(),
+        order: ClaimOrder::new(Some(FIRST_CREATED_MS), G),
         volumes: volumes.iter().map(|v| (*v).to_owned()).collect(),
         hold_timeout_ms: 10_000,
     }
@@ -340,6 +343,7 @@ fn volumes_not_served_here_and_double_claims_are_refused() {
         path: Path::Api,
         group_uid: "zzz-second".into(),
         group_name: "second".into(),
+        order: ClaimOrder::new(Some(FIRST_CREATED_MS + 1_000), "zzz-second"),
         volumes: ["v1".to_owned()].into(),
         hold_timeout_ms: 1000,
     });
@@ -480,6 +484,7 @@ fn a_volume_leaving_a_frozen_group_stays_suspended_until_that_group_replicates()
         path: Path::Api,
         group_uid: "other-group".into(),
         group_name: "other".into(),
+        order: ClaimOrder::new(Some(FIRST_CREATED_MS + 1_000), "other-group"),
         volumes: ["v2".to_owned()].into(),
         hold_timeout_ms: 1000,
     });
@@ -696,6 +701,7 @@ fn run(points: &[(u64, Stage)], events: &[Event]) -> (Enforcer, BTreeMap<String,
                     path: *path,
                     group_uid: G.to_owned(),
                     group_name: "g".into(),
+                    order: ClaimOrder::new(Some(FIRST_CREATED_MS), G),
                     volumes: set.clone(),
                     hold_timeout_ms: 10_000,
                 }
@@ -783,4 +789,126 @@ proptest! {
             );
         }
     }
+}
+
+/// The membership of another group, created `created_ms` after `G`.
+fn other_membership(uid: &str, created_after_ms: i64, volumes: &[&str]) -> Input {
+    Input::Membership {
+        path: Path::Api,
+        group_uid: uid.into(),
+        group_name: uid.into(),
+        order: ClaimOrder::new(Some(FIRST_CREATED_MS + created_after_ms), uid),
+        volumes: volumes.iter().map(|v| (*v).to_owned()).collect(),
+        hold_timeout_ms: 1000,
+    }
+}
+
+fn other_directive(uid: &str, epoch: u64, stage: Stage) -> Input {
+    Input::Directive {
+        path: Path::Api,
+        target: GroupEpoch {
+            group_uid: uid.into(),
+            epoch,
+            stage,
+        },
+    }
+}
+
+fn touches(out: &Outcome, uid: &str) -> bool {
+    out.operations.iter().any(|op| match op {
+        Operation::Suspend { group_uid, .. }
+        | Operation::Release { group_uid, .. }
+        | Operation::Resume { group_uid, .. }
+        | Operation::Configure { group_uid, .. } => group_uid == uid,
+    })
+}
+
+#[test]
+fn a_later_claim_is_refused_and_never_acted_on_whatever_its_uid() {
+    // "aaa-later" sorts before G by UID but was created after it: the first claim (G's) wins.
+    let mut core = replicating();
+    core.handle(other_directive("aaa-later", 0, Stage::Resume));
+    let out = core.handle(other_membership("aaa-later", 1_000, &["v1"]));
+    assert!(!touches(&out, "aaa-later"), "{out:?}");
+    assert!(
+        out.refused.contains(&Refusal::DoubleClaim {
+            group_uid: "aaa-later".into(),
+            volume: "v1".into(),
+            claimed_by: G.into()
+        }),
+        "{out:?}"
+    );
+    let out = core.handle(other_directive("aaa-later", 3, Stage::Freeze));
+    assert!(out.operations.is_empty(), "{out:?}");
+    // A cut in G freezes every volume of G, the contested one included.
+    let out = core.handle(directive(Path::Api, 1, Stage::Freeze));
+    assert_eq!(out.operations, vec![suspend(1, &["v1", "v2"], false)]);
+    assert_eq!(out.acks, vec![ack(1, Stage::Freeze, &["v1", "v2"], false)]);
+    // And a copy failure on it is reported in G.
+    let out = core.handle(Input::CopyFailed {
+        volume: "v1".into(),
+        sequence: 9,
+        error: "cut".into(),
+        since_unix_ms: 0,
+    });
+    assert!(out.refused.is_empty(), "{out:?}");
+    assert!(core.failures().iter().all(|f| f.group_uid == G));
+}
+
+#[test]
+fn after_a_restart_a_later_claim_heard_first_takes_nothing() {
+    // The replicator says v1 and v2 carry G (replicating, unconfirmed after the restart); the later
+    // group's membership arrives before G's.
+    let mut core = Enforcer::new();
+    core.handle(Input::Inventory(vec![
+        carrying("v1", Level::point(0, Stage::Resume), false),
+        carrying("v2", Level::point(0, Stage::Resume), false),
+    ]));
+    core.handle(other_directive("aaa-later", 0, Stage::Resume));
+    let out = core.handle(other_membership("aaa-later", 1_000, &["v1"]));
+    assert!(!touches(&out, "aaa-later"), "{out:?}");
+    core.handle(directive(Path::Api, 0, Stage::Resume));
+    let out = core.handle(membership(Path::Api, &["v1", "v2"]));
+    assert!(!touches(&out, "aaa-later"), "{out:?}");
+    assert_eq!(
+        out.operations,
+        vec![
+            configure("v1", 0, Stage::Resume),
+            configure("v2", 0, Stage::Resume)
+        ]
+    );
+    let out = core.handle(Input::Synced(Path::Api));
+    assert!(!touches(&out, "aaa-later"), "{out:?}");
+}
+
+#[test]
+fn a_volume_leaves_its_group_for_an_earlier_claim_only_at_a_replicating_point() {
+    // G holds v1 and is frozen when an older group (created before G) comes to claim v1: v1 stays in
+    // G, released and resumed with it, and moves only once G replicates again.
+    let mut core = replicating();
+    core.handle(directive(Path::Api, 1, Stage::Freeze));
+    core.handle(other_directive("zzz-older", 0, Stage::Resume));
+    let out = core.handle(other_membership("zzz-older", -1_000, &["v1"]));
+    assert!(!touches(&out, "zzz-older"), "{out:?}");
+    let out = core.handle(directive(Path::Api, 1, Stage::Release));
+    assert_eq!(
+        out.operations,
+        vec![Operation::Release {
+            group_uid: G.into(),
+            epoch: 1,
+            volumes: names(&["v1", "v2"]),
+        }]
+    );
+    let out = core.handle(directive(Path::Api, 1, Stage::Resume));
+    assert!(
+        out.operations.iter().any(|op| matches!(
+            op,
+            Operation::Configure { volume, group_uid, .. } if volume == "v1" && group_uid == "zzz-older"
+        )),
+        "{out:?}"
+    );
+    assert_eq!(
+        out.acks.iter().find(|a| a.point.group_uid == G),
+        Some(&ack(1, Stage::Resume, &["v2"], false))
+    );
 }

@@ -533,6 +533,7 @@ impl FakeControl {
                 group_name: GROUP.to_owned(),
                 current: Some(current),
                 hold_timeout_ms: 30_000,
+                created_unix_ms: 0,
                 volumes: volumes
                     .iter()
                     .map(|v| cpb::ResolvedVolume {
