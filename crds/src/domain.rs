@@ -23,6 +23,9 @@ pub enum DomainError {
     /// A duration that is not of the form `30s`, `1m30s`, `500ms`.
     #[error("{0:?} is not a duration such as 30s, 1m30s or 500ms")]
     Duration(String),
+    /// An epoch no operator ever sends: above 2^53 - 1.
+    #[error("the message carries epoch {0}, above the largest epoch {MAX_EPOCH}")]
+    EpochTooLarge(u64),
 }
 
 /// The stages of one epoch, in the only order they happen.
@@ -65,10 +68,13 @@ pub struct GroupEpoch {
 pub const MAX_EPOCH: u64 = (1 << 53) - 1;
 
 impl GroupEpoch {
-    /// A point of a named group; refuses an empty UID.
+    /// A point of a named group; refuses an empty UID and an epoch above [`MAX_EPOCH`].
     pub fn new(group_uid: &str, epoch: u64, stage: Stage) -> Result<Self, DomainError> {
         if group_uid.is_empty() {
             return Err(DomainError::MissingGroupUid);
+        }
+        if epoch > MAX_EPOCH {
+            return Err(DomainError::EpochTooLarge(epoch));
         }
         Ok(Self {
             group_uid: group_uid.to_owned(),

@@ -21,7 +21,7 @@
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use lockstep_api::{
     conditions::{self, ConditionUpdate},
-    domain::{GroupEpoch, Path, Phase, Policy, Stage, VolumeState, condition},
+    domain::{GroupEpoch, MAX_EPOCH, Path, Phase, Policy, Stage, VolumeState, condition},
     v1alpha1::{
         Acknowledgement, ConsistencyGroup, ConsistencyGroupStatus, ConsistentImage, FreezeTrigger,
         HoldTimeouts, ImageVolume, MemberVolumeStatus, VolumeHoldTimeout,
@@ -139,11 +139,28 @@ fn replicating(status: &ConsistencyGroupStatus) -> bool {
     status.stage.unwrap_or(Stage::Resume) == Stage::Resume
 }
 
-/// Decides what one event means for a group.
+/// Decides what one event means for a group as persisted.
 pub fn decide(
     group: &ConsistencyGroup,
     event: &Event,
     now: &Time,
+) -> Result<Decision, DecideError> {
+    let persisted = group.status.as_ref().map_or(0, |status| status.epoch);
+    decide_adopting_up_to(group, event, now, next_epoch(persisted))
+}
+
+/// The epoch after `epoch`, or none when `epoch` is already the largest Lockstep uses ([`MAX_EPOCH`]).
+fn next_epoch(epoch: u64) -> Option<u64> {
+    epoch.checked_add(1).filter(|next| *next <= MAX_EPOCH)
+}
+
+/// Decides one event, adopting an epoch a member claims to have seen only up to `adopt_limit`: the epoch
+/// after the persisted one, the only one that can have been sent before it was persisted (rule 8).
+fn decide_adopting_up_to(
+    group: &ConsistencyGroup,
+    event: &Event,
+    now: &Time,
+    adopt_limit: Option<u64>,
 ) -> Result<Decision, DecideError> {
     let name = group.metadata.name.clone().unwrap_or_default();
     let uid = group
@@ -168,7 +185,7 @@ pub fn decide(
     match event {
         Event::Report(report) => {
             if report.epoch_seen > status.epoch {
-                adopt(&mut decision, &uid, report.epoch_seen, now);
+                adopt(&mut decision, &uid, report.epoch_seen, adopt_limit, now);
             } else if report.epoch_seen == status.epoch && replicating(status) {
                 let trigger = FreezeTrigger {
                     reason: "CopyFailed".to_owned(),
@@ -192,7 +209,7 @@ pub fn decide(
         }
         Event::Ack(ack) => {
             if ack.epoch > status.epoch {
-                adopt(&mut decision, &uid, ack.epoch, now);
+                adopt(&mut decision, &uid, ack.epoch, adopt_limit, now);
             } else if ack.fail_safe && ack.epoch == status.epoch && replicating(status) {
                 // A node suspended on its own at the current epoch: treat it as the failure it stands for.
                 let trigger = FreezeTrigger {
@@ -208,11 +225,14 @@ pub fn decide(
                 };
                 freeze(&mut decision, &uid, trigger);
             }
-            record_ack(&mut decision.status, ack, now);
+            // An acknowledgement of an epoch that was refused is no acknowledgement of anything.
+            if ack.epoch <= decision.status.epoch {
+                record_ack(&mut decision.status, ack, now);
+            }
         }
         Event::Seen { epoch } => {
             if *epoch > decision.status.epoch {
-                adopt(&mut decision, &uid, *epoch, now);
+                adopt(&mut decision, &uid, *epoch, adopt_limit, now);
             }
         }
         Event::HoldTimedOut(report) => record_hold_timeout(&mut decision, group, report),
@@ -264,10 +284,11 @@ pub fn decide_batch(
     events: &[Event],
     now: &Time,
 ) -> Result<Decision, DecideError> {
+    let adopt_limit = next_epoch(group.status.as_ref().map_or(0, |status| status.epoch));
     let mut group = group.clone();
     let mut merged: Option<Decision> = None;
     for event in events {
-        let decision = decide(&group, event, now)?;
+        let decision = decide_adopting_up_to(&group, event, now, adopt_limit)?;
         group.status = Some(decision.status.clone());
         merged = Some(match merged {
             None => decision,
@@ -363,8 +384,19 @@ pub fn deletion_outcome(
 /// Raises the epoch by one and freezes.
 fn freeze(decision: &mut Decision, uid: &str, trigger: FreezeTrigger) {
     let status = &mut decision.status;
-    begin_image(status, status.epoch + 1);
-    status.epoch += 1;
+    let Some(epoch) = next_epoch(status.epoch) else {
+        decision.notes.push(Note {
+            warning: true,
+            reason: "EpochsExhausted",
+            message: format!(
+                "cannot freeze: epoch {} is the largest Lockstep uses ({MAX_EPOCH}); recreate the group to start again from epoch 0",
+                status.epoch
+            ),
+        });
+        return;
+    };
+    begin_image(status, epoch);
+    status.epoch = epoch;
     status.stage = Some(Stage::Freeze);
     status.phase = Some(Phase::Freezing);
     status.consistent_image = None;
@@ -391,7 +423,21 @@ fn freeze(decision: &mut Decision, uid: &str, trigger: FreezeTrigger) {
 }
 
 /// Adopts a higher epoch a member has seen or enforced (rule 8): a freeze that was sent but never persisted.
-fn adopt(decision: &mut Decision, uid: &str, epoch: u64, now: &Time) {
+/// Only the epoch after the persisted one can have been sent so: a claim beyond `limit` is refused (a
+/// Warning), never adopted.
+fn adopt(decision: &mut Decision, uid: &str, epoch: u64, limit: Option<u64>, now: &Time) {
+    if limit.is_none_or(|limit| epoch > limit) {
+        decision.notes.push(Note {
+            warning: true,
+            reason: "EpochRefused",
+            message: format!(
+                "refused epoch {epoch} that a member claims to have seen: the group is at epoch {} and never sent a later one than {}",
+                decision.status.epoch,
+                limit.map_or_else(|| "that".to_owned(), |limit| limit.to_string())
+            ),
+        });
+        return;
+    }
     let status = &mut decision.status;
     begin_image(status, epoch);
     status.epoch = epoch;

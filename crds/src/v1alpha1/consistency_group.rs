@@ -113,6 +113,7 @@ pub struct GroupMember {
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
 pub struct EpochIntent {
     /// The epoch this intent is meant for: it acts only while the group's current epoch equals it.
+    #[schemars(range(max = crate::domain::MAX_EPOCH))]
     pub epoch: u64,
 }
 
@@ -136,6 +137,7 @@ pub struct ConsistencyGroupStatus {
             "message": "status.epoch never decreases: epochs only grow, so a deposed operator cannot move a group back"
         }
     ]))]
+    #[schemars(range(max = crate::domain::MAX_EPOCH))]
     pub epoch: u64,
 
     /// The stage of the current epoch: Freeze, Release or Resume. Absent before the first freeze.
@@ -237,6 +239,7 @@ pub struct MemberVolumeStatus {
 #[serde(rename_all = "camelCase")]
 pub struct Acknowledgement {
     /// The epoch acknowledged.
+    #[schemars(range(max = crate::domain::MAX_EPOCH))]
     pub epoch: u64,
     /// The stage acknowledged.
     pub stage: Stage,
@@ -255,6 +258,7 @@ pub struct Acknowledgement {
 #[serde(rename_all = "camelCase")]
 pub struct ConsistentImage {
     /// The epoch whose freeze the image is.
+    #[schemars(range(max = crate::domain::MAX_EPOCH))]
     pub epoch: u64,
     /// The volumes that were in sync when that freeze began and acknowledged it: exactly the volumes the
     /// image covers.
@@ -279,6 +283,7 @@ pub struct ImageVolume {
 #[serde(rename_all = "camelCase")]
 pub struct HoldTimeouts {
     /// The epoch during which the writes failed.
+    #[schemars(range(max = crate::domain::MAX_EPOCH))]
     pub epoch: u64,
     /// How many held writes failed with an I/O error, over every volume.
     #[serde(default)]

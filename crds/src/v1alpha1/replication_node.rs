@@ -83,6 +83,7 @@ pub struct NodeVolume {
     pub state: VolumeState,
     /// The volume's (epoch, stage) as its replicator holds it.
     #[serde(default)]
+    #[schemars(range(max = crate::domain::MAX_EPOCH))]
     pub epoch: u64,
     /// The stage within that epoch.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -98,6 +99,7 @@ pub struct NodeVolume {
 #[serde(rename_all = "camelCase")]
 pub struct NodeHoldTimeout {
     /// The group's epoch the sidecar had seen when the writes failed (DESIGN.md rule 4).
+    #[schemars(range(max = crate::domain::MAX_EPOCH))]
     pub epoch: u64,
     /// How many held writes failed at that epoch so far.
     #[schemars(range(min = 1))]
@@ -124,6 +126,7 @@ pub struct CopyFailureReport {
     /// The group the volume belongs to.
     pub group_uid: String,
     /// The group's epoch the sidecar had seen when the copy failed (DESIGN.md rule 4).
+    #[schemars(range(max = crate::domain::MAX_EPOCH))]
     pub epoch_seen: u64,
     /// The replicator's sequence number of the failed write.
     #[serde(default)]
@@ -142,6 +145,7 @@ pub struct Enforcement {
     /// The group.
     pub group_uid: String,
     /// The epoch enforced.
+    #[schemars(range(max = crate::domain::MAX_EPOCH))]
     pub epoch: u64,
     /// The stage enforced.
     pub stage: Stage,
