@@ -815,6 +815,40 @@ async fn a_failure_reported_over_grpc_freezes_on_both_paths_and_releases_once_al
         .await
         .unwrap_err();
     assert_eq!(refused.code(), tonic::Code::InvalidArgument);
+    // Epochs no operator ever sent are refused on the wire, in a report or a subscription.
+    let beyond = control
+        .report(ReportRequest {
+            node: Some(west_node.clone()),
+            failures: vec![pb::CopyFailure {
+                group_uid: uid.clone(),
+                volume_handle: "vol-reporting".into(),
+                epoch_seen: u64::MAX,
+                ..Default::default()
+            }],
+            volumes: vec![],
+            hold_timeouts: vec![],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(beyond.code(), tonic::Code::InvalidArgument, "{beyond}");
+    let beyond = control
+        .subscribe(SubscribeRequest {
+            node: Some(west_node.clone()),
+            seen: vec![pb::GroupEpoch {
+                group_uid: uid.clone(),
+                epoch: u64::MAX,
+                stage: pb::Stage::Freeze.into(),
+            }],
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(beyond.code(), tonic::Code::InvalidArgument, "{beyond}");
+    assert_eq!(
+        hub_groups.get("orders-db").await?.status.unwrap().epoch,
+        0,
+        "nothing was adopted"
+    );
 
     // East's node reports a failed copy over gRPC only.
     let failure = pb::CopyFailure {
