@@ -7,7 +7,7 @@ use std::{pin::Pin, time::Duration};
 
 use futures::Stream;
 use lockstep_api::{
-    domain::{GroupEpoch, Path},
+    domain::{GroupEpoch, MAX_EPOCH, Path},
     proto::control::v1::{
         self as pb, AckRequest, AckResponse, ControlMessage, ReportRequest, ReportResponse,
         SubscribeRequest, control_message::Kind, control_server::Control,
@@ -162,6 +162,16 @@ impl Control for ControlService {
         }
         let mut groups = Vec::new();
         for failure in &request.failures {
+            if failure.epoch_seen > MAX_EPOCH {
+                return Err(refuse(
+                    "report",
+                    &node,
+                    format!(
+                        "a failure naming epoch {}, above the largest epoch {MAX_EPOCH}",
+                        failure.epoch_seen
+                    ),
+                ));
+            }
             if failure.group_uid.is_empty() || failure.volume_handle.is_empty() {
                 return Err(refuse(
                     "report",
@@ -190,6 +200,16 @@ impl Control for ControlService {
             }
         }
         for held in &request.hold_timeouts {
+            if held.epoch > MAX_EPOCH {
+                return Err(refuse(
+                    "report",
+                    &node,
+                    format!(
+                        "a hold timeout naming epoch {}, above the largest epoch {MAX_EPOCH}",
+                        held.epoch
+                    ),
+                ));
+            }
             if held.group_uid.is_empty() || held.volume_handle.is_empty() || held.failed_writes == 0
             {
                 return Err(refuse(
