@@ -558,6 +558,17 @@ fn members_status(world: &World) -> serde_json::Value {
     )
 }
 
+/// The image's volumes, as the status lists them: each handle with its cluster.
+fn image_volumes(world: &World, handles: &[String]) -> serde_json::Value {
+    json!(
+        world
+            .volumes()
+            .filter(|(_, v)| handles.contains(&v.spec.handle))
+            .map(|(c, v)| json!({"cluster": c.name(), "volumeHandle": v.spec.handle}))
+            .collect::<Vec<_>>()
+    )
+}
+
 impl ControlSystem for ManualFreeze {
     fn describe(&self) -> String {
         match self.api {
@@ -671,7 +682,7 @@ impl ControlSystem for ManualFreeze {
         let group = world
             .patch_group_status(json!({
                 "phase": Phase::Frozen,
-                "consistentImage": {"epoch": epoch, "volumeHandles": frozen},
+                "consistentImage": {"epoch": epoch, "volumes": image_volumes(world, &frozen)},
                 "conditions": world.conditions_with(&[
                     (condition::FROZEN, true, "AllMembersAcknowledged",
                      format!("all {total} member volumes acknowledged epoch {epoch}")),
