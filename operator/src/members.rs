@@ -651,6 +651,90 @@ mod tests {
         );
     }
 
+    fn edge_view(reported: Vec<ReportedVolume>) -> BTreeMap<String, ClusterView> {
+        let edge = ClusterView {
+            paths: ClusterPaths::GrpcOnly,
+            unavailable: Some("GrpcOnly: no API server path".into()),
+            reported,
+            ..ClusterView::default()
+        };
+        BTreeMap::from([("edge".to_owned(), edge)])
+    }
+
+    fn edge_volume(pvc: &str, node: &str) -> ReportedVolume {
+        ReportedVolume {
+            namespace: "orders".into(),
+            pvc: pvc.into(),
+            persistent_volume: format!("pv-edge-{pvc}"),
+            volume_handle: format!("vol-edge-{pvc}"),
+            node: node.into(),
+        }
+    }
+
+    #[test]
+    fn a_grpc_only_member_keeps_its_last_resolution_until_its_node_reports_again() {
+        let spec = [by_names("edge", &["wal", "data"])];
+        let (wal, data) = (edge_volume("wal", "edge-1"), edge_volume("data", "edge-2"));
+        let before = resolve(
+            &spec,
+            &edge_view(vec![wal.clone(), data.clone()]),
+            &[],
+            &BTreeMap::new(),
+        );
+        assert!(before.resolved, "{:?}", before.problems);
+        let mut previous = before.members;
+        for member in &mut previous {
+            member.acknowledged = Some(Acknowledgement {
+                epoch: 1,
+                stage: Stage::Freeze,
+                path: Path::Grpc,
+                fail_safe: false,
+                at: None,
+            });
+        }
+
+        // A restarted operator, before any sidecar of the cluster subscribed again.
+        let restarted = resolve(&spec, &edge_view(vec![]), &previous, &BTreeMap::new());
+        assert!(restarted.resolved, "{:?}", restarted.problems);
+        assert_eq!(restarted.members, previous, "acknowledgements kept");
+        assert!(
+            restarted.stale.join("; ").contains("kept as last resolved"),
+            "{:?}",
+            restarted.stale
+        );
+
+        // edge-2 subscribed again, edge-1 not yet: wal stays as last resolved.
+        let partly = resolve(
+            &spec,
+            &edge_view(vec![data.clone()]),
+            &previous,
+            &BTreeMap::new(),
+        );
+        assert!(partly.resolved, "{:?}", partly.problems);
+        assert_eq!(partly.members, previous);
+        assert!(
+            partly.stale.join("; ").contains("edge-1"),
+            "{:?}",
+            partly.stale
+        );
+
+        // edge-1 reports again, without wal: it no longer serves it, so wal is unresolved.
+        let moved = resolve(
+            &spec,
+            &edge_view(vec![data, edge_volume("scratch", "edge-1")]),
+            &previous,
+            &BTreeMap::new(),
+        );
+        assert!(!moved.resolved);
+        let wal = moved
+            .members
+            .iter()
+            .find(|member| member.pvc == "wal")
+            .unwrap();
+        assert_eq!(wal.volume_handle, None);
+        assert!(moved.stale.is_empty(), "{:?}", moved.stale);
+    }
+
     #[test]
     fn a_volume_claimed_by_another_group_is_refused() {
         let clusters = BTreeMap::from([("east".to_owned(), east())]);

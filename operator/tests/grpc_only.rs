@@ -1,0 +1,265 @@
+//! A gRPC-only member cluster (its sidecars dial out; the hub never reads its API server) against the
+//! operator over real gRPC and a test API server as the hub: what the operator learnt from the sidecars
+//! survives an operator restart, every answer says whether it was applied, and membership changes reach
+//! the connected sidecars.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::time::Duration;
+
+use kube::{Api, Client, api::PostParams};
+use lockstep_api::{
+    domain::{ClusterPaths, Policy, Stage, condition},
+    proto::control::v1::{
+        self as pb, AckRequest, NodeIdentity, ReportRequest, SubscribeRequest,
+        control_client::ControlClient, control_message::Kind,
+    },
+    v1alpha1::{
+        ConsistencyGroup, ConsistencyGroupSpec, GroupMember, MemberCluster, MemberClusterSpec,
+    },
+};
+use lockstep_operator::{Operator, Options};
+use tokio_stream::StreamExt;
+
+mod common;
+
+use common::{cluster, eventually};
+
+type TestResult = Result<(), Box<dyn std::error::Error + Send + Sync>>;
+
+fn options() -> Options {
+    Options {
+        kubeconfig: None,
+        hub_name: "hub-east".into(),
+        grpc_listen: "127.0.0.1:0".parse().unwrap(),
+        http_listen: "127.0.0.1:0".parse().unwrap(),
+        resync_interval: Duration::from_millis(200),
+        leader_election: false,
+        namespace: "lockstep-system".into(),
+        identity: "operator-0".into(),
+        lease_duration: Duration::from_secs(2),
+    }
+}
+
+/// The hub (a test API server) with one GrpcOnly member cluster, `edge`.
+async fn hub_with_edge() -> (lockstep_testapi::TestApiServer, Client) {
+    let (server, hub) = cluster().await;
+    let edge = MemberClusterSpec {
+        paths: ClusterPaths::GrpcOnly,
+        local: false,
+        kubeconfig_secret_ref: None,
+        network: Some("lte".into()),
+    };
+    Api::<MemberCluster>::all(hub.clone())
+        .create(&PostParams::default(), &MemberCluster::new("edge", edge))
+        .await
+        .unwrap();
+    (server, hub)
+}
+
+fn edge_group(pvcs: &[&str], policy: Policy) -> ConsistencyGroupSpec {
+    ConsistencyGroupSpec {
+        members: vec![GroupMember {
+            cluster: "edge".into(),
+            namespace: "orders".into(),
+            pvc_names: Some(pvcs.iter().map(|pvc| (*pvc).to_owned()).collect()),
+            selector: None,
+        }],
+        policy,
+        hold_timeout: "30s".into(),
+        release: None,
+        resync: None,
+        freeze: None,
+    }
+}
+
+fn edge_node(node: &str) -> NodeIdentity {
+    NodeIdentity {
+        cluster: "edge".into(),
+        node: node.into(),
+    }
+}
+
+/// What an edge sidecar resolved: `orders/<pvc>` on volume `vol-edge-<pvc>`.
+fn resolved_volume(pvc: &str) -> pb::ResolvedVolume {
+    pb::ResolvedVolume {
+        namespace: "orders".into(),
+        pvc: pvc.into(),
+        persistent_volume: format!("pv-edge-{pvc}"),
+        volume_handle: format!("vol-edge-{pvc}"),
+    }
+}
+
+/// A sidecar stand-in on `node` subscribes, saying it serves `pvcs`.
+async fn subscribe(
+    operator: &Operator,
+    node: &str,
+    pvcs: &[&str],
+) -> (
+    ControlClient<tonic::transport::Channel>,
+    tonic::Streaming<pb::ControlMessage>,
+) {
+    let mut control = ControlClient::connect(format!("http://{}", operator.grpc_addr))
+        .await
+        .unwrap();
+    let stream = control
+        .subscribe(SubscribeRequest {
+            node: Some(edge_node(node)),
+            volumes: pvcs.iter().map(|pvc| resolved_volume(pvc)).collect(),
+            seen: vec![],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    (control, stream)
+}
+
+fn condition_of(group: &ConsistencyGroup, type_: &str) -> Option<(bool, String)> {
+    let status = group.status.as_ref()?;
+    let found = status.conditions.iter().find(|c| c.type_ == type_)?;
+    Some((found.status == "True", found.message.clone()))
+}
+
+async fn group_where(
+    hub: &Client,
+    what: &str,
+    check: impl Fn(&ConsistencyGroup) -> bool,
+) -> ConsistencyGroup {
+    let api = Api::<ConsistencyGroup>::all(hub.clone());
+    eventually(what, || {
+        let (api, check) = (api.clone(), &check);
+        async move {
+            let group = api.get("edge-db").await.ok()?;
+            check(&group).then_some(group)
+        }
+    })
+    .await
+}
+
+fn acknowledged(group: &ConsistencyGroup, pvc: &str) -> Option<(u64, Stage)> {
+    let member = group
+        .status
+        .as_ref()?
+        .members
+        .iter()
+        .find(|member| member.pvc == pvc)?;
+    member
+        .acknowledged
+        .as_ref()
+        .map(|ack| (ack.epoch, ack.stage))
+}
+
+async fn next_directive(
+    stream: &mut tonic::Streaming<pb::ControlMessage>,
+    want: impl Fn(&pb::GroupEpoch) -> bool,
+) -> pb::GroupEpoch {
+    let found = tokio::time::timeout(Duration::from_secs(30), async {
+        while let Some(message) = stream.next().await {
+            if let Some(Kind::Directive(directive)) = message.unwrap().kind
+                && let Some(target) = directive.target
+                && want(&target)
+            {
+                return Some(target);
+            }
+        }
+        None
+    })
+    .await;
+    found
+        .expect("a directive within the deadline")
+        .expect("the stream stays open")
+}
+
+fn ack(node: &str, point: &pb::GroupEpoch, pvcs: &[&str]) -> AckRequest {
+    AckRequest {
+        node: Some(edge_node(node)),
+        enforced: Some(point.clone()),
+        volume_handles: pvcs.iter().map(|pvc| format!("vol-edge-{pvc}")).collect(),
+        fail_safe: false,
+    }
+}
+
+/// The freeze of `edge-db` started by a copy failure edge-1 reports, and its directive.
+async fn freeze_from_edge_1(
+    control: &mut ControlClient<tonic::transport::Channel>,
+    stream: &mut tonic::Streaming<pb::ControlMessage>,
+    uid: &str,
+) -> pb::GroupEpoch {
+    let failure = pb::CopyFailure {
+        group_uid: uid.to_owned(),
+        volume_handle: "vol-edge-wal".into(),
+        epoch_seen: 0,
+        sequence: 7,
+        error: "link down".into(),
+        since_unix_ms: 0,
+    };
+    control
+        .report(ReportRequest {
+            node: Some(edge_node("edge-1")),
+            failures: vec![failure],
+            volumes: vec![resolved_volume("wal")],
+            hold_timeouts: vec![],
+        })
+        .await
+        .unwrap();
+    next_directive(stream, |target| target.stage == pb::Stage::Freeze as i32).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_grpc_only_members_acknowledgement_survives_an_operator_restart() -> TestResult {
+    let (_server, hub) = hub_with_edge().await;
+    let operator = Operator::start(hub.clone(), &options()).await?;
+    let (mut edge_1, mut edge_1_stream) = subscribe(&operator, "edge-1", &["wal"]).await;
+    let (_edge_2, _edge_2_stream) = subscribe(&operator, "edge-2", &["data"]).await;
+    let groups = Api::<ConsistencyGroup>::all(hub.clone());
+    let spec = edge_group(&["wal", "data"], Policy::FreezeAndStop);
+    groups
+        .create(
+            &PostParams::default(),
+            &ConsistencyGroup::new("edge-db", spec),
+        )
+        .await?;
+    let group = group_where(&hub, "edge-db resolved", |group| {
+        condition_of(group, condition::MEMBERS_RESOLVED).is_some_and(|(resolved, _)| resolved)
+    })
+    .await;
+    let uid = group.metadata.uid.clone().unwrap();
+
+    // edge-1 fails a copy, freezes and acknowledges; edge-2 has not acknowledged yet.
+    let freeze = freeze_from_edge_1(&mut edge_1, &mut edge_1_stream, &uid).await;
+    assert_eq!(freeze.epoch, 1);
+    edge_1.ack(ack("edge-1", &freeze, &["wal"])).await?;
+    group_where(&hub, "wal acknowledged at 1", |group| {
+        acknowledged(group, "wal") == Some((1, Stage::Freeze))
+    })
+    .await;
+
+    // The operator is killed; a new one starts and reconciles before any sidecar subscribed again.
+    operator.abort();
+    drop((edge_1, edge_1_stream));
+    let operator = Operator::start(hub.clone(), &options()).await?;
+    let restarted = group_where(&hub, "the new operator's first resolution", |group| {
+        condition_of(group, condition::MEMBERS_RESOLVED).is_some_and(|(resolved, message)| {
+            !resolved || message.contains("kept as last resolved")
+        })
+    })
+    .await;
+    assert_eq!(
+        acknowledged(&restarted, "wal"),
+        Some((1, Stage::Freeze)),
+        "{:?}",
+        restarted.status
+    );
+
+    // Only edge-2 comes back and acknowledges: with wal's acknowledgement kept, the group is frozen.
+    let (mut edge_2, _edge_2_stream) = subscribe(&operator, "edge-2", &["data"]).await;
+    edge_2.ack(ack("edge-2", &freeze, &["data"])).await?;
+    let frozen = group_where(&hub, "edge-db frozen at epoch 1", |group| {
+        condition_of(group, condition::FROZEN).is_some_and(|(frozen, _)| frozen)
+    })
+    .await;
+    assert_eq!(frozen.position(), (1, Stage::Freeze));
+    assert_eq!(acknowledged(&frozen, "data"), Some((1, Stage::Freeze)));
+    operator.shutdown().await;
+    Ok(())
+}
