@@ -1204,7 +1204,13 @@ fn apply_resolution(group: &mut ConsistencyGroup, observation: &Observation) -> 
             }
             message
         } else {
-            resolution.problems.join("; ")
+            resolution
+                .problems
+                .iter()
+                .chain(&resolution.stale)
+                .cloned()
+                .collect::<Vec<_>>()
+                .join("; ")
         },
     };
     conditions::set(&mut status.conditions, update, generation, &now());

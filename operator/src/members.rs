@@ -5,7 +5,9 @@
 //! Each cluster is seen through a [`ClusterView`]: its PVCs and PVs (API path) or the volumes its
 //! sidecars reported over gRPC (gRPC-only clusters), plus the node serving each volume. A volume belongs
 //! to at most one group (DESIGN.md rule 5): a volume another group already claims is refused here and
-//! named in the condition. Acknowledgements already recorded for a volume are kept across resolutions.
+//! named in the condition. Acknowledgements already recorded for a volume are kept across resolutions, and
+//! a member whose cluster cannot be read (an API server down; a gRPC-only cluster whose sidecars have not
+//! reported to this operator since it started) keeps its last resolution.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -66,7 +68,8 @@ pub struct Resolution {
     pub resolved: bool,
     /// Why not, in sentences (empty when resolved).
     pub problems: Vec<String>,
-    /// Members kept as last resolved because their cluster's API server could not be read.
+    /// Members kept as last resolved because their cluster could not be read (an API server down, or a
+    /// gRPC-only cluster whose sidecars have not reported to this operator yet).
     pub stale: Vec<String>,
     /// Claims refused because another group holds the volume, in sentences naming that group (also in
     /// `problems`).
@@ -140,8 +143,17 @@ pub fn resolve(
                 member.cluster, member.namespace
             ));
         }
+        let mut kept = KeptUntilReported::default();
         for pvc in claims {
             let mut resolved = resolve_claim(&member.cluster, &member.namespace, &pvc, view);
+            if let Some(earlier) = kept.last_resolution(member, &pvc, &resolved, view, previous)
+                && earlier.volume_handle.as_ref().is_some_and(|handle| {
+                    !claimed_elsewhere.contains_key(&(member.cluster.clone(), handle.clone()))
+                })
+            {
+                members.push(earlier.clone());
+                continue;
+            }
             match (&resolved.volume_handle, &resolved.node) {
                 (None, _) => problems.push(format!(
                     "{}/{}/{pvc} is not bound to a CSI volume yet{}",
@@ -193,6 +205,7 @@ pub fn resolve(
             }
             members.push(resolved);
         }
+        stale.extend(kept.sentence(member));
     }
     Resolution {
         resolved: problems.is_empty() && !members.is_empty(),
@@ -278,6 +291,68 @@ fn held(members: &[MemberVolumeStatus]) -> impl Iterator<Item = (&str, &str)> {
     members
         .iter()
         .filter_map(|member| Some((member.cluster.as_str(), member.volume_handle.as_deref()?)))
+}
+
+/// A gRPC-only cluster's volumes are known only from its sidecars' reports, which a restarted operator
+/// (or a new leader) has not heard yet: a PVC no sidecar reports keeps its last resolution, with its
+/// acknowledgement, while the node it was resolved to has not reported its volumes to this operator.
+/// Once that node's sidecar reports again without the PVC, the PVC is resolved afresh (or not at all).
+#[derive(Default)]
+struct KeptUntilReported {
+    pvcs: Vec<String>,
+    nodes: BTreeSet<String>,
+}
+
+impl KeptUntilReported {
+    /// How many kept PVCs a sentence names.
+    const NAMED: usize = 20;
+
+    fn last_resolution<'a>(
+        &mut self,
+        member: &GroupMember,
+        pvc: &str,
+        resolved: &MemberVolumeStatus,
+        view: &ClusterView,
+        previous: &'a [MemberVolumeStatus],
+    ) -> Option<&'a MemberVolumeStatus> {
+        if view.paths != ClusterPaths::GrpcOnly || resolved.volume_handle.is_some() {
+            return None;
+        }
+        let earlier = previous.iter().find(|earlier| {
+            earlier.cluster == member.cluster
+                && earlier.namespace == member.namespace
+                && earlier.pvc == pvc
+                && earlier.volume_handle.is_some()
+        })?;
+        let node = earlier.node.as_deref()?;
+        if view.reported.iter().any(|reported| reported.node == node) {
+            return None; // its node reported again, without it
+        }
+        self.pvcs.push(pvc.to_owned());
+        self.nodes.insert(node.to_owned());
+        Some(earlier)
+    }
+
+    fn sentence(&self, member: &GroupMember) -> Option<String> {
+        if self.pvcs.is_empty() {
+            return None;
+        }
+        let mut named = self
+            .pvcs
+            .iter()
+            .take(Self::NAMED)
+            .cloned()
+            .collect::<Vec<_>>()
+            .join(", ");
+        if self.pvcs.len() > Self::NAMED {
+            named.push_str(&format!(" and {} more", self.pvcs.len() - Self::NAMED));
+        }
+        let nodes = self.nodes.iter().cloned().collect::<Vec<_>>().join(", ");
+        Some(format!(
+            "{}/{}: {} kept as last resolved, with their acknowledgements, until the sidecars of {nodes} report to this operator again (GrpcOnly)",
+            member.cluster, member.namespace, named
+        ))
+    }
 }
 
 /// The PVC names a member covers in its cluster.
