@@ -239,7 +239,11 @@ impl Control for ControlService {
                 groups.push(pb::GroupEpoch::from(&current));
             }
         }
-        Ok(Response::new(ReportResponse { groups }))
+        Ok(Response::new(ReportResponse {
+            groups,
+            applied: true,
+            reason: String::new(),
+        }))
     }
 
     type SubscribeStream = ControlStream;
@@ -318,6 +322,10 @@ impl Control for ControlService {
             .engine
             .current(&point.group_uid)
             .map(|current| pb::GroupEpoch::from(&current));
-        Ok(Response::new(AckResponse { current }))
+        Ok(Response::new(AckResponse {
+            current,
+            applied: true,
+            reason: String::new(),
+        }))
     }
 }

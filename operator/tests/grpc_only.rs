@@ -263,3 +263,77 @@ async fn a_grpc_only_members_acknowledgement_survives_an_operator_restart() -> T
     operator.shutdown().await;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn every_answer_says_whether_it_was_applied() -> TestResult {
+    let (_server, hub) = hub_with_edge().await;
+    let operator = Operator::start(hub.clone(), &options()).await?;
+    let (mut edge_1, mut edge_1_stream) = subscribe(&operator, "edge-1", &["wal"]).await;
+    let groups = Api::<ConsistencyGroup>::all(hub.clone());
+    let spec = edge_group(&["wal", "data"], Policy::FreezeAndStop);
+    groups
+        .create(
+            &PostParams::default(),
+            &ConsistencyGroup::new("edge-db", spec),
+        )
+        .await?;
+    let group = group_where(&hub, "wal resolved", |group| {
+        group.status.as_ref().is_some_and(|status| {
+            status
+                .members
+                .iter()
+                .any(|member| member.pvc == "wal" && member.volume_handle.is_some())
+        })
+    })
+    .await;
+    let uid = group.metadata.uid.clone().unwrap();
+
+    // A group this hub does not know: NOT_FOUND, never OK.
+    let stray = pb::GroupEpoch {
+        group_uid: "no-such-group".into(),
+        epoch: 1,
+        stage: pb::Stage::Freeze as i32,
+    };
+    let refused = edge_1
+        .ack(ack("edge-1", &stray, &["wal"]))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::NotFound, "{refused:?}");
+
+    let freeze = freeze_from_edge_1(&mut edge_1, &mut edge_1_stream, &uid).await;
+    let answer = edge_1
+        .ack(ack("edge-1", &freeze, &["wal"]))
+        .await?
+        .into_inner();
+    assert!(answer.applied, "{answer:?}");
+
+    // data is served by edge-2, whose sidecar has not told the operator yet: not applied.
+    let (mut edge_2, _) = {
+        let mut control = ControlClient::connect(format!("http://{}", operator.grpc_addr)).await?;
+        let answer = control
+            .ack(ack("edge-2", &freeze, &["data"]))
+            .await?
+            .into_inner();
+        assert!(!answer.applied, "{answer:?}");
+        assert!(!answer.reason.is_empty(), "{answer:?}");
+        subscribe(&operator, "edge-2", &["data"]).await
+    };
+    // Once edge-2 subscribed with its volumes, the same acknowledgement is applied.
+    eventually("edge-2's acknowledgement applied", || {
+        let mut edge_2 = edge_2.clone();
+        let freeze = freeze.clone();
+        async move {
+            let answer = edge_2.ack(ack("edge-2", &freeze, &["data"])).await.ok()?;
+            answer.into_inner().applied.then_some(())
+        }
+    })
+    .await;
+    let frozen = group_where(&hub, "edge-db frozen", |group| {
+        condition_of(group, condition::FROZEN).is_some_and(|(frozen, _)| frozen)
+    })
+    .await;
+    assert_eq!(acknowledged(&frozen, "data"), Some((1, Stage::Freeze)));
+    let _ = &mut edge_2;
+    operator.shutdown().await;
+    Ok(())
+}

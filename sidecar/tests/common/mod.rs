@@ -406,6 +406,9 @@ pub struct ControlState {
     pub current: Mutex<BTreeMap<String, cpb::GroupEpoch>>,
     /// While set, every call is refused (as by a cut network), even on open connections.
     pub refusing: std::sync::atomic::AtomicBool,
+    /// While set, acknowledgements are answered OK but not applied (as by an operator that has not
+    /// resolved the volumes yet).
+    pub not_applying: std::sync::atomic::AtomicBool,
 }
 
 /// A test `Control` server on a loopback port: records reports, acks and subscriptions, pushes
@@ -639,7 +642,11 @@ impl cpb::control_server::Control for ControlService {
             .filter_map(|f| current.get(&f.group_uid).cloned())
             .collect();
         self.control.state.reports.lock().unwrap().push(r);
-        Ok(Response::new(cpb::ReportResponse { groups }))
+        Ok(Response::new(cpb::ReportResponse {
+            groups,
+            applied: true,
+            reason: String::new(),
+        }))
     }
 
     type SubscribeStream =
@@ -694,7 +701,20 @@ impl cpb::control_server::Control for ControlService {
                 .cloned()
         });
         self.control.state.acks.lock().unwrap().push(r);
-        Ok(Response::new(cpb::AckResponse { current }))
+        let applied = !self
+            .control
+            .state
+            .not_applying
+            .load(std::sync::atomic::Ordering::SeqCst);
+        Ok(Response::new(cpb::AckResponse {
+            current,
+            applied,
+            reason: if applied {
+                String::new()
+            } else {
+                "the volumes are not resolved members yet".into()
+            },
+        }))
     }
 }
 
