@@ -1,7 +1,10 @@
 //! The gRPC `Control` service (path 2): sidecars report failures, subscribe to directives and acknowledge.
 //!
 //! Malformed messages (no node identity, an unset stage, no group UID) are refused with InvalidArgument
-//! and logged; a report or acknowledgement for a group this hub does not know is answered without effect.
+//! and logged. Every answer says whether it was applied: a report or acknowledgement that could not be
+//! decided is answered with an error status (NOT_FOUND for a group this hub does not know, UNAVAILABLE when
+//! this replica is not the leader or the decision was not persisted); an acknowledgement whose volumes are
+//! not resolved members yet is answered `applied: false` with the reason. The sender sends it again.
 
 use std::{pin::Pin, time::Duration};
 
@@ -12,12 +15,13 @@ use lockstep_api::{
         self as pb, AckRequest, AckResponse, ControlMessage, ReportRequest, ReportResponse,
         SubscribeRequest, control_message::Kind, control_server::Control,
     },
+    v1alpha1::ConsistencyGroupStatus,
 };
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use crate::{
-    engine::Engine,
+    engine::{Engine, EngineError},
     freeze::{self, Event},
     members::ReportedVolume,
     sessions::{self, NodeKey},
@@ -73,6 +77,82 @@ fn reported_volumes(node: &NodeKey, volumes: &[pb::ResolvedVolume]) -> Vec<Repor
             node: node.1.clone(),
         })
         .collect()
+}
+
+/// The error status for a decision that could not be made: the sender sends it again, except for a group
+/// this hub does not know (NOT_FOUND: sent again only while the sender still knows the group).
+fn not_decided(node: &NodeKey, error: EngineError) -> Status {
+    tracing::warn!(cluster = %node.0, node = %node.1, %error, "not applied");
+    match error {
+        EngineError::UnknownGroup(uid) => {
+            Status::not_found(format!("no ConsistencyGroup with UID {uid:?} on this hub"))
+        }
+        EngineError::NotLeader => Status::unavailable(
+            "this operator replica is not the leader; retry (the Service routes to the leader)",
+        ),
+        EngineError::Decide(error) => Status::failed_precondition(error.to_string()),
+        error @ (EngineError::Hub(_) | EngineError::Conflicts(_)) => {
+            Status::unavailable(format!("not persisted, send it again: {error}"))
+        }
+    }
+}
+
+/// How many volumes a reason names at most.
+const NAMED_IN_REASON: usize = 20;
+
+/// Why an acknowledgement of `point` from `cluster` naming `handles` is not (yet) in `status`: the volumes
+/// that are not resolved members of the group in that cluster, and those without the point recorded.
+fn unrecorded(
+    status: Option<&ConsistencyGroupStatus>,
+    cluster: &str,
+    point: &GroupEpoch,
+    handles: &[String],
+) -> Option<String> {
+    let members = status
+        .map(|status| status.members.as_slice())
+        .unwrap_or_default();
+    let mut unresolved = Vec::new();
+    let mut unrecorded = Vec::new();
+    for handle in handles {
+        let member = members.iter().find(|member| {
+            member.cluster == cluster && member.volume_handle.as_deref() == Some(handle.as_str())
+        });
+        match member {
+            None => unresolved.push(handle.as_str()),
+            Some(member)
+                if member
+                    .acknowledged
+                    .as_ref()
+                    .is_none_or(|ack| (ack.epoch, ack.stage) < (point.epoch, point.stage)) =>
+            {
+                unrecorded.push(handle.as_str());
+            }
+            Some(_) => {}
+        }
+    }
+    let name = |volumes: &[&str]| {
+        let mut named = volumes
+            .iter()
+            .take(NAMED_IN_REASON)
+            .copied()
+            .collect::<Vec<_>>()
+            .join(", ");
+        if volumes.len() > NAMED_IN_REASON {
+            named.push_str(&format!(" and {} more", volumes.len() - NAMED_IN_REASON));
+        }
+        named
+    };
+    let mut reasons = Vec::new();
+    if !unresolved.is_empty() {
+        reasons.push(format!(
+            "not (yet) resolved members of the group in cluster {cluster}: {}",
+            name(&unresolved)
+        ));
+    }
+    if !unrecorded.is_empty() {
+        reasons.push(format!("{point} not recorded for {}", name(&unrecorded)));
+    }
+    (!reasons.is_empty()).then(|| reasons.join("; "))
 }
 
 fn refuse(what: &str, node: &NodeKey, reason: impl std::fmt::Display) -> Status {
@@ -155,10 +235,17 @@ impl Control for ControlService {
         self.leader_only()?;
         let request = request.into_inner();
         let node = node_key(request.node.as_ref())?;
-        if !request.volumes.is_empty() {
-            self.engine
+        let mut reasons = Vec::new();
+        if !request.volumes.is_empty()
+            && !self
+                .engine
                 .sessions()
-                .record_volumes(&node, reported_volumes(&node, &request.volumes));
+                .record_volumes(&node, reported_volumes(&node, &request.volumes))
+        {
+            reasons.push(
+                "resolved volumes not recorded: the node holds no Subscribe stream (its next subscription carries them)"
+                    .to_owned(),
+            );
         }
         let mut groups = Vec::new();
         for failure in &request.failures {
@@ -194,7 +281,10 @@ impl Control for ControlService {
                     failure.group_uid
                 )));
             }
-            self.engine.handle_quietly(&failure.group_uid, event).await;
+            self.engine
+                .handle(&failure.group_uid, event)
+                .await
+                .map_err(|error| not_decided(&node, error))?;
             if let Some(current) = self.engine.current(&failure.group_uid) {
                 groups.push(pb::GroupEpoch::from(&current));
             }
@@ -220,7 +310,10 @@ impl Control for ControlService {
             }
             if self.engine.group_by_uid(&held.group_uid).is_none() {
                 tracing::warn!(cluster = %node.0, node = %node.1, group_uid = %held.group_uid, "hold timeout for a group this hub does not know");
-                continue;
+                return Err(Status::not_found(format!(
+                    "no ConsistencyGroup with UID {:?} on this hub",
+                    held.group_uid
+                )));
             }
             let event = Event::HoldTimedOut(freeze::HoldTimeoutReport {
                 path: Path::Grpc,
@@ -232,7 +325,10 @@ impl Control for ControlService {
                     .ok()
                     .map(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time),
             });
-            self.engine.handle_quietly(&held.group_uid, event).await;
+            self.engine
+                .handle(&held.group_uid, event)
+                .await
+                .map_err(|error| not_decided(&node, error))?;
             if let Some(current) = self.engine.current(&held.group_uid)
                 && !groups.iter().any(|group| group.group_uid == held.group_uid)
             {
@@ -241,8 +337,8 @@ impl Control for ControlService {
         }
         Ok(Response::new(ReportResponse {
             groups,
-            applied: true,
-            reason: String::new(),
+            applied: reasons.is_empty(),
+            reason: reasons.join("; "),
         }))
     }
 
@@ -317,15 +413,25 @@ impl Control for ControlService {
             volume_handles: request.volume_handles.clone(),
             fail_safe: request.fail_safe,
         });
-        self.engine.handle_quietly(&point.group_uid, event).await;
+        self.engine
+            .handle(&point.group_uid, event)
+            .await
+            .map_err(|error| not_decided(&node, error))?;
+        // Applied only if the acknowledgement is in the group's status now: volumes the operator has not
+        // resolved yet (a gRPC-only node's, before its sidecar reported them) are sent again.
+        let status = self.engine.last_status(&point.group_uid).await;
+        let reason = unrecorded(status.as_ref(), &node.0, &point, &request.volume_handles);
+        if let Some(reason) = &reason {
+            tracing::info!(cluster = %node.0, node = %node.1, %point, %reason, "acknowledgement not applied");
+        }
         let current = self
             .engine
             .current(&point.group_uid)
             .map(|current| pb::GroupEpoch::from(&current));
         Ok(Response::new(AckResponse {
             current,
-            applied: true,
-            reason: String::new(),
+            applied: reason.is_none(),
+            reason: reason.unwrap_or_default(),
         }))
     }
 }

@@ -292,6 +292,17 @@ impl Engine {
         })
     }
 
+    /// The group's status as last persisted: the copy this operator wrote last, else the hub's reflector's.
+    pub async fn last_status(&self, uid: &str) -> Option<ConsistencyGroupStatus> {
+        if let Some(lock) = self.existing_lock(uid) {
+            let memory = lock.memory.lock().await;
+            if let Some(written) = &memory.last_written {
+                return written.status.clone();
+            }
+        }
+        self.group_by_uid(uid)?.status.clone()
+    }
+
     /// The member clusters of a group (by name, from its spec).
     pub fn member_clusters_of(group: &ConsistencyGroup) -> Vec<String> {
         let mut clusters: Vec<String> = group

@@ -90,10 +90,15 @@ impl Sessions {
         }
     }
 
-    /// Records the volumes a node's sidecar resolved (sent with a report or a subscription).
-    pub fn record_volumes(&self, node: &NodeKey, volumes: Vec<ReportedVolume>) {
-        if let Some(session) = self.lock().by_node.get_mut(node) {
-            session.volumes = volumes;
+    /// Records the volumes a node's sidecar resolved (sent with a report or a subscription); false when
+    /// the node holds no open session (its next subscription carries them).
+    pub fn record_volumes(&self, node: &NodeKey, volumes: Vec<ReportedVolume>) -> bool {
+        match self.lock().by_node.get_mut(node) {
+            Some(session) => {
+                session.volumes = volumes;
+                true
+            }
+            None => false,
         }
     }
 
