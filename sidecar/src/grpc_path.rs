@@ -1,10 +1,12 @@
 //! Path 2: the operator's gRPC `Control` service.
 //!
 //! Three loops share one lazy channel: [`subscribe`] keeps the long-lived `Subscribe` stream open
-//! (reconnecting with backoff; directives and memberships go to the core), [`acknowledge`] sends each new
-//! acknowledgement with `Ack`, and [`report`] sends outstanding failures with `Report`, each retried with
-//! backoff until it succeeds. Answers that name a group's current point are fed to the core too: they
-//! were read from this path.
+//! (reconnecting with backoff; directives and memberships go to the core; every subscription carries the
+//! PVCs this node resolved and the points it has seen), [`acknowledge`] sends each new acknowledgement with
+//! `Ack`, and [`report`] sends outstanding failures with `Report`, each retried with backoff until the
+//! operator answers it applied. Every new stream makes the other two send their state again: the operator
+//! at its other end may have restarted, or be a new leader, and heard none of it. Answers that name a
+//! group's current point are fed to the core too: they were read from this path.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -14,6 +16,8 @@ use futures::StreamExt;
 use lockstep_api::domain::{ClaimOrder, GroupEpoch, Path};
 use lockstep_api::proto::control::v1 as pb;
 use pb::control_client::ControlClient;
+use tokio::sync::watch;
+use tokio::time::Instant;
 use tonic::transport::{Channel, Endpoint};
 
 use crate::agent::{Context, Snapshot};
@@ -55,6 +59,9 @@ pub struct GrpcPath {
     resolver: Option<kube::Client>,
     /// PVCs resolved to volumes this node serves, reported to the operator.
     resolved: Arc<std::sync::Mutex<BTreeMap<(String, String), pb::ResolvedVolume>>>,
+    /// How many Subscribe streams opened so far: each new one may reach an operator that heard nothing of
+    /// this node (restarted, or a new leader), so the other loops send their state again.
+    streams: Arc<watch::Sender<u64>>,
 }
 
 impl std::fmt::Debug for GrpcPath {
@@ -89,6 +96,7 @@ impl GrpcPath {
             config,
             resolver: None,
             resolved: Arc::default(),
+            streams: Arc::new(watch::channel(0).0),
         })
     }
 
@@ -201,6 +209,7 @@ pub async fn subscribe(path: GrpcPath, context: Arc<Context>) {
         };
         tracing::info!(endpoint = %path.config.endpoint, "gRPC Subscribe stream open");
         context.metrics.set_path_up("grpc", true);
+        path.streams.send_modify(|opened| *opened += 1);
         loop {
             let next = tokio::select! {
                 _ = context.stop.cancelled() => return,
@@ -359,6 +368,9 @@ async fn membership_update(
             hold_timeouts: Vec::new(),
         };
         match path.unary.clone().report(request).await {
+            Ok(answer) if !answer.get_ref().applied => {
+                tracing::warn!(reason = %answer.get_ref().reason, "resolved volumes not taken; the next Subscribe carries them")
+            }
             Ok(_) => tracing::info!("resolved volumes reported over gRPC"),
             Err(status) => {
                 tracing::warn!(%status, "reporting resolved volumes failed; the next Subscribe carries them")
@@ -367,55 +379,97 @@ async fn membership_update(
     }
 }
 
-/// Sends every new acknowledgement with `Ack`, retrying with backoff.
+/// An acknowledgement the operator has not taken yet, and when to send it again.
+struct Retry {
+    ack: crate::enforce::Ack,
+    at: Instant,
+    backoff: Backoff,
+}
+
+/// Sends the latest acknowledgement of every group with `Ack` until the operator answers it applied: at
+/// once when it is new, again with backoff after an error or a not-applied answer (volumes the operator
+/// has not resolved yet, a group it does not know yet, a replica that is not the leader), and again on
+/// every new Subscribe stream (a restarted operator, or a new leader, has not heard it; the directive it
+/// sends on connect is one this node already enforced, which produces no new acknowledgement).
 pub async fn acknowledge(path: GrpcPath, context: Arc<Context>) {
     let mut sent: BTreeMap<String, crate::enforce::Ack> = BTreeMap::new();
+    let mut retries: BTreeMap<String, Retry> = BTreeMap::new();
     let mut snapshots = context.snapshot.clone();
-    let mut backoff = Backoff::default();
+    let mut streams = path.streams.subscribe();
+    let mut new_stream = false;
     loop {
+        if std::mem::take(&mut new_stream) {
+            sent.clear();
+            retries.clear();
+        }
+        let now = Instant::now();
         let pending: Vec<crate::enforce::Ack> = snapshots
             .borrow_and_update()
             .acks
             .values()
             .filter(|p| sent.get(&p.ack.point.group_uid) != Some(&p.ack))
+            .filter(|p| {
+                retries
+                    .get(&p.ack.point.group_uid)
+                    .is_none_or(|retry| retry.ack != p.ack || retry.at <= now)
+            })
             .map(|p| p.ack.clone())
             .collect();
-        let mut failed = false;
         for ack in pending {
+            let uid = ack.point.group_uid.clone();
             let request = pb::AckRequest {
                 node: Some(identity(&context)),
                 enforced: Some(pb::GroupEpoch::from(&ack.point)),
                 volume_handles: ack.volumes.clone(),
                 fail_safe: ack.fail_safe,
             };
-            match path.unary.clone().ack(request).await {
+            let not_taken = match path.unary.clone().ack(request).await {
                 Ok(response) => {
-                    Metrics::count(&context.metrics.acks, "grpc", "ok");
-                    tracing::info!(point = %ack.point, volumes = ?ack.volumes, "acknowledged over gRPC");
-                    feed_point(
-                        &context,
-                        response.into_inner().current.as_ref(),
-                        "ack answer",
-                    );
-                    sent.insert(ack.point.group_uid.clone(), ack);
+                    let response = response.into_inner();
+                    feed_point(&context, response.current.as_ref(), "ack answer");
+                    if response.applied {
+                        Metrics::count(&context.metrics.acks, "grpc", "ok");
+                        tracing::info!(point = %ack.point, volumes = ?ack.volumes, "acknowledged over gRPC");
+                        None
+                    } else {
+                        Metrics::count(&context.metrics.acks, "grpc", "not_applied");
+                        Some(response.reason)
+                    }
                 }
                 Err(status) => {
                     Metrics::count(&context.metrics.acks, "grpc", "error");
-                    tracing::debug!(%status, point = %ack.point, "gRPC Ack failed; will retry");
-                    failed = true;
+                    Some(status.to_string())
+                }
+            };
+            match not_taken {
+                None => {
+                    retries.remove(&uid);
+                    sent.insert(uid, ack);
+                }
+                Some(reason) => {
+                    tracing::debug!(%reason, point = %ack.point, "gRPC Ack not applied; will send it again");
+                    let retry = retries.entry(uid).or_insert_with(|| Retry {
+                        ack: ack.clone(),
+                        at: now,
+                        backoff: Backoff::default(),
+                    });
+                    if retry.ack != ack {
+                        retry.ack = ack;
+                        retry.backoff.reset();
+                    }
+                    retry.at = Instant::now() + retry.backoff.next_delay();
                 }
             }
         }
-        if failed {
-            if !context.sleep(backoff.next_delay()).await {
-                return;
-            }
-            continue;
-        }
-        backoff.reset();
+        let wake = retries.values().map(|retry| retry.at).min();
         tokio::select! {
             _ = context.stop.cancelled() => return,
             changed = snapshots.changed() => if changed.is_err() { return },
+            changed = streams.changed() => match changed {
+                Ok(()) => new_stream = true,
+                Err(_) => return,
+            },
+            _ = tokio::time::sleep_until(wake.unwrap_or(now)), if wake.is_some() => {}
         }
     }
 }
@@ -441,7 +495,17 @@ pub async fn report(path: GrpcPath, context: Arc<Context>) {
     let mut last_sent: Option<tokio::time::Instant> = None;
     let mut retry_at: Option<tokio::time::Instant> = None;
     let mut holds_sent: Vec<HoldTimeout> = Vec::new();
+    let mut streams = path.streams.subscribe();
+    let mut new_stream = false;
     loop {
+        if std::mem::take(&mut new_stream) {
+            // A new stream, perhaps to an operator that heard nothing: every outstanding failure and
+            // hold timeout goes again, now.
+            holds_sent.clear();
+            last_sent = None;
+            retry_at = None;
+            backoff.reset();
+        }
         let snapshot: Snapshot = snapshots.borrow_and_update().clone();
         let pending = context.reports.pending(&snapshot.failures, Path::Grpc);
         if snapshot.hold_timeouts.is_empty() {
@@ -467,14 +531,29 @@ pub async fn report(path: GrpcPath, context: Arc<Context>) {
                         since_unix_ms: f.since_unix_ms,
                     })
                     .collect(),
-                volumes: path.resolved_volumes(),
+                // Resolutions travel with every Subscribe and the membership's report: a failure's
+                // delivery must not wait for the node's stream.
+                volumes: Vec::new(),
                 hold_timeouts: snapshot
                     .hold_timeouts
                     .iter()
                     .map(hold_timeout_message)
                     .collect(),
             };
-            match path.unary.clone().report(request).await {
+            let answer = path
+                .unary
+                .clone()
+                .report(request)
+                .await
+                .and_then(|response| {
+                    let response = response.into_inner();
+                    if response.applied {
+                        Ok(response)
+                    } else {
+                        Err(tonic::Status::unavailable(response.reason))
+                    }
+                });
+            match answer {
                 Ok(response) => {
                     Metrics::count(&context.metrics.reports, "grpc", "ok");
                     if !pending.is_empty() {
@@ -488,7 +567,7 @@ pub async fn report(path: GrpcPath, context: Arc<Context>) {
                     }
                     context.reports.delivered(&snapshot.failures, Path::Grpc);
                     holds_sent = snapshot.hold_timeouts.clone();
-                    for group in &response.into_inner().groups {
+                    for group in &response.groups {
                         feed_point(&context, Some(group), "report answer");
                     }
                     backoff.reset();
@@ -509,6 +588,10 @@ pub async fn report(path: GrpcPath, context: Arc<Context>) {
         tokio::select! {
             _ = context.stop.cancelled() => return,
             changed = snapshots.changed() => if changed.is_err() { return },
+            changed = streams.changed() => match changed {
+                Ok(()) => new_stream = true,
+                Err(_) => return,
+            },
             _ = tokio::time::sleep_until(wake), if waiting => {}
         }
     }
