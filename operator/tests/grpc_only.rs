@@ -337,3 +337,91 @@ async fn every_answer_says_whether_it_was_applied() -> TestResult {
     operator.shutdown().await;
     Ok(())
 }
+
+async fn next_membership(
+    stream: &mut tonic::Streaming<pb::ControlMessage>,
+    what: &str,
+    want: impl Fn(&pb::Membership) -> bool,
+) -> pb::Membership {
+    let found = tokio::time::timeout(Duration::from_secs(30), async {
+        while let Some(message) = stream.next().await {
+            if let Some(Kind::Membership(membership)) = message.unwrap().kind
+                && want(&membership)
+            {
+                return Some(membership);
+            }
+        }
+        None
+    })
+    .await;
+    found
+        .unwrap_or_else(|_| panic!("no membership {what} within the deadline"))
+        .expect("the stream stays open")
+}
+
+fn pvcs_of(membership: &pb::Membership, group: &str) -> Option<Vec<String>> {
+    let group = membership
+        .groups
+        .iter()
+        .find(|listed| listed.group_name == group)?;
+    let mut pvcs: Vec<String> = group
+        .volumes
+        .iter()
+        .map(|volume| volume.pvc.clone())
+        .collect();
+    pvcs.sort();
+    pvcs.dedup();
+    Some(pvcs)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn groups_created_changed_and_deleted_after_a_sidecar_subscribed_reach_it() -> TestResult {
+    let (_server, hub) = hub_with_edge().await;
+    let operator = Operator::start(hub.clone(), &options()).await?;
+    let (_edge_1, mut stream) = subscribe(&operator, "edge-1", &["wal"]).await;
+    next_membership(&mut stream, "on subscribing", |membership| {
+        membership.groups.is_empty()
+    })
+    .await;
+
+    let groups = Api::<ConsistencyGroup>::all(hub.clone());
+    groups
+        .create(
+            &PostParams::default(),
+            &ConsistencyGroup::new("edge-db", edge_group(&["wal"], Policy::FreezeAndGo)),
+        )
+        .await?;
+    let created = next_membership(&mut stream, "naming the new group", |membership| {
+        pvcs_of(membership, "edge-db").is_some()
+    })
+    .await;
+    assert_eq!(
+        pvcs_of(&created, "edge-db").unwrap(),
+        vec!["wal".to_owned()]
+    );
+
+    let spec = serde_json::json!({"spec": {"members": [{
+        "cluster": "edge", "namespace": "orders", "pvcNames": ["wal", "data"]
+    }]}});
+    groups
+        .patch(
+            "edge-db",
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(&spec),
+        )
+        .await?;
+    next_membership(&mut stream, "naming the added PVC", |membership| {
+        pvcs_of(membership, "edge-db") == Some(vec!["data".to_owned(), "wal".to_owned()])
+    })
+    .await;
+
+    groups
+        .delete("edge-db", &kube::api::DeleteParams::default())
+        .await?;
+    next_membership(&mut stream, "without the deleted group", |membership| {
+        membership.groups.is_empty()
+    })
+    .await;
+    operator.shutdown().await;
+    Ok(())
+}
