@@ -160,8 +160,21 @@ fn refuse(what: &str, node: &NodeKey, reason: impl std::fmt::Display) -> Status 
     Status::invalid_argument(format!("malformed {what}: {reason}"))
 }
 
+/// Sends each cluster with open sessions its membership, where it changed since it was last sent (a group
+/// created, changed or deleted): a gRPC-only cluster learns its groups from nothing else.
+pub fn push_memberships(engine: &Engine) {
+    for cluster in engine.sessions().clusters() {
+        let sent = engine
+            .sessions()
+            .push_membership(&cluster, membership(engine, &cluster), None);
+        if sent > 0 {
+            tracing::info!(%cluster, sessions = sent, "membership changed; sent to the cluster's sidecars");
+        }
+    }
+}
+
 /// The Membership message for a node's cluster: every group with members there.
-fn membership(engine: &Engine, cluster: &str) -> ControlMessage {
+fn membership(engine: &Engine, cluster: &str) -> pb::Membership {
     let groups = engine
         .groups()
         .iter()
@@ -219,9 +232,7 @@ fn membership(engine: &Engine, cluster: &str) -> ControlMessage {
             })
         })
         .collect();
-    ControlMessage {
-        kind: Some(Kind::Membership(pb::Membership { groups })),
-    }
+    pb::Membership { groups }
 }
 
 type ControlStream = Pin<Box<dyn Stream<Item = Result<ControlMessage, Status>> + Send>>;
@@ -363,9 +374,11 @@ impl Control for ControlService {
             .sessions()
             .open(node.clone(), reported_volumes(&node, &request.volumes));
         tracing::info!(cluster = %node.0, node = %node.1, "sidecar subscribed");
-        self.engine
-            .sessions()
-            .send_to_node(&node, membership(&self.engine, &node.0));
+        self.engine.sessions().push_membership(
+            &node.0,
+            membership(&self.engine, &node.0),
+            Some(&node),
+        );
         for (point, name) in self.engine.current_directives_for(&node.0) {
             self.engine
                 .sessions()

@@ -177,6 +177,8 @@ impl Operator {
                                 if let Err(error) = engine.reconcile(Arc::new(group)).await {
                                     tracing::warn!(%error, "reconcile failed");
                                 }
+                                // A group created or changed reaches the connected sidecars now.
+                                control::push_memberships(&engine);
                             });
                         }
                         Err(error) => tracing::warn!(%error, "watching ConsistencyGroups"),
@@ -377,6 +379,8 @@ async fn resync_loop(engine: Engine, interval: Duration) {
         });
         futures::future::join_all(reconciles).await;
         tracing::debug!("resync: every group reconciled");
+        // Resolutions found and groups deleted since the last round reach the connected sidecars.
+        control::push_memberships(&engine);
         let groups = engine.groups();
         let phases: Vec<_> = groups
             .iter()

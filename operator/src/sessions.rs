@@ -1,7 +1,7 @@
 //! The sidecars subscribed over gRPC (path 2): one open `Subscribe` stream per node.
 //!
 //! A directive goes to every session of the group's member clusters: one message per node, never one per
-//! volume. A sidecar of a gRPC-only cluster also tells, here, which PVCs it resolved on its node; member
+//! volume. A cluster's membership goes to its sessions when they subscribe and whenever it changes. A sidecar of a gRPC-only cluster also tells, here, which PVCs it resolved on its node; member
 //! resolution reads them back.
 
 use std::{
@@ -39,6 +39,9 @@ pub struct Sessions {
 struct Inner {
     next_id: u64,
     by_node: BTreeMap<NodeKey, Session>,
+    /// The membership last sent to each cluster's sessions, without the groups' current points (the
+    /// directives carry those).
+    memberships: BTreeMap<String, pb::Membership>,
 }
 
 impl std::fmt::Debug for Sessions {
@@ -125,7 +128,10 @@ impl Sessions {
     /// buffer is full or whose stream is gone is closed: its sidecar reconnects and is sent the current
     /// state again.
     pub fn send_to_clusters(&self, clusters: &[String], message: &ControlMessage) -> usize {
-        let mut inner = self.lock();
+        Self::send_within(&mut self.lock(), clusters, message)
+    }
+
+    fn send_within(inner: &mut Inner, clusters: &[String], message: &ControlMessage) -> usize {
         let mut sent = 0;
         inner.by_node.retain(|(cluster, node), session| {
             if !clusters.iter().any(|wanted| wanted == cluster) {
@@ -145,6 +151,46 @@ impl Sessions {
         sent
     }
 
+    /// Sends a cluster's membership (every group with members there) to each of its sessions when it
+    /// differs from the one they were sent last (a group created, changed or deleted), and to `joining`
+    /// (a node that just subscribed) in any case; returns how many sessions took it.
+    pub fn push_membership(
+        &self,
+        cluster: &str,
+        membership: pb::Membership,
+        joining: Option<&NodeKey>,
+    ) -> usize {
+        let mut compared = membership.clone();
+        for group in &mut compared.groups {
+            group.current = None;
+        }
+        let message = ControlMessage {
+            kind: Some(Kind::Membership(membership)),
+        };
+        // Under one lock: two pushes never leave a cluster's sessions with the older of two memberships.
+        let mut inner = self.lock();
+        if inner.memberships.get(cluster) == Some(&compared) {
+            let joined = joining
+                .and_then(|node| inner.by_node.get(node))
+                .is_some_and(|session| session.sender.try_send(Ok(message)).is_ok());
+            return usize::from(joined);
+        }
+        inner.memberships.insert(cluster.to_owned(), compared);
+        Self::send_within(&mut inner, &[cluster.to_owned()], &message)
+    }
+
+    /// The clusters with at least one open session.
+    pub fn clusters(&self) -> Vec<String> {
+        let mut clusters: Vec<String> = self
+            .lock()
+            .by_node
+            .keys()
+            .map(|(cluster, _)| cluster.clone())
+            .collect();
+        clusters.dedup();
+        clusters
+    }
+
     /// Sends a message to one node's session, if it is open.
     pub fn send_to_node(&self, node: &NodeKey, message: ControlMessage) -> bool {
         self.lock()
@@ -155,7 +201,9 @@ impl Sessions {
 
     /// Closes every session (this replica lost the leadership): the sidecars reconnect to the leader.
     pub fn close_all(&self) {
-        self.lock().by_node.clear();
+        let mut inner = self.lock();
+        inner.by_node.clear();
+        inner.memberships.clear();
     }
 
     /// Every open session's node.
@@ -196,6 +244,48 @@ mod tests {
         assert!(east_a.try_recv().is_ok() && east_b.try_recv().is_ok());
         assert!(east_a.try_recv().is_err(), "one message per node");
         assert!(west.try_recv().is_err(), "west is not a member cluster");
+    }
+
+    fn membership(group: &str, epoch: u64) -> pb::Membership {
+        pb::Membership {
+            groups: vec![pb::GroupMembership {
+                group_name: group.to_owned(),
+                current: Some(pb::GroupEpoch::from(
+                    &GroupEpoch::new("uid", epoch, Stage::Freeze).unwrap(),
+                )),
+                hold_timeout_ms: 30_000,
+                volumes: Vec::new(),
+                created_unix_ms: 0,
+            }],
+        }
+    }
+
+    #[tokio::test]
+    async fn a_membership_goes_to_a_cluster_when_it_changes_and_to_a_node_joining_it() {
+        let sessions = Sessions::default();
+        let (_, mut a) = sessions.open(key("east", "a"), Vec::new());
+        assert_eq!(
+            sessions.push_membership("east", membership("orders", 1), None),
+            1
+        );
+        assert!(a.try_recv().is_ok());
+        assert_eq!(
+            sessions.push_membership("east", membership("orders", 2), None),
+            0,
+            "a new point alone is the directives' business"
+        );
+        let (_, mut b) = sessions.open(key("east", "b"), Vec::new());
+        let joining = key("east", "b");
+        assert_eq!(
+            sessions.push_membership("east", membership("orders", 2), Some(&joining)),
+            1
+        );
+        assert!(b.try_recv().is_ok() && a.try_recv().is_err());
+        assert_eq!(
+            sessions.push_membership("east", membership("billing", 2), None),
+            2
+        );
+        assert!(a.try_recv().is_ok() && b.try_recv().is_ok());
     }
 
     #[tokio::test]
