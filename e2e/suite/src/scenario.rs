@@ -225,6 +225,10 @@ pub struct Setup {
     /// through a proxy that [`Harness::blackhole_leader_hub`] silences; the sidecars dial both through a
     /// [`ReadyService`]. (Killing and restarting the operator is for one replica only.)
     pub standby_operator: bool,
+    /// Member clusters reached only over gRPC (an edge cluster behind NAT): MemberCluster
+    /// `paths: GrpcOnly` without a kubeconfig, the group's member named by its PVCs, and a sidecar without
+    /// the API path that resolves those PVCs through its own API server.
+    pub grpc_only: Vec<String>,
 }
 
 impl Setup {
@@ -240,8 +244,43 @@ impl Setup {
             joining_later: Vec::new(),
             writes_before_fault: 150,
             standby_operator: false,
+            grpc_only: Vec::new(),
         })
     }
+}
+
+fn options_grpc_only(grpc_only: &[String], cluster: &str) -> bool {
+    grpc_only.iter().any(|name| name == cluster)
+}
+
+/// Makes `cluster` a gRPC-only member of the world: no kubeconfig, `paths: GrpcOnly`, and its member of
+/// the group named by PVCs (a hub cannot list a gRPC-only cluster's claims to match a selector).
+fn make_grpc_only(world: &mut WorldSpec, cluster: &str) -> Result<(), FaultError> {
+    let member_cluster = world
+        .member_clusters
+        .iter_mut()
+        .find(|mc| mc.metadata.name.as_deref() == Some(cluster))
+        .ok_or_else(|| FaultError::Setup(format!("no MemberCluster {cluster}")))?;
+    if member_cluster.spec.local {
+        return Err(FaultError::Setup(format!(
+            "{cluster} is the hub: it cannot be gRPC-only"
+        )));
+    }
+    member_cluster.spec.paths = lockstep_api::domain::ClusterPaths::GrpcOnly;
+    member_cluster.spec.kubeconfig_secret_ref = None;
+    let spec = world
+        .clusters
+        .iter()
+        .find(|c| c.name == cluster)
+        .ok_or_else(|| FaultError::Setup(format!("no cluster {cluster}")))?;
+    let pvcs: Vec<String> = spec.volumes.iter().map(|v| v.pvc.clone()).collect();
+    for member in &mut world.group.spec.members {
+        if member.cluster == cluster && member.pvc_names.is_none() {
+            member.pvc_names = Some(pvcs.clone());
+            member.selector = None;
+        }
+    }
+    Ok(())
 }
 
 /// One node's two control paths, through proxies that can be cut.
@@ -293,6 +332,8 @@ pub struct Harness {
     /// replicas: what the sidecars dial.
     grpc_addr: Option<SocketAddr>,
     grpc: GrpcPath,
+    /// Clusters whose sidecars run without the API path.
+    grpc_only: Vec<String>,
     fail_safe_interval: Duration,
     sidecars: Vec<Option<Sidecar>>,
     paths: BTreeMap<String, NodePaths>,
@@ -328,6 +369,9 @@ impl Harness {
         timeline: Timeline,
     ) -> Result<Harness, FaultError> {
         setup.world.group.spec.policy = setup.policy;
+        for cluster in &setup.grpc_only {
+            make_grpc_only(&mut setup.world, cluster)?;
+        }
         let suffix = target.apply(&mut setup.world)?;
         if let Target::Kubeconfigs(_) = &target {
             forget_member_clusters(&setup.world).await?;
@@ -351,6 +395,7 @@ impl Harness {
             service: None,
             grpc_addr: None,
             grpc: setup.grpc,
+            grpc_only: setup.grpc_only.clone(),
             fail_safe_interval: setup.fail_safe_interval,
             sidecars,
             paths: BTreeMap::new(),
@@ -619,12 +664,18 @@ impl Harness {
         };
         let mut options = sidecar_options(c, &socket, &endpoint);
         options.fail_safe_interval = self.fail_safe_interval;
+        options.no_api_path = options_grpc_only(&self.grpc_only, cluster);
         let sidecar = Sidecar::start(options, Some(client))
             .await
             .map_err(|e| start_failed(format!("{cluster}'s sidecar"))(e.to_string()))?;
         self.timeline.say(format!(
-            "{cluster}: sidecar on {} started (operator {endpoint}{})",
+            "{cluster}: sidecar on {} started (operator {endpoint}{}{})",
             c.spec.node,
+            if options_grpc_only(&self.grpc_only, cluster) {
+                ", gRPC only"
+            } else {
+                ""
+            },
             if paths.is_some() {
                 ", both paths through cuttable proxies"
             } else {
@@ -946,6 +997,26 @@ impl Harness {
         Ok(())
     }
 
+    /// Stops the workload and runs the checker on the primaries, requiring every acknowledged write:
+    /// consistent means nothing acknowledged was lost.
+    pub async fn stop_workload_and_check_primaries(&mut self) -> Result<Verdict, FaultError> {
+        self.stop_workload().await?;
+        let report = self
+            .stopped
+            .take()
+            .ok_or_else(|| FaultError::Setup("the workload never ran".into()))?;
+        let primaries = lockstep_checker::check_sources(
+            &self.sources(|v| v.primary_source()),
+            &CheckOptions::lanes(report.last_acked.clone()).run(self.run_id),
+        )
+        .await?;
+        self.timeline.say(format!(
+            "checker on the primaries (every acknowledged write): {}",
+            primaries.to_string().trim_end()
+        ));
+        Ok(primaries)
+    }
+
     /// The checker on the secondaries now, against the writes acknowledged at the first failed copy.
     pub async fn check_secondaries(&self) -> Result<Verdict, FaultError> {
         let acked = self
@@ -976,20 +1047,7 @@ impl Harness {
     /// volume's primary and secondary identical. The control system is shut down after.
     pub async fn finish(mut self) -> Result<Outcome, FaultError> {
         let secondaries = self.check_secondaries().await?;
-        self.stop_workload().await?;
-        let report = self
-            .stopped
-            .take()
-            .ok_or_else(|| FaultError::Setup("the workload never ran".into()))?;
-        let primaries = lockstep_checker::check_sources(
-            &self.sources(|v| v.primary_source()),
-            &CheckOptions::lanes(report.last_acked.clone()).run(self.run_id),
-        )
-        .await?;
-        self.timeline.say(format!(
-            "checker on the primaries (every acknowledged write): {}",
-            primaries.to_string().trim_end()
-        ));
+        let primaries = self.stop_workload_and_check_primaries().await?;
         for c in &self.world.clusters {
             for v in &c.volumes {
                 if !c.link_is_up(&v.spec.handle)? {
