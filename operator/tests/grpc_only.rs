@@ -199,6 +199,7 @@ async fn freeze_from_edge_1(
             failures: vec![failure],
             volumes: vec![resolved_volume("wal")],
             hold_timeouts: vec![],
+            states: vec![],
         })
         .await
         .unwrap();
@@ -422,6 +423,64 @@ async fn groups_created_changed_and_deleted_after_a_sidecar_subscribed_reach_it(
         membership.groups.is_empty()
     })
     .await;
+    operator.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_grpc_only_volumes_replication_state_reaches_the_group() -> TestResult {
+    let (_server, hub) = hub_with_edge().await;
+    let operator = Operator::start(hub.clone(), &options()).await?;
+    let (mut edge_1, _stream) = subscribe(&operator, "edge-1", &["wal"]).await;
+    let groups = Api::<ConsistencyGroup>::all(hub.clone());
+    groups
+        .create(
+            &PostParams::default(),
+            &ConsistencyGroup::new("edge-db", edge_group(&["wal"], Policy::FreezeAndGo)),
+        )
+        .await?;
+    let group = group_where(&hub, "edge-db resolved", |group| {
+        condition_of(group, condition::MEMBERS_RESOLVED).is_some_and(|(resolved, _)| resolved)
+    })
+    .await;
+    let uid = group.metadata.uid.clone().unwrap();
+    // The sidecar confirmed the volume at (0, Resume) and acknowledged it: resuming, as far as the
+    // operator knows, until the node says it replicates (an API cluster's ReplicationNode says so).
+    let resume = pb::GroupEpoch {
+        group_uid: uid.clone(),
+        epoch: 0,
+        stage: pb::Stage::Resume as i32,
+    };
+    let answer = edge_1
+        .ack(ack("edge-1", &resume, &["wal"]))
+        .await?
+        .into_inner();
+    assert!(answer.applied, "{answer:?}");
+    edge_1
+        .report(ReportRequest {
+            node: Some(edge_node("edge-1")),
+            failures: vec![],
+            volumes: vec![],
+            hold_timeouts: vec![],
+            states: vec![pb::VolumeReplication {
+                volume_handle: "vol-edge-wal".into(),
+                group_uid: uid.clone(),
+                state: pb::ReplicationState::Replicating as i32,
+                epoch: 0,
+                stage: pb::Stage::Resume as i32,
+            }],
+        })
+        .await?;
+    let replicating = group_where(&hub, "wal replicating", |group| {
+        group.status.as_ref().is_some_and(|status| {
+            status.members.iter().any(|member| {
+                member.pvc == "wal"
+                    && member.state == Some(lockstep_api::domain::VolumeState::Replicating)
+            })
+        })
+    })
+    .await;
+    assert_eq!(replicating.position(), (0, Stage::Resume));
     operator.shutdown().await;
     Ok(())
 }

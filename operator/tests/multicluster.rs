@@ -636,6 +636,7 @@ async fn a_group_spanning_a_grpc_only_and_an_api_only_cluster_resolves_and_freez
             failures: vec![stray],
             volumes: vec![],
             hold_timeouts: vec![],
+            states: vec![],
         })
         .await
         .unwrap_err();
@@ -827,6 +828,7 @@ async fn a_failure_reported_over_grpc_freezes_on_both_paths_and_releases_once_al
             }],
             volumes: vec![],
             hold_timeouts: vec![],
+            states: vec![],
         })
         .await
         .unwrap_err();
@@ -869,6 +871,7 @@ async fn a_failure_reported_over_grpc_freezes_on_both_paths_and_releases_once_al
             failures: vec![failure.clone()],
             volumes: vec![],
             hold_timeouts: vec![],
+            states: vec![],
         })
         .await?
         .into_inner();
@@ -884,6 +887,7 @@ async fn a_failure_reported_over_grpc_freezes_on_both_paths_and_releases_once_al
             failures: vec![failure],
             volumes: vec![],
             hold_timeouts: vec![],
+            states: vec![],
         })
         .await?;
 
@@ -1084,6 +1088,7 @@ async fn deleting_a_frozen_group_resumes_its_volumes_removes_mirrors_and_says_so
             failures: vec![failure],
             volumes: vec![],
             hold_timeouts: vec![],
+            states: vec![],
         })
         .await?;
     let freeze = next_directive(&mut stream, |target| {
@@ -1262,6 +1267,7 @@ async fn the_standby_finishes_a_freeze_the_killed_leader_started_and_the_deposed
             failures: vec![failure],
             volumes: vec![],
             hold_timeouts: vec![],
+            states: vec![],
         })
         .await?;
     let groups = Api::<ConsistencyGroup>::all(hub.clone());

@@ -366,6 +366,7 @@ async fn membership_update(
             failures: Vec::new(),
             volumes: path.resolved_volumes(),
             hold_timeouts: Vec::new(),
+            states: Vec::new(),
         };
         match path.unary.clone().report(request).await {
             Ok(answer) if !answer.get_ref().applied => {
@@ -539,6 +540,7 @@ pub async fn report(path: GrpcPath, context: Arc<Context>) {
                     .iter()
                     .map(hold_timeout_message)
                     .collect(),
+                states: Vec::new(),
             };
             let answer = path
                 .unary
