@@ -21,7 +21,37 @@ pub mod replicator {
     }
 }
 
-use crate::domain::{DomainError, GroupEpoch, Stage};
+use crate::domain::{DomainError, GroupEpoch, Stage, VolumeState};
+
+impl From<VolumeState> for control::v1::ReplicationState {
+    fn from(state: VolumeState) -> Self {
+        match state {
+            VolumeState::Replicating => Self::Replicating,
+            VolumeState::Held => Self::Held,
+            VolumeState::Suspended => Self::Suspended,
+            VolumeState::Running => Self::Running,
+            VolumeState::Resyncing => Self::Resyncing,
+            VolumeState::Unconfirmed => Self::Unconfirmed,
+            VolumeState::Standalone => Self::Standalone,
+        }
+    }
+}
+
+impl control::v1::ReplicationState {
+    /// The domain state, or `None` for an unset one (a malformed message).
+    pub fn to_domain(self) -> Option<VolumeState> {
+        Some(match self {
+            Self::Unspecified => return None,
+            Self::Replicating => VolumeState::Replicating,
+            Self::Held => VolumeState::Held,
+            Self::Suspended => VolumeState::Suspended,
+            Self::Running => VolumeState::Running,
+            Self::Resyncing => VolumeState::Resyncing,
+            Self::Unconfirmed => VolumeState::Unconfirmed,
+            Self::Standalone => VolumeState::Standalone,
+        })
+    }
+}
 
 impl From<Stage> for control::v1::Stage {
     fn from(stage: Stage) -> Self {

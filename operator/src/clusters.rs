@@ -142,6 +142,8 @@ pub async fn view(member: &Member, sessions: &Sessions, lease_namespace: &str) -
     let mut view = ClusterView {
         paths: member.paths,
         reported: sessions.reported_volumes(&member.name),
+        // What a gRPC-only cluster's sidecars said; an API server that answers says it below instead.
+        state_of_volume: sessions.reported_states(&member.name),
         ..ClusterView::default()
     };
     for reported in &view.reported {

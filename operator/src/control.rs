@@ -97,6 +97,36 @@ fn not_decided(node: &NodeKey, error: EngineError) -> Status {
     }
 }
 
+/// The replication states a report carries, by volume handle; a malformed one refuses the report.
+fn volume_states(
+    node: &NodeKey,
+    states: &[pb::VolumeReplication],
+) -> Result<std::collections::BTreeMap<String, sessions::VolumeReplication>, Status> {
+    states
+        .iter()
+        .map(|reported| {
+            let state = pb::ReplicationState::try_from(reported.state)
+                .ok()
+                .and_then(pb::ReplicationState::to_domain);
+            let stage = pb::Stage::try_from(reported.stage)
+                .ok()
+                .and_then(|stage| lockstep_api::domain::Stage::try_from(stage).ok());
+            match (state, stage) {
+                (Some(state), Some(stage))
+                    if !reported.volume_handle.is_empty() && reported.epoch <= MAX_EPOCH =>
+                {
+                    Ok((reported.volume_handle.clone(), (state, reported.epoch, stage)))
+                }
+                _ => Err(refuse(
+                    "report",
+                    node,
+                    "a volume state without a handle, a state or a stage, or beyond the largest epoch",
+                )),
+            }
+        })
+        .collect()
+}
+
 /// How many volumes a reason names at most.
 const NAMED_IN_REASON: usize = 20;
 
@@ -257,6 +287,11 @@ impl Control for ControlService {
                 "resolved volumes not recorded: the node holds no Subscribe stream (its next subscription carries them)"
                     .to_owned(),
             );
+        }
+        if !request.states.is_empty() {
+            let states = volume_states(&node, &request.states)?;
+            // Without an open stream they are dropped: the sidecar sends them again on subscribing.
+            self.engine.sessions().record_states(&node, states);
         }
         let mut groups = Vec::new();
         for failure in &request.failures {

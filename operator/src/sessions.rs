@@ -10,7 +10,7 @@ use std::{
 };
 
 use lockstep_api::{
-    domain::GroupEpoch,
+    domain::{GroupEpoch, Stage, VolumeState},
     proto::control::v1::{self as pb, ControlMessage, control_message::Kind},
 };
 use tokio::sync::mpsc;
@@ -27,7 +27,12 @@ struct Session {
     id: u64,
     sender: mpsc::Sender<Result<ControlMessage, tonic::Status>>,
     volumes: Vec<ReportedVolume>,
+    /// Each volume's replication state as the node last reported it, with the (epoch, stage) it carried.
+    states: BTreeMap<String, VolumeReplication>,
 }
+
+/// A volume's replication state as its sidecar reported it, at the (epoch, stage) it carried.
+pub type VolumeReplication = (VolumeState, u64, Stage);
 
 /// The registry of open streams, shared by the gRPC service and the fan-out.
 #[derive(Clone, Default)]
@@ -76,6 +81,7 @@ impl Sessions {
                 id,
                 sender,
                 volumes,
+                states: BTreeMap::new(),
             },
         );
         (id, receiver)
@@ -103,6 +109,32 @@ impl Sessions {
             }
             None => false,
         }
+    }
+
+    /// Records the replication states a node's sidecar reported (gRPC-only clusters have no
+    /// ReplicationNode); false when the node holds no open session (it sends them again on subscribing).
+    pub fn record_states(
+        &self,
+        node: &NodeKey,
+        states: BTreeMap<String, VolumeReplication>,
+    ) -> bool {
+        match self.lock().by_node.get_mut(node) {
+            Some(session) => {
+                session.states = states;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// The replication state of each volume the sessions of a cluster reported.
+    pub fn reported_states(&self, cluster: &str) -> BTreeMap<String, VolumeReplication> {
+        self.lock()
+            .by_node
+            .iter()
+            .filter(|((session_cluster, _), _)| session_cluster == cluster)
+            .flat_map(|(_, session)| session.states.clone())
+            .collect()
     }
 
     /// The volumes the sessions of a cluster reported.
@@ -224,8 +256,6 @@ pub fn directive(point: &GroupEpoch, group_name: &str) -> ControlMessage {
 
 #[cfg(test)]
 mod tests {
-    use lockstep_api::domain::Stage;
-
     use super::*;
 
     fn key(cluster: &str, node: &str) -> NodeKey {

@@ -59,6 +59,8 @@ pub struct GrpcPath {
     resolver: Option<kube::Client>,
     /// PVCs resolved to volumes this node serves, reported to the operator.
     resolved: Arc<std::sync::Mutex<BTreeMap<(String, String), pb::ResolvedVolume>>>,
+    /// Whether reports carry the node's volume states (a gRPC-only node: no ReplicationNode says them).
+    report_states: bool,
     /// How many Subscribe streams opened so far: each new one may reach an operator that heard nothing of
     /// this node (restarted, or a new leader), so the other loops send their state again.
     streams: Arc<watch::Sender<u64>>,
@@ -97,12 +99,19 @@ impl GrpcPath {
             resolver: None,
             resolved: Arc::default(),
             streams: Arc::new(watch::channel(0).0),
+            report_states: false,
         })
     }
 
     /// Resolves PVCs named without a volume handle through this cluster's API server.
     pub fn with_resolver(mut self, client: kube::Client) -> Self {
         self.resolver = Some(client);
+        self
+    }
+
+    /// Reports carry the node's volume states: the operator hears them from nothing else (no API path).
+    pub fn with_volume_states(mut self) -> Self {
+        self.report_states = true;
         self
     }
 
@@ -486,6 +495,24 @@ fn hold_timeout_message(hold: &HoldTimeout) -> pb::HoldTimeout {
     }
 }
 
+/// The node's volume states in a group, as a report carries them.
+fn volume_states(snapshot: &Snapshot) -> Vec<pb::VolumeReplication> {
+    snapshot
+        .volumes
+        .iter()
+        .filter_map(|volume| {
+            let (group_uid, level) = (volume.group_uid.as_ref()?, volume.level?);
+            Some(pb::VolumeReplication {
+                volume_handle: volume.volume.clone(),
+                group_uid: group_uid.clone(),
+                state: pb::ReplicationState::from(snapshot.volume_state(volume)).into(),
+                epoch: level.epoch,
+                stage: pb::Stage::from(level.stage()).into(),
+            })
+        })
+        .collect()
+}
+
 /// Sends outstanding failures with `Report` until acknowledged (a higher epoch seen by either path):
 /// at once, then with backoff on failure, and again every `resend` while still outstanding. Hold
 /// timeouts ride on the same call, sent whenever they changed since the operator last took them.
@@ -496,6 +523,7 @@ pub async fn report(path: GrpcPath, context: Arc<Context>) {
     let mut last_sent: Option<tokio::time::Instant> = None;
     let mut retry_at: Option<tokio::time::Instant> = None;
     let mut holds_sent: Vec<HoldTimeout> = Vec::new();
+    let mut states_sent: Option<Vec<pb::VolumeReplication>> = None;
     let mut streams = path.streams.subscribe();
     let mut new_stream = false;
     loop {
@@ -503,6 +531,7 @@ pub async fn report(path: GrpcPath, context: Arc<Context>) {
             // A new stream, perhaps to an operator that heard nothing: every outstanding failure and
             // hold timeout goes again, now.
             holds_sent.clear();
+            states_sent = None;
             last_sent = None;
             retry_at = None;
             backoff.reset();
@@ -513,10 +542,18 @@ pub async fn report(path: GrpcPath, context: Arc<Context>) {
             holds_sent.clear(); // nothing to tell: the group resumed or froze again
         }
         let holds_pending = snapshot.hold_timeouts != holds_sent;
+        let states = if path.report_states {
+            volume_states(&snapshot)
+        } else {
+            Vec::new()
+        };
+        let states_pending =
+            path.report_states && snapshot.inventory_known && states_sent.as_ref() != Some(&states);
         let now = tokio::time::Instant::now();
         let failures_due = !snapshot.failures.is_empty()
             && (!pending.is_empty() || last_sent.is_none_or(|t| now >= t + resend));
-        let due = (failures_due || holds_pending) && retry_at.is_none_or(|t| now >= t);
+        let due =
+            (failures_due || holds_pending || states_pending) && retry_at.is_none_or(|t| now >= t);
         if due {
             let request = pb::ReportRequest {
                 node: Some(identity(&context)),
@@ -540,7 +577,7 @@ pub async fn report(path: GrpcPath, context: Arc<Context>) {
                     .iter()
                     .map(hold_timeout_message)
                     .collect(),
-                states: Vec::new(),
+                states: states.clone(),
             };
             let answer = path
                 .unary
@@ -569,6 +606,7 @@ pub async fn report(path: GrpcPath, context: Arc<Context>) {
                     }
                     context.reports.delivered(&snapshot.failures, Path::Grpc);
                     holds_sent = snapshot.hold_timeouts.clone();
+                    states_sent = Some(states);
                     for group in &response.groups {
                         feed_point(&context, Some(group), "report answer");
                     }
@@ -586,7 +624,8 @@ pub async fn report(path: GrpcPath, context: Arc<Context>) {
         let wake = retry_at.unwrap_or_else(|| {
             last_sent.map_or(tokio::time::Instant::now() + resend, |t| t + resend)
         });
-        let waiting = !snapshot.failures.is_empty() || snapshot.hold_timeouts != holds_sent;
+        let waiting =
+            !snapshot.failures.is_empty() || snapshot.hold_timeouts != holds_sent || states_pending;
         tokio::select! {
             _ = context.stop.cancelled() => return,
             changed = snapshots.changed() => if changed.is_err() { return },

@@ -209,6 +209,11 @@ impl Sidecar {
                 Some(client) => path.with_resolver(client.clone()),
                 None => path,
             };
+            let path = if options.no_api_path {
+                path.with_volume_states()
+            } else {
+                path
+            };
             tasks.spawn(grpc_path::subscribe(path.clone(), context.clone()));
             tasks.spawn(grpc_path::acknowledge(path.clone(), context.clone()));
             tasks.spawn(grpc_path::report(path, context.clone()));
