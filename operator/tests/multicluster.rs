@@ -452,7 +452,9 @@ async fn unreachable_clusters_bad_kubeconfigs_and_double_claims_show_in_conditio
     .await;
     assert!(message.contains("north"), "{message}");
 
-    // A double claim: the older group keeps vol-wal.
+    // A double claim: the older group keeps vol-wal. creationTimestamp has a second's grain (two groups
+    // made in the same second are ordered by UID), so the younger group is made in a later second.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
     let spec = group_spec(vec![by_names("east", &["wal"])], Policy::FreezeAndGo);
     hub_groups
         .create(
