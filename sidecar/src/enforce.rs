@@ -17,7 +17,18 @@
 //!   one `Configure` at the target, which the replicator enforces itself; a confirmed volume of the group
 //!   gets `Suspend` / `Release` / `Resume` directives.
 //!
-//! Operations for one volume are always issued in increasing [`Level`]: the proptests at the bottom check
+//! Volumes held outside any group (DESIGN.md rules 5, 6 and 9): nothing stays suspended in a group that
+//! no longer names it. A volume that carries a group which does not name it any more is *let go of* —
+//! one `Configure` into no group, which resynchronises it and replicates, its held writes completing
+//! once copied — when that group lets it go:
+//! - it left a frozen group (for no group or for another): once that group replicates again at or past
+//!   the volume's epoch (until then it stays suspended), and at once when it left at a replicating
+//!   point; a volume another group names is let go of first, then joins that group.
+//!
+//! A volume no group names is let go of only once a path has delivered its complete view.
+//!
+//! Operations for one volume are always issued in increasing [`Level`] within a group (a let-go starts
+//! a new order: the next group's epochs start anew): the proptests at the bottom check
 //! it over random interleavings of directives from the two paths.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -838,6 +849,7 @@ impl Enforcer {
         }
         let local = self.local_volumes(out);
         out.refused.dedup();
+        self.let_go(&local, out);
         for (uid, volumes) in &local {
             self.enforce_group(uid, volumes, out);
         }
@@ -997,6 +1009,55 @@ impl Enforcer {
         {
             group.last_ack = Some(ack.clone());
             out.acks.push(ack);
+        }
+    }
+
+    /// Volumes that carry a group which no longer names them are let go of — configured into no group,
+    /// which resynchronises them and replicates, their held writes completing once copied — as soon as
+    /// that group lets them go (see the module docs): it replicates again at or past the volume's epoch,
+    /// or the volume is itself at a replicating point and no group names it. A volume another group
+    /// names is let go of first, then joins it (a `Configure` naming a new group alone would leave the
+    /// replicator suspended at the old group's epoch). A volume no group names is let go of only once a
+    /// path has delivered its complete view.
+    fn let_go(&mut self, local: &BTreeMap<String, BTreeSet<String>>, out: &mut Outcome) {
+        let claimed: BTreeMap<&String, &String> = local
+            .iter()
+            .flat_map(|(uid, volumes)| volumes.iter().map(move |v| (v, uid)))
+            .collect();
+        let synced = !self.synced.is_empty();
+        for (name, volume) in &mut self.volumes {
+            let (Some(uid), Some(level)) = (volume.group_uid.as_deref(), volume.level) else {
+                continue;
+            };
+            let claimed_by = claimed.get(name).map(|g| g.as_str());
+            if claimed_by == Some(uid) || (claimed_by.is_none() && !synced) {
+                continue;
+            }
+            let group = self.groups.get(uid);
+            let replicating_again = group.is_some_and(|g| {
+                g.fail_safe.is_none()
+                    && g.seen
+                        .is_some_and(|s| s.rank == Rank::Resume && s.epoch >= level.epoch)
+            });
+            let lets_go = match claimed_by {
+                // Replicating in its old group: it joins the other one directly.
+                Some(_) if level.rank == Rank::Resume => false,
+                Some(_) => replicating_again,
+                None => replicating_again || level.rank == Rank::Resume,
+            };
+            if !lets_go {
+                continue;
+            }
+            volume.group_uid = None;
+            volume.level = None;
+            volume.confirmed = true;
+            out.operations.push(Operation::Configure {
+                volume: name.clone(),
+                group_uid: String::new(),
+                epoch: 0,
+                stage: Stage::Resume,
+                hold_timeout_ms: DEFAULT_HOLD_TIMEOUT_MS,
+            });
         }
     }
 
