@@ -23,7 +23,13 @@
 //! once copied — when that group lets it go:
 //! - it left a frozen group (for no group or for another): once that group replicates again at or past
 //!   the volume's epoch (until then it stays suspended), and at once when it left at a replicating
-//!   point; a volume another group names is let go of first, then joins that group.
+//!   point; a volume another group names is let go of first, then joins that group;
+//! - its group is gone: no path lists the group any more (the mirror is deleted and the operator's
+//!   gRPC membership no longer names it — a group deleted while this node was cut off, whose finalizer
+//!   let go of it after twice the hold timeout; or a group never heard of since a restart): it is let
+//!   go of at once, whatever point it carries (rule 9: deleting a group ends its guarantees), so a new
+//!   group can claim it. A path that still lists the group, even one now unreachable whose last view
+//!   named it, keeps the volume where it is.
 //!
 //! A volume no group names is let go of only once a path has delivered its complete view.
 //!
@@ -1015,7 +1021,7 @@ impl Enforcer {
     /// Volumes that carry a group which no longer names them are let go of — configured into no group,
     /// which resynchronises them and replicates, their held writes completing once copied — as soon as
     /// that group lets them go (see the module docs): it replicates again at or past the volume's epoch,
-    /// or the volume is itself at a replicating point and no group names it. A volume another group
+    /// no path lists it any more, or the volume is itself at a replicating point and no group names it. A volume another group
     /// names is let go of first, then joins it (a `Configure` naming a new group alone would leave the
     /// replicator suspended at the old group's epoch). A volume no group names is let go of only once a
     /// path has delivered its complete view.
@@ -1039,11 +1045,13 @@ impl Enforcer {
                     && g.seen
                         .is_some_and(|s| s.rank == Rank::Resume && s.epoch >= level.epoch)
             });
+            // No path lists the group any more: deleted (rule 9), or never heard of since a restart.
+            let gone = synced && group.is_none_or(|g| g.members.is_empty());
             let lets_go = match claimed_by {
                 // Replicating in its old group: it joins the other one directly.
                 Some(_) if level.rank == Rank::Resume => false,
-                Some(_) => replicating_again,
-                None => replicating_again || level.rank == Rank::Resume,
+                Some(_) => replicating_again || gone,
+                None => replicating_again || gone || level.rank == Rank::Resume,
             };
             if !lets_go {
                 continue;
