@@ -31,7 +31,10 @@
 //!   group can claim it. A path that still lists the group, even one now unreachable whose last view
 //!   named it, keeps the volume where it is.
 //!
-//! A volume no group names is let go of only once a path has delivered its complete view.
+//! A volume no group names is let go of only once a path has delivered its complete view. A volume in
+//! no group whose copy fails has no group to freeze: the replicator runs it primary-only with its
+//! changes tracked and resynchronises it when the secondary answers; the core records no failure for it
+//! ([`Refusal::FailureOutsideGroup`], which the agent logs and counts).
 //!
 //! Operations for one volume are always issued in increasing [`Level`] within a group (a let-go starts
 //! a new order: the next group's epochs start anew): the proptests at the bottom check
