@@ -858,7 +858,7 @@ impl Enforcer {
         }
         let local = self.local_volumes(out);
         out.refused.dedup();
-        self.let_go(&local, out);
+        self.release_unclaimed(&local, out);
         for (uid, volumes) in &local {
             self.enforce_group(uid, volumes, out);
         }
@@ -1023,18 +1023,19 @@ impl Enforcer {
 
     /// Volumes that carry a group which no longer names them are let go of — configured into no group,
     /// which resynchronises them and replicates, their held writes completing once copied — as soon as
-    /// that group lets them go (see the module docs): it replicates again at or past the volume's epoch,
-    /// no path lists it any more, or the volume is itself at a replicating point and no group names it. A volume another group
-    /// names is let go of first, then joins it (a `Configure` naming a new group alone would leave the
-    /// replicator suspended at the old group's epoch). A volume no group names is let go of only once a
-    /// path has delivered its complete view.
-    fn let_go(&mut self, local: &BTreeMap<String, BTreeSet<String>>, out: &mut Outcome) {
+    /// that group lets them go (see the module docs, and [`Enforcer::let_go`]): it replicates again at
+    /// or past the volume's epoch, no path lists it any more, or the volume is itself at a replicating
+    /// point and no group names it. A volume another group names is let go of first, then joins it (a
+    /// `Configure` naming a new group alone would leave the replicator suspended at the old group's
+    /// epoch). A volume no group names is let go of only once a path has delivered its complete view.
+    fn release_unclaimed(&mut self, local: &BTreeMap<String, BTreeSet<String>>, out: &mut Outcome) {
         let claimed: BTreeMap<&String, &String> = local
             .iter()
             .flat_map(|(uid, volumes)| volumes.iter().map(move |v| (v, uid)))
             .collect();
         let synced = !self.synced.is_empty();
-        for (name, volume) in &mut self.volumes {
+        let mut released = Vec::new();
+        for (name, volume) in &self.volumes {
             let (Some(uid), Some(level)) = (volume.group_uid.as_deref(), volume.level) else {
                 continue;
             };
@@ -1042,28 +1043,30 @@ impl Enforcer {
             if claimed_by == Some(uid) || (claimed_by.is_none() && !synced) {
                 continue;
             }
-            let group = self.groups.get(uid);
-            let replicating_again = group.is_some_and(|g| {
-                g.fail_safe.is_none()
-                    && g.seen
-                        .is_some_and(|s| s.rank == Rank::Resume && s.epoch >= level.epoch)
-            });
             // No path lists the group any more: deleted (rule 9), or never heard of since a restart.
-            let gone = synced && group.is_none_or(|g| g.members.is_empty());
+            let gone = synced
+                && self
+                    .groups
+                    .get(uid)
+                    .is_none_or(|group| group.members.is_empty());
             let lets_go = match claimed_by {
                 // Replicating in its old group: it joins the other one directly.
                 Some(_) if level.rank == Rank::Resume => false,
-                Some(_) => replicating_again || gone,
-                None => replicating_again || gone || level.rank == Rank::Resume,
+                Some(_) => gone || self.let_go(uid, level),
+                None => gone || level.rank == Rank::Resume || self.let_go(uid, level),
             };
-            if !lets_go {
-                continue;
+            if lets_go {
+                released.push(name.clone());
             }
-            volume.group_uid = None;
-            volume.level = None;
-            volume.confirmed = true;
+        }
+        for name in released {
+            if let Some(volume) = self.volumes.get_mut(&name) {
+                volume.group_uid = None;
+                volume.level = None;
+                volume.confirmed = true;
+            }
             out.operations.push(Operation::Configure {
-                volume: name.clone(),
+                volume: name,
                 group_uid: String::new(),
                 epoch: 0,
                 stage: Stage::Resume,

@@ -554,6 +554,7 @@ fn a_volume_leaving_a_frozen_group_for_another_is_let_go_before_it_joins() {
         path: Path::Api,
         group_uid: "other-group".into(),
         group_name: "other".into(),
+        order: ClaimOrder::new(Some(FIRST_CREATED_MS + 1_000), "other-group"),
         volumes: ["v2".to_owned()].into(),
         hold_timeout_ms: 1000,
     };
@@ -625,6 +626,7 @@ fn a_volume_of_a_group_deleted_while_it_was_away_is_let_go_once_no_path_lists_th
         path: Path::Api,
         group_uid: "new-group".into(),
         group_name: "new".into(),
+        order: ClaimOrder::new(Some(FIRST_CREATED_MS + 1_000), "new-group"),
         volumes: ["v1".to_owned()].into(),
         hold_timeout_ms: 1000,
     });
