@@ -117,6 +117,36 @@ pub(crate) async fn run_link(
     }
 }
 
+/// Whether the secondary answers: one connection, a hello, its welcome within [`CopyConfig::timeout`].
+/// The connection is closed at once (a link that follows takes the volume over anyway).
+pub(crate) async fn probe(config: &CopyConfig, hello: Frame) -> Result<(), CopyError> {
+    let attempt = async {
+        let tcp = TcpStream::connect(&config.secondary)
+            .await
+            .map_err(|e| CopyError::Link(e.to_string()))?;
+        let (rd, mut wr) = tcp.into_split();
+        let mut buf = BytesMut::new();
+        FrameCodec
+            .encode(&hello, &mut buf)
+            .map_err(|e| CopyError::Protocol(e.to_string()))?;
+        wr.write_all(&buf)
+            .await
+            .map_err(|e| CopyError::Link(e.to_string()))?;
+        match FramedRead::new(rd, FrameCodec).next().await {
+            Some(Ok(Frame::Welcome { .. })) => Ok(()),
+            Some(Ok(Frame::Error { seq, message })) => Err(CopyError::Secondary { seq, message }),
+            Some(Ok(other)) => Err(CopyError::Protocol(format!(
+                "expected welcome, got {other:?}"
+            ))),
+            Some(Err(e)) => Err(CopyError::Protocol(e.to_string())),
+            None => Err(CopyError::Link("secondary closed the connection".into())),
+        }
+    };
+    tokio::time::timeout(config.timeout, attempt)
+        .await
+        .map_err(|_| CopyError::Timeout(config.timeout))?
+}
+
 async fn connect(addr: &str) -> Result<TcpStream, CopyError> {
     // Retry until the watchdog decides (only a write waiting too long makes an unreachable secondary a
     // failure; an idle volume keeps trying).

@@ -16,6 +16,14 @@
 //!
 //! Held writes never complete successfully except by a release, a finished resync or a group's removal
 //! (DESIGN.md rule 9); a held write older than the hold timeout fails, and the volume keeps holding.
+//!
+//! Outside every group (issue 21 item 3c): a volume the control system confirmed in no group (a
+//! `Configure` naming no group) has no group to freeze, so nothing could ever release its held writes.
+//! When its copy fails it runs primary-only instead — `Running` at epoch 0, every write recorded in the
+//! dirty map, acknowledged once the map on disk covers it — says so (`CopyFailed` naming no group, the
+//! mode), and probes the secondary ([`Effect::ProbeSecondary`]); once the secondary answers it
+//! resynchronises and replicates ([`ReplState::secondary_answers`]). A volume served without a control
+//! system (never confirmed) keeps failing closed: held, until one configures it.
 //! Points (group, epoch, stage) never move backwards: an older directive or confirmation changes nothing.
 //!
 //! A release takes effect only once it is durable (rules 2 and 6): the volume stays `Suspended` while the
@@ -130,6 +138,9 @@ pub enum Effect {
     Event(Event),
     /// The volume's state changed (publish its status).
     StateChanged,
+    /// A volume in no group runs primary-only: probe the secondary until it answers, then call
+    /// [`ReplState::secondary_answers`].
+    ProbeSecondary,
 }
 
 /// How a write's replication completes.
@@ -294,6 +305,8 @@ pub struct ReplState {
     releasing: Option<Releasing>,
     /// What the last successful state write put on disk.
     durable: Option<PersistTicket>,
+    /// The control system confirmed the volume in no group: a copy failure runs it primary-only.
+    outside_groups: bool,
     /// Deliberately wrong semantics, for tests that must catch them: acknowledge writes while suspended.
     broken_ack_while_suspended: bool,
     effects: Vec<Effect>,
@@ -341,6 +354,7 @@ impl ReplState {
             persisted_version: 0,
             releasing: None,
             durable: None,
+            outside_groups: false,
             broken_ack_while_suspended: false,
             effects: Vec::new(),
         };
@@ -771,11 +785,18 @@ impl ReplState {
         let first_seq = self.pending.front().map_or(self.next_seq, |p| p.seq);
         let since = SystemTime::now();
         self.close_link(now);
-        self.mode = Mode::Held {
-            first_seq,
-            error: error.to_string(),
-            since,
-        };
+        if self.outside_groups && self.group.is_empty() {
+            // No group to freeze: primary-only, changes tracked; the writes in flight complete once the
+            // map on disk covers them. Resynchronised when the secondary answers again.
+            self.mode = Mode::Running { epoch: self.epoch };
+            self.effects.push(Effect::ProbeSecondary);
+        } else {
+            self.mode = Mode::Held {
+                first_seq,
+                error: error.to_string(),
+                since,
+            };
+        }
         self.effects
             .push(Effect::Event(Event::CopyFailed(CopyFailed {
                 volume: self.volume.clone(),
@@ -969,6 +990,20 @@ impl ReplState {
         self.enter(Mode::Resyncing { epoch });
     }
 
+    /// Whether the volume runs primary-only outside every group, waiting for its secondary.
+    pub fn awaiting_secondary(&self) -> bool {
+        self.outside_groups && self.group.is_empty() && matches!(self.mode, Mode::Running { .. })
+    }
+
+    /// The secondary of a volume running primary-only outside every group answers again: resynchronise
+    /// and replicate. Does nothing once the volume is in a group or copying.
+    pub fn secondary_answers(&mut self, now: Instant) {
+        if self.awaiting_secondary() {
+            self.start_resync(self.epoch, now);
+            drop(self.persist());
+        }
+    }
+
     /// Sets the hold timeout.
     pub fn set_hold_timeout(&mut self, timeout: Duration) {
         self.hold_timeout = timeout;
@@ -988,6 +1023,7 @@ impl ReplState {
             self.confirm();
             return Ok(None);
         }
+        self.outside_groups = group.is_empty();
         if group.is_empty() {
             // In no group (or the group was deleted, rule 9): stop holding, resync, replicate; writes held
             // until now complete once the resync has copied them.

@@ -248,6 +248,13 @@ impl Volume {
                         ));
                     }
                 }
+                Effect::ProbeSecondary => {
+                    tracing::warn!(
+                        volume = %self.name,
+                        "copy failed on a volume in no group: running primary-only with its changes tracked until the secondary answers, then resynchronising"
+                    );
+                    tokio::spawn(probe_secondary(self.me.clone()));
+                }
                 Effect::StartResync { generation } => {
                     tokio::spawn(resync(self.me.clone(), generation));
                 }
@@ -517,6 +524,45 @@ async fn persister(volume: Weak<Volume>, mut rx: mpsc::UnboundedReceiver<()>) {
         for w in waiters {
             let _ = w.send(result.clone());
         }
+    }
+}
+
+/// Probes the secondary of a volume running primary-only outside every group, with backoff, until it
+/// answers (then resynchronises it) or the volume no longer waits for it.
+async fn probe_secondary(volume: Weak<Volume>) {
+    let mut delay = Duration::from_millis(100);
+    loop {
+        let Some(v) = volume.upgrade() else {
+            return;
+        };
+        let next_seq = {
+            let state = v.lock();
+            if !state.awaiting_secondary() {
+                return;
+            }
+            state.snapshot().next_seq
+        };
+        let Some(config) = v.copy.clone() else {
+            return;
+        };
+        let hello = Frame::Hello {
+            volume: v.name.clone(),
+            size: v.store.size(),
+            first_seq: next_seq,
+        };
+        drop(v);
+        match crate::copy::probe(&config, hello).await {
+            Ok(()) => {
+                if let Some(v) = volume.upgrade() {
+                    tracing::info!(volume = %v.name, "the secondary answers again: resynchronising");
+                    v.with_state(|s| s.secondary_answers(Instant::now()));
+                }
+                return;
+            }
+            Err(error) => tracing::debug!(%error, "secondary not answering yet"),
+        }
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(Duration::from_secs(2));
     }
 }
 

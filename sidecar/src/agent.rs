@@ -284,6 +284,16 @@ impl Agent {
         for refusal in &out.refused {
             match refusal {
                 Refusal::Stale { .. } => tracing::debug!(%refusal, "ignored"),
+                Refusal::FailureOutsideGroup { volume } => {
+                    // No group to freeze: the replicator runs it primary-only, changes tracked, and
+                    // resynchronises it once the secondary answers.
+                    tracing::warn!(%volume, "copy failed on a volume in no group: primary-only with its changes tracked until the secondary answers");
+                    Metrics::count(
+                        &self.context.metrics.copy_failures_outside_groups,
+                        "local",
+                        "primary-only",
+                    );
+                }
                 _ => {
                     // Standing refusals (a volume not served here, a double claim) come back with
                     // every input: log each once.

@@ -17,7 +17,27 @@
 //!   one `Configure` at the target, which the replicator enforces itself; a confirmed volume of the group
 //!   gets `Suspend` / `Release` / `Resume` directives.
 //!
-//! Operations for one volume are always issued in increasing [`Level`]: the proptests at the bottom check
+//! Volumes held outside any group (DESIGN.md rules 5, 6 and 9): nothing stays suspended in a group that
+//! no longer names it. A volume that carries a group which does not name it any more is *let go of* —
+//! one `Configure` into no group, which resynchronises it and replicates, its held writes completing
+//! once copied — when that group lets it go:
+//! - it left a frozen group (for no group or for another): once that group replicates again at or past
+//!   the volume's epoch (until then it stays suspended), and at once when it left at a replicating
+//!   point; a volume another group names is let go of first, then joins that group;
+//! - its group is gone: no path lists the group any more (the mirror is deleted and the operator's
+//!   gRPC membership no longer names it — a group deleted while this node was cut off, whose finalizer
+//!   let go of it after twice the hold timeout; or a group never heard of since a restart): it is let
+//!   go of at once, whatever point it carries (rule 9: deleting a group ends its guarantees), so a new
+//!   group can claim it. A path that still lists the group, even one now unreachable whose last view
+//!   named it, keeps the volume where it is.
+//!
+//! A volume no group names is let go of only once a path has delivered its complete view. A volume in
+//! no group whose copy fails has no group to freeze: the replicator runs it primary-only with its
+//! changes tracked and resynchronises it when the secondary answers; the core records no failure for it
+//! ([`Refusal::FailureOutsideGroup`], which the agent logs and counts).
+//!
+//! Operations for one volume are always issued in increasing [`Level`] within a group (a let-go starts
+//! a new order: the next group's epochs start anew): the proptests at the bottom check
 //! it over random interleavings of directives from the two paths.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -838,6 +858,7 @@ impl Enforcer {
         }
         let local = self.local_volumes(out);
         out.refused.dedup();
+        self.release_unclaimed(&local, out);
         for (uid, volumes) in &local {
             self.enforce_group(uid, volumes, out);
         }
@@ -997,6 +1018,60 @@ impl Enforcer {
         {
             group.last_ack = Some(ack.clone());
             out.acks.push(ack);
+        }
+    }
+
+    /// Volumes that carry a group which no longer names them are let go of — configured into no group,
+    /// which resynchronises them and replicates, their held writes completing once copied — as soon as
+    /// that group lets them go (see the module docs, and [`Enforcer::let_go`]): it replicates again at
+    /// or past the volume's epoch, no path lists it any more, or the volume is itself at a replicating
+    /// point and no group names it. A volume another group names is let go of first, then joins it (a
+    /// `Configure` naming a new group alone would leave the replicator suspended at the old group's
+    /// epoch). A volume no group names is let go of only once a path has delivered its complete view.
+    fn release_unclaimed(&mut self, local: &BTreeMap<String, BTreeSet<String>>, out: &mut Outcome) {
+        let claimed: BTreeMap<&String, &String> = local
+            .iter()
+            .flat_map(|(uid, volumes)| volumes.iter().map(move |v| (v, uid)))
+            .collect();
+        let synced = !self.synced.is_empty();
+        let mut released = Vec::new();
+        for (name, volume) in &self.volumes {
+            let (Some(uid), Some(level)) = (volume.group_uid.as_deref(), volume.level) else {
+                continue;
+            };
+            let claimed_by = claimed.get(name).map(|g| g.as_str());
+            if claimed_by == Some(uid) || (claimed_by.is_none() && !synced) {
+                continue;
+            }
+            // No path lists the group any more: deleted (rule 9), or never heard of since a restart.
+            let gone = synced
+                && self
+                    .groups
+                    .get(uid)
+                    .is_none_or(|group| group.members.is_empty());
+            let lets_go = match claimed_by {
+                // Replicating in its old group: it joins the other one directly.
+                Some(_) if level.rank == Rank::Resume => false,
+                Some(_) => gone || self.let_go(uid, level),
+                None => gone || level.rank == Rank::Resume || self.let_go(uid, level),
+            };
+            if lets_go {
+                released.push(name.clone());
+            }
+        }
+        for name in released {
+            if let Some(volume) = self.volumes.get_mut(&name) {
+                volume.group_uid = None;
+                volume.level = None;
+                volume.confirmed = true;
+            }
+            out.operations.push(Operation::Configure {
+                volume: name,
+                group_uid: String::new(),
+                epoch: 0,
+                stage: Stage::Resume,
+                hold_timeout_ms: DEFAULT_HOLD_TIMEOUT_MS,
+            });
         }
     }
 

@@ -58,6 +58,9 @@ pub struct Metrics {
     pub fail_safes: Family<GroupLabels, Counter>,
     /// Replicator operations by kind and result.
     pub replicator_calls: Family<PathLabels, Counter>,
+    /// Copy failures of volumes in no group (the replicator runs them primary-only, changes tracked,
+    /// until the secondary answers), by result.
+    pub copy_failures_outside_groups: Family<PathLabels, Counter>,
     /// Set once the inventory is known and a path has delivered its view.
     pub ready: AtomicBool,
 }
@@ -79,6 +82,7 @@ impl Metrics {
         let volumes = Family::<GroupLabels, Gauge>::default();
         let fail_safes = Family::<GroupLabels, Counter>::default();
         let replicator_calls = Family::<PathLabels, Counter>::default();
+        let copy_failures_outside_groups = Family::<PathLabels, Counter>::default();
         registry.register(
             "directives",
             "Directives received, by group, path and outcome",
@@ -110,6 +114,11 @@ impl Metrics {
             "Replicator operations, by kind (path label) and result",
             replicator_calls.clone(),
         );
+        registry.register(
+            "copy_failures_outside_groups",
+            "Copy failures of volumes in no group, run primary-only with their changes tracked until the secondary answers",
+            copy_failures_outside_groups.clone(),
+        );
         Self {
             registry,
             directives,
@@ -119,6 +128,7 @@ impl Metrics {
             volumes,
             fail_safes,
             replicator_calls,
+            copy_failures_outside_groups,
             ready: AtomicBool::new(false),
         }
     }

@@ -498,6 +498,174 @@ fn a_volume_leaving_a_frozen_group_stays_suspended_until_that_group_replicates()
     )));
 }
 
+fn let_go(volume: &str) -> Operation {
+    Operation::Configure {
+        volume: volume.to_owned(),
+        group_uid: String::new(),
+        epoch: 0,
+        stage: Stage::Resume,
+        hold_timeout_ms: DEFAULT_HOLD_TIMEOUT_MS,
+    }
+}
+
+fn group_of_volume(core: &Enforcer, volume: &str) -> Option<String> {
+    core.volumes()
+        .into_iter()
+        .find(|v| v.volume == volume)
+        .and_then(|v| v.group_uid)
+}
+
+#[test]
+fn a_volume_leaving_a_frozen_group_for_no_group_is_let_go_once_that_group_replicates() {
+    let mut core = replicating();
+    core.handle(Input::Synced(Path::Api));
+    core.handle(directive(Path::Api, 2, Stage::Freeze));
+    // v2 leaves the frozen group and joins no other: it stays suspended (rule 5).
+    let out = core.handle(membership(Path::Api, &["v1"]));
+    assert!(out.operations.is_empty(), "{out:?}");
+    assert_eq!(group_of_volume(&core, "v2").as_deref(), Some(G));
+    // The group replicates again: v1 resumes with it, and v2 is let go of — configured into no group,
+    // which resyncs it and replicates — instead of staying suspended in a group that no longer names it.
+    let out = core.handle(directive(Path::Api, 2, Stage::Resume));
+    assert_eq!(
+        out.operations,
+        vec![
+            let_go("v2"),
+            Operation::Resume {
+                group_uid: G.into(),
+                epoch: 2,
+                volumes: names(&["v1"]),
+            },
+        ]
+    );
+    assert_eq!(out.acks, vec![ack(2, Stage::Resume, &["v1"], false)]);
+    assert_eq!(group_of_volume(&core, "v2"), None);
+    // Once, not on every input.
+    assert!(core.handle(Input::Synced(Path::Grpc)).operations.is_empty());
+}
+
+#[test]
+fn a_volume_leaving_a_frozen_group_for_another_is_let_go_before_it_joins() {
+    let mut core = replicating();
+    core.handle(Input::Synced(Path::Api));
+    core.handle(directive(Path::Api, 2, Stage::Freeze));
+    core.handle(membership(Path::Api, &["v1"]));
+    let other = Input::Membership {
+        path: Path::Api,
+        group_uid: "other-group".into(),
+        group_name: "other".into(),
+        order: ClaimOrder::new(Some(FIRST_CREATED_MS + 1_000), "other-group"),
+        volumes: ["v2".to_owned()].into(),
+        hold_timeout_ms: 1000,
+    };
+    core.handle(Input::Directive {
+        path: Path::Api,
+        target: GroupEpoch {
+            group_uid: "other-group".into(),
+            epoch: 0,
+            stage: Stage::Resume,
+        },
+    });
+    core.handle(other);
+    // Once the first group replicates, v2 is let go of (its suspension in the old group ends: a
+    // `Configure` naming a new group alone would leave the replicator suspended at the old epoch),
+    // then joins the other group.
+    let out = core.handle(directive(Path::Api, 2, Stage::Resume));
+    let for_v2: Vec<&Operation> = out
+        .operations
+        .iter()
+        .filter(|op| op.volumes() == names(&["v2"]))
+        .collect();
+    assert_eq!(
+        for_v2,
+        vec![
+            &let_go("v2"),
+            &Operation::Configure {
+                volume: "v2".into(),
+                group_uid: "other-group".into(),
+                epoch: 0,
+                stage: Stage::Resume,
+                hold_timeout_ms: 1000,
+            }
+        ]
+    );
+}
+
+#[test]
+fn a_volume_of_a_group_deleted_while_it_was_away_is_let_go_once_no_path_lists_the_group() {
+    let mut core = replicating();
+    core.handle(membership(Path::Grpc, &["v1", "v2"]));
+    core.handle(Input::Synced(Path::Api));
+    core.handle(Input::Synced(Path::Grpc));
+    core.handle(directive(Path::Grpc, 3, Stage::Freeze));
+    // The group is deleted while this node is cut off; the node returns. One path no longer lists the
+    // group: the other still does, so the volumes stay suspended.
+    let out = core.handle(Input::GroupGone {
+        path: Path::Api,
+        group_uid: G.into(),
+    });
+    assert!(out.operations.is_empty(), "{out:?}");
+    // Neither path lists it: the group is gone (rule 9), its volumes are let go of.
+    let out = core.handle(Input::GroupGone {
+        path: Path::Grpc,
+        group_uid: G.into(),
+    });
+    assert_eq!(out.operations, vec![let_go("v1"), let_go("v2")]);
+    assert_eq!(group_of_volume(&core, "v1"), None);
+    // A new group can claim them.
+    let out = core.handle(Input::Directive {
+        path: Path::Api,
+        target: GroupEpoch {
+            group_uid: "new-group".into(),
+            epoch: 0,
+            stage: Stage::Resume,
+        },
+    });
+    assert!(out.operations.is_empty());
+    let out = core.handle(Input::Membership {
+        path: Path::Api,
+        group_uid: "new-group".into(),
+        group_name: "new".into(),
+        order: ClaimOrder::new(Some(FIRST_CREATED_MS + 1_000), "new-group"),
+        volumes: ["v1".to_owned()].into(),
+        hold_timeout_ms: 1000,
+    });
+    assert!(out.refused.is_empty(), "{out:?}");
+    assert_eq!(
+        out.operations,
+        vec![Operation::Configure {
+            volume: "v1".into(),
+            group_uid: "new-group".into(),
+            epoch: 0,
+            stage: Stage::Resume,
+            hold_timeout_ms: 1000,
+        }]
+    );
+}
+
+#[test]
+fn a_restarted_sidecar_lets_go_of_a_volume_whose_group_no_path_lists() {
+    let mut core = Enforcer::new();
+    core.handle(Input::Inventory(vec![carrying(
+        "v1",
+        Level::point(3, Stage::Release),
+        false,
+    )]));
+    // Before a path delivered its complete view, nothing is known: the volume stays held, unconfirmed.
+    let out = core.handle(Input::Directive {
+        path: Path::Grpc,
+        target: GroupEpoch {
+            group_uid: "another-group".into(),
+            epoch: 1,
+            stage: Stage::Resume,
+        },
+    });
+    assert!(out.operations.is_empty(), "{out:?}");
+    // A path's complete view lists no such group: it is gone, the volume is let go of.
+    let out = core.handle(Input::Synced(Path::Grpc));
+    assert_eq!(out.operations, vec![let_go("v1")]);
+}
+
 #[test]
 fn volumes_in_no_group_are_confirmed_standalone_once_a_path_is_synced() {
     let mut core = replicating();
