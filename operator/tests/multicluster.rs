@@ -1482,3 +1482,63 @@ async fn a_mirror_write_from_an_older_copy_leaves_the_mirrors_newer_status_alone
     assert_eq!(mirror.status.unwrap().epoch, 4);
     Ok(())
 }
+
+/// A directive a connected node missed (the replica that decided it died between persisting and sending,
+/// or the message was lost) is sent again each round to the clusters whose volumes have not acknowledged
+/// it: enforcing is idempotent, and a gRPC-only member has no other way to learn it.
+#[tokio::test]
+async fn an_unacknowledged_directive_is_sent_again_to_connected_nodes() -> TestResult {
+    let world = world().await;
+    let hub_groups = Api::<ConsistencyGroup>::all(world.east_client.clone());
+    let spec = group_spec(
+        vec![
+            by_names("east", &["wal", "data"]),
+            by_names("west", &["reporting"]),
+        ],
+        Policy::FreezeAndGo,
+    );
+    hub_groups
+        .create(
+            &PostParams::default(),
+            &ConsistencyGroup::new("orders-db", spec),
+        )
+        .await?;
+    let group = resolved(&world.east_client, "orders-db", 3).await;
+    let uid = group.metadata.uid.clone().unwrap();
+    let mut control =
+        ControlClient::connect(format!("http://{}", world.operator.grpc_addr)).await?;
+    let west_node = NodeIdentity {
+        cluster: "west".into(),
+        node: "w1".into(),
+    };
+    let mut stream = control
+        .subscribe(SubscribeRequest {
+            node: Some(west_node.clone()),
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    control
+        .report(ReportRequest {
+            node: Some(west_node.clone()),
+            failures: vec![pb::CopyFailure {
+                group_uid: uid.clone(),
+                volume_handle: "vol-reporting".into(),
+                ..Default::default()
+            }],
+            ..Default::default()
+        })
+        .await?;
+    let freeze = next_directive(&mut stream, |target| {
+        target.stage == pb::Stage::Freeze as i32
+    })
+    .await;
+    assert_eq!(freeze.epoch, 1);
+    // West does not acknowledge: the freeze comes again, on the same stream.
+    let again = next_directive(&mut stream, |target| {
+        target.stage == pb::Stage::Freeze as i32 && target.epoch == 1
+    })
+    .await;
+    assert_eq!(again.group_uid, uid);
+    Ok(())
+}
