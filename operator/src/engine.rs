@@ -8,7 +8,7 @@
 //! a restarted operator picks up where the status says.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     sync::{Arc, Mutex},
     time::Instant,
 };
@@ -39,7 +39,7 @@ use crate::{
     members::ClusterView,
     metrics::Metrics,
     mirror,
-    sessions::Sessions,
+    sessions::{self, Sessions},
 };
 
 /// The finalizer by which a deleted group releases and resumes its volumes before it goes (rule 9).
@@ -1158,6 +1158,52 @@ impl Engine {
             })
             .filter(|(point, _)| point.stage != Stage::Resume || point.epoch > 0)
             .collect()
+    }
+
+    /// Sends each group's current directive again, over gRPC, to the connected sidecars of every member
+    /// cluster with a volume that has not acknowledged it. A persisted point whose send was lost (the
+    /// replica that decided it died between persisting and sending, or a stream dropped the message)
+    /// reaches a gRPC-only member no other way until it resubscribes; enforcing is idempotent, so a
+    /// repeat costs nothing. Returns how many nodes were sent a directive.
+    pub fn resend_unacknowledged(&self) -> usize {
+        let mut sent = 0;
+        for group in self.groups() {
+            let (Some(uid), Some(status)) = (group.metadata.uid.clone(), group.status.as_ref())
+            else {
+                continue;
+            };
+            let (epoch, stage) = group.position();
+            if status.stage.is_none() || (stage == Stage::Resume && epoch == 0) {
+                continue; // never froze: nothing to send
+            }
+            let behind: BTreeSet<String> = status
+                .members
+                .iter()
+                .filter(|member| {
+                    member
+                        .acknowledged
+                        .as_ref()
+                        .is_none_or(|ack| (ack.epoch, ack.stage) < (epoch, stage))
+                })
+                .map(|member| member.cluster.clone())
+                .collect();
+            if behind.is_empty() {
+                continue;
+            }
+            let point = GroupEpoch {
+                group_uid: uid,
+                epoch,
+                stage,
+            };
+            let clusters: Vec<String> = behind.into_iter().collect();
+            let nodes = self
+                .inner
+                .sessions
+                .send_to_clusters(&clusters, &sessions::directive(&point, &group.name_any()));
+            tracing::debug!(group = %group.name_any(), epoch, ?stage, nodes, "directive sent again to unacknowledged clusters");
+            sent += nodes;
+        }
+        sent
     }
 }
 

@@ -179,6 +179,8 @@ impl Operator {
                                 }
                                 // A group created or changed reaches the connected sidecars now.
                                 control::push_memberships(&engine);
+                                // Directives whose send was lost reach the nodes that have not acknowledged them.
+                                engine.resend_unacknowledged();
                             });
                         }
                         Err(error) => tracing::warn!(%error, "watching ConsistencyGroups"),
@@ -381,6 +383,8 @@ async fn resync_loop(engine: Engine, interval: Duration) {
         tracing::debug!("resync: every group reconciled");
         // Resolutions found and groups deleted since the last round reach the connected sidecars.
         control::push_memberships(&engine);
+        // Directives whose send was lost reach the nodes that have not acknowledged them.
+        engine.resend_unacknowledged();
         let groups = engine.groups();
         let phases: Vec<_> = groups
             .iter()
