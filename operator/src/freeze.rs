@@ -620,10 +620,11 @@ fn begin_image(status: &mut ConsistencyGroupStatus, new_epoch: u64) {
 }
 
 /// Whether a member volume's secondary is in sync with its primary while the group is at (epoch, Resume).
-/// During a resync only a volume that finished it is; otherwise one whose sidecar reports it replicating
-/// (or holding a write whose copy failed, which its secondary never got), or that no sidecar reported a
-/// state for (gRPC-only clusters report none while replicating). A volume primary-only, resyncing,
-/// suspended, in no group yet, or not yet confirmed is not.
+/// During a resync only a volume that finished it is; otherwise one whose sidecar reports it replicating,
+/// holding a write whose copy failed (its secondary never got it), or suspended (its writes held: a
+/// report can show the suspension of the very freeze being decided, when a decision is retried after a
+/// conflict), or that no sidecar reported a state for yet. A volume primary-only, resyncing, in no group
+/// yet, or not yet confirmed is not.
 fn in_sync(member: &MemberVolumeStatus, epoch: u64, resyncing: bool) -> bool {
     if resyncing {
         return member.state == Some(VolumeState::Replicating)
@@ -634,7 +635,9 @@ fn in_sync(member: &MemberVolumeStatus, epoch: u64, resyncing: bool) -> bool {
     }
     matches!(
         member.state,
-        None | Some(VolumeState::Replicating) | Some(VolumeState::Held)
+        None | Some(VolumeState::Replicating)
+            | Some(VolumeState::Held)
+            | Some(VolumeState::Suspended)
     )
 }
 
