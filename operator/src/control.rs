@@ -318,7 +318,7 @@ impl Control for ControlService {
                 node: node.1.clone(),
                 volume_handle: failure.volume_handle.clone(),
                 epoch_seen: failure.epoch_seen,
-                message: failure.error.clone(),
+                message: lockstep_api::domain::bounded_message(&failure.error),
             });
             if self.engine.group_by_uid(&failure.group_uid).is_none() {
                 tracing::warn!(cluster = %node.0, node = %node.1, group_uid = %failure.group_uid, "report for a group this hub does not know");

@@ -446,11 +446,14 @@ pub async fn watch_replicator(context: Arc<Context>, replicator: Replicator) {
             match event {
                 Some(Ok(ReplicatorEvent::CopyFailed(failed))) => {
                     backoff.reset();
-                    tracing::warn!(volume = %failed.volume_handle, error = %failed.error, "copy failed");
+                    // Bounded here, where the failure enters the sidecar: both paths carry it, and a
+                    // status holds at most this much (issue 21 item 2).
+                    let error = lockstep_api::domain::bounded_message(&failed.error);
+                    tracing::warn!(volume = %failed.volume_handle, %error, "copy failed");
                     context.send(Input::CopyFailed {
                         volume: failed.volume_handle,
                         sequence: failed.sequence,
-                        error: failed.error,
+                        error,
                         since_unix_ms: failed.since_unix_ms,
                     });
                 }
