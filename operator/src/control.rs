@@ -94,6 +94,10 @@ fn not_decided(node: &NodeKey, error: EngineError) -> Status {
         error @ (EngineError::Hub(_) | EngineError::Conflicts(_)) => {
             Status::unavailable(format!("not persisted, send it again: {error}"))
         }
+        // Dropped: the same message would decide the same refused status again.
+        error @ EngineError::StatusRefused { .. } => {
+            Status::failed_precondition(format!("dropped: {error}"))
+        }
     }
 }
 
@@ -407,7 +411,11 @@ impl Control for ControlService {
         let (id, receiver) = self
             .engine
             .sessions()
-            .open(node.clone(), reported_volumes(&node, &request.volumes));
+            .open(node.clone(), reported_volumes(&node, &request.volumes))
+            .map_err(|refused| {
+                tracing::warn!(cluster = %node.0, node = %node.1, %refused, "subscription refused");
+                Status::resource_exhausted(refused.to_string())
+            })?;
         tracing::info!(cluster = %node.0, node = %node.1, "sidecar subscribed");
         self.engine.sessions().push_membership(
             &node.0,
@@ -434,7 +442,7 @@ impl Control for ControlService {
                 let heartbeat = ControlMessage {
                     kind: Some(Kind::Heartbeat(pb::Heartbeat { sent_unix_ms })),
                 };
-                if !sessions.send_to_node(&node, heartbeat) {
+                if !sessions.send_to_session(&node, id, heartbeat) {
                     sessions.close(&node, id);
                     break;
                 }

@@ -71,6 +71,11 @@ pub struct Options {
     /// How long the leader Lease lasts without renewal: a standby takes over within it.
     #[arg(long, default_value = "15s", value_parser = parse_duration)]
     pub lease_duration: Duration,
+    /// How many sidecars (one gRPC session each, by node name) one member cluster may have subscribed at
+    /// once: a further node is answered RESOURCE_EXHAUSTED, so one peer inventing node names cannot open
+    /// sessions without limit.
+    #[arg(long, env = "LOCKSTEP_MAX_SESSIONS_PER_CLUSTER", default_value_t = sessions::DEFAULT_SESSIONS_PER_CLUSTER)]
+    pub max_sessions_per_cluster: usize,
 }
 
 /// The name of the leader Lease.
@@ -108,7 +113,7 @@ impl Operator {
     pub async fn start(client: Client, options: &Options) -> anyhow::Result<Self> {
         let shutdown = CancellationToken::new();
         let metrics = Metrics::default();
-        let sessions = Sessions::default();
+        let sessions = Sessions::with_limit(options.max_sessions_per_cluster);
         let mut tasks = Vec::new();
         let leader = if options.leader_election {
             let election = leader::LeaderElection::new(

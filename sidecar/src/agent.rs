@@ -218,9 +218,10 @@ impl Agent {
                 _ = inventory.tick() => self.refresh_inventory().await,
                 _ = fail_safe.tick() => {
                     let failures = self.core.failures();
+                    let (core, configured) = (&self.core, self.config.fail_safe_interval);
                     if self.context.reports.fail_safe_due(
                         &failures,
-                        self.config.fail_safe_interval,
+                        |group_uid| core.fail_safe_interval(group_uid, configured),
                         Instant::now(),
                     ) {
                         self.process(Input::FailSafeTimer).await;

@@ -42,6 +42,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
+use std::time::Duration;
 
 use lockstep_api::domain::{ClaimOrder, GroupEpoch, Path, Stage};
 
@@ -1108,6 +1109,11 @@ impl Enforcer {
             .values()
             .flat_map(|g| g.failures.values().cloned())
             .collect()
+    }
+
+    /// The fail-safe interval for a group's failures, given the configured one.
+    pub fn fail_safe_interval(&self, _group_uid: &str, configured: Duration) -> Duration {
+        configured
     }
 
     /// Held writes failed by the hold timeout, per volume, until the group resumes or freezes again.
