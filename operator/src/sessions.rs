@@ -384,4 +384,40 @@ mod tests {
         );
         assert_eq!(sessions.count("east"), 0);
     }
+
+    fn heartbeat() -> ControlMessage {
+        ControlMessage {
+            kind: Some(Kind::Heartbeat(pb::Heartbeat { sent_unix_ms: 1 })),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_cluster_has_at_most_its_limit_of_sessions_and_a_reconnecting_node_is_not_refused() {
+        let sessions = Sessions::with_limit(2);
+        let _a = sessions.open_ok(key("east", "a"), Vec::new());
+        let _b = sessions.open_ok(key("east", "b"), Vec::new());
+        let refused = sessions.open(key("east", "c"), Vec::new());
+        assert!(refused.is_err(), "a third node of east is refused");
+        assert_eq!(sessions.count("east"), 2);
+        let _again = sessions.open_ok(key("east", "a"), Vec::new());
+        let _west = sessions.open_ok(key("west", "a"), Vec::new());
+        assert_eq!((sessions.count("east"), sessions.count("west")), (2, 1));
+    }
+
+    #[tokio::test]
+    async fn a_replaced_session_takes_no_more_heartbeats_so_its_task_ends() {
+        let sessions = Sessions::default();
+        let (old, _old_receiver) = sessions.open_ok(key("east", "a"), Vec::new());
+        let (new, mut receiver) = sessions.open_ok(key("east", "a"), Vec::new());
+        assert!(
+            !sessions.send_to_session(&key("east", "a"), old, heartbeat()),
+            "the replaced session's heartbeat task is told to end"
+        );
+        assert!(
+            receiver.try_recv().is_err(),
+            "nor does its heartbeat reach the new stream"
+        );
+        assert!(sessions.send_to_session(&key("east", "a"), new, heartbeat()));
+        assert!(receiver.try_recv().is_ok());
+    }
 }

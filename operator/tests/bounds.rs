@@ -385,3 +385,75 @@ async fn a_group_whose_selector_resolves_more_volumes_than_the_status_lists_is_d
     operator.shutdown().await;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_gets_at_most_its_limit_of_grpc_sessions() -> TestResult {
+    let (_server, hub) = cluster().await;
+    member_cluster(&hub, "edge", ClusterPaths::GrpcOnly, false).await;
+    let options = Options {
+        max_sessions_per_cluster: 2,
+        ..options()
+    };
+    let operator = Operator::start(hub.clone(), &options).await?;
+    let mut control = ControlClient::connect(format!("http://{}", operator.grpc_addr)).await?;
+    let subscribe = |node: &str| SubscribeRequest {
+        node: Some(NodeIdentity {
+            cluster: "edge".into(),
+            node: node.into(),
+        }),
+        volumes: vec![],
+        seen: vec![],
+    };
+    let _first = control.subscribe(subscribe("edge-1")).await?;
+    let _second = control.subscribe(subscribe("edge-2")).await?;
+    let refused = control
+        .subscribe(subscribe("edge-3"))
+        .await
+        .expect_err("a third node of edge is refused");
+    assert_eq!(
+        refused.code(),
+        tonic::Code::ResourceExhausted,
+        "{refused:?}"
+    );
+    // A node that reconnects replaces its own session: not refused.
+    let _again = control.subscribe(subscribe("edge-1")).await?;
+    operator.shutdown().await;
+    Ok(())
+}
+
+/// How many decision batches held more than `events` events, from the operator's metrics.
+async fn batches_larger_than(operator: &Operator, events: u32) -> u64 {
+    let metrics = http_get(operator.http_addr, "/metrics").await.unwrap();
+    let value = |prefix: &str| {
+        metrics
+            .lines()
+            .find_map(|line| line.strip_prefix(prefix))
+            .and_then(|value| value.trim().parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    value("lockstep_decision_batch_events_count ")
+        - value(&format!(
+            "lockstep_decision_batch_events_bucket{{le=\"{events}.0\"}} "
+        ))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_failures_of_one_report_are_decided_as_one_batch() -> TestResult {
+    let (_server, hub, operator) = edge_world().await;
+    let mut control = ControlClient::connect(format!("http://{}", operator.grpc_addr)).await?;
+    let pvcs = ["a", "b", "c", "d", "e", "f", "g", "h"];
+    let (_stream, uid) = edge_group(&hub, &mut control, &pvcs).await;
+    assert_eq!(batches_larger_than(&operator, 4).await, 0);
+    let failures = pvcs
+        .iter()
+        .map(|pvc| failure(&uid, pvc, format!("{pvc}: link cut")))
+        .collect();
+    report(&mut control, failures).await?;
+    at_epoch_1(&hub).await;
+    assert!(
+        batches_larger_than(&operator, 4).await >= 1,
+        "the report's eight failures were decided together"
+    );
+    operator.shutdown().await;
+    Ok(())
+}
