@@ -1171,18 +1171,21 @@ impl Engine {
         }
     }
 
+    /// Decides several events about one group as one batch (one read, at most one status write).
+    pub async fn handle_many(&self, uid: &str, events: Vec<Event>) -> Result<(), EngineError> {
+        let name = self
+            .group_by_uid(uid)
+            .map(|group| group.name_any())
+            .ok_or_else(|| EngineError::UnknownGroup(uid.to_owned()))?;
+        let span = tracing::info_span!("decide", group = %name, events = events.len());
+        self.handle_all(uid, &name, events, None)
+            .instrument(span)
+            .await
+    }
+
     /// Handles several events about one group as one batch; a failure is only worth a log line.
     pub async fn handle_many_quietly(&self, uid: &str, events: Vec<Event>) {
-        let Some(name) = self.group_by_uid(uid).map(|group| group.name_any()) else {
-            tracing::warn!(group_uid = uid, "events for a group this hub does not know");
-            return;
-        };
-        let span = tracing::info_span!("decide", group = %name, events = events.len());
-        let result = self
-            .handle_all(uid, &name, events, None)
-            .instrument(span)
-            .await;
-        if let Err(error) = result {
+        if let Err(error) = self.handle_many(uid, events).await {
             tracing::warn!(%error, group_uid = uid, "events not handled");
         }
     }

@@ -95,14 +95,28 @@ impl Sessions {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// Opens a session for a node, replacing (and so closing) an older one of the same node.
+    /// Opens a session for a node, replacing (and so closing) an older one of the same node; a node new
+    /// to a cluster that already has its limit of sessions is refused.
     pub fn open(
         &self,
         node: NodeKey,
         volumes: Vec<ReportedVolume>,
     ) -> Result<(u64, mpsc::Receiver<Result<ControlMessage, tonic::Status>>), TooManySessions> {
-        let (sender, receiver) = mpsc::channel(SESSION_BUFFER);
         let mut inner = self.lock();
+        if !inner.by_node.contains_key(&node) {
+            let open = inner
+                .by_node
+                .keys()
+                .filter(|(cluster, _)| *cluster == node.0)
+                .count();
+            if open >= self.per_cluster {
+                return Err(TooManySessions {
+                    cluster: node.0,
+                    limit: self.per_cluster,
+                });
+            }
+        }
+        let (sender, receiver) = mpsc::channel(SESSION_BUFFER);
         inner.next_id += 1;
         let id = inner.next_id;
         inner.by_node.insert(
@@ -253,9 +267,15 @@ impl Sessions {
         clusters
     }
 
-    /// Sends a message to one session of a node, if it is open; `false` once it is not.
-    pub fn send_to_session(&self, node: &NodeKey, _id: u64, message: ControlMessage) -> bool {
-        self.send_to_node(node, message)
+    /// Sends a message to one session of a node, if it is open; `false` once it is not — closed, or
+    /// replaced by a newer session of the same node (whose own heartbeat task serves it), so the task
+    /// that sends it heartbeats ends.
+    pub fn send_to_session(&self, node: &NodeKey, id: u64, message: ControlMessage) -> bool {
+        self.lock()
+            .by_node
+            .get(node)
+            .filter(|session| session.id == id)
+            .is_some_and(|session| session.sender.try_send(Ok(message)).is_ok())
     }
 
     /// Sends a message to one node's session, if it is open.

@@ -204,7 +204,9 @@ impl Agent {
     pub async fn run(mut self, mut inputs: mpsc::UnboundedReceiver<Input>) {
         let stop = self.context.stop.clone();
         let mut inventory = tokio::time::interval(self.config.inventory_interval);
-        let check = (self.config.fail_safe_interval / 4).max(Duration::from_millis(20));
+        // Often enough for the shortest per-group interval too (half of a 1s hold timeout).
+        let check = (self.config.fail_safe_interval / 4)
+            .clamp(Duration::from_millis(20), Duration::from_millis(125));
         let mut fail_safe = tokio::time::interval(check);
         fail_safe.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         inventory.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -254,6 +256,27 @@ impl Agent {
     }
 
     async fn process(&mut self, input: Input) {
+        if let Input::Membership {
+            group_uid,
+            group_name,
+            hold_timeout_ms,
+            ..
+        } = &input
+        {
+            let hold =
+                Duration::from_millis(crate::enforce::bounded_hold_timeout_ms(*hold_timeout_ms));
+            let configured = self.config.fail_safe_interval;
+            let note = format!("fail-safe {group_uid} {hold:?}");
+            if !hold.is_zero() && configured >= hold && self.logged.insert(note) {
+                tracing::warn!(
+                    group = %group_name,
+                    fail_safe_interval = ?configured,
+                    hold_timeout = ?hold,
+                    used = ?hold / 2,
+                    "the fail-safe interval is not below the group's hold timeout: half the hold timeout is used for it"
+                );
+            }
+        }
         let directive = match &input {
             Input::Directive { path, target } => Some((*path, target.clone())),
             _ => None,
