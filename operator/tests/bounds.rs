@@ -302,9 +302,13 @@ async fn a_status_write_the_api_server_refuses_drops_its_events_with_a_warning_a
     narrow_trigger_message(&hub, 16).await;
 
     // The status this report decides is refused by the API server (422): the operator drops the event,
-    // says so in a Warning Event on the group and a metric.
+    // answers the sender that it was not applied, and says so in a Warning Event on the group and a
+    // metric.
     let refused_error = "the link to the secondary was cut by a test".to_owned();
-    report(&mut control, vec![failure(&uid, "wal", refused_error)]).await?;
+    let answer = report(&mut control, vec![failure(&uid, "wal", refused_error)])
+        .await
+        .expect_err("the sender is told its report was not applied");
+    assert_eq!(answer.code(), tonic::Code::FailedPrecondition, "{answer:?}");
     let (_, reason, note) = eventually("a Warning Event on the group", || {
         let hub = hub.clone();
         async move {
