@@ -16,7 +16,8 @@ pub struct ConditionUpdate<'a> {
     pub message: String,
 }
 
-/// Sets a condition in `conditions`, keeping its transition time when its status did not change.
+/// Sets a condition in `conditions`, keeping its transition time when its status did not change; the
+/// message is cut to [`crate::domain::MESSAGE_LIMIT`] bytes.
 pub fn set(
     conditions: &mut Vec<Condition>,
     update: ConditionUpdate<'_>,
@@ -34,14 +35,14 @@ pub fn set(
                 condition.status = status.to_owned();
             }
             condition.reason = update.reason.to_owned();
-            condition.message = update.message;
+            condition.message = crate::domain::bounded_message(&update.message);
             condition.observed_generation = generation;
         }
         None => conditions.push(Condition {
             type_: update.type_.to_owned(),
             status: status.to_owned(),
             reason: update.reason.to_owned(),
-            message: update.message,
+            message: crate::domain::bounded_message(&update.message),
             observed_generation: generation,
             last_transition_time: now.clone(),
         }),

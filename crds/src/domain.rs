@@ -331,3 +331,39 @@ mod tests {
         );
     }
 }
+
+/// The longest message, in bytes, a status or an Event carries for people (a copy error, a condition's
+/// message): every such string in the CRDs has this `maxLength`, so one long error can never make an
+/// object the API server refuses.
+pub const MESSAGE_LIMIT: usize = 1024;
+
+/// `text` cut to at most [`MESSAGE_LIMIT`] bytes, on a character boundary, ending with a marker that says
+/// how long it was; shorter text is returned as it is.
+pub fn bounded_message(text: &str) -> String {
+    if text.len() <= MESSAGE_LIMIT {
+        return text.to_owned();
+    }
+    let marker = format!(" … [truncated, {} bytes in all]", text.len());
+    let mut end = MESSAGE_LIMIT.saturating_sub(marker.len());
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}{marker}", &text[..end])
+}
+
+#[cfg(test)]
+mod message_tests {
+    use super::*;
+
+    #[test]
+    fn a_long_message_is_cut_to_the_limit_with_a_marker_and_a_short_one_kept() {
+        assert_eq!(bounded_message("link cut"), "link cut");
+        let long = "é".repeat(2 * 1024 * 1024);
+        let cut = bounded_message(&long);
+        assert!(cut.len() <= MESSAGE_LIMIT, "{} bytes", cut.len());
+        assert!(cut.ends_with(&format!("[truncated, {} bytes in all]", long.len())));
+        assert!(cut.starts_with("éé"));
+        let exact = "x".repeat(MESSAGE_LIMIT);
+        assert_eq!(bounded_message(&exact), exact);
+    }
+}

@@ -200,6 +200,41 @@ fn the_status_epoch_never_decreases() {
     );
 }
 
+/// The strings of a schema node and its children that have neither a `maxLength` nor an `enum`, or a
+/// `maxLength` above 1024, as paths.
+fn unbounded_strings(node: &Value, path: &str, found: &mut Vec<String>) {
+    if node["type"] == "string" && node.get("enum").is_none() {
+        match node["maxLength"].as_u64() {
+            Some(max) if max <= 1024 => {}
+            Some(max) => found.push(format!("{path}: maxLength {max} above 1024")),
+            None => found.push(format!("{path}: no maxLength")),
+        }
+    }
+    if let Some(properties) = node["properties"].as_object() {
+        for (name, child) in properties {
+            unbounded_strings(child, &format!("{path}.{name}"), found);
+        }
+    }
+    if let Some(items) = node.get("items") {
+        unbounded_strings(items, &format!("{path}[]"), found);
+    }
+    if let Some(values) = node.get("additionalProperties").filter(|v| v.is_object()) {
+        unbounded_strings(values, &format!("{path}{{}}"), found);
+    }
+}
+
+#[test]
+fn every_spec_and_status_string_has_a_max_length_of_at_most_1024() {
+    // One oversized string (a 2 MiB copy error) made a group's status unwritable (issue 21 item 2): the API
+    // server must refuse it at the door, and the operator bounds what it writes to the same limits.
+    for crd in crds::all() {
+        let kind = crd.spec.names.kind.clone();
+        let mut found = Vec::new();
+        unbounded_strings(&schema_for(&kind), "", &mut found);
+        assert!(found.is_empty(), "{kind}: unbounded strings: {found:#?}");
+    }
+}
+
 /// Every rule in a compiled schema, with the cost analysis of the node it sits on.
 fn cost_warnings(node: &kube_cel::CompiledSchema, found: &mut Vec<String>, rules: &mut usize) {
     for compiled in &node.validations {

@@ -6,7 +6,7 @@
 //! this replica is not the leader or the decision was not persisted); an acknowledgement whose volumes are
 //! not resolved members yet is answered `applied: false` with the reason. The sender sends it again.
 
-use std::{pin::Pin, time::Duration};
+use std::{collections::BTreeMap, pin::Pin, time::Duration};
 
 use futures::Stream;
 use lockstep_api::{
@@ -93,6 +93,10 @@ fn not_decided(node: &NodeKey, error: EngineError) -> Status {
         EngineError::Decide(error) => Status::failed_precondition(error.to_string()),
         error @ (EngineError::Hub(_) | EngineError::Conflicts(_)) => {
             Status::unavailable(format!("not persisted, send it again: {error}"))
+        }
+        // Dropped: the same message would decide the same refused status again.
+        error @ EngineError::StatusRefused { .. } => {
+            Status::failed_precondition(format!("dropped: {error}"))
         }
     }
 }
@@ -293,7 +297,9 @@ impl Control for ControlService {
             // Without an open stream they are dropped: the sidecar sends them again on subscribing.
             self.engine.sessions().record_states(&node, states);
         }
-        let mut groups = Vec::new();
+        // Every entry is checked before any is decided, then each group's entries are decided as one
+        // batch (one read, at most one status write), not one decision per failure.
+        let mut by_group: BTreeMap<&str, Vec<Event>> = BTreeMap::new();
         for failure in &request.failures {
             if failure.epoch_seen > MAX_EPOCH {
                 return Err(refuse(
@@ -312,29 +318,22 @@ impl Control for ControlService {
                     "a failure without a group UID or a volume handle",
                 ));
             }
-            let event = Event::Report(freeze::Report {
-                path: Path::Grpc,
-                cluster: node.0.clone(),
-                node: node.1.clone(),
-                volume_handle: failure.volume_handle.clone(),
-                epoch_seen: failure.epoch_seen,
-                message: failure.error.clone(),
-            });
-            if self.engine.group_by_uid(&failure.group_uid).is_none() {
-                tracing::warn!(cluster = %node.0, node = %node.1, group_uid = %failure.group_uid, "report for a group this hub does not know");
-                return Err(Status::not_found(format!(
-                    "no ConsistencyGroup with UID {:?} on this hub",
-                    failure.group_uid
-                )));
-            }
-            self.engine
-                .handle(&failure.group_uid, event)
-                .await
-                .map_err(|error| not_decided(&node, error))?;
-            if let Some(current) = self.engine.current(&failure.group_uid) {
-                groups.push(pb::GroupEpoch::from(&current));
-            }
+            by_group
+                .entry(&failure.group_uid)
+                .or_default()
+                .push(Event::Report(freeze::Report {
+                    path: Path::Grpc,
+                    cluster: node.0.clone(),
+                    node: node.1.clone(),
+                    volume_handle: failure.volume_handle.clone(),
+                    epoch_seen: failure.epoch_seen,
+                    message: lockstep_api::domain::bounded_message(&failure.error),
+                }));
         }
+        let mut unknown_group = by_group
+            .keys()
+            .find(|uid| self.engine.group_by_uid(uid).is_none())
+            .map(|uid| (*uid).to_owned());
         for held in &request.hold_timeouts {
             if held.epoch > MAX_EPOCH {
                 return Err(refuse(
@@ -355,31 +354,47 @@ impl Control for ControlService {
                 ));
             }
             if self.engine.group_by_uid(&held.group_uid).is_none() {
-                tracing::warn!(cluster = %node.0, node = %node.1, group_uid = %held.group_uid, "hold timeout for a group this hub does not know");
-                return Err(Status::not_found(format!(
-                    "no ConsistencyGroup with UID {:?} on this hub",
-                    held.group_uid
-                )));
+                unknown_group.get_or_insert_with(|| held.group_uid.clone());
+                continue;
             }
-            let event = Event::HoldTimedOut(freeze::HoldTimeoutReport {
-                path: Path::Grpc,
-                cluster: node.0.clone(),
-                volume_handle: held.volume_handle.clone(),
-                epoch: held.epoch,
-                failed_writes: held.failed_writes,
-                since: k8s_openapi::jiff::Timestamp::from_millisecond(held.since_unix_ms)
-                    .ok()
-                    .map(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time),
-            });
-            self.engine
-                .handle(&held.group_uid, event)
-                .await
-                .map_err(|error| not_decided(&node, error))?;
-            if let Some(current) = self.engine.current(&held.group_uid)
-                && !groups.iter().any(|group| group.group_uid == held.group_uid)
-            {
+            by_group
+                .entry(&held.group_uid)
+                .or_default()
+                .push(Event::HoldTimedOut(freeze::HoldTimeoutReport {
+                    path: Path::Grpc,
+                    cluster: node.0.clone(),
+                    volume_handle: held.volume_handle.clone(),
+                    epoch: held.epoch,
+                    failed_writes: held.failed_writes,
+                    since: k8s_openapi::jiff::Timestamp::from_millisecond(held.since_unix_ms)
+                        .ok()
+                        .map(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time),
+                }));
+        }
+        let mut groups = Vec::new();
+        let mut not_applied = None;
+        for (uid, events) in by_group {
+            if self.engine.group_by_uid(uid).is_none() {
+                continue;
+            }
+            if let Err(error) = self.engine.handle_many(uid, events).await {
+                not_applied.get_or_insert(not_decided(&node, error));
+                continue;
+            }
+            if let Some(current) = self.engine.current(uid) {
                 groups.push(pb::GroupEpoch::from(&current));
             }
+        }
+        if let Some(uid) = unknown_group {
+            // The entries of known groups were decided (a freeze is never held back); the sender is
+            // told about the group this hub does not know.
+            tracing::warn!(cluster = %node.0, node = %node.1, group_uid = %uid, "report for a group this hub does not know");
+            return Err(Status::not_found(format!(
+                "no ConsistencyGroup with UID {uid:?} on this hub"
+            )));
+        }
+        if let Some(status) = not_applied {
+            return Err(status);
         }
         Ok(Response::new(ReportResponse {
             groups,
@@ -407,7 +422,11 @@ impl Control for ControlService {
         let (id, receiver) = self
             .engine
             .sessions()
-            .open(node.clone(), reported_volumes(&node, &request.volumes));
+            .open(node.clone(), reported_volumes(&node, &request.volumes))
+            .map_err(|refused| {
+                tracing::warn!(cluster = %node.0, node = %node.1, %refused, "subscription refused");
+                Status::resource_exhausted(refused.to_string())
+            })?;
         tracing::info!(cluster = %node.0, node = %node.1, "sidecar subscribed");
         self.engine.sessions().push_membership(
             &node.0,
@@ -434,7 +453,7 @@ impl Control for ControlService {
                 let heartbeat = ControlMessage {
                     kind: Some(Kind::Heartbeat(pb::Heartbeat { sent_unix_ms })),
                 };
-                if !sessions.send_to_node(&node, heartbeat) {
+                if !sessions.send_to_session(&node, id, heartbeat) {
                     sessions.close(&node, id);
                     break;
                 }

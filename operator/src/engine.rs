@@ -54,6 +54,9 @@ const VIEW_REUSE: std::time::Duration = std::time::Duration::from_millis(250);
 /// How many undecided events one group's inbox keeps while its decisions fail.
 const INBOX_LIMIT: usize = 10_000;
 
+/// How many member volumes a group's status lists (`status.members` has this `maxItems`).
+const STATUS_MEMBERS_LIMIT: usize = 1024;
+
 /// How many Events on member claims one decision publishes at once.
 const CLAIM_EVENTS_IN_FLIGHT: usize = 16;
 
@@ -79,6 +82,24 @@ pub enum EngineError {
     /// Another writer kept changing the group.
     #[error("the status of group {0} kept conflicting; will decide again")]
     Conflicts(String),
+    /// The hub's API server refused the status decided for the group as invalid or too large: the same
+    /// events would decide the same status again, so they are dropped rather than retried.
+    #[error("the API server refused the status of group {group} ({code}): {message}")]
+    StatusRefused {
+        /// The group.
+        group: String,
+        /// The HTTP status code.
+        code: u16,
+        /// What the API server said.
+        message: String,
+    },
+}
+
+/// Whether the API server's answer to a status write refuses that status for good (invalid, too large,
+/// forbidden), rather than for now: a conflict, a timeout, throttling and 5xx are worth a retry, and a
+/// group that is gone (404) is handled as unknown on the next read.
+fn refuses_for_good(code: u16) -> bool {
+    (400..500).contains(&code) && !matches!(code, 404 | 408 | 409 | 429)
 }
 
 /// The control system's shared state.
@@ -390,10 +411,18 @@ impl Engine {
         let result = self
             .decide_and_apply(uid, name, &batch, &group_lock, &mut memory)
             .await;
-        if let Err(EngineError::Hub(_) | EngineError::Conflicts(_)) = &result {
-            // Not lost with the batch: the next event or periodic evaluation decides them again, on a
-            // fresh read (they are idempotent: every report and acknowledgement names its epoch).
-            group_lock.requeue(batch.events);
+        match &result {
+            Err(EngineError::Hub(_) | EngineError::Conflicts(_)) => {
+                // Not lost with the batch: the next event or periodic evaluation decides them again, on
+                // a fresh read (they are idempotent: every report and acknowledgement names its epoch).
+                group_lock.requeue(batch.events);
+            }
+            Err(EngineError::StatusRefused { code, message, .. }) => {
+                // Retried, the batch would be refused again, ahead of every later event, forever: it is
+                // dropped, and said so. Senders still holding a failure report it again.
+                self.drop_refused(uid, name, batch.events.len(), *code, message);
+            }
+            _ => {}
         }
         result
     }
@@ -463,6 +492,13 @@ impl Engine {
                         tracing::debug!("status conflict; deciding again on fresh state");
                         continue;
                     }
+                    Err(kube::Error::Api(status)) if refuses_for_good(status.code) => {
+                        return Err(EngineError::StatusRefused {
+                            group: name.to_owned(),
+                            code: status.code,
+                            message: status.message.clone(),
+                        });
+                    }
                     Err(error) => return Err(error.into()),
                 }
             } else {
@@ -502,6 +538,33 @@ impl Engine {
         tokio::spawn(
             async move {
                 engine.record(&group, true, "ClaimRefused", &message).await;
+            }
+            .instrument(tracing::Span::current()),
+        );
+    }
+
+    /// Counts the events of a batch whose status the API server refused and records a Warning Event on
+    /// the group saying so (in the background, off the group's lock).
+    fn drop_refused(&self, uid: &str, name: &str, events: usize, code: u16, message: &str) {
+        tracing::warn!(
+            group = name,
+            events,
+            code,
+            %message,
+            "the API server refused the decided status: events dropped"
+        );
+        self.inner.metrics.events_dropped(name, events);
+        let Some(group) = self.group_by_uid(uid) else {
+            return;
+        };
+        let note = format!(
+            "the API server refused the status decided from {events} reports and acknowledgements ({code}: {message}); \
+             they were dropped so that later ones can be decided (a sidecar still holding a failure reports it again)"
+        );
+        let engine = self.clone();
+        tokio::spawn(
+            async move {
+                engine.record(&group, true, "StatusRefused", &note).await;
             }
             .instrument(tracing::Span::current()),
         );
@@ -705,7 +768,7 @@ impl Engine {
                 EventType::Normal
             },
             reason: reason.to_owned(),
-            note: Some(message.chars().take(1024).collect()),
+            note: Some(lockstep_api::domain::bounded_message(message)),
             action: reason.to_owned(),
             secondary: None,
         };
@@ -1074,7 +1137,7 @@ impl Engine {
                 node: node.spec.node_name.clone(),
                 volume_handle: failure.volume_handle.clone(),
                 epoch_seen: failure.epoch_seen,
-                message: failure.error.clone(),
+                message: lockstep_api::domain::bounded_message(&failure.error),
             });
             by_group.entry(&failure.group_uid).or_default().push(event);
         }
@@ -1108,18 +1171,21 @@ impl Engine {
         }
     }
 
+    /// Decides several events about one group as one batch (one read, at most one status write).
+    pub async fn handle_many(&self, uid: &str, events: Vec<Event>) -> Result<(), EngineError> {
+        let name = self
+            .group_by_uid(uid)
+            .map(|group| group.name_any())
+            .ok_or_else(|| EngineError::UnknownGroup(uid.to_owned()))?;
+        let span = tracing::info_span!("decide", group = %name, events = events.len());
+        self.handle_all(uid, &name, events, None)
+            .instrument(span)
+            .await
+    }
+
     /// Handles several events about one group as one batch; a failure is only worth a log line.
     pub async fn handle_many_quietly(&self, uid: &str, events: Vec<Event>) {
-        let Some(name) = self.group_by_uid(uid).map(|group| group.name_any()) else {
-            tracing::warn!(group_uid = uid, "events for a group this hub does not know");
-            return;
-        };
-        let span = tracing::info_span!("decide", group = %name, events = events.len());
-        let result = self
-            .handle_all(uid, &name, events, None)
-            .instrument(span)
-            .await;
-        if let Err(error) = result {
+        if let Err(error) = self.handle_many(uid, events).await {
             tracing::warn!(%error, group_uid = uid, "events not handled");
         }
     }
@@ -1238,19 +1304,32 @@ fn apply_resolution(group: &mut ConsistencyGroup, observation: &Observation) -> 
         &status.members,
         &observation.claimed_elsewhere,
     );
+    let resolved_volumes = resolution.members.len();
+    let too_many = resolved_volumes > STATUS_MEMBERS_LIMIT;
     status.members = resolution.members;
+    // The status lists at most STATUS_MEMBERS_LIMIT volumes (the API server refuses more, and a group
+    // whose status cannot be written can neither freeze on record nor release): the rest stay out of
+    // it and the group counts as unresolved, so no release acts on an image it cannot list.
+    status.members.truncate(STATUS_MEMBERS_LIMIT);
     status.member_count = u32::try_from(status.members.len()).unwrap_or(u32::MAX);
     let update = ConditionUpdate {
         type_: condition::MEMBERS_RESOLVED,
-        status: resolution.resolved,
-        reason: if resolution.resolved {
+        status: resolution.resolved && !too_many,
+        reason: if too_many {
+            "TooManyVolumes"
+        } else if resolution.resolved {
             "Resolved"
         } else if !resolution.refused.is_empty() {
             "ClaimedByAnotherGroup"
         } else {
             "Unresolved"
         },
-        message: if resolution.resolved {
+        message: if too_many {
+            format!(
+                "the members resolve to {resolved_volumes} volumes, more than the {STATUS_MEMBERS_LIMIT} the status can list: \
+                 narrow the selectors or split the group; until then the group is Degraded and a freeze is not released"
+            )
+        } else if resolution.resolved {
             let mut message = format!(
                 "{} member volumes resolved to volumes and nodes",
                 status.member_count

@@ -71,6 +71,11 @@ pub struct Options {
     /// How long the leader Lease lasts without renewal: a standby takes over within it.
     #[arg(long, default_value = "15s", value_parser = parse_duration)]
     pub lease_duration: Duration,
+    /// How many sidecars (one gRPC session each, by node name) one member cluster may have subscribed at
+    /// once: a further node is answered RESOURCE_EXHAUSTED, so one peer inventing node names cannot open
+    /// sessions without limit.
+    #[arg(long, env = "LOCKSTEP_MAX_SESSIONS_PER_CLUSTER", default_value_t = sessions::DEFAULT_SESSIONS_PER_CLUSTER)]
+    pub max_sessions_per_cluster: usize,
 }
 
 /// The name of the leader Lease.
@@ -108,7 +113,7 @@ impl Operator {
     pub async fn start(client: Client, options: &Options) -> anyhow::Result<Self> {
         let shutdown = CancellationToken::new();
         let metrics = Metrics::default();
-        let sessions = Sessions::default();
+        let sessions = Sessions::with_limit(options.max_sessions_per_cluster);
         let mut tasks = Vec::new();
         let leader = if options.leader_election {
             let election = leader::LeaderElection::new(
@@ -207,7 +212,8 @@ impl Operator {
         // Path 2: the gRPC Control service.
         let grpc_listener = tokio::net::TcpListener::bind(options.grpc_listen).await?;
         let grpc_addr = grpc_listener.local_addr()?;
-        let service = ControlServer::new(control::ControlService::new(engine.clone()));
+        let service = ControlServer::new(control::ControlService::new(engine.clone()))
+            .max_decoding_message_size(MAX_CONTROL_MESSAGE);
         tasks.push(tokio::spawn(serve_control(
             Arc::new(grpc_listener),
             service,
@@ -281,6 +287,9 @@ async fn serve_control(
             Some((accepted, listener))
         });
         let served = tonic::transport::Server::builder()
+            .layer(tower::util::MapResponseLayer::new(
+                resource_exhausted_for_oversized as fn(_) -> _,
+            ))
             .add_service(service.clone())
             .serve_with_incoming_shutdown(incoming, generation.clone().cancelled_owned());
         draining.spawn(async move {
@@ -310,6 +319,37 @@ async fn serve_control(
         }
         while draining.try_join_next().is_some() {}
     }
+}
+
+/// The largest Control message a sidecar may send (a node's report of every failure it holds is far
+/// smaller): a larger one is answered RESOURCE_EXHAUSTED before it is decoded, so one peer cannot make the
+/// operator hold megabytes, nor carry them into a status the API server would refuse.
+pub const MAX_CONTROL_MESSAGE: usize = 64 * 1024;
+
+/// tonic answers a message over the decoding limit with OUT_OF_RANGE; gRPC's status codes say
+/// RESOURCE_EXHAUSTED for a message larger than the receiver accepts, which is what a sidecar is told.
+/// Such an answer carries its status in the headers (trailers-only), where this rewrites it.
+fn resource_exhausted_for_oversized(
+    mut response: ::http::Response<tonic::body::Body>,
+) -> ::http::Response<tonic::body::Body> {
+    let headers = response.headers_mut();
+    let out_of_range = headers
+        .get("grpc-status")
+        .is_some_and(|status| status.as_bytes() == b"11");
+    let too_large = headers
+        .get("grpc-message")
+        .and_then(|message| message.to_str().ok())
+        .is_some_and(|message| {
+            message.contains("message length too large")
+                || message.contains("message%20length%20too%20large")
+        });
+    if out_of_range && too_large {
+        headers.insert(
+            "grpc-status",
+            ::http::HeaderValue::from_static("8"), // RESOURCE_EXHAUSTED
+        );
+    }
+    response
 }
 
 /// Aborts a task when dropped (a detached JoinHandle would let it run on).

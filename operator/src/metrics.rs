@@ -46,6 +46,7 @@ pub struct Metrics {
     groups: Family<PhaseLabels, Gauge>,
     volumes: Family<StateLabels, Gauge>,
     held_writes_failed: Family<GroupLabels, Counter>,
+    events_dropped: Family<GroupLabels, Counter>,
     decision_batch: Histogram,
 }
 
@@ -67,6 +68,12 @@ impl Default for Metrics {
         let groups = Family::<PhaseLabels, Gauge>::default();
         let volumes = Family::<StateLabels, Gauge>::default();
         let held_writes_failed = Family::<GroupLabels, Counter>::default();
+        let events_dropped = Family::<GroupLabels, Counter>::default();
+        registry.register(
+            "events_dropped",
+            "Reports and acknowledgements about a group dropped because the API server refused the status they decided (invalid or too large), by group",
+            events_dropped.clone(),
+        );
         let decision_batch = Histogram::new([1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0]);
         registry.register(
             "decision_batch_events",
@@ -113,12 +120,22 @@ impl Default for Metrics {
             groups,
             volumes,
             held_writes_failed,
+            events_dropped,
             decision_batch,
         }
     }
 }
 
 impl Metrics {
+    /// `count` events about a group were dropped: the API server refused the status they decided.
+    pub fn events_dropped(&self, group: &str, count: usize) {
+        self.events_dropped
+            .get_or_create(&GroupLabels {
+                group: group.to_owned(),
+            })
+            .inc_by(u64::try_from(count).unwrap_or(u64::MAX));
+    }
+
     /// A report arrived on a path.
     pub fn report(&self, path: Path) {
         self.reports

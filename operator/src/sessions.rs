@@ -34,10 +34,31 @@ struct Session {
 /// A volume's replication state as its sidecar reported it, at the (epoch, stage) it carried.
 pub type VolumeReplication = (VolumeState, u64, Stage);
 
+/// How many sessions one member cluster may have open, unless the operator is told otherwise.
+pub const DEFAULT_SESSIONS_PER_CLUSTER: usize = 10_000;
+
+/// A cluster already has as many sessions as it may: a new node's subscription is refused.
+#[derive(Debug, thiserror::Error)]
+#[error("member cluster {cluster:?} already has {limit} gRPC sessions open, the most it may have")]
+pub struct TooManySessions {
+    /// The cluster.
+    pub cluster: String,
+    /// Its limit.
+    pub limit: usize,
+}
+
 /// The registry of open streams, shared by the gRPC service and the fan-out.
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct Sessions {
     inner: Arc<Mutex<Inner>>,
+    /// How many sessions one cluster may have open.
+    per_cluster: usize,
+}
+
+impl Default for Sessions {
+    fn default() -> Self {
+        Self::with_limit(DEFAULT_SESSIONS_PER_CLUSTER)
+    }
 }
 
 #[derive(Default)]
@@ -53,11 +74,20 @@ impl std::fmt::Debug for Sessions {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Sessions")
             .field("open", &self.lock().by_node.len())
+            .field("per_cluster", &self.per_cluster)
             .finish()
     }
 }
 
 impl Sessions {
+    /// A registry in which each cluster may have at most `per_cluster` sessions open.
+    pub fn with_limit(per_cluster: usize) -> Self {
+        Self {
+            inner: Arc::default(),
+            per_cluster,
+        }
+    }
+
     fn lock(&self) -> MutexGuard<'_, Inner> {
         // A poisoned registry only means a panic elsewhere; its data stays usable.
         self.inner
@@ -65,14 +95,28 @@ impl Sessions {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// Opens a session for a node, replacing (and so closing) an older one of the same node.
+    /// Opens a session for a node, replacing (and so closing) an older one of the same node; a node new
+    /// to a cluster that already has its limit of sessions is refused.
     pub fn open(
         &self,
         node: NodeKey,
         volumes: Vec<ReportedVolume>,
-    ) -> (u64, mpsc::Receiver<Result<ControlMessage, tonic::Status>>) {
-        let (sender, receiver) = mpsc::channel(SESSION_BUFFER);
+    ) -> Result<(u64, mpsc::Receiver<Result<ControlMessage, tonic::Status>>), TooManySessions> {
         let mut inner = self.lock();
+        if !inner.by_node.contains_key(&node) {
+            let open = inner
+                .by_node
+                .keys()
+                .filter(|(cluster, _)| *cluster == node.0)
+                .count();
+            if open >= self.per_cluster {
+                return Err(TooManySessions {
+                    cluster: node.0,
+                    limit: self.per_cluster,
+                });
+            }
+        }
+        let (sender, receiver) = mpsc::channel(SESSION_BUFFER);
         inner.next_id += 1;
         let id = inner.next_id;
         inner.by_node.insert(
@@ -84,7 +128,7 @@ impl Sessions {
                 states: BTreeMap::new(),
             },
         );
-        (id, receiver)
+        Ok((id, receiver))
     }
 
     /// Closes a session, unless a newer one of the same node replaced it.
@@ -223,6 +267,17 @@ impl Sessions {
         clusters
     }
 
+    /// Sends a message to one session of a node, if it is open; `false` once it is not — closed, or
+    /// replaced by a newer session of the same node (whose own heartbeat task serves it), so the task
+    /// that sends it heartbeats ends.
+    pub fn send_to_session(&self, node: &NodeKey, id: u64, message: ControlMessage) -> bool {
+        self.lock()
+            .by_node
+            .get(node)
+            .filter(|session| session.id == id)
+            .is_some_and(|session| session.sender.try_send(Ok(message)).is_ok())
+    }
+
     /// Sends a message to one node's session, if it is open.
     pub fn send_to_node(&self, node: &NodeKey, message: ControlMessage) -> bool {
         self.lock()
@@ -256,7 +311,19 @@ pub fn directive(point: &GroupEpoch, group_name: &str) -> ControlMessage {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
+
     use super::*;
+
+    impl Sessions {
+        fn open_ok(
+            &self,
+            node: NodeKey,
+            volumes: Vec<ReportedVolume>,
+        ) -> (u64, mpsc::Receiver<Result<ControlMessage, tonic::Status>>) {
+            self.open(node, volumes).unwrap()
+        }
+    }
 
     fn key(cluster: &str, node: &str) -> NodeKey {
         (cluster.to_owned(), node.to_owned())
@@ -265,9 +332,9 @@ mod tests {
     #[tokio::test]
     async fn a_directive_reaches_each_node_of_the_member_clusters_once() {
         let sessions = Sessions::default();
-        let (_, mut east_a) = sessions.open(key("east", "a"), Vec::new());
-        let (_, mut east_b) = sessions.open(key("east", "b"), Vec::new());
-        let (_, mut west) = sessions.open(key("west", "a"), Vec::new());
+        let (_, mut east_a) = sessions.open_ok(key("east", "a"), Vec::new());
+        let (_, mut east_b) = sessions.open_ok(key("east", "b"), Vec::new());
+        let (_, mut west) = sessions.open_ok(key("west", "a"), Vec::new());
         let point = GroupEpoch::new("uid", 1, Stage::Freeze).unwrap();
         let sent = sessions.send_to_clusters(&["east".to_owned()], &directive(&point, "orders"));
         assert_eq!(sent, 2);
@@ -293,7 +360,7 @@ mod tests {
     #[tokio::test]
     async fn a_membership_goes_to_a_cluster_when_it_changes_and_to_a_node_joining_it() {
         let sessions = Sessions::default();
-        let (_, mut a) = sessions.open(key("east", "a"), Vec::new());
+        let (_, mut a) = sessions.open_ok(key("east", "a"), Vec::new());
         assert_eq!(
             sessions.push_membership("east", membership("orders", 1), None),
             1
@@ -304,7 +371,7 @@ mod tests {
             0,
             "a new point alone is the directives' business"
         );
-        let (_, mut b) = sessions.open(key("east", "b"), Vec::new());
+        let (_, mut b) = sessions.open_ok(key("east", "b"), Vec::new());
         let joining = key("east", "b");
         assert_eq!(
             sessions.push_membership("east", membership("orders", 2), Some(&joining)),
@@ -321,8 +388,8 @@ mod tests {
     #[tokio::test]
     async fn a_reconnecting_node_replaces_its_old_session_and_gone_streams_are_dropped() {
         let sessions = Sessions::default();
-        let (old, _old_receiver) = sessions.open(key("east", "a"), Vec::new());
-        let (_, receiver) = sessions.open(key("east", "a"), Vec::new());
+        let (old, _old_receiver) = sessions.open_ok(key("east", "a"), Vec::new());
+        let (_, receiver) = sessions.open_ok(key("east", "a"), Vec::new());
         sessions.close(&key("east", "a"), old);
         assert_eq!(
             sessions.count("east"),
@@ -336,5 +403,41 @@ mod tests {
             0
         );
         assert_eq!(sessions.count("east"), 0);
+    }
+
+    fn heartbeat() -> ControlMessage {
+        ControlMessage {
+            kind: Some(Kind::Heartbeat(pb::Heartbeat { sent_unix_ms: 1 })),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_cluster_has_at_most_its_limit_of_sessions_and_a_reconnecting_node_is_not_refused() {
+        let sessions = Sessions::with_limit(2);
+        let _a = sessions.open_ok(key("east", "a"), Vec::new());
+        let _b = sessions.open_ok(key("east", "b"), Vec::new());
+        let refused = sessions.open(key("east", "c"), Vec::new());
+        assert!(refused.is_err(), "a third node of east is refused");
+        assert_eq!(sessions.count("east"), 2);
+        let _again = sessions.open_ok(key("east", "a"), Vec::new());
+        let _west = sessions.open_ok(key("west", "a"), Vec::new());
+        assert_eq!((sessions.count("east"), sessions.count("west")), (2, 1));
+    }
+
+    #[tokio::test]
+    async fn a_replaced_session_takes_no_more_heartbeats_so_its_task_ends() {
+        let sessions = Sessions::default();
+        let (old, _old_receiver) = sessions.open_ok(key("east", "a"), Vec::new());
+        let (new, mut receiver) = sessions.open_ok(key("east", "a"), Vec::new());
+        assert!(
+            !sessions.send_to_session(&key("east", "a"), old, heartbeat()),
+            "the replaced session's heartbeat task is told to end"
+        );
+        assert!(
+            receiver.try_recv().is_err(),
+            "nor does its heartbeat reach the new stream"
+        );
+        assert!(sessions.send_to_session(&key("east", "a"), new, heartbeat()));
+        assert!(receiver.try_recv().is_ok());
     }
 }

@@ -38,6 +38,7 @@ fn options() -> Options {
         namespace: "lockstep-system".into(),
         identity: "operator-0".into(),
         lease_duration: Duration::from_secs(2),
+        max_sessions_per_cluster: lockstep_operator::sessions::DEFAULT_SESSIONS_PER_CLUSTER,
     }
 }
 

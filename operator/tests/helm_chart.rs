@@ -403,6 +403,7 @@ async fn with_the_charts_rbac_enforced_its_service_accounts_freeze_resync_and_de
         namespace: NAMESPACE.into(),
         identity: "lockstep-operator-0".into(),
         lease_duration: Duration::from_secs(5),
+        max_sessions_per_cluster: lockstep_operator::sessions::DEFAULT_SESSIONS_PER_CLUSTER,
     };
     let operator_client = east.client_as(Some(OPERATOR)).await.unwrap();
     let operator = Operator::start(operator_client, &options).await.unwrap();

@@ -34,6 +34,7 @@ fn replica(identity: &str) -> Options {
         namespace: "lockstep-system".into(),
         identity: identity.into(),
         lease_duration: Duration::from_secs(2),
+        max_sessions_per_cluster: lockstep_operator::sessions::DEFAULT_SESSIONS_PER_CLUSTER,
     }
 }
 

@@ -232,6 +232,7 @@ async fn setup_with_hold_timeout(fault: Fault, policy: Policy, hold_timeout: &st
         namespace: "lockstep".into(),
         identity: "operator-0".into(),
         lease_duration: Duration::from_secs(15),
+        max_sessions_per_cluster: lockstep_operator::sessions::DEFAULT_SESSIONS_PER_CLUSTER,
     };
     let operator = Operator::start(hub.clone(), &options).await.unwrap();
     let endpoint = if fault == Fault::GrpcDown {

@@ -204,7 +204,9 @@ impl Agent {
     pub async fn run(mut self, mut inputs: mpsc::UnboundedReceiver<Input>) {
         let stop = self.context.stop.clone();
         let mut inventory = tokio::time::interval(self.config.inventory_interval);
-        let check = (self.config.fail_safe_interval / 4).max(Duration::from_millis(20));
+        // Often enough for the shortest per-group interval too (half of a 1s hold timeout).
+        let check = (self.config.fail_safe_interval / 4)
+            .clamp(Duration::from_millis(20), Duration::from_millis(125));
         let mut fail_safe = tokio::time::interval(check);
         fail_safe.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         inventory.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -218,9 +220,10 @@ impl Agent {
                 _ = inventory.tick() => self.refresh_inventory().await,
                 _ = fail_safe.tick() => {
                     let failures = self.core.failures();
+                    let (core, configured) = (&self.core, self.config.fail_safe_interval);
                     if self.context.reports.fail_safe_due(
                         &failures,
-                        self.config.fail_safe_interval,
+                        |group_uid| core.fail_safe_interval(group_uid, configured),
                         Instant::now(),
                     ) {
                         self.process(Input::FailSafeTimer).await;
@@ -253,6 +256,27 @@ impl Agent {
     }
 
     async fn process(&mut self, input: Input) {
+        if let Input::Membership {
+            group_uid,
+            group_name,
+            hold_timeout_ms,
+            ..
+        } = &input
+        {
+            let hold =
+                Duration::from_millis(crate::enforce::bounded_hold_timeout_ms(*hold_timeout_ms));
+            let configured = self.config.fail_safe_interval;
+            let note = format!("fail-safe {group_uid} {hold:?}");
+            if !hold.is_zero() && configured >= hold && self.logged.insert(note) {
+                tracing::warn!(
+                    group = %group_name,
+                    fail_safe_interval = ?configured,
+                    hold_timeout = ?hold,
+                    used = ?hold / 2,
+                    "the fail-safe interval is not below the group's hold timeout: half the hold timeout is used for it"
+                );
+            }
+        }
         let directive = match &input {
             Input::Directive { path, target } => Some((*path, target.clone())),
             _ => None,
@@ -446,11 +470,14 @@ pub async fn watch_replicator(context: Arc<Context>, replicator: Replicator) {
             match event {
                 Some(Ok(ReplicatorEvent::CopyFailed(failed))) => {
                     backoff.reset();
-                    tracing::warn!(volume = %failed.volume_handle, error = %failed.error, "copy failed");
+                    // Bounded here, where the failure enters the sidecar: both paths carry it, and a
+                    // status holds at most this much (issue 21 item 2).
+                    let error = lockstep_api::domain::bounded_message(&failed.error);
+                    tracing::warn!(volume = %failed.volume_handle, %error, "copy failed");
                     context.send(Input::CopyFailed {
                         volume: failed.volume_handle,
                         sequence: failed.sequence,
-                        error: failed.error,
+                        error,
                         since_unix_ms: failed.since_unix_ms,
                     });
                 }

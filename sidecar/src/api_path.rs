@@ -215,7 +215,7 @@ pub fn node_status(
             group_uid: f.group_uid.clone(),
             epoch_seen: f.epoch_seen,
             sequence: f.sequence,
-            error: f.error.chars().take(1024).collect(),
+            error: lockstep_api::domain::bounded_message(&f.error),
             since: time(f.since_unix_ms),
         })
         .collect();

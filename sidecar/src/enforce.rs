@@ -42,6 +42,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
+use std::time::Duration;
 
 use lockstep_api::domain::{ClaimOrder, GroupEpoch, Path, Stage};
 
@@ -458,6 +459,18 @@ struct Group {
 /// The default hold timeout used until a path names the group's own.
 pub const DEFAULT_HOLD_TIMEOUT_MS: u64 = 30_000;
 
+/// The hold timeouts a group may have, as its CRD admits them (1s to 10m), in milliseconds.
+pub const HOLD_TIMEOUT_RANGE_MS: std::ops::RangeInclusive<u64> = 1_000..=600_000;
+
+/// A hold timeout read from a path, within [`HOLD_TIMEOUT_RANGE_MS`] (0, none named, stays 0: the default
+/// applies). The API server never admits another; a gRPC membership message could carry anything.
+pub fn bounded_hold_timeout_ms(hold_timeout_ms: u64) -> u64 {
+    if hold_timeout_ms == 0 {
+        return 0;
+    }
+    hold_timeout_ms.clamp(*HOLD_TIMEOUT_RANGE_MS.start(), *HOLD_TIMEOUT_RANGE_MS.end())
+}
+
 /// The pure enforcement core of one node.
 #[derive(Debug, Clone, Default)]
 pub struct Enforcer {
@@ -527,7 +540,7 @@ impl Enforcer {
                     Some(known) => known.min(order),
                     None => order,
                 });
-                group.hold_timeout_ms = hold_timeout_ms;
+                group.hold_timeout_ms = bounded_hold_timeout_ms(hold_timeout_ms);
                 group.members.insert(path, volumes);
                 self.enforce_all(&mut out);
             }
@@ -1108,6 +1121,27 @@ impl Enforcer {
             .values()
             .flat_map(|g| g.failures.values().cloned())
             .collect()
+    }
+
+    /// The fail-safe interval for a group's failures: the configured one while it is below the group's
+    /// hold timeout, else half the hold timeout — a fail-safe taken after the held writes failed would
+    /// come too late to hold the writes that follow them.
+    pub fn fail_safe_interval(&self, group_uid: &str, configured: Duration) -> Duration {
+        let hold = Duration::from_millis(self.hold_timeout_ms(group_uid));
+        if configured < hold {
+            configured
+        } else {
+            hold / 2
+        }
+    }
+
+    /// A group's hold timeout, in milliseconds (the default until a path names it).
+    pub fn hold_timeout_ms(&self, group_uid: &str) -> u64 {
+        self.groups
+            .get(group_uid)
+            .map(|group| group.hold_timeout_ms)
+            .filter(|ms| *ms > 0)
+            .unwrap_or(DEFAULT_HOLD_TIMEOUT_MS)
     }
 
     /// Held writes failed by the hold timeout, per volume, until the group resumes or freezes again.

@@ -351,13 +351,22 @@ async fn membership_update(
             path: Path::Grpc,
             target: target.clone(),
         });
+        let hold_timeout_ms = crate::enforce::bounded_hold_timeout_ms(group.hold_timeout_ms);
+        if hold_timeout_ms != group.hold_timeout_ms {
+            tracing::warn!(
+                group = %group.group_name,
+                sent_ms = group.hold_timeout_ms,
+                kept_ms = hold_timeout_ms,
+                "a membership named a hold timeout outside 1s..10m: kept within it"
+            );
+        }
         context.send(Input::Membership {
             path: Path::Grpc,
             order: ClaimOrder::new(Some(group.created_unix_ms), target.group_uid.clone()),
             group_uid: target.group_uid,
             group_name: group.group_name,
             volumes,
-            hold_timeout_ms: group.hold_timeout_ms,
+            hold_timeout_ms,
         });
     }
     for gone in listed.difference(&now) {

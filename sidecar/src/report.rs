@@ -123,14 +123,21 @@ impl Reports {
         });
     }
 
-    /// True when some outstanding failure has reached neither path for at least `interval`.
-    pub fn fail_safe_due(&self, outstanding: &[Failure], interval: Duration, now: Instant) -> bool {
+    /// True when some outstanding failure has reached neither path for at least the fail-safe interval of
+    /// its group (`interval`, given the group UID).
+    pub fn fail_safe_due(
+        &self,
+        outstanding: &[Failure],
+        interval: impl Fn(&str) -> Duration,
+        now: Instant,
+    ) -> bool {
         self.with(|entries| {
             outstanding.iter().any(|f| {
                 entries.get(&key(f)).is_some_and(|e| {
                     e.delivered.is_empty()
-                        && e.first_seen
-                            .is_some_and(|t| now.saturating_duration_since(t) >= interval)
+                        && e.first_seen.is_some_and(|t| {
+                            now.saturating_duration_since(t) >= interval(&f.group_uid)
+                        })
                 })
             })
         })
@@ -183,14 +190,14 @@ mod tests {
         let out = vec![failure("a", 1)];
         reports.track(&out, t0);
         let interval = Duration::from_secs(2);
-        assert!(!reports.fail_safe_due(&out, interval, t0 + Duration::from_secs(1)));
-        assert!(reports.fail_safe_due(&out, interval, t0 + Duration::from_secs(2)));
+        assert!(!reports.fail_safe_due(&out, |_| interval, t0 + Duration::from_secs(1)));
+        assert!(reports.fail_safe_due(&out, |_| interval, t0 + Duration::from_secs(2)));
         reports.delivered(&out, Path::Grpc);
-        assert!(!reports.fail_safe_due(&out, interval, t0 + Duration::from_secs(9)));
+        assert!(!reports.fail_safe_due(&out, |_| interval, t0 + Duration::from_secs(9)));
         // Tracking again keeps the first-seen time.
         let later = vec![failure("b", 1)];
         reports.track(&later, t0);
         reports.track(&later, t0 + Duration::from_secs(5));
-        assert!(reports.fail_safe_due(&later, interval, t0 + Duration::from_secs(3)));
+        assert!(reports.fail_safe_due(&later, |_| interval, t0 + Duration::from_secs(3)));
     }
 }

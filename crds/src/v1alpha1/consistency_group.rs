@@ -35,6 +35,10 @@ use crate::domain::{ClaimOrder, Path, Phase, Policy, Stage, VolumeState};
     {
         "rule": "self.members.all(m, self.members.exists_one(n, n.cluster == m.cluster && n.__namespace__ == m.__namespace__))",
         "message": "each (cluster, namespace) may appear only once in members: merge the PVCs of duplicate entries into one"
+    },
+    {
+        "rule": "self.members.map(m, has(m.pvcNames) ? size(m.pvcNames) : 0).sum() <= 1024",
+        "message": "a ConsistencyGroup names at most 1024 PVCs in pvcNames over all members: its status lists every member volume and holds at most 1024"
     }
 ]))]
 pub struct ConsistencyGroupSpec {
@@ -181,21 +185,26 @@ pub struct ConsistencyGroupStatus {
 pub struct FreezeTrigger {
     /// Why: `CopyFailed` for a failed copy, `Planned` for spec.freeze, `Adopted` for a freeze a member
     /// reported that was never persisted.
+    #[schemars(length(max = 64))]
     pub reason: String,
     /// The member cluster of the reporting node.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 63))]
     pub cluster: Option<String>,
     /// The reporting node.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 253))]
     pub node: Option<String>,
     /// The volume whose copy failed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 1024))]
     pub volume_handle: Option<String>,
     /// The path that brought the report first.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub path: Option<Path>,
     /// The error the replicator gave, for people.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 1024))]
     pub message: Option<String>,
     /// When the operator received the report.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -207,19 +216,25 @@ pub struct FreezeTrigger {
 #[serde(rename_all = "camelCase")]
 pub struct MemberVolumeStatus {
     /// The member cluster.
+    #[schemars(length(max = 63))]
     pub cluster: String,
     /// The claim's namespace.
+    #[schemars(length(max = 63))]
     pub namespace: String,
     /// The PersistentVolumeClaim.
+    #[schemars(length(max = 253))]
     pub pvc: String,
     /// The bound PersistentVolume, once bound.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 253))]
     pub persistent_volume: Option<String>,
     /// The CSI volume handle, the replicator's name for the volume.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 1024))]
     pub volume_handle: Option<String>,
     /// The node whose sidecar serves the volume.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 253))]
     pub node: Option<String>,
     /// The volume's replication state, as its sidecar last reported it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -271,8 +286,10 @@ pub struct ConsistentImage {
 #[serde(rename_all = "camelCase")]
 pub struct ImageVolume {
     /// The member cluster.
+    #[schemars(length(max = 63))]
     pub cluster: String,
     /// The CSI volume handle.
+    #[schemars(length(max = 1024))]
     pub volume_handle: String,
 }
 
@@ -303,8 +320,10 @@ pub struct HoldTimeouts {
 pub struct VolumeHoldTimeout {
     /// The member cluster of the volume.
     #[serde(default)]
+    #[schemars(length(max = 63))]
     pub cluster: String,
     /// The CSI volume handle.
+    #[schemars(length(max = 1024))]
     pub volume_handle: String,
     /// How many of its held writes failed.
     pub failed_writes: u64,

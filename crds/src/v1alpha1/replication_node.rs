@@ -72,12 +72,14 @@ pub struct ReplicationNodeStatus {
 #[serde(rename_all = "camelCase")]
 pub struct NodeVolume {
     /// The CSI volume handle.
+    #[schemars(length(max = 1024))]
     pub volume_handle: String,
     /// The claim bound to the volume, when known.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pvc: Option<ClaimRef>,
     /// The UID of the group the volume belongs to, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 128))]
     pub group_uid: Option<String>,
     /// What replication is doing.
     pub state: VolumeState,
@@ -112,8 +114,10 @@ pub struct NodeHoldTimeout {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Hash, JsonSchema)]
 pub struct ClaimRef {
     /// The claim's namespace.
+    #[schemars(length(max = 63))]
     pub namespace: String,
     /// The claim's name.
+    #[schemars(length(max = 253))]
     pub name: String,
 }
 
@@ -122,8 +126,10 @@ pub struct ClaimRef {
 #[serde(rename_all = "camelCase")]
 pub struct CopyFailureReport {
     /// The volume whose copy failed.
+    #[schemars(length(max = 1024))]
     pub volume_handle: String,
     /// The group the volume belongs to.
+    #[schemars(length(max = 128))]
     pub group_uid: String,
     /// The group's epoch the sidecar had seen when the copy failed (DESIGN.md rule 4).
     #[schemars(range(max = crate::domain::MAX_EPOCH))]
@@ -143,6 +149,7 @@ pub struct CopyFailureReport {
 #[serde(rename_all = "camelCase")]
 pub struct Enforcement {
     /// The group.
+    #[schemars(length(max = 128))]
     pub group_uid: String,
     /// The epoch enforced.
     #[schemars(range(max = crate::domain::MAX_EPOCH))]
@@ -150,7 +157,7 @@ pub struct Enforcement {
     /// The stage enforced.
     pub stage: Stage,
     /// The volumes now at that (epoch, stage).
-    #[schemars(length(max = 1024))]
+    #[schemars(length(max = 1024), inner(length(max = 1024)))]
     pub volume_handles: Vec<String>,
     /// True when the node suspended by its own fail-safe, having reached neither path.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]

@@ -170,6 +170,7 @@ pub fn operator_options(hub: &str) -> lockstep_operator::Options {
         namespace: NAMESPACE.into(),
         identity: "operator-0".into(),
         lease_duration: Duration::from_secs(15),
+        max_sessions_per_cluster: lockstep_operator::sessions::DEFAULT_SESSIONS_PER_CLUSTER,
     }
 }
 

@@ -1080,3 +1080,45 @@ fn a_volume_leaves_its_group_for_an_earlier_claim_only_at_a_replicating_point() 
         Some(&ack(1, Stage::Resume, &["v2"], false))
     );
 }
+
+#[test]
+fn a_hold_timeout_outside_1s_to_10m_is_clamped_into_it() {
+    // The CRD admits 1s..10m; a membership message could carry anything (issue 21 item 5).
+    for (given, kept) in [(1, 1_000), (u64::MAX, 600_000), (10_000, 10_000)] {
+        let mut core = Enforcer::new();
+        core.handle(Input::Inventory(vec![fresh("v1")]));
+        core.handle(Input::Membership {
+            path: Path::Grpc,
+            group_uid: G.to_owned(),
+            group_name: "orders".to_owned(),
+            order: ClaimOrder::new(Some(FIRST_CREATED_MS), G),
+            volumes: ["v1".to_owned()].into(),
+            hold_timeout_ms: given,
+        });
+        let out = core.handle(directive(Path::Grpc, 0, Stage::Resume));
+        assert!(
+            out.operations.iter().any(|operation| matches!(
+                operation,
+                Operation::Configure { hold_timeout_ms, .. } if *hold_timeout_ms == kept
+            )),
+            "{given} ms: {:?}",
+            out.operations
+        );
+    }
+}
+
+#[test]
+fn the_fail_safe_interval_stays_below_the_groups_hold_timeout() {
+    let core = replicating(); // hold timeout 10 s
+    let short = Duration::from_secs(5);
+    assert_eq!(core.fail_safe_interval(G, short), short);
+    for configured in [Duration::from_secs(10), Duration::from_secs(60)] {
+        let interval = core.fail_safe_interval(G, configured);
+        assert!(
+            interval < Duration::from_secs(10) && !interval.is_zero(),
+            "{configured:?} gave {interval:?}"
+        );
+    }
+    let unknown = core.fail_safe_interval("no-such-group", Duration::from_secs(60));
+    assert!(unknown < Duration::from_millis(DEFAULT_HOLD_TIMEOUT_MS));
+}

@@ -359,6 +359,7 @@ impl Fleet {
             namespace: SYSTEM_NAMESPACE.into(),
             identity: "operator-0".into(),
             lease_duration: Duration::from_secs(15),
+            max_sessions_per_cluster: lockstep_operator::sessions::DEFAULT_SESSIONS_PER_CLUSTER,
         };
         let operator = Operator::start(hub_client.clone(), &options)
             .await
