@@ -310,7 +310,9 @@ async fn every_answer_says_whether_it_was_applied() -> TestResult {
     assert!(answer.applied, "{answer:?}");
 
     // data is served by edge-2, whose sidecar has not told the operator yet: not applied.
-    let (mut edge_2, _) = {
+    // Keep edge-2's stream open for the rest of the test: a dropped stream closes its session, and a
+    // session that is gone may be taken for a node that went away.
+    let (mut edge_2, _edge_2_stream) = {
         let mut control = ControlClient::connect(format!("http://{}", operator.grpc_addr)).await?;
         let answer = control
             .ack(ack("edge-2", &freeze, &["data"]))
