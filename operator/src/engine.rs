@@ -163,8 +163,14 @@ impl GroupLock {
             .unwrap_or_else(|poisoned| poisoned.into_inner());
         inbox.needs_fresh_read |= events.iter().any(|event| matches!(event, Event::Evaluate));
         inbox.events.extend(events);
-        if observation.is_some() {
-            inbox.observation = observation;
+        // Concurrent reconciles can deliver their reads out of order: keep the newest.
+        if let Some(observation) = observation
+            && inbox
+                .observation
+                .as_ref()
+                .is_none_or(|queued| queued.read_at <= observation.read_at)
+        {
+            inbox.observation = Some(observation);
         }
     }
 
@@ -216,6 +222,9 @@ struct GroupMemory {
     /// The claims on volumes of other groups refused at the last resolution (an Event says when they
     /// change).
     refused_claims: Vec<String>,
+    /// When the views of the last resolution applied were read: an older one, delivered late by a
+    /// concurrent reconcile, would move volume states back (a volume replicating shown resyncing again).
+    last_observation: Option<Instant>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -457,7 +466,15 @@ impl Engine {
             let refused = batch
                 .observation
                 .as_ref()
-                .map(|observation| apply_resolution(&mut group, observation));
+                .filter(|observation| {
+                    memory
+                        .last_observation
+                        .is_none_or(|last| last <= observation.read_at)
+                })
+                .map(|observation| {
+                    memory.last_observation = Some(observation.read_at);
+                    apply_resolution(&mut group, observation)
+                });
             let decision = freeze::decide_batch(&group, &batch.events, &now())?;
             if let Some(point) = &decision.freeze_now {
                 // Rule 1: freeze at once, on both paths, before anything is persisted.
@@ -1028,8 +1045,8 @@ impl Engine {
     }
 
     /// One member cluster's view, shared by every group reconciled within [`VIEW_REUSE`]: a resync round
-    /// lists each cluster once, not once per group.
-    async fn view_of(&self, member: &Member) -> ClusterView {
+    /// lists each cluster once, not once per group. Returns when it was read.
+    async fn view_of(&self, member: &Member) -> (Instant, ClusterView) {
         let lock = {
             let mut views = self
                 .inner
@@ -1042,26 +1059,31 @@ impl Engine {
         if let Some((read, view)) = cached.as_ref()
             && read.elapsed() < VIEW_REUSE
         {
-            return view.clone();
+            return (*read, view.clone());
         }
+        let read = Instant::now();
         let view = clusters::view(member, &self.inner.sessions, &self.inner.lease_namespace).await;
-        *cached = Some((Instant::now(), view.clone()));
-        view
+        *cached = Some((read, view.clone()));
+        (read, view)
     }
 
     /// What the member clusters show of a group's members, read without holding the group's lock.
     async fn observe(&self, uid: &str, group: &ConsistencyGroup) -> Observation {
         let members = self.members().await;
         let mut views = BTreeMap::new();
+        let mut read_at = Instant::now();
         for cluster in Self::member_clusters_of(group) {
             if let Some(member) = members.get(&cluster) {
-                views.insert(cluster, self.view_of(member).await);
+                let (read, view) = self.view_of(member).await;
+                read_at = read_at.min(read);
+                views.insert(cluster, view);
             }
         }
         let claimed_elsewhere = self.claimed_elsewhere(uid, group, &views);
         Observation {
             views,
             claimed_elsewhere,
+            read_at,
         }
     }
 
@@ -1277,6 +1299,8 @@ impl Engine {
 struct Observation {
     views: BTreeMap<String, ClusterView>,
     claimed_elsewhere: members::Claims,
+    /// When the oldest of `views` was read.
+    read_at: Instant,
 }
 
 /// A group as a claimant of volumes: its spec, its last resolution and whether it is at a replicating
