@@ -140,6 +140,20 @@ async fn a_group_deleted_while_a_node_is_cut_off_lets_its_volume_go_and_a_new_gr
         "west is still cut off: its volume is still suspended ({still:?})"
     );
 
+    // East, connected throughout, learns the group is gone (its membership is pushed when a group is
+    // deleted): once its link is back its volumes end replicating in no group, nothing held.
+    let wal = h.handle("east-postgres-wal").unwrap();
+    h.cluster("east").unwrap().restore_link(&wal).unwrap();
+    for volume in ["east-postgres-wal", "east-postgres-data"] {
+        let status = ok!(
+            h,
+            h.wait_volume(volume, "replicating in no group", |s| {
+                s.group_uid.is_empty() && s.mode == ReplMode::Replicating && s.dirty_bytes == 0
+            })
+        );
+        assert_eq!(status.held, 0, "{volume}: {status:?}");
+    }
+
     // West returns (its control paths and its link): the sidecar learns the group is gone and lets go
     // of the volume, which resyncs and replicates in no group.
     h.cluster("west").unwrap().restore_link(&reporting).unwrap();
