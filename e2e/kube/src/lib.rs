@@ -8,6 +8,9 @@
 //! identity (a static token in `system:masters`); writes a kubeconfig and waits for `/readyz`. Dropping
 //! the cluster stops every process it started and removes its files.
 //!
+//! With [`ClusterOptions::controller_manager`], kube-controller-manager runs too (namespace deletion
+//! needs it).
+//!
 //! [`KubeBinaries::locate`] finds the binaries: `LOCKSTEP_KUBE_BIN`, else the cache `build-kube.sh`
 //! builds into. [`KubeBinaries::for_tests`] is how tests take them: a missing build is a failure when
 //! `CI` is set and a skip, said out loud, elsewhere.
@@ -200,7 +203,13 @@ impl KubeBinaries {
 pub struct ClusterOptions {
     /// Run etcd with `--unsafe-no-fsync` (only for benchmarks that say so).
     pub etcd_unsafe_no_fsync: bool,
+    /// Also run kube-controller-manager with the controllers of [`CONTROLLERS`] (namespace deletion,
+    /// default ServiceAccounts, their legacy token Secrets, garbage collection).
+    pub controller_manager: bool,
 }
+
+/// The controllers kube-controller-manager runs when [`ClusterOptions::controller_manager`] is set.
+pub const CONTROLLERS: &str = "namespace-controller,serviceaccount-controller,serviceaccount-token-controller,garbage-collector-controller";
 
 /// A process of the cluster, stopped on drop.
 struct Process {
@@ -367,6 +376,7 @@ fn last_certificate(bundle: &str) -> Option<String> {
 /// directory.
 pub struct RealCluster {
     // Field order is drop order: the processes stop before their directory goes.
+    controller_manager: Option<Process>,
     apiserver: Process,
     etcd: Process,
     client: kube::Client,
@@ -480,8 +490,31 @@ impl RealCluster {
             }
             tokio::time::sleep(Duration::from_millis(250)).await;
         }
+        let controller_manager = if options.controller_manager {
+            let ca_file = root.join("ca.crt");
+            fs::write(&ca_file, &ca_pem).map_err(io_error("writing the CA certificate"))?;
+            let args = vec![
+                format!("--kubeconfig={}", kubeconfig.display()),
+                format!("--controllers={CONTROLLERS}"),
+                format!("--service-account-private-key-file={}", sa_key.display()),
+                format!("--root-ca-file={}", ca_file.display()),
+                "--leader-elect=false".to_string(),
+                "--secure-port=0".to_string(),
+            ];
+            let mut process = Process::spawn(
+                "kube-controller-manager",
+                &binaries.controller_manager,
+                &args,
+                &root,
+            )?;
+            process.check_running()?;
+            Some(process)
+        } else {
+            None
+        };
         info!(%url, elapsed = ?started.elapsed(), "real cluster ready");
         Ok(Self {
+            controller_manager,
             apiserver,
             etcd: etcd.process,
             client,
@@ -543,8 +576,11 @@ impl RealCluster {
         Ok((path, client))
     }
 
-    /// Stops kube-apiserver, then etcd (the same as dropping the cluster).
+    /// Stops kube-controller-manager, kube-apiserver, then etcd (the same as dropping the cluster).
     pub fn stop(mut self) {
+        if let Some(process) = &mut self.controller_manager {
+            process.stop();
+        }
         self.apiserver.stop();
         self.etcd.stop();
     }
