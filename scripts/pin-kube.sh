@@ -12,7 +12,8 @@ cd "$(dirname "$0")/.."
 kube_version=${1:?usage: pin-kube.sh v1.34.N v3.6.N}
 etcd_version=${2:?usage: pin-kube.sh v1.34.N v3.6.N}
 staging_version=v0.${kube_version#v1.}
-export GOTOOLCHAIN=local GOFLAGS=-mod=mod
+cache=${LOCKSTEP_KUBE_CACHE:-$HOME/.cache/lockstep/kube}
+export GOTOOLCHAIN=local GOFLAGS=-mod=mod GOMODCACHE=$cache/gomod GOCACHE=$cache/gocache # build-kube.sh's
 
 release_mod=$(mktemp)
 trap 'rm -f "$release_mod"' EXIT
