@@ -103,9 +103,22 @@ pub enum KubeError {
     /// The serving certificate kube-apiserver wrote has no CA certificate in it.
     #[error("no CA certificate in {0}")]
     NoCaCertificate(PathBuf),
+    /// A request to the cluster failed.
+    #[error("{what}: {source}")]
+    Api {
+        /// What was being done.
+        what: String,
+        /// The error.
+        source: kube::Error,
+    },
     /// A ServiceAccount signing key could not be made.
     #[error("could not generate the ServiceAccount signing key")]
     KeyGeneration,
+}
+
+fn api_error(what: impl Into<String>) -> impl FnOnce(kube::Error) -> KubeError {
+    let what = what.into();
+    move |source| KubeError::Api { what, source }
 }
 
 fn io_error(what: impl Into<String>) -> impl FnOnce(io::Error) -> KubeError {
@@ -211,9 +224,11 @@ pub struct ClusterOptions {
 /// The controllers kube-controller-manager runs when [`ClusterOptions::controller_manager`] is set.
 pub const CONTROLLERS: &str = "namespace-controller,serviceaccount-controller,serviceaccount-token-controller,garbage-collector-controller";
 
-/// A process of the cluster, stopped on drop.
+/// A process of the cluster, stopped on drop; it can be started again with the same arguments.
 struct Process {
     name: &'static str,
+    program: PathBuf,
+    args: Vec<String>,
     child: Child,
     log: PathBuf,
 }
@@ -231,24 +246,45 @@ impl Process {
     fn spawn(
         name: &'static str,
         program: &Path,
-        args: &[String],
+        args: Vec<String>,
         dir: &Path,
     ) -> Result<Self, KubeError> {
         let log = dir.join(format!("{name}.log"));
-        let out =
-            fs::File::create(&log).map_err(io_error(format!("creating {}", log.display())))?;
+        let child = Self::run(name, program, &args, &log)?;
+        Ok(Self {
+            name,
+            program: program.to_path_buf(),
+            args,
+            child,
+            log,
+        })
+    }
+
+    /// Starts the program, its output appended to `log`.
+    fn run(name: &str, program: &Path, args: &[String], log: &Path) -> Result<Child, KubeError> {
+        let out = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .map_err(io_error(format!("opening {}", log.display())))?;
         let err = out
             .try_clone()
             .map_err(io_error(format!("opening {}", log.display())))?;
         debug!(%name, ?args, "starting");
-        let child = Command::new(program)
+        Command::new(program)
             .args(args)
             .stdin(Stdio::null())
             .stdout(out)
             .stderr(err)
             .spawn()
-            .map_err(io_error(format!("starting {}", program.display())))?;
-        Ok(Self { name, child, log })
+            .map_err(io_error(format!("starting {}", program.display())))
+    }
+
+    /// Stops the process if it runs, then starts it again with the same arguments.
+    fn restart(&mut self) -> Result<(), KubeError> {
+        self.stop();
+        self.child = Self::run(self.name, &self.program, &self.args, &self.log)?;
+        Ok(())
     }
 
     fn tail(&self) -> String {
@@ -445,7 +481,7 @@ impl RealCluster {
             "--allow-privileged=true".to_string(),
             "--profiling=false".to_string(),
         ];
-        let mut apiserver = Process::spawn("kube-apiserver", &binaries.apiserver, &args, &root)?;
+        let mut apiserver = Process::spawn("kube-apiserver", &binaries.apiserver, args, &root)?;
         let url = format!("https://127.0.0.1:{port}");
 
         // The serving certificate appears once kube-apiserver has generated it.
@@ -473,23 +509,7 @@ impl RealCluster {
         .map_err(io_error("writing the kubeconfig"))?;
         let client = client_from(&kubeconfig).await?;
 
-        loop {
-            apiserver.check_running()?;
-            etcd.process.check_running()?;
-            let request = http::Request::get("/readyz").body(Vec::new());
-            let last = match request {
-                Ok(request) => match client.request_text(request).await {
-                    Ok(text) if text.trim() == "ok" => break,
-                    Ok(text) => text,
-                    Err(e) => e.to_string(),
-                },
-                Err(e) => e.to_string(),
-            };
-            if started.elapsed() > START_TIMEOUT {
-                return Err(apiserver.not_ready(started.elapsed(), last));
-            }
-            tokio::time::sleep(Duration::from_millis(250)).await;
-        }
+        wait_ready(&client, &mut apiserver, &mut etcd.process, started).await?;
         let controller_manager = if options.controller_manager {
             let ca_file = root.join("ca.crt");
             fs::write(&ca_file, &ca_pem).map_err(io_error("writing the CA certificate"))?;
@@ -504,7 +524,7 @@ impl RealCluster {
             let mut process = Process::spawn(
                 "kube-controller-manager",
                 &binaries.controller_manager,
-                &args,
+                args,
                 &root,
             )?;
             process.check_running()?;
@@ -576,6 +596,135 @@ impl RealCluster {
         Ok((path, client))
     }
 
+    /// The identity of ServiceAccount `namespace/service_account` in a Pod on `node`, as a kubelet would
+    /// give it: creates the Node (if missing) and a Pod `<service_account>-<node>` bound to it, then a
+    /// token from TokenRequest bound to that Pod (so the server adds the node's name to the identity);
+    /// writes a kubeconfig with it and returns a client. No kubelet runs the Pod, nor confirms its end:
+    /// delete it with grace period 0 (the token dies with it), or a deletion of its namespace waits.
+    pub async fn service_account_on_node(
+        &self,
+        namespace: &str,
+        service_account: &str,
+        node: &str,
+    ) -> Result<Identity, KubeError> {
+        use k8s_openapi::api::authentication::v1::{
+            BoundObjectReference, TokenRequest, TokenRequestSpec,
+        };
+        use k8s_openapi::api::core::v1::{Container, Node, Pod, PodSpec, ServiceAccount};
+        use kube::api::{Api, ObjectMeta, PostParams};
+
+        let nodes: Api<Node> = Api::all(self.client.clone());
+        if nodes
+            .get_opt(node)
+            .await
+            .map_err(api_error(format!("reading Node {node}")))?
+            .is_none()
+        {
+            let object = Node {
+                metadata: ObjectMeta {
+                    name: Some(node.to_string()),
+                    ..ObjectMeta::default()
+                },
+                ..Node::default()
+            };
+            nodes
+                .create(&PostParams::default(), &object)
+                .await
+                .map_err(api_error(format!("creating Node {node}")))?;
+        }
+        let pod_name = format!("{service_account}-{node}");
+        let pods: Api<Pod> = Api::namespaced(self.client.clone(), namespace);
+        let pod = match pods
+            .get_opt(&pod_name)
+            .await
+            .map_err(api_error(format!("reading Pod {namespace}/{pod_name}")))?
+        {
+            Some(pod) => pod,
+            None => {
+                let object = Pod {
+                    metadata: ObjectMeta {
+                        name: Some(pod_name.clone()),
+                        ..ObjectMeta::default()
+                    },
+                    spec: Some(PodSpec {
+                        node_name: Some(node.to_string()),
+                        service_account_name: Some(service_account.to_string()),
+                        containers: vec![Container {
+                            name: "identity".into(),
+                            image: Some("lockstep.invalid/identity".into()),
+                            ..Container::default()
+                        }],
+                        ..PodSpec::default()
+                    }),
+                    ..Pod::default()
+                };
+                pods.create(&PostParams::default(), &object)
+                    .await
+                    .map_err(api_error(format!("creating Pod {namespace}/{pod_name}")))?
+            }
+        };
+        let request = TokenRequest {
+            spec: TokenRequestSpec {
+                audiences: Vec::new(),
+                expiration_seconds: Some(3600),
+                bound_object_ref: Some(BoundObjectReference {
+                    api_version: Some("v1".into()),
+                    kind: Some("Pod".into()),
+                    name: Some(pod_name.clone()),
+                    uid: pod.metadata.uid.clone(),
+                }),
+            },
+            ..TokenRequest::default()
+        };
+        let minted = Api::<ServiceAccount>::namespaced(self.client.clone(), namespace)
+            .create_token_request(service_account, &PostParams::default(), &request)
+            .await
+            .map_err(api_error(format!(
+                "TokenRequest for ServiceAccount {namespace}/{service_account}"
+            )))?;
+        let token = minted.status.map(|s| s.token).unwrap_or_default();
+        let user = format!("system:serviceaccount:{namespace}:{service_account}");
+        let (kubeconfig, client) = self
+            .kubeconfig_for_token(&format!("{service_account}-{node}"), &token)
+            .await?;
+        Ok(Identity {
+            user,
+            token,
+            kubeconfig,
+            client,
+        })
+    }
+
+    /// Faults: stops kube-apiserver and starts it again (same port, certificate and etcd), then waits
+    /// until it is ready. Clients keep their configuration.
+    pub async fn restart_apiserver(&mut self) -> Result<(), KubeError> {
+        self.apiserver.restart()?;
+        wait_ready(
+            &self.client,
+            &mut self.apiserver,
+            &mut self.etcd,
+            Instant::now(),
+        )
+        .await
+    }
+
+    /// Faults: stops etcd (kube-apiserver keeps running and stops being ready).
+    pub fn stop_etcd(&mut self) {
+        self.etcd.stop();
+    }
+
+    /// Faults: starts etcd again on its data and ports, then waits until kube-apiserver is ready.
+    pub async fn start_etcd(&mut self) -> Result<(), KubeError> {
+        self.etcd.restart()?;
+        wait_ready(
+            &self.client,
+            &mut self.apiserver,
+            &mut self.etcd,
+            Instant::now(),
+        )
+        .await
+    }
+
     /// Stops kube-controller-manager, kube-apiserver, then etcd (the same as dropping the cluster).
     pub fn stop(mut self) {
         if let Some(process) = &mut self.controller_manager {
@@ -583,6 +732,28 @@ impl RealCluster {
         }
         self.apiserver.stop();
         self.etcd.stop();
+    }
+}
+
+/// An identity signed in to the cluster.
+#[derive(Clone)]
+pub struct Identity {
+    /// Its user name (`system:serviceaccount:NAMESPACE:NAME`).
+    pub user: String,
+    /// Its bearer token.
+    pub token: String,
+    /// A kubeconfig that signs in as it.
+    pub kubeconfig: PathBuf,
+    /// A client that signs in as it.
+    pub client: kube::Client,
+}
+
+impl fmt::Debug for Identity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Identity")
+            .field("user", &self.user)
+            .field("kubeconfig", &self.kubeconfig)
+            .finish_non_exhaustive()
     }
 }
 
@@ -613,8 +784,34 @@ fn start_etcd(
     if options.etcd_unsafe_no_fsync {
         args.push("--unsafe-no-fsync".to_string());
     }
-    let process = Process::spawn("etcd", &binaries.etcd, &args, root)?;
+    let process = Process::spawn("etcd", &binaries.etcd, args, root)?;
     Ok(Etcd { process, url })
+}
+
+/// Waits until kube-apiserver's `/readyz` answers `ok` (etcd reachable, post-start hooks done).
+async fn wait_ready(
+    client: &kube::Client,
+    apiserver: &mut Process,
+    etcd: &mut Process,
+    since: Instant,
+) -> Result<(), KubeError> {
+    loop {
+        apiserver.check_running()?;
+        etcd.check_running()?;
+        let request = http::Request::get("/readyz").body(Vec::new());
+        let last = match request {
+            Ok(request) => match client.request_text(request).await {
+                Ok(text) if text.trim() == "ok" => return Ok(()),
+                Ok(text) => text,
+                Err(e) => e.to_string(),
+            },
+            Err(e) => e.to_string(),
+        };
+        if since.elapsed() > START_TIMEOUT {
+            return Err(apiserver.not_ready(since.elapsed(), last));
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
 }
 
 fn kubeconfig_yaml(url: &str, ca_pem: &str, user: &str, token: &str) -> String {

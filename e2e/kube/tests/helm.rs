@@ -1,7 +1,9 @@
 //! The real Helm against a real kube-apiserver at the pinned version: the chart installs (its
 //! `kubeVersion` accepts the server's `/version`) with its CRDs, Deployment, DaemonSet and RBAC; a
 //! ServiceAccount token minted through TokenRequest (`kubectl create token`) signs the operator in, and
-//! the real RBAC authorizer lets it read the groups but not delete them; the chart uninstalls, and its
+//! the real RBAC authorizer lets it read the groups but not delete them; the sidecar's identity, a token
+//! bound to a Pod on a node, carries the node's name (TokenReview) and may keep its Lease but not read
+//! Secrets; the chart uninstalls, and its
 //! namespace is deleted (by the real kube-controller-manager's namespace controller).
 //!
 //! Without the binaries (`./scripts/build-kube.sh`) this test fails in CI and says it skipped elsewhere.
@@ -9,7 +11,11 @@
 use std::path::{Path, PathBuf};
 
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
+use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec};
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::{Pod, Secret};
 use kube::api::{Api, ApiResource, DeleteParams, DynamicObject, ListParams};
+use kube::api::{ObjectMeta, PostParams};
 use lockstep_kube::{ClusterOptions, KubeBinaries, RealCluster};
 
 type TestResult = Result<(), Box<dyn std::error::Error>>;
@@ -141,6 +147,63 @@ async fn helm_installs_the_chart_and_its_identities_meet_the_real_rbac() -> Test
         }
         other => return Err(format!("expected a 403 from RBAC, got {other}").into()),
     }
+
+    // The sidecar's identity: a token bound to a Pod on node "wal", as the kubelet there would mount it.
+    let sidecar = cluster
+        .service_account_on_node("lockstep", "lockstep-sidecar", "wal")
+        .await?;
+    assert_eq!(
+        sidecar.user,
+        "system:serviceaccount:lockstep:lockstep-sidecar"
+    );
+    let review = Api::<TokenReview>::all(client.clone())
+        .create(
+            &PostParams::default(),
+            &TokenReview {
+                spec: TokenReviewSpec {
+                    token: Some(sidecar.token.clone()),
+                    ..TokenReviewSpec::default()
+                },
+                ..TokenReview::default()
+            },
+        )
+        .await?;
+    let status = review.status.ok_or("a TokenReview without status")?;
+    assert_eq!(status.authenticated, Some(true), "{status:?}");
+    let user = status.user.ok_or("a TokenReview without user")?;
+    assert_eq!(user.username.as_deref(), Some(sidecar.user.as_str()));
+    let extra = user.extra.unwrap_or_default();
+    assert_eq!(
+        extra.get("authentication.kubernetes.io/node-name"),
+        Some(&vec!["wal".to_string()]),
+        "{extra:?}"
+    );
+    let lease = Lease {
+        metadata: ObjectMeta {
+            name: Some("wal".into()),
+            ..ObjectMeta::default()
+        },
+        ..Lease::default()
+    };
+    Api::<Lease>::namespaced(sidecar.client.clone(), "lockstep")
+        .create(&PostParams::default(), &lease)
+        .await?;
+    match Api::<Secret>::namespaced(sidecar.client.clone(), "lockstep")
+        .list(&ListParams::default())
+        .await
+    {
+        Err(kube::Error::Api(status)) => assert_eq!(status.code, 403, "{status:?}"),
+        other => return Err(format!("the sidecar listed Secrets: {other:?}").into()),
+    }
+
+    // No kubelet confirms the end of a Pod bound to a node: delete the identity's Pod at once, or the
+    // namespace's deletion waits for it forever.
+    Api::<Pod>::namespaced(client.clone(), "lockstep")
+        .delete(
+            "lockstep-sidecar-wal",
+            &DeleteParams::default().grace_period(0),
+        )
+        .await?;
 
     let out = run_ok(
         &helm,
