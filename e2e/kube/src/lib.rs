@@ -8,6 +8,10 @@
 //! identity (a static token in `system:masters`); writes a kubeconfig and waits for `/readyz`. Dropping
 //! the cluster stops every process it started and removes its files.
 //!
+//! For faults: [`RealCluster::restart_apiserver`], [`RealCluster::stop_etcd`] and
+//! [`RealCluster::start_etcd`], and clients through a link-cut proxy ([`RealCluster::cuttable_client`]).
+//! Identities: [`RealCluster::service_account_on_node`] (TokenRequest, bound to a Pod on a Node).
+//!
 //! With [`ClusterOptions::controller_manager`], kube-controller-manager runs too (namespace deletion
 //! needs it).
 //!
@@ -416,6 +420,7 @@ pub struct RealCluster {
     apiserver: Process,
     etcd: Process,
     client: kube::Client,
+    port: u16,
     url: String,
     kubeconfig: PathBuf,
     ca_pem: String,
@@ -538,6 +543,7 @@ impl RealCluster {
             apiserver,
             etcd: etcd.process,
             client,
+            port,
             url,
             kubeconfig,
             ca_pem,
@@ -695,6 +701,36 @@ impl RealCluster {
         })
     }
 
+    /// Faults: a client (and its kubeconfig) for the bearer token `token`, whose connections to the
+    /// API server run through a link-cut proxy that the caller cuts with
+    /// [`LinkCut::set_mode`](lockstep_replicator::linkcut::LinkCut::set_mode). (kube's default read
+    /// timeout is minutes: a `Blackhole` leaves requests waiting that long.)
+    pub async fn cuttable_client(
+        &self,
+        name: &str,
+        token: &str,
+    ) -> Result<CuttableClient, KubeError> {
+        let link =
+            lockstep_replicator::linkcut::LinkCut::start((Ipv4Addr::LOCALHOST, self.port).into())
+                .await
+                .map_err(io_error(
+                    "starting a link-cut proxy in front of kube-apiserver",
+                ))?;
+        let url = format!("https://{}", link.addr());
+        let kubeconfig = self.dir.path().join(format!("kubeconfig-{name}-via-link"));
+        fs::write(
+            &kubeconfig,
+            kubeconfig_yaml(&url, &self.ca_pem, name, token),
+        )
+        .map_err(io_error(format!("writing {}", kubeconfig.display())))?;
+        let client = client_from(&kubeconfig).await?;
+        Ok(CuttableClient {
+            link,
+            client,
+            kubeconfig,
+        })
+    }
+
     /// Faults: stops kube-apiserver and starts it again (same port, certificate and etcd), then waits
     /// until it is ready. Clients keep their configuration.
     pub async fn restart_apiserver(&mut self) -> Result<(), KubeError> {
@@ -752,6 +788,25 @@ impl fmt::Debug for Identity {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Identity")
             .field("user", &self.user)
+            .field("kubeconfig", &self.kubeconfig)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A client whose connections run through a link-cut proxy (see [`RealCluster::cuttable_client`]).
+pub struct CuttableClient {
+    /// The proxy: switch its mode to cut or restore the link.
+    pub link: lockstep_replicator::linkcut::LinkCut,
+    /// The client.
+    pub client: kube::Client,
+    /// A kubeconfig through the proxy (for kubectl, helm or another process).
+    pub kubeconfig: PathBuf,
+}
+
+impl fmt::Debug for CuttableClient {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CuttableClient")
+            .field("link", &self.link)
             .field("kubeconfig", &self.kubeconfig)
             .finish_non_exhaustive()
     }

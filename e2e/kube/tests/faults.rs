@@ -1,6 +1,7 @@
 //! Faults of the real control plane: kube-apiserver restarted, and etcd stopped and started again.
 //! What was written survives both (it lives in etcd, fsynced), the admin's client goes on working
-//! after each, and while etcd is down the API server says it is not ready.
+//! after each, and while etcd is down the API server says it is not ready. A client's link cut (reset)
+//! fails its requests; restored, they succeed again.
 //!
 //! Without the binaries (`./scripts/build-kube.sh`) this test fails in CI and says it skipped elsewhere.
 
@@ -9,6 +10,7 @@ use std::collections::BTreeMap;
 use k8s_openapi::api::core::v1::ConfigMap;
 use kube::api::{Api, ObjectMeta, PostParams};
 use lockstep_kube::{ClusterOptions, KubeBinaries, RealCluster};
+use lockstep_replicator::linkcut::LinkMode;
 
 type TestResult = Result<(), Box<dyn std::error::Error>>;
 
@@ -54,6 +56,21 @@ async fn writes_survive_an_api_server_restart_and_an_etcd_stop() -> TestResult {
     );
     cluster.start_etcd().await?;
     let read = config_maps.get("survivor").await?;
+    assert_eq!(read.data, written.data);
+
+    let cuttable = cluster
+        .cuttable_client("admin-via-link", cluster.admin_token())
+        .await?;
+    let through_link: Api<ConfigMap> = Api::default_namespaced(cuttable.client.clone());
+    through_link.get("survivor").await?;
+    cuttable.link.set_mode(LinkMode::Reset);
+    let cut = through_link.get("survivor").await;
+    assert!(
+        cut.is_err(),
+        "a request through a reset link answered {cut:?}"
+    );
+    cuttable.link.set_mode(LinkMode::Pass);
+    let read = through_link.get("survivor").await?;
     assert_eq!(read.data, written.data);
     Ok(())
 }
