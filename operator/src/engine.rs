@@ -227,6 +227,18 @@ struct GroupMemory {
     last_observation: Option<Instant>,
 }
 
+impl GroupMemory {
+    /// Whether a resolution whose views were read at `read_at` may be applied: never one read before the
+    /// last one applied (it would move volume states back). Records it when it may.
+    fn accepts_observation(&mut self, read_at: Instant) -> bool {
+        let newer = self.last_observation.is_none_or(|last| last <= read_at);
+        if newer {
+            self.last_observation = Some(read_at);
+        }
+        newer
+    }
+}
+
 impl std::fmt::Debug for Engine {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Engine")
@@ -466,15 +478,8 @@ impl Engine {
             let refused = batch
                 .observation
                 .as_ref()
-                .filter(|observation| {
-                    memory
-                        .last_observation
-                        .is_none_or(|last| last <= observation.read_at)
-                })
-                .map(|observation| {
-                    memory.last_observation = Some(observation.read_at);
-                    apply_resolution(&mut group, observation)
-                });
+                .filter(|observation| memory.accepts_observation(observation.read_at))
+                .map(|observation| apply_resolution(&mut group, observation));
             let decision = freeze::decide_batch(&group, &batch.events, &now())?;
             if let Some(point) = &decision.freeze_now {
                 // Rule 1: freeze at once, on both paths, before anything is persisted.
@@ -1437,6 +1442,33 @@ mod tests {
         );
         lock.inbox(vec![Event::Evaluate], None);
         assert!(lock.take_inbox().unwrap().needs_fresh_read);
+    }
+
+    fn observation(read_at: Instant) -> Observation {
+        Observation {
+            views: BTreeMap::new(),
+            claimed_elsewhere: members::Claims::new(),
+            read_at,
+        }
+    }
+
+    #[test]
+    fn a_read_delivered_late_never_replaces_or_overrides_a_newer_one() {
+        let older = Instant::now();
+        let newer = older + std::time::Duration::from_millis(5);
+        let lock = GroupLock::default();
+        lock.inbox(vec![seen(1)], Some(observation(newer)));
+        lock.inbox(vec![seen(2)], Some(observation(older)));
+        let batch = lock.take_inbox().unwrap();
+        assert_eq!(batch.observation.map(|o| o.read_at), Some(newer));
+
+        let mut memory = GroupMemory::default();
+        assert!(memory.accepts_observation(newer));
+        assert!(
+            memory.accepts_observation(newer),
+            "the same read again, on a retry"
+        );
+        assert!(!memory.accepts_observation(older));
     }
 
     #[test]
