@@ -10,6 +10,10 @@
 //! control shows the fail-safe scenario catches a replicator that acknowledges writes while suspended.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+#[macro_use]
+mod common;
+use common::{all_handles, condition, finish, frozen, image, start, start_on};
+
 use std::collections::BTreeMap;
 use std::time::Duration;
 
@@ -17,35 +21,8 @@ use lockstep_api::domain::{Path, Phase, Policy, Stage};
 use lockstep_api::v1alpha1::ConsistencyGroup;
 use lockstep_e2e::cluster::VolumeSpec;
 use lockstep_e2e::faults::LinkCutMode;
-use lockstep_e2e::scenario::{GrpcPath, Harness, Outcome, Setup, Target, suspended_at};
-use lockstep_e2e::timeline::Timeline;
+use lockstep_e2e::scenario::{GrpcPath, Harness, Setup, Target, suspended_at};
 use lockstep_replicator::ReplMode;
-
-/// Starts a scenario on the target the environment names, panicking with the timeline on failure.
-async fn start(setup: Setup) -> Harness {
-    start_on(setup, Target::from_env().unwrap()).await
-}
-
-async fn start_on(setup: Setup, target: Target) -> Harness {
-    let _ = tracing_subscriber::fmt()
-        .with_test_writer()
-        .with_env_filter(std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
-        .try_init();
-    let timeline = Timeline::new(std::env::var_os("LOCKSTEP_E2E_PRINT").is_some());
-    Harness::start(setup, target, timeline.clone())
-        .await
-        .unwrap_or_else(|e| panic!("{e}\n{}", timeline.text()))
-}
-
-/// Runs `step`, or panics with the error and the timeline so far.
-macro_rules! ok {
-    ($h:expr, $step:expr) => {
-        match $step.await {
-            Ok(v) => v,
-            Err(e) => panic!("{e}\n{}", $h.timeline.text()),
-        }
-    };
-}
 
 /// Starts `setup`, cuts the replication links of `volumes` at once, and waits for the failed copy and
 /// then for the group to reach `goal`.
@@ -69,81 +46,12 @@ async fn assert_secondaries_consistent(h: &Harness) {
     assert!(verdict.is_consistent(), "{verdict}\n{}", h.timeline.text());
 }
 
-/// Finishes the scenario and asserts every promise: secondaries consistent, nothing acknowledged lost,
-/// Replicating again with primaries and secondaries identical.
-async fn finish(h: Harness) -> Outcome {
-    let timeline = h.timeline.clone();
-    let outcome = h
-        .finish()
-        .await
-        .unwrap_or_else(|e| panic!("{e}\n{}", timeline.text()));
-    let text = timeline.text();
-    assert!(
-        outcome.secondaries.is_consistent(),
-        "{}\n{text}",
-        outcome.secondaries
-    );
-    assert!(
-        outcome.primaries.is_consistent(),
-        "acknowledged writes lost: {}\n{text}",
-        outcome.primaries
-    );
-    for (volume, difference) in &outcome.differences {
-        assert_eq!(
-            *difference, None,
-            "{volume} differs after the resync\n{text}"
-        );
-    }
-    assert!(outcome.holds());
-    assert_eq!(
-        condition(&outcome.resynced, "ConsistentImage").as_deref(),
-        Some("True"),
-        "{text}"
-    );
-    outcome
-}
-
-fn condition(group: &ConsistencyGroup, type_: &str) -> Option<String> {
-    group
-        .status
-        .as_ref()?
-        .conditions
-        .iter()
-        .find(|c| c.type_ == type_)
-        .map(|c| c.status.clone())
-}
-
-fn image(group: &ConsistencyGroup) -> Vec<String> {
-    let mut handles: Vec<String> = group
-        .status
-        .as_ref()
-        .and_then(|s| s.consistent_image.as_ref())
-        .map(|i| i.volumes.iter().map(|v| v.volume_handle.clone()).collect())
-        .unwrap_or_default();
-    handles.sort();
-    handles
-}
-
-fn all_handles(h: &Harness) -> Vec<String> {
-    let mut handles: Vec<String> = h
-        .world
-        .volumes()
-        .map(|(_, v)| v.spec.handle.clone())
-        .collect();
-    handles.sort();
-    handles
-}
-
 /// Released (FreezeAndGo) at an epoch past `from`.
 fn released_after(from: u64) -> impl Fn(&ConsistencyGroup) -> bool {
     move |g| {
         let (epoch, stage) = g.position();
         epoch > from && stage == Stage::Release
     }
-}
-
-fn frozen(g: &ConsistencyGroup) -> bool {
-    g.status.as_ref().and_then(|s| s.phase) == Some(Phase::Frozen)
 }
 
 /// Every member acknowledged, and by which path, per cluster.

@@ -5,6 +5,10 @@
 //! the secondaries are consistent.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+#[macro_use]
+mod common;
+use common::{all_handles, finish, image, start};
+
 use std::time::Duration;
 
 use k8s_openapi::api::events::v1::Event;
@@ -13,62 +17,11 @@ use kube::api::{ListParams, PostParams};
 use lockstep_api::domain::{Policy, Stage};
 use lockstep_api::v1alpha1::ConsistencyGroup;
 use lockstep_e2e::faults::LinkCutMode;
-use lockstep_e2e::scenario::{Harness, Outcome, Setup, Target};
-use lockstep_e2e::timeline::Timeline;
+use lockstep_e2e::scenario::{Harness, Setup};
 use serde_json::json;
 
 /// How long a state the control system reaches on its own may take before the scenario fails.
 const DEADLINE: Duration = Duration::from_secs(60);
-
-async fn start(setup: Setup) -> Harness {
-    let _ = tracing_subscriber::fmt()
-        .with_test_writer()
-        .with_env_filter(std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
-        .try_init();
-    let timeline = Timeline::new(std::env::var_os("LOCKSTEP_E2E_PRINT").is_some());
-    Harness::start(setup, Target::from_env().unwrap(), timeline.clone())
-        .await
-        .unwrap_or_else(|e| panic!("{e}\n{}", timeline.text()))
-}
-
-/// Runs `step`, or panics with the error and the timeline so far.
-macro_rules! ok {
-    ($h:expr, $step:expr) => {
-        match $step.await {
-            Ok(v) => v,
-            Err(e) => panic!("{e}\n{}", $h.timeline.text()),
-        }
-    };
-}
-
-/// Finishes the scenario and asserts every promise: secondaries consistent, nothing acknowledged lost,
-/// Replicating again with primaries and secondaries identical.
-async fn finish(h: Harness) -> Outcome {
-    let timeline = h.timeline.clone();
-    let outcome = h
-        .finish()
-        .await
-        .unwrap_or_else(|e| panic!("{e}\n{}", timeline.text()));
-    let text = timeline.text();
-    assert!(
-        outcome.secondaries.is_consistent(),
-        "{}\n{text}",
-        outcome.secondaries
-    );
-    assert!(
-        outcome.primaries.is_consistent(),
-        "acknowledged writes lost: {}\n{text}",
-        outcome.primaries
-    );
-    for (volume, difference) in &outcome.differences {
-        assert_eq!(
-            *difference, None,
-            "{volume} differs after the resync\n{text}"
-        );
-    }
-    assert!(outcome.holds());
-    outcome
-}
 
 fn condition(group: &ConsistencyGroup, type_: &str) -> Option<(String, String, String)> {
     group
@@ -78,27 +31,6 @@ fn condition(group: &ConsistencyGroup, type_: &str) -> Option<(String, String, S
         .iter()
         .find(|c| c.type_ == type_)
         .map(|c| (c.status.clone(), c.reason.clone(), c.message.clone()))
-}
-
-fn image(group: &ConsistencyGroup) -> Vec<String> {
-    let mut handles: Vec<String> = group
-        .status
-        .as_ref()
-        .and_then(|s| s.consistent_image.as_ref())
-        .map(|i| i.volumes.iter().map(|v| v.volume_handle.clone()).collect())
-        .unwrap_or_default();
-    handles.sort();
-    handles
-}
-
-fn all_handles(h: &Harness) -> Vec<String> {
-    let mut handles: Vec<String> = h
-        .world
-        .volumes()
-        .map(|(_, v)| v.spec.handle.clone())
-        .collect();
-    handles.sort();
-    handles
 }
 
 /// Polls the hub's group `name` until `goal` holds.

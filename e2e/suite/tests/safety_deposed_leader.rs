@@ -4,36 +4,17 @@
 //! new leader; and a freeze started then (a link cut) completes. Ends with the consistency checker.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+#[macro_use]
+mod common;
+use common::{all_handles, finish, image, start};
+
 use lockstep_api::domain::{Policy, Stage};
 use lockstep_api::proto::control::v1::{
     NodeIdentity, ReportRequest, control_client::ControlClient,
 };
-use lockstep_api::v1alpha1::ConsistencyGroup;
 use lockstep_e2e::faults::LinkCutMode;
-use lockstep_e2e::scenario::{Harness, Outcome, Setup, Target};
+use lockstep_e2e::scenario::{Harness, Setup};
 use lockstep_e2e::service::ready;
-use lockstep_e2e::timeline::Timeline;
-
-/// Runs `step`, or panics with the error and the timeline so far.
-macro_rules! ok {
-    ($h:expr, $step:expr) => {
-        match $step.await {
-            Ok(v) => v,
-            Err(e) => panic!("{e}\n{}", $h.timeline.text()),
-        }
-    };
-}
-
-async fn start(setup: Setup) -> Harness {
-    let _ = tracing_subscriber::fmt()
-        .with_test_writer()
-        .with_env_filter(std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
-        .try_init();
-    let timeline = Timeline::new(std::env::var_os("LOCKSTEP_E2E_PRINT").is_some());
-    Harness::start(setup, Target::from_env().unwrap(), timeline.clone())
-        .await
-        .unwrap_or_else(|e| panic!("{e}\n{}", timeline.text()))
-}
 
 /// Polls `check` every 50 ms until it holds, or panics naming `what` (with the timeline) after a
 /// generous deadline: nothing here asserts how fast.
@@ -70,71 +51,6 @@ async fn report_code(addr: std::net::SocketAddr) -> tonic::Code {
         Ok(_) => tonic::Code::Ok,
         Err(status) => status.code(),
     }
-}
-
-fn image(group: &ConsistencyGroup) -> Vec<String> {
-    let mut handles: Vec<String> = group
-        .status
-        .as_ref()
-        .and_then(|s| s.consistent_image.as_ref())
-        .map(|i| i.volumes.iter().map(|v| v.volume_handle.clone()).collect())
-        .unwrap_or_default();
-    handles.sort();
-    handles
-}
-
-fn all_handles(h: &Harness) -> Vec<String> {
-    let mut handles: Vec<String> = h
-        .world
-        .volumes()
-        .map(|(_, v)| v.spec.handle.clone())
-        .collect();
-    handles.sort();
-    handles
-}
-
-fn condition(group: &ConsistencyGroup, type_: &str) -> Option<String> {
-    group
-        .status
-        .as_ref()?
-        .conditions
-        .iter()
-        .find(|c| c.type_ == type_)
-        .map(|c| c.status.clone())
-}
-
-/// Finishes the scenario and asserts every promise: secondaries consistent, nothing acknowledged lost,
-/// Replicating again with primaries and secondaries identical.
-async fn finish(h: Harness) -> Outcome {
-    let timeline = h.timeline.clone();
-    let outcome = h
-        .finish()
-        .await
-        .unwrap_or_else(|e| panic!("{e}\n{}", timeline.text()));
-    let text = timeline.text();
-    assert!(
-        outcome.secondaries.is_consistent(),
-        "{}\n{text}",
-        outcome.secondaries
-    );
-    assert!(
-        outcome.primaries.is_consistent(),
-        "acknowledged writes lost: {}\n{text}",
-        outcome.primaries
-    );
-    for (volume, difference) in &outcome.differences {
-        assert_eq!(
-            *difference, None,
-            "{volume} differs after the resync\n{text}"
-        );
-    }
-    assert!(outcome.holds());
-    assert_eq!(
-        condition(&outcome.resynced, "ConsistentImage").as_deref(),
-        Some("True"),
-        "{text}"
-    );
-    outcome
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -8,42 +8,19 @@
 //! acknowledged that the dirty map on disk did not cover.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+#[macro_use]
+mod common;
+use common::{frozen, start};
+
 use std::path::PathBuf;
 
 use lockstep_api::domain::{Phase, Policy, Stage};
-use lockstep_api::v1alpha1::ConsistencyGroup;
 use lockstep_e2e::faults::LinkCutMode;
-use lockstep_e2e::scenario::{Harness, Setup, Target, suspended_at};
-use lockstep_e2e::timeline::Timeline;
+use lockstep_e2e::scenario::{Harness, Setup, suspended_at};
 use lockstep_replicator::hold::Persisted;
 use lockstep_replicator::volume::{state_path, state_scratch_path};
 
 const EAST_VOLUMES: [&str; 2] = ["east-postgres-wal", "east-postgres-data"];
-
-async fn start(setup: Setup) -> Harness {
-    let _ = tracing_subscriber::fmt()
-        .with_test_writer()
-        .with_env_filter(std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
-        .try_init();
-    let timeline = Timeline::new(std::env::var_os("LOCKSTEP_E2E_PRINT").is_some());
-    Harness::start(setup, Target::from_env().unwrap(), timeline.clone())
-        .await
-        .unwrap_or_else(|e| panic!("{e}\n{}", timeline.text()))
-}
-
-/// Runs `step`, or panics with the error and the timeline so far.
-macro_rules! ok {
-    ($h:expr, $step:expr) => {
-        match $step.await {
-            Ok(v) => v,
-            Err(e) => panic!("{e}\n{}", $h.timeline.text()),
-        }
-    };
-}
-
-fn frozen(g: &ConsistencyGroup) -> bool {
-    g.status.as_ref().and_then(|s| s.phase) == Some(Phase::Frozen)
-}
 
 /// The state file of volume `name` (as the example names it).
 fn state_file(h: &Harness, name: &str) -> PathBuf {

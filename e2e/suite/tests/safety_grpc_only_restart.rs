@@ -7,82 +7,14 @@
 //! secondaries must hold a consistent image.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+#[macro_use]
+mod common;
+use common::{all_handles, finish, image, start};
+
 use lockstep_api::domain::{Path, Policy, Stage};
 use lockstep_api::v1alpha1::ConsistencyGroup;
 use lockstep_e2e::faults::LinkCutMode;
-use lockstep_e2e::scenario::{Harness, Outcome, Setup, Target, suspended_at};
-use lockstep_e2e::timeline::Timeline;
-
-async fn start(setup: Setup) -> Harness {
-    let _ = tracing_subscriber::fmt()
-        .with_test_writer()
-        .with_env_filter(std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
-        .try_init();
-    let timeline = Timeline::new(std::env::var_os("LOCKSTEP_E2E_PRINT").is_some());
-    Harness::start(setup, Target::from_env().unwrap(), timeline.clone())
-        .await
-        .unwrap_or_else(|e| panic!("{e}\n{}", timeline.text()))
-}
-
-/// Runs `step`, or panics with the error and the timeline so far.
-macro_rules! ok {
-    ($h:expr, $step:expr) => {
-        match $step.await {
-            Ok(v) => v,
-            Err(e) => panic!("{e}\n{}", $h.timeline.text()),
-        }
-    };
-}
-
-/// Finishes the scenario and asserts every promise: secondaries consistent, nothing acknowledged lost,
-/// Replicating again with primaries and secondaries identical.
-async fn finish(h: Harness) -> Outcome {
-    let timeline = h.timeline.clone();
-    let outcome = h
-        .finish()
-        .await
-        .unwrap_or_else(|e| panic!("{e}\n{}", timeline.text()));
-    let text = timeline.text();
-    assert!(
-        outcome.secondaries.is_consistent(),
-        "{}\n{text}",
-        outcome.secondaries
-    );
-    assert!(
-        outcome.primaries.is_consistent(),
-        "acknowledged writes lost: {}\n{text}",
-        outcome.primaries
-    );
-    for (volume, difference) in &outcome.differences {
-        assert_eq!(
-            *difference, None,
-            "{volume} differs after the resync\n{text}"
-        );
-    }
-    assert!(outcome.holds());
-    outcome
-}
-
-fn image(group: &ConsistencyGroup) -> Vec<String> {
-    let mut handles: Vec<String> = group
-        .status
-        .as_ref()
-        .and_then(|s| s.consistent_image.as_ref())
-        .map(|i| i.volumes.iter().map(|v| v.volume_handle.clone()).collect())
-        .unwrap_or_default();
-    handles.sort();
-    handles
-}
-
-fn all_handles(h: &Harness) -> Vec<String> {
-    let mut handles: Vec<String> = h
-        .world
-        .volumes()
-        .map(|(_, v)| v.spec.handle.clone())
-        .collect();
-    handles.sort();
-    handles
-}
+use lockstep_e2e::scenario::{Setup, suspended_at};
 
 /// West's member as the group's status shows it: its acknowledged (epoch, stage) and path.
 fn west_acknowledged(group: &ConsistencyGroup) -> Option<(u64, Stage, Path)> {

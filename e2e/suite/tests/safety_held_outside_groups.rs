@@ -7,6 +7,10 @@
 //! the group still stood (its guarantees end with it, rule 9); west's copies end identical.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+#[macro_use]
+mod common;
+use common::start;
+
 use std::time::{Duration, Instant};
 
 use kube::Api;
@@ -14,31 +18,9 @@ use kube::api::{DeleteParams, PostParams};
 use lockstep_api::domain::{Phase, Policy, Stage};
 use lockstep_api::v1alpha1::ConsistencyGroup;
 use lockstep_e2e::faults::LinkCutMode;
-use lockstep_e2e::scenario::{Harness, Setup, Target, suspended_at};
-use lockstep_e2e::timeline::Timeline;
+use lockstep_e2e::scenario::{Harness, Setup, suspended_at};
 use lockstep_replicator::ReplMode;
 use serde_json::json;
-
-async fn start(setup: Setup) -> Harness {
-    let _ = tracing_subscriber::fmt()
-        .with_test_writer()
-        .with_env_filter(std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
-        .try_init();
-    let timeline = Timeline::new(std::env::var_os("LOCKSTEP_E2E_PRINT").is_some());
-    Harness::start(setup, Target::from_env().unwrap(), timeline.clone())
-        .await
-        .unwrap_or_else(|e| panic!("{e}\n{}", timeline.text()))
-}
-
-/// Runs `step`, or panics with the error and the timeline so far.
-macro_rules! ok {
-    ($h:expr, $step:expr) => {
-        match $step.await {
-            Ok(v) => v,
-            Err(e) => panic!("{e}\n{}", $h.timeline.text()),
-        }
-    };
-}
 
 /// Polls `f` every 100 ms for up to `within`, or panics with the timeline.
 async fn until<T, F, Fut>(h: &Harness, what: &str, within: Duration, mut f: F) -> T
