@@ -98,6 +98,19 @@ async fn later_groups_claiming_the_first_groups_pvcs_are_refused_across_an_opera
         ),
     ];
     let api = Api::<ConsistencyGroup>::all(h.world.hub().client.clone());
+    // creationTimestamp has a second's grain, and groups made in the same second are ordered by UID: the
+    // later groups are made in a later second than the first, so that only the rule decides.
+    let created = api
+        .get(&first)
+        .await
+        .unwrap()
+        .metadata
+        .creation_timestamp
+        .unwrap()
+        .0;
+    while k8s_openapi::jiff::Timestamp::now().as_second() <= created.as_second() {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     for (name, members) in &later {
         let group: ConsistencyGroup = serde_json::from_value(json!({
             "apiVersion": "lockstep.dev/v1alpha1",
