@@ -22,6 +22,7 @@ use lockstep_api::v1alpha1::{
     ConsistencyGroup, ConsistencyGroupSpec, GroupMember, MemberCluster, MemberClusterSpec,
     SecretKeyRef,
 };
+use lockstep_kube::backend::{ApiServer, Backend};
 use lockstep_operator::{Operator, Options};
 use lockstep_replicator::copy::CopyConfig;
 use lockstep_replicator::secondary::{Secondary, SecondaryConfig};
@@ -111,10 +112,9 @@ fn the_chart_lints_and_refuses_bad_values_with_a_message_that_says_what_to_do() 
     );
 }
 
-/// `helm install` of the chart into `lockstep` on `server`, as the administrator.
-fn helm_install(server: &TestApiServer, dir: &Path, values: &[&str]) {
-    let kubeconfig = dir.join(format!("kubeconfig-{}", server.addr().port()));
-    server.write_kubeconfig(&kubeconfig).unwrap();
+/// `helm install` of the chart into `lockstep` on the API server `kubeconfig` signs in to, as the
+/// administrator.
+fn helm_install(kubeconfig: &Path, values: &[&str]) {
     let chart = chart();
     let output = helm(
         &[
@@ -140,7 +140,9 @@ async fn helm_install_upgrade_and_a_kubectl_apply_of_the_rendered_chart_create_e
     let dir = tempfile::tempdir().unwrap();
     let server = TestApiServer::start(Default::default()).await.unwrap();
     let client = server.client().await.unwrap();
-    helm_install(&server, dir.path(), HUB_VALUES);
+    let kubeconfig = dir.path().join("kubeconfig");
+    server.write_kubeconfig(&kubeconfig).unwrap();
+    helm_install(&kubeconfig, HUB_VALUES);
     crds_established(&client).await;
     let deployments = Api::<Deployment>::namespaced(client.clone(), NAMESPACE);
     let operator = deployments.get("lockstep-operator").await.unwrap();
@@ -165,9 +167,6 @@ async fn helm_install_upgrade_and_a_kubectl_apply_of_the_rendered_chart_create_e
     );
 
     // An upgrade changes what it says and nothing else.
-    let kubeconfig = dir
-        .path()
-        .join(format!("kubeconfig-{}", server.addr().port()));
     let chart = chart();
     let output = helm(&[
         "upgrade",
@@ -282,15 +281,17 @@ impl Node {
         }
     }
 
-    async fn sidecar(&self, server: &TestApiServer, cluster: &str, endpoint: &str) -> Sidecar {
-        let mut options = lockstep_sidecar::Options::new(&format!("{cluster}-node"), cluster);
+    /// The node's sidecar, signed in as the chart's sidecar ServiceAccount in a Pod on the node.
+    async fn sidecar(&self, server: &ApiServer, cluster: &str, endpoint: &str) -> Sidecar {
+        let node = format!("{cluster}-node");
+        let mut options = lockstep_sidecar::Options::new(&node, cluster);
         options.namespace = NAMESPACE.into();
         options.replicator_socket = self.dir.path().join("control.sock");
         options.operator_endpoint = Some(endpoint.to_owned());
         options.listen = "127.0.0.1:0".parse().unwrap();
         options.inventory_interval = Duration::from_millis(300);
         options.lease_duration = Duration::from_secs(3);
-        let client = server.client_as(Some(SIDECAR)).await.unwrap();
+        let (client, _) = server.identity(SIDECAR, Some(&node)).await.unwrap();
         Sidecar::start(options, Some(client)).await.unwrap()
     }
 }
@@ -335,15 +336,16 @@ async fn with_the_charts_rbac_enforced_its_service_accounts_freeze_resync_and_de
         .with_env_filter(std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
         .try_init();
     let dir = tempfile::tempdir().unwrap();
-    let enforced = lockstep_testapi::Options {
-        authorize: true,
-        ..Default::default()
-    };
-    let east = TestApiServer::start(enforced.clone()).await.unwrap();
-    let west = TestApiServer::start(enforced).await.unwrap();
-    let (east_admin, west_admin) = (east.client().await.unwrap(), west.client().await.unwrap());
-    helm_install(&east, dir.path(), HUB_VALUES);
-    helm_install(&west, dir.path(), MEMBER_VALUES);
+    // The test API server, or real kube-apiservers with LOCKSTEP_APISERVER=kube: RBAC enforced on both.
+    let backend = Backend::from_env().unwrap();
+    let east = ApiServer::start(backend).await.unwrap();
+    let west = ApiServer::start(backend).await.unwrap();
+    let (east_admin, west_admin) = (east.admin().await.unwrap(), west.admin().await.unwrap());
+    for (name, server, values) in [("east", &east, HUB_VALUES), ("west", &west, MEMBER_VALUES)] {
+        let kubeconfig = dir.path().join(format!("kubeconfig-{name}"));
+        server.write_kubeconfig(&kubeconfig).unwrap();
+        helm_install(&kubeconfig, values);
+    }
     for admin in [&east_admin, &west_admin] {
         crds_established(admin).await;
         create_namespace(admin, "orders").await;
@@ -352,17 +354,14 @@ async fn with_the_charts_rbac_enforced_its_service_accounts_freeze_resync_and_de
     let west_node = Node::start(&west_admin, "reporting").await;
 
     // The hub reaches west as west's member-access ServiceAccount.
-    let west_kubeconfig = west.kubeconfig_as(Some(MEMBER_ACCESS)).unwrap();
+    let (_, west_kubeconfig) = west.identity(MEMBER_ACCESS, None).await.unwrap();
     let secret = Secret {
         metadata: ObjectMeta {
             name: Some("west".into()),
             namespace: Some(NAMESPACE.into()),
             ..Default::default()
         },
-        string_data: Some(BTreeMap::from([(
-            "kubeconfig".to_owned(),
-            serde_yaml_ng::to_string(&west_kubeconfig).unwrap(),
-        )])),
+        string_data: Some(BTreeMap::from([("kubeconfig".to_owned(), west_kubeconfig)])),
         ..Default::default()
     };
     Api::<Secret>::namespaced(east_admin.clone(), NAMESPACE)
@@ -405,7 +404,7 @@ async fn with_the_charts_rbac_enforced_its_service_accounts_freeze_resync_and_de
         lease_duration: Duration::from_secs(5),
         max_sessions_per_cluster: lockstep_operator::sessions::DEFAULT_SESSIONS_PER_CLUSTER,
     };
-    let operator_client = east.client_as(Some(OPERATOR)).await.unwrap();
+    let (operator_client, _) = east.identity(OPERATOR, None).await.unwrap();
     let operator = Operator::start(operator_client, &options).await.unwrap();
     let endpoint = format!("http://{}", operator.grpc_addr);
     let _sidecars = [
@@ -485,20 +484,17 @@ async fn with_the_charts_rbac_enforced_its_service_accounts_freeze_resync_and_de
         ("east", &east, [OPERATOR, SIDECAR]),
         ("west", &west, [MEMBER_ACCESS, SIDECAR]),
     ] {
-        let audit = server.audit().entries();
-        let denied: Vec<String> = audit
-            .iter()
-            .filter(|entry| !entry.allowed && users.contains(&entry.user.as_str()))
-            .map(|entry| entry.attributes.forbidden_message(&entry.user))
-            .collect();
+        let denied = server.denials(&users).unwrap();
         assert!(
             denied.is_empty(),
-            "the chart's RBAC refused in {cluster}:\n{}",
+            "the chart's RBAC refused in {cluster} ({}):\n{}",
+            backend.name(),
             denied.join("\n")
         );
+        let requesters = server.requesters().unwrap();
         for user in users {
             assert!(
-                audit.iter().any(|entry| entry.user == user),
+                requesters.contains(user),
                 "{user} made no request in {cluster}"
             );
         }

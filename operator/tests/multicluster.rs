@@ -28,14 +28,14 @@ use lockstep_api::{
         ReplicationNodeStatus, SecretKeyRef,
     },
 };
+use lockstep_kube::backend::ApiServer;
 use lockstep_operator::{Operator, Options};
-use lockstep_testapi::TestApiServer;
 use serde_json::json;
 use tokio_stream::StreamExt;
 
 mod common;
 
-use common::{cluster, eventually, volume};
+use common::{api_server, eventually, volume};
 
 type TestResult = Result<(), Box<dyn std::error::Error + Send + Sync>>;
 
@@ -84,8 +84,8 @@ async fn member_cluster(hub: &Client, name: &str, spec: MemberClusterSpec) {
         .unwrap();
 }
 
-async fn kubeconfig_secret(hub: &Client, name: &str, of: &TestApiServer) {
-    let yaml = serde_yaml_ng::to_string(&of.kubeconfig().unwrap()).unwrap();
+async fn kubeconfig_secret(hub: &Client, name: &str, of: &ApiServer) {
+    let yaml = of.admin_kubeconfig_yaml().unwrap();
     let secret = Secret {
         metadata: ObjectMeta {
             name: Some(name.into()),
@@ -156,9 +156,9 @@ fn condition_of(group: &ConsistencyGroup, type_: &str) -> Option<(bool, String)>
 
 /// Two clusters: east (hub, local) with wal + data on node e1, west (both paths) with reporting on w1.
 struct World {
-    east: TestApiServer,
+    east: ApiServer,
     east_client: Client,
-    west: TestApiServer,
+    west: ApiServer,
     west_client: Client,
     operator: Operator,
 }
@@ -170,8 +170,8 @@ async fn world() -> World {
             std::env::var("RUST_LOG").unwrap_or_else(|_| "lockstep_operator=info".into()),
         )
         .try_init();
-    let (east, east_client) = cluster().await;
-    let (west, west_client) = cluster().await;
+    let (east, east_client) = api_server().await;
+    let (west, west_client) = api_server().await;
     volume(&east_client, "wal", "orders", "vol-wal").await;
     volume(&east_client, "data", "orders", "vol-data").await;
     volume(&west_client, "reporting", "orders", "vol-reporting").await;
@@ -401,7 +401,7 @@ fn kubectl() -> Option<std::path::PathBuf> {
 
 #[tokio::test]
 async fn unreachable_clusters_bad_kubeconfigs_and_double_claims_show_in_conditions() -> TestResult {
-    let world = world().await;
+    let mut world = world().await;
     let hub_groups = Api::<ConsistencyGroup>::all(world.east_client.clone());
     // A member cluster whose Secret holds no kubeconfig.
     let secret = Secret {
@@ -537,8 +537,8 @@ async fn unreachable_clusters_bad_kubeconfigs_and_double_claims_show_in_conditio
 async fn a_group_spanning_a_grpc_only_and_an_api_only_cluster_resolves_and_freezes_both()
 -> TestResult {
     let _ = tracing_subscriber::fmt().with_test_writer().try_init();
-    let (east, hub) = cluster().await;
-    let (south, south_client) = cluster().await;
+    let (east, hub) = api_server().await;
+    let (south, south_client) = api_server().await;
     volume(&south_client, "ledger", "orders", "vol-ledger").await;
     replication_node(&south_client, "south", "s1", &["vol-ledger"]).await;
     member_cluster(
@@ -676,13 +676,13 @@ async fn a_group_spanning_a_grpc_only_and_an_api_only_cluster_resolves_and_freez
         }
     })
     .await;
-    let trigger = groups
-        .get("edge-db")
-        .await?
-        .status
-        .unwrap()
-        .trigger
-        .unwrap();
+    // A freeze is sent before it is persisted (suspending early is always safe): the hub's status may
+    // follow the mirror by a moment.
+    let trigger = eventually("the hub's status names the trigger", || {
+        let groups = groups.clone();
+        async move { groups.get("edge-db").await.ok()?.status?.trigger }
+    })
+    .await;
     assert_eq!(trigger.path, Some(lockstep_api::domain::Path::Api));
 
     // Both acknowledge, each on its only path: the group is frozen and released.
@@ -1204,8 +1204,8 @@ async fn single_cluster_group(hub: &Client) -> (ConsistencyGroup, String) {
     (group, uid)
 }
 
-async fn east_only() -> (TestApiServer, Client) {
-    let (east, hub) = cluster().await;
+async fn east_only() -> (ApiServer, Client) {
+    let (east, hub) = api_server().await;
     volume(&hub, "wal", "orders", "vol-wal").await;
     volume(&hub, "data", "orders", "vol-data").await;
     replication_node(&hub, "east", "e1", &["vol-wal", "vol-data"]).await;
@@ -1454,7 +1454,7 @@ async fn an_operator_shut_down_no_longer_acts_on_replication_nodes() -> TestResu
 #[tokio::test]
 async fn a_mirror_write_from_an_older_copy_leaves_the_mirrors_newer_status_alone() -> TestResult {
     use lockstep_api::v1alpha1::ConsistencyGroupStatus;
-    let (_west, member) = cluster().await;
+    let (_west, member) = api_server().await;
     let at = |epoch, stage| {
         let mut group = ConsistencyGroup::new(
             "orders-db",

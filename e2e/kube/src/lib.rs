@@ -19,6 +19,8 @@
 //! builds into. [`KubeBinaries::for_tests`] is how tests take them: a missing build is a failure when
 //! `CI` is set and a skip, said out loud, elsewhere.
 
+pub mod backend;
+
 use std::fmt;
 use std::fs;
 use std::io;
@@ -223,6 +225,52 @@ pub struct ClusterOptions {
     /// Also run kube-controller-manager with the controllers of [`CONTROLLERS`] (namespace deletion,
     /// default ServiceAccounts, their legacy token Secrets, garbage collection).
     pub controller_manager: bool,
+    /// Keep kube-apiserver's audit log (every request at the Metadata level), read with
+    /// [`RealCluster::audit_events`]: how a test proves the real RBAC authorizer refused nothing.
+    pub audit: bool,
+}
+
+/// The audit policy of [`ClusterOptions::audit`]: every request's metadata, once it has been answered.
+const AUDIT_POLICY: &str = r#"{"apiVersion": "audit.k8s.io/v1", "kind": "Policy",
+ "omitStages": ["RequestReceived", "ResponseStarted"],
+ "rules": [{"level": "Metadata"}]}"#;
+
+/// One request as kube-apiserver's audit log records it (the fields a test reads).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuditEvent {
+    /// Who asked.
+    pub user: String,
+    /// The verb (`get`, `list`, `watch`, `create`, `update`, `patch`, `delete`, ...).
+    pub verb: String,
+    /// The request's path and query.
+    pub uri: String,
+    /// The answer's HTTP status code.
+    pub code: u16,
+    /// Whether the authorizer refused it (`authorization.k8s.io/decision: forbid`).
+    pub forbidden: bool,
+    /// Why the authorizer decided as it did, or the refusal's message.
+    pub reason: String,
+}
+
+impl AuditEvent {
+    /// One line of the audit log (`None` for a line that is not an event).
+    fn parse(line: &str) -> Option<Self> {
+        let event: serde_json::Value = serde_json::from_str(line).ok()?;
+        let text = |value: &serde_json::Value| value.as_str().unwrap_or_default().to_owned();
+        let decision = &event["annotations"]["authorization.k8s.io/decision"];
+        let reason = match event["responseStatus"]["message"].as_str() {
+            Some(message) if !message.is_empty() => message.to_owned(),
+            _ => text(&event["annotations"]["authorization.k8s.io/reason"]),
+        };
+        Some(Self {
+            user: text(&event["user"]["username"]),
+            verb: text(&event["verb"]),
+            uri: text(&event["requestURI"]),
+            code: u16::try_from(event["responseStatus"]["code"].as_u64()?).ok()?,
+            forbidden: decision.as_str() == Some("forbid"),
+            reason,
+        })
+    }
 }
 
 /// The controllers kube-controller-manager runs when [`ClusterOptions::controller_manager`] is set.
@@ -486,6 +534,18 @@ impl RealCluster {
             "--allow-privileged=true".to_string(),
             "--profiling=false".to_string(),
         ];
+        let mut args = args;
+        if options.audit {
+            let policy = root.join("audit-policy.json");
+            fs::write(&policy, AUDIT_POLICY).map_err(io_error("writing the audit policy"))?;
+            args.push(format!("--audit-policy-file={}", policy.display()));
+            args.push(format!(
+                "--audit-log-path={}",
+                root.join("audit.log").display()
+            ));
+            args.push("--audit-log-format=json".to_string());
+            args.push("--audit-log-mode=blocking".to_string());
+        }
         let mut apiserver = Process::spawn("kube-apiserver", &binaries.apiserver, args, &root)?;
         let url = format!("https://127.0.0.1:{port}");
 
@@ -613,10 +673,8 @@ impl RealCluster {
         service_account: &str,
         node: &str,
     ) -> Result<Identity, KubeError> {
-        use k8s_openapi::api::authentication::v1::{
-            BoundObjectReference, TokenRequest, TokenRequestSpec,
-        };
-        use k8s_openapi::api::core::v1::{Container, Node, Pod, PodSpec, ServiceAccount};
+        use k8s_openapi::api::authentication::v1::BoundObjectReference;
+        use k8s_openapi::api::core::v1::{Container, Node, Pod, PodSpec};
         use kube::api::{Api, ObjectMeta, PostParams};
 
         let nodes: Api<Node> = Api::all(self.client.clone());
@@ -669,16 +727,45 @@ impl RealCluster {
                     .map_err(api_error(format!("creating Pod {namespace}/{pod_name}")))?
             }
         };
+        let bound = BoundObjectReference {
+            api_version: Some("v1".into()),
+            kind: Some("Pod".into()),
+            name: Some(pod_name.clone()),
+            uid: pod.metadata.uid.clone(),
+        };
+        self.mint(namespace, service_account, Some(bound), &pod_name)
+            .await
+    }
+
+    /// The identity of ServiceAccount `namespace/service_account` as `kubectl create token` gives it
+    /// (a token from TokenRequest, bound to no object): how a Deployment's Pod signs in, as far as RBAC
+    /// can tell. Writes a kubeconfig with it and returns a client.
+    pub async fn service_account(
+        &self,
+        namespace: &str,
+        service_account: &str,
+    ) -> Result<Identity, KubeError> {
+        self.mint(namespace, service_account, None, service_account)
+            .await
+    }
+
+    /// A token from TokenRequest for `namespace/service_account`, bound to `bound` if given.
+    async fn mint(
+        &self,
+        namespace: &str,
+        service_account: &str,
+        bound: Option<k8s_openapi::api::authentication::v1::BoundObjectReference>,
+        name: &str,
+    ) -> Result<Identity, KubeError> {
+        use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
+        use k8s_openapi::api::core::v1::ServiceAccount;
+        use kube::api::{Api, PostParams};
+
         let request = TokenRequest {
             spec: TokenRequestSpec {
                 audiences: Vec::new(),
                 expiration_seconds: Some(3600),
-                bound_object_ref: Some(BoundObjectReference {
-                    api_version: Some("v1".into()),
-                    kind: Some("Pod".into()),
-                    name: Some(pod_name.clone()),
-                    uid: pod.metadata.uid.clone(),
-                }),
+                bound_object_ref: bound,
             },
             ..TokenRequest::default()
         };
@@ -690,9 +777,7 @@ impl RealCluster {
             )))?;
         let token = minted.status.map(|s| s.token).unwrap_or_default();
         let user = format!("system:serviceaccount:{namespace}:{service_account}");
-        let (kubeconfig, client) = self
-            .kubeconfig_for_token(&format!("{service_account}-{node}"), &token)
-            .await?;
+        let (kubeconfig, client) = self.kubeconfig_for_token(name, &token).await?;
         Ok(Identity {
             user,
             token,
@@ -742,6 +827,26 @@ impl RealCluster {
             Instant::now(),
         )
         .await
+    }
+
+    /// Faults: stops kube-apiserver (etcd keeps running); [`RealCluster::start_apiserver`] brings it back.
+    pub fn stop_apiserver(&mut self) {
+        self.apiserver.stop();
+    }
+
+    /// Faults: starts kube-apiserver again (same port, certificate and etcd) and waits until it is ready.
+    pub async fn start_apiserver(&mut self) -> Result<(), KubeError> {
+        self.restart_apiserver().await
+    }
+
+    /// Every request the audit log holds so far (with [`ClusterOptions::audit`]; empty without).
+    pub fn audit_events(&self) -> Result<Vec<AuditEvent>, KubeError> {
+        let path = self.dir.path().join("audit.log");
+        match fs::read_to_string(&path) {
+            Ok(text) => Ok(text.lines().filter_map(AuditEvent::parse).collect()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Vec::new()),
+            Err(e) => Err(io_error(format!("reading {}", path.display()))(e)),
+        }
     }
 
     /// Faults: stops etcd (kube-apiserver keeps running and stops being ready).

@@ -69,6 +69,7 @@ async fn helm_installs_the_chart_and_its_identities_meet_the_real_rbac() -> Test
     };
     let options = ClusterOptions {
         controller_manager: true,
+        audit: true,
         ..ClusterOptions::default()
     };
     let cluster = RealCluster::start(&binaries, &options).await?;
@@ -147,6 +148,20 @@ async fn helm_installs_the_chart_and_its_identities_meet_the_real_rbac() -> Test
         }
         other => return Err(format!("expected a 403 from RBAC, got {other}").into()),
     }
+    // The audit log (how other tests prove that RBAC refused nothing) records the refusal.
+    let refusals: Vec<_> = cluster
+        .audit_events()?
+        .into_iter()
+        .filter(|event| event.forbidden)
+        .collect();
+    assert!(
+        refusals.iter().any(|event| event.user
+            == "system:serviceaccount:lockstep:lockstep-operator"
+            && event.verb == "delete"
+            && event.code == 403
+            && event.uri.contains("/consistencygroups/orders-db")),
+        "{refusals:?}"
+    );
 
     // The sidecar's identity: a token bound to a Pod on node "wal", as the kubelet there would mount it.
     let sidecar = cluster

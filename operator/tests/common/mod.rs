@@ -8,12 +8,14 @@ use std::{collections::BTreeMap, future::Future, time::Duration};
 use k8s_openapi::{
     api::core::v1::{
         CSIPersistentVolumeSource, Namespace, PersistentVolume, PersistentVolumeClaim,
-        PersistentVolumeClaimSpec, PersistentVolumeSpec,
+        PersistentVolumeClaimSpec, PersistentVolumeSpec, VolumeResourceRequirements,
     },
     apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
+    apimachinery::pkg::api::resource::Quantity,
     apimachinery::pkg::apis::meta::v1::ObjectMeta,
 };
 use kube::{Api, Client, api::PostParams};
+use lockstep_kube::backend::{ApiServer, Backend};
 use lockstep_testapi::{Options as ApiOptions, TestApiServer};
 
 /// Polls `check` until it returns `Some`, or panics naming `what` after a generous deadline.
@@ -38,23 +40,45 @@ where
 /// A test API server with the project's CRDs installed and the namespaces `orders`, `lockstep` and
 /// `lockstep-system`.
 pub async fn cluster() -> (TestApiServer, Client) {
+    init_tracing();
+    let server = TestApiServer::start(ApiOptions::default()).await.unwrap();
+    let client = server.client().await.unwrap();
+    prepare(&client).await;
+    (server, client)
+}
+
+/// An API server of the kind `LOCKSTEP_APISERVER` names (the test API server unless it says `kube`),
+/// RBAC enforced, prepared as [`cluster`] prepares one; and its admin client.
+pub async fn api_server() -> (ApiServer, Client) {
+    init_tracing();
+    let server = ApiServer::start(Backend::from_env().unwrap())
+        .await
+        .unwrap();
+    let client = server.admin().await.unwrap();
+    prepare(&client).await;
+    (server, client)
+}
+
+fn init_tracing() {
     let _ = tracing_subscriber::fmt()
         .with_test_writer()
         .with_env_filter(
             std::env::var("RUST_LOG").unwrap_or_else(|_| "lockstep_operator=info".into()),
         )
         .try_init();
-    let server = TestApiServer::start(ApiOptions::default()).await.unwrap();
-    let client = server.client().await.unwrap();
+}
+
+/// Installs the project's CRDs (waiting until they are Established) and the namespaces `orders`,
+/// `lockstep` and `lockstep-system`.
+async fn prepare(client: &Client) {
     let crds = Api::<CustomResourceDefinition>::all(client.clone());
     for crd in lockstep_api::crds::all() {
         crds.create(&PostParams::default(), &crd).await.unwrap();
     }
-    crds_established(&client).await;
+    crds_established(client).await;
     for namespace in ["orders", "lockstep", "lockstep-system"] {
-        create_namespace(&client, namespace).await;
+        create_namespace(client, namespace).await;
     }
-    (server, client)
 }
 
 /// Waits until every CRD of the project is Established.
@@ -105,6 +129,12 @@ pub async fn volume(client: &Client, pvc: &str, app: &str, handle: &str) {
                 volume_handle: handle.into(),
                 ..Default::default()
             }),
+            // What kube-apiserver's validation requires of a PV and its claim.
+            capacity: Some(BTreeMap::from([(
+                "storage".to_owned(),
+                Quantity("1Mi".into()),
+            )])),
+            access_modes: Some(vec!["ReadWriteOnce".into()]),
             ..Default::default()
         }),
         status: None,
@@ -122,6 +152,14 @@ pub async fn volume(client: &Client, pvc: &str, app: &str, handle: &str) {
         },
         spec: Some(PersistentVolumeClaimSpec {
             volume_name: Some(format!("pv-{handle}")),
+            access_modes: Some(vec!["ReadWriteOnce".into()]),
+            resources: Some(VolumeResourceRequirements {
+                requests: Some(BTreeMap::from([(
+                    "storage".to_owned(),
+                    Quantity("1Mi".into()),
+                )])),
+                ..Default::default()
+            }),
             ..Default::default()
         }),
         status: None,
