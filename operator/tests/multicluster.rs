@@ -401,7 +401,7 @@ fn kubectl() -> Option<std::path::PathBuf> {
 
 #[tokio::test]
 async fn unreachable_clusters_bad_kubeconfigs_and_double_claims_show_in_conditions() -> TestResult {
-    let mut world = world().await;
+    let world = world().await;
     let hub_groups = Api::<ConsistencyGroup>::all(world.east_client.clone());
     // A member cluster whose Secret holds no kubeconfig.
     let secret = Secret {

@@ -61,6 +61,12 @@ pub enum BackendError {
     NotAServiceAccount(String),
 }
 
+impl From<lockstep_testapi::ServerError> for BackendError {
+    fn from(e: lockstep_testapi::ServerError) -> Self {
+        test_error(e)
+    }
+}
+
 fn test_error(e: impl fmt::Display) -> BackendError {
     BackendError::Test(e.to_string())
 }
@@ -114,6 +120,14 @@ impl ApiServer {
         match self {
             Self::Test(_) => Backend::Test,
             Self::Kube(_) => Backend::Kube,
+        }
+    }
+
+    /// Its URL.
+    pub fn url(&self) -> String {
+        match self {
+            Self::Test(server) => server.url(),
+            Self::Kube(cluster) => cluster.url().to_owned(),
         }
     }
 
@@ -190,7 +204,7 @@ impl ApiServer {
     }
 
     /// Faults: stops the API server (it refuses connections until [`ApiServer::start_again`]).
-    pub async fn stop(&mut self) {
+    pub async fn stop(&self) {
         match self {
             Self::Test(server) => server.stop().await,
             Self::Kube(cluster) => cluster.stop_apiserver(),
@@ -198,7 +212,7 @@ impl ApiServer {
     }
 
     /// Faults: starts a stopped API server again, on the same address and data.
-    pub async fn start_again(&mut self) -> Result<(), BackendError> {
+    pub async fn start_again(&self) -> Result<(), BackendError> {
         match self {
             Self::Test(server) => server.restart().await.map_err(test_error),
             Self::Kube(cluster) => Ok(cluster.start_apiserver().await?),

@@ -27,11 +27,13 @@ use std::io;
 use std::net::{Ipv4Addr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use kube::config::{KubeConfigOptions, Kubeconfig};
+use tracing::instrument::WithSubscriber as _;
 use tracing::{debug, info, warn};
 
 /// The wrapper module that pins the Kubernetes release (read for its version).
@@ -465,8 +467,9 @@ fn last_certificate(bundle: &str) -> Option<String> {
 pub struct RealCluster {
     // Field order is drop order: the processes stop before their directory goes.
     controller_manager: Option<Process>,
-    apiserver: Process,
-    etcd: Process,
+    // Locked only for a moment (a start, a stop, a liveness check): faults need no `&mut` of the cluster.
+    apiserver: Mutex<Process>,
+    etcd: Mutex<Process>,
     client: kube::Client,
     port: u16,
     url: String,
@@ -502,7 +505,7 @@ impl RealCluster {
             .map_err(io_error("creating the cluster's directory"))?;
         let root = dir.path().to_path_buf();
 
-        let mut etcd = start_etcd(binaries, options, &root)?;
+        let etcd = start_etcd(binaries, options, &root)?;
 
         let token = random_token()?;
         let tokens = root.join("tokens.csv");
@@ -574,7 +577,8 @@ impl RealCluster {
         .map_err(io_error("writing the kubeconfig"))?;
         let client = client_from(&kubeconfig).await?;
 
-        wait_ready(&client, &mut apiserver, &mut etcd.process, started).await?;
+        let (apiserver, etcd) = (Mutex::new(apiserver), Mutex::new(etcd.process));
+        wait_ready(&client, &apiserver, &etcd, started).await?;
         let controller_manager = if options.controller_manager {
             let ca_file = root.join("ca.crt");
             fs::write(&ca_file, &ca_pem).map_err(io_error("writing the CA certificate"))?;
@@ -601,7 +605,7 @@ impl RealCluster {
         Ok(Self {
             controller_manager,
             apiserver,
-            etcd: etcd.process,
+            etcd,
             client,
             port,
             url,
@@ -818,24 +822,18 @@ impl RealCluster {
 
     /// Faults: stops kube-apiserver and starts it again (same port, certificate and etcd), then waits
     /// until it is ready. Clients keep their configuration.
-    pub async fn restart_apiserver(&mut self) -> Result<(), KubeError> {
-        self.apiserver.restart()?;
-        wait_ready(
-            &self.client,
-            &mut self.apiserver,
-            &mut self.etcd,
-            Instant::now(),
-        )
-        .await
+    pub async fn restart_apiserver(&self) -> Result<(), KubeError> {
+        lock(&self.apiserver).restart()?;
+        self.wait_ready().await
     }
 
     /// Faults: stops kube-apiserver (etcd keeps running); [`RealCluster::start_apiserver`] brings it back.
-    pub fn stop_apiserver(&mut self) {
-        self.apiserver.stop();
+    pub fn stop_apiserver(&self) {
+        lock(&self.apiserver).stop();
     }
 
     /// Faults: starts kube-apiserver again (same port, certificate and etcd) and waits until it is ready.
-    pub async fn start_apiserver(&mut self) -> Result<(), KubeError> {
+    pub async fn start_apiserver(&self) -> Result<(), KubeError> {
         self.restart_apiserver().await
     }
 
@@ -850,20 +848,18 @@ impl RealCluster {
     }
 
     /// Faults: stops etcd (kube-apiserver keeps running and stops being ready).
-    pub fn stop_etcd(&mut self) {
-        self.etcd.stop();
+    pub fn stop_etcd(&self) {
+        lock(&self.etcd).stop();
     }
 
     /// Faults: starts etcd again on its data and ports, then waits until kube-apiserver is ready.
-    pub async fn start_etcd(&mut self) -> Result<(), KubeError> {
-        self.etcd.restart()?;
-        wait_ready(
-            &self.client,
-            &mut self.apiserver,
-            &mut self.etcd,
-            Instant::now(),
-        )
-        .await
+    pub async fn start_etcd(&self) -> Result<(), KubeError> {
+        lock(&self.etcd).restart()?;
+        self.wait_ready().await
+    }
+
+    async fn wait_ready(&self) -> Result<(), KubeError> {
+        wait_ready(&self.client, &self.apiserver, &self.etcd, Instant::now()).await
     }
 
     /// Stops kube-controller-manager, kube-apiserver, then etcd (the same as dropping the cluster).
@@ -871,9 +867,16 @@ impl RealCluster {
         if let Some(process) = &mut self.controller_manager {
             process.stop();
         }
-        self.apiserver.stop();
-        self.etcd.stop();
+        lock(&self.apiserver).stop();
+        lock(&self.etcd).stop();
     }
+}
+
+/// A process's lock (a panic while it was held leaves the process as it was: still usable).
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// An identity signed in to the cluster.
@@ -951,16 +954,22 @@ fn start_etcd(
 /// Waits until kube-apiserver's `/readyz` answers `ok` (etcd reachable, post-start hooks done).
 async fn wait_ready(
     client: &kube::Client,
-    apiserver: &mut Process,
-    etcd: &mut Process,
+    apiserver: &Mutex<Process>,
+    etcd: &Mutex<Process>,
     since: Instant,
 ) -> Result<(), KubeError> {
     loop {
-        apiserver.check_running()?;
-        etcd.check_running()?;
+        lock(apiserver).check_running()?;
+        lock(etcd).check_running()?;
         let request = http::Request::get("/readyz").body(Vec::new());
         let last = match request {
-            Ok(request) => match client.request_text(request).await {
+            // kube's client logs every failed request at ERROR: until the server is ready, a 500 from
+            // /readyz is the expected answer, not an error to show.
+            Ok(request) => match client
+                .request_text(request)
+                .with_subscriber(tracing::subscriber::NoSubscriber::default())
+                .await
+            {
                 Ok(text) if text.trim() == "ok" => return Ok(()),
                 Ok(text) => text,
                 Err(e) => e.to_string(),
@@ -968,7 +977,7 @@ async fn wait_ready(
             Err(e) => e.to_string(),
         };
         if since.elapsed() > START_TIMEOUT {
-            return Err(apiserver.not_ready(since.elapsed(), last));
+            return Err(lock(apiserver).not_ready(since.elapsed(), last));
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
     }

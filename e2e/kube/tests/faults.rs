@@ -19,7 +19,7 @@ async fn writes_survive_an_api_server_restart_and_an_etcd_stop() -> TestResult {
     let Some(binaries) = KubeBinaries::for_tests()? else {
         return Ok(());
     };
-    let mut cluster = RealCluster::start(&binaries, &ClusterOptions::default()).await?;
+    let cluster = RealCluster::start(&binaries, &ClusterOptions::default()).await?;
     let config_maps: Api<ConfigMap> = Api::default_namespaced(cluster.client());
     let written = ConfigMap {
         metadata: ObjectMeta {

@@ -20,6 +20,7 @@ use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomRe
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use kube::runtime::wait::{await_condition, conditions};
 use lockstep_checker::{NbdAddress, Source};
+use lockstep_kube::backend::{ApiServer, Backend, BackendError};
 use lockstep_replicator::linkcut::LinkCut;
 use lockstep_replicator::secondary::{Secondary, SecondaryConfig};
 use lockstep_replicator::{CopyConfig, Primary, PrimaryConfig, VolumeConfig, VolumeStatus};
@@ -39,13 +40,13 @@ const STARTUP_DEADLINE: Duration = Duration::from_secs(30);
 /// Why a simulated cluster could not be built or driven.
 #[derive(Debug, thiserror::Error)]
 pub enum ClusterError {
-    /// The test API server failed.
-    #[error("{cluster}: test API server: {source}")]
+    /// The cluster's API server (test or real, started by the suite) failed.
+    #[error("{cluster}: API server: {source}")]
     ApiServer {
         /// The cluster.
         cluster: String,
         /// Why.
-        source: lockstep_testapi::ServerError,
+        source: Box<BackendError>,
     },
     /// A Kubernetes request failed.
     #[error("{cluster}: {what}: {source}")]
@@ -161,6 +162,9 @@ pub enum ApiSource {
     /// A test API server started for the cluster (and stopped with it).
     #[default]
     TestServer,
+    /// A real kube-apiserver on etcd started for the cluster (built from source at the pinned version;
+    /// stopped with it).
+    RealServer,
     /// A running cluster's API server, reached with this kubeconfig; the suite creates its objects
     /// there (CRDs kept when present) and never stops it.
     Kubeconfig(PathBuf),
@@ -238,8 +242,9 @@ impl SimVolume {
 pub struct SimCluster {
     /// What it was built from.
     pub spec: ClusterSpec,
-    /// Its test API server; `None` for a real cluster's ([`ApiSource::Kubeconfig`]).
-    pub api: Option<TestApiServer>,
+    /// Its API server when the suite started it (test or real); `None` for a running cluster's
+    /// ([`ApiSource::Kubeconfig`]).
+    pub api: Option<ApiServer>,
     /// Its API server's URL.
     pub api_url: String,
     /// A client of its API server.
@@ -302,9 +307,9 @@ impl SimCluster {
                 source,
             }
         };
-        let api_err = |source| ClusterError::ApiServer {
+        let api_err = |source: BackendError| ClusterError::ApiServer {
             cluster: name.clone(),
-            source,
+            source: Box::new(source),
         };
         std::fs::create_dir_all(dir.join("primary")).map_err(io("creating the primary dir"))?;
 
@@ -312,12 +317,29 @@ impl SimCluster {
             ApiSource::TestServer => {
                 let api = TestApiServer::start(lockstep_testapi::Options::default())
                     .await
-                    .map_err(api_err)?;
-                let client = api.client().await.map_err(api_err)?;
+                    .map_err(|e| api_err(e.into()))?;
+                let client = api.client().await.map_err(|e| api_err(e.into()))?;
                 let kubeconfig = dir.join("kubeconfig");
-                api.write_kubeconfig(&kubeconfig).map_err(api_err)?;
+                api.write_kubeconfig(&kubeconfig)
+                    .map_err(|e| api_err(e.into()))?;
                 timeline.say(format!("{name}: API server up at {}", api.url()));
                 let url = api.url();
+                (Some(ApiServer::Test(api)), client, kubeconfig, url)
+            }
+            ApiSource::RealServer => {
+                let api = ApiServer::start(Backend::Kube).await.map_err(api_err)?;
+                let client = api.admin().await.map_err(api_err)?;
+                let kubeconfig = dir.join("kubeconfig");
+                api.write_kubeconfig(&kubeconfig).map_err(api_err)?;
+                let url = api.url();
+                let version = client
+                    .apiserver_version()
+                    .await
+                    .map(|v| v.git_version)
+                    .unwrap_or_else(|e| format!("(version unknown: {e})"));
+                timeline.say(format!(
+                    "{name}: kube-apiserver {version} on etcd up at {url}"
+                ));
                 (Some(api), client, kubeconfig, url)
             }
             ApiSource::Kubeconfig(path) => {

@@ -20,7 +20,7 @@ use lockstep_replicator::{Event, ReplMode};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
-use crate::cluster::ClusterError;
+use crate::cluster::{ApiSource, ClusterError};
 use crate::control::{ControlError, ControlSystem, CopyFailure, FreezeOutcome, ThawOutcome};
 use crate::faults::{ControlPathFault, LinkCutMode};
 use crate::kubectl::{self, KubectlError};
@@ -60,6 +60,8 @@ pub struct ScenarioOptions {
     pub kubectl: bool,
     /// A control path taken down while the link is cut.
     pub path_fault: Option<ControlPathFault>,
+    /// The clusters' API servers: the embedded test API server, or real kube-apiservers on etcd.
+    pub api_source: ApiSource,
 }
 
 impl Default for ScenarioOptions {
@@ -77,6 +79,7 @@ impl Default for ScenarioOptions {
             volumes: EXAMPLE_VOLUMES,
             kubectl: true,
             path_fault: None,
+            api_source: ApiSource::TestServer,
         }
     }
 }
@@ -160,6 +163,9 @@ pub async fn run_scenario<C: ControlSystem>(
     let mut spec = WorldSpec::sized(options.clusters, options.volumes, options.volume_mib << 20)?;
     if let Some(policy) = options.policy {
         spec.group.spec.policy = policy;
+    }
+    for cluster in &mut spec.clusters {
+        cluster.api_source = options.api_source.clone();
     }
     let world = if options.kubectl {
         World::start_with_kubectl(spec, timeline).await?

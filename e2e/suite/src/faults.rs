@@ -2,6 +2,7 @@
 //! silently blackholed) and restored; a member cluster's API server stopped and started again; a control
 //! path down while a link is cut ([`ControlPathFault`]).
 
+use lockstep_kube::backend::ApiServer;
 use lockstep_replicator::linkcut::LinkMode;
 
 use crate::cluster::{ClusterError, SimCluster};
@@ -70,8 +71,9 @@ impl SimCluster {
         Ok(())
     }
 
-    /// The cluster's test API server, or why there is none to control.
-    pub fn test_api_server(&self) -> Result<&lockstep_testapi::TestApiServer, ClusterError> {
+    /// The cluster's API server when the suite started it (test or real), or why there is none to
+    /// control.
+    pub fn api_server(&self) -> Result<&ApiServer, ClusterError> {
         self.api
             .as_ref()
             .ok_or_else(|| ClusterError::NotControllable {
@@ -85,20 +87,20 @@ impl SimCluster {
     }
 
     /// Stops the cluster's API server: connections are refused and open watches cut; its objects are
-    /// kept. Only a test API server can be stopped.
+    /// kept. Only an API server the suite started can be stopped.
     pub async fn stop_api_server(&self) -> Result<(), ClusterError> {
-        self.test_api_server()?.stop().await;
+        self.api_server()?.stop().await;
         Ok(())
     }
 
     /// Starts the cluster's API server again on the same port, with the same objects.
     pub async fn start_api_server(&self) -> Result<(), ClusterError> {
-        self.test_api_server()?
-            .restart()
+        self.api_server()?
+            .start_again()
             .await
             .map_err(|source| ClusterError::ApiServer {
                 cluster: self.spec.name.clone(),
-                source,
+                source: Box::new(source),
             })
     }
 }

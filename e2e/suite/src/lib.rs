@@ -67,6 +67,20 @@ pub struct Options {
     /// The group's policy (the example's is freeze-and-go).
     #[arg(long, value_enum, default_value_t = PolicyFlag::FreezeAndGo)]
     pub policy: PolicyFlag,
+    /// The clusters' API servers: `test`, the embedded test API server (starts in milliseconds), or
+    /// `kube`, a real kube-apiserver on etcd per cluster, built from source at the pinned version
+    /// (`./scripts/demo.sh` builds them on first use, a few minutes).
+    #[arg(long, value_enum, default_value_t = ApiServerFlag::Test)]
+    pub apiserver: ApiServerFlag,
+}
+
+/// `--apiserver`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ApiServerFlag {
+    /// The embedded test API server.
+    Test,
+    /// Real kube-apiserver and etcd.
+    Kube,
 }
 
 /// `--fault`.
@@ -142,6 +156,7 @@ impl Default for Options {
             volume_mib: d.volume_mib,
             policy: PolicyFlag::FreezeAndGo,
             control: ControlFlag::Operator,
+            apiserver: ApiServerFlag::Test,
         }
     }
 }
@@ -165,6 +180,10 @@ impl Options {
             lanes: self.lanes,
             volume_mib: self.volume_mib,
             policy: Some(self.policy.into()),
+            api_source: match self.apiserver {
+                ApiServerFlag::Test => cluster::ApiSource::TestServer,
+                ApiServerFlag::Kube => cluster::ApiSource::RealServer,
+            },
             ..d
         })
     }

@@ -39,6 +39,7 @@ use crate::operated::{operator_options, sidecar_options, watch_group};
 use crate::service::{Endpoint, ReadyService};
 use crate::timeline::Timeline;
 use crate::world::{World, WorldError, WorldSpec};
+use lockstep_kube::backend::Backend;
 
 /// The environment variable naming real clusters' kubeconfigs: `east=/path/one,west=/path/two`.
 pub const KUBECONFIGS_VAR: &str = "LOCKSTEP_E2E_KUBECONFIGS";
@@ -125,17 +126,24 @@ pub enum Target {
     /// A test API server per cluster, started by the scenario; every fault can be injected.
     #[default]
     TestServers,
+    /// A real kube-apiserver (on its own etcd) per cluster, started by the scenario from the binaries
+    /// `scripts/build-kube.sh` builds; every fault can be injected.
+    RealServers,
     /// Real clusters, by name: the scenario creates its objects there under names of its own (a fresh
     /// namespace and group per run), and skips faults that need control of an API server.
     Kubeconfigs(BTreeMap<String, PathBuf>),
 }
 
 impl Target {
-    /// [`KUBECONFIGS_VAR`] when set and not empty, test API servers otherwise.
+    /// [`KUBECONFIGS_VAR`] when set and not empty; else real API servers when `LOCKSTEP_APISERVER=kube`;
+    /// test API servers otherwise.
     pub fn from_env() -> Result<Target, FaultError> {
         match std::env::var(KUBECONFIGS_VAR) {
             Ok(text) if !text.trim().is_empty() => Target::parse(&text),
-            _ => Ok(Target::TestServers),
+            _ => match Backend::from_env().map_err(|e| FaultError::Target(e.to_string()))? {
+                Backend::Kube => Ok(Target::RealServers),
+                Backend::Test => Ok(Target::TestServers),
+            },
         }
     }
 
@@ -161,8 +169,15 @@ impl Target {
     /// that runs do not collide.
     /// Returns the suffix.
     fn apply(&self, spec: &mut WorldSpec) -> Result<Option<String>, FaultError> {
-        let Target::Kubeconfigs(paths) = self else {
-            return Ok(None);
+        let paths = match self {
+            Target::TestServers => return Ok(None),
+            Target::RealServers => {
+                for cluster in &mut spec.clusters {
+                    cluster.api_source = ApiSource::RealServer;
+                }
+                return Ok(None);
+            }
+            Target::Kubeconfigs(paths) => paths,
         };
         let suffix = run_suffix();
         for cluster in &mut spec.clusters {

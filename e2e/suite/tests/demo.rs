@@ -328,3 +328,32 @@ async fn a_volume_released_before_every_member_is_suspended_makes_the_checker_fa
     assert!(!report.verdict.gaps().is_empty(), "{}", report.verdict);
     assert!(text.contains("verdict: INCONSISTENT"), "{text}");
 }
+
+/// `./scripts/demo.sh --apiserver kube` (the binary it runs): the same story on real kube-apiservers,
+/// saying which Kubernetes it ran on, ends CONSISTENT.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_demo_on_real_api_servers_ends_consistent() {
+    if lockstep_kube::KubeBinaries::for_tests().unwrap().is_none() {
+        return;
+    }
+    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_lockstep-demo"))
+        .args(["--apiserver", "kube"])
+        .env("LOCKSTEP_KUBE_BIN", lockstep_kube::KubeBinaries::dir())
+        .kill_on_drop(true)
+        .output()
+        .await
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(output.status.success(), "{text}");
+    let version = lockstep_kube::pinned_version();
+    assert!(
+        text.contains(&format!("east: kube-apiserver {version} on etcd up at"))
+            && text.contains(&format!("west: kube-apiserver {version} on etcd up at")),
+        "{text}"
+    );
+    assert!(text.contains("verdict: CONSISTENT"), "{text}");
+}
