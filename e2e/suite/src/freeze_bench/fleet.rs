@@ -12,8 +12,9 @@ use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::{
     CSIPersistentVolumeSource, Namespace, PersistentVolume, PersistentVolumeClaim,
-    PersistentVolumeClaimSpec, PersistentVolumeSpec, Secret,
+    PersistentVolumeClaimSpec, PersistentVolumeSpec, Secret, VolumeResourceRequirements,
 };
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::{Patch, PatchParams, PostParams};
 use kube::runtime::{WatchStreamExt, watcher};
@@ -24,6 +25,7 @@ use lockstep_api::v1alpha1::{
     ConsistencyGroup, ConsistencyGroupSpec, GroupMember, MemberCluster, MemberClusterSpec,
     SecretKeyRef,
 };
+use lockstep_kube::backend::{ApiServer, Backend};
 use lockstep_operator::Operator;
 use lockstep_sidecar::Sidecar;
 use lockstep_testapi::TestApiServer;
@@ -56,6 +58,8 @@ pub struct CellSpec {
     pub paths: PathChoice,
     /// The operator's periodic reconcile interval.
     pub operator_resync: Duration,
+    /// The API servers: the test API server or real kube-apiservers on etcd.
+    pub backend: Backend,
 }
 
 /// Where one volume lives.
@@ -70,13 +74,13 @@ struct Placement {
 
 struct MemberSim {
     name: String,
-    api: TestApiServer,
+    api: ApiServer,
     client: Client,
 }
 
 /// A running cell.
 pub struct Fleet {
-    hub: TestApiServer,
+    hub: ApiServer,
     hub_client: Client,
     members: Vec<MemberSim>,
     placements: Vec<Placement>,
@@ -154,12 +158,20 @@ async fn ensure_namespace(client: &Client, name: &str) -> Result<(), BenchError>
     }
 }
 
-async fn start_cluster(name: &str) -> Result<(TestApiServer, Client), BenchError> {
-    let api = TestApiServer::start(lockstep_testapi::Options::default())
-        .await
-        .map_err(|e| BenchError::ApiServer(e.to_string()))?;
+async fn start_cluster(name: &str, backend: Backend) -> Result<(ApiServer, Client), BenchError> {
+    let api = match backend {
+        // Authorization off, as before: the benchmark measures Lockstep, not the test server's RBAC.
+        Backend::Test => ApiServer::Test(
+            TestApiServer::start(lockstep_testapi::Options::default())
+                .await
+                .map_err(|e| BenchError::ApiServer(e.to_string()))?,
+        ),
+        Backend::Kube => ApiServer::start(Backend::Kube)
+            .await
+            .map_err(|e| BenchError::ApiServer(e.to_string()))?,
+    };
     let client = api
-        .client()
+        .admin()
         .await
         .map_err(|e| BenchError::ApiServer(e.to_string()))?;
     crate::cluster::install_crds(name, &client)
@@ -183,6 +195,12 @@ async fn create_volume(client: &Client, placement: &Placement) -> Result<(), Ben
                 volume_handle: placement.handle.clone(),
                 ..Default::default()
             }),
+            // What kube-apiserver's validation requires of a PV and its claim.
+            capacity: Some(BTreeMap::from([(
+                "storage".to_owned(),
+                Quantity("1Gi".into()),
+            )])),
+            access_modes: Some(vec!["ReadWriteOnce".into()]),
             ..Default::default()
         }),
         status: None,
@@ -199,6 +217,14 @@ async fn create_volume(client: &Client, placement: &Placement) -> Result<(), Ben
         },
         spec: Some(PersistentVolumeClaimSpec {
             volume_name: Some(pv_name),
+            access_modes: Some(vec!["ReadWriteOnce".into()]),
+            resources: Some(VolumeResourceRequirements {
+                requests: Some(BTreeMap::from([(
+                    "storage".to_owned(),
+                    Quantity("1Gi".into()),
+                )])),
+                ..Default::default()
+            }),
             ..Default::default()
         }),
         status: None,
@@ -255,11 +281,11 @@ impl Fleet {
             .prefix("lockstep-freeze-bench-")
             .tempdir()
             .map_err(BenchError::Io)?;
-        let (hub, hub_client) = start_cluster("hub").await?;
+        let (hub, hub_client) = start_cluster("hub", spec.backend).await?;
         let mut members = Vec::new();
         for index in 0..spec.clusters.max(1) {
             let name = cluster_name(index);
-            let (api, client) = start_cluster(&name).await?;
+            let (api, client) = start_cluster(&name, spec.backend).await?;
             members.push(MemberSim { name, api, client });
         }
         let placements = place(spec);
@@ -290,9 +316,8 @@ impl Fleet {
             if let Some(reference) = &secret_ref {
                 let kubeconfig = member
                     .api
-                    .kubeconfig()
-                    .map_err(|e| BenchError::ApiServer(e.to_string()))
-                    .and_then(|k| serde_yaml_ng::to_string(&k).map_err(BenchError::Yaml))?;
+                    .admin_kubeconfig_yaml()
+                    .map_err(|e| BenchError::ApiServer(e.to_string()))?;
                 let secret = Secret {
                     metadata: ObjectMeta {
                         name: Some(reference.name.clone()),
@@ -580,6 +605,7 @@ impl Fleet {
             member.api.stop().await;
         }
         self.hub.stop().await;
+        // Dropping the API servers stops a real cluster's etcd and removes its files.
     }
 }
 

@@ -20,6 +20,8 @@ pub mod replicator;
 pub mod report;
 
 use std::path::PathBuf;
+
+use lockstep_kube::backend::Backend;
 use std::time::Duration;
 
 use fleet::{CellSpec, Fleet};
@@ -115,6 +117,10 @@ pub struct Options {
     /// The operator's periodic reconcile interval, in milliseconds (its default is 2000).
     #[arg(long, default_value = "2000", value_parser = milliseconds)]
     pub operator_resync_ms: Duration,
+    /// The API servers, one set of cells each, side by side in one table: `test` (the test API
+    /// server) and/or `kube` (kube-apiserver and etcd built from source; `./scripts/build-kube.sh`).
+    #[arg(long, value_delimiter = ',', value_enum, default_value = "test")]
+    pub apiserver: Vec<crate::ApiServerFlag>,
     /// Where the table goes: freeze-bench.csv, freeze-bench.txt and freeze-bench.svg.
     #[arg(long, default_value = "target/freeze-bench")]
     pub out: PathBuf,
@@ -131,6 +137,7 @@ impl Default for Options {
             nodes_per_cluster: 2,
             settle_ms: Duration::from_millis(200),
             operator_resync_ms: Duration::from_millis(2000),
+            apiserver: vec![crate::ApiServerFlag::Test],
             out: PathBuf::from("target/freeze-bench"),
         }
     }
@@ -139,6 +146,7 @@ impl Default for Options {
 /// Runs one cell: builds it, runs the warm-up and measured trials, tears it down.
 pub async fn run_cell(
     options: &Options,
+    backend: Backend,
     volumes: usize,
     paths: PathChoice,
 ) -> Result<CellResult, BenchError> {
@@ -148,6 +156,7 @@ pub async fn run_cell(
         nodes_per_cluster: options.nodes_per_cluster,
         paths,
         operator_resync: options.operator_resync_ms,
+        backend,
     };
     let mut fleet = Fleet::start(&spec).await?;
     let mut trials = Vec::new();
@@ -166,6 +175,7 @@ pub async fn run_cell(
     fleet.shutdown().await;
     outcome?;
     Ok(CellResult::from_trials(
+        backend.name(),
         volumes,
         paths,
         options.clusters,
@@ -182,14 +192,21 @@ pub async fn run(options: Options) -> Result<Vec<CellResult>, BenchError> {
         "freeze benchmark: {} member clusters x {} nodes, {} trials per cell (+{} warm-up)",
         options.clusters, options.nodes_per_cluster, options.trials, options.warmup
     );
-    for &paths in &options.paths {
-        for &volumes in &options.volumes {
-            let row = run_cell(&options, volumes, paths).await?;
-            print!("{}", report::table(std::slice::from_ref(&row)));
-            rows.push(row);
+    for &apiserver in &options.apiserver {
+        let backend = match apiserver {
+            crate::ApiServerFlag::Test => Backend::Test,
+            crate::ApiServerFlag::Kube => Backend::Kube,
+        };
+        for &paths in &options.paths {
+            for &volumes in &options.volumes {
+                let row = run_cell(&options, backend, volumes, paths).await?;
+                print!("{}", report::table(std::slice::from_ref(&row)));
+                rows.push(row);
+            }
         }
     }
-    rows.sort_by_key(|r| (r.paths, r.volumes));
+    // Side by side: each (paths, volumes) cell of every backend on adjacent lines.
+    rows.sort_by_key(|r| (r.paths, r.volumes, r.apiserver != "test"));
     let table = report::table(&rows);
     println!("\n{table}");
     std::fs::create_dir_all(&options.out)?;

@@ -41,6 +41,8 @@ impl Spread {
 /// One cell's outcome.
 #[derive(Debug, Clone, PartialEq)]
 pub struct CellResult {
+    /// The API servers: `test` (the test API server) or `kube` (kube-apiserver on etcd).
+    pub apiserver: &'static str,
     /// Volumes in the group.
     pub volumes: usize,
     /// The paths that reached the members.
@@ -69,6 +71,7 @@ fn since(start: Option<Instant>, end: Option<Instant>) -> Option<Duration> {
 impl CellResult {
     /// Summarises the trials of a cell.
     pub fn from_trials(
+        apiserver: &'static str,
         volumes: usize,
         paths: PathChoice,
         clusters: usize,
@@ -83,6 +86,7 @@ impl CellResult {
                 .collect()
         };
         CellResult {
+            apiserver,
             volumes,
             paths,
             clusters,
@@ -96,7 +100,8 @@ impl CellResult {
     }
 }
 
-const HEADER: [&str; 15] = [
+const HEADER: [&str; 16] = [
+    "apiserver",
     "volumes",
     "paths",
     "clusters",
@@ -114,9 +119,10 @@ const HEADER: [&str; 15] = [
     "stall_max_ms",
 ];
 
-fn fields(row: &CellResult) -> [String; 15] {
+fn fields(row: &CellResult) -> [String; 16] {
     let ms = |v: f64| format!("{v:.1}");
     [
+        row.apiserver.to_string(),
         row.volumes.to_string(),
         row.paths.to_string(),
         row.clusters.to_string(),
@@ -151,7 +157,8 @@ pub fn table(rows: &[CellResult]) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "{:>7} {:>5} {:>8} {:>5} {:>6} {:>4} | {:^23} | {:^23} | {:^23}",
+        "{:>9} {:>7} {:>5} {:>8} {:>5} {:>6} {:>4} | {:^23} | {:^23} | {:^23}",
+        "apiserver",
         "volumes",
         "paths",
         "clusters",
@@ -166,7 +173,8 @@ pub fn table(rows: &[CellResult]) -> String {
         let spread = |s: &Spread| format!("{:>7.1}{:>8.1}{:>8.1}", s.p50, s.p99, s.max);
         let _ = writeln!(
             out,
-            "{:>7} {:>5} {:>8} {:>5} {:>6} {:>4} | {} | {} | {}",
+            "{:>9} {:>7} {:>5} {:>8} {:>5} {:>6} {:>4} | {} | {} | {}",
+            row.apiserver,
             row.volumes,
             row.paths,
             row.clusters,
@@ -259,46 +267,60 @@ pub fn svg(rows: &[CellResult]) -> String {
         (PathChoice::Grpc, "#2ca02c"),
     ];
     let mut legend = TOP;
-    for (path, colour) in colours {
-        let mut series: Vec<&CellResult> = rows.iter().filter(|r| r.paths == path).collect();
-        if series.is_empty() {
-            continue;
-        }
-        series.sort_by_key(|r| r.volumes);
-        for (measure, dash) in [(0, ""), (1, r#" stroke-dasharray="5,4""#)] {
-            let value = |r: &CellResult| {
-                if measure == 0 {
-                    r.frozen.p99
-                } else {
-                    r.stall.p99
-                }
-            };
-            let points: Vec<String> = series
+    // The test API server's cells in full colour with round marks; real kube-apiserver's paler, square.
+    for (apiserver, style) in [("test", ""), ("kube", r#" stroke-opacity="0.5""#)] {
+        for (path, colour) in colours {
+            let mut series: Vec<&CellResult> = rows
                 .iter()
-                .map(|r| format!("{:.1},{:.1}", x(r.volumes), y(value(r))))
+                .filter(|r| r.paths == path && r.apiserver == apiserver)
                 .collect();
-            let _ = writeln!(
-                out,
-                r#"<polyline points="{}" fill="none" stroke="{colour}" stroke-width="2"{dash}/>"#,
-                points.join(" ")
-            );
-            for r in &series {
+            if series.is_empty() {
+                continue;
+            }
+            series.sort_by_key(|r| r.volumes);
+            for (measure, dash) in [(0, ""), (1, r#" stroke-dasharray="5,4""#)] {
+                let value = |r: &CellResult| {
+                    if measure == 0 {
+                        r.frozen.p99
+                    } else {
+                        r.stall.p99
+                    }
+                };
+                let points: Vec<String> = series
+                    .iter()
+                    .map(|r| format!("{:.1},{:.1}", x(r.volumes), y(value(r))))
+                    .collect();
                 let _ = writeln!(
                     out,
-                    r#"<circle cx="{:.1}" cy="{:.1}" r="3" fill="{colour}"/>"#,
-                    x(r.volumes),
-                    y(value(r))
+                    r#"<polyline points="{}" fill="none" stroke="{colour}" stroke-width="2"{dash}{style}/>"#,
+                    points.join(" ")
                 );
+                for r in &series {
+                    let (cx, cy) = (x(r.volumes), y(value(r)));
+                    let _ = if apiserver == "kube" {
+                        writeln!(
+                            out,
+                            r#"<rect x="{:.1}" y="{:.1}" width="6" height="6" fill="{colour}"/>"#,
+                            cx - 3.0,
+                            cy - 3.0
+                        )
+                    } else {
+                        writeln!(
+                            out,
+                            r#"<circle cx="{cx:.1}" cy="{cy:.1}" r="3" fill="{colour}"/>"#
+                        )
+                    };
+                }
             }
+            let _ = writeln!(
+                out,
+                r#"<path d="M{},{legend} h24" stroke="{colour}" stroke-width="2"{style}/><text x="{}" y="{}">{path} ({apiserver})</text>"#,
+                W - RIGHT + 16.0,
+                W - RIGHT + 46.0,
+                legend + 4.0
+            );
+            legend += 20.0;
         }
-        let _ = writeln!(
-            out,
-            r#"<path d="M{},{legend} h24" stroke="{colour}" stroke-width="2"/><text x="{}" y="{}">{path}</text>"#,
-            W - RIGHT + 16.0,
-            W - RIGHT + 46.0,
-            legend + 4.0
-        );
-        legend += 20.0;
     }
     out.push_str("</svg>\n");
     out
@@ -327,6 +349,7 @@ mod tests {
     #[test]
     fn the_csv_has_a_header_and_a_line_per_cell() {
         let row = CellResult {
+            apiserver: "test",
             volumes: 10,
             paths: PathChoice::Grpc,
             clusters: 3,
@@ -340,10 +363,10 @@ mod tests {
         let text = csv(std::slice::from_ref(&row));
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(lines.len(), 2);
-        assert!(lines[0].starts_with("volumes,paths,clusters"));
+        assert!(lines[0].starts_with("apiserver,volumes,paths,clusters"));
         assert_eq!(
             lines[1],
-            "10,grpc,3,6,50,0,1.0,2.0,2.0,3.0,4.0,4.0,5.0,6.0,6.0"
+            "test,10,grpc,3,6,50,0,1.0,2.0,2.0,3.0,4.0,4.0,5.0,6.0,6.0"
         );
         let drawing = svg(&[row]);
         assert!(drawing.starts_with("<svg") && drawing.trim_end().ends_with("</svg>"));
