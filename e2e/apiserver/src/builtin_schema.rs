@@ -6,7 +6,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, OnceLock};
 
-use k8s_openapi::api::{apps, coordination, core, events, policy, rbac};
+use k8s_openapi::api::{admissionregistration, apps, coordination, core, events, policy, rbac};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use schemars::JsonSchema;
 use schemars::generate::SchemaSettings;
@@ -70,6 +70,20 @@ fn all() -> &'static HashMap<(&'static str, &'static str), Arc<Value>> {
             (
                 ("rbac.authorization.k8s.io", "rolebindings"),
                 generate::<rbac::v1::RoleBinding>(),
+            ),
+            (
+                (
+                    "admissionregistration.k8s.io",
+                    "validatingadmissionpolicies",
+                ),
+                generate::<admissionregistration::v1::ValidatingAdmissionPolicy>(),
+            ),
+            (
+                (
+                    "admissionregistration.k8s.io",
+                    "validatingadmissionpolicybindings",
+                ),
+                generate::<admissionregistration::v1::ValidatingAdmissionPolicyBinding>(),
             ),
             (
                 ("apiextensions.k8s.io", "customresourcedefinitions"),

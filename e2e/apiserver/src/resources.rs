@@ -278,6 +278,26 @@ const BUILT_INS: &[BuiltIn] = &[
         &[],
         false,
     ),
+    // Stored and served, not enforced: the test API server runs no admission policies (a difference from
+    // kube-apiserver the README lists).
+    (
+        "admissionregistration.k8s.io",
+        "v1",
+        "validatingadmissionpolicies",
+        "ValidatingAdmissionPolicy",
+        false,
+        &[],
+        true,
+    ),
+    (
+        "admissionregistration.k8s.io",
+        "v1",
+        "validatingadmissionpolicybindings",
+        "ValidatingAdmissionPolicyBinding",
+        false,
+        &[],
+        false,
+    ),
     (
         "apiextensions.k8s.io",
         "v1",

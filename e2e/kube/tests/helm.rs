@@ -52,6 +52,23 @@ async fn run_ok(program: &Path, args: &[&str]) -> Result<String, String> {
     Ok(stdout)
 }
 
+fn replication_nodes() -> ApiResource {
+    ApiResource {
+        group: "lockstep.dev".into(),
+        version: "v1alpha1".into(),
+        api_version: "lockstep.dev/v1alpha1".into(),
+        kind: "ReplicationNode".into(),
+        plural: "replicationnodes".into(),
+    }
+}
+
+/// A ReplicationNode `name` that says it is node `node`'s.
+fn replication_node(name: &str, node: &str) -> DynamicObject {
+    DynamicObject::new(name, &replication_nodes()).data(serde_json::json!({
+        "spec": {"nodeName": node, "cluster": "east"}
+    }))
+}
+
 fn consistency_groups() -> ApiResource {
     ApiResource {
         group: "lockstep.dev".into(),
@@ -193,16 +210,94 @@ async fn helm_installs_the_chart_and_its_identities_meet_the_real_rbac() -> Test
         Some(&vec!["wal".to_string()]),
         "{extra:?}"
     );
-    let lease = Lease {
+    // The chart's node restriction (a ValidatingAdmissionPolicy): the sidecar on "wal" writes its own
+    // ReplicationNode and Lease, and nobody else's, nor the operator's leader Lease. The API server starts
+    // enforcing a new policy within a second or two: the first refusal is waited for.
+    let leases = Api::<Lease>::namespaced(sidecar.client.clone(), "lockstep");
+    let nodes = Api::<DynamicObject>::all_with(sidecar.client.clone(), &replication_nodes());
+    let refusal = |what: &'static str| {
+        move |result: Result<DynamicObject, kube::Error>| -> Result<String, String> {
+            match result {
+                Err(kube::Error::Api(status)) if status.code == 403 || status.code == 422 => {
+                    Ok(status.message)
+                }
+                other => Err(format!("{what}: expected a refusal, got {other:?}")),
+            }
+        }
+    };
+    let mut waited = 0;
+    let other_node = loop {
+        let result = nodes
+            .create(&PostParams::default(), &replication_node("bob", "bob"))
+            .await;
+        match refusal("another node's ReplicationNode")(result) {
+            Ok(message) => break message,
+            Err(_) if waited < 100 => {
+                // Not yet enforced: undo and try again.
+                let _ = nodes.delete("bob", &DeleteParams::default()).await;
+                waited += 1;
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    };
+    assert!(
+        other_node.contains("ValidatingAdmissionPolicy 'lockstep-sidecar-node-restriction'")
+            && other_node.contains(
+                "the sidecar on node wal may write only its own replicationnodes \"wal\", not \"bob\""
+            ),
+        "{other_node}"
+    );
+    let lying = refusal("a ReplicationNode declaring another node")(
+        nodes
+            .create(&PostParams::default(), &replication_node("wal", "bob"))
+            .await,
+    )?;
+    assert!(
+        lying.contains("the sidecar on node wal may not declare spec.nodeName \"bob\""),
+        "{lying}"
+    );
+    nodes
+        .create(&PostParams::default(), &replication_node("wal", "wal"))
+        .await?;
+    let lease = |name: &str| Lease {
         metadata: ObjectMeta {
-            name: Some("wal".into()),
+            name: Some(name.into()),
             ..ObjectMeta::default()
         },
         ..Lease::default()
     };
-    Api::<Lease>::namespaced(sidecar.client.clone(), "lockstep")
-        .create(&PostParams::default(), &lease)
+    leases
+        .create(&PostParams::default(), &lease("lockstep-sidecar-wal"))
         .await?;
+    for name in ["lockstep-sidecar-bob", "lockstep-operator-leader"] {
+        match leases.create(&PostParams::default(), &lease(name)).await {
+            Err(kube::Error::Api(status)) => {
+                assert_eq!(status.code, 403, "{status:?}");
+                assert!(
+                    status.message.contains(&format!(
+                        "may write only its own leases \"lockstep-sidecar-wal\", not \"{name}\""
+                    )),
+                    "{status:?}"
+                );
+            }
+            other => return Err(format!("the sidecar on wal wrote Lease {name}: {other:?}").into()),
+        }
+    }
+    // A sidecar token bound to no Pod (so naming no node) writes nothing.
+    let unbound = cluster
+        .service_account("lockstep", "lockstep-sidecar")
+        .await?;
+    match Api::<Lease>::namespaced(unbound.client.clone(), "lockstep")
+        .create(&PostParams::default(), &lease("lockstep-sidecar-wal2"))
+        .await
+    {
+        Err(kube::Error::Api(status)) => assert!(
+            status.message.contains("the sidecar's token names no node"),
+            "{status:?}"
+        ),
+        other => return Err(format!("a token naming no node wrote a Lease: {other:?}").into()),
+    }
     match Api::<Secret>::namespaced(sidecar.client.clone(), "lockstep")
         .list(&ListParams::default())
         .await
