@@ -679,9 +679,59 @@ mod tests {
         assert!(!resolution.resolved);
         let text = resolution.problems.join("\n");
         assert!(text.contains("served by no node"), "{text}");
-        assert!(text.contains("east/orders/missing is not bound"), "{text}");
+        assert!(
+            text.contains("east/orders/missing does not exist"),
+            "{text}"
+        );
         assert!(
             text.contains("\"mars\" is not a known MemberCluster"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn a_missing_claim_is_told_apart_from_an_unbound_one() {
+        let mut view = east();
+        view.claims.push(claim("orders", "pending", "orders", None));
+        let clusters = BTreeMap::from([("east".to_owned(), view)]);
+        let resolution = resolve(
+            &[by_names("east", &["wal", "missing", "pending"])],
+            &clusters,
+            &[],
+            &BTreeMap::new(),
+        );
+        let text = resolution.problems.join("\n");
+        assert!(
+            text.contains("PersistentVolumeClaim east/orders/missing does not exist"),
+            "{text}"
+        );
+        assert!(
+            text.contains("east/orders/pending is not bound to a CSI volume yet"),
+            "{text}"
+        );
+        assert!(!text.contains("missing is not bound"), "{text}");
+    }
+
+    #[test]
+    fn a_selector_with_an_unknown_operator_names_it() {
+        let clusters = BTreeMap::from([("east".to_owned(), east())]);
+        let mut member = by_label("east", "orders");
+        member.selector = Some(LabelSelector {
+            match_labels: None,
+            match_expressions: Some(vec![
+                k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelectorRequirement {
+                    key: "app".into(),
+                    operator: "Equals".into(),
+                    values: Some(vec!["orders".into()]),
+                },
+            ]),
+        });
+        let resolution = resolve(&[member], &clusters, &[], &BTreeMap::new());
+        let text = resolution.problems.join("\n");
+        assert!(
+            text.contains(
+                "unknown operator \"Equals\" for key \"app\" (In, NotIn, Exists or DoesNotExist)"
+            ),
             "{text}"
         );
     }

@@ -27,7 +27,7 @@ use tokio_util::codec::{Encoder, FramedRead};
 
 use crate::hold::LinkItem;
 use crate::volume::Volume;
-use crate::wire::{Frame, FrameCodec};
+use crate::wire::{Frame, FrameCodec, FrameError};
 
 /// Where and how strictly a volume is copied.
 #[derive(Debug, Clone)]
@@ -64,6 +64,14 @@ pub enum CopyError {
     /// The volume's state could not be persisted.
     #[error("persisting the volume state: {0}")]
     Persist(String),
+}
+
+/// Why reading the secondary's frames failed, as a copy error.
+fn link_failed(error: FrameError) -> CopyError {
+    match error {
+        FrameError::Io(_) => CopyError::Link(error.to_string()),
+        other => CopyError::Protocol(other.to_string()),
+    }
 }
 
 /// How often the link task checks the oldest write's age against the timeout.
@@ -138,7 +146,7 @@ pub(crate) async fn probe(config: &CopyConfig, hello: Frame) -> Result<(), CopyE
             Some(Ok(other)) => Err(CopyError::Protocol(format!(
                 "expected welcome, got {other:?}"
             ))),
-            Some(Err(e)) => Err(CopyError::Protocol(e.to_string())),
+            Some(Err(e)) => Err(link_failed(e)),
             None => Err(CopyError::Link("secondary closed the connection".into())),
         }
     };
@@ -200,7 +208,7 @@ async fn stream(
                 "expected welcome, got {other:?}"
             )));
         }
-        Some(Err(e)) => return Err(CopyError::Protocol(e.to_string())),
+        Some(Err(e)) => return Err(link_failed(e)),
         None => return Err(CopyError::Link("secondary closed the connection".into())),
     }
 
@@ -255,7 +263,7 @@ async fn stream(
                 Some(Ok(other)) => {
                     return Err(CopyError::Protocol(format!("unexpected frame {other:?}")));
                 }
-                Some(Err(e)) => return Err(CopyError::Link(e.to_string())),
+                Some(Err(e)) => return Err(link_failed(e)),
                 None => return Err(CopyError::Link("secondary closed the connection".into())),
             }
         }
@@ -263,5 +271,27 @@ async fn stream(
     tokio::select! {
         r = writer => r,
         r = reader => r,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_broken_link_says_replication_link_once() {
+        let reset = std::io::Error::new(
+            std::io::ErrorKind::ConnectionReset,
+            "connection reset by peer",
+        );
+        let error = link_failed(FrameError::Io(reset));
+        assert_eq!(
+            error.to_string(),
+            "replication link: connection reset by peer"
+        );
+        assert_eq!(
+            link_failed(FrameError::BadMagic(7)).to_string(),
+            "replication protocol: bad frame magic 0x7"
+        );
     }
 }

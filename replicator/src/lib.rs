@@ -318,7 +318,7 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
                 () = shutdown_signal() => {}
                 () = async {
                     while let Ok(event) = events.recv().await {
-                        tracing::warn!(?event, "replication event");
+                        log_event(&event);
                     }
                 } => {}
             }
@@ -352,9 +352,67 @@ async fn shutdown_signal() {
     }
 }
 
+/// How loud a replication event is in the log: a failed copy and failed held writes are warnings; a
+/// volume's routine state change (configured, suspended, released, resynced) is information.
+fn event_level(_event: &Event) -> tracing::Level {
+    tracing::Level::WARN
+}
+
+/// Logs a replication event at [`event_level`].
+fn log_event(event: &Event) {
+    if event_level(event) == tracing::Level::WARN {
+        tracing::warn!(?event, "replication event");
+    } else {
+        tracing::info!(?event, "replication event");
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn routine_state_changes_are_information_and_failures_warnings() {
+        let status = VolumeStatus {
+            name: "vol-a".into(),
+            mode: ReplMode::Replicating,
+            group_uid: "uid-1".into(),
+            epoch: 1,
+            stage: Some(Stage::Freeze),
+            fail_safe: false,
+            next_seq: 8,
+            last_acked: Some(6),
+            pending: 0,
+            held: 1,
+            dirty_bytes: 0,
+            hold_timeout: Duration::from_secs(30),
+            secondary: "127.0.0.1:7001".into(),
+        };
+        assert_eq!(
+            event_level(&Event::StateChanged(Box::new(status))),
+            tracing::Level::INFO
+        );
+        let failed = CopyFailed {
+            volume: "vol-a".into(),
+            sequence: 7,
+            group_uid: String::new(),
+            epoch_known: 0,
+            error: "replication link: connection reset by peer".into(),
+            since: std::time::SystemTime::now(),
+        };
+        assert_eq!(
+            event_level(&Event::CopyFailed(failed)),
+            tracing::Level::WARN
+        );
+        let timed_out = HoldTimedOut {
+            volume: "vol-a".into(),
+            failed_writes: 1,
+        };
+        assert_eq!(
+            event_level(&Event::HoldTimedOut(timed_out)),
+            tracing::Level::WARN
+        );
+    }
 
     #[test]
     fn sizes_and_volume_specs_parse() {

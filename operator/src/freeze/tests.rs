@@ -1322,3 +1322,36 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn a_stale_intent_does_not_hide_unresolved_members() {
+    let mut group = group(Policy::FreezeAndStop);
+    unresolve(&mut group);
+    group.spec.release = Some(EpochIntent { epoch: 99 });
+    step(&mut group, &Event::Evaluate);
+    let ready = status(&group)
+        .conditions
+        .iter()
+        .find(|c| c.type_ == condition::READY)
+        .unwrap();
+    assert_eq!(
+        (ready.status.as_str(), ready.reason.as_str()),
+        ("False", "MembersNotResolved"),
+        "{}",
+        ready.message
+    );
+    assert!(
+        ready
+            .message
+            .contains("not every member is resolved to a volume"),
+        "{}",
+        ready.message
+    );
+    assert!(
+        ready
+            .message
+            .contains("spec.release.epoch 99 is not the current epoch 0: ignored"),
+        "{}",
+        ready.message
+    );
+}

@@ -1122,3 +1122,38 @@ fn the_fail_safe_interval_stays_below_the_groups_hold_timeout() {
     let unknown = core.fail_safe_interval("no-such-group", Duration::from_secs(60));
     assert!(unknown < Duration::from_millis(DEFAULT_HOLD_TIMEOUT_MS));
 }
+
+#[test]
+fn refusals_name_groups_by_name_with_their_uid() {
+    let names = |uid: &str| match uid {
+        "uid-1" => Some("orders-db"),
+        "uid-2" => Some("billing-db"),
+        _ => None,
+    };
+    let double = Refusal::DoubleClaim {
+        group_uid: "uid-2".into(),
+        volume: "vol-a".into(),
+        claimed_by: "uid-1".into(),
+    };
+    assert_eq!(
+        double.describe(names),
+        "volume vol-a is claimed by group orders-db (uid uid-1) and also by group billing-db (uid uid-2)"
+    );
+    let not_owned = Refusal::NotOwned {
+        group_uid: "uid-1".into(),
+        volume: "vol-b".into(),
+    };
+    assert_eq!(
+        not_owned.describe(names),
+        "group orders-db (uid uid-1) names volume vol-b, which this node does not serve"
+    );
+    let frozen = Refusal::StillFrozen {
+        volume: "vol-c".into(),
+        group_uid: "uid-3".into(),
+        frozen_in: "uid-1".into(),
+    };
+    assert_eq!(
+        frozen.describe(names),
+        "volume vol-c stays in group orders-db (uid uid-1) until that group lets it go at a replicating point; not joining group uid-3"
+    );
+}
