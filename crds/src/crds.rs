@@ -88,6 +88,19 @@ fn bound_label_selector(selector: &mut JSONSchemaProps) {
         && let Some(JSONSchemaPropsOrArray::Schema(expression)) = expressions.items.as_mut()
     {
         bound_properties(expression, &[("key", 317), ("operator", 16)]);
+        // An unknown operator is refused at admission, named: `Unsupported value: "Equals"`.
+        if let Some(operator) = expression
+            .properties
+            .as_mut()
+            .and_then(|properties| properties.get_mut("operator"))
+        {
+            operator.enum_ = Some(
+                ["In", "NotIn", "Exists", "DoesNotExist"]
+                    .into_iter()
+                    .map(|op| serde_json::Value::String(op.to_owned()).into())
+                    .collect(),
+            );
+        }
         if let Some(values) = expression
             .properties
             .as_mut()

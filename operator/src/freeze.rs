@@ -1033,7 +1033,9 @@ fn set_conditions(
     let ready_update = ConditionUpdate {
         type_: condition::READY,
         status: ready,
-        reason: if !stale.is_empty() {
+        // A stale intent is the reason only when nothing more important keeps the group from Ready;
+        // otherwise the message says it after that reason's own sentence.
+        reason: if !stale.is_empty() && phase == Phase::Replicating && members_resolved(status) {
             "StaleIntent"
         } else {
             match phase {
@@ -1045,24 +1047,32 @@ fn set_conditions(
                 Phase::Resyncing => "Resyncing",
             }
         },
-        message: with_held(if !stale.is_empty() {
-            stale.join("; ")
-        } else {
-            match phase {
-                Phase::Replicating if ready => "every member replicates synchronously".to_owned(),
-                Phase::Replicating | Phase::Degraded => {
-                    "not every member is resolved to a volume".to_owned()
-                }
-                Phase::Freezing => format!("freezing at epoch {epoch}"),
-                Phase::Frozen => format!(
-                    "frozen at epoch {epoch}; writes stay held until spec.release.epoch: {epoch}"
-                ),
-                Phase::Running => format!(
-                    "released at epoch {epoch}; set spec.resync.epoch: {epoch} to resynchronise"
-                ),
-                Phase::Resyncing => format!("resynchronising after epoch {epoch}"),
-            }
-        }),
+        message: with_held(
+            if !stale.is_empty() && phase == Phase::Replicating && members_resolved(status) {
+                stale.join("; ")
+            } else {
+                let reason = match phase {
+                    Phase::Replicating if ready => {
+                        "every member replicates synchronously".to_owned()
+                    }
+                    Phase::Replicating | Phase::Degraded => {
+                        "not every member is resolved to a volume".to_owned()
+                    }
+                    Phase::Freezing => format!("freezing at epoch {epoch}"),
+                    Phase::Frozen => format!(
+                        "frozen at epoch {epoch}; writes stay held until spec.release.epoch: {epoch}"
+                    ),
+                    Phase::Running => format!(
+                        "released at epoch {epoch}; set spec.resync.epoch: {epoch} to resynchronise"
+                    ),
+                    Phase::Resyncing => format!("resynchronising after epoch {epoch}"),
+                };
+                std::iter::once(reason)
+                    .chain(stale)
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            },
+        ),
     };
     conditions::set(&mut status.conditions, ready_update, generation, now);
 }

@@ -155,6 +155,12 @@ pub fn resolve(
                 continue;
             }
             match (&resolved.volume_handle, &resolved.node) {
+                (None, _) if claim_missing(&member.namespace, &pvc, view) => {
+                    problems.push(format!(
+                        "PersistentVolumeClaim {}/{}/{pvc} does not exist",
+                        member.cluster, member.namespace
+                    ))
+                }
                 (None, _) => problems.push(format!(
                     "{}/{}/{pvc} is not bound to a CSI volume yet{}",
                     member.cluster,
@@ -378,6 +384,17 @@ fn claim_names(member: &GroupMember, view: &ClusterView) -> Result<BTreeSet<Stri
             member.cluster, member.namespace
         ));
     }
+    if let Some(unknown) = selector.match_expressions.iter().flatten().find(|e| {
+        !matches!(
+            e.operator.as_str(),
+            "In" | "NotIn" | "Exists" | "DoesNotExist"
+        )
+    }) {
+        return Err(format!(
+            "member {}/{} has an invalid selector: unknown operator {:?} for key {:?} (In, NotIn, Exists or DoesNotExist)",
+            member.cluster, member.namespace, unknown.operator, unknown.key
+        ));
+    }
     let selector = Selector::try_from(selector.clone()).map_err(|error| {
         format!(
             "member {}/{} has an invalid selector: {error}",
@@ -393,6 +410,21 @@ fn claim_names(member: &GroupMember, view: &ClusterView) -> Result<BTreeSet<Stri
         })
         .filter_map(|claim| claim.metadata.name.clone())
         .collect())
+}
+
+/// True when the cluster's API server was read and holds no claim `namespace/pvc`, and no sidecar
+/// reported one: the PVC does not exist (as opposed to existing and not bound yet).
+fn claim_missing(namespace: &str, pvc: &str, view: &ClusterView) -> bool {
+    view.paths != ClusterPaths::GrpcOnly
+        && view.unavailable.is_none()
+        && !view.claims.iter().any(|claim| {
+            claim.metadata.namespace.as_deref() == Some(namespace)
+                && claim.metadata.name.as_deref() == Some(pvc)
+        })
+        && !view
+            .reported
+            .iter()
+            .any(|reported| reported.namespace == namespace && reported.pvc == pvc)
 }
 
 /// Resolves one claim: through the API path (PVC → PV → CSI handle), else through sidecar reports.

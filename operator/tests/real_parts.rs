@@ -512,11 +512,11 @@ async fn freeze_and_stop_a_planned_freeze_holds_until_released_then_resync_makes
     let at_freeze = workload.current();
     secondaries_hold_the_image_at(&bed, &at_freeze.last_acked, run_id).await;
 
-    // A release for another epoch is reported and ignored.
+    // A release for another epoch is reported and ignored; being frozen stays the reason.
     patch_spec(&groups, serde_json::json!({"release": {"epoch": 0}})).await;
     let stale = wait_for(&groups, "the stale release reported", |group| {
         condition(group, "Ready").is_some_and(|(_, reason, message)| {
-            reason == "StaleIntent"
+            reason == "WaitingForRelease"
                 && message.contains("spec.release.epoch 0 is not the current epoch 1")
         })
     })

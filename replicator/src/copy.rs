@@ -69,7 +69,8 @@ pub enum CopyError {
 /// Why reading the secondary's frames failed, as a copy error.
 fn link_failed(error: FrameError) -> CopyError {
     match error {
-        FrameError::Io(_) => CopyError::Link(error.to_string()),
+        // The frame error's own text already says "replication link: ": the copy error says it once.
+        FrameError::Io(io) => CopyError::Link(io.to_string()),
         other => CopyError::Protocol(other.to_string()),
     }
 }

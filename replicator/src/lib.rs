@@ -354,8 +354,11 @@ async fn shutdown_signal() {
 
 /// How loud a replication event is in the log: a failed copy and failed held writes are warnings; a
 /// volume's routine state change (configured, suspended, released, resynced) is information.
-fn event_level(_event: &Event) -> tracing::Level {
-    tracing::Level::WARN
+fn event_level(event: &Event) -> tracing::Level {
+    match event {
+        Event::CopyFailed(_) | Event::HoldTimedOut(_) => tracing::Level::WARN,
+        Event::StateChanged(_) => tracing::Level::INFO,
+    }
 }
 
 /// Logs a replication event at [`event_level`].

@@ -270,6 +270,7 @@ impl Agent {
             if !hold.is_zero() && configured >= hold && self.logged.insert(note) {
                 tracing::warn!(
                     group = %group_name,
+                    group_uid = %group_uid,
                     fail_safe_interval = ?configured,
                     hold_timeout = ?hold,
                     used = ?hold / 2,
@@ -325,13 +326,14 @@ impl Agent {
                         self.logged.clear();
                     }
                     if self.logged.insert(refusal.to_string()) {
+                        let refusal = refusal.describe(|uid| self.core.group_name(uid));
                         tracing::warn!(%refusal, "refused");
                     }
                 }
             }
         }
         for uid in &out.fail_safe_taken {
-            tracing::warn!(group = %uid, "fail-safe: a failed write reached neither path; suspending the group's volumes");
+            tracing::warn!(group = %self.group_name(uid), group_uid = %uid, "fail-safe: a failed write reached neither path; suspending the group's volumes");
             self.context
                 .metrics
                 .fail_safes

@@ -413,8 +413,35 @@ impl Refusal {
     /// The refusal for people, each group named by its name with its UID (`orders-db (uid …)`) where
     /// `name_of` knows the name, by its UID alone otherwise.
     pub fn describe<'a>(&self, name_of: impl Fn(&str) -> Option<&'a str>) -> String {
-        let _ = name_of;
-        self.to_string()
+        let group = |uid: &str| match name_of(uid) {
+            Some(name) => format!("group {name} (uid {uid})"),
+            None => format!("group {uid}"),
+        };
+        match self {
+            Self::NotOwned { group_uid, volume } => format!(
+                "{} names volume {volume}, which this node does not serve",
+                group(group_uid)
+            ),
+            Self::DoubleClaim {
+                group_uid,
+                volume,
+                claimed_by,
+            } => format!(
+                "volume {volume} is claimed by {} and also by {}",
+                group(claimed_by),
+                group(group_uid)
+            ),
+            Self::StillFrozen {
+                volume,
+                group_uid,
+                frozen_in,
+            } => format!(
+                "volume {volume} stays in {} until that group lets it go at a replicating point; not joining {}",
+                group(frozen_in),
+                group(group_uid)
+            ),
+            other => other.to_string(),
+        }
     }
 }
 

@@ -58,7 +58,8 @@ pub struct ConsistencyGroupSpec {
     #[schemars(length(max = 16), regex(pattern = r"^([0-9]+(ms|s|m|h))+$"))]
     #[schemars(extend("x-kubernetes-validations" = [{
         "rule": "duration(self) >= duration('1s') && duration(self) <= duration('10m')",
-        "message": "holdTimeout must be between 1s and 10m: writes are held (not acknowledged) for at most that long"
+        "message": "holdTimeout must be between 1s and 10m: writes are held (not acknowledged) for at most that long",
+        "messageExpression": "'holdTimeout ' + self + ' is not between 1s and 10m: writes are held (not acknowledged) for at most that long'"
     }]))]
     pub hold_timeout: String,
 
@@ -99,12 +100,25 @@ pub struct GroupMember {
 
     /// The namespace of the PersistentVolumeClaims.
     #[schemars(length(min = 1, max = 63))]
+    #[schemars(extend("x-kubernetes-validations" = [{
+        "rule": "self.matches('^[a-z0-9]([-a-z0-9]*[a-z0-9])?$')",
+        "message": "namespace is not a valid Kubernetes namespace name: lowercase letters, digits and hyphens, starting and ending with a letter or digit",
+        "messageExpression": "'namespace \"' + self + '\" is not a valid Kubernetes namespace name: lowercase letters, digits and hyphens, starting and ending with a letter or digit'"
+    }]))]
     pub namespace: String,
 
     /// The PersistentVolumeClaims, by name, each once. The only form a gRPC-only cluster supports, as the
     /// hub cannot list its PVCs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(min = 1, max = 256), inner(length(min = 1, max = 253)))]
+    // A pattern, not a CEL rule: a rule over 256 names of 253 characters exceeds kube-apiserver's cost
+    // budget. The refusal names the value: `Invalid value: "Postgres_WAL": … should match '^[a-z0-9]…'`.
+    #[schemars(
+        length(min = 1, max = 256),
+        inner(
+            length(min = 1, max = 253),
+            regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+        )
+    )]
     #[schemars(extend("x-kubernetes-list-type" = "set"))]
     pub pvc_names: Option<Vec<String>>,
 

@@ -353,7 +353,8 @@ fn freeze_and_stop_holds_until_the_release_names_the_current_epoch() {
         .unwrap();
     assert_eq!(
         (ready.status.as_str(), ready.reason.as_str()),
-        ("False", "StaleIntent")
+        ("False", "WaitingForRelease"),
+        "being frozen matters more than a stale intent"
     );
     assert!(
         ready
@@ -594,7 +595,14 @@ fn a_planned_freeze_acts_once_at_its_epoch() {
         .iter()
         .find(|c| c.type_ == condition::READY)
         .unwrap();
-    assert_eq!(ready.reason, "StaleIntent");
+    assert_eq!(ready.reason, "Freezing", "{}", ready.message);
+    assert!(
+        ready
+            .message
+            .contains("spec.freeze.epoch 0 is not the current epoch 1"),
+        "{}",
+        ready.message
+    );
 }
 
 #[test]
