@@ -53,7 +53,7 @@ pub struct Options {
     /// Do not use the API server path (a gRPC-only configuration).
     #[arg(long, env = "LOCKSTEP_NO_API_PATH")]
     pub no_api_path: bool,
-    /// The operator's gRPC Control endpoint (e.g. http://lockstep-operator.lockstep:9443); without it
+    /// The operator's gRPC Control endpoint (e.g. http://lockstep-operator.lockstep:7443, the operator's default --grpc-listen port); without it
     /// the sidecar runs API-only.
     #[arg(long, env = "LOCKSTEP_OPERATOR_ENDPOINT")]
     pub operator_endpoint: Option<String>,

@@ -27,7 +27,7 @@ use crate::timeline::{Milestone, Timeline};
 use crate::world::World;
 
 /// Lockstep's namespace in every cluster (leases, the member kubeconfig Secrets).
-pub const NAMESPACE: &str = "lockstep-system";
+pub const NAMESPACE: &str = "lockstep";
 /// How long the operator may take to resolve the members or freeze.
 const DEADLINE: Duration = Duration::from_secs(60);
 /// How long it may take to resync once asked.

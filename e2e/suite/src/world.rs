@@ -90,7 +90,7 @@ pub const EXAMPLE_FILES: [(&str, &str); 3] = [
     ("examples/consistencygroup-two-cluster.yaml", EXAMPLE_GROUP),
 ];
 /// Lockstep's namespace in the hub, where remote members' kubeconfig Secrets live.
-const LOCKSTEP_NAMESPACE: &str = "lockstep-system";
+const LOCKSTEP_NAMESPACE: &str = "lockstep";
 
 /// What to build.
 #[derive(Debug, Clone)]

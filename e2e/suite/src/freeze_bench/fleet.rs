@@ -35,7 +35,7 @@ use super::replicator::{MemoryReplicator, Probe, TrialMarks};
 use super::{BenchError, PathChoice};
 
 /// Lockstep's namespace in every cluster.
-const SYSTEM_NAMESPACE: &str = "lockstep-system";
+const SYSTEM_NAMESPACE: &str = "lockstep";
 /// The group every cell freezes.
 const GROUP: &str = "bench";
 /// At most this many PVCs per (cluster, namespace) member entry (the CRD allows 256).
