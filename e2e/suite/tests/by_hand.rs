@@ -240,10 +240,20 @@ async fn the_readme_deployment_by_hand_freezes_and_the_secondaries_pass_the_chec
         "the group froze once and released: {seen}\n{}",
         logs(&run)
     );
+    assert_eq!(
+        seen.matches("replication link:").count(),
+        1,
+        "the trigger names the broken link once: {seen}"
+    );
     assert!(
         outputs["group"].contains("orders-db"),
         "{}",
         outputs["group"]
+    );
+    assert!(
+        outputs["check"].starts_with("CONSISTENT"),
+        "the checker's verdict: {}",
+        outputs["check"]
     );
     println!(
         "== the README's by-hand deployment: {:.1}s in all",
