@@ -5,9 +5,11 @@
 //!
 //! Rules kept here: `status` of a type with a status subresource changes only through `/status` (and is
 //! dropped on create of a custom resource); `metadata.generation` starts at 1 and grows only when something
-//! other than `metadata` and (such a) `status` changes; a write that changes nothing does not get a new
-//! resourceVersion; an object with finalizers is deleted by setting `deletionTimestamp`, and goes when the
-//! last finalizer is removed; deleting a namespace deletes what is in it; deleting a CRD deletes its
+//! other than `metadata` and (such a) `status` changes, and when the object is marked for deletion; a
+//! write that changes nothing does not get a new resourceVersion; an object with finalizers is deleted by
+//! setting `deletionTimestamp` (it then takes no new finalizers), and goes when the last finalizer is
+//! removed; bodies over 3 MiB get `413`, ConfigMaps and Secrets over 1 MiB of data `422`, and objects
+//! over etcd's 1.5 MiB `500`; deleting a namespace deletes what is in it; deleting a CRD deletes its
 //! objects and unregisters its type. Owner references are not garbage-collected.
 
 use std::collections::HashMap;
@@ -572,6 +574,50 @@ impl Write<'_> {
                 }],
             ));
         }
+        if !t.custom && t.group.is_empty() {
+            data_size_limit(t, &new, &name)?;
+        }
+        // An object being deleted takes no new finalizers.
+        if let Some(o) = old
+            && o.pointer("/metadata/deletionTimestamp")
+                .is_some_and(|d| !d.is_null())
+        {
+            let list = |object: &Value| -> Vec<String> {
+                object
+                    .pointer("/metadata/finalizers")
+                    .and_then(Value::as_array)
+                    .map(|l| {
+                        l.iter()
+                            .filter_map(Value::as_str)
+                            .map(str::to_owned)
+                            .collect()
+                    })
+                    .unwrap_or_default()
+            };
+            let before = list(o);
+            let mut added: Vec<String> = list(&new)
+                .into_iter()
+                .filter(|f| !before.contains(f))
+                .collect();
+            added.sort();
+            added.dedup();
+            if !added.is_empty() {
+                let shown: Vec<String> = added.iter().map(|f| format!("{f:?}")).collect();
+                return Err(ApiError::invalid(
+                    &t.kind,
+                    &t.group,
+                    &name,
+                    &[Cause {
+                        reason: "FieldValueForbidden".into(),
+                        message: format!(
+                            "Forbidden: no new finalizers can be added if the object is being deleted, found new finalizers []string{{{}}}",
+                            shown.join(", ")
+                        ),
+                        field: "metadata.finalizers".into(),
+                    }],
+                ));
+            }
+        }
         // Generation.
         if t.tracks_generation {
             let generation = match old {
@@ -609,6 +655,10 @@ impl Write<'_> {
                 obj.insert("status".into(), status);
             }
         }
+        // etcd's limit on one request (1.5 MiB), here on the object's JSON.
+        if serde_json::to_vec(&new).map_or(0, |v| v.len()) > ETCD_MAX_REQUEST_BYTES {
+            return Err(ApiError::etcd_too_large());
+        }
         let dry = call.query.dry_run();
         let committed = match old {
             None => {
@@ -643,6 +693,57 @@ impl Write<'_> {
             warnings,
         })
     }
+}
+
+/// etcd's default `--max-request-bytes`.
+const ETCD_MAX_REQUEST_BYTES: usize = 1536 * 1024;
+
+/// The most data a ConfigMap or Secret holds (kube-apiserver's `MaxSecretSize`).
+const MAX_DATA_BYTES: usize = 1024 * 1024;
+
+/// ConfigMaps and Secrets hold at most 1 MiB of values (decoded), refused as kube-apiserver words it.
+fn data_size_limit(t: &ResourceType, object: &Value, name: &str) -> Result<(), ApiError> {
+    let values = |key: &str| {
+        object
+            .get(key)
+            .and_then(Value::as_object)
+            .into_iter()
+            .flat_map(|m| m.values())
+            .filter_map(Value::as_str)
+            .collect::<Vec<_>>()
+    };
+    let decoded = |b64: &str| {
+        ((b64.len() / 4) * 3).saturating_sub(b64.bytes().rev().take_while(|b| *b == b'=').count())
+    };
+    let (size, field) = match t.plural.as_str() {
+        "configmaps" => (
+            values("data").iter().map(|v| v.len()).sum::<usize>()
+                + values("binaryData")
+                    .iter()
+                    .map(|v| decoded(v))
+                    .sum::<usize>(),
+            "[]",
+        ),
+        "secrets" => (
+            values("data").iter().map(|v| decoded(v)).sum::<usize>()
+                + values("stringData").iter().map(|v| v.len()).sum::<usize>(),
+            "data",
+        ),
+        _ => return Ok(()),
+    };
+    if size <= MAX_DATA_BYTES {
+        return Ok(());
+    }
+    Err(ApiError::invalid(
+        &t.kind,
+        &t.group,
+        name,
+        &[Cause {
+            reason: "FieldValueTooLong".into(),
+            message: format!("Too long: may not be more than {MAX_DATA_BYTES} bytes"),
+            field: field.into(),
+        }],
+    ))
 }
 
 fn without(object: &Value, keys: &[&str]) -> Value {
@@ -1027,6 +1128,12 @@ fn delete_object(
         if let Some(meta) = meta_mut(&mut marked) {
             meta.insert("deletionTimestamp".into(), Value::String(now.to_string()));
             meta.insert("deletionGracePeriodSeconds".into(), 0.into());
+            // As kube-apiserver marks an object for deletion: its generation grows.
+            if let Some(generation) = meta.get("generation").and_then(Value::as_i64)
+                && generation > 0
+            {
+                meta.insert("generation".into(), (generation + 1).into());
+            }
         }
         if t.plural == "namespaces"
             && t.group.is_empty()

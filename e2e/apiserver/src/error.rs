@@ -127,21 +127,29 @@ impl ApiError {
         )
     }
 
-    /// 409: server-side apply conflicts, one cause per (manager, field).
+    /// 409: server-side apply conflicts, one cause per (manager, field); the manager as kube-apiserver
+    /// prints it (`"name"`, then ` with subresource "status"` and ` using v1` for an Update manager), the
+    /// fields grouped by manager when there are several.
     pub fn apply_conflicts(
         group: &str,
         plural: &str,
         name: &str,
         conflicts: &[(String, String)],
     ) -> Self {
-        let lines: Vec<String> = conflicts
-            .iter()
-            .map(|(manager, field)| format!("- conflict with \"{manager}\": {field}"))
-            .collect();
-        let message = if conflicts.len() == 1 {
-            let (manager, field) = &conflicts[0];
-            format!("Apply failed with 1 conflict: conflict with \"{manager}\": {field}")
+        let message = if let [(manager, field)] = conflicts {
+            format!("Apply failed with 1 conflict: conflict with {manager}: {field}")
         } else {
+            let mut by_manager: std::collections::BTreeMap<&str, Vec<&str>> = Default::default();
+            for (manager, field) in conflicts {
+                by_manager.entry(manager).or_default().push(field);
+            }
+            let lines: Vec<String> = by_manager
+                .iter()
+                .flat_map(|(manager, fields)| {
+                    std::iter::once(format!("conflicts with {manager}:"))
+                        .chain(fields.iter().map(|field| format!("- {field}")))
+                })
+                .collect();
             format!(
                 "Apply failed with {} conflicts: {}",
                 conflicts.len(),
@@ -152,12 +160,27 @@ impl ApiError {
             .iter()
             .map(|(manager, field)| {
                 json!({"type": "FieldManagerConflict", "reason": "FieldManagerConflict",
-                       "message": format!("conflict with \"{manager}\""), "field": field})
+                       "message": format!("conflict with {manager}"), "field": field})
             })
             .collect();
         let mut err = Self::new(409, "Conflict", message);
         err.details = Some(json!({"name": name, "group": group, "kind": plural, "causes": causes}));
         err
+    }
+
+    /// 413: a request body over kube-apiserver's limit (3 MiB).
+    pub fn too_large(limit: usize) -> Self {
+        Self::new(
+            413,
+            "RequestEntityTooLarge",
+            format!("Request entity too large: limit is {limit}"),
+        )
+    }
+
+    /// 500 without a reason, as kube-apiserver passes on etcd's refusal of a value over its request
+    /// limit (1.5 MiB).
+    pub fn etcd_too_large() -> Self {
+        Self::new(500, "", "etcdserver: request is too large")
     }
 
     /// 410: a watch or list from a resourceVersion older than the kept history.
@@ -272,6 +295,11 @@ impl ApiError {
         });
         if let (Some(details), Some(obj)) = (&self.details, status.as_object_mut()) {
             obj.insert("details".into(), details.clone());
+        }
+        if self.reason.is_empty()
+            && let Some(obj) = status.as_object_mut()
+        {
+            obj.remove("reason");
         }
         status
     }

@@ -19,6 +19,9 @@ use crate::faults::Faults;
 use crate::store::Store;
 use crate::{discovery, openapi};
 
+/// kube-apiserver's limit on a request body (`--max-request-bytes`' default for JSON: 3 MiB).
+pub const MAX_BODY_BYTES: usize = 3 * 1024 * 1024;
+
 /// The body type of every answer.
 pub type Body = UnsyncBoxBody<Bytes, Infallible>;
 
@@ -235,6 +238,9 @@ async fn route(shared: &Arc<Shared>, req: Request<Incoming>) -> Result<Response<
         .await
         .map_err(|e| ApiError::bad_request(format!("reading the body: {e}")))?
         .to_bytes();
+    if body.len() > MAX_BODY_BYTES {
+        return Err(ApiError::too_large(MAX_BODY_BYTES));
+    }
     let now = crate::now();
     let call = Call {
         method: method.as_str(),

@@ -17,7 +17,8 @@
 //!
 //! # What it serves
 //! - HTTP/1.1 JSON on 127.0.0.1; errors as `meta/v1 Status` with kube-apiserver's reasons and wording
-//!   (404 `NotFound`, 409 `AlreadyExists`/`Conflict`, 410 `Expired`, 422 `Invalid` with causes).
+//!   (404 `NotFound`, 409 `AlreadyExists`/`Conflict`, 410 `Expired`, 413 over 3 MiB, 422 `Invalid` with
+//!   causes); `e2e/kube/tests/differential.rs` compares them with a real kube-apiserver's.
 //! - `/healthz`, `/livez`, `/readyz`, `/version` (v1.33.0), plain-JSON discovery (`/api`, `/apis`, …),
 //!   OpenAPI v3 ([`openapi`]) and Table answers for `kubectl get` ([`table`]): real kubectl works against it.
 //! - Built-in kinds (unknown fields dropped, or refused with `fieldValidation=Strict`): Namespace, Node, PersistentVolume, PersistentVolumeClaim,

@@ -14,7 +14,7 @@
 //!   other managers lose those fields. Fields that vanished are forgotten.
 //! - **Apply** (`application/apply-patch+yaml`, `fieldManager` required): a *conflict* is a field in the
 //!   applied configuration that another manager owns with a different value than the applied one. Any
-//!   conflict refuses the apply with `409 Conflict` (one cause per field, `conflict with "<manager>"`)
+//!   conflict refuses the apply with `409 Conflict` (one cause per field, `conflict with "<manager>"`, and `using v1` after an Update manager, as kube-apiserver prints them)
 //!   unless `force=true`, which moves those fields to the applier. Owning a field with the *same* value is
 //!   shared ownership, not a conflict. The configuration is merged into the live object (maps deeply,
 //!   lists and scalars replaced). A field the applier owned before, that its new configuration leaves out,
@@ -73,6 +73,21 @@ pub struct Entry {
     pub subresource: Option<String>,
     /// The fields owned.
     pub fields: BTreeSet<FieldPath>,
+}
+
+impl Entry {
+    /// The manager as kube-apiserver names it in a conflict: `"name"`, ` with subresource "status"`,
+    /// and ` using <apiVersion>` for an Update.
+    pub fn printed(&self) -> String {
+        let mut out = format!("\"{}\"", self.manager);
+        if let Some(sub) = &self.subresource {
+            out.push_str(&format!(" with subresource \"{sub}\""));
+        }
+        if self.operation == "Update" {
+            out.push_str(&format!(" using {}", self.api_version));
+        }
+        out
+    }
 }
 
 /// Reads `metadata.managedFields`.
@@ -369,7 +384,7 @@ pub fn record_update(
 }
 
 /// Server-side apply of `config` by `manager` onto `live` (or onto `skeleton` when the object does not
-/// exist yet). Returns the new object, or the conflicts as `(manager, .field.path)`.
+/// exist yet). Returns the new object, or the conflicts as `(printed manager, .field.path)`.
 pub fn apply(
     live: &Value,
     config: &Value,
@@ -389,7 +404,7 @@ pub fn apply(
         }
         for p in e.fields.intersection(&applied) {
             if get(live, p) != get(config, p) {
-                conflicts.push((e.manager.clone(), format!(".{}", p.join("."))));
+                conflicts.push((e.printed(), format!(".{}", p.join("."))));
             }
         }
     }
@@ -485,7 +500,7 @@ mod tests {
         );
         assert_eq!(
             refused,
-            Err(vec![("alice".to_string(), ".spec.a".to_string())])
+            Err(vec![("\"alice\"".to_string(), ".spec.a".to_string())])
         );
         let forced = apply(&b, &json!({"spec": {"a": 9}}), "bob", true, MAIN, "v1", "t")?;
         assert_eq!(forced["spec"]["a"], 9);

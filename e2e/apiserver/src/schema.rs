@@ -76,7 +76,8 @@ impl Schema {
         kube_cel::apply_defaults(&self.raw, object)
     }
 
-    /// Checks the structural schema and then, if that passed, the CEL rules. Empty when valid.
+    /// Checks the structural schema and then the CEL rules (unless a blocking schema error skips them).
+    /// Empty when valid.
     pub fn validate(&self, object: &Value, old: Option<&Value>) -> Vec<Cause> {
         let mut causes = Vec::new();
         if let (Some(obj), Some(props)) = (
@@ -95,7 +96,15 @@ impl Schema {
                 }
             }
         }
-        if !causes.is_empty() {
+        // As kube-apiserver: an error of a blocking kind (a wrong type, an unsupported enum value, a
+        // missing required field, a string or list too long) skips the rules and says so; after other
+        // schema errors (a pattern, a bound) the rules still run and add theirs.
+        if self.cel.is_some() && causes.iter().any(|c| BLOCKING.contains(&c.reason.as_str())) {
+            causes.push(Cause {
+                reason: "FieldValueInvalid".into(),
+                message: "Invalid value: null: some validation rules were not checked because the object was invalid; correct the existing errors to complete validation".into(),
+                field: "<nil>".into(),
+            });
             return causes;
         }
         let Some((tree, cel)) = &self.cel else {
@@ -109,6 +118,12 @@ impl Schema {
             for e in errors.iter() {
                 let field = e.field_path.trim_start_matches('.').to_string();
                 let message = match e.reason.as_deref() {
+                    _ if e.kind == kube_cel::ErrorKind::EvaluationError => format!(
+                        "Invalid value: \"{}\": {} evaluating rule: {}",
+                        type_at(&self.raw, &field),
+                        evaluation_error(&e.message),
+                        rule_message(&self.raw, &e.rule)
+                    ),
                     Some("FieldValueForbidden") => format!("Forbidden: {}", e.message),
                     Some("FieldValueRequired") => format!("Required value: {}", e.message),
                     Some("FieldValueDuplicate") => format!("Duplicate value: {}", e.message),
@@ -131,6 +146,55 @@ impl Schema {
         causes
     }
 }
+
+/// A rule's runtime error as cel-go (in kube-apiserver) words it, where the two differ in wording only:
+/// a string that is no duration or timestamp.
+fn evaluation_error(message: &str) -> String {
+    let detail = message
+        .strip_prefix("rule evaluation error: ")
+        .unwrap_or(message);
+    for (function, target) in [
+        ("duration", "google.protobuf.Duration"),
+        ("timestamp", "google.protobuf.Timestamp"),
+    ] {
+        if detail.contains(&format!("Error executing function '{function}'")) {
+            return format!("type conversion error from 'string' to '{target}'");
+        }
+    }
+    detail.to_owned()
+}
+
+/// How kube-apiserver names a rule in an evaluation error: its message, else the rule itself.
+fn rule_message(schema: &Value, rule: &str) -> String {
+    fn find(schema: &Value, rule: &str) -> Option<String> {
+        match schema {
+            Value::Object(map) => {
+                let here = map
+                    .get("x-kubernetes-validations")
+                    .and_then(Value::as_array)
+                    .into_iter()
+                    .flatten()
+                    .find(|v| v.get("rule").and_then(Value::as_str) == Some(rule))
+                    .and_then(|v| v.get("message").and_then(Value::as_str))
+                    .map(|m| m.trim().to_owned())
+                    .filter(|m| !m.is_empty());
+                here.or_else(|| map.values().find_map(|v| find(v, rule)))
+            }
+            Value::Array(items) => items.iter().find_map(|v| find(v, rule)),
+            _ => None,
+        }
+    }
+    find(schema, rule).unwrap_or_else(|| rule.to_owned())
+}
+
+/// Schema errors after which kube-apiserver evaluates no CEL rule (its `hasBlockingErr`).
+const BLOCKING: &[&str] = &[
+    "FieldValueNotSupported",
+    "FieldValueRequired",
+    "FieldValueTooLong",
+    "FieldValueTooMany",
+    "FieldValueTypeInvalid",
+];
 
 /// The part of a schema the CEL rules live in: a node with rules is kept whole (its rules may read any
 /// of it), a node without keeps only the children that lead to rules, and a subtree with no rule is

@@ -8,7 +8,8 @@
 //!   and the stream ends.
 //! - `sendInitialEvents=true`: the current objects as `ADDED`, then a `BOOKMARK` annotated
 //!   `k8s.io/initial-events-end: "true"`.
-//! - `allowWatchBookmarks=true`: a `BOOKMARK` at the latest resourceVersion every bookmark interval.
+//! - `allowWatchBookmarks=true`: a `BOOKMARK` at the latest resourceVersion every bookmark interval, once
+//!   that is newer than the watch's own (kube-apiserver sends none while nothing has changed anywhere).
 //! - Selectors: an object that starts matching arrives as `ADDED`, one that stops matching as `DELETED`.
 //! - Asked for Tables (`kubectl get -w`), each event carries a one-row `Table`.
 //! - The stream ends at `timeoutSeconds`, when the client goes, when the fault hook drops watches, or when
@@ -188,7 +189,8 @@ pub fn start(
                     filter.event(&change)
                 }
                 Ok(Message::Tick(rv)) => {
-                    if !bookmarks || rv < last_bookmark || rv < last {
+                    // As kube-apiserver's watch cache: only past the watch's own resourceVersion.
+                    if !bookmarks || rv <= start_rv || rv < last_bookmark || rv < last {
                         continue;
                     }
                     last_bookmark = rv;

@@ -324,6 +324,13 @@ async fn bookmarks_timeouts_and_selector_transitions() -> TestResult {
     // Bookmarks.
     let wp = WatchParams::default().labels("app=web");
     let mut stream = cms.watch(&wp, "0").await?.boxed();
+    // A bookmark comes once something newer than the watch exists (here a change it does not see), as
+    // kube-apiserver sends none while nothing changes.
+    cms.create(
+        &PostParams::default(),
+        &config_map("other", &[("app", "db")]),
+    )
+    .await?;
     let mut kinds = Vec::new();
     loop {
         match tokio::time::timeout(Duration::from_secs(10), stream.try_next()).await {
