@@ -39,6 +39,7 @@ fn options() -> Options {
         identity: "operator-0".into(),
         lease_duration: Duration::from_secs(2),
         max_sessions_per_cluster: lockstep_operator::sessions::DEFAULT_SESSIONS_PER_CLUSTER,
+        control_security: lockstep_operator::ControlSecurity::insecure_plaintext(),
     }
 }
 

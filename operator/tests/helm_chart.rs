@@ -288,6 +288,7 @@ impl Node {
         options.namespace = NAMESPACE.into();
         options.replicator_socket = self.dir.path().join("control.sock");
         options.operator_endpoint = Some(endpoint.to_owned());
+        options.insecure_plaintext_control = true;
         options.listen = "127.0.0.1:0".parse().unwrap();
         options.inventory_interval = Duration::from_millis(300);
         options.lease_duration = Duration::from_secs(3);
@@ -403,6 +404,7 @@ async fn with_the_charts_rbac_enforced_its_service_accounts_freeze_resync_and_de
         identity: "lockstep-operator-0".into(),
         lease_duration: Duration::from_secs(5),
         max_sessions_per_cluster: lockstep_operator::sessions::DEFAULT_SESSIONS_PER_CLUSTER,
+        control_security: lockstep_operator::ControlSecurity::insecure_plaintext(),
     };
     let (operator_client, _) = east.identity(OPERATOR, None).await.unwrap();
     let operator = Operator::start(operator_client, &options).await.unwrap();
