@@ -1,5 +1,8 @@
 //! The gRPC `Control` service (path 2): sidecars report failures, subscribe to directives and acknowledge.
 //!
+//! Every call is authenticated (see [`crate::authn`]): the node it speaks for is the node its token
+//! proves, never merely the node the message names.
+//!
 //! Malformed messages (no node identity, an unset stage, no group UID) are refused with InvalidArgument
 //! and logged. Every answer says whether it was applied: a report or acknowledgement that could not be
 //! decided is answered with an error status (NOT_FOUND for a group this hub does not know, UNAVAILABLE when
@@ -25,6 +28,7 @@ use crate::{
     freeze::{self, Event},
     members::ReportedVolume,
     sessions::{self, NodeKey},
+    tls::ConnectionInfo,
 };
 
 /// How often a subscribed sidecar hears a heartbeat.
@@ -51,6 +55,46 @@ impl ControlService {
             Err(Status::unavailable(
                 "this operator replica is not the leader; retry (the Service routes to the leader)",
             ))
+        }
+    }
+}
+
+impl ControlService {
+    /// Who is speaking: the node the call's token proves, which must be the node the message names
+    /// (UNAUTHENTICATED without a valid token, PERMISSION_DENIED for a message speaking for another
+    /// node). A plaintext connection (served only with --grpc-insecure-plaintext) is not authenticated:
+    /// the message's node is taken as it says.
+    fn authenticate<T>(
+        &self,
+        request: &Request<T>,
+        what: &str,
+        node: Option<&pb::NodeIdentity>,
+    ) -> Result<NodeKey, Status> {
+        let claimed = node_key(node)?;
+        let connection = request.extensions().get::<ConnectionInfo>().copied();
+        if connection.is_some_and(|connection| !connection.tls) {
+            return Ok(claimed);
+        }
+        let peer = connection
+            .and_then(|connection| connection.remote)
+            .map(|remote| remote.ip());
+        let authenticator = self.engine.authenticator();
+        let speaking_for = format!("{}/{}", claimed.0, claimed.1);
+        match authenticator.authenticate(request.metadata(), &claimed.0) {
+            Err(refusal) => {
+                let message = format!("{what} refused: {refusal}");
+                authenticator.refused(peer, &speaking_for, refusal.reason(), &message);
+                Err(Status::unauthenticated(message))
+            }
+            Ok(who) if who.cluster != claimed.0 || who.node != claimed.1 => {
+                let message = format!(
+                    "{what} refused: the credential is node {} of cluster {}, and the message speaks for node {} of cluster {}",
+                    who.node, who.cluster, claimed.1, claimed.0
+                );
+                authenticator.refused(peer, &speaking_for, "other_node", &message);
+                Err(Status::permission_denied(message))
+            }
+            Ok(who) => Ok((who.cluster, who.node)),
         }
     }
 }
@@ -277,9 +321,9 @@ impl Control for ControlService {
         &self,
         request: Request<ReportRequest>,
     ) -> Result<Response<ReportResponse>, Status> {
+        let node = self.authenticate(&request, "report", request.get_ref().node.as_ref())?;
         self.leader_only()?;
         let request = request.into_inner();
-        let node = node_key(request.node.as_ref())?;
         let mut reasons = Vec::new();
         if !request.volumes.is_empty()
             && !self
@@ -409,9 +453,9 @@ impl Control for ControlService {
         &self,
         request: Request<SubscribeRequest>,
     ) -> Result<Response<Self::SubscribeStream>, Status> {
+        let node = self.authenticate(&request, "subscription", request.get_ref().node.as_ref())?;
         self.leader_only()?;
         let request = request.into_inner();
-        let node = node_key(request.node.as_ref())?;
         let mut seen = Vec::new();
         for point in &request.seen {
             seen.push(
@@ -463,9 +507,10 @@ impl Control for ControlService {
     }
 
     async fn ack(&self, request: Request<AckRequest>) -> Result<Response<AckResponse>, Status> {
+        let node =
+            self.authenticate(&request, "acknowledgement", request.get_ref().node.as_ref())?;
         self.leader_only()?;
         let request = request.into_inner();
-        let node = node_key(request.node.as_ref())?;
         let enforced = request
             .enforced
             .as_ref()

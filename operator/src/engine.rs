@@ -129,6 +129,8 @@ struct Inner {
     lease_namespace: String,
     /// The last view read of each member cluster.
     views: Mutex<BTreeMap<String, CachedView>>,
+    /// Verifies the sidecars' tokens on the gRPC path.
+    authenticator: Arc<crate::authn::Authenticator>,
 }
 
 /// One group's decisions: the lock that serialises them and the inbox where events wait for it.
@@ -266,6 +268,14 @@ impl Engine {
             instance: Some(hub_name.clone()),
         };
         let fanout = Fanout::new(sessions.clone(), metrics.clone());
+        let security = &options.control_security;
+        let authenticator = Arc::new(crate::authn::Authenticator::new(
+            member_clusters.clone(),
+            &security.token_audience,
+            &security.sidecar_service_account,
+            security.token_max_lifetime,
+            metrics.clone(),
+        ));
         Self {
             inner: Arc::new(Inner {
                 recorder: Recorder::new(hub.clone(), reporter),
@@ -282,8 +292,14 @@ impl Engine {
                 leader,
                 lease_namespace,
                 views: Mutex::default(),
+                authenticator,
             }),
         }
+    }
+
+    /// Verifies the sidecars' tokens on the gRPC path.
+    pub fn authenticator(&self) -> &crate::authn::Authenticator {
+        &self.inner.authenticator
     }
 
     /// Whether this replica is the leader (only the leader serves Control and writes).
@@ -831,6 +847,49 @@ impl Engine {
         futures::future::join_all(probes).await;
     }
 
+    /// The `ServiceAccountKeys` condition of a member cluster reached over gRPC: whether its sidecars'
+    /// tokens can be verified.
+    fn keys_condition(&self, cluster: &str) -> ConditionUpdate<'static> {
+        let authenticator = &self.inner.authenticator;
+        let keys = authenticator.key_sets();
+        let (status, reason, message) = if let Some(why) = keys.refused(cluster) {
+            (
+                false,
+                "KeysRefused",
+                format!("{why}; no sidecar of this cluster authenticates on the gRPC path"),
+            )
+        } else if let Some(kid) = authenticator.unknown_key(cluster) {
+            (
+                false,
+                "UnknownKeyId",
+                format!(
+                    "a sidecar naming this cluster presented a token signed with key id {kid:?}, which is not in spec.serviceAccountKeys: if the cluster rotated its signing keys, put its current JWKS (kubectl get --raw /openid/v1/jwks) there"
+                ),
+            )
+        } else if keys.keys_of(cluster) == 0 {
+            (
+                false,
+                "NoKeys",
+                "spec.serviceAccountKeys is empty: this cluster's sidecars cannot authenticate on the gRPC path (put the output of kubectl get --raw /openid/v1/jwks there)".to_owned(),
+            )
+        } else {
+            (
+                true,
+                "KeysLoaded",
+                format!(
+                    "{} ServiceAccount signing keys: sidecars prove their node with tokens they signed",
+                    keys.keys_of(cluster)
+                ),
+            )
+        };
+        ConditionUpdate {
+            type_: "ServiceAccountKeys",
+            status,
+            reason,
+            message,
+        }
+    }
+
     async fn write_member_status(
         &self,
         cluster: &MemberCluster,
@@ -871,6 +930,14 @@ impl Engine {
             cluster.metadata.generation,
             &now(),
         );
+        if member.paths.includes(Path::Grpc) {
+            conditions::set(
+                &mut status.conditions,
+                self.keys_condition(&member.name),
+                cluster.metadata.generation,
+                &now(),
+            );
+        }
         status.grpc_sessions = sessions;
         status.observed_generation = cluster.metadata.generation;
         if reachable.is_ok() && api_path {

@@ -12,12 +12,14 @@
 //! - [`leader`]: leader election on a Lease, leading only within the renew deadline.
 //! - [`metrics`]: Prometheus metrics; [`http`]: `/healthz`, `/readyz`, `/metrics`.
 
+pub mod authn;
 pub mod clusters;
 pub mod control;
 pub mod engine;
 pub mod fanout;
 pub mod freeze;
 pub mod http;
+pub mod identity;
 pub mod leader;
 pub mod listed;
 pub mod members;
@@ -106,6 +108,20 @@ pub struct ControlSecurity {
     /// the port can then report, acknowledge and subscribe as any node.
     #[arg(long, env = "LOCKSTEP_GRPC_INSECURE_PLAINTEXT")]
     pub grpc_insecure_plaintext: bool,
+    /// The audience of the projected ServiceAccount tokens sidecars present.
+    #[arg(long, env = "LOCKSTEP_TOKEN_AUDIENCE", default_value = identity::DEFAULT_AUDIENCE)]
+    pub token_audience: String,
+    /// The sidecars' ServiceAccount, as namespace:name, in every member cluster: only its tokens speak
+    /// for a node (any Pod may ask for a token with any audience).
+    #[arg(
+        long,
+        env = "LOCKSTEP_SIDECAR_SERVICE_ACCOUNT",
+        default_value = "lockstep:lockstep-sidecar"
+    )]
+    pub sidecar_service_account: String,
+    /// The longest lifetime (exp - iat) of a token taken; the chart projects them with 600 s.
+    #[arg(long, env = "LOCKSTEP_TOKEN_MAX_LIFETIME", default_value = "10m", value_parser = parse_duration)]
+    pub token_max_lifetime: Duration,
 }
 
 impl ControlSecurity {
@@ -115,6 +131,7 @@ impl ControlSecurity {
             grpc_tls_cert_file: None,
             grpc_tls_key_file: None,
             grpc_insecure_plaintext: true,
+            ..Self::tls(std::path::Path::new(""), std::path::Path::new(""))
         }
     }
 
@@ -124,6 +141,9 @@ impl ControlSecurity {
             grpc_tls_cert_file: Some(cert.to_path_buf()),
             grpc_tls_key_file: Some(key.to_path_buf()),
             grpc_insecure_plaintext: false,
+            token_audience: identity::DEFAULT_AUDIENCE.to_owned(),
+            sidecar_service_account: "lockstep:lockstep-sidecar".to_owned(),
+            token_max_lifetime: Duration::from_secs(600),
         }
     }
 

@@ -58,6 +58,7 @@ async fn member_cluster(hub: &Client, name: &str, paths: ClusterPaths, local: bo
         local,
         kubeconfig_secret_ref: None,
         network: None,
+        service_account_keys: None,
     };
     Api::<MemberCluster>::all(hub.clone())
         .create(&PostParams::default(), &MemberCluster::new(name, spec))

@@ -51,6 +51,7 @@ async fn hub_with_edge() -> (lockstep_testapi::TestApiServer, Client) {
         local: false,
         kubeconfig_secret_ref: None,
         network: Some("lte".into()),
+        service_account_keys: None,
     };
     Api::<MemberCluster>::all(hub.clone())
         .create(&PostParams::default(), &MemberCluster::new("edge", edge))

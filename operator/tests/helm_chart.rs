@@ -375,6 +375,7 @@ async fn with_the_charts_rbac_enforced_its_service_accounts_freeze_resync_and_de
         local: true,
         kubeconfig_secret_ref: None,
         network: None,
+        service_account_keys: None,
     };
     let remote = MemberClusterSpec {
         paths: ClusterPaths::Both,
@@ -385,6 +386,7 @@ async fn with_the_charts_rbac_enforced_its_service_accounts_freeze_resync_and_de
             key: "kubeconfig".into(),
         }),
         network: None,
+        service_account_keys: None,
     };
     for (name, spec) in [("east", local), ("west", remote)] {
         clusters

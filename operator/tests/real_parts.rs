@@ -189,6 +189,7 @@ async fn setup_with_hold_timeout(fault: Fault, policy: Policy, hold_timeout: &st
         local: true,
         kubeconfig_secret_ref: None,
         network: None,
+        service_account_keys: None,
     };
     Api::<MemberCluster>::all(hub.clone())
         .create(&PostParams::default(), &MemberCluster::new("east", local))
@@ -217,6 +218,7 @@ async fn setup_with_hold_timeout(fault: Fault, policy: Policy, hold_timeout: &st
             key: "kubeconfig".into(),
         }),
         network: None,
+        service_account_keys: None,
     };
     Api::<MemberCluster>::all(hub.clone())
         .create(&PostParams::default(), &MemberCluster::new("west", both))

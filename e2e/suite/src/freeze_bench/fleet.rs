@@ -342,6 +342,7 @@ impl Fleet {
                     local: false,
                     kubeconfig_secret_ref: secret_ref,
                     network: Some(format!("dc-{}", member.name)),
+                    service_account_keys: None,
                 },
             );
             Api::<MemberCluster>::all(hub_client.clone())
