@@ -69,11 +69,17 @@ impl ControlService {
         request: &Request<T>,
         what: &str,
         node: Option<&pb::NodeIdentity>,
-    ) -> Result<NodeKey, Status> {
+    ) -> Result<Speaker, Status> {
         let claimed = node_key(node)?;
         let connection = request.extensions().get::<ConnectionInfo>().copied();
         if connection.is_some_and(|connection| !connection.tls) {
-            return Ok(claimed);
+            return Ok(Speaker {
+                node: claimed,
+                peer: connection
+                    .and_then(|connection| connection.remote)
+                    .map(|remote| remote.ip()),
+                verified: false,
+            });
         }
         let peer = connection
             .and_then(|connection| connection.remote)
@@ -94,9 +100,75 @@ impl ControlService {
                 authenticator.refused(peer, &speaking_for, "other_node", &message);
                 Err(Status::permission_denied(message))
             }
-            Ok(who) => Ok((who.cluster, who.node)),
+            Ok(who) => Ok(Speaker {
+                node: (who.cluster, who.node),
+                peer,
+                verified: true,
+            }),
         }
     }
+
+    /// Refuses a call that names volumes the group resolves, in the speaker's cluster, to another node
+    /// (or to no node: several claim it): a node speaks for its own volumes only. Volumes the group
+    /// has not resolved pass (they are recorded for nobody; a failure about one still freezes).
+    async fn own_volumes_only<'a>(
+        &self,
+        speaker: &Speaker,
+        what: &str,
+        group_uid: &str,
+        handles: impl IntoIterator<Item = &'a str>,
+    ) -> Result<(), Status> {
+        if !speaker.verified {
+            return Ok(());
+        }
+        let status = self.engine.last_status(group_uid).await;
+        let members = status
+            .as_ref()
+            .map(|status| status.members.as_slice())
+            .unwrap_or_default();
+        let (cluster, node) = &speaker.node;
+        let foreign: Vec<String> = handles
+            .into_iter()
+            .filter_map(|handle| {
+                let member = members.iter().find(|member| {
+                    member.cluster == *cluster && member.volume_handle.as_deref() == Some(handle)
+                })?;
+                (member.node.as_deref() != Some(node.as_str())).then(|| {
+                    format!(
+                        "{handle} (on {})",
+                        member.node.as_deref().unwrap_or("no single node")
+                    )
+                })
+            })
+            .collect();
+        if foreign.is_empty() {
+            return Ok(());
+        }
+        let named: Vec<&str> = foreign
+            .iter()
+            .take(NAMED_IN_REASON)
+            .map(String::as_str)
+            .collect();
+        let message = format!(
+            "{what} refused: node {node} of cluster {cluster} speaks only for its own volumes, and {} {} not on it",
+            named.join(", "),
+            if foreign.len() == 1 { "is" } else { "are" }
+        );
+        self.engine.authenticator().refused(
+            speaker.peer,
+            &format!("{cluster}/{node}"),
+            "not_own_volume",
+            &message,
+        );
+        Err(Status::permission_denied(message))
+    }
+}
+
+/// Who speaks on a call, and whether a token proved it (false only on a plaintext connection).
+struct Speaker {
+    node: NodeKey,
+    peer: Option<std::net::IpAddr>,
+    verified: bool,
 }
 
 fn node_key(node: Option<&pb::NodeIdentity>) -> Result<NodeKey, Status> {
@@ -321,9 +393,33 @@ impl Control for ControlService {
         &self,
         request: Request<ReportRequest>,
     ) -> Result<Response<ReportResponse>, Status> {
-        let node = self.authenticate(&request, "report", request.get_ref().node.as_ref())?;
+        let speaker = self.authenticate(&request, "report", request.get_ref().node.as_ref())?;
         self.leader_only()?;
         let request = request.into_inner();
+        let mut named: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+        for failure in &request.failures {
+            named
+                .entry(&failure.group_uid)
+                .or_default()
+                .push(&failure.volume_handle);
+        }
+        for held in &request.hold_timeouts {
+            named
+                .entry(&held.group_uid)
+                .or_default()
+                .push(&held.volume_handle);
+        }
+        for state in &request.states {
+            named
+                .entry(&state.group_uid)
+                .or_default()
+                .push(&state.volume_handle);
+        }
+        for (uid, handles) in named {
+            self.own_volumes_only(&speaker, "report", uid, handles)
+                .await?;
+        }
+        let node = speaker.node;
         let mut reasons = Vec::new();
         if !request.volumes.is_empty()
             && !self
@@ -453,7 +549,9 @@ impl Control for ControlService {
         &self,
         request: Request<SubscribeRequest>,
     ) -> Result<Response<Self::SubscribeStream>, Status> {
-        let node = self.authenticate(&request, "subscription", request.get_ref().node.as_ref())?;
+        let speaker =
+            self.authenticate(&request, "subscription", request.get_ref().node.as_ref())?;
+        let node = speaker.node.clone();
         self.leader_only()?;
         let request = request.into_inner();
         let mut seen = Vec::new();
@@ -482,8 +580,24 @@ impl Control for ControlService {
                 .sessions()
                 .send_to_node(&node, sessions::directive(&point, &name));
         }
-        // Rule 8: a node that saw a higher epoch than this hub persisted makes the hub adopt it.
+        // Rule 8: a node that saw a higher epoch than this hub persisted makes the hub adopt it — a
+        // node proven by its token only for groups with members in its cluster.
         for point in seen {
+            if speaker.verified
+                && self
+                    .engine
+                    .group_by_uid(&point.group_uid)
+                    .is_none_or(|group| {
+                        !group
+                            .spec
+                            .members
+                            .iter()
+                            .any(|member| member.cluster == node.0)
+                    })
+            {
+                tracing::info!(cluster = %node.0, node = %node.1, group_uid = %point.group_uid, "a subscription's seen point for a group with no member in its cluster ignored");
+                continue;
+            }
             self.engine
                 .handle_quietly(&point.group_uid, Event::Seen { epoch: point.epoch })
                 .await;
@@ -507,8 +621,9 @@ impl Control for ControlService {
     }
 
     async fn ack(&self, request: Request<AckRequest>) -> Result<Response<AckResponse>, Status> {
-        let node =
+        let speaker =
             self.authenticate(&request, "acknowledgement", request.get_ref().node.as_ref())?;
+        let node = speaker.node.clone();
         self.leader_only()?;
         let request = request.into_inner();
         let enforced = request
@@ -517,6 +632,13 @@ impl Control for ControlService {
             .ok_or_else(|| refuse("acknowledgement", &node, "no point named"))?;
         let point = GroupEpoch::try_from(enforced)
             .map_err(|error| refuse("acknowledgement", &node, error))?;
+        self.own_volumes_only(
+            &speaker,
+            "acknowledgement",
+            &point.group_uid,
+            request.volume_handles.iter().map(String::as_str),
+        )
+        .await?;
         let event = Event::Ack(freeze::Ack {
             path: Path::Grpc,
             cluster: node.0.clone(),

@@ -11,12 +11,14 @@ use kube::{
     api::{DeleteParams, PostParams},
 };
 use lockstep_api::{
-    domain::ClusterPaths,
+    domain::{ClusterPaths, Policy},
     proto::control::v1::{
-        AckRequest, GroupEpoch, NodeIdentity, ReportRequest, Stage, SubscribeRequest,
-        control_client::ControlClient,
+        AckRequest, CopyFailure, GroupEpoch, NodeIdentity, ReportRequest, ResolvedVolume, Stage,
+        SubscribeRequest, control_client::ControlClient,
     },
-    v1alpha1::{MemberCluster, MemberClusterSpec},
+    v1alpha1::{
+        ConsistencyGroup, ConsistencyGroupSpec, GroupMember, MemberCluster, MemberClusterSpec,
+    },
 };
 use lockstep_operator::{ControlSecurity, Operator, Options, identity::TokenSigner};
 use tonic::{Code, transport::Channel};
@@ -278,5 +280,191 @@ async fn only_a_valid_token_of_the_named_node_is_heard() {
         async move { report(&mut east_1, "east", "east-node-1").await.ok() }
     })
     .await;
+    operator.shutdown().await;
+}
+
+fn resolved(pvc: &str) -> ResolvedVolume {
+    ResolvedVolume {
+        namespace: "orders".into(),
+        pvc: pvc.into(),
+        persistent_volume: format!("pv-{pvc}"),
+        volume_handle: format!("vol-{pvc}"),
+    }
+}
+
+async fn group_where(
+    hub: &Client,
+    what: &str,
+    check: impl Fn(&ConsistencyGroup) -> bool,
+) -> ConsistencyGroup {
+    let api = Api::<ConsistencyGroup>::all(hub.clone());
+    eventually(what, || {
+        let (api, check) = (api.clone(), &check);
+        async move {
+            let group = api.get("edge-db").await.ok()?;
+            check(&group).then_some(group)
+        }
+    })
+    .await
+}
+
+fn node_of(group: &ConsistencyGroup, pvc: &str) -> Option<String> {
+    group
+        .status
+        .as_ref()?
+        .members
+        .iter()
+        .find(|member| member.pvc == pvc)?
+        .node
+        .clone()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_acknowledges_and_reports_only_for_its_own_volumes() {
+    let (_server, hub) = cluster().await;
+    let edge = TokenSigner::generate().unwrap();
+    member(&hub, "edge", &edge.jwks()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let ca = TestCa::new("control CA");
+    let ca_file = ca.write_ca(dir.path(), "ca.crt");
+    let (cert, key) = ca.write_serving(dir.path());
+    let operator = Operator::start(hub.clone(), &options(ControlSecurity::tls(&cert, &key)))
+        .await
+        .unwrap();
+    let channel = tls_channel(operator.grpc_addr, &ca_file).await.unwrap();
+    let group = ConsistencyGroup::new(
+        "edge-db",
+        ConsistencyGroupSpec {
+            members: vec![GroupMember {
+                cluster: "edge".into(),
+                namespace: "orders".into(),
+                pvc_names: Some(vec!["wal".into(), "data".into()]),
+                selector: None,
+            }],
+            policy: Policy::FreezeAndGo,
+            hold_timeout: "30s".into(),
+            release: None,
+            resync: None,
+            freeze: None,
+        },
+    );
+    Api::<ConsistencyGroup>::all(hub.clone())
+        .create(&PostParams::default(), &group)
+        .await
+        .unwrap();
+
+    // edge-1 serves wal, edge-2 serves data; each subscribes with its own token.
+    let mut edge_1 = client(&channel, Some(token(&edge, "edge-1")));
+    let mut edge_2 = client(&channel, Some(token(&edge, "edge-2")));
+    let _stream_1 = edge_1
+        .subscribe(SubscribeRequest {
+            node: node("edge", "edge-1"),
+            volumes: vec![resolved("wal")],
+            seen: vec![],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let _stream_2 = edge_2
+        .subscribe(SubscribeRequest {
+            node: node("edge", "edge-2"),
+            volumes: vec![resolved("data")],
+            seen: vec![],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let group = group_where(&hub, "both volumes resolved to their nodes", |group| {
+        node_of(group, "wal").as_deref() == Some("edge-1")
+            && node_of(group, "data").as_deref() == Some("edge-2")
+    })
+    .await;
+    let uid = group.metadata.uid.clone().unwrap();
+    let point = GroupEpoch {
+        group_uid: uid.clone(),
+        epoch: 0,
+        stage: Stage::Resume as i32,
+    };
+
+    // edge-1, with its own valid token, acknowledges data (edge-2's) or reports a failure of it: refused.
+    let forged = edge_1
+        .ack(AckRequest {
+            node: node("edge", "edge-1"),
+            enforced: Some(point.clone()),
+            volume_handles: vec!["vol-wal".into(), "vol-data".into()],
+            fail_safe: false,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(forged.code(), Code::PermissionDenied, "{forged:?}");
+    assert!(
+        forged.message().contains("vol-data (on edge-2)"),
+        "{forged:?}"
+    );
+    let forged = edge_1
+        .report(ReportRequest {
+            node: node("edge", "edge-1"),
+            failures: vec![CopyFailure {
+                group_uid: uid.clone(),
+                volume_handle: "vol-data".into(),
+                epoch_seen: 0,
+                sequence: 1,
+                error: "forged".into(),
+                since_unix_ms: 0,
+            }],
+            ..ReportRequest::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(forged.code(), Code::PermissionDenied, "{forged:?}");
+    // Its own volume: heard.
+    edge_1
+        .ack(AckRequest {
+            node: node("edge", "edge-1"),
+            enforced: Some(point.clone()),
+            volume_handles: vec!["vol-wal".into()],
+            fail_safe: false,
+        })
+        .await
+        .unwrap();
+
+    // edge-1 claims data too: two nodes claim it and nothing binds it, so it is unresolved (a release
+    // waits for it) rather than taken over; and neither node speaks for it.
+    edge_1
+        .report(ReportRequest {
+            node: node("edge", "edge-1"),
+            volumes: vec![resolved("wal"), resolved("data")],
+            ..ReportRequest::default()
+        })
+        .await
+        .unwrap();
+    let group = group_where(&hub, "data contested", |group| {
+        node_of(group, "data").is_none()
+            && group.status.as_ref().is_some_and(|status| {
+                status.conditions.iter().any(|c| {
+                    c.type_ == "MembersResolved"
+                        && c.status == "False"
+                        && c.message
+                            .contains("claimed by several nodes (edge-1, edge-2)")
+                })
+            })
+    })
+    .await;
+    assert_eq!(node_of(&group, "wal").as_deref(), Some("edge-1"));
+    let refused = edge_2
+        .ack(AckRequest {
+            node: node("edge", "edge-2"),
+            enforced: Some(point.clone()),
+            volume_handles: vec!["vol-data".into()],
+            fail_safe: false,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::PermissionDenied, "{refused:?}");
+    let metrics = http_get(operator.http_addr, "/metrics").await;
+    assert!(
+        metrics.contains("lockstep_control_refused_total{reason=\"not_own_volume\"}"),
+        "{metrics}"
+    );
     operator.shutdown().await;
 }
