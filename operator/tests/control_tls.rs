@@ -144,3 +144,79 @@ async fn during_a_migration_plaintext_and_tls_are_served_on_one_port() {
     assert!(answered(plaintext).await);
     operator.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scripts_certs_sh_makes_a_certificate_the_operator_serves_and_the_sidecars_verify() {
+    let (_server, hub) = cluster().await;
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("control");
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/certs.sh");
+    let run = std::process::Command::new(&script)
+        .args(["init", out.to_str().unwrap(), "--ip", "127.0.0.1"])
+        .output()
+        .unwrap();
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    for manifest in ["hub-control-tls.yaml", "control-ca.yaml"] {
+        let text = std::fs::read_to_string(out.join(manifest)).unwrap();
+        let secret: k8s_openapi::api::core::v1::Secret = serde_yaml_ng::from_str(&text).unwrap();
+        assert!(secret.data.unwrap().contains_key("ca.crt"), "{manifest}");
+    }
+    let operator = Operator::start(
+        hub,
+        &options(ControlSecurity::tls(
+            &out.join("tls.crt"),
+            &out.join("tls.key"),
+        )),
+    )
+    .await
+    .unwrap();
+    assert!(
+        answered(
+            tls_channel(operator.grpc_addr, &out.join("ca.crt"))
+                .await
+                .unwrap()
+        )
+        .await
+    );
+    // Run again: the CA is kept and a new serving certificate issued, served without a restart.
+    let before = std::fs::read(out.join("tls.crt")).unwrap();
+    let run = std::process::Command::new(&script)
+        .args(["init", out.to_str().unwrap(), "--ip", "127.0.0.1"])
+        .output()
+        .unwrap();
+    assert!(run.status.success());
+    assert_ne!(before, std::fs::read(out.join("tls.crt")).unwrap());
+    assert!(
+        answered(
+            tls_channel(operator.grpc_addr, &out.join("ca.crt"))
+                .await
+                .unwrap()
+        )
+        .await
+    );
+    operator.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tls_sidecar_upgraded_before_its_operator_is_refused_clearly_not_silently_served() {
+    // Migration, sidecars first: the operator is still plaintext. The TLS client's handshake fails
+    // (never a plaintext fallback), so that path is down and said so, while the API path carries
+    // freezes; with the operator upgraded first (allowPlaintext), both are served (test above).
+    let (_server, hub) = cluster().await;
+    let operator = Operator::start(hub, &options(ControlSecurity::insecure_plaintext()))
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let ca_file = TestCa::new("CA").write_ca(dir.path(), "ca.crt");
+    let error = tls_channel(operator.grpc_addr, &ca_file).await.unwrap_err();
+    let text = std::error::Error::source(&error)
+        .map(ToString::to_string)
+        .unwrap_or_default();
+    assert!(text.contains("TLS handshake with the operator"), "{text}");
+    assert!(text.contains("still serving plaintext"), "{text}");
+    operator.shutdown().await;
+}

@@ -76,7 +76,7 @@ fn text(output: &Output) -> String {
 const HUB_VALUES: &[&str] = &["--set", "clusterName=east"];
 const MEMBER_VALUES: &[&str] = &[
     "--set",
-    "clusterName=west,operator.enabled=false,memberAccess.enabled=true,sidecar.operatorEndpoint=http://hub.example:7443",
+    "clusterName=west,operator.enabled=false,memberAccess.enabled=true,sidecar.operatorEndpoint=https://hub.example:7443",
 ];
 
 #[test]
@@ -109,6 +109,14 @@ fn the_chart_lints_and_refuses_bad_values_with_a_message_that_says_what_to_do() 
     refused(
         "clusterName=west,operator.enabled=false,sidecar.apiPath=false",
         "the sidecar needs at least one path to the operator",
+    );
+    refused(
+        "clusterName=west,operator.enabled=false,sidecar.operatorEndpoint=http://hub.example:7443",
+        "must be https://",
+    );
+    refused(
+        "clusterName=east,controlTls.certManager.enabled=true",
+        "issuerRef.name",
     );
 }
 
@@ -152,6 +160,17 @@ async fn helm_install_upgrade_and_a_kubectl_apply_of_the_rendered_chart_create_e
         .clone()
         .unwrap();
     assert!(args.contains(&"--leader-election".to_owned()), "{args:?}");
+    // TLS on by default, and only the sidecars' ServiceAccount speaks for a node.
+    for arg in [
+        "--grpc-tls-cert-file=/etc/lockstep/control-tls/tls.crt",
+        "--sidecar-service-account=lockstep:lockstep-sidecar",
+    ] {
+        assert!(args.contains(&arg.to_owned()), "{args:?}");
+    }
+    assert!(
+        !args.contains(&"--grpc-insecure-plaintext".to_owned()),
+        "{args:?}"
+    );
     let sidecars = Api::<DaemonSet>::namespaced(client.clone(), NAMESPACE)
         .get("lockstep-sidecar")
         .await
@@ -162,7 +181,13 @@ async fn helm_install_upgrade_and_a_kubectl_apply_of_the_rendered_chart_create_e
         .unwrap();
     assert!(args.contains(&"--cluster-name=east".to_owned()), "{args:?}");
     assert!(
-        args.contains(&"--operator-endpoint=http://lockstep-operator.lockstep.svc:7443".to_owned()),
+        args.contains(&"--operator-ca-file=/etc/lockstep/control-ca/ca.crt".to_owned()),
+        "{args:?}"
+    );
+    assert!(
+        args.contains(
+            &"--operator-endpoint=https://lockstep-operator.lockstep.svc:7443".to_owned()
+        ),
         "{args:?}"
     );
 

@@ -51,6 +51,17 @@ pub enum ConnectError {
         /// Why.
         source: io::Error,
     },
+    /// The TLS handshake failed: a certificate that does not chain to the CA or names another host, or
+    /// an operator that does not speak TLS (still plaintext, mid-migration).
+    #[error(
+        "TLS handshake with the operator at {address} failed: {source} (an operator certificate that does not chain to --operator-ca-file or names another host, or an operator still serving plaintext)"
+    )]
+    Handshake {
+        /// host:port.
+        address: String,
+        /// Why.
+        source: io::Error,
+    },
     /// rustls refused the configuration.
     #[error("TLS configuration: {0}")]
     Config(#[from] rustls::Error),
@@ -127,7 +138,10 @@ impl TlsConnector {
         let stream = tokio_rustls::TlsConnector::from(config)
             .connect(server_name, tcp)
             .await
-            .map_err(io)?;
+            .map_err(|source| ConnectError::Handshake {
+                address: address.clone(),
+                source,
+            })?;
         Ok(TokioIo::new(stream))
     }
 }
