@@ -12,6 +12,7 @@ use std::{
 use k8s_openapi::api::{
     coordination::v1::Lease,
     core::v1::{PersistentVolume, PersistentVolumeClaim, Secret},
+    storage::v1::VolumeAttachment,
 };
 use kube::{
     Api, Client, Config, ResourceExt,
@@ -146,10 +147,11 @@ pub async fn view(member: &Member, sessions: &Sessions, lease_namespace: &str) -
         state_of_volume: sessions.reported_states(&member.name),
         ..ClusterView::default()
     };
-    for reported in &view.reported {
-        view.node_of_volume
-            .insert(reported.volume_handle.clone(), reported.node.clone());
-    }
+    let claimed = view
+        .reported
+        .iter()
+        .map(|reported| (reported.volume_handle.clone(), reported.node.clone()));
+    (view.node_of_volume, view.contested) = sole_claims(claimed);
     let client = match &member.client {
         Ok(client) => client.clone(),
         Err(reason) => {
@@ -168,7 +170,7 @@ pub async fn view(member: &Member, sessions: &Sessions, lease_namespace: &str) -
         let nodes = Api::<ReplicationNode>::all(client.clone())
             .list(&params)
             .await?;
-        let leases = Api::<Lease>::namespaced(client, lease_namespace)
+        let leases = Api::<Lease>::namespaced(client.clone(), lease_namespace)
             .list(&params)
             .await?;
         Ok::<_, kube::Error>((claims.items, volumes.items, nodes.items, leases.items))
@@ -176,10 +178,28 @@ pub async fn view(member: &Member, sessions: &Sessions, lease_namespace: &str) -
     .await;
     match listed {
         Ok(Ok((claims, volumes, nodes, leases))) => {
+            // VolumeAttachments (written by the attach/detach controller) are optional: a cluster, or a
+            // test API server, that does not serve them leaves the PVs' node affinity alone.
+            let attachments = tokio::time::timeout(
+                API_TIMEOUT,
+                Api::<VolumeAttachment>::all(client.clone()).list(&ListParams::default()),
+            )
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .map(|list| list.items)
+            .unwrap_or_default();
+            view.bound_node_of_volume = bound_nodes(&volumes, &attachments);
             view.silent_nodes = silent_nodes(&leases);
             view.claims = claims;
             view.volumes = volumes;
-            view.node_of_volume.extend(nodes_of_volumes(&nodes));
+            let reported = std::mem::take(&mut view.reported);
+            let claimed = reported
+                .iter()
+                .map(|reported| (reported.volume_handle.clone(), reported.node.clone()))
+                .chain(claims_of_nodes(&nodes));
+            (view.node_of_volume, view.contested) = sole_claims(claimed);
+            view.reported = reported;
             view.state_of_volume = nodes
                 .iter()
                 .flat_map(|node| node.status.iter().flat_map(|status| status.volumes.iter()))
@@ -228,18 +248,103 @@ pub fn silent_nodes(leases: &[Lease]) -> BTreeSet<String> {
         .collect()
 }
 
-/// The node serving each volume, from the ReplicationNodes the sidecars keep.
-pub fn nodes_of_volumes(nodes: &[ReplicationNode]) -> BTreeMap<String, String> {
-    nodes
-        .iter()
-        .flat_map(|node| {
-            let name = node.spec.node_name.clone();
-            node.status
-                .iter()
-                .flat_map(|status| status.volumes.iter())
-                .map(move |volume| (volume.volume_handle.clone(), name.clone()))
-        })
-        .collect()
+/// The (volume handle, node) claims of the ReplicationNodes the sidecars keep: each node says which
+/// volumes it serves.
+pub fn claims_of_nodes(nodes: &[ReplicationNode]) -> impl Iterator<Item = (String, String)> + '_ {
+    nodes.iter().flat_map(|node| {
+        let name = node.spec.node_name.clone();
+        node.status
+            .iter()
+            .flat_map(|status| status.volumes.iter())
+            .map(move |volume| (volume.volume_handle.clone(), name.clone()))
+    })
+}
+
+/// Claims → the node of each handle exactly one node claims, and the handles several nodes claim.
+pub fn sole_claims(
+    claims: impl IntoIterator<Item = (String, String)>,
+) -> (BTreeMap<String, String>, BTreeMap<String, BTreeSet<String>>) {
+    let mut by_handle: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    for (handle, node) in claims {
+        by_handle.entry(handle).or_default().insert(node);
+    }
+    let mut sole = BTreeMap::new();
+    let mut contested = BTreeMap::new();
+    for (handle, nodes) in by_handle {
+        if nodes.len() == 1 {
+            if let Some(node) = nodes.into_iter().next() {
+                sole.insert(handle, node);
+            }
+        } else {
+            contested.insert(handle, nodes);
+        }
+    }
+    (sole, contested)
+}
+
+/// The node each CSI volume is bound to by what no node writes: its PersistentVolume's required node
+/// affinity naming one `kubernetes.io/hostname`, else a VolumeAttachment that is attached. A volume
+/// attached to two nodes (a multi-attach) is bound to none.
+pub fn bound_nodes(
+    volumes: &[PersistentVolume],
+    attachments: &[VolumeAttachment],
+) -> BTreeMap<String, String> {
+    let mut bound = BTreeMap::new();
+    let mut handle_of_pv = BTreeMap::new();
+    for pv in volumes {
+        let Some(spec) = &pv.spec else { continue };
+        let Some(handle) = spec.csi.as_ref().map(|csi| csi.volume_handle.clone()) else {
+            continue;
+        };
+        if let Some(name) = &pv.metadata.name {
+            handle_of_pv.insert(name.clone(), handle.clone());
+        }
+        let hostnames: BTreeSet<&str> = spec
+            .node_affinity
+            .iter()
+            .flat_map(|affinity| affinity.required.iter())
+            .flat_map(|required| required.node_selector_terms.iter())
+            .flat_map(|term| term.match_expressions.iter().flatten())
+            .filter(|expression| {
+                expression.key == "kubernetes.io/hostname" && expression.operator == "In"
+            })
+            .flat_map(|expression| expression.values.iter().flatten())
+            .map(String::as_str)
+            .collect();
+        if let [node] = hostnames.into_iter().collect::<Vec<_>>()[..] {
+            bound.insert(handle, node.to_owned());
+        }
+    }
+    let mut attached: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    for attachment in attachments {
+        let is_attached = attachment
+            .status
+            .as_ref()
+            .is_some_and(|status| status.attached);
+        let Some(handle) = attachment
+            .spec
+            .source
+            .persistent_volume_name
+            .as_ref()
+            .and_then(|pv| handle_of_pv.get(pv))
+        else {
+            continue;
+        };
+        if is_attached {
+            attached
+                .entry(handle.clone())
+                .or_default()
+                .insert(attachment.spec.node_name.clone());
+        }
+    }
+    for (handle, nodes) in attached {
+        if nodes.len() == 1
+            && let Some(node) = nodes.into_iter().next()
+        {
+            bound.entry(handle).or_insert(node);
+        }
+    }
+    bound
 }
 
 #[cfg(test)]
@@ -265,6 +370,97 @@ mod tests {
                 ..Default::default()
             }),
         }
+    }
+
+    #[test]
+    fn a_handle_two_nodes_claim_is_contested_and_a_binding_names_one_node() {
+        use k8s_openapi::api::{
+            core::v1::{
+                CSIPersistentVolumeSource, NodeSelector, NodeSelectorRequirement, NodeSelectorTerm,
+                PersistentVolumeSpec, VolumeNodeAffinity,
+            },
+            storage::v1::{VolumeAttachmentSource, VolumeAttachmentSpec, VolumeAttachmentStatus},
+        };
+        let claims = [
+            ("vol-a".to_owned(), "node-a".to_owned()),
+            ("vol-b".to_owned(), "node-b".to_owned()),
+            ("vol-b".to_owned(), "node-a".to_owned()),
+        ];
+        let (sole, contested) = sole_claims(claims);
+        assert_eq!(
+            sole,
+            BTreeMap::from([("vol-a".to_owned(), "node-a".to_owned())])
+        );
+        assert_eq!(
+            contested["vol-b"],
+            BTreeSet::from(["node-a".to_owned(), "node-b".to_owned()])
+        );
+
+        let pv = |name: &str, handle: &str, hostname: Option<&str>| PersistentVolume {
+            metadata: ObjectMeta {
+                name: Some(name.into()),
+                ..Default::default()
+            },
+            spec: Some(PersistentVolumeSpec {
+                csi: Some(CSIPersistentVolumeSource {
+                    driver: "nbd.lockstep.dev".into(),
+                    volume_handle: handle.into(),
+                    ..Default::default()
+                }),
+                node_affinity: hostname.map(|node| VolumeNodeAffinity {
+                    required: Some(NodeSelector {
+                        node_selector_terms: vec![NodeSelectorTerm {
+                            match_expressions: Some(vec![NodeSelectorRequirement {
+                                key: "kubernetes.io/hostname".into(),
+                                operator: "In".into(),
+                                values: Some(vec![node.into()]),
+                            }]),
+                            match_fields: None,
+                        }],
+                    }),
+                }),
+                ..Default::default()
+            }),
+            status: None,
+        };
+        let attachment = |pv: &str, node: &str, attached: bool| VolumeAttachment {
+            metadata: ObjectMeta {
+                name: Some(format!("{pv}-{node}")),
+                ..Default::default()
+            },
+            spec: VolumeAttachmentSpec {
+                attacher: "nbd.lockstep.dev".into(),
+                node_name: node.into(),
+                source: VolumeAttachmentSource {
+                    persistent_volume_name: Some(pv.into()),
+                    ..Default::default()
+                },
+            },
+            status: Some(VolumeAttachmentStatus {
+                attached,
+                ..Default::default()
+            }),
+        };
+        let volumes = [
+            pv("pv-a", "vol-a", Some("node-a")),
+            pv("pv-b", "vol-b", None),
+            pv("pv-c", "vol-c", None),
+            pv("pv-d", "vol-d", None),
+        ];
+        let attachments = [
+            attachment("pv-b", "node-b", true),
+            attachment("pv-c", "node-c", false),
+            attachment("pv-d", "node-a", true),
+            attachment("pv-d", "node-b", true),
+        ];
+        let bound = bound_nodes(&volumes, &attachments);
+        assert_eq!(
+            bound,
+            BTreeMap::from([
+                ("vol-a".to_owned(), "node-a".to_owned()),
+                ("vol-b".to_owned(), "node-b".to_owned()),
+            ])
+        );
     }
 
     #[test]

@@ -1,5 +1,8 @@
 //! The gRPC `Control` service (path 2): sidecars report failures, subscribe to directives and acknowledge.
 //!
+//! Every call is authenticated (see [`crate::authn`]): the node it speaks for is the node its token
+//! proves, never merely the node the message names.
+//!
 //! Malformed messages (no node identity, an unset stage, no group UID) are refused with InvalidArgument
 //! and logged. Every answer says whether it was applied: a report or acknowledgement that could not be
 //! decided is answered with an error status (NOT_FOUND for a group this hub does not know, UNAVAILABLE when
@@ -25,6 +28,7 @@ use crate::{
     freeze::{self, Event},
     members::ReportedVolume,
     sessions::{self, NodeKey},
+    tls::ConnectionInfo,
 };
 
 /// How often a subscribed sidecar hears a heartbeat.
@@ -53,6 +57,118 @@ impl ControlService {
             ))
         }
     }
+}
+
+impl ControlService {
+    /// Who is speaking: the node the call's token proves, which must be the node the message names
+    /// (UNAUTHENTICATED without a valid token, PERMISSION_DENIED for a message speaking for another
+    /// node). A plaintext connection (served only with --grpc-insecure-plaintext) is not authenticated:
+    /// the message's node is taken as it says.
+    fn authenticate<T>(
+        &self,
+        request: &Request<T>,
+        what: &str,
+        node: Option<&pb::NodeIdentity>,
+    ) -> Result<Speaker, Status> {
+        let claimed = node_key(node)?;
+        let connection = request.extensions().get::<ConnectionInfo>().copied();
+        if connection.is_some_and(|connection| !connection.tls) {
+            return Ok(Speaker {
+                node: claimed,
+                peer: connection
+                    .and_then(|connection| connection.remote)
+                    .map(|remote| remote.ip()),
+                verified: false,
+            });
+        }
+        let peer = connection
+            .and_then(|connection| connection.remote)
+            .map(|remote| remote.ip());
+        let authenticator = self.engine.authenticator();
+        let speaking_for = format!("{}/{}", claimed.0, claimed.1);
+        match authenticator.authenticate(request.metadata(), &claimed.0) {
+            Err(refusal) => {
+                let message = format!("{what} refused: {refusal}");
+                authenticator.refused(peer, &speaking_for, refusal.reason(), &message);
+                Err(Status::unauthenticated(message))
+            }
+            Ok(who) if who.cluster != claimed.0 || who.node != claimed.1 => {
+                let message = format!(
+                    "{what} refused: the credential is node {} of cluster {}, and the message speaks for node {} of cluster {}",
+                    who.node, who.cluster, claimed.1, claimed.0
+                );
+                authenticator.refused(peer, &speaking_for, "other_node", &message);
+                Err(Status::permission_denied(message))
+            }
+            Ok(who) => Ok(Speaker {
+                node: (who.cluster, who.node),
+                peer,
+                verified: true,
+            }),
+        }
+    }
+
+    /// Refuses a call that names volumes the group resolves, in the speaker's cluster, to another node
+    /// (or to no node: several claim it): a node speaks for its own volumes only. Volumes the group
+    /// has not resolved pass (they are recorded for nobody; a failure about one still freezes).
+    async fn own_volumes_only<'a>(
+        &self,
+        speaker: &Speaker,
+        what: &str,
+        group_uid: &str,
+        handles: impl IntoIterator<Item = &'a str>,
+    ) -> Result<(), Status> {
+        if !speaker.verified {
+            return Ok(());
+        }
+        let status = self.engine.last_status(group_uid).await;
+        let members = status
+            .as_ref()
+            .map(|status| status.members.as_slice())
+            .unwrap_or_default();
+        let (cluster, node) = &speaker.node;
+        let foreign: Vec<String> = handles
+            .into_iter()
+            .filter_map(|handle| {
+                let member = members.iter().find(|member| {
+                    member.cluster == *cluster && member.volume_handle.as_deref() == Some(handle)
+                })?;
+                (member.node.as_deref() != Some(node.as_str())).then(|| {
+                    format!(
+                        "{handle} (on {})",
+                        member.node.as_deref().unwrap_or("no single node")
+                    )
+                })
+            })
+            .collect();
+        if foreign.is_empty() {
+            return Ok(());
+        }
+        let named: Vec<&str> = foreign
+            .iter()
+            .take(NAMED_IN_REASON)
+            .map(String::as_str)
+            .collect();
+        let message = format!(
+            "{what} refused: node {node} of cluster {cluster} speaks only for its own volumes, and {} {} not on it",
+            named.join(", "),
+            if foreign.len() == 1 { "is" } else { "are" }
+        );
+        self.engine.authenticator().refused(
+            speaker.peer,
+            &format!("{cluster}/{node}"),
+            "not_own_volume",
+            &message,
+        );
+        Err(Status::permission_denied(message))
+    }
+}
+
+/// Who speaks on a call, and whether a token proved it (false only on a plaintext connection).
+struct Speaker {
+    node: NodeKey,
+    peer: Option<std::net::IpAddr>,
+    verified: bool,
 }
 
 fn node_key(node: Option<&pb::NodeIdentity>) -> Result<NodeKey, Status> {
@@ -277,9 +393,33 @@ impl Control for ControlService {
         &self,
         request: Request<ReportRequest>,
     ) -> Result<Response<ReportResponse>, Status> {
+        let speaker = self.authenticate(&request, "report", request.get_ref().node.as_ref())?;
         self.leader_only()?;
         let request = request.into_inner();
-        let node = node_key(request.node.as_ref())?;
+        let mut named: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+        for failure in &request.failures {
+            named
+                .entry(&failure.group_uid)
+                .or_default()
+                .push(&failure.volume_handle);
+        }
+        for held in &request.hold_timeouts {
+            named
+                .entry(&held.group_uid)
+                .or_default()
+                .push(&held.volume_handle);
+        }
+        for state in &request.states {
+            named
+                .entry(&state.group_uid)
+                .or_default()
+                .push(&state.volume_handle);
+        }
+        for (uid, handles) in named {
+            self.own_volumes_only(&speaker, "report", uid, handles)
+                .await?;
+        }
+        let node = speaker.node;
         let mut reasons = Vec::new();
         if !request.volumes.is_empty()
             && !self
@@ -409,9 +549,11 @@ impl Control for ControlService {
         &self,
         request: Request<SubscribeRequest>,
     ) -> Result<Response<Self::SubscribeStream>, Status> {
+        let speaker =
+            self.authenticate(&request, "subscription", request.get_ref().node.as_ref())?;
+        let node = speaker.node.clone();
         self.leader_only()?;
         let request = request.into_inner();
-        let node = node_key(request.node.as_ref())?;
         let mut seen = Vec::new();
         for point in &request.seen {
             seen.push(
@@ -438,8 +580,24 @@ impl Control for ControlService {
                 .sessions()
                 .send_to_node(&node, sessions::directive(&point, &name));
         }
-        // Rule 8: a node that saw a higher epoch than this hub persisted makes the hub adopt it.
+        // Rule 8: a node that saw a higher epoch than this hub persisted makes the hub adopt it — a
+        // node proven by its token only for groups with members in its cluster.
         for point in seen {
+            if speaker.verified
+                && self
+                    .engine
+                    .group_by_uid(&point.group_uid)
+                    .is_none_or(|group| {
+                        !group
+                            .spec
+                            .members
+                            .iter()
+                            .any(|member| member.cluster == node.0)
+                    })
+            {
+                tracing::info!(cluster = %node.0, node = %node.1, group_uid = %point.group_uid, "a subscription's seen point for a group with no member in its cluster ignored");
+                continue;
+            }
             self.engine
                 .handle_quietly(&point.group_uid, Event::Seen { epoch: point.epoch })
                 .await;
@@ -463,15 +621,24 @@ impl Control for ControlService {
     }
 
     async fn ack(&self, request: Request<AckRequest>) -> Result<Response<AckResponse>, Status> {
+        let speaker =
+            self.authenticate(&request, "acknowledgement", request.get_ref().node.as_ref())?;
+        let node = speaker.node.clone();
         self.leader_only()?;
         let request = request.into_inner();
-        let node = node_key(request.node.as_ref())?;
         let enforced = request
             .enforced
             .as_ref()
             .ok_or_else(|| refuse("acknowledgement", &node, "no point named"))?;
         let point = GroupEpoch::try_from(enforced)
             .map_err(|error| refuse("acknowledgement", &node, error))?;
+        self.own_volumes_only(
+            &speaker,
+            "acknowledgement",
+            &point.group_uid,
+            request.volume_handles.iter().map(String::as_str),
+        )
+        .await?;
         let event = Event::Ack(freeze::Ack {
             path: Path::Grpc,
             cluster: node.0.clone(),

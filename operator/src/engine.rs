@@ -129,6 +129,8 @@ struct Inner {
     lease_namespace: String,
     /// The last view read of each member cluster.
     views: Mutex<BTreeMap<String, CachedView>>,
+    /// Verifies the sidecars' tokens on the gRPC path.
+    authenticator: Arc<crate::authn::Authenticator>,
 }
 
 /// One group's decisions: the lock that serialises them and the inbox where events wait for it.
@@ -266,6 +268,14 @@ impl Engine {
             instance: Some(hub_name.clone()),
         };
         let fanout = Fanout::new(sessions.clone(), metrics.clone());
+        let security = &options.control_security;
+        let authenticator = Arc::new(crate::authn::Authenticator::new(
+            member_clusters.clone(),
+            &security.token_audience,
+            &security.sidecar_service_account,
+            security.token_max_lifetime,
+            metrics.clone(),
+        ));
         Self {
             inner: Arc::new(Inner {
                 recorder: Recorder::new(hub.clone(), reporter),
@@ -282,8 +292,14 @@ impl Engine {
                 leader,
                 lease_namespace,
                 views: Mutex::default(),
+                authenticator,
             }),
         }
+    }
+
+    /// Verifies the sidecars' tokens on the gRPC path.
+    pub fn authenticator(&self) -> &crate::authn::Authenticator {
+        &self.inner.authenticator
     }
 
     /// Whether this replica is the leader (only the leader serves Control and writes).
@@ -831,6 +847,49 @@ impl Engine {
         futures::future::join_all(probes).await;
     }
 
+    /// The `ServiceAccountKeys` condition of a member cluster reached over gRPC: whether its sidecars'
+    /// tokens can be verified.
+    fn keys_condition(&self, cluster: &str) -> ConditionUpdate<'static> {
+        let authenticator = &self.inner.authenticator;
+        let keys = authenticator.key_sets();
+        let (status, reason, message) = if let Some(why) = keys.refused(cluster) {
+            (
+                false,
+                "KeysRefused",
+                format!("{why}; no sidecar of this cluster authenticates on the gRPC path"),
+            )
+        } else if let Some(kid) = authenticator.unknown_key(cluster) {
+            (
+                false,
+                "UnknownKeyId",
+                format!(
+                    "a sidecar naming this cluster presented a token signed with key id {kid:?}, which is not in spec.serviceAccountKeys: if the cluster rotated its signing keys, put its current JWKS (kubectl get --raw /openid/v1/jwks) there"
+                ),
+            )
+        } else if keys.keys_of(cluster) == 0 {
+            (
+                false,
+                "NoKeys",
+                "spec.serviceAccountKeys is empty: this cluster's sidecars cannot authenticate on the gRPC path (put the output of kubectl get --raw /openid/v1/jwks there)".to_owned(),
+            )
+        } else {
+            (
+                true,
+                "KeysLoaded",
+                format!(
+                    "{} ServiceAccount signing keys: sidecars prove their node with tokens they signed",
+                    keys.keys_of(cluster)
+                ),
+            )
+        };
+        ConditionUpdate {
+            type_: "ServiceAccountKeys",
+            status,
+            reason,
+            message,
+        }
+    }
+
     async fn write_member_status(
         &self,
         cluster: &MemberCluster,
@@ -871,6 +930,14 @@ impl Engine {
             cluster.metadata.generation,
             &now(),
         );
+        if member.paths.includes(Path::Grpc) {
+            conditions::set(
+                &mut status.conditions,
+                self.keys_condition(&member.name),
+                cluster.metadata.generation,
+                &now(),
+            );
+        }
         status.grpc_sessions = sessions;
         status.observed_generation = cluster.metadata.generation;
         if reachable.is_ok() && api_path {
@@ -1156,8 +1223,51 @@ impl Engine {
         node: &lockstep_api::v1alpha1::ReplicationNode,
     ) {
         let Some(status) = &node.status else { return };
+        let node_name = &node.spec.node_name;
+        // A node speaks only for its own volumes, on this path too: volumes a group resolves in this
+        // cluster to another node (or to no single node) are dropped from its reports and
+        // acknowledgements. (Which ReplicationNode a sidecar may write is the chart's admission policy.)
+        let mut foreign: BTreeSet<String> = BTreeSet::new();
+        let mut own = BTreeMap::<&str, Vec<lockstep_api::v1alpha1::MemberVolumeStatus>>::new();
+        for uid in status
+            .failures
+            .iter()
+            .map(|failure| failure.group_uid.as_str())
+            .chain(
+                status
+                    .enforced
+                    .iter()
+                    .map(|enforced| enforced.group_uid.as_str()),
+            )
+        {
+            if !own.contains_key(uid) {
+                let members = self
+                    .last_status(uid)
+                    .await
+                    .map(|status| status.members)
+                    .unwrap_or_default();
+                own.insert(uid, members);
+            }
+        }
+        let mut on_this_node = |uid: &str, handle: &str| {
+            let elsewhere = own.get(uid).is_some_and(|members| {
+                members.iter().any(|member| {
+                    member.cluster == cluster
+                        && member.volume_handle.as_deref() == Some(handle)
+                        && member.node.as_deref() != Some(node_name.as_str())
+                })
+            });
+            if elsewhere {
+                foreign.insert(handle.to_owned());
+            }
+            !elsewhere
+        };
         let mut by_group: BTreeMap<&str, Vec<Event>> = BTreeMap::new();
-        for failure in &status.failures {
+        for failure in status
+            .failures
+            .iter()
+            .filter(|failure| on_this_node(&failure.group_uid, &failure.volume_handle))
+        {
             let event = Event::Report(freeze::Report {
                 path: Path::Api,
                 cluster: cluster.to_owned(),
@@ -1183,15 +1293,33 @@ impl Engine {
             by_group.entry(group_uid).or_default().push(event);
         }
         for enforced in &status.enforced {
+            let volume_handles: Vec<String> = enforced
+                .volume_handles
+                .iter()
+                .filter(|handle| on_this_node(&enforced.group_uid, handle))
+                .cloned()
+                .collect();
             let event = Event::Ack(freeze::Ack {
                 path: Path::Api,
                 cluster: cluster.to_owned(),
                 epoch: enforced.epoch,
                 stage: enforced.stage,
-                volume_handles: enforced.volume_handles.clone(),
+                volume_handles,
                 fail_safe: enforced.fail_safe,
             });
             by_group.entry(&enforced.group_uid).or_default().push(event);
+        }
+        if !foreign.is_empty() {
+            let named: Vec<&str> = foreign.iter().take(20).map(String::as_str).collect();
+            self.inner.authenticator.refused(
+                None,
+                &format!("{cluster}/{node_name} (ReplicationNode)"),
+                "not_own_volume",
+                &format!(
+                    "ReplicationNode {node_name} of cluster {cluster} names volumes on other nodes, ignored: {}",
+                    named.join(", ")
+                ),
+            );
         }
         for (uid, events) in by_group {
             self.handle_many_quietly(uid, events).await;

@@ -8,21 +8,25 @@
 //! - [`engine`]: fetch → decide → send and persist → record, one group at a time.
 //! - [`clusters`], [`mirror`], [`fanout`], [`sessions`], [`control`]: member clusters, mirrors, the two
 //!   delivery paths and the gRPC `Control` service.
+//! - [`tls`]: TLS on the Control service, its certificate reloaded when it changes on disk.
 //! - [`leader`]: leader election on a Lease, leading only within the renew deadline.
 //! - [`metrics`]: Prometheus metrics; [`http`]: `/healthz`, `/readyz`, `/metrics`.
 
+pub mod authn;
 pub mod clusters;
 pub mod control;
 pub mod engine;
 pub mod fanout;
 pub mod freeze;
 pub mod http;
+pub mod identity;
 pub mod leader;
 pub mod listed;
 pub mod members;
 pub mod metrics;
 pub mod mirror;
 pub mod sessions;
+pub mod tls;
 
 use std::{collections::BTreeMap, net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
@@ -76,6 +80,99 @@ pub struct Options {
     /// sessions without limit.
     #[arg(long, env = "LOCKSTEP_MAX_SESSIONS_PER_CLUSTER", default_value_t = sessions::DEFAULT_SESSIONS_PER_CLUSTER)]
     pub max_sessions_per_cluster: usize,
+    /// TLS and authentication of the gRPC Control service.
+    #[command(flatten)]
+    pub control_security: ControlSecurity,
+}
+
+/// TLS and authentication of the gRPC Control service: TLS with a certificate from files, and every
+/// sidecar authenticated by its node's ServiceAccount token; plaintext only by an explicit opt-in.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ControlSecurity {
+    /// The Control service's serving certificate chain (PEM); read again whenever it changes on disk.
+    #[arg(
+        long,
+        env = "LOCKSTEP_GRPC_TLS_CERT_FILE",
+        requires = "grpc_tls_key_file"
+    )]
+    pub grpc_tls_cert_file: Option<PathBuf>,
+    /// The private key (PEM, PKCS#8, PKCS#1 or SEC1) of the serving certificate.
+    #[arg(
+        long,
+        env = "LOCKSTEP_GRPC_TLS_KEY_FILE",
+        requires = "grpc_tls_cert_file"
+    )]
+    pub grpc_tls_key_file: Option<PathBuf>,
+    /// INSECURE, for tests and for a migration from a release without TLS only: also serve plaintext
+    /// connections (alone: only plaintext). Their messages are not authenticated: anyone who reaches
+    /// the port can then report, acknowledge and subscribe as any node.
+    #[arg(long, env = "LOCKSTEP_GRPC_INSECURE_PLAINTEXT")]
+    pub grpc_insecure_plaintext: bool,
+    /// The audience of the projected ServiceAccount tokens sidecars present.
+    #[arg(long, env = "LOCKSTEP_TOKEN_AUDIENCE", default_value = identity::DEFAULT_AUDIENCE)]
+    pub token_audience: String,
+    /// The sidecars' ServiceAccount, as namespace:name, in every member cluster: only its tokens speak
+    /// for a node (any Pod may ask for a token with any audience).
+    #[arg(
+        long,
+        env = "LOCKSTEP_SIDECAR_SERVICE_ACCOUNT",
+        default_value = "lockstep:lockstep-sidecar"
+    )]
+    pub sidecar_service_account: String,
+    /// The longest lifetime (exp - iat) of a token taken; the chart projects them with 600 s.
+    #[arg(long, env = "LOCKSTEP_TOKEN_MAX_LIFETIME", default_value = "10m", value_parser = parse_duration)]
+    pub token_max_lifetime: Duration,
+}
+
+impl ControlSecurity {
+    /// Plaintext only, unauthenticated: for tests that are not about security.
+    pub fn insecure_plaintext() -> Self {
+        Self {
+            grpc_tls_cert_file: None,
+            grpc_tls_key_file: None,
+            grpc_insecure_plaintext: true,
+            ..Self::tls(std::path::Path::new(""), std::path::Path::new(""))
+        }
+    }
+
+    /// TLS with the certificate and key in these files (and no plaintext).
+    pub fn tls(cert: &std::path::Path, key: &std::path::Path) -> Self {
+        Self {
+            grpc_tls_cert_file: Some(cert.to_path_buf()),
+            grpc_tls_key_file: Some(key.to_path_buf()),
+            grpc_insecure_plaintext: false,
+            token_audience: identity::DEFAULT_AUDIENCE.to_owned(),
+            sidecar_service_account: "lockstep:lockstep-sidecar".to_owned(),
+            token_max_lifetime: Duration::from_secs(600),
+        }
+    }
+
+    /// How the Control service is served; loads the certificate (a start-up error when it does not).
+    fn transport(&self) -> anyhow::Result<tls::Transport> {
+        match (&self.grpc_tls_cert_file, &self.grpc_tls_key_file) {
+            (Some(cert), Some(key)) => {
+                let certificate = Arc::new(tls::ReloadingCertificate::load(cert, key)?);
+                if self.grpc_insecure_plaintext {
+                    tracing::warn!(
+                        "INSECURE: the gRPC Control service also accepts plaintext connections, whose messages are not authenticated (--grpc-insecure-plaintext): remove the flag once every sidecar dials with TLS"
+                    );
+                }
+                Ok(tls::Transport::Tls {
+                    config: certificate.server_config()?,
+                    plaintext_too: self.grpc_insecure_plaintext,
+                })
+            }
+            _ if self.grpc_insecure_plaintext => {
+                tracing::warn!(
+                    "INSECURE: the gRPC Control service runs without TLS and without authentication (--grpc-insecure-plaintext): anyone who reaches its port can report, acknowledge and subscribe as any node"
+                );
+                Ok(tls::Transport::Plaintext)
+            }
+            _ => anyhow::bail!(
+                "the gRPC Control service needs a certificate: give --grpc-tls-cert-file and --grpc-tls-key-file (or, for tests and migration only, --grpc-insecure-plaintext)"
+            ),
+        }
+    }
 }
 
 /// The name of the leader Lease.
@@ -111,6 +208,7 @@ impl Operator {
     /// Starts the operator against the hub `client`: reflectors, reconcile loop, member watches, the
     /// gRPC service and the HTTP endpoints.
     pub async fn start(client: Client, options: &Options) -> anyhow::Result<Self> {
+        let transport = options.control_security.transport()?;
         let shutdown = CancellationToken::new();
         let metrics = Metrics::default();
         let sessions = Sessions::with_limit(options.max_sessions_per_cluster);
@@ -216,6 +314,7 @@ impl Operator {
             .max_decoding_message_size(MAX_CONTROL_MESSAGE);
         tasks.push(tokio::spawn(serve_control(
             Arc::new(grpc_listener),
+            transport,
             service,
             leader.clone(),
             shutdown.clone(),
@@ -274,6 +373,7 @@ impl Operator {
 /// each answered UNAVAILABLE.
 async fn serve_control(
     listener: Arc<tokio::net::TcpListener>,
+    transport: tls::Transport,
     service: ControlServer<control::ControlService>,
     leader: tokio::sync::watch::Receiver<bool>,
     shutdown: CancellationToken,
@@ -282,10 +382,7 @@ async fn serve_control(
     let mut draining = tokio::task::JoinSet::new();
     loop {
         let generation = CancellationToken::new();
-        let incoming = futures::stream::unfold(Arc::clone(&listener), |listener| async move {
-            let accepted = listener.accept().await.map(|(stream, _)| stream);
-            Some((accepted, listener))
-        });
+        let incoming = tls::incoming(Arc::clone(&listener), transport.clone(), generation.clone());
         let served = tonic::transport::Server::builder()
             .layer(tower::util::MapResponseLayer::new(
                 resource_exhausted_for_oversized as fn(_) -> _,

@@ -35,8 +35,17 @@ pub struct ClusterView {
     pub volumes: Vec<PersistentVolume>,
     /// Volumes its sidecars resolved and reported (gRPC-only clusters, or any cluster's sidecars).
     pub reported: Vec<ReportedVolume>,
-    /// The node serving each volume handle, from ReplicationNode status or sidecar sessions.
+    /// The node serving each volume handle as its sidecar says (ReplicationNode status or its gRPC
+    /// session): a claim the node itself makes, taken only when no binding below says otherwise and no
+    /// other node claims the same handle.
     pub node_of_volume: BTreeMap<String, String>,
+    /// The node each volume is bound to by a source no node can write: the PersistentVolume's node
+    /// affinity (`kubernetes.io/hostname`) or an attached VolumeAttachment. It overrides every claim.
+    pub bound_node_of_volume: BTreeMap<String, String>,
+    /// Handles that several nodes claim, with the nodes: unresolved (so they block a release) unless
+    /// bound above. A compromised node can make a volume contested — delaying a release — but cannot
+    /// take a volume over.
+    pub contested: BTreeMap<String, BTreeSet<String>>,
     /// Each volume's replication state as its sidecar last reported it (ReplicationNode status), with
     /// the (epoch, stage) the volume was at when reported.
     pub state_of_volume: BTreeMap<String, (VolumeState, u64, Stage)>,
@@ -181,6 +190,14 @@ pub fn resolve(
                     problems.push(refusal.clone());
                     refused.push(refusal);
                     resolved.volume_handle = None;
+                }
+                (Some(handle), None) if let Some(nodes) = view.contested.get(handle) => {
+                    problems.push(format!(
+                        "{}/{}/{pvc} (volume {handle}) is claimed by several nodes ({}) and bound to none by its PersistentVolume's node affinity or a VolumeAttachment: unresolved until one claim remains",
+                        member.cluster,
+                        member.namespace,
+                        nodes.iter().cloned().collect::<Vec<_>>().join(", ")
+                    ))
                 }
                 (Some(handle), None) => problems.push(format!(
                     "{}/{}/{pvc} (volume {handle}) is served by no node with a Lockstep sidecar",
@@ -472,10 +489,14 @@ fn resolve_claim(
         resolved.volume_handle = Some(reported.volume_handle.clone());
         resolved.node = Some(reported.node.clone());
     }
-    if let Some(handle) = &resolved.volume_handle
-        && resolved.node.is_none()
-    {
-        resolved.node = view.node_of_volume.get(handle).cloned();
+    if let Some(handle) = &resolved.volume_handle {
+        if let Some(bound) = view.bound_node_of_volume.get(handle) {
+            resolved.node = Some(bound.clone());
+        } else if view.contested.contains_key(handle) {
+            resolved.node = None;
+        } else if resolved.node.is_none() {
+            resolved.node = view.node_of_volume.get(handle).cloned();
+        }
     }
     resolved
 }

@@ -31,6 +31,11 @@ struct StateLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabels {
+    reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct GroupLabels {
     group: String,
 }
@@ -48,6 +53,7 @@ pub struct Metrics {
     held_writes_failed: Family<GroupLabels, Counter>,
     events_dropped: Family<GroupLabels, Counter>,
     decision_batch: Histogram,
+    control_refused: Family<ReasonLabels, Counter>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -73,6 +79,12 @@ impl Default for Metrics {
             "events_dropped",
             "Reports and acknowledgements about a group dropped because the API server refused the status they decided (invalid or too large), by group",
             events_dropped.clone(),
+        );
+        let control_refused = Family::<ReasonLabels, Counter>::default();
+        registry.register(
+            "control_refused",
+            "gRPC Control calls refused for their credential or for speaking for another node's volumes, by reason",
+            control_refused.clone(),
         );
         let decision_batch = Histogram::new([1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0]);
         registry.register(
@@ -122,11 +134,21 @@ impl Default for Metrics {
             held_writes_failed,
             events_dropped,
             decision_batch,
+            control_refused,
         }
     }
 }
 
 impl Metrics {
+    /// A Control call was refused: no valid credential, or speaking for what is not the sender's.
+    pub fn control_refused(&self, reason: &str) {
+        self.control_refused
+            .get_or_create(&ReasonLabels {
+                reason: reason.to_owned(),
+            })
+            .inc();
+    }
+
     /// `count` events about a group were dropped: the API server refused the status they decided.
     pub fn events_dropped(&self, group: &str, count: usize) {
         self.events_dropped

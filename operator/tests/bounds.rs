@@ -48,6 +48,7 @@ fn options() -> Options {
         identity: "operator-0".into(),
         lease_duration: Duration::from_secs(2),
         max_sessions_per_cluster: lockstep_operator::sessions::DEFAULT_SESSIONS_PER_CLUSTER,
+        control_security: lockstep_operator::ControlSecurity::insecure_plaintext(),
     }
 }
 
@@ -57,6 +58,7 @@ async fn member_cluster(hub: &Client, name: &str, paths: ClusterPaths, local: bo
         local,
         kubeconfig_secret_ref: None,
         network: None,
+        service_account_keys: None,
     };
     Api::<MemberCluster>::all(hub.clone())
         .create(&PostParams::default(), &MemberCluster::new(name, spec))
@@ -396,6 +398,7 @@ async fn a_cluster_gets_at_most_its_limit_of_grpc_sessions() -> TestResult {
     member_cluster(&hub, "edge", ClusterPaths::GrpcOnly, false).await;
     let options = Options {
         max_sessions_per_cluster: 2,
+        control_security: lockstep_operator::ControlSecurity::insecure_plaintext(),
         ..options()
     };
     let operator = Operator::start(hub.clone(), &options).await?;

@@ -39,6 +39,7 @@ fn options() -> Options {
         identity: "operator-0".into(),
         lease_duration: Duration::from_secs(2),
         max_sessions_per_cluster: lockstep_operator::sessions::DEFAULT_SESSIONS_PER_CLUSTER,
+        control_security: lockstep_operator::ControlSecurity::insecure_plaintext(),
     }
 }
 
@@ -50,6 +51,7 @@ async fn hub_with_edge() -> (lockstep_testapi::TestApiServer, Client) {
         local: false,
         kubeconfig_secret_ref: None,
         network: Some("lte".into()),
+        service_account_keys: None,
     };
     Api::<MemberCluster>::all(hub.clone())
         .create(&PostParams::default(), &MemberCluster::new("edge", edge))

@@ -76,7 +76,7 @@ fn text(output: &Output) -> String {
 const HUB_VALUES: &[&str] = &["--set", "clusterName=east"];
 const MEMBER_VALUES: &[&str] = &[
     "--set",
-    "clusterName=west,operator.enabled=false,memberAccess.enabled=true,sidecar.operatorEndpoint=http://hub.example:7443",
+    "clusterName=west,operator.enabled=false,memberAccess.enabled=true,sidecar.operatorEndpoint=https://hub.example:7443",
 ];
 
 #[test]
@@ -109,6 +109,14 @@ fn the_chart_lints_and_refuses_bad_values_with_a_message_that_says_what_to_do() 
     refused(
         "clusterName=west,operator.enabled=false,sidecar.apiPath=false",
         "the sidecar needs at least one path to the operator",
+    );
+    refused(
+        "clusterName=west,operator.enabled=false,sidecar.operatorEndpoint=http://hub.example:7443",
+        "must be https://",
+    );
+    refused(
+        "clusterName=east,controlTls.certManager.enabled=true",
+        "issuerRef.name",
     );
 }
 
@@ -152,6 +160,17 @@ async fn helm_install_upgrade_and_a_kubectl_apply_of_the_rendered_chart_create_e
         .clone()
         .unwrap();
     assert!(args.contains(&"--leader-election".to_owned()), "{args:?}");
+    // TLS on by default, and only the sidecars' ServiceAccount speaks for a node.
+    for arg in [
+        "--grpc-tls-cert-file=/etc/lockstep/control-tls/tls.crt",
+        "--sidecar-service-account=lockstep:lockstep-sidecar",
+    ] {
+        assert!(args.contains(&arg.to_owned()), "{args:?}");
+    }
+    assert!(
+        !args.contains(&"--grpc-insecure-plaintext".to_owned()),
+        "{args:?}"
+    );
     let sidecars = Api::<DaemonSet>::namespaced(client.clone(), NAMESPACE)
         .get("lockstep-sidecar")
         .await
@@ -162,7 +181,13 @@ async fn helm_install_upgrade_and_a_kubectl_apply_of_the_rendered_chart_create_e
         .unwrap();
     assert!(args.contains(&"--cluster-name=east".to_owned()), "{args:?}");
     assert!(
-        args.contains(&"--operator-endpoint=http://lockstep-operator.lockstep.svc:7443".to_owned()),
+        args.contains(&"--operator-ca-file=/etc/lockstep/control-ca/ca.crt".to_owned()),
+        "{args:?}"
+    );
+    assert!(
+        args.contains(
+            &"--operator-endpoint=https://lockstep-operator.lockstep.svc:7443".to_owned()
+        ),
         "{args:?}"
     );
 
@@ -288,6 +313,7 @@ impl Node {
         options.namespace = NAMESPACE.into();
         options.replicator_socket = self.dir.path().join("control.sock");
         options.operator_endpoint = Some(endpoint.to_owned());
+        options.insecure_plaintext_control = true;
         options.listen = "127.0.0.1:0".parse().unwrap();
         options.inventory_interval = Duration::from_millis(300);
         options.lease_duration = Duration::from_secs(3);
@@ -374,6 +400,7 @@ async fn with_the_charts_rbac_enforced_its_service_accounts_freeze_resync_and_de
         local: true,
         kubeconfig_secret_ref: None,
         network: None,
+        service_account_keys: None,
     };
     let remote = MemberClusterSpec {
         paths: ClusterPaths::Both,
@@ -384,6 +411,7 @@ async fn with_the_charts_rbac_enforced_its_service_accounts_freeze_resync_and_de
             key: "kubeconfig".into(),
         }),
         network: None,
+        service_account_keys: None,
     };
     for (name, spec) in [("east", local), ("west", remote)] {
         clusters
@@ -403,6 +431,7 @@ async fn with_the_charts_rbac_enforced_its_service_accounts_freeze_resync_and_de
         identity: "lockstep-operator-0".into(),
         lease_duration: Duration::from_secs(5),
         max_sessions_per_cluster: lockstep_operator::sessions::DEFAULT_SESSIONS_PER_CLUSTER,
+        control_security: lockstep_operator::ControlSecurity::insecure_plaintext(),
     };
     let (operator_client, _) = east.identity(OPERATOR, None).await.unwrap();
     let operator = Operator::start(operator_client, &options).await.unwrap();

@@ -113,6 +113,7 @@ fn options() -> Options {
         identity: "operator-0".into(),
         lease_duration: Duration::from_secs(2),
         max_sessions_per_cluster: lockstep_operator::sessions::DEFAULT_SESSIONS_PER_CLUSTER,
+        control_security: lockstep_operator::ControlSecurity::insecure_plaintext(),
     }
 }
 
@@ -192,6 +193,7 @@ async fn world() -> World {
             local: true,
             kubeconfig_secret_ref: None,
             network: None,
+            service_account_keys: None,
         },
     )
     .await;
@@ -208,6 +210,7 @@ async fn world() -> World {
                 key: "kubeconfig".into(),
             }),
             network: None,
+            service_account_keys: None,
         },
     )
     .await;
@@ -428,6 +431,7 @@ async fn unreachable_clusters_bad_kubeconfigs_and_double_claims_show_in_conditio
             key: "kubeconfig".into(),
         }),
         network: None,
+        service_account_keys: None,
     };
     member_cluster(&world.east_client, "north", broken).await;
     let spec = group_spec(
@@ -549,6 +553,7 @@ async fn a_group_spanning_a_grpc_only_and_an_api_only_cluster_resolves_and_freez
             local: true,
             kubeconfig_secret_ref: None,
             network: None,
+            service_account_keys: None,
         },
     )
     .await;
@@ -560,6 +565,7 @@ async fn a_group_spanning_a_grpc_only_and_an_api_only_cluster_resolves_and_freez
             local: false,
             kubeconfig_secret_ref: None,
             network: Some("lte".into()),
+            service_account_keys: None,
         },
     )
     .await;
@@ -573,6 +579,7 @@ async fn a_group_spanning_a_grpc_only_and_an_api_only_cluster_resolves_and_freez
             key: "kubeconfig".into(),
         }),
         network: None,
+        service_account_keys: None,
     };
     member_cluster(&hub, "south", api_only).await;
     let operator = Operator::start(hub.clone(), &options()).await?;
@@ -1214,6 +1221,7 @@ async fn east_only() -> (ApiServer, Client) {
         local: true,
         kubeconfig_secret_ref: None,
         network: None,
+        service_account_keys: None,
     };
     member_cluster(&hub, "east", local).await;
     (east, hub)

@@ -122,6 +122,7 @@ async fn sidecar(
     let mut options = lockstep_sidecar::Options::new(name, cluster);
     options.replicator_socket = node.socket();
     options.operator_endpoint = Some(endpoint.to_owned());
+    options.insecure_plaintext_control = true;
     options.listen = "127.0.0.1:0".parse().unwrap();
     options.inventory_interval = Duration::from_millis(300);
     options.rpc_timeout = Duration::from_secs(2);
@@ -188,6 +189,7 @@ async fn setup_with_hold_timeout(fault: Fault, policy: Policy, hold_timeout: &st
         local: true,
         kubeconfig_secret_ref: None,
         network: None,
+        service_account_keys: None,
     };
     Api::<MemberCluster>::all(hub.clone())
         .create(&PostParams::default(), &MemberCluster::new("east", local))
@@ -216,6 +218,7 @@ async fn setup_with_hold_timeout(fault: Fault, policy: Policy, hold_timeout: &st
             key: "kubeconfig".into(),
         }),
         network: None,
+        service_account_keys: None,
     };
     Api::<MemberCluster>::all(hub.clone())
         .create(&PostParams::default(), &MemberCluster::new("west", both))
@@ -233,6 +236,7 @@ async fn setup_with_hold_timeout(fault: Fault, policy: Policy, hold_timeout: &st
         identity: "operator-0".into(),
         lease_duration: Duration::from_secs(15),
         max_sessions_per_cluster: lockstep_operator::sessions::DEFAULT_SESSIONS_PER_CLUSTER,
+        control_security: lockstep_operator::ControlSecurity::insecure_plaintext(),
     };
     let operator = Operator::start(hub.clone(), &options).await.unwrap();
     let endpoint = if fault == Fault::GrpcDown {

@@ -18,16 +18,31 @@ use lockstep_api::proto::control::v1 as pb;
 use pb::control_client::ControlClient;
 use tokio::sync::watch;
 use tokio::time::Instant;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 
 use crate::agent::{Context, Snapshot};
 use crate::enforce::{HoldTimeout, Input};
 use crate::metrics::Metrics;
 use crate::report::Backoff;
+use crate::tls::{Credentials, TlsConnector};
+
+/// A Control client whose calls carry this node's credentials.
+type Client = ControlClient<InterceptedService<Channel, Credentials>>;
 
 /// Errors setting up the gRPC path.
 #[derive(Debug, thiserror::Error)]
 pub enum GrpcPathError {
+    /// The endpoint's scheme does not match the security asked for.
+    #[error(
+        "operator endpoint {endpoint:?}: expected an {wanted} endpoint (https:// with --operator-ca-file; http:// only with --insecure-plaintext-control)"
+    )]
+    Scheme {
+        /// The endpoint.
+        endpoint: String,
+        /// The scheme expected.
+        wanted: &'static str,
+    },
     /// The endpoint is not a valid URI.
     #[error("operator endpoint {endpoint:?}: {source}")]
     Endpoint {
@@ -43,17 +58,35 @@ pub enum GrpcPathError {
 pub struct GrpcConfig {
     /// The operator's Control endpoint, e.g. `http://lockstep-operator.lockstep:9443`.
     pub endpoint: String,
+    /// TLS and credentials, or plaintext.
+    pub security: ClientSecurity,
     /// Per-call timeout for Report and Ack; connect timeout.
     pub timeout: Duration,
     /// Reconnect when the stream is silent this long (the operator sends heartbeats).
     pub idle_timeout: Duration,
 }
 
+/// How the sidecar dials the operator.
+#[derive(Debug, Clone)]
+pub enum ClientSecurity {
+    /// TLS, verifying the operator's certificate; every call carries the node's ServiceAccount token.
+    Tls {
+        /// The CA bundle the operator's certificate must chain to (read on every connection).
+        ca_file: std::path::PathBuf,
+        /// The name the certificate must carry; the endpoint's host when absent.
+        server_name: Option<String>,
+        /// The projected ServiceAccount token (read on every call).
+        token_file: std::path::PathBuf,
+    },
+    /// INSECURE: plaintext, no credentials, nothing verified (tests, migration).
+    Plaintext,
+}
+
 /// Channels to the operator: one for the stream (no per-call deadline), one for unary calls.
 #[derive(Clone)]
 pub struct GrpcPath {
-    stream: ControlClient<Channel>,
-    unary: ControlClient<Channel>,
+    stream: Client,
+    unary: Client,
     config: GrpcConfig,
     /// A client of this cluster's own API server, to resolve named PVCs (gRPC-only clusters).
     resolver: Option<kube::Client>,
@@ -78,8 +111,28 @@ impl std::fmt::Debug for GrpcPath {
 impl GrpcPath {
     /// Builds lazy channels to the endpoint.
     pub fn new(config: GrpcConfig) -> Result<Self, GrpcPathError> {
+        // tonic dials the endpoint's host and port; TLS (an https:// endpoint) is this crate's connector.
+        let dialed = match &config.security {
+            ClientSecurity::Tls { .. } => config
+                .endpoint
+                .strip_prefix("https://")
+                .map(|rest| format!("http://{rest}"))
+                .ok_or_else(|| GrpcPathError::Scheme {
+                    endpoint: config.endpoint.clone(),
+                    wanted: "https://",
+                })?,
+            ClientSecurity::Plaintext => {
+                if !config.endpoint.starts_with("http://") {
+                    return Err(GrpcPathError::Scheme {
+                        endpoint: config.endpoint.clone(),
+                        wanted: "http://",
+                    });
+                }
+                config.endpoint.clone()
+            }
+        };
         let endpoint = |with_timeout: bool| {
-            let e = Endpoint::from_shared(config.endpoint.clone())
+            let e = Endpoint::from_shared(dialed.clone())
                 .map_err(|source| GrpcPathError::Endpoint {
                     endpoint: config.endpoint.clone(),
                     source,
@@ -92,9 +145,32 @@ impl GrpcPath {
                 e
             })
         };
+        let (credentials, channel): (Credentials, &dyn Fn(Endpoint) -> Channel) = match &config
+            .security
+        {
+            ClientSecurity::Tls {
+                ca_file,
+                server_name,
+                token_file,
+            } => {
+                let connector = TlsConnector::new(ca_file, server_name.clone());
+                (
+                    Credentials::token_file(token_file),
+                    &move |endpoint: Endpoint| {
+                        endpoint.connect_with_connector_lazy(connector.clone())
+                    },
+                )
+            }
+            ClientSecurity::Plaintext => {
+                tracing::warn!(endpoint = %config.endpoint, "INSECURE: the gRPC path to the operator is plaintext (--insecure-plaintext-control): the operator is not verified and an impostor could send directives");
+                (Credentials::none(), &|endpoint: Endpoint| {
+                    endpoint.connect_lazy()
+                })
+            }
+        };
         Ok(Self {
-            stream: ControlClient::new(endpoint(false)?.connect_lazy()),
-            unary: ControlClient::new(endpoint(true)?.connect_lazy()),
+            stream: ControlClient::with_interceptor(channel(endpoint(false)?), credentials.clone()),
+            unary: ControlClient::with_interceptor(channel(endpoint(true)?), credentials),
             config,
             resolver: None,
             resolved: Arc::default(),

@@ -20,6 +20,7 @@ pub mod grpc_path;
 pub mod metrics;
 pub mod replicator;
 pub mod report;
+pub mod tls;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -53,10 +54,26 @@ pub struct Options {
     /// Do not use the API server path (a gRPC-only configuration).
     #[arg(long, env = "LOCKSTEP_NO_API_PATH")]
     pub no_api_path: bool,
-    /// The operator's gRPC Control endpoint (e.g. http://lockstep-operator.lockstep:7443, the operator's default --grpc-listen port); without it
+    /// The operator's gRPC Control endpoint (e.g. https://lockstep-operator.lockstep:7443, the operator's
+    /// default --grpc-listen port); without it
     /// the sidecar runs API-only.
     #[arg(long, env = "LOCKSTEP_OPERATOR_ENDPOINT")]
     pub operator_endpoint: Option<String>,
+    /// The CA bundle (PEM) the operator's certificate must chain to; read again on every connection.
+    #[arg(long, env = "LOCKSTEP_OPERATOR_CA_FILE")]
+    pub operator_ca_file: Option<PathBuf>,
+    /// The name the operator's certificate must carry, when it is not the endpoint's host (a load
+    /// balancer's address, say).
+    #[arg(long, env = "LOCKSTEP_OPERATOR_SERVER_NAME")]
+    pub operator_server_name: Option<String>,
+    /// This node's projected ServiceAccount token (audience lockstep.dev/control), presented on every
+    /// call to the operator and read again each time (the kubelet rotates it).
+    #[arg(long, env = "LOCKSTEP_TOKEN_FILE", default_value = tls::DEFAULT_TOKEN_FILE)]
+    pub token_file: PathBuf,
+    /// INSECURE, for tests and a migration from a release without TLS only: dial an http:// endpoint
+    /// in plaintext, verifying nothing (an impostor could send directives) and presenting no token.
+    #[arg(long, env = "LOCKSTEP_INSECURE_PLAINTEXT_CONTROL")]
+    pub insecure_plaintext_control: bool,
     /// The replicator's unix socket.
     #[arg(
         long,
@@ -97,6 +114,10 @@ impl Options {
             kubeconfig: None,
             no_api_path: false,
             operator_endpoint: None,
+            operator_ca_file: None,
+            operator_server_name: None,
+            token_file: PathBuf::from(tls::DEFAULT_TOKEN_FILE),
+            insecure_plaintext_control: false,
             replicator_socket: PathBuf::from("/run/lockstep/replicator.sock"),
             namespace: "lockstep".to_owned(),
             fail_safe_interval: Duration::from_secs(5),
@@ -115,6 +136,11 @@ pub enum SidecarError {
     /// Neither path is configured.
     #[error("no path configured: give --operator-endpoint, or leave the API server path on")]
     NoPath,
+    /// The gRPC path has no way to verify the operator.
+    #[error(
+        "--operator-endpoint needs --operator-ca-file to verify the operator's certificate (or, for tests and migration only, --insecure-plaintext-control with an http:// endpoint)"
+    )]
+    NoOperatorCa,
     /// The kubeconfig could not be read.
     #[error("kubeconfig: {0}")]
     Kubeconfig(String),
@@ -156,6 +182,21 @@ impl Sidecar {
         if options.no_api_path && options.operator_endpoint.is_none() {
             return Err(SidecarError::NoPath);
         }
+        let security = match (
+            &options.operator_ca_file,
+            options.insecure_plaintext_control,
+        ) {
+            (_, true) => grpc_path::ClientSecurity::Plaintext,
+            (Some(ca_file), false) => grpc_path::ClientSecurity::Tls {
+                ca_file: ca_file.clone(),
+                server_name: options.operator_server_name.clone(),
+                token_file: options.token_file.clone(),
+            },
+            (None, false) if options.operator_endpoint.is_some() => {
+                return Err(SidecarError::NoOperatorCa);
+            }
+            (None, false) => grpc_path::ClientSecurity::Plaintext,
+        };
         let client = match client {
             Some(client) => Some(client),
             None if options.no_api_path => match kube_client(&options).await {
@@ -202,6 +243,7 @@ impl Sidecar {
         if let Some(endpoint) = &options.operator_endpoint {
             let path = GrpcPath::new(GrpcConfig {
                 endpoint: endpoint.clone(),
+                security: security.clone(),
                 timeout: options.rpc_timeout,
                 idle_timeout: options.grpc_idle_timeout,
             })?;

@@ -55,6 +55,7 @@ fn sigterm_shuts_down_gracefully() {
         .env("RUST_LOG", "info")
         .env("NO_COLOR", "1")
         .args(["--no-api-path", "--operator-endpoint", "http://127.0.0.1:9"])
+        .arg("--insecure-plaintext-control")
         .args(["--listen", "127.0.0.1:0", "--replicator-socket"])
         .arg(dir.path().join("absent.sock"))
         .stdout(Stdio::piped())
@@ -82,4 +83,41 @@ fn sigterm_shuts_down_gracefully() {
         assert!(Instant::now() < deadline, "no exit after SIGTERM");
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+#[test]
+fn an_operator_endpoint_without_a_ca_or_the_plaintext_opt_in_is_refused_with_a_sentence() {
+    let out = Command::new(BIN)
+        .args([
+            "--node-name",
+            "n1",
+            "--cluster-name",
+            "east",
+            "--no-api-path",
+        ])
+        .args(["--operator-endpoint", "http://127.0.0.1:9"])
+        .args(["--listen", "127.0.0.1:0"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert!(text.contains("--operator-ca-file"), "{text}");
+
+    // With a CA, the endpoint must be https://.
+    let out = Command::new(BIN)
+        .args([
+            "--node-name",
+            "n1",
+            "--cluster-name",
+            "east",
+            "--no-api-path",
+        ])
+        .args(["--operator-endpoint", "http://127.0.0.1:9"])
+        .args(["--operator-ca-file", "/nonexistent/ca.crt"])
+        .args(["--listen", "127.0.0.1:0"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert!(text.contains("expected an https:// endpoint"), "{text}");
 }

@@ -31,6 +31,7 @@ async fn grpc_only_sidecar(
     let mut options = options(rep);
     options.no_api_path = true;
     options.operator_endpoint = Some(control.endpoint());
+    options.insecure_plaintext_control = true;
     start(options, None).await
 }
 

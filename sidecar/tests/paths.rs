@@ -65,6 +65,7 @@ async fn grpc_only_configuration_freezes_once_and_acknowledges_with_the_volume_l
     let mut options = options(&rep);
     options.no_api_path = true;
     options.operator_endpoint = Some(control.endpoint());
+    options.insecure_plaintext_control = true;
     let sidecar = start(options, None).await;
 
     // Fail closed until a path spoke; then confirmed: v1, v2 in the group, v3 in none.
@@ -223,6 +224,7 @@ async fn on_both_paths() -> BothPaths {
     control.set_membership(&uid, 0, cpb::Stage::Resume, &["v1", "v2"]);
     let mut options = options(&rep);
     options.operator_endpoint = Some(control.endpoint());
+    options.insecure_plaintext_control = true;
     let sidecar = start(options, Some(client.clone())).await;
     confirmed(&rep, &["v1", "v2"]).await;
     eventually("subscribed", || control.subscribers() > 0).await;
@@ -297,6 +299,7 @@ async fn a_cut_link_is_reported_on_both_paths_naming_the_same_epoch_until_a_high
     control.set_membership(&uid, 3, cpb::Stage::Resume, &["v1", "v2"]);
     let mut options = options(&rep);
     options.operator_endpoint = Some(control.endpoint());
+    options.insecure_plaintext_control = true;
     let sidecar = start(options, Some(client.clone())).await;
     confirmed(&rep, &["v1", "v2"]).await;
     eventually("subscribed", || control.subscribers() > 0).await;
@@ -359,6 +362,7 @@ async fn with_the_api_server_stopped_reports_and_freezes_flow_over_grpc() {
     control.set_membership(&uid, 0, cpb::Stage::Resume, &["v1", "v2"]);
     let mut options = options(&rep);
     options.operator_endpoint = Some(control.endpoint());
+    options.insecure_plaintext_control = true;
     let sidecar = start(options, Some(client.clone())).await;
     confirmed(&rep, &["v1", "v2"]).await;
     eventually("subscribed", || control.subscribers() > 0).await;
@@ -440,6 +444,7 @@ async fn with_both_paths_down_the_fail_safe_suspends_and_only_a_higher_epoch_lif
     control.set_membership(&uid, 0, cpb::Stage::Resume, &["v1", "v2"]);
     let mut options = options(&rep);
     options.operator_endpoint = Some(control.endpoint());
+    options.insecure_plaintext_control = true;
     // Well below the group's 30 s hold timeout.
     options.fail_safe_interval = std::time::Duration::from_secs(2);
     let sidecar = start(options, Some(client.clone())).await;
@@ -583,6 +588,7 @@ async fn a_restarted_sidecar_keeps_a_frozen_groups_volumes_suspended() {
     let mut opts = options(&rep);
     opts.no_api_path = true;
     opts.operator_endpoint = Some(control.endpoint());
+    opts.insecure_plaintext_control = true;
     let sidecar = start(opts.clone(), None).await;
     confirmed(&rep, &["v1", "v2"]).await;
     eventually("subscribed", || control.subscribers() > 0).await;
@@ -657,6 +663,7 @@ async fn a_grpc_only_cluster_resolves_named_pvcs_itself_and_freezes_from_the_str
     let mut options = options(&rep);
     options.no_api_path = true;
     options.operator_endpoint = Some(control.endpoint());
+    options.insecure_plaintext_control = true;
     let sidecar = start(options, Some(client.clone())).await;
     confirmed(&rep, &["v1", "v2"]).await;
     assert_eq!(rep.volume("v1").group_uid, "uid-edge");

@@ -126,6 +126,7 @@ async fn a_cut_link_on_the_real_replicator_is_reported_frozen_and_released_over_
     control.set_membership(&uid, 0, cpb::Stage::Resume, &["v1", "v2"]);
     let mut opts = FakeReplicatorless::options(&node.socket());
     opts.operator_endpoint = Some(control.endpoint());
+    opts.insecure_plaintext_control = true;
     let sidecar = start(opts.clone(), Some(client.clone())).await;
 
     // Fail closed until the sidecar confirms; then replicating.
@@ -233,6 +234,7 @@ async fn with_both_paths_down_the_real_replicator_is_suspended_by_the_fail_safe(
     control.set_membership(&uid, 0, cpb::Stage::Resume, &["v1", "v2"]);
     let mut opts = FakeReplicatorless::options(&node.socket());
     opts.operator_endpoint = Some(control.endpoint());
+    opts.insecure_plaintext_control = true;
     // Far below the group's 30 s hold timeout.
     opts.fail_safe_interval = Duration::from_secs(2);
     let sidecar = start(opts, Some(client.clone())).await;

@@ -59,6 +59,16 @@ pub struct MemberClusterSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 63))]
     pub network: Option<String>,
+
+    /// The cluster's ServiceAccount token signing keys, as a JSON Web Key Set: what `kubectl get --raw
+    /// /openid/v1/jwks` prints in that cluster. Its sidecars prove their node with projected
+    /// ServiceAccount tokens on the gRPC path, which the operator verifies against these keys (offline:
+    /// the hub need not reach the cluster). Public keys, not secrets; update it when the cluster rotates
+    /// its signing keys (old and new side by side). No two MemberClusters may share a key. Without it,
+    /// no sidecar of the cluster can use the gRPC path over TLS.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 65536))]
+    pub service_account_keys: Option<String>,
 }
 
 /// A key of a Secret in the hub.

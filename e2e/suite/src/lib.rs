@@ -28,6 +28,7 @@ pub mod kubectl;
 pub mod observe;
 pub mod operated;
 pub mod scenario;
+pub mod security;
 pub mod service;
 pub mod timeline;
 pub mod world;

@@ -171,6 +171,7 @@ pub fn operator_options(hub: &str) -> lockstep_operator::Options {
         identity: "operator-0".into(),
         lease_duration: Duration::from_secs(15),
         max_sessions_per_cluster: lockstep_operator::sessions::DEFAULT_SESSIONS_PER_CLUSTER,
+        control_security: lockstep_operator::ControlSecurity::insecure_plaintext(),
     }
 }
 
@@ -184,6 +185,7 @@ pub fn sidecar_options(
     let mut o = lockstep_sidecar::Options::new(&cluster.spec.node, cluster.name());
     o.replicator_socket = socket.to_path_buf();
     o.operator_endpoint = Some(endpoint.to_owned());
+    o.insecure_plaintext_control = true;
     o.namespace = NAMESPACE.into();
     o.listen = ([127, 0, 0, 1], 0).into();
     o.inventory_interval = Duration::from_millis(300);

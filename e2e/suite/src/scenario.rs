@@ -244,6 +244,10 @@ pub struct Setup {
     /// `paths: GrpcOnly` without a kubeconfig, the group's member named by its PVCs, and a sidecar without
     /// the API path that resolves those PVCs through its own API server.
     pub grpc_only: Vec<String>,
+    /// The gRPC Control path as the chart sets it up: TLS (the sidecars verify the operator against a
+    /// CA file) and every sidecar authenticated by its node's ServiceAccount token, verified against
+    /// its MemberCluster's keys. Off: plaintext, unauthenticated (the scenarios about other things).
+    pub secure: bool,
 }
 
 impl Setup {
@@ -260,6 +264,7 @@ impl Setup {
             writes_before_fault: 150,
             standby_operator: false,
             grpc_only: Vec::new(),
+            secure: false,
         })
     }
 }
@@ -361,6 +366,8 @@ pub struct Harness {
     run_id: u64,
     workload_volumes: Vec<String>,
     acked_at_failure: Option<Vec<u64>>,
+    /// TLS and identities, with [`Setup::secure`].
+    credentials: Option<crate::security::Credentials>,
 }
 
 impl std::fmt::Debug for Harness {
@@ -387,6 +394,22 @@ impl Harness {
         for cluster in &setup.grpc_only {
             make_grpc_only(&mut setup.world, cluster)?;
         }
+        let credentials = if setup.secure {
+            let names: Vec<String> = setup
+                .world
+                .member_clusters
+                .iter()
+                .filter_map(|mc| mc.metadata.name.clone())
+                .collect();
+            let credentials = crate::security::Credentials::new(names.iter().map(String::as_str))?;
+            for member_cluster in &mut setup.world.member_clusters {
+                let name = member_cluster.metadata.name.clone().unwrap_or_default();
+                member_cluster.spec.service_account_keys = credentials.jwks(&name);
+            }
+            Some(credentials)
+        } else {
+            None
+        };
         let suffix = target.apply(&mut setup.world)?;
         if let Target::Kubeconfigs(_) = &target {
             forget_member_clusters(&setup.world).await?;
@@ -423,6 +446,7 @@ impl Harness {
             run_id: 0,
             workload_volumes,
             acked_at_failure: None,
+            credentials,
         };
         for name in harness.cluster_names() {
             harness.listen(&name)?;
@@ -453,6 +477,21 @@ impl Harness {
             .await?;
         harness.start_workload(setup.writes_before_fault).await?;
         Ok(harness)
+    }
+
+    /// The scenario's TLS and identities ([`Setup::secure`]).
+    pub fn credentials(&self) -> Option<&crate::security::Credentials> {
+        self.credentials.as_ref()
+    }
+
+    /// The scenario's TLS and identities, to rotate them.
+    pub fn credentials_mut(&mut self) -> Option<&mut crate::security::Credentials> {
+        self.credentials.as_mut()
+    }
+
+    /// Where the operator's gRPC Control service listens (or the Service in front of the replicas).
+    pub fn grpc_addr(&self) -> Option<SocketAddr> {
+        self.grpc_addr
     }
 
     /// Whether the clusters are real ones.
@@ -541,6 +580,12 @@ impl Harness {
         let mut options = operator_options(self.world.hub().name());
         if let Some(addr) = self.grpc_addr {
             options.grpc_listen = addr;
+        }
+        if let Some(credentials) = &self.credentials {
+            options.control_security = lockstep_operator::ControlSecurity::tls(
+                &credentials.cert_file(),
+                &credentials.key_file(),
+            );
         }
         // A killed operator's listener closes as its task unwinds: retry the port briefly.
         let mut attempts = 0;
@@ -668,16 +713,26 @@ impl Harness {
             .clone()
             .ok_or_else(|| FaultError::Setup(format!("{cluster}: no replicator socket")))?;
         let paths = self.paths.get(cluster);
+        let scheme = if self.credentials.is_some() {
+            "https"
+        } else {
+            "http"
+        };
         let endpoint = match (self.grpc, paths) {
-            (GrpcPath::Refused, _) => format!("http://{}", refused_addr()?),
-            (GrpcPath::Open, Some(p)) => format!("http://{}", p.grpc.addr()),
-            (GrpcPath::Open, None) => format!("http://{grpc_addr}"),
+            (GrpcPath::Refused, _) => format!("{scheme}://{}", refused_addr()?),
+            (GrpcPath::Open, Some(p)) => format!("{scheme}://{}", p.grpc.addr()),
+            (GrpcPath::Open, None) => format!("{scheme}://{grpc_addr}"),
         };
         let client = match paths {
             Some(p) => client_through(c, p.api.addr()).await?,
             None => c.client.clone(),
         };
         let mut options = sidecar_options(c, &socket, &endpoint);
+        if let Some(credentials) = &self.credentials {
+            options.insecure_plaintext_control = false;
+            options.operator_ca_file = Some(credentials.ca_file());
+            options.token_file = credentials.token_file(cluster, &c.spec.node)?;
+        }
         options.fail_safe_interval = self.fail_safe_interval;
         options.no_api_path = options_grpc_only(&self.grpc_only, cluster);
         let sidecar = Sidecar::start(options, Some(client))

@@ -169,3 +169,68 @@ pub async fn volume(client: &Client, pvc: &str, app: &str, handle: &str) {
         .await
         .unwrap();
 }
+
+/// A test certificate authority (real keys and signatures, made with rcgen).
+pub struct TestCa {
+    pub pem: String,
+    issuer: rcgen::CertifiedIssuer<'static, rcgen::KeyPair>,
+}
+
+impl TestCa {
+    pub fn new(name: &str) -> Self {
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, name);
+        let issuer =
+            rcgen::CertifiedIssuer::self_signed(params, rcgen::KeyPair::generate().unwrap())
+                .unwrap();
+        Self {
+            pem: issuer.pem(),
+            issuer,
+        }
+    }
+
+    /// A serving certificate for `names` (DNS names or IP addresses): (certificate PEM, key PEM).
+    pub fn issue(&self, names: &[&str]) -> (String, String) {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let params = rcgen::CertificateParams::new(
+            names.iter().map(|n| (*n).to_owned()).collect::<Vec<_>>(),
+        )
+        .unwrap();
+        let cert = params.signed_by(&key, &self.issuer).unwrap();
+        (cert.pem(), key.serialize_pem())
+    }
+
+    /// Writes a certificate for 127.0.0.1 and localhost and its key into `dir` as `tls.crt` and
+    /// `tls.key` (as a Secret volume holds them), replacing what was there; returns their paths.
+    pub fn write_serving(&self, dir: &std::path::Path) -> (std::path::PathBuf, std::path::PathBuf) {
+        let (cert, key) = self.issue(&["127.0.0.1", "localhost"]);
+        let (cert_file, key_file) = (dir.join("tls.crt"), dir.join("tls.key"));
+        // Written aside and renamed, as the kubelet swaps a Secret volume's files.
+        std::fs::write(dir.join(".tls.key.new"), key).unwrap();
+        std::fs::write(dir.join(".tls.crt.new"), cert).unwrap();
+        std::fs::rename(dir.join(".tls.key.new"), &key_file).unwrap();
+        std::fs::rename(dir.join(".tls.crt.new"), &cert_file).unwrap();
+        (cert_file, key_file)
+    }
+
+    /// Writes this CA's certificate into `dir/name`; returns its path.
+    pub fn write_ca(&self, dir: &std::path::Path, name: &str) -> std::path::PathBuf {
+        let path = dir.join(name);
+        std::fs::write(&path, &self.pem).unwrap();
+        path
+    }
+}
+
+/// A gRPC channel to `addr` over TLS, trusting the CA bundle in `ca_file`; connects now.
+pub async fn tls_channel(
+    addr: std::net::SocketAddr,
+    ca_file: &std::path::Path,
+) -> Result<tonic::transport::Channel, tonic::transport::Error> {
+    tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect_with_connector(lockstep_sidecar::tls::TlsConnector::new(ca_file, None))
+        .await
+}

@@ -409,6 +409,10 @@ pub struct ControlState {
     /// While set, acknowledgements are answered OK but not applied (as by an operator that has not
     /// resolved the volumes yet).
     pub not_applying: std::sync::atomic::AtomicBool,
+    /// The `authorization` metadata of every call, in order ("" when absent).
+    pub authorizations: Mutex<Vec<String>>,
+    /// TLS handshakes that failed (a client that does not trust this server's certificate).
+    pub failed_handshakes: std::sync::atomic::AtomicUsize,
 }
 
 /// A test `Control` server on a loopback port: records reports, acks and subscriptions, pushes
@@ -419,10 +423,21 @@ pub struct FakeControl {
     pub out: broadcast::Sender<cpb::ControlMessage>,
     pub addr: SocketAddr,
     stop: Arc<Mutex<CancellationToken>>,
+    /// Serves TLS with this configuration when set.
+    tls: Option<Arc<rustls::ServerConfig>>,
 }
 
 impl FakeControl {
     pub async fn start() -> Self {
+        Self::start_with(None).await
+    }
+
+    /// A Control server that speaks TLS with `config` (its certificate, no client certificates).
+    pub async fn start_tls(config: Arc<rustls::ServerConfig>) -> Self {
+        Self::start_with(Some(config)).await
+    }
+
+    async fn start_with(tls: Option<Arc<rustls::ServerConfig>>) -> Self {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (out, _) = broadcast::channel(64);
@@ -431,6 +446,7 @@ impl FakeControl {
             out,
             addr,
             stop: Arc::new(Mutex::new(CancellationToken::new())),
+            tls,
         };
         control.serve(listener);
         // Heartbeats.
@@ -455,6 +471,17 @@ impl FakeControl {
             control: self.clone(),
             token: token.clone(),
         });
+        if let Some(config) = self.tls.clone() {
+            let state = self.state.clone();
+            let incoming = tls_incoming(listener, config, state);
+            tokio::spawn(async move {
+                let _ = tonic::transport::Server::builder()
+                    .add_service(service)
+                    .serve_with_incoming_shutdown(incoming, token.cancelled_owned())
+                    .await;
+            });
+            return;
+        }
         tokio::spawn(async move {
             let _ = tonic::transport::Server::builder()
                 .add_service(service)
@@ -467,7 +494,20 @@ impl FakeControl {
     }
 
     pub fn endpoint(&self) -> String {
-        format!("http://{}", self.addr)
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://{}", self.addr)
+    }
+
+    /// The `authorization` metadata of every call so far.
+    pub fn authorizations(&self) -> Vec<String> {
+        self.state.authorizations.lock().unwrap().clone()
+    }
+
+    /// How many TLS handshakes failed so far.
+    pub fn failed_handshakes(&self) -> usize {
+        self.state
+            .failed_handshakes
+            .load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// Stops serving: streams end, new connections are refused.
@@ -611,7 +651,153 @@ struct ControlService {
     token: CancellationToken,
 }
 
+/// A TLS connection to the test Control server (tonic wants its connections `Connected`).
+pub struct TlsConnection(tokio_rustls::server::TlsStream<tokio::net::TcpStream>);
+
+impl tonic::transport::server::Connected for TlsConnection {
+    type ConnectInfo = ();
+
+    fn connect_info(&self) {}
+}
+
+impl tokio::io::AsyncRead for TlsConnection {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().0).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for TlsConnection {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().0).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().0).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().0).poll_shutdown(cx)
+    }
+}
+
+/// Accepts TLS connections, counting the handshakes that fail.
+fn tls_incoming(
+    listener: tokio::net::TcpListener,
+    config: Arc<rustls::ServerConfig>,
+    state: Arc<ControlState>,
+) -> impl Stream<Item = std::io::Result<TlsConnection>> {
+    let (sender, receiver) = tokio::sync::mpsc::channel(16);
+    tokio::spawn(async move {
+        let acceptor = tokio_rustls::TlsAcceptor::from(config);
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
+            let (acceptor, sender, state) = (acceptor.clone(), sender.clone(), state.clone());
+            tokio::spawn(async move {
+                match acceptor.accept(stream).await {
+                    Ok(stream) => {
+                        let _ = sender.send(Ok(TlsConnection(stream))).await;
+                    }
+                    Err(_) => {
+                        state
+                            .failed_handshakes
+                            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    }
+                }
+            });
+        }
+    });
+    tokio_stream::wrappers::ReceiverStream::new(receiver)
+}
+
+/// A test certificate authority.
+pub struct TestCa {
+    pub pem: String,
+    issuer: rcgen::CertifiedIssuer<'static, rcgen::KeyPair>,
+}
+
+impl TestCa {
+    pub fn new(name: &str) -> Self {
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, name);
+        let issuer =
+            rcgen::CertifiedIssuer::self_signed(params, rcgen::KeyPair::generate().unwrap())
+                .unwrap();
+        Self {
+            pem: issuer.pem(),
+            issuer,
+        }
+    }
+
+    /// A serving certificate for `names` (DNS names or IP addresses): (certificate PEM, key PEM).
+    pub fn issue(&self, names: &[&str]) -> (String, String) {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let params = rcgen::CertificateParams::new(
+            names.iter().map(|n| (*n).to_owned()).collect::<Vec<_>>(),
+        )
+        .unwrap();
+        let cert = params.signed_by(&key, &self.issuer).unwrap();
+        (cert.pem(), key.serialize_pem())
+    }
+
+    /// A rustls server configuration serving a certificate of this CA for 127.0.0.1 and localhost.
+    pub fn server_config(&self) -> Arc<rustls::ServerConfig> {
+        use rustls_pki_types::pem::PemObject;
+        let (cert, key) = self.issue(&["127.0.0.1", "localhost"]);
+        let chain = rustls_pki_types::CertificateDer::pem_slice_iter(cert.as_bytes())
+            .collect::<Result<Vec<_>, _>>()
+            .unwrap();
+        let key = rustls_pki_types::PrivateKeyDer::from_pem_slice(key.as_bytes()).unwrap();
+        let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .unwrap();
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        Arc::new(config)
+    }
+}
+
+fn authorization<T>(request: &Request<T>) -> String {
+    request
+        .metadata()
+        .get("authorization")
+        .and_then(|value| value.to_str().ok())
+        .unwrap_or_default()
+        .to_owned()
+}
+
 impl ControlService {
+    fn record_authorization<T>(&self, request: &Request<T>) {
+        self.control
+            .state
+            .authorizations
+            .lock()
+            .unwrap()
+            .push(authorization(request));
+    }
+
     fn refuse(&self) -> Result<(), Status> {
         if self.token.is_cancelled()
             || self
@@ -634,6 +820,7 @@ impl cpb::control_server::Control for ControlService {
         request: Request<cpb::ReportRequest>,
     ) -> Result<Response<cpb::ReportResponse>, Status> {
         self.refuse()?;
+        self.record_authorization(&request);
         let r = request.into_inner();
         let current = self.control.state.current.lock().unwrap().clone();
         let groups = r
@@ -657,6 +844,7 @@ impl cpb::control_server::Control for ControlService {
         request: Request<cpb::SubscribeRequest>,
     ) -> Result<Response<Self::SubscribeStream>, Status> {
         self.refuse()?;
+        self.record_authorization(&request);
         self.control
             .state
             .subscribes
@@ -690,6 +878,7 @@ impl cpb::control_server::Control for ControlService {
         request: Request<cpb::AckRequest>,
     ) -> Result<Response<cpb::AckResponse>, Status> {
         self.refuse()?;
+        self.record_authorization(&request);
         let r = request.into_inner();
         let current = r.enforced.as_ref().and_then(|e| {
             self.control

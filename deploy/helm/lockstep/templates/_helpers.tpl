@@ -34,6 +34,6 @@ app.kubernetes.io/component: {{ index . 1 }}
 {{- if .Values.sidecar.operatorEndpoint -}}
 {{- .Values.sidecar.operatorEndpoint -}}
 {{- else if .Values.operator.enabled -}}
-{{- printf "http://%s-operator.%s.svc:%d" (include "lockstep.fullname" .) .Release.Namespace (int .Values.operator.grpcPort) -}}
+{{- printf "%s://%s-operator.%s.svc:%d" (ternary "https" "http" .Values.controlTls.enabled) (include "lockstep.fullname" .) .Release.Namespace (int .Values.operator.grpcPort) -}}
 {{- end -}}
 {{- end -}}

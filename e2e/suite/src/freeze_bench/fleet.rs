@@ -342,6 +342,7 @@ impl Fleet {
                     local: false,
                     kubeconfig_secret_ref: secret_ref,
                     network: Some(format!("dc-{}", member.name)),
+                    service_account_keys: None,
                 },
             );
             Api::<MemberCluster>::all(hub_client.clone())
@@ -385,6 +386,7 @@ impl Fleet {
             identity: "operator-0".into(),
             lease_duration: Duration::from_secs(15),
             max_sessions_per_cluster: lockstep_operator::sessions::DEFAULT_SESSIONS_PER_CLUSTER,
+            control_security: lockstep_operator::ControlSecurity::insecure_plaintext(),
         };
         let operator = Operator::start(hub_client.clone(), &options)
             .await
@@ -401,6 +403,7 @@ impl Fleet {
                 o.replicator_socket = replicator.socket().to_path_buf();
                 o.operator_endpoint = (spec.paths != PathChoice::Api).then(|| endpoint.clone());
                 o.no_api_path = spec.paths == PathChoice::Grpc;
+                o.insecure_plaintext_control = true;
                 o.namespace = SYSTEM_NAMESPACE.into();
                 o.listen = ([127, 0, 0, 1], 0).into();
                 o.fail_safe_interval = Duration::from_secs(60);
