@@ -119,6 +119,8 @@ pub struct Volume {
     events: broadcast::Sender<Event>,
     confirmed: watch::Sender<bool>,
     persist: mpsc::UnboundedSender<()>,
+    /// The image the secondary is asked to keep when the next link opens (see [`crate::undo`]).
+    keep: Mutex<Option<u64>>,
     me: Weak<Volume>,
 }
 
@@ -208,6 +210,7 @@ impl Volume {
             events,
             confirmed,
             persist,
+            keep: Mutex::new(None),
             me: me.clone(),
         });
         tokio::spawn(persister(Arc::downgrade(&volume), persist_rx));
@@ -217,6 +220,17 @@ impl Volume {
         // Record the initial state so it travels with the data from the start.
         let _ = volume.persist.send(());
         Ok(volume)
+    }
+
+    /// The epoch of the image the secondary is asked to keep when a link opens, if any.
+    pub fn keep_image(&self) -> Option<u64> {
+        *self.keep.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Asks the secondary to keep its image at `epoch` from the next link on (a resume opens one), or
+    /// stops asking (`None`). A secondary that keeps an older image keeps that one.
+    pub fn set_keep_image(&self, epoch: Option<u64>) {
+        *self.keep.lock().unwrap_or_else(PoisonError::into_inner) = epoch;
     }
 
     fn lock(&self) -> MutexGuard<'_, ReplState> {
@@ -238,6 +252,7 @@ impl Volume {
                             volume: self.name.clone(),
                             size: self.store.size(),
                             first_seq,
+                            keep: self.keep_image(),
                         };
                         tokio::spawn(crate::copy::run_link(
                             self.me.clone(),
@@ -549,6 +564,7 @@ async fn probe_secondary(volume: Weak<Volume>) {
             volume: v.name.clone(),
             size: v.store.size(),
             first_seq: next_seq,
+            keep: None,
         };
         drop(v);
         match crate::copy::probe(&config, hello).await {
