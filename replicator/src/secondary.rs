@@ -260,13 +260,14 @@ async fn serve(
     let hello = tokio::time::timeout(HELLO_TIMEOUT, frames.next())
         .await
         .map_err(|_| SecondaryError::Refused("no hello".into()))?;
-    let (volume, size, first_seq, keep) = match hello {
+    let (volume, size, first_seq, keep, drop_image) = match hello {
         Some(Ok(Frame::Hello {
             volume,
             size,
             first_seq,
             keep,
-        })) => (volume, size, first_seq, keep),
+            drop_image,
+        })) => (volume, size, first_seq, keep, drop_image),
         Some(Ok(other)) => {
             let message = format!("expected hello, got {other:?}");
             out.send(Frame::Error {
@@ -292,7 +293,7 @@ async fn serve(
     let path = dir.join(&volume);
     let opened = Store::open(&path, Some(size))
         .map_err(SecondaryError::from)
-        .and_then(|store| Ok((store, kept_image(&dir, &volume, size, keep)?)));
+        .and_then(|store| Ok((store, kept_image(&dir, &volume, size, keep, drop_image)?)));
     let (store, mut undo) = match opened {
         Ok(opened) => opened,
         Err(e) => {
@@ -441,15 +442,22 @@ async fn serve(
     }
 }
 
-/// The image volume `name` keeps: the one it already keeps (an older image stays), or a new one at
-/// `keep`, or none.
+/// The image volume `name` keeps: after dropping one of epoch `drop_image` or older, the one it already
+/// keeps (an older image stays), or a new one at `keep`, or none.
 fn kept_image(
     dir: &Path,
     name: &str,
     size: u64,
     keep: Option<u64>,
+    drop_image: Option<u64>,
 ) -> Result<Option<UndoLog>, SecondaryError> {
-    match (UndoLog::open(dir, name)?, keep) {
+    let mut existing = UndoLog::open(dir, name)?;
+    if let Some(epoch) = drop_image
+        && let Some(log) = existing.take_if(|log| log.epoch() <= epoch)
+    {
+        log.discard()?;
+    }
+    match (existing, keep) {
         (Some(log), keep) => {
             if keep.is_some_and(|e| e != log.epoch()) {
                 tracing::info!(volume = name, kept = log.epoch(), asked = ?keep, "an older image is kept: it stays");

@@ -43,6 +43,8 @@ const KIND_ERROR: u8 = 0x83;
 /// On `Hello`: keep the image at the epoch that follows the name. On `Welcome`: an image is kept, at
 /// the epoch in `offset`.
 pub const FLAG_KEEP: u8 = 1;
+/// On `Hello`: first drop a kept image of the epoch that follows (after the kept epoch, if any) or older.
+pub const FLAG_DROP: u8 = 2;
 
 /// One message of the replication stream.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -57,6 +59,8 @@ pub enum Frame {
         first_seq: u64,
         /// Keep the image at this epoch before any write that follows lands.
         keep: Option<u64>,
+        /// Drop a kept image of this epoch or older first (a drop the primary could not send on a link).
+        drop_image: Option<u64>,
     },
     /// Primary → secondary: write `data` at `offset`.
     Write {
@@ -152,7 +156,8 @@ fn parse_header(b: &[u8]) -> Result<Header, FrameError> {
     let flags = b.get_u8();
     let reserved = b.get_u16();
     let allowed = match kind {
-        KIND_HELLO | KIND_WELCOME => FLAG_KEEP,
+        KIND_HELLO => FLAG_KEEP | FLAG_DROP,
+        KIND_WELCOME => FLAG_KEEP,
         _ => 0,
     };
     if flags & !allowed != 0 || reserved != 0 {
@@ -162,7 +167,7 @@ fn parse_header(b: &[u8]) -> Result<Header, FrameError> {
     let offset = b.get_u64();
     let length = b.get_u32();
     let max = match kind {
-        KIND_HELLO => MAX_NAME + 8,
+        KIND_HELLO => MAX_NAME + 16,
         KIND_WRITE => MAX_WRITE,
         KIND_ERROR => MAX_MESSAGE,
         KIND_TRIM | KIND_WELCOME | KIND_ACK | KIND_DROP_IMAGE => u32::MAX,
@@ -217,16 +222,22 @@ impl Decoder for FrameCodec {
         let payload = src.split_to(payload_len(&h)).freeze();
         let frame = match h.kind {
             KIND_HELLO => {
-                let (name, keep) = if h.flags & FLAG_KEEP != 0 {
-                    let at = payload
+                let mut name = &payload[..];
+                let mut epoch_after_name = |flag: u8| {
+                    if h.flags & flag == 0 {
+                        return Ok(None);
+                    }
+                    let at = name
                         .len()
                         .checked_sub(8)
-                        .ok_or(FrameError::Malformed("kept epoch missing"))?;
-                    let mut epoch = &payload[at..];
-                    (&payload[..at], Some(epoch.get_u64()))
-                } else {
-                    (&payload[..], None)
+                        .ok_or(FrameError::Malformed("epoch missing"))?;
+                    let mut epoch = &name[at..];
+                    name = &name[..at];
+                    Ok::<_, FrameError>(Some(epoch.get_u64()))
                 };
+                // The epochs follow the name in flag order; read from the end.
+                let drop_image = epoch_after_name(FLAG_DROP)?;
+                let keep = epoch_after_name(FLAG_KEEP)?;
                 let volume = std::str::from_utf8(name)
                     .map_err(|_| FrameError::Malformed("volume name is not UTF-8"))?;
                 if !valid_volume_name(volume) {
@@ -237,6 +248,7 @@ impl Decoder for FrameCodec {
                     size: h.offset,
                     first_seq: h.seq,
                     keep,
+                    drop_image,
                 }
             }
             KIND_WRITE => Frame::Write {
@@ -315,15 +327,21 @@ impl Encoder<&Frame> for FrameCodec {
                 size,
                 first_seq,
                 keep,
+                drop_image,
             } => {
                 if !valid_volume_name(volume) {
                     return Err(FrameError::Malformed("invalid volume name"));
                 }
-                let (flags, extra) = if keep.is_some() {
-                    (FLAG_KEEP, 8)
-                } else {
-                    (0, 0)
-                };
+                let mut flags = 0;
+                let mut extra = 0;
+                if keep.is_some() {
+                    flags |= FLAG_KEEP;
+                    extra += 8;
+                }
+                if drop_image.is_some() {
+                    flags |= FLAG_DROP;
+                    extra += 8;
+                }
                 put_flagged(
                     dst,
                     KIND_HELLO,
@@ -333,7 +351,7 @@ impl Encoder<&Frame> for FrameCodec {
                     volume.len() as u32 + extra,
                 );
                 dst.put_slice(volume.as_bytes());
-                if let Some(epoch) = keep {
+                for epoch in [keep, drop_image].into_iter().flatten() {
                     dst.put_u64(*epoch);
                 }
             }
@@ -399,13 +417,17 @@ mod tests {
                 "[a-zA-Z0-9_-][a-zA-Z0-9._-]{0,30}",
                 any::<u64>(),
                 any::<u64>(),
+                any::<Option<u64>>(),
                 any::<Option<u64>>()
             )
-                .prop_map(|(volume, size, first_seq, keep)| Frame::Hello {
-                    volume,
-                    size,
-                    first_seq,
-                    keep
+                .prop_map(|(volume, size, first_seq, keep, drop_image)| {
+                    Frame::Hello {
+                        volume,
+                        size,
+                        first_seq,
+                        keep,
+                        drop_image,
+                    }
                 }),
             (
                 any::<u64>(),

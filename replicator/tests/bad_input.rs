@@ -232,6 +232,7 @@ async fn hello(
         size,
         first_seq: 10,
         keep: None,
+        drop_image: None,
     })
     .await
     .unwrap();

@@ -32,6 +32,7 @@ async fn hello(
         size: SIZE,
         first_seq,
         keep,
+        drop_image: None,
     })
     .await
     .unwrap();
