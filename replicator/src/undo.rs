@@ -87,13 +87,21 @@ pub fn log_path(dir: &Path, name: &str) -> PathBuf {
     dir.join(format!(".{name}.undo"))
 }
 
-/// FNV-1a, 64 bits: detects a torn or never-written record.
+/// A 64-bit checksum (FNV-1a's constants over 8-byte words, then the tail bytes): detects a torn or
+/// never-written record. Not cryptographic; word-wise because it runs over every saved byte.
 fn checksum(parts: &[&[u8]]) -> u64 {
+    const PRIME: u64 = 0x0100_0000_01b3;
     let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
     for part in parts {
-        for byte in *part {
-            hash ^= u64::from(*byte);
-            hash = hash.wrapping_mul(0x0100_0000_01b3);
+        let mut words = part.chunks_exact(8);
+        for word in &mut words {
+            let mut w = [0u8; 8];
+            w.copy_from_slice(word);
+            hash = (hash ^ u64::from_le_bytes(w)).wrapping_mul(PRIME);
+            hash ^= hash >> 29;
+        }
+        for byte in words.remainder() {
+            hash = (hash ^ u64::from(*byte)).wrapping_mul(PRIME);
         }
     }
     hash
@@ -339,33 +347,41 @@ impl UndoLog {
             return Ok(0);
         }
         let mut saved = 0;
-        let mut record = Vec::new();
-        for block in offset / BLOCK..end.div_ceil(BLOCK) {
+        let mut block = offset / BLOCK;
+        let last = end.div_ceil(BLOCK);
+        while block < last {
             if self.is_saved(block) {
+                block += 1;
                 continue;
             }
-            let at = block * BLOCK;
-            let length = BLOCK.min(self.size - at) as u32;
-            let mut bytes = vec![0u8; length as usize];
-            read_full_at(data, &mut bytes, at)
-                .map_err(|e| UndoError::io("read block", &self.path, e))?;
-            let kind = if bytes.iter().all(|b| *b == 0) {
-                KIND_ZEROES
-            } else {
-                KIND_BYTES
-            };
-            let stored = if kind == KIND_BYTES {
-                &bytes[..]
-            } else {
-                &[][..]
-            };
-            record.clear();
-            record.extend_from_slice(&at.to_be_bytes());
-            record.extend_from_slice(&length.to_be_bytes());
-            record.extend_from_slice(&kind.to_be_bytes());
-            record
-                .extend_from_slice(&record_sum(self.epoch, at, length, kind, stored).to_be_bytes());
-            record.extend_from_slice(stored);
+            // A run of blocks not saved yet: one read, one append.
+            let first = block;
+            while block < last && !self.is_saved(block) {
+                block += 1;
+            }
+            let start = first * BLOCK;
+            let stop = (block * BLOCK).min(self.size);
+            let mut bytes = vec![0u8; (stop - start) as usize];
+            read_full_at(data, &mut bytes, start)
+                .map_err(|e| UndoError::io("read blocks", &self.path, e))?;
+            let mut record = Vec::with_capacity(bytes.len() + (block - first) as usize * 24);
+            for (i, chunk) in bytes.chunks(BLOCK as usize).enumerate() {
+                let at = start + i as u64 * BLOCK;
+                let length = chunk.len() as u32;
+                let kind = if chunk.iter().all(|b| *b == 0) {
+                    KIND_ZEROES
+                } else {
+                    KIND_BYTES
+                };
+                let stored = if kind == KIND_BYTES { chunk } else { &[][..] };
+                record.extend_from_slice(&at.to_be_bytes());
+                record.extend_from_slice(&length.to_be_bytes());
+                record.extend_from_slice(&kind.to_be_bytes());
+                record.extend_from_slice(
+                    &record_sum(self.epoch, at, length, kind, stored).to_be_bytes(),
+                );
+                record.extend_from_slice(stored);
+            }
             self.file.write_all_at(&record, self.end).map_err(|e| {
                 if e.raw_os_error() == Some(rustix::io::Errno::NOSPC.raw_os_error()) {
                     UndoError::NoSpace {
@@ -378,9 +394,11 @@ impl UndoLog {
                 }
             })?;
             self.end += record.len() as u64;
-            self.mark(block);
+            for b in first..block {
+                self.mark(b);
+            }
             self.unsynced = true;
-            saved += 1;
+            saved += block - first;
         }
         Ok(saved)
     }
