@@ -395,11 +395,14 @@ fn freeze(decision: &mut Decision, uid: &str, trigger: FreezeTrigger) {
         });
         return;
     };
+    let keep = keeps_older_image(status);
     begin_image(status, epoch);
     status.epoch = epoch;
     status.stage = Some(Stage::Freeze);
     status.phase = Some(Phase::Freezing);
-    status.consistent_image = None;
+    if !keep {
+        status.consistent_image = None;
+    }
     decision.notes.push(Note {
         warning: true,
         reason: "Freezing",
@@ -439,11 +442,14 @@ fn adopt(decision: &mut Decision, uid: &str, epoch: u64, limit: Option<u64>, now
         return;
     }
     let status = &mut decision.status;
+    let keep = keeps_older_image(status);
     begin_image(status, epoch);
     status.epoch = epoch;
     status.stage = Some(Stage::Freeze);
     status.phase = Some(Phase::Freezing);
-    status.consistent_image = None;
+    if !keep {
+        status.consistent_image = None;
+    }
     status.trigger = Some(FreezeTrigger {
         reason: "Adopted".to_owned(),
         cluster: None,
@@ -603,6 +609,25 @@ fn hold_timeout_sentence(
     Some(sentence)
 }
 
+/// Whether a freeze beginning now leaves the last complete image standing (rule 7): the secondaries keep
+/// it through a resync (their undo logs), so a freeze during the resync — or during a freeze that hit
+/// one — does not replace it with an image some volumes are missing.
+fn keeps_older_image(status: &ConsistencyGroupStatus) -> bool {
+    let (epoch, stage) = position(status);
+    status.consistent_image.as_ref().is_some_and(|image| {
+        image.epoch < epoch || (stage == Stage::Resume && status.phase == Some(Phase::Resyncing))
+    })
+}
+
+/// The image of an older epoch the secondaries keep while the current epoch has none complete.
+fn older_image_kept(status: &ConsistencyGroupStatus) -> Option<u64> {
+    status
+        .consistent_image
+        .as_ref()
+        .map(|image| image.epoch)
+        .filter(|epoch| *epoch < status.epoch)
+}
+
 /// Decides, as a freeze at `new_epoch` begins, which member volumes its image can hold (rules 5 and 7):
 /// when the group was replicating, the volumes in sync then; when it was already frozen or released, the
 /// volumes of the image it held (their secondaries have not moved since). A volume that joins later, or
@@ -700,10 +725,27 @@ fn image_condition(status: &ConsistencyGroupStatus) -> ConditionUpdate<'static> 
             ),
         );
     }
+    let kept = status.consistent_image.as_ref().map(|image| image.epoch);
     if stage == Stage::Resume && phase == Phase::Resyncing {
+        let keeping = kept.map_or_else(String::new, |kept| {
+            format!("; they keep the image of epoch {kept} (undo logs): roll them back to it if the primaries are lost")
+        });
         return no(
             "Resyncing",
-            "members are copying their dirty regions: the secondaries are not a consistent image until every member is in sync".to_owned(),
+            format!(
+                "members are copying their dirty regions: the secondaries are not a consistent image until every member is in sync{keeping}"
+            ),
+        );
+    }
+    if let Some(kept) = older_image_kept(status)
+        && stage != Stage::Resume
+        && phase != Phase::Freezing
+    {
+        return no(
+            "OlderImageKept",
+            format!(
+                "the image of epoch {epoch} is incomplete (members were resyncing when it froze); the secondaries keep the image of epoch {kept} (undo logs): roll them back to it, or resync to bring every member in"
+            ),
         );
     }
     if stage == Stage::Freeze && phase != Phase::Frozen {
@@ -856,20 +898,28 @@ fn advance(decision: &mut Decision, group: &ConsistencyGroup, uid: &str) {
                 });
             }
             status.phase = Some(Phase::Frozen);
-            status.consistent_image = Some(ConsistentImage {
-                epoch,
-                volumes: status
+            let complete = members_resolved(status)
+                && status
                     .members
                     .iter()
-                    .filter(|member| in_image(member, epoch, Stage::Freeze))
-                    .filter_map(|member| {
-                        Some(ImageVolume {
-                            cluster: member.cluster.clone(),
-                            volume_handle: member.volume_handle.clone()?,
+                    .all(|member| in_image(member, epoch, Stage::Freeze));
+            // An older image the secondaries keep stays until a freeze finds every member in sync.
+            if complete || older_image_kept(status).is_none() {
+                status.consistent_image = Some(ConsistentImage {
+                    epoch,
+                    volumes: status
+                        .members
+                        .iter()
+                        .filter(|member| in_image(member, epoch, Stage::Freeze))
+                        .filter_map(|member| {
+                            Some(ImageVolume {
+                                cluster: member.cluster.clone(),
+                                volume_handle: member.volume_handle.clone()?,
+                            })
                         })
-                    })
-                    .collect(),
-            });
+                        .collect(),
+                });
+            }
             let release_asked = group
                 .spec
                 .release

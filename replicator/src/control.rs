@@ -187,6 +187,7 @@ pub fn state_to_pb(s: &VolumeStatus) -> pb::VolumeState {
         last_acked_sequence: s.last_acked.unwrap_or(0),
         hold_timeout_ms: u64::try_from(s.hold_timeout.as_millis()).unwrap_or(u64::MAX),
         secondary: s.secondary.clone(),
+        kept_image_epoch: s.kept_image,
     }
 }
 
@@ -264,6 +265,42 @@ impl ControlService {
     }
 }
 
+impl ControlService {
+    /// Applies a kept-image request to every named volume of the group (all resolved first).
+    fn image(
+        &self,
+        request: pb::ImageRequest,
+        apply: impl Fn(&Volume, u64) -> Option<u64>,
+    ) -> Result<Response<pb::ImageResponse>, Status> {
+        if request.group_uid.is_empty() {
+            return Err(Status::invalid_argument("the request names no group"));
+        }
+        let volumes = request
+            .volume_handles
+            .iter()
+            .map(|name| self.volume(name).cloned())
+            .collect::<Result<Vec<_>, _>>()?;
+        if let Some(other) = volumes
+            .iter()
+            .find(|v| v.status().group_uid != request.group_uid)
+        {
+            return Err(Status::failed_precondition(format!(
+                "volume {} is not in group {}",
+                other.name(),
+                request.group_uid
+            )));
+        }
+        let kept = volumes
+            .iter()
+            .map(|volume| pb::KeptImage {
+                volume_handle: volume.name().to_owned(),
+                epoch: apply(volume, request.epoch),
+            })
+            .collect();
+        Ok(Response::new(pb::ImageResponse { volumes: kept }))
+    }
+}
+
 #[tonic::async_trait]
 impl Replicator for ControlService {
     async fn list_volumes(
@@ -331,6 +368,35 @@ impl Replicator for ControlService {
     ) -> Result<Response<pb::DirectiveResponse>, Status> {
         self.directive(request.into_inner(), Directive::Resume)
             .await
+    }
+
+    async fn keep_image(
+        &self,
+        request: Request<pb::ImageRequest>,
+    ) -> Result<Response<pb::ImageResponse>, Status> {
+        self.image(request.into_inner(), |volume, epoch| {
+            volume.set_keep_image(epoch);
+            Some(epoch)
+        })
+    }
+
+    async fn drop_image(
+        &self,
+        request: Request<pb::ImageRequest>,
+    ) -> Result<Response<pb::ImageResponse>, Status> {
+        self.image(request.into_inner(), |volume, epoch| {
+            volume.drop_image(epoch);
+            volume.kept_image()
+        })
+    }
+
+    async fn roll_back(
+        &self,
+        _request: Request<pb::ImageRequest>,
+    ) -> Result<Response<pb::ImageResponse>, Status> {
+        Err(Status::unimplemented(
+            "this replicator serves primaries; a secondary is rolled back where it runs: `lockstep-replicator rollback --dir DIR [--volume NAME]` with the secondary stopped",
+        ))
     }
 
     async fn state(

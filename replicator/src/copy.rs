@@ -200,7 +200,11 @@ async fn stream(
     buf.clear();
     let mut frames = FramedRead::new(rd, FrameCodec);
     match frames.next().await {
-        Some(Ok(Frame::Welcome { next_seq })) if next_seq == first_seq => {}
+        Some(Ok(Frame::Welcome { next_seq, kept })) if next_seq == first_seq => {
+            if let Some(volume) = volume.upgrade() {
+                volume.secondary_keeps(kept);
+            }
+        }
         Some(Ok(Frame::Error { seq, message })) => {
             return Err(CopyError::Secondary { seq, message });
         }

@@ -582,6 +582,14 @@ impl ReplState {
         self.effects.push(Effect::StateChanged);
     }
 
+    /// Sends a frame without a sequence (a kept image's drop) on the open link, in order with the writes;
+    /// `false` when no link is open.
+    pub fn send_unsequenced(&mut self, frame: Frame) -> bool {
+        self.link
+            .as_ref()
+            .is_some_and(|link| link.send(LinkItem::Frame(frame)).is_ok())
+    }
+
     /// Opens a new link generation; the old one's acks and failures are ignored from now on.
     fn open_link(&mut self) {
         let (tx, rx) = mpsc::unbounded_channel();

@@ -28,6 +28,7 @@ pub mod linkcut;
 pub mod nbd;
 pub mod secondary;
 pub mod store;
+pub mod undo;
 pub mod volume;
 pub mod wire;
 
@@ -60,6 +61,20 @@ pub enum Mode {
     Primary(PrimaryArgs),
     /// Receive replication streams and apply them to files in a directory.
     Secondary(SecondaryArgs),
+    /// Roll secondary volumes back to the image they keep (the secondary must not be running on them):
+    /// after the primary site was lost during a resync.
+    Rollback(RollbackArgs),
+}
+
+/// Flags of `lockstep-replicator rollback`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct RollbackArgs {
+    /// Directory of the secondary volume files.
+    #[arg(long)]
+    pub dir: PathBuf,
+    /// The volumes to roll back (every volume that keeps an image if none is given). Repeatable.
+    #[arg(long = "volume")]
+    pub volumes: Vec<String>,
 }
 
 /// Flags of `lockstep-replicator primary`.
@@ -332,6 +347,23 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
             .await?;
             tracing::info!(addr = %secondary.local_addr(), "secondary serving");
             shutdown_signal().await;
+            Ok(())
+        }
+        Mode::Rollback(args) => {
+            let volumes = if args.volumes.is_empty() {
+                undo::kept_volumes(&args.dir)?
+            } else {
+                args.volumes
+            };
+            for volume in volumes {
+                match undo::roll_back(&args.dir, &volume)? {
+                    Some(done) => println!(
+                        "{volume}: rolled back to the image of epoch {} ({} blocks)",
+                        done.epoch, done.blocks
+                    ),
+                    None => println!("{volume}: keeps no image"),
+                }
+            }
             Ok(())
         }
     }

@@ -18,8 +18,9 @@
 //! finishes (applying and acknowledging what it already accepted) before the new one starts.
 
 use std::collections::HashMap;
+use std::fs::File;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -32,12 +33,15 @@ use tokio_util::codec::{FramedRead, FramedWrite};
 use tokio_util::sync::CancellationToken;
 
 use crate::store::{Store, StoreError, StoreOp, StoreWait};
+use crate::undo::{RolledBack, UndoError, UndoLog};
 use crate::wire::{Frame, FrameCodec, FrameError, whole_frame_buffered};
 
 /// How long a new connection may take to say hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 /// Writes accepted but not yet acknowledged, per connection.
 const MAX_UNACKED: usize = 4096;
+/// Writes waiting for one sync of the undo log, at most.
+const MAX_STAGED: usize = 256;
 
 /// How to run a secondary.
 #[derive(Debug, Clone)]
@@ -57,6 +61,9 @@ pub enum SecondaryError {
     /// The volume's file failed.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// The kept image's undo log failed.
+    #[error(transparent)]
+    Undo(#[from] UndoError),
     /// The primary broke the protocol; the connection was refused.
     #[error("refused: {0}")]
     Refused(String),
@@ -70,10 +77,33 @@ struct Registry {
     volumes: Mutex<HashMap<String, Lease>>,
 }
 
+impl Registry {
+    /// Cancels volume `name`'s current connection and makes `token` cancel the next taker; returns the
+    /// lock to wait for (held by the connection until it finished).
+    fn take_over_with(&self, name: &str, token: CancellationToken) -> Arc<tokio::sync::Mutex<()>> {
+        let mut volumes = self.volumes.lock().unwrap_or_else(PoisonError::into_inner);
+        let entry = volumes.entry(name.to_owned()).or_insert_with(|| {
+            (
+                CancellationToken::new(),
+                Arc::new(tokio::sync::Mutex::new(())),
+            )
+        });
+        entry.0.cancel();
+        entry.0 = token;
+        Arc::clone(&entry.1)
+    }
+
+    fn take_over(&self, name: &str) -> Arc<tokio::sync::Mutex<()>> {
+        self.take_over_with(name, CancellationToken::new())
+    }
+}
+
 /// A running secondary; stops when dropped.
 #[derive(Debug)]
 pub struct Secondary {
     addr: SocketAddr,
+    dir: PathBuf,
+    registry: Arc<Registry>,
     task: JoinHandle<()>,
 }
 
@@ -91,6 +121,7 @@ impl Secondary {
         let addr = listener.local_addr()?;
         let registry = Arc::new(Registry::default());
         let dir = config.dir.clone();
+        let shared = Arc::clone(&registry);
         let task = tokio::spawn(async move {
             loop {
                 match listener.accept().await {
@@ -110,12 +141,40 @@ impl Secondary {
                 }
             }
         });
-        Ok(Secondary { addr, task })
+        Ok(Secondary {
+            addr,
+            dir: config.dir,
+            registry: shared,
+            task,
+        })
     }
 
     /// The address primaries connect to.
     pub fn local_addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// Rolls volume `name` back to the image it keeps (see [`crate::undo`]): its current replication
+    /// connection is cancelled and finishes first, and none is served meanwhile. Returns what was
+    /// restored, or `None` if the volume keeps no image.
+    pub async fn roll_back(&self, name: &str) -> Result<Option<RolledBack>, UndoError> {
+        let lock = self.registry.take_over(name);
+        let _guard = lock.lock_owned().await;
+        let dir = self.dir.clone();
+        let name = name.to_owned();
+        tokio::task::spawn_blocking(move || crate::undo::roll_back(&dir, &name))
+            .await
+            .unwrap_or_else(|e| {
+                Err(UndoError::Corrupt {
+                    path: e.to_string(),
+                    why: "the roll-back task stopped".into(),
+                })
+            })
+    }
+
+    /// The epoch of the image volume `name` keeps, if it keeps one.
+    pub fn kept_image(&self, name: &str) -> Result<Option<u64>, UndoError> {
+        crate::undo::kept_epoch(&self.dir, name)
     }
 
     /// Serves until the task ends (it does not, unless aborted).
@@ -201,12 +260,14 @@ async fn serve(
     let hello = tokio::time::timeout(HELLO_TIMEOUT, frames.next())
         .await
         .map_err(|_| SecondaryError::Refused("no hello".into()))?;
-    let (volume, size, first_seq) = match hello {
+    let (volume, size, first_seq, keep, drop_image) = match hello {
         Some(Ok(Frame::Hello {
             volume,
             size,
             first_seq,
-        })) => (volume, size, first_seq),
+            keep,
+            drop_image,
+        })) => (volume, size, first_seq, keep, drop_image),
         Some(Ok(other)) => {
             let message = format!("expected hello, got {other:?}");
             out.send(Frame::Error {
@@ -226,25 +287,15 @@ async fn serve(
 
     // Take the volume over from any older connection.
     let token = CancellationToken::new();
-    let lock = {
-        let mut volumes = registry
-            .volumes
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        let entry = volumes.entry(volume.clone()).or_insert_with(|| {
-            (
-                CancellationToken::new(),
-                Arc::new(tokio::sync::Mutex::new(())),
-            )
-        });
-        entry.0.cancel();
-        entry.0 = token.clone();
-        Arc::clone(&entry.1)
-    };
+    let lock = registry.take_over_with(&volume, token.clone());
     let _guard = lock.lock_owned().await;
 
-    let store = match Store::open(&dir.join(&volume), Some(size)) {
-        Ok(store) => store,
+    let path = dir.join(&volume);
+    let opened = Store::open(&path, Some(size))
+        .map_err(SecondaryError::from)
+        .and_then(|store| Ok((store, kept_image(&dir, &volume, size, keep, drop_image)?)));
+    let (store, mut undo) = match opened {
+        Ok(opened) => opened,
         Err(e) => {
             let _ = out
                 .send(Frame::Error {
@@ -252,41 +303,54 @@ async fn serve(
                     message: e.to_string(),
                 })
                 .await;
-            return Err(e.into());
+            return Err(e);
         }
+    };
+    // The volume file as it is read for the undo log (blocks not saved yet hold the kept image).
+    let reader = match &undo {
+        Some(_) => Some(File::open(&path).map_err(|e| StoreError {
+            op: "open",
+            path: path.display().to_string(),
+            message: e.to_string(),
+        })?),
+        None => None,
     };
     out.send(Frame::Welcome {
         next_seq: first_seq,
+        kept: undo.as_ref().map(UndoLog::epoch),
     })
     .await?;
-    tracing::info!(%volume, size, first_seq, "replication stream started");
+    tracing::info!(%volume, size, first_seq, kept = ?undo.as_ref().map(UndoLog::epoch), "replication stream started");
 
     let (acks, ack_rx) = mpsc::channel::<AckItem>(MAX_UNACKED);
     let acker = tokio::spawn(acknowledge(out, ack_rx));
 
+    // With a kept image, writes wait here until the log holding what they overwrite is synced.
+    let mut staged: Vec<(u64, StoreOp)> = Vec::new();
     let mut expected = first_seq;
     loop {
         let frame = tokio::select! {
             () = token.cancelled() => break,
             frame = frames.next() => frame,
         };
-        let refuse = |message: String| AckItem::Refuse(expected, message);
-        let item = match frame {
+        let mut failure = None;
+        let op = match frame {
             None => break,
-            Some(Err(e)) => refuse(e.to_string()),
+            Some(Err(e)) => {
+                failure = Some(e.to_string());
+                None
+            }
             Some(Ok(Frame::Write { seq, offset, data })) if seq == expected => {
                 if offset
                     .checked_add(data.len() as u64)
                     .is_some_and(|end| end <= size)
                 {
-                    AckItem::Wait(
-                        seq,
-                        store.submit_deferred(StoreOp::Write { offset, data }, true),
-                    )
+                    Some(StoreOp::Write { offset, data })
                 } else {
-                    refuse(format!(
+                    failure = Some(format!(
                         "write at {offset} outside the volume ({size} bytes)"
-                    ))
+                    ));
+                    None
                 }
             }
             Some(Ok(Frame::Trim {
@@ -296,40 +360,78 @@ async fn serve(
             })) if seq == expected => {
                 let length = u64::from(length);
                 if offset.checked_add(length).is_some_and(|end| end <= size) {
-                    AckItem::Wait(
-                        seq,
-                        store.submit_deferred(StoreOp::Trim { offset, length }, true),
-                    )
+                    Some(StoreOp::Trim { offset, length })
                 } else {
-                    refuse(format!(
+                    failure = Some(format!(
                         "trim at {offset} outside the volume ({size} bytes)"
-                    ))
+                    ));
+                    None
                 }
             }
             Some(Ok(Frame::Write { seq, .. } | Frame::Trim { seq, .. })) => {
-                refuse(format!("sequence {seq} out of order (expected {expected})"))
+                failure = Some(format!("sequence {seq} out of order (expected {expected})"));
+                None
             }
-            Some(Ok(other)) => refuse(format!("unexpected frame {other:?}")),
+            Some(Ok(Frame::DropImage { epoch })) => {
+                if !flush(&mut undo, &mut staged, &store, &acks).await {
+                    break;
+                }
+                if let Some(log) = undo.take_if(|log| log.epoch() <= epoch)
+                    && let Err(e) = log.discard()
+                {
+                    failure = Some(format!("dropping the kept image: {e}"));
+                }
+                if failure.is_none() {
+                    continue;
+                }
+                None
+            }
+            Some(Ok(other)) => {
+                failure = Some(format!("unexpected frame {other:?}"));
+                None
+            }
         };
-        // Writes that arrived together share one fdatasync: start it once no whole frame is left.
-        if !whole_frame_buffered(frames.read_buffer()) {
-            store.start();
+        if let (Some(op), Some(log), Some(reader)) = (&op, undo.as_mut(), &reader) {
+            let (offset, length) = match op {
+                StoreOp::Write { offset, data } => (*offset, data.len() as u64),
+                StoreOp::Trim { offset, length } => (*offset, *length),
+                _ => (0, 0),
+            };
+            if let Err(e) = log.preserve(reader, offset, length) {
+                tracing::error!(%volume, error = %e, "the write is refused: what it overwrites could not be saved");
+                failure = Some(format!("keeping the image: {e}"));
+            }
         }
-        let refused = matches!(item, AckItem::Refuse(..));
-        let queued = match acks.try_send(item) {
-            Ok(()) => true,
-            Err(mpsc::error::TrySendError::Full(item)) => {
-                // The acknowledger is behind: start what it waits for before waiting for it.
-                store.start();
-                acks.send(item).await.is_ok()
-            }
-            Err(mpsc::error::TrySendError::Closed(_)) => false,
-        };
-        if !queued || refused {
+        if let Some(message) = failure {
+            // Everything before it is applied and acknowledged; this one is refused.
+            let _ = flush(&mut undo, &mut staged, &store, &acks).await;
+            let _ = queue(&acks, &store, AckItem::Refuse(expected, message)).await;
             break;
         }
+        if let Some(op) = op {
+            if undo.is_some() {
+                staged.push((expected, op));
+            } else if !queue(
+                &acks,
+                &store,
+                AckItem::Wait(expected, store.submit_deferred(op, true)),
+            )
+            .await
+            {
+                break;
+            }
+        }
         expected += 1;
+        // Writes that arrived together share one fdatasync (of the undo log, then of the volume):
+        // start it once no whole frame is left.
+        if !whole_frame_buffered(frames.read_buffer()) || staged.len() >= MAX_STAGED {
+            if !flush(&mut undo, &mut staged, &store, &acks).await {
+                break;
+            }
+            store.start();
+        }
     }
+    let _ = flush(&mut undo, &mut staged, &store, &acks).await;
     store.start();
     drop(acks);
     match acker.await {
@@ -338,6 +440,93 @@ async fn serve(
             "acknowledger stopped: {e}"
         ))),
     }
+}
+
+/// The image volume `name` keeps: after dropping one of epoch `drop_image` or older, the one it already
+/// keeps (an older image stays), or a new one at `keep`, or none.
+fn kept_image(
+    dir: &Path,
+    name: &str,
+    size: u64,
+    keep: Option<u64>,
+    drop_image: Option<u64>,
+) -> Result<Option<UndoLog>, SecondaryError> {
+    let mut existing = UndoLog::open(dir, name)?;
+    if let Some(epoch) = drop_image
+        && let Some(log) = existing.take_if(|log| log.epoch() <= epoch)
+    {
+        log.discard()?;
+    }
+    match (existing, keep) {
+        (Some(log), keep) => {
+            if keep.is_some_and(|e| e != log.epoch()) {
+                tracing::info!(volume = name, kept = log.epoch(), asked = ?keep, "an older image is kept: it stays");
+            }
+            Ok(Some(log))
+        }
+        (None, Some(epoch)) => Ok(Some(UndoLog::create(dir, name, epoch, size)?)),
+        (None, None) => Ok(None),
+    }
+}
+
+/// Hands `item` to the acknowledger; `false` once it is gone.
+async fn queue(acks: &mpsc::Sender<AckItem>, store: &Store, item: AckItem) -> bool {
+    match acks.try_send(item) {
+        Ok(()) => true,
+        Err(mpsc::error::TrySendError::Full(item)) => {
+            // The acknowledger is behind: start what it waits for before waiting for it.
+            store.start();
+            acks.send(item).await.is_ok()
+        }
+        Err(mpsc::error::TrySendError::Closed(_)) => false,
+    }
+}
+
+/// Makes the undo log durable, then submits the staged writes it protects (in order). If the log
+/// cannot be synced, none of them is applied: the first is refused. Returns `false` when the connection
+/// must end.
+async fn flush(
+    undo: &mut Option<UndoLog>,
+    staged: &mut Vec<(u64, StoreOp)>,
+    store: &Store,
+    acks: &mpsc::Sender<AckItem>,
+) -> bool {
+    if staged.is_empty() {
+        return true;
+    }
+    if let Some(log) = undo.as_mut().filter(|log| log.needs_sync()) {
+        let file = log.sync_handle();
+        let synced = tokio::task::spawn_blocking(move || file.sync_data()).await;
+        match synced {
+            Ok(Ok(())) => log.synced(),
+            failed => {
+                let why = match failed {
+                    Ok(Err(e)) => e.to_string(),
+                    Err(e) => e.to_string(),
+                    Ok(Ok(())) => String::new(),
+                };
+                let seq = staged.first().map_or(0, |(seq, _)| *seq);
+                staged.clear();
+                tracing::error!(error = %why, "the undo log could not be synced: writes refused");
+                let message = format!("keeping the image: fdatasync of the undo log: {why}");
+                let _ = queue(acks, store, AckItem::Refuse(seq, message)).await;
+                return false;
+            }
+        }
+    }
+    for (seq, op) in staged.drain(..) {
+        if !queue(
+            acks,
+            store,
+            AckItem::Wait(seq, store.submit_deferred(op, true)),
+        )
+        .await
+        {
+            return false;
+        }
+    }
+    store.start();
+    true
 }
 
 #[cfg(test)]

@@ -106,6 +106,8 @@ pub struct VolumeStatus {
     pub hold_timeout: Duration,
     /// The secondary's address ("" when not replicated).
     pub secondary: String,
+    /// The epoch of the image the secondary keeps, as it said when the last link opened.
+    pub kept_image: Option<u64>,
 }
 
 /// A served volume.
@@ -119,7 +121,20 @@ pub struct Volume {
     events: broadcast::Sender<Event>,
     confirmed: watch::Sender<bool>,
     persist: mpsc::UnboundedSender<()>,
+    /// The kept image (see [`crate::undo`]): asked for, to drop, and as the secondary last said.
+    image: Mutex<ImageRequests>,
     me: Weak<Volume>,
+}
+
+/// What the primary asks of its secondary's kept image.
+#[derive(Debug, Default)]
+struct ImageRequests {
+    /// Keep the image at this epoch when a link opens.
+    keep: Option<u64>,
+    /// Drop an image of this epoch or older when the next link opens (no link was open to send it on).
+    pending_drop: Option<u64>,
+    /// What the secondary said it keeps.
+    kept: Option<u64>,
 }
 
 /// The state file beside a volume's data file.
@@ -208,6 +223,7 @@ impl Volume {
             events,
             confirmed,
             persist,
+            image: Mutex::new(ImageRequests::default()),
             me: me.clone(),
         });
         tokio::spawn(persister(Arc::downgrade(&volume), persist_rx));
@@ -217,6 +233,56 @@ impl Volume {
         // Record the initial state so it travels with the data from the start.
         let _ = volume.persist.send(());
         Ok(volume)
+    }
+
+    fn image(&self) -> MutexGuard<'_, ImageRequests> {
+        self.image.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The epoch of the image the secondary is asked to keep when a link opens, if any.
+    pub fn keep_image(&self) -> Option<u64> {
+        self.image().keep
+    }
+
+    /// Asks the secondary to keep its image at `epoch` from the next link on (a resume opens one). A
+    /// secondary that keeps an older image keeps that one.
+    pub fn set_keep_image(&self, epoch: u64) {
+        let mut image = self.image();
+        image.keep = Some(epoch);
+        // A drop not yet delivered is of an older image: it still goes first.
+        image.pending_drop = image.pending_drop.filter(|drop| *drop < epoch);
+    }
+
+    /// Drops the secondary's kept image of `epoch` or older: on the current link if there is one, else
+    /// when the next link opens.
+    pub fn drop_image(&self, epoch: u64) {
+        {
+            let mut image = self.image();
+            image.keep = image.keep.filter(|keep| *keep > epoch);
+            if image.kept.is_some_and(|kept| kept <= epoch) {
+                image.kept = None;
+            }
+        }
+        let sent = self.with_state(|s| s.send_unsequenced(Frame::DropImage { epoch }));
+        if !sent {
+            let mut image = self.image();
+            image.pending_drop = Some(image.pending_drop.map_or(epoch, |d| d.max(epoch)));
+        }
+    }
+
+    fn take_pending_drop(&self) -> Option<u64> {
+        self.image().pending_drop.take()
+    }
+
+    /// The epoch of the image the secondary said it keeps when the last link opened (`None` also when
+    /// no link opened yet).
+    pub fn kept_image(&self) -> Option<u64> {
+        self.image().kept
+    }
+
+    /// The secondary's welcome said which image it keeps.
+    pub(crate) fn secondary_keeps(&self, kept: Option<u64>) {
+        self.image().kept = kept;
     }
 
     fn lock(&self) -> MutexGuard<'_, ReplState> {
@@ -238,6 +304,8 @@ impl Volume {
                             volume: self.name.clone(),
                             size: self.store.size(),
                             first_seq,
+                            keep: self.keep_image(),
+                            drop_image: self.take_pending_drop(),
                         };
                         tokio::spawn(crate::copy::run_link(
                             self.me.clone(),
@@ -345,6 +413,7 @@ impl Volume {
                 .as_ref()
                 .map(|c| c.secondary.clone())
                 .unwrap_or_default(),
+            kept_image: self.kept_image(),
         }
     }
 
@@ -549,6 +618,8 @@ async fn probe_secondary(volume: Weak<Volume>) {
             volume: v.name.clone(),
             size: v.store.size(),
             first_seq: next_seq,
+            keep: None,
+            drop_image: None,
         };
         drop(v);
         match crate::copy::probe(&config, hello).await {

@@ -6,10 +6,16 @@
 //! answers [`Frame::Ack`] (cumulative: every sequence up to and including `seq` is durable) or
 //! [`Frame::Error`] (it refused or failed `seq`, and closes the connection).
 //!
+//! **Kept image** (see [`crate::undo`]). A `Hello` may ask the secondary to keep its image at an epoch
+//! before the writes that follow land (flag [`FLAG_KEEP`], the epoch in 8 bytes after the name); the
+//! `Welcome` then says which image the secondary keeps (flag [`FLAG_KEEP`], the epoch in `offset`) — an
+//! older one it already kept stays. [`Frame::DropImage`] (between writes, no sequence) drops a kept image.
+//!
 //! Every frame starts with a fixed 28-byte header, big-endian:
-//! `magic u32 | kind u8 | flags u8 (0) | reserved u16 (0) | seq u64 | offset u64 | length u32`,
-//! followed by `length` payload bytes for `Hello` (the name), `Write` (the data) and `Error` (a message).
-//! The decoder refuses anything else: a wrong magic, an unknown kind, non-zero flags or reserved bits,
+//! `magic u32 | kind u8 | flags u8 | reserved u16 (0) | seq u64 | offset u64 | length u32`,
+//! followed by `length` payload bytes for `Hello` (the name, then the kept epoch if flagged), `Write`
+//! (the data) and `Error` (a message). The decoder refuses anything else: a wrong magic, an unknown
+//! kind, flags other than [`FLAG_KEEP`] on `Hello` and `Welcome`, non-zero reserved bits,
 //! a payload larger than [`MAX_WRITE`], a name that is not a valid volume name, a message that is not
 //! UTF-8, or a range whose end overflows.
 
@@ -30,9 +36,15 @@ pub const MAX_MESSAGE: u32 = 4096;
 const KIND_HELLO: u8 = 1;
 const KIND_WRITE: u8 = 2;
 const KIND_TRIM: u8 = 3;
+const KIND_DROP_IMAGE: u8 = 4;
 const KIND_WELCOME: u8 = 0x81;
 const KIND_ACK: u8 = 0x82;
 const KIND_ERROR: u8 = 0x83;
+/// On `Hello`: keep the image at the epoch that follows the name. On `Welcome`: an image is kept, at
+/// the epoch in `offset`.
+pub const FLAG_KEEP: u8 = 1;
+/// On `Hello`: first drop a kept image of the epoch that follows (after the kept epoch, if any) or older.
+pub const FLAG_DROP: u8 = 2;
 
 /// One message of the replication stream.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -45,6 +57,10 @@ pub enum Frame {
         size: u64,
         /// The sequence of the first write frame that follows.
         first_seq: u64,
+        /// Keep the image at this epoch before any write that follows lands.
+        keep: Option<u64>,
+        /// Drop a kept image of this epoch or older first (a drop the primary could not send on a link).
+        drop_image: Option<u64>,
     },
     /// Primary → secondary: write `data` at `offset`.
     Write {
@@ -68,6 +84,13 @@ pub enum Frame {
     Welcome {
         /// The sequence the secondary expects next.
         next_seq: u64,
+        /// The epoch of the image the secondary keeps, if it keeps one.
+        kept: Option<u64>,
+    },
+    /// Primary → secondary, between writes: drop the kept image if it is of `epoch` or older.
+    DropImage {
+        /// The newest epoch whose image may go.
+        epoch: u64,
     },
     /// Secondary → primary: every sequence up to `seq` is durable.
     Ack {
@@ -117,6 +140,7 @@ pub struct FrameCodec;
 
 struct Header {
     kind: u8,
+    flags: u8,
     seq: u64,
     offset: u64,
     length: u32,
@@ -131,17 +155,22 @@ fn parse_header(b: &[u8]) -> Result<Header, FrameError> {
     let kind = b.get_u8();
     let flags = b.get_u8();
     let reserved = b.get_u16();
-    if flags != 0 || reserved != 0 {
+    let allowed = match kind {
+        KIND_HELLO => FLAG_KEEP | FLAG_DROP,
+        KIND_WELCOME => FLAG_KEEP,
+        _ => 0,
+    };
+    if flags & !allowed != 0 || reserved != 0 {
         return Err(FrameError::Malformed("non-zero flags or reserved bits"));
     }
     let seq = b.get_u64();
     let offset = b.get_u64();
     let length = b.get_u32();
     let max = match kind {
-        KIND_HELLO => MAX_NAME,
+        KIND_HELLO => MAX_NAME + 16,
         KIND_WRITE => MAX_WRITE,
         KIND_ERROR => MAX_MESSAGE,
-        KIND_TRIM | KIND_WELCOME | KIND_ACK => u32::MAX,
+        KIND_TRIM | KIND_WELCOME | KIND_ACK | KIND_DROP_IMAGE => u32::MAX,
         other => return Err(FrameError::UnknownKind(other)),
     };
     if length > max {
@@ -150,11 +179,17 @@ fn parse_header(b: &[u8]) -> Result<Header, FrameError> {
     if matches!(kind, KIND_WRITE | KIND_TRIM) && offset.checked_add(u64::from(length)).is_none() {
         return Err(FrameError::Malformed("range overflows"));
     }
-    if matches!(kind, KIND_WELCOME | KIND_ACK) && (offset != 0 || length != 0) {
+    let welcome_kept = kind == KIND_WELCOME && flags & FLAG_KEEP != 0;
+    if matches!(kind, KIND_WELCOME | KIND_ACK | KIND_DROP_IMAGE)
+        && ((offset != 0 && !welcome_kept && kind != KIND_DROP_IMAGE)
+            || length != 0
+            || (kind == KIND_DROP_IMAGE && seq != 0))
+    {
         return Err(FrameError::Malformed("unexpected fields"));
     }
     Ok(Header {
         kind,
+        flags,
         seq,
         offset,
         length,
@@ -187,7 +222,23 @@ impl Decoder for FrameCodec {
         let payload = src.split_to(payload_len(&h)).freeze();
         let frame = match h.kind {
             KIND_HELLO => {
-                let volume = std::str::from_utf8(&payload)
+                let mut name = &payload[..];
+                let mut epoch_after_name = |flag: u8| {
+                    if h.flags & flag == 0 {
+                        return Ok(None);
+                    }
+                    let at = name
+                        .len()
+                        .checked_sub(8)
+                        .ok_or(FrameError::Malformed("epoch missing"))?;
+                    let mut epoch = &name[at..];
+                    name = &name[..at];
+                    Ok::<_, FrameError>(Some(epoch.get_u64()))
+                };
+                // The epochs follow the name in flag order; read from the end.
+                let drop_image = epoch_after_name(FLAG_DROP)?;
+                let keep = epoch_after_name(FLAG_KEEP)?;
+                let volume = std::str::from_utf8(name)
                     .map_err(|_| FrameError::Malformed("volume name is not UTF-8"))?;
                 if !valid_volume_name(volume) {
                     return Err(FrameError::Malformed("invalid volume name"));
@@ -196,6 +247,8 @@ impl Decoder for FrameCodec {
                     volume: volume.to_owned(),
                     size: h.offset,
                     first_seq: h.seq,
+                    keep,
+                    drop_image,
                 }
             }
             KIND_WRITE => Frame::Write {
@@ -208,7 +261,11 @@ impl Decoder for FrameCodec {
                 offset: h.offset,
                 length: h.length,
             },
-            KIND_WELCOME => Frame::Welcome { next_seq: h.seq },
+            KIND_WELCOME => Frame::Welcome {
+                next_seq: h.seq,
+                kept: (h.flags & FLAG_KEEP != 0).then_some(h.offset),
+            },
+            KIND_DROP_IMAGE => Frame::DropImage { epoch: h.offset },
             KIND_ACK => Frame::Ack { seq: h.seq },
             KIND_ERROR => Frame::Error {
                 seq: h.seq,
@@ -223,6 +280,10 @@ impl Decoder for FrameCodec {
 }
 
 fn put_header(dst: &mut BytesMut, kind: u8, seq: u64, offset: u64, length: u32) {
+    put_flagged(dst, kind, 0, seq, offset, length);
+}
+
+fn put_flagged(dst: &mut BytesMut, kind: u8, flags: u8, seq: u64, offset: u64, length: u32) {
     // Only frames with a payload carry it after the header (a trim's length is not a payload): reserve
     // for those only. Found by `cargo fuzz` (a 4 GiB trim made the encoder reserve 4 GiB).
     let payload = match kind {
@@ -232,7 +293,7 @@ fn put_header(dst: &mut BytesMut, kind: u8, seq: u64, offset: u64, length: u32) 
     dst.reserve(HEADER_LEN + payload);
     dst.put_u32(FRAME_MAGIC);
     dst.put_u8(kind);
-    dst.put_u8(0);
+    dst.put_u8(flags);
     dst.put_u16(0);
     dst.put_u64(seq);
     dst.put_u64(offset);
@@ -265,12 +326,34 @@ impl Encoder<&Frame> for FrameCodec {
                 volume,
                 size,
                 first_seq,
+                keep,
+                drop_image,
             } => {
                 if !valid_volume_name(volume) {
                     return Err(FrameError::Malformed("invalid volume name"));
                 }
-                put_header(dst, KIND_HELLO, *first_seq, *size, volume.len() as u32);
+                let mut flags = 0;
+                let mut extra = 0;
+                if keep.is_some() {
+                    flags |= FLAG_KEEP;
+                    extra += 8;
+                }
+                if drop_image.is_some() {
+                    flags |= FLAG_DROP;
+                    extra += 8;
+                }
+                put_flagged(
+                    dst,
+                    KIND_HELLO,
+                    flags,
+                    *first_seq,
+                    *size,
+                    volume.len() as u32 + extra,
+                );
                 dst.put_slice(volume.as_bytes());
+                for epoch in [keep, drop_image].into_iter().flatten() {
+                    dst.put_u64(*epoch);
+                }
             }
             Frame::Write { seq, offset, data } => {
                 let length = u32::try_from(data.len())
@@ -285,7 +368,11 @@ impl Encoder<&Frame> for FrameCodec {
                 offset,
                 length,
             } => put_header(dst, KIND_TRIM, *seq, *offset, *length),
-            Frame::Welcome { next_seq } => put_header(dst, KIND_WELCOME, *next_seq, 0, 0),
+            Frame::Welcome { next_seq, kept } => match kept {
+                Some(epoch) => put_flagged(dst, KIND_WELCOME, FLAG_KEEP, *next_seq, *epoch, 0),
+                None => put_header(dst, KIND_WELCOME, *next_seq, 0, 0),
+            },
+            Frame::DropImage { epoch } => put_header(dst, KIND_DROP_IMAGE, 0, *epoch, 0),
             Frame::Ack { seq } => put_header(dst, KIND_ACK, *seq, 0, 0),
             Frame::Error { seq, message } => {
                 let message = clip(message, MAX_MESSAGE as usize);
@@ -329,12 +416,18 @@ mod tests {
             (
                 "[a-zA-Z0-9_-][a-zA-Z0-9._-]{0,30}",
                 any::<u64>(),
-                any::<u64>()
+                any::<u64>(),
+                any::<Option<u64>>(),
+                any::<Option<u64>>()
             )
-                .prop_map(|(volume, size, first_seq)| Frame::Hello {
-                    volume,
-                    size,
-                    first_seq
+                .prop_map(|(volume, size, first_seq, keep, drop_image)| {
+                    Frame::Hello {
+                        volume,
+                        size,
+                        first_seq,
+                        keep,
+                        drop_image,
+                    }
                 }),
             (
                 any::<u64>(),
@@ -353,7 +446,9 @@ mod tests {
                     length,
                 }
             }),
-            any::<u64>().prop_map(|next_seq| Frame::Welcome { next_seq }),
+            (any::<u64>(), any::<Option<u64>>())
+                .prop_map(|(next_seq, kept)| Frame::Welcome { next_seq, kept }),
+            any::<u64>().prop_map(|epoch| Frame::DropImage { epoch }),
             any::<u64>().prop_map(|seq| Frame::Ack { seq }),
             (any::<u64>(), "\\PC{0,100}").prop_map(|(seq, message)| Frame::Error { seq, message }),
         ]

@@ -231,12 +231,17 @@ async fn hello(
         volume: volume.into(),
         size,
         first_seq: 10,
+        keep: None,
+        drop_image: None,
     })
     .await
     .unwrap();
     assert_eq!(
         link.next().await.unwrap().unwrap(),
-        Frame::Welcome { next_seq: 10 }
+        Frame::Welcome {
+            next_seq: 10,
+            kept: None
+        }
     );
     link
 }

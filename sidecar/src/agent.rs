@@ -150,6 +150,8 @@ pub struct Agent {
     acks: BTreeMap<String, PublishedAck>,
     config: AgentConfig,
     logged: std::collections::BTreeSet<String>,
+    /// Per group, the epoch whose kept images were dropped.
+    images_dropped: BTreeMap<String, u64>,
 }
 
 impl std::fmt::Debug for Agent {
@@ -196,6 +198,7 @@ impl Agent {
             acks: BTreeMap::new(),
             config,
             logged: std::collections::BTreeSet::new(),
+            images_dropped: BTreeMap::new(),
         };
         (agent, context, receiver)
     }
@@ -256,6 +259,35 @@ impl Agent {
     }
 
     async fn process(&mut self, input: Input) {
+        if let Input::GroupInSync {
+            group_uid,
+            epoch,
+            volumes,
+        } = &input
+        {
+            let done = self.images_dropped.get(group_uid) >= Some(epoch);
+            if !done && !volumes.is_empty() {
+                let volumes: Vec<String> = volumes.iter().cloned().collect();
+                match self
+                    .replicator
+                    .drop_image(group_uid, *epoch, &volumes)
+                    .await
+                {
+                    Ok(()) => {
+                        tracing::info!(
+                            group_uid,
+                            epoch,
+                            "every member in sync: kept images dropped"
+                        );
+                        self.images_dropped.insert(group_uid.clone(), *epoch);
+                    }
+                    Err(error) => {
+                        tracing::warn!(%error, group_uid, epoch, "dropping the kept images failed; retried on the group's next update");
+                    }
+                }
+            }
+            return;
+        }
         if let Input::Membership {
             group_uid,
             group_name,

@@ -77,6 +77,16 @@ pub fn read_group(
     Some((point, volumes, hold))
 }
 
+/// The epoch at which the operator found every member of the group in sync after a resume (phase
+/// Replicating at (epoch, Resume)), if it did: the images kept through that resync may go.
+pub fn in_sync_at(group: &ConsistencyGroup) -> Option<u64> {
+    let status = group.status.as_ref()?;
+    (status.phase == Some(lockstep_api::domain::Phase::Replicating)
+        && status.stage == Some(Stage::Resume)
+        && status.epoch > 0)
+        .then_some(status.epoch)
+}
+
 fn feed_group(context: &Context, group: &ConsistencyGroup) -> Option<String> {
     let Some((point, volumes, hold_timeout_ms)) =
         read_group(group, &context.cluster, &context.node)
@@ -102,6 +112,14 @@ fn feed_group(context: &Context, group: &ConsistencyGroup) -> Option<String> {
                 ))
             }),
     );
+    // Every member in sync at the group's resume: the images kept through its resync may go.
+    if let Some(epoch) = in_sync_at(group) {
+        context.send(Input::GroupInSync {
+            group_uid: uid.clone(),
+            epoch,
+            volumes: volumes.clone(),
+        });
+    }
     // The point first, so that volumes joining are brought straight to it.
     if let Some(target) = point {
         context.send(Input::Directive {
@@ -454,6 +472,29 @@ mod tests {
             "status": status,
         }))
         .unwrap()
+    }
+
+    #[test]
+    fn kept_images_go_only_once_the_operator_found_the_group_in_sync() {
+        let at = |status| in_sync_at(&group(json!({}), status));
+        assert_eq!(
+            at(json!({"epoch": 3, "stage": "Resume", "phase": "Replicating"})),
+            Some(3)
+        );
+        // Still resyncing, frozen, running, or never frozen: the kept images stay.
+        assert_eq!(
+            at(json!({"epoch": 3, "stage": "Resume", "phase": "Resyncing"})),
+            None
+        );
+        assert_eq!(
+            at(json!({"epoch": 3, "stage": "Freeze", "phase": "Frozen"})),
+            None
+        );
+        assert_eq!(
+            at(json!({"epoch": 3, "stage": "Release", "phase": "Running"})),
+            None
+        );
+        assert_eq!(at(json!({"epoch": 0, "phase": "Replicating"})), None);
     }
 
     #[test]

@@ -200,6 +200,16 @@ pub enum Input {
     },
     /// A path delivered its complete view: volumes in no group may now be confirmed standalone.
     Synced(Path),
+    /// The operator found every member of the group in sync at (epoch, Resume): the image the
+    /// secondaries kept through the resync may go (DESIGN rule 7; decided group-wide, never per volume).
+    GroupInSync {
+        /// The group.
+        group_uid: String,
+        /// The epoch it is in sync at.
+        epoch: u64,
+        /// Its volumes on this node.
+        volumes: BTreeSet<String>,
+    },
     /// A directive (or the group's current point) read from a path.
     Directive {
         /// The path.
@@ -557,6 +567,8 @@ impl Enforcer {
         let mut out = Outcome::default();
         match input {
             Input::Inventory(carried) => self.inventory(carried, &mut out),
+            // Carried out by the agent on the replicator; nothing to enforce.
+            Input::GroupInSync { .. } => {}
             Input::Membership {
                 path,
                 group_uid,

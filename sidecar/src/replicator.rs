@@ -129,6 +129,26 @@ impl Replicator {
         }))
     }
 
+    /// Drops the kept image of `epoch` or older on `volumes`: the group is in sync at a newer point.
+    /// A replicator that keeps no image has nothing to drop.
+    pub async fn drop_image(
+        &self,
+        group_uid: &str,
+        epoch: u64,
+        volumes: &[String],
+    ) -> Result<(), ReplicatorError> {
+        let request = pb::ImageRequest {
+            volume_handles: volumes.to_vec(),
+            group_uid: group_uid.to_owned(),
+            epoch,
+        };
+        match self.client.clone().drop_image(request).await {
+            Ok(_) => Ok(()),
+            Err(status) if status.code() == tonic::Code::Unimplemented => Ok(()),
+            Err(status) => Err(call("DropImage", status)),
+        }
+    }
+
     /// Runs one operation.
     pub async fn apply(&self, operation: &Operation) -> Result<(), ReplicatorError> {
         let mut client = self.client.clone();
@@ -159,6 +179,25 @@ impl Replicator {
                 epoch,
                 volumes,
             } => {
+                // The secondaries keep the frozen image through the resync (DESIGN rule 7), asked
+                // before the resume starts copying. A replicator that cannot resumes without it.
+                let keep = pb::ImageRequest {
+                    volume_handles: volumes.clone(),
+                    group_uid: group_uid.clone(),
+                    epoch: *epoch,
+                };
+                match client.keep_image(keep).await {
+                    Ok(_) => {}
+                    Err(status) if status.code() == tonic::Code::Unimplemented => {
+                        tracing::warn!(
+                            group_uid,
+                            epoch,
+                            message = status.message(),
+                            "the replicator keeps no image through a resync: a site lost during it leaves no consistent copy"
+                        );
+                    }
+                    Err(status) => return Err(call("KeepImage", status)),
+                }
                 client
                     .resume(directive(group_uid, *epoch, volumes, false))
                     .await

@@ -1101,7 +1101,7 @@ fn the_image_condition_counts_the_volumes_outside_it_and_names_at_most_twenty() 
 }
 
 #[test]
-fn a_freeze_during_a_resync_holds_only_the_volumes_in_sync_in_its_image() {
+fn a_freeze_during_a_resync_keeps_the_older_complete_image() {
     let mut group = group(Policy::FreezeAndGo);
     step(&mut group, &report(Path::Api, 0));
     step_all(&mut group, &acks(Path::Api, 1, Stage::Freeze, &VOLUMES));
@@ -1123,19 +1123,47 @@ fn a_freeze_during_a_resync_holds_only_the_volumes_in_sync_in_its_image() {
     assert_eq!(decision.freeze_now.map(|point| point.epoch), Some(2));
     step_all(&mut group, &acks(Path::Api, 2, Stage::Freeze, &VOLUMES));
     assert_eq!(status(&group).phase, Some(Phase::Running));
-    assert_eq!(
-        image_of(&group),
-        vec![("east".to_owned(), "vol-wal".to_owned())],
-        "the volumes still resyncing at the freeze are not in its image"
-    );
+    // The image of epoch 2 lacks the volumes still resyncing: the group names the image of epoch 1,
+    // which every secondary keeps (rule 7), never epoch 2.
+    assert_eq!(status(&group).consistent_image.as_ref().unwrap().epoch, 1);
+    assert_eq!(image_of(&group).len(), 3);
+    let in_image_2: Vec<_> = status(&group)
+        .members
+        .iter()
+        .filter(|member| member.image_epoch == Some(2))
+        .filter_map(|member| member.volume_handle.clone())
+        .collect();
+    assert_eq!(in_image_2, vec!["vol-wal".to_owned()]);
     assert_eq!(
         condition_is(&group, condition::CONSISTENT_IMAGE),
         Some(false)
     );
     let message = condition_message(&group, condition::CONSISTENT_IMAGE);
     assert!(
-        message.contains("pvc-vol-data") && message.contains("pvc-vol-west"),
+        message.contains("keep the image of epoch 1") && message.contains("epoch 2 is incomplete"),
         "{message}"
+    );
+
+    // The resync at epoch 2 runs over the kept image; the message says which one.
+    group.spec.resync = Some(EpochIntent { epoch: 2 });
+    step(&mut group, &Event::Evaluate);
+    step_all(&mut group, &acks(Path::Grpc, 2, Stage::Resume, &VOLUMES));
+    assert_eq!(status(&group).consistent_image.as_ref().unwrap().epoch, 1);
+    let message = condition_message(&group, condition::CONSISTENT_IMAGE);
+    assert!(message.contains("keep the image of epoch 1"), "{message}");
+    // Every member in sync, then a freeze: its image is complete and replaces the kept one.
+    for member in &mut group.status.as_mut().unwrap().members {
+        member.state = Some(VolumeState::Replicating);
+    }
+    step(&mut group, &Event::Evaluate);
+    assert_eq!(status(&group).phase, Some(Phase::Replicating));
+    step(&mut group, &report(Path::Api, 2));
+    step_all(&mut group, &acks(Path::Api, 3, Stage::Freeze, &VOLUMES));
+    assert_eq!(status(&group).consistent_image.as_ref().unwrap().epoch, 3);
+    assert_eq!(image_of(&group).len(), 3);
+    assert_eq!(
+        condition_is(&group, condition::CONSISTENT_IMAGE),
+        Some(true)
     );
 }
 

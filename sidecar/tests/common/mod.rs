@@ -391,6 +391,33 @@ impl rpb::replicator_server::Replicator for FakeReplicator {
             .map(Response::new)
             .ok_or_else(|| Status::not_found("no such volume"))
     }
+
+    async fn keep_image(
+        &self,
+        _request: Request<rpb::ImageRequest>,
+    ) -> Result<Response<rpb::ImageResponse>, Status> {
+        Err(Status::unimplemented(
+            "this replicator keeps no image through a resync",
+        ))
+    }
+
+    async fn drop_image(
+        &self,
+        _request: Request<rpb::ImageRequest>,
+    ) -> Result<Response<rpb::ImageResponse>, Status> {
+        Err(Status::unimplemented(
+            "this replicator keeps no image through a resync",
+        ))
+    }
+
+    async fn roll_back(
+        &self,
+        _request: Request<rpb::ImageRequest>,
+    ) -> Result<Response<rpb::ImageResponse>, Status> {
+        Err(Status::unimplemented(
+            "this replicator keeps no image through a resync",
+        ))
+    }
 }
 
 // ---- Control server ------------------------------------------------------------------------------

@@ -451,6 +451,33 @@ impl Replicator for MemoryReplicator {
             .map(Response::new)
             .ok_or_else(|| Status::not_found(format!("no volume {handle}")))
     }
+
+    async fn keep_image(
+        &self,
+        _request: Request<pb::ImageRequest>,
+    ) -> Result<Response<pb::ImageResponse>, Status> {
+        Err(Status::unimplemented(
+            "this replicator keeps no image through a resync",
+        ))
+    }
+
+    async fn drop_image(
+        &self,
+        _request: Request<pb::ImageRequest>,
+    ) -> Result<Response<pb::ImageResponse>, Status> {
+        Err(Status::unimplemented(
+            "this replicator keeps no image through a resync",
+        ))
+    }
+
+    async fn roll_back(
+        &self,
+        _request: Request<pb::ImageRequest>,
+    ) -> Result<Response<pb::ImageResponse>, Status> {
+        Err(Status::unimplemented(
+            "this replicator keeps no image through a resync",
+        ))
+    }
 }
 
 /// The events as a stream; a receiver that lagged skips what it missed (the sidecar re-lists on every

@@ -1,0 +1,232 @@
+//! The kept image through the `Replicator` service (issue 32 item 2): `KeepImage(e)` before
+//! `Resume(e)` makes the secondary keep the frozen image through the resync (its undo log exists, the
+//! volume's state names the epoch, and rolling the secondary back restores the frozen image byte for
+//! byte); `DropImage(e)` removes it; `RollBack` on a primary answers UNIMPLEMENTED with a message.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::path::Path;
+use std::time::Duration;
+
+use common::*;
+use hyper_util::rt::TokioIo;
+use lockstep_api::proto::replicator::v1 as pb;
+use lockstep_replicator::secondary::{Secondary, SecondaryConfig};
+use lockstep_replicator::undo::log_path;
+use lockstep_replicator::{CopyConfig, Primary, PrimaryConfig, VolumeConfig};
+use pb::replicator_client::ReplicatorClient;
+use tokio::net::UnixStream;
+use tonic::transport::{Channel, Endpoint, Uri};
+
+const GROUP: &str = "group-uid-1";
+const VOLUME: &str = "vol1";
+
+async fn client(socket: &Path) -> ReplicatorClient<Channel> {
+    let path = socket.to_owned();
+    let channel = Endpoint::try_from("http://replicator.invalid")
+        .unwrap()
+        .connect_with_connector(tower::service_fn(move |_: Uri| {
+            let path = path.clone();
+            async move { Ok::<_, std::io::Error>(TokioIo::new(UnixStream::connect(path).await?)) }
+        }))
+        .await
+        .unwrap();
+    ReplicatorClient::new(channel)
+}
+
+fn directive(epoch: u64) -> pb::DirectiveRequest {
+    pb::DirectiveRequest {
+        volume_handles: vec![VOLUME.into()],
+        group_uid: GROUP.into(),
+        epoch,
+        fail_safe: false,
+    }
+}
+
+fn image(epoch: u64) -> pb::ImageRequest {
+    pb::ImageRequest {
+        volume_handles: vec![VOLUME.into()],
+        group_uid: GROUP.into(),
+        epoch,
+    }
+}
+
+async fn state(c: &mut ReplicatorClient<Channel>) -> pb::VolumeState {
+    c.state(pb::StateRequest {
+        volume_handle: VOLUME.into(),
+    })
+    .await
+    .unwrap()
+    .into_inner()
+}
+
+async fn until(what: &str, mut done: impl AsyncFnMut() -> bool) {
+    for _ in 0..3000 {
+        if done().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("never: {what}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn keep_image_before_resume_keeps_the_frozen_image_and_drop_image_removes_it() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("primary")).unwrap();
+    let secondary_dir = dir.path().join("secondary");
+    let secondary = Secondary::start(SecondaryConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        dir: secondary_dir.clone(),
+    })
+    .await
+    .unwrap();
+    let primary = Primary::start(PrimaryConfig {
+        volumes: vec![VolumeConfig {
+            require_confirmation: true,
+            ..VolumeConfig::new(
+                VOLUME,
+                dir.path().join("primary").join(VOLUME),
+                Some(4 * MIB),
+                Some(CopyConfig {
+                    secondary: secondary.local_addr().to_string(),
+                    timeout: Duration::from_secs(5),
+                }),
+            )
+        }],
+        nbd_listen: Some("127.0.0.1:0".parse().unwrap()),
+        nbd_socket: None,
+        record_latency: false,
+        control_socket: Some(dir.path().join("control.sock")),
+    })
+    .await
+    .unwrap();
+    let mut ctl = client(&dir.path().join("control.sock")).await;
+    ctl.configure(pb::ConfigureRequest {
+        volume_handle: VOLUME.into(),
+        group_uid: GROUP.into(),
+        epoch: 0,
+        stage: pb::Stage::Unspecified.into(),
+        hold_timeout_ms: 120_000,
+    })
+    .await
+    .unwrap();
+    let mut nbd = RawClient::connect(primary.nbd_addr().unwrap(), VOLUME).await;
+    for i in 0..16u64 {
+        assert_eq!(nbd.write(i * 200_000, &[i as u8 + 1; 8192]).await, Some(0));
+    }
+
+    // Frozen at epoch 1 and released: the secondary holds the image; the primary runs on.
+    ctl.suspend(directive(1)).await.unwrap();
+    ctl.release(directive(1)).await.unwrap();
+    let frozen = std::fs::read(secondary_dir.join(VOLUME)).unwrap();
+    for i in 0..16u64 {
+        assert_eq!(nbd.write(i * 200_000 + 4096, &[0xee; 8192]).await, Some(0));
+    }
+
+    // Keep the image, then resume: the resync copies over it, the image stays in the undo log.
+    let kept = ctl.keep_image(image(1)).await.unwrap().into_inner();
+    assert_eq!(kept.volumes[0].epoch, Some(1));
+    ctl.resume(directive(1)).await.unwrap();
+    until("resynced", async || {
+        state(&mut ctl).await.mode == pb::Mode::Replicating as i32
+    })
+    .await;
+    assert_eq!(state(&mut ctl).await.kept_image_epoch, Some(1));
+    assert!(log_path(&secondary_dir, VOLUME).exists());
+    assert_eq!(secondary.kept_image(VOLUME).unwrap(), Some(1));
+    let resynced = std::fs::read(secondary_dir.join(VOLUME)).unwrap();
+    assert_ne!(resynced, frozen);
+    assert_eq!(
+        resynced,
+        std::fs::read(dir.path().join("primary").join(VOLUME)).unwrap(),
+        "the resync brought the secondary in sync"
+    );
+
+    // A primary's replicator does not roll secondaries back: it says so and where it is done.
+    let refused = ctl.roll_back(image(1)).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::Unimplemented);
+    assert!(refused.message().contains("lockstep-replicator rollback"));
+
+    // The group is in sync at the new point: the image goes.
+    ctl.drop_image(image(1)).await.unwrap();
+    until("the undo log removed", async || {
+        !log_path(&secondary_dir, VOLUME).exists()
+    })
+    .await;
+    assert_eq!(secondary.kept_image(VOLUME).unwrap(), None);
+    assert_eq!(state(&mut ctl).await.kept_image_epoch, None);
+    // Replication goes on.
+    assert_eq!(nbd.write(0, &[0x77; 4096]).await, Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_kept_image_rolls_the_secondary_back_to_the_freeze() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("primary")).unwrap();
+    let secondary_dir = dir.path().join("secondary");
+    let secondary = Secondary::start(SecondaryConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        dir: secondary_dir.clone(),
+    })
+    .await
+    .unwrap();
+    let primary = Primary::start(PrimaryConfig {
+        volumes: vec![VolumeConfig {
+            require_confirmation: true,
+            ..VolumeConfig::new(
+                VOLUME,
+                dir.path().join("primary").join(VOLUME),
+                Some(4 * MIB),
+                Some(CopyConfig {
+                    secondary: secondary.local_addr().to_string(),
+                    timeout: Duration::from_secs(5),
+                }),
+            )
+        }],
+        nbd_listen: Some("127.0.0.1:0".parse().unwrap()),
+        nbd_socket: None,
+        record_latency: false,
+        control_socket: Some(dir.path().join("control.sock")),
+    })
+    .await
+    .unwrap();
+    let mut ctl = client(&dir.path().join("control.sock")).await;
+    ctl.configure(pb::ConfigureRequest {
+        volume_handle: VOLUME.into(),
+        group_uid: GROUP.into(),
+        epoch: 0,
+        stage: pb::Stage::Unspecified.into(),
+        hold_timeout_ms: 120_000,
+    })
+    .await
+    .unwrap();
+    let mut nbd = RawClient::connect(primary.nbd_addr().unwrap(), VOLUME).await;
+    for i in 0..16u64 {
+        assert_eq!(nbd.write(i * 200_000, &[i as u8 + 1; 8192]).await, Some(0));
+    }
+    ctl.suspend(directive(1)).await.unwrap();
+    ctl.release(directive(1)).await.unwrap();
+    let frozen = std::fs::read(secondary_dir.join(VOLUME)).unwrap();
+    for i in 0..16u64 {
+        assert_eq!(nbd.write(i * 200_000 + 4096, &[0xee; 8192]).await, Some(0));
+    }
+    ctl.keep_image(image(1)).await.unwrap();
+    ctl.resume(directive(1)).await.unwrap();
+    until("resynced", async || {
+        state(&mut ctl).await.mode == pb::Mode::Replicating as i32
+    })
+    .await;
+    // More writes after the resync, still over the kept image.
+    for i in 0..16u64 {
+        assert_eq!(nbd.write(i * 100_000, &[0x55; 4096]).await, Some(0));
+    }
+    // The primary site is lost: the secondary rolls back to the image of the freeze.
+    drop(nbd);
+    drop(ctl);
+    drop(primary);
+    let done = secondary.roll_back(VOLUME).await.unwrap().unwrap();
+    assert_eq!(done.epoch, 1);
+    assert_eq!(std::fs::read(secondary_dir.join(VOLUME)).unwrap(), frozen);
+}
