@@ -422,6 +422,7 @@ mod tests {
             dirty_bytes: 0,
             hold_timeout: Duration::from_secs(30),
             secondary: "127.0.0.1:7001".into(),
+            kept_image: None,
         };
         assert_eq!(
             event_level(&Event::StateChanged(Box::new(status))),
