@@ -60,10 +60,12 @@ pub async fn finish(h: Harness) -> Outcome {
         );
     }
     assert!(outcome.holds());
+    // On failure, the whole status: which condition said what, and each member's state.
     assert_eq!(
         condition(&outcome.resynced, "ConsistentImage").as_deref(),
         Some("True"),
-        "{text}"
+        "{}\n{text}",
+        serde_json::to_string_pretty(&outcome.resynced.status).unwrap_or_default()
     );
     outcome
 }
