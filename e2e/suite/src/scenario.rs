@@ -1133,11 +1133,17 @@ impl Harness {
             route.set_mode(LinkMode::Pass);
         }
         let group_volumes = self.group_volume_count();
+        // Back means what a person would check: Replicating at a Resume, every member there, and the
+        // ConsistentImage condition True (it can trail the phase by a report: a member's state report
+        // from the resync may land after its acknowledgement of the resume).
         let back = |g: &ConsistencyGroup| {
             g.status.as_ref().is_some_and(|s| {
                 s.phase == Some(Phase::Replicating)
                     && s.members.len() >= group_volumes
                     && g.position().1 == Stage::Resume
+                    && s.conditions
+                        .iter()
+                        .any(|c| c.type_ == "ConsistentImage" && c.status == "True")
             })
         };
         let mut resynced = self.world.group_now().await?;

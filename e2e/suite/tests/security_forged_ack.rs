@@ -236,8 +236,23 @@ async fn forged_acknowledgements_never_release_a_group_before_its_member_suspend
 
     // The image of epoch 1 holds every volume, west's included; then resynced and replicating again,
     // and the checker passes on the secondaries.
-    let released = ok!(h, h.wait_group("the image of epoch 1", |_| true));
-    assert_eq!(image(&released), all_handles(&h), "{}", h.timeline.text());
+    let every = all_handles(&h);
+    let released = h
+        .wait_group("the image of epoch 1 holding every volume", |g| {
+            image(g) == every
+        })
+        .await;
+    let released = match released {
+        Ok(group) => group,
+        Err(_) => ok!(h, h.wait_group("the image of epoch 1", |_| true)),
+    };
+    assert_eq!(
+        image(&released),
+        every,
+        "{}\n{}",
+        serde_json::to_string_pretty(&released.status).unwrap_or_default(),
+        h.timeline.text()
+    );
     let outcome = finish(h).await;
     assert!(outcome.holds());
     eprintln!(
