@@ -170,6 +170,22 @@ pub enum ClusterPaths {
     GrpcOnly,
 }
 
+/// Where the operator takes the node of a member cluster's volume from, on a cluster it reads through the
+/// API path.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+pub enum VolumeBinding {
+    /// Only from what no node can write: the PersistentVolume's required node affinity naming one
+    /// `kubernetes.io/hostname`, or an attached VolumeAttachment. A volume bound by neither is unresolved
+    /// (it blocks a release), so a compromised node can delay a release but never cause one. The default.
+    #[default]
+    Required,
+    /// As Required where a binding exists; where none does, from the node whose sidecar claims the volume
+    /// (when no other node claims it too). For CSI drivers whose volumes name no node and attach without
+    /// VolumeAttachments; a compromised node can then answer for an unbound volume its own sidecar does
+    /// not claim.
+    SidecarClaims,
+}
+
 impl ClusterPaths {
     /// True when the path reaches the cluster.
     pub fn includes(self, path: Path) -> bool {

@@ -4,6 +4,14 @@
 //! once per peer and reason, never once per message. A token signed by a key no MemberCluster lists is
 //! remembered for the cluster the message names, which shows it in that MemberCluster's
 //! `ServiceAccountKeys` condition (the cluster rotated its signing keys, most likely).
+//!
+//! A MemberCluster whose spec lists no keys but whose API server the hub reaches gets the keys that API
+//! server publishes (`/openid/v1/jwks`, readable by every ServiceAccount through the default
+//! `system:service-account-issuer-discovery` binding): fetched by [`watch_published_keys`] when the
+//! cluster is connected, every [`PUBLISHED_KEYS_REFRESH`], and again soon after a sidecar of that
+//! cluster presents an unknown key id (a rotation). Verification itself stays offline: a member API
+//! server that goes down keeps its last keys, so the gRPC path goes on authenticating exactly when it is
+//! the path that works. (A TokenReview per call would tie every gRPC call to that API server.)
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -23,6 +31,15 @@ use crate::{
 /// How many (peer, reason) pairs are remembered as logged before the memory starts again.
 const LOGGED_PEERS: usize = 10_000;
 
+/// How often the keys a member cluster's API server publishes are read again.
+pub const PUBLISHED_KEYS_REFRESH: Duration = Duration::from_secs(300);
+
+/// The soonest the published keys are read again after an unknown key id was presented.
+pub const PUBLISHED_KEYS_MIN_INTERVAL: Duration = Duration::from_secs(5);
+
+/// The largest JWKS a member API server may publish (the spec field's bound).
+const PUBLISHED_KEYS_MAX_BYTES: usize = 65_536;
+
 /// Verifies the sidecars' tokens.
 pub struct Authenticator {
     clusters: Store<MemberCluster>,
@@ -33,6 +50,16 @@ pub struct Authenticator {
     unknown: Mutex<BTreeMap<String, String>>,
     /// Peers (address, what, reason) whose refusal was logged.
     logged: Mutex<BTreeSet<(Option<IpAddr>, String, &'static str)>>,
+    /// The JWKS each reachable member cluster's API server published, with a count of changes.
+    published: Mutex<Published>,
+    /// Woken when a sidecar presents an unknown key id: the published keys are read again.
+    rotation: tokio::sync::Notify,
+}
+
+#[derive(Default)]
+struct Published {
+    changes: u64,
+    keys: BTreeMap<String, String>,
 }
 
 impl std::fmt::Debug for Authenticator {
@@ -47,6 +74,8 @@ impl std::fmt::Debug for Authenticator {
 struct Cached {
     /// (name, resourceVersion) of every MemberCluster the keys were built from.
     versions: Vec<(String, Option<String>)>,
+    /// [`Published::changes`] when the keys were built.
+    published_changes: u64,
     keys: Arc<KeySets>,
 }
 
@@ -81,6 +110,8 @@ impl Authenticator {
             cache: Mutex::default(),
             unknown: Mutex::default(),
             logged: Mutex::default(),
+            published: Mutex::default(),
+            rotation: tokio::sync::Notify::new(),
         }
     }
 
@@ -91,15 +122,20 @@ impl Authenticator {
             .iter()
             .map(|cluster| (cluster.name_any(), cluster.resource_version()))
             .collect();
+        let published = lock(&self.published);
         let mut cache = lock(&self.cache);
-        if cache.versions != versions {
+        if cache.versions != versions || cache.published_changes != published.changes {
             cache.keys = Arc::new(KeySets::build(clusters.iter().map(|cluster| {
-                (
-                    cluster.metadata.name.as_deref().unwrap_or_default(),
-                    cluster.spec.service_account_keys.as_deref(),
-                )
+                let name = cluster.metadata.name.as_deref().unwrap_or_default();
+                let keys = cluster
+                    .spec
+                    .service_account_keys
+                    .as_deref()
+                    .or_else(|| published.keys.get(name).map(String::as_str));
+                (name, keys)
             })));
             cache.versions = versions;
+            cache.published_changes = published.changes;
             // A spec changed: the unknown key ids it may have added are known now, or are seen again.
             lock(&self.unknown).clear();
         }
@@ -130,8 +166,31 @@ impl Authenticator {
                 .any(|cluster| cluster.name_any() == claimed_cluster)
         {
             lock(&self.unknown).insert(claimed_cluster.to_owned(), kid.clone());
+            self.rotation.notify_waiters();
         }
         verified
+    }
+
+    /// Whether `cluster`'s keys are the ones its API server publishes (its spec lists none).
+    pub fn uses_published_keys(&self, cluster: &str) -> bool {
+        lock(&self.published).keys.contains_key(cluster)
+            && self
+                .clusters
+                .state()
+                .iter()
+                .any(|c| c.name_any() == cluster && c.spec.service_account_keys.is_none())
+    }
+
+    /// Takes `jwks` as what `cluster`'s API server publishes now.
+    fn publish(&self, cluster: &str, jwks: String) {
+        let mut published = lock(&self.published);
+        if published.keys.get(cluster) != Some(&jwks) {
+            published.keys.insert(cluster.to_owned(), jwks);
+            published.changes += 1;
+            drop(published);
+            // Keys changed: an unknown key id may be known now, or is seen again.
+            lock(&self.unknown).remove(cluster);
+        }
     }
 
     /// The unknown key id last presented by a sidecar naming `cluster`, since its spec last changed.
@@ -161,5 +220,57 @@ impl Authenticator {
                 "Control call refused (logged once per peer and reason; counted in lockstep_control_refused_total)"
             );
         }
+    }
+}
+
+/// Why a member API server's published keys could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum PublishedKeysError {
+    /// The request failed.
+    #[error("reading /openid/v1/jwks: {0}")]
+    Request(#[from] kube::Error),
+    /// The answer is too large to be a key set.
+    #[error("/openid/v1/jwks answered {0} bytes, more than a key set ({PUBLISHED_KEYS_MAX_BYTES})")]
+    TooLarge(usize),
+}
+
+/// Reads the JWKS `client`'s API server publishes.
+pub async fn published_keys(client: &kube::Client) -> Result<String, PublishedKeysError> {
+    let request = http::Request::get("/openid/v1/jwks")
+        .body(Vec::new())
+        .map_err(kube::Error::HttpError)?;
+    let jwks = client.request_text(request).await?;
+    if jwks.len() > PUBLISHED_KEYS_MAX_BYTES {
+        return Err(PublishedKeysError::TooLarge(jwks.len()));
+    }
+    Ok(jwks)
+}
+
+/// Keeps `cluster`'s published keys in `authenticator`, read from its API server through `client`, for
+/// as long as the task runs: at once, every [`PUBLISHED_KEYS_REFRESH`], and soon after an unknown key
+/// id was presented. A failed read keeps the last keys.
+pub async fn watch_published_keys(
+    authenticator: Arc<Authenticator>,
+    cluster: String,
+    client: kube::Client,
+) {
+    loop {
+        let unknown_when_read = authenticator.unknown_key(&cluster);
+        match published_keys(&client).await {
+            Ok(jwks) => authenticator.publish(&cluster, jwks),
+            Err(error) => {
+                tracing::debug!(%cluster, %error, "published ServiceAccount keys not read")
+            }
+        }
+        tokio::time::sleep(PUBLISHED_KEYS_MIN_INTERVAL).await;
+        let rotated = authenticator.rotation.notified();
+        let mut rotated = std::pin::pin!(rotated);
+        rotated.as_mut().enable();
+        // A key id first presented since the last read: read again now (at most every few seconds).
+        let unknown = authenticator.unknown_key(&cluster);
+        if unknown.is_some() && unknown != unknown_when_read {
+            continue;
+        }
+        let _ = tokio::time::timeout(PUBLISHED_KEYS_REFRESH, rotated).await;
     }
 }

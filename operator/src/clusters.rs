@@ -20,11 +20,14 @@ use kube::{
     config::{KubeConfigOptions, Kubeconfig},
 };
 use lockstep_api::{
-    domain::ClusterPaths,
+    domain::{ClusterPaths, VolumeBinding},
     v1alpha1::{MemberCluster, ReplicationNode},
 };
 
-use crate::{members::ClusterView, sessions::Sessions};
+use crate::{
+    members::{ClusterView, ReportedState},
+    sessions::Sessions,
+};
 
 /// How long one member cluster may take to answer a list before it counts as unreachable.
 pub const API_TIMEOUT: Duration = Duration::from_secs(5);
@@ -38,6 +41,8 @@ pub struct Member {
     pub paths: ClusterPaths,
     /// True for the hub itself (no mirror).
     pub local: bool,
+    /// Where its volumes' nodes come from.
+    pub volume_binding: VolumeBinding,
     /// The client for its API server, or why there is none.
     pub client: Result<Client, String>,
     /// The MemberCluster's resourceVersion the client was built from.
@@ -78,6 +83,7 @@ pub async fn connect(hub: &Client, cluster: &MemberCluster) -> Member {
         name,
         paths: spec.paths,
         local: spec.local,
+        volume_binding: spec.volume_binding,
         client,
         version: cluster.resource_version(),
     }
@@ -190,6 +196,7 @@ pub async fn view(member: &Member, sessions: &Sessions, lease_namespace: &str) -
             .map(|list| list.items)
             .unwrap_or_default();
             view.bound_node_of_volume = bound_nodes(&volumes, &attachments);
+            view.binding_required = member.volume_binding == VolumeBinding::Required;
             view.silent_nodes = silent_nodes(&leases);
             view.claims = claims;
             view.volumes = volumes;
@@ -202,12 +209,22 @@ pub async fn view(member: &Member, sessions: &Sessions, lease_namespace: &str) -
             view.reported = reported;
             view.state_of_volume = nodes
                 .iter()
-                .flat_map(|node| node.status.iter().flat_map(|status| status.volumes.iter()))
-                .map(|volume| {
+                .flat_map(|node| {
+                    let reporter = node.spec.node_name.as_str();
+                    node.status
+                        .iter()
+                        .flat_map(|status| status.volumes.iter())
+                        .map(move |volume| (reporter, volume))
+                })
+                .map(|(reporter, volume)| {
                     let stage = volume.stage.unwrap_or(lockstep_api::domain::Stage::Resume);
                     (
-                        volume.volume_handle.clone(),
-                        (volume.state, volume.epoch, stage),
+                        (volume.volume_handle.clone(), reporter.to_owned()),
+                        ReportedState {
+                            state: volume.state,
+                            epoch: volume.epoch,
+                            stage,
+                        },
                     )
                 })
                 .collect();

@@ -302,6 +302,11 @@ impl Engine {
         &self.inner.authenticator
     }
 
+    /// The same verifier, shared with a task.
+    pub fn authenticator_handle(&self) -> Arc<crate::authn::Authenticator> {
+        Arc::clone(&self.inner.authenticator)
+    }
+
     /// Whether this replica is the leader (only the leader serves Control and writes).
     pub fn is_leader(&self) -> bool {
         *self.inner.leader.borrow()
@@ -858,6 +863,16 @@ impl Engine {
                 "KeysRefused",
                 format!("{why}; no sidecar of this cluster authenticates on the gRPC path"),
             )
+        } else if let Some(kid) = authenticator.unknown_key(cluster)
+            && authenticator.uses_published_keys(cluster)
+        {
+            (
+                false,
+                "UnknownKeyId",
+                format!(
+                    "a sidecar naming this cluster presented a token signed with key id {kid:?}, which the cluster's API server does not publish (/openid/v1/jwks): the token is not from this cluster"
+                ),
+            )
         } else if let Some(kid) = authenticator.unknown_key(cluster) {
             (
                 false,
@@ -870,7 +885,16 @@ impl Engine {
             (
                 false,
                 "NoKeys",
-                "spec.serviceAccountKeys is empty: this cluster's sidecars cannot authenticate on the gRPC path (put the output of kubectl get --raw /openid/v1/jwks there)".to_owned(),
+                "spec.serviceAccountKeys is empty and no keys were read from the cluster's API server: this cluster's sidecars cannot authenticate on the gRPC path (put the output of kubectl get --raw /openid/v1/jwks there)".to_owned(),
+            )
+        } else if authenticator.uses_published_keys(cluster) {
+            (
+                true,
+                "KeysLoaded",
+                format!(
+                    "{} ServiceAccount signing keys, as the cluster's API server publishes them (/openid/v1/jwks, read again on rotation): sidecars prove their node with tokens they signed",
+                    keys.keys_of(cluster)
+                ),
             )
         } else {
             (

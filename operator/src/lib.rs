@@ -479,6 +479,8 @@ where
 /// ReplicationNode changes on its frozen view of the hub — beside the operator started after it.
 async fn resync_loop(engine: Engine, interval: Duration) {
     let mut node_watches: BTreeMap<String, AbortOnDrop<()>> = BTreeMap::new();
+    // Per member cluster: the MemberCluster version its client came from, and the reader of its keys.
+    let mut key_watches: BTreeMap<String, (Option<String>, AbortOnDrop<()>)> = BTreeMap::new();
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -491,6 +493,18 @@ async fn resync_loop(engine: Engine, interval: Duration) {
         tracing::debug!("resync: member clusters refreshed");
         for (name, member) in engine.members().await {
             let Ok(client) = member.client else { continue };
+            // A reconnected member (new kubeconfig) gets a new reader of its published keys.
+            if key_watches
+                .get(&name)
+                .is_none_or(|(version, _)| *version != member.version)
+            {
+                let reader = tokio::spawn(authn::watch_published_keys(
+                    engine.authenticator_handle(),
+                    name.clone(),
+                    client.clone(),
+                ));
+                key_watches.insert(name.clone(), (member.version.clone(), AbortOnDrop(reader)));
+            }
             if node_watches
                 .get(&name)
                 .is_some_and(|task| !task.0.is_finished())

@@ -46,11 +46,25 @@ pub struct ClusterView {
     /// bound above. A compromised node can make a volume contested — delaying a release — but cannot
     /// take a volume over.
     pub contested: BTreeMap<String, BTreeSet<String>>,
-    /// Each volume's replication state as its sidecar last reported it (ReplicationNode status), with
-    /// the (epoch, stage) the volume was at when reported.
-    pub state_of_volume: BTreeMap<String, (VolumeState, u64, Stage)>,
+    /// Each volume's replication state as a sidecar last reported it (ReplicationNode status or its gRPC
+    /// session), by (volume handle, reporting node): only the volume's resolved node's report counts.
+    pub state_of_volume: BTreeMap<(String, String), ReportedState>,
+    /// True when a volume's node may come only from [`Self::bound_node_of_volume`] (the cluster is read
+    /// through its API server and its MemberCluster's `volumeBinding` is Required).
+    pub binding_required: bool,
     /// Nodes whose sidecar Lease expired (their sidecar is not renewing it).
     pub silent_nodes: BTreeSet<String>,
+}
+
+/// A volume's replication state as one node's sidecar reported it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReportedState {
+    /// The volume's replication state.
+    pub state: VolumeState,
+    /// The epoch the volume was at when reported.
+    pub epoch: u64,
+    /// The stage the volume was at when reported.
+    pub stage: Stage,
 }
 
 /// A volume a sidecar resolved on its node.
@@ -199,6 +213,13 @@ pub fn resolve(
                         nodes.iter().cloned().collect::<Vec<_>>().join(", ")
                     ))
                 }
+                (Some(handle), None) if view.binding_required => problems.push(format!(
+                    "{}/{}/{pvc} (volume {handle}) is bound to no node: its PersistentVolume {} has no required kubernetes.io/hostname node affinity and no attached VolumeAttachment names it, and MemberCluster {} takes a volume's node only from these (volumeBinding: Required; SidecarClaims also trusts the one sidecar claiming it)",
+                    member.cluster,
+                    member.namespace,
+                    resolved.persistent_volume.as_deref().unwrap_or("?"),
+                    member.cluster,
+                )),
                 (Some(handle), None) => problems.push(format!(
                     "{}/{}/{pvc} (volume {handle}) is served by no node with a Lockstep sidecar",
                     member.cluster, member.namespace
@@ -215,16 +236,16 @@ pub fn resolve(
                 resolved.image_epoch = earlier.image_epoch;
             }
             // A report older than the volume's last acknowledgement says nothing about it now.
-            if let Some((state, epoch, stage)) = resolved
-                .volume_handle
-                .as_ref()
-                .and_then(|handle| view.state_of_volume.get(handle))
+            // Only the volume's own node speaks for its state; a report older than the volume's last
+            // acknowledgement says nothing about it now.
+            if let (Some(handle), Some(node)) = (&resolved.volume_handle, &resolved.node)
+                && let Some(reported) = view.state_of_volume.get(&(handle.clone(), node.clone()))
                 && resolved
                     .acknowledged
                     .as_ref()
-                    .is_none_or(|ack| (*epoch, *stage) >= (ack.epoch, ack.stage))
+                    .is_none_or(|ack| (reported.epoch, reported.stage) >= (ack.epoch, ack.stage))
             {
-                resolved.state = Some(*state);
+                resolved.state = Some(reported.state);
             }
             members.push(resolved);
         }
@@ -492,7 +513,7 @@ fn resolve_claim(
     if let Some(handle) = &resolved.volume_handle {
         if let Some(bound) = view.bound_node_of_volume.get(handle) {
             resolved.node = Some(bound.clone());
-        } else if view.contested.contains_key(handle) {
+        } else if view.binding_required || view.contested.contains_key(handle) {
             resolved.node = None;
         } else if resolved.node.is_none() {
             resolved.node = view.node_of_volume.get(handle).cloned();

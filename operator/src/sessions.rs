@@ -15,7 +15,7 @@ use lockstep_api::{
 };
 use tokio::sync::mpsc;
 
-use crate::members::ReportedVolume;
+use crate::members::{ReportedState, ReportedVolume};
 
 /// How many messages may wait for a slow sidecar before the stream counts as stuck and is closed.
 const SESSION_BUFFER: usize = 64;
@@ -172,12 +172,24 @@ impl Sessions {
     }
 
     /// The replication state of each volume the sessions of a cluster reported.
-    pub fn reported_states(&self, cluster: &str) -> BTreeMap<String, VolumeReplication> {
+    pub fn reported_states(&self, cluster: &str) -> BTreeMap<(String, String), ReportedState> {
         self.lock()
             .by_node
             .iter()
             .filter(|((session_cluster, _), _)| session_cluster == cluster)
-            .flat_map(|(_, session)| session.states.clone())
+            .flat_map(|((_, node), session)| {
+                session
+                    .states
+                    .iter()
+                    .map(|(handle, &(state, epoch, stage))| {
+                        let reported = ReportedState {
+                            state,
+                            epoch,
+                            stage,
+                        };
+                        ((handle.clone(), node.clone()), reported)
+                    })
+            })
             .collect()
     }
 

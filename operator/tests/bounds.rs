@@ -59,6 +59,7 @@ async fn member_cluster(hub: &Client, name: &str, paths: ClusterPaths, local: bo
         kubeconfig_secret_ref: None,
         network: None,
         service_account_keys: None,
+        volume_binding: Default::default(),
     };
     Api::<MemberCluster>::all(hub.clone())
         .create(&PostParams::default(), &MemberCluster::new(name, spec))
@@ -353,7 +354,8 @@ async fn a_group_whose_selector_resolves_more_volumes_than_the_status_lists_is_d
     // 1 025 bound claims labelled app=big in the hub: one more than the status lists.
     let claims: Vec<String> = (0..1025).map(|i| format!("big-{i:04}")).collect();
     for chunk in claims.chunks(64) {
-        futures::future::join_all(chunk.iter().map(|pvc| volume(&hub, pvc, "big", pvc))).await;
+        futures::future::join_all(chunk.iter().map(|pvc| volume(&hub, pvc, "big", pvc, "e1")))
+            .await;
     }
     let member = GroupMember {
         cluster: "east".into(),

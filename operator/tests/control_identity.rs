@@ -50,6 +50,7 @@ async fn member(hub: &Client, name: &str, keys: &str) {
         kubeconfig_secret_ref: None,
         network: None,
         service_account_keys: Some(keys.to_owned()),
+        volume_binding: Default::default(),
     };
     Api::<MemberCluster>::all(hub.clone())
         .create(&PostParams::default(), &MemberCluster::new(name, spec))

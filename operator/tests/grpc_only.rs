@@ -52,6 +52,7 @@ async fn hub_with_edge() -> (lockstep_testapi::TestApiServer, Client) {
         kubeconfig_secret_ref: None,
         network: Some("lte".into()),
         service_account_keys: None,
+        volume_binding: Default::default(),
     };
     Api::<MemberCluster>::all(hub.clone())
         .create(&PostParams::default(), &MemberCluster::new("edge", edge))

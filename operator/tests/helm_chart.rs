@@ -274,7 +274,7 @@ struct Node {
 }
 
 impl Node {
-    async fn start(admin: &Client, name: &str) -> Node {
+    async fn start(admin: &Client, cluster: &str, name: &str) -> Node {
         let dir = tempfile::tempdir().unwrap();
         let secondary = Secondary::start(SecondaryConfig {
             listen: "127.0.0.1:0".parse().unwrap(),
@@ -298,7 +298,7 @@ impl Node {
         })
         .await
         .unwrap();
-        volume(admin, name, "orders", name).await;
+        volume(admin, name, "orders", name, &node_of(cluster)).await;
         Node {
             dir,
             _secondary: secondary,
@@ -308,7 +308,7 @@ impl Node {
 
     /// The node's sidecar, signed in as the chart's sidecar ServiceAccount in a Pod on the node.
     async fn sidecar(&self, server: &ApiServer, cluster: &str, endpoint: &str) -> Sidecar {
-        let node = format!("{cluster}-node");
+        let node = node_of(cluster);
         let mut options = lockstep_sidecar::Options::new(&node, cluster);
         options.namespace = NAMESPACE.into();
         options.replicator_socket = self.dir.path().join("control.sock");
@@ -320,6 +320,11 @@ impl Node {
         let (client, _) = server.identity(SIDECAR, Some(&node)).await.unwrap();
         Sidecar::start(options, Some(client)).await.unwrap()
     }
+}
+
+/// The name of the one node of `cluster`.
+fn node_of(cluster: &str) -> String {
+    format!("{cluster}-node")
 }
 
 async fn wait_for_group(
@@ -376,8 +381,8 @@ async fn with_the_charts_rbac_enforced_its_service_accounts_freeze_resync_and_de
         crds_established(admin).await;
         create_namespace(admin, "orders").await;
     }
-    let east_node = Node::start(&east_admin, "wal").await;
-    let west_node = Node::start(&west_admin, "reporting").await;
+    let east_node = Node::start(&east_admin, "east", "wal").await;
+    let west_node = Node::start(&west_admin, "west", "reporting").await;
 
     // The hub reaches west as west's member-access ServiceAccount.
     let (_, west_kubeconfig) = west.identity(MEMBER_ACCESS, None).await.unwrap();
@@ -401,6 +406,7 @@ async fn with_the_charts_rbac_enforced_its_service_accounts_freeze_resync_and_de
         kubeconfig_secret_ref: None,
         network: None,
         service_account_keys: None,
+        volume_binding: Default::default(),
     };
     let remote = MemberClusterSpec {
         paths: ClusterPaths::Both,
@@ -412,6 +418,7 @@ async fn with_the_charts_rbac_enforced_its_service_accounts_freeze_resync_and_de
         }),
         network: None,
         service_account_keys: None,
+        volume_binding: Default::default(),
     };
     for (name, spec) in [("east", local), ("west", remote)] {
         clusters

@@ -173,10 +173,10 @@ async fn world() -> World {
         .try_init();
     let (east, east_client) = api_server().await;
     let (west, west_client) = api_server().await;
-    volume(&east_client, "wal", "orders", "vol-wal").await;
-    volume(&east_client, "data", "orders", "vol-data").await;
-    volume(&west_client, "reporting", "orders", "vol-reporting").await;
-    volume(&west_client, "scratch", "scratch", "vol-scratch").await;
+    volume(&east_client, "wal", "orders", "vol-wal", "e1").await;
+    volume(&east_client, "data", "orders", "vol-data", "e1").await;
+    volume(&west_client, "reporting", "orders", "vol-reporting", "w1").await;
+    volume(&west_client, "scratch", "scratch", "vol-scratch", "w1").await;
     replication_node(&east_client, "east", "e1", &["vol-wal", "vol-data"]).await;
     replication_node(
         &west_client,
@@ -194,6 +194,7 @@ async fn world() -> World {
             kubeconfig_secret_ref: None,
             network: None,
             service_account_keys: None,
+            volume_binding: Default::default(),
         },
     )
     .await;
@@ -211,6 +212,7 @@ async fn world() -> World {
             }),
             network: None,
             service_account_keys: None,
+            volume_binding: Default::default(),
         },
     )
     .await;
@@ -432,6 +434,7 @@ async fn unreachable_clusters_bad_kubeconfigs_and_double_claims_show_in_conditio
         }),
         network: None,
         service_account_keys: None,
+        volume_binding: Default::default(),
     };
     member_cluster(&world.east_client, "north", broken).await;
     let spec = group_spec(
@@ -543,7 +546,7 @@ async fn a_group_spanning_a_grpc_only_and_an_api_only_cluster_resolves_and_freez
     let _ = tracing_subscriber::fmt().with_test_writer().try_init();
     let (east, hub) = api_server().await;
     let (south, south_client) = api_server().await;
-    volume(&south_client, "ledger", "orders", "vol-ledger").await;
+    volume(&south_client, "ledger", "orders", "vol-ledger", "s1").await;
     replication_node(&south_client, "south", "s1", &["vol-ledger"]).await;
     member_cluster(
         &hub,
@@ -554,6 +557,7 @@ async fn a_group_spanning_a_grpc_only_and_an_api_only_cluster_resolves_and_freez
             kubeconfig_secret_ref: None,
             network: None,
             service_account_keys: None,
+            volume_binding: Default::default(),
         },
     )
     .await;
@@ -566,6 +570,7 @@ async fn a_group_spanning_a_grpc_only_and_an_api_only_cluster_resolves_and_freez
             kubeconfig_secret_ref: None,
             network: Some("lte".into()),
             service_account_keys: None,
+            volume_binding: Default::default(),
         },
     )
     .await;
@@ -580,6 +585,7 @@ async fn a_group_spanning_a_grpc_only_and_an_api_only_cluster_resolves_and_freez
         }),
         network: None,
         service_account_keys: None,
+        volume_binding: Default::default(),
     };
     member_cluster(&hub, "south", api_only).await;
     let operator = Operator::start(hub.clone(), &options()).await?;
@@ -1213,8 +1219,8 @@ async fn single_cluster_group(hub: &Client) -> (ConsistencyGroup, String) {
 
 async fn east_only() -> (ApiServer, Client) {
     let (east, hub) = api_server().await;
-    volume(&hub, "wal", "orders", "vol-wal").await;
-    volume(&hub, "data", "orders", "vol-data").await;
+    volume(&hub, "wal", "orders", "vol-wal", "e1").await;
+    volume(&hub, "data", "orders", "vol-data", "e1").await;
     replication_node(&hub, "east", "e1", &["vol-wal", "vol-data"]).await;
     let local = MemberClusterSpec {
         paths: ClusterPaths::Both,
@@ -1222,6 +1228,7 @@ async fn east_only() -> (ApiServer, Client) {
         kubeconfig_secret_ref: None,
         network: None,
         service_account_keys: None,
+        volume_binding: Default::default(),
     };
     member_cluster(&hub, "east", local).await;
     (east, hub)

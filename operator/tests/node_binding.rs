@@ -3,22 +3,14 @@
 //! claims and acknowledges another node's volume neither takes it over nor releases the group.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::{collections::BTreeMap, time::Duration};
+use std::time::Duration;
 
-use k8s_openapi::{
-    api::core::v1::{
-        CSIPersistentVolumeSource, NodeSelector, NodeSelectorRequirement, NodeSelectorTerm,
-        PersistentVolume, PersistentVolumeClaim, PersistentVolumeClaimSpec, PersistentVolumeSpec,
-        VolumeNodeAffinity,
-    },
-    apimachinery::pkg::apis::meta::v1::ObjectMeta,
-};
 use kube::{
     Api, Client,
     api::{Patch, PatchParams, PostParams},
 };
 use lockstep_api::{
-    domain::{ClusterPaths, Policy, Stage},
+    domain::{ClusterPaths, Policy, Stage, VolumeBinding, VolumeState, condition},
     v1alpha1::{
         ConsistencyGroup, ConsistencyGroupSpec, GroupMember, MemberCluster, MemberClusterSpec,
         ReplicationNode, ReplicationNodeSpec,
@@ -29,7 +21,7 @@ use serde_json::json;
 
 mod common;
 
-use common::{cluster, eventually};
+use common::{cluster, eventually, volume, volume_with};
 
 fn options() -> Options {
     Options {
@@ -45,58 +37,6 @@ fn options() -> Options {
         max_sessions_per_cluster: lockstep_operator::sessions::DEFAULT_SESSIONS_PER_CLUSTER,
         control_security: lockstep_operator::ControlSecurity::insecure_plaintext(),
     }
-}
-
-/// A PVC `orders/<pvc>` bound to a CSI PV with handle `handle`, whose node affinity names `node`.
-async fn volume_on(client: &Client, pvc: &str, handle: &str, node: &str) {
-    let pv = PersistentVolume {
-        metadata: ObjectMeta {
-            name: Some(format!("pv-{handle}")),
-            ..Default::default()
-        },
-        spec: Some(PersistentVolumeSpec {
-            csi: Some(CSIPersistentVolumeSource {
-                driver: "nbd.lockstep.dev".into(),
-                volume_handle: handle.into(),
-                ..Default::default()
-            }),
-            node_affinity: Some(VolumeNodeAffinity {
-                required: Some(NodeSelector {
-                    node_selector_terms: vec![NodeSelectorTerm {
-                        match_expressions: Some(vec![NodeSelectorRequirement {
-                            key: "kubernetes.io/hostname".into(),
-                            operator: "In".into(),
-                            values: Some(vec![node.into()]),
-                        }]),
-                        match_fields: None,
-                    }],
-                }),
-            }),
-            ..Default::default()
-        }),
-        status: None,
-    };
-    Api::<PersistentVolume>::all(client.clone())
-        .create(&PostParams::default(), &pv)
-        .await
-        .unwrap();
-    let claim = PersistentVolumeClaim {
-        metadata: ObjectMeta {
-            name: Some(pvc.into()),
-            namespace: Some("orders".into()),
-            labels: Some(BTreeMap::new()),
-            ..Default::default()
-        },
-        spec: Some(PersistentVolumeClaimSpec {
-            volume_name: Some(format!("pv-{handle}")),
-            ..Default::default()
-        }),
-        status: None,
-    };
-    Api::<PersistentVolumeClaim>::namespaced(client.clone(), "orders")
-        .create(&PostParams::default(), &claim)
-        .await
-        .unwrap();
 }
 
 async fn node_status(client: &Client, node: &str, status: serde_json::Value) {
@@ -137,8 +77,8 @@ fn member<'a>(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_claiming_and_acknowledging_another_nodes_volume_neither_takes_it_nor_releases() {
     let (_server, hub) = cluster().await;
-    volume_on(&hub, "wal", "vol-wal", "e1").await;
-    volume_on(&hub, "data", "vol-data", "e2").await;
+    volume(&hub, "wal", "orders", "vol-wal", "e1").await;
+    volume(&hub, "data", "orders", "vol-data", "e2").await;
     Api::<MemberCluster>::all(hub.clone())
         .create(
             &PostParams::default(),
@@ -150,6 +90,7 @@ async fn a_node_claiming_and_acknowledging_another_nodes_volume_neither_takes_it
                     kubeconfig_secret_ref: None,
                     network: None,
                     service_account_keys: None,
+                    volume_binding: Default::default(),
                 },
             ),
         )
@@ -259,6 +200,139 @@ async fn a_node_claiming_and_acknowledging_another_nodes_volume_neither_takes_it
     .await;
     eventually("released once e1 acknowledged", || async {
         (groups.get("orders-db").await.ok()?.position() >= (1, Stage::Release)).then_some(())
+    })
+    .await;
+    operator.shutdown().await;
+}
+
+/// The hub as its own member cluster, taking volumes' nodes as `binding` says.
+async fn local_member(hub: &Client, binding: VolumeBinding) {
+    Api::<MemberCluster>::all(hub.clone())
+        .create(
+            &PostParams::default(),
+            &MemberCluster::new(
+                "east",
+                MemberClusterSpec {
+                    paths: ClusterPaths::Both,
+                    local: true,
+                    kubeconfig_secret_ref: None,
+                    network: None,
+                    service_account_keys: None,
+                    volume_binding: binding,
+                },
+            ),
+        )
+        .await
+        .unwrap();
+}
+
+fn one_volume_group(pvc: &str) -> ConsistencyGroupSpec {
+    ConsistencyGroupSpec {
+        members: vec![GroupMember {
+            cluster: "east".into(),
+            namespace: "orders".into(),
+            pvc_names: Some(vec![pvc.into()]),
+            selector: None,
+        }],
+        policy: Policy::FreezeAndGo,
+        hold_timeout: "30s".into(),
+        release: None,
+        resync: None,
+        freeze: None,
+    }
+}
+
+/// `node`'s ReplicationNode lists vol-wal in `state`.
+async fn wal_reported(hub: &Client, node: &str, state: &str) {
+    let volumes = json!([{"volumeHandle": "vol-wal", "state": state, "epoch": 0}]);
+    node_status(hub, node, json!({"volumes": volumes, "volumeCount": 1})).await;
+}
+
+/// The operator, and a group `orders-db` of the PVC wal.
+async fn operator_with_wal_group(hub: &Client) -> (Operator, Api<ConsistencyGroup>) {
+    let operator = Operator::start(hub.clone(), &options()).await.unwrap();
+    let groups = Api::<ConsistencyGroup>::all(hub.clone());
+    groups
+        .create(
+            &PostParams::default(),
+            &ConsistencyGroup::new("orders-db", one_volume_group("wal")),
+        )
+        .await
+        .unwrap();
+    (operator, groups)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_volume_bound_to_no_node_stays_unresolved_until_the_cluster_trusts_sidecar_claims() {
+    let (_server, hub) = cluster().await;
+    // A PV with no node affinity, never attached: only e1's own word says where it is.
+    volume_with(&hub, "wal", "orders", "vol-wal", None).await;
+    local_member(&hub, VolumeBinding::Required).await;
+    wal_reported(&hub, "e1", "Replicating").await;
+    let (operator, groups) = operator_with_wal_group(&hub).await;
+    let message = eventually("MembersResolved=False saying why", || async {
+        let group = groups.get("orders-db").await.ok()?;
+        let condition = group
+            .status?
+            .conditions
+            .into_iter()
+            .find(|c| c.type_ == condition::MEMBERS_RESOLVED)?;
+        (condition.status == "False").then_some(condition.message)
+    })
+    .await;
+    assert!(
+        message.contains("east/orders/wal (volume vol-wal) is bound to no node")
+            && message.contains("volumeBinding: Required"),
+        "{message}"
+    );
+    let group = groups.get("orders-db").await.unwrap();
+    assert_eq!(
+        member(&group, "wal").unwrap().node,
+        None,
+        "{:?}",
+        group.status
+    );
+
+    // The person decides to trust the sidecars of this cluster: e1's claim now places the volume.
+    Api::<MemberCluster>::all(hub.clone())
+        .patch(
+            "east",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"volumeBinding": "SidecarClaims"}})),
+        )
+        .await
+        .unwrap();
+    eventually("wal resolved on e1", || async {
+        let group = groups.get("orders-db").await.ok()?;
+        (member(&group, "wal")?.node.as_deref() == Some("e1")).then_some(())
+    })
+    .await;
+    operator.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_node_reporting_a_volumes_state_does_not_change_it() {
+    let (_server, hub) = cluster().await;
+    volume(&hub, "wal", "orders", "vol-wal", "e1").await;
+    local_member(&hub, VolumeBinding::Required).await;
+    wal_reported(&hub, "e1", "Resyncing").await;
+    let (operator, groups) = operator_with_wal_group(&hub).await;
+    eventually("wal Resyncing on e1", || async {
+        let group = groups.get("orders-db").await.ok()?;
+        let wal = member(&group, "wal")?;
+        (wal.node.as_deref() == Some("e1") && wal.state == Some(VolumeState::Resyncing))
+            .then_some(())
+    })
+    .await;
+    // e2, compromised, says the volume is Replicating (in sync): were it believed, the group would
+    // publish a consistent image that volume is not part of.
+    wal_reported(&hub, "e2", "Replicating").await;
+    // Then e1 says its volume is Unconfirmed: once the group shows that, the operator has read both
+    // reports together, and e1's is the one that counts.
+    wal_reported(&hub, "e1", "Unconfirmed").await;
+    eventually("wal Unconfirmed, as e1 says", || async {
+        let group = groups.get("orders-db").await.ok()?;
+        (member(&group, "wal")?.state == Some(VolumeState::Unconfirmed)).then_some(())
     })
     .await;
     operator.shutdown().await;

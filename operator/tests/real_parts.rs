@@ -46,7 +46,7 @@ struct Node {
 }
 
 impl Node {
-    async fn start(client: &Client, volumes: &[&str]) -> Node {
+    async fn start(client: &Client, node: &str, volumes: &[&str]) -> Node {
         let dir = tempfile::tempdir().unwrap();
         std::fs::create_dir_all(dir.path().join("primary")).unwrap();
         let secondary = Secondary::start(SecondaryConfig {
@@ -73,7 +73,7 @@ impl Node {
                 )
             });
             links.insert((*name).to_owned(), link);
-            volume(client, name, "orders", name).await;
+            volume(client, name, "orders", name, node).await;
         }
         let primary = Primary::start(PrimaryConfig {
             volumes: configs,
@@ -180,8 +180,8 @@ async fn setup_with_hold_timeout(fault: Fault, policy: Policy, hold_timeout: &st
         .try_init();
     let (east, hub) = cluster().await;
     let (west, west_client) = cluster().await;
-    let east_node = Node::start(&hub, &["wal", "data"]).await;
-    let west_node = Node::start(&west_client, &["reporting"]).await;
+    let east_node = Node::start(&hub, "e1", &["wal", "data"]).await;
+    let west_node = Node::start(&west_client, "w1", &["reporting"]).await;
 
     // The hub knows both clusters.
     let local = MemberClusterSpec {
@@ -190,6 +190,7 @@ async fn setup_with_hold_timeout(fault: Fault, policy: Policy, hold_timeout: &st
         kubeconfig_secret_ref: None,
         network: None,
         service_account_keys: None,
+        volume_binding: Default::default(),
     };
     Api::<MemberCluster>::all(hub.clone())
         .create(&PostParams::default(), &MemberCluster::new("east", local))
@@ -219,6 +220,7 @@ async fn setup_with_hold_timeout(fault: Fault, policy: Policy, hold_timeout: &st
         }),
         network: None,
         service_account_keys: None,
+        volume_binding: Default::default(),
     };
     Api::<MemberCluster>::all(hub.clone())
         .create(&PostParams::default(), &MemberCluster::new("west", both))

@@ -5,7 +5,7 @@ use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use crate::domain::ClusterPaths;
+use crate::domain::{ClusterPaths, VolumeBinding};
 
 /// A cluster whose volumes can be members of ConsistencyGroups, and how the operator reaches it: through
 /// its API server (with a kubeconfig Secret), through the gRPC Control service its sidecars dial, or both.
@@ -69,6 +69,14 @@ pub struct MemberClusterSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 65536))]
     pub service_account_keys: Option<String>,
+
+    /// Where a volume's node comes from when the hub reads the cluster: Required (default) — only the
+    /// PersistentVolume's `kubernetes.io/hostname` node affinity or an attached VolumeAttachment, which no
+    /// node can write; a volume bound by neither stays unresolved — or SidecarClaims, which also takes the
+    /// word of the one sidecar claiming an unbound volume (for drivers whose volumes name no node). On a
+    /// GrpcOnly cluster only sidecar claims exist, and a volume two nodes claim is unresolved.
+    #[serde(default)]
+    pub volume_binding: VolumeBinding,
 }
 
 /// A key of a Secret in the hub.

@@ -20,6 +20,7 @@
 //! `CI` is set and a skip, said out loud, elsewhere.
 
 pub mod backend;
+pub mod fixtures;
 
 use std::fmt;
 use std::fs;

@@ -116,8 +116,14 @@ pub async fn create_namespace(client: &Client, name: &str) {
         .unwrap();
 }
 
-/// A PVC `orders/<pvc>` labelled `app=<app>`, bound to a CSI PV `pv-<handle>` with volume handle `handle`.
-pub async fn volume(client: &Client, pvc: &str, app: &str, handle: &str) {
+/// A PVC `orders/<pvc>` labelled `app=<app>`, bound to a CSI PV `pv-<handle>` with volume handle `handle`
+/// whose node affinity names `node` (where the operator takes the volume's node from).
+pub async fn volume(client: &Client, pvc: &str, app: &str, handle: &str, node: &str) {
+    volume_with(client, pvc, app, handle, Some(node)).await
+}
+
+/// As [`volume`], with a PV whose node affinity names `node`, or that names no node.
+pub async fn volume_with(client: &Client, pvc: &str, app: &str, handle: &str, node: Option<&str>) {
     let pv = PersistentVolume {
         metadata: ObjectMeta {
             name: Some(format!("pv-{handle}")),
@@ -135,6 +141,7 @@ pub async fn volume(client: &Client, pvc: &str, app: &str, handle: &str) {
                 Quantity("1Mi".into()),
             )])),
             access_modes: Some(vec!["ReadWriteOnce".into()]),
+            node_affinity: node.map(lockstep_kube::fixtures::hostname_affinity),
             ..Default::default()
         }),
         status: None,

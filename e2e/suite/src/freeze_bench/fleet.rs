@@ -201,6 +201,10 @@ async fn create_volume(client: &Client, placement: &Placement) -> Result<(), Ben
                 Quantity("1Gi".into()),
             )])),
             access_modes: Some(vec!["ReadWriteOnce".into()]),
+            node_affinity: Some(lockstep_kube::fixtures::hostname_affinity(&node_name(
+                placement.cluster,
+                placement.node,
+            ))),
             ..Default::default()
         }),
         status: None,
@@ -343,6 +347,7 @@ impl Fleet {
                     kubeconfig_secret_ref: secret_ref,
                     network: Some(format!("dc-{}", member.name)),
                     service_account_keys: None,
+                    volume_binding: Default::default(),
                 },
             );
             Api::<MemberCluster>::all(hub_client.clone())
