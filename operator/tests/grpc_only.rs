@@ -306,11 +306,21 @@ async fn every_answer_says_whether_it_was_applied() -> TestResult {
     assert_eq!(refused.code(), tonic::Code::NotFound, "{refused:?}");
 
     let freeze = freeze_from_edge_1(&mut edge_1, &mut edge_1_stream, &uid).await;
-    let answer = edge_1
-        .ack(ack("edge-1", &freeze, &["wal"]))
-        .await?
-        .into_inner();
-    assert!(answer.applied, "{answer:?}");
+    // An answer that says "not applied" gives its reason, and the sidecar sends the acknowledgement
+    // again until one says "applied" (the freeze's own status write may still be on its way).
+    eventually("edge-1's acknowledgement applied", || {
+        let (mut edge_1, freeze) = (edge_1.clone(), freeze.clone());
+        async move {
+            let answer = edge_1
+                .ack(ack("edge-1", &freeze, &["wal"]))
+                .await
+                .ok()?
+                .into_inner();
+            assert!(answer.applied || !answer.reason.is_empty(), "{answer:?}");
+            answer.applied.then_some(())
+        }
+    })
+    .await;
 
     // data is served by edge-2, whose sidecar has not told the operator yet: not applied.
     // Keep edge-2's stream open for the rest of the test: a dropped stream closes its session, and a
