@@ -135,6 +135,11 @@ pub struct Carried {
     pub level: Level,
     /// False while the replicator holds its I/O waiting for a confirmation.
     pub confirmed: bool,
+    /// The sequence of the write whose failed copy the volume holds writes for (mode Held), if it does.
+    /// A failure the replicator announced before this sidecar listened (it restarted, or its event
+    /// stream broke) is learnt from here: otherwise nothing would ever freeze the group, and the volume's
+    /// writes would fail at every hold timeout.
+    pub held_after_failure: Option<u64>,
 }
 
 /// A write whose copy failed, as the core records it for the reports.
@@ -636,6 +641,10 @@ impl Enforcer {
 
     fn inventory(&mut self, carried: Vec<Carried>, out: &mut Outcome) {
         let served: BTreeSet<String> = carried.iter().map(|c| c.volume.clone()).collect();
+        let held: Vec<(String, u64)> = carried
+            .iter()
+            .filter_map(|c| Some((c.volume.clone(), c.held_after_failure?)))
+            .collect();
         self.volumes.retain(|name, _| served.contains(name));
         for c in carried {
             let known = self.volumes.get(&c.volume);
@@ -660,6 +669,12 @@ impl Enforcer {
             }
         }
         self.inventory_known = true;
+        for (volume, sequence) in held {
+            if self.group_of(&volume).is_some() {
+                let error = "the replicator holds this volume's writes after a failed copy (found in its volume list: the failure was announced before this sidecar listened)".to_owned();
+                self.copy_failed(volume, sequence, error, 0, out);
+            }
+        }
         self.enforce_all(out);
     }
 

@@ -274,6 +274,8 @@ pub fn carried(state: &pb::VolumeState) -> Carried {
         group_uid: (!state.group_uid.is_empty()).then(|| state.group_uid.clone()),
         level,
         confirmed: state.mode != pb::Mode::Unconfirmed as i32,
+        held_after_failure: (state.mode == pb::Mode::Held as i32)
+            .then(|| state.last_acked_sequence.saturating_add(1)),
     }
 }
 

@@ -22,6 +22,7 @@ fn fresh(volume: &str) -> Carried {
         group_uid: None,
         level: Level::point(0, Stage::Resume),
         confirmed: false,
+        held_after_failure: None,
     }
 }
 
@@ -31,6 +32,7 @@ fn carrying(volume: &str, level: Level, confirmed: bool) -> Carried {
         group_uid: Some(G.to_owned()),
         level,
         confirmed,
+        held_after_failure: None,
     }
 }
 

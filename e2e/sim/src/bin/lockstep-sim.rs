@@ -1,0 +1,112 @@
+//! The soak runner: seeds in parallel, seeds per second, faults by kind and violations; or one seed
+//! replayed with its trace.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+
+use clap::Parser;
+use lockstep_sim::{Config, run};
+
+/// Runs simulation seeds.
+#[derive(Debug, Parser)]
+#[command(name = "lockstep-sim")]
+struct Cli {
+    /// How many seeds to run.
+    #[arg(long, default_value_t = 1000)]
+    seeds: u64,
+    /// The first seed.
+    #[arg(long, default_value_t = 0)]
+    first: u64,
+    /// Worker threads.
+    #[arg(long, default_value_t = 2)]
+    threads: u64,
+    /// Replays one seed and prints what it did.
+    #[arg(long)]
+    replay: Option<u64>,
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let config = Config::default();
+    if let Some(seed) = cli.replay {
+        return match run(seed, &config) {
+            Ok(summary) => {
+                println!("seed {seed}: ok, {summary:?}");
+                std::process::ExitCode::SUCCESS
+            }
+            Err(violation) => {
+                println!("{violation}");
+                std::process::ExitCode::FAILURE
+            }
+        };
+    }
+    let started = Instant::now();
+    let next = AtomicU64::new(cli.first);
+    let end = cli.first + cli.seeds;
+    let results: Vec<(BTreeMap<&'static str, u64>, Vec<String>, u64)> = std::thread::scope(
+        |scope| {
+            let workers: Vec<_> = (0..cli.threads.max(1))
+            .map(|_| {
+                scope.spawn(|| {
+                    let mut faults = BTreeMap::new();
+                    let mut violations = Vec::new();
+                    let mut steps = 0;
+                    loop {
+                        let seed = next.fetch_add(1, Ordering::Relaxed);
+                        if seed >= end {
+                            break;
+                        }
+                        match run(seed, &config) {
+                            Ok(summary) => {
+                                steps += summary.steps;
+                                for (kind, count) in summary.faults {
+                                    *faults.entry(kind).or_default() += count;
+                                }
+                            }
+                            Err(violation) => violations.push(format!(
+                                "seed {seed}: {} (replay: cargo run --release -p lockstep-sim -- --replay {seed})",
+                                violation.what
+                            )),
+                        }
+                    }
+                    (faults, violations, steps)
+                })
+            })
+            .collect();
+            workers
+                .into_iter()
+                .filter_map(|worker| worker.join().ok())
+                .collect()
+        },
+    );
+    let elapsed = started.elapsed().as_secs_f64();
+    let mut faults: BTreeMap<&str, u64> = BTreeMap::new();
+    let mut violations = Vec::new();
+    let mut steps = 0;
+    for (f, v, s) in results {
+        for (kind, count) in f {
+            *faults.entry(kind).or_default() += count;
+        }
+        violations.extend(v);
+        steps += s;
+    }
+    println!(
+        "{} seeds in {elapsed:.1} s: {:.0} seeds/s, {:.0} steps/s, {} violations",
+        cli.seeds,
+        cli.seeds as f64 / elapsed,
+        steps as f64 / elapsed,
+        violations.len()
+    );
+    for (kind, count) in &faults {
+        println!("  {count:>10}  {kind}");
+    }
+    for violation in violations.iter().take(20) {
+        println!("{violation}");
+    }
+    if violations.is_empty() {
+        std::process::ExitCode::SUCCESS
+    } else {
+        std::process::ExitCode::FAILURE
+    }
+}

@@ -1,0 +1,1503 @@
+//! The simulated world: a hub group decided by the operator's real freeze core
+//! ([`lockstep_operator::freeze`]), one sidecar per node running the real enforcement core
+//! ([`lockstep_sidecar::enforce::Enforcer`]), model replicators and secondaries, both report paths with
+//! their faults, and an application issuing dependent writes — all on one seeded event queue with
+//! simulated time, checked after every step.
+//!
+//! What is modelled rather than run: the replicator (a small model of the Replicator protocol's
+//! contract: copy in order, hold on a failed copy, stop copying when suspended, complete held writes on
+//! a release, resynchronise on a resume, fail held writes at the hold timeout), the transports (a gRPC
+//! message may be lost, duplicated, delayed or reordered; the API path is level-triggered: the latest
+//! object is read, late, and not at all while that member's API server is down), member resolution
+//! (the members are resolved once, as the engine would) and the secondaries' kept image (taken at the
+//! first resume, dropped once every volume is in sync again).
+
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
+use lockstep_api::{
+    conditions::{self, ConditionUpdate},
+    domain::{ClaimOrder, GroupEpoch, Path, Policy, Stage, condition},
+    v1alpha1::{
+        ConsistencyGroup, ConsistencyGroupSpec, ConsistencyGroupStatus, EpochIntent, GroupMember,
+        MemberVolumeStatus,
+    },
+};
+use lockstep_operator::freeze;
+use lockstep_sidecar::enforce::{self, Carried, Enforcer, Input, Level, Operation, Outcome};
+
+use crate::rng::Rng;
+
+/// Simulated milliseconds.
+pub type Ms = u64;
+
+/// The group's UID.
+const UID: &str = "sim-group";
+/// How often sidecars report, read their paths and poll their replicator.
+const SIDECAR_TICK: Ms = 250;
+/// How often the operator evaluates and sends its current point again.
+const OPERATOR_TICK: Ms = 200;
+/// How long a copy may wait for the secondary's acknowledgement.
+const COPY_TIMEOUT: Ms = 150;
+
+/// A defect planted in the simulated world, to show the invariants catch it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mutant {
+    /// The replicator keeps copying new writes while suspended.
+    CopyWhileSuspended,
+    /// The operator takes one node's acknowledgement for every volume of its cluster.
+    AckForWholeCluster,
+}
+
+/// One simulation's shape.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Member clusters (at least 2).
+    pub clusters: usize,
+    /// Nodes per cluster.
+    pub nodes_per_cluster: usize,
+    /// Volumes per node; the same handles repeat in every cluster.
+    pub volumes_per_node: usize,
+    /// Application threads, each issuing one write at a time.
+    pub threads: usize,
+    /// How long faults are drawn, in simulated milliseconds.
+    pub fault_ms: Ms,
+    /// The group's hold timeout.
+    pub hold_timeout_ms: Ms,
+    /// The sidecars' fail-safe interval.
+    pub fail_safe_ms: Ms,
+    /// A planted defect.
+    pub mutant: Option<Mutant>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            clusters: 2,
+            nodes_per_cluster: 2,
+            volumes_per_node: 1,
+            threads: 3,
+            fault_ms: 60_000,
+            hold_timeout_ms: 5_000,
+            fail_safe_ms: 2_000,
+            mutant: None,
+        }
+    }
+}
+
+/// What one seed did.
+#[derive(Debug, Clone, Default)]
+pub struct Summary {
+    /// Events processed.
+    pub steps: u64,
+    /// Writes the application issued, and how many were acknowledged.
+    pub writes: usize,
+    /// Writes acknowledged.
+    pub acknowledged: usize,
+    /// Writes failed with an I/O error at the hold timeout.
+    pub failed: usize,
+    /// The group's epoch at the end.
+    pub epoch: u64,
+    /// Faults injected, by kind.
+    pub faults: BTreeMap<&'static str, u64>,
+}
+
+/// An invariant that did not hold.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("seed {seed}: {what} (at {at_ms} ms, step {step})\n{trace}")]
+pub struct Violation {
+    /// The seed.
+    pub seed: u64,
+    /// Which invariant, in a sentence.
+    pub what: String,
+    /// Simulated time.
+    pub at_ms: Ms,
+    /// Step number.
+    pub step: u64,
+    /// The last steps, for people.
+    pub trace: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    Unconfirmed,
+    Replicating,
+    Held,
+    Suspended,
+    Running,
+    Resyncing,
+}
+
+#[derive(Debug)]
+struct Volume {
+    cluster: usize,
+    node: usize,
+    handle: String,
+    mode: Mode,
+    level: Level,
+    confirmed: bool,
+    link_up: bool,
+    link_generation: u64,
+    /// Writes sent and not yet acknowledged by the secondary.
+    in_flight: BTreeSet<usize>,
+    /// Writes kept from the application, with when they were held.
+    held: BTreeMap<usize, Ms>,
+    /// Writes on the primary that are not known to be on the secondary.
+    dirty: BTreeSet<usize>,
+    /// Resync copies outstanding.
+    resync_left: BTreeSet<usize>,
+    /// Secondary: writes applied.
+    image: BTreeSet<usize>,
+    /// Secondary: the image kept through a resync.
+    kept: Option<BTreeSet<usize>>,
+}
+
+#[derive(Debug)]
+struct Write {
+    volume: usize,
+    /// How many writes were acknowledged when this one was issued: it depends on all of them.
+    predecessors: usize,
+    thread: usize,
+}
+
+#[derive(Debug)]
+struct Sidecar {
+    cluster: usize,
+    name: String,
+    volumes: Vec<usize>,
+    enforcer: Enforcer,
+    up: bool,
+    incarnation: u64,
+    members_sent: [bool; 2],
+    last_heard: Ms,
+    /// The last acknowledged point of each volume.
+    acked: BTreeMap<String, (GroupEpoch, bool)>,
+}
+
+#[derive(Debug, Clone)]
+enum ToOperator {
+    Report {
+        cluster: usize,
+        node: String,
+        failures: Vec<enforce::Failure>,
+    },
+    Ack {
+        cluster: usize,
+        ack: enforce::Ack,
+    },
+    Seen {
+        epoch: u64,
+    },
+    HoldTimedOut {
+        cluster: usize,
+        timeouts: Vec<enforce::HoldTimeout>,
+    },
+}
+
+#[derive(Debug, Clone)]
+enum Step {
+    Issue {
+        thread: usize,
+    },
+    CopyArrives {
+        volume: usize,
+        write: usize,
+        generation: u64,
+        resync: bool,
+    },
+    CopyAcked {
+        volume: usize,
+        write: usize,
+        generation: u64,
+        resync: bool,
+    },
+    CopyTimeout {
+        volume: usize,
+        write: usize,
+        generation: u64,
+    },
+    GrpcToOperator {
+        message: ToOperator,
+        incarnation: u64,
+    },
+    GrpcToSidecar {
+        sidecar: usize,
+        target: GroupEpoch,
+        incarnation: u64,
+    },
+    ReadNode {
+        sidecar: usize,
+    },
+    ReadMirror {
+        sidecar: usize,
+    },
+    SidecarTick {
+        sidecar: usize,
+    },
+    OperatorTick,
+    LinkCut {
+        volume: usize,
+        until: Ms,
+    },
+    LinkHealed {
+        volume: usize,
+    },
+    GrpcCut {
+        cluster: usize,
+        until: Ms,
+    },
+    GrpcHealed {
+        cluster: usize,
+    },
+    ApiDown {
+        cluster: usize,
+        until: Ms,
+    },
+    ApiUp {
+        cluster: usize,
+    },
+    OperatorDown {
+        until: Ms,
+    },
+    OperatorUp,
+    SidecarDown {
+        sidecar: usize,
+        until: Ms,
+    },
+    SidecarUp {
+        sidecar: usize,
+    },
+    PersonResyncs,
+    Heal,
+}
+
+/// A ReplicationNode's status, as the operator reads it.
+#[derive(Debug, Clone, Default)]
+struct NodeStatus {
+    failures: Vec<enforce::Failure>,
+    enforced: Vec<enforce::Ack>,
+}
+
+struct World {
+    seed: u64,
+    config: Config,
+    rng: Rng,
+    now: Ms,
+    step: u64,
+    queue: BinaryHeap<Reverse<(Ms, u64, usize)>>,
+    steps: Vec<Option<Step>>,
+    volumes: Vec<Volume>,
+    writes: Vec<Write>,
+    sidecars: Vec<Sidecar>,
+    group: ConsistencyGroup,
+    operator_up: bool,
+    operator_incarnation: u64,
+    grpc_up: Vec<bool>,
+    api_up: Vec<bool>,
+    mirrors: Vec<Option<GroupEpoch>>,
+    nodes: Vec<NodeStatus>,
+    /// Writes acknowledged to the application, in order.
+    acknowledged: Vec<usize>,
+    /// Per write: on the effective secondary image (the kept one during a resync).
+    on_image: Vec<bool>,
+    /// The lowest index into `acknowledged` whose write is not on the effective image.
+    first_missing: usize,
+    /// The highest `predecessors` of a write on the effective image.
+    max_predecessors: usize,
+    healing: bool,
+    trace: Vec<String>,
+    summary: Summary,
+}
+
+/// Runs one seed; a violated invariant is returned with the steps that led to it.
+pub fn run(seed: u64, config: &Config) -> Result<Summary, Box<Violation>> {
+    let mut world = World::new(seed, config.clone());
+    world.start();
+    let end = config.fault_ms + 2 * config.hold_timeout_ms + config.fail_safe_ms + 5_000;
+    while let Some(Reverse((at, _, index))) = world.queue.pop() {
+        if at > end {
+            break;
+        }
+        world.now = at;
+        world.step += 1;
+        let Some(step) = world.steps[index].take() else {
+            continue;
+        };
+        world.note(format!("{step:?}"));
+        world.handle(step)?;
+    }
+    world.now = end;
+    world.liveness()?;
+    world.summary.steps = world.step;
+    world.summary.writes = world.writes.len();
+    world.summary.acknowledged = world.acknowledged.len();
+    world.summary.epoch = world.group.status.as_ref().map_or(0, |s| s.epoch);
+    Ok(world.summary)
+}
+
+fn time(ms: Ms) -> Time {
+    let base = 1_700_000_000_000_i64;
+    let at = base + i64::try_from(ms).unwrap_or(i64::MAX / 2);
+    Time(k8s_openapi::jiff::Timestamp::from_millisecond(at).unwrap_or_default())
+}
+
+fn level_of(point: &GroupEpoch) -> Level {
+    Level::point(point.epoch, point.stage)
+}
+
+fn position(group: &ConsistencyGroup) -> (u64, Stage) {
+    group
+        .status
+        .as_ref()
+        .map_or((0, Stage::Resume), freeze::position)
+}
+
+impl World {
+    fn new(seed: u64, config: Config) -> Self {
+        let mut volumes = Vec::new();
+        let mut sidecars = Vec::new();
+        let mut members = Vec::new();
+        let mut statuses = Vec::new();
+        for cluster in 0..config.clusters.max(2) {
+            let mut pvcs = Vec::new();
+            for node in 0..config.nodes_per_cluster.max(1) {
+                let name = format!("c{cluster}-node-{node}");
+                let mut mine = Vec::new();
+                for i in 0..config.volumes_per_node.max(1) {
+                    // The same handles in every cluster: a volume is (cluster, handle).
+                    let handle = format!("vol-{node}-{i}");
+                    let pvc = format!("pvc-{node}-{i}");
+                    statuses.push(MemberVolumeStatus {
+                        cluster: format!("c{cluster}"),
+                        namespace: "app".into(),
+                        pvc: pvc.clone(),
+                        persistent_volume: Some(format!("pv-{handle}")),
+                        volume_handle: Some(handle.clone()),
+                        node: Some(name.clone()),
+                        state: None,
+                        acknowledged: None,
+                        image_epoch: None,
+                    });
+                    pvcs.push(pvc);
+                    mine.push(volumes.len());
+                    volumes.push(Volume {
+                        cluster,
+                        node: sidecars.len(),
+                        handle,
+                        mode: Mode::Unconfirmed,
+                        level: Level::point(0, Stage::Resume),
+                        confirmed: false,
+                        link_up: true,
+                        link_generation: 0,
+                        in_flight: BTreeSet::new(),
+                        held: BTreeMap::new(),
+                        dirty: BTreeSet::new(),
+                        resync_left: BTreeSet::new(),
+                        image: BTreeSet::new(),
+                        kept: None,
+                    });
+                }
+                sidecars.push(Sidecar {
+                    cluster,
+                    name,
+                    volumes: mine,
+                    enforcer: Enforcer::new(),
+                    up: true,
+                    incarnation: 0,
+                    members_sent: [false; 2],
+                    last_heard: 0,
+                    acked: BTreeMap::new(),
+                });
+            }
+            members.push(GroupMember {
+                cluster: format!("c{cluster}"),
+                namespace: "app".into(),
+                pvc_names: Some(pvcs),
+                selector: None,
+            });
+        }
+        let mut rng = Rng::new(seed);
+        let policy = if rng.chance(500) {
+            Policy::FreezeAndGo
+        } else {
+            Policy::FreezeAndStop
+        };
+        let spec = ConsistencyGroupSpec {
+            members,
+            policy,
+            hold_timeout: format!("{}s", config.hold_timeout_ms / 1000),
+            release: None,
+            resync: None,
+            freeze: None,
+        };
+        let mut status = ConsistencyGroupStatus {
+            member_count: u32::try_from(statuses.len()).unwrap_or(u32::MAX),
+            members: statuses,
+            ..ConsistencyGroupStatus::default()
+        };
+        conditions::set(
+            &mut status.conditions,
+            ConditionUpdate {
+                type_: condition::MEMBERS_RESOLVED,
+                status: true,
+                reason: "Resolved",
+                message: "resolved by the simulation".into(),
+            },
+            Some(1),
+            &time(0),
+        );
+        let group = ConsistencyGroup {
+            metadata: ObjectMeta {
+                name: Some("sim".into()),
+                uid: Some(UID.into()),
+                generation: Some(1),
+                ..ObjectMeta::default()
+            },
+            spec,
+            status: Some(status),
+        };
+        let clusters = config.clusters.max(2);
+        let nodes = sidecars.len();
+        Self {
+            seed,
+            config,
+            rng,
+            now: 0,
+            step: 0,
+            queue: BinaryHeap::new(),
+            steps: Vec::new(),
+            volumes,
+            writes: Vec::new(),
+            sidecars,
+            group,
+            operator_up: true,
+            operator_incarnation: 0,
+            grpc_up: vec![true; clusters],
+            api_up: vec![true; clusters],
+            mirrors: vec![None; clusters],
+            nodes: vec![NodeStatus::default(); nodes],
+            acknowledged: Vec::new(),
+            on_image: Vec::new(),
+            first_missing: 0,
+            max_predecessors: 0,
+            healing: false,
+            trace: Vec::new(),
+            summary: Summary::default(),
+        }
+    }
+
+    fn at(&mut self, delay: Ms, step: Step) {
+        let index = self.steps.len();
+        self.steps.push(Some(step));
+        self.queue
+            .push(Reverse((self.now + delay, index as u64, index)));
+    }
+
+    fn at_time(&mut self, at: Ms, step: Step) {
+        self.at(at.saturating_sub(self.now), step);
+    }
+
+    fn note(&mut self, line: String) {
+        if self.trace.len() >= 200 {
+            self.trace.remove(0);
+        }
+        self.trace.push(format!("{:>7} ms  {line}", self.now));
+    }
+
+    fn violation(&self, what: String) -> Box<Violation> {
+        Box::new(Violation {
+            seed: self.seed,
+            what,
+            at_ms: self.now,
+            step: self.step,
+            trace: self.trace.join("\n"),
+        })
+    }
+
+    fn fault(&mut self, kind: &'static str) {
+        *self.summary.faults.entry(kind).or_default() += 1;
+    }
+
+    fn start(&mut self) {
+        for sidecar in 0..self.sidecars.len() {
+            self.sidecar_starts(sidecar);
+            let delay = self.rng.between(1, SIDECAR_TICK);
+            self.at(delay, Step::SidecarTick { sidecar });
+        }
+        self.at(OPERATOR_TICK, Step::OperatorTick);
+        for thread in 0..self.config.threads.max(1) {
+            let delay = self.rng.between(500, 1500);
+            self.at(delay, Step::Issue { thread });
+        }
+        self.schedule_faults();
+        let heal = self.config.fault_ms;
+        self.at(heal, Step::Heal);
+    }
+
+    /// Draws the seed's faults over the fault window.
+    fn schedule_faults(&mut self) {
+        let mut t = 1_000;
+        while t < self.config.fault_ms {
+            t += self.rng.between(500, 4_000);
+            let length = self.rng.between(200, 6_000);
+            let step = match self.rng.between(0, 9) {
+                0..=2 => Step::LinkCut {
+                    volume: self.rng.index(self.volumes.len()),
+                    until: t + length,
+                },
+                3 | 4 => Step::GrpcCut {
+                    cluster: self.rng.index(self.grpc_up.len()),
+                    until: t + length,
+                },
+                5 | 6 => Step::ApiDown {
+                    cluster: self.rng.index(self.api_up.len()),
+                    until: t + length,
+                },
+                7 => Step::OperatorDown {
+                    until: t + length / 3,
+                },
+                8 => Step::SidecarDown {
+                    sidecar: self.rng.index(self.sidecars.len()),
+                    until: t + length / 3,
+                },
+                _ => Step::PersonResyncs,
+            };
+            let delay = t.saturating_sub(self.now);
+            self.at(delay, step);
+        }
+    }
+
+    fn handle(&mut self, step: Step) -> Result<(), Box<Violation>> {
+        match step {
+            Step::Issue { thread } => self.issue(thread)?,
+            Step::CopyArrives {
+                volume,
+                write,
+                generation,
+                resync,
+            } => self.copy_arrives(volume, write, generation, resync)?,
+            Step::CopyAcked {
+                volume,
+                write,
+                generation,
+                resync,
+            } => self.copy_acked(volume, write, generation, resync)?,
+            Step::CopyTimeout {
+                volume,
+                write,
+                generation,
+            } => {
+                let v = &self.volumes[volume];
+                if v.link_generation == generation
+                    && (v.in_flight.contains(&write) || v.resync_left.contains(&write))
+                {
+                    self.copy_failed(volume, write)?;
+                }
+            }
+            Step::GrpcToOperator {
+                message,
+                incarnation,
+            } => {
+                if self.operator_up && incarnation == self.operator_incarnation {
+                    let events = self.events_of(message);
+                    self.decide(events)?;
+                }
+            }
+            Step::GrpcToSidecar {
+                sidecar,
+                target,
+                incarnation,
+            } => {
+                let s = &self.sidecars[sidecar];
+                if s.up && s.incarnation == incarnation && self.grpc_up[s.cluster] {
+                    self.sidecars[sidecar].last_heard = self.now;
+                    self.sidecar_input(
+                        sidecar,
+                        Input::Directive {
+                            path: Path::Grpc,
+                            target,
+                        },
+                    )?;
+                }
+            }
+            Step::ReadNode { sidecar } => {
+                let cluster = self.sidecars[sidecar].cluster;
+                if self.operator_up && self.api_up[cluster] {
+                    let events = self.events_of_node(sidecar);
+                    self.decide(events)?;
+                }
+            }
+            Step::ReadMirror { sidecar } => {
+                let cluster = self.sidecars[sidecar].cluster;
+                if self.sidecars[sidecar].up
+                    && self.api_up[cluster]
+                    && let Some(target) = self.mirrors[cluster].clone()
+                {
+                    self.sidecars[sidecar].last_heard = self.now;
+                    self.sidecar_input(
+                        sidecar,
+                        Input::Directive {
+                            path: Path::Api,
+                            target,
+                        },
+                    )?;
+                }
+            }
+            Step::SidecarTick { sidecar } => {
+                self.sidecar_tick(sidecar)?;
+                self.at(SIDECAR_TICK, Step::SidecarTick { sidecar });
+            }
+            Step::OperatorTick => {
+                if self.operator_up {
+                    self.decide(vec![freeze::Event::Evaluate])?;
+                    let (epoch, stage) = position(&self.group);
+                    self.broadcast(GroupEpoch {
+                        group_uid: UID.into(),
+                        epoch,
+                        stage,
+                    });
+                    for sidecar in 0..self.sidecars.len() {
+                        let delay = self.rng.between(1, 60);
+                        self.at(delay, Step::ReadNode { sidecar });
+                    }
+                }
+                self.at(OPERATOR_TICK, Step::OperatorTick);
+            }
+            Step::LinkCut { volume, until } if !self.healing => {
+                self.fault("link cut");
+                let v = &mut self.volumes[volume];
+                v.link_up = false;
+                v.link_generation += 1;
+                let pending: Vec<usize> =
+                    v.in_flight.iter().chain(&v.resync_left).copied().collect();
+                let generation = v.link_generation;
+                for write in pending {
+                    self.at(
+                        COPY_TIMEOUT,
+                        Step::CopyTimeout {
+                            volume,
+                            write,
+                            generation,
+                        },
+                    );
+                }
+                self.at_time(until, Step::LinkHealed { volume });
+            }
+            Step::LinkHealed { volume } => self.volumes[volume].link_up = true,
+            Step::GrpcCut { cluster, until } if !self.healing => {
+                self.fault("gRPC path cut");
+                self.grpc_up[cluster] = false;
+                self.at_time(until, Step::GrpcHealed { cluster });
+            }
+            Step::GrpcHealed { cluster } => self.grpc_up[cluster] = true,
+            Step::ApiDown { cluster, until } if !self.healing => {
+                self.fault("member API server down");
+                self.api_up[cluster] = false;
+                self.at_time(until, Step::ApiUp { cluster });
+            }
+            Step::ApiUp { cluster } => self.api_up[cluster] = true,
+            Step::OperatorDown { until } if !self.healing => {
+                self.fault("operator restarted");
+                self.operator_up = false;
+                self.operator_incarnation += 1;
+                self.at_time(until, Step::OperatorUp);
+            }
+            Step::OperatorUp => self.operator_up = true,
+            Step::SidecarDown { sidecar, until } if !self.healing => {
+                self.fault("sidecar restarted");
+                self.sidecars[sidecar].up = false;
+                self.sidecars[sidecar].incarnation += 1;
+                self.at_time(until, Step::SidecarUp { sidecar });
+            }
+            Step::SidecarUp { sidecar } => self.sidecar_starts(sidecar),
+            Step::PersonResyncs => {
+                self.person_resyncs();
+                if self.healing {
+                    self.at(1_000, Step::PersonResyncs);
+                }
+            }
+            Step::Heal => {
+                self.healing = true;
+                for v in &mut self.volumes {
+                    v.link_up = true;
+                }
+                self.grpc_up.iter_mut().for_each(|up| *up = true);
+                self.api_up.iter_mut().for_each(|up| *up = true);
+                self.operator_up = true;
+                for sidecar in 0..self.sidecars.len() {
+                    if !self.sidecars[sidecar].up {
+                        self.sidecar_starts(sidecar);
+                    }
+                }
+                // People thaw the group once the faults are over, and again should it freeze again.
+                self.at(1_000, Step::PersonResyncs);
+            }
+            Step::LinkCut { .. }
+            | Step::GrpcCut { .. }
+            | Step::ApiDown { .. }
+            | Step::OperatorDown { .. }
+            | Step::SidecarDown { .. } => {}
+        }
+        Ok(())
+    }
+
+    // --- The application -------------------------------------------------------------------------
+
+    fn issue(&mut self, thread: usize) -> Result<(), Box<Violation>> {
+        let volume = self.rng.index(self.volumes.len());
+        let write = self.writes.len();
+        self.writes.push(Write {
+            volume,
+            predecessors: self.acknowledged.len(),
+            thread,
+        });
+        self.on_image.push(false);
+        self.primary_write(volume, write)
+    }
+
+    fn completed(&mut self, write: usize, ok: bool) -> Result<(), Box<Violation>> {
+        if ok {
+            if !self.on_image[write] {
+                self.note(format!(
+                    "  write {write} acknowledged, not on the secondary image"
+                ));
+            }
+            self.acknowledged.push(write);
+            self.advance_first_missing()?;
+        } else {
+            self.summary.failed += 1;
+        }
+        let thread = self.writes[write].thread;
+        let think = self.rng.between(10, 300);
+        self.at(think, Step::Issue { thread });
+        Ok(())
+    }
+
+    // --- The replicator model --------------------------------------------------------------------
+
+    fn primary_write(&mut self, volume: usize, write: usize) -> Result<(), Box<Violation>> {
+        let copy_while_suspended = self.config.mutant == Some(Mutant::CopyWhileSuspended);
+        let v = &mut self.volumes[volume];
+        v.dirty.insert(write);
+        match v.mode {
+            Mode::Replicating | Mode::Resyncing => self.send(volume, write, false),
+            Mode::Suspended if copy_while_suspended => self.send(volume, write, false),
+            Mode::Unconfirmed | Mode::Held | Mode::Suspended => {
+                v.held.insert(write, self.now);
+            }
+            Mode::Running => return self.completed(write, true),
+        }
+        Ok(())
+    }
+
+    fn send(&mut self, volume: usize, write: usize, resync: bool) {
+        let v = &mut self.volumes[volume];
+        if resync {
+            v.resync_left.insert(write);
+        } else {
+            v.in_flight.insert(write);
+        }
+        let generation = v.link_generation;
+        if v.link_up {
+            let delay = self.rng.between(1, 20);
+            self.at(
+                delay,
+                Step::CopyArrives {
+                    volume,
+                    write,
+                    generation,
+                    resync,
+                },
+            );
+        }
+        self.at(
+            COPY_TIMEOUT,
+            Step::CopyTimeout {
+                volume,
+                write,
+                generation,
+            },
+        );
+    }
+
+    fn copy_arrives(
+        &mut self,
+        volume: usize,
+        write: usize,
+        generation: u64,
+        resync: bool,
+    ) -> Result<(), Box<Violation>> {
+        if self.volumes[volume].link_generation != generation || !self.volumes[volume].link_up {
+            return Ok(());
+        }
+        self.volumes[volume].image.insert(write);
+        if self.volumes[volume].kept.is_none() {
+            self.onto_image(write)?;
+        }
+        let delay = self.rng.between(1, 20);
+        self.at(
+            delay,
+            Step::CopyAcked {
+                volume,
+                write,
+                generation,
+                resync,
+            },
+        );
+        Ok(())
+    }
+
+    fn copy_acked(
+        &mut self,
+        volume: usize,
+        write: usize,
+        generation: u64,
+        resync: bool,
+    ) -> Result<(), Box<Violation>> {
+        let v = &mut self.volumes[volume];
+        if v.link_generation != generation || !v.link_up {
+            return Ok(());
+        }
+        if resync {
+            if v.resync_left.remove(&write) {
+                v.dirty.remove(&write);
+            }
+            return self.resync_progress(volume);
+        }
+        if !v.in_flight.remove(&write) {
+            return Ok(());
+        }
+        v.dirty.remove(&write);
+        match v.mode {
+            Mode::Replicating => self.completed(write, true),
+            Mode::Resyncing => {
+                self.completed(write, true)?;
+                self.resync_progress(volume)
+            }
+            // Copied, but the volume holds every write now: it completes with the others.
+            _ => {
+                v.held.insert(write, self.now);
+                Ok(())
+            }
+        }
+    }
+
+    fn copy_failed(&mut self, volume: usize, write: usize) -> Result<(), Box<Violation>> {
+        let now = self.now;
+        let v = &mut self.volumes[volume];
+        // The application's writes in flight are held; resync copies stay dirty.
+        for w in std::mem::take(&mut v.in_flight) {
+            v.held.insert(w, now);
+        }
+        v.resync_left.clear();
+        if matches!(v.mode, Mode::Replicating | Mode::Resyncing) {
+            v.mode = Mode::Held;
+            let node = v.node;
+            let error = format!("copy of write {write} failed");
+            self.sidecar_input(
+                node,
+                Input::CopyFailed {
+                    volume: self.volumes[volume].handle.clone(),
+                    sequence: write as u64,
+                    error,
+                    since_unix_ms: 0,
+                },
+            )?;
+        }
+        Ok(())
+    }
+
+    fn resync_progress(&mut self, volume: usize) -> Result<(), Box<Violation>> {
+        let v = &mut self.volumes[volume];
+        if v.mode != Mode::Resyncing || !v.resync_left.is_empty() || !v.in_flight.is_empty() {
+            return Ok(());
+        }
+        v.mode = Mode::Replicating;
+        let held: Vec<usize> = std::mem::take(&mut v.held).into_keys().collect();
+        for write in held {
+            self.completed(write, true)?;
+        }
+        self.drop_kept_images_when_in_sync()
+    }
+
+    /// The kept image goes once every volume replicates again with nothing left to copy (the operator
+    /// decides this group-wide).
+    fn drop_kept_images_when_in_sync(&mut self) -> Result<(), Box<Violation>> {
+        let in_sync = self
+            .volumes
+            .iter()
+            .all(|v| v.mode == Mode::Replicating && v.dirty.is_empty() && v.held.is_empty());
+        if in_sync && self.volumes.iter().any(|v| v.kept.is_some()) {
+            for v in &mut self.volumes {
+                v.kept = None;
+            }
+            self.recompute_image()?;
+        }
+        Ok(())
+    }
+
+    fn operate_on(&mut self, sidecar: usize, operation: &Operation) -> Result<(), Box<Violation>> {
+        let level = operation.level();
+        for handle in operation.volumes() {
+            let Some(&volume) = self.sidecars[sidecar]
+                .volumes
+                .iter()
+                .find(|&&v| self.volumes[v].handle == handle)
+            else {
+                continue;
+            };
+            let before = self.volumes[volume].level;
+            if self.volumes[volume].confirmed && level < before {
+                return Err(self.violation(format!(
+                    "{} of {} moved back from {before:?} to {level:?}",
+                    self.volumes[volume].handle, self.sidecars[sidecar].name
+                )));
+            }
+            self.note(format!(
+                "  {} applies {operation:?} to {} ({:?}, {} held, {} dirty)",
+                self.sidecars[sidecar].name,
+                self.volumes[volume].handle,
+                self.volumes[volume].mode,
+                self.volumes[volume].held.len(),
+                self.volumes[volume].dirty.len()
+            ));
+            let v = &mut self.volumes[volume];
+            v.confirmed = true;
+            v.level = level;
+            match operation {
+                Operation::Suspend { .. } => {
+                    v.mode = Mode::Suspended;
+                    // Sent writes may still land; nothing new is sent.
+                }
+                Operation::Release { .. } => {
+                    v.mode = Mode::Running;
+                    let held: Vec<usize> = std::mem::take(&mut v.held).into_keys().collect();
+                    for write in held {
+                        self.completed(write, true)?;
+                    }
+                }
+                Operation::Resume { .. } => self.start_resync(volume)?,
+                Operation::Configure { stage, .. } => match stage {
+                    Stage::Freeze => v.mode = Mode::Suspended,
+                    Stage::Release => {
+                        v.mode = Mode::Running;
+                        let held: Vec<usize> = std::mem::take(&mut v.held).into_keys().collect();
+                        for write in held {
+                            self.completed(write, true)?;
+                        }
+                    }
+                    Stage::Resume => self.start_resync(volume)?,
+                },
+            }
+        }
+        Ok(())
+    }
+
+    fn start_resync(&mut self, volume: usize) -> Result<(), Box<Violation>> {
+        let v = &mut self.volumes[volume];
+        // The secondary keeps its image before the first resync write, whatever it has to copy: new
+        // writes copied during the resync overwrite it too.
+        if v.kept.is_none() {
+            v.kept = Some(v.image.clone());
+        }
+        v.mode = Mode::Resyncing;
+        v.link_generation += 1;
+        // Writes still in flight from before are copied again with the dirty ones, and complete when
+        // the resync does.
+        let now = self.now;
+        for w in std::mem::take(&mut v.in_flight) {
+            v.held.insert(w, now);
+        }
+        v.resync_left.clear();
+        let dirty: Vec<usize> = v.dirty.iter().copied().collect();
+        for write in dirty {
+            self.send(volume, write, true);
+        }
+        self.resync_progress(volume)
+    }
+
+    fn expire_holds(&mut self, sidecar: usize) -> Result<(), Box<Violation>> {
+        let volumes = self.sidecars[sidecar].volumes.clone();
+        for volume in volumes {
+            let limit = self.config.hold_timeout_ms;
+            let now = self.now;
+            let v = &mut self.volumes[volume];
+            if !v.confirmed {
+                continue;
+            }
+            let expired: Vec<usize> = v
+                .held
+                .iter()
+                .filter(|(_, since)| now.saturating_sub(**since) >= limit)
+                .map(|(write, _)| *write)
+                .collect();
+            for write in &expired {
+                v.held.remove(write);
+            }
+            if !expired.is_empty() {
+                let handle = v.handle.clone();
+                for write in expired {
+                    self.completed(write, false)?;
+                }
+                self.sidecar_input(
+                    sidecar,
+                    Input::HoldTimedOut {
+                        volume: handle,
+                        failed_writes: 1,
+                        at_unix_ms: 0,
+                    },
+                )?;
+            }
+        }
+        Ok(())
+    }
+
+    // --- The consistency checker -----------------------------------------------------------------
+
+    fn onto_image(&mut self, write: usize) -> Result<(), Box<Violation>> {
+        if self.on_image[write] {
+            return Ok(());
+        }
+        self.on_image[write] = true;
+        self.max_predecessors = self.max_predecessors.max(self.writes[write].predecessors);
+        self.advance_first_missing()
+    }
+
+    fn advance_first_missing(&mut self) -> Result<(), Box<Violation>> {
+        while self.first_missing < self.acknowledged.len()
+            && self.on_image[self.acknowledged[self.first_missing]]
+        {
+            self.first_missing += 1;
+        }
+        self.check_image()
+    }
+
+    /// Dependent-write consistency of the secondaries: a write on them has every write acknowledged
+    /// before it was issued on them too.
+    fn check_image(&self) -> Result<(), Box<Violation>> {
+        if self.max_predecessors > self.first_missing {
+            let missing = self.acknowledged[self.first_missing];
+            let dependent = (0..self.writes.len())
+                .find(|&w| self.on_image[w] && self.writes[w].predecessors > self.first_missing)
+                .unwrap_or_default();
+            return Err(self.violation(format!(
+                "the secondaries are not dependent-write consistent: write {dependent} (on {}) is on its secondary, but write {missing} (on {}), acknowledged before it was issued, is not",
+                self.volumes[self.writes[dependent].volume].handle,
+                self.volumes[self.writes[missing].volume].handle
+            )));
+        }
+        Ok(())
+    }
+
+    fn recompute_image(&mut self) -> Result<(), Box<Violation>> {
+        self.on_image.iter_mut().for_each(|on| *on = false);
+        self.max_predecessors = 0;
+        for v in 0..self.volumes.len() {
+            let image: Vec<usize> = match &self.volumes[v].kept {
+                Some(kept) => kept.iter().copied().collect(),
+                None => self.volumes[v].image.iter().copied().collect(),
+            };
+            for write in image {
+                self.on_image[write] = true;
+                self.max_predecessors = self.max_predecessors.max(self.writes[write].predecessors);
+            }
+        }
+        self.first_missing = 0;
+        self.advance_first_missing()
+    }
+
+    // --- The sidecars ----------------------------------------------------------------------------
+
+    fn sidecar_starts(&mut self, sidecar: usize) {
+        let s = &mut self.sidecars[sidecar];
+        s.up = true;
+        s.enforcer = Enforcer::new();
+        s.members_sent = [false; 2];
+        s.acked.clear();
+        s.last_heard = self.now;
+        let inventory = self.inventory(sidecar);
+        let _ = self.sidecar_input(sidecar, Input::Inventory(inventory));
+    }
+
+    fn inventory(&self, sidecar: usize) -> Vec<Carried> {
+        self.sidecars[sidecar]
+            .volumes
+            .iter()
+            .map(|&v| {
+                let volume = &self.volumes[v];
+                Carried {
+                    volume: volume.handle.clone(),
+                    group_uid: volume.confirmed.then(|| UID.to_owned()),
+                    level: volume.level,
+                    confirmed: volume.confirmed,
+                    held_after_failure: (volume.mode == Mode::Held).then_some(0),
+                }
+            })
+            .collect()
+    }
+
+    fn sidecar_input(&mut self, sidecar: usize, input: Input) -> Result<(), Box<Violation>> {
+        if !self.sidecars[sidecar].up {
+            return Ok(());
+        }
+        let outcome: Outcome = self.sidecars[sidecar].enforcer.handle(input);
+        for operation in &outcome.operations {
+            self.operate_on(sidecar, operation)?;
+        }
+        for ack in outcome.acks {
+            for volume in &ack.volumes {
+                self.sidecars[sidecar]
+                    .acked
+                    .insert(volume.clone(), (ack.point.clone(), ack.fail_safe));
+            }
+            self.send_to_operator(
+                sidecar,
+                ToOperator::Ack {
+                    cluster: self.sidecars[sidecar].cluster,
+                    ack,
+                },
+            );
+        }
+        Ok(())
+    }
+
+    fn sidecar_tick(&mut self, sidecar: usize) -> Result<(), Box<Violation>> {
+        if !self.sidecars[sidecar].up {
+            return Ok(());
+        }
+        let cluster = self.sidecars[sidecar].cluster;
+        let paths = [
+            (Path::Api, self.api_up[cluster]),
+            (Path::Grpc, self.grpc_up[cluster]),
+        ];
+        for (index, (path, up)) in paths.into_iter().enumerate() {
+            if up && !self.sidecars[sidecar].members_sent[index] {
+                self.sidecars[sidecar].members_sent[index] = true;
+                let volumes = self.sidecars[sidecar]
+                    .volumes
+                    .iter()
+                    .map(|&v| self.volumes[v].handle.clone())
+                    .collect();
+                self.sidecar_input(
+                    sidecar,
+                    Input::Membership {
+                        path,
+                        group_uid: UID.into(),
+                        group_name: "sim".into(),
+                        order: ClaimOrder::new(Some(1), UID),
+                        volumes,
+                        hold_timeout_ms: self.config.hold_timeout_ms,
+                    },
+                )?;
+                self.sidecar_input(sidecar, Input::Synced(path))?;
+            }
+        }
+        if self.grpc_up[cluster] {
+            self.sidecars[sidecar].last_heard = self.now;
+        }
+        let inventory = self.inventory(sidecar);
+        self.sidecar_input(sidecar, Input::Inventory(inventory))?;
+        self.expire_holds(sidecar)?;
+        let failures = self.sidecars[sidecar].enforcer.failures();
+        let timeouts = self.sidecars[sidecar].enforcer.hold_timeouts();
+        let acks = self.acks_of(sidecar);
+        // Path 1: the ReplicationNode, written when the member's API server answers.
+        if self.api_up[cluster] {
+            self.nodes[sidecar] = NodeStatus {
+                failures: failures.clone(),
+                enforced: acks.clone(),
+            };
+            let delay = self.rng.between(1, 100);
+            self.at(delay, Step::ReadNode { sidecar });
+            let delay = self.rng.between(1, 100);
+            self.at(delay, Step::ReadMirror { sidecar });
+        }
+        // Path 2: gRPC, sent again until the operator moves on.
+        let node = self.sidecars[sidecar].name.clone();
+        if !failures.is_empty() {
+            self.send_to_operator(
+                sidecar,
+                ToOperator::Report {
+                    cluster,
+                    node,
+                    failures,
+                },
+            );
+        }
+        if !timeouts.is_empty() {
+            self.send_to_operator(sidecar, ToOperator::HoldTimedOut { cluster, timeouts });
+        }
+        for ack in acks {
+            self.send_to_operator(sidecar, ToOperator::Ack { cluster, ack });
+        }
+        if let Some(epoch) = self.sidecars[sidecar].enforcer.seen_epoch(UID) {
+            self.send_to_operator(sidecar, ToOperator::Seen { epoch });
+        }
+        let both_down = !self.api_up[cluster] && !self.grpc_up[cluster];
+        if both_down
+            && self.now.saturating_sub(self.sidecars[sidecar].last_heard)
+                >= self.config.fail_safe_ms
+        {
+            self.sidecar_input(sidecar, Input::FailSafeTimer)?;
+        }
+        Ok(())
+    }
+
+    /// The sidecar's latest acknowledgements, one per point.
+    fn acks_of(&self, sidecar: usize) -> Vec<enforce::Ack> {
+        let mut by_point: BTreeMap<(u64, Stage, bool), Vec<String>> = BTreeMap::new();
+        for (volume, (point, fail_safe)) in &self.sidecars[sidecar].acked {
+            by_point
+                .entry((point.epoch, point.stage, *fail_safe))
+                .or_default()
+                .push(volume.clone());
+        }
+        by_point
+            .into_iter()
+            .map(|((epoch, stage, fail_safe), volumes)| enforce::Ack {
+                point: GroupEpoch {
+                    group_uid: UID.into(),
+                    epoch,
+                    stage,
+                },
+                volumes,
+                fail_safe,
+            })
+            .collect()
+    }
+
+    fn send_to_operator(&mut self, sidecar: usize, message: ToOperator) {
+        let cluster = self.sidecars[sidecar].cluster;
+        if !self.grpc_up[cluster] {
+            return;
+        }
+        let faulty = !self.healing;
+        if faulty && self.rng.chance(50) {
+            self.fault("gRPC message lost");
+            return;
+        }
+        let copies = if faulty && self.rng.chance(30) { 2 } else { 1 };
+        for _ in 0..copies {
+            let delay = self.rng.between(1, 40);
+            self.at(
+                delay,
+                Step::GrpcToOperator {
+                    message: message.clone(),
+                    incarnation: self.operator_incarnation,
+                },
+            );
+        }
+    }
+
+    // --- The operator ----------------------------------------------------------------------------
+
+    fn events_of(&self, message: ToOperator) -> Vec<freeze::Event> {
+        match message {
+            ToOperator::Report {
+                cluster,
+                node,
+                failures,
+            } => failures
+                .into_iter()
+                .map(|failure| {
+                    freeze::Event::Report(freeze::Report {
+                        path: Path::Grpc,
+                        cluster: format!("c{cluster}"),
+                        node: node.clone(),
+                        volume_handle: failure.volume,
+                        epoch_seen: failure.epoch_seen,
+                        message: failure.error,
+                    })
+                })
+                .collect(),
+            ToOperator::Ack { cluster, ack } => vec![self.ack_event(Path::Grpc, cluster, ack)],
+            ToOperator::Seen { epoch } => vec![freeze::Event::Seen { epoch }],
+            ToOperator::HoldTimedOut { cluster, timeouts } => timeouts
+                .into_iter()
+                .map(|timeout| {
+                    freeze::Event::HoldTimedOut(freeze::HoldTimeoutReport {
+                        path: Path::Grpc,
+                        cluster: format!("c{cluster}"),
+                        volume_handle: timeout.volume,
+                        epoch: timeout.epoch,
+                        failed_writes: timeout.failed_writes,
+                        since: None,
+                    })
+                })
+                .collect(),
+        }
+    }
+
+    fn ack_event(&self, path: Path, cluster: usize, ack: enforce::Ack) -> freeze::Event {
+        let mut volume_handles = ack.volumes;
+        if self.config.mutant == Some(Mutant::AckForWholeCluster) {
+            volume_handles = self
+                .volumes
+                .iter()
+                .filter(|v| v.cluster == cluster)
+                .map(|v| v.handle.clone())
+                .collect();
+        }
+        freeze::Event::Ack(freeze::Ack {
+            path,
+            cluster: format!("c{cluster}"),
+            epoch: ack.point.epoch,
+            stage: ack.point.stage,
+            volume_handles,
+            fail_safe: ack.fail_safe,
+        })
+    }
+
+    fn events_of_node(&self, sidecar: usize) -> Vec<freeze::Event> {
+        let cluster = self.sidecars[sidecar].cluster;
+        let status = &self.nodes[sidecar];
+        let mut events: Vec<freeze::Event> = status
+            .failures
+            .iter()
+            .map(|failure| {
+                freeze::Event::Report(freeze::Report {
+                    path: Path::Api,
+                    cluster: format!("c{cluster}"),
+                    node: self.sidecars[sidecar].name.clone(),
+                    volume_handle: failure.volume.clone(),
+                    epoch_seen: failure.epoch_seen,
+                    message: failure.error.clone(),
+                })
+            })
+            .collect();
+        events.extend(
+            status
+                .enforced
+                .iter()
+                .map(|ack| self.ack_event(Path::Api, cluster, ack.clone())),
+        );
+        events
+    }
+
+    fn decide(&mut self, events: Vec<freeze::Event>) -> Result<(), Box<Violation>> {
+        if events.is_empty() {
+            return Ok(());
+        }
+        let decision = match freeze::decide_batch(&self.group, &events, &time(self.now)) {
+            Ok(decision) => decision,
+            Err(error) => return Err(self.violation(format!("the freeze core refused: {error}"))),
+        };
+        if let Some(point) = &decision.freeze_now {
+            self.broadcast(point.clone());
+            // Rule 1 lets the operator die between sending a freeze and persisting it.
+            if !self.healing && self.rng.chance(20) {
+                self.fault("operator died before persisting a freeze");
+                self.operator_up = false;
+                self.operator_incarnation += 1;
+                let delay = self.rng.between(200, 2_000);
+                self.at(delay, Step::OperatorUp);
+                return Ok(());
+            }
+        }
+        let before = position(&self.group);
+        if self.group.status.as_ref() != Some(&decision.status) {
+            let after = freeze::position(&decision.status);
+            if after.0 < before.0 {
+                return Err(self.violation(format!(
+                    "the group's epoch went back from {} to {}",
+                    before.0, after.0
+                )));
+            }
+            if after.1 == Stage::Release && after > before {
+                self.check_release(after.0)?;
+            }
+            self.group.status = Some(decision.status);
+        }
+        if let Some(point) = decision.after_persist {
+            self.broadcast(point);
+        }
+        Ok(())
+    }
+
+    /// A release at `epoch` is decided only when every member volume is suspended at that epoch (or
+    /// further): no dependent write can reach a secondary after its predecessor was lost.
+    fn check_release(&self, epoch: u64) -> Result<(), Box<Violation>> {
+        let needed = Level::point(epoch, Stage::Freeze);
+        for v in &self.volumes {
+            let suspended = matches!(v.mode, Mode::Suspended | Mode::Running) && v.level >= needed
+                || v.level.is_fail_safe() && v.level.epoch >= epoch;
+            if !suspended {
+                return Err(self.violation(format!(
+                    "release at epoch {epoch} decided while c{}/{} is {:?} at {:?}",
+                    v.cluster, v.handle, v.mode, v.level
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Sends a point on both paths: pushed over gRPC to every sidecar, written to every reachable
+    /// member's mirror.
+    fn broadcast(&mut self, target: GroupEpoch) {
+        for sidecar in 0..self.sidecars.len() {
+            let cluster = self.sidecars[sidecar].cluster;
+            if !self.grpc_up[cluster] {
+                continue;
+            }
+            if !self.healing && self.rng.chance(50) {
+                self.fault("gRPC message lost");
+                continue;
+            }
+            let delay = self.rng.between(1, 40);
+            let incarnation = self.sidecars[sidecar].incarnation;
+            self.at(
+                delay,
+                Step::GrpcToSidecar {
+                    sidecar,
+                    target: target.clone(),
+                    incarnation,
+                },
+            );
+        }
+        for cluster in 0..self.mirrors.len() {
+            if !self.api_up[cluster] {
+                continue;
+            }
+            let newer = self.mirrors[cluster]
+                .as_ref()
+                .is_none_or(|old| level_of(&target) > level_of(old));
+            if newer {
+                self.mirrors[cluster] = Some(target.clone());
+            }
+        }
+    }
+
+    fn person_resyncs(&mut self) {
+        let (epoch, stage) = position(&self.group);
+        if stage == Stage::Resume {
+            return;
+        }
+        // A person thaws a frozen group (FreezeAndStop: first releases it, as the runbook says).
+        if stage == Stage::Freeze && self.group.spec.policy == Policy::FreezeAndStop {
+            self.group.spec.release = Some(EpochIntent { epoch });
+        }
+        self.group.spec.resync = Some(EpochIntent { epoch });
+    }
+
+    fn liveness(&mut self) -> Result<(), Box<Violation>> {
+        let (epoch, stage) = position(&self.group);
+        if stage != Stage::Resume {
+            return Err(self.violation(format!(
+                "after the heal phase the group is still at epoch {epoch} stage {stage:?}"
+            )));
+        }
+        for v in &self.volumes {
+            if v.mode != Mode::Replicating || !v.held.is_empty() {
+                return Err(self.violation(format!(
+                    "after the heal phase c{}/{} is {:?} holding {} writes",
+                    v.cluster,
+                    v.handle,
+                    v.mode,
+                    v.held.len()
+                )));
+            }
+        }
+        Ok(())
+    }
+}
