@@ -1159,3 +1159,31 @@ fn refusals_name_groups_by_name_with_their_uid() {
         "volume vol-c stays in group orders-db (uid uid-1) until that group lets it go at a replicating point; not joining group uid-3"
     );
 }
+
+#[test]
+fn a_volume_the_replicator_holds_after_a_failed_copy_is_a_failure_even_unannounced() {
+    // The replicator announced the failed copy while this sidecar was not listening (it restarted):
+    // its volume list still says the volume holds writes, and that is reported like the event.
+    let mut core = replicating();
+    core.handle(directive(Path::Api, 2, Stage::Resume));
+    assert!(core.failures().is_empty());
+    let mut held = carrying("v1", Level::point(2, Stage::Resume), true);
+    held.held_after_failure = Some(17);
+    core.handle(Input::Inventory(vec![
+        held.clone(),
+        carrying("v2", Level::point(2, Stage::Resume), true),
+    ]));
+    let failures = core.failures();
+    assert_eq!(failures.len(), 1, "{failures:?}");
+    assert_eq!(
+        (
+            failures[0].volume.as_str(),
+            failures[0].sequence,
+            failures[0].epoch_seen
+        ),
+        ("v1", 17, 2)
+    );
+    // Listed again, it is still one failure.
+    core.handle(Input::Inventory(vec![held]));
+    assert_eq!(core.failures().len(), 1);
+}
