@@ -96,6 +96,7 @@ fn default_hold_timeout() -> String {
 pub struct GroupMember {
     /// The MemberCluster (by name, in the hub) whose volumes these are.
     #[schemars(length(min = 1, max = 63))]
+    #[schemars(extend("x-kubernetes-validations" = [super::object_name_rule("cluster", "MemberCluster name")]))]
     pub cluster: String,
 
     /// The namespace of the PersistentVolumeClaims.

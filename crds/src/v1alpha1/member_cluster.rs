@@ -58,6 +58,12 @@ pub struct MemberClusterSpec {
     /// The network the cluster is on, for people and for spreading the two paths over different networks.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 63))]
+    // `kubectl get memberclusters` prints it: a control character (an escape sequence) would rewrite the
+    // reader's terminal, a format character (a right-to-left override) would disguise the value.
+    #[schemars(extend("x-kubernetes-validations" = [{
+        "rule": r"!self.matches('[\\p{Cc}\\p{Cf}]')",
+        "message": "network may not contain control or format characters: kubectl prints it to people as it is"
+    }]))]
     pub network: Option<String>,
 
     /// The cluster's ServiceAccount token signing keys, as a JSON Web Key Set: what `kubectl get --raw
