@@ -23,6 +23,7 @@ use kube::Client;
 use lockstep_kube::KubeBinaries;
 use lockstep_kube::backend::{ApiServer, Backend};
 use lockstep_testapi::TestApiServer;
+use lockstep_testapi::invalid_examples::InvalidExample;
 use serde_json::{Value, json};
 
 type Error = Box<dyn std::error::Error + Send + Sync>;
@@ -290,30 +291,16 @@ async fn server_side_apply(side: &Side) -> Result<Value, Error> {
 /// Every `examples/invalid` manifest, created as `kubectl apply` creates it.
 async fn invalid_examples(side: &Side) -> Result<Value, Error> {
     let mut outcomes = BTreeMap::new();
-    let mut files: Vec<PathBuf> = std::fs::read_dir(repo().join("examples/invalid"))?
-        .filter_map(Result::ok)
-        .map(|e| e.path())
-        .collect();
-    files.sort();
-    for file in files {
-        let text = std::fs::read_to_string(&file)?;
-        let object: Value = serde_yaml_ng::from_str(&text)?;
-        let plural = match object["kind"].as_str() {
-            Some("ConsistencyGroup") => "consistencygroups",
-            Some("MemberCluster") => "memberclusters",
-            other => return Err(format!("{}: kind {other:?}", file.display()).into()),
-        };
+    for example in InvalidExample::read_all(&repo().join("examples/invalid"))? {
+        let plural = example
+            .plural()
+            .ok_or_else(|| format!("{}: kind {}", example.file_name, example.object["kind"]))?;
         let answer = post(
             &side.admin,
             &format!("/apis/lockstep.dev/v1alpha1/{plural}?fieldManager=kubectl-client-side-apply"),
-            &object,
+            &example.as_kubectl_applies(),
         )
         .await?;
-        let name = file
-            .file_name()
-            .unwrap_or_default()
-            .to_string_lossy()
-            .into_owned();
         let mut outcome = answer.outcome();
         if answer.ok() {
             // Not refused: delete it again so that nothing else sees it.
@@ -324,18 +311,12 @@ async fn invalid_examples(side: &Side) -> Result<Value, Error> {
             )
             .await?;
         }
-        let expect = text
-            .lines()
-            .next()
-            .and_then(|l| l.strip_prefix("# expect:"))
-            .map(str::trim)
-            .unwrap_or_default();
         outcome["says what its header expects"] = json!(
             outcome["message"]
                 .as_str()
-                .is_some_and(|m| m.contains(expect))
+                .is_some_and(|m| m.contains(&example.expect))
         );
-        outcomes.insert(name, outcome);
+        outcomes.insert(example.file_name, outcome);
     }
     Ok(json!(outcomes))
 }
