@@ -101,11 +101,7 @@ pub struct GroupMember {
 
     /// The namespace of the PersistentVolumeClaims.
     #[schemars(length(min = 1, max = 63))]
-    #[schemars(extend("x-kubernetes-validations" = [{
-        "rule": "self.matches('^[a-z0-9]([-a-z0-9]*[a-z0-9])?$')",
-        "message": "namespace is not a valid Kubernetes namespace name: lowercase letters, digits and hyphens, starting and ending with a letter or digit",
-        "messageExpression": "'namespace \"' + self + '\" is not a valid Kubernetes namespace name: lowercase letters, digits and hyphens, starting and ending with a letter or digit'"
-    }]))]
+    #[schemars(extend("x-kubernetes-validations" = [super::namespace_rule()]))]
     pub namespace: String,
 
     /// The PersistentVolumeClaims, by name, each once. The only form a gRPC-only cluster supports, as the

@@ -83,13 +83,15 @@ pub struct MemberClusterSpec {
 pub struct SecretKeyRef {
     /// The Secret's namespace.
     #[schemars(length(min = 1, max = 63))]
+    #[schemars(extend("x-kubernetes-validations" = [super::namespace_rule()]))]
     pub namespace: String,
     /// The Secret's name.
     #[schemars(length(min = 1, max = 253))]
+    #[schemars(extend("x-kubernetes-validations" = [super::object_name_rule("name", "Secret name")]))]
     pub name: String,
-    /// The key whose value is the kubeconfig.
+    /// The key whose value is the kubeconfig: letters, digits, '-', '_' and '.', as Secret keys are.
     #[serde(default = "default_kubeconfig_key")]
-    #[schemars(length(min = 1, max = 253))]
+    #[schemars(length(min = 1, max = 253), regex(pattern = r"^[-._a-zA-Z0-9]+$"))]
     pub key: String,
 }
 

@@ -29,3 +29,15 @@ fn object_name_rule(field: &str, what: &str) -> serde_json::Value {
         "messageExpression": format!("'{field} \"' + self + '\" is not a valid {what}: {requirement}'"),
     })
 }
+
+/// A CEL rule that `self` is a Kubernetes namespace name (a lowercase RFC 1123 label), refusing any other
+/// value with a message that names it.
+fn namespace_rule() -> serde_json::Value {
+    let requirement =
+        "lowercase letters, digits and hyphens, starting and ending with a letter or digit";
+    serde_json::json!({
+        "rule": "self.matches('^[a-z0-9]([-a-z0-9]*[a-z0-9])?$')",
+        "message": format!("namespace is not a valid Kubernetes namespace name: {requirement}"),
+        "messageExpression": format!("'namespace \"' + self + '\" is not a valid Kubernetes namespace name: {requirement}'"),
+    })
+}
