@@ -668,6 +668,15 @@ impl Write<'_> {
         let dry = call.query.dry_run();
         let committed = match old {
             None => {
+                // As kube-apiserver (and etcd's create): a taken name is found only once the object is
+                // valid, so an invalid object is refused as invalid even under an existing name.
+                let key = (
+                    call.target.namespace.clone().unwrap_or_default(),
+                    name.clone(),
+                );
+                if inner.get(&t.storage, &key).is_some() {
+                    return Err(ApiError::already_exists(&t.group, &t.plural, &name));
+                }
                 if dry {
                     new
                 } else {
@@ -886,7 +895,6 @@ fn create_object(
             meta.remove("managedFields");
         }
     }
-    let name = meta_str(&new, "name").unwrap_or_default().to_string();
     if let Some(ns) = &path_ns {
         let ns_key = (String::new(), ns.clone());
         if inner
@@ -895,15 +903,6 @@ fn create_object(
         {
             return Err(ApiError::not_found("", "namespaces", ns));
         }
-    }
-    if inner
-        .get(
-            &t.storage,
-            &(path_ns.clone().unwrap_or_default(), name.clone()),
-        )
-        .is_some()
-    {
-        return Err(ApiError::already_exists(&t.group, &t.plural, &name));
     }
     if let Some(obj) = new.as_object_mut() {
         if t.custom && t.status_subresource {

@@ -318,6 +318,26 @@ async fn invalid_examples(side: &Side) -> Result<Value, Error> {
         );
         outcomes.insert(example.file_name, outcome);
     }
+    // Under a name already taken: an invalid object is refused as invalid (422), a valid one as taken (409).
+    let taken = json!({
+        "apiVersion": "lockstep.dev/v1alpha1",
+        "kind": "ConsistencyGroup",
+        "metadata": {"name": "taken"},
+        "spec": {"members": [{"cluster": "east", "namespace": "orders", "pvcNames": ["wal"]}]}
+    });
+    let mut invalid = taken.clone();
+    invalid["spec"]["members"] = json!([]);
+    for (what, body) in [
+        ("a valid group", &taken),
+        ("the same group again", &taken),
+        ("an invalid group under the taken name", &invalid),
+    ] {
+        outcomes.insert(
+            what.to_owned(),
+            post(&side.admin, GROUPS, body).await?.outcome(),
+        );
+    }
+    delete(&side.admin, &format!("{GROUPS}/taken")).await?;
     Ok(json!(outcomes))
 }
 
