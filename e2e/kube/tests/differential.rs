@@ -1,8 +1,9 @@
 //! The differential suite: the same client-level checks against the test API server and a real
 //! kube-apiserver, one check per behaviour Lockstep relies on, their outcomes (status codes, reasons,
 //! messages, the resulting objects) compared. Checks: server-side apply (field ownership, force,
-//! conflicts, fields a manager stops applying), every `examples/invalid` manifest's refusal, the Helm
-//! chart's RBAC (allow and deny of every verb on every resource it names, for each of its identities),
+//! conflicts, fields a manager stops applying), every `examples/invalid` manifest's refusal (and a
+//! valid or invalid create under a taken name), the Helm chart's RBAC (allow and deny of every verb on
+//! every resource it names, for each of its identities),
 //! watch bookmarks, 410 Gone on a too-old resourceVersion and resuming, resourceVersion conflicts on
 //! update and on `/status`, the status subresource and `metadata.generation`, the request size limit,
 //! finalizers and deletion.
