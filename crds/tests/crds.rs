@@ -1,15 +1,22 @@
 //! The committed CRD YAML matches the types, and the examples are accepted or refused as they say.
 //!
 //! Valid examples must pass the generated OpenAPI schema (`jsonschema`) and every CEL rule (evaluated by
-//! `kube-cel`, with defaults applied as the API server does). Each invalid example carries a
-//! `# expect: <text>` header: the text must appear in a schema error (as `path: message`) or in a failed
-//! CEL rule's message.
+//! `kube-cel`, with defaults applied as the API server does). Each invalid example (the corpus in
+//! `examples/invalid/`, see `lockstep_testapi::invalid_examples`) carries a `# expect: <text>` header: the
+//! text must appear in the refusal, worded as kube-apiserver words it (`path: Too many: …`, `Invalid value:
+//! "…": path in body should match '…'`), in a failed CEL rule's message, in the object name's refusal or in
+//! the request size limit's. The corpus covers every category of attack with at least three manifests.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::{Path, PathBuf};
 
+use jsonschema::error::{TypeKind, ValidationErrorKind};
 use lockstep_api::crds;
+use lockstep_testapi::api::name_ok;
+use lockstep_testapi::error::go_quote;
+use lockstep_testapi::invalid_examples::{CATEGORIES, InvalidExample};
+use lockstep_testapi::schema::json_type;
 use serde_json::{Value, json};
 
 fn repo_root() -> PathBuf {
@@ -42,18 +49,90 @@ fn admission_errors(object: &Value, old: Option<&Value>) -> Vec<String> {
     let mut errors: Vec<String> = validator
         .iter_errors(object)
         .map(|error| {
-            let path = error
-                .instance_path()
-                .as_str()
-                .trim_start_matches('/')
-                .replace('/', ".");
-            format!("{path}: {error}")
+            let path = kube_path(error.instance_path().as_str());
+            kube_wording(&path, error.kind(), error.instance())
+                .unwrap_or_else(|| format!("{path}: {error}"))
         })
         .collect();
     list_type_errors(&schema, object, "", &mut errors);
     if let Err(failures) = kube_cel::Validator::new().validate(&schema, object, old) {
         errors.extend(failures.iter().map(ToString::to_string));
     }
+    errors
+}
+
+/// A JSON pointer (`/spec/members/0/pvcNames`) as kube-apiserver writes a field path
+/// (`spec.members[0].pvcNames`).
+fn kube_path(pointer: &str) -> String {
+    let mut path = String::new();
+    for segment in pointer.split('/').filter(|segment| !segment.is_empty()) {
+        if segment.bytes().all(|b| b.is_ascii_digit()) {
+            path.push_str(&format!("[{segment}]"));
+        } else {
+            if !path.is_empty() {
+                path.push('.');
+            }
+            path.push_str(segment);
+        }
+    }
+    path
+}
+
+/// A schema error as kube-apiserver words it, for the kinds of error the corpus provokes.
+fn kube_wording(path: &str, kind: &ValidationErrorKind, instance: &Value) -> Option<String> {
+    Some(match kind {
+        ValidationErrorKind::Type {
+            kind: TypeKind::Single(expected),
+        } => {
+            let actual = json_type(instance);
+            format!(
+                "{path}: Invalid value: \"{actual}\": {path} in body must be of type {expected}: \"{actual}\""
+            )
+        }
+        ValidationErrorKind::MaxItems { limit } => format!(
+            "{path}: Too many: {}: must have at most {limit} items",
+            instance.as_array().map_or(0, Vec::len)
+        ),
+        ValidationErrorKind::MaxLength { limit } => {
+            format!("{path}: Too long: may not be more than {limit} bytes")
+        }
+        ValidationErrorKind::Pattern { pattern } => format!(
+            "{path}: Invalid value: {}: {path} in body should match '{pattern}'",
+            go_quote(instance.as_str()?)
+        ),
+        ValidationErrorKind::Required { property } => {
+            format!("{path}.{}: Required value", property.as_str()?)
+        }
+        _ => return None,
+    })
+}
+
+/// What kube-apiserver says of an object name that is no lowercase RFC 1123 subdomain.
+fn name_errors(object: &Value) -> Vec<String> {
+    let name = object["metadata"]["name"].as_str().unwrap_or_default();
+    if name_ok(name) {
+        return Vec::new();
+    }
+    vec![format!(
+        "metadata.name: Invalid value: {}: a lowercase RFC 1123 subdomain must consist of lower case alphanumeric characters, '-' or '.', and must start and end with an alphanumeric character",
+        go_quote(name)
+    )]
+}
+
+/// kube-apiserver's limit on a request body (`--max-request-bytes`' default).
+const MAX_REQUEST_BYTES: usize = 3 << 20;
+
+/// Every error kube-apiserver would give for an invalid example sent by `kubectl apply`: a body over
+/// the request size limit is refused before it is read; otherwise the name and the schema are checked.
+fn refusal(example: &InvalidExample) -> Vec<String> {
+    let body = serde_json::to_vec(&example.as_kubectl_applies()).unwrap();
+    if body.len() > MAX_REQUEST_BYTES {
+        return vec![format!(
+            "Request entity too large: limit is {MAX_REQUEST_BYTES}"
+        )];
+    }
+    let mut errors = name_errors(&example.object);
+    errors.extend(admission_errors(&example.object, None));
     errors
 }
 
@@ -145,29 +224,54 @@ fn every_valid_example_is_accepted() {
     }
 }
 
+fn corpus() -> Vec<InvalidExample> {
+    InvalidExample::read_all(&repo_root().join("examples/invalid")).unwrap()
+}
+
 #[test]
 fn every_invalid_example_is_refused_for_its_stated_reason() {
-    let files = yaml_files(&repo_root().join("examples/invalid"));
-    assert!(
-        files.len() >= 10,
-        "expected the invalid examples, found {files:?}"
-    );
-    for file in files {
-        let text = std::fs::read_to_string(&file).unwrap();
-        let expected = text
-            .lines()
-            .find_map(|line| line.strip_prefix("# expect: "))
-            .unwrap_or_else(|| panic!("{} has no `# expect:` header", file.display()));
-        let [object] = documents(&file)
-            .try_into()
-            .expect("one object per invalid example");
-        let errors = admission_errors(&object, None);
+    for example in corpus() {
+        let errors = refusal(&example);
         assert!(
-            errors.iter().any(|error| error.contains(expected)),
-            "{} should be refused with {expected:?}, got {errors:#?}",
-            file.display()
+            errors.iter().any(|error| error.contains(&example.expect)),
+            "{} should be refused with {:?}, got {errors:#?}",
+            example.file_name,
+            example.expect
         );
     }
+}
+
+#[test]
+fn the_invalid_corpus_has_at_least_three_manifests_of_every_category() {
+    let corpus = corpus();
+    let mut per_category: std::collections::BTreeMap<&str, usize> =
+        CATEGORIES.iter().map(|category| (*category, 0)).collect();
+    for example in &corpus {
+        let [category] = example.categories.as_slice() else {
+            panic!(
+                "{} needs exactly one `# category:` line, has {:?}",
+                example.file_name, example.categories
+            );
+        };
+        let count = per_category.get_mut(category.as_str()).unwrap_or_else(|| {
+            panic!(
+                "{}: unknown category {category:?}, not one of {CATEGORIES:?}",
+                example.file_name
+            )
+        });
+        *count += 1;
+    }
+    for (category, count) in &per_category {
+        assert!(
+            *count >= 3,
+            "{count} manifests of category {category}, want at least 3: {per_category:?}"
+        );
+    }
+    assert!(
+        corpus.len() >= 30,
+        "{} manifests, want at least 30",
+        corpus.len()
+    );
 }
 
 fn group_with_status_epoch(epoch: u64) -> Value {

@@ -96,15 +96,12 @@ fn default_hold_timeout() -> String {
 pub struct GroupMember {
     /// The MemberCluster (by name, in the hub) whose volumes these are.
     #[schemars(length(min = 1, max = 63))]
+    #[schemars(extend("x-kubernetes-validations" = [super::object_name_rule("cluster", "MemberCluster name")]))]
     pub cluster: String,
 
     /// The namespace of the PersistentVolumeClaims.
     #[schemars(length(min = 1, max = 63))]
-    #[schemars(extend("x-kubernetes-validations" = [{
-        "rule": "self.matches('^[a-z0-9]([-a-z0-9]*[a-z0-9])?$')",
-        "message": "namespace is not a valid Kubernetes namespace name: lowercase letters, digits and hyphens, starting and ending with a letter or digit",
-        "messageExpression": "'namespace \"' + self + '\" is not a valid Kubernetes namespace name: lowercase letters, digits and hyphens, starting and ending with a letter or digit'"
-    }]))]
+    #[schemars(extend("x-kubernetes-validations" = [super::namespace_rule()]))]
     pub namespace: String,
 
     /// The PersistentVolumeClaims, by name, each once. The only form a gRPC-only cluster supports, as the

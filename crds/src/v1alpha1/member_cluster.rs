@@ -58,6 +58,12 @@ pub struct MemberClusterSpec {
     /// The network the cluster is on, for people and for spreading the two paths over different networks.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 63))]
+    // `kubectl get memberclusters` prints it: a control character (an escape sequence) would rewrite the
+    // reader's terminal, a format character (a right-to-left override) would disguise the value.
+    #[schemars(extend("x-kubernetes-validations" = [{
+        "rule": r"!self.matches('[\\p{Cc}\\p{Cf}]')",
+        "message": "network may not contain control or format characters: kubectl prints it to people as it is"
+    }]))]
     pub network: Option<String>,
 
     /// The cluster's ServiceAccount token signing keys, as a JSON Web Key Set: what `kubectl get --raw
@@ -85,13 +91,15 @@ pub struct MemberClusterSpec {
 pub struct SecretKeyRef {
     /// The Secret's namespace.
     #[schemars(length(min = 1, max = 63))]
+    #[schemars(extend("x-kubernetes-validations" = [super::namespace_rule()]))]
     pub namespace: String,
     /// The Secret's name.
     #[schemars(length(min = 1, max = 253))]
+    #[schemars(extend("x-kubernetes-validations" = [super::object_name_rule("name", "Secret name")]))]
     pub name: String,
-    /// The key whose value is the kubeconfig.
+    /// The key whose value is the kubeconfig: letters, digits, '-', '_' and '.', as Secret keys are.
     #[serde(default = "default_kubeconfig_key")]
-    #[schemars(length(min = 1, max = 253))]
+    #[schemars(length(min = 1, max = 253), regex(pattern = r"^[-._a-zA-Z0-9]+$"))]
     pub key: String,
 }
 

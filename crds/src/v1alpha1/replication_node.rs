@@ -32,9 +32,11 @@ use crate::domain::{Stage, VolumeState};
 pub struct ReplicationNodeSpec {
     /// The Kubernetes node this sidecar runs on.
     #[schemars(length(min = 1, max = 253))]
+    #[schemars(extend("x-kubernetes-validations" = [super::object_name_rule("nodeName", "Kubernetes node name")]))]
     pub node_name: String,
     /// The MemberCluster name of this cluster, as the hub knows it.
     #[schemars(length(min = 1, max = 63))]
+    #[schemars(extend("x-kubernetes-validations" = [super::object_name_rule("cluster", "MemberCluster name")]))]
     pub cluster: String,
 }
 

@@ -16,7 +16,7 @@ use std::collections::HashMap;
 
 use serde_json::{Map, Value, json};
 
-use crate::error::{ApiError, Cause};
+use crate::error::{ApiError, Cause, go_quote};
 use crate::managed::{self, Scope};
 use crate::patch::{self, PatchType};
 use crate::resources::{self, CRD_GROUP, CRD_PLURAL, ResourceType};
@@ -440,14 +440,19 @@ fn check_kind(t: &ResourceType, call: &Call<'_>, body: &Value) -> Result<(), Api
     Ok(())
 }
 
-fn name_ok(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 253
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
-        && name.starts_with(|c: char| c.is_ascii_alphanumeric())
-        && name.ends_with(|c: char| c.is_ascii_alphanumeric())
+/// A lowercase RFC 1123 subdomain, as kube-apiserver requires of object names: at most 253 characters,
+/// dot-separated labels of lowercase letters, digits and hyphens, each starting and ending with a letter
+/// or digit (`a..b` and `a.-b` are refused).
+pub fn name_ok(name: &str) -> bool {
+    name.len() <= 253
+        && name.split('.').all(|label| {
+            !label.is_empty()
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+        })
 }
 
 fn generate_suffix() -> String {
@@ -568,7 +573,8 @@ impl Write<'_> {
                 &[Cause {
                     reason: "FieldValueInvalid".into(),
                     message: format!(
-                        "Invalid value: {name:?}: a lowercase RFC 1123 subdomain must consist of lower case alphanumeric characters, '-' or '.', and must start and end with an alphanumeric character"
+                        "Invalid value: {}: a lowercase RFC 1123 subdomain must consist of lower case alphanumeric characters, '-' or '.', and must start and end with an alphanumeric character (e.g. 'example.com', regex used for validation is '[a-z0-9]([-a-z0-9]*[a-z0-9])?(\\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*')",
+                        go_quote(&name)
                     ),
                     field: "metadata.name".into(),
                 }],
@@ -662,6 +668,15 @@ impl Write<'_> {
         let dry = call.query.dry_run();
         let committed = match old {
             None => {
+                // As kube-apiserver (and etcd's create): a taken name is found only once the object is
+                // valid, so an invalid object is refused as invalid even under an existing name.
+                let key = (
+                    call.target.namespace.clone().unwrap_or_default(),
+                    name.clone(),
+                );
+                if inner.get(&t.storage, &key).is_some() {
+                    return Err(ApiError::already_exists(&t.group, &t.plural, &name));
+                }
                 if dry {
                     new
                 } else {
@@ -880,7 +895,6 @@ fn create_object(
             meta.remove("managedFields");
         }
     }
-    let name = meta_str(&new, "name").unwrap_or_default().to_string();
     if let Some(ns) = &path_ns {
         let ns_key = (String::new(), ns.clone());
         if inner
@@ -889,15 +903,6 @@ fn create_object(
         {
             return Err(ApiError::not_found("", "namespaces", ns));
         }
-    }
-    if inner
-        .get(
-            &t.storage,
-            &(path_ns.clone().unwrap_or_default(), name.clone()),
-        )
-        .is_some()
-    {
-        return Err(ApiError::already_exists(&t.group, &t.plural, &name));
     }
     if let Some(obj) = new.as_object_mut() {
         if t.custom && t.status_subresource {

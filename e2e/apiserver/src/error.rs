@@ -55,6 +55,42 @@ pub fn qualified_resource(group: &str, plural: &str) -> String {
     }
 }
 
+/// A string quoted as Go's `%q` quotes it (kube-apiserver's `Invalid value: "…"`): printable characters
+/// as they are, `\a \b \f \n \r \t \v`, other ASCII controls as `\x07`, other unprintable characters
+/// (format characters such as a zero-width space, separators other than the space) as `\u200b`.
+pub fn go_quote(text: &str) -> String {
+    let mut quoted = String::with_capacity(text.len() + 2);
+    quoted.push('"');
+    for c in text.chars() {
+        match c {
+            '"' => quoted.push_str("\\\""),
+            '\\' => quoted.push_str("\\\\"),
+            '\u{7}' => quoted.push_str("\\a"),
+            '\u{8}' => quoted.push_str("\\b"),
+            '\u{c}' => quoted.push_str("\\f"),
+            '\n' => quoted.push_str("\\n"),
+            '\r' => quoted.push_str("\\r"),
+            '\t' => quoted.push_str("\\t"),
+            '\u{b}' => quoted.push_str("\\v"),
+            ' '..='~' => quoted.push(c),
+            c if c.is_ascii() => quoted.push_str(&format!("\\x{:02x}", c as u32)),
+            c if go_printable(c) => quoted.push(c),
+            c if (c as u32) < 0x10000 => quoted.push_str(&format!("\\u{:04x}", c as u32)),
+            c => quoted.push_str(&format!("\\U{:08x}", c as u32)),
+        }
+    }
+    quoted.push('"');
+    quoted
+}
+
+/// Go's `unicode.IsPrint` for a non-ASCII character: letters, marks, numbers, punctuation and symbols.
+/// Rust's debug escaping leaves exactly those alone (after a letter, where a combining mark is not
+/// escaped), except the separators, which Go does not print either.
+fn go_printable(c: char) -> bool {
+    let shown = format!("a{c}");
+    !c.is_whitespace() && shown.escape_debug().to_string() == shown
+}
+
 impl ApiError {
     fn new(code: u16, reason: &'static str, message: impl Into<String>) -> Self {
         Self {
@@ -76,7 +112,11 @@ impl ApiError {
         Self::new(
             404,
             "NotFound",
-            format!("{} \"{name}\" not found", qualified_resource(group, plural)),
+            format!(
+                "{} {} not found",
+                qualified_resource(group, plural),
+                go_quote(name)
+            ),
         )
         .with_details(group, plural, name)
     }
@@ -97,8 +137,9 @@ impl ApiError {
             409,
             "AlreadyExists",
             format!(
-                "{} \"{name}\" already exists",
-                qualified_resource(group, plural)
+                "{} {} already exists",
+                qualified_resource(group, plural),
+                go_quote(name)
             ),
         )
         .with_details(group, plural, name)
@@ -110,8 +151,9 @@ impl ApiError {
             409,
             "Conflict",
             format!(
-                "Operation cannot be fulfilled on {} \"{name}\": {why}",
-                qualified_resource(group, plural)
+                "Operation cannot be fulfilled on {} {}: {why}",
+                qualified_resource(group, plural),
+                go_quote(name)
             ),
         )
         .with_details(group, plural, name)
@@ -208,7 +250,7 @@ impl ApiError {
         let mut err = Self::new(
             422,
             "Invalid",
-            format!("{what} \"{name}\" is invalid: {list}"),
+            format!("{what} {} is invalid: {list}", go_quote(name)),
         );
         let causes: Vec<Value> = causes
             .iter()
@@ -340,4 +382,20 @@ pub enum ServerError {
     /// The server was asked to do something that needs it running (or stopped).
     #[error("{0}")]
     State(&'static str),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::go_quote;
+
+    #[test]
+    fn values_are_quoted_as_go_quotes_them() {
+        // What kube-apiserver answered for these values (`Invalid value: …`), character for character.
+        assert_eq!(go_quote("postgres\u{7}wal"), r#""postgres\awal""#);
+        assert_eq!(go_quote("postgres\0wal"), r#""postgres\x00wal""#);
+        assert_eq!(go_quote("orders\u{200b}db"), r#""orders\u200bdb""#);
+        assert_eq!(go_quote("postgres-w\u{430}l"), "\"postgres-w\u{430}l\"");
+        assert_eq!(go_quote("say \"hi\"\\\n"), r#""say \"hi\"\\\n""#);
+        assert_eq!(go_quote("e\u{301}\u{a0}\u{1b}"), "\"e\u{301}\\u00a0\\x1b\"");
+    }
 }

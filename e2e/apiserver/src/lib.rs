@@ -33,7 +33,8 @@
 //!   exactly how ownership is simplified), patches ([`patch`]), selectors ([`selector`]).
 //! - One global resourceVersion; durable mode keeps everything in a data directory ([`store`]).
 //! - Fault hooks ([`Faults`], and [`TestApiServer::stop`], [`TestApiServer::refuse_connections`]).
-//! - [`kubectl`] finds the real kubectl that tests and the demo run against it.
+//! - [`kubectl`] finds the real kubectl that tests and the demo run against it; [`invalid_examples`] reads
+//!   the corpus of hostile manifests that tests send to this server and to kube-apiserver.
 //! - An audit log of every resource request and, on demand, RBAC enforced from the stored Roles and
 //!   bindings, with bearer tokens naming users ([`authz`]).
 //!
@@ -60,6 +61,7 @@ pub mod discovery;
 pub mod error;
 pub mod faults;
 pub mod http;
+pub mod invalid_examples;
 pub mod kubectl;
 pub mod managed;
 pub mod openapi;

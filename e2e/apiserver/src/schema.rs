@@ -9,7 +9,7 @@
 
 use serde_json::{Map, Value};
 
-use crate::error::Cause;
+use crate::error::{Cause, go_quote};
 
 /// A version's `openAPIV3Schema` with its CEL rules compiled once.
 #[derive(Debug)]
@@ -354,7 +354,7 @@ fn invalid(field: &str, value: &Value, detail: String) -> Cause {
 /// A value as Go's field errors print it: strings quoted, scalars plain, composites by type.
 fn show(value: &Value) -> String {
     match value {
-        Value::String(s) => format!("{s:?}"),
+        Value::String(s) => go_quote(s),
         Value::Object(_) => "\"object\"".into(),
         Value::Array(_) => "\"array\"".into(),
         Value::Null => "\"null\"".into(),
@@ -362,7 +362,8 @@ fn show(value: &Value) -> String {
     }
 }
 
-fn json_type(value: &Value) -> &'static str {
+/// The JSON type of a value as kube-apiserver names it in `must be of type` errors (`number` for 1.5).
+pub fn json_type(value: &Value) -> &'static str {
     match value {
         Value::Null => "null",
         Value::Bool(_) => "boolean",
@@ -492,7 +493,7 @@ fn check(schema: &Value, value: &Value, path: &str, causes: &mut Vec<Cause>) {
 
 fn show_enum(v: &Value) -> String {
     match v {
-        Value::String(s) => format!("{s:?}"),
+        Value::String(s) => go_quote(s),
         other => other.to_string(),
     }
 }
@@ -553,7 +554,7 @@ fn check_string(schema: &Value, s: &str, value: &Value, path: &str, causes: &mut
         causes.push(invalid(
             path,
             value,
-            format!("{path} in body must be of type date-time: {s:?}"),
+            format!("{path} in body must be of type date-time: {}", go_quote(s)),
         ));
     }
 }

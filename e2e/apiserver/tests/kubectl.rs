@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use common::{TestResult, eventually, server};
 use kube::api::{Api, ApiResource, DynamicObject, Patch, PatchParams};
+use lockstep_testapi::invalid_examples::InvalidExample;
 use serde_json::json;
 
 fn repo() -> PathBuf {
@@ -137,25 +138,16 @@ async fn scenario(newest: bool) -> TestResult {
     }
 
     // Invalid examples: refused with their own message.
-    let mut invalid: Vec<PathBuf> = std::fs::read_dir(repo().join("examples/invalid"))?
-        .filter_map(Result::ok)
-        .map(|e| e.path())
-        .collect();
-    invalid.sort();
+    let invalid = InvalidExample::read_all(&repo().join("examples/invalid"))?;
     assert!(!invalid.is_empty());
-    for path in invalid {
-        let text = std::fs::read_to_string(&path)?;
-        let expect = text
-            .lines()
-            .next()
-            .and_then(|l| l.strip_prefix("# expect:"))
-            .map(str::trim)
-            .ok_or_else(|| format!("{} has no '# expect:' line", path.display()))?;
-        let file = path.to_string_lossy().to_string();
-        let err = k.fails(&["apply", "-f", &file]).await?;
+    for example in invalid {
+        let file = example.file_for_kubectl(dir.path())?;
+        let err = k.fails(&["apply", "-f", &file.to_string_lossy()]).await?;
         assert!(
-            err.contains(expect),
-            "{file}: expected {expect:?} in {err:?}"
+            err.contains(&example.expect),
+            "{}: expected {:?} in {err:?}",
+            example.file_name,
+            example.expect
         );
     }
 

@@ -1,6 +1,7 @@
 //! The project's own CRDs (`crds/*.yaml`) install through kube's API; every example in `examples/` is
-//! accepted; every invalid example in `examples/invalid/` is refused with its own message (the file's first
-//! line says `# expect: <message substring>`); a status update that lowers `status.epoch` is refused.
+//! accepted; every invalid example in `examples/invalid/`, sent as `kubectl apply` sends it, is refused with
+//! its own message (the file's first line says `# expect: <message substring>`); a status update that lowers
+//! `status.epoch` is refused.
 
 mod common;
 
@@ -11,6 +12,7 @@ use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomRe
 use kube::api::{Api, DynamicObject, Patch, PatchParams, PostParams};
 use kube::core::GroupVersionKind;
 use kube::discovery::{self, Scope};
+use lockstep_testapi::invalid_examples::InvalidExample;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
@@ -128,33 +130,30 @@ async fn the_project_crds_install_and_validate_the_examples() -> TestResult {
     }
     assert!(accepted > 0, "no examples found");
 
-    // Every invalid example is refused with its own message.
-    let invalid = yaml_files(&repo().join("examples/invalid"))?;
+    // Every invalid example, sent as `kubectl apply` sends it, is refused with its own message.
+    let invalid = InvalidExample::read_all(&repo().join("examples/invalid"))?;
     assert!(!invalid.is_empty(), "no invalid examples found");
-    for path in invalid {
-        let text = std::fs::read_to_string(&path)?;
-        let expect = text
-            .lines()
-            .next()
-            .and_then(|l| l.strip_prefix("# expect:"))
-            .map(str::trim)
-            .ok_or_else(|| format!("{} has no '# expect:' first line", path.display()))?;
-        for doc in documents(&path)? {
-            ensure_namespace(&client, &doc).await?;
-            let api = api_for(&client, &doc).await?;
-            let object: DynamicObject = serde_json::from_value(doc)?;
-            match api.create(&PostParams::default(), &object).await {
-                Ok(_) => return Err(format!("{} was accepted", path.display()).into()),
-                Err(e) => {
-                    let (code, _, message) =
-                        api_error(&e).ok_or_else(|| format!("{}: {e}", path.display()))?;
-                    assert_eq!(code, 422, "{}: {message}", path.display());
-                    assert!(
-                        message.contains(expect),
-                        "{}: expected {expect:?} in {message:?}",
-                        path.display()
-                    );
-                }
+    for example in invalid {
+        let doc = example.as_kubectl_applies();
+        let api = api_for(&client, &doc).await?;
+        let object: DynamicObject = serde_json::from_value(doc)?;
+        match api.create(&PostParams::default(), &object).await {
+            Ok(_) => return Err(format!("{} was accepted", example.file_name).into()),
+            Err(e) => {
+                let (code, _, message) =
+                    api_error(&e).ok_or_else(|| format!("{}: {e}", example.file_name))?;
+                let expected_code = if example.expect.starts_with("Request entity too large") {
+                    413
+                } else {
+                    422
+                };
+                assert_eq!(code, expected_code, "{}: {message}", example.file_name);
+                assert!(
+                    message.contains(&example.expect),
+                    "{}: expected {:?} in {message:?}",
+                    example.file_name,
+                    example.expect
+                );
             }
         }
     }

@@ -1,8 +1,9 @@
 //! The differential suite: the same client-level checks against the test API server and a real
 //! kube-apiserver, one check per behaviour Lockstep relies on, their outcomes (status codes, reasons,
 //! messages, the resulting objects) compared. Checks: server-side apply (field ownership, force,
-//! conflicts, fields a manager stops applying), every `examples/invalid` manifest's refusal, the Helm
-//! chart's RBAC (allow and deny of every verb on every resource it names, for each of its identities),
+//! conflicts, fields a manager stops applying), every `examples/invalid` manifest's refusal (and a
+//! valid or invalid create under a taken name), the Helm chart's RBAC (allow and deny of every verb on
+//! every resource it names, for each of its identities),
 //! watch bookmarks, 410 Gone on a too-old resourceVersion and resuming, resourceVersion conflicts on
 //! update and on `/status`, the status subresource and `metadata.generation`, the request size limit,
 //! finalizers and deletion.
@@ -23,6 +24,7 @@ use kube::Client;
 use lockstep_kube::KubeBinaries;
 use lockstep_kube::backend::{ApiServer, Backend};
 use lockstep_testapi::TestApiServer;
+use lockstep_testapi::invalid_examples::InvalidExample;
 use serde_json::{Value, json};
 
 type Error = Box<dyn std::error::Error + Send + Sync>;
@@ -290,30 +292,16 @@ async fn server_side_apply(side: &Side) -> Result<Value, Error> {
 /// Every `examples/invalid` manifest, created as `kubectl apply` creates it.
 async fn invalid_examples(side: &Side) -> Result<Value, Error> {
     let mut outcomes = BTreeMap::new();
-    let mut files: Vec<PathBuf> = std::fs::read_dir(repo().join("examples/invalid"))?
-        .filter_map(Result::ok)
-        .map(|e| e.path())
-        .collect();
-    files.sort();
-    for file in files {
-        let text = std::fs::read_to_string(&file)?;
-        let object: Value = serde_yaml_ng::from_str(&text)?;
-        let plural = match object["kind"].as_str() {
-            Some("ConsistencyGroup") => "consistencygroups",
-            Some("MemberCluster") => "memberclusters",
-            other => return Err(format!("{}: kind {other:?}", file.display()).into()),
-        };
+    for example in InvalidExample::read_all(&repo().join("examples/invalid"))? {
+        let plural = example
+            .plural()
+            .ok_or_else(|| format!("{}: kind {}", example.file_name, example.object["kind"]))?;
         let answer = post(
             &side.admin,
             &format!("/apis/lockstep.dev/v1alpha1/{plural}?fieldManager=kubectl-client-side-apply"),
-            &object,
+            &example.as_kubectl_applies(),
         )
         .await?;
-        let name = file
-            .file_name()
-            .unwrap_or_default()
-            .to_string_lossy()
-            .into_owned();
         let mut outcome = answer.outcome();
         if answer.ok() {
             // Not refused: delete it again so that nothing else sees it.
@@ -324,19 +312,33 @@ async fn invalid_examples(side: &Side) -> Result<Value, Error> {
             )
             .await?;
         }
-        let expect = text
-            .lines()
-            .next()
-            .and_then(|l| l.strip_prefix("# expect:"))
-            .map(str::trim)
-            .unwrap_or_default();
         outcome["says what its header expects"] = json!(
             outcome["message"]
                 .as_str()
-                .is_some_and(|m| m.contains(expect))
+                .is_some_and(|m| m.contains(&example.expect))
         );
-        outcomes.insert(name, outcome);
+        outcomes.insert(example.file_name, outcome);
     }
+    // Under a name already taken: an invalid object is refused as invalid (422), a valid one as taken (409).
+    let taken = json!({
+        "apiVersion": "lockstep.dev/v1alpha1",
+        "kind": "ConsistencyGroup",
+        "metadata": {"name": "taken"},
+        "spec": {"members": [{"cluster": "east", "namespace": "orders", "pvcNames": ["wal"]}]}
+    });
+    let mut invalid = taken.clone();
+    invalid["spec"]["members"] = json!([]);
+    for (what, body) in [
+        ("a valid group", &taken),
+        ("the same group again", &taken),
+        ("an invalid group under the taken name", &invalid),
+    ] {
+        outcomes.insert(
+            what.to_owned(),
+            post(&side.admin, GROUPS, body).await?.outcome(),
+        );
+    }
+    delete(&side.admin, &format!("{GROUPS}/taken")).await?;
     Ok(json!(outcomes))
 }
 

@@ -12,6 +12,7 @@ use std::process::Output;
 
 use kube::api::{Api, ApiResource, DynamicObject};
 use lockstep_kube::{ClusterOptions, KubeBinaries, RealCluster, pinned_version};
+use lockstep_testapi::invalid_examples::InvalidExample;
 
 type TestResult = Result<(), Box<dyn std::error::Error>>;
 
@@ -63,15 +64,6 @@ impl Kubectl {
         }
         Ok(String::from_utf8_lossy(&out.stderr).to_string())
     }
-}
-
-/// The `# expect:` header of an invalid example.
-fn expectation(path: &Path, text: &str) -> Result<String, String> {
-    text.lines()
-        .next()
-        .and_then(|l| l.strip_prefix("# expect:"))
-        .map(|e| e.trim().to_string())
-        .ok_or_else(|| format!("{} has no '# expect:' line", path.display()))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -172,20 +164,17 @@ async fn kubectl_against_the_real_api_server() -> TestResult {
     );
 
     // Every invalid example refused by the real server, with the text its header promises.
-    let mut invalid: Vec<PathBuf> = std::fs::read_dir(repo().join("examples/invalid"))?
-        .filter_map(Result::ok)
-        .map(|e| e.path())
-        .collect();
-    invalid.sort();
+    let invalid = InvalidExample::read_all(&repo().join("examples/invalid"))?;
     assert!(!invalid.is_empty());
     let mut mismatches = Vec::new();
-    for path in invalid {
-        let text = std::fs::read_to_string(&path)?;
-        let expect = expectation(&path, &text)?;
-        let file = path.to_string_lossy().to_string();
-        let err = k.fails(&["apply", "-f", &file]).await?;
-        if !err.contains(&expect) {
-            mismatches.push(format!("{file}: expected {expect:?} in {err:?}"));
+    for example in invalid {
+        let file = example.file_for_kubectl(dir.path())?;
+        let err = k.fails(&["apply", "-f", &file.to_string_lossy()]).await?;
+        if !err.contains(&example.expect) {
+            mismatches.push(format!(
+                "{}: expected {:?} in {err:?}",
+                example.file_name, example.expect
+            ));
         }
     }
     assert!(mismatches.is_empty(), "{}", mismatches.join("\n"));
