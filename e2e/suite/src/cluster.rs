@@ -375,6 +375,7 @@ impl SimCluster {
         let secondary = Secondary::start(SecondaryConfig {
             listen: ([127, 0, 0, 1], 0).into(),
             dir: dir.join("secondary"),
+            security: lockstep_replicator::LinkSecurity::Plaintext,
         })
         .await
         .map_err(io("starting the secondary"))?;
@@ -391,6 +392,7 @@ impl SimCluster {
                 Some(CopyConfig {
                     secondary: link.addr().to_string(),
                     timeout: spec.copy_timeout,
+                    security: lockstep_replicator::LinkSecurity::Plaintext,
                 }),
             );
             config.hold_timeout = spec.hold_timeout;

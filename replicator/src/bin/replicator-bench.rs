@@ -285,6 +285,7 @@ fn start_secondary(dir: PathBuf) -> anyhow::Result<SocketAddr> {
                 let secondary = Secondary::start(SecondaryConfig {
                     listen: SocketAddr::from(([127, 0, 0, 1], 0)),
                     dir,
+                    security: lockstep_replicator::LinkSecurity::Plaintext,
                 })
                 .await;
                 match secondary {
@@ -341,6 +342,7 @@ async fn run_case(
             let copy = (case.server == Server::Replicated).then(|| CopyConfig {
                 secondary: secondary.to_string(),
                 timeout: Duration::from_secs(30),
+                security: lockstep_replicator::LinkSecurity::Plaintext,
             });
             let (primary, addr) = start_primary(primary_file, size, copy).await?;
             let rows = measure_all(round, case, addr, plan).await?;
