@@ -585,3 +585,53 @@ async fn the_binary_needs_certificates_or_insecure_and_releases_a_volume() {
     assert_eq!(read_file_at(&data.join("vol1"), 0, 4096), pattern(1));
     assert_eq!(read_file_at(&data.join("vol1"), 4096, 4096), pattern(2));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scripts_certs_sh_link_makes_certificates_the_link_accepts() {
+    let dir = tempfile::tempdir().unwrap();
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/certs.sh");
+    let certs = |site: &str, args: &[&str]| {
+        let out = std::process::Command::new("bash")
+            .arg(&script)
+            .args(["link"])
+            .arg(dir.path())
+            .arg(site)
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+    };
+    certs("east", &["--identity", OWNER]);
+    certs(
+        "west",
+        &["--identity", "west-secondary", "--ip", "127.0.0.1"],
+    );
+    let file = |name: &str| dir.path().join(name);
+    let secondary_tls = LinkTls::load(
+        &file("west-secondary.crt"),
+        &file("west-secondary.key"),
+        &file("east-link-ca.crt"),
+    )
+    .unwrap();
+    let primary_tls = LinkTls::load(
+        &file(&format!("{OWNER}.crt")),
+        &file(&format!("{OWNER}.key")),
+        &file("west-link-ca.crt"),
+    )
+    .unwrap();
+    assert_eq!(primary_tls.identity(), OWNER);
+
+    let data = dir.path().join("secondary");
+    let secondary = start_secondary(&data, LinkSecurity::Tls(Arc::new(secondary_tls))).await;
+    let mut stream = open(&primary_tls, secondary.local_addr(), "vol1", 1)
+        .await
+        .unwrap();
+    write_acked(&mut stream, 1, 0, &pattern(7)).await;
+    assert_eq!(read_file_at(&data.join("vol1"), 0, 4096), pattern(7));
+    assert_eq!(
+        lockstep_replicator::owners::owner(&data, "vol1")
+            .unwrap()
+            .as_deref(),
+        Some(OWNER)
+    );
+}
