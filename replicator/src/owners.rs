@@ -138,3 +138,84 @@ impl Owners {
         result
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    /// The log lines written while `f` runs (this thread only).
+    fn logged(f: impl FnOnce()) -> String {
+        let buffer = Arc::new(Mutex::new(Vec::<u8>::new()));
+        let sink = Arc::clone(&buffer);
+        let subscriber = tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::DEBUG)
+            .with_ansi(false)
+            .with_writer(move || LogSink(Arc::clone(&sink)))
+            .finish();
+        tracing::subscriber::with_default(subscriber, f);
+        let bytes = buffer.lock().unwrap().clone();
+        String::from_utf8(bytes).unwrap()
+    }
+
+    struct LogSink(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for LogSink {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(bytes);
+            Ok(bytes.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_refusal_is_a_warning_once_per_primary_and_volume() {
+        let dir = tempfile::tempdir().unwrap();
+        let owners = Owners::new(dir.path());
+        let log = logged(|| {
+            owners.claim("vol1", "east-node-1").unwrap();
+            for _ in 0..3 {
+                let refused = owners.claim("vol1", "east-node-2").unwrap_err();
+                assert!(matches!(refused, OwnerError::OtherPrimary { .. }));
+            }
+            owners.claim("vol1", "east-node-1").unwrap();
+        });
+        let warnings = log
+            .lines()
+            .filter(|l| l.contains("WARN") && l.contains("replication stream refused"))
+            .count();
+        assert_eq!(warnings, 1, "{log}");
+        assert_eq!(
+            log.matches("replication stream refused again").count(),
+            2,
+            "{log}"
+        );
+        assert_eq!(
+            owner(dir.path(), "vol1").unwrap().as_deref(),
+            Some("east-node-1")
+        );
+    }
+
+    #[test]
+    fn an_empty_owner_file_refuses_everyone_until_released() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(owner_path(dir.path(), "vol1"), "\n").unwrap();
+        let owners = Owners::new(dir.path());
+        assert!(matches!(
+            owners.claim("vol1", "east-node-1"),
+            Err(OwnerError::File { .. })
+        ));
+        assert_eq!(
+            release(dir.path(), "vol1").unwrap().as_deref(),
+            Some("(unreadable)")
+        );
+        owners.claim("vol1", "east-node-1").unwrap();
+        assert_eq!(
+            release(dir.path(), "vol1").unwrap().as_deref(),
+            Some("east-node-1")
+        );
+        assert_eq!(release(dir.path(), "vol1").unwrap(), None);
+    }
+}
