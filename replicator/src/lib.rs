@@ -110,7 +110,9 @@ impl LinkArgs {
     pub fn security(&self) -> Result<LinkSecurity, StartError> {
         match (&self.link_cert, &self.link_key, &self.link_ca) {
             (Some(cert), Some(key), Some(ca)) => {
-                Ok(LinkSecurity::Tls(std::sync::Arc::new(LinkTls::load(cert, key, ca)?)))
+                let tls = LinkTls::load(cert, key, ca)?;
+                tracing::info!(identity = tls.identity(), ca = %ca.display(), "replication link: mutual TLS");
+                Ok(LinkSecurity::Tls(std::sync::Arc::new(tls)))
             }
             _ if self.insecure_plaintext => {
                 tracing::warn!("INSECURE: the replication link is plaintext and unauthenticated (--insecure-plaintext): anyone who reaches the secondary can stream to it");
