@@ -279,12 +279,14 @@ impl Node {
         let secondary = Secondary::start(SecondaryConfig {
             listen: "127.0.0.1:0".parse().unwrap(),
             dir: dir.path().join("secondary"),
+            security: lockstep_replicator::LinkSecurity::Plaintext,
         })
         .await
         .unwrap();
         let copy = CopyConfig {
             secondary: secondary.local_addr().to_string(),
             timeout: Duration::from_secs(5),
+            security: lockstep_replicator::LinkSecurity::Plaintext,
         };
         let primary = Primary::start(PrimaryConfig {
             volumes: vec![VolumeConfig {

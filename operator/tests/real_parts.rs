@@ -52,6 +52,7 @@ impl Node {
         let secondary = Secondary::start(SecondaryConfig {
             listen: "127.0.0.1:0".parse().unwrap(),
             dir: dir.path().join("secondary"),
+            security: lockstep_replicator::LinkSecurity::Plaintext,
         })
         .await
         .unwrap();
@@ -62,6 +63,7 @@ impl Node {
             let copy = CopyConfig {
                 secondary: link.addr().to_string(),
                 timeout: Duration::from_secs(5),
+                security: lockstep_replicator::LinkSecurity::Plaintext,
             };
             configs.push(VolumeConfig {
                 require_confirmation: true,

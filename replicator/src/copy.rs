@@ -14,18 +14,23 @@
 //! (counted from when the write entered the copy queue). The state machine then holds every write whose
 //! copy did not complete ([`crate::hold::ReplState::link_failed`]). Nothing is ever acknowledged
 //! unreplicated except by a release.
+//!
+//! **Security.** With [`LinkSecurity::Tls`] every connection is mutual TLS (see [`crate::link_tls`]): a
+//! secondary whose certificate does not verify, or one that refuses this primary (it does not own the
+//! volume), fails the copy like any other secondary error.
 
 use std::sync::Weak;
 use std::time::Duration;
 
 use bytes::BytesMut;
 use futures::StreamExt;
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio_util::codec::{Encoder, FramedRead};
 
 use crate::hold::LinkItem;
+use crate::link_tls::{ClientStream, LinkSecurity};
 use crate::volume::Volume;
 use crate::wire::{Frame, FrameCodec, FrameError};
 
@@ -36,6 +41,19 @@ pub struct CopyConfig {
     pub secondary: String,
     /// How long a write may wait for the secondary's acknowledgement before the copy counts as failed.
     pub timeout: Duration,
+    /// Plaintext, or mutual TLS (the CA bundle signs the secondary's certificate).
+    pub security: LinkSecurity,
+}
+
+impl CopyConfig {
+    /// A copy over a plaintext link: nothing is authenticated (tests).
+    pub fn plaintext(secondary: &str, timeout: Duration) -> CopyConfig {
+        CopyConfig {
+            secondary: secondary.to_owned(),
+            timeout,
+            security: LinkSecurity::Plaintext,
+        }
+    }
 }
 
 /// Why a write's copy did not complete.
@@ -133,14 +151,12 @@ pub(crate) async fn probe(config: &CopyConfig, hello: Frame) -> Result<(), CopyE
         let tcp = TcpStream::connect(&config.secondary)
             .await
             .map_err(|e| CopyError::Link(e.to_string()))?;
-        let (rd, mut wr) = tcp.into_split();
+        let (rd, mut wr) = tokio::io::split(secure(config, tcp).await?);
         let mut buf = BytesMut::new();
         FrameCodec
             .encode(&hello, &mut buf)
             .map_err(|e| CopyError::Protocol(e.to_string()))?;
-        wr.write_all(&buf)
-            .await
-            .map_err(|e| CopyError::Link(e.to_string()))?;
+        send(&mut wr, &mut buf).await?;
         match FramedRead::new(rd, FrameCodec).next().await {
             Some(Ok(Frame::Welcome { .. })) => Ok(()),
             Some(Ok(Frame::Error { seq, message })) => Err(CopyError::Secondary { seq, message }),
@@ -156,18 +172,39 @@ pub(crate) async fn probe(config: &CopyConfig, hello: Frame) -> Result<(), CopyE
         .map_err(|_| CopyError::Timeout(config.timeout))?
 }
 
-async fn connect(addr: &str) -> Result<TcpStream, CopyError> {
+/// The TLS handshake on a new connection, if the link is secured.
+async fn secure(config: &CopyConfig, tcp: TcpStream) -> Result<ClientStream, CopyError> {
+    tcp.set_nodelay(true)
+        .map_err(|e| CopyError::Link(e.to_string()))?;
+    match &config.security {
+        LinkSecurity::Plaintext => Ok(ClientStream::Left(tcp)),
+        LinkSecurity::Tls(tls) => tls
+            .connect(tcp, &config.secondary)
+            .await
+            .map_err(|e| CopyError::Link(e.to_string())),
+    }
+}
+
+/// Writes out and clears `buf` (flushed: TLS may hold bytes back otherwise).
+async fn send<W: AsyncWrite + Unpin>(wr: &mut W, buf: &mut BytesMut) -> Result<(), CopyError> {
+    wr.write_all(buf)
+        .await
+        .map_err(|e| CopyError::Link(e.to_string()))?;
+    wr.flush()
+        .await
+        .map_err(|e| CopyError::Link(e.to_string()))?;
+    buf.clear();
+    Ok(())
+}
+
+async fn connect(config: &CopyConfig) -> Result<ClientStream, CopyError> {
     // Retry until the watchdog decides (only a write waiting too long makes an unreachable secondary a
-    // failure; an idle volume keeps trying).
+    // failure; an idle volume keeps trying). A TLS handshake that fails is not retried: it fails the copy.
+    let addr = &config.secondary;
     let mut delay = Duration::from_millis(20);
     loop {
         match TcpStream::connect(addr).await {
-            Ok(stream) => {
-                stream
-                    .set_nodelay(true)
-                    .map_err(|e| CopyError::Link(e.to_string()))?;
-                return Ok(stream);
-            }
+            Ok(tcp) => return secure(config, tcp).await,
             Err(e) => {
                 tracing::debug!(%addr, error = %e, "secondary not reachable yet");
                 tokio::time::sleep(delay).await;
@@ -188,16 +225,12 @@ async fn stream(
         Frame::Hello { first_seq, .. } => *first_seq,
         _ => return Err(CopyError::Protocol("link must open with hello".into())),
     };
-    let tcp = connect(&config.secondary).await?;
-    let (rd, mut wr) = tcp.into_split();
+    let (rd, mut wr) = tokio::io::split(connect(config).await?);
     let mut buf = BytesMut::new();
     FrameCodec
         .encode(&hello, &mut buf)
         .map_err(|e| CopyError::Protocol(e.to_string()))?;
-    wr.write_all(&buf)
-        .await
-        .map_err(|e| CopyError::Link(e.to_string()))?;
-    buf.clear();
+    send(&mut wr, &mut buf).await?;
     let mut frames = FramedRead::new(rd, FrameCodec);
     match frames.next().await {
         Some(Ok(Frame::Welcome { next_seq, kept })) if next_seq == first_seq => {
@@ -225,10 +258,7 @@ async fn stream(
                     LinkItem::Frame(frame) => frame,
                     LinkItem::Deferred { seq, offset, data } => {
                         // Send what is buffered first: the data may take a moment to read.
-                        wr.write_all(&buf)
-                            .await
-                            .map_err(|e| CopyError::Link(e.to_string()))?;
-                        buf.clear();
+                        send(&mut wr, &mut buf).await?;
                         let data = data
                             .await
                             .map_err(|_| CopyError::Link("resync read dropped".into()))?
@@ -245,10 +275,7 @@ async fn stream(
                     None
                 };
             }
-            wr.write_all(&buf)
-                .await
-                .map_err(|e| CopyError::Link(e.to_string()))?;
-            buf.clear();
+            send(&mut wr, &mut buf).await?;
         }
         // The volume is gone or the link was closed (suspend): nothing more to copy.
         Ok(())

@@ -10,7 +10,8 @@
 //! I/O with group commit), [`hold`] (the per-volume replication state machine: copy, hold, suspend /
 //! release / resume, hold timeout, persisted state), [`copy`] (the replication link), [`volume`],
 //! [`secondary`], [`dirty`] (dirty-region map), [`events`], `control` (the `Replicator` gRPC service,
-//! feature `control`, on by default), [`linkcut`] (a fault-injecting TCP proxy for tests).
+//! feature `control`, on by default), [`linkcut`] (a fault-injecting TCP proxy for tests), [`link_tls`]
+//! (mutual TLS on the replication link) and [`owners`] (which primary a secondary volume belongs to).
 //!
 //! Durability: the secondary acknowledges a write only after an `fdatasync` of its file that followed
 //! the write returned (group commit: one `fdatasync` per batch of queued writes). The primary
@@ -24,8 +25,10 @@ pub mod copy;
 pub mod dirty;
 pub mod events;
 pub mod hold;
+pub mod link_tls;
 pub mod linkcut;
 pub mod nbd;
+pub mod owners;
 pub mod secondary;
 pub mod store;
 pub mod undo;
@@ -44,6 +47,7 @@ use tokio::task::JoinHandle;
 pub use copy::{CopyConfig, CopyError};
 pub use events::{CopyFailed, Event, HoldTimedOut};
 pub use hold::{DirectiveError, Mode as ReplMode, Stage};
+pub use link_tls::{LinkSecurity, LinkTls, LinkTlsError};
 pub use volume::{DEFAULT_HOLD_TIMEOUT, Volume, VolumeConfig, VolumeError, VolumeStatus};
 
 /// Start-up options.
@@ -64,6 +68,61 @@ pub enum Mode {
     /// Roll secondary volumes back to the image they keep (the secondary must not be running on them):
     /// after the primary site was lost during a resync.
     Rollback(RollbackArgs),
+    /// Forget which primary owns secondary volumes, so that the next primary to stream one owns it
+    /// (re-assigning a volume to another primary on purpose).
+    ReleaseVolume(ReleaseArgs),
+}
+
+/// Flags of `lockstep-replicator release-volume`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ReleaseArgs {
+    /// Directory of the secondary volume files.
+    #[arg(long)]
+    pub dir: PathBuf,
+    /// The volumes to release. Repeatable.
+    #[arg(long = "volume", required = true)]
+    pub volumes: Vec<String>,
+}
+
+/// How the replication link is secured (flags of both `primary` and `secondary`).
+#[derive(Debug, Clone, clap::Args)]
+pub struct LinkArgs {
+    /// This end's certificate for the replication link (PEM, the chain from the leaf). Its first DNS
+    /// name is this end's identity: a secondary volume belongs to the primary identity that first
+    /// streams it.
+    #[arg(long, requires_all = ["link_key", "link_ca"], conflicts_with = "insecure_plaintext")]
+    pub link_cert: Option<PathBuf>,
+    /// The private key of `--link-cert` (PEM).
+    #[arg(long, requires = "link_cert")]
+    pub link_key: Option<PathBuf>,
+    /// The CA bundle that signs the other end's certificates (PEM): on a secondary the primary site's
+    /// CA, on a primary the secondary site's CA.
+    #[arg(long, requires = "link_cert")]
+    pub link_ca: Option<PathBuf>,
+    /// Run the replication link in plaintext, unauthenticated: anyone who reaches a secondary can
+    /// stream to it. For tests and a migration only; logged as INSECURE.
+    #[arg(long)]
+    pub insecure_plaintext: bool,
+}
+
+impl LinkArgs {
+    /// The link's security as the flags ask: TLS with the files (loaded now), or plaintext if asked.
+    pub fn security(&self) -> Result<LinkSecurity, StartError> {
+        match (&self.link_cert, &self.link_key, &self.link_ca) {
+            (Some(cert), Some(key), Some(ca)) => {
+                let tls = LinkTls::load(cert, key, ca)?;
+                tracing::info!(identity = tls.identity(), ca = %ca.display(), "replication link: mutual TLS");
+                Ok(LinkSecurity::Tls(std::sync::Arc::new(tls)))
+            }
+            _ if self.insecure_plaintext => {
+                tracing::warn!("INSECURE: the replication link is plaintext and unauthenticated (--insecure-plaintext): anyone who reaches the secondary can stream to it");
+                Ok(LinkSecurity::Plaintext)
+            }
+            _ => Err(StartError::Config(
+                "the replication link needs --link-cert, --link-key and --link-ca (mutual TLS), or --insecure-plaintext".into(),
+            )),
+        }
+    }
 }
 
 /// Flags of `lockstep-replicator rollback`.
@@ -104,6 +163,9 @@ pub struct PrimaryArgs {
     /// waits until the sidecar confirms their group, epoch and stage (fail closed).
     #[arg(long)]
     pub control_socket: Option<PathBuf>,
+    /// The replication link's security (needed when a volume has a secondary).
+    #[command(flatten)]
+    pub link: LinkArgs,
 }
 
 /// Flags of `lockstep-replicator secondary`.
@@ -115,6 +177,9 @@ pub struct SecondaryArgs {
     /// Directory of the secondary volume files (one per volume, named after it).
     #[arg(long)]
     pub dir: PathBuf,
+    /// The replication link's security.
+    #[command(flatten)]
+    pub link: LinkArgs,
 }
 
 /// Why the replicator could not start.
@@ -129,6 +194,9 @@ pub enum StartError {
     /// A socket could not be bound.
     #[error("bind: {0}")]
     Bind(#[from] std::io::Error),
+    /// The replication link's certificates could not be loaded.
+    #[error("replication link: {0}")]
+    Tls(#[from] LinkTlsError),
 }
 
 /// Parses a size such as `4096`, `512K`, `64M`, `1G`, `2T` (binary units; an optional trailing `iB`/`B`).
@@ -166,10 +234,8 @@ pub fn parse_volume(spec: &str, copy_timeout: Duration) -> Result<VolumeConfig, 
         match part.split_once('=') {
             Some(("size", v)) => config.size = Some(parse_size(v)?),
             Some(("secondary", v)) => {
-                config.copy = Some(CopyConfig {
-                    secondary: v.to_owned(),
-                    timeout: copy_timeout,
-                });
+                // Secured by the caller.
+                config.copy = Some(CopyConfig::plaintext(v, copy_timeout));
             }
             _ => return Err(bad("unknown field")),
         }
@@ -319,6 +385,12 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
                 v.hold_timeout = Duration::from_millis(args.hold_timeout_ms);
                 v.require_confirmation = args.control_socket.is_some();
             }
+            if volumes.iter().any(|v| v.copy.is_some()) {
+                let security = args.link.security()?;
+                for copy in volumes.iter_mut().filter_map(|v| v.copy.as_mut()) {
+                    copy.security = security.clone();
+                }
+            }
             let primary = Primary::start(PrimaryConfig {
                 volumes,
                 nbd_listen: args.nbd_listen,
@@ -343,6 +415,7 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
             let secondary = secondary::Secondary::start(secondary::SecondaryConfig {
                 listen: args.listen,
                 dir: args.dir,
+                security: args.link.security()?,
             })
             .await?;
             tracing::info!(addr = %secondary.local_addr(), "secondary serving");
@@ -362,6 +435,22 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
                         done.epoch, done.blocks
                     ),
                     None => println!("{volume}: keeps no image"),
+                }
+            }
+            Ok(())
+        }
+        Mode::ReleaseVolume(args) => {
+            for volume in args.volumes {
+                if !wire::valid_volume_name(&volume) {
+                    return Err(
+                        StartError::Config(format!("{volume:?} is not a volume name")).into(),
+                    );
+                }
+                match owners::release(&args.dir, &volume)? {
+                    Some(owner) => println!(
+                        "{volume}: released from primary {owner}; the next primary to stream it owns it"
+                    ),
+                    None => println!("{volume}: belonged to no primary"),
                 }
             }
             Ok(())
@@ -448,6 +537,46 @@ mod tests {
             event_level(&Event::HoldTimedOut(timed_out)),
             tracing::Level::WARN
         );
+    }
+
+    #[test]
+    fn the_link_needs_its_certificates_or_an_explicit_insecure_flag() {
+        let args = |cert: Option<PathBuf>, key, ca, insecure_plaintext| LinkArgs {
+            link_cert: cert,
+            link_key: key,
+            link_ca: ca,
+            insecure_plaintext,
+        };
+        let refused = args(None, None, None, false).security().unwrap_err();
+        assert!(
+            refused.to_string().contains("--insecure-plaintext"),
+            "{refused}"
+        );
+        assert!(matches!(
+            args(None, None, None, true).security(),
+            Ok(LinkSecurity::Plaintext)
+        ));
+
+        let dir = tempfile::tempdir().unwrap();
+        let (own, peer) = (
+            link_tls::SiteCa::new("east").unwrap(),
+            link_tls::SiteCa::new("west").unwrap(),
+        );
+        let (cert, key) = own.issue("east-node-1", &[]).unwrap();
+        let files = ["link.crt", "link.key", "peer-ca.crt"].map(|f| dir.path().join(f));
+        for (path, text) in files.iter().zip([&cert, &key, &peer.pem().to_owned()]) {
+            std::fs::write(path, text).unwrap();
+        }
+        let [cert, key, ca] = files.map(Some);
+        match args(cert.clone(), key.clone(), ca, false).security() {
+            Ok(LinkSecurity::Tls(tls)) => assert_eq!(tls.identity(), "east-node-1"),
+            other => panic!("expected TLS, got {other:?}"),
+        }
+        // A CA bundle that is not one is refused with the file's name.
+        let wrong = args(cert, key, Some(dir.path().join("link.key")), false)
+            .security()
+            .unwrap_err();
+        assert!(wrong.to_string().contains("link.key"), "{wrong}");
     }
 
     #[test]

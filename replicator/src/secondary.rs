@@ -16,6 +16,11 @@
 //!
 //! A new connection for a volume takes over from an older one: the older connection is cancelled and
 //! finishes (applying and acknowledging what it already accepted) before the new one starts.
+//!
+//! **Authentication** (see [`crate::link_tls`], [`crate::owners`]). With TLS, a primary must present a
+//! certificate that the configured CA bundle signs, and a stream for a volume is accepted only from the
+//! primary that owns it (the first to stream it); another primary is refused with an `Error` frame
+//! before it can take anything over. In plaintext, nobody is authenticated and ownership is not checked.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -26,17 +31,19 @@ use std::time::Duration;
 
 use futures::{FutureExt, SinkExt, StreamExt};
 use tokio::io::AsyncWrite;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_util::codec::{FramedRead, FramedWrite};
 use tokio_util::sync::CancellationToken;
 
+use crate::link_tls::{LinkSecurity, LinkTlsError, ServerStream};
+use crate::owners::{OwnerError, Owners};
 use crate::store::{Store, StoreError, StoreOp, StoreWait};
 use crate::undo::{RolledBack, UndoError, UndoLog};
 use crate::wire::{Frame, FrameCodec, FrameError, whole_frame_buffered};
 
-/// How long a new connection may take to say hello.
+/// How long a new connection may take to finish its TLS handshake, and then to say hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 /// Writes accepted but not yet acknowledged, per connection.
 const MAX_UNACKED: usize = 4096;
@@ -50,6 +57,19 @@ pub struct SecondaryConfig {
     pub listen: SocketAddr,
     /// The directory holding one file per volume, named after the volume.
     pub dir: PathBuf,
+    /// Plaintext, or mutual TLS (the CA bundle signs the primaries' certificates).
+    pub security: LinkSecurity,
+}
+
+impl SecondaryConfig {
+    /// A secondary serving plaintext: nobody is authenticated (tests).
+    pub fn plaintext(listen: SocketAddr, dir: PathBuf) -> SecondaryConfig {
+        SecondaryConfig {
+            listen,
+            dir,
+            security: LinkSecurity::Plaintext,
+        }
+    }
 }
 
 /// Why a replication connection ended abnormally.
@@ -67,6 +87,12 @@ pub enum SecondaryError {
     /// The primary broke the protocol; the connection was refused.
     #[error("refused: {0}")]
     Refused(String),
+    /// The TLS handshake failed (no client certificate, or one the CA bundle does not sign).
+    #[error(transparent)]
+    Tls(#[from] LinkTlsError),
+    /// The volume belongs to another primary (logged where it was decided).
+    #[error(transparent)]
+    NotOwner(OwnerError),
 }
 
 /// Per volume: the token that cancels its current connection, and the lock a connection holds.
@@ -120,17 +146,31 @@ impl Secondary {
         let listener = TcpListener::bind(config.listen).await?;
         let addr = listener.local_addr()?;
         let registry = Arc::new(Registry::default());
+        let owners = Arc::new(Owners::new(&config.dir));
         let dir = config.dir.clone();
         let shared = Arc::clone(&registry);
+        let security = config.security;
+        if let LinkSecurity::Tls(tls) = &security {
+            tracing::info!(
+                identity = tls.identity(),
+                "replication link: mutual TLS, volumes owned by the primary that first streams them"
+            );
+        }
         let task = tokio::spawn(async move {
             loop {
                 match listener.accept().await {
                     Ok((tcp, peer)) => {
                         let registry = Arc::clone(&registry);
+                        let owners = Arc::clone(&owners);
                         let dir = dir.clone();
+                        let security = security.clone();
                         tokio::spawn(async move {
-                            if let Err(e) = serve(registry, dir, tcp).await {
-                                tracing::warn!(%peer, error = %e, "replication connection ended");
+                            match serve_connection(registry, owners, dir, security, tcp, peer).await
+                            {
+                                Ok(()) | Err(SecondaryError::NotOwner(_)) => {}
+                                Err(e) => {
+                                    tracing::warn!(%peer, error = %e, "replication connection ended");
+                                }
                             }
                         });
                     }
@@ -248,13 +288,37 @@ where
     Ok(())
 }
 
-async fn serve(
+/// Authenticates a new connection (TLS: its handshake, within [`HELLO_TIMEOUT`]) and serves it.
+async fn serve_connection(
     registry: Arc<Registry>,
+    owners: Arc<Owners>,
     dir: PathBuf,
-    tcp: TcpStream,
+    security: LinkSecurity,
+    tcp: tokio::net::TcpStream,
+    peer: SocketAddr,
 ) -> Result<(), SecondaryError> {
     tcp.set_nodelay(true).map_err(FrameError::Io)?;
-    let (rd, wr) = tcp.into_split();
+    let (stream, primary) = match &security {
+        LinkSecurity::Plaintext => (ServerStream::Left(tcp), None),
+        LinkSecurity::Tls(tls) => {
+            let (stream, identity) = tokio::time::timeout(HELLO_TIMEOUT, tls.accept(tcp, peer))
+                .await
+                .map_err(|_| SecondaryError::Refused("no TLS handshake".into()))??;
+            (stream, Some(identity))
+        }
+    };
+    serve(registry, owners, dir, stream, primary).await
+}
+
+/// Serves one replication stream; `primary` is the authenticated peer's identity (`None` in plaintext).
+async fn serve(
+    registry: Arc<Registry>,
+    owners: Arc<Owners>,
+    dir: PathBuf,
+    stream: ServerStream,
+    primary: Option<String>,
+) -> Result<(), SecondaryError> {
+    let (rd, wr) = tokio::io::split(stream);
     let mut frames = FramedRead::new(rd, FrameCodec);
     let mut out = FramedWrite::new(wr, FrameCodec);
     let hello = tokio::time::timeout(HELLO_TIMEOUT, frames.next())
@@ -284,6 +348,32 @@ async fn serve(
         }
         None => return Ok(()),
     };
+
+    // Only the volume's owner may stream it (and so take it over from an older connection).
+    if let Some(primary) = &primary {
+        let claim = {
+            let owners = Arc::clone(&owners);
+            let (volume, primary) = (volume.clone(), primary.clone());
+            tokio::task::spawn_blocking(move || owners.claim(&volume, &primary)).await
+        };
+        let refusal = match claim {
+            Ok(Ok(())) => None,
+            Ok(Err(e)) => Some((e.to_string(), SecondaryError::NotOwner(e))),
+            Err(e) => {
+                let message = format!("checking volume {volume}'s owner stopped: {e}");
+                Some((message.clone(), SecondaryError::Refused(message)))
+            }
+        };
+        if let Some((message, error)) = refusal {
+            let _ = out
+                .send(Frame::Error {
+                    seq: first_seq,
+                    message,
+                })
+                .await;
+            return Err(error);
+        }
+    }
 
     // Take the volume over from any older connection.
     let token = CancellationToken::new();
@@ -532,6 +622,7 @@ async fn flush(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::net::TcpStream;
     use tokio::sync::oneshot;
 
     /// A wait the test completes by hand.

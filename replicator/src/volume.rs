@@ -160,22 +160,27 @@ fn load_state(path: &Path) -> Result<Option<Persisted>, String> {
 }
 
 fn save_state(path: &Path, state: &Persisted) -> std::io::Result<()> {
-    use std::io::Write;
     let bytes = serde_json::to_vec_pretty(state).map_err(std::io::Error::other)?;
-    let tmp = state_scratch_path(path);
-    let mut f = std::fs::File::create(&tmp)?;
-    f.write_all(&bytes)?;
+    replace_durably(path, &state_scratch_path(path), &bytes)
+}
+
+/// Replaces `path` with `bytes` so that it is whole or unchanged after a crash: written to `scratch`,
+/// synced, renamed into place, and the directory synced.
+pub(crate) fn replace_durably(path: &Path, scratch: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut f = std::fs::File::create(scratch)?;
+    f.write_all(bytes)?;
     f.sync_all()?;
-    std::fs::rename(&tmp, path)?;
-    if let Some(dir) = path.parent() {
-        let dir = if dir.as_os_str().is_empty() {
-            Path::new(".")
-        } else {
-            dir
-        };
-        std::fs::File::open(dir)?.sync_all()?;
+    std::fs::rename(scratch, path)?;
+    sync_parent(path)
+}
+
+/// Syncs the directory holding `path` (a rename or removal in it is durable once this returns).
+pub(crate) fn sync_parent(path: &Path) -> std::io::Result<()> {
+    match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => std::fs::File::open(dir)?.sync_all(),
+        _ => std::fs::File::open(".")?.sync_all(),
     }
-    Ok(())
 }
 
 impl Volume {

@@ -198,6 +198,7 @@ async fn secondary() -> (tempfile::TempDir, Secondary) {
     let s = Secondary::start(SecondaryConfig {
         listen: "127.0.0.1:0".parse().unwrap(),
         dir: dir.path().join("sec"),
+        security: lockstep_replicator::LinkSecurity::Plaintext,
     })
     .await
     .unwrap();

@@ -40,6 +40,7 @@ impl Node {
         let secondary = Secondary::start(SecondaryConfig {
             listen: "127.0.0.1:0".parse().unwrap(),
             dir: dir.path().join("secondary"),
+            security: lockstep_replicator::LinkSecurity::Plaintext,
         })
         .await
         .unwrap();
@@ -53,6 +54,7 @@ impl Node {
                     Some(CopyConfig {
                         secondary: secondary.local_addr().to_string(),
                         timeout: Duration::from_secs(5),
+                        security: lockstep_replicator::LinkSecurity::Plaintext,
                     }),
                 )
             }],

@@ -114,6 +114,7 @@ impl Cluster {
         let secondary = Secondary::start(SecondaryConfig {
             listen: "127.0.0.1:0".parse().unwrap(),
             dir: dir.path().join("secondary"),
+            security: lockstep_replicator::LinkSecurity::Plaintext,
         })
         .await
         .unwrap();
@@ -130,6 +131,7 @@ impl Cluster {
                     Some(CopyConfig {
                         secondary: link.addr().to_string(),
                         timeout: Duration::from_secs(5),
+                        security: lockstep_replicator::LinkSecurity::Plaintext,
                     }),
                 )
             });
@@ -443,6 +445,7 @@ async fn killed_replicator_restarts_suspended_and_unconfirmed() {
     let secondary = Secondary::start(SecondaryConfig {
         listen: "127.0.0.1:0".parse().unwrap(),
         dir: dir.path().join("secondary"),
+        security: lockstep_replicator::LinkSecurity::Plaintext,
     })
     .await
     .unwrap();
@@ -462,6 +465,7 @@ async fn killed_replicator_restarts_suspended_and_unconfirmed() {
             .arg(&nbd)
             .arg("--control-socket")
             .arg(&control)
+            .arg("--insecure-plaintext")
             .kill_on_drop(true)
             .spawn()
             .unwrap()

@@ -124,6 +124,7 @@ async fn a_resync_over_a_kept_image_rolls_back_to_it_byte_for_byte() {
     let secondary = Secondary::start(SecondaryConfig {
         listen: "127.0.0.1:0".parse().unwrap(),
         dir: dir.path().to_path_buf(),
+        security: lockstep_replicator::LinkSecurity::Plaintext,
     })
     .await
     .unwrap();
@@ -163,6 +164,7 @@ async fn an_older_kept_image_stays_and_a_drop_removes_it() {
     let secondary = Secondary::start(SecondaryConfig {
         listen: "127.0.0.1:0".parse().unwrap(),
         dir: dir.path().to_path_buf(),
+        security: lockstep_replicator::LinkSecurity::Plaintext,
     })
     .await
     .unwrap();
@@ -225,6 +227,7 @@ fn spawn_secondary(dir: &Path, port: u16) -> Child {
     Command::new(env!("CARGO_BIN_EXE_lockstep-replicator"))
         .args([
             "secondary",
+            "--insecure-plaintext",
             "--listen",
             &format!("127.0.0.1:{port}"),
             "--dir",

@@ -79,6 +79,7 @@ async fn keep_image_before_resume_keeps_the_frozen_image_and_drop_image_removes_
     let secondary = Secondary::start(SecondaryConfig {
         listen: "127.0.0.1:0".parse().unwrap(),
         dir: secondary_dir.clone(),
+        security: lockstep_replicator::LinkSecurity::Plaintext,
     })
     .await
     .unwrap();
@@ -92,6 +93,7 @@ async fn keep_image_before_resume_keeps_the_frozen_image_and_drop_image_removes_
                 Some(CopyConfig {
                     secondary: secondary.local_addr().to_string(),
                     timeout: Duration::from_secs(5),
+                    security: lockstep_replicator::LinkSecurity::Plaintext,
                 }),
             )
         }],
@@ -169,6 +171,7 @@ async fn a_kept_image_rolls_the_secondary_back_to_the_freeze() {
     let secondary = Secondary::start(SecondaryConfig {
         listen: "127.0.0.1:0".parse().unwrap(),
         dir: secondary_dir.clone(),
+        security: lockstep_replicator::LinkSecurity::Plaintext,
     })
     .await
     .unwrap();
@@ -182,6 +185,7 @@ async fn a_kept_image_rolls_the_secondary_back_to_the_freeze() {
                 Some(CopyConfig {
                     secondary: secondary.local_addr().to_string(),
                     timeout: Duration::from_secs(5),
+                    security: lockstep_replicator::LinkSecurity::Plaintext,
                 }),
             )
         }],

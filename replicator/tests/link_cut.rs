@@ -88,6 +88,7 @@ async fn secondary_refusal_is_a_copy_failure() {
         lockstep_replicator::secondary::SecondaryConfig {
             listen: "127.0.0.1:0".parse().unwrap(),
             dir: dir.path().to_owned(),
+            security: lockstep_replicator::LinkSecurity::Plaintext,
         },
     )
     .await
@@ -102,6 +103,7 @@ async fn secondary_refusal_is_a_copy_failure() {
                 Some(lockstep_replicator::CopyConfig {
                     secondary: secondary.local_addr().to_string(),
                     timeout: Duration::from_secs(30),
+                    security: lockstep_replicator::LinkSecurity::Plaintext,
                 }),
             )
         }],

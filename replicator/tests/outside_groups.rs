@@ -67,6 +67,7 @@ impl Node {
         let secondary = Secondary::start(SecondaryConfig {
             listen: "127.0.0.1:0".parse().unwrap(),
             dir: dir.path().join("secondary"),
+            security: lockstep_replicator::LinkSecurity::Plaintext,
         })
         .await
         .unwrap();
@@ -81,6 +82,7 @@ impl Node {
                     Some(CopyConfig {
                         secondary: link.addr().to_string(),
                         timeout: Duration::from_millis(500),
+                        security: lockstep_replicator::LinkSecurity::Plaintext,
                     }),
                 )
             }],

@@ -194,6 +194,7 @@ async fn a_volume_served_unreplicated_before_is_fully_resynced() {
         lockstep_replicator::secondary::SecondaryConfig {
             listen: "127.0.0.1:0".parse().unwrap(),
             dir: dir.path().join("secondary"),
+            security: lockstep_replicator::LinkSecurity::Plaintext,
         },
     )
     .await
@@ -206,6 +207,7 @@ async fn a_volume_served_unreplicated_before_is_fully_resynced() {
             Some(lockstep_replicator::CopyConfig {
                 secondary: secondary.local_addr().to_string(),
                 timeout: Duration::from_secs(10),
+                security: lockstep_replicator::LinkSecurity::Plaintext,
             }),
         )],
         nbd_listen: Some("127.0.0.1:0".parse().unwrap()),

@@ -21,9 +21,12 @@ use kube::api::{Api, Patch, PatchParams, PostParams};
 use kube::runtime::wait::{await_condition, conditions};
 use lockstep_checker::{NbdAddress, Source};
 use lockstep_kube::backend::{ApiServer, Backend, BackendError};
+use lockstep_replicator::link_tls::SiteCa;
 use lockstep_replicator::linkcut::LinkCut;
 use lockstep_replicator::secondary::{Secondary, SecondaryConfig};
-use lockstep_replicator::{CopyConfig, Primary, PrimaryConfig, VolumeConfig, VolumeStatus};
+use lockstep_replicator::{
+    CopyConfig, LinkSecurity, Primary, PrimaryConfig, VolumeConfig, VolumeStatus,
+};
 use lockstep_testapi::TestApiServer;
 use serde_json::json;
 
@@ -36,6 +39,27 @@ pub const CSI_DRIVER: &str = "nbd.lockstep.dev";
 pub const STORAGE_CLASS: &str = "lockstep-nbd";
 /// How long start-up steps (CRDs established, objects created) may take.
 const STARTUP_DEADLINE: Duration = Duration::from_secs(30);
+
+/// The replication link's security, as in production: mutual TLS with one CA per site (made here, once
+/// per cluster). The primary's identity is its node's name; the secondary's certificate names the
+/// loopback address the primary dials (through the link-cut proxy).
+fn link_security(cluster: &str, node: &str) -> Result<(LinkSecurity, LinkSecurity), String> {
+    let primary_site =
+        SiteCa::new(&format!("{cluster} primary site")).map_err(|e| e.to_string())?;
+    let secondary_site =
+        SiteCa::new(&format!("{cluster} secondary site")).map_err(|e| e.to_string())?;
+    let primary = primary_site
+        .link_tls(node, &[], &secondary_site)
+        .map_err(|e| e.to_string())?;
+    let secondary = secondary_site
+        .link_tls(
+            &format!("{cluster}-secondary"),
+            &["127.0.0.1"],
+            &primary_site,
+        )
+        .map_err(|e| e.to_string())?;
+    Ok((LinkSecurity::Tls(primary), LinkSecurity::Tls(secondary)))
+}
 
 /// Why a simulated cluster could not be built or driven.
 #[derive(Debug, thiserror::Error)]
@@ -372,9 +396,13 @@ impl SimCluster {
             create(&name, &client, node_object(&spec.node)).await?;
         }
 
+        let (primary_link, secondary_link) = link_security(&name, &spec.node).map_err(|e| {
+            io("making the replication link's certificates")(std::io::Error::other(e))
+        })?;
         let secondary = Secondary::start(SecondaryConfig {
             listen: ([127, 0, 0, 1], 0).into(),
             dir: dir.join("secondary"),
+            security: secondary_link,
         })
         .await
         .map_err(io("starting the secondary"))?;
@@ -391,6 +419,7 @@ impl SimCluster {
                 Some(CopyConfig {
                     secondary: link.addr().to_string(),
                     timeout: spec.copy_timeout,
+                    security: primary_link.clone(),
                 }),
             );
             config.hold_timeout = spec.hold_timeout;
@@ -413,7 +442,7 @@ impl SimCluster {
                 source,
             })?;
         timeline.say(format!(
-            "{name}: replicator on {} serving {} over NBD at {}; secondary (remote site) at {}",
+            "{name}: replicator on {} serving {} over NBD at {}; secondary (remote site) at {}, over mutual TLS (per-site CAs)",
             spec.node,
             spec.volumes
                 .iter()

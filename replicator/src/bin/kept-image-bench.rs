@@ -73,6 +73,7 @@ async fn main() -> anyhow::Result<()> {
     let secondary = Secondary::start(SecondaryConfig {
         listen: "127.0.0.1:0".parse()?,
         dir: dir.path().to_path_buf(),
+        security: lockstep_replicator::LinkSecurity::Plaintext,
     })
     .await?;
     println!(

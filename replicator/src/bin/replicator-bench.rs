@@ -4,6 +4,8 @@
 //! - replicated, no FUA: acknowledged once the primary has the write in its file and the secondary has
 //!   it durable (fdatasync, group commit);
 //! - replicated + FUA: durable on both sides before the acknowledgement;
+//! - replicated over an authenticated link: the first case with the link in mutual TLS (certificates
+//!   made in-process, one CA per site), to a secondary of its own;
 //! - replication off + FUA: durable on the primary only (the same durability as the first row, on one
 //!   disk instead of the other);
 //! - replication off, no FUA;
@@ -34,8 +36,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use clap::Parser;
+use lockstep_replicator::link_tls::SiteCa;
 use lockstep_replicator::secondary::{Secondary, SecondaryConfig};
-use lockstep_replicator::{CopyConfig, Primary, PrimaryConfig, VolumeConfig};
+use lockstep_replicator::{CopyConfig, LinkSecurity, Primary, PrimaryConfig, VolumeConfig};
 
 use client::NbdClient;
 
@@ -67,6 +70,8 @@ struct Args {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Server {
     Replicated,
+    /// Replicated over a mutual-TLS link.
+    ReplicatedTls,
     Off,
     QemuNbd,
 }
@@ -78,7 +83,7 @@ struct Case {
     fua: bool,
 }
 
-const CASES: [Case; 6] = [
+const CASES: [Case; 7] = [
     Case {
         label: "replicated (secondary fdatasync)",
         server: Server::Replicated,
@@ -88,6 +93,11 @@ const CASES: [Case; 6] = [
         label: "replicated + FUA (both fdatasync)",
         server: Server::Replicated,
         fua: true,
+    },
+    Case {
+        label: "replicated, TLS link (secondary fdatasync)",
+        server: Server::ReplicatedTls,
+        fua: false,
     },
     Case {
         label: "replication off + FUA (fdatasync)",
@@ -272,7 +282,7 @@ async fn measure_all(
 /// Starts the secondary on a runtime of its own, as its own process would have (in a deployment it is
 /// on another node): sharing the primary's and the client's workers would add their queueing to its
 /// path. Returns its address; it serves until the process ends.
-fn start_secondary(dir: PathBuf) -> anyhow::Result<SocketAddr> {
+fn start_secondary(dir: PathBuf, security: LinkSecurity) -> anyhow::Result<SocketAddr> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .thread_name("secondary")
         .enable_all()
@@ -285,6 +295,7 @@ fn start_secondary(dir: PathBuf) -> anyhow::Result<SocketAddr> {
                 let secondary = Secondary::start(SecondaryConfig {
                     listen: SocketAddr::from(([127, 0, 0, 1], 0)),
                     dir,
+                    security,
                 })
                 .await;
                 match secondary {
@@ -321,27 +332,62 @@ async fn start_primary(
     Ok((primary, addr))
 }
 
+/// Where the replicated cases copy to: the plaintext secondary, and the TLS one with the primary's
+/// link security.
+#[derive(Debug, Clone)]
+struct Secondaries {
+    plaintext: SocketAddr,
+    tls: SocketAddr,
+    primary_tls: LinkSecurity,
+}
+
+/// The two secondaries (each on a runtime of its own, with a directory of its own under `dir`).
+fn start_secondaries(dir: &Path) -> anyhow::Result<Secondaries> {
+    let primary_site = SiteCa::new("bench primary site")?;
+    let secondary_site = SiteCa::new("bench secondary site")?;
+    let primary_tls =
+        LinkSecurity::Tls(primary_site.link_tls("bench-primary", &[], &secondary_site)?);
+    let secondary_tls = LinkSecurity::Tls(secondary_site.link_tls(
+        "bench-secondary",
+        &["127.0.0.1"],
+        &primary_site,
+    )?);
+    Ok(Secondaries {
+        plaintext: start_secondary(dir.join("secondary"), LinkSecurity::Plaintext)?,
+        tls: start_secondary(dir.join("secondary-tls"), secondary_tls)?,
+        primary_tls,
+    })
+}
+
 async fn run_case(
     round: u32,
     case: Case,
-    files: [&Path; 2],
-    secondary: SocketAddr,
+    files: [&Path; 3],
+    secondaries: &Secondaries,
     size: u64,
     plan: Plan,
 ) -> anyhow::Result<Vec<Row>> {
-    // The replicated volume has its own file (a volume served unreplicated in between would need a
-    // full resync); replication off and qemu-nbd share the other one.
-    let primary_file = if case.server == Server::Replicated {
-        files[0]
-    } else {
-        files[1]
+    // Each replicated volume has its own file (a volume served unreplicated in between would need a
+    // full resync); replication off and qemu-nbd share the last one.
+    let primary_file = match case.server {
+        Server::Replicated => files[0],
+        Server::ReplicatedTls => files[1],
+        Server::Off | Server::QemuNbd => files[2],
     };
     match case.server {
-        Server::Replicated | Server::Off => {
-            let copy = (case.server == Server::Replicated).then(|| CopyConfig {
-                secondary: secondary.to_string(),
-                timeout: Duration::from_secs(30),
-            });
+        Server::Replicated | Server::ReplicatedTls | Server::Off => {
+            let copy = match case.server {
+                Server::Replicated => Some(CopyConfig::plaintext(
+                    &secondaries.plaintext.to_string(),
+                    Duration::from_secs(30),
+                )),
+                Server::ReplicatedTls => Some(CopyConfig {
+                    secondary: secondaries.tls.to_string(),
+                    timeout: Duration::from_secs(30),
+                    security: secondaries.primary_tls.clone(),
+                }),
+                _ => None,
+            };
             let (primary, addr) = start_primary(primary_file, size, copy).await?;
             let rows = measure_all(round, case, addr, plan).await?;
             if let Some(v) = primary.volume(EXPORT) {
@@ -388,7 +434,7 @@ fn print_table(rows: &[Row], qemu_img: bool) {
     };
     println!();
     println!(
-        "| {:<36} | {:>3} | {:>7} | {:>7} | {:>7} | {:>7} |{}",
+        "| {:<42} | {:>3} | {:>7} | {:>7} | {:>7} | {:>7} |{}",
         "case",
         "QD",
         "IOPS",
@@ -398,7 +444,7 @@ fn print_table(rows: &[Row], qemu_img: bool) {
         extra("qemu-img IOPS")
     );
     println!(
-        "|{:-<38}|{:-<5}|{:-<9}|{:-<9}|{:-<9}|{:-<9}|{}",
+        "|{:-<44}|{:-<5}|{:-<9}|{:-<9}|{:-<9}|{:-<9}|{}",
         "",
         "",
         "",
@@ -416,7 +462,7 @@ fn print_table(rows: &[Row], qemu_img: bool) {
             .qemu_img_iops
             .map_or_else(|| "-".into(), |v| format!("{v:.0}"));
         println!(
-            "| {:<36} | {:>3} | {:>7.0} | {:>7.0} | {:>7.0} | {:>7.0} |{}",
+            "| {:<42} | {:>3} | {:>7.0} | {:>7.0} | {:>7.0} | {:>7.0} |{}",
             r.case.label,
             r.depth,
             r.iops,
@@ -446,9 +492,12 @@ struct Target {
     at_least: bool,
     /// The bound; `None` for a comparison printed for reference only.
     limit: Option<f64>,
+    /// What a comparison for reference compares.
+    reference: &'static str,
 }
 
-fn targets() -> [Target; 8] {
+fn targets() -> [Target; 10] {
+    const TWO_COPIES: &str = "two durable copies against one";
     let latency = |what, ours, theirs, limit| Target {
         what,
         ours,
@@ -457,6 +506,7 @@ fn targets() -> [Target; 8] {
         metric: |r| r.p50_us,
         at_least: false,
         limit,
+        reference: TWO_COPIES,
     };
     let throughput = |what, ours, theirs, depth, limit| Target {
         what,
@@ -466,9 +516,38 @@ fn targets() -> [Target; 8] {
         metric: |r| r.iops,
         at_least: true,
         limit,
+        reference: TWO_COPIES,
     };
-    let [replicated, replicated_fua, off_fua, off, qemu, qemu_fua] = CASES.map(|c| c.label);
+    let [
+        replicated,
+        replicated_fua,
+        tls,
+        off_fua,
+        off,
+        qemu,
+        qemu_fua,
+    ] = CASES.map(|c| c.label);
+    const TLS_COST: &str = "the authenticated link against plaintext";
     [
+        Target {
+            reference: TLS_COST,
+            ..latency(
+                "TLS link vs plaintext: QD1 p50 latency",
+                tls,
+                replicated,
+                None,
+            )
+        },
+        Target {
+            reference: TLS_COST,
+            ..throughput(
+                "TLS link vs plaintext: QD16 IOPS",
+                tls,
+                replicated,
+                16,
+                None,
+            )
+        },
         // The comparison: one durable copy each (the secondary's, the primary's).
         latency(
             "replicated vs off+FUA: QD1 p50 latency",
@@ -559,14 +638,17 @@ async fn main() -> anyhow::Result<()> {
     };
     let size = (args.count_qd1.max(args.count_qd16).max(500) * 4096).next_multiple_of(1 << 20);
     let replicated_file = dir.join("primary-replicated");
+    let replicated_tls_file = dir.join("primary-replicated-tls");
     let primary_file = dir.join("primary-vol1");
-    let secondary_dir = dir.join("secondary");
-    std::fs::create_dir_all(&secondary_dir)?;
-    // Allocate both files up front so no case pays for block allocation.
-    prefill(&replicated_file, size)?;
-    prefill(&primary_file, size)?;
-    prefill(&secondary_dir.join("vol1"), size)?;
-    let secondary = start_secondary(secondary_dir)?;
+    // Allocate every file up front so no case pays for block allocation.
+    for file in [&replicated_file, &replicated_tls_file, &primary_file] {
+        prefill(file, size)?;
+    }
+    for secondary_dir in ["secondary", "secondary-tls"].map(|d| dir.join(d)) {
+        std::fs::create_dir_all(&secondary_dir)?;
+        prefill(&secondary_dir.join("vol1"), size)?;
+    }
+    let secondaries = start_secondaries(&dir)?;
 
     println!(
         "4 KiB sequential writes over NBD/TCP loopback, built-in client (one connection); {} CPUs; files in {}",
@@ -604,8 +686,8 @@ async fn main() -> anyhow::Result<()> {
                 run_case(
                     round,
                     case,
-                    [&replicated_file, &primary_file],
-                    secondary,
+                    [&replicated_file, &replicated_tls_file, &primary_file],
+                    &secondaries,
                     size,
                     plan,
                 )
@@ -650,7 +732,7 @@ async fn main() -> anyhow::Result<()> {
             .map(|(median, each)| format!(" [{median:.2}; {}]", fmt_ratios(&each)))
             .unwrap_or_default();
         let verdict = match target.limit {
-            None => "for reference: two durable copies against one".to_owned(),
+            None => format!("for reference: {}", target.reference),
             Some(limit) => {
                 let met = if target.at_least {
                     ratio >= limit

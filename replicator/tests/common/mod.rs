@@ -54,6 +54,7 @@ pub async fn start_pair(volumes: &[(&str, u64)], cut: bool, timeout: Duration) -
     let secondary = Secondary::start(SecondaryConfig {
         listen: "127.0.0.1:0".parse().unwrap(),
         dir: dir.path().join("secondary"),
+        security: lockstep_replicator::LinkSecurity::Plaintext,
     })
     .await
     .unwrap();
@@ -78,6 +79,7 @@ pub async fn start_pair(volumes: &[(&str, u64)], cut: bool, timeout: Duration) -
                     Some(CopyConfig {
                         secondary: target.clone(),
                         timeout,
+                        security: lockstep_replicator::LinkSecurity::Plaintext,
                     }),
                 )
             })
