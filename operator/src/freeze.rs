@@ -1,6 +1,6 @@
 //! The control system's decisions, pure: a group as persisted + one event → the new status, the
-//! directives to send and the events to record. No I/O here; `reconcile` fetches, calls [`decide`],
-//! then applies.
+//! directives to send and the events to record. No I/O here: the engine ([`crate::engine`]) fetches,
+//! calls [`decide`], then applies.
 //!
 //! The safety rules of DESIGN.md live in this file:
 //! - rule 1: a freeze is sent at once, before the new epoch is persisted ([`Decision::freeze_now`]); a

@@ -1,0 +1,197 @@
+//! One batch, in the order the design requires: decide ([`crate::freeze`]), send a freeze at once (rule 1),
+//! persist the status with its resourceVersion precondition, and only then send a release or resume.
+
+use super::*;
+
+/// How often a conflicting status write is retried on fresh state before the event is dropped (the next
+/// evaluation or the sender's retry brings it back).
+pub(super) const CONFLICT_RETRIES: usize = 5;
+
+/// Whether the API server's answer to a status write refuses that status for good (invalid, too large,
+/// forbidden), rather than for now: a conflict, a timeout, throttling and 5xx are worth a retry, and a
+/// group that is gone (404) is handled as unknown on the next read.
+pub(super) fn refuses_for_good(code: u16) -> bool {
+    (400..500).contains(&code) && !matches!(code, 404 | 408 | 409 | 429)
+}
+
+impl Engine {
+    /// Reads the group (or takes the copy this operator last wrote, when nothing in the batch asks for a
+    /// fresh read), decides the batch, sends a freeze at once, persists, then sends a release or resume.
+    pub(super) async fn decide_and_apply(
+        &self,
+        uid: &str,
+        name: &str,
+        batch: &Batch,
+        group_lock: &GroupLock,
+        memory: &mut GroupMemory,
+    ) -> Result<(), EngineError> {
+        let api = Api::<ConsistencyGroup>::all(self.inner.hub.clone());
+        // Events from sidecars may be decided on the copy this operator last wrote: only spec edits can
+        // have changed the group since, and a stale copy either decides nothing new (the next evaluation
+        // reads afresh) or fails its write on the resourceVersion precondition and is read again.
+        let mut cached = memory
+            .last_written
+            .take()
+            .filter(|_| !batch.needs_fresh_read);
+        for _ in 0..CONFLICT_RETRIES {
+            let mut group = match cached.take() {
+                Some(group) => group,
+                None => api.get(name).await?,
+            };
+            if group.metadata.uid.as_deref() != Some(uid) {
+                return Err(EngineError::UnknownGroup(uid.to_owned()));
+            }
+            let read = group.status.clone();
+            let refused = batch
+                .observation
+                .as_ref()
+                .filter(|observation| memory.accepts_observation(observation.read_at))
+                .map(|observation| apply_resolution(&mut group, observation));
+            let decision = freeze::decide_batch(&group, &batch.events, &now())?;
+            if let Some(point) = &decision.freeze_now {
+                // Rule 1: freeze at once, on both paths, before anything is persisted.
+                memory.freeze_started = Some((point.epoch, Instant::now()));
+                self.send(&group, point, Some(&decision.status)).await;
+            }
+            if read.as_ref() != Some(&decision.status) {
+                match self.persist(&api, &group, &decision.status).await {
+                    Ok(written) => {
+                        group_lock.set_persisted(freeze::position(&decision.status));
+                        memory.last_written = Some(written);
+                        let (failed, volumes) = freeze::hold_timeout_growth(
+                            read.as_ref()
+                                .and_then(|status| status.hold_timeouts.as_ref()),
+                            decision.status.hold_timeouts.as_ref(),
+                        );
+                        self.inner.metrics.held_writes_failed(name, failed);
+                        if !volumes.is_empty() {
+                            let (engine, group, status) =
+                                (self.clone(), group.clone(), decision.status.clone());
+                            tokio::spawn(
+                                async move {
+                                    engine
+                                        .record_hold_timeouts_on_claims(&group, &status, &volumes)
+                                        .await;
+                                }
+                                .instrument(tracing::Span::current()),
+                            );
+                        }
+                    }
+                    Err(kube::Error::Api(status)) if status.code == 409 => {
+                        tracing::debug!("status conflict; deciding again on fresh state");
+                        continue;
+                    }
+                    Err(kube::Error::Api(status)) if refuses_for_good(status.code) => {
+                        return Err(EngineError::StatusRefused {
+                            group: name.to_owned(),
+                            code: status.code,
+                            message: status.message.clone(),
+                        });
+                    }
+                    Err(error) => return Err(error.into()),
+                }
+            } else {
+                memory.last_written = Some(group.clone()).filter(|_| batch.observation.is_none());
+            }
+            if let Some(refused) = refused {
+                self.report_refused_claims(&group, refused, memory);
+            }
+            self.after_persist(&group, &decision, memory).await;
+            return Ok(());
+        }
+        Err(EngineError::Conflicts(name.to_owned()))
+    }
+
+    /// Counts the events of a batch whose status the API server refused and records a Warning Event on
+    /// the group saying so (in the background, off the group's lock).
+    pub(super) fn drop_refused(
+        &self,
+        uid: &str,
+        name: &str,
+        events: usize,
+        code: u16,
+        message: &str,
+    ) {
+        tracing::warn!(
+            group = name,
+            events,
+            code,
+            %message,
+            "the API server refused the decided status: events dropped"
+        );
+        self.inner.metrics.events_dropped(name, events);
+        let Some(group) = self.group_by_uid(uid) else {
+            return;
+        };
+        let note = format!(
+            "the API server refused the status decided from {events} reports and acknowledgements ({code}: {message}); \
+             they were dropped so that later ones can be decided (a sidecar still holding a failure reports it again)"
+        );
+        let engine = self.clone();
+        tokio::spawn(
+            async move {
+                engine.record(&group, true, "StatusRefused", &note).await;
+            }
+            .instrument(tracing::Span::current()),
+        );
+    }
+
+    pub(super) async fn persist(
+        &self,
+        api: &Api<ConsistencyGroup>,
+        group: &ConsistencyGroup,
+        status: &ConsistencyGroupStatus,
+    ) -> Result<ConsistencyGroup, kube::Error> {
+        let mut updated = group.clone();
+        updated.status = Some(status.clone());
+        // The resourceVersion read above is the precondition: a concurrent writer (or a deposed leader) loses.
+        api.replace_status(&group.name_any(), &PostParams::default(), &updated)
+            .await
+    }
+
+    pub(super) async fn after_persist(
+        &self,
+        group: &ConsistencyGroup,
+        decision: &Decision,
+        memory: &mut GroupMemory,
+    ) {
+        if let Some(point) = &decision.after_persist {
+            self.send(group, point, Some(&decision.status)).await;
+        }
+        let frozen =
+            conditions::status_of(&decision.status.conditions, condition::FROZEN) == Some(true);
+        if frozen
+            && let Some((epoch, started)) = memory.freeze_started
+            && epoch == decision.status.epoch
+        {
+            self.inner.metrics.freeze_completed(started.elapsed());
+            memory.freeze_started = None;
+        }
+        if !decision.notes.is_empty() {
+            self.publish_notes(
+                group.clone(),
+                decision.status.clone(),
+                decision.notes.clone(),
+            );
+        }
+    }
+
+    /// Sends a directive on both paths; a release or resume is also mirrored with the status it belongs to.
+    pub(super) async fn send(
+        &self,
+        group: &ConsistencyGroup,
+        point: &GroupEpoch,
+        status: Option<&ConsistencyGroupStatus>,
+    ) {
+        let members = self.inner.members.read().await.clone();
+        let clusters = Self::member_clusters_of(group);
+        let targets: Vec<Member> = clusters
+            .iter()
+            .filter_map(|name| members.get(name).cloned())
+            .collect();
+        self.inner
+            .fanout
+            .send(group, point, status, &clusters, &targets)
+            .await;
+    }
+}
