@@ -306,13 +306,20 @@ struct World {
     /// The highest `predecessors` of a write on the effective image.
     max_predecessors: usize,
     healing: bool,
-    trace: Vec<String>,
+    tracing: bool,
+    trace: std::collections::VecDeque<String>,
     summary: Summary,
 }
 
 /// Runs one seed; a violated invariant is returned with the steps that led to it.
 pub fn run(seed: u64, config: &Config) -> Result<Summary, Box<Violation>> {
+    // Fast without a trace; a seed that fails runs again, exactly the same, recording one.
+    simulate(seed, config, false).or_else(|_| simulate(seed, config, true))
+}
+
+fn simulate(seed: u64, config: &Config, tracing: bool) -> Result<Summary, Box<Violation>> {
     let mut world = World::new(seed, config.clone());
+    world.tracing = tracing;
     world.start();
     let end = config.fault_ms + 2 * config.hold_timeout_ms + config.fail_safe_ms + 5_000;
     while let Some(Reverse((at, _, index))) = world.queue.pop() {
@@ -324,7 +331,9 @@ pub fn run(seed: u64, config: &Config) -> Result<Summary, Box<Violation>> {
         let Some(step) = world.steps[index].take() else {
             continue;
         };
-        world.note(format!("{step:?}"));
+        if world.tracing {
+            world.note(format!("{step:?}"));
+        }
         world.handle(step)?;
     }
     world.now = end;
@@ -482,7 +491,8 @@ impl World {
             first_missing: 0,
             max_predecessors: 0,
             healing: false,
-            trace: Vec::new(),
+            tracing: false,
+            trace: std::collections::VecDeque::new(),
             summary: Summary::default(),
         }
     }
@@ -499,10 +509,13 @@ impl World {
     }
 
     fn note(&mut self, line: String) {
-        if self.trace.len() >= 200 {
-            self.trace.remove(0);
+        if !self.tracing {
+            return;
         }
-        self.trace.push(format!("{:>7} ms  {line}", self.now));
+        if self.trace.len() >= 200 {
+            self.trace.pop_front();
+        }
+        self.trace.push_back(format!("{:>7} ms  {line}", self.now));
     }
 
     fn violation(&self, what: String) -> Box<Violation> {
@@ -511,7 +524,7 @@ impl World {
             what,
             at_ms: self.now,
             step: self.step,
-            trace: self.trace.join("\n"),
+            trace: Vec::from(self.trace.clone()).join("\n"),
         })
     }
 
@@ -759,9 +772,11 @@ impl World {
     fn completed(&mut self, write: usize, ok: bool) -> Result<(), Box<Violation>> {
         if ok {
             if !self.on_image[write] {
-                self.note(format!(
-                    "  write {write} acknowledged, not on the secondary image"
-                ));
+                if self.tracing {
+                    self.note(format!(
+                        "  write {write} acknowledged, not on the secondary image"
+                    ));
+                }
             }
             self.acknowledged.push(write);
             self.advance_first_missing()?;
@@ -954,14 +969,16 @@ impl World {
                     self.volumes[volume].handle, self.sidecars[sidecar].name
                 )));
             }
-            self.note(format!(
-                "  {} applies {operation:?} to {} ({:?}, {} held, {} dirty)",
-                self.sidecars[sidecar].name,
-                self.volumes[volume].handle,
-                self.volumes[volume].mode,
-                self.volumes[volume].held.len(),
-                self.volumes[volume].dirty.len()
-            ));
+            if self.tracing {
+                self.note(format!(
+                    "  {} applies {operation:?} to {} ({:?}, {} held, {} dirty)",
+                    self.sidecars[sidecar].name,
+                    self.volumes[volume].handle,
+                    self.volumes[volume].mode,
+                    self.volumes[volume].held.len(),
+                    self.volumes[volume].dirty.len()
+                ));
+            }
             let v = &mut self.volumes[volume];
             v.confirmed = true;
             v.level = level;
