@@ -771,12 +771,10 @@ impl World {
 
     fn completed(&mut self, write: usize, ok: bool) -> Result<(), Box<Violation>> {
         if ok {
-            if !self.on_image[write] {
-                if self.tracing {
-                    self.note(format!(
-                        "  write {write} acknowledged, not on the secondary image"
-                    ));
-                }
+            if !self.on_image[write] && self.tracing {
+                self.note(format!(
+                    "  write {write} acknowledged, not on the secondary image"
+                ));
             }
             self.acknowledged.push(write);
             self.advance_first_missing()?;
