@@ -29,6 +29,7 @@ pub mod nbd;
 pub mod secondary;
 pub mod store;
 pub mod undo;
+pub mod undo_writer;
 pub mod volume;
 pub mod wire;
 
