@@ -116,6 +116,11 @@ pub struct SecondaryArgs {
     /// Directory of the secondary volume files (one per volume, named after it).
     #[arg(long)]
     pub dir: PathBuf,
+    /// The most space one volume's undo log (its kept image) may reserve, in bytes; an image that may
+    /// need more is refused as if the filesystem were full ("undo log out of space"). Unset: only the
+    /// filesystem's free space limits it.
+    #[arg(long, value_name = "BYTES")]
+    pub undo_log_max_bytes: Option<u64>,
 }
 
 /// Why the replicator could not start.
@@ -346,6 +351,7 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
                 dir: args.dir,
             })
             .await?;
+            secondary.set_undo_log_limit(args.undo_log_max_bytes);
             tracing::info!(addr = %secondary.local_addr(), "secondary serving");
             shutdown_signal().await;
             Ok(())

@@ -28,6 +28,7 @@ use std::collections::{HashMap, VecDeque};
 use std::fs::File;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -112,7 +113,22 @@ pub struct Secondary {
     addr: SocketAddr,
     dir: PathBuf,
     registry: Arc<Registry>,
+    undo_log_limit: Arc<AtomicU64>,
     task: JoinHandle<()>,
+}
+
+/// How connections keep images: how the undo log is synced, and the most one log may reserve.
+#[derive(Clone)]
+struct KeptImageSettings {
+    log_sync: LogSync,
+    /// In bytes; `u64::MAX` for no limit but the filesystem's.
+    log_limit: Arc<AtomicU64>,
+}
+
+impl KeptImageSettings {
+    fn limit(&self) -> Option<u64> {
+        Some(self.log_limit.load(Ordering::Relaxed)).filter(|limit| *limit != u64::MAX)
+    }
 }
 
 impl Drop for Secondary {
@@ -130,16 +146,20 @@ impl Secondary {
         let registry = Arc::new(Registry::default());
         let dir = config.dir.clone();
         let shared = Arc::clone(&registry);
+        let undo_log_limit = Arc::new(AtomicU64::new(u64::MAX));
+        let kept = KeptImageSettings {
+            log_sync: crate::undo_writer::fdatasync(),
+            log_limit: Arc::clone(&undo_log_limit),
+        };
         let task = tokio::spawn(async move {
             loop {
                 match listener.accept().await {
                     Ok((tcp, peer)) => {
                         let registry = Arc::clone(&registry);
                         let dir = dir.clone();
+                        let kept = kept.clone();
                         tokio::spawn(async move {
-                            if let Err(e) =
-                                serve(registry, dir, tcp, crate::undo_writer::fdatasync()).await
-                            {
+                            if let Err(e) = serve(registry, dir, tcp, kept).await {
                                 tracing::warn!(%peer, error = %e, "replication connection ended");
                             }
                         });
@@ -155,8 +175,18 @@ impl Secondary {
             addr,
             dir: config.dir,
             registry: shared,
+            undo_log_limit,
             task,
         })
+    }
+
+    /// Limits the space one volume's undo log may reserve to `bytes` (`None`: only the filesystem's
+    /// free space limits it). An image whose log may need more is refused exactly as when the
+    /// filesystem has no space left (ENOSPC): the connection asking for it is refused with a message
+    /// starting [`crate::undo::OUT_OF_SPACE`]. Applies to images kept from now on.
+    pub fn set_undo_log_limit(&self, bytes: Option<u64>) {
+        self.undo_log_limit
+            .store(bytes.unwrap_or(u64::MAX), Ordering::Relaxed);
     }
 
     /// The address primaries connect to.
@@ -262,7 +292,7 @@ async fn serve(
     registry: Arc<Registry>,
     dir: PathBuf,
     tcp: TcpStream,
-    log_sync: LogSync,
+    settings: KeptImageSettings,
 ) -> Result<(), SecondaryError> {
     tcp.set_nodelay(true).map_err(FrameError::Io)?;
     let (rd, wr) = tcp.into_split();
@@ -305,9 +335,9 @@ async fn serve(
     let opened = Store::open(&path, Some(size))
         .map_err(SecondaryError::from)
         .and_then(|store| {
-            let log = kept_image(&dir, &volume, size, keep, drop_image)?;
+            let log = kept_image(&dir, &volume, size, keep, drop_image, settings.limit())?;
             let kept = match log {
-                Some(log) => Some(Kept::start(log, &path, first_seq, &log_sync)?),
+                Some(log) => Some(Kept::start(log, &path, first_seq, &settings.log_sync)?),
                 None => None,
             };
             Ok((store, kept))
@@ -605,6 +635,7 @@ fn kept_image(
     size: u64,
     keep: Option<u64>,
     drop_image: Option<u64>,
+    limit: Option<u64>,
 ) -> Result<Option<UndoLog>, SecondaryError> {
     let mut existing = UndoLog::open(dir, name)?;
     if let Some(epoch) = drop_image
@@ -619,7 +650,13 @@ fn kept_image(
             }
             Ok(Some(log))
         }
-        (None, Some(epoch)) => Ok(Some(UndoLog::create(dir, name, epoch, size)?)),
+        (None, Some(epoch)) => match UndoLog::create_within(dir, name, epoch, size, limit) {
+            Ok(log) => Ok(Some(log)),
+            Err(e) => {
+                tracing::error!(volume = name, epoch, error = %e, "the image cannot be kept: the resync is refused");
+                Err(e.into())
+            }
+        },
         (None, None) => Ok(None),
     }
 }
@@ -830,7 +867,11 @@ mod tests {
         let served_dir = dir.path().to_path_buf();
         let server = tokio::spawn(async move {
             let (tcp, _) = listener.accept().await.unwrap();
-            serve(Arc::new(Registry::default()), served_dir, tcp, sync).await
+            let settings = KeptImageSettings {
+                log_sync: sync,
+                log_limit: Arc::new(AtomicU64::new(u64::MAX)),
+            };
+            serve(Arc::new(Registry::default()), served_dir, tcp, settings).await
         });
         let mut link =
             tokio_util::codec::Framed::new(TcpStream::connect(addr).await.unwrap(), FrameCodec);

@@ -27,6 +27,10 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+/// How a refusal for want of undo-log space begins, wherever it is passed on (the replication link's
+/// `Error` frame, the primary's `CopyFailed`, the sidecar's reports): the reason `UndoLogOutOfSpace`.
+pub const OUT_OF_SPACE: &str = "undo log out of space";
+
 /// The unit saved in the log.
 pub const BLOCK: u64 = 4096;
 /// Length of the log's header.
@@ -55,8 +59,12 @@ pub enum UndoError {
         /// The error.
         source: std::io::Error,
     },
-    /// Not enough space to keep the image (the whole log is reserved when the image is kept).
-    #[error("undo log {path}: no space to keep the image ({needed} bytes needed): {source}")]
+    /// Not enough space to keep the image (the whole log is reserved when the image is kept): the
+    /// filesystem's ENOSPC, or more than the secondary's limit on one undo log. Its message starts with
+    /// [`OUT_OF_SPACE`], which the primary, the sidecar and the operator recognise.
+    #[error(
+        "undo log out of space: {path}: keeping the image needs up to {needed} bytes: {source}"
+    )]
     NoSpace {
         /// The file.
         path: String,
@@ -199,7 +207,27 @@ impl UndoLog {
     /// Keeps the image of volume `name` (`size` bytes) at `epoch`: creates its log durably (header
     /// synced, renamed into place, directory synced) and reserves the space it may need.
     pub fn create(dir: &Path, name: &str, epoch: u64, size: u64) -> Result<UndoLog, UndoError> {
+        UndoLog::create_within(dir, name, epoch, size, None)
+    }
+
+    /// [`UndoLog::create`], refused like a full filesystem (ENOSPC) when the log may need more than
+    /// `limit` bytes.
+    pub fn create_within(
+        dir: &Path,
+        name: &str,
+        epoch: u64,
+        size: u64,
+        limit: Option<u64>,
+    ) -> Result<UndoLog, UndoError> {
         let path = log_path(dir, name);
+        let needed = max_log_len(size);
+        if limit.is_some_and(|limit| needed > limit) {
+            return Err(UndoError::NoSpace {
+                path: path.display().to_string(),
+                needed,
+                source: std::io::Error::from_raw_os_error(rustix::io::Errno::NOSPC.raw_os_error()),
+            });
+        }
         let scratch = dir.join(format!(".{name}.undo.new"));
         let file = OpenOptions::new()
             .read(true)
@@ -208,7 +236,6 @@ impl UndoLog {
             .truncate(true)
             .open(&scratch)
             .map_err(|e| UndoError::io("create", &scratch, e))?;
-        let needed = max_log_len(size);
         match rustix::fs::fallocate(&file, rustix::fs::FallocateFlags::KEEP_SIZE, 0, needed) {
             Ok(()) => {}
             Err(e) if e == rustix::io::Errno::NOSPC || e == rustix::io::Errno::FBIG => {
@@ -767,5 +794,23 @@ mod tests {
             other => panic!("expected NoSpace, got {other:?}"),
         }
         assert!(!log_path(dir.path(), "v").exists());
+    }
+
+    #[test]
+    fn a_log_over_the_limit_is_refused_as_out_of_space_and_leaves_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let size = 16 * BLOCK;
+        let refused = UndoLog::create_within(dir.path(), "v", 1, size, Some(max_log_len(size) - 1))
+            .unwrap_err();
+        assert!(matches!(refused, UndoError::NoSpace { .. }));
+        let said = refused.to_string();
+        assert!(said.starts_with(OUT_OF_SPACE), "{said}");
+        assert!(
+            said.contains(&format!("needs up to {} bytes", max_log_len(size))),
+            "{said}"
+        );
+        assert!(!log_path(dir.path(), "v").exists());
+        UndoLog::create_within(dir.path(), "v", 1, size, Some(max_log_len(size))).unwrap();
+        assert!(log_path(dir.path(), "v").exists());
     }
 }
