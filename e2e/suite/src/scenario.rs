@@ -770,17 +770,40 @@ impl Harness {
     /// How many `kind` calls (`suspend`, `release`, `resume`, `configure`) `cluster`'s sidecar made to its
     /// replicator that failed even after the sidecar's retries (0 while no sidecar runs there).
     pub fn replicator_calls_failed(&self, cluster: &str, kind: &str) -> Result<u64, FaultError> {
-        let i = self.index(cluster)?;
-        Ok(self.sidecars[i].as_ref().map_or(0, |sidecar| {
-            sidecar
-                .metrics()
+        self.sidecar_count(cluster, |metrics| {
+            metrics
                 .replicator_calls
                 .get_or_create(&lockstep_sidecar::metrics::PathLabels {
                     path: kind.to_owned(),
                     state: "error".to_owned(),
                 })
                 .get()
-        }))
+        })
+    }
+
+    /// How many times `cluster`'s sidecar saw a secondary fail to keep the frozen image for `reason`
+    /// (its `kept_image_failures` metric; 0 while no sidecar runs there).
+    pub fn kept_image_failures(&self, cluster: &str, reason: &str) -> Result<u64, FaultError> {
+        self.sidecar_count(cluster, |metrics| {
+            metrics
+                .kept_image_failures
+                .get_or_create(&lockstep_sidecar::metrics::ReasonLabels {
+                    reason: reason.to_owned(),
+                })
+                .get()
+        })
+    }
+
+    /// A counter of `cluster`'s sidecar's metrics, read by `read` (0 while no sidecar runs there).
+    fn sidecar_count(
+        &self,
+        cluster: &str,
+        read: impl Fn(&lockstep_sidecar::metrics::Metrics) -> u64,
+    ) -> Result<u64, FaultError> {
+        let i = self.index(cluster)?;
+        Ok(self.sidecars[i]
+            .as_ref()
+            .map_or(0, |sidecar| read(sidecar.metrics())))
     }
 
     /// Puts proxies (link-cut proxies, like the replication links') between `cluster`'s sidecar and its

@@ -4,16 +4,26 @@
 //! image) while it cannot, its copy fails and the group freezes again during the resync — the group
 //! keeps naming the first image. Then the primary site is lost (workload, replicators and links), the
 //! secondaries are rolled back, and the checker finds the frozen image consistent and complete.
+//!
+//! Out of undo-log space: a secondary that cannot keep the image refuses the resync; the group shows it
+//! (ImageKept False, reason UndoLogOutOfSpace, naming volume and node; a Warning Event; the sidecar's
+//! metric), keeps the frozen image, and resyncs keeping it once there is room.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 #[macro_use]
 mod common;
 use common::start;
 
+use common::{condition, finish};
+use k8s_openapi::api::events::v1::Event;
+use kube::Api;
+use kube::api::ListParams;
 use lockstep_api::domain::{Policy, Stage};
 use lockstep_api::v1alpha1::ConsistencyGroup;
 use lockstep_e2e::faults::LinkCutMode;
 use lockstep_e2e::scenario::Setup;
+
+const CLUSTERS: [&str; 2] = ["east", "west"];
 
 fn released_after(from: u64) -> impl Fn(&ConsistencyGroup) -> bool {
     move |g| {
@@ -88,4 +98,123 @@ async fn a_site_lost_during_a_resync_after_a_second_failure_rolls_back_to_the_fr
     let verdict = ok!(h, h.check_secondaries());
     assert!(verdict.is_consistent(), "{verdict}\n{}", h.timeline.text());
     h.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_secondary_out_of_undo_log_space_refuses_the_resync_and_the_group_says_so() {
+    let mut h = start(Setup::new(Policy::FreezeAndGo).unwrap()).await;
+    // Every secondary may reserve almost nothing for an undo log: it is refused as a full disk is.
+    for cluster in CLUSTERS {
+        h.cluster(cluster)
+            .unwrap()
+            .secondary
+            .set_undo_log_limit(Some(4096));
+    }
+    h.timeline
+        .say("every secondary: one undo log may reserve at most 4096 bytes");
+    h.cut(&["west-reporting"], LinkCutMode::Reset).unwrap();
+    ok!(h, h.wait_for_copy_failure());
+    ok!(h, h.wait_group("released at epoch 1", released_after(0)));
+    ok!(h, h.wait_for_more_writes(60));
+    let west = h.handle("west-reporting").unwrap();
+    h.world
+        .find_volume(&west)
+        .unwrap()
+        .0
+        .restore_link(&west)
+        .unwrap();
+
+    // The resync: the secondaries cannot keep the image, refuse it (none is overwritten), and the group
+    // freezes again.
+    ok!(h, h.patch_spec(serde_json::json!({"resync": {"epoch": 1}})));
+    let group = ok!(
+        h,
+        h.wait_group("ImageKept False", |g| condition(g, "ImageKept").as_deref()
+            == Some("False"))
+    );
+    let kept = group
+        .status
+        .as_ref()
+        .and_then(|s| s.conditions.iter().find(|c| c.type_ == "ImageKept"))
+        .cloned()
+        .unwrap();
+    h.timeline.say(format!(
+        "ImageKept False, {}: {}",
+        kept.reason, kept.message
+    ));
+    assert_eq!(kept.reason, "UndoLogOutOfSpace");
+    // It names the volume, its node and its cluster.
+    let named = h
+        .world
+        .volumes()
+        .find(|(_, v)| kept.message.contains(&format!("volume {} ", v.spec.handle)))
+        .map(|(c, _)| (c.spec.node.clone(), c.name().to_owned()));
+    let (node, cluster) = named.unwrap_or_else(|| panic!("no volume named in {}", kept.message));
+    for needed in [
+        format!("(node {node}, cluster {cluster})"),
+        "undo log out of space".to_owned(),
+        "image of epoch 1".to_owned(),
+    ] {
+        assert!(
+            kept.message.contains(&needed),
+            "{needed:?} in {}",
+            kept.message
+        );
+    }
+    assert_eq!(
+        group
+            .status
+            .as_ref()
+            .and_then(|s| s.consistent_image.as_ref())
+            .map(|i| i.epoch),
+        Some(1),
+        "the group still names the frozen image"
+    );
+    // Events are recorded off the group's lock, a moment after the status.
+    let events = Api::<Event>::all(h.world.hub().client.clone());
+    let out_of_space = |event: &Event| {
+        event.reason.as_deref() == Some("UndoLogOutOfSpace")
+            && event.type_.as_deref() == Some("Warning")
+            && event
+                .note
+                .as_deref()
+                .is_some_and(|note| note.contains("undo log out of space"))
+    };
+    let mut seen = Vec::new();
+    for _ in 0..300 {
+        seen = events.list(&ListParams::default()).await.unwrap().items;
+        if seen.iter().any(out_of_space) {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(
+        seen.iter().any(out_of_space),
+        "no UndoLogOutOfSpace Event: {:?}",
+        seen.iter()
+            .map(|e| (&e.reason, &e.note))
+            .collect::<Vec<_>>()
+    );
+    let counted: u64 = CLUSTERS
+        .iter()
+        .map(|cluster| h.kept_image_failures(cluster, "UndoLogOutOfSpace").unwrap())
+        .sum();
+    assert!(counted >= 1, "the sidecars' metric counts it");
+
+    // Room again: the resync keeps the image and the group replicates in sync. The checker first finds
+    // the secondaries still at the frozen image (no resync write landed without it), then the resync
+    // completes.
+    for cluster in CLUSTERS {
+        h.cluster(cluster)
+            .unwrap()
+            .secondary
+            .set_undo_log_limit(None);
+    }
+    h.timeline
+        .say("every secondary: undo logs no longer limited");
+    let outcome = finish(h).await;
+    assert_eq!(
+        condition(&outcome.resynced, "ImageKept").as_deref(),
+        Some("True")
+    );
 }
