@@ -5,6 +5,9 @@
 //! keeps naming the first image. Then the primary site is lost (workload, replicators and links), the
 //! secondaries are rolled back, and the checker finds the frozen image consistent and complete.
 //!
+//! gRPC-only members: their sidecars learn that the group is in sync again from the Control stream's
+//! membership (they have no mirrored group to read the phase from) and drop the kept images too.
+//!
 //! Out of undo-log space: a secondary that cannot keep the image refuses the resync; the group shows it
 //! (ImageKept False, reason UndoLogOutOfSpace, naming volume and node; a Warning Event; the sidecar's
 //! metric), keeps the frozen image, and resyncs keeping it once there is room.
@@ -18,12 +21,29 @@ use common::{condition, finish};
 use k8s_openapi::api::events::v1::Event;
 use kube::Api;
 use kube::api::ListParams;
-use lockstep_api::domain::{Policy, Stage};
+use lockstep_api::domain::{Phase, Policy, Stage};
 use lockstep_api::v1alpha1::ConsistencyGroup;
 use lockstep_e2e::faults::LinkCutMode;
-use lockstep_e2e::scenario::Setup;
+use lockstep_e2e::scenario::{Harness, Setup};
 
 const CLUSTERS: [&str; 2] = ["east", "west"];
+
+/// West-reporting's link reset: the group freezes at epoch 1 and is released, the primaries write on,
+/// and the link is back (ready for a resync). Returns west-reporting's handle.
+async fn frozen_released_and_written(h: &mut Harness) -> String {
+    h.cut(&["west-reporting"], LinkCutMode::Reset).unwrap();
+    ok!(h, h.wait_for_copy_failure());
+    ok!(h, h.wait_group("released at epoch 1", released_after(0)));
+    ok!(h, h.wait_for_more_writes(60));
+    let west = h.handle("west-reporting").unwrap();
+    h.world
+        .find_volume(&west)
+        .unwrap()
+        .0
+        .restore_link(&west)
+        .unwrap();
+    west
+}
 
 fn released_after(from: u64) -> impl Fn(&ConsistencyGroup) -> bool {
     move |g| {
@@ -112,17 +132,7 @@ async fn a_secondary_out_of_undo_log_space_refuses_the_resync_and_the_group_says
     }
     h.timeline
         .say("every secondary: one undo log may reserve at most 4096 bytes");
-    h.cut(&["west-reporting"], LinkCutMode::Reset).unwrap();
-    ok!(h, h.wait_for_copy_failure());
-    ok!(h, h.wait_group("released at epoch 1", released_after(0)));
-    ok!(h, h.wait_for_more_writes(60));
-    let west = h.handle("west-reporting").unwrap();
-    h.world
-        .find_volume(&west)
-        .unwrap()
-        .0
-        .restore_link(&west)
-        .unwrap();
+    frozen_released_and_written(&mut h).await;
 
     // The resync: the secondaries cannot keep the image, refuse it (none is overwritten), and the group
     // freezes again.
@@ -217,4 +227,75 @@ async fn a_secondary_out_of_undo_log_space_refuses_the_resync_and_the_group_says
         condition(&outcome.resynced, "ImageKept").as_deref(),
         Some("True")
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_grpc_only_members_kept_image_is_dropped_once_the_group_is_in_sync_again() {
+    let mut setup = Setup::new(Policy::FreezeAndGo).unwrap();
+    setup.grpc_only = vec!["west".into()];
+    let mut h = start(setup).await;
+    let west = frozen_released_and_written(&mut h).await;
+
+    // The resync: every secondary keeps the image of epoch 1 while it is overwritten.
+    ok!(h, h.patch_spec(serde_json::json!({"resync": {"epoch": 1}})));
+    let west_secondary = &h.cluster("west").unwrap().secondary;
+    let mut kept_seen = None;
+    let in_sync = |g: &ConsistencyGroup| {
+        g.status.as_ref().is_some_and(|s| {
+            s.phase == Some(Phase::Replicating) && s.stage == Some(Stage::Resume) && s.epoch == 1
+        })
+    };
+    for _ in 0..6000 {
+        if kept_seen.is_none() {
+            kept_seen = west_secondary.kept_image(&west).unwrap();
+        }
+        if in_sync(&h.world.group_now().await.unwrap()) {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    assert_eq!(
+        kept_seen,
+        Some(1),
+        "west's secondary kept the image of epoch 1 during the resync\n{}",
+        h.timeline.text()
+    );
+    ok!(h, h.wait_group("replicating in sync at epoch 1", in_sync));
+
+    // Back in sync: the gRPC-only member drops its kept image like the others.
+    let mut left = Vec::new();
+    for _ in 0..3000 {
+        left = h
+            .world
+            .volumes()
+            .filter(|(c, v)| c.secondary.kept_image(&v.spec.handle).unwrap().is_some())
+            .map(|(_, v)| v.spec.handle.clone())
+            .collect::<Vec<_>>();
+        if left.is_empty() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    assert!(
+        left.is_empty(),
+        "kept images not dropped: {left:?}\n{}",
+        h.timeline.text()
+    );
+    h.timeline.say(format!(
+        "{west}: kept image dropped on the gRPC-only member"
+    ));
+    // Replicating in sync: once the workload stops, the secondaries hold every acknowledged write.
+    let primaries = ok!(h, h.stop_workload_and_check_primaries());
+    assert!(
+        primaries.is_consistent(),
+        "{primaries}\n{}",
+        h.timeline.text()
+    );
+    let secondaries = ok!(h, h.check_secondaries());
+    assert!(
+        secondaries.is_consistent(),
+        "{secondaries}\n{}",
+        h.timeline.text()
+    );
+    h.shutdown().await;
 }
