@@ -84,6 +84,8 @@ type Lease = (CancellationToken, Arc<tokio::sync::Mutex<()>>);
 #[derive(Debug, Default)]
 struct Registry {
     volumes: Mutex<HashMap<String, Lease>>,
+    /// The connection tasks, to end them all at once ([`Secondary::kill`]).
+    connections: Mutex<Vec<JoinHandle<()>>>,
 }
 
 impl Registry {
@@ -158,11 +160,18 @@ impl Secondary {
                         let registry = Arc::clone(&registry);
                         let dir = dir.clone();
                         let kept = kept.clone();
-                        tokio::spawn(async move {
-                            if let Err(e) = serve(registry, dir, tcp, kept).await {
+                        let served = Arc::clone(&registry);
+                        let connection = tokio::spawn(async move {
+                            if let Err(e) = serve(served, dir, tcp, kept).await {
                                 tracing::warn!(%peer, error = %e, "replication connection ended");
                             }
                         });
+                        let mut connections = registry
+                            .connections
+                            .lock()
+                            .unwrap_or_else(PoisonError::into_inner);
+                        connections.retain(|task| !task.is_finished());
+                        connections.push(connection);
                     }
                     Err(e) => {
                         tracing::warn!(error = %e, "replication accept failed");
@@ -187,6 +196,42 @@ impl Secondary {
     pub fn set_undo_log_limit(&self, bytes: Option<u64>) {
         self.undo_log_limit
             .store(bytes.unwrap_or(u64::MAX), Ordering::Relaxed);
+    }
+
+    /// Stops abruptly, as a killed process would: the listener closes and every replication connection
+    /// ends at once — nothing more is read, acknowledged or refused on it, no goodbye is sent. (Unlike
+    /// a killed process, the threads of those connections finish what they had already queued — saves
+    /// and writes they accepted — before this returns, so that a secondary started again on the same
+    /// directory never races them.) The files are left as they are, undo logs included.
+    pub async fn kill(&mut self) {
+        self.task.abort();
+        // The listener goes with the task: once it ended, the address is free again.
+        let _ = (&mut self.task).await;
+        let connections = std::mem::take(
+            &mut *self
+                .registry
+                .connections
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner),
+        );
+        for connection in &connections {
+            connection.abort();
+        }
+        for connection in connections {
+            let _ = connection.await;
+        }
+        let locks: Vec<Arc<tokio::sync::Mutex<()>>> = self
+            .registry
+            .volumes
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .values()
+            .map(|(_, lock)| Arc::clone(lock))
+            .collect();
+        for lock in locks {
+            drop(lock.lock().await);
+        }
+        tracing::warn!(dir = %self.dir.display(), "secondary killed");
     }
 
     /// The address primaries connect to.
@@ -329,15 +374,24 @@ async fn serve(
     // Take the volume over from any older connection.
     let token = CancellationToken::new();
     let lock = registry.take_over_with(&volume, token.clone());
-    let _guard = lock.lock_owned().await;
+    // Held by this connection and by every thread it starts (the store's, the undo log's): the next
+    // connection for the volume waits until all of them are done with its files.
+    let lease = Arc::new(lock.lock_owned().await);
 
     let path = dir.join(&volume);
     let opened = Store::open(&path, Some(size))
         .map_err(SecondaryError::from)
         .and_then(|store| {
+            store.hold_until_closed(Arc::clone(&lease));
             let log = kept_image(&dir, &volume, size, keep, drop_image, settings.limit())?;
             let kept = match log {
-                Some(log) => Some(Kept::start(log, &path, first_seq, &settings.log_sync)?),
+                Some(log) => Some(Kept::start(
+                    log,
+                    &path,
+                    first_seq,
+                    &settings.log_sync,
+                    Arc::clone(&lease),
+                )?),
                 None => None,
             };
             Ok((store, kept))
@@ -363,7 +417,8 @@ async fn serve(
     tracing::info!(%volume, size, first_seq, kept = ?kept_epoch, "replication stream started");
 
     let (acks, ack_rx) = mpsc::channel::<AckItem>(MAX_UNACKED);
-    let acker = tokio::spawn(acknowledge(out, ack_rx));
+    // Ends with this connection's task even when that is aborted ([`Secondary::kill`]).
+    let mut acker = AbortOnDrop(tokio::spawn(acknowledge(out, ack_rx)));
 
     let mut expected = first_seq;
     let mut go_on = true;
@@ -481,11 +536,20 @@ async fn serve(
     }
     store.start();
     drop(acks);
-    match acker.await {
+    match (&mut acker.0).await {
         Ok(result) => result,
         Err(e) => Err(SecondaryError::Refused(format!(
             "acknowledger stopped: {e}"
         ))),
+    }
+}
+
+/// A task aborted when this handle is dropped (a finished task is not affected).
+struct AbortOnDrop<T>(JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 
@@ -523,6 +587,7 @@ impl Kept {
         path: &Path,
         first_seq: u64,
         log_sync: &LogSync,
+        lease: impl Send + 'static,
     ) -> Result<Kept, SecondaryError> {
         // Read separately from the store's file: blocks not saved yet hold the kept image.
         let volume = File::open(path).map_err(|e| StoreError {
@@ -531,7 +596,7 @@ impl Kept {
             message: e.to_string(),
         })?;
         Ok(Kept {
-            writer: UndoWriter::start(log, volume, first_seq, Arc::clone(log_sync))?,
+            writer: UndoWriter::start(log, volume, first_seq, Arc::clone(log_sync), lease)?,
             staged: VecDeque::new(),
             path: path.to_owned(),
         })

@@ -61,13 +61,14 @@ pub struct UndoWriter {
 }
 
 impl UndoWriter {
-    /// Starts the thread for `log`, reading the bytes to save from the volume file `volume`; the first
-    /// ticket will be `first_ticket`.
+    /// Starts the threads for `log`, reading the bytes to save from the volume file `volume`; the first
+    /// ticket will be `first_ticket`. `lease` is dropped once both threads have ended.
     pub fn start(
         log: UndoLog,
         volume: File,
         first_ticket: u64,
         sync: LogSync,
+        lease: impl Send + 'static,
     ) -> Result<UndoWriter, UndoError> {
         let epoch = log.epoch();
         let (saves, rx) = std_mpsc::channel();
@@ -103,6 +104,7 @@ impl UndoWriter {
                 shared.changed.notify_all();
                 let _ = syncer.join();
                 let _ = give_back.send(log);
+                drop(lease);
             })
             .map_err(|e| UndoError::Io {
                 op: "start the undo log's writer thread",
@@ -320,7 +322,8 @@ mod tests {
         let size = 64 * BLOCK;
         let log = UndoLog::create(dir.path(), "v", 3, size).unwrap();
         let gate = Arc::new(Gate::default());
-        let mut writer = UndoWriter::start(log, volume(dir.path(), size), 10, gate.sync()).unwrap();
+        let mut writer =
+            UndoWriter::start(log, volume(dir.path(), size), 10, gate.sync(), ()).unwrap();
         writer.save(10, 0, BLOCK);
         // The first batch is appended and waits at the closed gate; more saves queue meanwhile.
         for ticket in 11..20 {
@@ -353,7 +356,7 @@ mod tests {
         let size = 8 * BLOCK;
         let log = UndoLog::create(dir.path(), "v", 1, size).unwrap();
         let failing: LogSync = Arc::new(|_: &File| Err(std::io::Error::other("disk gone")));
-        let mut writer = UndoWriter::start(log, volume(dir.path(), size), 5, failing).unwrap();
+        let mut writer = UndoWriter::start(log, volume(dir.path(), size), 5, failing, ()).unwrap();
         writer.save(5, 0, BLOCK);
         let done = progress_reaches(&mut writer, 6).await;
         assert_eq!(done.durable_below, 5);
@@ -378,7 +381,7 @@ mod tests {
             .write(true)
             .open(dir.path().join("v"))
             .unwrap();
-        let mut writer = UndoWriter::start(log, unreadable, 1, fdatasync()).unwrap();
+        let mut writer = UndoWriter::start(log, unreadable, 1, fdatasync(), ()).unwrap();
         writer.save(1, 0, BLOCK);
         writer.save(2, BLOCK, BLOCK);
         let done = progress_reaches(&mut writer, 2).await;

@@ -895,6 +895,33 @@ impl Harness {
         Ok(())
     }
 
+    /// Kills `cluster`'s secondary (the remote site's replicator): its listener and every replication
+    /// connection end at once (see [`lockstep_replicator::secondary::Secondary::kill`]); its files stay.
+    pub async fn kill_secondary(&mut self, cluster: &str) -> Result<(), FaultError> {
+        let i = self.index(cluster)?;
+        self.world.clusters[i].secondary.kill().await;
+        self.timeline
+            .say(format!("fault: {cluster}'s secondary killed"));
+        Ok(())
+    }
+
+    /// Starts `cluster`'s secondary again on its address and directory (its volumes and undo logs).
+    pub async fn restart_secondary(&mut self, cluster: &str) -> Result<(), FaultError> {
+        let i = self.index(cluster)?;
+        let c = &self.world.clusters[i];
+        let config = lockstep_replicator::secondary::SecondaryConfig {
+            listen: c.secondary.local_addr(),
+            dir: c.dir.join("secondary"),
+        };
+        let secondary = lockstep_replicator::secondary::Secondary::start(config)
+            .await
+            .map_err(|e| start_failed(format!("{cluster}'s secondary"))(e.to_string()))?;
+        self.world.clusters[i].secondary = secondary;
+        self.timeline
+            .say(format!("{cluster}: secondary started again"));
+        Ok(())
+    }
+
     // ---- workload and faults ----
 
     async fn start_workload(&mut self, writes: u64) -> Result<(), FaultError> {

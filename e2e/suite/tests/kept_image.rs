@@ -5,6 +5,9 @@
 //! keeps naming the first image. Then the primary site is lost (workload, replicators and links), the
 //! secondaries are rolled back, and the checker finds the frozen image consistent and complete.
 //!
+//! A secondary killed mid-resync: restarted, it still keeps the image it had begun to overwrite, and
+//! rolling back to it after the primary site is lost gives the checker a consistent, complete image.
+//!
 //! gRPC-only members: their sidecars learn that the group is in sync again from the Control stream's
 //! membership (they have no mirrored group to read the phase from) and drop the kept images too.
 //!
@@ -25,8 +28,37 @@ use lockstep_api::domain::{Phase, Policy, Stage};
 use lockstep_api::v1alpha1::ConsistencyGroup;
 use lockstep_e2e::faults::LinkCutMode;
 use lockstep_e2e::scenario::{Harness, Setup};
+use lockstep_replicator::undo::RolledBack;
 
 const CLUSTERS: [&str; 2] = ["east", "west"];
+
+/// The primary site is lost (the workload, every replicator and every link), every secondary is rolled
+/// back to the image it keeps (which must be epoch 1's), and the checker must find the secondaries
+/// consistent and complete. Returns what each roll-back restored.
+async fn lose_the_primary_site_and_roll_back(h: &mut Harness) -> Vec<RolledBack> {
+    ok!(h, h.stop_workload());
+    for cluster in CLUSTERS {
+        ok!(h, h.kill_replicator(cluster));
+    }
+    let names = ["east-postgres-wal", "east-postgres-data", "west-reporting"];
+    h.cut(&names, LinkCutMode::Reset).unwrap();
+    let mut rolled = Vec::new();
+    for name in names {
+        let handle = h.handle(name).unwrap();
+        let (cluster, _) = h.world.find_volume(&handle).unwrap();
+        if let Some(done) = cluster.secondary.roll_back(&handle).await.unwrap() {
+            assert_eq!(done.epoch, 1);
+            h.timeline.say(format!(
+                "{handle}: secondary rolled back to the image of epoch 1 ({} blocks)",
+                done.blocks
+            ));
+            rolled.push(done);
+        }
+    }
+    let verdict = ok!(h, h.check_secondaries());
+    assert!(verdict.is_consistent(), "{verdict}\n{}", h.timeline.text());
+    rolled
+}
 
 /// West-reporting's link reset: the group freezes at epoch 1 and is released, the primaries write on,
 /// and the link is back (ready for a resync). Returns west-reporting's handle.
@@ -50,6 +82,16 @@ fn released_after(from: u64) -> impl Fn(&ConsistencyGroup) -> bool {
         let (epoch, stage) = g.position();
         epoch > from && stage == Stage::Release
     }
+}
+
+/// The epoch of the image the group names.
+fn image_epoch(group: &ConsistencyGroup) -> Option<u64> {
+    group
+        .status
+        .as_ref()?
+        .consistent_image
+        .as_ref()
+        .map(|image| image.epoch)
 }
 
 fn condition_message(group: &ConsistencyGroup, type_: &str) -> String {
@@ -92,31 +134,11 @@ async fn a_site_lost_during_a_resync_after_a_second_failure_rolls_back_to_the_fr
     assert!(message.contains("keep the image of epoch 1"), "{message}");
     h.timeline.say(format!("ConsistentImage: {message}"));
 
-    // The primary site is lost: the workload, every replicator and every link.
-    ok!(h, h.stop_workload());
-    for cluster in ["east", "west"] {
-        ok!(h, h.kill_replicator(cluster));
-    }
-    let names = ["east-postgres-wal", "east-postgres-data", "west-reporting"];
-    h.cut(&names, LinkCutMode::Reset).unwrap();
-
-    // Roll every secondary back to the image it keeps.
-    let mut rolled = 0;
-    for name in names {
-        let handle = h.handle(name).unwrap();
-        let (cluster, _) = h.world.find_volume(&handle).unwrap();
-        if let Some(done) = cluster.secondary.roll_back(&handle).await.unwrap() {
-            assert_eq!(done.epoch, 1);
-            rolled += 1;
-            h.timeline.say(format!(
-                "{handle}: secondary rolled back to the image of epoch 1 ({} blocks)",
-                done.blocks
-            ));
-        }
-    }
-    assert!(rolled > 0, "the resync had overwritten some secondary");
-    let verdict = ok!(h, h.check_secondaries());
-    assert!(verdict.is_consistent(), "{verdict}\n{}", h.timeline.text());
+    let rolled = lose_the_primary_site_and_roll_back(&mut h).await;
+    assert!(
+        rolled.iter().any(|done| done.blocks > 0),
+        "the resync had overwritten some secondary"
+    );
     h.shutdown().await;
 }
 
@@ -172,11 +194,7 @@ async fn a_secondary_out_of_undo_log_space_refuses_the_resync_and_the_group_says
         );
     }
     assert_eq!(
-        group
-            .status
-            .as_ref()
-            .and_then(|s| s.consistent_image.as_ref())
-            .map(|i| i.epoch),
+        image_epoch(&group),
         Some(1),
         "the group still names the frozen image"
     );
@@ -296,6 +314,77 @@ async fn a_grpc_only_members_kept_image_is_dropped_once_the_group_is_in_sync_aga
         secondaries.is_consistent(),
         "{secondaries}\n{}",
         h.timeline.text()
+    );
+    h.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_secondary_killed_mid_resync_and_restarted_can_still_roll_back() {
+    let mut h = start(Setup::new(Policy::FreezeAndGo).unwrap()).await;
+    frozen_released_and_written(&mut h).await;
+    // West cannot resync (its link silently drops everything), so the group cannot get back in sync and
+    // east's secondaries keep the image until the end.
+    h.cut(&["west-reporting"], LinkCutMode::Blackhole).unwrap();
+    ok!(h, h.patch_spec(serde_json::json!({"resync": {"epoch": 1}})));
+
+    // East's resync is overwriting its secondaries (blocks saved in an undo log): kill that secondary.
+    let east: Vec<String> = ["east-postgres-wal", "east-postgres-data"]
+        .iter()
+        .map(|name| h.handle(name).unwrap())
+        .collect();
+    let secondary_dir = h.cluster("east").unwrap().dir.join("secondary");
+    let overwriting = || {
+        east.iter().any(|handle| {
+            std::fs::metadata(lockstep_replicator::undo::log_path(&secondary_dir, handle))
+                .is_ok_and(|log| log.len() > lockstep_replicator::undo::HEADER_LEN)
+        })
+    };
+    let mut waited = 0;
+    while !overwriting() {
+        assert!(
+            waited < 6000,
+            "east's resync never began overwriting\n{}",
+            h.timeline.text()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        waited += 1;
+    }
+    ok!(h, h.kill_secondary("east"));
+
+    // The links fail: the group freezes again during the resync and keeps naming the image of epoch 1.
+    let group = ok!(
+        h,
+        h.wait_group("frozen again during the resync", released_after(1))
+    );
+    assert_eq!(
+        image_epoch(&group),
+        Some(1),
+        "the group names the first image\n{}",
+        h.timeline.text()
+    );
+
+    // Restarted, east's secondary still keeps the image of epoch 1 where the resync had begun.
+    ok!(h, h.restart_secondary("east"));
+    let kept: Vec<&String> = east
+        .iter()
+        .filter(|handle| {
+            h.cluster("east")
+                .unwrap()
+                .secondary
+                .kept_image(handle)
+                .unwrap()
+                == Some(1)
+        })
+        .collect();
+    assert!(!kept.is_empty(), "east keeps no image after its restart");
+    h.timeline.say(format!(
+        "east's restarted secondary keeps the image of epoch 1 on {kept:?}"
+    ));
+
+    let rolled = lose_the_primary_site_and_roll_back(&mut h).await;
+    assert!(
+        rolled.iter().any(|done| done.blocks > 0),
+        "the resync had overwritten east's secondary"
     );
     h.shutdown().await;
 }
