@@ -265,6 +265,21 @@ pub mod condition {
     pub const CONSISTENT_IMAGE: &str = "ConsistentImage";
     /// Every member in the spec is resolved to volumes and nodes.
     pub const MEMBERS_RESOLVED: &str = "MembersResolved";
+    /// No secondary failed to keep the frozen image through a resync (False names the volume, its
+    /// node and why, e.g. `UndoLogOutOfSpace`).
+    pub const IMAGE_KEPT: &str = "ImageKept";
+}
+
+/// How a replicator's refusal to keep an image for want of undo-log space begins (the reference
+/// replicator's secondary says it; the primary's `CopyFailed` error carries it on).
+pub const UNDO_LOG_OUT_OF_SPACE: &str = "undo log out of space";
+
+/// Why a copy failure is a secondary failing to keep the image through a resync, if it is one: the
+/// reason (CamelCase, for conditions, Events and metric labels).
+pub fn kept_image_failure(copy_error: &str) -> Option<&'static str> {
+    copy_error
+        .contains(UNDO_LOG_OUT_OF_SPACE)
+        .then_some("UndoLogOutOfSpace")
 }
 
 /// Parses a Go-style duration (`500ms`, `30s`, `1m30s`, `2h`) as Kubernetes writes them.

@@ -379,6 +379,7 @@ fn membership(engine: &Engine, cluster: &str) -> pb::Membership {
                 created_unix_ms: group
                     .claim_order()
                     .map_or(0, |order| order.created_unix_ms()),
+                in_sync_epoch: group.in_sync_at().unwrap_or(0),
             })
         })
         .collect();

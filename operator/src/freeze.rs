@@ -21,7 +21,10 @@
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use lockstep_api::{
     conditions::{self, ConditionUpdate},
-    domain::{GroupEpoch, MAX_EPOCH, Path, Phase, Policy, Stage, VolumeState, condition},
+    domain::{
+        GroupEpoch, MAX_EPOCH, Path, Phase, Policy, Stage, VolumeState, condition,
+        kept_image_failure,
+    },
     v1alpha1::{
         Acknowledgement, ConsistencyGroup, ConsistencyGroupStatus, ConsistentImage, FreezeTrigger,
         HoldTimeouts, ImageVolume, MemberVolumeStatus, VolumeHoldTimeout,
@@ -417,6 +420,13 @@ fn freeze(decision: &mut Decision, uid: &str, trigger: FreezeTrigger) {
                 .unwrap_or_default()
         ),
     });
+    if let Some((reason, message)) = image_not_kept(&trigger, status.consistent_image.as_ref()) {
+        decision.notes.push(Note {
+            warning: true,
+            reason,
+            message,
+        });
+    }
     status.trigger = Some(trigger);
     decision.freeze_now = Some(GroupEpoch {
         group_uid: uid.to_owned(),
@@ -696,6 +706,62 @@ fn name_some(members: &[&MemberVolumeStatus]) -> String {
         text.push_str(&format!(" and {} more", members.len() - NAMED_IN_CONDITION));
     }
     text
+}
+
+/// If `trigger` is a secondary that could not keep the frozen image through a resync (its copy failure
+/// says why, e.g. out of undo-log space): the reason and a sentence naming the volume and its node.
+fn image_not_kept(
+    trigger: &FreezeTrigger,
+    image: Option<&ConsistentImage>,
+) -> Option<(&'static str, String)> {
+    if trigger.reason != "CopyFailed" {
+        return None;
+    }
+    let error = trigger.message.as_deref()?;
+    let reason = kept_image_failure(error)?;
+    let kept = image.map_or_else(
+        || "the secondaries hold no complete image".to_owned(),
+        |image| {
+            format!(
+                "the secondaries still hold the image of epoch {}",
+                image.epoch
+            )
+        },
+    );
+    Some((
+        reason,
+        format!(
+            "the secondary of volume {} (node {}, cluster {}) cannot keep the frozen image through a resync, so the resync was refused ({error}); {kept}. Free space for its undo log (or raise the replicator's --undo-log-max-bytes), then resync again",
+            trigger.volume_handle.as_deref().unwrap_or("?"),
+            trigger.node.as_deref().unwrap_or("?"),
+            trigger.cluster.as_deref().unwrap_or("?"),
+        ),
+    ))
+}
+
+/// The ImageKept condition: False while the group's last freeze was a secondary failing to keep the image
+/// through a resync and the group has not replicated since; True otherwise.
+fn image_kept_condition(status: &ConsistencyGroupStatus) -> ConditionUpdate<'static> {
+    let phase = status.phase.unwrap_or(Phase::Replicating);
+    let failed = status
+        .trigger
+        .as_ref()
+        .filter(|_| phase != Phase::Replicating)
+        .and_then(|trigger| image_not_kept(trigger, status.consistent_image.as_ref()));
+    match failed {
+        Some((reason, message)) => ConditionUpdate {
+            type_: condition::IMAGE_KEPT,
+            status: false,
+            reason,
+            message,
+        },
+        None => ConditionUpdate {
+            type_: condition::IMAGE_KEPT,
+            status: true,
+            reason: "NoFailure",
+            message: "no secondary has failed to keep the frozen image through a resync".to_owned(),
+        },
+    }
 }
 
 /// The ConsistentImage condition: True only when every member is resolved and every resolved volume is in
@@ -1077,6 +1143,8 @@ fn set_conditions(
 
     let image = image_condition(status);
     conditions::set(&mut status.conditions, image, generation, now);
+    let kept = image_kept_condition(status);
+    conditions::set(&mut status.conditions, kept, generation, now);
 
     let stale = stale_intents(group, epoch);
     let ready = phase == Phase::Replicating && members_resolved(status) && stale.is_empty();

@@ -365,6 +365,7 @@ mod tests {
                 hold_timeout_ms: 30_000,
                 volumes: Vec::new(),
                 created_unix_ms: 0,
+                in_sync_epoch: 0,
             }],
         }
     }
@@ -390,6 +391,11 @@ mod tests {
             1
         );
         assert!(b.try_recv().is_ok() && a.try_recv().is_err());
+        // The group found in sync after a resume: gRPC-only sidecars drop their kept images on it.
+        let mut in_sync = membership("orders", 2);
+        in_sync.groups[0].in_sync_epoch = 2;
+        assert_eq!(sessions.push_membership("east", in_sync, None), 2);
+        assert!(a.try_recv().is_ok() && b.try_recv().is_ok());
         assert_eq!(
             sessions.push_membership("east", membership("billing", 2), None),
             2

@@ -32,6 +32,7 @@ pub mod owners;
 pub mod secondary;
 pub mod store;
 pub mod undo;
+pub mod undo_writer;
 pub mod volume;
 pub mod wire;
 
@@ -180,6 +181,11 @@ pub struct SecondaryArgs {
     /// The replication link's security.
     #[command(flatten)]
     pub link: LinkArgs,
+    /// The most space one volume's undo log (its kept image) may reserve, in bytes; an image that may
+    /// need more is refused as if the filesystem were full ("undo log out of space"). Unset: only the
+    /// filesystem's free space limits it.
+    #[arg(long, value_name = "BYTES")]
+    pub undo_log_max_bytes: Option<u64>,
 }
 
 /// Why the replicator could not start.
@@ -418,6 +424,7 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
                 security: args.link.security()?,
             })
             .await?;
+            secondary.set_undo_log_limit(args.undo_log_max_bytes);
             tracing::info!(addr = %secondary.local_addr(), "secondary serving");
             shutdown_signal().await;
             Ok(())

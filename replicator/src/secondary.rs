@@ -14,6 +14,13 @@
 //! cumulative: one `Ack` answers every write that became durable with it, and it is sent before the
 //! acknowledger waits for the next batch (never held back behind a later `fdatasync`).
 //!
+//! **Kept image.** When the volume keeps an image (see [`crate::undo`]), each write is first handed to
+//! the undo log's writer ([`crate::undo_writer`]) to save what it overwrites, and waits, in order, until
+//! the log's `fdatasync` covering that save returned; only then is it submitted to the store. Frames
+//! keep being read meanwhile (up to [`MAX_STAGED`] writes waiting), so the log's sync for later writes
+//! overlaps the volume's I/O for earlier ones. A save that fails refuses its write (and ends the
+//! connection); the writes before it are applied and acknowledged.
+//!
 //! A new connection for a volume takes over from an older one: the older connection is cancelled and
 //! finishes (applying and acknowledging what it already accepted) before the new one starts.
 //!
@@ -22,10 +29,11 @@
 //! primary that owns it (the first to stream it); another primary is refused with an `Error` frame
 //! before it can take anything over. In plaintext, nobody is authenticated and ownership is not checked.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::fs::File;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -41,6 +49,7 @@ use crate::link_tls::{LinkSecurity, LinkTlsError, ServerStream};
 use crate::owners::{OwnerError, Owners};
 use crate::store::{Store, StoreError, StoreOp, StoreWait};
 use crate::undo::{RolledBack, UndoError, UndoLog};
+use crate::undo_writer::{LogSync, UndoWriter};
 use crate::wire::{Frame, FrameCodec, FrameError, whole_frame_buffered};
 
 /// How long a new connection may take to finish its TLS handshake, and then to say hello.
@@ -101,6 +110,8 @@ type Lease = (CancellationToken, Arc<tokio::sync::Mutex<()>>);
 #[derive(Debug, Default)]
 struct Registry {
     volumes: Mutex<HashMap<String, Lease>>,
+    /// The connection tasks, to end them all at once ([`Secondary::kill`]).
+    connections: Mutex<Vec<JoinHandle<()>>>,
 }
 
 impl Registry {
@@ -130,7 +141,22 @@ pub struct Secondary {
     addr: SocketAddr,
     dir: PathBuf,
     registry: Arc<Registry>,
+    undo_log_limit: Arc<AtomicU64>,
     task: JoinHandle<()>,
+}
+
+/// How connections keep images: how the undo log is synced, and the most one log may reserve.
+#[derive(Clone)]
+struct KeptImageSettings {
+    log_sync: LogSync,
+    /// In bytes; `u64::MAX` for no limit but the filesystem's.
+    log_limit: Arc<AtomicU64>,
+}
+
+impl KeptImageSettings {
+    fn limit(&self) -> Option<u64> {
+        Some(self.log_limit.load(Ordering::Relaxed)).filter(|limit| *limit != u64::MAX)
+    }
 }
 
 impl Drop for Secondary {
@@ -156,6 +182,11 @@ impl Secondary {
                 "replication link: mutual TLS, volumes owned by the primary that first streams them"
             );
         }
+        let undo_log_limit = Arc::new(AtomicU64::new(u64::MAX));
+        let kept = KeptImageSettings {
+            log_sync: crate::undo_writer::fdatasync(),
+            log_limit: Arc::clone(&undo_log_limit),
+        };
         let task = tokio::spawn(async move {
             loop {
                 match listener.accept().await {
@@ -164,8 +195,11 @@ impl Secondary {
                         let owners = Arc::clone(&owners);
                         let dir = dir.clone();
                         let security = security.clone();
-                        tokio::spawn(async move {
-                            match serve_connection(registry, owners, dir, security, tcp, peer).await
+                        let kept = kept.clone();
+                        let served = Arc::clone(&registry);
+                        let connection = tokio::spawn(async move {
+                            match serve_connection(served, owners, dir, security, tcp, peer, kept)
+                                .await
                             {
                                 Ok(()) | Err(SecondaryError::NotOwner(_)) => {}
                                 Err(e) => {
@@ -173,6 +207,12 @@ impl Secondary {
                                 }
                             }
                         });
+                        let mut connections = registry
+                            .connections
+                            .lock()
+                            .unwrap_or_else(PoisonError::into_inner);
+                        connections.retain(|task| !task.is_finished());
+                        connections.push(connection);
                     }
                     Err(e) => {
                         tracing::warn!(error = %e, "replication accept failed");
@@ -185,8 +225,54 @@ impl Secondary {
             addr,
             dir: config.dir,
             registry: shared,
+            undo_log_limit,
             task,
         })
+    }
+
+    /// Limits the space one volume's undo log may reserve to `bytes` (`None`: only the filesystem's
+    /// free space limits it). An image whose log may need more is refused exactly as when the
+    /// filesystem has no space left (ENOSPC): the connection asking for it is refused with a message
+    /// starting [`crate::undo::OUT_OF_SPACE`]. Applies to images kept from now on.
+    pub fn set_undo_log_limit(&self, bytes: Option<u64>) {
+        self.undo_log_limit
+            .store(bytes.unwrap_or(u64::MAX), Ordering::Relaxed);
+    }
+
+    /// Stops abruptly, as a killed process would: the listener closes and every replication connection
+    /// ends at once — nothing more is read, acknowledged or refused on it, no goodbye is sent. (Unlike
+    /// a killed process, the threads of those connections finish what they had already queued — saves
+    /// and writes they accepted — before this returns, so that a secondary started again on the same
+    /// directory never races them.) The files are left as they are, undo logs included.
+    pub async fn kill(&mut self) {
+        self.task.abort();
+        // The listener goes with the task: once it ended, the address is free again.
+        let _ = (&mut self.task).await;
+        let connections = std::mem::take(
+            &mut *self
+                .registry
+                .connections
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner),
+        );
+        for connection in &connections {
+            connection.abort();
+        }
+        for connection in connections {
+            let _ = connection.await;
+        }
+        let locks: Vec<Arc<tokio::sync::Mutex<()>>> = self
+            .registry
+            .volumes
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .values()
+            .map(|(_, lock)| Arc::clone(lock))
+            .collect();
+        for lock in locks {
+            drop(lock.lock().await);
+        }
+        tracing::warn!(dir = %self.dir.display(), "secondary killed");
     }
 
     /// The address primaries connect to.
@@ -296,6 +382,7 @@ async fn serve_connection(
     security: LinkSecurity,
     tcp: tokio::net::TcpStream,
     peer: SocketAddr,
+    settings: KeptImageSettings,
 ) -> Result<(), SecondaryError> {
     tcp.set_nodelay(true).map_err(FrameError::Io)?;
     let (stream, primary) = match &security {
@@ -307,7 +394,7 @@ async fn serve_connection(
             (stream, Some(identity))
         }
     };
-    serve(registry, owners, dir, stream, primary).await
+    serve(registry, owners, dir, stream, primary, settings).await
 }
 
 /// Serves one replication stream; `primary` is the authenticated peer's identity (`None` in plaintext).
@@ -317,6 +404,7 @@ async fn serve(
     dir: PathBuf,
     stream: ServerStream,
     primary: Option<String>,
+    settings: KeptImageSettings,
 ) -> Result<(), SecondaryError> {
     let (rd, wr) = tokio::io::split(stream);
     let mut frames = FramedRead::new(rd, FrameCodec);
@@ -378,13 +466,29 @@ async fn serve(
     // Take the volume over from any older connection.
     let token = CancellationToken::new();
     let lock = registry.take_over_with(&volume, token.clone());
-    let _guard = lock.lock_owned().await;
+    // Held by this connection and by every thread it starts (the store's, the undo log's): the next
+    // connection for the volume waits until all of them are done with its files.
+    let lease = Arc::new(lock.lock_owned().await);
 
     let path = dir.join(&volume);
     let opened = Store::open(&path, Some(size))
         .map_err(SecondaryError::from)
-        .and_then(|store| Ok((store, kept_image(&dir, &volume, size, keep, drop_image)?)));
-    let (store, mut undo) = match opened {
+        .and_then(|store| {
+            store.hold_until_closed(Arc::clone(&lease));
+            let log = kept_image(&dir, &volume, size, keep, drop_image, settings.limit())?;
+            let kept = match log {
+                Some(log) => Some(Kept::start(
+                    log,
+                    &path,
+                    first_seq,
+                    &settings.log_sync,
+                    Arc::clone(&lease),
+                )?),
+                None => None,
+            };
+            Ok((store, kept))
+        });
+    let (store, mut kept) = match opened {
         Ok(opened) => opened,
         Err(e) => {
             let _ = out
@@ -396,32 +500,34 @@ async fn serve(
             return Err(e);
         }
     };
-    // The volume file as it is read for the undo log (blocks not saved yet hold the kept image).
-    let reader = match &undo {
-        Some(_) => Some(File::open(&path).map_err(|e| StoreError {
-            op: "open",
-            path: path.display().to_string(),
-            message: e.to_string(),
-        })?),
-        None => None,
-    };
+    let kept_epoch = kept.as_ref().map(|k| k.writer.epoch());
     out.send(Frame::Welcome {
         next_seq: first_seq,
-        kept: undo.as_ref().map(UndoLog::epoch),
+        kept: kept_epoch,
     })
     .await?;
-    tracing::info!(%volume, size, first_seq, kept = ?undo.as_ref().map(UndoLog::epoch), "replication stream started");
+    tracing::info!(%volume, size, first_seq, kept = ?kept_epoch, "replication stream started");
 
     let (acks, ack_rx) = mpsc::channel::<AckItem>(MAX_UNACKED);
-    let acker = tokio::spawn(acknowledge(out, ack_rx));
+    // Ends with this connection's task even when that is aborted ([`Secondary::kill`]).
+    let mut acker = AbortOnDrop(tokio::spawn(acknowledge(out, ack_rx)));
 
-    // With a kept image, writes wait here until the log holding what they overwrite is synced.
-    let mut staged: Vec<(u64, StoreOp)> = Vec::new();
     let mut expected = first_seq;
-    loop {
+    let mut go_on = true;
+    while go_on {
+        // With a kept image, writes wait in `kept` until the undo log's sync that saves what they
+        // overwrite returned; frames keep being read meanwhile (up to MAX_STAGED writes waiting).
+        let room = kept.as_ref().is_none_or(|k| k.staged.len() < MAX_STAGED);
         let frame = tokio::select! {
             () = token.cancelled() => break,
-            frame = frames.next() => frame,
+            () = saves_progressed(&mut kept) => {
+                go_on = match kept.as_mut() {
+                    Some(k) => k.submit_durable(&store, &acks).await,
+                    None => true,
+                };
+                continue;
+            }
+            frame = frames.next(), if room => frame,
         };
         let mut failure = None;
         let op = match frame {
@@ -463,13 +569,14 @@ async fn serve(
                 None
             }
             Some(Ok(Frame::DropImage { epoch })) => {
-                if !flush(&mut undo, &mut staged, &store, &acks).await {
-                    break;
-                }
-                if let Some(log) = undo.take_if(|log| log.epoch() <= epoch)
-                    && let Err(e) = log.discard()
-                {
-                    failure = Some(format!("dropping the kept image: {e}"));
+                match kept.take() {
+                    None => {}
+                    Some(k) => match k.drop_if_older(epoch, &store, &acks).await {
+                        Ok(AfterDrop::Stays(k)) => kept = Some(k),
+                        Ok(AfterDrop::Gone) => {}
+                        Ok(AfterDrop::Ended) => break,
+                        Err(e) => failure = Some(format!("dropping the kept image: {e}")),
+                    },
                 }
                 if failure.is_none() {
                     continue;
@@ -481,54 +588,199 @@ async fn serve(
                 None
             }
         };
-        if let (Some(op), Some(log), Some(reader)) = (&op, undo.as_mut(), &reader) {
-            let (offset, length) = match op {
-                StoreOp::Write { offset, data } => (*offset, data.len() as u64),
-                StoreOp::Trim { offset, length } => (*offset, *length),
-                _ => (0, 0),
-            };
-            if let Err(e) = log.preserve(reader, offset, length) {
-                tracing::error!(%volume, error = %e, "the write is refused: what it overwrites could not be saved");
-                failure = Some(format!("keeping the image: {e}"));
-            }
-        }
         if let Some(message) = failure {
             // Everything before it is applied and acknowledged; this one is refused.
-            let _ = flush(&mut undo, &mut staged, &store, &acks).await;
-            let _ = queue(&acks, &store, AckItem::Refuse(expected, message)).await;
+            let applied = match kept.as_mut() {
+                Some(k) => k.drain(&store, &acks).await,
+                None => true,
+            };
+            if applied {
+                let _ = queue(&acks, &store, AckItem::Refuse(expected, message)).await;
+            }
             break;
         }
         if let Some(op) = op {
-            if undo.is_some() {
-                staged.push((expected, op));
-            } else if !queue(
-                &acks,
-                &store,
-                AckItem::Wait(expected, store.submit_deferred(op, true)),
-            )
-            .await
-            {
-                break;
-            }
+            go_on = match kept.as_mut() {
+                Some(k) => {
+                    k.stage(expected, op);
+                    k.submit_durable(&store, &acks).await
+                }
+                None => {
+                    queue(
+                        &acks,
+                        &store,
+                        AckItem::Wait(expected, store.submit_deferred(op, true)),
+                    )
+                    .await
+                }
+            };
         }
         expected += 1;
-        // Writes that arrived together share one fdatasync (of the undo log, then of the volume):
-        // start it once no whole frame is left.
-        if !whole_frame_buffered(frames.read_buffer()) || staged.len() >= MAX_STAGED {
-            if !flush(&mut undo, &mut staged, &store, &acks).await {
-                break;
-            }
+        // Writes that arrived together share one fdatasync: start it once no whole frame is left.
+        if !whole_frame_buffered(frames.read_buffer()) {
             store.start();
         }
     }
-    let _ = flush(&mut undo, &mut staged, &store, &acks).await;
+    if let Some(k) = kept {
+        // What was accepted is applied (once saved), and the writer has stopped before the next
+        // connection for this volume opens the log.
+        k.finish(&store, &acks).await;
+    }
     store.start();
     drop(acks);
-    match acker.await {
+    match (&mut acker.0).await {
         Ok(result) => result,
         Err(e) => Err(SecondaryError::Refused(format!(
             "acknowledger stopped: {e}"
         ))),
+    }
+}
+
+/// A task aborted when this handle is dropped (a finished task is not affected).
+struct AbortOnDrop<T>(JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Resolves when the undo log's writer made more saves durable (or failed); never without a kept
+/// image or with no write waiting.
+async fn saves_progressed(kept: &mut Option<Kept>) {
+    match kept.as_mut().filter(|k| !k.staged.is_empty()) {
+        Some(k) => k.writer.changed().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// A kept image in use on a connection: the undo log's writer and the writes waiting for their saves.
+struct Kept {
+    writer: UndoWriter,
+    /// Accepted writes not yet submitted to the volume, in sequence order.
+    staged: VecDeque<(u64, StoreOp)>,
+    /// The volume file, for logs.
+    path: PathBuf,
+}
+
+/// What a `DropImage` did to the kept image.
+enum AfterDrop {
+    /// It is newer than the epoch dropped: it stays.
+    Stays(Kept),
+    /// It was dropped.
+    Gone,
+    /// A write before the drop was refused: the connection ends.
+    Ended,
+}
+
+impl Kept {
+    fn start(
+        log: UndoLog,
+        path: &Path,
+        first_seq: u64,
+        log_sync: &LogSync,
+        lease: impl Send + 'static,
+    ) -> Result<Kept, SecondaryError> {
+        // Read separately from the store's file: blocks not saved yet hold the kept image.
+        let volume = File::open(path).map_err(|e| StoreError {
+            op: "open",
+            path: path.display().to_string(),
+            message: e.to_string(),
+        })?;
+        Ok(Kept {
+            writer: UndoWriter::start(log, volume, first_seq, Arc::clone(log_sync), lease)?,
+            staged: VecDeque::new(),
+            path: path.to_owned(),
+        })
+    }
+
+    /// Accepts write `seq`: what it overwrites is saved, then it is submitted.
+    fn stage(&mut self, seq: u64, op: StoreOp) {
+        let (offset, length) = match &op {
+            StoreOp::Write { offset, data } => (*offset, data.len() as u64),
+            StoreOp::Trim { offset, length } => (*offset, *length),
+            StoreOp::Flush | StoreOp::Snapshot { .. } => (0, 0),
+        };
+        self.writer.save(seq, offset, length);
+        self.staged.push_back((seq, op));
+    }
+
+    /// Submits (in order) every staged write whose save is durable. If the save of the next one failed,
+    /// it is refused. Returns `false` when the connection must end.
+    async fn submit_durable(&mut self, store: &Store, acks: &mpsc::Sender<AckItem>) -> bool {
+        let progress = self.writer.progress();
+        let mut submitted = false;
+        while let Some((seq, _)) = self.staged.front() {
+            if *seq >= progress.durable_below {
+                break;
+            }
+            let Some((seq, op)) = self.staged.pop_front() else {
+                break;
+            };
+            submitted = true;
+            if !queue(
+                acks,
+                store,
+                AckItem::Wait(seq, store.submit_deferred(op, true)),
+            )
+            .await
+            {
+                return false;
+            }
+        }
+        if submitted {
+            store.start();
+        }
+        match (self.staged.front(), progress.failed) {
+            (Some((seq, _)), Some((_, why))) => {
+                let seq = *seq;
+                self.staged.clear();
+                tracing::error!(error = %why, seq, "the write is refused: what it overwrites could not be saved");
+                let _ = queue(acks, store, AckItem::Refuse(seq, why)).await;
+                false
+            }
+            _ => true,
+        }
+    }
+
+    /// Waits until every staged write is submitted (or the first one whose save failed is refused).
+    async fn drain(&mut self, store: &Store, acks: &mpsc::Sender<AckItem>) -> bool {
+        loop {
+            if !self.submit_durable(store, acks).await {
+                return false;
+            }
+            if self.staged.is_empty() {
+                return true;
+            }
+            self.writer.changed().await;
+        }
+    }
+
+    /// Applies a `DropImage(epoch)`: the writes before it are submitted first; then the image is
+    /// dropped if it is of `epoch` or older.
+    async fn drop_if_older(
+        mut self,
+        epoch: u64,
+        store: &Store,
+        acks: &mpsc::Sender<AckItem>,
+    ) -> Result<AfterDrop, UndoError> {
+        if !self.drain(store, acks).await {
+            self.writer.finish().await?;
+            return Ok(AfterDrop::Ended);
+        }
+        if self.writer.epoch() > epoch {
+            return Ok(AfterDrop::Stays(self));
+        }
+        self.writer.finish().await?.discard()?;
+        Ok(AfterDrop::Gone)
+    }
+
+    /// Submits what can be and stops the writer.
+    async fn finish(mut self, store: &Store, acks: &mpsc::Sender<AckItem>) {
+        let _ = self.drain(store, acks).await;
+        if let Err(e) = self.writer.finish().await {
+            tracing::error!(path = %self.path.display(), error = %e, "the undo log's writer did not stop cleanly");
+        }
     }
 }
 
@@ -540,6 +792,7 @@ fn kept_image(
     size: u64,
     keep: Option<u64>,
     drop_image: Option<u64>,
+    limit: Option<u64>,
 ) -> Result<Option<UndoLog>, SecondaryError> {
     let mut existing = UndoLog::open(dir, name)?;
     if let Some(epoch) = drop_image
@@ -554,7 +807,13 @@ fn kept_image(
             }
             Ok(Some(log))
         }
-        (None, Some(epoch)) => Ok(Some(UndoLog::create(dir, name, epoch, size)?)),
+        (None, Some(epoch)) => match UndoLog::create_within(dir, name, epoch, size, limit) {
+            Ok(log) => Ok(Some(log)),
+            Err(e) => {
+                tracing::error!(volume = name, epoch, error = %e, "the image cannot be kept: the resync is refused");
+                Err(e.into())
+            }
+        },
         (None, None) => Ok(None),
     }
 }
@@ -572,56 +831,10 @@ async fn queue(acks: &mpsc::Sender<AckItem>, store: &Store, item: AckItem) -> bo
     }
 }
 
-/// Makes the undo log durable, then submits the staged writes it protects (in order). If the log
-/// cannot be synced, none of them is applied: the first is refused. Returns `false` when the connection
-/// must end.
-async fn flush(
-    undo: &mut Option<UndoLog>,
-    staged: &mut Vec<(u64, StoreOp)>,
-    store: &Store,
-    acks: &mpsc::Sender<AckItem>,
-) -> bool {
-    if staged.is_empty() {
-        return true;
-    }
-    if let Some(log) = undo.as_mut().filter(|log| log.needs_sync()) {
-        let file = log.sync_handle();
-        let synced = tokio::task::spawn_blocking(move || file.sync_data()).await;
-        match synced {
-            Ok(Ok(())) => log.synced(),
-            failed => {
-                let why = match failed {
-                    Ok(Err(e)) => e.to_string(),
-                    Err(e) => e.to_string(),
-                    Ok(Ok(())) => String::new(),
-                };
-                let seq = staged.first().map_or(0, |(seq, _)| *seq);
-                staged.clear();
-                tracing::error!(error = %why, "the undo log could not be synced: writes refused");
-                let message = format!("keeping the image: fdatasync of the undo log: {why}");
-                let _ = queue(acks, store, AckItem::Refuse(seq, message)).await;
-                return false;
-            }
-        }
-    }
-    for (seq, op) in staged.drain(..) {
-        if !queue(
-            acks,
-            store,
-            AckItem::Wait(seq, store.submit_deferred(op, true)),
-        )
-        .await
-        {
-            return false;
-        }
-    }
-    store.start();
-    true
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use bytes::Bytes;
     use tokio::net::TcpStream;
     use tokio::sync::oneshot;
 
@@ -725,5 +938,179 @@ mod tests {
             acker.await.unwrap(),
             Err(SecondaryError::Store(_))
         ));
+    }
+
+    /// Reads the undo log's whole records in `[from, to)`: (offset, saved bytes) each, and where they
+    /// end.
+    fn records(log: &[u8], from: u64, to: u64) -> (Vec<(u64, Vec<u8>)>, u64) {
+        use crate::undo::RECORD_HEADER;
+        let mut at = from as usize;
+        let mut found = Vec::new();
+        while at + RECORD_HEADER as usize <= to as usize {
+            let word = |i: usize, n: usize| {
+                log[at + i..at + i + n]
+                    .iter()
+                    .fold(0u64, |v, b| (v << 8) | u64::from(*b))
+            };
+            let (offset, length, kind) = (word(0, 8), word(8, 4) as usize, word(12, 4));
+            let body = if kind == 0 { length } else { 0 };
+            let start = at + RECORD_HEADER as usize;
+            if start + body > to as usize {
+                break;
+            }
+            let bytes = if kind == 0 {
+                log[start..start + body].to_vec()
+            } else {
+                vec![0; length]
+            };
+            found.push((offset, bytes));
+            at = start + body;
+        }
+        (found, at as u64)
+    }
+
+    /// The durability rule, checked at every `fdatasync` of the undo log: each block saved in the log
+    /// and not yet covered by a returned sync still holds, on the volume, exactly the bytes saved for
+    /// it — before the sync and again just before it returns. A write that reached the volume before
+    /// the sync saving what it overwrites returned would show as a difference.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn no_overwrite_lands_before_the_undo_log_sync_that_saved_its_blocks_returned() {
+        use std::os::unix::fs::FileExt;
+        const SIZE: u64 = 2 * 1024 * 1024;
+        let dir = tempfile::tempdir().unwrap();
+        let volume_path = dir.path().join("v");
+        let image: Vec<u8> = (0..SIZE).map(|i| (i * 7 % 251) as u8).collect();
+        std::fs::write(&volume_path, &image).unwrap();
+
+        let violations = Arc::new(Mutex::new(Vec::<String>::new()));
+        let syncs = Arc::new(Mutex::new(0u64));
+        let checked_to = Arc::new(Mutex::new(crate::undo::HEADER_LEN));
+        let sync: LogSync = {
+            let (violations, syncs, checked_to) = (
+                Arc::clone(&violations),
+                Arc::clone(&syncs),
+                Arc::clone(&checked_to),
+            );
+            let volume = File::open(&volume_path).unwrap();
+            Arc::new(move |log: &File| {
+                let len = log.metadata()?.len();
+                let mut bytes = vec![0u8; len as usize];
+                log.read_exact_at(&mut bytes, 0)?;
+                let from = *checked_to.lock().unwrap();
+                let (saved, end) = records(&bytes, from, len);
+                let check = |when: &str| {
+                    for (offset, old) in &saved {
+                        let mut now = vec![0u8; old.len()];
+                        volume.read_exact_at(&mut now, *offset).unwrap();
+                        if &now != old {
+                            violations.lock().unwrap().push(format!(
+                                "block at {offset} overwritten {when} the sync saving it returned"
+                            ));
+                        }
+                    }
+                };
+                check("before");
+                // Give a misbehaving secondary time to apply writes it should still hold back.
+                std::thread::sleep(Duration::from_millis(2));
+                log.sync_data()?;
+                check("just as");
+                *checked_to.lock().unwrap() = end;
+                *syncs.lock().unwrap() += 1;
+                Ok(())
+            })
+        };
+
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let served_dir = dir.path().to_path_buf();
+        let server = tokio::spawn(async move {
+            let (tcp, _) = listener.accept().await.unwrap();
+            let settings = KeptImageSettings {
+                log_sync: sync,
+                log_limit: Arc::new(AtomicU64::new(u64::MAX)),
+            };
+            let owners = Arc::new(Owners::new(&served_dir));
+            let stream = ServerStream::Left(tcp);
+            serve(
+                Arc::new(Registry::default()),
+                owners,
+                served_dir,
+                stream,
+                None,
+                settings,
+            )
+            .await
+        });
+        let mut link =
+            tokio_util::codec::Framed::new(TcpStream::connect(addr).await.unwrap(), FrameCodec);
+        link.send(Frame::Hello {
+            volume: "v".into(),
+            size: SIZE,
+            first_seq: 1,
+            keep: Some(4),
+            drop_image: None,
+        })
+        .await
+        .unwrap();
+        assert_eq!(
+            link.next().await.unwrap().unwrap(),
+            Frame::Welcome {
+                next_seq: 1,
+                kept: Some(4)
+            }
+        );
+        // Overlapping, unaligned writes and trims, all sent at once.
+        const WRITES: u64 = 300;
+        let (sender, mut receiver) = link.split();
+        let send = tokio::spawn(async move {
+            let mut sender = sender;
+            for seq in 1..=WRITES {
+                let offset = (seq * 52_361) % (SIZE - 70_000);
+                let frame = if seq % 23 == 0 {
+                    Frame::Trim {
+                        seq,
+                        offset,
+                        length: 9000,
+                    }
+                } else {
+                    Frame::Write {
+                        seq,
+                        offset,
+                        data: Bytes::from(vec![seq as u8; 1 + (seq as usize * 977) % 65_000]),
+                    }
+                };
+                sender.send(frame).await.unwrap();
+            }
+            sender
+        });
+        loop {
+            match tokio::time::timeout(Duration::from_secs(30), receiver.next())
+                .await
+                .expect("an answer within 30 s")
+            {
+                Some(Ok(Frame::Ack { seq })) if seq == WRITES => break,
+                Some(Ok(Frame::Ack { .. })) => {}
+                other => panic!("expected acks, got {other:?}"),
+            }
+        }
+        drop(send.await.unwrap());
+        drop(receiver);
+        server.await.unwrap().unwrap();
+
+        let violations = violations.lock().unwrap();
+        assert!(
+            violations.is_empty(),
+            "{} violations of the durability rule, the first: {:?}",
+            violations.len(),
+            &violations[..violations.len().min(5)]
+        );
+        let syncs = *syncs.lock().unwrap();
+        assert!(
+            (1..WRITES).contains(&syncs),
+            "{WRITES} writes saved in {syncs} syncs"
+        );
+        assert_ne!(std::fs::read(&volume_path).unwrap(), image);
+        crate::undo::roll_back(dir.path(), "v").unwrap().unwrap();
+        assert_eq!(std::fs::read(&volume_path).unwrap(), image);
     }
 }

@@ -188,6 +188,8 @@ struct Shared {
     jobs_ready: Condvar,
     /// Signalled when `sync_waiters` gets work (or on close).
     sync_ready: Condvar,
+    /// Kept until the store is gone: every handle dropped and its threads ended.
+    held: Mutex<Vec<Box<dyn std::any::Any + Send + Sync>>>,
 }
 
 impl Shared {
@@ -337,6 +339,7 @@ impl Store {
             queue: Mutex::new(Queue::default()),
             jobs_ready: Condvar::new(),
             sync_ready: Condvar::new(),
+            held: Mutex::new(Vec::new()),
         });
         let thread_shared = Arc::clone(&shared);
         std::thread::Builder::new()
@@ -359,6 +362,17 @@ impl Store {
             path: path.to_owned(),
             size,
         })
+    }
+
+    /// Keeps `lease` until the store is gone: every handle dropped and its threads ended (they finish
+    /// what was queued first). The secondary holds its volume's lock this way, so that a connection
+    /// that ended abruptly leaves no thread writing the file when the next one opens it.
+    pub fn hold_until_closed(&self, lease: impl std::any::Any + Send + Sync) {
+        self.shared
+            .held
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(Box::new(lease));
     }
 
     /// The volume's size in bytes.

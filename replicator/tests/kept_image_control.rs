@@ -71,8 +71,20 @@ async fn until(what: &str, mut done: impl AsyncFnMut() -> bool) {
     panic!("never: {what}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn keep_image_before_resume_keeps_the_frozen_image_and_drop_image_removes_it() {
+/// A primary and its secondary in this process, the volume configured in `GROUP`, written, frozen at
+/// epoch 1 and released, and written more.
+struct FrozenPair {
+    dir: tempfile::TempDir,
+    secondary_dir: std::path::PathBuf,
+    secondary: Secondary,
+    primary: Primary,
+    ctl: ReplicatorClient<Channel>,
+    nbd: RawClient,
+    /// The secondary's volume as frozen at epoch 1.
+    frozen: Vec<u8>,
+}
+
+async fn frozen_pair(undo_log_limit: Option<u64>) -> FrozenPair {
     let dir = tempfile::tempdir().unwrap();
     std::fs::create_dir_all(dir.path().join("primary")).unwrap();
     let secondary_dir = dir.path().join("secondary");
@@ -83,6 +95,7 @@ async fn keep_image_before_resume_keeps_the_frozen_image_and_drop_image_removes_
     })
     .await
     .unwrap();
+    secondary.set_undo_log_limit(undo_log_limit);
     let primary = Primary::start(PrimaryConfig {
         volumes: vec![VolumeConfig {
             require_confirmation: true,
@@ -126,6 +139,28 @@ async fn keep_image_before_resume_keeps_the_frozen_image_and_drop_image_removes_
     for i in 0..16u64 {
         assert_eq!(nbd.write(i * 200_000 + 4096, &[0xee; 8192]).await, Some(0));
     }
+    FrozenPair {
+        dir,
+        secondary_dir,
+        secondary,
+        primary,
+        ctl,
+        nbd,
+        frozen,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn keep_image_before_resume_keeps_the_frozen_image_and_drop_image_removes_it() {
+    let FrozenPair {
+        dir,
+        secondary_dir,
+        secondary,
+        primary: _primary,
+        mut ctl,
+        mut nbd,
+        frozen,
+    } = frozen_pair(None).await;
 
     // Keep the image, then resume: the resync copies over it, the image stays in the undo log.
     let kept = ctl.keep_image(image(1)).await.unwrap().into_inner();
@@ -165,57 +200,15 @@ async fn keep_image_before_resume_keeps_the_frozen_image_and_drop_image_removes_
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_kept_image_rolls_the_secondary_back_to_the_freeze() {
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::create_dir_all(dir.path().join("primary")).unwrap();
-    let secondary_dir = dir.path().join("secondary");
-    let secondary = Secondary::start(SecondaryConfig {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        dir: secondary_dir.clone(),
-        security: lockstep_replicator::LinkSecurity::Plaintext,
-    })
-    .await
-    .unwrap();
-    let primary = Primary::start(PrimaryConfig {
-        volumes: vec![VolumeConfig {
-            require_confirmation: true,
-            ..VolumeConfig::new(
-                VOLUME,
-                dir.path().join("primary").join(VOLUME),
-                Some(4 * MIB),
-                Some(CopyConfig {
-                    secondary: secondary.local_addr().to_string(),
-                    timeout: Duration::from_secs(5),
-                    security: lockstep_replicator::LinkSecurity::Plaintext,
-                }),
-            )
-        }],
-        nbd_listen: Some("127.0.0.1:0".parse().unwrap()),
-        nbd_socket: None,
-        record_latency: false,
-        control_socket: Some(dir.path().join("control.sock")),
-    })
-    .await
-    .unwrap();
-    let mut ctl = client(&dir.path().join("control.sock")).await;
-    ctl.configure(pb::ConfigureRequest {
-        volume_handle: VOLUME.into(),
-        group_uid: GROUP.into(),
-        epoch: 0,
-        stage: pb::Stage::Unspecified.into(),
-        hold_timeout_ms: 120_000,
-    })
-    .await
-    .unwrap();
-    let mut nbd = RawClient::connect(primary.nbd_addr().unwrap(), VOLUME).await;
-    for i in 0..16u64 {
-        assert_eq!(nbd.write(i * 200_000, &[i as u8 + 1; 8192]).await, Some(0));
-    }
-    ctl.suspend(directive(1)).await.unwrap();
-    ctl.release(directive(1)).await.unwrap();
-    let frozen = std::fs::read(secondary_dir.join(VOLUME)).unwrap();
-    for i in 0..16u64 {
-        assert_eq!(nbd.write(i * 200_000 + 4096, &[0xee; 8192]).await, Some(0));
-    }
+    let FrozenPair {
+        dir: _dir,
+        secondary_dir,
+        secondary,
+        primary,
+        mut ctl,
+        mut nbd,
+        frozen,
+    } = frozen_pair(None).await;
     ctl.keep_image(image(1)).await.unwrap();
     ctl.resume(directive(1)).await.unwrap();
     until("resynced", async || {
@@ -232,5 +225,73 @@ async fn a_kept_image_rolls_the_secondary_back_to_the_freeze() {
     drop(primary);
     let done = secondary.roll_back(VOLUME).await.unwrap().unwrap();
     assert_eq!(done.epoch, 1);
+    assert_eq!(std::fs::read(secondary_dir.join(VOLUME)).unwrap(), frozen);
+}
+
+/// Running out of undo-log space (here the secondary's limit on one log, refused exactly as ENOSPC) is
+/// reported, never a silent resync without the image: the resync is refused before any write lands,
+/// the primary's `CopyFailed` names the reason, and the secondary still holds the frozen image. With
+/// room again, the next freeze's resync keeps the image.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_secondary_out_of_undo_log_space_refuses_the_resync_and_says_why() {
+    let FrozenPair {
+        dir: _dir,
+        secondary_dir,
+        secondary,
+        primary: _primary,
+        mut ctl,
+        nbd: _nbd,
+        frozen,
+    } = frozen_pair(Some(64 * 1024)).await;
+    let mut events = ctl
+        .watch_events(pb::WatchEventsRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    ctl.keep_image(image(1)).await.unwrap();
+    ctl.resume(directive(1)).await.unwrap();
+    let failed = loop {
+        let event = tokio::time::timeout(Duration::from_secs(20), events.message())
+            .await
+            .expect("an event within 20 s")
+            .unwrap()
+            .expect("the event stream open");
+        if let Some(pb::replication_event::Kind::CopyFailed(failed)) = event.kind {
+            break failed;
+        }
+    };
+    assert_eq!(failed.volume_handle, VOLUME);
+    assert!(
+        failed
+            .error
+            .contains(lockstep_replicator::undo::OUT_OF_SPACE),
+        "{}",
+        failed.error
+    );
+    assert!(failed.error.contains("needs up to"), "{}", failed.error);
+    until("held", async || {
+        state(&mut ctl).await.mode == pb::Mode::Held as i32
+    })
+    .await;
+    assert!(!log_path(&secondary_dir, VOLUME).exists());
+    assert_eq!(
+        std::fs::read(secondary_dir.join(VOLUME)).unwrap(),
+        frozen,
+        "no resync write landed without the image kept"
+    );
+
+    // Room again: frozen at epoch 2 (the secondary still holds the same image), the resync keeps it.
+    secondary.set_undo_log_limit(None);
+    ctl.suspend(directive(2)).await.unwrap();
+    ctl.release(directive(2)).await.unwrap();
+    ctl.keep_image(image(2)).await.unwrap();
+    ctl.resume(directive(2)).await.unwrap();
+    until("resynced", async || {
+        state(&mut ctl).await.mode == pb::Mode::Replicating as i32
+    })
+    .await;
+    assert_eq!(secondary.kept_image(VOLUME).unwrap(), Some(2));
+    let done = secondary.roll_back(VOLUME).await.unwrap().unwrap();
+    assert_eq!(done.epoch, 2);
     assert_eq!(std::fs::read(secondary_dir.join(VOLUME)).unwrap(), frozen);
 }

@@ -508,6 +508,16 @@ pub async fn watch_replicator(context: Arc<Context>, replicator: Replicator) {
                     // status holds at most this much (issue 21 item 2).
                     let error = lockstep_api::domain::bounded_message(&failed.error);
                     tracing::warn!(volume = %failed.volume_handle, %error, "copy failed");
+                    if let Some(reason) = lockstep_api::domain::kept_image_failure(&error) {
+                        tracing::error!(volume = %failed.volume_handle, reason, %error, "the secondary cannot keep the frozen image: the resync is refused");
+                        context
+                            .metrics
+                            .kept_image_failures
+                            .get_or_create(&crate::metrics::ReasonLabels {
+                                reason: reason.to_owned(),
+                            })
+                            .inc();
+                    }
                     context.send(Input::CopyFailed {
                         volume: failed.volume_handle,
                         sequence: failed.sequence,

@@ -77,16 +77,6 @@ pub fn read_group(
     Some((point, volumes, hold))
 }
 
-/// The epoch at which the operator found every member of the group in sync after a resume (phase
-/// Replicating at (epoch, Resume)), if it did: the images kept through that resync may go.
-pub fn in_sync_at(group: &ConsistencyGroup) -> Option<u64> {
-    let status = group.status.as_ref()?;
-    (status.phase == Some(lockstep_api::domain::Phase::Replicating)
-        && status.stage == Some(Stage::Resume)
-        && status.epoch > 0)
-        .then_some(status.epoch)
-}
-
 fn feed_group(context: &Context, group: &ConsistencyGroup) -> Option<String> {
     let Some((point, volumes, hold_timeout_ms)) =
         read_group(group, &context.cluster, &context.node)
@@ -113,7 +103,7 @@ fn feed_group(context: &Context, group: &ConsistencyGroup) -> Option<String> {
             }),
     );
     // Every member in sync at the group's resume: the images kept through its resync may go.
-    if let Some(epoch) = in_sync_at(group) {
+    if let Some(epoch) = group.in_sync_at() {
         context.send(Input::GroupInSync {
             group_uid: uid.clone(),
             epoch,
@@ -476,7 +466,7 @@ mod tests {
 
     #[test]
     fn kept_images_go_only_once_the_operator_found_the_group_in_sync() {
-        let at = |status| in_sync_at(&group(json!({}), status));
+        let at = |status| group(json!({}), status).in_sync_at();
         assert_eq!(
             at(json!({"epoch": 3, "stage": "Resume", "phase": "Replicating"})),
             Some(3)

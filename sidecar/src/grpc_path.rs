@@ -423,6 +423,16 @@ async fn membership_update(
             volumes.insert(entry.volume_handle);
         }
         now.insert(target.group_uid.clone());
+        // Every member in sync at the group's resume: the images kept through its resync may go (the
+        // membership says so; a gRPC-only cluster has no mirrored group to read the phase from).
+        let mine: BTreeSet<String> = volumes.intersection(&served).cloned().collect();
+        if group.in_sync_epoch > 0 && !mine.is_empty() {
+            context.send(Input::GroupInSync {
+                group_uid: target.group_uid.clone(),
+                epoch: group.in_sync_epoch,
+                volumes: mine,
+            });
+        }
         context.send(Input::Directive {
             path: Path::Grpc,
             target: target.clone(),

@@ -40,6 +40,13 @@ pub struct GroupLabels {
     pub state: String,
 }
 
+/// Labels: why.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    /// CamelCase, as in the group's conditions (e.g. `UndoLogOutOfSpace`).
+    pub reason: String,
+}
+
 /// The sidecar's metrics.
 #[derive(Debug)]
 pub struct Metrics {
@@ -61,6 +68,9 @@ pub struct Metrics {
     /// Copy failures of volumes in no group (the replicator runs them primary-only, changes tracked,
     /// until the secondary answers), by result.
     pub copy_failures_outside_groups: Family<PathLabels, Counter>,
+    /// Secondaries of this node's volumes that could not keep the frozen image through a resync, by
+    /// reason.
+    pub kept_image_failures: Family<ReasonLabels, Counter>,
     /// Set once the inventory is known and a path has delivered its view.
     pub ready: AtomicBool,
 }
@@ -83,6 +93,7 @@ impl Metrics {
         let fail_safes = Family::<GroupLabels, Counter>::default();
         let replicator_calls = Family::<PathLabels, Counter>::default();
         let copy_failures_outside_groups = Family::<PathLabels, Counter>::default();
+        let kept_image_failures = Family::<ReasonLabels, Counter>::default();
         registry.register(
             "directives",
             "Directives received, by group, path and outcome",
@@ -119,6 +130,11 @@ impl Metrics {
             "Copy failures of volumes in no group, run primary-only with their changes tracked until the secondary answers",
             copy_failures_outside_groups.clone(),
         );
+        registry.register(
+            "kept_image_failures",
+            "Secondaries that could not keep the frozen image through a resync (the resync was refused), by reason",
+            kept_image_failures.clone(),
+        );
         Self {
             registry,
             directives,
@@ -129,6 +145,7 @@ impl Metrics {
             fail_safes,
             replicator_calls,
             copy_failures_outside_groups,
+            kept_image_failures,
             ready: AtomicBool::new(false),
         }
     }

@@ -398,4 +398,14 @@ impl ConsistencyGroup {
             .map(|status| (status.epoch, status.stage.unwrap_or(Stage::Resume)))
             .unwrap_or((0, Stage::Resume))
     }
+
+    /// The epoch at which the operator found every member in sync after a resume (phase Replicating
+    /// at (epoch, Resume)), if it did: the images the secondaries kept through that resync may go.
+    pub fn in_sync_at(&self) -> Option<u64> {
+        let status = self.status.as_ref()?;
+        (status.phase == Some(crate::domain::Phase::Replicating)
+            && status.stage == Some(Stage::Resume)
+            && status.epoch > 0)
+            .then_some(status.epoch)
+    }
 }

@@ -281,6 +281,8 @@ pub struct SimCluster {
     pub primary_config: PrimaryConfig,
     /// The replicator secondary (the remote site) of every volume.
     pub secondary: Secondary,
+    /// How the secondary serves the replication link (to start it again the same way).
+    pub secondary_security: LinkSecurity,
     /// The unix socket of the node replicator's `Replicator` gRPC service (what the node's sidecar
     /// dials).
     pub control_socket: Option<PathBuf>,
@@ -402,7 +404,7 @@ impl SimCluster {
         let secondary = Secondary::start(SecondaryConfig {
             listen: ([127, 0, 0, 1], 0).into(),
             dir: dir.join("secondary"),
-            security: secondary_link,
+            security: secondary_link.clone(),
         })
         .await
         .map_err(io("starting the secondary"))?;
@@ -486,6 +488,7 @@ impl SimCluster {
             primary,
             primary_config,
             secondary,
+            secondary_security: secondary_link,
             control_socket: Some(control_socket),
             volumes,
             dir: dir.to_path_buf(),

@@ -770,17 +770,40 @@ impl Harness {
     /// How many `kind` calls (`suspend`, `release`, `resume`, `configure`) `cluster`'s sidecar made to its
     /// replicator that failed even after the sidecar's retries (0 while no sidecar runs there).
     pub fn replicator_calls_failed(&self, cluster: &str, kind: &str) -> Result<u64, FaultError> {
-        let i = self.index(cluster)?;
-        Ok(self.sidecars[i].as_ref().map_or(0, |sidecar| {
-            sidecar
-                .metrics()
+        self.sidecar_count(cluster, |metrics| {
+            metrics
                 .replicator_calls
                 .get_or_create(&lockstep_sidecar::metrics::PathLabels {
                     path: kind.to_owned(),
                     state: "error".to_owned(),
                 })
                 .get()
-        }))
+        })
+    }
+
+    /// How many times `cluster`'s sidecar saw a secondary fail to keep the frozen image for `reason`
+    /// (its `kept_image_failures` metric; 0 while no sidecar runs there).
+    pub fn kept_image_failures(&self, cluster: &str, reason: &str) -> Result<u64, FaultError> {
+        self.sidecar_count(cluster, |metrics| {
+            metrics
+                .kept_image_failures
+                .get_or_create(&lockstep_sidecar::metrics::ReasonLabels {
+                    reason: reason.to_owned(),
+                })
+                .get()
+        })
+    }
+
+    /// A counter of `cluster`'s sidecar's metrics, read by `read` (0 while no sidecar runs there).
+    fn sidecar_count(
+        &self,
+        cluster: &str,
+        read: impl Fn(&lockstep_sidecar::metrics::Metrics) -> u64,
+    ) -> Result<u64, FaultError> {
+        let i = self.index(cluster)?;
+        Ok(self.sidecars[i]
+            .as_ref()
+            .map_or(0, |sidecar| read(sidecar.metrics())))
     }
 
     /// Puts proxies (link-cut proxies, like the replication links') between `cluster`'s sidecar and its
@@ -869,6 +892,34 @@ impl Harness {
         self.listen(cluster)?;
         self.timeline
             .say(format!("{cluster}: replicator started again"));
+        Ok(())
+    }
+
+    /// Kills `cluster`'s secondary (the remote site's replicator): its listener and every replication
+    /// connection end at once (see [`lockstep_replicator::secondary::Secondary::kill`]); its files stay.
+    pub async fn kill_secondary(&mut self, cluster: &str) -> Result<(), FaultError> {
+        let i = self.index(cluster)?;
+        self.world.clusters[i].secondary.kill().await;
+        self.timeline
+            .say(format!("fault: {cluster}'s secondary killed"));
+        Ok(())
+    }
+
+    /// Starts `cluster`'s secondary again on its address and directory (its volumes and undo logs).
+    pub async fn restart_secondary(&mut self, cluster: &str) -> Result<(), FaultError> {
+        let i = self.index(cluster)?;
+        let c = &self.world.clusters[i];
+        let config = lockstep_replicator::secondary::SecondaryConfig {
+            listen: c.secondary.local_addr(),
+            dir: c.dir.join("secondary"),
+            security: c.secondary_security.clone(),
+        };
+        let secondary = lockstep_replicator::secondary::Secondary::start(config)
+            .await
+            .map_err(|e| start_failed(format!("{cluster}'s secondary"))(e.to_string()))?;
+        self.world.clusters[i].secondary = secondary;
+        self.timeline
+            .say(format!("{cluster}: secondary started again"));
         Ok(())
     }
 

@@ -649,6 +649,70 @@ fn resync_thaws_and_the_image_is_inconsistent_until_every_member_is_in_sync() {
     );
 }
 
+/// A secondary that cannot keep the frozen image through a resync (out of undo-log space) refuses the
+/// resync; its copy failure freezes the group again, which then says so: ImageKept False with the reason,
+/// naming the volume and its node, a Warning Event, and the first image still named. Once the group
+/// replicates in sync again, ImageKept is True.
+#[test]
+fn a_secondary_out_of_undo_log_space_is_shown_on_the_group_until_it_replicates_again() {
+    let mut group = group(Policy::FreezeAndGo);
+    step(&mut group, &report(Path::Api, 0));
+    step_all(&mut group, &acks(Path::Api, 1, Stage::Freeze, &VOLUMES));
+    assert_eq!(condition_is(&group, condition::IMAGE_KEPT), Some(true));
+    group.spec.resync = Some(EpochIntent { epoch: 1 });
+    step(&mut group, &Event::Evaluate);
+    assert_eq!(status(&group).phase, Some(Phase::Resyncing));
+
+    let refused = Event::Report(Report {
+        path: Path::Grpc,
+        cluster: "east".into(),
+        node: "node-1".into(),
+        volume_handle: "vol-data".into(),
+        epoch_seen: 1,
+        message: "secondary refused sequence 9: undo log out of space: /srv/.vol-data.undo: keeping the image needs up to 1074003968 bytes: No space left on device (os error 28)".into(),
+    });
+    let decision = step(&mut group, &refused);
+    assert_eq!(decision.freeze_now.map(|point| point.epoch), Some(2));
+    assert_eq!(condition_is(&group, condition::IMAGE_KEPT), Some(false));
+    let kept = status(&group)
+        .conditions
+        .iter()
+        .find(|c| c.type_ == condition::IMAGE_KEPT)
+        .unwrap();
+    assert_eq!(kept.reason, "UndoLogOutOfSpace");
+    for needed in [
+        "volume vol-data (node node-1, cluster east)",
+        "undo log out of space",
+        "image of epoch 1",
+    ] {
+        assert!(
+            kept.message.contains(needed),
+            "{needed:?} in {}",
+            kept.message
+        );
+    }
+    let note = decision
+        .notes
+        .iter()
+        .find(|note| note.reason == "UndoLogOutOfSpace")
+        .expect("a Warning Event");
+    assert!(note.warning);
+    assert_eq!(note.message, kept.message);
+
+    // Freed, resynced, in sync: the condition clears.
+    step_all(&mut group, &acks(Path::Api, 2, Stage::Freeze, &VOLUMES));
+    group.spec.resync = Some(EpochIntent { epoch: 2 });
+    step(&mut group, &Event::Evaluate);
+    assert_eq!(condition_is(&group, condition::IMAGE_KEPT), Some(false));
+    step_all(&mut group, &acks(Path::Grpc, 2, Stage::Resume, &VOLUMES));
+    for member in &mut group.status.as_mut().unwrap().members {
+        member.state = Some(VolumeState::Replicating);
+    }
+    step(&mut group, &Event::Evaluate);
+    assert_eq!(status(&group).phase, Some(Phase::Replicating));
+    assert_eq!(condition_is(&group, condition::IMAGE_KEPT), Some(true));
+}
+
 #[test]
 fn deleting_a_frozen_group_resumes_it_and_never_freezes_again() {
     let mut group = group(Policy::FreezeAndStop);

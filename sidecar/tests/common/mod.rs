@@ -604,6 +604,7 @@ impl FakeControl {
                 current: Some(current),
                 hold_timeout_ms: 30_000,
                 created_unix_ms: 0,
+                in_sync_epoch: 0,
                 volumes: volumes
                     .iter()
                     .map(|v| cpb::ResolvedVolume {
