@@ -91,7 +91,7 @@ impl Fanout {
         writer.send_if_modified(|latest| {
             let behind = latest
                 .as_ref()
-                .is_some_and(|latest| position(&mirrored) < position(latest));
+                .is_some_and(|latest| mirrored.position() < latest.position());
             if behind || latest.as_ref() == Some(&mirrored) {
                 return false;
             }
@@ -123,14 +123,6 @@ impl Fanout {
         writers.insert(key, sender.clone());
         sender
     }
-}
-
-/// Where a status is in the group's life: (epoch, stage); a mirror's status never moves back in it.
-pub(crate) fn position(status: &ConsistencyGroupStatus) -> (u64, lockstep_api::domain::Stage) {
-    (
-        status.epoch,
-        status.stage.unwrap_or(lockstep_api::domain::Stage::Resume),
-    )
 }
 
 /// Writes the latest status handed to it into one mirror, retrying until it lands or a newer one comes.

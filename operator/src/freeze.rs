@@ -133,11 +133,6 @@ pub enum DecideError {
     NoUid(String),
 }
 
-/// The (epoch, stage) a status is at; a group that never froze is at (epoch, Resume).
-pub fn position(status: &ConsistencyGroupStatus) -> (u64, Stage) {
-    (status.epoch, status.stage.unwrap_or(Stage::Resume))
-}
-
 fn replicating(status: &ConsistencyGroupStatus) -> bool {
     status.stage.unwrap_or(Stage::Resume) == Stage::Resume
 }
@@ -369,7 +364,7 @@ pub fn deletion_outcome(
     status: &ConsistencyGroupStatus,
     deadline_passed: bool,
 ) -> Option<Vec<String>> {
-    let (epoch, _) = position(status);
+    let (epoch, _) = status.position();
     let never_froze = epoch == 0;
     let missing: Vec<String> = unacknowledged(status, epoch, Stage::Resume)
         .iter()
@@ -623,7 +618,7 @@ fn hold_timeout_sentence(
 /// it through a resync (their undo logs), so a freeze during the resync — or during a freeze that hit
 /// one — does not replace it with an image some volumes are missing.
 fn keeps_older_image(status: &ConsistencyGroupStatus) -> bool {
-    let (epoch, stage) = position(status);
+    let (epoch, stage) = status.position();
     status.consistent_image.as_ref().is_some_and(|image| {
         image.epoch < epoch || (stage == Stage::Resume && status.phase == Some(Phase::Resyncing))
     })
@@ -643,7 +638,7 @@ fn older_image_kept(status: &ConsistencyGroupStatus) -> Option<u64> {
 /// volumes of the image it held (their secondaries have not moved since). A volume that joins later, or
 /// was still resyncing, stays outside until the group replicates in sync again.
 fn begin_image(status: &mut ConsistencyGroupStatus, new_epoch: u64) {
-    let (epoch, stage) = position(status);
+    let (epoch, stage) = status.position();
     let resyncing = status.phase == Some(Phase::Resyncing);
     for member in &mut status.members {
         let in_image = match stage {
@@ -768,7 +763,7 @@ fn image_kept_condition(status: &ConsistencyGroupStatus) -> ConditionUpdate<'sta
 /// the image (DESIGN rule 5), never claimed while a freeze is still collecting acknowledgements or a
 /// resync is copying.
 fn image_condition(status: &ConsistencyGroupStatus) -> ConditionUpdate<'static> {
-    let (epoch, stage) = position(status);
+    let (epoch, stage) = status.position();
     let phase = status.phase.unwrap_or(Phase::Replicating);
     let no = |reason, message| ConditionUpdate {
         type_: condition::CONSISTENT_IMAGE,
@@ -942,7 +937,7 @@ fn unacknowledged(
 /// Moves the group along its life cycle as far as the persisted acknowledgements and intents allow.
 fn advance(decision: &mut Decision, group: &ConsistencyGroup, uid: &str) {
     let status = &mut decision.status;
-    let (epoch, stage) = position(status);
+    let (epoch, stage) = status.position();
     let all_frozen =
         members_resolved(status) && unacknowledged(status, epoch, Stage::Freeze).is_empty();
     let point = |stage| GroupEpoch {
@@ -1024,7 +1019,7 @@ fn advance(decision: &mut Decision, group: &ConsistencyGroup, uid: &str) {
     }
 
     // A resync names the epoch it is meant for and thaws a frozen or running group.
-    let frozen_or_running = match position(status).1 {
+    let frozen_or_running = match status.position().1 {
         Stage::Freeze => status.phase == Some(Phase::Frozen),
         Stage::Release => true,
         Stage::Resume => false,
@@ -1073,7 +1068,7 @@ fn set_conditions(
     generation: Option<i64>,
     now: &Time,
 ) {
-    let (epoch, stage) = position(status);
+    let (epoch, stage) = status.position();
     let phase = status.phase.unwrap_or(Phase::Replicating);
     let held = hold_timeout_sentence(status, group);
     let with_held = |message: String| match &held {

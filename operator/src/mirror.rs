@@ -133,9 +133,9 @@ pub async fn apply(
     let mirrored_position = existing
         .as_ref()
         .and_then(|existing| existing.status.as_ref())
-        .map(crate::fanout::position);
+        .map(ConsistencyGroupStatus::position);
     if let Some(status) = &group.status
-        && mirrored_position.is_none_or(|mirrored| mirrored < crate::fanout::position(status))
+        && mirrored_position.is_none_or(|mirrored| mirrored < status.position())
     {
         write_status(client, cluster, &name, &mirror_status(status, cluster)).await?;
     }

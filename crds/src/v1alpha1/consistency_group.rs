@@ -132,6 +132,14 @@ pub struct EpochIntent {
     pub epoch: u64,
 }
 
+impl ConsistencyGroupStatus {
+    /// Where the status is in the group's life, (epoch, stage), ordered: the one place a missing stage is
+    /// read as the baseline — a group that never froze, or resumed, replicates at (epoch, Resume).
+    pub fn position(&self) -> (u64, Stage) {
+        (self.epoch, self.stage.unwrap_or(Stage::Resume))
+    }
+}
+
 /// What the operator observed and did: the current epoch, the members it resolved and what each
 /// acknowledged.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
@@ -395,8 +403,7 @@ impl ConsistencyGroup {
     pub fn position(&self) -> (u64, Stage) {
         self.status
             .as_ref()
-            .map(|status| (status.epoch, status.stage.unwrap_or(Stage::Resume)))
-            .unwrap_or((0, Stage::Resume))
+            .map_or((0, Stage::Resume), ConsistencyGroupStatus::position)
     }
 
     /// The epoch at which the operator found every member in sync after a resume (phase Replicating

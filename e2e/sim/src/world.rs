@@ -359,7 +359,7 @@ fn position(group: &ConsistencyGroup) -> (u64, Stage) {
     group
         .status
         .as_ref()
-        .map_or((0, Stage::Resume), freeze::position)
+        .map_or((0, Stage::Resume), ConsistencyGroupStatus::position)
 }
 
 impl World {
@@ -1412,7 +1412,7 @@ impl World {
         }
         let before = position(&self.group);
         if self.group.status.as_ref() != Some(&decision.status) {
-            let after = freeze::position(&decision.status);
+            let after = decision.status.position();
             if after.0 < before.0 {
                 return Err(self.violation(format!(
                     "the group's epoch went back from {} to {}",

@@ -56,7 +56,7 @@ impl Engine {
             if read.as_ref() != Some(&decision.status) {
                 match self.persist(&api, &group, &decision.status).await {
                     Ok(written) => {
-                        group_lock.set_persisted(freeze::position(&decision.status));
+                        group_lock.set_persisted(decision.status.position());
                         memory.last_written = Some(written);
                         let (failed, volumes) = freeze::hold_timeout_growth(
                             read.as_ref()

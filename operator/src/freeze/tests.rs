@@ -177,7 +177,7 @@ fn a_report_at_the_current_epoch_freezes_at_once_at_the_next_epoch() {
         decision.after_persist, None,
         "nothing is released before every member acknowledged"
     );
-    assert_eq!(position(status(&group)), (1, Stage::Freeze));
+    assert_eq!(status(&group).position(), (1, Stage::Freeze));
     assert_eq!(status(&group).phase, Some(Phase::Freezing));
     let trigger = status(&group).trigger.as_ref().unwrap();
     assert_eq!(trigger.reason, "CopyFailed");
@@ -209,7 +209,7 @@ fn the_same_failure_on_both_paths_and_replayed_yields_exactly_one_new_epoch() {
                 "a report naming an old epoch is already answered"
             );
         }
-        assert_eq!(position(status(&group)), (1, Stage::Freeze));
+        assert_eq!(status(&group).position(), (1, Stage::Freeze));
         assert_eq!(
             status(&group).trigger.as_ref().unwrap().path,
             Some(first),
@@ -227,7 +227,7 @@ fn a_report_naming_the_current_epoch_of_a_freeze_in_progress_changes_nothing() {
         decision.freeze_now, None,
         "the sender already saw this freeze"
     );
-    assert_eq!(position(status(&group)), (1, Stage::Freeze));
+    assert_eq!(status(&group).position(), (1, Stage::Freeze));
 }
 
 #[test]
@@ -261,7 +261,7 @@ fn freeze_and_go_releases_only_once_every_resolved_volume_acknowledged() {
     let release = last.after_persist.expect("release once all acknowledged");
     assert_eq!((release.epoch, release.stage), (1, Stage::Release));
     assert_eq!(last.freeze_now, None);
-    assert_eq!(position(status(&group)), (1, Stage::Release));
+    assert_eq!(status(&group).position(), (1, Stage::Release));
     assert_eq!(status(&group).phase, Some(Phase::Running));
     let image = status(&group).consistent_image.as_ref().unwrap();
     assert_eq!(image.epoch, 1);
@@ -446,7 +446,7 @@ fn hold_timeouts_of_the_current_freeze_count_once_per_volume_and_say_how_to_rele
     // Released: still said (it happened during epoch 1), without asking for a release.
     group.spec.release = Some(EpochIntent { epoch: 1 });
     step(&mut group, &Event::Evaluate);
-    assert_eq!(position(status(&group)), (1, Stage::Release));
+    assert_eq!(status(&group).position(), (1, Stage::Release));
     let ready = message_of(&group, condition::READY);
     assert!(ready.contains("6 held writes failed"), "{ready}");
     assert!(!ready.contains("keep failing"), "{ready}");
@@ -543,7 +543,7 @@ fn a_member_that_saw_a_higher_epoch_is_adopted_and_the_freeze_finished() {
         "the freeze is sent again"
     );
     assert_eq!(
-        position(status(&group)),
+        status(&group).position(),
         (1, Stage::Release),
         "every volume had already acknowledged it"
     );
@@ -561,7 +561,7 @@ fn an_epoch_seen_on_reconnect_is_adopted_only_when_higher() {
     assert_eq!(step(&mut group, &Event::Seen { epoch: 0 }).freeze_now, None);
     let adopted = step(&mut group, &Event::Seen { epoch: 2 });
     assert_eq!(adopted.freeze_now.map(|point| point.epoch), Some(2));
-    assert_eq!(position(status(&group)), (2, Stage::Freeze));
+    assert_eq!(status(&group).position(), (2, Stage::Freeze));
 }
 
 #[test]
@@ -589,7 +589,7 @@ fn a_planned_freeze_acts_once_at_its_epoch() {
     assert_eq!(status(&group).trigger.as_ref().unwrap().reason, "Planned");
     let again = step(&mut group, &Event::Evaluate);
     assert_eq!(again.freeze_now, None, "left in Git, it never acts twice");
-    assert_eq!(position(status(&group)), (1, Stage::Freeze));
+    assert_eq!(status(&group).position(), (1, Stage::Freeze));
     let ready = status(&group)
         .conditions
         .iter()
@@ -802,7 +802,7 @@ proptest! {
         for event in &events {
             let before = status(&group).clone();
             let decision = decide(&group, event, &now()).unwrap();
-            prop_assert!(position(&decision.status).0 >= before.epoch, "the epoch went backwards");
+            prop_assert!(decision.status.position().0 >= before.epoch, "the epoch went backwards");
             if decision.status.epoch > before.epoch {
                 let freeze = decision.freeze_now.clone();
                 prop_assert_eq!(freeze.map(|point| point.epoch), Some(decision.status.epoch));
@@ -853,7 +853,7 @@ fn a_batch_that_freezes_past_a_release_sends_only_the_freeze() {
         decision.after_persist, None,
         "a release of epoch 1 would be refused at epoch 2"
     );
-    assert_eq!(position(&decision.status), (2, Stage::Freeze));
+    assert_eq!(decision.status.position(), (2, Stage::Freeze));
 }
 
 proptest! {
@@ -1317,7 +1317,7 @@ fn an_epoch_beyond_the_next_one_is_refused_never_adopted() {
     ] {
         let decision = step(&mut group, &event);
         assert_eq!(decision.freeze_now, None, "{event:?} adopted");
-        assert_eq!(position(status(&group)), (0, Stage::Resume), "{event:?}");
+        assert_eq!(status(&group).position(), (0, Stage::Resume), "{event:?}");
     }
     // Only the next epoch can have been sent before it was persisted.
     let decision = step(&mut group, &Event::Seen { epoch: 1 });
