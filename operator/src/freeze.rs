@@ -285,6 +285,13 @@ pub fn decide_batch(
     let adopt_limit = next_epoch(group.status.as_ref().map_or(0, |status| status.epoch));
     let mut group = group.clone();
     let mut merged: Option<Decision> = None;
+    // Reports that arrived together froze the group together: one naming a secondary that could not
+    // keep the image goes first, so that the freeze's trigger (and `ImageKept`) says so.
+    let mut events: Vec<&Event> = events.iter().collect();
+    events.sort_by_key(|event| {
+        !matches!(event, Event::Report(report)
+            if lockstep_api::domain::kept_image_failure(&report.message).is_some())
+    });
     for event in events {
         let decision = decide_adopting_up_to(&group, event, now, adopt_limit)?;
         group.status = Some(decision.status.clone());
