@@ -4,6 +4,7 @@
 //!   copied to the node's [`Secondary`] through its own [`LinkCut`] proxy (the fault injection point),
 //!   over a plaintext link or mutual TLS with one CA per site, optionally with the `Replicator` gRPC
 //!   control socket.
+//! - [`control_client`] (feature `control` too): a `Replicator` gRPC client on a node's control socket.
 //! - [`eventually`] / [`poll_until`]: poll a check until it yields a value, with a deadline and a message
 //!   saying what never happened (never fixed sleeps, never timing assertions).
 
@@ -69,6 +70,38 @@ where
         Ok(value) => value,
         Err(timed_out) => panic!("{timed_out}"),
     }
+}
+
+/// A `Replicator` gRPC client on the unix socket `socket`, once it accepts a connection; a test
+/// helper: panics after [`EVENTUALLY_DEADLINE`].
+#[cfg(feature = "control")]
+pub async fn control_client(
+    socket: &Path,
+) -> lockstep_api::proto::replicator::v1::replicator_client::ReplicatorClient<
+    tonic::transport::Channel,
+> {
+    use tonic::transport::{Endpoint, Uri};
+    let channel = eventually(
+        &format!("the control socket {} to accept", socket.display()),
+        || {
+            let path = socket.to_owned();
+            async move {
+                Endpoint::from_static("http://replicator.invalid")
+                    .connect_with_connector(tower::service_fn(move |_: Uri| {
+                        let path = path.clone();
+                        async move {
+                            tokio::net::UnixStream::connect(path)
+                                .await
+                                .map(hyper_util::rt::TokioIo::new)
+                        }
+                    }))
+                    .await
+                    .ok()
+            }
+        },
+    )
+    .await;
+    lockstep_api::proto::replicator::v1::replicator_client::ReplicatorClient::new(channel)
 }
 
 /// How the replication link of a [`ReplicatorNode`] is secured.

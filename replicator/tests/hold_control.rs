@@ -6,44 +6,23 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use lockstep_replicator::testing::control_client as client;
+
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use common::*;
 use futures::StreamExt;
-use hyper_util::rt::TokioIo;
 use lockstep_api::proto::replicator::v1 as pb;
 use lockstep_replicator::linkcut::LinkMode;
 use lockstep_replicator::secondary::{Secondary, SecondaryConfig};
 use lockstep_replicator::testing::{NodeSpec, ReplicatorNode};
 use pb::replicator_client::ReplicatorClient;
-use tokio::net::UnixStream;
-use tonic::transport::{Channel, Endpoint, Uri};
+use tonic::transport::Channel;
 
 const GROUP: &str = "group-uid-1";
-
-async fn client(socket: &Path) -> ReplicatorClient<Channel> {
-    let path = socket.to_owned();
-    let channel = eventually("the control socket to accept a connection", || {
-        let path = path.clone();
-        async move {
-            Endpoint::try_from("http://replicator.invalid")
-                .unwrap()
-                .connect_with_connector(tower::service_fn(move |_: Uri| {
-                    let path = path.clone();
-                    async move {
-                        Ok::<_, std::io::Error>(TokioIo::new(UnixStream::connect(path).await?))
-                    }
-                }))
-                .await
-                .ok()
-        }
-    })
-    .await;
-    ReplicatorClient::new(channel)
-}
 
 fn directive(volumes: &[&str], epoch: u64) -> pb::DirectiveRequest {
     pb::DirectiveRequest {

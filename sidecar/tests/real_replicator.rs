@@ -9,15 +9,14 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use hyper_util::rt::TokioIo;
 use lockstep_api::domain::Stage;
 use lockstep_api::proto::control::v1 as cpb;
 use lockstep_api::proto::replicator::v1 as rpb;
 use lockstep_checker::{NbdAddress, NbdClient};
 use lockstep_replicator::linkcut::LinkMode;
-use lockstep_replicator::testing::{NodeSpec, ReplicatorNode};
+use lockstep_replicator::testing::{NodeSpec, ReplicatorNode, control_client};
 use rpb::replicator_client::ReplicatorClient;
-use tonic::transport::{Channel, Endpoint, Uri};
+use tonic::transport::Channel;
 
 const MIB: u64 = 1024 * 1024;
 
@@ -44,20 +43,7 @@ impl Node {
     }
 
     async fn client(&self) -> ReplicatorClient<Channel> {
-        let path = self.socket();
-        let channel = Endpoint::try_from("http://replicator.invalid")
-            .unwrap()
-            .connect_with_connector(tower::service_fn(move |_: Uri| {
-                let path = path.clone();
-                async move {
-                    Ok::<_, std::io::Error>(TokioIo::new(
-                        tokio::net::UnixStream::connect(path).await?,
-                    ))
-                }
-            }))
-            .await
-            .unwrap();
-        ReplicatorClient::new(channel)
+        control_client(&self.socket()).await
     }
 }
 
