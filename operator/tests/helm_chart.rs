@@ -15,7 +15,7 @@ use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::api::rbac::v1::ClusterRole;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
+use kube::api::{DeleteParams, PostParams};
 use kube::{Api, Client};
 use lockstep_api::domain::{ClusterPaths, Phase, Policy, Stage};
 use lockstep_api::v1alpha1::{
@@ -24,15 +24,13 @@ use lockstep_api::v1alpha1::{
 };
 use lockstep_kube::backend::{ApiServer, Backend};
 use lockstep_operator::{Operator, Options};
-use lockstep_replicator::copy::CopyConfig;
-use lockstep_replicator::secondary::{Secondary, SecondaryConfig};
-use lockstep_replicator::{Primary, PrimaryConfig, VolumeConfig};
+use lockstep_replicator::testing::{NodeSpec, ReplicatorNode};
 use lockstep_sidecar::Sidecar;
 use lockstep_testapi::TestApiServer;
 
 mod common;
 
-use common::{crds_established, create_namespace, eventually, volume};
+use common::{crds_established, create_namespace, eventually, patch_spec, volume, wait_for_group};
 
 const NAMESPACE: &str = "lockstep";
 const OPERATOR: &str = "system:serviceaccount:lockstep:lockstep-operator";
@@ -266,91 +264,37 @@ async fn helm_install_upgrade_and_a_kubectl_apply_of_the_rendered_chart_create_e
     );
 }
 
-/// One node: a replicator primary serving one volume copied to a secondary, and its bound claim.
-struct Node {
-    dir: tempfile::TempDir,
-    _secondary: Secondary,
-    _primary: Primary,
+/// One node: the shared replicator fixture serving one volume copied to a secondary, and its bound
+/// claim.
+async fn start_node(admin: &Client, cluster: &str, name: &str) -> ReplicatorNode {
+    let node = NodeSpec::new(&[name], 1 << 20).start().await.unwrap();
+    volume(admin, name, "orders", name, &node_of(cluster)).await;
+    node
 }
 
-impl Node {
-    async fn start(admin: &Client, cluster: &str, name: &str) -> Node {
-        let dir = tempfile::tempdir().unwrap();
-        let secondary = Secondary::start(SecondaryConfig {
-            listen: "127.0.0.1:0".parse().unwrap(),
-            dir: dir.path().join("secondary"),
-            security: lockstep_replicator::LinkSecurity::Plaintext,
-        })
-        .await
-        .unwrap();
-        let copy = CopyConfig {
-            secondary: secondary.local_addr().to_string(),
-            timeout: Duration::from_secs(5),
-            security: lockstep_replicator::LinkSecurity::Plaintext,
-        };
-        let primary = Primary::start(PrimaryConfig {
-            volumes: vec![VolumeConfig {
-                require_confirmation: true,
-                ..VolumeConfig::new(name, dir.path().join(name), Some(1 << 20), Some(copy))
-            }],
-            nbd_listen: Some("127.0.0.1:0".parse().unwrap()),
-            nbd_socket: None,
-            record_latency: false,
-            control_socket: Some(dir.path().join("control.sock")),
-        })
-        .await
-        .unwrap();
-        volume(admin, name, "orders", name, &node_of(cluster)).await;
-        Node {
-            dir,
-            _secondary: secondary,
-            _primary: primary,
-        }
-    }
-
-    /// The node's sidecar, signed in as the chart's sidecar ServiceAccount in a Pod on the node.
-    async fn sidecar(&self, server: &ApiServer, cluster: &str, endpoint: &str) -> Sidecar {
-        let node = node_of(cluster);
-        let mut options = lockstep_sidecar::Options::new(&node, cluster);
-        options.namespace = NAMESPACE.into();
-        options.replicator_socket = self.dir.path().join("control.sock");
-        options.operator_endpoint = Some(endpoint.to_owned());
-        options.insecure_plaintext_control = true;
-        options.listen = "127.0.0.1:0".parse().unwrap();
-        options.inventory_interval = Duration::from_millis(300);
-        options.lease_duration = Duration::from_secs(3);
-        let (client, _) = server.identity(SIDECAR, Some(&node)).await.unwrap();
-        Sidecar::start(options, Some(client)).await.unwrap()
-    }
+/// The node's sidecar, signed in as the chart's sidecar ServiceAccount in a Pod on the node.
+async fn sidecar(
+    replicator: &ReplicatorNode,
+    server: &ApiServer,
+    cluster: &str,
+    endpoint: &str,
+) -> Sidecar {
+    let node = node_of(cluster);
+    let mut options = lockstep_sidecar::Options::new(&node, cluster);
+    options.namespace = NAMESPACE.into();
+    options.replicator_socket = replicator.control_socket().unwrap();
+    options.operator_endpoint = Some(endpoint.to_owned());
+    options.insecure_plaintext_control = true;
+    options.listen = "127.0.0.1:0".parse().unwrap();
+    options.inventory_interval = Duration::from_millis(300);
+    options.lease_duration = Duration::from_secs(3);
+    let (client, _) = server.identity(SIDECAR, Some(&node)).await.unwrap();
+    Sidecar::start(options, Some(client)).await.unwrap()
 }
 
 /// The name of the one node of `cluster`.
 fn node_of(cluster: &str) -> String {
     format!("{cluster}-node")
-}
-
-async fn wait_for_group(
-    groups: &Api<ConsistencyGroup>,
-    what: &str,
-    done: impl Fn(&ConsistencyGroup) -> bool,
-) {
-    eventually(what, || {
-        let groups = groups.clone();
-        let done = &done;
-        async move { done(&groups.get("orders-db").await.ok()?).then_some(()) }
-    })
-    .await;
-}
-
-async fn patch_spec(groups: &Api<ConsistencyGroup>, spec: serde_json::Value) {
-    groups
-        .patch(
-            "orders-db",
-            &PatchParams::default(),
-            &Patch::Merge(&serde_json::json!({ "spec": spec })),
-        )
-        .await
-        .unwrap();
 }
 
 fn phase_is(phase: Phase) -> impl Fn(&ConsistencyGroup) -> bool {
@@ -383,8 +327,8 @@ async fn with_the_charts_rbac_enforced_its_service_accounts_freeze_resync_and_de
         crds_established(admin).await;
         create_namespace(admin, "orders").await;
     }
-    let east_node = Node::start(&east_admin, "east", "wal").await;
-    let west_node = Node::start(&west_admin, "west", "reporting").await;
+    let east_node = start_node(&east_admin, "east", "wal").await;
+    let west_node = start_node(&west_admin, "west", "reporting").await;
 
     // The hub reaches west as west's member-access ServiceAccount.
     let (_, west_kubeconfig) = west.identity(MEMBER_ACCESS, None).await.unwrap();
@@ -446,8 +390,8 @@ async fn with_the_charts_rbac_enforced_its_service_accounts_freeze_resync_and_de
     let operator = Operator::start(operator_client, &options).await.unwrap();
     let endpoint = format!("http://{}", operator.grpc_addr);
     let _sidecars = [
-        east_node.sidecar(&east, "east", &endpoint).await,
-        west_node.sidecar(&west, "west", &endpoint).await,
+        sidecar(&east_node, &east, "east", &endpoint).await,
+        sidecar(&west_node, &west, "west", &endpoint).await,
     ];
 
     let groups = Api::<ConsistencyGroup>::all(east_admin.clone());

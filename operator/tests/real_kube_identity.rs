@@ -23,7 +23,7 @@ use tonic::Code;
 
 mod common;
 
-use common::{TestCa, crds_established, create_namespace, eventually, tls_channel};
+use common::{TestCa, create_namespace, eventually, tls_channel};
 
 type TestResult = Result<(), Box<dyn std::error::Error + Send + Sync>>;
 
@@ -178,11 +178,7 @@ async fn a_member_cluster_listing_no_keys_uses_those_its_api_server_publishes() 
     };
     let cluster = RealCluster::start(&binaries, &ClusterOptions::default()).await?;
     let client = cluster.client();
-    let crds = Api::<k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition>::all(client.clone());
-    for crd in lockstep_api::crds::all() {
-        crds.create(&PostParams::default(), &crd).await?;
-    }
-    crds_established(&client).await;
+    lockstep_kube::crds::install_crds(&client).await?;
     create_namespace(&client, "lockstep").await;
     sidecar_account(&client).await?;
     // The hub is its own member cluster, and nobody copied its keys into the MemberCluster.

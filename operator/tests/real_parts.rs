@@ -6,7 +6,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::{collections::BTreeMap, path::PathBuf, time::Duration};
+use std::{collections::BTreeMap, time::Duration};
 
 use k8s_openapi::{api::core::v1::Secret, apimachinery::pkg::apis::meta::v1::ObjectMeta};
 use kube::{Api, Client, api::PostParams};
@@ -22,107 +22,41 @@ use lockstep_checker::{
 };
 use lockstep_operator::{Operator, Options};
 use lockstep_replicator::{
-    Primary, PrimaryConfig, VolumeConfig,
-    copy::CopyConfig,
-    linkcut::{LinkCut, LinkMode},
-    secondary::{Secondary, SecondaryConfig},
+    linkcut::LinkMode,
+    testing::{NodeSpec, ReplicatorNode},
 };
 use lockstep_sidecar::Sidecar;
 use lockstep_testapi::TestApiServer;
 
 mod common;
 
-use common::{cluster, eventually, volume};
+use common::{cluster, eventually, patch_spec, volume, wait_for_group};
 
 const MIB: u64 = 1024 * 1024;
 
-/// One node: a replicator primary serving `volumes`, each copied through its own cuttable link to the
-/// node's secondary; the PV and bound PVC of each volume in the cluster's API server.
-struct Node {
-    dir: tempfile::TempDir,
-    _secondary: Secondary,
-    links: BTreeMap<String, LinkCut>,
-    primary: Primary,
+/// One node: the shared replicator fixture (a primary serving `volumes`, each copied through its own
+/// cuttable link to the node's secondary); the PV and bound PVC of each volume in the cluster's API server.
+async fn start_node(client: &Client, node: &str, volumes: &[&str]) -> ReplicatorNode {
+    for name in volumes {
+        volume(client, name, "orders", name, node).await;
+    }
+    NodeSpec::new(volumes, 4 * MIB).start().await.unwrap()
 }
 
-impl Node {
-    async fn start(client: &Client, node: &str, volumes: &[&str]) -> Node {
-        let dir = tempfile::tempdir().unwrap();
-        std::fs::create_dir_all(dir.path().join("primary")).unwrap();
-        let secondary = Secondary::start(SecondaryConfig {
-            listen: "127.0.0.1:0".parse().unwrap(),
-            dir: dir.path().join("secondary"),
-            security: lockstep_replicator::LinkSecurity::Plaintext,
-        })
-        .await
-        .unwrap();
-        let mut links = BTreeMap::new();
-        let mut configs = Vec::new();
-        for name in volumes {
-            let link = LinkCut::start(secondary.local_addr()).await.unwrap();
-            let copy = CopyConfig {
-                secondary: link.addr().to_string(),
-                timeout: Duration::from_secs(5),
-                security: lockstep_replicator::LinkSecurity::Plaintext,
-            };
-            configs.push(VolumeConfig {
-                require_confirmation: true,
-                ..VolumeConfig::new(
-                    name,
-                    dir.path().join("primary").join(name),
-                    Some(4 * MIB),
-                    Some(copy),
-                )
-            });
-            links.insert((*name).to_owned(), link);
-            volume(client, name, "orders", name, node).await;
-        }
-        let primary = Primary::start(PrimaryConfig {
-            volumes: configs,
-            nbd_listen: Some("127.0.0.1:0".parse().unwrap()),
-            nbd_socket: None,
-            record_latency: false,
-            control_socket: Some(dir.path().join("control.sock")),
-        })
-        .await
-        .unwrap();
-        Node {
-            dir,
-            _secondary: secondary,
-            links,
-            primary,
-        }
-    }
-
-    fn socket(&self) -> PathBuf {
-        self.dir.path().join("control.sock")
-    }
-
-    fn nbd(&self, volume: &str) -> NbdAddress {
-        let addr = self.primary.nbd_addr().unwrap();
-        format!("nbd://{}:{}/{volume}", addr.ip(), addr.port())
-            .parse()
-            .unwrap()
-    }
-
-    fn primary_file(&self, volume: &str) -> PathBuf {
-        self.dir.path().join("primary").join(volume)
-    }
-
-    fn secondary_file(&self, volume: &str) -> PathBuf {
-        self.dir.path().join("secondary").join(volume)
-    }
+/// Where the workload reaches `volume` of `node` over NBD.
+fn nbd(node: &ReplicatorNode, volume: &str) -> NbdAddress {
+    node.nbd_url(volume).unwrap().parse().unwrap()
 }
 
 async fn sidecar(
-    node: &Node,
+    node: &ReplicatorNode,
     cluster: &str,
     name: &str,
     client: &Client,
     endpoint: &str,
 ) -> Sidecar {
     let mut options = lockstep_sidecar::Options::new(name, cluster);
-    options.replicator_socket = node.socket();
+    options.replicator_socket = node.control_socket().unwrap();
     options.operator_endpoint = Some(endpoint.to_owned());
     options.insecure_plaintext_control = true;
     options.listen = "127.0.0.1:0".parse().unwrap();
@@ -165,8 +99,8 @@ struct Bed {
     _east: TestApiServer,
     west: TestApiServer,
     hub: Client,
-    east_node: Node,
-    west_node: Node,
+    east_node: ReplicatorNode,
+    west_node: ReplicatorNode,
     operator: Operator,
     _sidecars: Vec<Sidecar>,
 }
@@ -182,8 +116,8 @@ async fn setup_with_hold_timeout(fault: Fault, policy: Policy, hold_timeout: &st
         .try_init();
     let (east, hub) = cluster().await;
     let (west, west_client) = cluster().await;
-    let east_node = Node::start(&hub, "e1", &["wal", "data"]).await;
-    let west_node = Node::start(&west_client, "w1", &["reporting"]).await;
+    let east_node = start_node(&hub, "e1", &["wal", "data"]).await;
+    let west_node = start_node(&west_client, "w1", &["reporting"]).await;
 
     // The hub knows both clusters.
     let local = MemberClusterSpec {
@@ -309,9 +243,9 @@ async fn setup_with_hold_timeout(fault: Fault, policy: Policy, hold_timeout: &st
 /// The dependent-write workload across the three volumes (lanes keep writing beside a held volume).
 async fn start_workload(bed: &Bed) -> (WorkloadHandle, u64) {
     let addresses = vec![
-        bed.east_node.nbd("wal"),
-        bed.east_node.nbd("data"),
-        bed.west_node.nbd("reporting"),
+        nbd(&bed.east_node, "wal"),
+        nbd(&bed.east_node, "data"),
+        nbd(&bed.west_node, "reporting"),
     ];
     let layout = Layout::with_span(3, 3, 2, 64, 0).unwrap();
     let mut workload_options = WorkloadOptions::new(layout, None);
@@ -344,7 +278,7 @@ async fn scenario(fault: Fault) {
         bed.west.stop().await;
     }
     // Cut wal's replication link.
-    bed.east_node.links["wal"].set_mode(LinkMode::Reset);
+    bed.east_node.cut("wal", LinkMode::Reset).unwrap();
     let before_failure = workload.current().last_acked.clone();
     let group = eventually("the freeze released at epoch 1 (FreezeAndGo)", || {
         let groups = groups.clone();
@@ -418,34 +352,6 @@ async fn scenario(fault: Fault) {
     bed.operator.shutdown().await;
 }
 
-async fn patch_spec(groups: &Api<ConsistencyGroup>, spec: serde_json::Value) {
-    let patch = serde_json::json!({ "spec": spec });
-    groups
-        .patch(
-            "orders-db",
-            &kube::api::PatchParams::default(),
-            &kube::api::Patch::Merge(&patch),
-        )
-        .await
-        .unwrap();
-}
-
-async fn wait_for(
-    groups: &Api<ConsistencyGroup>,
-    what: &str,
-    done: impl Fn(&ConsistencyGroup) -> bool,
-) -> ConsistencyGroup {
-    eventually(what, || {
-        let groups = groups.clone();
-        let done = &done;
-        async move {
-            let group = groups.get("orders-db").await.ok()?;
-            done(&group).then_some(group)
-        }
-    })
-    .await
-}
-
 /// Releases epoch 1 by `spec.release.epoch` and waits until 30 more writes than `acked` are acknowledged.
 async fn release_and_write_on(
     groups: &Api<ConsistencyGroup>,
@@ -453,7 +359,7 @@ async fn release_and_write_on(
     acked: u64,
 ) {
     patch_spec(groups, serde_json::json!({"release": {"epoch": 1}})).await;
-    wait_for(groups, "released", |group| {
+    wait_for_group(groups, "released", |group| {
         group.position() == (1, Stage::Release)
     })
     .await;
@@ -497,7 +403,7 @@ async fn freeze_and_stop_a_planned_freeze_holds_until_released_then_resync_makes
 
     // A planned freeze names the epoch it is meant for.
     patch_spec(&groups, serde_json::json!({"freeze": {"epoch": 0}})).await;
-    let frozen = wait_for(&groups, "a planned freeze, every volume frozen", |group| {
+    let frozen = wait_for_group(&groups, "a planned freeze, every volume frozen", |group| {
         group
             .status
             .as_ref()
@@ -522,7 +428,7 @@ async fn freeze_and_stop_a_planned_freeze_holds_until_released_then_resync_makes
 
     // A release for another epoch is reported and ignored; being frozen stays the reason.
     patch_spec(&groups, serde_json::json!({"release": {"epoch": 0}})).await;
-    let stale = wait_for(&groups, "the stale release reported", |group| {
+    let stale = wait_for_group(&groups, "the stale release reported", |group| {
         condition(group, "Ready").is_some_and(|(_, reason, message)| {
             reason == "WaitingForRelease"
                 && message.contains("spec.release.epoch 0 is not the current epoch 1")
@@ -551,7 +457,7 @@ async fn freeze_and_stop_a_planned_freeze_holds_until_released_then_resync_makes
 
     // Resync returns the group to Replicating.
     patch_spec(&groups, serde_json::json!({"resync": {"epoch": 1}})).await;
-    let replicating = wait_for(&groups, "resynced and replicating", |group| {
+    let replicating = wait_for_group(&groups, "resynced and replicating", |group| {
         group.position() == (1, Stage::Resume)
             && group
                 .status
@@ -619,7 +525,7 @@ async fn freeze_and_stop_past_the_hold_timeout_held_writes_fail_with_eio_and_the
     let (mut workload, run_id) = start_workload(&bed).await;
 
     patch_spec(&groups, serde_json::json!({"freeze": {"epoch": 0}})).await;
-    wait_for(&groups, "a planned freeze, every volume frozen", |group| {
+    wait_for_group(&groups, "a planned freeze, every volume frozen", |group| {
         group
             .status
             .as_ref()
@@ -647,7 +553,7 @@ async fn freeze_and_stop_past_the_hold_timeout_held_writes_fail_with_eio_and_the
     );
 
     // The group's status says so: which volumes, how many writes, at this epoch, and how to release.
-    let said = wait_for(&groups, "hold timeouts in the group's status", |group| {
+    let said = wait_for_group(&groups, "hold timeouts in the group's status", |group| {
         group.status.as_ref().is_some_and(|status| {
             status
                 .hold_timeouts
@@ -669,7 +575,7 @@ async fn freeze_and_stop_past_the_hold_timeout_held_writes_fail_with_eio_and_the
             "{volume:?}"
         );
     }
-    let condition_says = wait_for(
+    let condition_says = wait_for_group(
         &groups,
         "the Ready condition names the hold timeout",
         |group| {

@@ -11,7 +11,8 @@
 //! release / resume, hold timeout, persisted state), [`copy`] (the replication link), [`volume`],
 //! [`secondary`], [`dirty`] (dirty-region map), [`events`], `control` (the `Replicator` gRPC service,
 //! feature `control`, on by default), [`linkcut`] (a fault-injecting TCP proxy for tests), [`link_tls`]
-//! (mutual TLS on the replication link) and [`owners`] (which primary a secondary volume belongs to).
+//! (mutual TLS on the replication link), [`owners`] (which primary a secondary volume belongs to) and
+//! `testing` (feature `test-support`: the fixtures the tests of every crate share).
 //!
 //! Durability: the secondary acknowledges a write only after an `fdatasync` of its file that followed
 //! the write returned (group commit: one `fdatasync` per batch of queued writes). The primary
@@ -31,6 +32,8 @@ pub mod nbd;
 pub mod owners;
 pub mod secondary;
 pub mod store;
+#[cfg(feature = "test-support")]
+pub mod testing;
 pub mod undo;
 pub mod undo_writer;
 pub mod volume;

@@ -6,59 +6,23 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use lockstep_replicator::testing::control_client as client;
+
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use common::*;
 use futures::StreamExt;
-use hyper_util::rt::TokioIo;
 use lockstep_api::proto::replicator::v1 as pb;
-use lockstep_replicator::linkcut::{LinkCut, LinkMode};
+use lockstep_replicator::linkcut::LinkMode;
 use lockstep_replicator::secondary::{Secondary, SecondaryConfig};
-use lockstep_replicator::{CopyConfig, Primary, PrimaryConfig, VolumeConfig};
+use lockstep_replicator::testing::{NodeSpec, ReplicatorNode};
 use pb::replicator_client::ReplicatorClient;
-use tokio::net::UnixStream;
-use tonic::transport::{Channel, Endpoint, Uri};
+use tonic::transport::Channel;
 
 const GROUP: &str = "group-uid-1";
-
-async fn client(socket: &Path) -> ReplicatorClient<Channel> {
-    let path = socket.to_owned();
-    let channel = eventually_async(|| {
-        let path = path.clone();
-        async move {
-            Endpoint::try_from("http://replicator.invalid")
-                .unwrap()
-                .connect_with_connector(tower::service_fn(move |_: Uri| {
-                    let path = path.clone();
-                    async move {
-                        Ok::<_, std::io::Error>(TokioIo::new(UnixStream::connect(path).await?))
-                    }
-                }))
-                .await
-                .ok()
-        }
-    })
-    .await;
-    ReplicatorClient::new(channel)
-}
-
-async fn eventually_async<T, F, Fut>(mut f: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Some(v) = f().await {
-            return v;
-        }
-        assert!(std::time::Instant::now() < deadline, "timed out");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
 
 fn directive(volumes: &[&str], epoch: u64) -> pb::DirectiveRequest {
     pb::DirectiveRequest {
@@ -90,78 +54,22 @@ async fn state(c: &mut ReplicatorClient<Channel>, volume: &str) -> pb::VolumeSta
 
 async fn wait_mode(c: &mut ReplicatorClient<Channel>, volume: &str, mode: pb::Mode) {
     let c2 = c.clone();
-    eventually_async(|| {
+    eventually("the volume's mode", || {
         let mut c = c2.clone();
         async move { (state(&mut c, volume).await.mode == i32::from(mode)).then_some(()) }
     })
     .await;
 }
 
-/// Three volumes, each with its own cuttable link, a control socket, volumes unconfirmed at start.
-struct Cluster {
-    dir: tempfile::TempDir,
-    _secondary: Secondary,
-    links: Vec<LinkCut>,
-    primary: Primary,
-}
-
 const VOLUMES: [&str; 3] = ["vol1", "vol2", "vol3"];
 
-impl Cluster {
-    async fn start() -> Cluster {
-        let dir = tempfile::tempdir().unwrap();
-        std::fs::create_dir_all(dir.path().join("primary")).unwrap();
-        let secondary = Secondary::start(SecondaryConfig {
-            listen: "127.0.0.1:0".parse().unwrap(),
-            dir: dir.path().join("secondary"),
-            security: lockstep_replicator::LinkSecurity::Plaintext,
-        })
-        .await
-        .unwrap();
-        let mut links = Vec::new();
-        let mut volumes = Vec::new();
-        for name in VOLUMES {
-            let link = LinkCut::start(secondary.local_addr()).await.unwrap();
-            volumes.push(VolumeConfig {
-                require_confirmation: true,
-                ..VolumeConfig::new(
-                    name,
-                    dir.path().join("primary").join(name),
-                    Some(4 * MIB),
-                    Some(CopyConfig {
-                        secondary: link.addr().to_string(),
-                        timeout: Duration::from_secs(5),
-                        security: lockstep_replicator::LinkSecurity::Plaintext,
-                    }),
-                )
-            });
-            links.push(link);
-        }
-        let primary = Primary::start(PrimaryConfig {
-            volumes,
-            nbd_listen: Some("127.0.0.1:0".parse().unwrap()),
-            nbd_socket: None,
-            record_latency: false,
-            control_socket: Some(dir.path().join("control.sock")),
-        })
-        .await
-        .unwrap();
-        Cluster {
-            dir,
-            _secondary: secondary,
-            links,
-            primary,
-        }
-    }
-    fn control(&self) -> PathBuf {
-        self.dir.path().join("control.sock")
-    }
-    fn primary_file(&self, v: &str) -> PathBuf {
-        self.dir.path().join("primary").join(v)
-    }
-    fn secondary_file(&self, v: &str) -> PathBuf {
-        self.dir.path().join("secondary").join(v)
-    }
+/// Three volumes, each with its own cuttable link, a control socket, volumes unconfirmed at start.
+async fn start_cluster() -> ReplicatorNode {
+    NodeSpec::new(&VOLUMES, 4 * MIB).start().await.unwrap()
+}
+
+fn control(node: &ReplicatorNode) -> PathBuf {
+    node.control_socket().unwrap()
 }
 
 /// Block `i` of the dependent chain: 4 KiB naming its sequence.
@@ -178,7 +86,7 @@ fn chain_place(i: u64) -> (usize, u64) {
 }
 
 /// The longest prefix of the chain the secondaries hold, and whether anything beyond it is there.
-fn check_secondaries(c: &Cluster, upto: u64) -> (u64, Vec<u64>) {
+fn check_secondaries(c: &ReplicatorNode, upto: u64) -> (u64, Vec<u64>) {
     let mut prefix = 0;
     let mut beyond = Vec::new();
     let mut gap = false;
@@ -198,8 +106,8 @@ fn check_secondaries(c: &Cluster, upto: u64) -> (u64, Vec<u64>) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn cut_hold_suspend_release_resume_keeps_the_secondaries_consistent() {
-    let c = Cluster::start().await;
-    let mut ctl = client(&c.control()).await;
+    let c = start_cluster().await;
+    let mut ctl = client(&control(&c)).await;
     let mut events = ctl
         .watch_events(pb::WatchEventsRequest {})
         .await
@@ -250,7 +158,7 @@ async fn cut_hold_suspend_release_resume_keeps_the_secondaries_consistent() {
             unreachable!()
         })
     };
-    eventually("60 acknowledged writes", Duration::from_secs(30), || {
+    eventually("60 acknowledged writes", || async {
         (acked.load(Ordering::SeqCst) >= 60).then_some(())
     })
     .await;
@@ -267,7 +175,7 @@ async fn cut_hold_suspend_release_resume_keeps_the_secondaries_consistent() {
     assert_eq!(failed.group_uid, GROUP);
     assert_eq!(failed.epoch_known, 1);
     let ctl2 = ctl.clone();
-    eventually_async(|| {
+    eventually("vol2's write held", || {
         let mut c = ctl2.clone();
         async move { (state(&mut c, "vol2").await.held_writes >= 1).then_some(()) }
     })
@@ -345,7 +253,7 @@ async fn cut_hold_suspend_release_resume_keeps_the_secondaries_consistent() {
         ctl.release(directive(&VOLUMES, 2)).await.is_ok(),
         "a duplicate release is harmless"
     );
-    eventually("writes after the release", Duration::from_secs(30), || {
+    eventually("writes after the release", || async {
         (acked.load(Ordering::SeqCst) >= acked_at_hold + 30).then_some(())
     })
     .await;
@@ -389,8 +297,8 @@ async fn cut_hold_suspend_release_resume_keeps_the_secondaries_consistent() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn hold_timeout_fails_held_writes_and_keeps_holding() {
-    let c = Cluster::start().await;
-    let mut ctl = client(&c.control()).await;
+    let c = start_cluster().await;
+    let mut ctl = client(&control(&c)).await;
     for v in VOLUMES {
         ctl.configure(configure(v, 1, pb::Stage::Unspecified, 400))
             .await
@@ -486,7 +394,7 @@ async fn killed_replicator_restarts_suspended_and_unconfirmed() {
         async move { qemu_io(&url, &["write -P 0x42 1M 64k"]).await }
     });
     let c2 = ctl.clone();
-    eventually_async(|| {
+    eventually("vol1's write held", || {
         let mut c = c2.clone();
         async move { (state(&mut c, "vol1").await.held_writes == 1).then_some(()) }
     })
@@ -525,7 +433,7 @@ async fn killed_replicator_restarts_suspended_and_unconfirmed() {
         .into_inner();
     assert_eq!(s.mode, i32::from(pb::Mode::Suspended));
     let c2 = ctl.clone();
-    eventually_async(|| {
+    eventually("vol1's write held again", || {
         let mut c = c2.clone();
         async move { (state(&mut c, "vol1").await.held_writes == 1).then_some(()) }
     })
@@ -550,8 +458,8 @@ async fn killed_replicator_restarts_suspended_and_unconfirmed() {
 /// the control system suspends vol1, then — after the lane had every chance to move on — vol2 and vol3.
 /// Returns the lane's prefix on the secondaries and the writes found beyond a gap.
 async fn lane_scenario(broken: bool) -> (u64, Vec<u64>) {
-    let c = Cluster::start().await;
-    let mut ctl = client(&c.control()).await;
+    let c = start_cluster().await;
+    let mut ctl = client(&control(&c)).await;
     for v in VOLUMES {
         ctl.configure(configure(v, 1, pb::Stage::Unspecified, 60_000))
             .await
@@ -582,7 +490,7 @@ async fn lane_scenario(broken: bool) -> (u64, Vec<u64>) {
             }
         })
     };
-    eventually("lane progress", Duration::from_secs(30), || {
+    eventually("lane progress", || async {
         (acked.load(Ordering::SeqCst) >= 20).then_some(())
     })
     .await;
@@ -593,7 +501,7 @@ async fn lane_scenario(broken: bool) -> (u64, Vec<u64>) {
         vol2.write(0, &[7u8; 4096]).await
     });
     let ctl2 = ctl.clone();
-    eventually_async(|| {
+    eventually("vol2's write held", || {
         let mut c = ctl2.clone();
         async move { (state(&mut c, "vol2").await.held_writes >= 1).then_some(()) }
     })
@@ -603,7 +511,7 @@ async fn lane_scenario(broken: bool) -> (u64, Vec<u64>) {
     // Correct semantics: the lane's next vol1 write is held, so the lane stops. Broken: it runs on.
     let ctl2 = ctl.clone();
     let progressed = Arc::clone(&acked);
-    eventually_async(|| {
+    eventually("the lane stopped (or run on when broken)", || {
         let mut c = ctl2.clone();
         let progressed = Arc::clone(&progressed);
         async move {

@@ -6,34 +6,20 @@
 
 mod common;
 
-use std::path::Path;
+use lockstep_replicator::testing::control_client as client;
+
 use std::time::Duration;
 
 use common::*;
-use hyper_util::rt::TokioIo;
 use lockstep_api::proto::replicator::v1 as pb;
 use lockstep_replicator::secondary::{Secondary, SecondaryConfig};
 use lockstep_replicator::undo::log_path;
 use lockstep_replicator::{CopyConfig, Primary, PrimaryConfig, VolumeConfig};
 use pb::replicator_client::ReplicatorClient;
-use tokio::net::UnixStream;
-use tonic::transport::{Channel, Endpoint, Uri};
+use tonic::transport::Channel;
 
 const GROUP: &str = "group-uid-1";
 const VOLUME: &str = "vol1";
-
-async fn client(socket: &Path) -> ReplicatorClient<Channel> {
-    let path = socket.to_owned();
-    let channel = Endpoint::try_from("http://replicator.invalid")
-        .unwrap()
-        .connect_with_connector(tower::service_fn(move |_: Uri| {
-            let path = path.clone();
-            async move { Ok::<_, std::io::Error>(TokioIo::new(UnixStream::connect(path).await?)) }
-        }))
-        .await
-        .unwrap();
-    ReplicatorClient::new(channel)
-}
 
 fn directive(epoch: u64) -> pb::DirectiveRequest {
     pb::DirectiveRequest {

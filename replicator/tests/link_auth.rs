@@ -175,14 +175,12 @@ async fn assert_refused<S: tokio::io::AsyncRead + Unpin>(mut stream: S) {
 /// The error a volume holds its writes for, once its copy failed.
 async fn held_error(primary: &Primary, volume: &str) -> String {
     let volume = primary.volume(volume).unwrap();
-    eventually(
-        "the copy to fail",
-        Duration::from_secs(10),
-        || match volume.status().mode {
+    eventually("the copy to fail", || async {
+        match volume.status().mode {
             ReplMode::Held { error, .. } => Some(error),
             _ => None,
-        },
-    )
+        }
+    })
     .await
 }
 
@@ -503,7 +501,7 @@ async fn open_when_up(
     addr: SocketAddr,
     volume: &str,
 ) -> Result<Framed<ClientStream, FrameCodec>, String> {
-    eventually("the secondary to listen", Duration::from_secs(30), || {
+    eventually("the secondary to listen", || async {
         std::net::TcpStream::connect(addr).ok()
     })
     .await;

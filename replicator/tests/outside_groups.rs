@@ -6,42 +6,20 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use lockstep_replicator::testing::control_client as client;
+
+use std::path::PathBuf;
 use std::time::Duration;
 
 use common::*;
-use hyper_util::rt::TokioIo;
 use lockstep_api::proto::replicator::v1 as pb;
-use lockstep_replicator::linkcut::{LinkCut, LinkMode};
-use lockstep_replicator::secondary::{Secondary, SecondaryConfig};
-use lockstep_replicator::{CopyConfig, Event, Primary, PrimaryConfig, VolumeConfig};
+use lockstep_replicator::Event;
+use lockstep_replicator::linkcut::LinkMode;
+use lockstep_replicator::testing::{NodeSpec, ReplicatorNode};
 use pb::replicator_client::ReplicatorClient;
-use tokio::net::UnixStream;
-use tonic::transport::{Channel, Endpoint, Uri};
+use tonic::transport::Channel;
 
 const VOLUME: &str = "vol1";
-
-async fn client(socket: &Path) -> ReplicatorClient<Channel> {
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        let path = socket.to_owned();
-        let channel =
-            Endpoint::try_from("http://replicator.invalid")
-                .unwrap()
-                .connect_with_connector(tower::service_fn(move |_: Uri| {
-                    let path = path.clone();
-                    async move {
-                        Ok::<_, std::io::Error>(TokioIo::new(UnixStream::connect(path).await?))
-                    }
-                }))
-                .await;
-        if let Ok(channel) = channel {
-            return ReplicatorClient::new(channel);
-        }
-        assert!(std::time::Instant::now() < deadline, "no control socket");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
 
 async fn state(c: &mut ReplicatorClient<Channel>) -> pb::VolumeState {
     c.state(pb::StateRequest {
@@ -52,67 +30,23 @@ async fn state(c: &mut ReplicatorClient<Channel>) -> pb::VolumeState {
     .into_inner()
 }
 
-/// One volume behind a cuttable link, waiting for its confirmation.
-struct Node {
-    dir: tempfile::TempDir,
-    _secondary: Secondary,
-    link: LinkCut,
-    primary: Primary,
-}
+/// One volume behind a cuttable link, waiting for its confirmation: the shared node fixture.
+struct Node(ReplicatorNode);
 
 impl Node {
     async fn start() -> Node {
-        let dir = tempfile::tempdir().unwrap();
-        std::fs::create_dir_all(dir.path().join("primary")).unwrap();
-        let secondary = Secondary::start(SecondaryConfig {
-            listen: "127.0.0.1:0".parse().unwrap(),
-            dir: dir.path().join("secondary"),
-            security: lockstep_replicator::LinkSecurity::Plaintext,
-        })
-        .await
-        .unwrap();
-        let link = LinkCut::start(secondary.local_addr()).await.unwrap();
-        let primary = Primary::start(PrimaryConfig {
-            volumes: vec![VolumeConfig {
-                require_confirmation: true,
-                ..VolumeConfig::new(
-                    VOLUME,
-                    dir.path().join("primary").join(VOLUME),
-                    Some(4 * MIB),
-                    Some(CopyConfig {
-                        secondary: link.addr().to_string(),
-                        timeout: Duration::from_millis(500),
-                        security: lockstep_replicator::LinkSecurity::Plaintext,
-                    }),
-                )
-            }],
-            nbd_listen: Some("127.0.0.1:0".parse().unwrap()),
-            nbd_socket: None,
-            record_latency: false,
-            control_socket: Some(dir.path().join("control.sock")),
-        })
-        .await
-        .unwrap();
-        Node {
-            dir,
-            _secondary: secondary,
-            link,
-            primary,
-        }
+        let mut spec = NodeSpec::new(&[VOLUME], 4 * MIB);
+        spec.copy_timeout = Duration::from_millis(500);
+        Node(spec.start().await.unwrap())
     }
     fn control(&self) -> PathBuf {
-        self.dir.path().join("control.sock")
+        self.0.control_socket().unwrap()
     }
     fn file(&self, side: &str) -> String {
-        self.dir
-            .path()
-            .join(side)
-            .join(VOLUME)
-            .display()
-            .to_string()
+        self.0.dir().join(side).join(VOLUME).display().to_string()
     }
     fn url(&self) -> String {
-        format!("nbd://{}/{VOLUME}", self.primary.nbd_addr().unwrap())
+        self.0.nbd_url(VOLUME).unwrap()
     }
 }
 
@@ -121,7 +55,7 @@ async fn a_volume_in_no_group_whose_copy_fails_runs_primary_only_and_resyncs_whe
 {
     let node = Node::start().await;
     let mut ctl = client(&node.control()).await;
-    let mut events = node.primary.subscribe();
+    let mut events = node.0.primary.subscribe();
     // The sidecar confirms the volume in no group; a hold timeout short enough that a held write
     // would fail within the test rather than hang it.
     let s = ctl
@@ -141,7 +75,7 @@ async fn a_volume_in_no_group_whose_copy_fails_runs_primary_only_and_resyncs_whe
 
     // The link is cut: the next write is not held (there is no group to freeze and release it) but
     // completes primary-only, tracked in the dirty map.
-    node.link.set_mode(LinkMode::Blackhole);
+    node.0.links[0].set_mode(LinkMode::Blackhole);
     let out = qemu_io(&node.url(), &["write -P 0x32 64k 64k"]).await;
     assert!(
         out.clean(),
@@ -166,7 +100,7 @@ async fn a_volume_in_no_group_whose_copy_fails_runs_primary_only_and_resyncs_whe
     assert!(out.clean(), "{out:?}");
 
     // The secondary answers again: the volume resynchronises by itself and replicates.
-    node.link.set_mode(LinkMode::Pass);
+    node.0.links[0].set_mode(LinkMode::Pass);
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     loop {
         let s = state(&mut ctl).await;

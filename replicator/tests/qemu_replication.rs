@@ -218,7 +218,7 @@ async fn a_volume_served_unreplicated_before_is_fully_resynced() {
     .await
     .unwrap();
     let vol = primary.volume("vol1").unwrap().clone();
-    eventually("the resync", Duration::from_secs(30), || {
+    eventually("the resync", || async {
         (vol.status().mode == ReplMode::Replicating).then_some(())
     })
     .await;

@@ -9,101 +9,41 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use hyper_util::rt::TokioIo;
 use lockstep_api::domain::Stage;
 use lockstep_api::proto::control::v1 as cpb;
 use lockstep_api::proto::replicator::v1 as rpb;
 use lockstep_checker::{NbdAddress, NbdClient};
-use lockstep_replicator::copy::CopyConfig;
-use lockstep_replicator::linkcut::{LinkCut, LinkMode};
-use lockstep_replicator::secondary::{Secondary, SecondaryConfig};
-use lockstep_replicator::{Primary, PrimaryConfig, VolumeConfig};
+use lockstep_replicator::linkcut::LinkMode;
+use lockstep_replicator::testing::{NodeSpec, ReplicatorNode, control_client};
 use rpb::replicator_client::ReplicatorClient;
-use tonic::transport::{Channel, Endpoint, Uri};
+use tonic::transport::Channel;
 
 const MIB: u64 = 1024 * 1024;
 
-struct Node {
-    dir: tempfile::TempDir,
-    _secondary: Secondary,
-    links: Vec<LinkCut>,
-    primary: Primary,
-}
+/// The shared replicator fixture (each volume through its own cuttable link, a control socket, volumes
+/// unconfirmed at start), with what these tests need of it.
+struct Node(ReplicatorNode);
 
 impl Node {
     async fn start(volumes: &[&str]) -> Node {
-        let dir = tempfile::tempdir().unwrap();
-        std::fs::create_dir_all(dir.path().join("primary")).unwrap();
-        let secondary = Secondary::start(SecondaryConfig {
-            listen: "127.0.0.1:0".parse().unwrap(),
-            dir: dir.path().join("secondary"),
-            security: lockstep_replicator::LinkSecurity::Plaintext,
-        })
-        .await
-        .unwrap();
-        let mut links = Vec::new();
-        let mut configs = Vec::new();
-        for name in volumes {
-            let link = LinkCut::start(secondary.local_addr()).await.unwrap();
-            configs.push(VolumeConfig {
-                require_confirmation: true,
-                ..VolumeConfig::new(
-                    name,
-                    dir.path().join("primary").join(name),
-                    Some(4 * MIB),
-                    Some(CopyConfig {
-                        secondary: link.addr().to_string(),
-                        timeout: Duration::from_secs(5),
-                        security: lockstep_replicator::LinkSecurity::Plaintext,
-                    }),
-                )
-            });
-            links.push(link);
-        }
-        let primary = Primary::start(PrimaryConfig {
-            volumes: configs,
-            nbd_listen: Some("127.0.0.1:0".parse().unwrap()),
-            nbd_socket: None,
-            record_latency: false,
-            control_socket: Some(dir.path().join("control.sock")),
-        })
-        .await
-        .unwrap();
-        Node {
-            dir,
-            _secondary: secondary,
-            links,
-            primary,
-        }
+        Node(NodeSpec::new(volumes, 4 * MIB).start().await.unwrap())
     }
 
     fn socket(&self) -> std::path::PathBuf {
-        self.dir.path().join("control.sock")
+        self.0.control_socket().unwrap()
+    }
+
+    fn cut(&self, volume: &str, mode: LinkMode) {
+        self.0.cut(volume, mode).unwrap();
     }
 
     async fn nbd(&self, volume: &str) -> NbdClient {
-        let addr = self.primary.nbd_addr().unwrap();
-        let address: NbdAddress = format!("nbd://{}:{}/{volume}", addr.ip(), addr.port())
-            .parse()
-            .unwrap();
+        let address: NbdAddress = self.0.nbd_url(volume).unwrap().parse().unwrap();
         NbdClient::connect(&address).await.unwrap()
     }
 
     async fn client(&self) -> ReplicatorClient<Channel> {
-        let path = self.socket();
-        let channel = Endpoint::try_from("http://replicator.invalid")
-            .unwrap()
-            .connect_with_connector(tower::service_fn(move |_: Uri| {
-                let path = path.clone();
-                async move {
-                    Ok::<_, std::io::Error>(TokioIo::new(
-                        tokio::net::UnixStream::connect(path).await?,
-                    ))
-                }
-            }))
-            .await
-            .unwrap();
-        ReplicatorClient::new(channel)
+        control_client(&self.socket()).await
     }
 }
 
@@ -144,7 +84,7 @@ async fn a_cut_link_on_the_real_replicator_is_reported_frozen_and_released_over_
     v1.write(0, &[1u8; 4096], false).await.unwrap();
 
     // Cut v1's link: its next write is held and reported on both paths at epoch 0.
-    node.links[0].set_mode(LinkMode::Reset);
+    node.cut("v1", LinkMode::Reset);
     let held = tokio::spawn(async move {
         let result = v1.write(4096, &[2u8; 4096], false).await;
         (v1, result)
@@ -252,7 +192,7 @@ async fn with_both_paths_down_the_real_replicator_is_suspended_by_the_fail_safe(
 
     stop_api_server(&server, &client).await;
     control.stop();
-    node.links[1].set_mode(LinkMode::Reset);
+    node.cut("v2", LinkMode::Reset);
     let mut v2 = node.nbd("v2").await;
     let held = tokio::spawn(async move { v2.write(0, &[7u8; 4096], false).await });
     let r = replicator.clone();

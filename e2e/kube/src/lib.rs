@@ -18,8 +18,13 @@
 //! [`KubeBinaries::locate`] finds the binaries: `LOCKSTEP_KUBE_BIN`, else the cache `build-kube.sh`
 //! builds into. [`KubeBinaries::for_tests`] is how tests take them: a missing build is a failure when
 //! `CI` is set and a skip, said out loud, elsewhere.
+//!
+//! Shared test scaffolding beside it: [`backend::ApiServer`] (the test API server or a real one, as
+//! `LOCKSTEP_APISERVER` says), [`crds::install_crds`] (the project's CRDs, Established) and
+//! [`fixtures`]; a node's replication and `eventually` are in `lockstep_replicator::testing`.
 
 pub mod backend;
+pub mod crds;
 pub mod fixtures;
 
 use std::fmt;

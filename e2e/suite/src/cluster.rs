@@ -5,28 +5,25 @@
 //!
 //! ```text
 //!  workload ──NBD (unix socket)──▶ primary ──▶ LinkCut (one per volume) ──▶ secondary ──▶ <dir>/secondary/<handle>
-//!                                  <dir>/primary/<handle>.img
+//!                                  <dir>/primary/<handle>
 //! ```
 //!
 //! Everything runs in this process, on loopback ports and under one directory; dropping the cluster stops
-//! it. The primary serves every volume of the cluster, as one node's replicator does.
+//! it. The primary serves every volume of the cluster, as one node's replicator does: the node is the
+//! shared fixture `lockstep_replicator::testing::ReplicatorNode`, its link over mutual TLS.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{Namespace, Node, PersistentVolume, PersistentVolumeClaim};
-use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{Api, Patch, PatchParams, PostParams};
-use kube::runtime::wait::{await_condition, conditions};
 use lockstep_checker::{NbdAddress, Source};
 use lockstep_kube::backend::{ApiServer, Backend, BackendError};
-use lockstep_replicator::link_tls::SiteCa;
 use lockstep_replicator::linkcut::LinkCut;
-use lockstep_replicator::secondary::{Secondary, SecondaryConfig};
-use lockstep_replicator::{
-    CopyConfig, LinkSecurity, Primary, PrimaryConfig, VolumeConfig, VolumeStatus,
-};
+use lockstep_replicator::secondary::Secondary;
+use lockstep_replicator::testing::{NodeLink, NodeSpec, ReplicatorNode};
+use lockstep_replicator::{Primary, PrimaryConfig, VolumeStatus};
 use lockstep_testapi::TestApiServer;
 use serde_json::json;
 
@@ -39,27 +36,6 @@ pub const CSI_DRIVER: &str = "nbd.lockstep.dev";
 pub const STORAGE_CLASS: &str = "lockstep-nbd";
 /// How long start-up steps (CRDs established, objects created) may take.
 const STARTUP_DEADLINE: Duration = Duration::from_secs(30);
-
-/// The replication link's security, as in production: mutual TLS with one CA per site (made here, once
-/// per cluster). The primary's identity is its node's name; the secondary's certificate names the
-/// loopback address the primary dials (through the link-cut proxy).
-fn link_security(cluster: &str, node: &str) -> Result<(LinkSecurity, LinkSecurity), String> {
-    let primary_site =
-        SiteCa::new(&format!("{cluster} primary site")).map_err(|e| e.to_string())?;
-    let secondary_site =
-        SiteCa::new(&format!("{cluster} secondary site")).map_err(|e| e.to_string())?;
-    let primary = primary_site
-        .link_tls(node, &[], &secondary_site)
-        .map_err(|e| e.to_string())?;
-    let secondary = secondary_site
-        .link_tls(
-            &format!("{cluster}-secondary"),
-            &["127.0.0.1"],
-            &primary_site,
-        )
-        .map_err(|e| e.to_string())?;
-    Ok((LinkSecurity::Tls(primary), LinkSecurity::Tls(secondary)))
-}
 
 /// Why a simulated cluster could not be built or driven.
 #[derive(Debug, thiserror::Error)]
@@ -82,13 +58,21 @@ pub enum ClusterError {
         /// Why.
         source: kube::Error,
     },
-    /// A replicator part could not start.
+    /// The node's replication (primary, secondary, links) could not start.
     #[error("{cluster}: replicator: {source}")]
     Replicator {
         /// The cluster.
         cluster: String,
         /// Why.
-        source: lockstep_replicator::StartError,
+        source: lockstep_replicator::testing::NodeError,
+    },
+    /// Lockstep's CRDs could not be installed.
+    #[error("{cluster}: {source}")]
+    Crds {
+        /// The cluster.
+        cluster: String,
+        /// Why.
+        source: lockstep_kube::crds::CrdError,
     },
     /// A file or socket failed.
     #[error("{cluster}: {what}: {source}")]
@@ -282,7 +266,7 @@ pub struct SimCluster {
     /// The replicator secondary (the remote site) of every volume.
     pub secondary: Secondary,
     /// How the secondary serves the replication link (to start it again the same way).
-    pub secondary_security: LinkSecurity,
+    pub secondary_security: lockstep_replicator::LinkSecurity,
     /// The unix socket of the node replicator's `Replicator` gRPC service (what the node's sidecar
     /// dials).
     pub control_socket: Option<PathBuf>,
@@ -398,51 +382,52 @@ impl SimCluster {
             create(&name, &client, node_object(&spec.node)).await?;
         }
 
-        let (primary_link, secondary_link) = link_security(&name, &spec.node).map_err(|e| {
-            io("making the replication link's certificates")(std::io::Error::other(e))
-        })?;
-        let secondary = Secondary::start(SecondaryConfig {
-            listen: ([127, 0, 0, 1], 0).into(),
-            dir: dir.join("secondary"),
-            security: secondary_link.clone(),
-        })
-        .await
-        .map_err(io("starting the secondary"))?;
-        let mut links = Vec::new();
-        let mut configs = Vec::new();
-        for v in &spec.volumes {
-            let link = LinkCut::start(secondary.local_addr())
-                .await
-                .map_err(io("starting a link-cut proxy"))?;
-            let mut config = VolumeConfig::new(
-                &v.handle,
-                dir.join("primary").join(format!("{}.img", v.handle)),
-                Some(v.size),
-                Some(CopyConfig {
-                    secondary: link.addr().to_string(),
-                    timeout: spec.copy_timeout,
-                    security: primary_link.clone(),
-                }),
-            );
-            config.hold_timeout = spec.hold_timeout;
-            configs.push(config);
-            links.push(link);
+        // The replication link is secured as in production: mutual TLS with one CA per site (made
+        // here, once per cluster); the primary's identity is its node's name.
+        let node = NodeSpec {
+            volumes: spec
+                .volumes
+                .iter()
+                .map(|v| (v.handle.clone(), v.size))
+                .collect(),
+            dir: Some(dir.to_path_buf()),
+            link: NodeLink::Tls {
+                site: name.clone(),
+                node: spec.node.clone(),
+            },
+            copy_timeout: spec.copy_timeout,
+            hold_timeout: spec.hold_timeout,
+            require_confirmation: false,
+            nbd_tcp: false,
+            nbd_unix: true,
+            control_socket: true,
         }
-        let socket = dir.join("nbd.sock");
-        let control_socket = dir.join("replicator.sock");
-        let primary_config = PrimaryConfig {
-            volumes: configs.clone(),
-            nbd_listen: None,
-            nbd_socket: Some(socket.clone()),
-            record_latency: false,
-            control_socket: Some(control_socket.clone()),
-        };
-        let primary = Primary::start(primary_config.clone())
-            .await
-            .map_err(|source| ClusterError::Replicator {
-                cluster: name.clone(),
-                source,
-            })?;
+        .start()
+        .await
+        .map_err(|source| ClusterError::Replicator {
+            cluster: name.clone(),
+            source,
+        })?;
+        let socket = node.nbd_socket().unwrap_or_default();
+        let control_socket = node.control_socket();
+        let primary_files: Vec<PathBuf> = spec
+            .volumes
+            .iter()
+            .map(|v| node.primary_file(&v.handle))
+            .collect();
+        let secondary_files: Vec<PathBuf> = spec
+            .volumes
+            .iter()
+            .map(|v| node.secondary_file(&v.handle))
+            .collect();
+        let ReplicatorNode {
+            primary,
+            primary_config,
+            secondary,
+            secondary_security,
+            links,
+            ..
+        } = node;
         timeline.say(format!(
             "{name}: replicator on {} serving {} over NBD at {}; secondary (remote site) at {}, over mutual TLS (per-site CAs)",
             spec.node,
@@ -456,7 +441,9 @@ impl SimCluster {
         ));
 
         let mut volumes = Vec::new();
-        for ((v, link), config) in spec.volumes.iter().zip(links).zip(configs) {
+        let files = primary_files.into_iter().zip(secondary_files);
+        for ((v, link), (primary_path, secondary_path)) in spec.volumes.iter().zip(links).zip(files)
+        {
             create_bound_claim(&name, &client, &spec, v).await?;
             timeline.say(format!(
                 "{name}: pvc {}/{} bound to pv pv-{} (csi {CSI_DRIVER}, volumeHandle {}), {} MiB, copied through link {} -> {}",
@@ -470,8 +457,8 @@ impl SimCluster {
             ));
             volumes.push(SimVolume {
                 spec: v.clone(),
-                primary_path: config.path,
-                secondary_path: dir.join("secondary").join(&v.handle),
+                primary_path,
+                secondary_path,
                 nbd: NbdAddress::Unix {
                     socket: socket.clone(),
                     export: v.handle.clone(),
@@ -488,8 +475,8 @@ impl SimCluster {
             primary,
             primary_config,
             secondary,
-            secondary_security: secondary_link,
-            control_socket: Some(control_socket),
+            secondary_security,
+            control_socket,
             volumes,
             dir: dir.to_path_buf(),
         })
@@ -564,34 +551,12 @@ fn kube_err(cluster: &str, what: impl Into<String>) -> impl FnOnce(kube::Error) 
 
 /// Creates every Lockstep CRD (an existing one is kept) and waits until each is Established.
 pub async fn install_crds(cluster: &str, client: &kube::Client) -> Result<(), ClusterError> {
-    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
-    for crd in lockstep_api::crds::all() {
-        let name = crd.metadata.name.clone().unwrap_or_default();
-        match crds.create(&PostParams::default(), &crd).await {
-            Ok(_) => {}
-            Err(kube::Error::Api(status)) if status.code == 409 => {}
-            Err(e) => return Err(kube_err(cluster, format!("creating CRD {name}"))(e)),
-        }
-        let established = await_condition(crds.clone(), &name, conditions::is_crd_established());
-        match tokio::time::timeout(STARTUP_DEADLINE, established).await {
-            Ok(Ok(_)) => {}
-            Ok(Err(e)) => {
-                return Err(ClusterError::Kube {
-                    cluster: cluster.to_owned(),
-                    what: format!("waiting for CRD {name}"),
-                    source: kube::Error::Service(Box::new(e)),
-                });
-            }
-            Err(_) => {
-                return Err(ClusterError::Timeout {
-                    cluster: cluster.to_owned(),
-                    what: format!("CRD {name} Established"),
-                    within: STARTUP_DEADLINE,
-                });
-            }
-        }
-    }
-    Ok(())
+    lockstep_kube::crds::install_crds(client)
+        .await
+        .map_err(|source| ClusterError::Crds {
+            cluster: cluster.to_owned(),
+            source,
+        })
 }
 
 /// The repository's generated CRD manifests, as paths from the repository's root.

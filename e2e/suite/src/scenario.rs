@@ -1430,21 +1430,15 @@ async fn poll<T>(what: &str, mut check: impl FnMut() -> Option<T>) -> Result<T, 
     poll_async(what, || std::future::ready(check())).await
 }
 
-/// Polls `check` every 20 ms until it answers, for up to [`DEADLINE`].
-async fn poll_async<T, F>(what: &str, mut check: impl FnMut() -> F) -> Result<T, FaultError>
+/// Polls `check` every 20 ms until it answers, for up to [`DEADLINE`] (the workspace's one polling
+/// loop, `lockstep_replicator::testing::poll_until`).
+async fn poll_async<T, F>(what: &str, check: impl FnMut() -> F) -> Result<T, FaultError>
 where
     F: std::future::Future<Output = Option<T>>,
 {
-    let deadline = tokio::time::Instant::now() + DEADLINE;
-    loop {
-        if let Some(found) = check().await {
-            return Ok(found);
-        }
-        if tokio::time::Instant::now() >= deadline {
-            return Err(FaultError::Timeout(what.to_owned(), DEADLINE));
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    lockstep_replicator::testing::poll_until(what, DEADLINE, check)
+        .await
+        .map_err(|timed_out| FaultError::Timeout(timed_out.what, timed_out.within))
 }
 
 /// Whether `status` is suspended at `epoch`.

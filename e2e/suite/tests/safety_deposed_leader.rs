@@ -16,21 +16,21 @@ use lockstep_e2e::faults::LinkCutMode;
 use lockstep_e2e::scenario::{Harness, Setup};
 use lockstep_e2e::service::ready;
 
-/// Polls `check` every 50 ms until it holds, or panics naming `what` (with the timeline) after a
-/// generous deadline: nothing here asserts how fast.
+/// Polls `check` until it holds, or panics naming `what` (with the timeline) after a generous deadline:
+/// nothing here asserts how fast.
 async fn eventually<F: std::future::Future<Output = bool>>(
     h: &Harness,
     what: &str,
     mut check: impl FnMut() -> F,
 ) {
-    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(60);
-    while !check().await {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{what} did not happen\n{}",
-            h.timeline.text()
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    let deadline = lockstep_replicator::testing::EVENTUALLY_DEADLINE;
+    let held = lockstep_replicator::testing::poll_until(what, deadline, || {
+        let holds = check();
+        async move { holds.await.then_some(()) }
+    })
+    .await;
+    if let Err(timed_out) = held {
+        panic!("{timed_out}\n{}", h.timeline.text());
     }
     h.timeline.say(what);
 }

@@ -3,39 +3,23 @@
 
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
-use std::{collections::BTreeMap, future::Future, time::Duration};
+use std::collections::BTreeMap;
 
 use k8s_openapi::{
     api::core::v1::{
         CSIPersistentVolumeSource, Namespace, PersistentVolume, PersistentVolumeClaim,
         PersistentVolumeClaimSpec, PersistentVolumeSpec, VolumeResourceRequirements,
     },
-    apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
     apimachinery::pkg::api::resource::Quantity,
     apimachinery::pkg::apis::meta::v1::ObjectMeta,
 };
 use kube::{Api, Client, api::PostParams};
+use lockstep_api::v1alpha1::ConsistencyGroup;
 use lockstep_kube::backend::{ApiServer, Backend};
 use lockstep_testapi::{Options as ApiOptions, TestApiServer};
 
-/// Polls `check` until it returns `Some`, or panics naming `what` after a generous deadline.
-pub async fn eventually<T, F, Fut>(what: &str, mut check: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Option<T>>,
-{
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    loop {
-        if let Some(value) = check().await {
-            return value;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-}
+/// Polls until a check returns `Some` (the workspace's one `eventually`).
+pub use lockstep_replicator::testing::eventually;
 
 /// A test API server with the project's CRDs installed and the namespaces `orders`, `lockstep` and
 /// `lockstep-system`.
@@ -71,11 +55,7 @@ fn init_tracing() {
 /// Installs the project's CRDs (waiting until they are Established) and the namespaces `orders`,
 /// `lockstep` and `lockstep-system`.
 async fn prepare(client: &Client) {
-    let crds = Api::<CustomResourceDefinition>::all(client.clone());
-    for crd in lockstep_api::crds::all() {
-        crds.create(&PostParams::default(), &crd).await.unwrap();
-    }
-    crds_established(client).await;
+    lockstep_kube::crds::install_crds(client).await.unwrap();
     for namespace in ["orders", "lockstep", "lockstep-system"] {
         create_namespace(client, namespace).await;
     }
@@ -83,22 +63,36 @@ async fn prepare(client: &Client) {
 
 /// Waits until every CRD of the project is Established.
 pub async fn crds_established(client: &Client) {
-    let crds = Api::<CustomResourceDefinition>::all(client.clone());
-    for crd in lockstep_api::crds::all() {
-        let name = crd.metadata.name.clone().unwrap();
-        eventually(&format!("CRD {name} established"), || {
-            let (crds, name) = (crds.clone(), name.clone());
-            async move {
-                let crd = crds.get(&name).await.ok()?;
-                crd.status?
-                    .conditions?
-                    .iter()
-                    .any(|c| c.type_ == "Established" && c.status == "True")
-                    .then_some(())
-            }
-        })
-        .await;
-    }
+    lockstep_kube::crds::crds_established(client).await.unwrap();
+}
+
+/// Waits until the group `orders-db` is `done`; returns it as then seen.
+pub async fn wait_for_group(
+    groups: &Api<ConsistencyGroup>,
+    what: &str,
+    done: impl Fn(&ConsistencyGroup) -> bool,
+) -> ConsistencyGroup {
+    eventually(what, || {
+        let groups = groups.clone();
+        let done = &done;
+        async move {
+            let group = groups.get("orders-db").await.ok()?;
+            done(&group).then_some(group)
+        }
+    })
+    .await
+}
+
+/// Merges `spec` into the group `orders-db`'s spec.
+pub async fn patch_spec(groups: &Api<ConsistencyGroup>, spec: serde_json::Value) {
+    groups
+        .patch(
+            "orders-db",
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(&serde_json::json!({ "spec": spec })),
+        )
+        .await
+        .unwrap();
 }
 
 /// Creates a namespace.

@@ -4,7 +4,10 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+#[allow(unused_imports)]
+pub use lockstep_replicator::testing::eventually;
 
 use lockstep_replicator::linkcut::LinkCut;
 use lockstep_replicator::nbd::proto;
@@ -149,18 +152,6 @@ pub async fn qemu_io(url: &str, commands: &[&str]) -> ToolOutput {
 /// `qemu-img compare` of two raw images (files or NBD URLs).
 pub async fn qemu_img_compare(a: &str, b: &str) -> ToolOutput {
     tool("qemu-img", &["compare", "-f", "raw", "-F", "raw", a, b]).await
-}
-
-/// Polls `f` until it returns `Some`, or panics at the deadline.
-pub async fn eventually<T>(what: &str, within: Duration, mut f: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + within;
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
 }
 
 /// Reads `len` bytes at `offset` of a file.

@@ -12,7 +12,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::{Stream, StreamExt};
-use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{Patch, PatchParams, PostParams};
 use kube::{Api, Client};
 use lockstep_api::proto::control::v1 as cpb;
@@ -29,16 +28,11 @@ pub const CLUSTER: &str = "east";
 pub const NODE: &str = "node-1";
 pub const GROUP: &str = "orders";
 
-/// Polls `check` every 25 ms for up to 60 s; panics with `what` when it never holds.
+/// Polls `check` until it holds; panics with `what` when it never does (the workspace's one
+/// `eventually`, for a check that answers yes or no).
 pub async fn eventually<F: FnMut() -> bool>(what: &str, mut check: F) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    while tokio::time::Instant::now() < deadline {
-        if check() {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    panic!("timed out waiting for: {what}");
+    lockstep_replicator::testing::eventually(what, || std::future::ready(check().then_some(())))
+        .await
 }
 
 /// As [`eventually`], with an async check.
@@ -47,14 +41,11 @@ where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = bool>,
 {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    while tokio::time::Instant::now() < deadline {
-        if check().await {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    panic!("timed out waiting for: {what}");
+    lockstep_replicator::testing::eventually(what, || {
+        let holds = check();
+        async move { holds.await.then_some(()) }
+    })
+    .await
 }
 
 // ---- Replicator double ---------------------------------------------------------------------------
@@ -943,10 +934,7 @@ pub async fn api_server() -> (TestApiServer, Client) {
         .await
         .unwrap();
     let client = server.client().await.unwrap();
-    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
-    for crd in lockstep_api::crds::all() {
-        crds.create(&PostParams::default(), &crd).await.unwrap();
-    }
+    lockstep_kube::crds::install_crds(&client).await.unwrap();
     let namespaces: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(client.clone());
     namespaces
         .create(
