@@ -420,25 +420,10 @@ impl Control for ControlService {
                 .await?;
         }
         let node = speaker.node;
-        let mut reasons = Vec::new();
-        if !request.volumes.is_empty()
-            && !self
-                .engine
-                .sessions()
-                .record_volumes(&node, reported_volumes(&node, &request.volumes))
-        {
-            reasons.push(
-                "resolved volumes not recorded: the node holds no Subscribe stream (its next subscription carries them)"
-                    .to_owned(),
-            );
-        }
-        if !request.states.is_empty() {
-            let states = volume_states(&node, &request.states)?;
-            // Without an open stream they are dropped: the sidecar sends them again on subscribing.
-            self.engine.sessions().record_states(&node, states);
-        }
-        // Every entry is checked before any is decided, then each group's entries are decided as one
-        // batch (one read, at most one status write), not one decision per failure.
+        // Every entry is checked before anything is recorded or decided (a refused report changes
+        // nothing), then each group's entries are decided as one batch (one read, at most one status
+        // write), not one decision per failure.
+        let states = volume_states(&node, &request.states)?;
         let mut by_group: BTreeMap<&str, Vec<Event>> = BTreeMap::new();
         for failure in &request.failures {
             if failure.epoch_seen > MAX_EPOCH {
@@ -510,6 +495,22 @@ impl Control for ControlService {
                         .ok()
                         .map(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time),
                 }));
+        }
+        let mut reasons = Vec::new();
+        if !request.volumes.is_empty()
+            && !self
+                .engine
+                .sessions()
+                .record_volumes(&node, reported_volumes(&node, &request.volumes))
+        {
+            reasons.push(
+                "resolved volumes not recorded: the node holds no Subscribe stream (its next subscription carries them)"
+                    .to_owned(),
+            );
+        }
+        if !states.is_empty() {
+            // Without an open stream they are dropped: the sidecar sends them again on subscribing.
+            self.engine.sessions().record_states(&node, states);
         }
         let mut groups = Vec::new();
         let mut not_applied = None;
