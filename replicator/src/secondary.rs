@@ -391,7 +391,15 @@ async fn serve(
                 None
             }
         };
-        if let (Some(op), Some(log), Some(reader)) = (&op, undo.as_mut(), &reader) {
+        if op.is_some() && expected == u64::MAX {
+            // No sequence follows the last one: taking it would leave nothing to expect next.
+            failure = Some(format!(
+                "sequence {expected} is the last there is: reconnect with a lower first sequence"
+            ));
+        }
+        if failure.is_none()
+            && let (Some(op), Some(log), Some(reader)) = (&op, undo.as_mut(), &reader)
+        {
             let (offset, length) = match op {
                 StoreOp::Write { offset, data } => (*offset, data.len() as u64),
                 StoreOp::Trim { offset, length } => (*offset, *length),
