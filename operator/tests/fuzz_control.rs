@@ -885,7 +885,7 @@ fn the_control_service_refuses_hostile_calls_cleanly_and_keeps_its_invariants() 
     let fixture = Arc::new(runtime.block_on(Fixture::start()));
     let mut runner = proptest::test_runner::TestRunner::new(proptest::test_runner::Config {
         source_file: Some(file!()),
-        ..fuzz_config(48)
+        ..fuzz_config(200)
     });
     let strategy = (proptest::collection::vec(call(), 1..6), any::<bool>());
     runner

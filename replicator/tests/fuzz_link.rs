@@ -196,12 +196,15 @@ impl Hostile {
 /// volume. `None` when the hello did not open a volume this model covers.
 fn expected_image(frames: &[Frame], acked: Option<u64>) -> Result<Option<Vec<u8>>, String> {
     let Some(Frame::Hello {
-        size, first_seq, ..
+        volume,
+        size,
+        first_seq,
+        ..
     }) = frames.first()
     else {
         return Ok(None);
     };
-    if *size > 1 << 20 {
+    if volume != "case" || *size > 1 << 20 {
         return Ok(None);
     }
     let mut image = vec![0u8; *size as usize];
