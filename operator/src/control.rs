@@ -387,9 +387,46 @@ fn membership(engine: &Engine, cluster: &str) -> pb::Membership {
 
 type ControlStream = Pin<Box<dyn Stream<Item = Result<ControlMessage, Status>> + Send>>;
 
+/// `status` with its message cut to [`lockstep_api::domain::MESSAGE_LIMIT`] bytes: a message may echo
+/// what the caller sent (a group UID of 60 KiB), and gRPC carries it in a header that a client refuses
+/// past its limit — resetting the stream with a protocol error instead of the refusal.
+fn bounded_status(status: Status) -> Status {
+    if status.message().len() <= lockstep_api::domain::MESSAGE_LIMIT {
+        return status;
+    }
+    Status::new(
+        status.code(),
+        lockstep_api::domain::bounded_message(status.message()),
+    )
+}
+
 #[tonic::async_trait]
 impl Control for ControlService {
     async fn report(
+        &self,
+        request: Request<ReportRequest>,
+    ) -> Result<Response<ReportResponse>, Status> {
+        self.take_report(request).await.map_err(bounded_status)
+    }
+
+    type SubscribeStream = ControlStream;
+
+    async fn subscribe(
+        &self,
+        request: Request<SubscribeRequest>,
+    ) -> Result<Response<Self::SubscribeStream>, Status> {
+        self.open_subscription(request)
+            .await
+            .map_err(bounded_status)
+    }
+
+    async fn ack(&self, request: Request<AckRequest>) -> Result<Response<AckResponse>, Status> {
+        self.take_ack(request).await.map_err(bounded_status)
+    }
+}
+
+impl ControlService {
+    async fn take_report(
         &self,
         request: Request<ReportRequest>,
     ) -> Result<Response<ReportResponse>, Status> {
@@ -544,12 +581,10 @@ impl Control for ControlService {
         }))
     }
 
-    type SubscribeStream = ControlStream;
-
-    async fn subscribe(
+    async fn open_subscription(
         &self,
         request: Request<SubscribeRequest>,
-    ) -> Result<Response<Self::SubscribeStream>, Status> {
+    ) -> Result<Response<ControlStream>, Status> {
         let speaker =
             self.authenticate(&request, "subscription", request.get_ref().node.as_ref())?;
         let node = speaker.node.clone();
@@ -621,7 +656,10 @@ impl Control for ControlService {
         Ok(Response::new(Box::pin(ReceiverStream::new(receiver))))
     }
 
-    async fn ack(&self, request: Request<AckRequest>) -> Result<Response<AckResponse>, Status> {
+    async fn take_ack(
+        &self,
+        request: Request<AckRequest>,
+    ) -> Result<Response<AckResponse>, Status> {
         let speaker =
             self.authenticate(&request, "acknowledgement", request.get_ref().node.as_ref())?;
         let node = speaker.node.clone();

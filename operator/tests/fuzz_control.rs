@@ -15,7 +15,6 @@ mod common;
 
 use std::{sync::Arc, time::Duration};
 
-use bytes::{Buf, BufMut};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 use kube::{Api, Client, api::PostParams};
 use lockstep_api::{
@@ -32,35 +31,28 @@ use lockstep_api::{
 use lockstep_operator::{Operator, Options, freeze};
 use proptest::prelude::*;
 use prost::Message;
-use tonic::{
-    Code, Status,
-    codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder},
-    transport::Channel,
-};
+use tonic::{Code, Status, transport::Channel};
 
-use common::{cluster, eventually, fuzz_config};
+use common::{cluster, eventually};
+use lockstep_api::fuzz::{RawCodec, config as fuzz_config, wire_enum};
 
 // ---------------------------------------------------------------------------------------------------
 // Hostile values
 // ---------------------------------------------------------------------------------------------------
 
-/// Strings a hostile peer sends: empty, control characters, Unicode look-alikes of the fixture's names,
-/// arbitrary text, and values far beyond the service's message limit.
-fn hostile_string() -> impl Strategy<Value = String> {
-    prop_oneof![
-        4 => Just(String::new()),
-        4 => proptest::collection::vec(0u8..0x20, 1..8)
-            .prop_map(|bytes| bytes.into_iter().map(char::from).collect()),
-        3 => prop_oneof![
-            Just("еdge".to_owned()),       // Cyrillic е
-            Just("edge\u{200b}".to_owned()), // zero-width space
-            Just("ｅｄｇｅ-1".to_owned()),  // full-width
-            Just("vol-edge-wal\u{0}".to_owned()),
-            Just("../../etc/passwd".to_owned()),
+/// Strings a hostile peer sends: empty, control characters, look-alikes of the fixture's names, arbitrary
+/// text, and values around the service's 64 KiB message limit.
+fn hostile_string() -> impl Strategy<Value = String> + Clone {
+    lockstep_api::fuzz::hostile_string(
+        &[
+            "еdge",         // Cyrillic е
+            "edge\u{200b}", // zero-width space
+            "ｅｄｇｅ-1",   // full-width
+            "vol-edge-wal\u{0}",
+            "../../etc/passwd",
         ],
-        6 => any::<String>(),
-        1 => (1usize..=3).prop_map(|n| "x".repeat(n * 48 * 1024)),
-    ]
+        40 * 1024..=160 * 1024,
+    )
 }
 
 /// Epochs: the group's current and next one (resolved at call time), the edges of the range and beyond.
@@ -80,15 +72,6 @@ fn epoch() -> impl Strategy<Value = Epoch> {
         1 => Just(Epoch::Literal(MAX_EPOCH + 1)),
         1 => Just(Epoch::Literal(u64::MAX)),
         1 => any::<u64>().prop_map(Epoch::Literal),
-    ]
-}
-
-/// Enum values on the wire: the known ones, unset, and unknown.
-fn wire_enum(known: i32) -> impl Strategy<Value = i32> {
-    prop_oneof![
-        8 => 1..=known,
-        1 => Just(0),
-        1 => any::<i32>(),
     ]
 }
 
@@ -467,42 +450,6 @@ fn edge_volume(pvc: &str) -> pb::ResolvedVolume {
         pvc: pvc.into(),
         persistent_volume: format!("pv-edge-{pvc}"),
         volume_handle: format!("vol-edge-{pvc}"),
-    }
-}
-
-/// Bytes passed through as they are: the body of a call is whatever the fuzzer made.
-#[derive(Debug, Clone, Copy, Default)]
-struct RawCodec;
-
-impl Encoder for RawCodec {
-    type Item = Vec<u8>;
-    type Error = Status;
-    fn encode(&mut self, item: Vec<u8>, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
-        dst.put_slice(&item);
-        Ok(())
-    }
-}
-
-impl Decoder for RawCodec {
-    type Item = Vec<u8>;
-    type Error = Status;
-    fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<Vec<u8>>, Status> {
-        let mut bytes = vec![0; src.remaining()];
-        src.copy_to_slice(&mut bytes);
-        Ok(Some(bytes))
-    }
-}
-
-impl Codec for RawCodec {
-    type Encode = Vec<u8>;
-    type Decode = Vec<u8>;
-    type Encoder = RawCodec;
-    type Decoder = RawCodec;
-    fn encoder(&mut self) -> RawCodec {
-        *self
-    }
-    fn decoder(&mut self) -> RawCodec {
-        *self
     }
 }
 
@@ -885,6 +832,8 @@ fn the_control_service_refuses_hostile_calls_cleanly_and_keeps_its_invariants() 
     let fixture = Arc::new(runtime.block_on(Fixture::start()));
     let mut runner = proptest::test_runner::TestRunner::new(proptest::test_runner::Config {
         source_file: Some(file!()),
+        // Each case talks to a real server: shrinking is bounded in time, not only in steps.
+        max_shrink_time: 120_000,
         ..fuzz_config(200)
     });
     let strategy = (proptest::collection::vec(call(), 1..6), any::<bool>());

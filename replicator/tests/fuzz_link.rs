@@ -17,6 +17,7 @@ use std::time::Duration;
 use bytes::BytesMut;
 use common::*;
 use futures::{SinkExt, StreamExt};
+use lockstep_api::fuzz::config as fuzz_config;
 use lockstep_replicator::secondary::{Secondary, SecondaryConfig};
 use lockstep_replicator::wire::{Frame, FrameCodec};
 use proptest::prelude::*;
@@ -325,6 +326,8 @@ fn a_secondary_fed_hostile_streams_answers_cleanly_and_keeps_only_acknowledged_w
     let refused = std::cell::Cell::new(0usize);
     let mut runner = proptest::test_runner::TestRunner::new(proptest::test_runner::Config {
         source_file: Some(file!()),
+        // Each case talks to a real server: shrinking is bounded in time, not only in steps.
+        max_shrink_time: 120_000,
         ..fuzz_config(1_000)
     });
     runner

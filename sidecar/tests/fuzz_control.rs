@@ -20,6 +20,7 @@ use std::time::Duration;
 
 use common::*;
 use lockstep_api::domain::{ClaimOrder, GroupEpoch, MAX_EPOCH, Path, Stage};
+use lockstep_api::fuzz::{config as fuzz_config, wire_enum};
 use lockstep_api::proto::control::v1 as cpb;
 use lockstep_api::proto::replicator::v1 as rpb;
 use lockstep_sidecar::agent::{Agent, AgentConfig};
@@ -38,20 +39,11 @@ const VOLUMES: [&str; 3] = ["v1", "v2", "v3"];
 
 // ---- Hostile values ------------------------------------------------------------------------------
 
-fn hostile_string() -> impl Strategy<Value = String> {
-    prop_oneof![
-        3 => Just(String::new()),
-        3 => proptest::collection::vec(0u8..0x20, 1..8)
-            .prop_map(|bytes| bytes.into_iter().map(char::from).collect()),
-        2 => prop_oneof![
-            Just("ｇ1".to_owned()),
-            Just("g1\u{200b}".to_owned()),
-            Just("v1\u{0}".to_owned()),
-            Just("../v1".to_owned()),
-        ],
-        4 => any::<String>(),
-        1 => Just("x".repeat(256 * 1024)),
-    ]
+fn hostile_string() -> impl Strategy<Value = String> + Clone {
+    lockstep_api::fuzz::hostile_string(
+        &["ｇ1", "g1\u{200b}", "v1\u{0}", "../v1"],
+        1024..=512 * 1024,
+    )
 }
 
 fn group_uid() -> impl Strategy<Value = String> {
@@ -76,10 +68,6 @@ fn epoch() -> impl Strategy<Value = u64> {
         1 => Just(u64::MAX),
         1 => any::<u64>(),
     ]
-}
-
-fn wire_enum(known: i32) -> impl Strategy<Value = i32> {
-    prop_oneof![8 => 1..=known, 1 => Just(0), 1 => any::<i32>()]
 }
 
 fn wire_point() -> impl Strategy<Value = cpb::GroupEpoch> {
@@ -527,6 +515,8 @@ fn hostile_operator_messages_over_grpc_reach_the_core_only_validated() {
     let marker = std::cell::Cell::new(0u64);
     let mut runner = proptest::test_runner::TestRunner::new(proptest::test_runner::Config {
         source_file: Some(file!()),
+        // Each case talks to a real server: shrinking is bounded in time, not only in steps.
+        max_shrink_time: 120_000,
         ..fuzz_config(500)
     });
     let strategy = (

@@ -310,23 +310,6 @@ pub async fn read_option_reply(stream: &mut TcpStream) -> (u32, Vec<u8>) {
     (reply_type, data)
 }
 
-/// The configuration of a fuzz target: `LOCKSTEP_FUZZ_CASES` cases when set (`scripts/fuzz.sh`), else
-/// `default`, sized so that every fuzz target together stays within CI's budget.
-pub fn fuzz_config(default: u32) -> proptest::test_runner::Config {
-    let cases = std::env::var("LOCKSTEP_FUZZ_CASES")
-        .ok()
-        .and_then(|cases| cases.parse().ok())
-        .unwrap_or(default);
-    proptest::test_runner::Config {
-        cases,
-        // Next to the target's source: `tests/<target>.proptest-regressions`, committed when found.
-        failure_persistence: Some(Box::new(
-            proptest::test_runner::FileFailurePersistence::WithSource("proptest-regressions"),
-        )),
-        ..proptest::test_runner::Config::default()
-    }
-}
-
 /// Counts panics on every thread: a server task that panics only drops its connection, which a client
 /// cannot tell from a refusal.
 #[derive(Debug, Clone)]

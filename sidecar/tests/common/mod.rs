@@ -1089,20 +1089,3 @@ pub async fn create_claims(client: &Client, volumes: &[&str]) {
         .unwrap();
     }
 }
-
-/// The configuration of a fuzz target: `LOCKSTEP_FUZZ_CASES` cases when set (`scripts/fuzz.sh`), else
-/// `default`, sized so that every fuzz target together stays within CI's budget.
-pub fn fuzz_config(default: u32) -> proptest::test_runner::Config {
-    let cases = std::env::var("LOCKSTEP_FUZZ_CASES")
-        .ok()
-        .and_then(|cases| cases.parse().ok())
-        .unwrap_or(default);
-    proptest::test_runner::Config {
-        cases,
-        // Next to the target's source: `tests/<target>.proptest-regressions`, committed when found.
-        failure_persistence: Some(Box::new(
-            proptest::test_runner::FileFailurePersistence::WithSource("proptest-regressions"),
-        )),
-        ..proptest::test_runner::Config::default()
-    }
-}
