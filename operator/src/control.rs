@@ -388,9 +388,46 @@ fn membership(engine: &Engine, cluster: &str) -> pb::Membership {
 
 type ControlStream = Pin<Box<dyn Stream<Item = Result<ControlMessage, Status>> + Send>>;
 
+/// `status` with its message cut to [`lockstep_api::domain::MESSAGE_LIMIT`] bytes: a message may echo
+/// what the caller sent (a group UID of 60 KiB), and gRPC carries it in a header that a client refuses
+/// past its limit — resetting the stream with a protocol error instead of the refusal.
+fn bounded_status(status: Status) -> Status {
+    if status.message().len() <= lockstep_api::domain::MESSAGE_LIMIT {
+        return status;
+    }
+    Status::new(
+        status.code(),
+        lockstep_api::domain::bounded_message(status.message()),
+    )
+}
+
 #[tonic::async_trait]
 impl Control for ControlService {
     async fn report(
+        &self,
+        request: Request<ReportRequest>,
+    ) -> Result<Response<ReportResponse>, Status> {
+        self.take_report(request).await.map_err(bounded_status)
+    }
+
+    type SubscribeStream = ControlStream;
+
+    async fn subscribe(
+        &self,
+        request: Request<SubscribeRequest>,
+    ) -> Result<Response<Self::SubscribeStream>, Status> {
+        self.open_subscription(request)
+            .await
+            .map_err(bounded_status)
+    }
+
+    async fn ack(&self, request: Request<AckRequest>) -> Result<Response<AckResponse>, Status> {
+        self.take_ack(request).await.map_err(bounded_status)
+    }
+}
+
+impl ControlService {
+    async fn take_report(
         &self,
         request: Request<ReportRequest>,
     ) -> Result<Response<ReportResponse>, Status> {
@@ -421,25 +458,10 @@ impl Control for ControlService {
                 .await?;
         }
         let node = speaker.node;
-        let mut reasons = Vec::new();
-        if !request.volumes.is_empty()
-            && !self
-                .engine
-                .sessions()
-                .record_volumes(&node, reported_volumes(&node, &request.volumes))
-        {
-            reasons.push(
-                "resolved volumes not recorded: the node holds no Subscribe stream (its next subscription carries them)"
-                    .to_owned(),
-            );
-        }
-        if !request.states.is_empty() {
-            let states = volume_states(&node, &request.states)?;
-            // Without an open stream they are dropped: the sidecar sends them again on subscribing.
-            self.engine.sessions().record_states(&node, states);
-        }
-        // Every entry is checked before any is decided, then each group's entries are decided as one
-        // batch (one read, at most one status write), not one decision per failure.
+        // Every entry is checked before anything is recorded or decided (a refused report changes
+        // nothing), then each group's entries are decided as one batch (one read, at most one status
+        // write), not one decision per failure.
+        let states = volume_states(&node, &request.states)?;
         let mut by_group: BTreeMap<&str, Vec<Event>> = BTreeMap::new();
         for failure in &request.failures {
             if failure.epoch_seen > MAX_EPOCH {
@@ -512,6 +534,22 @@ impl Control for ControlService {
                         .map(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time),
                 }));
         }
+        let mut reasons = Vec::new();
+        if !request.volumes.is_empty()
+            && !self
+                .engine
+                .sessions()
+                .record_volumes(&node, reported_volumes(&node, &request.volumes))
+        {
+            reasons.push(
+                "resolved volumes not recorded: the node holds no Subscribe stream (its next subscription carries them)"
+                    .to_owned(),
+            );
+        }
+        if !states.is_empty() {
+            // Without an open stream they are dropped: the sidecar sends them again on subscribing.
+            self.engine.sessions().record_states(&node, states);
+        }
         let mut groups = Vec::new();
         let mut not_applied = None;
         for (uid, events) in by_group {
@@ -544,12 +582,10 @@ impl Control for ControlService {
         }))
     }
 
-    type SubscribeStream = ControlStream;
-
-    async fn subscribe(
+    async fn open_subscription(
         &self,
         request: Request<SubscribeRequest>,
-    ) -> Result<Response<Self::SubscribeStream>, Status> {
+    ) -> Result<Response<ControlStream>, Status> {
         let speaker =
             self.authenticate(&request, "subscription", request.get_ref().node.as_ref())?;
         let node = speaker.node.clone();
@@ -621,7 +657,10 @@ impl Control for ControlService {
         Ok(Response::new(Box::pin(ReceiverStream::new(receiver))))
     }
 
-    async fn ack(&self, request: Request<AckRequest>) -> Result<Response<AckResponse>, Status> {
+    async fn take_ack(
+        &self,
+        request: Request<AckRequest>,
+    ) -> Result<Response<AckResponse>, Status> {
         let speaker =
             self.authenticate(&request, "acknowledgement", request.get_ref().node.as_ref())?;
         let node = speaker.node.clone();

@@ -38,7 +38,7 @@ impl ControlService {
         self.exports
             .get(name)
             .filter(|v| v.name() == name)
-            .ok_or_else(|| Status::not_found(format!("no volume {name:?}")))
+            .ok_or_else(|| Status::not_found(format!("no volume {}", quoted(name))))
     }
 
     /// Serves on a unix socket until the task is dropped. Dropping it also ends every accepted
@@ -132,6 +132,34 @@ impl tonic::transport::server::Connected for Killable {
     fn connect_info(&self) -> Self::ConnectInfo {
         self.stream.connect_info()
     }
+}
+
+/// The longest group UID the service takes (a Kubernetes UID is 36 bytes): a group UID is kept in the
+/// volume's state and named in every answer about it.
+pub const MAX_GROUP_UID: usize = 253;
+
+/// Refuses a group UID longer than [`MAX_GROUP_UID`].
+fn bounded_group(group_uid: &str) -> Result<(), Status> {
+    if group_uid.len() > MAX_GROUP_UID {
+        return Err(Status::invalid_argument(format!(
+            "a group UID of {} bytes (at most {MAX_GROUP_UID}): {}",
+            group_uid.len(),
+            quoted(group_uid)
+        )));
+    }
+    Ok(())
+}
+
+/// `text` quoted for an answer, cut after 64 characters: a value echoed from a request must not swell
+/// the answer's status past what a gRPC client takes in its headers (a longer one closes the
+/// connection).
+fn quoted(text: &str) -> String {
+    const SHOWN: usize = 64;
+    if text.chars().nth(SHOWN).is_none() {
+        return format!("{text:?}");
+    }
+    let head: String = text.chars().take(SHOWN).collect();
+    format!("{head:?}… ({} bytes)", text.len())
 }
 
 /// Binds the control socket (removing a stale socket file).
@@ -242,6 +270,7 @@ impl ControlService {
         if request.group_uid.is_empty() {
             return Err(Status::invalid_argument("the directive names no group"));
         }
+        bounded_group(&request.group_uid)?;
         // Resolve every volume first, so an unknown name changes nothing.
         let volumes = request
             .volume_handles
@@ -275,6 +304,7 @@ impl ControlService {
         if request.group_uid.is_empty() {
             return Err(Status::invalid_argument("the request names no group"));
         }
+        bounded_group(&request.group_uid)?;
         let volumes = request
             .volume_handles
             .iter()
@@ -287,7 +317,7 @@ impl ControlService {
             return Err(Status::failed_precondition(format!(
                 "volume {} is not in group {}",
                 other.name(),
-                request.group_uid
+                quoted(&request.group_uid)
             )));
         }
         let kept = volumes
@@ -336,6 +366,7 @@ impl Replicator for ControlService {
     ) -> Result<Response<pb::VolumeState>, Status> {
         let r = request.into_inner();
         let volume = self.volume(&r.volume_handle)?;
+        bounded_group(&r.group_uid)?;
         let stage = stage_from_pb(r.stage)?;
         let hold_timeout =
             (r.hold_timeout_ms > 0).then(|| Duration::from_millis(r.hold_timeout_ms));

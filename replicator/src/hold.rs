@@ -924,10 +924,12 @@ impl ReplState {
     ) -> Result<Option<oneshot::Receiver<Result<(), CopyError>>>, DirectiveError> {
         self.check_group(group)?;
         match self.mode {
+            // Suspended at exactly `epoch` and still at its freeze: what the write of the release
+            // waits for (a volume whose epoch moved on without a new suspension would never get there).
             Mode::Suspended {
                 epoch: at,
                 fail_safe: false,
-            } if at == epoch => {}
+            } if at == epoch && self.position() == (epoch, Some(Stage::Freeze)) => {}
             Mode::Running { epoch: at }
                 if at == epoch && self.position() == (epoch, Some(Stage::Release)) =>
             {
@@ -936,8 +938,8 @@ impl ReplState {
             ref other => {
                 return Err(DirectiveError::Refused(format!(
                     "release at epoch {epoch} needs the volume suspended at exactly {epoch} \
-                     (not by the fail-safe); it is {other:?} at epoch {}",
-                    self.epoch
+                     (not by the fail-safe); it is {other:?} at epoch {} stage {:?}",
+                    self.epoch, self.stage
                 )));
             }
         }
@@ -1069,6 +1071,9 @@ impl ReplState {
         }
         match stage {
             None => {
+                // The volume's epoch moves on: a release still being written for the old one will
+                // never take effect, and its callers are told so rather than left waiting.
+                self.abandon_release();
                 self.epoch = epoch;
                 Ok(Some(self.persist()))
             }
@@ -1111,6 +1116,32 @@ mod tests {
             offset: seq * 4096,
             data: Bytes::from_static(&[1u8; 16]),
         }
+    }
+
+    /// Found by `tests/fuzz_replicator_service.rs`: a Release call that hung for good.
+    #[test]
+    fn a_release_is_answered_or_refused_never_left_waiting() {
+        let now = Instant::now();
+        // A configuration naming a later epoch without a stage moves the epoch, not the suspension:
+        // a release at the suspension's epoch is refused at once.
+        let mut s = replicating();
+        s.suspend("g", 4, false, now).unwrap();
+        write_state(&mut s, true);
+        s.configure("g", 5, None, now).unwrap();
+        write_state(&mut s, true);
+        assert!(matches!(
+            s.release("g", 4),
+            Err(DirectiveError::Refused(message)) if message.contains("stage")
+        ));
+        // A release accepted, then overtaken by such a configuration before its state was written, is
+        // answered with an error.
+        let mut s = replicating();
+        s.suspend("g", 4, false, now).unwrap();
+        write_state(&mut s, true);
+        let mut release = s.release("g", 4).unwrap().expect("a release to write");
+        s.configure("g", 5, None, now).unwrap();
+        write_state(&mut s, true);
+        assert!(matches!(release.try_recv(), Ok(Err(_))));
     }
 
     fn replicating() -> ReplState {

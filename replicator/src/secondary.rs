@@ -588,6 +588,12 @@ async fn serve(
                 None
             }
         };
+        if op.is_some() && expected == u64::MAX {
+            // No sequence follows the last one: taking it would leave nothing to expect next.
+            failure = Some(format!(
+                "sequence {expected} is the last there is: reconnect with a lower first sequence"
+            ));
+        }
         if let Some(message) = failure {
             // Everything before it is applied and acknowledged; this one is refused.
             let applied = match kept.as_mut() {

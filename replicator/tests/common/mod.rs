@@ -302,3 +302,32 @@ pub async fn read_option_reply(stream: &mut TcpStream) -> (u32, Vec<u8>) {
     stream.read_exact(&mut data).await.unwrap();
     (reply_type, data)
 }
+
+/// Counts panics on every thread: a server task that panics only drops its connection, which a client
+/// cannot tell from a refusal.
+#[derive(Debug, Clone)]
+pub struct PanicWatch(std::sync::Arc<std::sync::atomic::AtomicUsize>);
+
+impl PanicWatch {
+    /// Panics so far, in this test binary.
+    pub fn count(&self) -> usize {
+        self.0.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+/// Starts counting panics (once per test binary; the panics are still printed).
+pub fn watch_panics() -> PanicWatch {
+    static PANICS: std::sync::OnceLock<std::sync::Arc<std::sync::atomic::AtomicUsize>> =
+        std::sync::OnceLock::new();
+    let count = PANICS.get_or_init(|| {
+        let count = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let seen = count.clone();
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            previous(info);
+        }));
+        count
+    });
+    PanicWatch(count.clone())
+}
