@@ -641,9 +641,9 @@ impl Enforcer {
 
     fn inventory(&mut self, carried: Vec<Carried>, out: &mut Outcome) {
         let served: BTreeSet<String> = carried.iter().map(|c| c.volume.clone()).collect();
-        let held: Vec<(String, u64)> = carried
+        let held: Vec<(String, u64, u64)> = carried
             .iter()
-            .filter_map(|c| Some((c.volume.clone(), c.held_after_failure?)))
+            .filter_map(|c| Some((c.volume.clone(), c.held_after_failure?, c.level.epoch)))
             .collect();
         self.volumes.retain(|name, _| served.contains(name));
         for c in carried {
@@ -669,11 +669,22 @@ impl Enforcer {
             }
         }
         self.inventory_known = true;
-        for (volume, sequence) in held {
-            if self.group_of(&volume).is_some() {
-                let error = "the replicator holds this volume's writes after a failed copy (found in its volume list: the failure was announced before this sidecar listened)".to_owned();
-                self.copy_failed(volume, sequence, error, 0, out);
+        for (volume, sequence, failed_at) in held {
+            let Some(group_uid) = self.group_of(&volume) else {
+                continue;
+            };
+            // A volume still listed as held at an epoch the group has moved past failed before a freeze
+            // that already answered it (its directive suspends it): reporting it again would freeze anew.
+            let seen = self
+                .groups
+                .get(&group_uid)
+                .and_then(|group| group.seen)
+                .map_or(0, |level| level.epoch);
+            if seen > failed_at {
+                continue;
             }
+            let error = "the replicator holds this volume's writes after a failed copy (found in its volume list: the failure was announced before this sidecar listened)".to_owned();
+            self.copy_failed(volume, sequence, error, 0, out);
         }
         self.enforce_all(out);
     }

@@ -1187,3 +1187,18 @@ fn a_volume_the_replicator_holds_after_a_failed_copy_is_a_failure_even_unannounc
     core.handle(Input::Inventory(vec![held]));
     assert_eq!(core.failures().len(), 1);
 }
+
+#[test]
+fn a_volume_still_listed_as_held_at_an_epoch_the_group_left_is_no_new_failure() {
+    // Held at epoch 2, then the group froze at 3 (that freeze answered the failure): a volume list read
+    // before the suspension reached the replicator must not freeze the group again.
+    let mut core = replicating();
+    core.handle(directive(Path::Api, 3, Stage::Freeze));
+    let mut held = carrying("v1", Level::point(2, Stage::Resume), true);
+    held.held_after_failure = Some(5);
+    core.handle(Input::Inventory(vec![
+        held,
+        carrying("v2", Level::point(3, Stage::Freeze), true),
+    ]));
+    assert!(core.failures().is_empty(), "{:?}", core.failures());
+}
