@@ -28,7 +28,11 @@ use lockstep_api::domain::{Phase, Policy, Stage};
 use lockstep_api::v1alpha1::ConsistencyGroup;
 use lockstep_e2e::faults::LinkCutMode;
 use lockstep_e2e::scenario::{Harness, Setup};
+use lockstep_replicator::testing::poll_until;
 use lockstep_replicator::undo::RolledBack;
+
+/// How long a condition of these scenarios may take to appear.
+const WAIT: std::time::Duration = std::time::Duration::from_secs(30);
 
 const CLUSTERS: [&str; 2] = ["east", "west"];
 
@@ -208,18 +212,17 @@ async fn a_secondary_out_of_undo_log_space_refuses_the_resync_and_the_group_says
                 .as_deref()
                 .is_some_and(|note| note.contains("undo log out of space"))
     };
-    let mut seen = Vec::new();
-    for _ in 0..300 {
-        seen = events.list(&ListParams::default()).await.unwrap().items;
-        if seen.iter().any(out_of_space) {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
+    let seen = std::cell::RefCell::new(Vec::new());
+    let recorded = poll_until("the UndoLogOutOfSpace Event", WAIT, || async {
+        *seen.borrow_mut() = events.list(&ListParams::default()).await.ok()?.items;
+        seen.borrow().iter().any(out_of_space).then_some(())
+    })
+    .await;
     assert!(
-        seen.iter().any(out_of_space),
+        recorded.is_ok(),
         "no UndoLogOutOfSpace Event: {:?}",
-        seen.iter()
+        seen.borrow()
+            .iter()
             .map(|e| (&e.reason, &e.note))
             .collect::<Vec<_>>()
     );
@@ -281,22 +284,21 @@ async fn a_grpc_only_members_kept_image_is_dropped_once_the_group_is_in_sync_aga
     ok!(h, h.wait_group("replicating in sync at epoch 1", in_sync));
 
     // Back in sync: the gRPC-only member drops its kept image like the others.
-    let mut left = Vec::new();
-    for _ in 0..3000 {
-        left = h
-            .world
+    let still_kept = || {
+        h.world
             .volumes()
             .filter(|(c, v)| c.secondary.kept_image(&v.spec.handle).unwrap().is_some())
             .map(|(_, v)| v.spec.handle.clone())
-            .collect::<Vec<_>>();
-        if left.is_empty() {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-    }
+            .collect::<Vec<_>>()
+    };
+    let dropped = poll_until("every kept image dropped", WAIT, || async {
+        still_kept().is_empty().then_some(())
+    })
+    .await;
     assert!(
-        left.is_empty(),
-        "kept images not dropped: {left:?}\n{}",
+        dropped.is_ok(),
+        "kept images not dropped: {:?}\n{}",
+        still_kept(),
         h.timeline.text()
     );
     h.timeline.say(format!(
