@@ -8,7 +8,7 @@ use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::{
 };
 use kube::CustomResourceExt;
 
-use crate::v1alpha1::{ConsistencyGroup, MemberCluster, ReplicationNode};
+use crate::v1alpha1::{ConsistencyGroup, ConsistencyGroupShard, MemberCluster, ReplicationNode};
 
 /// The command that regenerates the committed CRD YAML.
 pub const REGENERATE_COMMAND: &str = "cargo run -p lockstep-api --bin crdgen";
@@ -22,6 +22,7 @@ pub fn all() -> Vec<CustomResourceDefinition> {
         ConsistencyGroup::crd(),
         MemberCluster::crd(),
         ReplicationNode::crd(),
+        ConsistencyGroupShard::crd(),
     ];
     for version in crds.iter_mut().flat_map(|crd| crd.spec.versions.iter_mut()) {
         if let Some(schema) = version

@@ -347,10 +347,9 @@ fn membership(engine: &Engine, cluster: &str) -> pb::Membership {
                         })
                 })
                 .chain(
-                    group
-                        .status
+                    engine
+                        .member_volumes_of(&uid)
                         .iter()
-                        .flat_map(|status| status.members.iter())
                         .filter(|m| m.cluster == cluster)
                         .map(|member| pb::ResolvedVolume {
                             namespace: member.namespace.clone(),

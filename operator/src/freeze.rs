@@ -505,6 +505,7 @@ fn record_hold_timeout(
         epoch,
         failed_writes: 0,
         volumes: Vec::new(),
+        volume_count: 0,
         since: None,
     });
     if held.epoch != epoch {
@@ -512,6 +513,7 @@ fn record_hold_timeout(
             epoch,
             failed_writes: 0,
             volumes: Vec::new(),
+            volume_count: 0,
             since: None,
         };
     }
@@ -644,7 +646,7 @@ fn older_image_kept(status: &ConsistencyGroupStatus) -> Option<u64> {
 /// when the group was replicating, the volumes in sync then; when it was already frozen or released, the
 /// volumes of the image it held (their secondaries have not moved since). A volume that joins later, or
 /// was still resyncing, stays outside until the group replicates in sync again.
-fn begin_image(status: &mut ConsistencyGroupStatus, new_epoch: u64) {
+pub fn begin_image(status: &mut ConsistencyGroupStatus, new_epoch: u64) {
     let (epoch, stage) = status.position();
     let resyncing = status.phase == Some(Phase::Resyncing);
     for member in &mut status.members {
@@ -986,6 +988,7 @@ fn advance(decision: &mut Decision, group: &ConsistencyGroup, uid: &str) {
                             })
                         })
                         .collect(),
+                    volume_count: 0,
                 });
             }
             let release_asked = group

@@ -21,6 +21,7 @@ pub mod freeze;
 pub mod http;
 pub mod identity;
 pub mod leader;
+pub mod ledger;
 pub mod listed;
 pub mod members;
 pub mod metrics;
@@ -80,10 +81,18 @@ pub struct Options {
     /// sessions without limit.
     #[arg(long, env = "LOCKSTEP_MAX_SESSIONS_PER_CLUSTER", default_value_t = sessions::DEFAULT_SESSIONS_PER_CLUSTER)]
     pub max_sessions_per_cluster: usize,
+    /// How many volumes one group may resolve to (its status counts them and its shards list them, so
+    /// this bounds the operator's memory): a group that resolves to more is Degraded, says why, and
+    /// never releases a freeze.
+    #[arg(long, env = "LOCKSTEP_MAX_GROUP_VOLUMES", default_value_t = DEFAULT_MAX_GROUP_VOLUMES)]
+    pub max_group_volumes: usize,
     /// TLS and authentication of the gRPC Control service.
     #[command(flatten)]
     pub control_security: ControlSecurity,
 }
+
+/// The default of [`Options::max_group_volumes`].
+pub const DEFAULT_MAX_GROUP_VOLUMES: usize = 20_000;
 
 /// TLS and authentication of the gRPC Control service: TLS with a certificate from files, and every
 /// sidecar authenticated by its node's ServiceAccount token; plaintext only by an explicit opt-in.
@@ -543,7 +552,8 @@ async fn resync_loop(engine: Engine, interval: Duration) {
             .collect();
         let states: Vec<_> = groups
             .iter()
-            .flat_map(|group| group.status.iter().flat_map(|status| status.members.iter()))
+            .filter_map(|group| group.metadata.uid.as_deref())
+            .flat_map(|uid| engine.member_volumes_of(uid))
             .filter_map(|member| member.state)
             .collect();
         engine.metrics().census(&phases, &states);

@@ -4,8 +4,8 @@
 //!
 //! A mirror is labelled with the hub's identity and the hub group's UID, and annotated with the hub
 //! group's creation time (the claim order of rule 5). Its spec is the hub's (edits made
-//! in the mirror are overwritten by server-side apply with force); its status carries the epoch, stage and
-//! the members in that cluster. A mirror another hub owns is never touched.
+//! in the mirror are overwritten by server-side apply with force); its status carries the epoch, stage, conditions
+//! and counts; the cluster's shards list its members. A mirror another hub owns is never touched.
 
 use std::collections::BTreeMap;
 
@@ -54,17 +54,18 @@ impl MirrorError {
     }
 }
 
-/// The status a mirror in `cluster` carries: the hub's position and conditions, and that cluster's members.
+/// The status a mirror in `cluster` carries: the hub's (bounded) status, counting that cluster's members
+/// (the cluster's shards list them).
 pub fn mirror_status(hub_status: &ConsistencyGroupStatus, cluster: &str) -> ConsistencyGroupStatus {
-    let members: Vec<_> = hub_status
-        .members
+    let member_count = hub_status
+        .volumes
         .iter()
-        .filter(|member| member.cluster == cluster)
-        .cloned()
-        .collect();
+        .flat_map(|counts| counts.clusters.iter())
+        .find(|counts| counts.cluster == cluster)
+        .map_or(0, |counts| counts.volumes);
     ConsistencyGroupStatus {
-        member_count: u32::try_from(members.len()).unwrap_or(u32::MAX),
-        members,
+        member_count,
+        members: Vec::new(),
         ..hub_status.clone()
     }
 }

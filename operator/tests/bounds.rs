@@ -48,6 +48,7 @@ fn options() -> Options {
         identity: "operator-0".into(),
         lease_duration: Duration::from_secs(2),
         max_sessions_per_cluster: lockstep_operator::sessions::DEFAULT_SESSIONS_PER_CLUSTER,
+        max_group_volumes: lockstep_operator::DEFAULT_MAX_GROUP_VOLUMES,
         control_security: lockstep_operator::ControlSecurity::insecure_plaintext(),
     }
 }
@@ -348,10 +349,19 @@ async fn a_status_write_the_api_server_refuses_drops_its_events_with_a_warning_a
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_group_whose_selector_resolves_more_volumes_than_the_status_lists_is_degraded_and_says_why()
+async fn a_group_whose_selector_resolves_more_volumes_than_the_operator_holds_is_degraded_and_says_why()
 -> TestResult {
-    let (_server, hub, operator) = edge_world().await;
-    // 1 025 bound claims labelled app=big in the hub: one more than the status lists.
+    let (_server, hub) = cluster().await;
+    member_cluster(&hub, "east", ClusterPaths::Both, true).await;
+    let operator = Operator::start(
+        hub.clone(),
+        &Options {
+            max_group_volumes: 1024,
+            ..options()
+        },
+    )
+    .await?;
+    // 1 025 bound claims labelled app=big in the hub: one more than this operator lets a group hold.
     let claims: Vec<String> = (0..1025).map(|i| format!("big-{i:04}")).collect();
     for chunk in claims.chunks(64) {
         futures::future::join_all(chunk.iter().map(|pvc| volume(&hub, pvc, "big", pvc, "e1")))
@@ -388,7 +398,7 @@ async fn a_group_whose_selector_resolves_more_volumes_than_the_status_lists_is_d
         message.contains("1025") && message.contains("1024"),
         "{message}"
     );
-    assert!(group.status.unwrap().members.len() <= 1024);
+    assert_eq!(group.status.unwrap().member_count, 1024);
 
     operator.shutdown().await;
     Ok(())
@@ -400,6 +410,7 @@ async fn a_cluster_gets_at_most_its_limit_of_grpc_sessions() -> TestResult {
     member_cluster(&hub, "edge", ClusterPaths::GrpcOnly, false).await;
     let options = Options {
         max_sessions_per_cluster: 2,
+        max_group_volumes: lockstep_operator::DEFAULT_MAX_GROUP_VOLUMES,
         control_security: lockstep_operator::ControlSecurity::insecure_plaintext(),
         ..options()
     };

@@ -39,6 +39,7 @@ fn options(security: ControlSecurity) -> Options {
         identity: "operator-0".into(),
         lease_duration: Duration::from_secs(2),
         max_sessions_per_cluster: lockstep_operator::sessions::DEFAULT_SESSIONS_PER_CLUSTER,
+        max_group_volumes: lockstep_operator::DEFAULT_MAX_GROUP_VOLUMES,
         control_security: security,
     }
 }
@@ -298,11 +299,10 @@ async fn group_where(
     what: &str,
     check: impl Fn(&ConsistencyGroup) -> bool,
 ) -> ConsistencyGroup {
-    let api = Api::<ConsistencyGroup>::all(hub.clone());
     eventually(what, || {
-        let (api, check) = (api.clone(), &check);
+        let (hub, check) = (hub.clone(), &check);
         async move {
-            let group = api.get("edge-db").await.ok()?;
+            let group = common::get_with_volumes(&hub, "edge-db").await?;
             check(&group).then_some(group)
         }
     })

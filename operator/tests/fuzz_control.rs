@@ -16,7 +16,7 @@ mod common;
 use std::{sync::Arc, time::Duration};
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
-use kube::{Api, Client, api::PostParams};
+use kube::{Api, api::PostParams};
 use lockstep_api::{
     domain::{ClusterPaths, MAX_EPOCH, Path, Policy, Stage},
     proto::control::v1::{
@@ -424,6 +424,7 @@ fn options() -> Options {
         identity: "operator-0".into(),
         lease_duration: Duration::from_secs(2),
         max_sessions_per_cluster: 64,
+        max_group_volumes: lockstep_operator::DEFAULT_MAX_GROUP_VOLUMES,
         control_security: lockstep_operator::ControlSecurity::insecure_plaintext(),
     }
 }
@@ -476,9 +477,8 @@ async fn raw_call(channel: &Channel, method: usize, body: Vec<u8>) -> Result<(),
     }
 }
 
-/// The fixture: the hub, the operator, the two edge sidecars' streams and the group's UID.
+/// The fixture: the operator, the two edge sidecars' streams and the group's UID.
 struct Fixture {
-    hub: Client,
     operator: Operator,
     channel: Channel,
     uid: String,
@@ -534,10 +534,7 @@ impl Fixture {
         let uid = eventually("edge-db resolved", || {
             let hub = hub.clone();
             async move {
-                let group = Api::<ConsistencyGroup>::all(hub)
-                    .get("edge-db")
-                    .await
-                    .ok()?;
+                let group = common::get_with_volumes(&hub, "edge-db").await?;
                 let resolved = group
                     .status
                     .as_ref()?
@@ -550,7 +547,6 @@ impl Fixture {
         })
         .await;
         Self {
-            hub,
             operator,
             channel,
             uid,
@@ -559,12 +555,13 @@ impl Fixture {
         }
     }
 
+    /// The group's status as the operator decided it: the persisted decision with every member volume
+    /// from the operator's record (the shards follow it in the background).
     async fn status(&self) -> ConsistencyGroupStatus {
-        Api::<ConsistencyGroup>::all(self.hub.clone())
-            .get("edge-db")
+        self.operator
+            .engine()
+            .last_status(&self.uid)
             .await
-            .unwrap()
-            .status
             .unwrap_or_default()
     }
 }

@@ -39,6 +39,7 @@ fn options() -> Options {
         identity: "operator-0".into(),
         lease_duration: Duration::from_secs(2),
         max_sessions_per_cluster: lockstep_operator::sessions::DEFAULT_SESSIONS_PER_CLUSTER,
+        max_group_volumes: lockstep_operator::DEFAULT_MAX_GROUP_VOLUMES,
         control_security: lockstep_operator::ControlSecurity::insecure_plaintext(),
     }
 }
@@ -129,11 +130,10 @@ async fn group_where(
     what: &str,
     check: impl Fn(&ConsistencyGroup) -> bool,
 ) -> ConsistencyGroup {
-    let api = Api::<ConsistencyGroup>::all(hub.clone());
     eventually(what, || {
-        let (api, check) = (api.clone(), &check);
+        let (hub, check) = (hub.clone(), &check);
         async move {
-            let group = api.get("edge-db").await.ok()?;
+            let group = common::get_with_volumes(&hub, "edge-db").await?;
             check(&group).then_some(group)
         }
     })
@@ -184,6 +184,22 @@ fn ack(node: &str, point: &pb::GroupEpoch, pvcs: &[&str]) -> AckRequest {
 }
 
 /// The freeze of `edge-db` started by a copy failure edge-1 reports, and its directive.
+/// Sends an acknowledgement until the operator answers that it applied it (as a sidecar retries one the
+/// operator could not take yet: a restarted operator resolves the members first).
+async fn ack_until_applied(
+    control: &ControlClient<tonic::transport::Channel>,
+    request: AckRequest,
+) {
+    eventually("the acknowledgement applied", || {
+        let (mut control, request) = (control.clone(), request.clone());
+        async move {
+            let answer = control.ack(request).await.ok()?.into_inner();
+            answer.applied.then_some(())
+        }
+    })
+    .await;
+}
+
 async fn freeze_from_edge_1(
     control: &mut ControlClient<tonic::transport::Channel>,
     stream: &mut tonic::Streaming<pb::ControlMessage>,
@@ -211,7 +227,8 @@ async fn freeze_from_edge_1(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_grpc_only_members_acknowledgement_survives_an_operator_restart() -> TestResult {
+async fn a_grpc_only_members_acknowledgement_is_rebuilt_from_its_sidecar_after_an_operator_restart()
+-> TestResult {
     let (_server, hub) = hub_with_edge().await;
     let operator = Operator::start(hub.clone(), &options()).await?;
     let (mut edge_1, mut edge_1_stream) = subscribe(&operator, "edge-1", &["wal"]).await;
@@ -230,41 +247,75 @@ async fn a_grpc_only_members_acknowledgement_survives_an_operator_restart() -> T
     .await;
     let uid = group.metadata.uid.clone().unwrap();
 
-    // edge-1 fails a copy, freezes and acknowledges; edge-2 has not acknowledged yet.
+    // edge-1 fails a copy, freezes and acknowledges; edge-2 has not acknowledged yet. Acknowledgements
+    // live in the operator's memory (and in the sidecars that enforced them), not in the hub.
     let freeze = freeze_from_edge_1(&mut edge_1, &mut edge_1_stream, &uid).await;
     assert_eq!(freeze.epoch, 1);
     edge_1.ack(ack("edge-1", &freeze, &["wal"])).await?;
-    group_where(&hub, "wal acknowledged at 1", |group| {
-        acknowledged(group, "wal") == Some((1, Stage::Freeze))
+    let engine = operator.engine().clone();
+    eventually("wal acknowledged at 1 in the operator's record", || {
+        let (engine, uid) = (engine.clone(), uid.clone());
+        async move {
+            let status = engine.last_status(&uid).await?;
+            let wal = status.members.iter().find(|member| member.pvc == "wal")?;
+            let ack = wal.acknowledged.as_ref()?;
+            ((ack.epoch, ack.stage) == (1, Stage::Freeze)).then_some(())
+        }
     })
     .await;
 
-    // The operator is killed; a new one starts and reconciles before any sidecar subscribed again.
+    // The operator is killed; a new one starts. It rebuilds the members from the shards and the
+    // decision from the status: the freeze at epoch 1 stands, and no acknowledgement is invented.
     operator.abort();
     drop((edge_1, edge_1_stream));
     let operator = Operator::start(hub.clone(), &options()).await?;
-    let restarted = group_where(&hub, "the new operator's first resolution", |group| {
-        condition_of(group, condition::MEMBERS_RESOLVED).is_some_and(|(resolved, message)| {
-            !resolved || message.contains("kept as last resolved")
-        })
+    let (edge_2, _edge_2_stream) = subscribe(&operator, "edge-2", &["data"]).await;
+    ack_until_applied(&edge_2, ack("edge-2", &freeze, &["data"])).await;
+    let restarted = group_where(&hub, "the new operator resolved the members", |group| {
+        condition_of(group, condition::MEMBERS_RESOLVED).is_some()
+            && group
+                .status
+                .as_ref()
+                .and_then(|status| status.volumes.as_ref())
+                .is_some_and(|counts| counts.frozen == 1)
     })
     .await;
+    assert_eq!(restarted.position(), (1, Stage::Freeze));
     assert_eq!(
-        acknowledged(&restarted, "wal"),
-        Some((1, Stage::Freeze)),
-        "{:?}",
+        restarted.status.as_ref().and_then(|status| status.phase),
+        Some(lockstep_api::domain::Phase::Freezing),
+        "frozen before wal's node said it acknowledged: {:?}",
         restarted.status
     );
 
-    // Only edge-2 comes back and acknowledges: with wal's acknowledgement kept, the group is frozen.
-    let (mut edge_2, _edge_2_stream) = subscribe(&operator, "edge-2", &["data"]).await;
-    edge_2.ack(ack("edge-2", &freeze, &["data"])).await?;
+    // edge-1's sidecar subscribes again and, as every sidecar does on a new stream, sends its
+    // acknowledgement again: the group is frozen.
+    let (edge_1, _edge_1_stream) = subscribe(&operator, "edge-1", &["wal"]).await;
+    ack_until_applied(&edge_1, ack("edge-1", &freeze, &["wal"])).await;
     let frozen = group_where(&hub, "edge-db frozen at epoch 1", |group| {
         condition_of(group, condition::FROZEN).is_some_and(|(frozen, _)| frozen)
     })
     .await;
     assert_eq!(frozen.position(), (1, Stage::Freeze));
-    assert_eq!(acknowledged(&frozen, "data"), Some((1, Stage::Freeze)));
+    let frozen = common::status_with_volumes(&hub, "edge-db").await;
+    assert_eq!(
+        frozen
+            .members
+            .iter()
+            .map(|member| (
+                member.pvc.as_str(),
+                member
+                    .acknowledged
+                    .as_ref()
+                    .map(|ack| (ack.epoch, ack.stage))
+            ))
+            .collect::<Vec<_>>(),
+        vec![
+            ("data", Some((1, Stage::Freeze))),
+            ("wal", Some((1, Stage::Freeze)))
+        ],
+        "the shards list both acknowledgements once the group is frozen"
+    );
     operator.shutdown().await;
     Ok(())
 }

@@ -384,6 +384,7 @@ async fn with_the_charts_rbac_enforced_its_service_accounts_freeze_resync_and_de
         identity: "lockstep-operator-0".into(),
         lease_duration: Duration::from_secs(5),
         max_sessions_per_cluster: lockstep_operator::sessions::DEFAULT_SESSIONS_PER_CLUSTER,
+        max_group_volumes: lockstep_operator::DEFAULT_MAX_GROUP_VOLUMES,
         control_security: lockstep_operator::ControlSecurity::insecure_plaintext(),
     };
     let (operator_client, _) = east.identity(OPERATOR, None).await.unwrap();

@@ -113,6 +113,7 @@ fn options() -> Options {
         identity: "operator-0".into(),
         lease_duration: Duration::from_secs(2),
         max_sessions_per_cluster: lockstep_operator::sessions::DEFAULT_SESSIONS_PER_CLUSTER,
+        max_group_volumes: lockstep_operator::DEFAULT_MAX_GROUP_VOLUMES,
         control_security: lockstep_operator::ControlSecurity::insecure_plaintext(),
     }
 }
@@ -229,13 +230,12 @@ async fn world() -> World {
 }
 
 async fn resolved(client: &Client, name: &str, expected: usize) -> ConsistencyGroup {
-    let api = Api::<ConsistencyGroup>::all(client.clone());
     eventually(
         &format!("group {name} resolved to {expected} volumes"),
         || {
-            let api = api.clone();
+            let client = client.clone();
             async move {
-                let group = api.get(name).await.ok()?;
+                let group = common::get_with_volumes(&client, name).await?;
                 let (resolved, _) = condition_of(&group, condition::MEMBERS_RESOLVED)?;
                 (resolved && group.status.as_ref()?.members.len() == expected).then_some(group)
             }
@@ -301,9 +301,9 @@ async fn a_two_cluster_group_resolves_and_is_mirrored_and_its_mirror_kept() -> T
     let mirrors = Api::<ConsistencyGroup>::all(world.west_client.clone());
     let uid = group.metadata.uid.clone().unwrap();
     let mirror = eventually("the mirror in west", || {
-        let mirrors = mirrors.clone();
+        let west = world.west_client.clone();
         async move {
-            let mirror = mirrors.get("orders-db").await.ok()?;
+            let mirror = common::get_with_volumes(&west, "orders-db").await?;
             (mirror.status.as_ref()?.members.len() == 1).then_some(mirror)
         }
     })
@@ -348,9 +348,9 @@ async fn a_two_cluster_group_resolves_and_is_mirrored_and_its_mirror_kept() -> T
         .patch("orders-db", &PatchParams::default(), &Patch::Merge(&change))
         .await?;
     eventually("west's member replaced by the selector change", || {
-        let hub_groups = hub_groups.clone();
+        let hub = world.east_client.clone();
         async move {
-            let group = hub_groups.get("orders-db").await.ok()?;
+            let group = common::get_with_volumes(&hub, "orders-db").await?;
             let west: Vec<_> = group
                 .status?
                 .members
@@ -496,9 +496,9 @@ async fn unreachable_clusters_bad_kubeconfigs_and_double_claims_show_in_conditio
     eventually(
         "MembersResolved keeps west's volumes, saying its API server cannot be read",
         || {
-            let hub_groups = hub_groups.clone();
+            let hub = world.east_client.clone();
             async move {
-                let group = hub_groups.get("west-only").await.ok()?;
+                let group = common::get_with_volumes(&hub, "west-only").await?;
                 let (resolved, message) = condition_of(&group, condition::MEMBERS_RESOLVED)?;
                 (resolved
                     && message.contains("kept as last resolved")
@@ -983,7 +983,7 @@ async fn a_failure_reported_over_grpc_freezes_on_both_paths_and_releases_once_al
     })
     .await;
     assert_eq!(release.epoch, 1);
-    let group = eventually("the group Running at epoch 1", || {
+    eventually("the group Running at epoch 1", || {
         let hub_groups = hub_groups.clone();
         async move {
             let group = hub_groups.get("orders-db").await.ok()?;
@@ -991,7 +991,7 @@ async fn a_failure_reported_over_grpc_freezes_on_both_paths_and_releases_once_al
         }
     })
     .await;
-    let status = group.status.as_ref().unwrap();
+    let status = &common::status_with_volumes(&world.east_client, "orders-db").await;
     let mut image = status
         .consistent_image
         .clone()

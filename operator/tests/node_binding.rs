@@ -35,6 +35,7 @@ fn options() -> Options {
         identity: "operator-0".into(),
         lease_duration: Duration::from_secs(2),
         max_sessions_per_cluster: lockstep_operator::sessions::DEFAULT_SESSIONS_PER_CLUSTER,
+        max_group_volumes: lockstep_operator::DEFAULT_MAX_GROUP_VOLUMES,
         control_security: lockstep_operator::ControlSecurity::insecure_plaintext(),
     }
 }
@@ -141,7 +142,7 @@ async fn a_node_claiming_and_acknowledging_another_nodes_volume_neither_takes_it
         .unwrap();
     // The PVs' node affinity decides: wal on e1 although e2 claims it too.
     let group = eventually("wal on e1, data on e2", || async {
-        let group = groups.get("orders-db").await.ok()?;
+        let group = common::get_with_volumes(&hub, "orders-db").await?;
         (member(&group, "wal")?.node.as_deref() == Some("e1")
             && member(&group, "data")?.node.as_deref() == Some("e2"))
         .then_some(group)
@@ -171,7 +172,7 @@ async fn a_node_claiming_and_acknowledging_another_nodes_volume_neither_takes_it
     )
     .await;
     let group = eventually("e2's own acknowledgement recorded", || async {
-        let group = groups.get("orders-db").await.ok()?;
+        let group = common::as_decided(&operator, &hub, "orders-db").await?;
         let ack = member(&group, "data")?.acknowledged.as_ref()?;
         ((ack.epoch, ack.stage) == (1, Stage::Freeze)).then_some(group)
     })
@@ -285,7 +286,9 @@ async fn a_volume_bound_to_no_node_stays_unresolved_until_the_cluster_trusts_sid
             && message.contains("volumeBinding: Required"),
         "{message}"
     );
-    let group = groups.get("orders-db").await.unwrap();
+    let group = common::as_decided(&operator, &hub, "orders-db")
+        .await
+        .unwrap();
     assert_eq!(
         member(&group, "wal").unwrap().node,
         None,
@@ -303,7 +306,7 @@ async fn a_volume_bound_to_no_node_stays_unresolved_until_the_cluster_trusts_sid
         .await
         .unwrap();
     eventually("wal resolved on e1", || async {
-        let group = groups.get("orders-db").await.ok()?;
+        let group = common::get_with_volumes(&hub, "orders-db").await?;
         (member(&group, "wal")?.node.as_deref() == Some("e1")).then_some(())
     })
     .await;
@@ -316,9 +319,9 @@ async fn another_node_reporting_a_volumes_state_does_not_change_it() {
     volume(&hub, "wal", "orders", "vol-wal", "e1").await;
     local_member(&hub, VolumeBinding::Required).await;
     wal_reported(&hub, "e1", "Resyncing").await;
-    let (operator, groups) = operator_with_wal_group(&hub).await;
+    let (operator, _groups) = operator_with_wal_group(&hub).await;
     eventually("wal Resyncing on e1", || async {
-        let group = groups.get("orders-db").await.ok()?;
+        let group = common::get_with_volumes(&hub, "orders-db").await?;
         let wal = member(&group, "wal")?;
         (wal.node.as_deref() == Some("e1") && wal.state == Some(VolumeState::Resyncing))
             .then_some(())
@@ -331,7 +334,7 @@ async fn another_node_reporting_a_volumes_state_does_not_change_it() {
     // reports together, and e1's is the one that counts.
     wal_reported(&hub, "e1", "Unconfirmed").await;
     eventually("wal Unconfirmed, as e1 says", || async {
-        let group = groups.get("orders-db").await.ok()?;
+        let group = common::get_with_volumes(&hub, "orders-db").await?;
         (member(&group, "wal")?.state == Some(VolumeState::Unconfirmed)).then_some(())
     })
     .await;

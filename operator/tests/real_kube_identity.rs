@@ -208,6 +208,7 @@ async fn a_member_cluster_listing_no_keys_uses_those_its_api_server_publishes() 
         identity: "operator-0".into(),
         lease_duration: std::time::Duration::from_secs(2),
         max_sessions_per_cluster: lockstep_operator::sessions::DEFAULT_SESSIONS_PER_CLUSTER,
+        max_group_volumes: lockstep_operator::DEFAULT_MAX_GROUP_VOLUMES,
         control_security: ControlSecurity::tls(&cert, &key),
     };
     let operator = Operator::start(client.clone(), &options).await?;

@@ -174,6 +174,7 @@ async fn setup_with_hold_timeout(fault: Fault, policy: Policy, hold_timeout: &st
         identity: "operator-0".into(),
         lease_duration: Duration::from_secs(15),
         max_sessions_per_cluster: lockstep_operator::sessions::DEFAULT_SESSIONS_PER_CLUSTER,
+        max_group_volumes: lockstep_operator::DEFAULT_MAX_GROUP_VOLUMES,
         control_security: lockstep_operator::ControlSecurity::insecure_plaintext(),
     };
     let operator = Operator::start(hub.clone(), &options).await.unwrap();
@@ -288,8 +289,8 @@ async fn scenario(fault: Fault) {
         }
     })
     .await;
-    let status = group.status.clone().unwrap();
-    assert_eq!(status.phase, Some(Phase::Running));
+    assert_eq!(group.status.as_ref().unwrap().phase, Some(Phase::Running));
+    let status = common::status_with_volumes(&bed.hub, "orders-db").await;
     let west_ack = status
         .members
         .iter()

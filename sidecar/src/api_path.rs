@@ -1,15 +1,15 @@
 //! Path 1: the Kubernetes API server of this node's cluster.
 //!
-//! - [`watch_groups`]: the (mirrored) ConsistencyGroups in this cluster. Each one's status gives the
-//!   group's current (epoch, stage) — a missing stage is the baseline "Replicating at that epoch" — and,
-//!   in `status.members`, its volumes; those resolved to this cluster and node are this node's members.
+//! - [`watch_groups`]: the (mirrored) ConsistencyGroups in this cluster and this node's
+//!   ConsistencyGroupShards. A group's status gives its current (epoch, stage) — a missing stage is the
+//!   baseline "Replicating at that epoch" — and the node's shards its member volumes here.
 //! - [`write_status`]: this node's `ReplicationNode` (server-side apply, field manager
 //!   `lockstep-sidecar`): volumes, outstanding failures (path 1 of the report) and what was enforced
 //!   (path 1 of the acknowledgement). Written when something changes, retried with backoff on failure.
 //! - [`renew_lease`]: liveness, a `coordination.k8s.io` Lease per node in Lockstep's namespace, so the
 //!   status is not rewritten every few seconds.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -24,8 +24,9 @@ use kube::{Api, Client, ResourceExt};
 use lockstep_api::conditions::{self, ConditionUpdate};
 use lockstep_api::domain::{ClaimOrder, GroupEpoch, Path, Stage, parse_duration};
 use lockstep_api::v1alpha1::{
-    ClaimRef, ConsistencyGroup, CopyFailureReport, Enforcement, NodeHoldTimeout, NodeVolume,
-    ReplicationNode, ReplicationNodeStatus,
+    CLUSTER_LABEL, ClaimRef, ConsistencyGroup, ConsistencyGroupShard, ConsistencyGroupShardSpec,
+    CopyFailureReport, Enforcement, MemberVolumeStatus, NODE_LABEL, NodeHoldTimeout, NodeVolume,
+    ReplicationNode, ReplicationNodeStatus, label_value, node_label_value,
 };
 use serde_json::json;
 
@@ -77,20 +78,35 @@ pub fn read_group(
     Some((point, volumes, hold))
 }
 
-fn feed_group(context: &Context, group: &ConsistencyGroup) -> Option<String> {
-    let Some((point, volumes, hold_timeout_ms)) =
+fn feed_group(
+    context: &Context,
+    group: &ConsistencyGroup,
+    shard_volumes: &[MemberVolumeStatus],
+) -> Option<String> {
+    let Some((point, mut volumes, hold_timeout_ms)) =
         read_group(group, &context.cluster, &context.node)
     else {
         tracing::warn!(group = %group.name_any(), "ConsistencyGroup without a UID refused");
         return None;
     };
     let uid = group_uid(group)?;
+    let own = |m: &&MemberVolumeStatus| {
+        m.cluster == context.cluster && m.node.as_deref() == Some(&*context.node)
+    };
+    volumes.extend(
+        shard_volumes
+            .iter()
+            .filter(own)
+            .filter_map(|m| m.volume_handle.clone())
+            .filter(|h| !h.is_empty()),
+    );
     context.remember_claims(
         group
             .status
             .iter()
             .flat_map(|status| status.members.iter())
-            .filter(|m| m.cluster == context.cluster && m.node.as_deref() == Some(&*context.node))
+            .chain(shard_volumes)
+            .filter(own)
             .filter_map(|m| {
                 let handle = m.volume_handle.clone().filter(|h| !h.is_empty())?;
                 Some((
@@ -130,57 +146,171 @@ fn feed_group(context: &Context, group: &ConsistencyGroup) -> Option<String> {
     Some(uid)
 }
 
-/// Watches the ConsistencyGroups of this cluster until stopped.
+/// What path 1 shows this node: the groups of its cluster and its own shards of them. A group's
+/// membership is fed only once both have been listed, so that a restarted sidecar never sees a group
+/// without its volumes for a moment (that would read as the volumes leaving it).
+#[derive(Default)]
+struct ApiView {
+    groups: BTreeMap<String, ConsistencyGroup>,
+    relisting_groups: BTreeMap<String, ConsistencyGroup>,
+    groups_listed: bool,
+    shards: BTreeMap<String, ConsistencyGroupShardSpec>,
+    relisting_shards: BTreeMap<String, ConsistencyGroupShardSpec>,
+    shards_listed: bool,
+}
+
+impl ApiView {
+    fn ready(&self) -> bool {
+        self.groups_listed && self.shards_listed
+    }
+
+    /// This node's member volumes of a group, from its shards.
+    fn volumes_of(&self, uid: &str) -> Vec<MemberVolumeStatus> {
+        self.shards
+            .values()
+            .filter(|shard| shard.group_uid == uid)
+            .flat_map(|shard| shard.volumes.iter().cloned())
+            .collect()
+    }
+
+    fn feed(&self, context: &Context, uid: &str) {
+        if let Some(group) = self.groups.get(uid).filter(|_| self.ready()) {
+            feed_group(context, group, &self.volumes_of(uid));
+        }
+    }
+
+    fn feed_all(&self, context: &Context) {
+        for uid in self.groups.keys() {
+            self.feed(context, uid);
+        }
+    }
+}
+
+/// Watches the ConsistencyGroups of this cluster, and this node's ConsistencyGroupShards, until stopped.
 pub async fn watch_groups(client: Client, context: Arc<Context>) {
-    let api: Api<ConsistencyGroup> = Api::all(client);
-    let stream = watcher(api, watcher::Config::default()).default_backoff();
-    futures::pin_mut!(stream);
-    let mut listed: BTreeSet<String> = BTreeSet::new();
-    let mut relisting: BTreeSet<String> = BTreeSet::new();
+    let groups = watcher(
+        Api::<ConsistencyGroup>::all(client.clone()),
+        watcher::Config::default(),
+    )
+    .default_backoff();
+    let selector = format!(
+        "{CLUSTER_LABEL}={},{NODE_LABEL}={}",
+        label_value(&context.cluster),
+        node_label_value(Some(&context.node)),
+    );
+    let shards = watcher(
+        Api::<ConsistencyGroupShard>::all(client),
+        watcher::Config::default().labels(&selector),
+    )
+    .default_backoff();
+    futures::pin_mut!(groups);
+    futures::pin_mut!(shards);
+    let mut view = ApiView::default();
     loop {
-        let event = tokio::select! {
+        tokio::select! {
             _ = context.stop.cancelled() => return,
-            event = stream.next() => event,
-        };
-        let Some(event) = event else { return };
-        match event {
-            Ok(watcher::Event::Apply(group)) => {
-                context.metrics.set_path_up("api", true);
-                if let Some(uid) = feed_group(&context, &group) {
-                    listed.insert(uid);
-                }
+            event = groups.next() => {
+                let Some(event) = event else { return };
+                on_group_event(&context, &mut view, event);
             }
-            Ok(watcher::Event::Delete(group)) => {
-                if let Some(uid) = group_uid(&group) {
-                    listed.remove(&uid);
-                    context.send(Input::GroupGone {
-                        path: Path::Api,
-                        group_uid: uid,
-                    });
-                }
+            event = shards.next() => {
+                let Some(event) = event else { return };
+                on_shard_event(&context, &mut view, event);
             }
-            Ok(watcher::Event::Init) => relisting.clear(),
-            Ok(watcher::Event::InitApply(group)) => {
-                if let Some(uid) = feed_group(&context, &group) {
-                    relisting.insert(uid);
-                }
+        }
+    }
+}
+
+fn on_group_event(
+    context: &Context,
+    view: &mut ApiView,
+    event: Result<watcher::Event<ConsistencyGroup>, watcher::Error>,
+) {
+    match event {
+        Ok(watcher::Event::Apply(group)) => {
+            context.metrics.set_path_up("api", true);
+            let Some(uid) = group_uid(&group) else {
+                tracing::warn!(group = %group.name_any(), "ConsistencyGroup without a UID refused");
+                return;
+            };
+            view.groups.insert(uid.clone(), group);
+            view.feed(context, &uid);
+        }
+        Ok(watcher::Event::Delete(group)) => {
+            if let Some(uid) = group_uid(&group) {
+                view.groups.remove(&uid);
+                context.send(Input::GroupGone {
+                    path: Path::Api,
+                    group_uid: uid,
+                });
             }
-            Ok(watcher::Event::InitDone) => {
-                context.metrics.set_path_up("api", true);
-                for gone in listed.difference(&relisting) {
-                    context.send(Input::GroupGone {
-                        path: Path::Api,
-                        group_uid: gone.clone(),
-                    });
-                }
-                listed = std::mem::take(&mut relisting);
+        }
+        Ok(watcher::Event::Init) => view.relisting_groups.clear(),
+        Ok(watcher::Event::InitApply(group)) => {
+            if let Some(uid) = group_uid(&group) {
+                view.relisting_groups.insert(uid, group);
+            }
+        }
+        Ok(watcher::Event::InitDone) => {
+            context.metrics.set_path_up("api", true);
+            let listed = std::mem::take(&mut view.relisting_groups);
+            for gone in view.groups.keys().filter(|uid| !listed.contains_key(*uid)) {
+                context.send(Input::GroupGone {
+                    path: Path::Api,
+                    group_uid: gone.clone(),
+                });
+            }
+            view.groups = listed;
+            let was_ready = view.ready();
+            view.groups_listed = true;
+            view.feed_all(context);
+            if view.ready() {
                 context.send(Input::Synced(Path::Api));
-                tracing::info!(groups = listed.len(), "ConsistencyGroups listed");
             }
-            Err(error) => {
-                context.metrics.set_path_up("api", false);
-                tracing::warn!(%error, "ConsistencyGroup watch failed; retrying");
+            if !was_ready {
+                tracing::info!(groups = view.groups.len(), "ConsistencyGroups listed");
             }
+        }
+        Err(error) => {
+            context.metrics.set_path_up("api", false);
+            tracing::warn!(%error, "ConsistencyGroup watch failed; retrying");
+        }
+    }
+}
+
+fn on_shard_event(
+    context: &Context,
+    view: &mut ApiView,
+    event: Result<watcher::Event<ConsistencyGroupShard>, watcher::Error>,
+) {
+    match event {
+        Ok(watcher::Event::Apply(shard)) => {
+            let uid = shard.spec.group_uid.clone();
+            view.shards.insert(shard.name_any(), shard.spec);
+            view.feed(context, &uid);
+        }
+        Ok(watcher::Event::Delete(shard)) => {
+            view.shards.remove(&shard.name_any());
+            view.feed(context, &shard.spec.group_uid);
+        }
+        Ok(watcher::Event::Init) => view.relisting_shards.clear(),
+        Ok(watcher::Event::InitApply(shard)) => {
+            view.relisting_shards.insert(shard.name_any(), shard.spec);
+        }
+        Ok(watcher::Event::InitDone) => {
+            view.shards = std::mem::take(&mut view.relisting_shards);
+            view.shards_listed = true;
+            view.feed_all(context);
+            if view.ready() {
+                context.send(Input::Synced(Path::Api));
+            }
+            tracing::info!(
+                shards = view.shards.len(),
+                "this node's ConsistencyGroupShards listed"
+            );
+        }
+        Err(error) => {
+            tracing::warn!(%error, "ConsistencyGroupShard watch failed; retrying");
         }
     }
 }

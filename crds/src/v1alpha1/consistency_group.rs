@@ -22,6 +22,8 @@ use crate::domain::{ClaimOrder, Path, Phase, Policy, Stage, VolumeState};
     printcolumn = r#"{"name":"Phase","type":"string","jsonPath":".status.phase","description":"Where the group is in its life cycle."}"#,
     printcolumn = r#"{"name":"Epoch","type":"integer","jsonPath":".status.epoch","description":"The current freeze epoch."}"#,
     printcolumn = r#"{"name":"Members","type":"integer","jsonPath":".status.memberCount","description":"Resolved member volumes."}"#,
+    printcolumn = r#"{"name":"Acknowledged","type":"integer","jsonPath":".status.volumes.acknowledged","description":"Member volumes that acknowledged the current epoch and stage."}"#,
+    printcolumn = r#"{"name":"Suspended","type":"integer","jsonPath":".status.volumes.frozen","description":"Member volumes that acknowledged the current epoch's freeze."}"#,
     printcolumn = r#"{"name":"Frozen","type":"string","jsonPath":".status.conditions[?(@.type==\"Frozen\")].status","description":"Whether every member volume acknowledged the freeze."}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
@@ -171,7 +173,9 @@ pub struct ConsistencyGroupStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub trigger: Option<FreezeTrigger>,
 
-    /// The member volumes, resolved to clusters, claims, volumes and nodes.
+    /// The member volumes as operators before ConsistencyGroupShards listed them here. No longer written:
+    /// each node's volumes are in its `ConsistencyGroupShard`s (`kubectl get cgshard -l
+    /// lockstep.dev/group-uid=<uid>`); an operator upgraded mid-freeze reads this list once.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 1024))]
     pub members: Vec<MemberVolumeStatus>,
@@ -179,6 +183,17 @@ pub struct ConsistencyGroupStatus {
     /// How many member volumes are resolved.
     #[serde(default)]
     pub member_count: u32,
+
+    /// The member volumes counted: acknowledged, frozen, by state and per cluster. The volumes themselves
+    /// are listed in the group's ConsistencyGroupShards.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub volumes: Option<VolumeCounts>,
+
+    /// At most 20 member volumes holding the group back (not acknowledged, or not resolved), for people;
+    /// the shards list every volume.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 20))]
+    pub stragglers: Vec<Straggler>,
 
     /// The volumes whose secondaries make up the consistent image of `consistentImage.epoch`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -268,6 +283,72 @@ pub struct MemberVolumeStatus {
     pub image_epoch: Option<u64>,
 }
 
+/// The group's member volumes, counted.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct VolumeCounts {
+    /// Volumes that acknowledged the group's current (epoch, stage).
+    #[serde(default)]
+    pub acknowledged: u32,
+    /// Volumes that acknowledged the current epoch's freeze (0 before the first freeze).
+    #[serde(default)]
+    pub frozen: u32,
+    /// Volumes per replication state as their sidecars last reported it (`Unknown`: no report yet).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    #[schemars(extend("maxProperties" = 16))]
+    pub by_state: std::collections::BTreeMap<String, u32>,
+    /// The same counts per member cluster.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 32))]
+    pub clusters: Vec<ClusterVolumeCounts>,
+}
+
+/// One member cluster's volumes of a group, counted.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ClusterVolumeCounts {
+    /// The member cluster.
+    #[schemars(length(max = 63))]
+    pub cluster: String,
+    /// Member volumes listed (resolved to a handle and node, or not yet).
+    #[serde(default)]
+    pub volumes: u32,
+    /// Volumes not resolved to a volume handle and node.
+    #[serde(default)]
+    pub unresolved: u32,
+    /// Nodes serving them.
+    #[serde(default)]
+    pub nodes: u32,
+    /// Volumes that acknowledged the group's current (epoch, stage).
+    #[serde(default)]
+    pub acknowledged: u32,
+    /// Volumes that acknowledged the current epoch's freeze.
+    #[serde(default)]
+    pub frozen: u32,
+}
+
+/// A member volume holding its group back, named for people.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Straggler {
+    /// The member cluster.
+    #[schemars(length(max = 63))]
+    pub cluster: String,
+    /// The claim's namespace.
+    #[schemars(length(max = 63))]
+    pub namespace: String,
+    /// The PersistentVolumeClaim.
+    #[schemars(length(max = 253))]
+    pub pvc: String,
+    /// The node serving it, when resolved.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 253))]
+    pub node: Option<String>,
+    /// Why it holds the group back: `Unresolved` or `NotAcknowledged`.
+    #[schemars(length(max = 32))]
+    pub reason: String,
+}
+
 /// An acknowledgement of one volume.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
@@ -294,10 +375,15 @@ pub struct ConsistentImage {
     /// The epoch whose freeze the image is.
     #[schemars(range(max = crate::domain::MAX_EPOCH))]
     pub epoch: u64,
-    /// The volumes that were in sync when that freeze began and acknowledged it: exactly the volumes the
-    /// image covers.
+    /// The volumes of the image as operators before ConsistencyGroupShards listed them here. Now each
+    /// shard lists its node's volumes of the image (`imageVolumeHandles`), and this stays empty.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 1024))]
     pub volumes: Vec<ImageVolume>,
+    /// How many volumes the image covers: those that were in sync when that freeze began and
+    /// acknowledged it.
+    #[serde(default)]
+    pub volume_count: u32,
 }
 
 /// One volume of a consistent image: a volume handle names a volume only within its cluster.
@@ -324,10 +410,13 @@ pub struct HoldTimeouts {
     /// How many held writes failed with an I/O error, over every volume.
     #[serde(default)]
     pub failed_writes: u64,
-    /// The volumes whose held writes failed.
+    /// Volumes whose held writes failed: at most 20 named here, all of them counted in `volumeCount`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 1024))]
     pub volumes: Vec<VolumeHoldTimeout>,
+    /// How many volumes had held writes fail.
+    #[serde(default)]
+    pub volume_count: u32,
     /// When the first of them failed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub since: Option<Time>,

@@ -7,10 +7,12 @@
 mod consistency_group;
 mod member_cluster;
 mod replication_node;
+mod shard;
 
 pub use consistency_group::*;
 pub use member_cluster::*;
 pub use replication_node::*;
+pub use shard::*;
 
 /// The API group of every Lockstep resource.
 pub const GROUP: &str = "lockstep.dev";

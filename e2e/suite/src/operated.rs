@@ -171,6 +171,7 @@ pub fn operator_options(hub: &str) -> lockstep_operator::Options {
         identity: "operator-0".into(),
         lease_duration: Duration::from_secs(15),
         max_sessions_per_cluster: lockstep_operator::sessions::DEFAULT_SESSIONS_PER_CLUSTER,
+        max_group_volumes: lockstep_operator::DEFAULT_MAX_GROUP_VOLUMES,
         control_security: lockstep_operator::ControlSecurity::insecure_plaintext(),
     }
 }

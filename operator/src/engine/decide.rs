@@ -41,7 +41,12 @@ impl Engine {
             if group.metadata.uid.as_deref() != Some(uid) {
                 return Err(EngineError::UnknownGroup(uid.to_owned()));
             }
+            // The status persists the decision and counts; the volumes come from this operator's record
+            // (rebuilt from the shards after a restart).
             let read = group.status.clone();
+            let record = self.restored_record(uid, read.as_ref()).await?;
+            group.status = crate::ledger::hydrate(read.clone(), record.as_deref());
+            let read_full = group.status.clone();
             let refused = batch
                 .observation
                 .as_ref()
@@ -53,13 +58,16 @@ impl Engine {
                 memory.freeze_started = Some((point.epoch, Instant::now()));
                 self.send(&group, point, Some(&decision.status)).await;
             }
-            if read.as_ref() != Some(&decision.status) {
-                match self.persist(&api, &group, &decision.status).await {
+            let persisted = crate::ledger::bounded(&decision.status);
+            if read.as_ref() != Some(&persisted) {
+                match self.persist(&api, &group, &persisted).await {
                     Ok(written) => {
                         group_lock.set_persisted(decision.status.position());
                         memory.last_written = Some(written);
+                        self.publish_record(&group, decision.status.clone());
                         let (failed, volumes) = freeze::hold_timeout_growth(
-                            read.as_ref()
+                            read_full
+                                .as_ref()
                                 .and_then(|status| status.hold_timeouts.as_ref()),
                             decision.status.hold_timeouts.as_ref(),
                         );
@@ -91,7 +99,14 @@ impl Engine {
                     Err(error) => return Err(error.into()),
                 }
             } else {
-                memory.last_written = Some(group.clone()).filter(|_| batch.observation.is_none());
+                if read_full.as_ref() != Some(&decision.status) {
+                    // Only the per-volume record changed (a state the counts do not show): it lives in
+                    // memory and the shards.
+                    self.publish_record(&group, decision.status.clone());
+                }
+                let mut unchanged = group.clone();
+                unchanged.status = read;
+                memory.last_written = Some(unchanged).filter(|_| batch.observation.is_none());
             }
             if let Some(refused) = refused {
                 self.report_refused_claims(&group, refused, memory);
@@ -183,6 +198,9 @@ impl Engine {
         point: &GroupEpoch,
         status: Option<&ConsistencyGroupStatus>,
     ) {
+        // Mirrors carry the bounded status, as the hub's does.
+        let status = status.map(crate::ledger::bounded);
+        let status = status.as_ref();
         let members = self.inner.members.read().await.clone();
         let clusters = Self::member_clusters_of(group);
         let targets: Vec<Member> = clusters

@@ -81,8 +81,8 @@ impl Engine {
             if status.stage.is_none() || (stage == Stage::Resume && epoch == 0) {
                 continue; // never froze: nothing to send
             }
-            let behind: BTreeSet<String> = status
-                .members
+            let behind: BTreeSet<String> = self
+                .member_volumes_of(&uid)
                 .iter()
                 .filter(|member| {
                     member

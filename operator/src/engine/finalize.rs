@@ -29,7 +29,9 @@ impl Engine {
                 let elapsed = k8s_openapi::jiff::Timestamp::now().duration_since(since.0);
                 elapsed.unsigned_abs() > grace
             });
-        let status = group.status.clone().unwrap_or_default();
+        let status =
+            crate::ledger::hydrate(group.status.clone(), self.volume_record(uid).as_deref())
+                .unwrap_or_default();
         let Some(missing) = freeze::deletion_outcome(&status, deadline_passed) else {
             return Ok(());
         };
@@ -51,6 +53,7 @@ impl Engine {
                 tracing::warn!(%error, "mirror not removed");
             }
         }
+        self.remove_shards(uid, &group).await;
         if missing.is_empty() {
             let message = format!(
                 "deleted: every member volume resumed normal replication; the group's consistency guarantees ended (epoch {})",

@@ -25,6 +25,7 @@ mod ingest_api;
 mod member_clusters;
 mod observe;
 mod queue;
+mod shards;
 
 use observe::{CachedView, Observation, apply_resolution};
 use queue::{Batch, GroupLock, GroupMemory};
@@ -127,6 +128,12 @@ struct Inner {
     views: Mutex<BTreeMap<String, CachedView>>,
     /// Verifies the sidecars' tokens on the gRPC path.
     authenticator: Arc<crate::authn::Authenticator>,
+    /// The full status (every member volume) last decided for each group, by UID.
+    records: Mutex<BTreeMap<String, Arc<ConsistencyGroupStatus>>>,
+    /// The writer of each group's shards, by UID.
+    shard_writers: Mutex<BTreeMap<String, shards::ShardSender>>,
+    /// How many volumes one group may resolve to.
+    max_group_volumes: usize,
 }
 
 impl std::fmt::Debug for Engine {
@@ -181,6 +188,9 @@ impl Engine {
                 lease_namespace,
                 views: Mutex::default(),
                 authenticator,
+                records: Mutex::default(),
+                shard_writers: Mutex::default(),
+                max_group_volumes: options.max_group_volumes,
             }),
         }
     }
@@ -243,15 +253,28 @@ impl Engine {
         })
     }
 
-    /// The group's status as last persisted: the copy this operator wrote last, else the hub's reflector's.
+    /// The group's full status (every member volume) as last decided: the copy this operator wrote last,
+    /// else the hub's reflector's, with the per-volume record this operator keeps.
     pub async fn last_status(&self, uid: &str) -> Option<ConsistencyGroupStatus> {
+        let record = self.volume_record(uid);
         if let Some(lock) = self.existing_lock(uid) {
             let memory = lock.memory.lock().await;
             if let Some(written) = &memory.last_written {
-                return written.status.clone();
+                return crate::ledger::hydrate(written.status.clone(), record.as_deref());
             }
         }
-        self.group_by_uid(uid)?.status.clone()
+        crate::ledger::hydrate(self.group_by_uid(uid)?.status.clone(), record.as_deref())
+    }
+
+    /// The member volumes of a group, as last decided (none before its first decision).
+    pub fn member_volumes_of(&self, uid: &str) -> Vec<lockstep_api::v1alpha1::MemberVolumeStatus> {
+        if let Some(record) = self.volume_record(uid) {
+            return record.members.clone();
+        }
+        self.group_by_uid(uid)
+            .and_then(|group| group.status.clone())
+            .map(|status| status.members)
+            .unwrap_or_default()
     }
 
     /// The member clusters of a group (by name, from its spec).

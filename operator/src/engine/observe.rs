@@ -9,15 +9,14 @@ pub(super) type CachedView = Arc<tokio::sync::Mutex<Option<(Instant, ClusterView
 /// How long one read of a member cluster serves the groups reconciled after it.
 pub(super) const VIEW_REUSE: std::time::Duration = std::time::Duration::from_millis(250);
 
-/// How many member volumes a group's status lists (`status.members` has this `maxItems`).
-pub(super) const STATUS_MEMBERS_LIMIT: usize = 1024;
-
 /// What the member clusters showed of a group's members.
 pub(super) struct Observation {
     pub(super) views: BTreeMap<String, ClusterView>,
     pub(super) claimed_elsewhere: members::Claims,
     /// When the oldest of `views` was read.
     pub(super) read_at: Instant,
+    /// How many volumes the group may resolve to (`--max-group-volumes`).
+    pub(super) volume_limit: usize,
 }
 
 /// A group as a claimant of volumes: its spec, its last resolution and whether it is at a replicating
@@ -25,13 +24,13 @@ pub(super) struct Observation {
 pub(super) fn claimant_of<'a>(
     group: &'a ConsistencyGroup,
     order: &'a ClaimOrder,
+    volumes: &'a [lockstep_api::v1alpha1::MemberVolumeStatus],
 ) -> members::Claimant<'a> {
-    let status = group.status.as_ref();
     members::Claimant {
         name: group.metadata.name.as_deref().unwrap_or_default(),
         order,
         spec_members: &group.spec.members,
-        status_members: status.map_or(&[], |status| status.members.as_slice()),
+        status_members: volumes,
         replicating: group.position().1 == Stage::Resume,
     }
 }
@@ -52,12 +51,12 @@ pub(super) fn apply_resolution(
         &observation.claimed_elsewhere,
     );
     let resolved_volumes = resolution.members.len();
-    let too_many = resolved_volumes > STATUS_MEMBERS_LIMIT;
+    let limit = observation.volume_limit;
+    let too_many = resolved_volumes > limit;
     status.members = resolution.members;
-    // The status lists at most STATUS_MEMBERS_LIMIT volumes (the API server refuses more, and a group
-    // whose status cannot be written can neither freeze on record nor release): the rest stay out of
-    // it and the group counts as unresolved, so no release acts on an image it cannot list.
-    status.members.truncate(STATUS_MEMBERS_LIMIT);
+    // A group holds at most `limit` volumes: the rest stay out of it and the group counts as unresolved,
+    // so no release acts on an image it cannot list.
+    status.members.truncate(limit);
     status.member_count = u32::try_from(status.members.len()).unwrap_or(u32::MAX);
     let update = ConditionUpdate {
         type_: condition::MEMBERS_RESOLVED,
@@ -73,7 +72,7 @@ pub(super) fn apply_resolution(
         },
         message: if too_many {
             format!(
-                "the members resolve to {resolved_volumes} volumes, more than the {STATUS_MEMBERS_LIMIT} the status can list: \
+                "the members resolve to {resolved_volumes} volumes, more than the {limit} one group may hold (--max-group-volumes): \
                  narrow the selectors or split the group; until then the group is Degraded and a freeze is not released"
             )
         } else if resolution.resolved {
@@ -179,6 +178,7 @@ impl Engine {
             views,
             claimed_elsewhere,
             read_at,
+            volume_limit: self.inner.max_group_volumes,
         }
     }
 
@@ -190,18 +190,22 @@ impl Engine {
         views: &BTreeMap<String, ClusterView>,
     ) -> members::Claims {
         let groups = self.inner.groups.state();
-        let ordered: Vec<(Arc<ConsistencyGroup>, ClaimOrder)> = groups
+        let ordered: Vec<(Arc<ConsistencyGroup>, ClaimOrder, Vec<_>)> = groups
             .iter()
-            .filter_map(|other| Some((other.clone(), other.claim_order()?)))
+            .filter(|other| other.metadata.uid.as_deref() != Some(uid))
+            .filter_map(|other| {
+                let volumes = self.member_volumes_of(other.metadata.uid.as_deref()?);
+                Some((other.clone(), other.claim_order()?, volumes))
+            })
             .collect();
         let Some(my_order) = group.claim_order() else {
             return members::Claims::new();
         };
-        let me = claimant_of(group, &my_order);
+        let my_volumes = self.member_volumes_of(uid);
+        let me = claimant_of(group, &my_order, &my_volumes);
         let others: Vec<members::Claimant<'_>> = ordered
             .iter()
-            .filter(|(other, _)| other.metadata.uid.as_deref() != Some(uid))
-            .map(|(other, order)| claimant_of(other, order))
+            .map(|(other, order, volumes)| claimant_of(other, order, volumes))
             .collect();
         members::claimed_elsewhere(&me, &others, views)
     }

@@ -271,6 +271,7 @@ mod tests {
             views: BTreeMap::new(),
             claimed_elsewhere: members::Claims::new(),
             read_at,
+            volume_limit: crate::DEFAULT_MAX_GROUP_VOLUMES,
         }
     }
 

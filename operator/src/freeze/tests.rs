@@ -487,6 +487,7 @@ fn hold_timeout_growth_counts_only_what_a_status_change_added() {
                 since: None,
             })
             .collect(),
+        volume_count: 0,
         since: None,
     };
     assert_eq!(hold_timeout_growth(None, None), (0, vec![]));

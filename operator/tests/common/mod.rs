@@ -235,3 +235,92 @@ pub async fn tls_channel(
         .connect_with_connector(lockstep_sidecar::tls::TlsConnector::new(ca_file, None))
         .await
 }
+
+/// The group's status as a person reads it: the status in the hub, with every member volume and the
+/// consistent image's volumes from the group's ConsistencyGroupShards. Shards are written in the
+/// background after a decision, so this waits until every shard names the status's (epoch, stage) and
+/// they list `memberCount` volumes (while the group is Freezing, shards are not rewritten: then it takes
+/// the status alone).
+pub async fn status_with_volumes(
+    hub: &Client,
+    name: &str,
+) -> lockstep_api::v1alpha1::ConsistencyGroupStatus {
+    let groups = Api::<ConsistencyGroup>::all(hub.clone());
+    eventually("the group's shards caught up with its status", || {
+        let (groups, hub) = (groups.clone(), hub.clone());
+        async move {
+            let group = groups.get(name).await.ok()?;
+            let uid = group.metadata.uid.clone()?;
+            let mut status = group.status.clone()?;
+            if status.phase == Some(lockstep_api::domain::Phase::Freezing) {
+                return Some(status);
+            }
+            let api = Api::<lockstep_api::v1alpha1::ConsistencyGroupShard>::all(hub.clone());
+            let shards = api
+                .list(&kube::api::ListParams::default().labels(&format!(
+                    "{}={uid}",
+                    lockstep_api::v1alpha1::GROUP_UID_LABEL
+                )))
+                .await
+                .ok()?;
+            let current = shards.items.iter().all(|shard| {
+                (shard.spec.epoch, shard.spec.stage) == (status.epoch, status.stage)
+                    && shard.spec.phase == status.phase
+            });
+            let volumes = lockstep_api::v1alpha1::GroupVolumes::from_shards(
+                shards.items.iter().map(|shard| &shard.spec),
+            );
+            if !current || volumes.members.len() != status.member_count as usize {
+                return None;
+            }
+            status.members = volumes.members;
+            if let Some(image) = status.consistent_image.as_mut()
+                && volumes.image_epoch == Some(image.epoch)
+            {
+                image.volumes = volumes.image;
+            }
+            Some(status)
+        }
+    })
+    .await
+}
+
+/// The group as a person reads it with `kubectl get cg` and `kubectl get cgshard`: its status with the
+/// member volumes and the image's volumes its shards list now (shards follow the status in the
+/// background: poll).
+pub async fn get_with_volumes(client: &Client, name: &str) -> Option<ConsistencyGroup> {
+    let mut group = Api::<ConsistencyGroup>::all(client.clone())
+        .get(name)
+        .await
+        .ok()?;
+    // The hub group's UID; a mirror in a member cluster names it in a label, beside that cluster's shards.
+    let uid = group.group_uid()?.to_owned();
+    let volumes = lockstep_api::v1alpha1::GroupVolumes::read(client, &uid)
+        .await
+        .ok()?;
+    if let Some(status) = group.status.as_mut() {
+        status.members = volumes.members;
+        if let Some(image) = status.consistent_image.as_mut()
+            && volumes.image_epoch == Some(image.epoch)
+        {
+            image.volumes = volumes.image;
+        }
+    }
+    Some(group)
+}
+
+/// The group as `operator` decided it last: its object in the hub with the status the operator holds in
+/// memory (every member volume and acknowledgement, which the shards show only once a freeze is decided).
+pub async fn as_decided(
+    operator: &lockstep_operator::Operator,
+    hub: &Client,
+    name: &str,
+) -> Option<ConsistencyGroup> {
+    let mut group = Api::<ConsistencyGroup>::all(hub.clone())
+        .get(name)
+        .await
+        .ok()?;
+    let uid = group.metadata.uid.clone()?;
+    group.status = operator.engine().last_status(&uid).await;
+    Some(group)
+}

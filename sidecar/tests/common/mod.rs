@@ -977,25 +977,48 @@ pub async fn create_group(client: &Client, volumes: &[&str]) -> String {
     .unwrap();
     let created = groups.create(&PostParams::default(), &group).await.unwrap();
     let uid = created.metadata.uid.clone().unwrap();
-    let members: Vec<_> = volumes
+    groups
+        .patch_status(
+            GROUP,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"status": {"epoch": 0}})),
+        )
+        .await
+        .unwrap();
+    // The members, in one ConsistencyGroupShard per node, as the operator writes them: this node's
+    // volumes, and a volume on another node that this sidecar must not take for its own.
+    let this_node: Vec<_> = volumes
         .iter()
         .map(|v| {
             json!({"cluster": CLUSTER, "namespace": "shop", "pvc": format!("pvc-{v}"),
                    "volumeHandle": v, "node": NODE})
         })
-        .chain(std::iter::once(
-            json!({"cluster": CLUSTER, "namespace": "shop",
-            "pvc": "pvc-elsewhere", "volumeHandle": "vol-elsewhere", "node": "node-2"}),
-        ))
         .collect();
-    groups
-        .patch_status(
-            GROUP,
-            &PatchParams::default(),
-            &Patch::Merge(json!({"status": {"epoch": 0, "members": members}})),
-        )
-        .await
+    let other_node = vec![json!({"cluster": CLUSTER, "namespace": "shop",
+        "pvc": "pvc-elsewhere", "volumeHandle": "vol-elsewhere", "node": "node-2"})];
+    let shards: Api<lockstep_api::v1alpha1::ConsistencyGroupShard> = Api::all(client.clone());
+    for (node, members) in [(NODE, this_node), ("node-2", other_node)] {
+        let key = lockstep_api::v1alpha1::ShardKey {
+            cluster: CLUSTER.to_owned(),
+            node: Some(node.to_owned()),
+            part: 0,
+        };
+        let mut labels: std::collections::BTreeMap<String, String> = key
+            .labels()
+            .into_iter()
+            .map(|(label, value)| (label.to_owned(), value))
+            .collect();
+        labels.insert(lockstep_api::v1alpha1::GROUP_UID_LABEL.to_owned(), uid.clone());
+        let shard: lockstep_api::v1alpha1::ConsistencyGroupShard = serde_json::from_value(json!({
+            "apiVersion": "lockstep.dev/v1alpha1",
+            "kind": "ConsistencyGroupShard",
+            "metadata": {"name": key.object_name(GROUP), "labels": labels},
+            "spec": {"group": GROUP, "groupUid": uid, "cluster": CLUSTER, "node": node,
+                     "volumes": members, "volumeCount": volumes.len()},
+        }))
         .unwrap();
+        shards.create(&PostParams::default(), &shard).await.unwrap();
+    }
     uid
 }
 

@@ -391,6 +391,7 @@ impl Fleet {
             identity: "operator-0".into(),
             lease_duration: Duration::from_secs(15),
             max_sessions_per_cluster: lockstep_operator::sessions::DEFAULT_SESSIONS_PER_CLUSTER,
+            max_group_volumes: lockstep_operator::DEFAULT_MAX_GROUP_VOLUMES,
             control_security: lockstep_operator::ControlSecurity::insecure_plaintext(),
         };
         let operator = Operator::start(hub_client.clone(), &options)
@@ -555,13 +556,14 @@ impl Fleet {
             // Not phase Replicating: a gRPC-only member's volumes never report their state back as
             // Replicating (no ReplicationNode), so such a group stays Resyncing; a freeze only needs the
             // stage to be Resume, and every acknowledgement of the resume in keeps the trials apart.
-            let resumed = group.status.as_ref().is_some_and(|s| {
-                s.members.iter().all(|m| {
-                    m.acknowledged
-                        .as_ref()
-                        .is_some_and(|a| (a.epoch, a.stage) >= (epoch, Stage::Resume))
-                })
-            });
+            // The status counts the volumes that acknowledged its current (epoch, stage).
+            let acknowledged = |s: &lockstep_api::v1alpha1::ConsistencyGroupStatus| {
+                s.volumes.as_ref().map_or(0, |counts| counts.acknowledged)
+            };
+            let resumed = group
+                .status
+                .as_ref()
+                .is_some_and(|s| s.member_count > 0 && acknowledged(s) == s.member_count);
             if group.position() == (epoch, Stage::Resume)
                 && resumed
                 && self.replicators_at(&uid, epoch)
@@ -569,16 +571,10 @@ impl Fleet {
                 break;
             }
             if Instant::now() >= deadline {
-                let unacknowledged = group.status.as_ref().map_or(0, |s| {
-                    s.members
-                        .iter()
-                        .filter(|m| {
-                            m.acknowledged
-                                .as_ref()
-                                .is_none_or(|a| (a.epoch, a.stage) < (epoch, Stage::Resume))
-                        })
-                        .count()
-                });
+                let unacknowledged = group
+                    .status
+                    .as_ref()
+                    .map_or(0, |s| s.member_count.saturating_sub(acknowledged(s)));
                 return Err(BenchError::Timeout(format!(
                     "the group back to Replicating at epoch {epoch} (at {:?}, {phase:?}; {unacknowledged} \
                      members without the resume acknowledged; replicators all resumed: {})",

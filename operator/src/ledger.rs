@@ -1,0 +1,358 @@
+//! A group's per-volume record and how it is persisted, pure: the group's status in the hub holds the
+//! decision and counts (bounded by clusters and nodes), the `ConsistencyGroupShard`s hold the volumes.
+//!
+//! The freeze core ([`crate::freeze`]) decides on the *full* status — every member volume with its state,
+//! acknowledgement and image epoch, the image's volumes, the hold timeouts per volume — which the engine
+//! keeps in memory between decisions. This module turns it into:
+//! - [`bounded`]: what the group's status persists: phase, (epoch, stage), trigger, conditions, counts per
+//!   state and per cluster, the image's epoch and size, at most [`NAMED`] stragglers;
+//! - [`shard_specs`]: the shards, one per (cluster, node, part of at most [`SHARD_VOLUMES`] volumes);
+//!
+//! and back, after a restart or a failover: [`restore`] rebuilds the full status from the persisted status
+//! and the shards (or, once, from the member list an operator before shards kept in the status).
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use lockstep_api::{
+    domain::{Phase, Stage},
+    v1alpha1::{
+        ClusterVolumeCounts, ConsistencyGroupShardSpec, ConsistencyGroupStatus, ImageVolume,
+        MemberVolumeStatus, SHARD_VOLUMES, ShardKey, Straggler, VolumeCounts,
+    },
+};
+
+/// How many volumes the bounded status names (stragglers, hold timeouts); the rest are counted.
+pub const NAMED: usize = 20;
+
+fn count(n: usize) -> u32 {
+    u32::try_from(n).unwrap_or(u32::MAX)
+}
+
+fn acknowledged_at(member: &MemberVolumeStatus, epoch: u64, stage: Stage) -> bool {
+    member
+        .acknowledged
+        .as_ref()
+        .is_some_and(|ack| (ack.epoch, ack.stage) >= (epoch, stage))
+}
+
+fn frozen_at(member: &MemberVolumeStatus, epoch: u64) -> bool {
+    epoch > 0 && acknowledged_at(member, epoch, Stage::Freeze)
+}
+
+fn state_name(member: &MemberVolumeStatus) -> String {
+    member
+        .state
+        .map_or_else(|| "Unknown".to_owned(), |state| format!("{state:?}"))
+}
+
+/// What the group's status persists of the full status: no per-volume list, counts instead.
+pub fn bounded(full: &ConsistencyGroupStatus) -> ConsistencyGroupStatus {
+    let (epoch, stage) = full.position();
+    let mut status = full.clone();
+    status.members = Vec::new();
+    status.member_count = count(full.members.len());
+    let mut counts = VolumeCounts::default();
+    let mut clusters: BTreeMap<&str, (ClusterVolumeCounts, BTreeSet<&str>)> = BTreeMap::new();
+    for member in &full.members {
+        let acknowledged = acknowledged_at(member, epoch, stage);
+        let frozen = frozen_at(member, epoch);
+        counts.acknowledged += u32::from(acknowledged);
+        counts.frozen += u32::from(frozen);
+        *counts.by_state.entry(state_name(member)).or_default() += 1;
+        let (cluster, nodes) = clusters.entry(&member.cluster).or_insert_with(|| {
+            (
+                ClusterVolumeCounts {
+                    cluster: member.cluster.clone(),
+                    ..ClusterVolumeCounts::default()
+                },
+                BTreeSet::new(),
+            )
+        });
+        cluster.volumes += 1;
+        cluster.acknowledged += u32::from(acknowledged);
+        cluster.frozen += u32::from(frozen);
+        match (&member.volume_handle, &member.node) {
+            (Some(_), Some(node)) => {
+                nodes.insert(node);
+            }
+            _ => cluster.unresolved += 1,
+        }
+    }
+    counts.clusters = clusters
+        .into_values()
+        .map(|(mut cluster, nodes)| {
+            cluster.nodes = count(nodes.len());
+            cluster
+        })
+        .collect();
+    status.volumes = (!full.members.is_empty()).then_some(counts);
+    status.stragglers = full
+        .members
+        .iter()
+        .filter_map(|member| {
+            let reason = if member.volume_handle.is_none() || member.node.is_none() {
+                "Unresolved"
+            } else if (epoch, stage) != (0, Stage::Resume) && !acknowledged_at(member, epoch, stage)
+            {
+                "NotAcknowledged"
+            } else {
+                return None;
+            };
+            Some(Straggler {
+                cluster: member.cluster.clone(),
+                namespace: member.namespace.clone(),
+                pvc: member.pvc.clone(),
+                node: member.node.clone(),
+                reason: reason.to_owned(),
+            })
+        })
+        .take(NAMED)
+        .collect();
+    if let Some(image) = status.consistent_image.as_mut() {
+        image.volume_count = count(image.volumes.len());
+        image.volumes = Vec::new();
+    }
+    if let Some(held) = status.hold_timeouts.as_mut() {
+        held.volume_count = count(held.volumes.len());
+        held.volumes.truncate(NAMED);
+    }
+    status
+}
+
+/// The full status to decide on: the persisted (bounded) `read` with the per-volume parts of `record`,
+/// the full status this operator decided last. Without a record, `read` as it is (a status written by an
+/// operator before shards still lists its members).
+pub fn hydrate(
+    read: Option<ConsistencyGroupStatus>,
+    record: Option<&ConsistencyGroupStatus>,
+) -> Option<ConsistencyGroupStatus> {
+    let (Some(mut status), Some(record)) = (read.clone(), record) else {
+        return read;
+    };
+    status.members = record.members.clone();
+    if let (Some(image), Some(known)) = (
+        status.consistent_image.as_mut(),
+        record.consistent_image.as_ref(),
+    ) && image.epoch == known.epoch
+    {
+        image.volumes = known.volumes.clone();
+    }
+    if let (Some(held), Some(known)) =
+        (status.hold_timeouts.as_mut(), record.hold_timeouts.as_ref())
+        && held.epoch == known.epoch
+    {
+        held.volumes = known.volumes.clone();
+    }
+    Some(status)
+}
+
+/// One volume a shard lists: a member, a volume of the image, or both.
+struct Entry<'a> {
+    sort: (String, String, String),
+    member: Option<&'a MemberVolumeStatus>,
+    image_handle: Option<&'a str>,
+}
+
+/// The shards of a group's full status, by key: each member volume in the shard of its (cluster, node),
+/// each volume of the consistent image beside it, at most [`SHARD_VOLUMES`] per shard.
+pub fn shard_specs(
+    group: &str,
+    group_uid: &str,
+    full: &ConsistencyGroupStatus,
+) -> BTreeMap<ShardKey, ConsistencyGroupShardSpec> {
+    let (epoch, _) = full.position();
+    let image_epoch = full.consistent_image.as_ref().map(|image| image.epoch);
+    let in_image: BTreeSet<(&str, &str)> = full
+        .consistent_image
+        .iter()
+        .flat_map(|image| image.volumes.iter())
+        .map(|volume| (volume.cluster.as_str(), volume.volume_handle.as_str()))
+        .collect();
+    let mut by_node: BTreeMap<(&str, Option<&str>), Vec<Entry<'_>>> = BTreeMap::new();
+    let mut members_listed: BTreeSet<(&str, &str)> = BTreeSet::new();
+    for member in &full.members {
+        let handle = member.volume_handle.as_deref();
+        if let Some(handle) = handle {
+            members_listed.insert((&member.cluster, handle));
+        }
+        by_node
+            .entry((&member.cluster, member.node.as_deref()))
+            .or_default()
+            .push(Entry {
+                sort: (
+                    member.namespace.clone(),
+                    member.pvc.clone(),
+                    handle.unwrap_or_default().to_owned(),
+                ),
+                member: Some(member),
+                image_handle: handle.filter(|handle| in_image.contains(&(&member.cluster, handle))),
+            });
+    }
+    // A volume of the image that is no member any more (it left the group) stays listed with its cluster.
+    for (cluster, handle) in &in_image {
+        if !members_listed.contains(&(*cluster, *handle)) {
+            by_node.entry((cluster, None)).or_default().push(Entry {
+                sort: (String::new(), String::new(), (*handle).to_owned()),
+                member: None,
+                image_handle: Some(handle),
+            });
+        }
+    }
+    let mut shards = BTreeMap::new();
+    for ((cluster, node), mut entries) in by_node {
+        entries.sort_by(|a, b| a.sort.cmp(&b.sort));
+        for (part, chunk) in entries.chunks(SHARD_VOLUMES).enumerate() {
+            let volumes: Vec<MemberVolumeStatus> =
+                chunk.iter().filter_map(|e| e.member.cloned()).collect();
+            let image_volume_handles: Vec<String> = chunk
+                .iter()
+                .filter_map(|e| e.image_handle.map(str::to_owned))
+                .collect();
+            let key = ShardKey {
+                cluster: cluster.to_owned(),
+                node: node.map(str::to_owned),
+                part: u32::try_from(part).unwrap_or(u32::MAX),
+            };
+            let spec = ConsistencyGroupShardSpec {
+                group: group.to_owned(),
+                group_uid: group_uid.to_owned(),
+                cluster: key.cluster.clone(),
+                node: key.node.clone(),
+                part: key.part,
+                epoch,
+                stage: full.stage,
+                phase: full.phase,
+                volume_count: count(volumes.len()),
+                acknowledged_count: count(
+                    volumes
+                        .iter()
+                        .filter(|m| acknowledged_at(m, epoch, Stage::Freeze) && epoch > 0)
+                        .count(),
+                ),
+                suspended_count: count(
+                    volumes
+                        .iter()
+                        .filter(|m| m.state == Some(lockstep_api::domain::VolumeState::Suspended))
+                        .count(),
+                ),
+                image_epoch: image_epoch.filter(|_| !image_volume_handles.is_empty()),
+                image_volume_count: count(image_volume_handles.len()),
+                image_volume_handles,
+                volumes,
+            };
+            shards.insert(key, spec);
+        }
+    }
+    shards
+}
+
+/// Which nodes' membership differs between two sets of shards: the volume handles a node's sidecar must
+/// enforce changed (such shards are written even while a freeze is being decided: a volume that joined
+/// cannot acknowledge before its sidecar knows it is a member).
+pub fn membership_changed(
+    old: &BTreeMap<ShardKey, ConsistencyGroupShardSpec>,
+    new: &BTreeMap<ShardKey, ConsistencyGroupShardSpec>,
+) -> BTreeSet<ShardKey> {
+    let handles =
+        |spec: Option<&ConsistencyGroupShardSpec>| -> Vec<(String, String, Option<String>)> {
+            spec.map(|spec| {
+                spec.volumes
+                    .iter()
+                    .map(|m| (m.namespace.clone(), m.pvc.clone(), m.volume_handle.clone()))
+                    .collect()
+            })
+            .unwrap_or_default()
+        };
+    old.keys()
+        .chain(new.keys())
+        .filter(|key| handles(old.get(key)) != handles(new.get(key)))
+        .cloned()
+        .collect()
+}
+
+/// The full status rebuilt from the persisted `status` and the group's shards, after a restart or a
+/// failover (the acknowledgements the shards missed come again: sidecars resend on every subscribe and
+/// ReplicationNodes are read every round). Without shards, a member list in `status` (written by an
+/// operator before shards) is taken as it is.
+///
+/// Shards written before the current freeze began carry the members' states from before it, which is
+/// what decides whether a volume's secondary belongs to the freeze's image (DESIGN rule 7): the image
+/// membership is worked out again from them, as it was when the freeze began. A freeze further back than
+/// the one after the shards' epoch cannot be replayed so: its volumes are left out of the image (an
+/// image that is too small is reported, never one that is too large).
+pub fn restore(
+    status: &ConsistencyGroupStatus,
+    shards: &[ConsistencyGroupShardSpec],
+) -> ConsistencyGroupStatus {
+    let mut full = status.clone();
+    if shards.is_empty() {
+        return full;
+    }
+    let mut members: Vec<MemberVolumeStatus> = Vec::new();
+    let (epoch, stage) = status.position();
+    // Shards written at different points are replayed point by point.
+    let mut by_point: BTreeMap<(u64, Stage, bool), Vec<MemberVolumeStatus>> = BTreeMap::new();
+    for shard in shards {
+        let resyncing = shard.phase == Some(Phase::Resyncing);
+        by_point
+            .entry((shard.epoch, shard.stage.unwrap_or(Stage::Resume), resyncing))
+            .or_default()
+            .extend(shard.volumes.iter().cloned());
+    }
+    for ((shard_epoch, shard_stage, resyncing), volumes) in by_point {
+        let mut then = ConsistencyGroupStatus {
+            epoch: shard_epoch,
+            stage: Some(shard_stage),
+            phase: resyncing.then_some(Phase::Resyncing),
+            members: volumes,
+            ..ConsistencyGroupStatus::default()
+        };
+        if (shard_epoch, shard_stage) < (epoch, Stage::Freeze) && stage != Stage::Resume {
+            if shard_epoch + 1 == epoch {
+                crate::freeze::begin_image(&mut then, epoch);
+            } else {
+                for member in &mut then.members {
+                    member.image_epoch = None;
+                }
+            }
+        }
+        members.extend(then.members);
+    }
+    members.sort_by(|a, b| {
+        (&a.cluster, &a.namespace, &a.pvc).cmp(&(&b.cluster, &b.namespace, &b.pvc))
+    });
+    full.members = members;
+    if let Some(image) = full.consistent_image.as_mut() {
+        let listed: Vec<ImageVolume> = shards
+            .iter()
+            .filter(|shard| shard.image_epoch == Some(image.epoch))
+            .flat_map(|shard| {
+                shard.image_volume_handles.iter().map(|handle| ImageVolume {
+                    cluster: shard.cluster.clone(),
+                    volume_handle: handle.clone(),
+                })
+            })
+            .collect();
+        image.volumes = if listed.len() == image.volume_count as usize {
+            listed
+        } else {
+            // The shards predate the image: its volumes are the members whose image epoch it is (at the
+            // freeze that made it, every such member acknowledged).
+            full.members
+                .iter()
+                .filter(|member| member.image_epoch == Some(image.epoch))
+                .filter_map(|member| {
+                    Some(ImageVolume {
+                        cluster: member.cluster.clone(),
+                        volume_handle: member.volume_handle.clone()?,
+                    })
+                })
+                .collect()
+        };
+        image.volumes.sort();
+    }
+    full
+}
+
+#[cfg(test)]
+mod tests;
