@@ -13,7 +13,6 @@ use lockstep_api::{
     domain::{ClusterPaths, Policy, Stage, VolumeBinding, VolumeState, condition},
     v1alpha1::{
         ConsistencyGroup, ConsistencyGroupSpec, GroupMember, MemberCluster, MemberClusterSpec,
-        ReplicationNode, ReplicationNodeSpec,
     },
 };
 use lockstep_operator::{Operator, Options};
@@ -21,7 +20,7 @@ use serde_json::json;
 
 mod common;
 
-use common::{cluster, eventually, volume, volume_with};
+use common::{cluster, eventually, local_member, node_status, volume, volume_with};
 
 fn options() -> Options {
     Options {
@@ -38,29 +37,6 @@ fn options() -> Options {
         max_group_volumes: lockstep_operator::DEFAULT_MAX_GROUP_VOLUMES,
         control_security: lockstep_operator::ControlSecurity::insecure_plaintext(),
     }
-}
-
-async fn node_status(client: &Client, node: &str, status: serde_json::Value) {
-    let api = Api::<ReplicationNode>::all(client.clone());
-    if api.get_opt(node).await.unwrap().is_none() {
-        let object = ReplicationNode::new(
-            node,
-            ReplicationNodeSpec {
-                node_name: node.into(),
-                cluster: "east".into(),
-            },
-        );
-        api.create(&PostParams::default(), &object).await.unwrap();
-    }
-    let patch =
-        json!({"apiVersion": "lockstep.dev/v1alpha1", "kind": "ReplicationNode", "status": status});
-    api.patch_status(
-        node,
-        &PatchParams::apply("test-sidecar").force(),
-        &Patch::Apply(&patch),
-    )
-    .await
-    .unwrap();
 }
 
 fn member<'a>(
@@ -204,27 +180,6 @@ async fn a_node_claiming_and_acknowledging_another_nodes_volume_neither_takes_it
     })
     .await;
     operator.shutdown().await;
-}
-
-/// The hub as its own member cluster, taking volumes' nodes as `binding` says.
-async fn local_member(hub: &Client, binding: VolumeBinding) {
-    Api::<MemberCluster>::all(hub.clone())
-        .create(
-            &PostParams::default(),
-            &MemberCluster::new(
-                "east",
-                MemberClusterSpec {
-                    paths: ClusterPaths::Both,
-                    local: true,
-                    kubeconfig_secret_ref: None,
-                    network: None,
-                    service_account_keys: None,
-                    volume_binding: binding,
-                },
-            ),
-        )
-        .await
-        .unwrap();
 }
 
 fn one_volume_group(pvc: &str) -> ConsistencyGroupSpec {

@@ -209,7 +209,8 @@ pub async fn watch_group(
     let mut last = String::new();
     loop {
         tick.tick().await;
-        let group = world.group_now().await?;
+        // As a person would look: the group and its shards (the volumes), once they caught up.
+        let (group, current) = world.group_with_shards().await?;
         let line = kubectl::cg_line(&group);
         if line != last {
             let stage = group
@@ -220,7 +221,7 @@ pub async fn watch_group(
             timeline.say(format!("operator: {line}{stage}"));
             last = line;
         }
-        if goal(&group) {
+        if current && goal(&group) {
             return Ok(group);
         }
         if tokio::time::Instant::now() >= deadline {

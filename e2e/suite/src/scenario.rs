@@ -1197,7 +1197,7 @@ impl Harness {
                         .any(|c| c.type_ == "ConsistentImage" && c.status == "True")
             })
         };
-        let mut resynced = self.world.group_now().await?;
+        let mut resynced = self.world.group_with_volumes().await?;
         // A failure reported late (after the resync began) freezes the group again at a higher epoch:
         // safe, and said on the timeline; the resync is then asked for at that epoch.
         for _ in 0..3 {

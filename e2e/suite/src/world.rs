@@ -403,6 +403,60 @@ impl World {
             })
     }
 
+    /// The group with its member volumes and its consistent image's volumes filled in from its
+    /// ConsistencyGroupShards (what `kubectl get cgshard -l lockstep.dev/group-uid=<uid>` lists), and
+    /// whether the shards were current: they follow the group's status in the background, and name the
+    /// status's (epoch, stage) and list every member once they caught up. While a group is Freezing no
+    /// shard is rewritten: they count as current then.
+    pub async fn group_with_shards(&self) -> Result<(ConsistencyGroup, bool), ClusterError> {
+        let shards =
+            Api::<lockstep_api::v1alpha1::ConsistencyGroupShard>::all(self.hub().client.clone());
+        let mut group = self.group_now().await?;
+        let uid = group.metadata.uid.clone().unwrap_or_default();
+        let listed = shards
+            .list(&kube::api::ListParams::default().labels(&format!(
+                "{}={uid}",
+                lockstep_api::v1alpha1::GROUP_UID_LABEL
+            )))
+            .await
+            .map_err(|source| ClusterError::Kube {
+                cluster: self.hub().name().to_owned(),
+                what: format!("listing the shards of cg {}", self.group_name),
+                source,
+            })?;
+        let Some(status) = group.status.as_mut() else {
+            return Ok((group, true));
+        };
+        let volumes = lockstep_api::v1alpha1::GroupVolumes::from_shards(
+            listed.items.iter().map(|shard| &shard.spec),
+        );
+        let current = (listed
+            .items
+            .iter()
+            .all(|shard| (shard.spec.epoch, shard.spec.stage) == (status.epoch, status.stage))
+            && volumes.members.len() == status.member_count as usize)
+            || status.phase == Some(lockstep_api::domain::Phase::Freezing);
+        status.members = volumes.members;
+        if let Some(image) = status.consistent_image.as_mut()
+            && volumes.image_epoch == Some(image.epoch)
+        {
+            image.volumes = volumes.image;
+        }
+        Ok((group, current))
+    }
+
+    /// [`Self::group_with_shards`] once the shards are current (waiting up to 30 s, then as they are).
+    pub async fn group_with_volumes(&self) -> Result<ConsistencyGroup, ClusterError> {
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+        loop {
+            let (group, current) = self.group_with_shards().await?;
+            if current || tokio::time::Instant::now() >= deadline {
+                return Ok(group);
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    }
+
     /// The group's conditions as they are now with `updates` applied (type, status, reason, message),
     /// transition times kept where a status does not change: a value for a status patch.
     pub async fn conditions_with(

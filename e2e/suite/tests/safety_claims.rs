@@ -61,6 +61,16 @@ async fn wait_for(
     }
 }
 
+/// How many member volumes the group's status counts as not resolved to a volume and node.
+fn unresolved(status: &lockstep_api::v1alpha1::ConsistencyGroupStatus) -> u32 {
+    status
+        .volumes
+        .iter()
+        .flat_map(|counts| counts.clusters.iter())
+        .map(|cluster| cluster.unresolved)
+        .sum()
+}
+
 /// Refused: MembersResolved is False, naming `holder`, and no member volume is counted.
 fn refused_naming(holder: &str) -> impl Fn(&ConsistencyGroup) -> bool {
     let holder = format!("already belongs to group {holder:?}");
@@ -70,7 +80,7 @@ fn refused_naming(holder: &str) -> impl Fn(&ConsistencyGroup) -> bool {
         }) && g
             .status
             .as_ref()
-            .is_some_and(|s| s.members.iter().all(|m| m.volume_handle.is_none()))
+            .is_some_and(|s| unresolved(s) == s.member_count)
     }
 }
 
@@ -135,9 +145,9 @@ async fn later_groups_claiming_the_first_groups_pvcs_are_refused_across_an_opera
     ok!(
         h,
         h.wait_group("every member still resolved", |g| {
-            g.status.as_ref().is_some_and(|s| {
-                s.member_count == 3 && s.members.iter().all(|m| m.volume_handle.is_some())
-            })
+            g.status
+                .as_ref()
+                .is_some_and(|s| s.member_count == 3 && unresolved(s) == 0)
         })
     );
     for (name, _) in &later {

@@ -54,6 +54,7 @@ async fn a_group_deleted_while_a_node_is_cut_off_lets_its_volume_go_and_a_new_gr
     let mut h = start(setup).await;
     let reporting = h.handle("west-reporting").unwrap();
     let hub = h.world.hub().client.clone();
+    let hub_client = hub.clone();
     let groups: Api<ConsistencyGroup> = Api::all(hub);
 
     // West's node is cut off from both control paths, then its replication link fails: its sidecar's
@@ -176,11 +177,17 @@ async fn a_group_deleted_while_a_node_is_cut_off_lets_its_volume_go_and_a_new_gr
         || {
             let groups = groups.clone();
             let handle = handle.clone();
+            let hub = hub_client.clone();
+            let uid = uid.clone();
             async move {
                 let group = groups.get_opt("reporting-again").await.ok().flatten()?;
                 let status = group.status?;
+                // Its volumes are listed in its shards.
+                let volumes = lockstep_api::v1alpha1::GroupVolumes::read(&hub, &uid)
+                    .await
+                    .ok()?;
                 (status.phase == Some(Phase::Replicating)
-                    && status
+                    && volumes
                         .members
                         .iter()
                         .any(|m| m.volume_handle.as_deref() == Some(handle.as_str())))

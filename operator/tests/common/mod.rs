@@ -324,3 +324,48 @@ pub async fn as_decided(
     group.status = operator.engine().last_status(&uid).await;
     Some(group)
 }
+
+/// Writes `node`'s ReplicationNode status in member cluster `east` (creating the object first), as that
+/// node's sidecar does on path 1.
+pub async fn node_status(client: &Client, node: &str, status: serde_json::Value) {
+    let api = Api::<lockstep_api::v1alpha1::ReplicationNode>::all(client.clone());
+    if api.get_opt(node).await.unwrap().is_none() {
+        let object = lockstep_api::v1alpha1::ReplicationNode::new(
+            node,
+            lockstep_api::v1alpha1::ReplicationNodeSpec {
+                node_name: node.into(),
+                cluster: "east".into(),
+            },
+        );
+        api.create(&PostParams::default(), &object).await.unwrap();
+    }
+    let patch = serde_json::json!({"apiVersion": "lockstep.dev/v1alpha1", "kind": "ReplicationNode", "status": status});
+    api.patch_status(
+        node,
+        &kube::api::PatchParams::apply("test-sidecar").force(),
+        &kube::api::Patch::Apply(&patch),
+    )
+    .await
+    .unwrap();
+}
+
+/// The hub as its own member cluster, taking volumes' nodes as `binding` says.
+pub async fn local_member(hub: &Client, binding: lockstep_api::domain::VolumeBinding) {
+    Api::<lockstep_api::v1alpha1::MemberCluster>::all(hub.clone())
+        .create(
+            &PostParams::default(),
+            &lockstep_api::v1alpha1::MemberCluster::new(
+                "east",
+                lockstep_api::v1alpha1::MemberClusterSpec {
+                    paths: lockstep_api::domain::ClusterPaths::Both,
+                    local: true,
+                    kubeconfig_secret_ref: None,
+                    network: None,
+                    service_account_keys: None,
+                    volume_binding: binding,
+                },
+            ),
+        )
+        .await
+        .unwrap();
+}

@@ -1008,7 +1008,10 @@ pub async fn create_group(client: &Client, volumes: &[&str]) -> String {
             .into_iter()
             .map(|(label, value)| (label.to_owned(), value))
             .collect();
-        labels.insert(lockstep_api::v1alpha1::GROUP_UID_LABEL.to_owned(), uid.clone());
+        labels.insert(
+            lockstep_api::v1alpha1::GROUP_UID_LABEL.to_owned(),
+            uid.clone(),
+        );
         let shard: lockstep_api::v1alpha1::ConsistencyGroupShard = serde_json::from_value(json!({
             "apiVersion": "lockstep.dev/v1alpha1",
             "kind": "ConsistencyGroupShard",
