@@ -28,8 +28,13 @@ use crate::{
     freeze::{self, Event},
     members::ReportedVolume,
     sessions::{self, NodeKey},
-    tls::ConnectionInfo,
 };
+
+mod membership;
+mod speaker;
+
+use membership::membership;
+pub use membership::push_memberships;
 
 /// How often a subscribed sidecar hears a heartbeat.
 pub const HEARTBEAT: Duration = Duration::from_secs(2);
@@ -57,118 +62,6 @@ impl ControlService {
             ))
         }
     }
-}
-
-impl ControlService {
-    /// Who is speaking: the node the call's token proves, which must be the node the message names
-    /// (UNAUTHENTICATED without a valid token, PERMISSION_DENIED for a message speaking for another
-    /// node). A plaintext connection (served only with --grpc-insecure-plaintext) is not authenticated:
-    /// the message's node is taken as it says.
-    fn authenticate<T>(
-        &self,
-        request: &Request<T>,
-        what: &str,
-        node: Option<&pb::NodeIdentity>,
-    ) -> Result<Speaker, Status> {
-        let claimed = node_key(node)?;
-        let connection = request.extensions().get::<ConnectionInfo>().copied();
-        if connection.is_some_and(|connection| !connection.tls) {
-            return Ok(Speaker {
-                node: claimed,
-                peer: connection
-                    .and_then(|connection| connection.remote)
-                    .map(|remote| remote.ip()),
-                verified: false,
-            });
-        }
-        let peer = connection
-            .and_then(|connection| connection.remote)
-            .map(|remote| remote.ip());
-        let authenticator = self.engine.authenticator();
-        let speaking_for = format!("{}/{}", claimed.0, claimed.1);
-        match authenticator.authenticate(request.metadata(), &claimed.0) {
-            Err(refusal) => {
-                let message = format!("{what} refused: {refusal}");
-                authenticator.refused(peer, &speaking_for, refusal.reason(), &message);
-                Err(Status::unauthenticated(message))
-            }
-            Ok(who) if who.cluster != claimed.0 || who.node != claimed.1 => {
-                let message = format!(
-                    "{what} refused: the credential is node {} of cluster {}, and the message speaks for node {} of cluster {}",
-                    who.node, who.cluster, claimed.1, claimed.0
-                );
-                authenticator.refused(peer, &speaking_for, "other_node", &message);
-                Err(Status::permission_denied(message))
-            }
-            Ok(who) => Ok(Speaker {
-                node: (who.cluster, who.node),
-                peer,
-                verified: true,
-            }),
-        }
-    }
-
-    /// Refuses a call that names volumes the group resolves, in the speaker's cluster, to another node
-    /// (or to no node: several claim it): a node speaks for its own volumes only. Volumes the group
-    /// has not resolved pass (they are recorded for nobody; a failure about one still freezes).
-    async fn own_volumes_only<'a>(
-        &self,
-        speaker: &Speaker,
-        what: &str,
-        group_uid: &str,
-        handles: impl IntoIterator<Item = &'a str>,
-    ) -> Result<(), Status> {
-        if !speaker.verified {
-            return Ok(());
-        }
-        let status = self.engine.last_status(group_uid).await;
-        let members = status
-            .as_ref()
-            .map(|status| status.members.as_slice())
-            .unwrap_or_default();
-        let (cluster, node) = &speaker.node;
-        let foreign: Vec<String> = handles
-            .into_iter()
-            .filter_map(|handle| {
-                let member = members.iter().find(|member| {
-                    member.cluster == *cluster && member.volume_handle.as_deref() == Some(handle)
-                })?;
-                (member.node.as_deref() != Some(node.as_str())).then(|| {
-                    format!(
-                        "{handle} (on {})",
-                        member.node.as_deref().unwrap_or("no single node")
-                    )
-                })
-            })
-            .collect();
-        if foreign.is_empty() {
-            return Ok(());
-        }
-        let named: Vec<&str> = foreign
-            .iter()
-            .take(NAMED_IN_REASON)
-            .map(String::as_str)
-            .collect();
-        let message = format!(
-            "{what} refused: node {node} of cluster {cluster} speaks only for its own volumes, and {} {} not on it",
-            named.join(", "),
-            if foreign.len() == 1 { "is" } else { "are" }
-        );
-        self.engine.authenticator().refused(
-            speaker.peer,
-            &format!("{cluster}/{node}"),
-            "not_own_volume",
-            &message,
-        );
-        Err(Status::permission_denied(message))
-    }
-}
-
-/// Who speaks on a call, and whether a token proved it (false only on a plaintext connection).
-struct Speaker {
-    node: NodeKey,
-    peer: Option<std::net::IpAddr>,
-    verified: bool,
 }
 
 fn node_key(node: Option<&pb::NodeIdentity>) -> Result<NodeKey, Status> {
@@ -308,82 +201,6 @@ fn unrecorded(
 fn refuse(what: &str, node: &NodeKey, reason: impl std::fmt::Display) -> Status {
     tracing::warn!(cluster = %node.0, node = %node.1, %reason, "refused a malformed {what}");
     Status::invalid_argument(format!("malformed {what}: {reason}"))
-}
-
-/// Sends each cluster with open sessions its membership, where it changed since it was last sent (a group
-/// created, changed or deleted): a gRPC-only cluster learns its groups from nothing else.
-pub fn push_memberships(engine: &Engine) {
-    for cluster in engine.sessions().clusters() {
-        let sent = engine
-            .sessions()
-            .push_membership(&cluster, membership(engine, &cluster), None);
-        if sent > 0 {
-            tracing::info!(%cluster, sessions = sent, "membership changed; sent to the cluster's sidecars");
-        }
-    }
-}
-
-/// The Membership message for a node's cluster: every group with members there.
-fn membership(engine: &Engine, cluster: &str) -> pb::Membership {
-    let groups = engine
-        .groups()
-        .iter()
-        .filter_map(|group| {
-            let uid = group.metadata.uid.clone()?;
-            let members: Vec<pb::ResolvedVolume> = group
-                .spec
-                .members
-                .iter()
-                .filter(|member| member.cluster == cluster)
-                .flat_map(|member| {
-                    member
-                        .pvc_names
-                        .iter()
-                        .flatten()
-                        .map(|pvc| pb::ResolvedVolume {
-                            namespace: member.namespace.clone(),
-                            pvc: pvc.clone(),
-                            ..pb::ResolvedVolume::default()
-                        })
-                })
-                .chain(
-                    group
-                        .status
-                        .iter()
-                        .flat_map(|status| status.members.iter())
-                        .filter(|m| m.cluster == cluster)
-                        .map(|member| pb::ResolvedVolume {
-                            namespace: member.namespace.clone(),
-                            pvc: member.pvc.clone(),
-                            persistent_volume: member.persistent_volume.clone().unwrap_or_default(),
-                            volume_handle: member.volume_handle.clone().unwrap_or_default(),
-                        }),
-                )
-                .collect();
-            if members.is_empty() {
-                return None;
-            }
-            let (epoch, stage) = group.position();
-            let hold_timeout_ms = lockstep_api::domain::parse_duration(&group.spec.hold_timeout)
-                .map(|timeout| u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX))
-                .unwrap_or(30_000);
-            Some(pb::GroupMembership {
-                group_name: group.metadata.name.clone().unwrap_or_default(),
-                current: Some(pb::GroupEpoch::from(&GroupEpoch {
-                    group_uid: uid,
-                    epoch,
-                    stage,
-                })),
-                hold_timeout_ms,
-                volumes: members,
-                created_unix_ms: group
-                    .claim_order()
-                    .map_or(0, |order| order.created_unix_ms()),
-                in_sync_epoch: group.in_sync_at().unwrap_or(0),
-            })
-        })
-        .collect();
-    pb::Membership { groups }
 }
 
 type ControlStream = Pin<Box<dyn Stream<Item = Result<ControlMessage, Status>> + Send>>;
