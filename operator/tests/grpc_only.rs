@@ -18,30 +18,14 @@ use lockstep_api::{
         ConsistencyGroup, ConsistencyGroupSpec, GroupMember, MemberCluster, MemberClusterSpec,
     },
 };
-use lockstep_operator::{Operator, Options};
+use lockstep_operator::Operator;
 use tokio_stream::StreamExt;
 
 mod common;
 
-use common::{cluster, eventually};
+use common::{cluster, eventually, options};
 
 type TestResult = Result<(), Box<dyn std::error::Error + Send + Sync>>;
-
-fn options() -> Options {
-    Options {
-        kubeconfig: None,
-        hub_name: "hub-east".into(),
-        grpc_listen: "127.0.0.1:0".parse().unwrap(),
-        http_listen: "127.0.0.1:0".parse().unwrap(),
-        resync_interval: Duration::from_millis(200),
-        leader_election: false,
-        namespace: "lockstep-system".into(),
-        identity: "operator-0".into(),
-        lease_duration: Duration::from_secs(2),
-        max_sessions_per_cluster: lockstep_operator::sessions::DEFAULT_SESSIONS_PER_CLUSTER,
-        control_security: lockstep_operator::ControlSecurity::insecure_plaintext(),
-    }
-}
 
 /// The hub (a test API server) with one GrpcOnly member cluster, `edge`.
 async fn hub_with_edge() -> (lockstep_testapi::TestApiServer, Client) {

@@ -35,7 +35,7 @@ use tokio_stream::StreamExt;
 
 mod common;
 
-use common::{api_server, eventually, volume};
+use common::{api_server, eventually, options, volume};
 
 type TestResult = Result<(), Box<dyn std::error::Error + Send + Sync>>;
 
@@ -99,22 +99,6 @@ async fn kubeconfig_secret(hub: &Client, name: &str, of: &ApiServer) {
         .create(&PostParams::default(), &secret)
         .await
         .unwrap();
-}
-
-fn options() -> Options {
-    Options {
-        kubeconfig: None,
-        hub_name: "hub-east".into(),
-        grpc_listen: "127.0.0.1:0".parse().unwrap(),
-        http_listen: "127.0.0.1:0".parse().unwrap(),
-        resync_interval: Duration::from_millis(200),
-        leader_election: false,
-        namespace: "lockstep-system".into(),
-        identity: "operator-0".into(),
-        lease_duration: Duration::from_secs(2),
-        max_sessions_per_cluster: lockstep_operator::sessions::DEFAULT_SESSIONS_PER_CLUSTER,
-        control_security: lockstep_operator::ControlSecurity::insecure_plaintext(),
-    }
 }
 
 fn group_spec(members: Vec<GroupMember>, policy: Policy) -> ConsistencyGroupSpec {

@@ -3,8 +3,6 @@
 //! claims and acknowledges another node's volume neither takes it over nor releases the group.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::time::Duration;
-
 use kube::{
     Api, Client,
     api::{Patch, PatchParams, PostParams},
@@ -16,28 +14,12 @@ use lockstep_api::{
         ReplicationNode, ReplicationNodeSpec,
     },
 };
-use lockstep_operator::{Operator, Options};
+use lockstep_operator::Operator;
 use serde_json::json;
 
 mod common;
 
-use common::{cluster, eventually, volume, volume_with};
-
-fn options() -> Options {
-    Options {
-        kubeconfig: None,
-        hub_name: "hub-east".into(),
-        grpc_listen: "127.0.0.1:0".parse().unwrap(),
-        http_listen: "127.0.0.1:0".parse().unwrap(),
-        resync_interval: Duration::from_millis(200),
-        leader_election: false,
-        namespace: "lockstep-system".into(),
-        identity: "operator-0".into(),
-        lease_duration: Duration::from_secs(2),
-        max_sessions_per_cluster: lockstep_operator::sessions::DEFAULT_SESSIONS_PER_CLUSTER,
-        control_security: lockstep_operator::ControlSecurity::insecure_plaintext(),
-    }
-}
+use common::{cluster, eventually, options, volume, volume_with};
 
 async fn node_status(client: &Client, node: &str, status: serde_json::Value) {
     let api = Api::<ReplicationNode>::all(client.clone());

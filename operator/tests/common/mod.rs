@@ -21,6 +21,24 @@ use lockstep_testapi::{Options as ApiOptions, TestApiServer};
 /// Polls until a check returns `Some` (the workspace's one `eventually`).
 pub use lockstep_replicator::testing::eventually;
 
+/// The operator's options for a test: a hub `hub-east`, listening on free ports of 127.0.0.1, gRPC in
+/// plaintext, resyncing every 200 ms.
+pub fn options() -> lockstep_operator::Options {
+    lockstep_operator::Options {
+        kubeconfig: None,
+        hub_name: "hub-east".into(),
+        grpc_listen: "127.0.0.1:0".parse().unwrap(),
+        http_listen: "127.0.0.1:0".parse().unwrap(),
+        resync_interval: std::time::Duration::from_millis(200),
+        leader_election: false,
+        namespace: "lockstep-system".into(),
+        identity: "operator-0".into(),
+        lease_duration: std::time::Duration::from_secs(2),
+        max_sessions_per_cluster: lockstep_operator::sessions::DEFAULT_SESSIONS_PER_CLUSTER,
+        control_security: lockstep_operator::ControlSecurity::insecure_plaintext(),
+    }
+}
+
 /// A test API server with the project's CRDs installed and the namespaces `orders`, `lockstep` and
 /// `lockstep-system`.
 pub async fn cluster() -> (TestApiServer, Client) {
