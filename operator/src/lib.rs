@@ -8,6 +8,7 @@
 //! - [`engine`]: fetch → decide → send and persist → record, one group at a time.
 //! - [`clusters`], [`mirror`], [`fanout`], [`sessions`], [`control`]: member clusters, mirrors, the two
 //!   delivery paths and the gRPC `Control` service.
+//! - [`ingest`]: one validator and one event type for what nodes send on either path.
 //! - [`tls`]: TLS on the Control service, its certificate reloaded when it changes on disk.
 //! - [`leader`]: leader election on a Lease, leading only within the renew deadline.
 //! - [`metrics`]: Prometheus metrics; [`http`]: `/healthz`, `/readyz`, `/metrics`.
@@ -20,6 +21,7 @@ pub mod fanout;
 pub mod freeze;
 pub mod http;
 pub mod identity;
+pub mod ingest;
 pub mod leader;
 pub mod listed;
 pub mod members;
@@ -568,7 +570,7 @@ async fn watch_replication_nodes(engine: Engine, cluster: String, client: Client
                 match change {
                     Ok(node) => {
                         tracing::debug!(%cluster, node = %node.name_any(), "ReplicationNode changed");
-                        engine.from_replication_nodes(cluster, &node).await;
+                        ingest::api::from_replication_node(engine, cluster, &node).await;
                     }
                     Err(error) => tracing::debug!(%cluster, %error, "watching ReplicationNodes"),
                 }

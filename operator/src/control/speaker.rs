@@ -3,8 +3,8 @@
 use lockstep_api::proto::control::v1 as pb;
 use tonic::{Request, Status};
 
-use super::{ControlService, NAMED_IN_REASON, node_key};
-use crate::{sessions::NodeKey, tls::ConnectionInfo};
+use super::{ControlService, NAMED_IN_REASON};
+use crate::{ingest::grpc::node_key, sessions::NodeKey, tls::ConnectionInfo};
 
 /// Who speaks on a call, and whether a token proved it (false only on a plaintext connection).
 pub(super) struct Speaker {
@@ -24,7 +24,7 @@ impl ControlService {
         what: &str,
         node: Option<&pb::NodeIdentity>,
     ) -> Result<Speaker, Status> {
-        let claimed = node_key(node)?;
+        let claimed = node_key(node, what, self.engine.metrics())?;
         let connection = request.extensions().get::<ConnectionInfo>().copied();
         if connection.is_some_and(|connection| !connection.tls) {
             return Ok(Speaker {

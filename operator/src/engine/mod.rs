@@ -14,14 +14,14 @@
 //! - `directives`: mirrors in member clusters, the points each cluster should hold, resending;
 //! - `finalize`: the deletion finalizer;
 //! - `events`: Events on groups and on member claims;
-//! - `member_clusters`: connecting to member clusters and writing MemberCluster status;
-//! - `ingest_api`: path 1 in — what ReplicationNodes carry, checked against the node that wrote them.
+//! - `member_clusters`: connecting to member clusters and writing MemberCluster status.
+//!
+//! What nodes send, on either path, comes in through [`crate::ingest`] (one validator, one event type).
 
 mod decide;
 mod directives;
 mod events;
 mod finalize;
-mod ingest_api;
 mod member_clusters;
 mod observe;
 mod queue;
