@@ -23,7 +23,7 @@ use tokio_stream::StreamExt;
 
 mod common;
 
-use common::{cluster, eventually, options};
+use common::{cluster, eventually, next_directive, options};
 
 type TestResult = Result<(), Box<dyn std::error::Error + Send + Sync>>;
 
@@ -135,27 +135,6 @@ fn acknowledged(group: &ConsistencyGroup, pvc: &str) -> Option<(u64, Stage)> {
         .acknowledged
         .as_ref()
         .map(|ack| (ack.epoch, ack.stage))
-}
-
-async fn next_directive(
-    stream: &mut tonic::Streaming<pb::ControlMessage>,
-    want: impl Fn(&pb::GroupEpoch) -> bool,
-) -> pb::GroupEpoch {
-    let found = tokio::time::timeout(Duration::from_secs(30), async {
-        while let Some(message) = stream.next().await {
-            if let Some(Kind::Directive(directive)) = message.unwrap().kind
-                && let Some(target) = directive.target
-                && want(&target)
-            {
-                return Some(target);
-            }
-        }
-        None
-    })
-    .await;
-    found
-        .expect("a directive within the deadline")
-        .expect("the stream stays open")
 }
 
 fn ack(node: &str, point: &pb::GroupEpoch, pvcs: &[&str]) -> AckRequest {

@@ -35,7 +35,7 @@ use tokio_stream::StreamExt;
 
 mod common;
 
-use common::{api_server, eventually, options, volume};
+use common::{api_server, eventually, next_directive, options, volume};
 
 type TestResult = Result<(), Box<dyn std::error::Error + Send + Sync>>;
 
@@ -735,27 +735,6 @@ async fn a_group_spanning_a_grpc_only_and_an_api_only_cluster_resolves_and_freez
     operator.shutdown().await;
     drop((east, south));
     Ok(())
-}
-
-async fn next_directive(
-    stream: &mut tonic::Streaming<pb::ControlMessage>,
-    want: impl Fn(&pb::GroupEpoch) -> bool,
-) -> pb::GroupEpoch {
-    let found = tokio::time::timeout(Duration::from_secs(30), async {
-        while let Some(message) = stream.next().await {
-            if let Some(Kind::Directive(directive)) = message.unwrap().kind
-                && let Some(target) = directive.target
-                && want(&target)
-            {
-                return Some(target);
-            }
-        }
-        None
-    })
-    .await;
-    found
-        .expect("a directive within the deadline")
-        .expect("the stream stays open")
 }
 
 #[tokio::test]

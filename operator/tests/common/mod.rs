@@ -189,6 +189,30 @@ pub async fn volume_with(client: &Client, pvc: &str, app: &str, handle: &str, no
         .unwrap();
 }
 
+/// The next directive on a sidecar's Subscribe stream whose target `want` accepts (30 s at most).
+pub async fn next_directive(
+    stream: &mut tonic::Streaming<lockstep_api::proto::control::v1::ControlMessage>,
+    want: impl Fn(&lockstep_api::proto::control::v1::GroupEpoch) -> bool,
+) -> lockstep_api::proto::control::v1::GroupEpoch {
+    use lockstep_api::proto::control::v1::control_message::Kind;
+    use tokio_stream::StreamExt;
+    let found = tokio::time::timeout(std::time::Duration::from_secs(30), async {
+        while let Some(message) = stream.next().await {
+            if let Some(Kind::Directive(directive)) = message.unwrap().kind
+                && let Some(target) = directive.target
+                && want(&target)
+            {
+                return Some(target);
+            }
+        }
+        None
+    })
+    .await;
+    found
+        .expect("a directive within the deadline")
+        .expect("the stream stays open")
+}
+
 /// A test certificate authority (real keys and signatures, made with rcgen).
 pub struct TestCa {
     pub pem: String,
