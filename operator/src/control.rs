@@ -3,8 +3,8 @@
 //! Every call is authenticated (see [`crate::authn`]): the node it speaks for is the node its token
 //! proves, never merely the node the message names.
 //!
-//! Malformed messages (no node identity, an unset stage, no group UID) are refused with InvalidArgument
-//! and logged. Every answer says whether it was applied: a report or acknowledgement that could not be
+//! Malformed messages (no node identity, an unset stage, no group UID...) are refused with InvalidArgument,
+//! logged and counted, by the validator both paths share (see [`crate::ingest`]). Every answer says whether it was applied: a report or acknowledgement that could not be
 //! decided is answered with an error status (NOT_FOUND for a group this hub does not know, UNAVAILABLE when
 //! this replica is not the leader or the decision was not persisted); an acknowledgement whose volumes are
 //! not resolved members yet is answered `applied: false` with the reason. The sender sends it again.
@@ -13,7 +13,7 @@ use std::{collections::BTreeMap, pin::Pin, time::Duration};
 
 use futures::Stream;
 use lockstep_api::{
-    domain::{GroupEpoch, MAX_EPOCH, Path},
+    domain::{GroupEpoch, Path},
     proto::control::v1::{
         self as pb, AckRequest, AckResponse, ControlMessage, ReportRequest, ReportResponse,
         SubscribeRequest, control_message::Kind, control_server::Control,
@@ -25,11 +25,16 @@ use tonic::{Request, Response, Status};
 
 use crate::{
     engine::{Engine, EngineError},
-    freeze::{self, Event},
-    members::ReportedVolume,
+    freeze::Event,
+    ingest::{self, grpc},
     sessions::{self, NodeKey},
-    tls::ConnectionInfo,
 };
+
+mod membership;
+mod speaker;
+
+use membership::membership;
+pub use membership::push_memberships;
 
 /// How often a subscribed sidecar hears a heartbeat.
 pub const HEARTBEAT: Duration = Duration::from_secs(2);
@@ -59,150 +64,12 @@ impl ControlService {
     }
 }
 
-impl ControlService {
-    /// Who is speaking: the node the call's token proves, which must be the node the message names
-    /// (UNAUTHENTICATED without a valid token, PERMISSION_DENIED for a message speaking for another
-    /// node). A plaintext connection (served only with --grpc-insecure-plaintext) is not authenticated:
-    /// the message's node is taken as it says.
-    fn authenticate<T>(
-        &self,
-        request: &Request<T>,
-        what: &str,
-        node: Option<&pb::NodeIdentity>,
-    ) -> Result<Speaker, Status> {
-        let claimed = node_key(node)?;
-        let connection = request.extensions().get::<ConnectionInfo>().copied();
-        if connection.is_some_and(|connection| !connection.tls) {
-            return Ok(Speaker {
-                node: claimed,
-                peer: connection
-                    .and_then(|connection| connection.remote)
-                    .map(|remote| remote.ip()),
-                verified: false,
-            });
-        }
-        let peer = connection
-            .and_then(|connection| connection.remote)
-            .map(|remote| remote.ip());
-        let authenticator = self.engine.authenticator();
-        let speaking_for = format!("{}/{}", claimed.0, claimed.1);
-        match authenticator.authenticate(request.metadata(), &claimed.0) {
-            Err(refusal) => {
-                let message = format!("{what} refused: {refusal}");
-                authenticator.refused(peer, &speaking_for, refusal.reason(), &message);
-                Err(Status::unauthenticated(message))
-            }
-            Ok(who) if who.cluster != claimed.0 || who.node != claimed.1 => {
-                let message = format!(
-                    "{what} refused: the credential is node {} of cluster {}, and the message speaks for node {} of cluster {}",
-                    who.node, who.cluster, claimed.1, claimed.0
-                );
-                authenticator.refused(peer, &speaking_for, "other_node", &message);
-                Err(Status::permission_denied(message))
-            }
-            Ok(who) => Ok(Speaker {
-                node: (who.cluster, who.node),
-                peer,
-                verified: true,
-            }),
-        }
-    }
-
-    /// Refuses a call that names volumes the group resolves, in the speaker's cluster, to another node
-    /// (or to no node: several claim it): a node speaks for its own volumes only. Volumes the group
-    /// has not resolved pass (they are recorded for nobody; a failure about one still freezes).
-    async fn own_volumes_only<'a>(
-        &self,
-        speaker: &Speaker,
-        what: &str,
-        group_uid: &str,
-        handles: impl IntoIterator<Item = &'a str>,
-    ) -> Result<(), Status> {
-        if !speaker.verified {
-            return Ok(());
-        }
-        let status = self.engine.last_status(group_uid).await;
-        let members = status
-            .as_ref()
-            .map(|status| status.members.as_slice())
-            .unwrap_or_default();
-        let (cluster, node) = &speaker.node;
-        let foreign: Vec<String> = handles
-            .into_iter()
-            .filter_map(|handle| {
-                let member = members.iter().find(|member| {
-                    member.cluster == *cluster && member.volume_handle.as_deref() == Some(handle)
-                })?;
-                (member.node.as_deref() != Some(node.as_str())).then(|| {
-                    format!(
-                        "{handle} (on {})",
-                        member.node.as_deref().unwrap_or("no single node")
-                    )
-                })
-            })
-            .collect();
-        if foreign.is_empty() {
-            return Ok(());
-        }
-        let named: Vec<&str> = foreign
-            .iter()
-            .take(NAMED_IN_REASON)
-            .map(String::as_str)
-            .collect();
-        let message = format!(
-            "{what} refused: node {node} of cluster {cluster} speaks only for its own volumes, and {} {} not on it",
-            named.join(", "),
-            if foreign.len() == 1 { "is" } else { "are" }
-        );
-        self.engine.authenticator().refused(
-            speaker.peer,
-            &format!("{cluster}/{node}"),
-            "not_own_volume",
-            &message,
-        );
-        Err(Status::permission_denied(message))
-    }
-}
-
-/// Who speaks on a call, and whether a token proved it (false only on a plaintext connection).
-struct Speaker {
-    node: NodeKey,
-    peer: Option<std::net::IpAddr>,
-    verified: bool,
-}
-
-fn node_key(node: Option<&pb::NodeIdentity>) -> Result<NodeKey, Status> {
-    let node = node.ok_or_else(|| Status::invalid_argument("the message names no node"))?;
-    if node.cluster.is_empty() || node.node.is_empty() {
-        return Err(Status::invalid_argument(
-            "the node identity needs both a cluster and a node name",
-        ));
-    }
-    Ok((node.cluster.clone(), node.node.clone()))
-}
-
-fn reported_volumes(node: &NodeKey, volumes: &[pb::ResolvedVolume]) -> Vec<ReportedVolume> {
-    volumes
-        .iter()
-        .filter(|volume| !volume.volume_handle.is_empty() && !volume.pvc.is_empty())
-        .map(|volume| ReportedVolume {
-            namespace: volume.namespace.clone(),
-            pvc: volume.pvc.clone(),
-            persistent_volume: volume.persistent_volume.clone(),
-            volume_handle: volume.volume_handle.clone(),
-            node: node.1.clone(),
-        })
-        .collect()
-}
-
 /// The error status for a decision that could not be made: the sender sends it again, except for a group
 /// this hub does not know (NOT_FOUND: sent again only while the sender still knows the group).
 fn not_decided(node: &NodeKey, error: EngineError) -> Status {
     tracing::warn!(cluster = %node.0, node = %node.1, %error, "not applied");
     match error {
-        EngineError::UnknownGroup(uid) => {
-            Status::not_found(format!("no ConsistencyGroup with UID {uid:?} on this hub"))
-        }
+        EngineError::UnknownGroup(uid) => unknown_group(&uid),
         EngineError::NotLeader => Status::unavailable(
             "this operator replica is not the leader; retry (the Service routes to the leader)",
         ),
@@ -215,36 +82,6 @@ fn not_decided(node: &NodeKey, error: EngineError) -> Status {
             Status::failed_precondition(format!("dropped: {error}"))
         }
     }
-}
-
-/// The replication states a report carries, by volume handle; a malformed one refuses the report.
-fn volume_states(
-    node: &NodeKey,
-    states: &[pb::VolumeReplication],
-) -> Result<std::collections::BTreeMap<String, sessions::VolumeReplication>, Status> {
-    states
-        .iter()
-        .map(|reported| {
-            let state = pb::ReplicationState::try_from(reported.state)
-                .ok()
-                .and_then(pb::ReplicationState::to_domain);
-            let stage = pb::Stage::try_from(reported.stage)
-                .ok()
-                .and_then(|stage| lockstep_api::domain::Stage::try_from(stage).ok());
-            match (state, stage) {
-                (Some(state), Some(stage))
-                    if !reported.volume_handle.is_empty() && reported.epoch <= MAX_EPOCH =>
-                {
-                    Ok((reported.volume_handle.clone(), (state, reported.epoch, stage)))
-                }
-                _ => Err(refuse(
-                    "report",
-                    node,
-                    "a volume state without a handle, a state or a stage, or beyond the largest epoch",
-                )),
-            }
-        })
-        .collect()
 }
 
 /// How many volumes a reason names at most.
@@ -305,84 +142,14 @@ fn unrecorded(
     (!reasons.is_empty()).then(|| reasons.join("; "))
 }
 
+/// NOT_FOUND for a group this hub does not know (sent again only while the sender still knows it).
+fn unknown_group(uid: &str) -> Status {
+    Status::not_found(format!("no ConsistencyGroup with UID {uid:?} on this hub"))
+}
+
 fn refuse(what: &str, node: &NodeKey, reason: impl std::fmt::Display) -> Status {
     tracing::warn!(cluster = %node.0, node = %node.1, %reason, "refused a malformed {what}");
     Status::invalid_argument(format!("malformed {what}: {reason}"))
-}
-
-/// Sends each cluster with open sessions its membership, where it changed since it was last sent (a group
-/// created, changed or deleted): a gRPC-only cluster learns its groups from nothing else.
-pub fn push_memberships(engine: &Engine) {
-    for cluster in engine.sessions().clusters() {
-        let sent = engine
-            .sessions()
-            .push_membership(&cluster, membership(engine, &cluster), None);
-        if sent > 0 {
-            tracing::info!(%cluster, sessions = sent, "membership changed; sent to the cluster's sidecars");
-        }
-    }
-}
-
-/// The Membership message for a node's cluster: every group with members there.
-fn membership(engine: &Engine, cluster: &str) -> pb::Membership {
-    let groups = engine
-        .groups()
-        .iter()
-        .filter_map(|group| {
-            let uid = group.metadata.uid.clone()?;
-            let members: Vec<pb::ResolvedVolume> = group
-                .spec
-                .members
-                .iter()
-                .filter(|member| member.cluster == cluster)
-                .flat_map(|member| {
-                    member
-                        .pvc_names
-                        .iter()
-                        .flatten()
-                        .map(|pvc| pb::ResolvedVolume {
-                            namespace: member.namespace.clone(),
-                            pvc: pvc.clone(),
-                            ..pb::ResolvedVolume::default()
-                        })
-                })
-                .chain(
-                    engine
-                        .member_volumes_of(&uid)
-                        .iter()
-                        .filter(|m| m.cluster == cluster)
-                        .map(|member| pb::ResolvedVolume {
-                            namespace: member.namespace.clone(),
-                            pvc: member.pvc.clone(),
-                            persistent_volume: member.persistent_volume.clone().unwrap_or_default(),
-                            volume_handle: member.volume_handle.clone().unwrap_or_default(),
-                        }),
-                )
-                .collect();
-            if members.is_empty() {
-                return None;
-            }
-            let (epoch, stage) = group.position();
-            let hold_timeout_ms = lockstep_api::domain::parse_duration(&group.spec.hold_timeout)
-                .map(|timeout| u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX))
-                .unwrap_or(30_000);
-            Some(pb::GroupMembership {
-                group_name: group.metadata.name.clone().unwrap_or_default(),
-                current: Some(pb::GroupEpoch::from(&GroupEpoch {
-                    group_uid: uid,
-                    epoch,
-                    stage,
-                })),
-                hold_timeout_ms,
-                volumes: members,
-                created_unix_ms: group
-                    .claim_order()
-                    .map_or(0, |order| order.created_unix_ms()),
-                in_sync_epoch: group.in_sync_at().unwrap_or(0),
-            })
-        })
-        .collect();
-    pb::Membership { groups }
 }
 
 type ControlStream = Pin<Box<dyn Stream<Item = Result<ControlMessage, Status>> + Send>>;
@@ -457,122 +224,42 @@ impl ControlService {
                 .await?;
         }
         let node = speaker.node;
-        // Every entry is checked before anything is recorded or decided (a refused report changes
-        // nothing), then each group's entries are decided as one batch (one read, at most one status
-        // write), not one decision per failure.
-        let states = volume_states(&node, &request.states)?;
-        let mut by_group: BTreeMap<&str, Vec<Event>> = BTreeMap::new();
-        for failure in &request.failures {
-            if failure.epoch_seen > MAX_EPOCH {
-                return Err(refuse(
-                    "report",
-                    &node,
-                    format!(
-                        "a failure naming epoch {}, above the largest epoch {MAX_EPOCH}",
-                        failure.epoch_seen
-                    ),
-                ));
-            }
-            if failure.group_uid.is_empty() || failure.volume_handle.is_empty() {
-                return Err(refuse(
-                    "report",
-                    &node,
-                    "a failure without a group UID or a volume handle",
-                ));
-            }
-            by_group
-                .entry(&failure.group_uid)
-                .or_default()
-                .push(Event::Report(freeze::Report {
-                    path: Path::Grpc,
-                    cluster: node.0.clone(),
-                    node: node.1.clone(),
-                    volume_handle: failure.volume_handle.clone(),
-                    epoch_seen: failure.epoch_seen,
-                    message: lockstep_api::domain::bounded_message(&failure.error),
-                }));
-        }
-        let mut unknown_group = by_group
-            .keys()
-            .find(|uid| self.engine.group_by_uid(uid).is_none())
-            .map(|uid| (*uid).to_owned());
-        for held in &request.hold_timeouts {
-            if held.epoch > MAX_EPOCH {
-                return Err(refuse(
-                    "report",
-                    &node,
-                    format!(
-                        "a hold timeout naming epoch {}, above the largest epoch {MAX_EPOCH}",
-                        held.epoch
-                    ),
-                ));
-            }
-            if held.group_uid.is_empty() || held.volume_handle.is_empty() || held.failed_writes == 0
-            {
-                return Err(refuse(
-                    "report",
-                    &node,
-                    "a hold timeout without a group UID, a volume handle or a failed write",
-                ));
-            }
-            if self.engine.group_by_uid(&held.group_uid).is_none() {
-                unknown_group.get_or_insert_with(|| held.group_uid.clone());
-                continue;
-            }
-            by_group
-                .entry(&held.group_uid)
-                .or_default()
-                .push(Event::HoldTimedOut(freeze::HoldTimeoutReport {
-                    path: Path::Grpc,
-                    cluster: node.0.clone(),
-                    volume_handle: held.volume_handle.clone(),
-                    epoch: held.epoch,
-                    failed_writes: held.failed_writes,
-                    since: k8s_openapi::jiff::Timestamp::from_millisecond(held.since_unix_ms)
-                        .ok()
-                        .map(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time),
-                }));
-        }
+        // Every entry is checked, by the validator both paths share, before anything is recorded or
+        // decided (a refused report changes nothing); then each group's entries are decided as one batch
+        // (one read, at most one status write), not one decision per failure.
+        let report = ingest::check(grpc::report(&node, &request)).map_err(|refusal| {
+            grpc::refused(&refusal, "report", self.engine.metrics(), &node.0, &node.1)
+        })?;
         let mut reasons = Vec::new();
         if !request.volumes.is_empty()
             && !self
                 .engine
                 .sessions()
-                .record_volumes(&node, reported_volumes(&node, &request.volumes))
+                .record_volumes(&node, grpc::reported_volumes(&node, &request.volumes))
         {
             reasons.push(
                 "resolved volumes not recorded: the node holds no Subscribe stream (its next subscription carries them)"
                     .to_owned(),
             );
         }
-        if !states.is_empty() {
+        if !report.states.is_empty() {
             // Without an open stream they are dropped: the sidecar sends them again on subscribing.
-            self.engine.sessions().record_states(&node, states);
+            self.engine.sessions().record_states(&node, report.states);
         }
-        let mut groups = Vec::new();
-        let mut not_applied = None;
-        for (uid, events) in by_group {
-            if self.engine.group_by_uid(uid).is_none() {
-                continue;
-            }
-            if let Err(error) = self.engine.handle_many(uid, events).await {
-                not_applied.get_or_insert(not_decided(&node, error));
-                continue;
-            }
-            if let Some(current) = self.engine.current(uid) {
-                groups.push(pb::GroupEpoch::from(&current));
-            }
-        }
-        if let Some(uid) = unknown_group {
+        let delivered = ingest::deliver(&self.engine, Path::Grpc, report.events).await;
+        let groups = delivered
+            .decided
+            .iter()
+            .filter_map(|uid| self.engine.current(uid))
+            .map(|current| pb::GroupEpoch::from(&current))
+            .collect();
+        if let Some(uid) = delivered.unknown_group {
             // The entries of known groups were decided (a freeze is never held back); the sender is
             // told about the group this hub does not know.
-            tracing::warn!(cluster = %node.0, node = %node.1, group_uid = %uid, "report for a group this hub does not know");
-            return Err(Status::not_found(format!(
-                "no ConsistencyGroup with UID {uid:?} on this hub"
-            )));
+            return Err(unknown_group(&uid));
         }
-        if let Some(status) = not_applied {
-            return Err(status);
+        if let Some(error) = delivered.not_decided {
+            return Err(not_decided(&node, error));
         }
         Ok(Response::new(ReportResponse {
             groups,
@@ -600,7 +287,10 @@ impl ControlService {
         let (id, receiver) = self
             .engine
             .sessions()
-            .open(node.clone(), reported_volumes(&node, &request.volumes))
+            .open(
+                node.clone(),
+                grpc::reported_volumes(&node, &request.volumes),
+            )
             .map_err(|refused| {
                 tracing::warn!(cluster = %node.0, node = %node.1, %refused, "subscription refused");
                 Status::resource_exhausted(refused.to_string())
@@ -665,12 +355,29 @@ impl ControlService {
         let node = speaker.node.clone();
         self.leader_only()?;
         let request = request.into_inner();
-        let enforced = request
-            .enforced
-            .as_ref()
+        let report = ingest::check(grpc::ack(&node, &request)).map_err(|refusal| {
+            grpc::refused(
+                &refusal,
+                "acknowledgement",
+                self.engine.metrics(),
+                &node.0,
+                &node.1,
+            )
+        })?;
+        let point = report
+            .events
+            .iter()
+            .find_map(|(uid, events)| {
+                events.iter().find_map(|event| match event {
+                    Event::Ack(ack) => Some(GroupEpoch {
+                        group_uid: uid.clone(),
+                        epoch: ack.epoch,
+                        stage: ack.stage,
+                    }),
+                    _ => None,
+                })
+            })
             .ok_or_else(|| refuse("acknowledgement", &node, "no point named"))?;
-        let point = GroupEpoch::try_from(enforced)
-            .map_err(|error| refuse("acknowledgement", &node, error))?;
         self.own_volumes_only(
             &speaker,
             "acknowledgement",
@@ -678,18 +385,13 @@ impl ControlService {
             request.volume_handles.iter().map(String::as_str),
         )
         .await?;
-        let event = Event::Ack(freeze::Ack {
-            path: Path::Grpc,
-            cluster: node.0.clone(),
-            epoch: point.epoch,
-            stage: point.stage,
-            volume_handles: request.volume_handles.clone(),
-            fail_safe: request.fail_safe,
-        });
-        self.engine
-            .handle(&point.group_uid, event)
-            .await
-            .map_err(|error| not_decided(&node, error))?;
+        let delivered = ingest::deliver(&self.engine, Path::Grpc, report.events).await;
+        if let Some(uid) = delivered.unknown_group {
+            return Err(unknown_group(&uid));
+        }
+        if let Some(error) = delivered.not_decided {
+            return Err(not_decided(&node, error));
+        }
         // Applied only if the acknowledgement is in the group's status now: volumes the operator has not
         // resolved yet (a gRPC-only node's, before its sidecar reported them) are sent again.
         let status = self.engine.last_status(&point.group_uid).await;

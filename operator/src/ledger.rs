@@ -5,7 +5,9 @@
 //! acknowledgement and image epoch, the image's volumes, the hold timeouts per volume — which the engine
 //! keeps in memory between decisions. This module turns it into:
 //! - [`bounded`]: what the group's status persists: phase, (epoch, stage), trigger, conditions, counts per
-//!   state and per cluster, the image's epoch and size, at most [`NAMED`] stragglers;
+//!   state and per cluster, the image's epoch and size, at most [`NAMED`] stragglers, and per node the
+//!   acknowledgement all of its volumes gave (so that a restart mid-freeze keeps them: written with the
+//!   decision, for the exact set of volumes, by digest);
 //! - [`shard_specs`]: the shards, one per (cluster, node, part of at most [`SHARD_VOLUMES`] volumes);
 //!
 //! and back, after a restart or a failover: [`restore`] rebuilds the full status from the persisted status
@@ -16,10 +18,22 @@ use std::collections::{BTreeMap, BTreeSet};
 use lockstep_api::{
     domain::{Phase, Stage},
     v1alpha1::{
-        ClusterVolumeCounts, ConsistencyGroupShardSpec, ConsistencyGroupStatus, ImageVolume,
-        MemberVolumeStatus, SHARD_VOLUMES, ShardKey, Straggler, VolumeCounts,
+        Acknowledgement, ClusterVolumeCounts, ConsistencyGroupShardSpec, ConsistencyGroupStatus,
+        ImageVolume, MemberVolumeStatus, NodeAcknowledgement, SHARD_VOLUMES, ShardKey, Straggler,
+        VolumeCounts, volume_set_digest,
     },
 };
+
+/// A new [`ConsistencyGroupStatus::decision_id`]: unique per status write (the time in nanoseconds and
+/// a counter, in hex).
+pub fn new_decision_id() -> String {
+    static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |elapsed| elapsed.as_nanos());
+    let count = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    format!("{nanos:x}-{count:x}")
+}
 
 /// How many volumes the bounded status names (stragglers, hold timeouts); the rest are counted.
 pub const NAMED: usize = 20;
@@ -86,6 +100,7 @@ pub fn bounded(full: &ConsistencyGroupStatus) -> ConsistencyGroupStatus {
         })
         .collect();
     status.volumes = (!full.members.is_empty()).then_some(counts);
+    status.node_acknowledgements = node_acknowledgements(&full.members);
     status.stragglers = full
         .members
         .iter()
@@ -117,6 +132,86 @@ pub fn bounded(full: &ConsistencyGroupStatus) -> ConsistencyGroupStatus {
         held.volumes.truncate(NAMED);
     }
     status
+}
+
+/// Per node, the lowest acknowledgement over all of its member volumes, for that set of volumes (a node
+/// with a volume that acknowledged nothing has none).
+fn node_acknowledgements(members: &[MemberVolumeStatus]) -> Vec<NodeAcknowledgement> {
+    let mut by_node: BTreeMap<(&str, &str), Vec<&MemberVolumeStatus>> = BTreeMap::new();
+    for member in members {
+        if let (Some(node), Some(_)) = (&member.node, &member.volume_handle) {
+            by_node
+                .entry((&member.cluster, node))
+                .or_default()
+                .push(member);
+        }
+    }
+    by_node
+        .into_iter()
+        .filter_map(|((cluster, node), volumes)| {
+            let lowest = volumes
+                .iter()
+                .map(|member| member.acknowledged.as_ref())
+                .collect::<Option<Vec<_>>>()?
+                .into_iter()
+                .min_by_key(|ack| (ack.epoch, ack.stage))?
+                .clone();
+            Some(NodeAcknowledgement {
+                cluster: cluster.to_owned(),
+                node: node.to_owned(),
+                volumes: count(volumes.len()),
+                volume_set: volume_set_digest(
+                    volumes.iter().filter_map(|m| m.volume_handle.as_deref()),
+                ),
+                epoch: lowest.epoch,
+                stage: lowest.stage,
+                path: lowest.path,
+                fail_safe: volumes
+                    .iter()
+                    .any(|m| m.acknowledged.as_ref().is_some_and(|ack| ack.fail_safe)),
+            })
+        })
+        .collect()
+}
+
+/// Gives each member the acknowledgement its node recorded for all of its volumes, when the node's
+/// volumes are still exactly that set and the record is higher than what the member has.
+fn apply_node_acknowledgements(members: &mut [MemberVolumeStatus], nodes: &[NodeAcknowledgement]) {
+    let mut sets: BTreeMap<(String, String), Vec<String>> = BTreeMap::new();
+    for member in members.iter() {
+        if let (Some(node), Some(handle)) = (&member.node, &member.volume_handle) {
+            sets.entry((member.cluster.clone(), node.clone()))
+                .or_default()
+                .push(handle.clone());
+        }
+    }
+    for record in nodes {
+        let key = (record.cluster.clone(), record.node.clone());
+        let same_set = sets.get(&key).is_some_and(|handles| {
+            handles.len() == record.volumes as usize
+                && volume_set_digest(handles.iter().map(String::as_str)) == record.volume_set
+        });
+        if !same_set {
+            continue;
+        }
+        for member in members.iter_mut().filter(|m| {
+            m.cluster == record.cluster && m.node.as_deref() == Some(record.node.as_str())
+        }) {
+            let behind = member
+                .acknowledged
+                .as_ref()
+                .is_none_or(|ack| (ack.epoch, ack.stage) < (record.epoch, record.stage));
+            if behind {
+                member.acknowledged = Some(Acknowledgement {
+                    epoch: record.epoch,
+                    stage: record.stage,
+                    path: record.path,
+                    fail_safe: record.fail_safe,
+                    at: None,
+                });
+            }
+        }
+    }
 }
 
 /// The full status to decide on: the persisted (bounded) `read` with the per-volume parts of `record`,
@@ -286,6 +381,7 @@ pub fn restore(
 ) -> ConsistencyGroupStatus {
     let mut full = status.clone();
     if shards.is_empty() {
+        apply_node_acknowledgements(&mut full.members, &status.node_acknowledgements);
         return full;
     }
     let mut members: Vec<MemberVolumeStatus> = Vec::new();
@@ -321,6 +417,7 @@ pub fn restore(
     members.sort_by(|a, b| {
         (&a.cluster, &a.namespace, &a.pvc).cmp(&(&b.cluster, &b.namespace, &b.pvc))
     });
+    apply_node_acknowledgements(&mut members, &status.node_acknowledgements);
     full.members = members;
     if let Some(image) = full.consistent_image.as_mut() {
         let listed: Vec<ImageVolume> = shards

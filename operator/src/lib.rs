@@ -8,6 +8,7 @@
 //! - [`engine`]: fetch → decide → send and persist → record, one group at a time.
 //! - [`clusters`], [`mirror`], [`fanout`], [`sessions`], [`control`]: member clusters, mirrors, the two
 //!   delivery paths and the gRPC `Control` service.
+//! - [`ingest`]: one validator and one event type for what nodes send on either path.
 //! - [`tls`]: TLS on the Control service, its certificate reloaded when it changes on disk.
 //! - [`leader`]: leader election on a Lease, leading only within the renew deadline.
 //! - [`metrics`]: Prometheus metrics; [`http`]: `/healthz`, `/readyz`, `/metrics`.
@@ -20,6 +21,7 @@ pub mod fanout;
 pub mod freeze;
 pub mod http;
 pub mod identity;
+pub mod ingest;
 pub mod leader;
 pub mod ledger;
 pub mod listed;
@@ -358,6 +360,7 @@ impl Operator {
     /// gRPC streams end as their connections would, and nothing is handed over.
     pub fn abort(self) {
         self.engine.sessions().close_all();
+        self.engine.stop_shard_writers();
         for task in &self.tasks {
             task.abort();
         }
@@ -367,6 +370,7 @@ impl Operator {
     pub async fn shutdown(self) {
         self.shutdown.cancel();
         self.engine.sessions().close_all();
+        self.engine.stop_shard_writers();
         for task in self.tasks {
             task.abort();
             let _ = task.await;
@@ -578,7 +582,7 @@ async fn watch_replication_nodes(engine: Engine, cluster: String, client: Client
                 match change {
                     Ok(node) => {
                         tracing::debug!(%cluster, node = %node.name_any(), "ReplicationNode changed");
-                        engine.from_replication_nodes(cluster, &node).await;
+                        ingest::api::from_replication_node(engine, cluster, &node).await;
                     }
                     Err(error) => tracing::debug!(%cluster, %error, "watching ReplicationNodes"),
                 }

@@ -79,7 +79,8 @@ mod tests {
         while parked.load(std::sync::atomic::Ordering::SeqCst) < WAITERS {
             tokio::task::yield_now().await;
         }
-        // Whether all of them return once the list completes.
+        // Whether all of them return once the list completes (the tests run on paused time: the
+        // deadline passes as soon as every task is idle, without waiting for the clock).
         tokio::spawn(async move {
             let all = futures::future::join_all(waiting);
             tokio::time::timeout(Duration::from_secs(5), all)
@@ -88,7 +89,7 @@ mod tests {
         })
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn every_task_waiting_for_the_first_list_is_woken() {
         let (store, mut writer) = reflector::store::<ConfigMap>();
         let (listed, _task) = Listed::watch(store);
@@ -105,7 +106,7 @@ mod tests {
 
     /// The upstream behaviour this module exists for: if kube-runtime fixes it, this test fails and
     /// the module can go.
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn kube_runtime_wakes_only_one_of_several_tasks_waiting_on_a_store() {
         let (store, mut writer) = reflector::store::<ConfigMap>();
         let waiting = park_waiters(|| {
@@ -118,7 +119,7 @@ mod tests {
         assert!(!waiting.await.unwrap(), "every waiter was woken");
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn a_store_whose_writer_is_gone_is_never_listed() {
         let (store, writer) = reflector::store::<ConfigMap>();
         let (listed, _task) = Listed::watch(store);

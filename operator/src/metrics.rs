@@ -36,6 +36,12 @@ struct ReasonLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PathReasonLabels {
+    path: String,
+    reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct GroupLabels {
     group: String,
 }
@@ -54,6 +60,7 @@ pub struct Metrics {
     events_dropped: Family<GroupLabels, Counter>,
     decision_batch: Histogram,
     control_refused: Family<ReasonLabels, Counter>,
+    reports_refused: Family<PathReasonLabels, Counter>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -85,6 +92,12 @@ impl Default for Metrics {
             "control_refused",
             "gRPC Control calls refused for their credential or for speaking for another node's volumes, by reason",
             control_refused.clone(),
+        );
+        let reports_refused = Family::<PathReasonLabels, Counter>::default();
+        registry.register(
+            "reports_refused",
+            "Reports and acknowledgements refused, on either path, as malformed or for a group this hub does not know, by path and reason",
+            reports_refused.clone(),
         );
         let decision_batch = Histogram::new([1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0]);
         registry.register(
@@ -135,6 +148,7 @@ impl Default for Metrics {
             events_dropped,
             decision_batch,
             control_refused,
+            reports_refused,
         }
     }
 }
@@ -144,6 +158,16 @@ impl Metrics {
     pub fn control_refused(&self, reason: &str) {
         self.control_refused
             .get_or_create(&ReasonLabels {
+                reason: reason.to_owned(),
+            })
+            .inc();
+    }
+
+    /// What a node sent on `path` was refused for `reason` (see [`crate::ingest::Refusal::reason`]).
+    pub fn report_refused(&self, path: Path, reason: &str) {
+        self.reports_refused
+            .get_or_create(&PathReasonLabels {
+                path: path.to_string(),
                 reason: reason.to_owned(),
             })
             .inc();

@@ -66,6 +66,12 @@ pub fn mirror_status(hub_status: &ConsistencyGroupStatus, cluster: &str) -> Cons
     ConsistencyGroupStatus {
         member_count,
         members: Vec::new(),
+        node_acknowledgements: hub_status
+            .node_acknowledgements
+            .iter()
+            .filter(|record| record.cluster == cluster)
+            .cloned()
+            .collect(),
         ..hub_status.clone()
     }
 }

@@ -7,7 +7,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::{net::SocketAddr, time::Duration};
+use std::net::SocketAddr;
 
 use k8s_openapi::{
     apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
@@ -30,28 +30,11 @@ use tonic::transport::Channel;
 
 mod common;
 
-use common::{cluster, eventually, volume};
+use common::{cluster, eventually, options, volume};
 
 type TestResult = Result<(), Box<dyn std::error::Error + Send + Sync>>;
 
 const KIB: usize = 1024;
-
-fn options() -> Options {
-    Options {
-        kubeconfig: None,
-        hub_name: "hub-east".into(),
-        grpc_listen: "127.0.0.1:0".parse().unwrap(),
-        http_listen: "127.0.0.1:0".parse().unwrap(),
-        resync_interval: Duration::from_millis(200),
-        leader_election: false,
-        namespace: "lockstep-system".into(),
-        identity: "operator-0".into(),
-        lease_duration: Duration::from_secs(2),
-        max_sessions_per_cluster: lockstep_operator::sessions::DEFAULT_SESSIONS_PER_CLUSTER,
-        max_group_volumes: lockstep_operator::DEFAULT_MAX_GROUP_VOLUMES,
-        control_security: lockstep_operator::ControlSecurity::insecure_plaintext(),
-    }
-}
 
 async fn member_cluster(hub: &Client, name: &str, paths: ClusterPaths, local: bool) {
     let spec = MemberClusterSpec {

@@ -18,31 +18,14 @@ use lockstep_api::{
         ConsistencyGroup, ConsistencyGroupSpec, GroupMember, MemberCluster, MemberClusterSpec,
     },
 };
-use lockstep_operator::{Operator, Options};
+use lockstep_operator::Operator;
 use tokio_stream::StreamExt;
 
 mod common;
 
-use common::{cluster, eventually};
+use common::{cluster, eventually, next_directive, options};
 
 type TestResult = Result<(), Box<dyn std::error::Error + Send + Sync>>;
-
-fn options() -> Options {
-    Options {
-        kubeconfig: None,
-        hub_name: "hub-east".into(),
-        grpc_listen: "127.0.0.1:0".parse().unwrap(),
-        http_listen: "127.0.0.1:0".parse().unwrap(),
-        resync_interval: Duration::from_millis(200),
-        leader_election: false,
-        namespace: "lockstep-system".into(),
-        identity: "operator-0".into(),
-        lease_duration: Duration::from_secs(2),
-        max_sessions_per_cluster: lockstep_operator::sessions::DEFAULT_SESSIONS_PER_CLUSTER,
-        max_group_volumes: lockstep_operator::DEFAULT_MAX_GROUP_VOLUMES,
-        control_security: lockstep_operator::ControlSecurity::insecure_plaintext(),
-    }
-}
 
 /// The hub (a test API server) with one GrpcOnly member cluster, `edge`.
 async fn hub_with_edge() -> (lockstep_testapi::TestApiServer, Client) {
@@ -153,27 +136,6 @@ fn acknowledged(group: &ConsistencyGroup, pvc: &str) -> Option<(u64, Stage)> {
         .map(|ack| (ack.epoch, ack.stage))
 }
 
-async fn next_directive(
-    stream: &mut tonic::Streaming<pb::ControlMessage>,
-    want: impl Fn(&pb::GroupEpoch) -> bool,
-) -> pb::GroupEpoch {
-    let found = tokio::time::timeout(Duration::from_secs(30), async {
-        while let Some(message) = stream.next().await {
-            if let Some(Kind::Directive(directive)) = message.unwrap().kind
-                && let Some(target) = directive.target
-                && want(&target)
-            {
-                return Some(target);
-            }
-        }
-        None
-    })
-    .await;
-    found
-        .expect("a directive within the deadline")
-        .expect("the stream stays open")
-}
-
 fn ack(node: &str, point: &pb::GroupEpoch, pvcs: &[&str]) -> AckRequest {
     AckRequest {
         node: Some(edge_node(node)),
@@ -227,8 +189,7 @@ async fn freeze_from_edge_1(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_grpc_only_members_acknowledgement_is_rebuilt_from_its_sidecar_after_an_operator_restart()
--> TestResult {
+async fn a_grpc_only_members_acknowledgement_survives_an_operator_restart() -> TestResult {
     let (_server, hub) = hub_with_edge().await;
     let operator = Operator::start(hub.clone(), &options()).await?;
     let (mut edge_1, mut edge_1_stream) = subscribe(&operator, "edge-1", &["wal"]).await;
@@ -247,8 +208,7 @@ async fn a_grpc_only_members_acknowledgement_is_rebuilt_from_its_sidecar_after_a
     .await;
     let uid = group.metadata.uid.clone().unwrap();
 
-    // edge-1 fails a copy, freezes and acknowledges; edge-2 has not acknowledged yet. Acknowledgements
-    // live in the operator's memory (and in the sidecars that enforced them), not in the hub.
+    // edge-1 fails a copy, freezes and acknowledges; edge-2 has not acknowledged yet.
     let freeze = freeze_from_edge_1(&mut edge_1, &mut edge_1_stream, &uid).await;
     assert_eq!(freeze.epoch, 1);
     edge_1.ack(ack("edge-1", &freeze, &["wal"])).await?;
@@ -264,34 +224,30 @@ async fn a_grpc_only_members_acknowledgement_is_rebuilt_from_its_sidecar_after_a
     })
     .await;
 
-    // The operator is killed; a new one starts. It rebuilds the members from the shards and the
-    // decision from the status: the freeze at epoch 1 stands, and no acknowledgement is invented.
+    // The operator is killed; a new one starts. It rebuilds the members from the shards, the decision
+    // and each node's acknowledgement of all its volumes from the status: wal's stands although edge-1
+    // does not come back.
     operator.abort();
     drop((edge_1, edge_1_stream));
     let operator = Operator::start(hub.clone(), &options()).await?;
-    let (edge_2, _edge_2_stream) = subscribe(&operator, "edge-2", &["data"]).await;
-    ack_until_applied(&edge_2, ack("edge-2", &freeze, &["data"])).await;
-    let restarted = group_where(&hub, "the new operator resolved the members", |group| {
-        condition_of(group, condition::MEMBERS_RESOLVED).is_some()
-            && group
-                .status
-                .as_ref()
-                .and_then(|status| status.volumes.as_ref())
-                .is_some_and(|counts| counts.frozen == 1)
+    let restarted = eventually("the new operator's record", || {
+        let (operator, hub) = (&operator, hub.clone());
+        async move {
+            let group = common::as_decided(operator, &hub, "edge-db").await?;
+            (group.status.as_ref()?.members.len() == 2).then_some(group)
+        }
     })
     .await;
-    assert_eq!(restarted.position(), (1, Stage::Freeze));
     assert_eq!(
-        restarted.status.as_ref().and_then(|status| status.phase),
-        Some(lockstep_api::domain::Phase::Freezing),
-        "frozen before wal's node said it acknowledged: {:?}",
+        acknowledged(&restarted, "wal"),
+        Some((1, Stage::Freeze)),
+        "{:?}",
         restarted.status
     );
 
-    // edge-1's sidecar subscribes again and, as every sidecar does on a new stream, sends its
-    // acknowledgement again: the group is frozen.
-    let (edge_1, _edge_1_stream) = subscribe(&operator, "edge-1", &["wal"]).await;
-    ack_until_applied(&edge_1, ack("edge-1", &freeze, &["wal"])).await;
+    // Only edge-2 comes back and acknowledges: with wal's acknowledgement kept, the group is frozen.
+    let (edge_2, _edge_2_stream) = subscribe(&operator, "edge-2", &["data"]).await;
+    ack_until_applied(&edge_2, ack("edge-2", &freeze, &["data"])).await;
     let frozen = group_where(&hub, "edge-db frozen at epoch 1", |group| {
         condition_of(group, condition::FROZEN).is_some_and(|(frozen, _)| frozen)
     })
@@ -396,11 +352,16 @@ async fn every_answer_says_whether_it_was_applied() -> TestResult {
         }
     })
     .await;
-    let frozen = group_where(&hub, "edge-db frozen", |group| {
+    group_where(&hub, "edge-db frozen", |group| {
         condition_of(group, condition::FROZEN).is_some_and(|(frozen, _)| frozen)
     })
     .await;
-    assert_eq!(acknowledged(&frozen, "data"), Some((1, Stage::Freeze)));
+    let frozen = common::status_with_volumes(&hub, "edge-db").await;
+    let data = frozen.members.iter().find(|m| m.pvc == "data").unwrap();
+    assert_eq!(
+        data.acknowledged.as_ref().map(|ack| (ack.epoch, ack.stage)),
+        Some((1, Stage::Freeze))
+    );
     let _ = &mut edge_2;
     operator.shutdown().await;
     Ok(())

@@ -35,7 +35,7 @@ use tokio_stream::StreamExt;
 
 mod common;
 
-use common::{api_server, eventually, volume};
+use common::{api_server, eventually, next_directive, options, volume};
 
 type TestResult = Result<(), Box<dyn std::error::Error + Send + Sync>>;
 
@@ -99,23 +99,6 @@ async fn kubeconfig_secret(hub: &Client, name: &str, of: &ApiServer) {
         .create(&PostParams::default(), &secret)
         .await
         .unwrap();
-}
-
-fn options() -> Options {
-    Options {
-        kubeconfig: None,
-        hub_name: "hub-east".into(),
-        grpc_listen: "127.0.0.1:0".parse().unwrap(),
-        http_listen: "127.0.0.1:0".parse().unwrap(),
-        resync_interval: Duration::from_millis(200),
-        leader_election: false,
-        namespace: "lockstep-system".into(),
-        identity: "operator-0".into(),
-        lease_duration: Duration::from_secs(2),
-        max_sessions_per_cluster: lockstep_operator::sessions::DEFAULT_SESSIONS_PER_CLUSTER,
-        max_group_volumes: lockstep_operator::DEFAULT_MAX_GROUP_VOLUMES,
-        control_security: lockstep_operator::ControlSecurity::insecure_plaintext(),
-    }
 }
 
 fn group_spec(members: Vec<GroupMember>, policy: Policy) -> ConsistencyGroupSpec {
@@ -751,27 +734,6 @@ async fn a_group_spanning_a_grpc_only_and_an_api_only_cluster_resolves_and_freez
     operator.shutdown().await;
     drop((east, south));
     Ok(())
-}
-
-async fn next_directive(
-    stream: &mut tonic::Streaming<pb::ControlMessage>,
-    want: impl Fn(&pb::GroupEpoch) -> bool,
-) -> pb::GroupEpoch {
-    let found = tokio::time::timeout(Duration::from_secs(30), async {
-        while let Some(message) = stream.next().await {
-            if let Some(Kind::Directive(directive)) = message.unwrap().kind
-                && let Some(target) = directive.target
-                && want(&target)
-            {
-                return Some(target);
-            }
-        }
-        None
-    })
-    .await;
-    found
-        .expect("a directive within the deadline")
-        .expect("the stream stays open")
 }
 
 #[tokio::test]

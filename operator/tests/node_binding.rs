@@ -3,8 +3,6 @@
 //! claims and acknowledges another node's volume neither takes it over nor releases the group.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::time::Duration;
-
 use kube::{
     Api, Client,
     api::{Patch, PatchParams, PostParams},
@@ -15,29 +13,12 @@ use lockstep_api::{
         ConsistencyGroup, ConsistencyGroupSpec, GroupMember, MemberCluster, MemberClusterSpec,
     },
 };
-use lockstep_operator::{Operator, Options};
+use lockstep_operator::Operator;
 use serde_json::json;
 
 mod common;
 
-use common::{cluster, eventually, local_member, node_status, volume, volume_with};
-
-fn options() -> Options {
-    Options {
-        kubeconfig: None,
-        hub_name: "hub-east".into(),
-        grpc_listen: "127.0.0.1:0".parse().unwrap(),
-        http_listen: "127.0.0.1:0".parse().unwrap(),
-        resync_interval: Duration::from_millis(200),
-        leader_election: false,
-        namespace: "lockstep-system".into(),
-        identity: "operator-0".into(),
-        lease_duration: Duration::from_secs(2),
-        max_sessions_per_cluster: lockstep_operator::sessions::DEFAULT_SESSIONS_PER_CLUSTER,
-        max_group_volumes: lockstep_operator::DEFAULT_MAX_GROUP_VOLUMES,
-        control_security: lockstep_operator::ControlSecurity::insecure_plaintext(),
-    }
-}
+use common::{cluster, eventually, local_member, node_status, options, volume, volume_with};
 
 fn member<'a>(
     group: &'a ConsistencyGroup,

@@ -4,8 +4,6 @@
 //! the volumes in shards.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::time::Duration;
-
 use kube::{
     Api,
     api::{Patch, PatchParams, PostParams},
@@ -14,29 +12,12 @@ use lockstep_api::{
     domain::{Phase, Policy, Stage, VolumeBinding},
     v1alpha1::{ConsistencyGroup, ConsistencyGroupSpec, GroupMember},
 };
-use lockstep_operator::{Operator, Options};
+use lockstep_operator::Operator;
 use serde_json::json;
 
 mod common;
 
-use common::{cluster, eventually, local_member, node_status, volume};
-
-fn options() -> Options {
-    Options {
-        kubeconfig: None,
-        hub_name: "hub-east".into(),
-        grpc_listen: "127.0.0.1:0".parse().unwrap(),
-        http_listen: "127.0.0.1:0".parse().unwrap(),
-        resync_interval: Duration::from_millis(200),
-        leader_election: false,
-        namespace: "lockstep-system".into(),
-        identity: "operator-0".into(),
-        lease_duration: Duration::from_secs(2),
-        max_sessions_per_cluster: lockstep_operator::sessions::DEFAULT_SESSIONS_PER_CLUSTER,
-        max_group_volumes: lockstep_operator::DEFAULT_MAX_GROUP_VOLUMES,
-        control_security: lockstep_operator::ControlSecurity::insecure_plaintext(),
-    }
-}
+use common::{cluster, eventually, local_member, node_status, options, volume};
 
 fn member(pvc: &str, node: &str, acknowledged: Option<(u64, &str)>) -> serde_json::Value {
     let mut member = json!({

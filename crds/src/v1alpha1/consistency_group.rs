@@ -189,6 +189,12 @@ pub struct ConsistencyGroupStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub volumes: Option<VolumeCounts>,
 
+    /// What each node acknowledged for all of its member volumes of the group: bounded by nodes, it lets
+    /// an operator restarted mid-freeze keep the acknowledgements of nodes it cannot hear from yet.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 4096))]
+    pub node_acknowledgements: Vec<NodeAcknowledgement>,
+
     /// At most 20 member volumes holding the group back (not acknowledged, or not resolved), for people;
     /// the shards list every volume.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -206,6 +212,12 @@ pub struct ConsistencyGroupStatus {
     /// The generation of the spec this status reflects.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
+
+    /// Which decision of the operator wrote this status: an operator whose own record of the group's
+    /// volumes was made for another (another replica wrote since) rebuilds it from the shards.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 64))]
+    pub decision_id: Option<String>,
 
     /// Ready, Frozen, ConsistentImage and MembersResolved.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -325,6 +337,33 @@ pub struct ClusterVolumeCounts {
     /// Volumes that acknowledged the current epoch's freeze.
     #[serde(default)]
     pub frozen: u32,
+}
+
+/// The point every member volume of one node acknowledged, for that exact set of volumes.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeAcknowledgement {
+    /// The member cluster.
+    #[schemars(length(max = 63))]
+    pub cluster: String,
+    /// The node.
+    #[schemars(length(max = 253))]
+    pub node: String,
+    /// How many member volumes the node has.
+    pub volumes: u32,
+    /// A digest of their volume handles: the acknowledgement stands only for this set.
+    #[schemars(length(max = 16))]
+    pub volume_set: String,
+    /// The lowest (epoch, stage) its volumes acknowledged: the epoch.
+    #[schemars(range(max = crate::domain::MAX_EPOCH))]
+    pub epoch: u64,
+    /// The stage.
+    pub stage: Stage,
+    /// The path that brought that acknowledgement.
+    pub path: Path,
+    /// Whether any of them suspended by its own fail-safe.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub fail_safe: bool,
 }
 
 /// A member volume holding its group back, named for people.

@@ -241,6 +241,14 @@ pub fn label_value(text: &str) -> String {
     }
 }
 
+/// A stable digest of a set of volume handles (order does not matter), as
+/// [`crate::v1alpha1::NodeAcknowledgement::volume_set`] names it.
+pub fn volume_set_digest<'a>(handles: impl IntoIterator<Item = &'a str>) -> String {
+    let mut handles: Vec<&str> = handles.into_iter().collect();
+    handles.sort_unstable();
+    short_hash(&handles.join("\n"))
+}
+
 /// A stable 16-hex-digit FNV-1a hash (names must not change between releases, so no `DefaultHasher`).
 fn short_hash(text: &str) -> String {
     let mut hash: u64 = 0xcbf2_9ce4_8422_2325;

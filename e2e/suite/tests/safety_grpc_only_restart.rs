@@ -16,15 +16,15 @@ use lockstep_api::v1alpha1::ConsistencyGroup;
 use lockstep_e2e::faults::LinkCutMode;
 use lockstep_e2e::scenario::{Setup, suspended_at};
 
-/// West's member as the group's status shows it: its acknowledged (epoch, stage) and path.
+/// What the group's status records west's node acknowledged for all its volumes: (epoch, stage) and
+/// path.
 fn west_acknowledged(group: &ConsistencyGroup) -> Option<(u64, Stage, Path)> {
-    let member = group
+    let ack = group
         .status
         .as_ref()?
-        .members
+        .node_acknowledgements
         .iter()
-        .find(|m| m.cluster == "west")?;
-    let ack = member.acknowledged.as_ref()?;
+        .find(|n| n.cluster == "west")?;
     Some((ack.epoch, ack.stage, ack.path))
 }
 

@@ -73,17 +73,15 @@ fn forged_ack(cluster: &str, node: &str, point: &GroupEpoch, handles: &[String])
     }
 }
 
+/// What the group's status records west's node acknowledged for all its volumes.
 fn west_acknowledged(group: &ConsistencyGroup) -> Option<(u64, Stage)> {
-    let member = group
+    let ack = group
         .status
         .as_ref()?
-        .members
+        .node_acknowledgements
         .iter()
-        .find(|m| m.cluster == "west")?;
-    member
-        .acknowledged
-        .as_ref()
-        .map(|ack| (ack.epoch, ack.stage))
+        .find(|n| n.cluster == "west")?;
+    Some((ack.epoch, ack.stage))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -45,6 +45,23 @@ impl Engine {
             // (rebuilt from the shards after a restart).
             let read = group.status.clone();
             let record = self.restored_record(uid, read.as_ref()).await?;
+            // A record made for another decision than the persisted one (another replica wrote the
+            // status since) is rebuilt from the status and the shards.
+            let record = match record {
+                Some(record)
+                    if read.as_ref().and_then(|s| s.decision_id.as_ref())
+                        != record.decision_id.as_ref() =>
+                {
+                    tracing::info!(
+                        persisted = ?read.as_ref().and_then(|s| s.decision_id.as_ref()),
+                        record = ?record.decision_id,
+                        "the group's status was written by another decision: its record is rebuilt"
+                    );
+                    self.forget_record(uid);
+                    self.restored_record(uid, read.as_ref()).await?
+                }
+                record => record,
+            };
             group.status = crate::ledger::hydrate(read.clone(), record.as_deref());
             let read_full = group.status.clone();
             let refused = batch
@@ -58,8 +75,13 @@ impl Engine {
                 memory.freeze_started = Some((point.epoch, Instant::now()));
                 self.send(&group, point, Some(&decision.status)).await;
             }
-            let persisted = crate::ledger::bounded(&decision.status);
+            let mut persisted = crate::ledger::bounded(&decision.status);
+            persisted.decision_id = read.as_ref().and_then(|s| s.decision_id.clone());
             if read.as_ref() != Some(&persisted) {
+                let mut decision = decision.clone();
+                let id = crate::ledger::new_decision_id();
+                persisted.decision_id = Some(id.clone());
+                decision.status.decision_id = Some(id);
                 match self.persist(&api, &group, &persisted).await {
                     Ok(written) => {
                         group_lock.set_persisted(decision.status.position());

@@ -14,14 +14,14 @@
 //! - `directives`: mirrors in member clusters, the points each cluster should hold, resending;
 //! - `finalize`: the deletion finalizer;
 //! - `events`: Events on groups and on member claims;
-//! - `member_clusters`: connecting to member clusters and writing MemberCluster status;
-//! - `ingest_api`: path 1 in — what ReplicationNodes carry, checked against the node that wrote them.
+//! - `member_clusters`: connecting to member clusters and writing MemberCluster status.
+//!
+//! What nodes send, on either path, comes in through [`crate::ingest`] (one validator, one event type).
 
 mod decide;
 mod directives;
 mod events;
 mod finalize;
-mod ingest_api;
 mod member_clusters;
 mod observe;
 mod queue;
@@ -134,6 +134,8 @@ struct Inner {
     shard_writers: Mutex<BTreeMap<String, shards::ShardSender>>,
     /// How many volumes one group may resolve to.
     max_group_volumes: usize,
+    /// Set when the operator shuts down: no shard writer starts after it.
+    shards_stopped: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for Engine {
@@ -191,6 +193,7 @@ impl Engine {
                 records: Mutex::default(),
                 shard_writers: Mutex::default(),
                 max_group_volumes: options.max_group_volumes,
+                shards_stopped: std::sync::atomic::AtomicBool::new(false),
             }),
         }
     }

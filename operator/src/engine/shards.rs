@@ -24,8 +24,12 @@ use crate::ledger;
 /// How long the writer waits before trying failed shard writes again.
 const RETRY: std::time::Duration = std::time::Duration::from_secs(1);
 
-/// The writer task of one group's shards: it writes the latest full status handed to it.
-pub(super) type ShardSender = watch::Sender<Option<Arc<ConsistencyGroupStatus>>>;
+/// The writer task of one group's shards (told apart by a number): it writes the latest full status
+/// handed to it, and ends when its sender is dropped.
+pub(super) type ShardSender = (u64, watch::Sender<Option<Arc<ConsistencyGroupStatus>>>);
+
+/// Numbers the writers.
+static WRITERS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 impl Engine {
     /// The full status this operator decided last for a group (every member volume), if it has one.
@@ -83,6 +87,13 @@ impl Engine {
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
             .insert(uid.clone(), full.clone());
+        if self
+            .inner
+            .shards_stopped
+            .load(std::sync::atomic::Ordering::SeqCst)
+        {
+            return;
+        }
         let mut writers = self
             .inner
             .shard_writers
@@ -90,8 +101,10 @@ impl Engine {
             .unwrap_or_else(|poisoned| poisoned.into_inner());
         let sender = writers.entry(uid.clone()).or_insert_with(|| {
             let (sender, receiver) = watch::channel(None);
+            let id = WRITERS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             let writer = ShardWriter {
                 engine: self.clone(),
+                id,
                 owner: group.clone(),
                 uid,
                 hub: None,
@@ -102,9 +115,48 @@ impl Engine {
                     .run(receiver)
                     .instrument(tracing::info_span!("shards", group = %group.name_any())),
             );
-            sender
+            (id, sender)
         });
-        sender.send_replace(Some(full));
+        sender.1.send_replace(Some(full));
+    }
+
+    /// Stops every shard writer (their senders dropped, each ends after the write in progress), for
+    /// good: an operator shut down starts none again.
+    pub fn stop_shard_writers(&self) {
+        self.inner
+            .shards_stopped
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        self.inner
+            .shard_writers
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clear();
+    }
+
+    /// Drops the record of a group (another writer's status came in between): the next decision
+    /// rebuilds it.
+    pub(super) fn forget_record(&self, uid: &str) {
+        self.inner
+            .records
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .remove(uid);
+    }
+
+    /// Forgets a writer that stopped because this replica no longer leads: the next record published
+    /// starts a fresh one, which lists what is written first (another leader wrote in between).
+    fn forget_writer(&self, uid: &str, writer: u64) {
+        let mut writers = self
+            .inner
+            .shard_writers
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if writers
+            .get(uid)
+            .is_some_and(|(current, _)| *current == writer)
+        {
+            writers.remove(uid);
+        }
     }
 
     /// Forgets a deleted group's record, stops its writer and deletes its shards in the hub and the
@@ -177,6 +229,8 @@ async fn listed_shards(
 /// Writes one group's shards: what it last wrote where, so that it writes only what changed.
 struct ShardWriter {
     engine: Engine,
+    /// This writer's number in the engine's map.
+    id: u64,
     owner: ConsistencyGroup,
     uid: String,
     /// The shards in the hub, as last written (listed on first use).
@@ -194,14 +248,18 @@ impl ShardWriter {
                 }
                 continue;
             };
-            let complete = self.engine.is_leader() && self.write(&full).await;
+            if !self.engine.is_leader() {
+                // Another replica leads (and writes); this one must not write an older record later.
+                self.engine.forget_writer(&self.uid, self.id);
+                return;
+            }
+            let complete = self.write(&full).await;
             if complete {
                 if receiver.changed().await.is_err() {
                     return;
                 }
             } else {
-                // Something failed (or this replica is not the leader): try again a little later, or as
-                // soon as a newer record arrives.
+                // Something failed: try again a little later, or as soon as a newer record arrives.
                 tokio::select! {
                     changed = receiver.changed() => if changed.is_err() { return },
                     () = tokio::time::sleep(RETRY) => {}

@@ -80,7 +80,13 @@ fn the_bounded_status_of_ten_thousand_volumes_is_small_and_counts_them() {
     let full = large_frozen_group();
     let bounded = bounded(&full);
     let bytes = serde_json::to_vec(&bounded).unwrap().len();
-    assert!(bytes < 8 * 1024, "bounded status is {bytes} bytes");
+    // Counts, 20 stragglers and one acknowledgement per node (50 nodes).
+    assert!(bytes < 32 * 1024, "bounded status is {bytes} bytes");
+    assert_eq!(
+        bounded.node_acknowledgements.len(),
+        44,
+        "of 50 nodes, 6 have a volume that acknowledged nothing"
+    );
     assert!(bounded.members.is_empty());
     let counts = bounded.volumes.as_ref().unwrap();
     assert_eq!(bounded.member_count, 10_000);
@@ -227,5 +233,64 @@ fn hydrating_takes_the_volumes_from_the_record_and_the_decision_from_the_status(
     assert_eq!(
         hydrated.consistent_image.unwrap().volumes,
         full.consistent_image.unwrap().volumes
+    );
+}
+
+#[test]
+fn a_nodes_acknowledgement_comes_back_after_a_restart_only_for_the_same_volumes() {
+    let mut frozen = ConsistencyGroupStatus {
+        phase: Some(Phase::Freezing),
+        epoch: 2,
+        stage: Some(Stage::Freeze),
+        members: vec![
+            member("east", 1, 1, VolumeState::Suspended),
+            member("east", 2, 1, VolumeState::Suspended),
+            member("east", 3, 2, VolumeState::Suspended),
+        ],
+        ..ConsistencyGroupStatus::default()
+    };
+    ack(&mut frozen.members[0], 2, Stage::Freeze);
+    ack(&mut frozen.members[1], 2, Stage::Freeze);
+    // Shards from before the freeze (no acknowledgement of it), then the restart.
+    let mut before = frozen.clone();
+    before.epoch = 1;
+    before.stage = Some(Stage::Resume);
+    before.phase = Some(Phase::Replicating);
+    for m in &mut before.members {
+        m.acknowledged = None;
+    }
+    let shards: Vec<_> = shard_specs("orders", "uid-1", &before)
+        .into_values()
+        .collect();
+    let persisted = bounded(&frozen);
+    assert_eq!(
+        persisted.node_acknowledgements.len(),
+        1,
+        "node-002 acknowledged nothing"
+    );
+    let restored = restore(&persisted, &shards);
+    let acks: Vec<_> = restored
+        .members
+        .iter()
+        .map(|m| m.acknowledged.as_ref().map(|a| (a.epoch, a.stage)))
+        .collect();
+    assert_eq!(
+        acks,
+        vec![Some((2, Stage::Freeze)), Some((2, Stage::Freeze)), None]
+    );
+
+    // A volume joined node-001 since: the record was for another set, and is not applied to it.
+    let mut joined = before.clone();
+    joined
+        .members
+        .push(member("east", 4, 1, VolumeState::Replicating));
+    let shards: Vec<_> = shard_specs("orders", "uid-1", &joined)
+        .into_values()
+        .collect();
+    let restored = restore(&persisted, &shards);
+    assert!(
+        restored.members.iter().all(|m| m.acknowledged.is_none()),
+        "{:?}",
+        restored.members
     );
 }

@@ -21,6 +21,25 @@ use lockstep_testapi::{Options as ApiOptions, TestApiServer};
 /// Polls until a check returns `Some` (the workspace's one `eventually`).
 pub use lockstep_replicator::testing::eventually;
 
+/// The operator's options for a test: a hub `hub-east`, listening on free ports of 127.0.0.1, gRPC in
+/// plaintext, resyncing every 200 ms.
+pub fn options() -> lockstep_operator::Options {
+    lockstep_operator::Options {
+        kubeconfig: None,
+        hub_name: "hub-east".into(),
+        grpc_listen: "127.0.0.1:0".parse().unwrap(),
+        http_listen: "127.0.0.1:0".parse().unwrap(),
+        resync_interval: std::time::Duration::from_millis(200),
+        leader_election: false,
+        namespace: "lockstep-system".into(),
+        identity: "operator-0".into(),
+        lease_duration: std::time::Duration::from_secs(2),
+        max_sessions_per_cluster: lockstep_operator::sessions::DEFAULT_SESSIONS_PER_CLUSTER,
+        max_group_volumes: lockstep_operator::DEFAULT_MAX_GROUP_VOLUMES,
+        control_security: lockstep_operator::ControlSecurity::insecure_plaintext(),
+    }
+}
+
 /// A test API server with the project's CRDs installed and the namespaces `orders`, `lockstep` and
 /// `lockstep-system`.
 pub async fn cluster() -> (TestApiServer, Client) {
@@ -169,6 +188,30 @@ pub async fn volume_with(client: &Client, pvc: &str, app: &str, handle: &str, no
         .create(&PostParams::default(), &claim)
         .await
         .unwrap();
+}
+
+/// The next directive on a sidecar's Subscribe stream whose target `want` accepts (30 s at most).
+pub async fn next_directive(
+    stream: &mut tonic::Streaming<lockstep_api::proto::control::v1::ControlMessage>,
+    want: impl Fn(&lockstep_api::proto::control::v1::GroupEpoch) -> bool,
+) -> lockstep_api::proto::control::v1::GroupEpoch {
+    use lockstep_api::proto::control::v1::control_message::Kind;
+    use tokio_stream::StreamExt;
+    let found = tokio::time::timeout(std::time::Duration::from_secs(30), async {
+        while let Some(message) = stream.next().await {
+            if let Some(Kind::Directive(directive)) = message.unwrap().kind
+                && let Some(target) = directive.target
+                && want(&target)
+            {
+                return Some(target);
+            }
+        }
+        None
+    })
+    .await;
+    found
+        .expect("a directive within the deadline")
+        .expect("the stream stays open")
 }
 
 /// A test certificate authority (real keys and signatures, made with rcgen).
