@@ -217,7 +217,8 @@ pub async fn view(member: &Member, sessions: &Sessions, lease_namespace: &str) -
                         .map(move |volume| (reporter, volume))
                 })
                 .map(|(reporter, volume)| {
-                    let stage = volume.stage.unwrap_or(lockstep_api::domain::Stage::Resume);
+                    let stage =
+                        lockstep_api::domain::Position::decode(volume.epoch, volume.stage).stage;
                     (
                         (volume.volume_handle.clone(), reporter.to_owned()),
                         ReportedState {
