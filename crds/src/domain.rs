@@ -1,7 +1,8 @@
 //! The shared domain types: a group's epoch and stage, policies, phases, paths and volume states.
 //!
 //! They are defined once here and used by the CRDs, the protocols and every component. The ordering of
-//! [`GroupEpoch`] is the ordering of DESIGN.md rule 3: by epoch, then by stage (Freeze < Release < Resume).
+//! [`Position`] (and of a [`GroupEpoch`]'s) is the ordering of DESIGN.md rule 3: by epoch, then by stage
+//! (Freeze < Release < Resume).
 
 use std::{fmt, time::Duration};
 
@@ -51,6 +52,64 @@ impl fmt::Display for Stage {
     }
 }
 
+/// Where a group (or one of its volumes) is in its life: an epoch and the stage within it, ordered as
+/// DESIGN.md rule 3 orders them — by epoch, then by stage (Freeze < Release < Resume).
+///
+/// [`Position::decode`] is the one place a record without a stage is read: statuses, ReplicationNode
+/// volumes and replicator states leave the stage out at a group's baseline, replicating at that epoch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct Position {
+    /// Grows by one with each freeze; never decreases. (Declared first: positions order by it first.)
+    pub epoch: u64,
+    /// The stage within the epoch.
+    pub stage: Stage,
+}
+
+impl Position {
+    /// Where every group starts: replicating at epoch 0.
+    pub const START: Self = Self {
+        epoch: 0,
+        stage: Stage::Resume,
+    };
+
+    /// The position at `stage` of `epoch`.
+    pub const fn new(epoch: u64, stage: Stage) -> Self {
+        Self { epoch, stage }
+    }
+
+    /// An (epoch, stage) as recorded where the stage may be missing: a missing stage is the baseline, a
+    /// group that never froze or has resumed, replicating at `epoch` (Resume).
+    pub fn decode(epoch: u64, stage: Option<Stage>) -> Self {
+        Self {
+            epoch,
+            stage: stage.unwrap_or(Stage::Resume),
+        }
+    }
+
+    /// Whether it is its epoch's baseline: replicating (Resume).
+    pub fn is_replicating(self) -> bool {
+        self.stage == Stage::Resume
+    }
+}
+
+impl From<Position> for (u64, Stage) {
+    fn from(position: Position) -> Self {
+        (position.epoch, position.stage)
+    }
+}
+
+impl From<(u64, Stage)> for Position {
+    fn from((epoch, stage): (u64, Stage)) -> Self {
+        Self { epoch, stage }
+    }
+}
+
+impl fmt::Display for Position {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.epoch, self.stage)
+    }
+}
+
 /// One point in a group's life: (group UID, epoch, stage). Directives and acknowledgements carry it.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct GroupEpoch {
@@ -85,7 +144,12 @@ impl GroupEpoch {
 
     /// The (epoch, stage) pair by which points of the same group are ordered.
     pub fn position(&self) -> (u64, Stage) {
-        (self.epoch, self.stage)
+        self.at().into()
+    }
+
+    /// Where the point is in the group's life.
+    pub fn at(&self) -> Position {
+        Position::new(self.epoch, self.stage)
     }
 
     /// True when `self` is a later point of the same group than `other` (a different group is never later:
@@ -319,6 +383,26 @@ pub fn parse_duration(text: &str) -> Result<Duration, DomainError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn positions_order_by_epoch_then_stage_and_a_missing_stage_is_the_baseline() {
+        let at = Position::new;
+        assert!(at(1, Stage::Freeze) < at(1, Stage::Release));
+        assert!(at(1, Stage::Release) < at(1, Stage::Resume));
+        assert!(at(1, Stage::Resume) < at(2, Stage::Freeze));
+        assert_eq!(Position::decode(3, None), at(3, Stage::Resume));
+        assert!(Position::decode(3, None).is_replicating());
+        assert_eq!(
+            Position::decode(3, Some(Stage::Freeze)),
+            at(3, Stage::Freeze)
+        );
+        assert_eq!(Position::START, Position::decode(0, None));
+        assert_eq!(
+            <(u64, Stage)>::from(at(2, Stage::Release)),
+            (2, Stage::Release)
+        );
+        assert_eq!(at(2, Stage::Release).to_string(), "2/Release");
+    }
 
     #[test]
     fn points_order_by_epoch_then_stage_within_one_group() {

@@ -16,7 +16,7 @@ use k8s_openapi::api::{
 };
 use kube::{
     Api, Client, Config, ResourceExt,
-    api::ListParams,
+    api::{ApiResource, DynamicObject, ListParams},
     config::{KubeConfigOptions, Kubeconfig},
 };
 use lockstep_api::{
@@ -173,9 +173,7 @@ pub async fn view(member: &Member, sessions: &Sessions, lease_namespace: &str) -
         let volumes = Api::<PersistentVolume>::all(client.clone())
             .list(&params)
             .await?;
-        let nodes = Api::<ReplicationNode>::all(client.clone())
-            .list(&params)
-            .await?;
+        let nodes = replication_nodes(client.clone()).list(&params).await?;
         let leases = Api::<Lease>::namespaced(client.clone(), lease_namespace)
             .list(&params)
             .await?;
@@ -184,6 +182,11 @@ pub async fn view(member: &Member, sessions: &Sessions, lease_namespace: &str) -
     .await;
     match listed {
         Ok(Ok((claims, volumes, nodes, leases))) => {
+            // A ReplicationNode that does not decode is left out here; the watch of path 1 says why.
+            let nodes: Vec<ReplicationNode> = nodes
+                .into_iter()
+                .filter_map(|node| decode_replication_node(node).ok())
+                .collect();
             // VolumeAttachments (written by the attach/detach controller) are optional: a cluster, or a
             // test API server, that does not serve them leaves the PVs' node affinity alone.
             let attachments = tokio::time::timeout(
@@ -217,7 +220,8 @@ pub async fn view(member: &Member, sessions: &Sessions, lease_namespace: &str) -
                         .map(move |volume| (reporter, volume))
                 })
                 .map(|(reporter, volume)| {
-                    let stage = volume.stage.unwrap_or(lockstep_api::domain::Stage::Resume);
+                    let stage =
+                        lockstep_api::domain::Position::decode(volume.epoch, volume.stage).stage;
                     (
                         (volume.volume_handle.clone(), reporter.to_owned()),
                         ReportedState {
@@ -263,6 +267,21 @@ pub fn silent_nodes(leases: &[Lease]) -> BTreeSet<String> {
             expired.then(|| node.to_owned())
         })
         .collect()
+}
+
+/// A member cluster's ReplicationNodes, read untyped: one object the operator cannot decode (a value its
+/// types do not know, which a member cluster whose CRD checks less than Lockstep's lets through) is left
+/// out alone (see [`decode_replication_node`]) instead of failing the list, or the watch, of every node of
+/// the cluster.
+pub fn replication_nodes(client: Client) -> Api<DynamicObject> {
+    Api::all_with(client, &ApiResource::erase::<ReplicationNode>(&()))
+}
+
+/// One ReplicationNode read by [`replication_nodes`], decoded; the decoder's complaint when it does not.
+pub fn decode_replication_node(object: DynamicObject) -> Result<ReplicationNode, String> {
+    serde_json::to_value(object)
+        .and_then(serde_json::from_value)
+        .map_err(|error| error.to_string())
 }
 
 /// The (volume handle, node) claims of the ReplicationNodes the sidecars keep: each node says which

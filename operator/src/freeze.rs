@@ -134,7 +134,7 @@ pub enum DecideError {
 }
 
 fn replicating(status: &ConsistencyGroupStatus) -> bool {
-    status.stage.unwrap_or(Stage::Resume) == Stage::Resume
+    status.position().1 == Stage::Resume
 }
 
 /// Decides what one event means for a group as persisted.

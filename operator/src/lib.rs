@@ -41,7 +41,7 @@ use kube::{
 };
 use lockstep_api::{
     proto::control::v1::control_server::ControlServer,
-    v1alpha1::{ConsistencyGroup, MemberCluster, ReplicationNode},
+    v1alpha1::{ConsistencyGroup, MemberCluster},
 };
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -566,8 +566,9 @@ async fn resync_loop(engine: Engine, interval: Duration) {
 
 /// Path 1 of reports and acknowledgements: a member cluster's ReplicationNodes.
 async fn watch_replication_nodes(engine: Engine, cluster: String, client: Client) {
+    // Read untyped: one node that does not decode is refused alone, never the whole list.
     let stream = watcher(
-        Api::<ReplicationNode>::all(client),
+        clusters::replication_nodes(client),
         watcher::Config::default(),
     )
     .default_backoff()
@@ -582,7 +583,7 @@ async fn watch_replication_nodes(engine: Engine, cluster: String, client: Client
                 match change {
                     Ok(node) => {
                         tracing::debug!(%cluster, node = %node.name_any(), "ReplicationNode changed");
-                        ingest::api::from_replication_node(engine, cluster, &node).await;
+                        ingest::api::from_object(engine, cluster, node).await;
                     }
                     Err(error) => tracing::debug!(%cluster, %error, "watching ReplicationNodes"),
                 }

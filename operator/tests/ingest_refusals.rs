@@ -363,6 +363,18 @@ async fn write_node(
         .map(|_| ())
 }
 
+/// Writes the well-formed failure of vol-wal alone into e1's ReplicationNode; waits for the freeze.
+async fn freezes_through_api(hub: &Client, uid: &str, what: &str) {
+    let valid = Input {
+        node: "e1".into(),
+        failures: vec![(uid.to_owned(), "vol-wal".into(), 0)],
+        hold: None,
+        ack: None,
+    };
+    write_node(hub, "e1", valid.status()).await.unwrap();
+    frozen(hub, what).await;
+}
+
 /// Writes the malformed input into e1's ReplicationNode: counted as refused for the same reason as over
 /// gRPC, nothing changed; then the well-formed failure alone freezes the group.
 async fn through_api(malformed: Malformed) {
@@ -380,14 +392,12 @@ async fn through_api(malformed: Malformed) {
         (0, false),
         "{malformed:?} changed the group"
     );
-    let valid = Input {
-        node: "e1".into(),
-        failures: vec![(uid, "vol-wal".into(), 0)],
-        hold: None,
-        ack: None,
-    };
-    write_node(&hub, "e1", valid.status()).await.unwrap();
-    frozen(&hub, "the well-formed failure alone freezes the group").await;
+    freezes_through_api(
+        &hub,
+        &uid,
+        "the well-formed failure alone freezes the group",
+    )
+    .await;
     operator.shutdown().await;
 }
 
@@ -489,6 +499,44 @@ async fn grpc_refuses_a_failure_of_a_group_this_hub_does_not_know() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn api_refuses_a_failure_of_a_group_this_hub_does_not_know() {
     through_api(Malformed::UnknownGroup).await;
+}
+
+/// A ReplicationNode with a value the operator's types do not know (a stage "Bogus", which only a CRD
+/// that checks less lets through) is refused alone, counted as `undecodable`: the cluster's other nodes
+/// are still read — its volumes resolve, its failure freezes the group — where one such node used to fail
+/// the list of every node of the cluster (no resolution, no path 1, logged only at DEBUG).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_refuses_a_replication_node_that_does_not_decode_alone() {
+    let (_server, hub) = cluster().await;
+    schema_checking_nothing(&hub).await;
+    let nodes = lockstep_operator::clusters::replication_nodes(hub.clone());
+    let params = PatchParams::apply("test-sidecar").force();
+    let object = json!({"apiVersion": "lockstep.dev/v1alpha1", "kind": "ReplicationNode",
+        "metadata": {"name": "e9"}, "spec": {"nodeName": "e9", "cluster": "east"}});
+    nodes
+        .patch("e9", &params, &Patch::Apply(&object))
+        .await
+        .unwrap();
+    let status = json!({"apiVersion": "lockstep.dev/v1alpha1", "kind": "ReplicationNode",
+        "status": {"enforced": [{"groupUid": "any", "epoch": 0, "stage": "Bogus",
+        "volumeHandles": []}]}});
+    nodes
+        .patch_status("e9", &params, &Patch::Apply(&status))
+        .await
+        .unwrap();
+    // Listed before the operator starts: its first list of the cluster's nodes holds e9.
+    let (operator, uid) = world(&hub).await;
+    eventually("e9 counted as undecodable", || async {
+        (refused(&operator, "api", "undecodable") >= 1).then_some(())
+    })
+    .await;
+    freezes_through_api(
+        &hub,
+        &uid,
+        "e1's failure freezes the group beside the undecodable e9",
+    )
+    .await;
+    operator.shutdown().await;
 }
 
 /// An acknowledgement or a volume state with the stage or the replication state unset: over gRPC (where

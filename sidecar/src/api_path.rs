@@ -22,7 +22,7 @@ use kube::runtime::WatchStreamExt;
 use kube::runtime::watcher;
 use kube::{Api, Client, ResourceExt};
 use lockstep_api::conditions::{self, ConditionUpdate};
-use lockstep_api::domain::{ClaimOrder, GroupEpoch, Path, Stage, parse_duration};
+use lockstep_api::domain::{ClaimOrder, GroupEpoch, Path, parse_duration};
 use lockstep_api::v1alpha1::{
     CLUSTER_LABEL, ClaimRef, ConsistencyGroup, ConsistencyGroupShard, ConsistencyGroupShardSpec,
     CopyFailureReport, Enforcement, MemberVolumeStatus, NODE_LABEL, NodeHoldTimeout, NodeVolume,
@@ -56,10 +56,13 @@ pub fn read_group(
 ) -> Option<(Option<GroupEpoch>, BTreeSet<String>, u64)> {
     let uid = group_uid(group)?;
     let status = group.status.as_ref();
-    let point = status.map(|s| GroupEpoch {
-        group_uid: uid.clone(),
-        epoch: s.epoch,
-        stage: s.stage.unwrap_or(Stage::Resume),
+    let point = status.map(|s| {
+        let (epoch, stage) = s.position();
+        GroupEpoch {
+            group_uid: uid.clone(),
+            epoch,
+            stage,
+        }
     });
     let volumes = status
         .map(|s| {
@@ -581,7 +584,7 @@ mod tests {
     use super::*;
     use crate::agent::PublishedAck;
     use crate::enforce::{Ack, Failure, HoldTimeout, Level, VolumeView};
-    use lockstep_api::domain::VolumeState;
+    use lockstep_api::domain::{Stage, VolumeState};
 
     fn group(labels: serde_json::Value, status: serde_json::Value) -> ConsistencyGroup {
         serde_json::from_value(json!({

@@ -9,7 +9,7 @@ use std::path::{Path as FsPath, PathBuf};
 use std::time::Duration;
 
 use hyper_util::rt::TokioIo;
-use lockstep_api::domain::Stage;
+use lockstep_api::domain::{Position, Stage};
 use lockstep_api::proto::replicator::v1 as pb;
 use pb::replicator_client::ReplicatorClient;
 use tokio::net::UnixStream;
@@ -260,10 +260,13 @@ fn directive(
 /// What a volume carries, from the replicator's state. An unset or unknown stage is read as the
 /// baseline (replicating at that epoch); a fail-safe suspension keeps its mark.
 pub fn carried(state: &pb::VolumeState) -> Carried {
-    let stage = pb::Stage::try_from(state.stage)
-        .ok()
-        .and_then(|s| Stage::try_from(s).ok())
-        .unwrap_or(Stage::Resume);
+    let stage = Position::decode(
+        state.epoch,
+        pb::Stage::try_from(state.stage)
+            .ok()
+            .and_then(|s| Stage::try_from(s).ok()),
+    )
+    .stage;
     let level = if state.fail_safe {
         Level::fail_safe(state.epoch)
     } else {

@@ -138,7 +138,7 @@ impl ConsistencyGroupStatus {
     /// Where the status is in the group's life, (epoch, stage), ordered: the one place a missing stage is
     /// read as the baseline — a group that never froze, or resumed, replicates at (epoch, Resume).
     pub fn position(&self) -> (u64, Stage) {
-        (self.epoch, self.stage.unwrap_or(Stage::Resume))
+        crate::domain::Position::decode(self.epoch, self.stage).into()
     }
 }
 
@@ -529,9 +529,10 @@ impl ConsistencyGroup {
 
     /// The group's (epoch, stage): a group that never froze is replicating at (epoch, Resume).
     pub fn position(&self) -> (u64, Stage) {
-        self.status
-            .as_ref()
-            .map_or((0, Stage::Resume), ConsistencyGroupStatus::position)
+        self.status.as_ref().map_or(
+            crate::domain::Position::START.into(),
+            ConsistencyGroupStatus::position,
+        )
     }
 
     /// The epoch at which the operator found every member in sync after a resume (phase Replicating

@@ -6,10 +6,11 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use kube::{ResourceExt, api::DynamicObject};
 use lockstep_api::{domain::Path, v1alpha1::ReplicationNode};
 
-use super::{Sent, SentAck, SentFailure, SentHoldTimeout};
-use crate::{engine::Engine, freeze::Event};
+use super::{Refusal, Sent, SentAck, SentFailure, SentHoldTimeout};
+use crate::{clusters::decode_replication_node, engine::Engine, freeze::Event};
 
 /// What `node`, of member cluster `cluster`, says in its status, in the form both paths share; `None`
 /// while it has no status.
@@ -52,6 +53,18 @@ pub fn sent(cluster: &str, node: &ReplicationNode) -> Option<Sent> {
         })
         .collect();
     Some(sent)
+}
+
+/// Takes in a ReplicationNode as watched (untyped, see [`crate::clusters::replication_nodes`]): one that
+/// does not decode is refused alone (logged, counted as `undecodable`), the others are taken in.
+pub async fn from_object(engine: &Engine, cluster: &str, object: DynamicObject) {
+    let name = object.name_any();
+    match decode_replication_node(object) {
+        Ok(node) => from_replication_node(engine, cluster, &node).await,
+        Err(error) => {
+            Refusal::Undecodable(error).record(engine.metrics(), Path::Api, cluster, &name)
+        }
+    }
 }
 
 /// Takes in what a member cluster's ReplicationNode says (path 1): refused whole when malformed (logged and

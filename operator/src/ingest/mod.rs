@@ -150,6 +150,8 @@ pub enum Refusal {
         count: usize,
         limit: usize,
     },
+    #[error("a ReplicationNode that does not decode: {0}")]
+    Undecodable(String),
 }
 
 impl Refusal {
@@ -167,6 +169,7 @@ impl Refusal {
             Self::StateUnspecified => "state_unspecified",
             Self::NoFailedWrite => "no_failed_write",
             Self::TooMany { .. } => "too_many",
+            Self::Undecodable(_) => "undecodable",
         }
     }
 
