@@ -331,3 +331,21 @@ pub fn watch_panics() -> PanicWatch {
     });
     PanicWatch(count.clone())
 }
+
+/// The next `CopyFailed` on a `WatchEvents` stream (other events skipped); panics after 30 s without
+/// one.
+pub async fn next_copy_failed(
+    events: &mut tonic::Streaming<lockstep_api::proto::replicator::v1::ReplicationEvent>,
+) -> lockstep_api::proto::replicator::v1::CopyFailed {
+    use lockstep_api::proto::replicator::v1::replication_event::Kind;
+    loop {
+        let event = tokio::time::timeout(Duration::from_secs(30), events.message())
+            .await
+            .expect("an event within 30 s")
+            .unwrap()
+            .expect("the event stream open");
+        if let Some(Kind::CopyFailed(failed)) = event.kind {
+            return failed;
+        }
+    }
+}
