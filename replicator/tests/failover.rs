@@ -97,10 +97,18 @@ async fn promote_once_streams_end(
     c: &Client,
     epoch: u64,
 ) -> Result<pb::FailoverResponse, tonic::Status> {
+    promote_when_streams_end(c, failover(epoch)).await
+}
+
+/// [`promote_once_streams_end`] for any request.
+async fn promote_when_streams_end(
+    c: &Client,
+    request: pb::FailoverRequest,
+) -> Result<pb::FailoverResponse, tonic::Status> {
     eventually("the primary's replication streams to end", || {
-        let mut c = c.clone();
+        let (mut c, request) = (c.clone(), request.clone());
         async move {
-            match c.promote(failover(epoch)).await {
+            match c.promote(request).await {
                 Err(e) if e.message().contains("not suspended") => None,
                 answer => Some(answer.map(tonic::Response::into_inner)),
             }
@@ -620,4 +628,142 @@ async fn a_promotion_without_a_complete_image_or_of_a_volume_not_suspended_is_re
     assert!(!write.is_finished());
     assert!(read_file_at(&dr_dir.join(VOLUMES[0]), MARKS_AT, 4096) != vec![0x66; 4096]);
     write.abort();
+}
+
+/// A free loopback TCP port (bound and released; the process started next binds it).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// The binary as deployed: `lockstep-replicator secondary --control-socket --nbd-socket` promotes after
+/// the primary's process is killed (SIGKILL, a write held under it), serves the image and new writes
+/// over NBD, and after its own SIGKILL and restart serves the promoted volume again, changes tracked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_secondary_process_promotes_after_the_primary_process_is_killed_and_keeps_serving_after_a_restart()
+ {
+    let root = tempfile::tempdir().unwrap();
+    let (old_dir, dr_dir) = (root.path().join("old"), root.path().join("dr"));
+    std::fs::create_dir_all(&old_dir).unwrap();
+    let (dr_control, dr_nbd) = (root.path().join("dr.sock"), root.path().join("dr-nbd.sock"));
+    let (old_control, old_nbd) = (
+        root.path().join("old.sock"),
+        root.path().join("old-nbd.sock"),
+    );
+    let link = format!("127.0.0.1:{}", free_port());
+    let secondary = || {
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_lockstep-replicator"))
+            .args(["secondary", "--listen", &link, "--insecure-plaintext"])
+            .arg("--dir")
+            .arg(&dr_dir)
+            .arg("--control-socket")
+            .arg(&dr_control)
+            .arg("--nbd-socket")
+            .arg(&dr_nbd)
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap()
+    };
+    let mut dr = secondary();
+    let mut primary = tokio::process::Command::new(env!("CARGO_BIN_EXE_lockstep-replicator"))
+        .args(["primary", "--insecure-plaintext", "--volume"])
+        .arg(format!(
+            "vol-a={},size=4M,secondary={link}",
+            old_dir.join("vol-a").display()
+        ))
+        .arg("--nbd-socket")
+        .arg(&old_nbd)
+        .arg("--control-socket")
+        .arg(&old_control)
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let old_url = format!("nbd+unix:///vol-a?socket={}", old_nbd.display());
+    let dr_url = format!("nbd+unix:///vol-a?socket={}", dr_nbd.display());
+    let one = |epoch| pb::FailoverRequest {
+        volume_handles: vec!["vol-a".into()],
+        group_uid: GROUP.into(),
+        epoch,
+    };
+
+    let mut old_ctl = control_client(&old_control).await;
+    old_ctl
+        .configure(pb::ConfigureRequest {
+            volume_handle: "vol-a".into(),
+            group_uid: GROUP.into(),
+            epoch: 0,
+            stage: pb::Stage::Unspecified.into(),
+            hold_timeout_ms: 120_000,
+        })
+        .await
+        .unwrap();
+    let out = qemu_io(&old_url, &["write -P 0x41 0 64k"]).await;
+    assert!(out.clean(), "{out:?}");
+    old_ctl
+        .suspend(pb::DirectiveRequest {
+            volume_handles: vec!["vol-a".into()],
+            group_uid: GROUP.into(),
+            epoch: 1,
+            fail_safe: false,
+        })
+        .await
+        .unwrap();
+    let held = tokio::spawn({
+        let url = old_url.clone();
+        async move { qemu_io(&url, &["write -P 0x42 1M 64k"]).await }
+    });
+    eventually("the write held", || {
+        let mut c = old_ctl.clone();
+        async move {
+            let s = c
+                .state(pb::StateRequest {
+                    volume_handle: "vol-a".into(),
+                })
+                .await
+                .ok()?
+                .into_inner();
+            (s.held_writes == 1).then_some(())
+        }
+    })
+    .await;
+    primary.kill().await.unwrap();
+    assert!(
+        !held.await.unwrap().success,
+        "the held write was never acknowledged"
+    );
+
+    // Promoted from the image of epoch 1: the acknowledged write is there, the held one is not.
+    let dr_ctl = control_client(&dr_control).await;
+    let promoted = promote_when_streams_end(&dr_ctl, one(1)).await.unwrap();
+    assert_eq!(promoted.volumes[0].image_epoch, 1);
+    let out = qemu_io(
+        &dr_url,
+        &[
+            "read -P 0x41 0 64k",
+            "read -P 0 1M 64k",
+            "write -P 0x43 2M 64k",
+        ],
+    )
+    .await;
+    assert!(out.clean(), "{out:?}");
+
+    // The DR process killed and restarted: the volume is served again as promoted, its change tracked.
+    dr.kill().await.unwrap();
+    let _dr = secondary();
+    let mut dr_ctl = control_client(&dr_control).await;
+    let listed = dr_ctl
+        .list_volumes(pb::ListVolumesRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(listed.volumes.len(), 1, "{:?}", listed.volumes);
+    let state = &listed.volumes[0];
+    assert_eq!(state.promoted_epoch, Some(1));
+    assert_eq!(state.mode, pb::Mode::Running as i32);
+    assert!(state.dirty_bytes >= 64 * 1024, "{state:?}");
+    let out = qemu_io(&dr_url, &["read -P 0x43 2M 64k", "write -P 0x44 3M 4k"]).await;
+    assert!(out.clean(), "{out:?}");
 }
