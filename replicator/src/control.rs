@@ -542,7 +542,12 @@ impl Replicator for ControlService {
         let r = request.into_inner();
         bounded_group(&r.group_uid)?;
         let promoted = site
-            .promote(&r.group_uid, r.epoch, &r.volume_handles)
+            .promote(
+                &r.group_uid,
+                r.epoch,
+                &r.volume_handles,
+                r.primary_site_lost,
+            )
             .await
             .map_err(failover_status)?;
         let volumes = promoted

@@ -323,12 +323,14 @@ impl Site {
 
     /// Promotes the named secondary volumes of `group` from the image of `epoch` (see the module
     /// documentation). Every volume is checked before any is changed; one already promoted at the same
-    /// (group, epoch) is answered as it is.
+    /// (group, epoch) is answered as it is. With `primary_site_lost`, a replication stream still open
+    /// is cut rather than refused (a half-open connection from a partitioned site never closes).
     pub async fn promote(
         &self,
         group: &str,
         epoch: u64,
         names: &[String],
+        primary_site_lost: bool,
     ) -> Result<Vec<Promoted>, FailoverError> {
         if group.is_empty() {
             return Err(FailoverError::Invalid("the request names no group".into()));
@@ -339,7 +341,7 @@ impl Site {
         let mut todo = Vec::new();
         let mut answers = Vec::new();
         for name in names {
-            match self.check_promotable(group, epoch, name)? {
+            match self.check_promotable(group, epoch, name, primary_site_lost)? {
                 Some(done) => answers.push(done),
                 None => todo.push(name.clone()),
             }
@@ -356,6 +358,7 @@ impl Site {
         group: &str,
         epoch: u64,
         name: &str,
+        primary_site_lost: bool,
     ) -> Result<Option<Promoted>, FailoverError> {
         if !valid_volume_name(name) || !self.dir.join(name).is_file() {
             return Err(FailoverError::NoVolume {
@@ -379,11 +382,11 @@ impl Site {
                 ))),
             };
         }
-        if self.registry.streaming(name) {
+        if self.registry.streaming(name) && !primary_site_lost {
             return Err(FailoverError::Refused(format!(
                 "volume {name} is not suspended: its primary still streams writes to it (a \
-                 replication connection is open); freeze the group at epoch {epoch} (or lose the \
-                 primary site) before promoting"
+                 replication connection is open); freeze the group at epoch {epoch} before \
+                 promoting, or say the primary site is lost (primary_site_lost) to cut the stream"
             )));
         }
         match crate::undo::kept_epoch(&self.dir, name) {
@@ -405,8 +408,8 @@ impl Site {
         epoch: u64,
         name: &str,
     ) -> Result<Promoted, FailoverError> {
-        // Hold the volume's lease: no replication stream is served while it is promoted, and once
-        // the marker exists every stream is refused.
+        // Hold the volume's lease (cutting a stream still open): no replication stream is served
+        // while it is promoted, and once the marker exists every stream is refused.
         let lock = self.registry.take_over(name);
         let _lease = lock.lock_owned().await;
         let rolled = {

@@ -50,6 +50,7 @@ fn failover(epoch: u64) -> pb::FailoverRequest {
         volume_handles: names(),
         group_uid: GROUP.into(),
         epoch,
+        primary_site_lost: false,
     }
 }
 
@@ -579,6 +580,7 @@ async fn a_promotion_without_a_complete_image_or_of_a_volume_not_suspended_is_re
             volume_handles: vec!["no-such-volume".into()],
             group_uid: GROUP.into(),
             epoch: 1,
+            primary_site_lost: false,
         })
         .await
         .unwrap_err();
@@ -628,6 +630,44 @@ async fn a_promotion_without_a_complete_image_or_of_a_volume_not_suspended_is_re
     assert!(!write.is_finished());
     assert!(read_file_at(&dr_dir.join(VOLUMES[0]), MARKS_AT, 4096) != vec![0x66; 4096]);
     write.abort();
+}
+
+/// A partitioned primary site leaves its replication connections open: the promotion, told the site
+/// is lost, cuts them; the primary's next write is held (its stream refused: the volume is promoted)
+/// and never lands on the promoted volume.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_promotion_told_the_primary_site_is_lost_cuts_a_stream_still_open() {
+    let root = tempfile::tempdir().unwrap();
+    let (dr, primary, mut old_ctl, dr_ctl) = replicating_pair(root.path()).await;
+    assert!(states(&mut dr_ctl.clone()).await.iter().all(|s| s.replica));
+    let mut events = old_ctl
+        .watch_events(pb::WatchEventsRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let promoted = dr_ctl
+        .clone()
+        .promote(pb::FailoverRequest {
+            primary_site_lost: true,
+            ..failover(0)
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(promoted.volumes.iter().all(|v| v.image_epoch == 0));
+    let mut writer = clients(primary.nbd_addr().unwrap()).await;
+    let write = tokio::spawn(async move { writer[1].write(MARKS_AT, &[0x77; 4096]).await });
+    let failed = next_copy_failed(&mut events).await;
+    assert!(
+        failed.error.contains("was promoted here") || failed.error.contains("replication link"),
+        "{}",
+        failed.error
+    );
+    assert!(!write.is_finished(), "the write is held, not acknowledged");
+    let dr_file = dr.site().dir().join(VOLUMES[1]);
+    assert_ne!(read_file_at(&dr_file, MARKS_AT, 4096), vec![0x77; 4096]);
+    write.abort();
+    drop(old_ctl);
 }
 
 /// A free loopback TCP port (bound and released; the process started next binds it).
@@ -687,6 +727,7 @@ async fn the_secondary_process_promotes_after_the_primary_process_is_killed_and_
         volume_handles: vec!["vol-a".into()],
         group_uid: GROUP.into(),
         epoch,
+        primary_site_lost: false,
     };
 
     let mut old_ctl = control_client(&old_control).await;
