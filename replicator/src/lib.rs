@@ -26,6 +26,8 @@ pub mod copy;
 pub mod dirty;
 pub mod events;
 pub mod failover;
+#[cfg(feature = "control")]
+pub mod failover_cli;
 pub mod hold;
 pub mod link_tls;
 pub mod linkcut;
@@ -76,6 +78,18 @@ pub enum Mode {
     /// Forget which primary owns secondary volumes, so that the next primary to stream one owns it
     /// (re-assigning a volume to another primary on purpose).
     ReleaseVolume(ReleaseArgs),
+    /// Disaster recovery: serve secondary volumes as primaries at this site from the image of an epoch
+    /// (asks a `secondary --control-socket`).
+    #[cfg(feature = "control")]
+    Promote(failover_cli::PromoteArgs),
+    /// Disaster recovery: make primaries refuse every write from now on; prints (JSON) what each wrote
+    /// after the image, for `reverse --old-site-changes`.
+    #[cfg(feature = "control")]
+    Fence(failover_cli::VerbArgs),
+    /// Disaster recovery: replicate promoted volumes back to the old site's secondary, discarding what
+    /// the old site wrote after the image.
+    #[cfg(feature = "control")]
+    Reverse(failover_cli::ReverseArgs),
 }
 
 /// Flags of `lockstep-replicator release-volume`.
@@ -605,6 +619,26 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
                     ),
                     None => println!("{volume}: keeps no image"),
                 }
+            }
+            Ok(())
+        }
+        #[cfg(feature = "control")]
+        Mode::Promote(args) => {
+            for line in failover_cli::promote(&args).await? {
+                println!("{line}");
+            }
+            Ok(())
+        }
+        #[cfg(feature = "control")]
+        Mode::Fence(args) => {
+            let fenced = failover_cli::fence(&args).await?;
+            println!("{}", serde_json::to_string_pretty(&fenced)?);
+            Ok(())
+        }
+        #[cfg(feature = "control")]
+        Mode::Reverse(args) => {
+            for line in failover_cli::reverse(&args).await? {
+                println!("{line}");
             }
             Ok(())
         }

@@ -98,18 +98,10 @@ async fn promote_once_streams_end(
     c: &Client,
     epoch: u64,
 ) -> Result<pb::FailoverResponse, tonic::Status> {
-    promote_when_streams_end(c, failover(epoch)).await
-}
-
-/// [`promote_once_streams_end`] for any request.
-async fn promote_when_streams_end(
-    c: &Client,
-    request: pb::FailoverRequest,
-) -> Result<pb::FailoverResponse, tonic::Status> {
     eventually("the primary's replication streams to end", || {
-        let (mut c, request) = (c.clone(), request.clone());
+        let mut c = c.clone();
         async move {
-            match c.promote(request).await {
+            match c.promote(failover(epoch)).await {
                 Err(e) if e.message().contains("not suspended") => None,
                 answer => Some(answer.map(tonic::Response::into_inner)),
             }
@@ -131,6 +123,13 @@ async fn configure_all(c: &mut Client, epoch: u64, stage: pb::Stage) {
         .await
         .unwrap();
     }
+}
+
+async fn state_of(c: &mut Client, volume: &str) -> Option<pb::VolumeState> {
+    let request = pb::StateRequest {
+        volume_handle: volume.into(),
+    };
+    Some(c.state(request).await.ok()?.into_inner())
 }
 
 async fn states(c: &mut Client) -> Vec<pb::VolumeState> {
@@ -708,26 +707,38 @@ async fn the_secondary_process_promotes_after_the_primary_process_is_killed_and_
             .unwrap()
     };
     let mut dr = secondary();
-    let mut primary = tokio::process::Command::new(env!("CARGO_BIN_EXE_lockstep-replicator"))
-        .args(["primary", "--insecure-plaintext", "--volume"])
-        .arg(format!(
-            "vol-a={},size=4M,secondary={link}",
-            old_dir.join("vol-a").display()
-        ))
-        .arg("--nbd-socket")
-        .arg(&old_nbd)
-        .arg("--control-socket")
-        .arg(&old_control)
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
+    let primary_process = || {
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_lockstep-replicator"))
+            .args(["primary", "--insecure-plaintext", "--volume"])
+            .arg(format!(
+                "vol-a={},size=4M,secondary={link}",
+                old_dir.join("vol-a").display()
+            ))
+            .arg("--nbd-socket")
+            .arg(&old_nbd)
+            .arg("--control-socket")
+            .arg(&old_control)
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap()
+    };
+    let mut primary = primary_process();
     let old_url = format!("nbd+unix:///vol-a?socket={}", old_nbd.display());
     let dr_url = format!("nbd+unix:///vol-a?socket={}", dr_nbd.display());
-    let one = |epoch| pb::FailoverRequest {
-        volume_handles: vec!["vol-a".into()],
-        group_uid: GROUP.into(),
-        epoch,
-        primary_site_lost: false,
+    let verb = |verb: &str, socket: &Path, epoch: u64| -> Vec<String> {
+        [
+            verb,
+            "--control-socket",
+            &socket.display().to_string(),
+            "--group",
+            GROUP,
+            "--epoch",
+            &epoch.to_string(),
+            "--volume",
+            "vol-a",
+        ]
+        .map(str::to_owned)
+        .to_vec()
     };
 
     let mut old_ctl = control_client(&old_control).await;
@@ -759,27 +770,44 @@ async fn the_secondary_process_promotes_after_the_primary_process_is_killed_and_
     eventually("the write held", || {
         let mut c = old_ctl.clone();
         async move {
-            let s = c
-                .state(pb::StateRequest {
-                    volume_handle: "vol-a".into(),
-                })
-                .await
-                .ok()?
-                .into_inner();
+            let s = state_of(&mut c, "vol-a").await?;
             (s.held_writes == 1).then_some(())
         }
     })
     .await;
+    // A primary's replicator does not promote, and the command says so.
+    let refused = cli(&verb("promote", &old_control, 1)).await;
+    assert!(!refused.status.success());
+    assert!(
+        refused.stderr.contains("does not support failover"),
+        "{}",
+        refused.stderr
+    );
     primary.kill().await.unwrap();
     assert!(
         !held.await.unwrap().success,
         "the held write was never acknowledged"
     );
 
-    // Promoted from the image of epoch 1: the acknowledged write is there, the held one is not.
-    let dr_ctl = control_client(&dr_control).await;
-    let promoted = promote_when_streams_end(&dr_ctl, one(1)).await.unwrap();
-    assert_eq!(promoted.volumes[0].image_epoch, 1);
+    // Promoted from the image of epoch 1 (once the killed primary's stream has ended): the
+    // acknowledged write is there, the held one is not.
+    let promoted = eventually("the promotion", || {
+        let args = verb("promote", &dr_control, 1);
+        async move {
+            let out = cli(&args).await;
+            assert!(
+                out.status.success() || out.stderr.contains("not suspended"),
+                "{}",
+                out.stderr
+            );
+            out.status.success().then_some(out.stdout)
+        }
+    })
+    .await;
+    assert!(
+        promoted.contains("vol-a: promoted from the image of epoch 1"),
+        "{promoted}"
+    );
     let out = qemu_io(
         &dr_url,
         &[
@@ -794,8 +822,9 @@ async fn the_secondary_process_promotes_after_the_primary_process_is_killed_and_
     // The DR process killed and restarted: the volume is served again as promoted, its change tracked.
     dr.kill().await.unwrap();
     let _dr = secondary();
-    let mut dr_ctl = control_client(&dr_control).await;
+    let dr_ctl = control_client(&dr_control).await;
     let listed = dr_ctl
+        .clone()
         .list_volumes(pb::ListVolumesRequest {})
         .await
         .unwrap()
@@ -807,4 +836,91 @@ async fn the_secondary_process_promotes_after_the_primary_process_is_killed_and_
     assert!(state.dirty_bytes >= 64 * 1024, "{state:?}");
     let out = qemu_io(&dr_url, &["read -P 0x43 2M 64k", "write -P 0x44 3M 4k"]).await;
     assert!(out.clean(), "{out:?}");
+
+    // The old site returns: its primary fenced (the command prints what it wrote after the image:
+    // the held write), then a secondary over its files, and the DR site replicates back to it.
+    let old = primary_process();
+    drop(control_client(&old_control).await);
+    let fenced = cli(&verb("fence", &old_control, 1)).await;
+    assert!(fenced.status.success(), "{}", fenced.stderr);
+    let changes: lockstep_replicator::failover_cli::Fenced =
+        serde_json::from_str(&fenced.stdout).unwrap();
+    assert!(
+        changes.volumes[0]
+            .ranges
+            .iter()
+            .any(|(offset, length)| *offset <= MIB && MIB + 65536 <= offset + length),
+        "{changes:?}"
+    );
+    let out = qemu_io(&old_url, &["write -P 0x45 0 4k"]).await;
+    assert!(!out.success, "a fenced primary refuses writes: {out:?}");
+    drop(old);
+    let changes_file = root.path().join("fenced.json");
+    std::fs::write(&changes_file, &fenced.stdout).unwrap();
+    let old_link = format!("127.0.0.1:{}", free_port());
+    let _old_secondary = tokio::process::Command::new(env!("CARGO_BIN_EXE_lockstep-replicator"))
+        .args(["secondary", "--listen", &old_link, "--insecure-plaintext"])
+        .arg("--dir")
+        .arg(&old_dir)
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    eventually("the old site's secondary to listen", || {
+        let old_link = old_link.clone();
+        async move { tokio::net::TcpStream::connect(old_link).await.ok() }
+    })
+    .await;
+    let mut args = verb("reverse", &dr_control, 1);
+    args.extend(["--peer".into(), old_link.clone()]);
+    args.extend([
+        "--old-site-changes".into(),
+        changes_file.display().to_string(),
+    ]);
+    let reversed = cli(&args).await;
+    assert!(reversed.status.success(), "{}", reversed.stderr);
+    assert!(
+        reversed
+            .stdout
+            .contains(&format!("vol-a: replicating to {old_link} from epoch 1")),
+        "{}",
+        reversed.stdout
+    );
+    let old_file = old_dir.join("vol-a");
+    eventually("the old site to hold the DR state", || {
+        let (old_file, dr_file) = (old_file.clone(), dr_dir.join("vol-a"));
+        let mut c = dr_ctl.clone();
+        async move {
+            let s = state_of(&mut c, "vol-a").await?;
+            (s.mode == pb::Mode::Replicating as i32
+                && s.dirty_bytes == 0
+                && std::fs::read(&old_file).ok()? == std::fs::read(&dr_file).ok()?)
+            .then_some(())
+        }
+    })
+    .await;
+    assert_eq!(
+        read_file_at(&old_file, MIB, 65536),
+        vec![0; 65536],
+        "the old site's held write is discarded"
+    );
+}
+
+/// The output of one `lockstep-replicator` command.
+struct CliOutput {
+    status: std::process::ExitStatus,
+    stdout: String,
+    stderr: String,
+}
+
+async fn cli(args: &[String]) -> CliOutput {
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_lockstep-replicator"))
+        .args(args)
+        .output()
+        .await
+        .unwrap();
+    CliOutput {
+        status: out.status,
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
 }
