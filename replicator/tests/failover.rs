@@ -346,6 +346,13 @@ async fn fail_over_to_the_image_with_the_primary_site_gone_and_fail_back_without
     let primary = start_primary(&old_dir, &dr_link).await;
     let mut old_ctl = control_client(&old_dir.join("control.sock")).await;
     let fenced = old_ctl.fence(failover(1)).await.unwrap().into_inner();
+    let refused = old_ctl.resume(directive(1)).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::FailedPrecondition);
+    assert!(
+        refused.message().contains("fenced"),
+        "{}",
+        refused.message()
+    );
     let old_site_changes: Vec<pb::VolumeRanges> = fenced
         .volumes
         .iter()
