@@ -17,7 +17,7 @@ use tokio_stream::wrappers::{BroadcastStream, UnixListenerStream};
 use tonic::{Request, Response, Status};
 
 use crate::events::Event;
-use crate::failover::{FailoverError, Site};
+use crate::failover::{FailoverError, Site, quoted};
 use crate::hold::{DirectiveError, Mode, Stage};
 use crate::nbd::Exports;
 use crate::volume::{Volume, VolumeStatus};
@@ -196,18 +196,6 @@ fn bounded_group(group_uid: &str) -> Result<(), Status> {
         )));
     }
     Ok(())
-}
-
-/// `text` quoted for an answer, cut after 64 characters: a value echoed from a request must not swell
-/// the answer's status past what a gRPC client takes in its headers (a longer one closes the
-/// connection).
-fn quoted(text: &str) -> String {
-    const SHOWN: usize = 64;
-    if text.chars().nth(SHOWN).is_none() {
-        return format!("{text:?}");
-    }
-    let head: String = text.chars().take(SHOWN).collect();
-    format!("{head:?}… ({} bytes)", text.len())
 }
 
 /// Binds the control socket (removing a stale socket file).

@@ -215,9 +215,17 @@ impl Site {
         self.record(name).map(|r| r.epoch)
     }
 
+    /// Whether `name` names a secondary volume's file here (not a state file beside one).
+    fn is_volume_file(&self, name: &str) -> bool {
+        valid_volume_name(name)
+            && !name.ends_with(".lockstep.json")
+            && !name.ends_with(".json.tmp")
+            && self.dir.join(name).is_file()
+    }
+
     /// Whether volume `name` is a secondary here (its file exists and it is not promoted).
     pub fn is_replica(&self, name: &str) -> bool {
-        valid_volume_name(name) && self.dir.join(name).is_file() && self.record(name).is_none()
+        self.is_volume_file(name) && self.record(name).is_none()
     }
 
     /// The secondary volumes here that are not promoted.
@@ -227,7 +235,6 @@ impl Site {
         };
         let mut names: Vec<String> = entries
             .filter_map(|e| e.ok()?.file_name().into_string().ok())
-            .filter(|name| !name.ends_with(".lockstep.json") && !name.ends_with(".json.tmp"))
             .filter(|name| self.is_replica(name))
             .collect();
         names.sort();
@@ -338,9 +345,15 @@ impl Site {
         if names.is_empty() {
             return Err(FailoverError::Invalid("the request names no volume".into()));
         }
-        let mut todo = Vec::new();
+        let mut todo: Vec<String> = Vec::new();
         let mut answers = Vec::new();
+        let mut unique: Vec<&String> = Vec::new();
         for name in names {
+            if !unique.contains(&name) {
+                unique.push(name);
+            }
+        }
+        for name in unique {
             match self.check_promotable(group, epoch, name, primary_site_lost)? {
                 Some(done) => answers.push(done),
                 None => todo.push(name.clone()),
@@ -360,9 +373,9 @@ impl Site {
         name: &str,
         primary_site_lost: bool,
     ) -> Result<Option<Promoted>, FailoverError> {
-        if !valid_volume_name(name) || !self.dir.join(name).is_file() {
+        if !self.is_volume_file(name) {
             return Err(FailoverError::NoVolume {
-                volume: name.chars().take(64).collect(),
+                volume: quoted(name),
                 dir: self.dir.display().to_string(),
             });
         }
@@ -499,14 +512,16 @@ impl Site {
         names: &[String],
         old_site_changes: &BTreeMap<String, Vec<(u64, u64)>>,
     ) -> Result<Vec<(Arc<Volume>, Vec<(u64, u64)>)>, FailoverError> {
-        if peer.is_empty() {
-            return Err(FailoverError::Invalid(
-                "the request names no peer (the old site's secondary, host:port)".into(),
-            ));
+        if !valid_peer(peer) {
+            return Err(FailoverError::Invalid(format!(
+                "the peer must be the old site's secondary as host:port, not {}",
+                quoted(peer)
+            )));
         }
         if let Some(stranger) = old_site_changes.keys().find(|v| !names.contains(v)) {
             return Err(FailoverError::Invalid(format!(
-                "old-site changes for volume {stranger:?}, which the request does not name"
+                "old-site changes for volume {}, which the request does not name",
+                quoted(stranger)
             )));
         }
         let mut plan = Vec::new();
@@ -518,7 +533,7 @@ impl Site {
                 return Err(FailoverError::Refused(format!(
                     "volume {} is not promoted here: only a promoted volume replicates back to the \
                      old site",
-                    name.chars().take(64).collect::<String>()
+                    quoted(name)
                 )));
             };
             if record.group_uid != group {
@@ -576,6 +591,27 @@ impl Site {
     }
 }
 
+/// `text` from a request, quoted for an answer and cut after 64 characters: an answer's status must
+/// stay small enough for a gRPC client's headers.
+pub(crate) fn quoted(text: &str) -> String {
+    const SHOWN: usize = 64;
+    if text.chars().nth(SHOWN).is_none() {
+        return format!("{text:?}");
+    }
+    let head: String = text.chars().take(SHOWN).collect();
+    format!("{head:?}… ({} bytes)", text.len())
+}
+
+/// Whether `peer` reads as `host:port` (a host name or address of at most 253 bytes, a port).
+fn valid_peer(peer: &str) -> bool {
+    peer.rsplit_once(':').is_some_and(|(host, port)| {
+        !host.is_empty()
+            && host.len() <= 253
+            && !host.chars().any(|c| c.is_whitespace() || c.is_control())
+            && port.parse::<u16>().is_ok_and(|p| p > 0)
+    })
+}
+
 fn read_record(dir: &Path, name: &str) -> Result<PromotionRecord, FailoverError> {
     let path = promotion_path(dir, name);
     let bad = |why: String| FailoverError::File {
@@ -605,7 +641,27 @@ fn write_json(
 
 #[cfg(test)]
 mod tests {
-    use super::merge_ranges;
+    use super::{merge_ranges, valid_peer};
+
+    #[test]
+    fn a_peer_is_host_and_port() {
+        assert!(valid_peer("127.0.0.1:7001"));
+        assert!(valid_peer("[::1]:7001"));
+        assert!(valid_peer("west-node-1.example:7001"));
+        for bad in [
+            "",
+            "7001",
+            "host:",
+            ":7001",
+            "host:0",
+            "host:70000",
+            "a b:1",
+            "h\u{0}:1",
+        ] {
+            assert!(!valid_peer(bad), "{bad:?}");
+        }
+        assert!(!valid_peer(&format!("{}:1", "h".repeat(254))));
+    }
 
     #[test]
     fn ranges_merge_into_sorted_disjoint_ones() {

@@ -117,11 +117,11 @@ pub enum CliError {
     },
 }
 
-/// A `Replicator` client on the unix socket `socket`.
-pub async fn connect(socket: &Path) -> Result<ReplicatorClient<Channel>, tonic::transport::Error> {
+/// A gRPC channel to the unix socket `socket`.
+pub async fn channel(socket: &Path) -> Result<Channel, tonic::transport::Error> {
     use tonic::transport::{Endpoint, Uri};
     let path = socket.to_owned();
-    let channel = Endpoint::from_static("http://replicator.invalid")
+    Endpoint::from_static("http://replicator.invalid")
         .connect_with_connector(tower::service_fn(move |_: Uri| {
             let path = path.clone();
             async move {
@@ -130,8 +130,12 @@ pub async fn connect(socket: &Path) -> Result<ReplicatorClient<Channel>, tonic::
                     .map(hyper_util::rt::TokioIo::new)
             }
         }))
-        .await?;
-    Ok(ReplicatorClient::new(channel))
+        .await
+}
+
+/// A `Replicator` client on the unix socket `socket`.
+pub async fn connect(socket: &Path) -> Result<ReplicatorClient<Channel>, tonic::transport::Error> {
+    Ok(ReplicatorClient::new(channel(socket).await?))
 }
 
 async fn client(verb: &VerbArgs) -> Result<ReplicatorClient<Channel>, CliError> {

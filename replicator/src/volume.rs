@@ -134,6 +134,8 @@ pub struct Volume {
     store: Store,
     /// Where writes are copied; set later on a promoted volume ([`Volume::set_secondary`]).
     copy: Mutex<Option<CopyConfig>>,
+    /// Changes are tracked though no secondary may be named yet (a promoted volume).
+    track_changes: bool,
     state_path: PathBuf,
     state: Mutex<ReplState>,
     events: broadcast::Sender<Event>,
@@ -241,6 +243,7 @@ impl Volume {
             name: config.name.clone(),
             store,
             copy: Mutex::new(config.copy.clone()),
+            track_changes: config.track_changes,
             state_path,
             state: Mutex::new(state),
             events,
@@ -551,6 +554,19 @@ impl Volume {
         Ok(())
     }
 
+    /// Refuses what would start copying on a volume that has no secondary yet (promoted at the DR site:
+    /// its peer is named by a Reverse).
+    fn check_peer(&self, what: &str) -> Result<(), DirectiveError> {
+        if self.track_changes && self.copy_config().is_none() {
+            return Err(DirectiveError::Refused(format!(
+                "{what} on volume {}: it was promoted at this site and has no secondary yet; a \
+                 Reverse names the old site's secondary",
+                self.name
+            )));
+        }
+        Ok(())
+    }
+
     /// The sidecar's confirmation / configuration (group, epoch, stage, hold timeout).
     pub async fn configure(
         &self,
@@ -559,6 +575,7 @@ impl Volume {
         stage: Option<Stage>,
         hold_timeout: Option<Duration>,
     ) -> Result<VolumeStatus, DirectiveError> {
+        self.check_peer("configure")?;
         let rx = self.with_state(|s| {
             if let Some(t) = hold_timeout {
                 s.set_hold_timeout(t);
@@ -630,6 +647,7 @@ impl Volume {
     /// Resumes at `epoch`: resynchronises the dirty regions, then copies synchronously again. Returns once
     /// the resync has started.
     pub async fn resume(&self, group: &str, epoch: u64) -> Result<VolumeStatus, DirectiveError> {
+        self.check_peer("resume")?;
         let rx = self.with_state(|s| s.resume(group, epoch))?;
         Self::await_persist(rx).await?;
         Ok(self.status())
