@@ -17,7 +17,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use common::*;
-use lockstep_api::fuzz::{RawCodec, config as fuzz_config};
+use lockstep_api::fuzz::RawCodec;
 use lockstep_api::proto::replicator::v1 as pb;
 use lockstep_replicator::secondary::SecondaryConfig;
 use lockstep_replicator::testing::control_client;
@@ -214,7 +214,6 @@ async fn make(
 
 #[test]
 fn a_secondarys_failover_service_refuses_hostile_calls_cleanly_and_keeps_its_promotions() {
-    let panics = watch_panics();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -245,82 +244,52 @@ fn a_secondarys_failover_service_refuses_hostile_calls_cleanly_and_keeps_its_pro
         )
     });
     let client = ReplicatorClient::new(channel.clone());
-    let answered = std::cell::RefCell::new(BTreeMap::<String, usize>::new());
-    let mut runner = proptest::test_runner::TestRunner::new(proptest::test_runner::Config {
-        source_file: Some(file!()),
-        max_shrink_time: 120_000,
-        ..fuzz_config(300)
-    });
-    runner
-        .run(&proptest::collection::vec(call(), 1..8), |calls| {
+    let answered = fuzz_service(
+        &runtime,
+        file!(),
+        300,
+        call(),
+        || {
             let mut client = client.clone();
-            runtime.block_on(async {
-                for call in &calls {
-                    let panicked_before = panics.count();
-                    let before = seen(&mut client).await;
-                    let result = tokio::time::timeout(
-                        Duration::from_secs(60),
-                        make(&mut client, &channel, call),
-                    )
-                    .await
-                    .map_err(|_| {
-                        TestCaseError::fail(format!("{call:?} not answered within a minute"))
-                    })?;
-                    let after = seen(&mut client).await;
+            async move { seen(&mut client).await }
+        },
+        |call| {
+            let (mut client, channel, call) = (client.clone(), channel.clone(), call.clone());
+            async move { make(&mut client, &channel, &call).await }
+        },
+        |call| call_name(call).to_owned(),
+        clean_refusal,
+        |FuzzStep {
+             call,
+             before,
+             after,
+             ..
+         }| {
+            for (volume, (promoted, fenced, _)) in before {
+                let (now_promoted, now_fenced, _) = &after[volume];
+                if promoted.is_some() {
                     prop_assert_eq!(
-                        panics.count(),
-                        panicked_before,
-                        "a panic serving {:?}",
+                        now_promoted,
+                        promoted,
+                        "{} lost its promotion after {:?}",
+                        volume,
                         call
                     );
-                    let outcome = match &result {
-                        Ok(()) => format!("{} ok", call_name(call)),
-                        Err(status) => format!("{} {:?}", call_name(call), status.code()),
-                    };
-                    *answered.borrow_mut().entry(outcome).or_default() += 1;
-                    if let Err(status) = &result {
-                        prop_assert!(clean_refusal(status), "{:?} answered {:?}", call, status);
-                        if matches!(status.code(), Code::InvalidArgument | Code::NotFound) {
-                            prop_assert_eq!(
-                                &after,
-                                &before,
-                                "{:?} was refused ({:?}) but changed volumes",
-                                call,
-                                status
-                            );
-                        }
-                    }
-                    for (volume, (promoted, fenced, _)) in &before {
-                        let (now_promoted, now_fenced, _) = &after[volume];
-                        if promoted.is_some() {
-                            prop_assert_eq!(
-                                now_promoted,
-                                promoted,
-                                "{} lost its promotion after {:?}",
-                                volume,
-                                call
-                            );
-                        }
-                        if fenced.is_some() {
-                            prop_assert_eq!(
-                                now_fenced,
-                                fenced,
-                                "{} changed its fence after {:?}",
-                                volume,
-                                call
-                            );
-                        }
-                    }
                 }
-                Ok(())
-            })
-        })
-        .unwrap();
-    println!(
-        "failover service fuzz: {} cases, answers {:?}",
-        runner.config().cases,
-        answered.borrow()
+                if fenced.is_some() {
+                    prop_assert_eq!(
+                        now_fenced,
+                        fenced,
+                        "{} changed its fence after {:?}",
+                        volume,
+                        call
+                    );
+                }
+            }
+            Ok(())
+        },
     );
+    println!("failover service fuzz: answers {answered:?}");
 }
 
 fn call_name(call: &Call) -> &'static str {
