@@ -15,11 +15,13 @@ use std::time::Duration;
 use common::*;
 use lockstep_api::proto::replicator::v1 as pb;
 use lockstep_checker::{CheckOptions, Layout, NbdAddress, Source, WorkloadHandle, WorkloadOptions};
+use lockstep_replicator::link_tls::SiteCa;
 use lockstep_replicator::nbd::proto::EIO;
 use lockstep_replicator::secondary::SecondaryConfig;
 use lockstep_replicator::testing::{control_client, eventually};
 use lockstep_replicator::{
-    CopyConfig, Primary, PrimaryConfig, SecondaryNode, SecondaryNodeConfig, VolumeConfig,
+    CopyConfig, LinkSecurity, Primary, PrimaryConfig, SecondaryNode, SecondaryNodeConfig,
+    VolumeConfig,
 };
 use pb::replicator_client::ReplicatorClient;
 use tonic::transport::Channel;
@@ -56,7 +58,7 @@ fn failover(epoch: u64) -> pb::FailoverRequest {
 
 /// The primary site's replicator: both volumes in `dir`, copied to `secondary`, the control socket
 /// at `dir/control.sock`.
-async fn start_primary(dir: &Path, secondary: &str) -> Primary {
+async fn start_primary(dir: &Path, secondary: &str, security: &LinkSecurity) -> Primary {
     let volumes = VOLUMES
         .iter()
         .map(|name| VolumeConfig {
@@ -66,7 +68,10 @@ async fn start_primary(dir: &Path, secondary: &str) -> Primary {
                 name,
                 dir.join(name),
                 Some(SIZE),
-                Some(CopyConfig::plaintext(secondary, Duration::from_secs(5))),
+                Some(CopyConfig {
+                    security: security.clone(),
+                    ..CopyConfig::plaintext(secondary, Duration::from_secs(5))
+                }),
             )
         })
         .collect();
@@ -83,9 +88,18 @@ async fn start_primary(dir: &Path, secondary: &str) -> Primary {
 
 /// A secondary over `dir` with its failover side (NBD for promoted volumes, the control socket at
 /// `control`), listening on `listen`.
-async fn start_secondary(dir: &Path, control: &Path, listen: &str) -> SecondaryNode {
+async fn start_secondary(
+    dir: &Path,
+    control: &Path,
+    listen: &str,
+    security: &LinkSecurity,
+) -> SecondaryNode {
     SecondaryNode::start(SecondaryNodeConfig::serving(
-        SecondaryConfig::plaintext(listen.parse().unwrap(), dir.to_path_buf()),
+        SecondaryConfig {
+            listen: listen.parse().unwrap(),
+            dir: dir.to_path_buf(),
+            security: security.clone(),
+        },
         control.to_path_buf(),
     ))
     .await
@@ -209,8 +223,44 @@ async fn clients(addr: std::net::SocketAddr) -> Vec<RawClient> {
     out
 }
 
+/// How each site's replicators secure the replication link, in both directions: a site's primary and
+/// secondary use one certificate (usable as client and server, naming the address it is dialled at),
+/// signed by its site's CA, and trust the other site's CA.
+struct Sites {
+    old: LinkSecurity,
+    dr: LinkSecurity,
+}
+
+impl Sites {
+    fn plaintext() -> Sites {
+        Sites {
+            old: LinkSecurity::Plaintext,
+            dr: LinkSecurity::Plaintext,
+        }
+    }
+
+    fn tls() -> Sites {
+        let (east, west) = (SiteCa::new("east").unwrap(), SiteCa::new("west").unwrap());
+        Sites {
+            old: LinkSecurity::Tls(east.link_tls("east-node-1", &["127.0.0.1"], &west).unwrap()),
+            dr: LinkSecurity::Tls(west.link_tls("west-node-1", &["127.0.0.1"], &east).unwrap()),
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn fail_over_to_the_image_with_the_primary_site_gone_and_fail_back_without_losing_a_write() {
+    fail_over_and_back(Sites::plaintext()).await;
+}
+
+/// The same over the authenticated link: the reverse stream is the DR site's (the old site's files are
+/// its from then on), the switch back the old site's own identity again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn fail_over_and_back_over_mutual_tls() {
+    fail_over_and_back(Sites::tls()).await;
+}
+
+async fn fail_over_and_back(sites: Sites) {
     let root = tempfile::tempdir().unwrap();
     let (old_dir, dr_dir) = (root.path().join("old"), root.path().join("dr"));
     std::fs::create_dir_all(&old_dir).unwrap();
@@ -218,9 +268,9 @@ async fn fail_over_to_the_image_with_the_primary_site_gone_and_fail_back_without
     let old_control = root.path().join("old-control.sock");
 
     // The DR site's secondary (with its control surface) and the primary site's replicator.
-    let dr = start_secondary(&dr_dir, &dr_control, "127.0.0.1:0").await;
+    let dr = start_secondary(&dr_dir, &dr_control, "127.0.0.1:0", &sites.dr).await;
     let dr_link = dr.secondary.local_addr().to_string();
-    let primary = start_primary(&old_dir, &dr_link).await;
+    let primary = start_primary(&old_dir, &dr_link, &sites.old).await;
     let mut old_ctl = control_client(&old_dir.join("control.sock")).await;
     configure_all(&mut old_ctl, 0, pb::Stage::Unspecified).await;
 
@@ -300,7 +350,7 @@ async fn fail_over_to_the_image_with_the_primary_site_gone_and_fail_back_without
     }
     drop(old_ctl);
     drop(primary);
-    let dr = start_secondary(&dr_dir, &dr_control, &dr_link).await;
+    let dr = start_secondary(&dr_dir, &dr_control, &dr_link, &sites.dr).await;
 
     // Promote at the DR site from the image of epoch 1: rolled back to it, byte for byte.
     let mut dr_ctl = control_client(&dr_control).await;
@@ -343,7 +393,7 @@ async fn fail_over_to_the_image_with_the_primary_site_gone_and_fail_back_without
 
     // The old site returns: its primaries come up fail-closed, are fenced, and refuse writes — also
     // after another restart.
-    let primary = start_primary(&old_dir, &dr_link).await;
+    let primary = start_primary(&old_dir, &dr_link, &sites.old).await;
     let mut old_ctl = control_client(&old_dir.join("control.sock")).await;
     let fenced = old_ctl.fence(failover(1)).await.unwrap().into_inner();
     let refused = old_ctl.resume(directive(1)).await.unwrap_err();
@@ -373,7 +423,7 @@ async fn fail_over_to_the_image_with_the_primary_site_gone_and_fail_back_without
     drop(old_clients);
     drop(old_ctl);
     drop(primary);
-    let primary = start_primary(&old_dir, &dr_link).await;
+    let primary = start_primary(&old_dir, &dr_link, &sites.old).await;
     let mut old_clients = clients(primary.nbd_addr().unwrap()).await;
     assert_eq!(
         old_clients[1].write(MARKS_AT, &[0xee; 4096]).await,
@@ -385,7 +435,7 @@ async fn fail_over_to_the_image_with_the_primary_site_gone_and_fail_back_without
     // Failback, step 1: the old site runs a secondary over the old primaries' files; the DR site
     // replicates to it, copying what changed since the failover and discarding what the old site
     // wrote after the image.
-    let old = start_secondary(&old_dir, &old_control, "127.0.0.1:0").await;
+    let old = start_secondary(&old_dir, &old_control, "127.0.0.1:0", &sites.old).await;
     let reversed = dr_ctl
         .reverse(pb::ReverseRequest {
             volume_handles: names(),
@@ -508,10 +558,21 @@ async fn fail_over_to_the_image_with_the_primary_site_gone_and_fail_back_without
 /// (the DR node, the primary, the primary's control client, the DR's control client).
 async fn replicating_pair(root: &Path) -> (SecondaryNode, Primary, Client, Client) {
     let dr_dir = root.join("dr");
-    let dr = start_secondary(&dr_dir, &root.join("dr-control.sock"), "127.0.0.1:0").await;
+    let dr = start_secondary(
+        &dr_dir,
+        &root.join("dr-control.sock"),
+        "127.0.0.1:0",
+        &LinkSecurity::Plaintext,
+    )
+    .await;
     let old_dir = root.join("old");
     std::fs::create_dir_all(&old_dir).unwrap();
-    let primary = start_primary(&old_dir, &dr.secondary.local_addr().to_string()).await;
+    let primary = start_primary(
+        &old_dir,
+        &dr.secondary.local_addr().to_string(),
+        &LinkSecurity::Plaintext,
+    )
+    .await;
     let mut old_ctl = control_client(&old_dir.join("control.sock")).await;
     configure_all(&mut old_ctl, 0, pb::Stage::Unspecified).await;
     let mut nbd = clients(primary.nbd_addr().unwrap()).await;
@@ -614,6 +675,7 @@ async fn a_promotion_without_a_complete_image_or_of_a_volume_not_suspended_is_re
     let stale = start_primary(
         &root.path().join("old"),
         &dr.secondary.local_addr().to_string(),
+        &LinkSecurity::Plaintext,
     )
     .await;
     let mut stale_ctl = control_client(&root.path().join("old").join("control.sock")).await;
