@@ -3,7 +3,8 @@
 //!
 //! One binary, two modes. `primary` serves sparse-file volumes to applications over NBD (TCP and/or a
 //! unix socket) and copies every write to the secondary before acknowledging it; `secondary` receives the
-//! ordered replication streams and applies them durably. The binary only parses flags and calls [`run`];
+//! ordered replication streams and applies them durably, and serves the volumes it promotes at the
+//! disaster-recovery site as primaries. The binary only parses flags and calls [`run`];
 //! tests and later crates start [`Primary`] and [`secondary::Secondary`] in-process.
 //!
 //! Modules: [`nbd`] (protocol codec and server), [`wire`] (replication frames), [`store`] (ordered file
@@ -11,7 +12,9 @@
 //! release / resume, hold timeout, persisted state), [`copy`] (the replication link), [`volume`],
 //! [`secondary`], [`dirty`] (dirty-region map), [`events`], `control` (the `Replicator` gRPC service,
 //! feature `control`, on by default), [`linkcut`] (a fault-injecting TCP proxy for tests), [`link_tls`]
-//! (mutual TLS on the replication link), [`owners`] (which primary a secondary volume belongs to) and
+//! (mutual TLS on the replication link), [`owners`] (which primary a secondary volume belongs to),
+//! [`failover`] (disaster recovery where the secondaries are: promote, reverse; [`SecondaryNode`] serves
+//! it), `failover_cli` (feature `control`: `promote`, `fence`, `reverse` on the command line) and
 //! `testing` (feature `test-support`: the fixtures the tests of every crate share).
 //!
 //! Durability: the secondary acknowledges a write only after an `fdatasync` of its file that followed
