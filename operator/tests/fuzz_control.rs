@@ -441,6 +441,7 @@ fn edge_group(policy: Policy) -> ConsistencyGroupSpec {
         release: None,
         resync: None,
         freeze: None,
+        failover: None,
     }
 }
 

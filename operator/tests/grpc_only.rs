@@ -74,6 +74,7 @@ fn edge_group(pvcs: &[&str], policy: Policy) -> ConsistencyGroupSpec {
         release: None,
         resync: None,
         freeze: None,
+        failover: None,
     }
 }
 
