@@ -14,6 +14,7 @@ targets=(
   "lockstep-sidecar fuzz_control"
   "lockstep-replicator fuzz_link"
   "lockstep-replicator fuzz_replicator_service"
+  "lockstep-replicator fuzz_failover_service"
 )
 for target in "${targets[@]}"; do
   read -r package test <<<"$target"

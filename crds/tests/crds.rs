@@ -304,6 +304,51 @@ fn the_status_epoch_never_decreases() {
     );
 }
 
+fn group_with_failover(epoch: Option<u64>) -> Value {
+    let mut group = json!({
+        "apiVersion": "lockstep.dev/v1alpha1",
+        "kind": "ConsistencyGroup",
+        "metadata": {"name": "orders-db"},
+        "spec": {"members": [{"cluster": "east", "namespace": "orders", "pvcNames": ["wal"]}]}
+    });
+    if let Some(epoch) = epoch {
+        group["spec"]["failover"] = json!({"epoch": epoch});
+    }
+    group
+}
+
+#[test]
+fn the_failover_intent_is_never_removed_or_lowered() {
+    let old = group_with_failover(Some(7));
+    for (new, what) in [(None, "removing"), (Some(6), "lowering")] {
+        let errors = admission_errors(&group_with_failover(new), Some(&old));
+        assert!(
+            errors
+                .iter()
+                .any(|error| error.contains("spec.failover is never removed or lowered")),
+            "{what} spec.failover must be refused, got {errors:#?}"
+        );
+    }
+    for (new, old) in [
+        (Some(7), Some(7)),
+        (Some(8), Some(7)),
+        (Some(3), None),
+        (None, None),
+    ] {
+        assert_eq!(
+            admission_errors(&group_with_failover(new), Some(&group_with_failover(old))),
+            Vec::<String>::new(),
+            "{old:?} -> {new:?}"
+        );
+    }
+    // At creation it is an ordinary intent by epoch, bounded like the others.
+    assert_eq!(
+        admission_errors(&group_with_failover(Some(3)), None),
+        Vec::<String>::new()
+    );
+    assert!(!admission_errors(&group_with_failover(Some(1 << 53)), None).is_empty());
+}
+
 /// The strings of a schema node and its children that have neither a `maxLength` nor an `enum`, or a
 /// `maxLength` above 1024, as paths.
 fn unbounded_strings(node: &Value, path: &str, found: &mut Vec<String>) {

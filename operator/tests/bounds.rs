@@ -75,6 +75,7 @@ fn group_spec(members: Vec<GroupMember>) -> ConsistencyGroupSpec {
         release: None,
         resync: None,
         freeze: None,
+        failover: None,
     }
 }
 

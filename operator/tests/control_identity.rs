@@ -347,6 +347,7 @@ async fn a_node_acknowledges_and_reports_only_for_its_own_volumes() {
             release: None,
             resync: None,
             freeze: None,
+            failover: None,
         },
     );
     Api::<ConsistencyGroup>::all(hub.clone())

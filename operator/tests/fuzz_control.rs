@@ -442,6 +442,7 @@ fn edge_group(policy: Policy) -> ConsistencyGroupSpec {
         release: None,
         resync: None,
         freeze: None,
+        failover: None,
     }
 }
 

@@ -58,6 +58,7 @@ fn edge_group(pvcs: &[&str], policy: Policy) -> ConsistencyGroupSpec {
         release: None,
         resync: None,
         freeze: None,
+        failover: None,
     }
 }
 

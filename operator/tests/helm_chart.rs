@@ -409,6 +409,7 @@ async fn with_the_charts_rbac_enforced_its_service_accounts_freeze_resync_and_de
         release: None,
         resync: None,
         freeze: None,
+        failover: None,
     };
     groups
         .create(

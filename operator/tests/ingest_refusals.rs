@@ -238,6 +238,7 @@ async fn world(hub: &Client) -> (Operator, String) {
         release: None,
         resync: None,
         freeze: None,
+        failover: None,
     };
     groups
         .create(

@@ -109,6 +109,7 @@ fn group_spec(members: Vec<GroupMember>, policy: Policy) -> ConsistencyGroupSpec
         release: None,
         resync: None,
         freeze: None,
+        failover: None,
     }
 }
 

@@ -89,6 +89,7 @@ async fn a_node_claiming_and_acknowledging_another_nodes_volume_neither_takes_it
         release: None,
         resync: None,
         freeze: None,
+        failover: None,
     };
     groups
         .create(
@@ -176,6 +177,7 @@ fn one_volume_group(pvc: &str) -> ConsistencyGroupSpec {
         release: None,
         resync: None,
         freeze: None,
+        failover: None,
     }
 }
 

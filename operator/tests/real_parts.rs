@@ -208,6 +208,7 @@ async fn setup_with_hold_timeout(fault: Fault, policy: Policy, hold_timeout: &st
         release: None,
         resync: None,
         freeze: None,
+        failover: None,
     };
     groups
         .create(

@@ -49,6 +49,7 @@ async fn a_group_frozen_by_an_operator_before_shards_is_finished_by_this_one() {
         release: None,
         resync: None,
         freeze: None,
+        failover: None,
     };
     groups
         .create(

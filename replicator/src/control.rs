@@ -17,6 +17,7 @@ use tokio_stream::wrappers::{BroadcastStream, UnixListenerStream};
 use tonic::{Request, Response, Status};
 
 use crate::events::Event;
+use crate::failover::{FailoverError, Site, quoted};
 use crate::hold::{DirectiveError, Mode, Stage};
 use crate::nbd::Exports;
 use crate::volume::{Volume, VolumeStatus};
@@ -26,15 +27,62 @@ use crate::volume::{Volume, VolumeStatus};
 pub struct ControlService {
     exports: Exports,
     events: broadcast::Sender<Event>,
+    /// Where the secondaries are: the failover side (Promote, Reverse) and the secondary volumes.
+    site: Option<Arc<Site>>,
 }
+
+/// What a replicator serving only primaries answers to a verb served where the secondaries are.
+const SERVED_AT_SECONDARIES: &str = "this replicator serves primaries and does not support failover \
+     here: {verb} is served where the secondaries are (`lockstep-replicator secondary \
+     --control-socket PATH`)";
 
 impl ControlService {
     /// A service for `exports`, publishing `events`.
     pub fn new(exports: Exports, events: broadcast::Sender<Event>) -> Self {
-        ControlService { exports, events }
+        ControlService {
+            exports,
+            events,
+            site: None,
+        }
     }
 
-    fn volume(&self, name: &str) -> Result<&Arc<Volume>, Status> {
+    /// The service of a secondary: its promoted volumes (and their events), Promote and Reverse, and
+    /// its secondary volumes in ListVolumes and State.
+    pub fn for_secondary(site: Arc<Site>) -> Self {
+        ControlService {
+            exports: site.exports().clone(),
+            events: site.events().clone(),
+            site: Some(site),
+        }
+    }
+
+    fn site(&self, verb: &str) -> Result<&Arc<Site>, Status> {
+        self.site
+            .as_ref()
+            .ok_or_else(|| Status::unimplemented(SERVED_AT_SECONDARIES.replace("{verb}", verb)))
+    }
+
+    /// A served volume's state, naming the epoch it was promoted from on a secondary.
+    fn describe(&self, volume: &Volume) -> pb::VolumeState {
+        let mut state = state_to_pb(&volume.status());
+        state.promoted_epoch = self
+            .site
+            .as_ref()
+            .and_then(|site| site.promoted_epoch(volume.name()));
+        state
+    }
+
+    /// The state of a secondary volume (not promoted) on a secondary's control surface.
+    fn replica_state(site: &Site, name: &str) -> pb::VolumeState {
+        pb::VolumeState {
+            volume_handle: name.to_owned(),
+            kept_image_epoch: site.kept_image(name),
+            replica: true,
+            ..pb::VolumeState::default()
+        }
+    }
+
+    fn volume(&self, name: &str) -> Result<Arc<Volume>, Status> {
         self.exports
             .get(name)
             .filter(|v| v.name() == name)
@@ -150,18 +198,6 @@ fn bounded_group(group_uid: &str) -> Result<(), Status> {
     Ok(())
 }
 
-/// `text` quoted for an answer, cut after 64 characters: a value echoed from a request must not swell
-/// the answer's status past what a gRPC client takes in its headers (a longer one closes the
-/// connection).
-fn quoted(text: &str) -> String {
-    const SHOWN: usize = 64;
-    if text.chars().nth(SHOWN).is_none() {
-        return format!("{text:?}");
-    }
-    let head: String = text.chars().take(SHOWN).collect();
-    format!("{head:?}… ({} bytes)", text.len())
-}
-
 /// Binds the control socket (removing a stale socket file).
 pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
     if path.exists() {
@@ -216,6 +252,9 @@ pub fn state_to_pb(s: &VolumeStatus) -> pb::VolumeState {
         hold_timeout_ms: u64::try_from(s.hold_timeout.as_millis()).unwrap_or(u64::MAX),
         secondary: s.secondary.clone(),
         kept_image_epoch: s.kept_image,
+        fenced_epoch: s.fenced,
+        promoted_epoch: None,
+        replica: false,
     }
 }
 
@@ -242,6 +281,45 @@ fn event_to_pb(event: Event) -> pb::ReplicationEvent {
     pb::ReplicationEvent { kind: Some(kind) }
 }
 
+fn failover_status(e: FailoverError) -> Status {
+    match e {
+        FailoverError::Invalid(_) => Status::invalid_argument(e.to_string()),
+        FailoverError::NoVolume { .. } => Status::not_found(e.to_string()),
+        FailoverError::Refused(_) => Status::failed_precondition(e.to_string()),
+        FailoverError::Directive(d) => directive_status(d),
+        FailoverError::RollBack { .. } | FailoverError::File { .. } | FailoverError::Volume(_) => {
+            Status::internal(e.to_string())
+        }
+    }
+}
+
+fn ranges_to_pb(ranges: &[(u64, u64)]) -> (Vec<pb::ByteRange>, u64) {
+    (
+        ranges
+            .iter()
+            .map(|(offset, length)| pb::ByteRange {
+                offset: *offset,
+                length: *length,
+            })
+            .collect(),
+        ranges.iter().map(|(_, length)| length).sum(),
+    )
+}
+
+fn failover_volume(
+    state: pb::VolumeState,
+    image_epoch: u64,
+    ranges: &[(u64, u64)],
+) -> pb::FailoverVolume {
+    let (ranges, range_bytes) = ranges_to_pb(ranges);
+    pb::FailoverVolume {
+        state: Some(state),
+        image_epoch,
+        ranges,
+        range_bytes,
+    }
+}
+
 fn directive_status(e: DirectiveError) -> Status {
     match e {
         DirectiveError::NotReplicated(_) | DirectiveError::Refused(_) => {
@@ -262,21 +340,22 @@ enum Directive {
 }
 
 impl ControlService {
+    /// The named volumes of a request for group `group_uid`, every one resolved first so that an
+    /// unknown name changes nothing.
+    fn group_volumes(&self, group_uid: &str, names: &[String]) -> Result<Vec<Arc<Volume>>, Status> {
+        if group_uid.is_empty() {
+            return Err(Status::invalid_argument("the request names no group"));
+        }
+        bounded_group(group_uid)?;
+        names.iter().map(|name| self.volume(name)).collect()
+    }
+
     async fn directive(
         &self,
         request: pb::DirectiveRequest,
         what: Directive,
     ) -> Result<Response<pb::DirectiveResponse>, Status> {
-        if request.group_uid.is_empty() {
-            return Err(Status::invalid_argument("the directive names no group"));
-        }
-        bounded_group(&request.group_uid)?;
-        // Resolve every volume first, so an unknown name changes nothing.
-        let volumes = request
-            .volume_handles
-            .iter()
-            .map(|name| self.volume(name).cloned())
-            .collect::<Result<Vec<_>, _>>()?;
+        let volumes = self.group_volumes(&request.group_uid, &request.volume_handles)?;
         let mut states = Vec::new();
         for volume in volumes {
             let result = match what {
@@ -301,15 +380,7 @@ impl ControlService {
         request: pb::ImageRequest,
         apply: impl Fn(&Volume, u64) -> Option<u64>,
     ) -> Result<Response<pb::ImageResponse>, Status> {
-        if request.group_uid.is_empty() {
-            return Err(Status::invalid_argument("the request names no group"));
-        }
-        bounded_group(&request.group_uid)?;
-        let volumes = request
-            .volume_handles
-            .iter()
-            .map(|name| self.volume(name).cloned())
-            .collect::<Result<Vec<_>, _>>()?;
+        let volumes = self.group_volumes(&request.group_uid, &request.volume_handles)?;
         if let Some(other) = volumes
             .iter()
             .find(|v| v.status().group_uid != request.group_uid)
@@ -337,13 +408,20 @@ impl Replicator for ControlService {
         &self,
         _request: Request<pb::ListVolumesRequest>,
     ) -> Result<Response<pb::ListVolumesResponse>, Status> {
-        Ok(Response::new(pb::ListVolumesResponse {
-            volumes: self
-                .exports
-                .iter()
-                .map(|v| state_to_pb(&v.status()))
-                .collect(),
-        }))
+        let mut volumes: Vec<pb::VolumeState> = self
+            .exports
+            .all()
+            .iter()
+            .map(|v| self.describe(v))
+            .collect();
+        if let Some(site) = &self.site {
+            volumes.extend(
+                site.replicas()
+                    .iter()
+                    .map(|name| Self::replica_state(site, name)),
+            );
+        }
+        Ok(Response::new(pb::ListVolumesResponse { volumes }))
     }
 
     type WatchEventsStream = EventStream;
@@ -434,7 +512,78 @@ impl Replicator for ControlService {
         &self,
         request: Request<pb::StateRequest>,
     ) -> Result<Response<pb::VolumeState>, Status> {
-        let volume = self.volume(&request.get_ref().volume_handle)?;
-        Ok(Response::new(state_to_pb(&volume.status())))
+        let name = &request.get_ref().volume_handle;
+        if let Some(site) = &self.site
+            && site.is_replica(name)
+        {
+            return Ok(Response::new(Self::replica_state(site, name)));
+        }
+        let volume = self.volume(name)?;
+        Ok(Response::new(self.describe(&volume)))
+    }
+
+    async fn promote(
+        &self,
+        request: Request<pb::FailoverRequest>,
+    ) -> Result<Response<pb::FailoverResponse>, Status> {
+        let site = self.site("Promote")?;
+        let r = request.into_inner();
+        bounded_group(&r.group_uid)?;
+        let promoted = site
+            .promote(
+                &r.group_uid,
+                r.epoch,
+                &r.volume_handles,
+                r.primary_site_lost,
+            )
+            .await
+            .map_err(failover_status)?;
+        let volumes = promoted
+            .iter()
+            .map(|p| failover_volume(self.describe(&p.volume), p.epoch, &p.rolled_back))
+            .collect();
+        Ok(Response::new(pb::FailoverResponse { volumes }))
+    }
+
+    async fn fence(
+        &self,
+        request: Request<pb::FailoverRequest>,
+    ) -> Result<Response<pb::FailoverResponse>, Status> {
+        let r = request.into_inner();
+        let volumes = self.group_volumes(&r.group_uid, &r.volume_handles)?;
+        let mut answers = Vec::new();
+        for volume in volumes {
+            let (_, lacking) = volume
+                .fence(&r.group_uid, r.epoch)
+                .await
+                .map_err(directive_status)?;
+            answers.push(failover_volume(self.describe(&volume), r.epoch, &lacking));
+        }
+        Ok(Response::new(pb::FailoverResponse { volumes: answers }))
+    }
+
+    async fn reverse(
+        &self,
+        request: Request<pb::ReverseRequest>,
+    ) -> Result<Response<pb::FailoverResponse>, Status> {
+        let site = self.site("Reverse")?;
+        let r = request.into_inner();
+        bounded_group(&r.group_uid)?;
+        let mut changes = std::collections::BTreeMap::<String, Vec<(u64, u64)>>::new();
+        for v in &r.old_site_changes {
+            changes
+                .entry(v.volume_handle.clone())
+                .or_default()
+                .extend(v.ranges.iter().map(|b| (b.offset, b.length)));
+        }
+        let reversed = site
+            .reverse(&r.group_uid, r.epoch, &r.peer, &r.volume_handles, &changes)
+            .await
+            .map_err(failover_status)?;
+        let volumes = reversed
+            .iter()
+            .map(|(volume, discarded)| failover_volume(self.describe(volume), r.epoch, discarded))
+            .collect();
+        Ok(Response::new(pb::FailoverResponse { volumes }))
     }
 }

@@ -82,6 +82,11 @@ pub enum CopyError {
     /// The volume's state could not be persisted.
     #[error("persisting the volume state: {0}")]
     Persist(String),
+    /// The volume was fenced at this epoch (its secondary was promoted): the write is refused.
+    #[error(
+        "the volume is fenced since epoch {0} (its secondary was promoted): writes are refused"
+    )]
+    Fenced(u64),
 }
 
 /// Why reading the secondary's frames failed, as a copy error.

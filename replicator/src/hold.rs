@@ -248,6 +248,9 @@ pub struct Persisted {
     pub hold_timeout_ms: u64,
     /// Dirty regions `(offset, length)`.
     pub dirty: Vec<(u64, u64)>,
+    /// Fenced at this epoch (its secondary was promoted): every write fails, also after a restart.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fenced: Option<u64>,
 }
 
 /// A snapshot for status.
@@ -309,6 +312,8 @@ pub struct ReplState {
     outside_groups: bool,
     /// Deliberately wrong semantics, for tests that must catch them: acknowledge writes while suspended.
     broken_ack_while_suspended: bool,
+    /// Fenced at this epoch: writes fail, directives that would replicate or acknowledge are refused.
+    fenced: Option<u64>,
     effects: Vec<Effect>,
 }
 
@@ -356,6 +361,7 @@ impl ReplState {
             durable: None,
             outside_groups: false,
             broken_ack_while_suspended: false,
+            fenced: restored.as_ref().and_then(|p| p.fenced),
             effects: Vec::new(),
         };
         s.restored = if !has_secondary {
@@ -410,9 +416,68 @@ impl ReplState {
         self.generation
     }
 
-    /// Whether I/O may proceed (the volume is confirmed).
+    /// Whether I/O may proceed (the volume is confirmed), or fail at once (it is fenced).
     pub fn confirmed(&self) -> bool {
-        self.mode != Mode::Unconfirmed
+        self.mode != Mode::Unconfirmed || self.fenced.is_some()
+    }
+
+    /// The epoch the volume was fenced at, if it is fenced.
+    pub fn fenced(&self) -> Option<u64> {
+        self.fenced
+    }
+
+    /// Fences the volume at `epoch` (its secondary was promoted at the DR site): from now on every write
+    /// fails and is never acknowledged; held writes and writes waiting for the secondary fail now (their
+    /// regions stay in the dirty map, which says what the peer lacks); the link closes and the volume
+    /// stays suspended. Durable once the returned persist completes; repeating it changes nothing but
+    /// writes the state again.
+    pub fn fence(
+        &mut self,
+        group: &str,
+        epoch: u64,
+        now: Instant,
+    ) -> Result<oneshot::Receiver<Result<(), CopyError>>, DirectiveError> {
+        self.check_group(group)?;
+        if self.fenced.is_none() {
+            self.fenced = Some(epoch);
+            self.abandon_release();
+            self.close_link(now);
+            self.complete_held(&Err(CopyError::Fenced(epoch)));
+            let suspended = Mode::Suspended {
+                epoch: self.epoch,
+                fail_safe: false,
+            };
+            if self.mode == Mode::Unconfirmed {
+                self.restored = suspended;
+            } else {
+                self.mode = suspended;
+            }
+            self.changed();
+        }
+        Ok(self.persist())
+    }
+
+    /// Adds `ranges` to the dirty map (what a peer lacks: the old site's writes after the image, to be
+    /// overwritten on the reverse resync). Durable once the returned persist completes.
+    pub fn add_dirty(&mut self, ranges: &[(u64, u64)]) -> oneshot::Receiver<Result<(), CopyError>> {
+        for (offset, length) in ranges {
+            self.mark_dirty(*offset, *length);
+        }
+        self.changed();
+        self.persist()
+    }
+
+    /// Refuses a directive on a fenced volume.
+    fn check_not_fenced(&self, what: &str) -> Result<(), DirectiveError> {
+        match self.fenced {
+            Some(epoch) => Err(DirectiveError::Refused(format!(
+                "{what} on volume {}: it is fenced since epoch {epoch} (its secondary was promoted at the \
+                 disaster-recovery site), so it takes no writes; it becomes a secondary of the promoted \
+                 volume (Reverse) before it can be a primary again",
+                self.volume
+            ))),
+            None => Ok(()),
+        }
     }
 
     /// The current mode.
@@ -489,6 +554,7 @@ impl ReplState {
             ),
             hold_timeout_ms: u64::try_from(self.hold_timeout.as_millis()).unwrap_or(u64::MAX),
             dirty: self.dirty.regions(),
+            fenced: self.fenced,
         };
         let ticket = PersistTicket {
             version: self.dirty_version,
@@ -923,6 +989,7 @@ impl ReplState {
         epoch: u64,
     ) -> Result<Option<oneshot::Receiver<Result<(), CopyError>>>, DirectiveError> {
         self.check_group(group)?;
+        self.check_not_fenced("release")?;
         match self.mode {
             // Suspended at exactly `epoch` and still at its freeze: what the write of the release
             // waits for (a volume whose epoch moved on without a new suspension would never get there).
@@ -966,6 +1033,7 @@ impl ReplState {
         epoch: u64,
     ) -> Result<Option<oneshot::Receiver<Result<(), CopyError>>>, DirectiveError> {
         self.check_group(group)?;
+        self.check_not_fenced("resume")?;
         if self.mode == Mode::Unconfirmed {
             return Err(DirectiveError::Refused(
                 "the volume is not confirmed yet".into(),
@@ -1028,6 +1096,7 @@ impl ReplState {
         stage: Option<Stage>,
         now: Instant,
     ) -> Result<Option<oneshot::Receiver<Result<(), CopyError>>>, DirectiveError> {
+        self.check_not_fenced("configure")?;
         if !self.has_secondary {
             self.group = group.to_owned();
             self.confirm();
@@ -1193,6 +1262,7 @@ mod tests {
             fail_safe: false,
             hold_timeout_ms: 1000,
             dirty: vec![(0, 4096)],
+            fenced: None,
         };
         let mut r = ReplState::new("v", true, Duration::from_secs(60), Some(restored), false);
         assert!(matches!(

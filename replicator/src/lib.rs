@@ -3,7 +3,8 @@
 //!
 //! One binary, two modes. `primary` serves sparse-file volumes to applications over NBD (TCP and/or a
 //! unix socket) and copies every write to the secondary before acknowledging it; `secondary` receives the
-//! ordered replication streams and applies them durably. The binary only parses flags and calls [`run`];
+//! ordered replication streams and applies them durably, and serves the volumes it promotes at the
+//! disaster-recovery site as primaries. The binary only parses flags and calls [`run`];
 //! tests and later crates start [`Primary`] and [`secondary::Secondary`] in-process.
 //!
 //! Modules: [`nbd`] (protocol codec and server), [`wire`] (replication frames), [`store`] (ordered file
@@ -11,7 +12,9 @@
 //! release / resume, hold timeout, persisted state), [`copy`] (the replication link), [`volume`],
 //! [`secondary`], [`dirty`] (dirty-region map), [`events`], `control` (the `Replicator` gRPC service,
 //! feature `control`, on by default), [`linkcut`] (a fault-injecting TCP proxy for tests), [`link_tls`]
-//! (mutual TLS on the replication link), [`owners`] (which primary a secondary volume belongs to) and
+//! (mutual TLS on the replication link), [`owners`] (which primary a secondary volume belongs to),
+//! [`failover`] (disaster recovery where the secondaries are: promote, reverse; [`SecondaryNode`] serves
+//! it), `failover_cli` (feature `control`: `promote`, `fence`, `reverse` on the command line) and
 //! `testing` (feature `test-support`: the fixtures the tests of every crate share).
 //!
 //! Durability: the secondary acknowledges a write only after an `fdatasync` of its file that followed
@@ -25,6 +28,9 @@ pub mod control;
 pub mod copy;
 pub mod dirty;
 pub mod events;
+pub mod failover;
+#[cfg(feature = "control")]
+pub mod failover_cli;
 pub mod hold;
 pub mod link_tls;
 pub mod linkcut;
@@ -75,6 +81,18 @@ pub enum Mode {
     /// Forget which primary owns secondary volumes, so that the next primary to stream one owns it
     /// (re-assigning a volume to another primary on purpose).
     ReleaseVolume(ReleaseArgs),
+    /// Disaster recovery: serve secondary volumes as primaries at this site from the image of an epoch
+    /// (asks a `secondary --control-socket`).
+    #[cfg(feature = "control")]
+    Promote(failover_cli::PromoteArgs),
+    /// Disaster recovery: make primaries refuse every write from now on; prints (JSON) what each wrote
+    /// after the image, for `reverse --old-site-changes`.
+    #[cfg(feature = "control")]
+    Fence(failover_cli::VerbArgs),
+    /// Disaster recovery: replicate promoted volumes back to the old site's secondary, discarding what
+    /// the old site wrote after the image.
+    #[cfg(feature = "control")]
+    Reverse(failover_cli::ReverseArgs),
 }
 
 /// Flags of `lockstep-replicator release-volume`.
@@ -189,6 +207,24 @@ pub struct SecondaryArgs {
     /// filesystem's free space limits it.
     #[arg(long, value_name = "BYTES")]
     pub undo_log_max_bytes: Option<u64>,
+    /// Serve the `Replicator` gRPC service on this unix socket (what the disaster-recovery site's
+    /// sidecar or operator dials): ListVolumes, State, Promote, Fence, Reverse, and the directives for
+    /// promoted volumes.
+    #[arg(long)]
+    pub control_socket: Option<PathBuf>,
+    /// Serve promoted volumes over NBD on this TCP address.
+    #[arg(long)]
+    pub nbd_listen: Option<SocketAddr>,
+    /// Serve promoted volumes over NBD on this unix socket.
+    #[arg(long)]
+    pub nbd_socket: Option<PathBuf>,
+    /// Once a promoted volume replicates back to the old site: how long a write may wait for its
+    /// acknowledgement, in milliseconds.
+    #[arg(long, default_value_t = 5000)]
+    pub copy_timeout_ms: u64,
+    /// How long a held write of a promoted volume waits before failing, in milliseconds.
+    #[arg(long, default_value_t = 30_000)]
+    pub hold_timeout_ms: u64,
 }
 
 /// Why the replicator could not start.
@@ -267,20 +303,69 @@ pub struct PrimaryConfig {
     pub control_socket: Option<PathBuf>,
 }
 
+/// Serves `server` over NBD on a TCP address and/or a unix socket, adding the tasks to `tasks`;
+/// returns the TCP address bound.
+async fn serve_nbd(
+    server: &Arc<nbd::NbdServer>,
+    listen: Option<SocketAddr>,
+    socket: &Option<PathBuf>,
+    tasks: &mut Vec<JoinHandle<()>>,
+) -> Result<Option<SocketAddr>, StartError> {
+    let mut tcp = None;
+    if let Some(addr) = listen {
+        let listener = TcpListener::bind(addr).await?;
+        tcp = Some(listener.local_addr()?);
+        tasks.push(tokio::spawn(Arc::clone(server).serve_tcp(listener)));
+    }
+    if let Some(path) = socket {
+        // A stale socket file from an earlier run would make bind fail.
+        if path.exists() {
+            std::fs::remove_file(path)?;
+        }
+        let listener = UnixListener::bind(path)?;
+        tasks.push(tokio::spawn(Arc::clone(server).serve_unix(listener)));
+    }
+    Ok(tcp)
+}
+
+/// Serves the `Replicator` service on the unix socket `path` (a stale socket file is replaced).
+#[cfg(feature = "control")]
+fn serve_control(
+    path: &std::path::Path,
+    service: control::ControlService,
+) -> Result<JoinHandle<()>, StartError> {
+    let listener = control::bind(path)?;
+    Ok(tokio::spawn(async move {
+        if let Err(e) = service.serve_unix(listener).await {
+            tracing::error!(error = %e, "the control service stopped");
+        }
+    }))
+}
+
+#[cfg(not(feature = "control"))]
+fn no_control_service() -> StartError {
+    StartError::Config("built without the control service (feature `control`)".into())
+}
+
 /// A running primary; stops serving when dropped.
 #[derive(Debug)]
 pub struct Primary {
-    server: Arc<nbd::NbdServer>,
+    /// The volumes it serves (a primary's set never changes).
+    volumes: std::collections::BTreeMap<String, Arc<Volume>>,
     events: broadcast::Sender<Event>,
     tcp: Option<SocketAddr>,
     unix: Option<PathBuf>,
     latency: Option<Arc<nbd::LatencyRecorder>>,
-    tasks: Vec<JoinHandle<()>>,
+    _tasks: Tasks,
 }
 
-impl Drop for Primary {
+/// Serving tasks, aborted when dropped.
+#[derive(Debug, Default)]
+struct Tasks(Vec<JoinHandle<()>>);
+
+impl Drop for Tasks {
     fn drop(&mut self) {
-        for task in &self.tasks {
+        for task in &self.0 {
             task.abort();
         }
     }
@@ -302,6 +387,10 @@ impl Primary {
             }
             volumes.push(Volume::open(v, events.clone())?);
         }
+        let by_name = volumes
+            .iter()
+            .map(|v| (v.name().to_owned(), Arc::clone(v)))
+            .collect();
         let exports = nbd::Exports::new(volumes);
         let latency = config
             .record_latency
@@ -311,43 +400,23 @@ impl Primary {
             None => nbd::NbdServer::new(exports),
         };
         let mut tasks = Vec::new();
-        let mut tcp = None;
-        if let Some(addr) = config.nbd_listen {
-            let listener = TcpListener::bind(addr).await?;
-            tcp = Some(listener.local_addr()?);
-            tasks.push(tokio::spawn(Arc::clone(&server).serve_tcp(listener)));
-        }
-        if let Some(path) = &config.nbd_socket {
-            // A stale socket file from an earlier run would make bind fail.
-            if path.exists() {
-                std::fs::remove_file(path)?;
-            }
-            let listener = UnixListener::bind(path)?;
-            tasks.push(tokio::spawn(Arc::clone(&server).serve_unix(listener)));
-        }
+        let tcp = serve_nbd(&server, config.nbd_listen, &config.nbd_socket, &mut tasks).await?;
         #[cfg(feature = "control")]
         if let Some(path) = &config.control_socket {
-            let listener = control::bind(path)?;
             let service = control::ControlService::new(server.exports().clone(), events.clone());
-            tasks.push(tokio::spawn(async move {
-                if let Err(e) = service.serve_unix(listener).await {
-                    tracing::error!(error = %e, "the control service stopped");
-                }
-            }));
+            tasks.push(serve_control(path, service)?);
         }
         #[cfg(not(feature = "control"))]
         if config.control_socket.is_some() {
-            return Err(StartError::Config(
-                "built without the control service (feature `control`)".into(),
-            ));
+            return Err(no_control_service());
         }
         Ok(Primary {
-            server,
+            volumes: by_name,
             events,
             tcp,
             unix: config.nbd_socket,
             latency,
-            tasks,
+            _tasks: Tasks(tasks),
         })
     }
 
@@ -368,12 +437,108 @@ impl Primary {
 
     /// The volume named `name`.
     pub fn volume(&self, name: &str) -> Option<&Arc<Volume>> {
-        self.server.exports().get(name).filter(|v| v.name() == name)
+        self.volumes.get(name)
     }
 
     /// WRITE latencies recorded so far, if recording (microseconds).
     pub fn take_latencies(&self) -> Vec<u32> {
         self.latency.as_ref().map(|l| l.take()).unwrap_or_default()
+    }
+}
+
+/// How to run a secondary with its failover side.
+#[derive(Debug, Clone)]
+pub struct SecondaryNodeConfig {
+    /// The secondary itself.
+    pub secondary: secondary::SecondaryConfig,
+    /// NBD over TCP for promoted volumes.
+    pub nbd_listen: Option<SocketAddr>,
+    /// NBD over a unix socket for promoted volumes.
+    pub nbd_socket: Option<PathBuf>,
+    /// Serve the `Replicator` gRPC service on this unix socket.
+    pub control_socket: Option<PathBuf>,
+    /// A promoted volume's copy timeout once it replicates back.
+    pub copy_timeout: Duration,
+    /// A promoted volume's hold timeout.
+    pub hold_timeout: Duration,
+}
+
+impl SecondaryNodeConfig {
+    /// A secondary with NBD on a loopback port and the control socket at `control_socket` (tests).
+    pub fn serving(secondary: secondary::SecondaryConfig, control_socket: PathBuf) -> Self {
+        SecondaryNodeConfig {
+            secondary,
+            nbd_listen: Some(([127, 0, 0, 1], 0).into()),
+            nbd_socket: None,
+            control_socket: Some(control_socket),
+            copy_timeout: Duration::from_secs(5),
+            hold_timeout: DEFAULT_HOLD_TIMEOUT,
+        }
+    }
+}
+
+/// A running secondary with its failover side: promoted volumes served over NBD and the `Replicator`
+/// service (see [`failover`]). Stops serving when dropped.
+#[derive(Debug)]
+pub struct SecondaryNode {
+    /// The secondary.
+    pub secondary: secondary::Secondary,
+    tcp: Option<SocketAddr>,
+    tasks: Tasks,
+}
+
+impl SecondaryNode {
+    /// Starts the secondary, serves again the volumes promoted before, and starts NBD and the control
+    /// service as configured.
+    pub async fn start(config: SecondaryNodeConfig) -> Result<SecondaryNode, StartError> {
+        let secondary = secondary::Secondary::start(config.secondary).await?;
+        let site = Arc::clone(secondary.site());
+        site.set_settings(config.copy_timeout, config.hold_timeout);
+        site.restore()
+            .map_err(|e| StartError::Config(format!("serving the promoted volumes again: {e}")))?;
+        let server = nbd::NbdServer::new(site.exports().clone());
+        let mut tasks = Vec::new();
+        let tcp = serve_nbd(&server, config.nbd_listen, &config.nbd_socket, &mut tasks).await?;
+        #[cfg(feature = "control")]
+        if let Some(path) = &config.control_socket {
+            let service = control::ControlService::for_secondary(Arc::clone(&site));
+            tasks.push(serve_control(path, service)?);
+        }
+        #[cfg(not(feature = "control"))]
+        if config.control_socket.is_some() {
+            return Err(no_control_service());
+        }
+        Ok(SecondaryNode {
+            secondary,
+            tcp,
+            tasks: Tasks(tasks),
+        })
+    }
+
+    /// The NBD TCP address of promoted volumes, if serving TCP.
+    pub fn nbd_addr(&self) -> Option<SocketAddr> {
+        self.tcp
+    }
+
+    /// The failover side (promoted volumes).
+    pub fn site(&self) -> &Arc<failover::Site> {
+        self.secondary.site()
+    }
+
+    /// Stops abruptly, as a killed process would (see [`secondary::Secondary::kill`]); NBD and the
+    /// control service stop too.
+    pub async fn kill(mut self) {
+        let tasks = std::mem::take(&mut self.tasks.0);
+        for task in &tasks {
+            task.abort();
+        }
+        for task in tasks {
+            let _ = task.await;
+        }
+        for volume in self.site().exports().all() {
+            self.site().exports().remove(volume.name());
+        }
+        self.secondary.kill().await;
     }
 }
 
@@ -421,14 +586,25 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
             Ok(())
         }
         Mode::Secondary(args) => {
-            let secondary = secondary::Secondary::start(secondary::SecondaryConfig {
-                listen: args.listen,
-                dir: args.dir,
-                security: args.link.security()?,
+            let node = SecondaryNode::start(SecondaryNodeConfig {
+                secondary: secondary::SecondaryConfig {
+                    listen: args.listen,
+                    dir: args.dir,
+                    security: args.link.security()?,
+                },
+                nbd_listen: args.nbd_listen,
+                nbd_socket: args.nbd_socket,
+                control_socket: args.control_socket,
+                copy_timeout: Duration::from_millis(args.copy_timeout_ms),
+                hold_timeout: Duration::from_millis(args.hold_timeout_ms),
             })
             .await?;
-            secondary.set_undo_log_limit(args.undo_log_max_bytes);
-            tracing::info!(addr = %secondary.local_addr(), "secondary serving");
+            node.secondary.set_undo_log_limit(args.undo_log_max_bytes);
+            tracing::info!(
+                addr = %node.secondary.local_addr(),
+                nbd = ?node.nbd_addr(),
+                "secondary serving"
+            );
             shutdown_signal().await;
             Ok(())
         }
@@ -446,6 +622,26 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
                     ),
                     None => println!("{volume}: keeps no image"),
                 }
+            }
+            Ok(())
+        }
+        #[cfg(feature = "control")]
+        Mode::Promote(args) => {
+            for line in failover_cli::promote(&args).await? {
+                println!("{line}");
+            }
+            Ok(())
+        }
+        #[cfg(feature = "control")]
+        Mode::Fence(args) => {
+            let fenced = failover_cli::fence(&args).await?;
+            println!("{}", serde_json::to_string_pretty(&fenced)?);
+            Ok(())
+        }
+        #[cfg(feature = "control")]
+        Mode::Reverse(args) => {
+            for line in failover_cli::reverse(&args).await? {
+                println!("{line}");
             }
             Ok(())
         }
@@ -522,6 +718,7 @@ mod tests {
             hold_timeout: Duration::from_secs(30),
             secondary: "127.0.0.1:7001".into(),
             kept_image: None,
+            fenced: None,
         };
         assert_eq!(
             event_level(&Event::StateChanged(Box::new(status))),

@@ -45,6 +45,7 @@ use tokio::task::JoinHandle;
 use tokio_util::codec::{FramedRead, FramedWrite};
 use tokio_util::sync::CancellationToken;
 
+use crate::failover::Site;
 use crate::link_tls::{LinkSecurity, LinkTlsError, ServerStream};
 use crate::owners::{OwnerError, Owners};
 use crate::store::{Store, StoreError, StoreOp, StoreWait};
@@ -107,8 +108,9 @@ pub enum SecondaryError {
 /// Per volume: the token that cancels its current connection, and the lock a connection holds.
 type Lease = (CancellationToken, Arc<tokio::sync::Mutex<()>>);
 
+/// The secondary's volumes: which connection serves each (and the lock it holds while it does).
 #[derive(Debug, Default)]
-struct Registry {
+pub(crate) struct Registry {
     volumes: Mutex<HashMap<String, Lease>>,
     /// The connection tasks, to end them all at once ([`Secondary::kill`]).
     connections: Mutex<Vec<JoinHandle<()>>>,
@@ -130,8 +132,17 @@ impl Registry {
         Arc::clone(&entry.1)
     }
 
-    fn take_over(&self, name: &str) -> Arc<tokio::sync::Mutex<()>> {
+    pub(crate) fn take_over(&self, name: &str) -> Arc<tokio::sync::Mutex<()>> {
         self.take_over_with(name, CancellationToken::new())
+    }
+
+    /// Whether a replication connection serves volume `name` now (it holds the volume's lock).
+    pub(crate) fn streaming(&self, name: &str) -> bool {
+        self.volumes
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(name)
+            .is_some_and(|(_, lock)| lock.try_lock().is_err())
     }
 }
 
@@ -142,6 +153,7 @@ pub struct Secondary {
     dir: PathBuf,
     registry: Arc<Registry>,
     undo_log_limit: Arc<AtomicU64>,
+    site: Arc<Site>,
     task: JoinHandle<()>,
 }
 
@@ -173,6 +185,12 @@ impl Secondary {
         let addr = listener.local_addr()?;
         let registry = Arc::new(Registry::default());
         let owners = Arc::new(Owners::new(&config.dir));
+        let site = Arc::new(Site::new(
+            config.dir.clone(),
+            Arc::clone(&registry),
+            config.security.clone(),
+        ));
+        let accepting_site = Arc::clone(&site);
         let dir = config.dir.clone();
         let shared = Arc::clone(&registry);
         let security = config.security;
@@ -197,9 +215,12 @@ impl Secondary {
                         let security = security.clone();
                         let kept = kept.clone();
                         let served = Arc::clone(&registry);
+                        let site = Arc::clone(&accepting_site);
                         let connection = tokio::spawn(async move {
-                            match serve_connection(served, owners, dir, security, tcp, peer, kept)
-                                .await
+                            match serve_connection(
+                                served, owners, &site, dir, security, tcp, peer, kept,
+                            )
+                            .await
                             {
                                 Ok(()) | Err(SecondaryError::NotOwner(_)) => {}
                                 Err(e) => {
@@ -226,6 +247,7 @@ impl Secondary {
             dir: config.dir,
             registry: shared,
             undo_log_limit,
+            site,
             task,
         })
     }
@@ -278,6 +300,11 @@ impl Secondary {
     /// The address primaries connect to.
     pub fn local_addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// Its failover side: promoted volumes (see [`crate::failover`]).
+    pub fn site(&self) -> &Arc<Site> {
+        &self.site
     }
 
     /// Rolls volume `name` back to the image it keeps (see [`crate::undo`]): its current replication
@@ -375,9 +402,11 @@ where
 }
 
 /// Authenticates a new connection (TLS: its handshake, within [`HELLO_TIMEOUT`]) and serves it.
+#[allow(clippy::too_many_arguments)]
 async fn serve_connection(
     registry: Arc<Registry>,
     owners: Arc<Owners>,
+    site: &Site,
     dir: PathBuf,
     security: LinkSecurity,
     tcp: tokio::net::TcpStream,
@@ -394,13 +423,14 @@ async fn serve_connection(
             (stream, Some(identity))
         }
     };
-    serve(registry, owners, dir, stream, primary, settings).await
+    serve(registry, owners, Some(site), dir, stream, primary, settings).await
 }
 
 /// Serves one replication stream; `primary` is the authenticated peer's identity (`None` in plaintext).
 async fn serve(
     registry: Arc<Registry>,
     owners: Arc<Owners>,
+    site: Option<&Site>,
     dir: PathBuf,
     stream: ServerStream,
     primary: Option<String>,
@@ -469,6 +499,17 @@ async fn serve(
     // Held by this connection and by every thread it starts (the store's, the undo log's): the next
     // connection for the volume waits until all of them are done with its files.
     let lease = Arc::new(lock.lock_owned().await);
+    // A volume promoted here takes no stream (unless fenced: then the stream demotes it).
+    if let Some(refusal) = site.and_then(|site| site.admit_stream(&volume).err()) {
+        tracing::warn!(%volume, reason = %refusal, "replication stream refused");
+        let _ = out
+            .send(Frame::Error {
+                seq: first_seq,
+                message: refusal.clone(),
+            })
+            .await;
+        return Err(SecondaryError::Refused(refusal));
+    }
 
     let path = dir.join(&volume);
     let opened = Store::open(&path, Some(size))
@@ -1040,6 +1081,7 @@ mod tests {
             serve(
                 Arc::new(Registry::default()),
                 owners,
+                None,
                 served_dir,
                 stream,
                 None,

@@ -80,28 +80,11 @@ pub async fn control_client(
 ) -> lockstep_api::proto::replicator::v1::replicator_client::ReplicatorClient<
     tonic::transport::Channel,
 > {
-    use tonic::transport::{Endpoint, Uri};
-    let channel = eventually(
+    eventually(
         &format!("the control socket {} to accept", socket.display()),
-        || {
-            let path = socket.to_owned();
-            async move {
-                Endpoint::from_static("http://replicator.invalid")
-                    .connect_with_connector(tower::service_fn(move |_: Uri| {
-                        let path = path.clone();
-                        async move {
-                            tokio::net::UnixStream::connect(path)
-                                .await
-                                .map(hyper_util::rt::TokioIo::new)
-                        }
-                    }))
-                    .await
-                    .ok()
-            }
-        },
+        || async move { crate::failover_cli::connect(socket).await.ok() },
     )
-    .await;
-    lockstep_api::proto::replicator::v1::replicator_client::ReplicatorClient::new(channel)
+    .await
 }
 
 /// How the replication link of a [`ReplicatorNode`] is secured.

@@ -514,6 +514,15 @@ impl UndoLog {
     /// volume holds the kept image again. Safe to repeat after a crash part-way (the log stays until the
     /// volume is synced).
     pub fn roll_back(self, data: &File) -> Result<RolledBack, UndoError> {
+        self.roll_back_collecting(data, &mut Vec::new())
+    }
+
+    /// [`UndoLog::roll_back`], adding each range written back to `restored` as `(offset, length)`.
+    pub fn roll_back_collecting(
+        self,
+        data: &File,
+        restored: &mut Vec<(u64, u64)>,
+    ) -> Result<RolledBack, UndoError> {
         let len = self
             .file
             .metadata()
@@ -526,6 +535,7 @@ impl UndoLog {
         while let Some((offset, length, kind)) = self.record_at(at, len, &mut buf) {
             data.write_all_at(&buf[..length as usize], offset)
                 .map_err(|e| UndoError::io("write back", &self.path, e))?;
+            restored.push((offset, u64::from(length)));
             blocks += 1;
             at += RECORD_HEADER
                 + if kind == KIND_BYTES {
@@ -593,6 +603,21 @@ fn read_full_at(file: &File, buf: &mut [u8], offset: u64) -> std::io::Result<()>
 /// Rolls volume `name` in `dir` back to its kept image, if it has one (the volume must not be written
 /// meanwhile: stop its replication first). Returns what was restored, or `None` without a kept image.
 pub fn roll_back(dir: &Path, name: &str) -> Result<Option<RolledBack>, UndoError> {
+    Ok(roll_back_reporting(dir, name)?.map(|report| report.done))
+}
+
+/// What a roll-back did, and where.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RollBackReport {
+    /// The epoch restored and the blocks written back.
+    pub done: RolledBack,
+    /// The ranges written back, `(offset, length)` each, in log order.
+    pub restored: Vec<(u64, u64)>,
+}
+
+/// [`roll_back`], also returning the ranges written back as `(offset, length)` (what the resync had
+/// overwritten since the image).
+pub fn roll_back_reporting(dir: &Path, name: &str) -> Result<Option<RollBackReport>, UndoError> {
     let Some(log) = UndoLog::open(dir, name)? else {
         return Ok(None);
     };
@@ -601,14 +626,15 @@ pub fn roll_back(dir: &Path, name: &str) -> Result<Option<RolledBack>, UndoError
         .write(true)
         .open(&path)
         .map_err(|e| UndoError::io("open volume", &path, e))?;
-    let done = log.roll_back(&data)?;
+    let mut restored = Vec::new();
+    let done = log.roll_back_collecting(&data, &mut restored)?;
     tracing::info!(
         volume = name,
         epoch = done.epoch,
         blocks = done.blocks,
         "rolled back to the kept image"
     );
-    Ok(Some(done))
+    Ok(Some(RollBackReport { done, restored }))
 }
 
 /// The volumes in `dir` that keep an image.

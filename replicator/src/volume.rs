@@ -42,6 +42,10 @@ pub struct VolumeConfig {
     pub hold_timeout: Duration,
     /// Start unconfirmed: hold all I/O until [`Volume::configure`] (fail closed, DESIGN.md rule 6).
     pub require_confirmation: bool,
+    /// Track changes in the dirty map though `copy` names no secondary yet: a volume promoted at the
+    /// disaster-recovery site, whose peer is known only once the old site returns
+    /// ([`Volume::set_secondary`]).
+    pub track_changes: bool,
 }
 
 impl VolumeConfig {
@@ -54,6 +58,7 @@ impl VolumeConfig {
             copy,
             hold_timeout: DEFAULT_HOLD_TIMEOUT,
             require_confirmation: false,
+            track_changes: false,
         }
     }
 }
@@ -67,6 +72,16 @@ pub enum VolumeError {
     /// The copy to the secondary failed.
     #[error(transparent)]
     Copy(#[from] CopyError),
+    /// The volume is fenced: the write was refused before it touched the file.
+    #[error(
+        "volume {name} is fenced since epoch {epoch} (its secondary was promoted): writes are refused"
+    )]
+    Fenced {
+        /// The volume.
+        name: String,
+        /// The epoch it was fenced at.
+        epoch: u64,
+    },
     /// The configuration is unusable.
     #[error("volume {name}: {reason}")]
     Config {
@@ -108,6 +123,8 @@ pub struct VolumeStatus {
     pub secondary: String,
     /// The epoch of the image the secondary keeps, as it said when the last link opened.
     pub kept_image: Option<u64>,
+    /// Fenced at this epoch: every write fails.
+    pub fenced: Option<u64>,
 }
 
 /// A served volume.
@@ -115,7 +132,10 @@ pub struct VolumeStatus {
 pub struct Volume {
     name: String,
     store: Store,
-    copy: Option<CopyConfig>,
+    /// Where writes are copied; set later on a promoted volume ([`Volume::set_secondary`]).
+    copy: Mutex<Option<CopyConfig>>,
+    /// Changes are tracked though no secondary may be named yet (a promoted volume).
+    track_changes: bool,
     state_path: PathBuf,
     state: Mutex<ReplState>,
     events: broadcast::Sender<Event>,
@@ -212,7 +232,7 @@ impl Volume {
         }
         let state = ReplState::new(
             &config.name,
-            config.copy.is_some(),
+            config.copy.is_some() || config.track_changes,
             config.hold_timeout,
             restored,
             !config.require_confirmation,
@@ -222,7 +242,8 @@ impl Volume {
         let volume = Arc::new_cyclic(|me| Volume {
             name: config.name.clone(),
             store,
-            copy: config.copy.clone(),
+            copy: Mutex::new(config.copy.clone()),
+            track_changes: config.track_changes,
             state_path,
             state: Mutex::new(state),
             events,
@@ -304,7 +325,7 @@ impl Volume {
                     first_seq,
                     rx,
                 } => {
-                    if let Some(config) = &self.copy {
+                    if let Some(config) = self.copy_config() {
                         let hello = Frame::Hello {
                             volume: self.name.clone(),
                             size: self.store.size(),
@@ -315,7 +336,7 @@ impl Volume {
                         tokio::spawn(crate::copy::run_link(
                             self.me.clone(),
                             generation,
-                            config.clone(),
+                            config,
                             hello,
                             rx,
                         ));
@@ -340,8 +361,9 @@ impl Volume {
                 }
                 Effect::StateChanged => {
                     let status = self.status();
+                    let confirmed = self.lock().confirmed();
                     self.confirmed.send_if_modified(|c| {
-                        let now = status.mode != Mode::Unconfirmed;
+                        let now = confirmed;
                         std::mem::replace(c, now) != now
                     });
                     let _ = self.events.send(Event::StateChanged(Box::new(status)));
@@ -399,7 +421,10 @@ impl Volume {
 
     /// A snapshot of the volume's replication.
     pub fn status(&self) -> VolumeStatus {
-        let s = self.lock().snapshot();
+        let (s, fenced) = {
+            let state = self.lock();
+            (state.snapshot(), state.fenced())
+        };
         VolumeStatus {
             name: self.name.clone(),
             mode: s.mode,
@@ -413,12 +438,9 @@ impl Volume {
             held: s.held,
             dirty_bytes: s.dirty_bytes,
             hold_timeout: s.hold_timeout,
-            secondary: self
-                .copy
-                .as_ref()
-                .map(|c| c.secondary.clone())
-                .unwrap_or_default(),
+            secondary: self.copy_config().map(|c| c.secondary).unwrap_or_default(),
             kept_image: self.kept_image(),
+            fenced,
         }
     }
 
@@ -504,11 +526,17 @@ impl Volume {
     ) -> Result<(), VolumeError> {
         self.gate().await;
         let (local, copy): (_, CopyWait) = self.with_state(|state| {
+            if let Some(epoch) = state.fenced() {
+                return Err(VolumeError::Fenced {
+                    name: self.name.clone(),
+                    epoch,
+                });
+            }
             let seq = state.next_seq();
             let local = self.store.submit(op, durable);
             let copy = state.submit(seq, offset, length, frame(seq), Instant::now());
-            (local, copy)
-        });
+            Ok((local, copy))
+        })?;
         let (local, copy) = tokio::join!(local, copy.wait());
         local?;
         copy?;
@@ -526,6 +554,19 @@ impl Volume {
         Ok(())
     }
 
+    /// Refuses what would start copying on a volume that has no secondary yet (promoted at the DR site:
+    /// its peer is named by a Reverse).
+    fn check_peer(&self, what: &str) -> Result<(), DirectiveError> {
+        if self.track_changes && self.copy_config().is_none() {
+            return Err(DirectiveError::Refused(format!(
+                "{what} on volume {}: it was promoted at this site and has no secondary yet; a \
+                 Reverse names the old site's secondary",
+                self.name
+            )));
+        }
+        Ok(())
+    }
+
     /// The sidecar's confirmation / configuration (group, epoch, stage, hold timeout).
     pub async fn configure(
         &self,
@@ -534,6 +575,7 @@ impl Volume {
         stage: Option<Stage>,
         hold_timeout: Option<Duration>,
     ) -> Result<VolumeStatus, DirectiveError> {
+        self.check_peer("configure")?;
         let rx = self.with_state(|s| {
             if let Some(t) = hold_timeout {
                 s.set_hold_timeout(t);
@@ -565,9 +607,47 @@ impl Volume {
         Ok(self.status())
     }
 
+    /// Fences the volume at `epoch` (see [`ReplState::fence`]): returns once that is on disk, with the
+    /// dirty regions (what the peer lacks) as `(offset, length)` ranges.
+    pub async fn fence(
+        &self,
+        group: &str,
+        epoch: u64,
+    ) -> Result<(VolumeStatus, Vec<(u64, u64)>), DirectiveError> {
+        let rx = self.with_state(|s| s.fence(group, epoch, Instant::now()))?;
+        Self::await_persist(Some(rx)).await?;
+        tracing::warn!(volume = %self.name, epoch, "fenced: every write fails from now on");
+        Ok((self.status(), self.dirty_regions()))
+    }
+
+    /// Whether the volume is fenced, and at which epoch.
+    pub fn fenced(&self) -> Option<u64> {
+        self.lock().fenced()
+    }
+
+    /// Marks `ranges` dirty (a peer lacks them) and returns once the map on disk covers them.
+    pub async fn add_dirty(&self, ranges: &[(u64, u64)]) -> Result<(), DirectiveError> {
+        let rx = self.with_state(|s| s.add_dirty(ranges));
+        Self::await_persist(Some(rx)).await
+    }
+
+    /// Copies this volume's writes to `config`'s secondary from the next link on (a promoted volume
+    /// gets its peer when the old site returns).
+    pub fn set_secondary(&self, config: CopyConfig) {
+        *self.copy.lock().unwrap_or_else(PoisonError::into_inner) = Some(config);
+    }
+
+    fn copy_config(&self) -> Option<CopyConfig> {
+        self.copy
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
     /// Resumes at `epoch`: resynchronises the dirty regions, then copies synchronously again. Returns once
     /// the resync has started.
     pub async fn resume(&self, group: &str, epoch: u64) -> Result<VolumeStatus, DirectiveError> {
+        self.check_peer("resume")?;
         let rx = self.with_state(|s| s.resume(group, epoch))?;
         Self::await_persist(rx).await?;
         Ok(self.status())
@@ -616,7 +696,7 @@ async fn probe_secondary(volume: Weak<Volume>) {
             }
             state.snapshot().next_seq
         };
-        let Some(config) = v.copy.clone() else {
+        let Some(config) = v.copy_config() else {
             return;
         };
         let hello = Frame::Hello {

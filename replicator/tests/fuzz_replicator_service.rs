@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use common::*;
 use hyper_util::rt::TokioIo;
-use lockstep_api::fuzz::{RawCodec, config as fuzz_config};
+use lockstep_api::fuzz::RawCodec;
 use lockstep_api::proto::replicator::v1 as pb;
 use lockstep_replicator::secondary::{Secondary, SecondaryConfig};
 use lockstep_replicator::{CopyConfig, Primary, PrimaryConfig, VolumeConfig};
@@ -233,7 +233,6 @@ async fn make(
 
 #[test]
 fn the_replicator_service_refuses_hostile_calls_cleanly_and_never_goes_backwards() {
-    let panics = watch_panics();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -278,93 +277,64 @@ fn the_replicator_service_refuses_hostile_calls_cleanly_and_never_goes_backwards
         (secondary, primary, channel)
     });
     let client = ReplicatorClient::new(channel.clone());
-    let answered = std::cell::RefCell::new(BTreeMap::<String, usize>::new());
-    let mut runner = proptest::test_runner::TestRunner::new(proptest::test_runner::Config {
-        source_file: Some(file!()),
-        // Each case talks to a real server: shrinking is bounded in time, not only in steps.
-        max_shrink_time: 120_000,
-        ..fuzz_config(500)
-    });
-    runner
-        .run(&proptest::collection::vec(call(), 1..8), |calls| {
+    let answered = fuzz_service(
+        &runtime,
+        file!(),
+        500,
+        call(),
+        || {
             let mut client = client.clone();
-            runtime.block_on(async {
-                for call in &calls {
-                    let panicked_before = panics.count();
-                    let before = positions(&mut client).await;
-                    // Every call is answered: one still waiting after a minute is a hang.
-                    let result = tokio::time::timeout(
-                        Duration::from_secs(60),
-                        make(&mut client, &channel, call),
-                    )
-                    .await
-                    .map_err(|_| {
-                        TestCaseError::fail(format!("{call:?} not answered within a minute"))
-                    })?;
-                    let after = positions(&mut client).await;
-                    prop_assert_eq!(
-                        panics.count(),
-                        panicked_before,
-                        "a panic serving {:?}",
+            async move { positions(&mut client).await }
+        },
+        |call| {
+            let (mut client, channel, call) = (client.clone(), channel.clone(), call.clone());
+            async move { make(&mut client, &channel, &call).await }
+        },
+        |call| {
+            let text = format!("{call:?}");
+            text.split('(').next().unwrap_or_default().to_owned()
+        },
+        clean_refusal,
+        |FuzzStep {
+             call,
+             result,
+             before,
+             after,
+         }| {
+            for (volume, (group, epoch, stage, _)) in after {
+                let (old_group, old_epoch, old_stage, _) = &before[volume];
+                if group == old_group && !group.is_empty() {
+                    prop_assert!(
+                        (epoch, stage) >= (old_epoch, old_stage),
+                        "{} went back from ({}, {}) to ({}, {}) in {} after {:?}",
+                        volume,
+                        old_epoch,
+                        old_stage,
+                        epoch,
+                        stage,
+                        group,
                         call
                     );
-                    let outcome = match &result {
-                        Ok(()) => "ok".to_owned(),
-                        Err(status) => format!("{:?}", status.code()),
-                    };
-                    *answered.borrow_mut().entry(outcome).or_default() += 1;
-                    if let Err(status) = &result {
-                        prop_assert!(clean_refusal(status), "{:?} answered {:?}", call, status);
-                        if matches!(status.code(), Code::InvalidArgument | Code::NotFound) {
-                            prop_assert_eq!(
-                                &after,
-                                &before,
-                                "{:?} was refused ({:?}) but changed volumes",
-                                call,
-                                status
-                            );
-                        }
-                    }
-                    for (volume, (group, epoch, stage, _)) in &after {
-                        let (old_group, old_epoch, old_stage, _) = &before[volume];
-                        if group == old_group && !group.is_empty() {
-                            prop_assert!(
-                                (epoch, stage) >= (old_epoch, old_stage),
-                                "{} went back from ({}, {}) to ({}, {}) in {} after {:?}",
-                                volume,
-                                old_epoch,
-                                old_stage,
-                                epoch,
-                                stage,
-                                group,
-                                call
-                            );
-                        }
-                    }
-                    if let (Call::Release(request), Ok(())) = (call, &result) {
-                        for volume in &request.volume_handles {
-                            let (group, epoch, _, mode) = &before[volume];
-                            prop_assert!(
-                                *group == request.group_uid
-                                    && *epoch == request.epoch
-                                    && (*mode == pb::Mode::Suspended as i32
-                                        || *mode == pb::Mode::Running as i32),
-                                "released {} at {} in {}, which was at {:?}",
-                                volume,
-                                request.epoch,
-                                request.group_uid,
-                                before[volume]
-                            );
-                        }
-                    }
                 }
-                Ok(())
-            })
-        })
-        .unwrap();
-    println!(
-        "replicator service fuzz: {} cases, answers {:?}",
-        runner.config().cases,
-        answered.borrow()
+            }
+            if let (Call::Release(request), Ok(())) = (call, result) {
+                for volume in &request.volume_handles {
+                    let (group, epoch, _, mode) = &before[volume];
+                    prop_assert!(
+                        *group == request.group_uid
+                            && *epoch == request.epoch
+                            && (*mode == pb::Mode::Suspended as i32
+                                || *mode == pb::Mode::Running as i32),
+                        "released {} at {} in {}, which was at {:?}",
+                        volume,
+                        request.epoch,
+                        request.group_uid,
+                        before[volume]
+                    );
+                }
+            }
+            Ok(())
+        },
     );
+    println!("replicator service fuzz: answers {answered:?}");
 }

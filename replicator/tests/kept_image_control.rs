@@ -236,16 +236,7 @@ async fn a_secondary_out_of_undo_log_space_refuses_the_resync_and_says_why() {
         .into_inner();
     ctl.keep_image(image(1)).await.unwrap();
     ctl.resume(directive(1)).await.unwrap();
-    let failed = loop {
-        let event = tokio::time::timeout(Duration::from_secs(20), events.message())
-            .await
-            .expect("an event within 20 s")
-            .unwrap()
-            .expect("the event stream open");
-        if let Some(pb::replication_event::Kind::CopyFailed(failed)) = event.kind {
-            break failed;
-        }
-    };
+    let failed = next_copy_failed(&mut events).await;
     assert_eq!(failed.volume_handle, VOLUME);
     assert!(
         failed

@@ -41,6 +41,10 @@ use crate::domain::{ClaimOrder, Path, Phase, Policy, Stage, VolumeState};
     {
         "rule": "self.members.map(m, has(m.pvcNames) ? size(m.pvcNames) : 0).sum() <= 1024",
         "message": "a ConsistencyGroup names at most 1024 PVCs in pvcNames over all members: its status lists every member volume and holds at most 1024"
+    },
+    {
+        "rule": "!has(oldSelf.failover) || (has(self.failover) && self.failover.epoch >= oldSelf.failover.epoch)",
+        "message": "spec.failover is never removed or lowered once set: the group returns to its first site by failing back (reverse replication, then a planned switch), not by editing the intent"
     }
 ]))]
 pub struct ConsistencyGroupSpec {
@@ -80,6 +84,15 @@ pub struct ConsistencyGroupSpec {
     /// Acts only while `epoch` equals the group's current epoch; the freeze raises the epoch by one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub freeze: Option<EpochIntent>,
+
+    /// Fails the group over to its disaster-recovery site: every secondary is promoted from the image of
+    /// `epoch` (rolled back to it if a resync had started) and serves as the primary there. Meant to act
+    /// only while the group is frozen at exactly `epoch` with a complete consistent image, and to be
+    /// refused with the reason otherwise. Never removed or lowered once set. Not acted on by the
+    /// operator yet: the replicators' `promote`, `fence` and `reverse` do it today (README, "Disaster
+    /// recovery").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failover: Option<EpochIntent>,
 }
 
 fn default_hold_timeout() -> String {

@@ -439,6 +439,7 @@ impl World {
             release: None,
             resync: None,
             freeze: None,
+            failover: None,
         };
         let mut status = ConsistencyGroupStatus {
             member_count: u32::try_from(statuses.len()).unwrap_or(u32::MAX),

@@ -40,6 +40,7 @@ fn group(policy: Policy) -> ConsistencyGroup {
             release: None,
             resync: None,
             freeze: None,
+            failover: None,
         },
     );
     group.metadata = ObjectMeta {

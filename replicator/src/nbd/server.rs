@@ -71,34 +71,52 @@ impl LatencyRecorder {
     }
 }
 
-/// The exports an NBD server offers.
+/// The exports an NBD server offers: shared, so that volumes can be added and removed while it serves
+/// (a secondary's volume promoted at the disaster-recovery site is exported from then on).
 #[derive(Debug, Clone, Default)]
 pub struct Exports {
-    volumes: BTreeMap<String, Arc<Volume>>,
+    volumes: Arc<Mutex<BTreeMap<String, Arc<Volume>>>>,
 }
 
 impl Exports {
     /// Exports `volumes` by name.
     pub fn new(volumes: impl IntoIterator<Item = Arc<Volume>>) -> Exports {
         Exports {
-            volumes: volumes
-                .into_iter()
-                .map(|v| (v.name().to_owned(), v))
-                .collect(),
+            volumes: Arc::new(Mutex::new(
+                volumes
+                    .into_iter()
+                    .map(|v| (v.name().to_owned(), v))
+                    .collect(),
+            )),
         }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, BTreeMap<String, Arc<Volume>>> {
+        self.volumes.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// The volume named `name`; the empty name means the only export, if there is exactly one.
-    pub fn get(&self, name: &str) -> Option<&Arc<Volume>> {
-        if name.is_empty() && self.volumes.len() == 1 {
-            return self.volumes.values().next();
+    pub fn get(&self, name: &str) -> Option<Arc<Volume>> {
+        let volumes = self.lock();
+        if name.is_empty() && volumes.len() == 1 {
+            return volumes.values().next().cloned();
         }
-        self.volumes.get(name)
+        volumes.get(name).cloned()
     }
 
-    /// Every export.
-    pub fn iter(&self) -> impl Iterator<Item = &Arc<Volume>> {
-        self.volumes.values()
+    /// Every export, in name order.
+    pub fn all(&self) -> Vec<Arc<Volume>> {
+        self.lock().values().cloned().collect()
+    }
+
+    /// Exports `volume` (replacing an export of the same name).
+    pub fn insert(&self, volume: Arc<Volume>) {
+        self.lock().insert(volume.name().to_owned(), volume);
+    }
+
+    /// Stops exporting `name` (connections already open keep their volume); returns it if it was.
+    pub fn remove(&self, name: &str) -> Option<Arc<Volume>> {
+        self.lock().remove(name)
     }
 }
 
@@ -229,7 +247,7 @@ impl NbdServer {
                     ))
                     .await?;
                     wr.flush().await?;
-                    return Ok(Some(Arc::clone(volume)));
+                    return Ok(Some(volume));
                 }
                 proto::OPT_ABORT => {
                     // Best effort: the client may already have gone.
@@ -241,7 +259,7 @@ impl NbdServer {
                 }
                 proto::OPT_LIST => {
                     if data.is_empty() {
-                        for volume in self.exports.iter() {
+                        for volume in self.exports.all() {
                             wr.write_all(&proto::option_reply(
                                 opt,
                                 proto::REP_SERVER,
@@ -290,7 +308,7 @@ impl NbdServer {
                                 }
                                 wr.write_all(&proto::option_reply(opt, proto::REP_ACK, &[]))
                                     .await?;
-                                Some(Arc::clone(volume))
+                                Some(volume)
                             }
                         },
                     };

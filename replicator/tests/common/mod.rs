@@ -331,3 +331,115 @@ pub fn watch_panics() -> PanicWatch {
     });
     PanicWatch(count.clone())
 }
+
+/// The next `CopyFailed` on a `WatchEvents` stream (other events skipped); panics after 30 s without
+/// one.
+pub async fn next_copy_failed(
+    events: &mut tonic::Streaming<lockstep_api::proto::replicator::v1::ReplicationEvent>,
+) -> lockstep_api::proto::replicator::v1::CopyFailed {
+    use lockstep_api::proto::replicator::v1::replication_event::Kind;
+    loop {
+        let event = tokio::time::timeout(Duration::from_secs(30), events.message())
+            .await
+            .expect("an event within 30 s")
+            .unwrap()
+            .expect("the event stream open");
+        if let Some(Kind::CopyFailed(failed)) = event.kind {
+            return failed;
+        }
+    }
+}
+
+/// What one call of a service fuzz did: the call, its answer, and what the service showed before and
+/// after it.
+pub struct FuzzStep<'a, C, S> {
+    pub call: &'a C,
+    pub result: &'a Result<(), tonic::Status>,
+    pub before: &'a S,
+    pub after: &'a S,
+}
+
+/// Runs `cases` (or `LOCKSTEP_FUZZ_CASES`) sequences of 1 to 7 `calls` against a live gRPC service on
+/// `runtime`, and checks after each call: no panic on any thread, an answer within a minute, a refusal
+/// that `clean` accepts and that changed nothing (`snapshot` before and after) when it was for a
+/// malformed or unknown argument, and `check`. Returns how often each (`name`, outcome) was answered.
+#[allow(clippy::too_many_arguments)]
+pub fn fuzz_service<C, S, Snap, SnapF, Make, MakeF>(
+    runtime: &tokio::runtime::Runtime,
+    file: &'static str,
+    cases: u32,
+    calls: impl proptest::strategy::Strategy<Value = C>,
+    snapshot: Snap,
+    make: Make,
+    name: fn(&C) -> String,
+    clean: fn(&tonic::Status) -> bool,
+    check: impl Fn(FuzzStep<'_, C, S>) -> Result<(), proptest::test_runner::TestCaseError>,
+) -> std::collections::BTreeMap<String, usize>
+where
+    C: std::fmt::Debug,
+    S: std::fmt::Debug + PartialEq,
+    Snap: Fn() -> SnapF,
+    SnapF: Future<Output = S>,
+    Make: Fn(&C) -> MakeF,
+    MakeF: Future<Output = Result<(), tonic::Status>>,
+{
+    use proptest::test_runner::{TestCaseError, TestRunner};
+    let panics = watch_panics();
+    let answered = std::cell::RefCell::new(std::collections::BTreeMap::<String, usize>::new());
+    let mut runner = TestRunner::new(proptest::test_runner::Config {
+        source_file: Some(file),
+        // Each case talks to a real server: shrinking is bounded in time, not only in steps.
+        max_shrink_time: 120_000,
+        ..lockstep_api::fuzz::config(cases)
+    });
+    runner
+        .run(&proptest::collection::vec(calls, 1..8), |calls| {
+            runtime.block_on(async {
+                for call in &calls {
+                    let panicked_before = panics.count();
+                    let before = snapshot().await;
+                    let result = tokio::time::timeout(Duration::from_secs(60), make(call))
+                        .await
+                        .map_err(|_| {
+                            TestCaseError::fail(format!("{call:?} not answered within a minute"))
+                        })?;
+                    let after = snapshot().await;
+                    proptest::prop_assert_eq!(
+                        panics.count(),
+                        panicked_before,
+                        "a panic serving {:?}",
+                        call
+                    );
+                    let outcome = match &result {
+                        Ok(()) => format!("{} ok", name(call)),
+                        Err(status) => format!("{} {:?}", name(call), status.code()),
+                    };
+                    *answered.borrow_mut().entry(outcome).or_default() += 1;
+                    if let Err(status) = &result {
+                        proptest::prop_assert!(clean(status), "{:?} answered {:?}", call, status);
+                        if matches!(
+                            status.code(),
+                            tonic::Code::InvalidArgument | tonic::Code::NotFound
+                        ) {
+                            proptest::prop_assert_eq!(
+                                &after,
+                                &before,
+                                "{:?} was refused ({:?}) but changed volumes",
+                                call,
+                                status
+                            );
+                        }
+                    }
+                    check(FuzzStep {
+                        call,
+                        result: &result,
+                        before: &before,
+                        after: &after,
+                    })?;
+                }
+                Ok(())
+            })
+        })
+        .unwrap();
+    answered.into_inner()
+}

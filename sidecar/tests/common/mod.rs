@@ -409,7 +409,31 @@ impl rpb::replicator_server::Replicator for FakeReplicator {
             "this replicator keeps no image through a resync",
         ))
     }
+
+    async fn promote(
+        &self,
+        _request: Request<rpb::FailoverRequest>,
+    ) -> Result<Response<rpb::FailoverResponse>, Status> {
+        Err(Status::unimplemented(NO_FAILOVER))
+    }
+
+    async fn fence(
+        &self,
+        _request: Request<rpb::FailoverRequest>,
+    ) -> Result<Response<rpb::FailoverResponse>, Status> {
+        Err(Status::unimplemented(NO_FAILOVER))
+    }
+
+    async fn reverse(
+        &self,
+        _request: Request<rpb::ReverseRequest>,
+    ) -> Result<Response<rpb::FailoverResponse>, Status> {
+        Err(Status::unimplemented(NO_FAILOVER))
+    }
 }
+
+/// What it answers to Promote, Fence and Reverse.
+const NO_FAILOVER: &str = "the sidecar tests' fake replicator does not support failover: it holds no volume data to promote, fence or reverse";
 
 // ---- Control server ------------------------------------------------------------------------------
 

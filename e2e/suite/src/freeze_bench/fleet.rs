@@ -274,6 +274,7 @@ fn group_spec(members: &[MemberSim], placements: &[Placement]) -> ConsistencyGro
         release: None,
         resync: None,
         freeze: None,
+        failover: None,
     }
 }
 

@@ -478,7 +478,31 @@ impl Replicator for MemoryReplicator {
             "this replicator keeps no image through a resync",
         ))
     }
+
+    async fn promote(
+        &self,
+        _request: Request<pb::FailoverRequest>,
+    ) -> Result<Response<pb::FailoverResponse>, Status> {
+        Err(Status::unimplemented(NO_FAILOVER))
+    }
+
+    async fn fence(
+        &self,
+        _request: Request<pb::FailoverRequest>,
+    ) -> Result<Response<pb::FailoverResponse>, Status> {
+        Err(Status::unimplemented(NO_FAILOVER))
+    }
+
+    async fn reverse(
+        &self,
+        _request: Request<pb::ReverseRequest>,
+    ) -> Result<Response<pb::FailoverResponse>, Status> {
+        Err(Status::unimplemented(NO_FAILOVER))
+    }
 }
+
+/// What it answers to Promote, Fence and Reverse.
+const NO_FAILOVER: &str = "the freeze benchmark's in-memory replicator does not support failover: it holds no volume data to promote, fence or reverse";
 
 /// The events as a stream; a receiver that lagged skips what it missed (the sidecar re-lists on every
 /// state change anyway).
