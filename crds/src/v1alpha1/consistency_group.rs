@@ -39,8 +39,8 @@ use crate::domain::{ClaimOrder, Path, Phase, Policy, Stage, VolumeState};
         "message": "each (cluster, namespace) may appear only once in members: merge the PVCs of duplicate entries into one"
     },
     {
-        "rule": "self.members.map(m, has(m.pvcNames) ? size(m.pvcNames) : 0).sum() <= 1024",
-        "message": "a ConsistencyGroup names at most 1024 PVCs in pvcNames over all members: its status lists every member volume and holds at most 1024"
+        "rule": "self.members.map(m, has(m.pvcNames) ? size(m.pvcNames) : 0).sum() <= 4096",
+        "message": "a ConsistencyGroup names at most 4096 PVCs in pvcNames over all members (the object must stay well under the API server's size limit): select larger sets of PVCs with a label selector"
     },
     {
         "rule": "!has(oldSelf.failover) || (has(self.failover) && self.failover.epoch >= oldSelf.failover.epoch)",
@@ -125,7 +125,7 @@ pub struct GroupMember {
     // A pattern, not a CEL rule: a rule over 256 names of 253 characters exceeds kube-apiserver's cost
     // budget. The refusal names the value: `Invalid value: "Postgres_WAL": … should match '^[a-z0-9]…'`.
     #[schemars(
-        length(min = 1, max = 256),
+        length(min = 1, max = 4096),
         inner(
             length(min = 1, max = 253),
             regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")

@@ -126,7 +126,16 @@ async fn scenario(newest: bool) -> TestResult {
         .collect();
     assert_eq!(
         header,
-        vec!["NAME", "PHASE", "EPOCH", "MEMBERS", "FROZEN", "AGE"],
+        vec![
+            "NAME",
+            "PHASE",
+            "EPOCH",
+            "MEMBERS",
+            "ACKNOWLEDGED",
+            "SUSPENDED",
+            "FROZEN",
+            "AGE"
+        ],
         "{out}"
     );
     assert!(out.contains("orders-db"), "{out}");

@@ -119,7 +119,16 @@ async fn kubectl_against_the_real_api_server() -> TestResult {
         .collect();
     assert_eq!(
         header,
-        vec!["NAME", "PHASE", "EPOCH", "MEMBERS", "FROZEN", "AGE"],
+        vec![
+            "NAME",
+            "PHASE",
+            "EPOCH",
+            "MEMBERS",
+            "ACKNOWLEDGED",
+            "SUSPENDED",
+            "FROZEN",
+            "AGE"
+        ],
         "{out}"
     );
     assert!(out.contains("orders-db"), "{out}");

@@ -538,6 +538,10 @@ async fn show_groups(world: &World, timeline: &Timeline) -> Result<(), ScenarioE
             k.run(c.name(), &c.kubeconfig, &["get", "cg", "-A"], timeline)
                 .await?;
         }
+        // Every volume of the group, per node, from its shards in the hub.
+        let hub = world.hub();
+        k.run(hub.name(), &hub.kubeconfig, &["get", "cgshard"], timeline)
+            .await?;
         return Ok(());
     }
     let group = world.group_now().await?;

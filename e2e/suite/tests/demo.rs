@@ -161,6 +161,28 @@ async fn operated_scenario(options: &ScenarioOptions) -> (ScenarioReport, String
             "{text}"
         );
     }
+    // `kubectl get cgshard` in the hub: each node's volumes of the group, one shard per node.
+    let shards: Vec<&str> = text
+        .split("$ kubectl get cgshard\n")
+        .nth(1)
+        .unwrap_or_default()
+        .lines()
+        .map(str::trim_start)
+        .take_while(|line| line.starts_with("NAME") || line.starts_with("orders-db."))
+        .collect();
+    let header: Vec<&str> = shards
+        .first()
+        .map_or(vec![], |h| h.split_whitespace().collect());
+    assert_eq!(
+        header.get(..6),
+        Some(&["NAME", "GROUP", "CLUSTER", "NODE", "EPOCH", "VOLUMES"][..]),
+        "{text}"
+    );
+    assert_eq!(
+        shards.len() - 1,
+        options.clusters,
+        "one shard per node\n{text}"
+    );
     assert!(text.contains("verdict: CONSISTENT"), "{text}");
     (report, text)
 }

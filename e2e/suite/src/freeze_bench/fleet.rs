@@ -15,7 +15,7 @@ use k8s_openapi::api::core::v1::{
     PersistentVolumeClaimSpec, PersistentVolumeSpec, Secret, VolumeResourceRequirements,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use kube::api::{Patch, PatchParams, PostParams};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client};
@@ -38,8 +38,11 @@ use super::{BenchError, PathChoice};
 const SYSTEM_NAMESPACE: &str = "lockstep";
 /// The group every cell freezes.
 const GROUP: &str = "bench";
-/// At most this many PVCs per (cluster, namespace) member entry (the CRD allows 256).
-const CLAIMS_PER_NAMESPACE: usize = 200;
+/// At most this many PVCs per (cluster, namespace) member entry (the CRD allows 4 096 names per entry and
+/// over a group; larger groups select their PVCs by label, which a gRPC-only member cannot).
+const CLAIMS_PER_NAMESPACE: usize = 1000;
+/// The label every bench PVC carries, which the group selects them by where the hub can list them.
+const CLAIM_LABEL: (&str, &str) = ("lockstep.dev/bench", GROUP);
 /// How long a trial's freeze, or the set-up and resync around it, may take before it counts as lost.
 const DEADLINE: Duration = Duration::from_secs(60);
 /// How long the set-up (members resolved, every volume confirmed) may take.
@@ -217,6 +220,10 @@ async fn create_volume(client: &Client, placement: &Placement) -> Result<(), Ben
         metadata: ObjectMeta {
             name: Some(placement.pvc.clone()),
             namespace: Some(placement.namespace.clone()),
+            labels: Some(BTreeMap::from([(
+                CLAIM_LABEL.0.to_owned(),
+                CLAIM_LABEL.1.to_owned(),
+            )])),
             ..Default::default()
         },
         spec: Some(PersistentVolumeClaimSpec {
@@ -248,8 +255,13 @@ fn member_paths(paths: PathChoice) -> ClusterPaths {
     }
 }
 
-/// The group: per (cluster, namespace), the PVCs by name (the form every kind of member supports).
-fn group_spec(members: &[MemberSim], placements: &[Placement]) -> ConsistencyGroupSpec {
+/// The group: per (cluster, namespace), the PVCs by name (the form every kind of member supports) or,
+/// where the hub can list them (`by_label`), by label.
+fn group_spec(
+    members: &[MemberSim],
+    placements: &[Placement],
+    by_label: bool,
+) -> ConsistencyGroupSpec {
     let mut claims: BTreeMap<(usize, String), Vec<String>> = BTreeMap::new();
     for placement in placements {
         claims
@@ -264,8 +276,14 @@ fn group_spec(members: &[MemberSim], placements: &[Placement]) -> ConsistencyGro
                 Some(GroupMember {
                     cluster: members.get(cluster)?.name.clone(),
                     namespace,
-                    pvc_names: Some(pvcs),
-                    selector: None,
+                    pvc_names: (!by_label).then_some(pvcs),
+                    selector: by_label.then(|| LabelSelector {
+                        match_labels: Some(BTreeMap::from([(
+                            CLAIM_LABEL.0.to_owned(),
+                            CLAIM_LABEL.1.to_owned(),
+                        )])),
+                        match_expressions: None,
+                    }),
                 })
             })
             .collect(),
@@ -356,7 +374,10 @@ impl Fleet {
                 .await
                 .map_err(kube_error("creating a MemberCluster"))?;
         }
-        let group = ConsistencyGroup::new(GROUP, group_spec(&members, &placements));
+        let group = ConsistencyGroup::new(
+            GROUP,
+            group_spec(&members, &placements, spec.paths != PathChoice::Grpc),
+        );
         Api::<ConsistencyGroup>::all(hub_client.clone())
             .create(&PostParams::default(), &group)
             .await
