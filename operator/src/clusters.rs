@@ -47,6 +47,8 @@ pub struct Member {
     pub client: Result<Client, String>,
     /// The MemberCluster's resourceVersion the client was built from.
     pub version: Option<String>,
+    /// Its claims and volumes, watched (none without an API client).
+    pub claim_cache: Option<std::sync::Arc<crate::claim_cache::ClaimCache>>,
 }
 
 impl std::fmt::Debug for Member {
@@ -79,6 +81,10 @@ pub async fn connect(hub: &Client, cluster: &MemberCluster) -> Member {
     if let Err(reason) = &client {
         tracing::debug!(cluster = %name, %reason, "member cluster has no API client");
     }
+    let claim_cache = client
+        .as_ref()
+        .ok()
+        .map(crate::claim_cache::ClaimCache::start);
     Member {
         name,
         paths: spec.paths,
@@ -86,6 +92,7 @@ pub async fn connect(hub: &Client, cluster: &MemberCluster) -> Member {
         volume_binding: spec.volume_binding,
         client,
         version: cluster.resource_version(),
+        claim_cache,
     }
 }
 
@@ -165,19 +172,30 @@ pub async fn view(member: &Member, sessions: &Sessions, lease_namespace: &str) -
             return view;
         }
     };
+    let cached = member
+        .claim_cache
+        .as_ref()
+        .and_then(|cache| cache.snapshot());
     let listed = tokio::time::timeout(API_TIMEOUT, async {
         let params = ListParams::default();
-        let claims = Api::<PersistentVolumeClaim>::all(client.clone())
-            .list(&params)
-            .await?;
-        let volumes = Api::<PersistentVolume>::all(client.clone())
-            .list(&params)
-            .await?;
+        let (claims, volumes) = match cached {
+            Some(cached) => cached,
+            None => (
+                Api::<PersistentVolumeClaim>::all(client.clone())
+                    .list(&params)
+                    .await?
+                    .items,
+                Api::<PersistentVolume>::all(client.clone())
+                    .list(&params)
+                    .await?
+                    .items,
+            ),
+        };
         let nodes = replication_nodes(client.clone()).list(&params).await?;
         let leases = Api::<Lease>::namespaced(client.clone(), lease_namespace)
             .list(&params)
             .await?;
-        Ok::<_, kube::Error>((claims.items, volumes.items, nodes.items, leases.items))
+        Ok::<_, kube::Error>((claims, volumes, nodes.items, leases.items))
     })
     .await;
     match listed {

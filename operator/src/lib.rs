@@ -14,6 +14,7 @@
 //! - [`metrics`]: Prometheus metrics; [`http`]: `/healthz`, `/readyz`, `/metrics`.
 
 pub mod authn;
+pub mod claim_cache;
 pub mod clusters;
 pub mod control;
 pub mod engine;
