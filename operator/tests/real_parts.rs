@@ -225,8 +225,17 @@ async fn setup_with_hold_timeout(fault: Fault, policy: Policy, hold_timeout: &st
             let protected =
                 condition(&group, "ConsistentImage").is_some_and(|(on, _, _)| on == "True");
             let status = group.status?;
-            (status.phase == Some(Phase::Replicating) && status.member_count == 3 && protected)
-                .then_some(())
+            // Every volume's sidecar reported it replicating (a state not reported yet counts as in
+            // sync for ConsistentImage, but one still Unconfirmed when a freeze begins is outside its image).
+            let replicating = status
+                .volumes
+                .as_ref()
+                .and_then(|counts| counts.by_state.get("Replicating").copied());
+            (status.phase == Some(Phase::Replicating)
+                && status.member_count == 3
+                && protected
+                && replicating == Some(3))
+            .then_some(())
         }
     })
     .await;
