@@ -887,12 +887,13 @@ fn mark_state(
 /// Records an acknowledgement on each named member volume, never moving one backwards; the first path to
 /// bring a point is the one recorded.
 fn record_ack(status: &mut ConsistencyGroupStatus, ack: &Ack, now: &Time) {
+    let acked: std::collections::HashSet<&str> =
+        ack.volume_handles.iter().map(String::as_str).collect();
     for member in &mut status.members {
         let Some(handle) = member.volume_handle.as_deref() else {
             continue;
         };
-        if member.cluster != ack.cluster || !ack.volume_handles.iter().any(|acked| acked == handle)
-        {
+        if member.cluster != ack.cluster || !acked.contains(handle) {
             continue;
         }
         let newer = member
