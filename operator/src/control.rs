@@ -98,12 +98,16 @@ fn unrecorded(
     let members = status
         .map(|status| status.members.as_slice())
         .unwrap_or_default();
+    let by_handle: std::collections::HashMap<&str, &lockstep_api::v1alpha1::MemberVolumeStatus> =
+        members
+            .iter()
+            .filter(|member| member.cluster == cluster)
+            .filter_map(|member| Some((member.volume_handle.as_deref()?, member)))
+            .collect();
     let mut unresolved = Vec::new();
     let mut unrecorded = Vec::new();
     for handle in handles {
-        let member = members.iter().find(|member| {
-            member.cluster == cluster && member.volume_handle.as_deref() == Some(handle.as_str())
-        });
+        let member = by_handle.get(handle.as_str());
         match member {
             None => unresolved.push(handle.as_str()),
             Some(member)

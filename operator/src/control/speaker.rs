@@ -81,12 +81,19 @@ impl ControlService {
             .map(|status| status.members.as_slice())
             .unwrap_or_default();
         let (cluster, node) = &speaker.node;
+        // By handle, once: a node names hundreds of volumes of a group of thousands.
+        let by_handle: std::collections::HashMap<
+            &str,
+            &lockstep_api::v1alpha1::MemberVolumeStatus,
+        > = members
+            .iter()
+            .filter(|member| member.cluster == *cluster)
+            .filter_map(|member| Some((member.volume_handle.as_deref()?, member)))
+            .collect();
         let foreign: Vec<String> = handles
             .into_iter()
             .filter_map(|handle| {
-                let member = members.iter().find(|member| {
-                    member.cluster == *cluster && member.volume_handle.as_deref() == Some(handle)
-                })?;
+                let member = by_handle.get(handle)?;
                 (member.node.as_deref() != Some(node.as_str())).then(|| {
                     format!(
                         "{handle} (on {})",

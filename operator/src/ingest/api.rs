@@ -98,17 +98,17 @@ async fn own_volumes_only(
         {
             continue;
         }
-        let members = engine
-            .last_status(uid)
-            .await
-            .map(|status| status.members)
-            .unwrap_or_default();
+        let members = engine.member_volumes_of(uid);
+        // This cluster's member volumes resolved to another node (or to none), by handle: looked up
+        // once per handle rather than searched (a node acknowledges hundreds of volumes of a group of
+        // thousands).
+        let elsewhere_handles: std::collections::HashSet<&str> = members
+            .iter()
+            .filter(|member| member.cluster == cluster && member.node.as_deref() != Some(node_name))
+            .filter_map(|member| member.volume_handle.as_deref())
+            .collect();
         let mut on_this_node = |handle: &str| {
-            let elsewhere = members.iter().any(|member| {
-                member.cluster == cluster
-                    && member.volume_handle.as_deref() == Some(handle)
-                    && member.node.as_deref() != Some(node_name)
-            });
+            let elsewhere = elsewhere_handles.contains(handle);
             if elsewhere {
                 foreign.insert(handle.to_owned());
             }
