@@ -3,10 +3,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use kube::{Api, api::PostParams};
-use lockstep_api::{
-    domain::{Policy, VolumeBinding},
-    v1alpha1::{ConsistencyGroup, ConsistencyGroupSpec, GroupMember},
-};
+use lockstep_api::{domain::VolumeBinding, v1alpha1::ConsistencyGroup};
 use lockstep_operator::Operator;
 
 mod common;
@@ -40,20 +37,7 @@ async fn claims_and_volumes_are_watched_while_every_round_reads_the_nodes() {
     local_member(&hub, VolumeBinding::Required).await;
     let operator = Operator::start(hub.clone(), &options()).await.unwrap();
     let groups = Api::<ConsistencyGroup>::all(hub.clone());
-    let spec = ConsistencyGroupSpec {
-        members: vec![GroupMember {
-            cluster: "east".into(),
-            namespace: "orders".into(),
-            pvc_names: Some(vec!["wal".into(), "data".into()]),
-            selector: None,
-        }],
-        policy: Policy::FreezeAndGo,
-        hold_timeout: "30s".into(),
-        release: None,
-        resync: None,
-        freeze: None,
-        failover: None,
-    };
+    let spec = common::orders_group(&["wal", "data"]);
     groups
         .create(
             &PostParams::default(),

@@ -21,14 +21,11 @@ use kube::{
     api::{Patch, PatchParams, PostParams},
 };
 use lockstep_api::{
-    domain::{ClusterPaths, MAX_EPOCH, Policy},
+    domain::{ClusterPaths, MAX_EPOCH},
     proto::control::v1::{
         self as pb, AckRequest, NodeIdentity, ReportRequest, control_client::ControlClient,
     },
-    v1alpha1::{
-        ConsistencyGroup, ConsistencyGroupSpec, GroupMember, MemberCluster, MemberClusterSpec,
-        ReplicationNode,
-    },
+    v1alpha1::{ConsistencyGroup, MemberCluster, MemberClusterSpec, ReplicationNode},
 };
 use lockstep_operator::Operator;
 use serde_json::json;
@@ -226,20 +223,7 @@ async fn world(hub: &Client) -> (Operator, String) {
         .unwrap();
     let operator = Operator::start(hub.clone(), &options()).await.unwrap();
     let groups = Api::<ConsistencyGroup>::all(hub.clone());
-    let spec = ConsistencyGroupSpec {
-        members: vec![GroupMember {
-            cluster: "east".into(),
-            namespace: "orders".into(),
-            pvc_names: Some(vec!["wal".into()]),
-            selector: None,
-        }],
-        policy: Policy::FreezeAndGo,
-        hold_timeout: "30s".into(),
-        release: None,
-        resync: None,
-        freeze: None,
-        failover: None,
-    };
+    let spec = common::orders_group(&["wal"]);
     groups
         .create(
             &PostParams::default(),

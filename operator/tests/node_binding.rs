@@ -8,10 +8,8 @@ use kube::{
     api::{Patch, PatchParams, PostParams},
 };
 use lockstep_api::{
-    domain::{ClusterPaths, Policy, Stage, VolumeBinding, VolumeState, condition},
-    v1alpha1::{
-        ConsistencyGroup, ConsistencyGroupSpec, GroupMember, MemberCluster, MemberClusterSpec,
-    },
+    domain::{ClusterPaths, Stage, VolumeBinding, VolumeState, condition},
+    v1alpha1::{ConsistencyGroup, MemberCluster, MemberClusterSpec},
 };
 use lockstep_operator::Operator;
 use serde_json::json;
@@ -77,20 +75,7 @@ async fn a_node_claiming_and_acknowledging_another_nodes_volume_neither_takes_it
     .await;
     let operator = Operator::start(hub.clone(), &options()).await.unwrap();
     let groups = Api::<ConsistencyGroup>::all(hub.clone());
-    let spec = ConsistencyGroupSpec {
-        members: vec![GroupMember {
-            cluster: "east".into(),
-            namespace: "orders".into(),
-            pvc_names: Some(vec!["wal".into(), "data".into()]),
-            selector: None,
-        }],
-        policy: Policy::FreezeAndGo,
-        hold_timeout: "30s".into(),
-        release: None,
-        resync: None,
-        freeze: None,
-        failover: None,
-    };
+    let spec = common::orders_group(&["wal", "data"]);
     groups
         .create(
             &PostParams::default(),
@@ -164,23 +149,6 @@ async fn a_node_claiming_and_acknowledging_another_nodes_volume_neither_takes_it
     operator.shutdown().await;
 }
 
-fn one_volume_group(pvc: &str) -> ConsistencyGroupSpec {
-    ConsistencyGroupSpec {
-        members: vec![GroupMember {
-            cluster: "east".into(),
-            namespace: "orders".into(),
-            pvc_names: Some(vec![pvc.into()]),
-            selector: None,
-        }],
-        policy: Policy::FreezeAndGo,
-        hold_timeout: "30s".into(),
-        release: None,
-        resync: None,
-        freeze: None,
-        failover: None,
-    }
-}
-
 /// `node`'s ReplicationNode lists vol-wal in `state`.
 async fn wal_reported(hub: &Client, node: &str, state: &str) {
     let volumes = json!([{"volumeHandle": "vol-wal", "state": state, "epoch": 0}]);
@@ -194,7 +162,7 @@ async fn operator_with_wal_group(hub: &Client) -> (Operator, Api<ConsistencyGrou
     groups
         .create(
             &PostParams::default(),
-            &ConsistencyGroup::new("orders-db", one_volume_group("wal")),
+            &ConsistencyGroup::new("orders-db", common::orders_group(&["wal"])),
         )
         .await
         .unwrap();

@@ -9,8 +9,8 @@ use kube::{
     api::{Patch, PatchParams, PostParams},
 };
 use lockstep_api::{
-    domain::{Phase, Policy, Stage, VolumeBinding},
-    v1alpha1::{ConsistencyGroup, ConsistencyGroupSpec, GroupMember},
+    domain::{Phase, Stage, VolumeBinding},
+    v1alpha1::ConsistencyGroup,
 };
 use lockstep_operator::Operator;
 use serde_json::json;
@@ -37,20 +37,7 @@ async fn a_group_frozen_by_an_operator_before_shards_is_finished_by_this_one() {
     volume(&hub, "data", "orders", "vol-data", "e2").await;
     local_member(&hub, VolumeBinding::Required).await;
     let groups = Api::<ConsistencyGroup>::all(hub.clone());
-    let spec = ConsistencyGroupSpec {
-        members: vec![GroupMember {
-            cluster: "east".into(),
-            namespace: "orders".into(),
-            pvc_names: Some(vec!["wal".into(), "data".into()]),
-            selector: None,
-        }],
-        policy: Policy::FreezeAndGo,
-        hold_timeout: "30s".into(),
-        release: None,
-        resync: None,
-        freeze: None,
-        failover: None,
-    };
+    let spec = common::orders_group(&["wal", "data"]);
     groups
         .create(
             &PostParams::default(),

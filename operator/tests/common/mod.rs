@@ -412,3 +412,21 @@ pub async fn local_member(hub: &Client, binding: lockstep_api::domain::VolumeBin
         .await
         .unwrap();
 }
+
+/// A FreezeAndGo group (hold timeout 30s) of the PVCs `pvcs` in `east/orders`.
+pub fn orders_group(pvcs: &[&str]) -> lockstep_api::v1alpha1::ConsistencyGroupSpec {
+    lockstep_api::v1alpha1::ConsistencyGroupSpec {
+        members: vec![lockstep_api::v1alpha1::GroupMember {
+            cluster: "east".into(),
+            namespace: "orders".into(),
+            pvc_names: Some(pvcs.iter().map(|pvc| (*pvc).to_owned()).collect()),
+            selector: None,
+        }],
+        policy: lockstep_api::domain::Policy::FreezeAndGo,
+        hold_timeout: "30s".into(),
+        release: None,
+        resync: None,
+        freeze: None,
+        failover: None,
+    }
+}
