@@ -175,6 +175,7 @@ fn decide_adopting_up_to(
     };
     if group.metadata.deletion_timestamp.is_some() {
         decide_deletion(group, &uid, event, &mut decision, now);
+        crate::history::record(group.status.as_ref(), &mut decision.status, now);
         decision.status.observed_generation = generation;
         return Ok(decision);
     }
@@ -266,6 +267,7 @@ fn decide_adopting_up_to(
         status.hold_timeouts = None;
     }
     set_conditions(&mut decision.status, group, generation, now);
+    crate::history::record(group.status.as_ref(), &mut decision.status, now);
     decision.status.observed_generation = generation;
     Ok(decision)
 }

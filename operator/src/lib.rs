@@ -20,6 +20,7 @@ pub mod control;
 pub mod engine;
 pub mod fanout;
 pub mod freeze;
+pub mod history;
 pub mod http;
 pub mod identity;
 pub mod ingest;

@@ -1056,19 +1056,8 @@ async fn deleting_a_frozen_group_resumes_its_volumes_removes_mirrors_and_says_so
         })
         .await?
         .into_inner();
-    let failure = pb::CopyFailure {
-        group_uid: uid.clone(),
-        volume_handle: "vol-reporting".into(),
-        ..Default::default()
-    };
     control
-        .report(ReportRequest {
-            node: Some(west_node.clone()),
-            failures: vec![failure],
-            volumes: vec![],
-            hold_timeouts: vec![],
-            states: vec![],
-        })
+        .report(copy_failed(west_node.clone(), &uid, "vol-reporting"))
         .await?;
     let freeze = next_directive(&mut stream, |target| {
         target.stage == pb::Stage::Freeze as i32
@@ -1204,6 +1193,19 @@ fn east_node() -> NodeIdentity {
     }
 }
 
+/// The report of `node`'s sidecar that the copy of volume `handle` of group `uid` failed.
+fn copy_failed(node: NodeIdentity, uid: &str, handle: &str) -> ReportRequest {
+    ReportRequest {
+        node: Some(node),
+        failures: vec![pb::CopyFailure {
+            group_uid: uid.to_owned(),
+            volume_handle: handle.into(),
+            ..Default::default()
+        }],
+        ..Default::default()
+    }
+}
+
 #[tokio::test]
 async fn the_standby_finishes_a_freeze_the_killed_leader_started_and_the_deposed_write_is_refused()
 -> TestResult {
@@ -1237,19 +1239,8 @@ async fn the_standby_finishes_a_freeze_the_killed_leader_started_and_the_deposed
 
     // The leader freezes, then dies before any acknowledgement.
     let mut leader = ControlClient::connect(format!("http://{}", first.grpc_addr)).await?;
-    let failure = pb::CopyFailure {
-        group_uid: uid.clone(),
-        volume_handle: "vol-wal".into(),
-        ..Default::default()
-    };
     leader
-        .report(ReportRequest {
-            node: Some(east_node()),
-            failures: vec![failure],
-            volumes: vec![],
-            hold_timeouts: vec![],
-            states: vec![],
-        })
+        .report(copy_failed(east_node(), &uid, "vol-wal"))
         .await?;
     let groups = Api::<ConsistencyGroup>::all(hub.clone());
     let stale = groups.get("orders-db").await?;
@@ -1340,6 +1331,97 @@ async fn a_freeze_sent_but_never_persisted_is_finished_by_the_next_operator() ->
         .await?;
     assert_eq!(group.position(), (1, Stage::Freeze));
     assert_eq!(group.status.unwrap().trigger.unwrap().reason, "Adopted");
+    operator.shutdown().await;
+    Ok(())
+}
+
+/// The freeze history as the API server persisted it: one record for the freeze, its trigger and the
+/// path that brought it, the times of suspension, freeze and release in milliseconds and in order, the
+/// outcome as the group moves on to its resync.
+#[tokio::test]
+async fn a_freezes_history_is_persisted_with_its_trigger_steps_and_outcome() -> TestResult {
+    let (_east, hub) = east_only().await;
+    let operator = Operator::start(hub.clone(), &options()).await?;
+    let (_, uid) = single_cluster_group(&hub).await;
+    let mut control = ControlClient::connect(format!("http://{}", operator.grpc_addr)).await?;
+    let mut stream = control
+        .subscribe(SubscribeRequest {
+            node: Some(east_node()),
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    control
+        .report(copy_failed(east_node(), &uid, "vol-wal"))
+        .await?;
+    let freeze = next_directive(&mut stream, |target| {
+        target.stage == pb::Stage::Freeze as i32
+    })
+    .await;
+    control
+        .ack(AckRequest {
+            node: Some(east_node()),
+            enforced: Some(freeze),
+            volume_handles: vec!["vol-wal".into(), "vol-data".into()],
+            fail_safe: false,
+        })
+        .await?;
+    next_directive(&mut stream, |target| {
+        target.stage == pb::Stage::Release as i32
+    })
+    .await;
+    let groups = Api::<ConsistencyGroup>::all(hub.clone());
+    let released = groups.get("orders-db").await?;
+    let history = released.status.clone().unwrap_or_default().history;
+    assert_eq!(history.len(), 1, "{history:?}");
+    let record = &history[0];
+    assert_eq!(
+        (record.epoch, record.trigger.reason.as_str()),
+        (1, "CopyFailed")
+    );
+    assert_eq!(record.trigger.volume_handle.as_deref(), Some("vol-wal"));
+    assert_eq!(
+        (record.trigger.cluster.as_deref(), record.trigger.path),
+        (Some("east"), Some(lockstep_api::domain::Path::Grpc))
+    );
+    assert_eq!(
+        record.outcome,
+        lockstep_api::v1alpha1::FreezeOutcome::Released
+    );
+    let steps = [record.suspended_at, record.frozen_at, record.released_at];
+    assert!(steps.iter().all(Option::is_some), "{record:?}");
+    assert!(
+        steps.windows(2).all(|pair| pair[0] <= pair[1]) && Some(record.triggered_at) <= steps[0],
+        "steps in order: {record:?}"
+    );
+    // As kubectl reads it: RFC 3339 with milliseconds.
+    let raw = serde_json::to_value(&released)?;
+    let triggered = raw["status"]["history"][0]["triggeredAt"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    assert!(
+        triggered.len() == "2026-12-05T19:04:13.123Z".len()
+            && triggered.ends_with('Z')
+            && triggered.as_bytes()[19] == b'.',
+        "{triggered}"
+    );
+
+    common::patch_spec(&groups, json!({"resync": {"epoch": 1}})).await;
+    let resyncing = eventually("the resync is in the history", || {
+        let groups = groups.clone();
+        async move {
+            let group = groups.get("orders-db").await.ok()?;
+            let record = group.status?.history.first()?.clone();
+            (record.outcome == lockstep_api::v1alpha1::FreezeOutcome::Resyncing).then_some(record)
+        }
+    })
+    .await;
+    assert_eq!(
+        resyncing.released_at, record.released_at,
+        "earlier steps keep their times"
+    );
+    assert!(resyncing.resync_started_at >= record.released_at);
     operator.shutdown().await;
     Ok(())
 }

@@ -222,6 +222,12 @@ pub struct ConsistencyGroupStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hold_timeouts: Option<HoldTimeouts>,
 
+    /// The group's last freezes (at most 10, oldest first): trigger, path, the times of suspension,
+    /// freeze, release and resync, and how each ended. `kubectl lockstep timeline` prints them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 10))]
+    pub history: Vec<super::FreezeRecord>,
+
     /// The generation of the spec this status reflects.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,

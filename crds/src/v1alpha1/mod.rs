@@ -5,11 +5,13 @@
 //! rule touches is bounded so that kube-apiserver's cost estimator accepts the rule.
 
 mod consistency_group;
+mod history;
 mod member_cluster;
 mod replication_node;
 mod shard;
 
 pub use consistency_group::*;
+pub use history::*;
 pub use member_cluster::*;
 pub use replication_node::*;
 pub use shard::*;

@@ -1457,3 +1457,155 @@ fn a_stale_intent_does_not_hide_unresolved_members() {
         ready.message
     );
 }
+
+use lockstep_api::v1alpha1::{FREEZE_HISTORY, FreezeOutcome, FreezeRecord, MilliTime};
+
+/// `step`, at `millis` milliseconds after [`now`].
+fn step_at(group: &mut ConsistencyGroup, event: &Event, millis: i64) -> Decision {
+    let at = Time(now().0 + k8s_openapi::jiff::SignedDuration::from_millis(millis));
+    let decision = decide(group, event, &at).unwrap();
+    persist(group, &decision);
+    decision
+}
+
+/// Milliseconds from the freeze's trigger to one of its steps.
+fn after_trigger(record: &FreezeRecord, step: Option<MilliTime>) -> Option<i64> {
+    step.map(|at| at.millis_since(&record.triggered_at))
+}
+
+/// The freeze history: one record per freeze, its trigger and path, each step's time in milliseconds,
+/// the held writes that failed, and the outcome as it moves along; a new freeze supersedes one not yet
+/// resynced; at most ten are kept, the oldest dropped.
+#[test]
+fn the_history_records_each_freeze_its_steps_and_outcome() {
+    let mut group = group(Policy::FreezeAndStop);
+    step_at(&mut group, &report(Path::Grpc, 0), 0);
+    let record = |group: &ConsistencyGroup| status(group).history.last().unwrap().clone();
+    let first = record(&group);
+    assert_eq!(status(&group).history.len(), 1);
+    assert_eq!(
+        (first.epoch, first.trigger.reason.as_str()),
+        (1, "CopyFailed")
+    );
+    assert_eq!(first.trigger.volume_handle.as_deref(), Some("vol-wal"));
+    assert_eq!(
+        (first.trigger.cluster.as_deref(), first.trigger.path),
+        (Some("east"), Some(Path::Grpc))
+    );
+    assert_eq!(first.triggered_at, MilliTime(now().0));
+    assert_eq!(first.outcome, FreezeOutcome::Freezing);
+    assert_eq!(first.suspended_at, None);
+
+    step_at(
+        &mut group,
+        &ack(Path::Api, 1, Stage::Freeze, &["vol-wal", "vol-data"]),
+        4,
+    );
+    let suspended = record(&group);
+    assert_eq!(after_trigger(&suspended, suspended.suspended_at), Some(4));
+    assert_eq!(
+        (suspended.frozen_at, suspended.outcome),
+        (None, FreezeOutcome::Freezing)
+    );
+    step_at(
+        &mut group,
+        &ack(Path::Grpc, 1, Stage::Freeze, &["vol-west"]),
+        11,
+    );
+    let frozen = record(&group);
+    assert_eq!(
+        after_trigger(&frozen, frozen.suspended_at),
+        Some(4),
+        "the first suspension stays"
+    );
+    assert_eq!(after_trigger(&frozen, frozen.frozen_at), Some(11));
+    assert_eq!(frozen.outcome, FreezeOutcome::AwaitingRelease);
+
+    let timed_out = Event::HoldTimedOut(HoldTimeoutReport {
+        path: Path::Api,
+        cluster: "east".into(),
+        volume_handle: "vol-data".into(),
+        epoch: 1,
+        failed_writes: 3,
+        since: None,
+    });
+    step_at(&mut group, &timed_out, 30_000);
+    let held = record(&group);
+    assert_eq!(
+        (held.held_writes_failed, held.outcome),
+        (3, FreezeOutcome::HoldTimeout)
+    );
+
+    group.spec.release = Some(EpochIntent { epoch: 1 });
+    step_at(&mut group, &Event::Evaluate, 45_000);
+    let released = record(&group);
+    assert_eq!(after_trigger(&released, released.released_at), Some(45_000));
+    assert_eq!(
+        (released.held_writes_failed, released.outcome),
+        (3, FreezeOutcome::Released)
+    );
+
+    group.spec.resync = Some(EpochIntent { epoch: 1 });
+    step_at(&mut group, &Event::Evaluate, 60_000);
+    assert_eq!(record(&group).outcome, FreezeOutcome::Resyncing);
+    for event in acks(Path::Grpc, 1, Stage::Resume, &VOLUMES) {
+        step_at(&mut group, &event, 61_000);
+    }
+    for member in &mut group.status.as_mut().unwrap().members {
+        member.state = Some(VolumeState::Replicating);
+    }
+    step_at(&mut group, &Event::Evaluate, 65_000);
+    let resynced = record(&group);
+    assert_eq!(
+        after_trigger(&resynced, resynced.resync_started_at),
+        Some(60_000)
+    );
+    assert_eq!(after_trigger(&resynced, resynced.resynced_at), Some(65_000));
+    assert_eq!(resynced.outcome, FreezeOutcome::Resynced);
+    assert_eq!(
+        after_trigger(&resynced, resynced.frozen_at),
+        Some(11),
+        "earlier steps keep their times"
+    );
+
+    // A planned freeze, superseded (adopted past) before its resync; the resynced one stays Resynced.
+    group.spec.freeze = Some(EpochIntent { epoch: 1 });
+    step_at(&mut group, &Event::Evaluate, 70_000);
+    assert_eq!(
+        (record(&group).epoch, record(&group).trigger.reason.as_str()),
+        (2, "Planned")
+    );
+    assert_eq!(record(&group).trigger.path, None);
+    step_at(&mut group, &Event::Seen { epoch: 3 }, 71_000);
+    let history = &status(&group).history;
+    let outcomes: Vec<(u64, FreezeOutcome)> = history
+        .iter()
+        .map(|record| (record.epoch, record.outcome))
+        .collect();
+    assert_eq!(
+        outcomes,
+        [
+            (1, FreezeOutcome::Resynced),
+            (2, FreezeOutcome::Superseded),
+            (3, FreezeOutcome::Freezing)
+        ]
+    );
+    assert_eq!(history[2].trigger.reason, "Adopted");
+
+    // Decisions that change nothing leave the history as it is.
+    let before = status(&group).history.clone();
+    step_at(&mut group, &Event::Evaluate, 80_000);
+    assert_eq!(status(&group).history, before);
+
+    // Only the last ten freezes are kept.
+    for epoch in 4..=14 {
+        step_at(&mut group, &Event::Seen { epoch }, 90_000);
+    }
+    let epochs: Vec<u64> = status(&group)
+        .history
+        .iter()
+        .map(|record| record.epoch)
+        .collect();
+    assert_eq!(epochs.len(), FREEZE_HISTORY);
+    assert_eq!(epochs, (5..=14).collect::<Vec<u64>>());
+}
