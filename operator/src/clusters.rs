@@ -112,7 +112,9 @@ pub async fn probe(member: &Member) -> Result<(), String> {
     }
 }
 
-async fn client_from_secret(
+/// A client for the API server of the kubeconfig in key `key` of Secret `namespace`/`name` (read through
+/// `hub`), or why there is none, in one sentence.
+pub async fn client_from_secret(
     hub: &Client,
     namespace: &str,
     name: &str,
