@@ -22,7 +22,7 @@ echo "== cargo test --workspace"
 # and operators of their own, and on a 2-core machine several of them at once starve each other's timers.
 cargo test --workspace --locked --no-fail-fast -- --test-threads=1
 
-echo "== again on real kube-apiserver $(grep -m1 -o 'k8s.io/kubernetes v[0-9.]*' e2e/kube/go/kubernetes/go.mod | cut -d' ' -f2) and etcd: the operator's multi-cluster and Helm-chart tests, the fault scenarios"
+echo "== again on real kube-apiserver $(grep -m1 -o 'k8s.io/kubernetes v[0-9.]*' e2e/kube/go/kubernetes/go.mod | cut -d' ' -f2) and etcd: the operator's multi-cluster and Helm-chart tests, the fault scenarios, kubectl lockstep"
 # The same test code on the other backend (lockstep_kube::backend): what passes on the test API server
 # must pass on the real one. Missing binaries fail these tests: LOCKSTEP_APISERVER=kube asks for them.
 # Outside CI on a machine without Go (nothing was built), this pass is skipped and said so; in CI it runs.
@@ -32,4 +32,5 @@ else
   export LOCKSTEP_APISERVER=kube
   cargo test -p lockstep-operator --locked --no-fail-fast --test multicluster --test helm_chart -- --test-threads=1
   cargo test -p lockstep-e2e --locked --no-fail-fast --test faults -- --test-threads=1
+  cargo test -p kubectl-lockstep --locked --no-fail-fast --test through_kubectl -- --test-threads=1
 fi
