@@ -19,7 +19,12 @@ pub use output::Format;
 
 /// `kubectl lockstep`: see and steer Lockstep's consistency groups.
 #[derive(Debug, Parser)]
-#[command(name = "kubectl lockstep", version, about)]
+#[command(
+    name = "kubectl lockstep",
+    bin_name = "kubectl lockstep",
+    version,
+    about
+)]
 pub struct Cli {
     /// Output format: table, json or yaml.
     #[arg(short = 'o', long = "output", global = true, value_enum, default_value_t = Format::Table)]

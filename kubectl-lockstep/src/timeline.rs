@@ -16,6 +16,8 @@ use crate::{
 pub struct TimelineReport {
     /// The group.
     pub group: String,
+    /// Its current epoch: above 0 with no freezes listed, its freezes predate the history.
+    pub epoch: u64,
     /// Its freezes.
     pub freezes: Vec<FreezeLine>,
 }
@@ -82,12 +84,14 @@ impl FreezeLine {
 /// Reads the group's history.
 pub async fn report(connection: &Connection, name: &str) -> Result<TimelineReport, PluginError> {
     let group = connection.group(name).await?;
+    let epoch = group.position().0;
     let history = group
         .status
         .map(|status| status.history)
         .unwrap_or_default();
     Ok(TimelineReport {
         group: name.to_owned(),
+        epoch,
         freezes: history.iter().map(FreezeLine::of).collect(),
     })
 }
@@ -98,8 +102,14 @@ fn millis(value: Option<i64>) -> String {
 
 impl Report for TimelineReport {
     fn table(&self) -> String {
-        if self.freezes.is_empty() {
+        if self.freezes.is_empty() && self.epoch == 0 {
             return format!("{} has not frozen yet\n", self.group);
+        }
+        if self.freezes.is_empty() {
+            return format!(
+                "{} is at epoch {} but keeps no history of those freezes: they predate an operator that records it\n",
+                self.group, self.epoch
+            );
         }
         let rows: Vec<Vec<String>> = self
             .freezes

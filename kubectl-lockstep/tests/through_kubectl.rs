@@ -121,6 +121,14 @@ async fn status_timeline_release_members_and_resync_through_kubectl_after_a_free
 
     let plugins = kubectl.ok(&["plugin", "list"], &t).await;
     assert!(plugins.contains("kubectl-lockstep"), "{plugins}");
+    let none = kubectl.run(&["lockstep", "status", "nope"], &t).await;
+    assert!(!none.ok);
+    assert_eq!(
+        none.stderr.trim(),
+        r#"error: no ConsistencyGroup named "nope" (kubectl get cg lists them)"#
+    );
+    let quiet = kubectl.ok(&["lockstep", "timeline", "orders-db"], &t).await;
+    assert_eq!(quiet, "orders-db has not frozen yet\n");
 
     // West's reporting volume loses its link: the group freezes and, FreezeAndStop, holds its writes.
     h.cut(&["west-reporting"], LinkCutMode::Reset).unwrap();
