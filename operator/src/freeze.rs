@@ -1200,7 +1200,24 @@ fn set_conditions(
             },
         ),
     };
+    let ready_message = ready_update.message.clone();
     conditions::set(&mut status.conditions, ready_update, generation, now);
+
+    // kstatus (Flux, kpt) reads Stalled=True as Failed: a Degraded group waits for a person. Present only
+    // while True, as kstatus's abnormal-true conditions are; any other phase reads from Ready.
+    if phase == Phase::Degraded {
+        let stalled = ConditionUpdate {
+            type_: condition::STALLED,
+            status: true,
+            reason: "MembersNotResolved",
+            message: ready_message,
+        };
+        conditions::set(&mut status.conditions, stalled, generation, now);
+    } else {
+        status
+            .conditions
+            .retain(|existing| existing.type_ != condition::STALLED);
+    }
 }
 
 #[cfg(test)]

@@ -62,6 +62,9 @@ async fn metrics_text(State(state): State<HttpState>) -> impl IntoResponse {
             axum::http::header::CONTENT_TYPE,
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
         )],
-        state.metrics.encode(),
+        {
+            state.metrics.set_leader(*state.leader.borrow());
+            state.metrics.encode()
+        },
     )
 }

@@ -46,6 +46,23 @@ struct GroupLabels {
     group: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct GroupPhaseLabels {
+    group: String,
+    phase: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ClusterLabels {
+    cluster: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ClusterPathLabels {
+    cluster: String,
+    path: String,
+}
+
 /// The operator's metrics.
 #[derive(Clone)]
 pub struct Metrics {
@@ -55,7 +72,11 @@ pub struct Metrics {
     directives: Family<DirectiveLabels, Counter>,
     freeze_latency: Histogram,
     groups: Family<PhaseLabels, Gauge>,
+    group_phase: Family<GroupPhaseLabels, Gauge>,
     volumes: Family<StateLabels, Gauge>,
+    cluster_path_up: Family<ClusterPathLabels, Gauge>,
+    grpc_sessions: Family<ClusterLabels, Gauge>,
+    leader: Gauge,
     held_writes_failed: Family<GroupLabels, Counter>,
     events_dropped: Family<GroupLabels, Counter>,
     decision_batch: Histogram,
@@ -131,6 +152,30 @@ impl Default for Metrics {
             freeze_latency.clone(),
         );
         registry.register("groups", "Consistency groups, by phase", groups.clone());
+        let group_phase = Family::<GroupPhaseLabels, Gauge>::default();
+        registry.register(
+            "group_phase",
+            "1 for each group, labelled with the phase it is in (for alerts on how long a group stays in one)",
+            group_phase.clone(),
+        );
+        let cluster_path_up = Family::<ClusterPathLabels, Gauge>::default();
+        registry.register(
+            "member_cluster_path_up",
+            "Whether a path to a member cluster works (1) or not (0), for each path the MemberCluster uses: api (its API server answers) and grpc (at least one of its sidecars holds a stream)",
+            cluster_path_up.clone(),
+        );
+        let grpc_sessions = Family::<ClusterLabels, Gauge>::default();
+        registry.register(
+            "grpc_sessions",
+            "Sidecars holding an open gRPC Control stream, by member cluster",
+            grpc_sessions.clone(),
+        );
+        let leader = Gauge::default();
+        registry.register(
+            "operator_leader",
+            "1 while this replica holds the leader Lease (and so serves gRPC and writes), 0 on a standby",
+            leader.clone(),
+        );
         registry.register(
             "member_volumes",
             "Member volumes, by replication state",
@@ -143,7 +188,11 @@ impl Default for Metrics {
             directives,
             freeze_latency,
             groups,
+            group_phase,
             volumes,
+            cluster_path_up,
+            grpc_sessions,
+            leader,
             held_writes_failed,
             events_dropped,
             decision_batch,
@@ -233,15 +282,22 @@ impl Metrics {
         self.freeze_latency.observe(latency.as_secs_f64());
     }
 
-    /// Sets the gauges of groups by phase and member volumes by state.
-    pub fn census(&self, phases: &[Phase], states: &[VolumeState]) {
+    /// Sets the gauges of groups by phase (counted, and each group's own) and member volumes by state.
+    pub fn census(&self, phases: &[(&str, Phase)], states: &[VolumeState]) {
         self.groups.clear();
-        for phase in phases {
+        self.group_phase.clear();
+        for (group, phase) in phases {
             self.groups
                 .get_or_create(&PhaseLabels {
                     phase: phase.to_string(),
                 })
                 .inc();
+            self.group_phase
+                .get_or_create(&GroupPhaseLabels {
+                    group: (*group).to_owned(),
+                    phase: phase.to_string(),
+                })
+                .set(1);
         }
         self.volumes.clear();
         for state in states {
@@ -250,6 +306,38 @@ impl Metrics {
                     state: format!("{state:?}"),
                 })
                 .inc();
+        }
+    }
+
+    /// What the operator saw of a member cluster in its last probe: which of the paths it uses work,
+    /// and how many of its sidecars hold a gRPC stream.
+    pub fn member_cluster(&self, cluster: &str, paths: &[(Path, bool)], sessions: u32) {
+        for (path, up) in paths {
+            self.cluster_path_up
+                .get_or_create(&ClusterPathLabels {
+                    cluster: cluster.to_owned(),
+                    path: path.to_string(),
+                })
+                .set(i64::from(*up));
+        }
+        self.grpc_sessions
+            .get_or_create(&ClusterLabels {
+                cluster: cluster.to_owned(),
+            })
+            .set(i64::from(sessions));
+    }
+
+    /// Whether this replica leads (set as the metrics are read). A standby drops the gauges only the
+    /// leader keeps current (groups by phase, member clusters), so an old leader's last values do not
+    /// linger beside the new leader's.
+    pub fn set_leader(&self, leading: bool) {
+        self.leader.set(i64::from(leading));
+        if !leading {
+            self.groups.clear();
+            self.group_phase.clear();
+            self.volumes.clear();
+            self.cluster_path_up.clear();
+            self.grpc_sessions.clear();
         }
     }
 
@@ -275,8 +363,10 @@ mod tests {
         metrics.held_writes_failed("orders-db", 3);
         metrics.held_writes_failed("orders-db", 0);
         metrics.held_writes_failed("orders-db", 2);
+        metrics.member_cluster("west", &[(Path::Api, false), (Path::Grpc, true)], 2);
+        metrics.set_leader(true);
         metrics.census(
-            &[Phase::Frozen],
+            &[("orders-db", Phase::Frozen)],
             &[VolumeState::Suspended, VolumeState::Suspended],
         );
         let text = metrics.encode();
@@ -300,5 +390,22 @@ mod tests {
             text.contains(r#"lockstep_member_volumes{state="Suspended"} 2"#),
             "{text}"
         );
+        assert!(
+            text.contains(r#"lockstep_group_phase{group="orders-db",phase="Frozen"} 1"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"lockstep_member_cluster_path_up{cluster="west",path="api"} 0"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"lockstep_member_cluster_path_up{cluster="west",path="grpc"} 1"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"lockstep_grpc_sessions{cluster="west"} 2"#),
+            "{text}"
+        );
+        assert!(text.contains("lockstep_operator_leader 1"), "{text}");
     }
 }

@@ -80,7 +80,12 @@ pub(crate) async fn resync_loop(engine: Engine, interval: Duration) {
         let groups = engine.groups();
         let phases: Vec<_> = groups
             .iter()
-            .filter_map(|group| group.status.as_ref()?.phase)
+            .filter_map(|group| {
+                Some((
+                    group.metadata.name.as_deref()?,
+                    group.status.as_ref()?.phase?,
+                ))
+            })
             .collect();
         let states: Vec<_> = groups
             .iter()

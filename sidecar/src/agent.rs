@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 use crate::enforce::{
     Ack, Enforcer, Failure, GroupView, HoldTimeout, Input, Rank, Refusal, VolumeView,
 };
-use crate::metrics::{GroupLabels, Metrics};
+use crate::metrics::{FailSafeLabels, GroupLabels, Metrics};
 use crate::replicator::{Replicator, ReplicatorEvent};
 use crate::report::{Backoff, Reports};
 
@@ -455,6 +455,15 @@ impl Agent {
                     state: format!("{:?}", snapshot.volume_state(volume)),
                 })
                 .inc();
+        }
+        metrics.fail_safe_in_force.clear();
+        for group in snapshot.groups.iter().filter(|g| g.fail_safe.is_some()) {
+            metrics
+                .fail_safe_in_force
+                .get_or_create(&FailSafeLabels {
+                    group: self.group_name(&group.group_uid),
+                })
+                .set(1);
         }
         self.publish.send_if_modified(|current| {
             if *current == snapshot {

@@ -47,6 +47,13 @@ pub struct ReasonLabels {
     pub reason: String,
 }
 
+/// Labels: a group.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FailSafeLabels {
+    /// The group's name (or UID when the name is unknown).
+    pub group: String,
+}
+
 /// The sidecar's metrics.
 #[derive(Debug)]
 pub struct Metrics {
@@ -63,6 +70,8 @@ pub struct Metrics {
     pub volumes: Family<GroupLabels, Gauge>,
     /// Fail-safe suspensions taken, by group.
     pub fail_safes: Family<GroupLabels, Counter>,
+    /// 1 for each group whose fail-safe suspension is in force on this node.
+    pub fail_safe_in_force: Family<FailSafeLabels, Gauge>,
     /// Replicator operations by kind and result.
     pub replicator_calls: Family<PathLabels, Counter>,
     /// Copy failures of volumes in no group (the replicator runs them primary-only, changes tracked,
@@ -91,6 +100,7 @@ impl Metrics {
         let path_up = Family::<PathLabels, Gauge>::default();
         let volumes = Family::<GroupLabels, Gauge>::default();
         let fail_safes = Family::<GroupLabels, Counter>::default();
+        let fail_safe_in_force = Family::<FailSafeLabels, Gauge>::default();
         let replicator_calls = Family::<PathLabels, Counter>::default();
         let copy_failures_outside_groups = Family::<PathLabels, Counter>::default();
         let kept_image_failures = Family::<ReasonLabels, Counter>::default();
@@ -121,6 +131,11 @@ impl Metrics {
             fail_safes.clone(),
         );
         registry.register(
+            "fail_safe_in_force",
+            "1 for each group this node holds suspended by its own fail-safe (a failed write reached neither path); lifted only by a directive at a higher epoch",
+            fail_safe_in_force.clone(),
+        );
+        registry.register(
             "replicator_calls",
             "Replicator operations, by kind (path label) and result",
             replicator_calls.clone(),
@@ -143,6 +158,7 @@ impl Metrics {
             path_up,
             volumes,
             fail_safes,
+            fail_safe_in_force,
             replicator_calls,
             copy_failures_outside_groups,
             kept_image_failures,

@@ -238,7 +238,7 @@ pub struct ConsistencyGroupStatus {
     #[schemars(length(max = 64))]
     pub decision_id: Option<String>,
 
-    /// Ready, Frozen, ConsistentImage and MembersResolved.
+    /// Ready, Frozen, ConsistentImage, MembersResolved, ImageKept, and Stalled while the group is Degraded.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 16))]
     pub conditions: Vec<Condition>,

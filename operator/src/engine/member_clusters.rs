@@ -127,12 +127,19 @@ impl Engine {
             },
         };
         let before = status.clone();
-        conditions::set(
-            &mut status.conditions,
-            update,
-            cluster.metadata.generation,
-            &now(),
-        );
+        // Ready says what Reachable says: the condition kstatus (Flux) and Argo CD's health check read.
+        let ready = ConditionUpdate {
+            type_: lockstep_api::domain::condition::READY,
+            ..update.clone()
+        };
+        for update in [update, ready] {
+            conditions::set(
+                &mut status.conditions,
+                update,
+                cluster.metadata.generation,
+                &now(),
+            );
+        }
         if member.paths.includes(Path::Grpc) {
             conditions::set(
                 &mut status.conditions,
@@ -141,6 +148,16 @@ impl Engine {
                 &now(),
             );
         }
+        let mut paths = Vec::new();
+        if api_path {
+            paths.push((Path::Api, reachable.is_ok()));
+        }
+        if member.paths.includes(Path::Grpc) {
+            paths.push((Path::Grpc, sessions > 0));
+        }
+        self.inner
+            .metrics
+            .member_cluster(&member.name, &paths, sessions);
         status.grpc_sessions = sessions;
         status.observed_generation = cluster.metadata.generation;
         if reachable.is_ok() && api_path {
