@@ -160,31 +160,47 @@ fn decide_adopting_up_to(
     now: &Time,
     adopt_limit: Option<u64>,
 ) -> Result<Decision, DecideError> {
-    let name = group.metadata.name.clone().unwrap_or_default();
-    let uid = group
-        .metadata
-        .uid
-        .clone()
-        .ok_or_else(|| DecideError::NoUid(name.clone()))?;
-    let generation = group.metadata.generation;
     let mut decision = Decision {
         status: group.status.clone().unwrap_or_default(),
         freeze_now: None,
         after_persist: None,
         notes: Vec::new(),
     };
+    decide_into(group, &mut decision, event, now, adopt_limit)?;
+    Ok(decision)
+}
+
+/// Decides one event on `decision.status` in place: the status as decided so far (the group's own
+/// `status` is not read), so that a batch works on one copy of a status of thousands of volumes.
+fn decide_into(
+    group: &ConsistencyGroup,
+    decision: &mut Decision,
+    event: &Event,
+    now: &Time,
+    adopt_limit: Option<u64>,
+) -> Result<(), DecideError> {
+    let uid = match group.metadata.uid.as_deref() {
+        Some(uid) => uid.to_owned(),
+        None => {
+            return Err(DecideError::NoUid(
+                group.metadata.name.clone().unwrap_or_default(),
+            ));
+        }
+    };
+    let generation = group.metadata.generation;
+    let epoch_before = decision.status.epoch;
     if group.metadata.deletion_timestamp.is_some() {
-        decide_deletion(group, &uid, event, &mut decision, now);
-        crate::history::record(group.status.as_ref(), &mut decision.status, now);
+        decide_deletion(group, &uid, event, decision, now);
+        crate::history::record(epoch_before, &mut decision.status, now);
         decision.status.observed_generation = generation;
-        return Ok(decision);
+        return Ok(());
     }
     let status = &mut decision.status;
 
     match event {
         Event::Report(report) => {
             if report.epoch_seen > status.epoch {
-                adopt(&mut decision, &uid, report.epoch_seen, adopt_limit, now);
+                adopt(decision, &uid, report.epoch_seen, adopt_limit, now);
             } else if report.epoch_seen == status.epoch && replicating(status) {
                 let trigger = FreezeTrigger {
                     reason: "CopyFailed".to_owned(),
@@ -195,7 +211,7 @@ fn decide_adopting_up_to(
                     message: Some(report.message.clone()),
                     at: Some(now.clone()),
                 };
-                freeze(&mut decision, &uid, trigger);
+                freeze(decision, &uid, trigger);
             }
             // Marked after the freeze decided which volumes were in sync as it began: this one was (its
             // secondary never got the write whose copy failed).
@@ -208,7 +224,7 @@ fn decide_adopting_up_to(
         }
         Event::Ack(ack) => {
             if ack.epoch > status.epoch {
-                adopt(&mut decision, &uid, ack.epoch, adopt_limit, now);
+                adopt(decision, &uid, ack.epoch, adopt_limit, now);
             } else if ack.fail_safe && ack.epoch == status.epoch && replicating(status) {
                 // A node suspended on its own at the current epoch: treat it as the failure it stands for.
                 let trigger = FreezeTrigger {
@@ -222,7 +238,7 @@ fn decide_adopting_up_to(
                     ),
                     at: Some(now.clone()),
                 };
-                freeze(&mut decision, &uid, trigger);
+                freeze(decision, &uid, trigger);
             }
             // An acknowledgement of an epoch that was refused is no acknowledgement of anything.
             if ack.epoch <= decision.status.epoch {
@@ -231,10 +247,10 @@ fn decide_adopting_up_to(
         }
         Event::Seen { epoch } => {
             if *epoch > decision.status.epoch {
-                adopt(&mut decision, &uid, *epoch, adopt_limit, now);
+                adopt(decision, &uid, *epoch, adopt_limit, now);
             }
         }
-        Event::HoldTimedOut(report) => record_hold_timeout(&mut decision, group, report),
+        Event::HoldTimedOut(report) => record_hold_timeout(decision, group, report),
         Event::Evaluate => {}
     }
 
@@ -253,10 +269,10 @@ fn decide_adopting_up_to(
             message: Some(format!("spec.freeze.epoch named epoch {}", intent.epoch)),
             at: Some(now.clone()),
         };
-        freeze(&mut decision, &uid, trigger);
+        freeze(decision, &uid, trigger);
     }
 
-    advance(&mut decision, group, &uid);
+    advance(decision, group, &uid);
     // Hold timeouts belong to the current epoch's freeze: a new freeze or a resume clears them.
     let status = &mut decision.status;
     if status
@@ -267,9 +283,9 @@ fn decide_adopting_up_to(
         status.hold_timeouts = None;
     }
     set_conditions(&mut decision.status, group, generation, now);
-    crate::history::record(group.status.as_ref(), &mut decision.status, now);
+    crate::history::record(epoch_before, &mut decision.status, now);
     decision.status.observed_generation = generation;
-    Ok(decision)
+    Ok(())
 }
 
 /// Decides a batch of events that queued up for one group while an earlier decision was being persisted,
@@ -284,9 +300,18 @@ pub fn decide_batch(
     events: &[Event],
     now: &Time,
 ) -> Result<Decision, DecideError> {
-    let adopt_limit = next_epoch(group.status.as_ref().map_or(0, |status| status.epoch));
-    let mut group = group.clone();
-    let mut merged: Option<Decision> = None;
+    decide_batch_on(group, group.status.clone(), events, now)
+}
+
+/// [`decide_batch`] on `status`, the group's status as persisted (with its volumes), taken by value:
+/// the group's own `status` is not read, and the status of thousands of volumes is not copied.
+pub fn decide_batch_on(
+    group: &ConsistencyGroup,
+    status: Option<ConsistencyGroupStatus>,
+    events: &[Event],
+    now: &Time,
+) -> Result<Decision, DecideError> {
+    let adopt_limit = next_epoch(status.as_ref().map_or(0, |status| status.epoch));
     // Reports that arrived together froze the group together: one naming a secondary that could not
     // keep the image goes first, so that the freeze's trigger (and `ImageKept`) says so.
     let mut events: Vec<&Event> = events.iter().collect();
@@ -294,24 +319,21 @@ pub fn decide_batch(
         !matches!(event, Event::Report(report)
             if lockstep_api::domain::kept_image_failure(&report.message).is_some())
     });
-    for event in events {
-        let decision = decide_adopting_up_to(&group, event, now, adopt_limit)?;
-        group.status = Some(decision.status.clone());
-        merged = Some(match merged {
-            None => decision,
-            Some(mut merged) => {
-                merged.status = decision.status;
-                merged.freeze_now = highest(merged.freeze_now, decision.freeze_now);
-                merged.after_persist = highest(merged.after_persist, decision.after_persist);
-                merged.notes.extend(decision.notes);
-                merged
-            }
-        });
+    if events.is_empty() {
+        events.push(&Event::Evaluate);
     }
-    let mut merged = match merged {
-        Some(merged) => merged,
-        None => decide(&group, &Event::Evaluate, now)?,
+    let mut merged = Decision {
+        status: status.unwrap_or_default(),
+        freeze_now: None,
+        after_persist: None,
+        notes: Vec::new(),
     };
+    for event in events {
+        let (freeze_before, after_before) = (merged.freeze_now.take(), merged.after_persist.take());
+        decide_into(group, &mut merged, event, now, adopt_limit)?;
+        merged.freeze_now = highest(freeze_before, merged.freeze_now.take());
+        merged.after_persist = highest(after_before, merged.after_persist.take());
+    }
     if let (Some(after), Some(freeze)) = (&merged.after_persist, &merged.freeze_now)
         && (after.epoch, after.stage) <= (freeze.epoch, freeze.stage)
     {
@@ -1093,11 +1115,8 @@ fn set_conditions(
         Stage::Release => true,
         Stage::Resume => false,
     };
-    let missing: Vec<String> = if stage == Stage::Freeze {
+    let missing = if stage == Stage::Freeze {
         unacknowledged(status, epoch, Stage::Freeze)
-            .iter()
-            .map(|member| format!("{}/{}/{}", member.cluster, member.namespace, member.pvc))
-            .collect()
     } else {
         Vec::new()
     };
@@ -1119,7 +1138,7 @@ fn set_conditions(
             }
             (Stage::Freeze, false) => format!(
                 "freezing at epoch {epoch}; waiting for {}",
-                missing.join(", ")
+                name_some(&missing)
             ),
             (Stage::Release, _) => {
                 format!(

@@ -15,15 +15,10 @@ use lockstep_api::{
     },
 };
 
-/// Brings `status.history` up to date with the status decided from `before` at `now`.
-pub fn record(
-    before: Option<&ConsistencyGroupStatus>,
-    status: &mut ConsistencyGroupStatus,
-    now: &Time,
-) {
+/// Brings `status.history` up to date with the status decided at `now` from one at `epoch_before`.
+pub fn record(epoch_before: u64, status: &mut ConsistencyGroupStatus, now: &Time) {
     let now = MilliTime(now.0);
-    let previous_epoch = before.map_or(0, |before| before.epoch);
-    if status.epoch > previous_epoch {
+    if status.epoch > epoch_before {
         begin(status, now);
     }
     let (epoch, stage) = status.position();

@@ -19,8 +19,8 @@ use lockstep_api::{
     domain::{Phase, Stage},
     v1alpha1::{
         Acknowledgement, ClusterVolumeCounts, ConsistencyGroupShardSpec, ConsistencyGroupStatus,
-        ImageVolume, MemberVolumeStatus, NodeAcknowledgement, SHARD_VOLUMES, ShardKey, Straggler,
-        VolumeCounts, volume_set_digest,
+        ConsistentImage, HoldTimeouts, ImageVolume, MemberVolumeStatus, NodeAcknowledgement,
+        SHARD_VOLUMES, ShardKey, Straggler, VolumeCounts, volume_set_digest,
     },
 };
 
@@ -62,8 +62,7 @@ fn state_name(member: &MemberVolumeStatus) -> String {
 /// What the group's status persists of the full status: no per-volume list, counts instead.
 pub fn bounded(full: &ConsistencyGroupStatus) -> ConsistencyGroupStatus {
     let (epoch, stage) = full.position();
-    let mut status = full.clone();
-    status.members = Vec::new();
+    let mut status = without_volume_lists(full);
     status.member_count = count(full.members.len());
     let mut counts = VolumeCounts::default();
     let mut clusters: BTreeMap<&str, (ClusterVolumeCounts, BTreeSet<&str>)> = BTreeMap::new();
@@ -123,15 +122,89 @@ pub fn bounded(full: &ConsistencyGroupStatus) -> ConsistencyGroupStatus {
         })
         .take(NAMED)
         .collect();
-    if let Some(image) = status.consistent_image.as_mut() {
-        image.volume_count = count(image.volumes.len());
-        image.volumes = Vec::new();
-    }
-    if let Some(held) = status.hold_timeouts.as_mut() {
-        held.volume_count = count(held.volumes.len());
-        held.volumes.truncate(NAMED);
-    }
     status
+}
+
+/// A copy of `full` without its per-volume lists (members, the image's volumes, all but [`NAMED`] hold
+/// timeouts), their sizes counted: copying thousands of volumes only to drop them costs more than the
+/// rest of a decision.
+fn without_volume_lists(full: &ConsistencyGroupStatus) -> ConsistencyGroupStatus {
+    let ConsistencyGroupStatus {
+        phase,
+        epoch,
+        stage,
+        trigger,
+        members: _,
+        member_count,
+        volumes,
+        node_acknowledgements,
+        stragglers,
+        consistent_image,
+        hold_timeouts,
+        history,
+        observed_generation,
+        decision_id,
+        conditions,
+    } = full;
+    ConsistencyGroupStatus {
+        phase: *phase,
+        epoch: *epoch,
+        stage: *stage,
+        trigger: trigger.clone(),
+        members: Vec::new(),
+        member_count: *member_count,
+        volumes: volumes.clone(),
+        node_acknowledgements: node_acknowledgements.clone(),
+        stragglers: stragglers.clone(),
+        consistent_image: consistent_image.as_ref().map(|image| ConsistentImage {
+            epoch: image.epoch,
+            volumes: Vec::new(),
+            volume_count: count(image.volumes.len()),
+        }),
+        hold_timeouts: hold_timeouts.as_ref().map(|held| HoldTimeouts {
+            epoch: held.epoch,
+            failed_writes: held.failed_writes,
+            volumes: held.volumes.iter().take(NAMED).cloned().collect(),
+            volume_count: count(held.volumes.len()),
+            since: held.since.clone(),
+        }),
+        history: history.clone(),
+        observed_generation: *observed_generation,
+        decision_id: decision_id.clone(),
+        conditions: conditions.clone(),
+    }
+}
+
+/// Whether two full statuses list the same volumes the same way: members, the image's volumes, the hold
+/// timeouts per volume (what the bounded status only counts).
+pub fn same_volumes(a: &ConsistencyGroupStatus, b: &ConsistencyGroupStatus) -> bool {
+    a.members == b.members
+        && a.consistent_image.as_ref().map(|image| &image.volumes)
+            == b.consistent_image.as_ref().map(|image| &image.volumes)
+        && a.hold_timeouts.as_ref().map(|held| &held.volumes)
+            == b.hold_timeouts.as_ref().map(|held| &held.volumes)
+}
+
+/// Whether the bounded status `next` differs from the persisted `read` only in progress a person reads
+/// (counts, per-node acknowledgements, stragglers, the wording of a condition whose status and reason
+/// stay): no decision, trigger, image, hold timeout, history or condition state of its own. Such a
+/// change may wait for the next write rather than cost a write per burst of acknowledgements.
+pub fn only_progress_differs(read: &ConsistencyGroupStatus, next: &ConsistencyGroupStatus) -> bool {
+    let same_condition_states = read.conditions.len() == next.conditions.len()
+        && read.conditions.iter().zip(&next.conditions).all(|(a, b)| {
+            (&a.type_, &a.status, &a.reason, a.observed_generation)
+                == (&b.type_, &b.status, &b.reason, b.observed_generation)
+        });
+    if !same_condition_states {
+        return false;
+    }
+    let mut projected = next.clone();
+    projected.volumes = read.volumes.clone();
+    projected.node_acknowledgements = read.node_acknowledgements.clone();
+    projected.stragglers = read.stragglers.clone();
+    projected.conditions = read.conditions.clone();
+    projected.decision_id = read.decision_id.clone();
+    projected == *read
 }
 
 /// Per node, the lowest acknowledgement over all of its member volumes, for that set of volumes (a node

@@ -90,8 +90,13 @@ pub(crate) async fn resync_loop(engine: Engine, interval: Duration) {
         let states: Vec<_> = groups
             .iter()
             .filter_map(|group| group.metadata.uid.as_deref())
-            .flat_map(|uid| engine.member_volumes_of(uid))
-            .filter_map(|member| member.state)
+            .flat_map(|uid| {
+                let members = engine.member_volumes_of(uid);
+                members
+                    .iter()
+                    .filter_map(|member| member.state)
+                    .collect::<Vec<_>>()
+            })
             .collect();
         engine.metrics().census(&phases, &states);
     }

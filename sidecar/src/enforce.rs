@@ -800,9 +800,11 @@ impl Enforcer {
     /// Forgets hold timeouts the group moved past: a resume after them, or a freeze at a higher epoch
     /// (whose own timeouts are recorded afresh), and those of volumes that left the group or this node.
     fn forget_past_hold_timeouts(&mut self) {
+        // Most messages find no hold timeout to forget: no member set is built for them.
         let members: BTreeMap<String, BTreeSet<String>> = self
             .groups
             .iter()
+            .filter(|(_, g)| !g.hold_timeouts.is_empty())
             .map(|(uid, g)| (uid.clone(), g.members.values().flatten().cloned().collect()))
             .collect();
         for (uid, group) in &mut self.groups {

@@ -63,40 +63,59 @@ impl Engine {
                 record => record,
             };
             group.status = crate::ledger::hydrate(read.clone(), record.as_deref());
-            let read_full = group.status.clone();
             let refused = batch
                 .observation
                 .as_ref()
                 .filter(|observation| memory.accepts_observation(observation.read_at))
                 .map(|observation| apply_resolution(&mut group, observation));
-            let decision = freeze::decide_batch(&group, &batch.events, &now())?;
-            if let Some(point) = &decision.freeze_now {
+            let held_before = group
+                .status
+                .as_ref()
+                .and_then(|status| status.hold_timeouts.clone());
+            // The one full copy of the status (thousands of volumes) is decided on in place; from here
+            // on `group` carries the bounded status as read, cheap to copy.
+            let full = group.status.take();
+            group.status = read.clone();
+            let freeze::Decision {
+                status: mut decided,
+                freeze_now,
+                after_persist,
+                notes,
+            } = freeze::decide_batch_on(&group, full, &batch.events, &now())?;
+            if let Some(point) = &freeze_now {
                 // Rule 1: freeze at once, on both paths, before anything is persisted.
                 memory.freeze_started = Some((point.epoch, Instant::now()));
-                self.send(&group, point, Some(&decision.status)).await;
+                self.send(&group, point, Some(&decided)).await;
             }
-            let mut persisted = crate::ledger::bounded(&decision.status);
+            let mut persisted = crate::ledger::bounded(&decided);
             persisted.decision_id = read.as_ref().and_then(|s| s.decision_id.clone());
-            if read.as_ref() != Some(&persisted) {
-                let mut decision = decision.clone();
+            let changed = read.as_ref() != Some(&persisted);
+            let progress_waits = changed
+                && memory
+                    .last_write
+                    .is_some_and(|at| at.elapsed() < queue::PROGRESS_WRITE_INTERVAL)
+                && read
+                    .as_ref()
+                    .is_some_and(|read| crate::ledger::only_progress_differs(read, &persisted));
+            let decided = if changed && !progress_waits {
                 let id = crate::ledger::new_decision_id();
                 persisted.decision_id = Some(id.clone());
-                decision.status.decision_id = Some(id);
+                decided.decision_id = Some(id);
                 match self.persist(&api, &group, &persisted).await {
                     Ok(written) => {
-                        group_lock.set_persisted(decision.status.position());
+                        memory.last_write = Some(Instant::now());
+                        group_lock.set_persisted(decided.position());
                         memory.last_written = Some(written);
-                        self.publish_record(&group, decision.status.clone());
+                        let decided = Arc::new(decided);
+                        self.publish_record(&group, decided.clone());
                         let (failed, volumes) = freeze::hold_timeout_growth(
-                            read_full
-                                .as_ref()
-                                .and_then(|status| status.hold_timeouts.as_ref()),
-                            decision.status.hold_timeouts.as_ref(),
+                            held_before.as_ref(),
+                            decided.hold_timeouts.as_ref(),
                         );
                         self.inner.metrics.held_writes_failed(name, failed);
                         if !volumes.is_empty() {
                             let (engine, group, status) =
-                                (self.clone(), group.clone(), decision.status.clone());
+                                (self.clone(), group.clone(), decided.clone());
                             tokio::spawn(
                                 async move {
                                     engine
@@ -106,6 +125,7 @@ impl Engine {
                                 .instrument(tracing::Span::current()),
                             );
                         }
+                        decided
                     }
                     Err(kube::Error::Api(status)) if status.code == 409 => {
                         tracing::debug!("status conflict; deciding again on fresh state");
@@ -121,19 +141,23 @@ impl Engine {
                     Err(error) => return Err(error.into()),
                 }
             } else {
-                if read_full.as_ref() != Some(&decision.status) {
-                    // Only the per-volume record changed (a state the counts do not show): it lives in
-                    // memory and the shards.
-                    self.publish_record(&group, decision.status.clone());
+                let decided = Arc::new(decided);
+                if record
+                    .as_deref()
+                    .is_none_or(|record| !crate::ledger::same_volumes(record, &decided))
+                {
+                    // Only the per-volume record changed (a state the counts do not show, or progress
+                    // that waits for the next write): it lives in memory and the shards.
+                    self.publish_record(&group, decided.clone());
                 }
-                let mut unchanged = group.clone();
-                unchanged.status = read;
-                memory.last_written = Some(unchanged).filter(|_| batch.observation.is_none());
-            }
+                memory.last_written = Some(group.clone()).filter(|_| batch.observation.is_none());
+                decided
+            };
             if let Some(refused) = refused {
                 self.report_refused_claims(&group, refused, memory);
             }
-            self.after_persist(&group, &decision, memory).await;
+            self.after_persist(&group, &decided, after_persist.as_ref(), notes, memory)
+                .await;
             return Ok(());
         }
         Err(EngineError::Conflicts(name.to_owned()))
@@ -189,27 +213,24 @@ impl Engine {
     pub(super) async fn after_persist(
         &self,
         group: &ConsistencyGroup,
-        decision: &Decision,
+        decided: &Arc<ConsistencyGroupStatus>,
+        after_persist: Option<&GroupEpoch>,
+        notes: Vec<freeze::Note>,
         memory: &mut GroupMemory,
     ) {
-        if let Some(point) = &decision.after_persist {
-            self.send(group, point, Some(&decision.status)).await;
+        if let Some(point) = after_persist {
+            self.send(group, point, Some(decided)).await;
         }
-        let frozen =
-            conditions::status_of(&decision.status.conditions, condition::FROZEN) == Some(true);
+        let frozen = conditions::status_of(&decided.conditions, condition::FROZEN) == Some(true);
         if frozen
             && let Some((epoch, started)) = memory.freeze_started
-            && epoch == decision.status.epoch
+            && epoch == decided.epoch
         {
             self.inner.metrics.freeze_completed(started.elapsed());
             memory.freeze_started = None;
         }
-        if !decision.notes.is_empty() {
-            self.publish_notes(
-                group.clone(),
-                decision.status.clone(),
-                decision.notes.clone(),
-            );
+        if !notes.is_empty() {
+            self.publish_notes(group.clone(), decided.clone(), notes);
         }
     }
 

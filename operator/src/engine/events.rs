@@ -60,7 +60,7 @@ impl Engine {
     pub(super) fn publish_notes(
         &self,
         group: ConsistencyGroup,
-        status: ConsistencyGroupStatus,
+        status: Arc<ConsistencyGroupStatus>,
         notes: Vec<freeze::Note>,
     ) {
         let engine = self.clone();

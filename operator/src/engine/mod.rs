@@ -56,7 +56,7 @@ use tracing::Instrument;
 use crate::{
     clusters::{self, Member},
     fanout::Fanout,
-    freeze::{self, Decision, Event},
+    freeze::{self, Event},
     listed::Listed,
     members,
     members::ClusterView,
@@ -269,15 +269,17 @@ impl Engine {
         crate::ledger::hydrate(self.group_by_uid(uid)?.status.clone(), record.as_deref())
     }
 
-    /// The member volumes of a group, as last decided (none before its first decision).
-    pub fn member_volumes_of(&self, uid: &str) -> Vec<lockstep_api::v1alpha1::MemberVolumeStatus> {
+    /// The member volumes of a group, as last decided (none before its first decision): shared with the
+    /// group's record, not copied (a group has up to thousands).
+    pub fn member_volumes_of(&self, uid: &str) -> MemberVolumes {
         if let Some(record) = self.volume_record(uid) {
-            return record.members.clone();
+            return MemberVolumes(Some(record));
         }
-        self.group_by_uid(uid)
-            .and_then(|group| group.status.clone())
-            .map(|status| status.members)
-            .unwrap_or_default()
+        MemberVolumes(
+            self.group_by_uid(uid)
+                .and_then(|group| group.status.clone())
+                .map(Arc::new),
+        )
     }
 
     /// The member clusters of a group (by name, from its spec).
@@ -291,6 +293,18 @@ impl Engine {
         clusters.sort();
         clusters.dedup();
         clusters
+    }
+}
+
+/// A group's member volumes as last decided, shared with the status they belong to.
+#[derive(Debug, Clone, Default)]
+pub struct MemberVolumes(Option<Arc<ConsistencyGroupStatus>>);
+
+impl std::ops::Deref for MemberVolumes {
+    type Target = [lockstep_api::v1alpha1::MemberVolumeStatus];
+
+    fn deref(&self) -> &Self::Target {
+        self.0.as_ref().map_or(&[], |status| &status.members)
     }
 }
 

@@ -190,7 +190,7 @@ impl Engine {
         views: &BTreeMap<String, ClusterView>,
     ) -> members::Claims {
         let groups = self.inner.groups.state();
-        let ordered: Vec<(Arc<ConsistencyGroup>, ClaimOrder, Vec<_>)> = groups
+        let ordered: Vec<(Arc<ConsistencyGroup>, ClaimOrder, MemberVolumes)> = groups
             .iter()
             .filter(|other| other.metadata.uid.as_deref() != Some(uid))
             .filter_map(|other| {

@@ -77,11 +77,14 @@ impl Engine {
     }
 
     /// Keeps `full` as the group's record and hands it to the group's shard writer.
-    pub(super) fn publish_record(&self, group: &ConsistencyGroup, full: ConsistencyGroupStatus) {
+    pub(super) fn publish_record(
+        &self,
+        group: &ConsistencyGroup,
+        full: Arc<ConsistencyGroupStatus>,
+    ) {
         let Some(uid) = group.metadata.uid.clone() else {
             return;
         };
-        let full = Arc::new(full);
         self.inner
             .records
             .lock()
