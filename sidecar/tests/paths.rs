@@ -130,6 +130,16 @@ async fn grpc_only_configuration_freezes_once_and_acknowledges_with_the_volume_l
                     .any(|l| l.starts_with("lockstep_sidecar_volumes") && l.contains(&named)),
                 "{body}"
             );
+            // A known group's fail-safe series exist before any fail-safe, at 0 (so alerts and
+            // panels that name them find them).
+            for series in [
+                format!("lockstep_sidecar_fail_safe_in_force{{{named}}} 0"),
+                format!(
+                    "lockstep_sidecar_fail_safes_total{{{named},path=\"local\",state=\"taken\"}} 0"
+                ),
+            ] {
+                assert!(body.contains(&series), "{series} in\n{body}");
+            }
         }
     }
     sidecar.shutdown().await;
