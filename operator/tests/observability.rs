@@ -566,6 +566,16 @@ async fn a_real_operator_and_sidecar_export_every_metric_named_and_read_as_argo_
         }
     })
     .await;
+    // Its conditions name the generation they were written for, as kstatus and Argo CD read Ready.
+    let generation = node.metadata.generation;
+    assert!(generation.is_some());
+    let conditions = &node.status.as_ref().unwrap().conditions;
+    assert!(
+        conditions
+            .iter()
+            .all(|condition| condition.observed_generation == generation),
+        "{conditions:?} observed generation {generation:?}"
+    );
     samples.insert(
         "replicationnode-serving".into(),
         serde_json::to_value(node).unwrap(),
@@ -659,6 +669,11 @@ const ARGO_EXPECTED: &[(&str, &str, &str)] = &[
         "replicationnode-starting",
         "Progressing",
         "volumes are not known",
+    ),
+    (
+        "replicationnode-new-generation",
+        "Progressing",
+        "has not observed generation",
     ),
 ];
 
@@ -775,6 +790,10 @@ fn with_derived(real: &Samples) -> Samples {
         "the replicator's volumes are not known yet",
     );
     samples.insert("replicationnode-starting".into(), starting);
+    let mut newer_node = real["replicationnode-serving"].clone();
+    let generation = newer_node["metadata"]["generation"].as_i64().unwrap();
+    newer_node["metadata"]["generation"] = json!(generation + 1);
+    samples.insert("replicationnode-new-generation".into(), newer_node);
     samples
 }
 
