@@ -181,6 +181,16 @@ impl Default for Metrics {
             "Member volumes, by replication state",
             volumes.clone(),
         );
+        // Both paths are known up front: their counters start at 0, so a path that never carried a
+        // report or an acknowledgement shows as 0 (and `increase` sees its first one) rather than
+        // being absent.
+        for path in [Path::Api, Path::Grpc] {
+            let labels = PathLabels {
+                path: path.to_string(),
+            };
+            reports.get_or_create(&labels).inc_by(0);
+            acks.get_or_create(&labels).inc_by(0);
+        }
         Self {
             registry: Arc::new(registry),
             reports,
@@ -282,7 +292,8 @@ impl Metrics {
         self.freeze_latency.observe(latency.as_secs_f64());
     }
 
-    /// Sets the gauges of groups by phase (counted, and each group's own) and member volumes by state.
+    /// Sets the gauges of groups by phase (counted, and each group's own) and member volumes by state,
+    /// and gives each group its held-writes counter (at 0 until its first hold timeout).
     pub fn census(&self, phases: &[(&str, Phase)], states: &[VolumeState]) {
         self.groups.clear();
         self.group_phase.clear();
@@ -298,6 +309,12 @@ impl Metrics {
                     phase: phase.to_string(),
                 })
                 .set(1);
+            // A known group's hold-timeout counter exists from the start, at 0.
+            self.held_writes_failed
+                .get_or_create(&GroupLabels {
+                    group: (*group).to_owned(),
+                })
+                .inc_by(0);
         }
         self.volumes.clear();
         for state in states {
@@ -407,5 +424,38 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("lockstep_operator_leader 1"), "{text}");
+    }
+
+    #[test]
+    fn counters_of_known_paths_and_groups_are_exported_at_zero_before_their_first_event() {
+        let metrics = Metrics::default();
+        let fresh = metrics.encode();
+        for series in [
+            r#"lockstep_reports_total{path="api"} 0"#,
+            r#"lockstep_reports_total{path="grpc"} 0"#,
+            r#"lockstep_acknowledgements_total{path="api"} 0"#,
+            r#"lockstep_acknowledgements_total{path="grpc"} 0"#,
+        ] {
+            assert!(fresh.contains(series), "{series} in\n{fresh}");
+        }
+        assert!(
+            !fresh.contains("lockstep_held_writes_failed_total{"),
+            "{fresh}"
+        );
+        metrics.set_leader(true);
+        metrics.census(&[("orders-db", Phase::Replicating)], &[]);
+        let text = metrics.encode();
+        assert!(
+            text.contains(r#"lockstep_held_writes_failed_total{group="orders-db"} 0"#),
+            "{text}"
+        );
+        metrics.held_writes_failed("orders-db", 2);
+        metrics.census(&[("orders-db", Phase::Frozen)], &[]);
+        assert!(
+            metrics
+                .encode()
+                .contains(r#"lockstep_held_writes_failed_total{group="orders-db"} 2"#),
+            "a later census keeps the count"
+        );
     }
 }

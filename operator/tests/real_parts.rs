@@ -638,8 +638,12 @@ async fn freeze_and_stop_past_the_hold_timeout_held_writes_fail_with_eio_and_the
         let addr = bed.operator.http_addr;
         async move {
             let text = http_get(addr, "/metrics").await?;
-            text.contains("lockstep_held_writes_failed_total{group=\"orders-db\"}")
-                .then_some(text)
+            // The series exists from the start, at 0: it must have counted the failed writes.
+            (common::sample_value(
+                &text,
+                r#"lockstep_held_writes_failed_total{group="orders-db"}"#,
+            ) > Some(0.0))
+            .then_some(text)
         }
     })
     .await;

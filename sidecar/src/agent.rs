@@ -369,11 +369,7 @@ impl Agent {
             self.context
                 .metrics
                 .fail_safes
-                .get_or_create(&GroupLabels {
-                    group: self.group_name(uid),
-                    path: "local".to_owned(),
-                    state: "taken".to_owned(),
-                })
+                .get_or_create(&fail_safe_taken(self.group_name(uid)))
                 .inc();
         }
         let mut failed: Vec<String> = Vec::new();
@@ -456,14 +452,23 @@ impl Agent {
                 })
                 .inc();
         }
+        // Each group this node knows has its fail-safe series from the start: the gauge at 0 or 1,
+        // and, once the group's name is known (the label it keeps), the counter at 0 until the
+        // first fail-safe is taken.
         metrics.fail_safe_in_force.clear();
-        for group in snapshot.groups.iter().filter(|g| g.fail_safe.is_some()) {
+        for group in &snapshot.groups {
             metrics
                 .fail_safe_in_force
                 .get_or_create(&FailSafeLabels {
                     group: self.group_name(&group.group_uid),
                 })
-                .set(1);
+                .set(i64::from(group.fail_safe.is_some()));
+            if !group.name.is_empty() {
+                metrics
+                    .fail_safes
+                    .get_or_create(&fail_safe_taken(group.name.clone()))
+                    .inc_by(0);
+            }
         }
         self.publish.send_if_modified(|current| {
             if *current == snapshot {
@@ -473,6 +478,15 @@ impl Agent {
                 true
             }
         });
+    }
+}
+
+/// The labels of a group's fail-safe counter.
+fn fail_safe_taken(group: String) -> GroupLabels {
+    GroupLabels {
+        group,
+        path: "local".to_owned(),
+        state: "taken".to_owned(),
     }
 }
 

@@ -384,11 +384,13 @@ pub fn node_status(
 
 /// Sets the node's conditions: Ready (the replicator's volumes are known and no fail-safe suspension is
 /// in force) and HoldTimedOut (held writes failed at a hold timeout), keeping the transition times of
-/// `previous`.
+/// `previous`. Each names `generation`, the ReplicationNode's `metadata.generation` they were written
+/// for, as kstatus and Argo CD read Ready.
 pub fn set_node_conditions(
     status: &mut ReplicationNodeStatus,
     snapshot: &Snapshot,
     previous: &[Condition],
+    generation: Option<i64>,
     now: &Time,
 ) {
     let mut list = previous.to_vec();
@@ -421,7 +423,7 @@ pub fn set_node_conditions(
             format!("{} volumes served", snapshot.volumes.len())
         },
     };
-    conditions::set(&mut list, ready, None, now);
+    conditions::set(&mut list, ready, generation, now);
     let failed: u64 = snapshot
         .hold_timeouts
         .iter()
@@ -448,7 +450,7 @@ pub fn set_node_conditions(
             )
         },
     };
-    conditions::set(&mut list, held, None, now);
+    conditions::set(&mut list, held, generation, now);
     status.conditions = list;
 }
 
@@ -461,6 +463,8 @@ pub async fn write_status(client: Client, context: Arc<Context>) {
     let mut backoff = Backoff::default();
     let mut created = false;
     let mut written: Option<ReplicationNodeStatus> = None;
+    // The object's generation, from the API server's answers to our writes.
+    let mut generation: Option<i64> = None;
     loop {
         let snapshot = snapshots.borrow_and_update().clone();
         let mut status = node_status(&snapshot, &context.claims());
@@ -468,7 +472,13 @@ pub async fn write_status(client: Client, context: Arc<Context>) {
             .as_ref()
             .map(|w| w.conditions.clone())
             .unwrap_or_default();
-        set_node_conditions(&mut status, &snapshot, &previous, &Time(Timestamp::now()));
+        set_node_conditions(
+            &mut status,
+            &snapshot,
+            &previous,
+            generation,
+            &Time(Timestamp::now()),
+        );
         let mut ok = true;
         if !created {
             let object = json!({
@@ -478,7 +488,14 @@ pub async fn write_status(client: Client, context: Arc<Context>) {
                 "spec": {"nodeName": context.node, "cluster": context.cluster},
             });
             match api.patch(&name, &params, &Patch::Apply(&object)).await {
-                Ok(_) => created = true,
+                Ok(node) => {
+                    created = true;
+                    if node.metadata.generation != generation {
+                        // Conditions name the generation: compute them again for this one.
+                        generation = node.metadata.generation;
+                        continue;
+                    }
+                }
                 Err(error) => {
                     tracing::warn!(%error, "cannot apply the ReplicationNode");
                     ok = false;
@@ -496,7 +513,7 @@ pub async fn write_status(client: Client, context: Arc<Context>) {
                 .patch_status(&name, &params, &Patch::Apply(&object))
                 .await
             {
-                Ok(_) => {
+                Ok(node) => {
                     Metrics::count(&context.metrics.reports, "api", "ok");
                     context.metrics.set_path_up("api", true);
                     context.reports.delivered(&snapshot.failures, Path::Api);
@@ -507,6 +524,11 @@ pub async fn write_status(client: Client, context: Arc<Context>) {
                         );
                     }
                     written = Some(status);
+                    if node.metadata.generation != generation {
+                        // The spec changed under us: say which generation the conditions saw.
+                        generation = node.metadata.generation;
+                        continue;
+                    }
                 }
                 Err(error) => {
                     Metrics::count(&context.metrics.reports, "api", "error");
@@ -750,7 +772,7 @@ mod tests {
 
         // Conditions: ready, and the hold timeout said; the transition time moves only on a change.
         let mut with_conditions = status.clone();
-        set_node_conditions(&mut with_conditions, &snapshot, &[], &time(1_000));
+        set_node_conditions(&mut with_conditions, &snapshot, &[], Some(3), &time(1_000));
         let held = with_conditions
             .conditions
             .iter()
@@ -766,6 +788,13 @@ mod tests {
             conditions::status_of(&with_conditions.conditions, "Ready"),
             Some(true)
         );
+        assert!(
+            with_conditions
+                .conditions
+                .iter()
+                .all(|c| c.observed_generation == Some(3)),
+            "every condition names the generation it was written for"
+        );
         let mut later = status.clone();
         let cleared = Snapshot {
             hold_timeouts: Vec::new(),
@@ -775,6 +804,7 @@ mod tests {
             &mut later,
             &cleared,
             &with_conditions.conditions,
+            Some(3),
             &time(2_000),
         );
         let ready = later

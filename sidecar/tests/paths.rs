@@ -130,6 +130,16 @@ async fn grpc_only_configuration_freezes_once_and_acknowledges_with_the_volume_l
                     .any(|l| l.starts_with("lockstep_sidecar_volumes") && l.contains(&named)),
                 "{body}"
             );
+            // A known group's fail-safe series exist before any fail-safe, at 0 (so alerts and
+            // panels that name them find them).
+            for series in [
+                format!("lockstep_sidecar_fail_safe_in_force{{{named}}} 0"),
+                format!(
+                    "lockstep_sidecar_fail_safes_total{{{named},path=\"local\",state=\"taken\"}} 0"
+                ),
+            ] {
+                assert!(body.contains(&series), "{series} in\n{body}");
+            }
         }
     }
     sidecar.shutdown().await;
@@ -158,9 +168,28 @@ async fn api_only_configuration_freezes_once_and_acknowledges_in_the_node_status
     let sidecar = start(options(&rep), Some(client.clone())).await;
     confirmed(&rep, &["v1", "v2"]).await;
     assert_eq!(rep.volume("v2").group_uid, uid);
+    // The node's conditions name the generation they were written for, as kstatus and Argo CD read
+    // Ready: the first, then the one after someone edits the spec.
+    eventually_async("Ready naming generation 1", || {
+        conditions_observed(&client, 1)
+    })
+    .await;
+    let nodes: kube::Api<lockstep_api::v1alpha1::ReplicationNode> = kube::Api::all(client.clone());
+    nodes
+        .patch(
+            NODE,
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(serde_json::json!({"spec": {"cluster": "renamed"}})),
+        )
+        .await
+        .unwrap();
 
     set_point(&client, 1, "Freeze").await;
     eventually("suspended at 1", || !suspends_at(&rep, 1).is_empty()).await;
+    eventually_async("Ready naming generation 2", || {
+        conditions_observed(&client, 2)
+    })
+    .await;
     eventually_async("enforced in status", || {
         enforced_in_status(&client, &uid, 1, Stage::Freeze, &["v1", "v2"], false)
     })
@@ -204,6 +233,19 @@ async fn api_only_configuration_freezes_once_and_acknowledges_in_the_node_status
     })
     .await;
     sidecar.shutdown().await;
+}
+
+/// Whether the node is at `generation` and its Ready and HoldTimedOut conditions both name it.
+async fn conditions_observed(client: &kube::Client, generation: i64) -> bool {
+    replication_node(client).await.is_some_and(|node| {
+        let conditions = node.status.map(|s| s.conditions).unwrap_or_default();
+        node.metadata.generation == Some(generation)
+            && ["Ready", "HoldTimedOut"].iter().all(|type_| {
+                conditions
+                    .iter()
+                    .any(|c| c.type_ == *type_ && c.observed_generation == Some(generation))
+            })
+    })
 }
 
 /// A sidecar on both paths: volumes v1 and v2 of a group replicating at epoch 0, confirmed, subscribed.

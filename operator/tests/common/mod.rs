@@ -430,3 +430,10 @@ pub fn orders_group(pvcs: &[&str]) -> lockstep_api::v1alpha1::ConsistencyGroupSp
         failover: None,
     }
 }
+
+/// The value of one series (`name{labels}` exactly as exposed) on a Prometheus text page.
+pub fn sample_value(page: &str, series: &str) -> Option<f64> {
+    page.lines()
+        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' '))
+        .and_then(|value| value.trim().parse().ok())
+}
