@@ -34,13 +34,7 @@ mod rounds;
 pub mod sessions;
 pub mod tls;
 
-use std::{
-    collections::{BTreeMap, HashMap},
-    net::SocketAddr,
-    path::PathBuf,
-    sync::Arc,
-    time::Duration,
-};
+use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
 use futures::StreamExt;
 use kube::{
@@ -100,47 +94,6 @@ pub struct Options {
     /// TLS and authentication of the gRPC Control service.
     #[command(flatten)]
     pub control_security: ControlSecurity,
-}
-
-/// Reconciles a group that changed, then brings the connected sidecars its membership and resends the
-/// directives whose send was lost.
-fn spawn_reconcile(engine: &Engine, group: ConsistencyGroup) {
-    let engine = engine.clone();
-    tokio::spawn(async move {
-        if let Err(error) = engine.reconcile(Arc::new(group)).await {
-            tracing::warn!(%error, "reconcile failed");
-        }
-        // A group created or changed reaches the connected sidecars now.
-        control::push_memberships(&engine);
-        // Directives whose send was lost reach the nodes that have not acknowledged them.
-        engine.resend_unacknowledged();
-    });
-}
-
-/// What a group's watch event must change for an immediate reconcile: anything but its status.
-#[derive(Debug, Clone, PartialEq)]
-struct GroupShape {
-    generation: Option<i64>,
-    deleting: bool,
-    finalizers: Vec<String>,
-    labels: Option<BTreeMap<String, String>>,
-    annotations: Option<BTreeMap<String, String>>,
-}
-
-/// Records the group's shape and says whether it changed since the last reconcile on a change (or the
-/// group is new to this watch).
-fn shape_changed(reconciled: &mut HashMap<String, GroupShape>, group: &ConsistencyGroup) -> bool {
-    let Some(uid) = group.metadata.uid.clone() else {
-        return true;
-    };
-    let shape = GroupShape {
-        generation: group.metadata.generation,
-        deleting: group.metadata.deletion_timestamp.is_some(),
-        finalizers: group.metadata.finalizers.clone().unwrap_or_default(),
-        labels: group.metadata.labels.clone(),
-        annotations: group.metadata.annotations.clone(),
-    };
-    reconciled.insert(uid, shape.clone()) != Some(shape)
 }
 
 /// The default of [`Options::max_group_volumes`].
@@ -332,25 +285,21 @@ impl Operator {
             .applied_objects();
             async move {
                 let mut stream = std::pin::pin!(stream);
-                // What of each group was last reconciled on a change: its own status writes (one per
-                // decision, thousands of volumes behind them) are not a change to act on; the periodic
-                // round reads everything else.
-                let mut reconciled: HashMap<String, GroupShape> = HashMap::new();
                 while let Some(change) = stream.next().await {
                     match change {
                         Ok(_) if !engine.is_leader() => {}
-                        Ok(group) if !shape_changed(&mut reconciled, &group) => {}
-                        Ok(group) if reconciled.len() > 2 * engine.groups().len() + 16 => {
-                            // Deleted groups' shapes go (deletions are not applied objects).
-                            let live: std::collections::HashSet<String> = engine
-                                .groups()
-                                .iter()
-                                .filter_map(|group| group.metadata.uid.clone())
-                                .collect();
-                            reconciled.retain(|uid, _| live.contains(uid));
-                            spawn_reconcile(&engine, group);
+                        Ok(group) => {
+                            let engine = engine.clone();
+                            tokio::spawn(async move {
+                                if let Err(error) = engine.reconcile(Arc::new(group)).await {
+                                    tracing::warn!(%error, "reconcile failed");
+                                }
+                                // A group created or changed reaches the connected sidecars now.
+                                control::push_memberships(&engine);
+                                // Directives whose send was lost reach the nodes that have not acknowledged them.
+                                engine.resend_unacknowledged();
+                            });
                         }
-                        Ok(group) => spawn_reconcile(&engine, group),
                         Err(error) => tracing::warn!(%error, "watching ConsistencyGroups"),
                     }
                 }

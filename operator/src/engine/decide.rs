@@ -150,10 +150,7 @@ impl Engine {
                     // that waits for the next write): it lives in memory and the shards.
                     self.publish_record(&group, decided.clone());
                 }
-                // The group as read for this batch (afresh when it held an evaluation) is still what
-                // the hub holds: the next batch may decide on it, and `last_status` reads it rather
-                // than the reflector's copy, which may lag behind this operator's last write.
-                memory.last_written = Some(group.clone());
+                memory.last_written = Some(group.clone()).filter(|_| batch.observation.is_none());
                 decided
             };
             if let Some(refused) = refused {
