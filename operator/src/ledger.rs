@@ -185,28 +185,6 @@ pub fn same_volumes(a: &ConsistencyGroupStatus, b: &ConsistencyGroupStatus) -> b
             == b.hold_timeouts.as_ref().map(|held| &held.volumes)
 }
 
-/// Whether the bounded status `next` differs from the persisted `read` only in progress a person reads
-/// (counts, per-node acknowledgements, stragglers, the wording of a condition whose status and reason
-/// stay): no decision, trigger, image, hold timeout, history or condition state of its own. Such a
-/// change may wait for the next write rather than cost a write per burst of acknowledgements.
-pub fn only_progress_differs(read: &ConsistencyGroupStatus, next: &ConsistencyGroupStatus) -> bool {
-    let same_condition_states = read.conditions.len() == next.conditions.len()
-        && read.conditions.iter().zip(&next.conditions).all(|(a, b)| {
-            (&a.type_, &a.status, &a.reason, a.observed_generation)
-                == (&b.type_, &b.status, &b.reason, b.observed_generation)
-        });
-    if !same_condition_states {
-        return false;
-    }
-    let mut projected = next.clone();
-    projected.volumes = read.volumes.clone();
-    projected.node_acknowledgements = read.node_acknowledgements.clone();
-    projected.stragglers = read.stragglers.clone();
-    projected.conditions = read.conditions.clone();
-    projected.decision_id = read.decision_id.clone();
-    projected == *read
-}
-
 /// Per node, the lowest acknowledgement over all of its member volumes, for that set of volumes (a node
 /// with a volume that acknowledged nothing has none).
 fn node_acknowledgements(members: &[MemberVolumeStatus]) -> Vec<NodeAcknowledgement> {

@@ -89,21 +89,12 @@ impl Engine {
             }
             let mut persisted = crate::ledger::bounded(&decided);
             persisted.decision_id = read.as_ref().and_then(|s| s.decision_id.clone());
-            let changed = read.as_ref() != Some(&persisted);
-            let progress_waits = changed
-                && memory
-                    .last_write
-                    .is_some_and(|at| at.elapsed() < queue::PROGRESS_WRITE_INTERVAL)
-                && read
-                    .as_ref()
-                    .is_some_and(|read| crate::ledger::only_progress_differs(read, &persisted));
-            let decided = if changed && !progress_waits {
+            let decided = if read.as_ref() != Some(&persisted) {
                 let id = crate::ledger::new_decision_id();
                 persisted.decision_id = Some(id.clone());
                 decided.decision_id = Some(id);
                 match self.persist(&api, &group, &persisted).await {
                     Ok(written) => {
-                        memory.last_write = Some(Instant::now());
                         group_lock.set_persisted(decided.position());
                         memory.last_written = Some(written);
                         let decided = Arc::new(decided);
@@ -146,11 +137,14 @@ impl Engine {
                     .as_deref()
                     .is_none_or(|record| !crate::ledger::same_volumes(record, &decided))
                 {
-                    // Only the per-volume record changed (a state the counts do not show, or progress
-                    // that waits for the next write): it lives in memory and the shards.
+                    // Only the per-volume record changed (a state the counts do not show): it lives in
+                    // memory and the shards.
                     self.publish_record(&group, decided.clone());
                 }
-                memory.last_written = Some(group.clone()).filter(|_| batch.observation.is_none());
+                // The group as read for this batch (afresh when it held an evaluation) is still what
+                // the hub holds: the next batch may decide on it, and `last_status` reads it rather
+                // than the reflector's copy, which may lag behind this operator's last write.
+                memory.last_written = Some(group.clone());
                 decided
             };
             if let Some(refused) = refused {

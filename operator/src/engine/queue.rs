@@ -100,16 +100,7 @@ pub(super) struct GroupMemory {
     /// When the views of the last resolution applied were read: an older one, delivered late by a
     /// concurrent reconcile, would move volume states back (a volume replicating shown resyncing again).
     pub(super) last_observation: Option<Instant>,
-    /// When this operator last wrote the group's status: progress alone (counts, per-node
-    /// acknowledgements) waits [`PROGRESS_WRITE_INTERVAL`] after it.
-    pub(super) last_write: Option<Instant>,
 }
-
-/// How long a status change that is progress alone (see [`crate::ledger::only_progress_differs`]) waits
-/// after the group's last status write: a freeze's acknowledgements then cost no write of their own
-/// (the release decision writes them all), and a freeze that stalls still shows its progress, written
-/// by the next periodic evaluation.
-pub(super) const PROGRESS_WRITE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
 
 impl GroupMemory {
     /// Whether a resolution whose views were read at `read_at` may be applied: never one read before the
