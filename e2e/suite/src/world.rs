@@ -406,8 +406,10 @@ impl World {
     /// The group with its member volumes and its consistent image's volumes filled in from its
     /// ConsistencyGroupShards (what `kubectl get cgshard -l lockstep.dev/group-uid=<uid>` lists), and
     /// whether the shards were current: they follow the group's status in the background, and name the
-    /// status's (epoch, stage) and list every member once they caught up. While a group is Freezing no
-    /// shard is rewritten: they count as current then.
+    /// status's (epoch, stage) and phase and list every member once they caught up (a member that joined
+    /// during a freeze is written while the group is Freezing, so its shard's phase tells that its
+    /// acknowledgement is not there yet). While a group is Freezing no other shard is rewritten: they
+    /// count as current then.
     pub async fn group_with_shards(&self) -> Result<(ConsistencyGroup, bool), ClusterError> {
         let shards =
             Api::<lockstep_api::v1alpha1::ConsistencyGroupShard>::all(self.hub().client.clone());
@@ -430,11 +432,10 @@ impl World {
         let volumes = lockstep_api::v1alpha1::GroupVolumes::from_shards(
             listed.items.iter().map(|shard| &shard.spec),
         );
-        let current = (listed
-            .items
-            .iter()
-            .all(|shard| (shard.spec.epoch, shard.spec.stage) == (status.epoch, status.stage))
-            && volumes.members.len() == status.member_count as usize)
+        let current = (listed.items.iter().all(|shard| {
+            (shard.spec.epoch, shard.spec.stage, shard.spec.phase)
+                == (status.epoch, status.stage, status.phase)
+        }) && volumes.members.len() == status.member_count as usize)
             || status.phase == Some(lockstep_api::domain::Phase::Freezing);
         status.members = volumes.members;
         if let Some(image) = status.consistent_image.as_mut()
