@@ -398,8 +398,8 @@ impl ControlService {
         }
         // Applied only if the acknowledgement is in the group's status now: volumes the operator has not
         // resolved yet (a gRPC-only node's, before its sidecar reported them) are sent again.
-        let status = self.engine.last_status(&point.group_uid).await;
-        let reason = unrecorded(status.as_ref(), &node.0, &point, &request.volume_handles);
+        let status = self.engine.decided_status(&point.group_uid).await;
+        let reason = unrecorded(status.as_deref(), &node.0, &point, &request.volume_handles);
         if let Some(reason) = &reason {
             tracing::info!(cluster = %node.0, node = %node.1, %point, %reason, "acknowledgement not applied");
         }

@@ -30,6 +30,7 @@ pub mod listed;
 pub mod members;
 pub mod metrics;
 pub mod mirror;
+pub mod reconciles;
 mod rounds;
 pub mod sessions;
 pub mod tls;
@@ -49,7 +50,13 @@ use lockstep_api::{
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::{engine::Engine, listed::Listed, metrics::Metrics, sessions::Sessions};
+use crate::{
+    engine::Engine,
+    listed::Listed,
+    metrics::Metrics,
+    reconciles::{Reconciles, RunningReconcile},
+    sessions::Sessions,
+};
 
 /// Start-up options (flags and environment).
 #[derive(Debug, Clone, clap::Args)]
@@ -283,21 +290,35 @@ impl Operator {
             .default_backoff()
             .reflect(groups_writer)
             .applied_objects();
+            let reconciles = Arc::new(Reconciles::default());
             async move {
                 let mut stream = std::pin::pin!(stream);
                 while let Some(change) = stream.next().await {
                     match change {
                         Ok(_) if !engine.is_leader() => {}
                         Ok(group) => {
+                            let Some(uid) = group.metadata.uid.clone() else {
+                                continue;
+                            };
+                            // One reconcile at a time per group; changes meanwhile wait, the latest wins.
+                            let Some(group) = reconciles.offer(&uid, group) else {
+                                continue;
+                            };
+                            let running = RunningReconcile::new(reconciles.clone(), uid);
                             let engine = engine.clone();
                             tokio::spawn(async move {
-                                if let Err(error) = engine.reconcile(Arc::new(group)).await {
-                                    tracing::warn!(%error, "reconcile failed");
+                                let mut next = Some(group);
+                                while let Some(group) = next {
+                                    if let Err(error) = engine.reconcile(Arc::new(group)).await {
+                                        tracing::warn!(%error, "reconcile failed");
+                                    }
+                                    // A group created or changed reaches the connected sidecars now.
+                                    control::push_memberships(&engine);
+                                    // Directives whose send was lost reach the nodes that have not
+                                    // acknowledged them.
+                                    engine.resend_unacknowledged();
+                                    next = running.next();
                                 }
-                                // A group created or changed reaches the connected sidecars now.
-                                control::push_memberships(&engine);
-                                // Directives whose send was lost reach the nodes that have not acknowledged them.
-                                engine.resend_unacknowledged();
                             });
                         }
                         Err(error) => tracing::warn!(%error, "watching ConsistencyGroups"),

@@ -89,9 +89,20 @@ pub struct Context {
     resyncing: std::sync::Mutex<std::collections::BTreeSet<String>>,
     /// The claim bound to each volume, as a path named it (for the node status).
     claims: std::sync::Mutex<BTreeMap<String, ClaimRef>>,
+    /// Asks the agent to list the replicator's volumes again (see [`Context::want_inventory`]).
+    inventory_wanted: tokio::sync::Notify,
 }
 
 impl Context {
+    /// Asks the agent to re-read what the replicator's volumes carry. The agent lists them itself,
+    /// between its own operations: a listing taken while it configured volumes and read after would
+    /// say they were still unconfirmed, and configure them again — for ever, at thousands of volumes,
+    /// each configuration answered by another listing. Requests made before the agent lists are
+    /// answered by one listing.
+    pub fn want_inventory(&self) {
+        self.inventory_wanted.notify_one();
+    }
+
     /// The volumes the replicator last said are resynchronising.
     pub fn resyncing(&self) -> std::sync::MutexGuard<'_, std::collections::BTreeSet<String>> {
         self.resyncing
@@ -189,6 +200,7 @@ impl Agent {
             stop,
             resyncing: std::sync::Mutex::default(),
             claims: std::sync::Mutex::default(),
+            inventory_wanted: tokio::sync::Notify::new(),
         });
         let agent = Self {
             core: Enforcer::new(),
@@ -213,6 +225,7 @@ impl Agent {
         let mut fail_safe = tokio::time::interval(check);
         fail_safe.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         inventory.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let context = self.context.clone();
         loop {
             tokio::select! {
                 _ = stop.cancelled() => break,
@@ -221,6 +234,7 @@ impl Agent {
                     None => break,
                 },
                 _ = inventory.tick() => self.refresh_inventory().await,
+                () = context.inventory_wanted.notified() => self.refresh_inventory().await,
                 _ = fail_safe.tick() => {
                     let failures = self.core.failures();
                     let (core, configured) = (&self.core, self.config.fail_safe_interval);
@@ -508,10 +522,7 @@ pub async fn watch_replicator(context: Arc<Context>, replicator: Replicator) {
             }
         };
         // A (re)started stream: the replicator may have restarted, so re-learn what volumes carry.
-        if let Ok((volumes, resyncing)) = replicator.list_with_resyncing().await {
-            *context.resyncing() = resyncing;
-            context.send(Input::Inventory(volumes));
-        }
+        context.want_inventory();
         futures::pin_mut!(stream);
         // An event read while coalescing a burst of state changes, to be handled next.
         let mut next = None;
@@ -568,10 +579,7 @@ pub async fn watch_replicator(context: Arc<Context>, replicator: Replicator) {
                         }
                     }
                     // A resync may have started or finished: re-read what the volumes carry and do.
-                    if let Ok((volumes, resyncing)) = replicator.list_with_resyncing().await {
-                        *context.resyncing() = resyncing;
-                        context.send(Input::Inventory(volumes));
-                    }
+                    context.want_inventory();
                 }
                 Some(Err(status)) => {
                     tracing::warn!(%status, "replicator event stream failed");

@@ -883,25 +883,34 @@ impl Enforcer {
         for (uid, group) in &self.groups {
             result.entry(uid.clone()).or_default();
             // The API path lists this node's volumes: one not served here is refused. The gRPC
-            // membership lists the whole cluster's: the others are simply not this node's.
-            let listed = group
-                .members
-                .iter()
-                .flat_map(|(path, names)| names.iter().map(move |n| (*path, n)));
-            for (path, name) in listed {
-                if path == Path::Api && self.inventory_known && !self.volumes.contains_key(name) {
-                    out.refused.push(Refusal::NotOwned {
-                        group_uid: uid.clone(),
-                        volume: name.clone(),
-                    });
-                    continue;
-                }
-                if !self.volumes.contains_key(name) {
-                    continue;
-                }
-                let entry = claimants.entry(name).or_default();
-                if !entry.iter().any(|(_, listed_by)| *listed_by == uid) {
-                    entry.push((self.order_of(uid), uid));
+            // membership lists the whole cluster's (thousands, in a large group): the others are simply
+            // not this node's, so the node's own volumes are looked up in it rather than the reverse.
+            for (path, names) in &group.members {
+                let refuse_unserved = *path == Path::Api && self.inventory_known;
+                let served: Vec<&String> = if refuse_unserved || names.len() <= self.volumes.len() {
+                    let mut served = Vec::with_capacity(names.len());
+                    for name in names {
+                        if self.volumes.contains_key(name) {
+                            served.push(name);
+                        } else if refuse_unserved {
+                            out.refused.push(Refusal::NotOwned {
+                                group_uid: uid.clone(),
+                                volume: name.clone(),
+                            });
+                        }
+                    }
+                    served
+                } else {
+                    self.volumes
+                        .keys()
+                        .filter(|name| names.contains(*name))
+                        .collect()
+                };
+                for name in served {
+                    let entry = claimants.entry(name).or_default();
+                    if !entry.iter().any(|(_, listed_by)| *listed_by == uid) {
+                        entry.push((self.order_of(uid), uid));
+                    }
                 }
             }
         }

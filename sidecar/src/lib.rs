@@ -29,6 +29,7 @@ use std::time::Duration;
 
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use crate::agent::{Agent, AgentConfig};
 use crate::grpc_path::{GrpcConfig, GrpcPath};
@@ -236,10 +237,14 @@ impl Sidecar {
             },
             stop.clone(),
         );
+        // Every task's logs name the node (a test or benchmark runs many sidecars in one process).
+        let span = tracing::info_span!("sidecar", cluster = %options.cluster_name, node = %options.node_name);
         let mut tasks = JoinSet::new();
-        tasks.spawn(metrics::serve(listener, metrics.clone(), stop.clone()));
-        tasks.spawn(agent.run(inputs));
-        tasks.spawn(agent::watch_replicator(context.clone(), replicator));
+        tasks.spawn(
+            metrics::serve(listener, metrics.clone(), stop.clone()).instrument(span.clone()),
+        );
+        tasks.spawn(agent.run(inputs).instrument(span.clone()));
+        tasks.spawn(agent::watch_replicator(context.clone(), replicator).instrument(span.clone()));
         if let Some(endpoint) = &options.operator_endpoint {
             let path = GrpcPath::new(GrpcConfig {
                 endpoint: endpoint.clone(),
@@ -256,19 +261,30 @@ impl Sidecar {
             } else {
                 path
             };
-            tasks.spawn(grpc_path::subscribe(path.clone(), context.clone()));
-            tasks.spawn(grpc_path::acknowledge(path.clone(), context.clone()));
-            tasks.spawn(grpc_path::report(path, context.clone()));
+            tasks.spawn(
+                grpc_path::subscribe(path.clone(), context.clone()).instrument(span.clone()),
+            );
+            tasks.spawn(
+                grpc_path::acknowledge(path.clone(), context.clone()).instrument(span.clone()),
+            );
+            tasks.spawn(grpc_path::report(path, context.clone()).instrument(span.clone()));
         }
         if let Some(client) = client.filter(|_| !options.no_api_path) {
-            tasks.spawn(api_path::watch_groups(client.clone(), context.clone()));
-            tasks.spawn(api_path::write_status(client.clone(), context.clone()));
-            tasks.spawn(api_path::renew_lease(
-                client,
-                context.clone(),
-                options.namespace.clone(),
-                options.lease_duration,
-            ));
+            tasks.spawn(
+                api_path::watch_groups(client.clone(), context.clone()).instrument(span.clone()),
+            );
+            tasks.spawn(
+                api_path::write_status(client.clone(), context.clone()).instrument(span.clone()),
+            );
+            tasks.spawn(
+                api_path::renew_lease(
+                    client,
+                    context.clone(),
+                    options.namespace.clone(),
+                    options.lease_duration,
+                )
+                .instrument(span.clone()),
+            );
         }
         tracing::info!(
             node = %options.node_name,

@@ -159,6 +159,43 @@ async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
     body
 }
 
+/// A node of many volumes whose replicator announces every change (as the reference replicator does)
+/// configures each volume once. Listings the replicator gave while the sidecar was configuring, read
+/// after, said volumes were still unconfirmed and had them configured again — at thousands of volumes,
+/// for ever (each configuration announced, each announcement listed again), and a failed copy waited
+/// a minute behind the configurations to be reported.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_node_of_many_volumes_configures_each_once_while_its_replicator_announces_every_change() {
+    let volumes: Vec<String> = (0..150).map(|i| format!("v{i:03}")).collect();
+    let volumes: Vec<&str> = volumes.iter().map(String::as_str).collect();
+    let rep = FakeReplicator::start(&volumes).await;
+    rep.announce_changes();
+    let control = FakeControl::start().await;
+    control.set_membership("uid-g", 0, cpb::Stage::Resume, &volumes);
+    let mut options = options(&rep);
+    options.no_api_path = true;
+    options.operator_endpoint = Some(control.endpoint());
+    options.insecure_plaintext_control = true;
+    let sidecar = start(options, None).await;
+    confirmed(&rep, &volumes).await;
+    // A freeze acknowledged for every volume: the inputs before it were processed.
+    control.push("uid-g", 1, cpb::Stage::Freeze);
+    eventually("the freeze acknowledged", || {
+        control.acked(1, cpb::Stage::Freeze, &volumes, false)
+    })
+    .await;
+    let mut configured: std::collections::BTreeMap<String, usize> = Default::default();
+    for call in rep.calls("configure") {
+        for volume in call.volumes {
+            *configured.entry(volume).or_default() += 1;
+        }
+    }
+    let again: Vec<(&String, &usize)> = configured.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(again.is_empty(), "configured more than once: {again:?}");
+    assert_eq!(configured.len(), volumes.len());
+    sidecar.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn api_only_configuration_freezes_once_and_acknowledges_in_the_node_status() {
     use lockstep_api::domain::Stage;

@@ -75,7 +75,7 @@ impl ControlService {
         if !speaker.verified {
             return Ok(());
         }
-        let status = self.engine.last_status(group_uid).await;
+        let status = self.engine.decided_status(group_uid).await;
         let members = status
             .as_ref()
             .map(|status| status.members.as_slice())

@@ -269,6 +269,17 @@ impl Engine {
         crate::ledger::hydrate(self.group_by_uid(uid)?.status.clone(), record.as_deref())
     }
 
+    /// The group's full status as this operator last decided it, for the checks on a call (whose
+    /// volumes these are, which acknowledgements are recorded): its record, shared, without waiting for
+    /// a decision in progress or copying thousands of volumes; [`Self::last_status`] while it has no
+    /// record yet.
+    pub async fn decided_status(&self, uid: &str) -> Option<Arc<ConsistencyGroupStatus>> {
+        match self.volume_record(uid) {
+            Some(record) => Some(record),
+            None => self.last_status(uid).await.map(Arc::new),
+        }
+    }
+
     /// The member volumes of a group, as last decided (none before its first decision): shared with the
     /// group's record, not copied (a group has up to thousands).
     pub fn member_volumes_of(&self, uid: &str) -> MemberVolumes {

@@ -65,6 +65,9 @@ pub struct Call {
 pub struct ReplicatorState {
     pub volumes: Mutex<BTreeMap<String, rpb::VolumeState>>,
     pub calls: Mutex<Vec<Call>>,
+    /// Whether a `Configure` that changes a volume announces its new state (as the reference
+    /// replicator and the benchmark's do).
+    pub announce_changes: std::sync::atomic::AtomicBool,
 }
 
 /// A recording Replicator service: keeps each volume's group, epoch, stage and mode.
@@ -119,6 +122,13 @@ impl FakeReplicator {
                 .await
                 .unwrap();
         });
+    }
+
+    /// From now on, a `Configure` that changes a volume announces the new state on the event stream.
+    pub fn announce_changes(&self) {
+        self.state
+            .announce_changes
+            .store(true, std::sync::atomic::Ordering::SeqCst);
     }
 
     /// The recorded calls of a kind.
@@ -254,6 +264,7 @@ impl rpb::replicator_server::Replicator for FakeReplicator {
         let v = volumes
             .get_mut(&r.volume_handle)
             .ok_or_else(|| Status::not_found("no such volume"))?;
+        let before = v.clone();
         if v.group_uid != r.group_uid {
             v.group_uid = r.group_uid.clone();
             v.epoch = 0;
@@ -268,6 +279,16 @@ impl rpb::replicator_server::Replicator for FakeReplicator {
                 Ok(rpb::Stage::Release) => rpb::Mode::Running,
                 _ => rpb::Mode::Replicating,
             } as i32;
+        }
+        if *v != before
+            && self
+                .state
+                .announce_changes
+                .load(std::sync::atomic::Ordering::SeqCst)
+        {
+            let _ = self.events.send(rpb::ReplicationEvent {
+                kind: Some(rpb::replication_event::Kind::StateChanged(v.clone())),
+            });
         }
         Ok(Response::new(v.clone()))
     }

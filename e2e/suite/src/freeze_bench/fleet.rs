@@ -4,7 +4,7 @@
 //! real sidecar. [`Fleet::trial`] fails one copy and stamps the moments of the freeze;
 //! [`Fleet::resync`] brings the group back to Replicating at the new epoch for the next trial.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -597,10 +597,26 @@ impl Fleet {
                     .status
                     .as_ref()
                     .map_or(0, |s| s.member_count.saturating_sub(acknowledged(s)));
+                // Where the missing acknowledgements are: per cluster, and the nodes the status names.
+                let clusters: Vec<String> = group
+                    .status
+                    .iter()
+                    .flat_map(|s| s.volumes.iter().flat_map(|v| v.clusters.iter()))
+                    .map(|c| format!("{} {}/{}", c.cluster, c.acknowledged, c.volumes))
+                    .collect();
+                let stragglers: BTreeSet<String> = group
+                    .status
+                    .iter()
+                    .flat_map(|s| s.stragglers.iter())
+                    .map(|s| format!("{}/{}", s.cluster, s.node.as_deref().unwrap_or("-")))
+                    .collect();
                 return Err(BenchError::Timeout(format!(
                     "the group back to Replicating at epoch {epoch} (at {:?}, {phase:?}; {unacknowledged} \
-                     members without the resume acknowledged; replicators all resumed: {})",
+                     members without the resume acknowledged (acknowledged per cluster: {}; named \
+                     stragglers on {}); replicators all resumed: {})",
                     group.position(),
+                    clusters.join(", "),
+                    stragglers.into_iter().collect::<Vec<_>>().join(", "),
                     self.replicators_at(&uid, epoch)
                 )));
             }
