@@ -22,6 +22,13 @@ echo "== cargo test --workspace"
 # and operators of their own, and on a 2-core machine several of them at once starve each other's timers.
 cargo test --workspace --locked --no-fail-fast -- --test-threads=1
 
+echo "== 10 000 volumes (5 member clusters x 20 nodes, both paths): a freeze, its release, the resync and the group's deletion"
+# The freeze benchmark as a test (--check: it fails unless the trial completed and the deletion did), in a
+# release build: the point is that a group this large works, and a debug build runs it several times slower.
+cargo run --release --locked -p lockstep-e2e --bin lockstep-freeze-bench -- \
+  --volumes 10000 --paths both --clusters 5 --nodes-per-cluster 20 --trials 1 --warmup 0 --check \
+  --out "$CARGO_TARGET_DIR/freeze-bench-10k"
+
 echo "== again on real kube-apiserver $(grep -m1 -o 'k8s.io/kubernetes v[0-9.]*' e2e/kube/go/kubernetes/go.mod | cut -d' ' -f2) and etcd: the operator's multi-cluster and Helm-chart tests, the fault scenarios, kubectl lockstep"
 # The same test code on the other backend (lockstep_kube::backend): what passes on the test API server
 # must pass on the real one. Missing binaries fail these tests: LOCKSTEP_APISERVER=kube asks for them.

@@ -227,14 +227,12 @@ impl Agent {
         inventory.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let context = self.context.clone();
         loop {
+            // In this order: the fail-safe check is never held back by a stream of inputs, and the
+            // inputs already queued go before a listing asked for after them (a copy failure's own
+            // error, not the listing's "held", names the failure).
             tokio::select! {
+                biased;
                 _ = stop.cancelled() => break,
-                input = inputs.recv() => match input {
-                    Some(input) => self.process(input).await,
-                    None => break,
-                },
-                _ = inventory.tick() => self.refresh_inventory().await,
-                () = context.inventory_wanted.notified() => self.refresh_inventory().await,
                 _ = fail_safe.tick() => {
                     let failures = self.core.failures();
                     let (core, configured) = (&self.core, self.config.fail_safe_interval);
@@ -246,6 +244,12 @@ impl Agent {
                         self.process(Input::FailSafeTimer).await;
                     }
                 }
+                input = inputs.recv() => match input {
+                    Some(input) => self.process(input).await,
+                    None => break,
+                },
+                _ = inventory.tick() => self.refresh_inventory().await,
+                () = context.inventory_wanted.notified() => self.refresh_inventory().await,
             }
         }
     }

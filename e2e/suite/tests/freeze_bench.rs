@@ -31,6 +31,7 @@ async fn a_tiny_cell_per_path_freezes_every_trial_and_writes_the_table_and_plot(
         operator_resync_ms: Duration::from_millis(2000),
         apiserver,
         out: out.path().to_path_buf(),
+        check: true,
     };
     let rows = freeze_bench::run(options).await.unwrap();
     assert_eq!(rows.len(), 3 * backends);

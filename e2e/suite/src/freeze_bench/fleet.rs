@@ -626,6 +626,48 @@ impl Fleet {
         Ok(())
     }
 
+    /// Deletes the group and waits until the hub has neither it nor any of its shards (its finalizer
+    /// let every volume go); returns how long that took.
+    pub async fn delete_group(&mut self) -> Result<Duration, BenchError> {
+        let started = Instant::now();
+        let uid = self.group().await?.metadata.uid.unwrap_or_default();
+        self.groups()
+            .delete(GROUP, &kube::api::DeleteParams::default())
+            .await
+            .map_err(kube_error("deleting the group"))?;
+        let shards =
+            Api::<lockstep_api::v1alpha1::ConsistencyGroupShard>::all(self.hub_client.clone());
+        let of_group = kube::api::ListParams::default().labels(&format!(
+            "{}={uid}",
+            lockstep_api::v1alpha1::GROUP_UID_LABEL
+        ));
+        let deadline = Instant::now() + DEADLINE;
+        loop {
+            let present = self
+                .groups()
+                .get_opt(GROUP)
+                .await
+                .map_err(kube_error("reading the group"))?
+                .is_some();
+            let shards_left = shards
+                .list(&of_group)
+                .await
+                .map_err(kube_error("listing the group's shards"))?
+                .items
+                .len();
+            if !present && shards_left == 0 {
+                return Ok(started.elapsed());
+            }
+            if Instant::now() >= deadline {
+                return Err(BenchError::Timeout(format!(
+                    "the group deleted (the group {}; {shards_left} shards left)",
+                    if present { "still there" } else { "gone" }
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     /// Sidecars (nodes) in the cell.
     pub fn nodes(&self) -> usize {
         self.sidecars.len()

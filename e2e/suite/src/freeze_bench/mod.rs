@@ -71,6 +71,18 @@ pub enum BenchError {
     /// Something did not happen in time.
     #[error("timed out waiting for {0}")]
     Timeout(String),
+    /// `--check`: trials that did not complete.
+    #[error("{lost} of {trials} trials did not complete at {volumes} volumes ({paths:?})")]
+    Lost {
+        /// Trials lost.
+        lost: usize,
+        /// Trials run.
+        trials: usize,
+        /// The cell's volume count.
+        volumes: usize,
+        /// The cell's paths.
+        paths: PathChoice,
+    },
     /// A file could not be written.
     #[error("i/o: {0}")]
     Io(#[from] std::io::Error),
@@ -124,6 +136,11 @@ pub struct Options {
     /// Where the table goes: freeze-bench.csv, freeze-bench.txt and freeze-bench.svg.
     #[arg(long, default_value = "target/freeze-bench")]
     pub out: PathBuf,
+    /// Also a test: each cell's group is deleted after its trials (its finalizer lets every volume go
+    /// and removes its shards), and the run fails unless every trial froze, released and resynced and
+    /// every deletion completed.
+    #[arg(long)]
+    pub check: bool,
 }
 
 impl Default for Options {
@@ -139,6 +156,7 @@ impl Default for Options {
             operator_resync_ms: Duration::from_millis(2000),
             apiserver: vec![crate::ApiServerFlag::Test],
             out: PathBuf::from("target/freeze-bench"),
+            check: false,
         }
     }
 }
@@ -167,6 +185,13 @@ pub async fn run_cell(
                 trials.push(marks);
             }
             fleet.resync(options.settle_ms).await?;
+        }
+        if options.check {
+            let took = fleet.delete_group().await?;
+            println!(
+                "deleted: the group of {volumes} volumes and its shards gone in {} ms",
+                took.as_millis()
+            );
         }
         Ok::<(), BenchError>(())
     }
@@ -201,6 +226,14 @@ pub async fn run(options: Options) -> Result<Vec<CellResult>, BenchError> {
             for &volumes in &options.volumes {
                 let row = run_cell(&options, backend, volumes, paths).await?;
                 print!("{}", report::table(std::slice::from_ref(&row)));
+                if options.check && row.lost > 0 {
+                    return Err(BenchError::Lost {
+                        lost: row.lost,
+                        trials: row.trials + row.lost,
+                        volumes,
+                        paths,
+                    });
+                }
                 rows.push(row);
             }
         }
