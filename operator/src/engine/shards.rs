@@ -25,8 +25,15 @@ use crate::ledger;
 const RETRY: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// The writer task of one group's shards (told apart by a number): it writes the latest full status
-/// handed to it, and ends when its sender is dropped.
-pub(super) type ShardSender = (u64, watch::Sender<Option<Arc<ConsistencyGroupStatus>>>);
+/// handed to it, and ends when its sender is dropped; its task, to wait for its last write.
+pub(super) type ShardSender = (
+    u64,
+    watch::Sender<Option<Arc<ConsistencyGroupStatus>>>,
+    tokio::task::JoinHandle<()>,
+);
+
+/// How long a deleted group's shard writer may take to finish the write in progress.
+const WRITER_END: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Numbers the writers.
 static WRITERS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
@@ -113,12 +120,12 @@ impl Engine {
                 hub: None,
                 members: BTreeMap::new(),
             };
-            tokio::spawn(
+            let task = tokio::spawn(
                 writer
                     .run(receiver)
                     .instrument(tracing::info_span!("shards", group = %group.name_any())),
             );
-            (id, sender)
+            (id, sender, task)
         });
         sender.1.send_replace(Some(full));
     }
@@ -156,7 +163,7 @@ impl Engine {
             .unwrap_or_else(|poisoned| poisoned.into_inner());
         if writers
             .get(uid)
-            .is_some_and(|(current, _)| *current == writer)
+            .is_some_and(|(current, _, _)| *current == writer)
         {
             writers.remove(uid);
         }
@@ -165,11 +172,21 @@ impl Engine {
     /// Forgets a deleted group's record, stops its writer and deletes its shards in the hub and the
     /// member clusters.
     pub(super) async fn remove_shards(&self, uid: &str, group: &ConsistencyGroup) {
-        self.inner
+        let writer = self
+            .inner
             .shard_writers
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
             .remove(uid);
+        // Its sender dropped, the writer ends after the write in progress: wait for it, or that write
+        // could land after the deletion below and leave a shard behind (seen on kube-apiserver).
+        if let Some((_, sender, mut task)) = writer {
+            drop(sender);
+            if tokio::time::timeout(WRITER_END, &mut task).await.is_err() {
+                tracing::warn!("the shard writer did not end in time; stopped");
+                task.abort();
+            }
+        }
         self.inner
             .records
             .lock()
