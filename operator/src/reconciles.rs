@@ -52,7 +52,8 @@ impl Reconciles {
     }
 
     /// How many groups have a reconcile running.
-    pub fn running(&self) -> usize {
+    #[cfg(test)]
+    fn running(&self) -> usize {
         self.lock().len()
     }
 

@@ -626,8 +626,9 @@ impl Fleet {
         Ok(())
     }
 
-    /// Deletes the group and waits until the hub has neither it nor any of its shards (its finalizer
-    /// let every volume go); returns how long that took.
+    /// Deletes the group, waits until the hub no longer has it (its finalizer let every volume go and
+    /// deleted the shards before letting it go), checks that no shard is left, and returns how long the
+    /// deletion took.
     pub async fn delete_group(&mut self) -> Result<Duration, BenchError> {
         let started = Instant::now();
         let uid = self.group().await?.metadata.uid.unwrap_or_default();
@@ -635,37 +636,35 @@ impl Fleet {
             .delete(GROUP, &kube::api::DeleteParams::default())
             .await
             .map_err(kube_error("deleting the group"))?;
-        let shards =
-            Api::<lockstep_api::v1alpha1::ConsistencyGroupShard>::all(self.hub_client.clone());
-        let of_group = kube::api::ListParams::default().labels(&format!(
-            "{}={uid}",
-            lockstep_api::v1alpha1::GROUP_UID_LABEL
-        ));
-        let deadline = Instant::now() + DEADLINE;
-        loop {
-            let present = self
-                .groups()
-                .get_opt(GROUP)
-                .await
-                .map_err(kube_error("reading the group"))?
-                .is_some();
-            let shards_left = shards
-                .list(&of_group)
+        let deleted = kube::runtime::wait::await_condition(
+            self.groups(),
+            GROUP,
+            kube::runtime::wait::conditions::is_deleted(&uid),
+        );
+        match tokio::time::timeout(DEADLINE, deleted).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(error)) => {
+                return Err(BenchError::Timeout(format!(
+                    "the group deleted (watching it failed: {error})"
+                )));
+            }
+            Err(_) => return Err(BenchError::Timeout("the group deleted".to_owned())),
+        }
+        let took = started.elapsed();
+        let shards_left =
+            Api::<lockstep_api::v1alpha1::ConsistencyGroupShard>::all(self.hub_client.clone())
+                .list(&kube::api::ListParams::default().labels(&format!(
+                    "{}={uid}",
+                    lockstep_api::v1alpha1::GROUP_UID_LABEL
+                )))
                 .await
                 .map_err(kube_error("listing the group's shards"))?
                 .items
                 .len();
-            if !present && shards_left == 0 {
-                return Ok(started.elapsed());
-            }
-            if Instant::now() >= deadline {
-                return Err(BenchError::Timeout(format!(
-                    "the group deleted (the group {}; {shards_left} shards left)",
-                    if present { "still there" } else { "gone" }
-                )));
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
+        if shards_left > 0 {
+            return Err(BenchError::ShardsLeft(shards_left));
         }
+        Ok(took)
     }
 
     /// Sidecars (nodes) in the cell.

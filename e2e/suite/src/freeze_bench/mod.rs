@@ -71,6 +71,9 @@ pub enum BenchError {
     /// Something did not happen in time.
     #[error("timed out waiting for {0}")]
     Timeout(String),
+    /// `--check`: shards left in the hub after the group's deletion completed.
+    #[error("{0} shards of the deleted group were left in the hub")]
+    ShardsLeft(usize),
     /// `--check`: trials that did not complete.
     #[error("{lost} of {trials} trials did not complete at {volumes} volumes ({paths:?})")]
     Lost {
