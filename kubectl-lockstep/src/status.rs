@@ -2,7 +2,7 @@
 //! conditions, and each member volume's state and acknowledgement across the member clusters from its
 //! ConsistencyGroupShards.
 
-use lockstep_api::v1alpha1::{ConsistencyGroup, MemberVolumeStatus};
+use lockstep_api::v1alpha1::{ConsistencyGroup, GroupVolumes, MemberVolumeStatus};
 use serde::Serialize;
 
 use crate::{
@@ -39,6 +39,10 @@ pub struct StatusReport {
     pub conditions: Vec<ConditionLine>,
     /// Every member volume.
     pub volumes: Vec<VolumeLine>,
+    /// When the volume lines are older than the group's epoch and stage, the point (`epoch/stage`) they
+    /// were written at: the operator writes them after the group's status, so they can lag it briefly.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub volumes_as_of: Option<String>,
 }
 
 /// One condition of the group.
@@ -109,13 +113,17 @@ impl VolumeLine {
 pub async fn report(connection: &Connection, name: &str) -> Result<StatusReport, PluginError> {
     let group = connection.group(name).await?;
     let volumes = connection.volumes(&group).await?;
-    Ok(build(&group, &volumes.members))
+    Ok(build(&group, &volumes))
 }
 
 /// The report of `group` whose shards list `members`.
-pub fn build(group: &ConsistencyGroup, members: &[MemberVolumeStatus]) -> StatusReport {
+pub fn build(group: &ConsistencyGroup, volumes: &GroupVolumes) -> StatusReport {
     let status = group.status.clone().unwrap_or_default();
     let (epoch, stage) = group.position();
+    let volumes_as_of = volumes
+        .oldest
+        .filter(|oldest| *oldest < (epoch, stage))
+        .map(|(epoch, stage)| format!("{epoch}/{stage}"));
     let counts = status.volumes.clone().unwrap_or_default();
     let trigger = status
         .trigger
@@ -161,7 +169,8 @@ pub fn build(group: &ConsistencyGroup, members: &[MemberVolumeStatus]) -> Status
                 message: condition.message.clone(),
             })
             .collect(),
-        volumes: members.iter().map(VolumeLine::of).collect(),
+        volumes: volumes.members.iter().map(VolumeLine::of).collect(),
+        volumes_as_of,
     }
 }
 
@@ -237,6 +246,61 @@ impl Report for StatusReport {
             ],
             &volumes,
         ));
+        if let Some(as_of) = &self.volumes_as_of {
+            text.push_str(&format!(
+                "Volumes as of {as_of}: the operator is still writing them (the counts above are current)\n"
+            ));
+        }
         text
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use lockstep_api::{
+        domain::{Phase, Stage},
+        v1alpha1::{ConsistencyGroupSpec, ConsistencyGroupStatus},
+    };
+
+    fn frozen_group() -> ConsistencyGroup {
+        let spec: ConsistencyGroupSpec = serde_json::from_value(serde_json::json!({
+            "members": [{"cluster": "east", "namespace": "orders", "pvcNames": ["a"]}],
+            "policy": "FreezeAndStop",
+        }))
+        .unwrap_or_else(|error| panic!("{error}"));
+        let mut group = ConsistencyGroup::new("orders-db", spec);
+        group.status = Some(ConsistencyGroupStatus {
+            epoch: 1,
+            stage: Some(Stage::Freeze),
+            phase: Some(Phase::Frozen),
+            ..ConsistencyGroupStatus::default()
+        });
+        group
+    }
+
+    #[test]
+    fn volumes_written_before_the_groups_position_are_marked_as_lagging() {
+        let group = frozen_group();
+        let lagging = GroupVolumes {
+            oldest: Some((0, Stage::Resume)),
+            ..GroupVolumes::default()
+        };
+        let report = build(&group, &lagging);
+        assert_eq!(report.volumes_as_of.as_deref(), Some("0/Resume"));
+        assert!(
+            report
+                .table()
+                .contains("Volumes as of 0/Resume: the operator is still writing them"),
+            "{}",
+            report.table()
+        );
+        let current = GroupVolumes {
+            oldest: Some((1, Stage::Freeze)),
+            ..GroupVolumes::default()
+        };
+        let report = build(&group, &current);
+        assert_eq!(report.volumes_as_of, None);
+        assert!(!report.table().contains("Volumes as of"));
     }
 }

@@ -215,12 +215,7 @@ fn decide_into(
             }
             // Marked after the freeze decided which volumes were in sync as it began: this one was (its
             // secondary never got the write whose copy failed).
-            mark_state(
-                &mut decision.status,
-                &report.cluster,
-                &report.volume_handle,
-                VolumeState::Held,
-            );
+            mark_held(&mut decision.status, report);
         }
         Event::Ack(ack) => {
             if ack.epoch > status.epoch {
@@ -895,15 +890,18 @@ fn is_volume(member: &MemberVolumeStatus, cluster: &str, volume_handle: &str) ->
     member.cluster == cluster && member.volume_handle.as_deref() == Some(volume_handle)
 }
 
-fn mark_state(
-    status: &mut ConsistencyGroupStatus,
-    cluster: &str,
-    volume_handle: &str,
-    state: VolumeState,
-) {
+/// Marks a reported volume Held, unless it already acknowledged a later epoch than the report saw: then the
+/// report is the failure's late copy on its second path (or a replay), and the volume has moved on
+/// (Suspended by the freeze it caused, or Running after its release); marking it Held again would show a
+/// frozen volume as still holding writes.
+fn mark_held(status: &mut ConsistencyGroupStatus, report: &Report) {
     for member in &mut status.members {
-        if is_volume(member, cluster, volume_handle) {
-            member.state = Some(state);
+        let moved_on = member
+            .acknowledged
+            .as_ref()
+            .is_some_and(|ack| ack.epoch > report.epoch_seen);
+        if is_volume(member, &report.cluster, &report.volume_handle) && !moved_on {
+            member.state = Some(VolumeState::Held);
         }
     }
 }

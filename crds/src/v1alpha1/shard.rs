@@ -124,6 +124,9 @@ pub struct GroupVolumes {
     pub image_epoch: Option<u64>,
     /// The image's volumes, in (cluster, handle) order.
     pub image: Vec<crate::v1alpha1::ImageVolume>,
+    /// The oldest (epoch, stage) any shard was written at: shards are written after the group's status, so
+    /// for a moment after a freeze they can lag it.
+    pub oldest: Option<(u64, Stage)>,
 }
 
 impl GroupVolumes {
@@ -133,6 +136,8 @@ impl GroupVolumes {
     ) -> Self {
         let mut volumes = Self::default();
         for shard in shards {
+            let written_at = (shard.epoch, shard.stage.unwrap_or(Stage::Resume));
+            volumes.oldest = Some(volumes.oldest.map_or(written_at, |old| old.min(written_at)));
             volumes.members.extend(shard.volumes.iter().cloned());
             if let Some(epoch) = shard.image_epoch {
                 volumes.image_epoch = volumes.image_epoch.max(Some(epoch));

@@ -330,6 +330,35 @@ fn acknowledgements_never_move_a_volume_backwards_and_keep_the_first_path() {
 }
 
 #[test]
+fn the_failure_arriving_late_on_its_second_path_leaves_a_frozen_volume_suspended() {
+    for policy in [Policy::FreezeAndStop, Policy::FreezeAndGo] {
+        let mut group = group(policy);
+        step(&mut group, &report(Path::Grpc, 0));
+        assert_eq!(
+            member(&group, "east", "vol-wal").state,
+            Some(VolumeState::Held)
+        );
+        step_all(&mut group, &acks(Path::Grpc, 1, Stage::Freeze, &VOLUMES));
+        // The same failure's status patch reaches the operator only now, through the API server.
+        step(&mut group, &report(Path::Api, 0));
+        // Suspended under either policy: a FreezeAndGo release is decided, not yet acknowledged.
+        for volume in VOLUMES {
+            assert_eq!(
+                member(&group, cluster_of(volume), volume).state,
+                Some(VolumeState::Suspended),
+                "{policy:?} {volume}"
+            );
+        }
+        // A new failure after the freeze, seen at its epoch, is held again.
+        step(&mut group, &report(Path::Api, 1));
+        assert_eq!(
+            member(&group, "east", "vol-wal").state,
+            Some(VolumeState::Held)
+        );
+    }
+}
+
+#[test]
 fn freeze_and_stop_holds_until_the_release_names_the_current_epoch() {
     let mut group = group(Policy::FreezeAndStop);
     step(&mut group, &report(Path::Api, 0));
