@@ -45,7 +45,9 @@ pub struct Member {
     pub volume_binding: VolumeBinding,
     /// The client for its API server, or why there is none.
     pub client: Result<Client, String>,
-    /// The MemberCluster's resourceVersion the client was built from.
+    /// The MemberCluster's generation (its spec) the client was built from. Not its resourceVersion:
+    /// the operator's own status writes (a sidecar connecting changes the Reachable message) must not
+    /// reconnect the cluster, which restarts its claim and volume watches with a full list of each.
     pub version: Option<String>,
     /// Its claims and volumes, watched (none without an API client).
     pub claim_cache: Option<std::sync::Arc<crate::claim_cache::ClaimCache>>,
@@ -91,7 +93,10 @@ pub async fn connect(hub: &Client, cluster: &MemberCluster) -> Member {
         local: spec.local,
         volume_binding: spec.volume_binding,
         client,
-        version: cluster.resource_version(),
+        version: cluster
+            .metadata
+            .generation
+            .map(|generation| generation.to_string()),
         claim_cache,
     }
 }

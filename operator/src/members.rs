@@ -9,6 +9,7 @@
 //! a member whose cluster cannot be read (an API server down; a gRPC-only cluster whose sidecars have not
 //! reported to this operator since it started) keeps its last resolution.
 
+use std::borrow::Borrow;
 use std::collections::{BTreeMap, BTreeSet};
 
 use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim};
@@ -104,13 +105,23 @@ pub struct Resolution {
 /// group's lock).
 struct ViewIndex<'a> {
     claims: std::collections::HashMap<(&'a str, &'a str), &'a PersistentVolumeClaim>,
+    /// The claims of each namespace, for selectors.
+    by_namespace: std::collections::HashMap<&'a str, Vec<&'a PersistentVolumeClaim>>,
     volumes: std::collections::HashMap<&'a str, &'a PersistentVolume>,
     reported: std::collections::HashMap<(&'a str, &'a str), &'a ReportedVolume>,
 }
 
 impl<'a> ViewIndex<'a> {
     fn of(view: &'a ClusterView) -> Self {
+        let mut by_namespace: std::collections::HashMap<&str, Vec<&PersistentVolumeClaim>> =
+            std::collections::HashMap::new();
+        for claim in &view.claims {
+            if let Some(namespace) = claim.metadata.namespace.as_deref() {
+                by_namespace.entry(namespace).or_default().push(claim);
+            }
+        }
         Self {
+            by_namespace,
             claims: view
                 .claims
                 .iter()
@@ -148,9 +159,36 @@ impl<'a> ViewIndex<'a> {
 ///
 /// `previous` carries acknowledgements and states forward by volume handle; `claimed_elsewhere` maps
 /// (cluster, volume handle) to the name of another group that holds the volume.
-pub fn resolve(
+pub fn resolve<V: Borrow<ClusterView>>(
     spec_members: &[GroupMember],
-    clusters: &BTreeMap<String, ClusterView>,
+    clusters: &BTreeMap<String, V>,
+    previous: &[MemberVolumeStatus],
+    claimed_elsewhere: &Claims,
+) -> Resolution {
+    resolve_indexed(
+        spec_members,
+        clusters,
+        &index_views(clusters),
+        previous,
+        claimed_elsewhere,
+    )
+}
+
+/// Each view's index, built once for every resolution against the same views.
+fn index_views<V: Borrow<ClusterView>>(
+    clusters: &BTreeMap<String, V>,
+) -> BTreeMap<&str, ViewIndex<'_>> {
+    clusters
+        .iter()
+        .map(|(name, view)| (name.as_str(), ViewIndex::of(view.borrow())))
+        .collect()
+}
+
+/// [`resolve`] with the views' indexes already built.
+fn resolve_indexed<V: Borrow<ClusterView>>(
+    spec_members: &[GroupMember],
+    clusters: &BTreeMap<String, V>,
+    indexes: &BTreeMap<&str, ViewIndex<'_>>,
     previous: &[MemberVolumeStatus],
     claimed_elsewhere: &Claims,
 ) -> Resolution {
@@ -158,10 +196,6 @@ pub fn resolve(
     let mut problems = Vec::new();
     let mut stale = Vec::new();
     let mut refused = Vec::new();
-    let indexes: BTreeMap<&str, ViewIndex<'_>> = clusters
-        .iter()
-        .map(|(name, view)| (name.as_str(), ViewIndex::of(view)))
-        .collect();
     // The first earlier member with a handle, by (cluster, handle), as a linear search found it.
     let mut earlier_by_handle: std::collections::HashMap<(&str, &str), &MemberVolumeStatus> =
         std::collections::HashMap::new();
@@ -173,7 +207,7 @@ pub fn resolve(
         }
     }
     for member in spec_members {
-        let Some(view) = clusters.get(&member.cluster) else {
+        let Some(view) = clusters.get(&member.cluster).map(Borrow::borrow) else {
             problems.push(format!(
                 "member cluster {:?} is not a known MemberCluster",
                 member.cluster
@@ -212,7 +246,10 @@ pub fn resolve(
                 continue;
             }
         }
-        let claims = match claim_names(member, view) {
+        let Some(index) = indexes.get(member.cluster.as_str()) else {
+            continue;
+        };
+        let claims = match claim_names(member, view, index) {
             Ok(claims) => claims,
             Err(problem) => {
                 problems.push(problem);
@@ -226,9 +263,6 @@ pub fn resolve(
             ));
         }
         let mut kept = KeptUntilReported::default();
-        let Some(index) = indexes.get(member.cluster.as_str()) else {
-            continue;
-        };
         for pvc in claims {
             let mut resolved = resolve_claim(&member.cluster, &member.namespace, &pvc, view, index);
             if let Some(earlier) = kept.last_resolution(member, &pvc, &resolved, view, previous)
@@ -346,11 +380,14 @@ pub struct Claimant<'a> {
 /// are reconciled, so it is the same after a restart. A group that holds a volume (its last resolution
 /// names it) and is not at a replicating point keeps it, whatever the order, until it replicates again;
 /// `me` keeps what it holds itself against any later claim.
-pub fn claimed_elsewhere(
+pub fn claimed_elsewhere<V: Borrow<ClusterView>>(
     me: &Claimant<'_>,
     others: &[Claimant<'_>],
-    views: &BTreeMap<String, ClusterView>,
+    views: &BTreeMap<String, V>,
 ) -> Claims {
+    // Indexed once for every earlier group's resolution: with hundreds of groups on one cluster's
+    // thousands of claims, indexing the views per group was most of a reconcile.
+    let indexes = index_views(views);
     let held_by_me: BTreeSet<(&str, &str)> = held(me.status_members).collect();
     let mut claimed = Claims::new();
     // `me` keeps a volume it holds against `holder` when its claim is the earlier one, or when it is not
@@ -369,9 +406,10 @@ pub fn claimed_elsewhere(
     for other in ordered {
         if other.order < me.order {
             // The other group's status stands in for clusters whose API server cannot be read now.
-            let resolution = resolve(
+            let resolution = resolve_indexed(
                 other.spec_members,
                 views,
+                &indexes,
                 other.status_members,
                 &Claims::new(),
             );
@@ -462,7 +500,11 @@ impl KeptUntilReported {
 }
 
 /// The PVC names a member covers in its cluster.
-fn claim_names(member: &GroupMember, view: &ClusterView) -> Result<BTreeSet<String>, String> {
+fn claim_names(
+    member: &GroupMember,
+    view: &ClusterView,
+    index: &ViewIndex<'_>,
+) -> Result<BTreeSet<String>, String> {
     if let Some(names) = &member.pvc_names {
         return Ok(names.iter().cloned().collect());
     }
@@ -501,10 +543,11 @@ fn claim_names(member: &GroupMember, view: &ClusterView) -> Result<BTreeSet<Stri
             member.cluster, member.namespace
         )
     })?;
-    Ok(view
-        .claims
-        .iter()
-        .filter(|claim| claim.metadata.namespace.as_deref() == Some(member.namespace.as_str()))
+    Ok(index
+        .by_namespace
+        .get(member.namespace.as_str())
+        .into_iter()
+        .flatten()
         .filter(|claim| {
             selector.matches(claim.metadata.labels.as_ref().unwrap_or(&BTreeMap::new()))
         })

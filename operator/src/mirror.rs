@@ -130,10 +130,23 @@ pub async fn apply(
         "metadata": { "name": name, "labels": labels, "annotations": annotations },
         "spec": group.spec,
     });
-    let params = PatchParams::apply(FIELD_MANAGER).force();
-    api.patch(&name, &params, &Patch::Apply(&object))
-        .await
-        .map_err(api_error)?;
+    // Written only when it differs: a reconcile of an unchanged group writes nothing (steady state),
+    // and an edit made in the mirror differs, so it is overwritten.
+    let current = existing.as_ref().is_some_and(|existing| {
+        existing.spec == group.spec
+            && labels
+                .iter()
+                .all(|(key, value)| existing.labels().get(key) == Some(value))
+            && annotations
+                .iter()
+                .all(|(key, value)| existing.annotations().get(key) == Some(value))
+    });
+    if !current {
+        let params = PatchParams::apply(FIELD_MANAGER).force();
+        api.patch(&name, &params, &Patch::Apply(&object))
+            .await
+            .map_err(api_error)?;
+    }
     // The status goes along when the mirror has none as recent: a new mirror, or one whose status the
     // fan-out could not write while it was missing. A mirror already at or past this status is left to
     // the fan-out, which orders its writes: this copy (from a reconcile) may be older than what it wrote.

@@ -7,7 +7,7 @@
 //! the user's name, the real one signs ServiceAccount tokens through TokenRequest (bound to a Pod on a
 //! Node where a node's identity is asked for, as a kubelet would mount it).
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::path::Path;
 
@@ -238,6 +238,48 @@ impl ApiServer {
         })
     }
 
+    /// Every request so far by a client that changes an object, as `verb resource` (`patch
+    /// consistencygroups/status`), counted — the API server's own writes (its loopback, e.g. the
+    /// `kubernetes` Service's endpoints) and its controllers' excepted: what a component writes while nothing happens (steady state) is read as the difference
+    /// of two of these. The test API server keeps the latest 100 000 requests: call
+    /// [`ApiServer::forget_requests`] before a window that counts.
+    pub fn write_requests(&self) -> Result<BTreeMap<String, u64>, BackendError> {
+        let mut counts = BTreeMap::new();
+        match self {
+            Self::Test(server) => {
+                for entry in server.audit().entries() {
+                    let a = &entry.attributes;
+                    if is_write(a.verb) {
+                        let resource = match &a.subresource {
+                            Some(sub) => format!("{}/{sub}", a.resource),
+                            None => a.resource.clone(),
+                        };
+                        *counts.entry(format!("{} {resource}", a.verb)).or_default() += 1;
+                    }
+                }
+            }
+            Self::Kube(cluster) => {
+                for event in cluster.audit_events()? {
+                    if is_write(&event.verb) && !is_control_plane(&event.user) {
+                        let resource = resource_of(&event.uri);
+                        *counts
+                            .entry(format!("{} {resource}", event.verb))
+                            .or_default() += 1;
+                    }
+                }
+            }
+        }
+        Ok(counts)
+    }
+
+    /// Forgets the requests recorded so far where the server can (the test API server's bounded log);
+    /// a real server's audit log only grows, and [`ApiServer::write_requests`] differences still hold.
+    pub fn forget_requests(&self) {
+        if let Self::Test(server) = self {
+            server.audit().clear();
+        }
+    }
+
     /// Every user that made a request so far.
     pub fn requesters(&self) -> Result<BTreeSet<String>, BackendError> {
         Ok(match self {
@@ -256,6 +298,40 @@ impl ApiServer {
     }
 }
 
+/// Whether `user` is the API server itself or one of its controllers (not a client under test).
+fn is_control_plane(user: &str) -> bool {
+    user == "system:apiserver" || user.starts_with("system:kube-")
+}
+
+/// Whether a request with this verb changes objects.
+fn is_write(verb: &str) -> bool {
+    matches!(
+        verb,
+        "create" | "update" | "patch" | "delete" | "deletecollection"
+    )
+}
+
+/// The resource (and subresource) a request path names: `/apis/G/V/namespaces/N/R/NAME/SUB` → `R/SUB`.
+fn resource_of(uri: &str) -> String {
+    let path = uri.split('?').next().unwrap_or_default();
+    let segments: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
+    let rest = match segments.first() {
+        Some(&"api") => segments.get(2..),
+        Some(&"apis") => segments.get(3..),
+        _ => None,
+    }
+    .unwrap_or_default();
+    let rest = match rest {
+        ["namespaces", _, resource, tail @ ..] => (resource, tail),
+        [resource, tail @ ..] => (resource, tail),
+        [] => return String::new(),
+    };
+    match rest {
+        (resource, [_, sub, ..]) => format!("{resource}/{sub}"),
+        (resource, _) => (*resource).to_owned(),
+    }
+}
+
 fn read(path: &Path) -> Result<String, BackendError> {
     std::fs::read_to_string(path).map_err(|e| {
         KubeError::Io {
@@ -264,4 +340,26 @@ fn read(path: &Path) -> Result<String, BackendError> {
         }
         .into()
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::resource_of;
+
+    #[test]
+    fn a_request_path_names_its_resource_and_subresource() {
+        assert_eq!(
+            resource_of(
+                "/apis/lockstep.dev/v1alpha1/consistencygroups/bench/status?fieldManager=x"
+            ),
+            "consistencygroups/status"
+        );
+        assert_eq!(
+            resource_of("/apis/coordination.k8s.io/v1/namespaces/lockstep/leases/node-0"),
+            "leases"
+        );
+        assert_eq!(resource_of("/api/v1/namespaces/apps/events"), "events");
+        assert_eq!(resource_of("/api/v1/namespaces"), "namespaces");
+        assert_eq!(resource_of("/healthz"), "");
+    }
 }

@@ -14,7 +14,10 @@ impl Engine {
         let mut connected = BTreeMap::new();
         let mut probes = Vec::new();
         for cluster in self.inner.member_clusters.state() {
-            let version = cluster.resource_version();
+            let version = cluster
+                .metadata
+                .generation
+                .map(|generation| generation.to_string());
             let member = match previous.get(&cluster.name_any()) {
                 Some(known) if known.client.is_ok() && known.version == version => known.clone(),
                 _ => clusters::connect(&self.inner.hub, &cluster).await,

@@ -4,14 +4,14 @@
 use super::*;
 
 /// One member cluster's last view and when it was read, behind a lock so concurrent reconciles read once.
-pub(super) type CachedView = Arc<tokio::sync::Mutex<Option<(Instant, ClusterView)>>>;
+pub(super) type CachedView = Arc<tokio::sync::Mutex<Option<(Instant, Arc<ClusterView>)>>>;
 
 /// How long one read of a member cluster serves the groups reconciled after it.
 pub(super) const VIEW_REUSE: std::time::Duration = std::time::Duration::from_millis(250);
 
 /// What the member clusters showed of a group's members.
 pub(super) struct Observation {
-    pub(super) views: BTreeMap<String, ClusterView>,
+    pub(super) views: BTreeMap<String, Arc<ClusterView>>,
     pub(super) claimed_elsewhere: members::Claims,
     /// When the oldest of `views` was read.
     pub(super) read_at: Instant,
@@ -140,7 +140,7 @@ impl Engine {
 
     /// One member cluster's view, shared by every group reconciled within [`VIEW_REUSE`]: a resync round
     /// lists each cluster once, not once per group. Returns when it was read.
-    pub(super) async fn view_of(&self, member: &Member) -> (Instant, ClusterView) {
+    pub(super) async fn view_of(&self, member: &Member) -> (Instant, Arc<ClusterView>) {
         let lock = {
             let mut views = self
                 .inner
@@ -156,7 +156,9 @@ impl Engine {
             return (*read, view.clone());
         }
         let read = Instant::now();
-        let view = clusters::view(member, &self.inner.sessions, &self.inner.lease_namespace).await;
+        let view = Arc::new(
+            clusters::view(member, &self.inner.sessions, &self.inner.lease_namespace).await,
+        );
         *cached = Some((read, view.clone()));
         (read, view)
     }
@@ -187,7 +189,7 @@ impl Engine {
         &self,
         uid: &str,
         group: &ConsistencyGroup,
-        views: &BTreeMap<String, ClusterView>,
+        views: &BTreeMap<String, Arc<ClusterView>>,
     ) -> members::Claims {
         let groups = self.inner.groups.state();
         let ordered: Vec<(Arc<ConsistencyGroup>, ClaimOrder, MemberVolumes)> = groups

@@ -17,8 +17,8 @@ use k8s_openapi::api::core::v1::{
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use kube::api::{Patch, PatchParams, PostParams};
-use kube::runtime::{WatchStreamExt, watcher};
-use kube::{Api, Client};
+use kube::runtime::{WatchStreamExt, reflector, watcher};
+use kube::{Api, Client, ResourceExt};
 use lockstep_api::domain::{ClusterPaths, Policy, Stage, condition};
 use lockstep_api::proto::replicator::v1 as pb;
 use lockstep_api::v1alpha1::{
@@ -32,17 +32,19 @@ use lockstep_testapi::TestApiServer;
 use tokio::task::JoinHandle;
 
 use super::replicator::{MemoryReplicator, Probe, TrialMarks};
+use super::sizes::ObjectSizes;
 use super::{BenchError, PathChoice};
 
 /// Lockstep's namespace in every cluster.
 const SYSTEM_NAMESPACE: &str = "lockstep";
-/// The group every cell freezes.
+/// The group a one-group cell freezes (groups of a many-groups cell are `bench-000`, `bench-001`, ...).
 const GROUP: &str = "bench";
 /// At most this many PVCs per (cluster, namespace) member entry (the CRD allows 4 096 names per entry and
 /// over a group; larger groups select their PVCs by label, which a gRPC-only member cannot).
 const CLAIMS_PER_NAMESPACE: usize = 1000;
-/// The label every bench PVC carries, which the group selects them by where the hub can list them.
-const CLAIM_LABEL: (&str, &str) = ("lockstep.dev/bench", GROUP);
+/// The label every bench PVC carries (its group's name as the value), which the group selects them by
+/// where the hub can list them.
+const CLAIM_LABEL: &str = "lockstep.dev/bench";
 /// How long a trial's freeze, or the set-up and resync around it, may take before it counts as lost.
 const DEADLINE: Duration = Duration::from_secs(60);
 /// How long the set-up (members resolved, every volume confirmed) may take.
@@ -51,8 +53,11 @@ const SETUP_DEADLINE: Duration = Duration::from_secs(300);
 /// The shape of one cell.
 #[derive(Debug, Clone)]
 pub struct CellSpec {
-    /// Volumes in the group.
+    /// Volumes in the cell, over all its groups.
     pub volumes: usize,
+    /// Groups the volumes are split into (consecutive volumes, so each group of 6 or more spans every
+    /// node of the default 3 x 2 cell).
+    pub groups: usize,
     /// Member clusters (besides the hub, which holds the group and runs the operator).
     pub clusters: usize,
     /// Nodes (sidecars) per member cluster.
@@ -68,6 +73,8 @@ pub struct CellSpec {
 /// Where one volume lives.
 #[derive(Debug, Clone)]
 struct Placement {
+    /// The group the volume is a member of.
+    group: String,
     handle: String,
     pvc: String,
     namespace: String,
@@ -87,11 +94,16 @@ pub struct Fleet {
     hub_client: Client,
     members: Vec<MemberSim>,
     placements: Vec<Placement>,
+    /// The groups' names.
+    groups: Vec<String>,
     replicators: Vec<MemoryReplicator>,
     operator: Option<Operator>,
     sidecars: Vec<Sidecar>,
     probe: Arc<Probe>,
     hub_watch: JoinHandle<()>,
+    /// The hub's groups as the watch has them (polled while waiting, without asking the API server).
+    hub_groups: reflector::Store<ConsistencyGroup>,
+    sizes: ObjectSizes,
     epoch: u64,
     sequence: u64,
     _dir: tempfile::TempDir,
@@ -124,15 +136,27 @@ fn node_name(cluster: usize, node: usize) -> String {
     format!("{}-node-{node}", cluster_name(cluster))
 }
 
+/// The name of group `index` of a cell of `groups`.
+fn group_name(index: usize, groups: usize) -> String {
+    if groups <= 1 {
+        GROUP.to_owned()
+    } else {
+        format!("{GROUP}-{index:03}")
+    }
+}
+
 /// Spreads the volumes round-robin over the clusters, then over each cluster's nodes, in namespaces of
-/// at most [`CLAIMS_PER_NAMESPACE`] claims.
+/// at most [`CLAIMS_PER_NAMESPACE`] claims; consecutive volumes form each group.
 fn place(spec: &CellSpec) -> Vec<Placement> {
     let clusters = spec.clusters.max(1);
     let nodes = spec.nodes_per_cluster.max(1);
+    let groups = spec.groups.max(1);
+    let per_group = spec.volumes.div_ceil(groups).max(1);
     (0..spec.volumes)
         .map(|i| {
             let in_cluster = i / clusters;
             Placement {
+                group: group_name(i / per_group, groups),
                 handle: format!("vol-{i:04}"),
                 pvc: format!("data-{i:04}"),
                 namespace: format!("bench-{}", in_cluster / CLAIMS_PER_NAMESPACE),
@@ -221,8 +245,8 @@ async fn create_volume(client: &Client, placement: &Placement) -> Result<(), Ben
             name: Some(placement.pvc.clone()),
             namespace: Some(placement.namespace.clone()),
             labels: Some(BTreeMap::from([(
-                CLAIM_LABEL.0.to_owned(),
-                CLAIM_LABEL.1.to_owned(),
+                CLAIM_LABEL.to_owned(),
+                placement.group.clone(),
             )])),
             ..Default::default()
         },
@@ -255,15 +279,16 @@ fn member_paths(paths: PathChoice) -> ClusterPaths {
     }
 }
 
-/// The group: per (cluster, namespace), the PVCs by name (the form every kind of member supports) or,
+/// A group: per (cluster, namespace), its PVCs by name (the form every kind of member supports) or,
 /// where the hub can list them (`by_label`), by label.
 fn group_spec(
     members: &[MemberSim],
     placements: &[Placement],
+    group: &str,
     by_label: bool,
 ) -> ConsistencyGroupSpec {
     let mut claims: BTreeMap<(usize, String), Vec<String>> = BTreeMap::new();
-    for placement in placements {
+    for placement in placements.iter().filter(|p| p.group == group) {
         claims
             .entry((placement.cluster, placement.namespace.clone()))
             .or_default()
@@ -279,8 +304,8 @@ fn group_spec(
                     pvc_names: (!by_label).then_some(pvcs),
                     selector: by_label.then(|| LabelSelector {
                         match_labels: Some(BTreeMap::from([(
-                            CLAIM_LABEL.0.to_owned(),
-                            CLAIM_LABEL.1.to_owned(),
+                            CLAIM_LABEL.to_owned(),
+                            group.to_owned(),
                         )])),
                         match_expressions: None,
                     }),
@@ -374,14 +399,23 @@ impl Fleet {
                 .await
                 .map_err(kube_error("creating a MemberCluster"))?;
         }
-        let group = ConsistencyGroup::new(
-            GROUP,
-            group_spec(&members, &placements, spec.paths != PathChoice::Grpc),
-        );
-        Api::<ConsistencyGroup>::all(hub_client.clone())
-            .create(&PostParams::default(), &group)
-            .await
-            .map_err(kube_error("creating the ConsistencyGroup"))?;
+        let groups: Vec<String> = (0..spec.groups.max(1))
+            .map(|index| group_name(index, spec.groups))
+            .collect();
+        let by_label = spec.paths != PathChoice::Grpc;
+        futures::stream::iter(groups.iter().map(|name| {
+            let group =
+                ConsistencyGroup::new(name, group_spec(&members, &placements, name, by_label));
+            let api = Api::<ConsistencyGroup>::all(hub_client.clone());
+            async move {
+                api.create(&PostParams::default(), &group)
+                    .await
+                    .map_err(kube_error(format!("creating ConsistencyGroup {name}")))
+            }
+        }))
+        .buffer_unordered(16)
+        .try_collect::<Vec<_>>()
+        .await?;
 
         let probe = Arc::new(Probe::default());
         let mut replicators = Vec::new();
@@ -441,17 +475,30 @@ impl Fleet {
                 sidecars.push(sidecar);
             }
         }
-        let hub_watch = tokio::spawn(watch_hub(hub_client.clone(), probe.clone()));
+        let (hub_groups, writer) = reflector::store();
+        let hub_watch = tokio::spawn(watch_hub(hub_client.clone(), probe.clone(), writer));
+        hub_groups
+            .wait_until_ready()
+            .await
+            .map_err(|e| BenchError::Start(format!("the hub's group watch: {e}")))?;
+        let member_clients: Vec<(String, Client)> = members
+            .iter()
+            .map(|member| (member.name.clone(), member.client.clone()))
+            .collect();
+        let sizes = ObjectSizes::start(&hub_client, &member_clients);
         let fleet = Fleet {
             hub,
             hub_client,
             members,
             placements,
+            groups,
             replicators,
             operator: Some(operator),
             sidecars,
             probe,
             hub_watch,
+            hub_groups,
+            sizes,
             epoch: 0,
             sequence: 0,
             _dir: dir,
@@ -464,53 +511,103 @@ impl Fleet {
         Api::all(self.hub_client.clone())
     }
 
-    /// The group as the hub has it now.
-    async fn group(&self) -> Result<ConsistencyGroup, BenchError> {
-        self.groups()
-            .get(GROUP)
-            .await
-            .map_err(kube_error("reading the group"))
+    /// Every group of the cell as the hub's watch has it (may lag the API server a little: for polling).
+    fn watched_groups(&self) -> Vec<ConsistencyGroup> {
+        self.hub_groups
+            .state()
+            .iter()
+            .map(|group| ConsistencyGroup::clone(group))
+            .collect()
     }
 
-    /// True when every volume is confirmed in the group at (epoch, Resume), replicating.
-    fn replicators_at(&self, uid: &str, epoch: u64) -> bool {
-        let wanted_stage = if epoch == 0 {
-            [pb::Stage::Unspecified as i32, pb::Stage::Resume as i32]
-        } else {
-            [pb::Stage::Resume as i32; 2]
-        };
+    /// Every group of the cell as the hub has it now.
+    async fn list_groups(&self) -> Result<Vec<ConsistencyGroup>, BenchError> {
+        Ok(self
+            .groups()
+            .list(&kube::api::ListParams::default())
+            .await
+            .map_err(kube_error("listing the groups"))?
+            .items)
+    }
+
+    /// True when every volume is confirmed in its group at that group's (epoch, Resume), replicating.
+    /// `positions`: per group name, its UID and epoch.
+    fn replicators_at(&self, positions: &BTreeMap<String, (String, u64)>) -> bool {
+        let group_of: BTreeMap<&str, &str> = self
+            .placements
+            .iter()
+            .map(|p| (p.handle.as_str(), p.group.as_str()))
+            .collect();
         self.replicators.iter().all(|replicator| {
             replicator.watched()
                 && replicator.states().iter().all(|state| {
-                    state.group_uid == uid
-                        && state.epoch == epoch
+                    let Some((uid, epoch)) = group_of
+                        .get(state.volume_handle.as_str())
+                        .and_then(|group| positions.get(*group))
+                    else {
+                        return false;
+                    };
+                    let wanted_stage = if *epoch == 0 {
+                        [pb::Stage::Unspecified as i32, pb::Stage::Resume as i32]
+                    } else {
+                        [pb::Stage::Resume as i32; 2]
+                    };
+                    state.group_uid == *uid
+                        && state.epoch == *epoch
                         && wanted_stage.contains(&state.stage)
                         && state.mode == pb::Mode::Replicating as i32
                 })
         })
     }
 
+    /// Per group name, its UID and current epoch.
+    fn positions(groups: &[ConsistencyGroup]) -> BTreeMap<String, (String, u64)> {
+        groups
+            .iter()
+            .map(|group| {
+                (
+                    group.name_any(),
+                    (
+                        group.metadata.uid.clone().unwrap_or_default(),
+                        group.position().0,
+                    ),
+                )
+            })
+            .collect()
+    }
+
     async fn wait_ready(&self) -> Result<(), BenchError> {
         let deadline = Instant::now() + SETUP_DEADLINE;
         loop {
-            let group = self.group().await?;
-            let status = group.status.clone().unwrap_or_default();
-            let resolved = lockstep_api::conditions::status_of(
-                &status.conditions,
-                condition::MEMBERS_RESOLVED,
-            ) == Some(true);
-            let uid = group.metadata.uid.clone().unwrap_or_default();
-            if resolved
-                && status.member_count as usize == self.placements.len()
-                && self.replicators_at(&uid, self.epoch)
+            let groups = self.watched_groups();
+            let resolved = groups
+                .iter()
+                .filter(|group| {
+                    group.status.as_ref().is_some_and(|status| {
+                        lockstep_api::conditions::status_of(
+                            &status.conditions,
+                            condition::MEMBERS_RESOLVED,
+                        ) == Some(true)
+                    })
+                })
+                .count();
+            let members: usize = groups
+                .iter()
+                .filter_map(|group| group.status.as_ref())
+                .map(|status| status.member_count as usize)
+                .sum();
+            if resolved == self.groups.len()
+                && members == self.placements.len()
+                && self.replicators_at(&Self::positions(&groups))
             {
                 return Ok(());
             }
             if Instant::now() >= deadline {
                 return Err(BenchError::Timeout(format!(
-                    "members resolved ({} of {}) and every volume confirmed",
-                    status.member_count,
-                    self.placements.len()
+                    "members resolved ({members} of {} volumes; {resolved} of {} groups) and every \
+                     volume confirmed",
+                    self.placements.len(),
+                    self.groups.len()
                 )));
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -559,22 +656,32 @@ impl Fleet {
         self.probe.disarm().unwrap_or_default()
     }
 
-    /// Asks for a resync at the current epoch (the trial's) and waits until the group and every volume
-    /// are back to Replicating there, then `settle` more for trailing writes.
+    /// Asks every group for a resync at its current epoch (the trial's) and waits until every group and
+    /// every volume are back to Replicating there, then `settle` more for trailing writes.
     pub async fn resync(&mut self, settle: Duration) -> Result<(), BenchError> {
-        let group = self.group().await?;
-        let (epoch, _) = group.position();
-        let uid = group.metadata.uid.clone().unwrap_or_default();
-        self.epoch = epoch;
-        let patch = serde_json::json!({"spec": {"resync": {"epoch": epoch}}});
-        self.groups()
-            .patch(GROUP, &PatchParams::default(), &Patch::Merge(&patch))
-            .await
-            .map_err(kube_error("asking for a resync"))?;
+        let groups = self.list_groups().await?;
+        let positions = Self::positions(&groups);
+        futures::stream::iter(groups.iter().map(|group| {
+            let (name, epoch) = (group.name_any(), group.position().0);
+            let api = self.groups();
+            async move {
+                let patch = serde_json::json!({"spec": {"resync": {"epoch": epoch}}});
+                api.patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+                    .await
+                    .map_err(kube_error(format!("asking {name} for a resync")))
+            }
+        }))
+        .buffer_unordered(16)
+        .try_collect::<Vec<_>>()
+        .await?;
+        self.epoch = positions
+            .values()
+            .map(|(_, epoch)| *epoch)
+            .max()
+            .unwrap_or(0);
         let deadline = Instant::now() + DEADLINE;
         loop {
-            let group = self.group().await?;
-            let phase = group.status.as_ref().and_then(|s| s.phase);
+            let groups = self.watched_groups();
             // Not phase Replicating: a gRPC-only member's volumes never report their state back as
             // Replicating (no ReplicationNode), so such a group stays Resyncing; a freeze only needs the
             // stage to be Resume, and every acknowledgement of the resume in keeps the trials apart.
@@ -582,17 +689,27 @@ impl Fleet {
             let acknowledged = |s: &lockstep_api::v1alpha1::ConsistencyGroupStatus| {
                 s.volumes.as_ref().map_or(0, |counts| counts.acknowledged)
             };
-            let resumed = group
-                .status
-                .as_ref()
-                .is_some_and(|s| s.member_count > 0 && acknowledged(s) == s.member_count);
-            if group.position() == (epoch, Stage::Resume)
-                && resumed
-                && self.replicators_at(&uid, epoch)
-            {
+            let behind: Vec<&ConsistencyGroup> = groups
+                .iter()
+                .filter(|group| {
+                    let epoch = positions.get(&group.name_any()).map_or(0, |(_, e)| *e);
+                    let resumed = group
+                        .status
+                        .as_ref()
+                        .is_some_and(|s| s.member_count > 0 && acknowledged(s) == s.member_count);
+                    group.position() != (epoch, Stage::Resume) || !resumed
+                })
+                .collect();
+            if behind.is_empty() && self.replicators_at(&positions) {
                 break;
             }
             if Instant::now() >= deadline {
+                let Some(group) = behind.first() else {
+                    return Err(BenchError::Timeout(
+                        "every volume back to Replicating at its replicator".to_owned(),
+                    ));
+                };
+                let phase = group.status.as_ref().and_then(|s| s.phase);
                 let unacknowledged = group
                     .status
                     .as_ref()
@@ -611,13 +728,16 @@ impl Fleet {
                     .map(|s| format!("{}/{}", s.cluster, s.node.as_deref().unwrap_or("-")))
                     .collect();
                 return Err(BenchError::Timeout(format!(
-                    "the group back to Replicating at epoch {epoch} (at {:?}, {phase:?}; {unacknowledged} \
+                    "{} of {} groups back to Replicating; {} at {:?}, {phase:?}: {unacknowledged} \
                      members without the resume acknowledged (acknowledged per cluster: {}; named \
-                     stragglers on {}); replicators all resumed: {})",
+                     stragglers on {}); replicators all resumed: {}",
+                    groups.len() - behind.len(),
+                    groups.len(),
+                    group.name_any(),
                     group.position(),
                     clusters.join(", "),
                     stragglers.into_iter().collect::<Vec<_>>().join(", "),
-                    self.replicators_at(&uid, epoch)
+                    self.replicators_at(&positions)
                 )));
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
@@ -626,45 +746,157 @@ impl Fleet {
         Ok(())
     }
 
-    /// Deletes the group, waits until the hub no longer has it (its finalizer let every volume go and
-    /// deleted the shards before letting it go), checks that no shard is left, and returns how long the
-    /// deletion took.
-    pub async fn delete_group(&mut self) -> Result<Duration, BenchError> {
-        let started = Instant::now();
-        let uid = self.group().await?.metadata.uid.unwrap_or_default();
-        self.groups()
-            .delete(GROUP, &kube::api::DeleteParams::default())
-            .await
-            .map_err(kube_error("deleting the group"))?;
-        let deleted = kube::runtime::wait::await_condition(
-            self.groups(),
-            GROUP,
-            kube::runtime::wait::conditions::is_deleted(&uid),
-        );
-        match tokio::time::timeout(DEADLINE, deleted).await {
-            Ok(Ok(_)) => {}
-            Ok(Err(error)) => {
-                return Err(BenchError::Timeout(format!(
-                    "the group deleted (watching it failed: {error})"
-                )));
+    /// Many groups at once: cuts the replication link of one node (trial `index` picks which) — every
+    /// volume there fails its copy, holding a write — and returns, per group with a volume on that node,
+    /// how long from the cut until the hub showed it frozen (its next epoch at stage Release: every member
+    /// acknowledged and the release decided); `None` for a group not frozen within the deadline.
+    pub async fn link_failure(
+        &mut self,
+        index: usize,
+    ) -> Result<Vec<Option<Duration>>, BenchError> {
+        let nodes = self.replicators.len().max(1);
+        let per_cluster = (self.sidecars.len() / self.members.len().max(1)).max(1);
+        let (cluster, node) = ((index % nodes) / per_cluster, (index % nodes) % per_cluster);
+        let Some(replicator) = self.replicators.get(index % nodes).cloned() else {
+            return Ok(Vec::new());
+        };
+        let on_node: Vec<&Placement> = self
+            .placements
+            .iter()
+            .filter(|p| p.cluster == cluster && p.node == node)
+            .collect();
+        let current = Self::positions(&self.list_groups().await?);
+        // Per affected group, the epoch its freeze must reach.
+        let mut waiting: BTreeMap<String, u64> = on_node
+            .iter()
+            .filter_map(|p| Some((p.group.clone(), current.get(&p.group)?.1 + 1)))
+            .collect();
+        let affected = waiting.len();
+        // The watch is running (its initial list read) before the link is cut.
+        let stream = watcher(self.groups(), watcher::Config::default())
+            .default_backoff()
+            .applied_objects();
+        let mut stream = std::pin::pin!(stream);
+        let mut listed = BTreeSet::new();
+        let deadline = tokio::time::Instant::now() + DEADLINE;
+        while listed.len() < self.groups.len() {
+            match tokio::time::timeout_at(deadline, stream.next()).await {
+                Ok(Some(Ok(group))) => {
+                    listed.insert(group.name_any());
+                }
+                Ok(Some(Err(_))) => {}
+                Ok(None) | Err(_) => {
+                    return Err(BenchError::Timeout("the hub's groups listed".to_owned()));
+                }
             }
-            Err(_) => return Err(BenchError::Timeout("the group deleted".to_owned())),
         }
+        let started = Instant::now();
+        for placement in &on_node {
+            self.sequence += 1;
+            replicator.fail_copy(&placement.handle, self.sequence);
+        }
+        let mut frozen = Vec::with_capacity(affected);
+        while !waiting.is_empty() {
+            match tokio::time::timeout_at(deadline, stream.next()).await {
+                Ok(Some(Ok(group))) => {
+                    let (epoch, stage) = group.position();
+                    let name = group.name_any();
+                    if waiting.get(&name).is_some_and(|&target| epoch >= target)
+                        && stage >= Stage::Release
+                    {
+                        waiting.remove(&name);
+                        frozen.push(Some(started.elapsed()));
+                    }
+                }
+                Ok(Some(Err(_))) => {}
+                Ok(None) | Err(_) => break,
+            }
+        }
+        frozen.extend(std::iter::repeat_n(None, waiting.len()));
+        Ok(frozen)
+    }
+
+    /// Deletes every group, waits until the hub no longer has them (their finalizers let every volume go
+    /// and deleted the shards before letting them go), checks that no shard is left, and returns how
+    /// long the deletion took.
+    pub async fn delete_groups(&mut self) -> Result<Duration, BenchError> {
+        let started = Instant::now();
+        let groups = self.list_groups().await?;
+        futures::stream::iter(groups.iter().map(|group| {
+            let (api, name) = (self.groups(), group.name_any());
+            let uid = group.metadata.uid.clone().unwrap_or_default();
+            async move {
+                api.delete(&name, &kube::api::DeleteParams::default())
+                    .await
+                    .map_err(kube_error(format!("deleting {name}")))?;
+                let deleted = kube::runtime::wait::await_condition(
+                    api,
+                    &name,
+                    kube::runtime::wait::conditions::is_deleted(&uid),
+                );
+                match tokio::time::timeout(DEADLINE, deleted).await {
+                    Ok(Ok(_)) => Ok(()),
+                    Ok(Err(error)) => Err(BenchError::Timeout(format!(
+                        "{name} deleted (watching it failed: {error})"
+                    ))),
+                    Err(_) => Err(BenchError::Timeout(format!("{name} deleted"))),
+                }
+            }
+        }))
+        .buffer_unordered(16)
+        .try_collect::<Vec<()>>()
+        .await?;
         let took = started.elapsed();
         let shards_left =
             Api::<lockstep_api::v1alpha1::ConsistencyGroupShard>::all(self.hub_client.clone())
-                .list(&kube::api::ListParams::default().labels(&format!(
-                    "{}={uid}",
-                    lockstep_api::v1alpha1::GROUP_UID_LABEL
-                )))
+                .list(&kube::api::ListParams::default())
                 .await
-                .map_err(kube_error("listing the group's shards"))?
+                .map_err(kube_error("listing the shards"))?
                 .items
                 .len();
         if shards_left > 0 {
             return Err(BenchError::ShardsLeft(shards_left));
         }
         Ok(took)
+    }
+
+    /// Counts every request that changes an object, on the hub and every member cluster, for `window`
+    /// of steady state (nothing failing, nothing asked): what the control system writes while idle.
+    pub async fn steady(&self, window: Duration) -> Result<SteadyState, BenchError> {
+        let servers: Vec<&ApiServer> = std::iter::once(&self.hub)
+            .chain(self.members.iter().map(|member| &member.api))
+            .collect();
+        let count = |servers: &[&ApiServer]| -> Result<BTreeMap<String, u64>, BenchError> {
+            let mut total = BTreeMap::new();
+            for server in servers {
+                let counts = server
+                    .write_requests()
+                    .map_err(|e| BenchError::ApiServer(e.to_string()))?;
+                for (request, n) in counts {
+                    *total.entry(request).or_default() += n;
+                }
+            }
+            Ok(total)
+        };
+        for server in &servers {
+            server.forget_requests();
+        }
+        let before = count(&servers)?;
+        tokio::time::sleep(window).await;
+        let after = count(&servers)?;
+        let writes = after
+            .into_iter()
+            .filter_map(|(request, n)| {
+                let grown = n.saturating_sub(before.get(&request).copied().unwrap_or(0));
+                (grown > 0).then_some((request, grown))
+            })
+            .collect();
+        Ok(SteadyState { window, writes })
+    }
+
+    /// The largest object of each kind the watches saw so far.
+    pub fn largest_objects(&self) -> BTreeMap<&'static str, super::sizes::Largest> {
+        self.sizes.largest()
     }
 
     /// Sidecars (nodes) in the cell.
@@ -692,14 +924,54 @@ impl Fleet {
     }
 }
 
+/// What was written while nothing happened.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct SteadyState {
+    /// How long it was watched.
+    pub window: Duration,
+    /// Requests that changed objects, by `verb resource`, over every API server of the cell.
+    pub writes: BTreeMap<String, u64>,
+}
+
+impl SteadyState {
+    /// The writes, Lease renewals excepted (liveness is a Lease per node and the operator's own).
+    pub fn writes_beyond_leases(&self) -> BTreeMap<&str, u64> {
+        self.writes
+            .iter()
+            .filter(|(request, _)| !request.ends_with(" leases"))
+            .map(|(request, n)| (request.as_str(), *n))
+            .collect()
+    }
+
+    /// Writes per second of `request`s matching `resource` (`consistencygroups` counts its status too).
+    pub fn per_second(&self, resource: &str) -> f64 {
+        let n: u64 = self
+            .writes
+            .iter()
+            .filter(|(request, _)| {
+                request
+                    .split_once(' ')
+                    .is_some_and(|(_, r)| r == resource || r.starts_with(&format!("{resource}/")))
+            })
+            .map(|(_, n)| n)
+            .sum();
+        n as f64 / self.window.as_secs_f64().max(f64::EPSILON)
+    }
+}
+
 /// Stamps the moment the hub's group shows the trial's epoch at stage Release: the operator had every
 /// volume's acknowledgement of the freeze and persisted the release decision.
-async fn watch_hub(client: Client, probe: Arc<Probe>) {
+async fn watch_hub(
+    client: Client,
+    probe: Arc<Probe>,
+    writer: reflector::store::Writer<ConsistencyGroup>,
+) {
     let stream = watcher(
         Api::<ConsistencyGroup>::all(client),
         watcher::Config::default(),
     )
     .default_backoff()
+    .reflect(writer)
     .applied_objects();
     let mut stream = std::pin::pin!(stream);
     while let Some(change) = stream.next().await {

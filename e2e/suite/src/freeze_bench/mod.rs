@@ -18,6 +18,7 @@
 pub mod fleet;
 pub mod replicator;
 pub mod report;
+pub mod sizes;
 
 use std::path::PathBuf;
 
@@ -74,6 +75,12 @@ pub enum BenchError {
     /// `--check`: shards left in the hub after the group's deletion completed.
     #[error("{0} shards of the deleted group were left in the hub")]
     ShardsLeft(usize),
+    /// `--check`: something other than a Lease was written while nothing happened.
+    #[error("written in steady state (nothing failing, nothing asked): {0}")]
+    SteadyWrites(String),
+    /// `--check`: an object over the 64 KiB bound was written.
+    #[error("an object over 64 KiB was written: {0}")]
+    ObjectTooLarge(String),
     /// `--check`: trials that did not complete.
     #[error("{lost} of {trials} trials did not complete at {volumes} volumes ({paths:?})")]
     Lost {
@@ -106,6 +113,11 @@ pub struct Options {
     /// Volume counts, one cell each (per path).
     #[arg(long, value_delimiter = ',', default_value = "10,100,1000")]
     pub volumes: Vec<usize>,
+    /// Groups each cell's volumes are split into (consecutive volumes, spanning every node). Above 1, a
+    /// trial cuts one node's replication link instead — every volume there fails its copy — and every
+    /// group with a volume on that node must freeze; the figures are then per group (frozen only).
+    #[arg(long, default_value_t = 1)]
+    pub groups: usize,
     /// Which paths reach the members: both, api (API server only), grpc (gRPC only).
     #[arg(
         long,
@@ -139,9 +151,14 @@ pub struct Options {
     /// Where the table goes: freeze-bench.csv, freeze-bench.txt and freeze-bench.svg.
     #[arg(long, default_value = "target/freeze-bench")]
     pub out: PathBuf,
+    /// How long each cell watches what is written while nothing happens, after its last trial's
+    /// resync, in milliseconds (cover a few of the operator's periodic reconciles).
+    #[arg(long, default_value = "5000", value_parser = milliseconds)]
+    pub steady_ms: Duration,
     /// Also a test: each cell's group is deleted after its trials (its finalizer lets every volume go
     /// and removes its shards), and the run fails unless every trial froze, released and resynced and
-    /// every deletion completed.
+    /// every deletion completed, and unless nothing but Leases was written in steady state and no
+    /// object written exceeded 64 KiB.
     #[arg(long)]
     pub check: bool,
 }
@@ -150,6 +167,7 @@ impl Default for Options {
     fn default() -> Self {
         Options {
             volumes: vec![10, 100, 1000],
+            groups: 1,
             paths: vec![PathChoice::Both, PathChoice::Api, PathChoice::Grpc],
             trials: 50,
             warmup: 2,
@@ -157,6 +175,7 @@ impl Default for Options {
             nodes_per_cluster: 2,
             settle_ms: Duration::from_millis(200),
             operator_resync_ms: Duration::from_millis(2000),
+            steady_ms: Duration::from_millis(5000),
             apiserver: vec![crate::ApiServerFlag::Test],
             out: PathBuf::from("target/freeze-bench"),
             check: false,
@@ -173,6 +192,7 @@ pub async fn run_cell(
 ) -> Result<CellResult, BenchError> {
     let spec = CellSpec {
         volumes,
+        groups: options.groups,
         clusters: options.clusters,
         nodes_per_cluster: options.nodes_per_cluster,
         paths,
@@ -181,35 +201,96 @@ pub async fn run_cell(
     };
     let mut fleet = Fleet::start(&spec).await?;
     let mut trials = Vec::new();
+    let mut per_group = Vec::new();
     let outcome = async {
         for index in 0..options.warmup + options.trials {
-            let marks = fleet.trial(index).await;
-            if index >= options.warmup {
-                trials.push(marks);
+            if options.groups > 1 {
+                let frozen = fleet.link_failure(index).await?;
+                if index >= options.warmup {
+                    per_group.extend(frozen);
+                }
+            } else {
+                let marks = fleet.trial(index).await;
+                if index >= options.warmup {
+                    trials.push(marks);
+                }
             }
             fleet.resync(options.settle_ms).await?;
         }
+        // Steady state: once the last resync's trailing reports (volumes back to Replicating) have
+        // landed — within one periodic reconcile — nothing but Lease renewals should be written.
+        tokio::time::sleep(options.operator_resync_ms + Duration::from_secs(1)).await;
+        let steady = fleet.steady(options.steady_ms).await?;
+        let largest = fleet.largest_objects();
         if options.check {
-            let took = fleet.delete_group().await?;
+            let took = fleet.delete_groups().await?;
             println!(
-                "deleted: the group of {volumes} volumes and its shards gone in {} ms",
+                "deleted: {} group(s) of {volumes} volumes and their shards gone in {} ms",
+                options.groups.max(1),
                 took.as_millis()
             );
         }
-        Ok::<(), BenchError>(())
+        Ok::<_, BenchError>((steady, largest))
     }
     .await;
     let nodes = fleet.nodes();
     fleet.shutdown().await;
-    outcome?;
-    Ok(CellResult::from_trials(
-        backend.name(),
-        volumes,
-        paths,
-        options.clusters,
-        nodes,
-        &trials,
-    ))
+    let (steady, largest) = outcome?;
+    let mut result = if options.groups > 1 {
+        CellResult::from_groups(
+            backend.name(),
+            volumes,
+            options.groups,
+            paths,
+            options.clusters,
+            nodes,
+            options.trials,
+            &per_group,
+        )
+    } else {
+        CellResult::from_trials(
+            backend.name(),
+            volumes,
+            paths,
+            options.clusters,
+            nodes,
+            &trials,
+        )
+    };
+    result.steady = steady;
+    result.largest = largest;
+    Ok(result)
+}
+
+/// `--check`: every trial completed, nothing but Leases written in steady state, no object over the
+/// bound.
+fn check(row: &CellResult) -> Result<(), BenchError> {
+    if row.lost > 0 {
+        return Err(BenchError::Lost {
+            lost: row.lost,
+            trials: row.trials + row.lost,
+            volumes: row.volumes,
+            paths: row.paths,
+        });
+    }
+    if row.steady_writes() > 0 {
+        return Err(BenchError::SteadyWrites(format!(
+            "{:?} in {:.1} s",
+            row.steady.writes_beyond_leases(),
+            row.steady.window.as_secs_f64()
+        )));
+    }
+    if let Some((kind, largest)) = row
+        .largest
+        .iter()
+        .find(|(_, l)| l.bytes > sizes::OBJECT_BOUND_BYTES)
+    {
+        return Err(BenchError::ObjectTooLarge(format!(
+            "{kind} {} is {} bytes",
+            largest.name, largest.bytes
+        )));
+    }
+    Ok(())
 }
 
 /// Runs every cell, printing each row as it comes, then writes the table (text and CSV) and the plot
@@ -217,8 +298,12 @@ pub async fn run_cell(
 pub async fn run(options: Options) -> Result<Vec<CellResult>, BenchError> {
     let mut rows = Vec::new();
     println!(
-        "freeze benchmark: {} member clusters x {} nodes, {} trials per cell (+{} warm-up)",
-        options.clusters, options.nodes_per_cluster, options.trials, options.warmup
+        "freeze benchmark: {} member clusters x {} nodes, {} group(s) per cell, {} trials per cell (+{} warm-up)",
+        options.clusters,
+        options.nodes_per_cluster,
+        options.groups.max(1),
+        options.trials,
+        options.warmup
     );
     for &apiserver in &options.apiserver {
         let backend = match apiserver {
@@ -229,13 +314,9 @@ pub async fn run(options: Options) -> Result<Vec<CellResult>, BenchError> {
             for &volumes in &options.volumes {
                 let row = run_cell(&options, backend, volumes, paths).await?;
                 print!("{}", report::table(std::slice::from_ref(&row)));
-                if options.check && row.lost > 0 {
-                    return Err(BenchError::Lost {
-                        lost: row.lost,
-                        trials: row.trials + row.lost,
-                        volumes,
-                        paths,
-                    });
+                print!("{}", row.details());
+                if options.check {
+                    check(&row)?;
                 }
                 rows.push(row);
             }

@@ -4,8 +4,12 @@
 use std::fmt::Write as _;
 use std::time::{Duration, Instant};
 
+use std::collections::BTreeMap;
+
 use super::PathChoice;
+use super::fleet::SteadyState;
 use super::replicator::TrialMarks;
+use super::sizes::Largest;
 
 /// p50, p99 and max of one measure, in milliseconds.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
@@ -43,8 +47,10 @@ impl Spread {
 pub struct CellResult {
     /// The API servers: `test` (the test API server) or `kube` (kube-apiserver on etcd).
     pub apiserver: &'static str,
-    /// Volumes in the group.
+    /// Volumes in the cell.
     pub volumes: usize,
+    /// Groups they form (above 1, the figures are per group: a trial cuts one node's link).
+    pub groups: usize,
     /// The paths that reached the members.
     pub paths: PathChoice,
     /// Member clusters.
@@ -62,6 +68,11 @@ pub struct CellResult {
     pub frozen: Spread,
     /// Copy failed → the held write released at its replicator (the workload's stall).
     pub stall: Spread,
+    /// What the cell's API servers were asked to write while the group sat replicating after its last
+    /// trial (nothing failing, nothing asked).
+    pub steady: SteadyState,
+    /// The largest object of each kind written during the cell.
+    pub largest: BTreeMap<&'static str, Largest>,
 }
 
 fn since(start: Option<Instant>, end: Option<Instant>) -> Option<Duration> {
@@ -88,6 +99,7 @@ impl CellResult {
         CellResult {
             apiserver,
             volumes,
+            groups: 1,
             paths,
             clusters,
             nodes,
@@ -96,11 +108,91 @@ impl CellResult {
             suspended: Spread::of(&measure(|t| t.all_suspended)),
             frozen: Spread::of(&measure(|t| t.frozen)),
             stall: Spread::of(&measure(|t| t.held_write_released)),
+            steady: SteadyState::default(),
+            largest: BTreeMap::new(),
         }
     }
 }
 
-const HEADER: [&str; 16] = [
+impl CellResult {
+    /// Summarises a many-groups cell: `frozen` holds, per group of every measured trial, how long from
+    /// the link cut until it was frozen (`None`: not within the deadline, counted as lost). Only the
+    /// freeze is measured per group; suspended and stall stay zero.
+    #[allow(clippy::too_many_arguments)]
+    pub fn from_groups(
+        apiserver: &'static str,
+        volumes: usize,
+        groups: usize,
+        paths: PathChoice,
+        clusters: usize,
+        nodes: usize,
+        trials: usize,
+        frozen: &[Option<Duration>],
+    ) -> CellResult {
+        let measured: Vec<Duration> = frozen.iter().flatten().copied().collect();
+        CellResult {
+            apiserver,
+            volumes,
+            groups,
+            paths,
+            clusters,
+            nodes,
+            trials,
+            lost: frozen.len() - measured.len(),
+            suspended: Spread::default(),
+            frozen: Spread::of(&measured),
+            stall: Spread::default(),
+            steady: SteadyState::default(),
+            largest: BTreeMap::new(),
+        }
+    }
+
+    /// Writes in steady state, Lease renewals excepted (the target is none).
+    pub fn steady_writes(&self) -> u64 {
+        self.steady.writes_beyond_leases().values().sum()
+    }
+
+    /// The largest object written in the cell, of any kind, in bytes.
+    pub fn largest_bytes(&self) -> usize {
+        self.largest.values().map(|l| l.bytes).max().unwrap_or(0)
+    }
+
+    /// The cell's lines beyond the table: steady-state writes per second, and the largest objects.
+    pub fn details(&self) -> String {
+        let mut out = String::new();
+        let seconds = self.steady.window.as_secs_f64();
+        let rates: Vec<String> = [
+            ("groups", "consistencygroups"),
+            ("shards", "consistencygroupshards"),
+            ("replicationnodes", "replicationnodes"),
+            ("events", "events"),
+            ("leases", "leases"),
+        ]
+        .iter()
+        .map(|(label, resource)| format!("{label} {:.2}", self.steady.per_second(resource)))
+        .collect();
+        let _ = writeln!(
+            out,
+            "  steady state ({seconds:.1} s idle): writes/s {} (groups counts the hub's and the mirrors); \
+             beyond leases: {}",
+            rates.join(", "),
+            if self.steady_writes() == 0 {
+                "none".to_owned()
+            } else {
+                format!("{:?}", self.steady.writes_beyond_leases())
+            }
+        );
+        let largest: Vec<String> = self
+            .largest
+            .iter()
+            .map(|(kind, l)| format!("{kind} {:.1} KiB ({})", l.bytes as f64 / 1024.0, l.name))
+            .collect();
+        let _ = writeln!(out, "  largest objects written: {}", largest.join(", "));
+        out
+    }
+}
+
+const HEADER: [&str; 19] = [
     "apiserver",
     "volumes",
     "paths",
@@ -117,9 +209,12 @@ const HEADER: [&str; 16] = [
     "stall_p50_ms",
     "stall_p99_ms",
     "stall_max_ms",
+    "steady_writes",
+    "largest_object_bytes",
+    "groups",
 ];
 
-fn fields(row: &CellResult) -> [String; 16] {
+fn fields(row: &CellResult) -> [String; 19] {
     let ms = |v: f64| format!("{v:.1}");
     [
         row.apiserver.to_string(),
@@ -138,6 +233,9 @@ fn fields(row: &CellResult) -> [String; 16] {
         ms(row.stall.p50),
         ms(row.stall.p99),
         ms(row.stall.max),
+        row.steady_writes().to_string(),
+        row.largest_bytes().to_string(),
+        row.groups.to_string(),
     ]
 }
 
@@ -157,9 +255,10 @@ pub fn table(rows: &[CellResult]) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "{:>9} {:>7} {:>5} {:>8} {:>5} {:>6} {:>4} | {:^23} | {:^23} | {:^23}",
+        "{:>9} {:>7} {:>6} {:>5} {:>8} {:>5} {:>6} {:>4} | {:^23} | {:^23} | {:^23}",
         "apiserver",
         "volumes",
+        "groups",
         "paths",
         "clusters",
         "nodes",
@@ -173,9 +272,10 @@ pub fn table(rows: &[CellResult]) -> String {
         let spread = |s: &Spread| format!("{:>7.1}{:>8.1}{:>8.1}", s.p50, s.p99, s.max);
         let _ = writeln!(
             out,
-            "{:>9} {:>7} {:>5} {:>8} {:>5} {:>6} {:>4} | {} | {} | {}",
+            "{:>9} {:>7} {:>6} {:>5} {:>8} {:>5} {:>6} {:>4} | {} | {} | {}",
             row.apiserver,
             row.volumes,
+            row.groups,
             row.paths,
             row.clusters,
             row.nodes,
@@ -359,6 +459,21 @@ mod tests {
             suspended: Spread::of(&ms(&[1, 2])),
             frozen: Spread::of(&ms(&[3, 4])),
             stall: Spread::of(&ms(&[5, 6])),
+            groups: 1,
+            steady: SteadyState {
+                window: Duration::from_secs(2),
+                writes: BTreeMap::from([
+                    ("update leases".to_owned(), 4),
+                    ("patch consistencygroups/status".to_owned(), 1),
+                ]),
+            },
+            largest: BTreeMap::from([(
+                "ConsistencyGroupShard",
+                Largest {
+                    bytes: 2048,
+                    name: "hub/bench.east.east-node-0".to_owned(),
+                },
+            )]),
         };
         let text = csv(std::slice::from_ref(&row));
         let lines: Vec<&str> = text.lines().collect();
@@ -366,8 +481,12 @@ mod tests {
         assert!(lines[0].starts_with("apiserver,volumes,paths,clusters"));
         assert_eq!(
             lines[1],
-            "test,10,grpc,3,6,50,0,1.0,2.0,2.0,3.0,4.0,4.0,5.0,6.0,6.0"
+            "test,10,grpc,3,6,50,0,1.0,2.0,2.0,3.0,4.0,4.0,5.0,6.0,6.0,1,2048,1"
         );
+        // Lease renewals are not counted as steady-state writes; the status patch is.
+        assert_eq!(row.steady_writes(), 1);
+        assert_eq!(row.steady.per_second("consistencygroups"), 0.5);
+        assert!(row.details().contains("ConsistencyGroupShard 2.0 KiB"));
         let drawing = svg(&[row]);
         assert!(drawing.starts_with("<svg") && drawing.trim_end().ends_with("</svg>"));
         assert!(drawing.contains("grpc"));
