@@ -5,6 +5,30 @@ use super::*;
 /// How many Events on member claims one decision publishes at once.
 pub(super) const CLAIM_EVENTS_IN_FLIGHT: usize = 16;
 
+/// At most this many claims per member cluster get an Event of one decision. A group of 10 000 volumes
+/// would otherwise write 10 000 Events into its member clusters at each hold, release and resync —
+/// 30 000 a freeze, still being written seconds after it. Beyond the bound the group's own Event says how
+/// many claims were not told, and the shards list every volume's state.
+pub(super) const CLAIM_EVENTS_PER_CLUSTER: usize = 50;
+
+/// The member volumes of `cluster` whose claims get an Event (the first [`CLAIM_EVENTS_PER_CLUSTER`]
+/// in the status's order), and how many more there are.
+pub(super) fn claims_to_tell<'a>(
+    members: &'a [lockstep_api::v1alpha1::MemberVolumeStatus],
+    cluster: &str,
+) -> (Vec<&'a lockstep_api::v1alpha1::MemberVolumeStatus>, usize) {
+    let mut told = Vec::new();
+    let mut untold = 0;
+    for volume in members.iter().filter(|volume| volume.cluster == cluster) {
+        if told.len() < CLAIM_EVENTS_PER_CLUSTER {
+            told.push(volume);
+        } else {
+            untold += 1;
+        }
+    }
+    (told, untold)
+}
+
 /// Records an Event on a member volume's claim, in the claim's cluster (a failure is only logged).
 pub(super) async fn publish_on_claim(
     recorder: &Recorder,
@@ -120,17 +144,25 @@ impl Engine {
             secondary: Some(group.object_ref(&())),
         };
         let mut publishing = Vec::new();
+        let mut untold = 0;
         for (cluster, member) in &members {
             let Ok(client) = &member.client else { continue };
             let recorder = Recorder::new(client.clone(), reporter.clone());
-            for volume in status
-                .members
-                .iter()
-                .filter(|volume| &volume.cluster == cluster)
-            {
+            let (told, rest) = claims_to_tell(&status.members, cluster);
+            untold += rest;
+            for volume in told {
                 let (recorder, event) = (recorder.clone(), &event);
                 publishing.push(async move { publish_on_claim(&recorder, event, volume).await });
             }
+        }
+        if untold > 0 {
+            let message = format!(
+                "{}: Events recorded on the first {CLAIM_EVENTS_PER_CLUSTER} claims of each member cluster; \
+                 {untold} more claims were not told (kubectl get consistencygroupshards lists every volume's state)",
+                note.reason
+            );
+            self.record(group, false, "ClaimEventsLimited", &message)
+                .await;
         }
         // Concurrently, a few at a time per operator: one slow cluster delays no other claim's Event.
         futures::stream::iter(publishing)
@@ -165,11 +197,18 @@ impl Engine {
             action: "HoldTimedOut".to_owned(),
             secondary: Some(group.object_ref(&())),
         };
+        // As for the other claim Events: at most CLAIM_EVENTS_PER_CLUSTER claims per cluster.
+        let mut told: BTreeMap<&str, usize> = BTreeMap::new();
         for volume in status.members.iter().filter(|volume| {
             volumes.iter().any(|(cluster, handle)| {
                 *cluster == volume.cluster && volume.volume_handle.as_ref() == Some(handle)
             })
         }) {
+            let count = told.entry(volume.cluster.as_str()).or_default();
+            if *count >= CLAIM_EVENTS_PER_CLUSTER {
+                continue;
+            }
+            *count += 1;
             let Some(Ok(client)) = members.get(&volume.cluster).map(|member| &member.client) else {
                 continue;
             };
@@ -205,5 +244,36 @@ impl Engine {
         {
             tracing::warn!(%error, reason, "could not record an event");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn volume(cluster: &str, pvc: usize) -> lockstep_api::v1alpha1::MemberVolumeStatus {
+        lockstep_api::v1alpha1::MemberVolumeStatus {
+            cluster: cluster.to_owned(),
+            namespace: "apps".to_owned(),
+            pvc: format!("data-{pvc}"),
+            persistent_volume: None,
+            volume_handle: None,
+            node: None,
+            state: None,
+            acknowledged: None,
+            image_epoch: None,
+        }
+    }
+
+    #[test]
+    fn at_most_the_bound_of_claims_per_cluster_get_an_event() {
+        let mut members: Vec<_> = (0..120).map(|i| volume("east", i)).collect();
+        members.extend((0..3).map(|i| volume("west", i)));
+        let (told, untold) = claims_to_tell(&members, "east");
+        assert_eq!((told.len(), untold), (CLAIM_EVENTS_PER_CLUSTER, 70));
+        assert!(told.iter().all(|v| v.cluster == "east"));
+        assert_eq!(told.first().map(|v| v.pvc.as_str()), Some("data-0"));
+        let (told, untold) = claims_to_tell(&members, "west");
+        assert_eq!((told.len(), untold), (3, 0));
     }
 }

@@ -891,7 +891,11 @@ impl Fleet {
                 (grown > 0).then_some((request, grown))
             })
             .collect();
-        Ok(SteadyState { window, writes })
+        Ok(SteadyState {
+            window,
+            idle_before: Duration::ZERO,
+            writes,
+        })
     }
 
     /// The largest object of each kind the watches saw so far.
@@ -929,6 +933,8 @@ impl Fleet {
 pub struct SteadyState {
     /// How long it was watched.
     pub window: Duration,
+    /// How long the cell sat idle before the window (the last resync's trailing writes drained).
+    pub idle_before: Duration,
     /// Requests that changed objects, by `verb resource`, over every API server of the cell.
     pub writes: BTreeMap<String, u64>,
 }

@@ -23,7 +23,7 @@ pub mod sizes;
 use std::path::PathBuf;
 
 use lockstep_kube::backend::Backend;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use fleet::{CellSpec, Fleet};
 use report::CellResult;
@@ -100,6 +100,9 @@ pub enum BenchError {
     #[error("kubeconfig: {0}")]
     Yaml(#[from] serde_yaml_ng::Error),
 }
+
+/// How many windows of `--steady-ms` a cell waits for one without writes (Leases excepted).
+const QUIET_WINDOWS: usize = 6;
 
 fn milliseconds(text: &str) -> Result<Duration, String> {
     text.parse::<u64>()
@@ -217,10 +220,20 @@ pub async fn run_cell(
             }
             fleet.resync(options.settle_ms).await?;
         }
-        // Steady state: once the last resync's trailing reports (volumes back to Replicating) have
-        // landed — within one periodic reconcile — nothing but Lease renewals should be written.
+        // Steady state: once the last resync's trailing writes have landed (volumes reporting
+        // Replicating, their shards, the claims' Events), nothing but Lease renewals may be written. A
+        // window with writes is followed by another, up to QUIET_WINDOWS: writes that recur at least
+        // once a window (the operator's periodic reconcile, every 2 s) never leave one quiet.
+        let idle = Instant::now();
         tokio::time::sleep(options.operator_resync_ms + Duration::from_secs(1)).await;
-        let steady = fleet.steady(options.steady_ms).await?;
+        let mut steady = fleet.steady(options.steady_ms).await?;
+        for _ in 1..QUIET_WINDOWS {
+            if steady.writes_beyond_leases().is_empty() {
+                break;
+            }
+            steady = fleet.steady(options.steady_ms).await?;
+        }
+        steady.idle_before = idle.elapsed().saturating_sub(steady.window);
         let largest = fleet.largest_objects();
         if options.check {
             let took = fleet.delete_groups().await?;

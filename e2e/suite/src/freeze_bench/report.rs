@@ -173,8 +173,9 @@ impl CellResult {
         .collect();
         let _ = writeln!(
             out,
-            "  steady state ({seconds:.1} s idle): writes/s {} (groups counts the hub's and the mirrors); \
-             beyond leases: {}",
+            "  steady state ({seconds:.1} s, after {:.1} s idle): writes/s {} (groups counts the hub's and \
+             the mirrors); beyond leases: {}",
+            self.steady.idle_before.as_secs_f64(),
             rates.join(", "),
             if self.steady_writes() == 0 {
                 "none".to_owned()
@@ -462,6 +463,7 @@ mod tests {
             groups: 1,
             steady: SteadyState {
                 window: Duration::from_secs(2),
+                idle_before: Duration::from_secs(3),
                 writes: BTreeMap::from([
                     ("update leases".to_owned(), 4),
                     ("patch consistencygroups/status".to_owned(), 1),
