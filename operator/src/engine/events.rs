@@ -256,12 +256,7 @@ mod tests {
             cluster: cluster.to_owned(),
             namespace: "apps".to_owned(),
             pvc: format!("data-{pvc}"),
-            persistent_volume: None,
-            volume_handle: None,
-            node: None,
-            state: None,
-            acknowledged: None,
-            image_epoch: None,
+            ..Default::default()
         }
     }
 

@@ -225,7 +225,6 @@ pub async fn run_cell(
         // window with writes is followed by another, up to QUIET_WINDOWS: writes that recur at least
         // once a window (the operator's periodic reconcile, every 2 s) never leave one quiet.
         let idle = Instant::now();
-        tokio::time::sleep(options.operator_resync_ms + Duration::from_secs(1)).await;
         let mut steady = fleet.steady(options.steady_ms).await?;
         for _ in 1..QUIET_WINDOWS {
             if steady.writes_beyond_leases().is_empty() {
