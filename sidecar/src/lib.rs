@@ -36,6 +36,9 @@ use crate::grpc_path::{GrpcConfig, GrpcPath};
 use crate::metrics::Metrics;
 use crate::replicator::Replicator;
 
+/// How long [`Sidecar::shutdown`] waits for its tasks to stop before aborting them.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
 fn duration(text: &str) -> Result<Duration, String> {
     lockstep_api::domain::parse_duration(text).map_err(|e| e.to_string())
 }
@@ -312,10 +315,22 @@ impl Sidecar {
         &self.metrics
     }
 
-    /// Stops every task and waits for them.
+    /// Stops every task and waits for them, for at most [`SHUTDOWN_GRACE`]; a task still in a call
+    /// that does not end (a request to an unreachable API server or operator) is then aborted.
     pub async fn shutdown(mut self) {
         self.stop.cancel();
-        while self.tasks.join_next().await.is_some() {}
+        let drained = tokio::time::timeout(SHUTDOWN_GRACE, async {
+            while self.tasks.join_next().await.is_some() {}
+        })
+        .await;
+        if drained.is_err() {
+            tracing::warn!(
+                still_running = self.tasks.len(),
+                "tasks did not stop within {SHUTDOWN_GRACE:?}: aborting them"
+            );
+            self.tasks.abort_all();
+            while self.tasks.join_next().await.is_some() {}
+        }
     }
 
     /// Stops every task at once, without waiting (a crash, for tests).

@@ -37,7 +37,7 @@ use crate::control::ControlError;
 use crate::faults::LinkCutMode;
 use crate::operated::{operator_options, sidecar_options, watch_group};
 use crate::service::{Endpoint, ReadyService};
-use crate::timeline::Timeline;
+use crate::timeline::{Timeline, Watchdog};
 use crate::world::{World, WorldError, WorldSpec};
 use lockstep_kube::backend::Backend;
 
@@ -368,6 +368,8 @@ pub struct Harness {
     acked_at_failure: Option<Vec<u64>>,
     /// TLS and identities, with [`Setup::secure`].
     credentials: Option<crate::security::Credentials>,
+    /// Ends the test process, with the timeline, if the scenario runs past its limit.
+    _watchdog: Watchdog,
 }
 
 impl std::fmt::Debug for Harness {
@@ -390,6 +392,7 @@ impl Harness {
         target: Target,
         timeline: Timeline,
     ) -> Result<Harness, FaultError> {
+        let watchdog = Watchdog::from_env(&timeline);
         setup.world.group.spec.policy = setup.policy;
         for cluster in &setup.grpc_only {
             make_grpc_only(&mut setup.world, cluster)?;
@@ -447,6 +450,7 @@ impl Harness {
             workload_volumes,
             acked_at_failure: None,
             credentials,
+            _watchdog: watchdog,
         };
         for name in harness.cluster_names() {
             harness.listen(&name)?;

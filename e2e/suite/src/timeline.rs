@@ -79,6 +79,49 @@ impl Timeline {
     }
 }
 
+/// Ends the whole test process when a scenario outlives its time limit, printing its timeline first: a
+/// scenario stuck on something without a timeout of its own would otherwise hold the test binary (and CI)
+/// until CI's own limit, with nothing said about where it stood. Disarmed when dropped.
+#[derive(Debug)]
+pub struct Watchdog {
+    _disarm: std::sync::mpsc::Sender<()>,
+}
+
+impl Watchdog {
+    /// The default limit of a scenario; `LOCKSTEP_E2E_LIMIT_SECS` overrides it.
+    pub const DEFAULT_LIMIT: Duration = Duration::from_secs(600);
+
+    /// Watches a scenario described by `timeline` for `LOCKSTEP_E2E_LIMIT_SECS` (default
+    /// [`Self::DEFAULT_LIMIT`]).
+    pub fn from_env(timeline: &Timeline) -> Self {
+        let limit = std::env::var("LOCKSTEP_E2E_LIMIT_SECS")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .map_or(Self::DEFAULT_LIMIT, Duration::from_secs);
+        Self::new(timeline, limit)
+    }
+
+    /// Watches a scenario described by `timeline` for `limit`.
+    pub fn new(timeline: &Timeline, limit: Duration) -> Self {
+        let (disarm, disarmed) = std::sync::mpsc::channel::<()>();
+        let timeline = timeline.clone();
+        std::thread::spawn(move || {
+            if let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = disarmed.recv_timeout(limit) {
+                // Straight to the process's stderr: the test harness's capture is lost with the abort.
+                use std::io::Write;
+                let _ = writeln!(
+                    std::io::stderr(),
+                    "scenario still running after {:.1} s: ending the test process\n{}",
+                    limit.as_secs_f64(),
+                    timeline.text()
+                );
+                std::process::abort();
+            }
+        });
+        Self { _disarm: disarm }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -95,5 +138,41 @@ mod tests {
         assert!(first.ends_with("s] two"));
         assert_eq!(second.trim_start(), "three");
         assert_eq!(second.len() - "three".len(), first.len() - "two".len());
+    }
+
+    #[test]
+    fn a_watchdog_dropped_in_time_lets_the_process_live() {
+        let timeline = Timeline::new(false);
+        let watchdog = Watchdog::new(&timeline, Duration::from_millis(300));
+        drop(watchdog);
+        std::thread::sleep(Duration::from_millis(600));
+    }
+
+    /// Run as a child of the test below: a scenario that outlives its watchdog.
+    #[test]
+    fn watchdog_child_overrunning_scenario() {
+        if std::env::var_os("LOCKSTEP_WATCHDOG_CHILD").is_none() {
+            return;
+        }
+        let timeline = Timeline::new(false);
+        timeline.say("step one done");
+        let _watchdog = Watchdog::new(&timeline, Duration::from_millis(200));
+        std::thread::sleep(Duration::from_secs(30));
+    }
+
+    #[test]
+    fn a_scenario_past_its_limit_ends_the_process_with_its_timeline() {
+        let out = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "timeline::tests::watchdog_child_overrunning_scenario",
+            ])
+            .env("LOCKSTEP_WATCHDOG_CHILD", "1")
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{out:?}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains("still running after 0.2 s"), "{stderr}");
+        assert!(stderr.contains("step one done"), "{stderr}");
     }
 }
