@@ -6,6 +6,7 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
+    sync::Arc,
     time::Duration,
 };
 
@@ -25,6 +26,7 @@ use lockstep_api::{
 };
 
 use crate::{
+    member_cache::MemberCache,
     members::{ClusterView, ReportedState},
     sessions::Sessions,
 };
@@ -50,7 +52,7 @@ pub struct Member {
     /// reconnect the cluster, which restarts its claim and volume watches with a full list of each.
     pub version: Option<String>,
     /// Its claims and volumes, watched (none without an API client).
-    pub claim_cache: Option<std::sync::Arc<crate::claim_cache::ClaimCache>>,
+    pub cache: Option<Arc<MemberCache>>,
 }
 
 impl std::fmt::Debug for Member {
@@ -83,10 +85,7 @@ pub async fn connect(hub: &Client, cluster: &MemberCluster) -> Member {
     if let Err(reason) = &client {
         tracing::debug!(cluster = %name, %reason, "member cluster has no API client");
     }
-    let claim_cache = client
-        .as_ref()
-        .ok()
-        .map(crate::claim_cache::ClaimCache::start);
+    let cache = client.as_ref().ok().map(MemberCache::start);
     Member {
         name,
         paths: spec.paths,
@@ -97,7 +96,7 @@ pub async fn connect(hub: &Client, cluster: &MemberCluster) -> Member {
             .metadata
             .generation
             .map(|generation| generation.to_string()),
-        claim_cache,
+        cache,
     }
 }
 
@@ -179,13 +178,14 @@ pub async fn view(member: &Member, sessions: &Sessions, lease_namespace: &str) -
             return view;
         }
     };
-    let cached = member
-        .claim_cache
-        .as_ref()
-        .and_then(|cache| cache.snapshot());
+    let cache = member.cache.as_deref();
     let listed = tokio::time::timeout(API_TIMEOUT, async {
         let params = ListParams::default();
-        let (claims, volumes) = match cached {
+        // Live, and small (one Lease a node): whether the cluster answers at all.
+        let leases = Api::<Lease>::namespaced(client.clone(), lease_namespace)
+            .list(&params)
+            .await?;
+        let (claims, volumes) = match cache.and_then(MemberCache::snapshot) {
             Some(cached) => cached,
             None => (
                 Api::<PersistentVolumeClaim>::all(client.clone())
@@ -198,31 +198,36 @@ pub async fn view(member: &Member, sessions: &Sessions, lease_namespace: &str) -
                     .items,
             ),
         };
-        let nodes = replication_nodes(client.clone()).list(&params).await?;
-        let leases = Api::<Lease>::namespaced(client.clone(), lease_namespace)
-            .list(&params)
-            .await?;
-        Ok::<_, kube::Error>((claims, volumes, nodes.items, leases.items))
+        let nodes = match cache.and_then(|cache| cache.nodes.snapshot()) {
+            Some(nodes) => nodes,
+            // A ReplicationNode that does not decode is left out here; the watch of path 1 says why.
+            None => replication_nodes(client.clone())
+                .list(&params)
+                .await?
+                .items
+                .into_iter()
+                .filter_map(|node| decode_replication_node(node).ok().map(Arc::new))
+                .collect(),
+        };
+        Ok::<_, kube::Error>((claims, volumes, nodes, leases.items))
     })
     .await;
     match listed {
         Ok(Ok((claims, volumes, nodes, leases))) => {
-            // A ReplicationNode that does not decode is left out here; the watch of path 1 says why.
-            let nodes: Vec<ReplicationNode> = nodes
-                .into_iter()
-                .filter_map(|node| decode_replication_node(node).ok())
-                .collect();
             // VolumeAttachments (written by the attach/detach controller) are optional: a cluster, or a
             // test API server, that does not serve them leaves the PVs' node affinity alone.
-            let attachments = tokio::time::timeout(
-                API_TIMEOUT,
-                Api::<VolumeAttachment>::all(client.clone()).list(&ListParams::default()),
-            )
-            .await
-            .ok()
-            .and_then(Result::ok)
-            .map(|list| list.items)
-            .unwrap_or_default();
+            let attachments = match cache.and_then(MemberCache::attachments) {
+                Some(attachments) => attachments,
+                None => tokio::time::timeout(
+                    API_TIMEOUT,
+                    Api::<VolumeAttachment>::all(client.clone()).list(&ListParams::default()),
+                )
+                .await
+                .ok()
+                .and_then(Result::ok)
+                .map(|list| list.items)
+                .unwrap_or_default(),
+            };
             view.bound_node_of_volume = bound_nodes(&volumes, &attachments);
             view.binding_required = member.volume_binding == VolumeBinding::Required;
             view.silent_nodes = silent_nodes(&leases);
@@ -311,7 +316,9 @@ pub fn decode_replication_node(object: DynamicObject) -> Result<ReplicationNode,
 
 /// The (volume handle, node) claims of the ReplicationNodes the sidecars keep: each node says which
 /// volumes it serves.
-pub fn claims_of_nodes(nodes: &[ReplicationNode]) -> impl Iterator<Item = (String, String)> + '_ {
+pub fn claims_of_nodes(
+    nodes: &[Arc<ReplicationNode>],
+) -> impl Iterator<Item = (String, String)> + '_ {
     nodes.iter().flat_map(|node| {
         let name = node.spec.node_name.clone();
         node.status

@@ -14,7 +14,6 @@
 //! - [`metrics`]: Prometheus metrics; [`http`]: `/healthz`, `/readyz`, `/metrics`.
 
 pub mod authn;
-pub mod claim_cache;
 pub mod clusters;
 pub mod control;
 pub mod engine;
@@ -27,6 +26,7 @@ pub mod ingest;
 pub mod leader;
 pub mod ledger;
 pub mod listed;
+pub mod member_cache;
 pub mod members;
 pub mod metrics;
 pub mod mirror;

@@ -2,7 +2,7 @@
 //! ones, every group reconciled, memberships pushed, unacknowledged directives resent, the census counted
 //! — and path 1 in: the watch of each member cluster's ReplicationNodes.
 
-use std::{collections::BTreeMap, time::Duration};
+use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
 use futures::StreamExt;
 use kube::{
@@ -10,7 +10,9 @@ use kube::{
     runtime::{WatchStreamExt, watcher},
 };
 
-use crate::{AbortOnDrop, authn, clusters, control, engine::Engine, ingest};
+use crate::{
+    AbortOnDrop, authn, clusters, control, engine::Engine, ingest, member_cache::MemberCache,
+};
 
 /// Every interval: reconnect member clusters, start ReplicationNode watches for new ones, reconcile every
 /// group, and count groups and volumes for the metrics.
@@ -19,7 +21,8 @@ use crate::{AbortOnDrop, authn, clusters, control, engine::Engine, ingest};
 /// aborted), they stop with it. Detached, they outlived their operator and went on deciding about
 /// ReplicationNode changes on its frozen view of the hub — beside the operator started after it.
 pub(crate) async fn resync_loop(engine: Engine, interval: Duration) {
-    let mut node_watches: BTreeMap<String, AbortOnDrop<()>> = BTreeMap::new();
+    // Per member cluster: the MemberCluster version its client came from, and the watch of its nodes.
+    let mut node_watches: BTreeMap<String, (Option<String>, AbortOnDrop<()>)> = BTreeMap::new();
     // Per member cluster: the MemberCluster version its client came from, and the reader of its keys.
     let mut key_watches: BTreeMap<String, (Option<String>, AbortOnDrop<()>)> = BTreeMap::new();
     let mut ticker = tokio::time::interval(interval);
@@ -46,20 +49,20 @@ pub(crate) async fn resync_loop(engine: Engine, interval: Duration) {
                 ));
                 key_watches.insert(name.clone(), (member.version.clone(), AbortOnDrop(reader)));
             }
+            // And a new watch of its nodes, which fills the new client's cache.
             if node_watches
                 .get(&name)
-                .is_some_and(|task| !task.0.is_finished())
+                .is_some_and(|(version, task)| *version == member.version && !task.0.is_finished())
             {
                 continue;
             }
-            node_watches.insert(
+            let watch = tokio::spawn(watch_replication_nodes(
+                engine.clone(),
                 name.clone(),
-                AbortOnDrop(tokio::spawn(watch_replication_nodes(
-                    engine.clone(),
-                    name,
-                    client,
-                ))),
-            );
+                client,
+                member.cache.clone(),
+            ));
+            node_watches.insert(name, (member.version.clone(), AbortOnDrop(watch)));
         }
         let groups = engine.groups();
         let reconciles = groups.iter().map(|group| {
@@ -102,14 +105,26 @@ pub(crate) async fn resync_loop(engine: Engine, interval: Duration) {
     }
 }
 
-/// Path 1 of reports and acknowledgements: a member cluster's ReplicationNodes.
-async fn watch_replication_nodes(engine: Engine, cluster: String, client: Client) {
+/// Path 1 of reports and acknowledgements: a member cluster's ReplicationNodes, kept in its `cache` too
+/// (what the views read instead of listing them).
+async fn watch_replication_nodes(
+    engine: Engine,
+    cluster: String,
+    client: Client,
+    cache: Option<Arc<MemberCache>>,
+) {
     // Read untyped: one node that does not decode is refused alone, never the whole list.
     let stream = watcher(
         clusters::replication_nodes(client),
         watcher::Config::default(),
     )
     .default_backoff()
+    .map(move |event| {
+        if let (Ok(event), Some(cache)) = (&event, &cache) {
+            cache.nodes.apply(event);
+        }
+        event
+    })
     .applied_objects();
     // Nodes are handled concurrently: one node's decision waiting for its group's lock must not hold
     // back another node's acknowledgement, which would then miss the batch. Reordering two updates of
