@@ -211,14 +211,25 @@ pub async fn watch_group(
         tick.tick().await;
         // As a person would look: the group and its shards (the volumes), once they caught up.
         let (group, current) = world.group_with_shards().await?;
-        let line = kubectl::cg_line(&group);
+        let status = group.status.as_ref();
+        let stage = status
+            .and_then(|s| s.stage)
+            .map_or_else(String::new, |s| format!(" stage={s}"));
+        // What froze it, so that a failure shows which report came first.
+        let trigger = status
+            .and_then(|s| s.trigger.as_ref())
+            .map_or_else(String::new, |t| {
+                format!(
+                    " trigger={} {}/{}: {}",
+                    t.reason,
+                    t.cluster.as_deref().unwrap_or("?"),
+                    t.volume_handle.as_deref().unwrap_or("?"),
+                    t.message.as_deref().unwrap_or("")
+                )
+            });
+        let line = format!("{}{stage}{trigger}", kubectl::cg_line(&group));
         if line != last {
-            let stage = group
-                .status
-                .as_ref()
-                .and_then(|s| s.stage)
-                .map_or_else(String::new, |s| format!(" stage={s}"));
-            timeline.say(format!("operator: {line}{stage}"));
+            timeline.say(format!("operator: {line}"));
             last = line;
         }
         if current && goal(&group) {

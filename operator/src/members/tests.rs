@@ -514,3 +514,67 @@ fn an_acknowledgement_stays_with_its_own_cluster_s_volume() {
     assert_eq!(acknowledged("east"), None);
     assert_eq!(acknowledged("west"), first.members[0].acknowledged);
 }
+
+/// Selectors narrowed by their rarest required label select exactly what the whole selector selects:
+/// matchLabels, `In` with one value, several labels, and selectors that require no label at all.
+#[test]
+fn selectors_select_the_same_claims_through_the_label_index() {
+    let mut view = east();
+    let tier = |claim: &mut PersistentVolumeClaim, tier: &str| {
+        if let Some(labels) = claim.metadata.labels.as_mut() {
+            labels.insert("tier".to_owned(), tier.to_owned());
+        }
+    };
+    tier(&mut view.claims[0], "log");
+    tier(&mut view.claims[1], "data");
+    tier(&mut view.claims[2], "log");
+    let clusters = BTreeMap::from([("east".to_owned(), view)]);
+    let requirement = |key: &str, operator: &str, values: &[&str]| {
+        k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelectorRequirement {
+            key: key.to_owned(),
+            operator: operator.to_owned(),
+            values: Some(values.iter().map(|v| (*v).to_owned()).collect()),
+        }
+    };
+    let selected = |labels: &[(&str, &str)], expressions: Vec<_>| {
+        let mut member = by_label("east", "unused");
+        member.selector = Some(LabelSelector {
+            match_labels: Some(
+                labels
+                    .iter()
+                    .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                    .collect(),
+            ),
+            match_expressions: Some(expressions),
+        });
+        let resolution = resolve(&[member], &clusters, &[], &BTreeMap::new());
+        let mut pvcs: Vec<String> = resolution.members.iter().map(|m| m.pvc.clone()).collect();
+        pvcs.sort();
+        pvcs
+    };
+    assert_eq!(selected(&[("app", "orders")], vec![]), ["data", "wal"]);
+    assert_eq!(
+        selected(&[("app", "orders"), ("tier", "log")], vec![]),
+        ["wal"]
+    );
+    assert_eq!(
+        selected(&[], vec![requirement("tier", "In", &["log"])]),
+        ["scratch", "wal"]
+    );
+    assert_eq!(
+        selected(
+            &[("tier", "log")],
+            vec![requirement("app", "NotIn", &["other"])]
+        ),
+        ["wal"]
+    );
+    assert_eq!(
+        selected(&[], vec![requirement("tier", "In", &["log", "data"])]),
+        ["data", "scratch", "wal"]
+    );
+    assert_eq!(
+        selected(&[], vec![requirement("tier", "Exists", &[])]),
+        ["data", "scratch", "wal"]
+    );
+    assert_eq!(selected(&[("app", "nobody")], vec![]), Vec::<String>::new());
+}
