@@ -729,6 +729,16 @@ impl Enforcer {
             return;
         };
         let epoch_seen = group.seen.map_or(0, |l| l.epoch).max(carried);
+        // Frozen or released by the operator at the epoch it carries: that epoch's freeze is decided
+        // already, and the resync that ends it copies this write again. Recorded, the report would
+        // outlive the freeze and, once the group resumed at that same epoch, freeze it again for a
+        // failure it had answered (naming a stale cause, not the resync's own failure).
+        if group
+            .seen
+            .is_some_and(|l| matches!(l.rank, Rank::Freeze | Rank::Release) && l.epoch >= carried)
+        {
+            return;
+        }
         group
             .failures
             .entry(volume.clone())

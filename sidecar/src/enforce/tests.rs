@@ -1202,3 +1202,33 @@ fn a_volume_still_listed_as_held_at_an_epoch_the_group_left_is_no_new_failure() 
     ]));
     assert!(core.failures().is_empty(), "{:?}", core.failures());
 }
+
+/// A copy that fails after the group froze (a write in flight as the freeze landed) is answered by that
+/// freeze: it is not reported, so that the resume at the same epoch does not freeze the group again for
+/// it. A failure during the resync is reported at that epoch.
+#[test]
+fn a_copy_failing_while_frozen_is_not_reported_after_the_resume() {
+    let failed = |core: &mut Enforcer, sequence| {
+        core.handle(Input::CopyFailed {
+            volume: "v1".into(),
+            sequence,
+            error: "link cut".into(),
+            since_unix_ms: 500,
+        });
+    };
+    let mut core = replicating();
+    failed(&mut core, 1);
+    assert_eq!(core.failures().len(), 1, "reported while replicating");
+    core.handle(directive(Path::Api, 1, Stage::Freeze));
+    assert!(core.failures().is_empty(), "answered by the freeze");
+    failed(&mut core, 2);
+    core.handle(directive(Path::Api, 1, Stage::Release));
+    failed(&mut core, 3);
+    assert!(core.failures().is_empty(), "{:?}", core.failures());
+    core.handle(directive(Path::Api, 1, Stage::Resume));
+    assert!(core.failures().is_empty(), "{:?}", core.failures());
+    failed(&mut core, 4);
+    let failures = core.failures();
+    assert_eq!(failures.len(), 1);
+    assert_eq!((failures[0].sequence, failures[0].epoch_seen), (4, 1));
+}
