@@ -276,7 +276,7 @@ pub async fn view(member: &Member, sessions: &Sessions, lease_namespace: &str) -
             ))
         }
     }
-    view
+    view.indexed()
 }
 
 /// Nodes whose sidecar Lease (`lockstep-sidecar-<node>`) was not renewed within its duration.

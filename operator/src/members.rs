@@ -10,7 +10,7 @@
 //! reported to this operator since it started) keeps its last resolution.
 
 use std::borrow::Borrow;
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
@@ -56,6 +56,18 @@ pub struct ClusterView {
     pub binding_required: bool,
     /// Nodes whose sidecar Lease expired (their sidecar is not renewing it).
     pub silent_nodes: BTreeSet<String>,
+    /// Its lists indexed by name, once complete ([`Self::indexed`]); without it, each resolution
+    /// indexes the view for itself.
+    pub names: Option<std::sync::Arc<ViewNames>>,
+}
+
+impl ClusterView {
+    /// The view with its lists indexed by name, for every resolution against it. Call it once the
+    /// view is complete: the index holds positions in its lists.
+    pub fn indexed(mut self) -> Self {
+        self.names = Some(std::sync::Arc::new(ViewNames::of(&self)));
+        self
+    }
 }
 
 /// A volume's replication state as one node's sidecar reported it.
@@ -101,119 +113,144 @@ pub struct Resolution {
     pub refused: Vec<String>,
 }
 
-/// One cluster view's claims, volumes and reported volumes by name, built once per resolution: a group of
-/// 10 000 volumes looked each claim up in lists of thousands (quadratic, seconds per round, under the
-/// group's lock).
+/// Positions in one cluster view's lists of claims, volumes and reported volumes, by name (and the
+/// claims by namespace and by label, for selectors). Built once per view, when it is read
+/// ([`ClusterView::indexed`]), and shared by every group resolved against it: a group of 10 000 volumes
+/// looked each claim up in lists of thousands (quadratic, seconds per round), and building the index for
+/// each of 500 groups' reconciles was most of a round.
+#[derive(Debug, Clone, Default)]
+pub struct ViewNames {
+    /// namespace → claim name → position in `claims`.
+    claims: HashMap<String, HashMap<String, usize>>,
+    /// namespace → positions of its claims, for selectors.
+    by_namespace: HashMap<String, Vec<usize>>,
+    /// namespace → label key → label value → positions: a selector of 10 claims among 10 000 looks at
+    /// its 10 (each group's reconcile resolves every earlier group's selector).
+    by_label: HashMap<String, HashMap<String, HashMap<String, Vec<usize>>>>,
+    /// PersistentVolume name → position in `volumes`.
+    volumes: HashMap<String, usize>,
+    /// namespace → claim name → position in `reported` (the first report of a claim wins).
+    reported: HashMap<String, HashMap<String, usize>>,
+}
+
+impl ViewNames {
+    fn of(view: &ClusterView) -> Self {
+        let mut names = Self::default();
+        for (i, claim) in view.claims.iter().enumerate() {
+            let Some(namespace) = claim.metadata.namespace.as_deref() else {
+                continue;
+            };
+            if let Some(name) = claim.metadata.name.as_deref() {
+                names
+                    .claims
+                    .entry(namespace.to_owned())
+                    .or_default()
+                    .entry(name.to_owned())
+                    .or_insert(i);
+            }
+            names
+                .by_namespace
+                .entry(namespace.to_owned())
+                .or_default()
+                .push(i);
+            let labels = names.by_label.entry(namespace.to_owned()).or_default();
+            for (key, value) in claim.metadata.labels.iter().flatten() {
+                labels
+                    .entry(key.clone())
+                    .or_default()
+                    .entry(value.clone())
+                    .or_default()
+                    .push(i);
+            }
+        }
+        for (i, pv) in view.volumes.iter().enumerate() {
+            if let Some(name) = pv.metadata.name.as_deref() {
+                names.volumes.entry(name.to_owned()).or_insert(i);
+            }
+        }
+        for (i, reported) in view.reported.iter().enumerate() {
+            names
+                .reported
+                .entry(reported.namespace.clone())
+                .or_default()
+                .entry(reported.pvc.clone())
+                .or_insert(i);
+        }
+        names
+    }
+}
+
+/// A cluster view with its [`ViewNames`], for one resolution.
 struct ViewIndex<'a> {
-    claims: std::collections::HashMap<(&'a str, &'a str), &'a PersistentVolumeClaim>,
-    /// The claims of each namespace, for selectors.
-    by_namespace: std::collections::HashMap<&'a str, Vec<&'a PersistentVolumeClaim>>,
-    /// The claims of each (namespace, label key, label value), for selectors that require a label: a
-    /// selector of 10 claims among 10 000 looks at its 10, not at the namespace's 10 000 (each group's
-    /// reconcile resolves every earlier group, so this was quadratic in groups times claims).
-    by_label:
-        std::collections::HashMap<(&'a str, &'a str, &'a str), Vec<&'a PersistentVolumeClaim>>,
-    volumes: std::collections::HashMap<&'a str, &'a PersistentVolume>,
-    reported: std::collections::HashMap<(&'a str, &'a str), &'a ReportedVolume>,
+    view: &'a ClusterView,
+    names: std::borrow::Cow<'a, ViewNames>,
 }
 
 impl<'a> ViewIndex<'a> {
     fn of(view: &'a ClusterView) -> Self {
-        let mut by_namespace: std::collections::HashMap<&str, Vec<&PersistentVolumeClaim>> =
-            std::collections::HashMap::new();
-        let mut by_label: std::collections::HashMap<(&str, &str, &str), Vec<_>> =
-            std::collections::HashMap::new();
-        for claim in &view.claims {
-            if let Some(namespace) = claim.metadata.namespace.as_deref() {
-                by_namespace.entry(namespace).or_default().push(claim);
-                for (key, value) in claim.metadata.labels.iter().flatten() {
-                    by_label
-                        .entry((namespace, key.as_str(), value.as_str()))
-                        .or_default()
-                        .push(claim);
-                }
-            }
-        }
-        Self {
-            by_namespace,
-            by_label,
-            claims: view
-                .claims
-                .iter()
-                .filter_map(|claim| {
-                    Some((
-                        (
-                            claim.metadata.namespace.as_deref()?,
-                            claim.metadata.name.as_deref()?,
-                        ),
-                        claim,
-                    ))
-                })
-                .collect(),
-            volumes: view
-                .volumes
-                .iter()
-                .filter_map(|pv| Some((pv.metadata.name.as_deref()?, pv)))
-                .collect(),
-            reported: view
-                .reported
-                .iter()
-                .rev() // the first report of a claim wins, as a linear search found it
-                .map(|reported| {
-                    (
-                        (reported.namespace.as_str(), reported.pvc.as_str()),
-                        reported,
-                    )
-                })
-                .collect(),
-        }
+        let names = match &view.names {
+            Some(names) => std::borrow::Cow::Borrowed(&**names),
+            None => std::borrow::Cow::Owned(ViewNames::of(view)),
+        };
+        Self { view, names }
     }
-}
 
-impl ViewIndex<'_> {
+    fn claim(&self, namespace: &str, name: &str) -> Option<&'a PersistentVolumeClaim> {
+        let i = *self.names.claims.get(namespace)?.get(name)?;
+        self.view.claims.get(i)
+    }
+
+    fn volume(&self, name: &str) -> Option<&'a PersistentVolume> {
+        self.view.volumes.get(*self.names.volumes.get(name)?)
+    }
+
+    fn reported(&self, namespace: &str, pvc: &str) -> Option<&'a ReportedVolume> {
+        let i = *self.names.reported.get(namespace)?.get(pvc)?;
+        self.view.reported.get(i)
+    }
+
     /// The claims of `namespace` that can match `selector`: those with the rarest label it requires
     /// (`matchLabels`, or `In` with one value), else every claim of the namespace. The selector itself
     /// still decides.
-    fn candidates<'s>(
-        &'s self,
-        namespace: &'s str,
-        selector: Option<&'s LabelSelector>,
-    ) -> &'s [&'s PersistentVolumeClaim] {
-        // Shortened to this call's lifetimes, so that it can be looked up by borrowed keys.
-        type ByLabel<'s> =
-            std::collections::HashMap<(&'s str, &'s str, &'s str), Vec<&'s PersistentVolumeClaim>>;
-        let by_label: &'s ByLabel<'s> = &self.by_label;
+    fn candidates(
+        &self,
+        namespace: &str,
+        selector: Option<&LabelSelector>,
+    ) -> impl Iterator<Item = &'a PersistentVolumeClaim> + '_ {
         let everything = self
+            .names
             .by_namespace
             .get(namespace)
             .map_or(&[][..], Vec::as_slice);
-        let Some(selector) = selector else {
-            return everything;
-        };
-        let required = selector
-            .match_labels
-            .iter()
-            .flatten()
-            .map(|(key, value)| (key.as_str(), value.as_str()))
-            .chain(
-                selector
-                    .match_expressions
-                    .iter()
-                    .flatten()
-                    .filter(|e| e.operator == "In")
-                    .filter_map(|e| match e.values.as_deref() {
-                        Some([value]) => Some((e.key.as_str(), value.as_str())),
-                        _ => None,
-                    }),
-            );
-        required
+        let labels = self.names.by_label.get(namespace);
+        let required = selector.into_iter().flat_map(|selector| {
+            selector
+                .match_labels
+                .iter()
+                .flatten()
+                .map(|(key, value)| (key.as_str(), value.as_str()))
+                .chain(
+                    selector
+                        .match_expressions
+                        .iter()
+                        .flatten()
+                        .filter(|e| e.operator == "In")
+                        .filter_map(|e| match e.values.as_deref() {
+                            Some([value]) => Some((e.key.as_str(), value.as_str())),
+                            _ => None,
+                        }),
+                )
+        });
+        let positions = required
             .map(|(key, value)| {
-                by_label
-                    .get(&(namespace, key, value))
+                labels
+                    .and_then(|labels| labels.get(key)?.get(value))
                     .map_or(&[][..], Vec::as_slice)
             })
-            .min_by_key(|claims| claims.len())
-            .unwrap_or(everything)
+            .min_by_key(|positions| positions.len())
+            .unwrap_or(everything);
+        let claims = &self.view.claims;
+        positions.iter().filter_map(move |&i| claims.get(i))
     }
 }
 
@@ -607,7 +644,6 @@ fn claim_names(
     })?;
     Ok(index
         .candidates(&member.namespace, member.selector.as_ref())
-        .iter()
         .filter(|claim| {
             selector.matches(claim.metadata.labels.as_ref().unwrap_or(&BTreeMap::new()))
         })
@@ -620,8 +656,8 @@ fn claim_names(
 fn claim_missing(namespace: &str, pvc: &str, view: &ClusterView, index: &ViewIndex<'_>) -> bool {
     view.paths != ClusterPaths::GrpcOnly
         && view.unavailable.is_none()
-        && !index.claims.contains_key(&(namespace, pvc))
-        && !index.reported.contains_key(&(namespace, pvc))
+        && index.claim(namespace, pvc).is_none()
+        && index.reported(namespace, pvc).is_none()
 }
 
 /// Resolves one claim: through the API path (PVC → PV → CSI handle), else through sidecar reports.
@@ -644,19 +680,17 @@ fn resolve_claim(
         image_epoch: None,
     };
     let bound = index
-        .claims
-        .get(&(namespace, pvc))
+        .claim(namespace, pvc)
         .and_then(|claim| claim.spec.as_ref()?.volume_name.clone());
     if let Some(pv_name) = bound {
         let handle = index
-            .volumes
-            .get(pv_name.as_str())
+            .volume(&pv_name)
             .and_then(|pv| Some(pv.spec.as_ref()?.csi.as_ref()?.volume_handle.clone()));
         resolved.persistent_volume = Some(pv_name);
         resolved.volume_handle = handle;
     }
     if resolved.volume_handle.is_none()
-        && let Some(reported) = index.reported.get(&(namespace, pvc))
+        && let Some(reported) = index.reported(namespace, pvc)
     {
         resolved.persistent_volume = Some(reported.persistent_volume.clone());
         resolved.volume_handle = Some(reported.volume_handle.clone());

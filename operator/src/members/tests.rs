@@ -528,6 +528,8 @@ fn selectors_select_the_same_claims_through_the_label_index() {
     tier(&mut view.claims[0], "log");
     tier(&mut view.claims[1], "data");
     tier(&mut view.claims[2], "log");
+    // Indexed once when read (as the operator does), or by each resolution (a view built by hand).
+    let indexed = BTreeMap::from([("east".to_owned(), view.clone().indexed())]);
     let clusters = BTreeMap::from([("east".to_owned(), view)]);
     let requirement = |key: &str, operator: &str, values: &[&str]| {
         k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelectorRequirement {
@@ -547,7 +549,9 @@ fn selectors_select_the_same_claims_through_the_label_index() {
             ),
             match_expressions: Some(expressions),
         });
-        let resolution = resolve(&[member], &clusters, &[], &BTreeMap::new());
+        let resolution = resolve(&[member.clone()], &clusters, &[], &BTreeMap::new());
+        let through_index = resolve(&[member], &indexed, &[], &BTreeMap::new());
+        assert_eq!(handles(&resolution), handles(&through_index));
         let mut pvcs: Vec<String> = resolution.members.iter().map(|m| m.pvc.clone()).collect();
         pvcs.sort();
         pvcs
