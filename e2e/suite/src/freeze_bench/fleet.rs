@@ -603,9 +603,25 @@ impl Fleet {
                 return Ok(());
             }
             if Instant::now() >= deadline {
+                // Why the first group still waits, as its condition says it.
+                let waiting = groups
+                    .iter()
+                    .filter_map(|group| {
+                        let status = group.status.as_ref()?;
+                        let resolved = status
+                            .conditions
+                            .iter()
+                            .find(|c| c.type_ == condition::MEMBERS_RESOLVED)?;
+                        (resolved.status != "True").then(|| {
+                            let message: String = resolved.message.chars().take(400).collect();
+                            format!("; cg/{}: {message}", group.name_any())
+                        })
+                    })
+                    .next()
+                    .unwrap_or_default();
                 return Err(BenchError::Timeout(format!(
                     "members resolved ({members} of {} volumes; {resolved} of {} groups) and every \
-                     volume confirmed",
+                     volume confirmed{waiting}",
                     self.placements.len(),
                     self.groups.len()
                 )));
