@@ -51,7 +51,7 @@ pub struct Member {
     /// the operator's own status writes (a sidecar connecting changes the Reachable message) must not
     /// reconnect the cluster, which restarts its claim and volume watches with a full list of each.
     pub version: Option<String>,
-    /// Its claims and volumes, watched (none without an API client).
+    /// Its claims, volumes, attachments and ReplicationNodes, watched (none without an API client).
     pub cache: Option<Arc<MemberCache>>,
 }
 

@@ -35,6 +35,7 @@ async fn a_tiny_cell_per_path_freezes_every_trial_and_writes_the_table_and_plot(
         apiserver,
         out: out.path().to_path_buf(),
         check: true,
+        ..Options::default()
     };
     let rows = freeze_bench::run(options).await.unwrap();
     assert_eq!(rows.len(), 3 * backends);

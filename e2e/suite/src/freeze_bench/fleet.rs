@@ -48,7 +48,7 @@ const CLAIM_LABEL: &str = "lockstep.dev/bench";
 /// How long a trial's freeze, or the set-up and resync around it, may take before it counts as lost.
 const DEADLINE: Duration = Duration::from_secs(60);
 /// How long the set-up (members resolved, every volume confirmed) may take.
-const SETUP_DEADLINE: Duration = Duration::from_secs(300);
+pub const SETUP_DEADLINE: Duration = Duration::from_secs(300);
 
 /// The shape of one cell.
 #[derive(Debug, Clone)]
@@ -68,6 +68,8 @@ pub struct CellSpec {
     pub operator_resync: Duration,
     /// The API servers: the test API server or real kube-apiservers on etcd.
     pub backend: Backend,
+    /// How long the set-up may take, until every member is resolved and confirmed.
+    pub setup: Duration,
 }
 
 /// Where one volume lives.
@@ -503,7 +505,7 @@ impl Fleet {
             sequence: 0,
             _dir: dir,
         };
-        fleet.wait_ready().await?;
+        fleet.wait_ready(spec.setup).await?;
         Ok(fleet)
     }
 
@@ -533,31 +535,41 @@ impl Fleet {
     /// True when every volume is confirmed in its group at that group's (epoch, Resume), replicating.
     /// `positions`: per group name, its UID and epoch.
     fn replicators_at(&self, positions: &BTreeMap<String, (String, u64)>) -> bool {
+        self.replicators
+            .iter()
+            .all(|replicator| replicator.watched())
+            && self.unconfirmed(positions) == 0
+    }
+
+    /// How many volumes are not (yet) confirmed in their group at its (epoch, Resume), replicating.
+    fn unconfirmed(&self, positions: &BTreeMap<String, (String, u64)>) -> usize {
         let group_of: BTreeMap<&str, &str> = self
             .placements
             .iter()
             .map(|p| (p.handle.as_str(), p.group.as_str()))
             .collect();
-        self.replicators.iter().all(|replicator| {
-            replicator.watched()
-                && replicator.states().iter().all(|state| {
-                    let Some((uid, epoch)) = group_of
-                        .get(state.volume_handle.as_str())
-                        .and_then(|group| positions.get(*group))
-                    else {
-                        return false;
-                    };
-                    let wanted_stage = if *epoch == 0 {
-                        [pb::Stage::Unspecified as i32, pb::Stage::Resume as i32]
-                    } else {
-                        [pb::Stage::Resume as i32; 2]
-                    };
-                    state.group_uid == *uid
-                        && state.epoch == *epoch
-                        && wanted_stage.contains(&state.stage)
-                        && state.mode == pb::Mode::Replicating as i32
-                })
-        })
+        let confirmed = |state: &pb::VolumeState| {
+            let Some((uid, epoch)) = group_of
+                .get(state.volume_handle.as_str())
+                .and_then(|group| positions.get(*group))
+            else {
+                return false;
+            };
+            let wanted_stage = if *epoch == 0 {
+                [pb::Stage::Unspecified as i32, pb::Stage::Resume as i32]
+            } else {
+                [pb::Stage::Resume as i32; 2]
+            };
+            state.group_uid == *uid
+                && state.epoch == *epoch
+                && wanted_stage.contains(&state.stage)
+                && state.mode == pb::Mode::Replicating as i32
+        };
+        self.replicators
+            .iter()
+            .flat_map(|replicator| replicator.states())
+            .filter(|state| !confirmed(state))
+            .count()
     }
 
     /// Per group name, its UID and current epoch.
@@ -576,8 +588,8 @@ impl Fleet {
             .collect()
     }
 
-    async fn wait_ready(&self) -> Result<(), BenchError> {
-        let deadline = Instant::now() + SETUP_DEADLINE;
+    async fn wait_ready(&self, setup: Duration) -> Result<(), BenchError> {
+        let deadline = Instant::now() + setup;
         loop {
             let groups = self.watched_groups();
             let resolved = groups
@@ -619,9 +631,10 @@ impl Fleet {
                     })
                     .next()
                     .unwrap_or_default();
+                let unconfirmed = self.unconfirmed(&Self::positions(&groups));
                 return Err(BenchError::Timeout(format!(
                     "members resolved ({members} of {} volumes; {resolved} of {} groups) and every \
-                     volume confirmed{waiting}",
+                     volume confirmed by its replicator ({unconfirmed} not yet){waiting}",
                     self.placements.len(),
                     self.groups.len()
                 )));

@@ -110,6 +110,12 @@ fn milliseconds(text: &str) -> Result<Duration, String> {
         .map_err(|e| format!("milliseconds: {e}"))
 }
 
+fn seconds(text: &str) -> Result<Duration, String> {
+    text.parse::<u64>()
+        .map(Duration::from_secs)
+        .map_err(|e| format!("seconds: {e}"))
+}
+
 /// Flags of `lockstep-freeze-bench`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct Options {
@@ -158,6 +164,9 @@ pub struct Options {
     /// resync, in milliseconds (cover a few of the operator's periodic reconciles).
     #[arg(long, default_value = "5000", value_parser = milliseconds)]
     pub steady_ms: Duration,
+    /// How long each cell's set-up may take (members resolved, every volume confirmed), in seconds.
+    #[arg(long, default_value = "300", value_parser = seconds)]
+    pub setup_secs: Duration,
     /// Also a test: each cell's group is deleted after its trials (its finalizer lets every volume go
     /// and removes its shards), and the run fails unless every trial froze, released and resynced and
     /// every deletion completed, and unless nothing but Leases was written in steady state and no
@@ -179,6 +188,7 @@ impl Default for Options {
             settle_ms: Duration::from_millis(200),
             operator_resync_ms: Duration::from_millis(2000),
             steady_ms: Duration::from_millis(5000),
+            setup_secs: fleet::SETUP_DEADLINE,
             apiserver: vec![crate::ApiServerFlag::Test],
             out: PathBuf::from("target/freeze-bench"),
             check: false,
@@ -201,6 +211,7 @@ pub async fn run_cell(
         paths,
         operator_resync: options.operator_resync_ms,
         backend,
+        setup: options.setup_secs,
     };
     let mut fleet = Fleet::start(&spec).await?;
     let mut trials = Vec::new();
