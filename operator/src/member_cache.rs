@@ -133,6 +133,37 @@ impl MemberCache {
     }
 }
 
+/// One ReplicationNode as its watch delivered it, decoded once for the cache and for path 1: its name,
+/// and the node or why it does not decode.
+#[derive(Debug, Clone)]
+pub struct DecodedNode {
+    /// The object's name.
+    pub name: String,
+    /// The node, or why it does not decode.
+    pub node: Result<Arc<ReplicationNode>, String>,
+}
+
+impl DecodedNode {
+    /// Decodes `object` (see [`decode_replication_node`]).
+    pub fn of(object: DynamicObject) -> Self {
+        Self {
+            name: object.name_any(),
+            node: decode_replication_node(object).map(Arc::new),
+        }
+    }
+}
+
+/// A watch event of ReplicationNodes with each object decoded once.
+pub fn decode_event(event: watcher::Event<DynamicObject>) -> watcher::Event<DecodedNode> {
+    match event {
+        watcher::Event::Apply(object) => watcher::Event::Apply(DecodedNode::of(object)),
+        watcher::Event::Delete(object) => watcher::Event::Delete(DecodedNode::of(object)),
+        watcher::Event::Init => watcher::Event::Init,
+        watcher::Event::InitApply(object) => watcher::Event::InitApply(DecodedNode::of(object)),
+        watcher::Event::InitDone => watcher::Event::InitDone,
+    }
+}
+
 /// A member cluster's ReplicationNodes as its watch last listed and changed them, decoded. A node that
 /// does not decode is left out (the watch's ingest says why).
 #[derive(Debug, Default)]
@@ -149,20 +180,13 @@ struct NodeStoreState {
 
 impl NodeStore {
     /// Takes one event of the cluster's ReplicationNode watch.
-    pub fn apply(&self, event: &watcher::Event<DynamicObject>) {
+    pub fn apply(&self, event: &watcher::Event<DecodedNode>) {
         let mut state = self.0.lock().unwrap_or_else(PoisonError::into_inner);
-        let decoded = |object: &DynamicObject| {
-            decode_replication_node(object.clone())
-                .ok()
-                .map(|node| (object.name_any(), Arc::new(node)))
-        };
         match event {
             watcher::Event::Init => state.relisting = Some(BTreeMap::new()),
-            watcher::Event::InitApply(object) => {
-                if let (Some(relisting), Some((name, node))) =
-                    (state.relisting.as_mut(), decoded(object))
-                {
-                    relisting.insert(name, node);
+            watcher::Event::InitApply(decoded) => {
+                if let (Some(relisting), Ok(node)) = (state.relisting.as_mut(), &decoded.node) {
+                    relisting.insert(decoded.name.clone(), node.clone());
                 }
             }
             watcher::Event::InitDone => {
@@ -171,16 +195,16 @@ impl NodeStore {
                     state.listed = true;
                 }
             }
-            watcher::Event::Apply(object) => match decoded(object) {
-                Some((name, node)) => {
-                    state.nodes.insert(name, node);
+            watcher::Event::Apply(decoded) => match &decoded.node {
+                Ok(node) => {
+                    state.nodes.insert(decoded.name.clone(), node.clone());
                 }
-                None => {
-                    state.nodes.remove(&object.name_any());
+                Err(_) => {
+                    state.nodes.remove(&decoded.name);
                 }
             },
-            watcher::Event::Delete(object) => {
-                state.nodes.remove(&object.name_any());
+            watcher::Event::Delete(decoded) => {
+                state.nodes.remove(&decoded.name);
             }
         }
     }
@@ -199,7 +223,11 @@ mod tests {
     use super::*;
     use serde_json::json;
 
-    fn node(name: &str, handle: &str) -> DynamicObject {
+    fn node(name: &str, handle: &str) -> DecodedNode {
+        DecodedNode::of(raw(name, handle))
+    }
+
+    fn raw(name: &str, handle: &str) -> DynamicObject {
         serde_json::from_value(json!({
             "apiVersion": "lockstep.dev/v1alpha1",
             "kind": "ReplicationNode",
@@ -247,8 +275,10 @@ mod tests {
         store.apply(&watcher::Event::Init);
         store.apply(&watcher::Event::InitApply(node("n1", "a")));
         store.apply(&watcher::Event::InitDone);
-        let mut broken = node("n1", "a");
+        let mut broken = raw("n1", "a");
         broken.data["status"]["volumes"][0]["state"] = json!("Sideways");
+        let broken = DecodedNode::of(broken);
+        assert!(broken.node.is_err());
         store.apply(&watcher::Event::Apply(broken));
         assert_eq!(handles(&store), Some(vec![]));
     }

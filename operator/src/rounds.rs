@@ -6,12 +6,15 @@ use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
 use futures::StreamExt;
 use kube::{
-    Client, ResourceExt,
+    Client,
     runtime::{WatchStreamExt, watcher},
 };
 
 use crate::{
-    AbortOnDrop, authn, clusters, control, engine::Engine, ingest, member_cache::MemberCache,
+    AbortOnDrop, authn, clusters, control,
+    engine::Engine,
+    ingest,
+    member_cache::{MemberCache, decode_event},
 };
 
 /// Every interval: reconnect member clusters, start ReplicationNode watches for new ones, reconcile every
@@ -119,7 +122,9 @@ async fn watch_replication_nodes(
         watcher::Config::default(),
     )
     .default_backoff()
+    // Decoded once, for the cache and for path 1.
     .map(move |event| {
+        let event = event.map(decode_event);
         if let (Ok(event), Some(cache)) = (&event, &cache) {
             cache.nodes.apply(event);
         }
@@ -135,8 +140,8 @@ async fn watch_replication_nodes(
             async move {
                 match change {
                     Ok(node) => {
-                        tracing::debug!(%cluster, node = %node.name_any(), "ReplicationNode changed");
-                        ingest::api::from_object(engine, cluster, node).await;
+                        tracing::debug!(%cluster, node = %node.name, "ReplicationNode changed");
+                        ingest::api::from_decoded(engine, cluster, node).await;
                     }
                     Err(error) => tracing::debug!(%cluster, %error, "watching ReplicationNodes"),
                 }

@@ -6,11 +6,11 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use kube::{ResourceExt, api::DynamicObject};
+use kube::api::DynamicObject;
 use lockstep_api::{domain::Path, v1alpha1::ReplicationNode};
 
 use super::{Refusal, Sent, SentAck, SentFailure, SentHoldTimeout};
-use crate::{clusters::decode_replication_node, engine::Engine, freeze::Event};
+use crate::{engine::Engine, freeze::Event, member_cache::DecodedNode};
 
 /// What `node`, of member cluster `cluster`, says in its status, in the form both paths share; `None`
 /// while it has no status.
@@ -58,11 +58,15 @@ pub fn sent(cluster: &str, node: &ReplicationNode) -> Option<Sent> {
 /// Takes in a ReplicationNode as watched (untyped, see [`crate::clusters::replication_nodes`]): one that
 /// does not decode is refused alone (logged, counted as `undecodable`), the others are taken in.
 pub async fn from_object(engine: &Engine, cluster: &str, object: DynamicObject) {
-    let name = object.name_any();
-    match decode_replication_node(object) {
+    from_decoded(engine, cluster, DecodedNode::of(object)).await;
+}
+
+/// [`from_object`] for a ReplicationNode already decoded (by the watch that also caches it).
+pub async fn from_decoded(engine: &Engine, cluster: &str, decoded: DecodedNode) {
+    match decoded.node {
         Ok(node) => from_replication_node(engine, cluster, &node).await,
         Err(error) => {
-            Refusal::Undecodable(error).record(engine.metrics(), Path::Api, cluster, &name)
+            Refusal::Undecodable(error).record(engine.metrics(), Path::Api, cluster, &decoded.name)
         }
     }
 }
