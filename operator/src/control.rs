@@ -300,11 +300,15 @@ impl ControlService {
                 Status::resource_exhausted(refused.to_string())
             })?;
         tracing::info!(cluster = %node.0, node = %node.1, "sidecar subscribed");
-        self.engine.sessions().push_membership(
-            &node.0,
-            membership(&self.engine, &node.0),
-            Some(&node),
-        );
+        match membership(&self.engine, &node.0) {
+            Some(membership) => {
+                self.engine
+                    .sessions()
+                    .push_membership(&node.0, membership, Some(&node));
+            }
+            // Not complete yet: sent to this node with the others once it is.
+            None => self.engine.sessions().forget_membership(&node.0),
+        }
         for (point, name) in self.engine.current_directives_for(&node.0) {
             self.engine
                 .sessions()

@@ -273,7 +273,7 @@ impl Operator {
         let engine = Engine::new(
             client.clone(),
             options,
-            groups.clone(),
+            (groups.clone(), groups_listed.clone()),
             (member_clusters, clusters_listed),
             sessions,
             metrics.clone(),

@@ -267,6 +267,11 @@ impl Sessions {
         Self::send_within(&mut inner, &[cluster.to_owned()], &message)
     }
 
+    /// Forgets the membership last sent to a cluster: the next one pushed goes to all its sessions.
+    pub fn forget_membership(&self, cluster: &str) {
+        self.lock().memberships.remove(cluster);
+    }
+
     /// The clusters with at least one open session.
     pub fn clusters(&self) -> Vec<String> {
         let mut clusters: Vec<String> = self

@@ -456,6 +456,44 @@ async fn groups_created_changed_and_deleted_after_a_sidecar_subscribed_reach_it(
     Ok(())
 }
 
+/// A sidecar takes a group missing from a membership as deleted and lets its volumes go, frozen or not
+/// (seen on kube-apiserver: a frozen volume let go replicated writes that depended on held ones). An
+/// operator that has just started has not listed the hub's groups, nor read their volumes back from the
+/// shards: it must say nothing until it can name them all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_restarted_operator_never_tells_a_sidecar_that_its_group_is_gone() -> TestResult {
+    let (server, hub) = hub_with_edge().await;
+    let operator = Operator::start(hub.clone(), &options()).await?;
+    let edge_1 = subscribe(&operator, "edge-1", &["wal"]).await;
+    let edge_2 = subscribe(&operator, "edge-2", &["data"]).await;
+    Api::<ConsistencyGroup>::all(hub.clone())
+        .create(
+            &PostParams::default(),
+            &ConsistencyGroup::new("edge-db", edge_group(&["wal", "data"], Policy::FreezeAndGo)),
+        )
+        .await?;
+    group_where(&hub, "edge-db resolved", |group| {
+        condition_of(group, condition::MEMBERS_RESOLVED).is_some_and(|(resolved, _)| resolved)
+    })
+    .await;
+    operator.abort();
+    drop((edge_1, edge_2));
+
+    // The new operator's reads of the hub are slow: the sidecar subscribes before they are answered.
+    server.faults().set_latency(Duration::from_millis(1500));
+    let operator = Operator::start(hub.clone(), &options()).await?;
+    let (_edge_1, mut stream) = subscribe(&operator, "edge-1", &["wal"]).await;
+    let first = next_membership(&mut stream, "from the new operator", |_| true).await;
+    server.faults().set_latency(Duration::ZERO);
+    assert_eq!(
+        pvcs_of(&first, "edge-db"),
+        Some(vec!["data".to_owned(), "wal".to_owned()]),
+        "the first membership the new operator sent: {first:?}"
+    );
+    operator.shutdown().await;
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_grpc_only_volumes_replication_state_reaches_the_group() -> TestResult {
     let (_server, hub) = hub_with_edge().await;

@@ -2,12 +2,12 @@
 //! replicator, runs the resulting operations on the replicator and publishes a [`Snapshot`] that the
 //! paths send on (acknowledgements, reports, status).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use lockstep_api::domain::{GroupEpoch, VolumeState};
+use lockstep_api::domain::{GroupEpoch, Path, VolumeState};
 use lockstep_api::v1alpha1::ClaimRef;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
@@ -153,6 +153,8 @@ pub struct AgentConfig {
     pub inventory_interval: Duration,
     /// Fail safe after a failure reached neither path this long.
     pub fail_safe_interval: Duration,
+    /// The control paths this sidecar runs (see [`Enforcer::with_paths`]).
+    pub paths: BTreeSet<Path>,
 }
 
 /// The agent's state.
@@ -206,7 +208,7 @@ impl Agent {
             inventory_wanted: tokio::sync::Notify::new(),
         });
         let agent = Self {
-            core: Enforcer::new(),
+            core: Enforcer::with_paths(config.paths.clone()),
             replicator,
             context: context.clone(),
             publish,

@@ -529,6 +529,9 @@ pub struct Enforcer {
     volumes: BTreeMap<String, Volume>,
     inventory_known: bool,
     synced: BTreeSet<Path>,
+    /// The paths this sidecar runs: a group is taken as gone only once each of them has delivered its
+    /// complete view without it (empty: once any has).
+    paths: BTreeSet<Path>,
 }
 
 /// A read-only view of one group, for status and metrics.
@@ -565,6 +568,22 @@ impl Enforcer {
     /// An empty core.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// An empty core of a sidecar running these control paths. A path that has not delivered its first
+    /// complete view (a watch still listing, an operator still starting) may yet name a group the other
+    /// path does not: until each has, no volume is let go of its group. A frozen volume let go early
+    /// would replicate the writes that depend on ones its group lost.
+    pub fn with_paths(paths: BTreeSet<Path>) -> Self {
+        Self {
+            paths,
+            ..Self::default()
+        }
+    }
+
+    /// Whether every path this sidecar runs has delivered its complete view (at least one has).
+    fn all_synced(&self) -> bool {
+        !self.synced.is_empty() && self.paths.is_subset(&self.synced)
     }
 
     /// Feeds one input.
@@ -878,7 +897,7 @@ impl Enforcer {
                     .is_some_and(|seen| seen.rank == Rank::Resume && seen.epoch >= level.epoch)
                     && group.fail_safe.is_none()
             }
-            _ => !self.synced.is_empty() && level.rank == Rank::Resume,
+            _ => self.all_synced() && level.rank == Rank::Resume,
         }
     }
 
@@ -1141,7 +1160,7 @@ impl Enforcer {
             .iter()
             .flat_map(|(uid, volumes)| volumes.iter().map(move |v| (v, uid)))
             .collect();
-        let synced = !self.synced.is_empty();
+        let synced = self.all_synced();
         let mut released = Vec::new();
         for (name, volume) in &self.volumes {
             let (Some(uid), Some(level)) = (volume.group_uid.as_deref(), volume.level) else {
@@ -1164,6 +1183,14 @@ impl Enforcer {
                 None => gone || level.rank == Rank::Resume || self.let_go(uid, level),
             };
             if lets_go {
+                tracing::info!(
+                    volume = %name,
+                    group_uid = uid,
+                    ?level,
+                    claimed_by,
+                    group_gone = gone,
+                    "volume let go of its group"
+                );
                 released.push(name.clone());
             }
         }
@@ -1199,6 +1226,7 @@ impl Enforcer {
                 // that leaves a frozen group stays suspended until the group replicates again).
                 continue;
             }
+            tracing::debug!(volume = %name, "volume in no group confirmed standalone");
             volume.confirmed = true;
             out.operations.push(Operation::Configure {
                 volume: name.clone(),

@@ -35,6 +35,7 @@ use crate::agent::{Agent, AgentConfig};
 use crate::grpc_path::{GrpcConfig, GrpcPath};
 use crate::metrics::Metrics;
 use crate::replicator::Replicator;
+use lockstep_api::domain::Path;
 
 /// How long [`Sidecar::shutdown`] waits for its tasks to stop before aborting them.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
@@ -237,6 +238,13 @@ impl Sidecar {
             AgentConfig {
                 inventory_interval: options.inventory_interval,
                 fail_safe_interval: options.fail_safe_interval,
+                paths: [
+                    options.operator_endpoint.is_some().then_some(Path::Grpc),
+                    (!options.no_api_path).then_some(Path::Api),
+                ]
+                .into_iter()
+                .flatten()
+                .collect(),
             },
             stop.clone(),
         );

@@ -448,6 +448,7 @@ impl Stream {
             AgentConfig {
                 inventory_interval: Duration::from_secs(3600),
                 fail_safe_interval: Duration::from_secs(3600),
+                paths: Default::default(),
             },
             stop.clone(),
         );

@@ -1,6 +1,6 @@
 //! The Membership message: which groups have members in a node's cluster, pushed to its sidecars.
 
-use lockstep_api::{domain::GroupEpoch, proto::control::v1 as pb};
+use lockstep_api::{domain::GroupEpoch, proto::control::v1 as pb, v1alpha1::ConsistencyGroup};
 
 use crate::engine::Engine;
 
@@ -8,19 +8,35 @@ use crate::engine::Engine;
 /// created, changed or deleted): a gRPC-only cluster learns its groups from nothing else.
 pub fn push_memberships(engine: &Engine) {
     for cluster in engine.sessions().clusters() {
+        let Some(membership) = membership(engine, &cluster) else {
+            // Sent once complete, to every session of the cluster (those that joined meanwhile too).
+            engine.sessions().forget_membership(&cluster);
+            continue;
+        };
         let sent = engine
             .sessions()
-            .push_membership(&cluster, membership(engine, &cluster), None);
+            .push_membership(&cluster, membership, None);
         if sent > 0 {
             tracing::info!(%cluster, sessions = sent, "membership changed; sent to the cluster's sidecars");
         }
     }
 }
 
-/// The Membership message for a node's cluster: every group with members there.
-pub(super) fn membership(engine: &Engine, cluster: &str) -> pb::Membership {
-    let groups = engine
-        .groups()
+/// The Membership message for a node's cluster: every group with members there — or `None` while this
+/// operator cannot list them all yet. A sidecar reads a group missing from a membership as deleted and
+/// lets its volumes go, frozen or not; so an operator just started or failed over, whose hub groups are
+/// not listed yet or whose groups' volumes are still in their shards, says nothing rather than "none".
+pub(super) fn membership(engine: &Engine, cluster: &str) -> Option<pb::Membership> {
+    let listed = engine.listed_groups()?;
+    let has_member_here =
+        |group: &ConsistencyGroup| group.spec.members.iter().any(|m| m.cluster == cluster);
+    if listed
+        .iter()
+        .any(|group| has_member_here(group) && !engine.knows_members_of(group))
+    {
+        return None;
+    }
+    let groups = listed
         .iter()
         .filter_map(|group| {
             let uid = group.metadata.uid.clone()?;
@@ -76,5 +92,5 @@ pub(super) fn membership(engine: &Engine, cluster: &str) -> pb::Membership {
             })
         })
         .collect();
-    pb::Membership { groups }
+    Some(pb::Membership { groups })
 }

@@ -109,6 +109,8 @@ struct Inner {
     hub: Client,
     hub_name: String,
     groups: Store<ConsistencyGroup>,
+    /// Whether `groups` has been listed once.
+    groups_listed: Listed,
     member_clusters: Store<MemberCluster>,
     /// Whether `member_clusters` has been listed once.
     clusters_listed: Listed,
@@ -147,12 +149,12 @@ impl std::fmt::Debug for Engine {
 }
 
 impl Engine {
-    /// Builds the engine over reflector stores of the hub's groups and member clusters (with whether the
-    /// latter has been listed once); `options` gives the hub's name and Lockstep's namespace.
+    /// Builds the engine over reflector stores of the hub's groups and member clusters (each with whether
+    /// it has been listed once); `options` gives the hub's name and Lockstep's namespace.
     pub fn new(
         hub: Client,
         options: &crate::Options,
-        groups: Store<ConsistencyGroup>,
+        (groups, groups_listed): (Store<ConsistencyGroup>, Listed),
         (member_clusters, clusters_listed): (Store<MemberCluster>, Listed),
         sessions: Sessions,
         metrics: Metrics,
@@ -179,6 +181,7 @@ impl Engine {
                 hub,
                 hub_name,
                 groups,
+                groups_listed,
                 member_clusters,
                 clusters_listed,
                 sessions,
@@ -240,6 +243,29 @@ impl Engine {
     /// Every group of the hub.
     pub fn groups(&self) -> Vec<Arc<ConsistencyGroup>> {
         self.inner.groups.state()
+    }
+
+    /// Every group of the hub, once the hub's groups have been listed: before that (just after a start or
+    /// a failover) a group missing from the store may exist.
+    pub fn listed_groups(&self) -> Option<Vec<Arc<ConsistencyGroup>>> {
+        self.inner
+            .groups_listed
+            .is_listed()
+            .then(|| self.inner.groups.state())
+    }
+
+    /// Whether this operator knows a group's member volumes: it decided or restored them, or the group
+    /// has never been decided (it has none yet). A group decided by an earlier operator has its volumes in
+    /// shards until its first reconcile here restores them (its bounded status lists none).
+    pub fn knows_members_of(&self, group: &ConsistencyGroup) -> bool {
+        let Some(uid) = group.metadata.uid.as_deref() else {
+            return true;
+        };
+        self.volume_record(uid).is_some()
+            || group
+                .status
+                .as_ref()
+                .is_none_or(|status| !status.members.is_empty())
     }
 
     /// The current (epoch, stage) of a group, as last persisted: what this operator wrote last, or what

@@ -1232,3 +1232,56 @@ fn a_copy_failing_while_frozen_is_not_reported_after_the_resume() {
     assert_eq!(failures.len(), 1);
     assert_eq!((failures[0].sequence, failures[0].epoch_seen), (4, 1));
 }
+
+/// Seen on kube-apiserver: an operator that had just replaced a killed one sent a membership without the
+/// frozen group (it had not listed it yet) while the API path was still listing; the sidecar let both
+/// frozen volumes go and they replicated writes that depended on ones the group had lost. A sidecar
+/// running both paths takes a group as gone only once each has delivered a complete view without it.
+#[test]
+fn a_frozen_group_missing_from_one_path_while_the_other_still_lists_is_not_let_go() {
+    let mut core = Enforcer::with_paths([Path::Api, Path::Grpc].into());
+    core.handle(Input::Inventory(vec![fresh("v1"), fresh("v2")]));
+    core.handle(membership(Path::Grpc, &["v1", "v2"]));
+    core.handle(Input::Synced(Path::Grpc));
+    core.handle(directive(Path::Grpc, 0, Stage::Resume));
+    core.handle(directive(Path::Grpc, 1, Stage::Freeze));
+    // A new operator's first membership does not name the group; the API path has not listed yet.
+    let out = core.handle(Input::GroupGone {
+        path: Path::Grpc,
+        group_uid: G.to_owned(),
+    });
+    let out_synced = core.handle(Input::Synced(Path::Grpc));
+    for out in [out, out_synced] {
+        assert!(
+            !out.operations.contains(&let_go("v1")) && !out.operations.contains(&let_go("v2")),
+            "{out:?}"
+        );
+    }
+    assert_eq!(group_of_volume(&core, "v1").as_deref(), Some(G));
+    // The API path lists the group: still frozen in it.
+    core.handle(membership(Path::Api, &["v1", "v2"]));
+    assert!(core.handle(Input::Synced(Path::Api)).operations.is_empty());
+    assert_eq!(group_of_volume(&core, "v2").as_deref(), Some(G));
+    // Deleted for real: both paths complete without it, and the volumes go.
+    let out = core.handle(Input::GroupGone {
+        path: Path::Api,
+        group_uid: G.to_owned(),
+    });
+    assert_eq!(out.operations, vec![let_go("v1"), let_go("v2")]);
+    assert_eq!(group_of_volume(&core, "v1"), None);
+}
+
+#[test]
+fn a_sidecar_running_one_path_lets_a_deleted_frozen_group_go_on_that_path_alone() {
+    let mut core = Enforcer::with_paths([Path::Grpc].into());
+    core.handle(Input::Inventory(vec![fresh("v1")]));
+    core.handle(membership(Path::Grpc, &["v1"]));
+    core.handle(Input::Synced(Path::Grpc));
+    core.handle(directive(Path::Grpc, 1, Stage::Freeze));
+    core.handle(Input::GroupGone {
+        path: Path::Grpc,
+        group_uid: G.to_owned(),
+    });
+    let out = core.handle(Input::Synced(Path::Grpc));
+    assert_eq!(group_of_volume(&core, "v1"), None, "{out:?}");
+}
