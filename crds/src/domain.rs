@@ -332,6 +332,9 @@ pub mod condition {
     /// No secondary failed to keep the frozen image through a resync (False names the volume, its
     /// node and why, e.g. `UndoLogOutOfSpace`).
     pub const IMAGE_KEPT: &str = "ImageKept";
+    /// Present once `spec.failover` is set: True when the group is frozen at exactly that epoch with a
+    /// complete consistent image to fail over to; False says why the failover is refused.
+    pub const FAILOVER_READY: &str = "FailoverReady";
     /// Only while the group is Degraded (the operator cannot do what it asks until a person acts): kstatus
     /// (Flux) reads it as Failed.
     pub const STALLED: &str = "Stalled";

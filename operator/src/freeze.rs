@@ -1075,6 +1075,85 @@ fn advance(decision: &mut Decision, group: &ConsistencyGroup, uid: &str) {
     }
 }
 
+/// The FailoverReady condition, once `spec.failover` names an epoch: a failover is only taken from the
+/// complete consistent image of a freeze at exactly that epoch (frozen, released, or resyncing with the
+/// image kept in the secondaries' undo logs); any other state refuses it, saying why and what to do.
+fn failover_condition(
+    status: &ConsistencyGroupStatus,
+    group: &ConsistencyGroup,
+) -> Option<ConditionUpdate<'static>> {
+    let asked = group.spec.failover?.epoch;
+    let (epoch, stage) = status.position();
+    let phase = status.phase.unwrap_or(Phase::Replicating);
+    let refused = |reason, why: String| ConditionUpdate {
+        type_: condition::FAILOVER_READY,
+        status: false,
+        reason,
+        message: format!("spec.failover.epoch {asked} refused: {why}"),
+    };
+    if asked != epoch {
+        let now = match stage {
+            Stage::Resume if phase != Phase::Resyncing => format!("replicates at epoch {epoch}"),
+            _ => format!("is at epoch {epoch}"),
+        };
+        return Some(refused(
+            "NotFrozenAtEpoch",
+            format!(
+                "the group {now}; a failover takes the image of the freeze at exactly its epoch (freeze the group, then name the epoch it froze at)"
+            ),
+        ));
+    }
+    let image = image_condition(status);
+    let kept = status
+        .consistent_image
+        .as_ref()
+        .is_some_and(|image| image.epoch == asked);
+    match (stage, phase) {
+        (Stage::Freeze, Phase::Freezing) => Some(refused(
+            "NotFrozen",
+            format!(
+                "the group is still freezing at epoch {asked}: the image is known once every member volume acknowledged the freeze"
+            ),
+        )),
+        (Stage::Resume, Phase::Resyncing) if kept => Some(ConditionUpdate {
+            type_: condition::FAILOVER_READY,
+            status: true,
+            reason: "ImageKept",
+            message: format!(
+                "a resync after epoch {asked} is copying: the secondaries keep the image of epoch {asked} in their undo logs and are rolled back to it when promoted (README \"Disaster recovery\")"
+            ),
+        }),
+        (Stage::Resume, Phase::Resyncing) => Some(refused(
+            "ImageIncomplete",
+            format!(
+                "a resync after epoch {asked} is copying and the secondaries keep no complete image of epoch {asked}"
+            ),
+        )),
+        (Stage::Resume, _) => Some(refused(
+            "NotFrozen",
+            format!(
+                "the group replicates again after epoch {asked} and its secondaries no longer keep that image: freeze it again and fail over to the new epoch"
+            ),
+        )),
+        _ if !image.status => Some(refused(
+            "ImageIncomplete",
+            format!(
+                "the image of epoch {asked} is not complete: {}",
+                image.message
+            ),
+        )),
+        _ => Some(ConditionUpdate {
+            type_: condition::FAILOVER_READY,
+            status: true,
+            reason: "ImageComplete",
+            message: format!(
+                "the secondaries of all {} member volumes hold the complete image of epoch {asked}: promote them from it at the disaster-recovery site (README \"Disaster recovery\")",
+                status.members.len()
+            ),
+        }),
+    }
+}
+
 fn stale_intents(group: &ConsistencyGroup, epoch: u64) -> Vec<String> {
     let intents = [
         ("release", group.spec.release),
@@ -1170,6 +1249,9 @@ fn set_conditions(
     conditions::set(&mut status.conditions, image, generation, now);
     let kept = image_kept_condition(status);
     conditions::set(&mut status.conditions, kept, generation, now);
+    if let Some(failover) = failover_condition(status, group) {
+        conditions::set(&mut status.conditions, failover, generation, now);
+    }
 
     let stale = stale_intents(group, epoch);
     let ready = phase == Phase::Replicating && members_resolved(status) && stale.is_empty();

@@ -412,6 +412,18 @@ async fn freeze_and_stop_a_planned_freeze_holds_until_released_then_resync_makes
     let groups = Api::<ConsistencyGroup>::all(bed.hub.clone());
     let (mut workload, run_id) = start_workload(&bed).await;
 
+    // A failover asked for before any freeze is refused, saying why (issue 33).
+    patch_spec(&groups, serde_json::json!({"failover": {"epoch": 1}})).await;
+    wait_for_group(&groups, "the failover refused while replicating", |group| {
+        condition(group, "FailoverReady").is_some_and(|(ready, reason, message)| {
+            ready == "False"
+                && reason == "NotFrozenAtEpoch"
+                && message
+                    .starts_with("spec.failover.epoch 1 refused: the group replicates at epoch 0")
+        })
+    })
+    .await;
+
     // A planned freeze names the epoch it is meant for.
     patch_spec(&groups, serde_json::json!({"freeze": {"epoch": 0}})).await;
     let frozen = wait_for_group(&groups, "a planned freeze, every volume frozen", |group| {
@@ -433,6 +445,12 @@ async fn freeze_and_stop_a_planned_freeze_holds_until_released_then_resync_makes
             .reason,
         "Planned"
     );
+    // Frozen at 1 with every volume acknowledged: the image of epoch 1 is complete to fail over to.
+    wait_for_group(&groups, "the failover to epoch 1 ready", |group| {
+        condition(group, "FailoverReady")
+            .is_some_and(|(ready, reason, _)| ready == "True" && reason == "ImageComplete")
+    })
+    .await;
     // Writes are held: nothing more is acknowledged while frozen (FreezeAndStop).
     let at_freeze = workload.current();
     secondaries_hold_the_image_at(&bed, &at_freeze.last_acked, run_id).await;

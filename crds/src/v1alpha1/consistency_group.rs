@@ -88,9 +88,10 @@ pub struct ConsistencyGroupSpec {
     /// Fails the group over to its disaster-recovery site: every secondary is promoted from the image of
     /// `epoch` (rolled back to it if a resync had started) and serves as the primary there. Meant to act
     /// only while the group is frozen at exactly `epoch` with a complete consistent image, and to be
-    /// refused with the reason otherwise. Never removed or lowered once set. Not acted on by the
-    /// operator yet: the replicators' `promote`, `fence` and `reverse` do it today (README, "Disaster
-    /// recovery").
+    /// refused with the reason otherwise. Never removed or lowered once set. The operator says in the
+    /// FailoverReady condition whether the image of `epoch` can be failed over to, or why not; it does
+    /// not promote the secondaries itself yet: the replicators' `promote`, `fence` and `reverse` do it
+    /// (README, "Disaster recovery").
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub failover: Option<EpochIntent>,
 }

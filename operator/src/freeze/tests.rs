@@ -1638,3 +1638,106 @@ fn the_history_records_each_freeze_its_steps_and_outcome() {
     assert_eq!(epochs.len(), FREEZE_HISTORY);
     assert_eq!(epochs, (5..=14).collect::<Vec<u64>>());
 }
+
+fn failover_reason(group: &ConsistencyGroup) -> Option<(bool, String, String)> {
+    let found = status(group)
+        .conditions
+        .iter()
+        .find(|c| c.type_ == condition::FAILOVER_READY)?;
+    Some((
+        found.status == "True",
+        found.reason.clone(),
+        found.message.clone(),
+    ))
+}
+
+/// Issue 33: a failover asked for a group that is not frozen, or for an epoch without a complete image,
+/// is refused with the reason; one asked for the epoch of a complete image is ready.
+#[test]
+fn a_failover_is_ready_only_at_the_epoch_of_a_complete_image_and_says_why_not() {
+    let mut group = group(Policy::FreezeAndStop);
+    step(&mut group, &Event::Evaluate);
+    assert_eq!(failover_reason(&group), None, "no condition until asked");
+
+    // Asked while replicating.
+    group.spec.failover = Some(EpochIntent { epoch: 1 });
+    step(&mut group, &Event::Evaluate);
+    let (ready, reason, message) = failover_reason(&group).unwrap();
+    assert!(!ready);
+    assert_eq!(reason, "NotFrozenAtEpoch");
+    assert!(message.contains("replicates at epoch 0"), "{message}");
+
+    // Freezing at 1: two of three volumes acknowledged.
+    step(&mut group, &report(Path::Api, 0));
+    step(
+        &mut group,
+        &ack(Path::Api, 1, Stage::Freeze, &["vol-wal", "vol-data"]),
+    );
+    let (ready, reason, message) = failover_reason(&group).unwrap();
+    assert!(!ready);
+    assert_eq!(reason, "NotFrozen");
+    assert!(message.contains("still freezing at epoch 1"), "{message}");
+
+    // Frozen at 1 with every volume in the image: ready.
+    step(
+        &mut group,
+        &ack(Path::Grpc, 1, Stage::Freeze, &["vol-west"]),
+    );
+    assert_eq!(status(&group).phase, Some(Phase::Frozen));
+    let (ready, reason, message) = failover_reason(&group).unwrap();
+    assert!(ready, "{message}");
+    assert_eq!(reason, "ImageComplete");
+    assert!(message.contains("all 3 member volumes"), "{message}");
+
+    // An epoch other than the one frozen at is refused.
+    group.spec.failover = Some(EpochIntent { epoch: 2 });
+    step(&mut group, &Event::Evaluate);
+    let (ready, reason, message) = failover_reason(&group).unwrap();
+    assert!(!ready);
+    assert_eq!(reason, "NotFrozenAtEpoch");
+    assert!(
+        message.starts_with("spec.failover.epoch 2 refused"),
+        "{message}"
+    );
+}
+
+#[test]
+fn a_failover_to_an_image_missing_a_volume_is_refused_as_incomplete() {
+    let mut group = group(Policy::FreezeAndGo);
+    // vol-west was not in sync when the freeze began: it is outside the image of epoch 1.
+    group.status.as_mut().unwrap().members[2].state = Some(VolumeState::Resyncing);
+    step(&mut group, &report(Path::Api, 0));
+    step_all(&mut group, &acks(Path::Api, 1, Stage::Freeze, &VOLUMES));
+    group.spec.failover = Some(EpochIntent { epoch: 1 });
+    step(&mut group, &Event::Evaluate);
+    let (ready, reason, message) = failover_reason(&group).unwrap();
+    assert!(!ready, "{message}");
+    assert_eq!(reason, "ImageIncomplete");
+    assert!(message.contains("pvc-vol-west"), "{message}");
+}
+
+#[test]
+fn a_failover_during_a_resync_rolls_back_to_the_kept_image_and_after_it_is_refused() {
+    let mut group = group(Policy::FreezeAndGo);
+    step(&mut group, &report(Path::Api, 0));
+    step_all(&mut group, &acks(Path::Api, 1, Stage::Freeze, &VOLUMES));
+    group.spec.resync = Some(EpochIntent { epoch: 1 });
+    group.spec.failover = Some(EpochIntent { epoch: 1 });
+    step(&mut group, &Event::Evaluate);
+    assert_eq!(status(&group).phase, Some(Phase::Resyncing));
+    let (ready, reason, message) = failover_reason(&group).unwrap();
+    assert!(ready, "{message}");
+    assert_eq!(reason, "ImageKept");
+    assert!(message.contains("rolled back"), "{message}");
+
+    // In sync again: the kept images go, and so does the image to fail over to.
+    step_all(&mut group, &acks(Path::Grpc, 1, Stage::Resume, &VOLUMES));
+    for member in &mut group.status.as_mut().unwrap().members {
+        member.state = Some(VolumeState::Replicating);
+    }
+    step(&mut group, &Event::Evaluate);
+    assert_eq!(status(&group).phase, Some(Phase::Replicating));
+    let (ready, reason, message) = failover_reason(&group).unwrap();
+    assert!(!ready, "{message}");
+    assert_eq!(reason, "NotFrozen");
+}
