@@ -4,9 +4,28 @@
 use super::*;
 
 impl Engine {
+    /// Connects the member clusters if nothing has yet, once for every caller: a new operator's first
+    /// reconciles (one per group, hundreds at once) each found none connected, and each read every
+    /// cluster's kubeconfig Secret from the hub — 2 500 reads for 500 groups of 5 clusters, which
+    /// slowed the hub past its timeouts, so that the connections failed and were tried again.
+    pub(super) async fn connect_members_once(&self) {
+        if !self.inner.members.read().await.is_empty() {
+            return;
+        }
+        let _connecting = self.inner.connecting.lock().await;
+        if self.inner.members.read().await.is_empty() {
+            self.connect_and_probe().await;
+        }
+    }
+
     /// Connects member clusters that are new, changed or failed last time, probes each API server, and
-    /// writes every MemberCluster's status (Reachable, gRPC sessions) when it changed.
+    /// writes every MemberCluster's status (Reachable, gRPC sessions) when it changed. One at a time.
     pub async fn refresh_members(&self) {
+        let _connecting = self.inner.connecting.lock().await;
+        self.connect_and_probe().await;
+    }
+
+    async fn connect_and_probe(&self) {
         // Before the first list of MemberClusters the store is empty: that is not "no clusters".
         self.inner.clusters_listed.wait().await;
         tracing::debug!("member clusters listed");

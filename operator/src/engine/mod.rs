@@ -122,6 +122,8 @@ struct Inner {
     locks: Mutex<BTreeMap<String, Arc<GroupLock>>>,
     /// Connected member clusters, by name.
     members: tokio::sync::RwLock<BTreeMap<String, Member>>,
+    /// Held while the member clusters are connected and probed: one refresh at a time.
+    connecting: tokio::sync::Mutex<()>,
     /// Whether this replica holds the leader Lease (always true without leader election).
     leader: tokio::sync::watch::Receiver<bool>,
     /// Lockstep's namespace in every cluster (the sidecars' Leases live there).
@@ -189,6 +191,7 @@ impl Engine {
                 metrics,
                 locks: Mutex::default(),
                 members: tokio::sync::RwLock::default(),
+                connecting: tokio::sync::Mutex::default(),
                 leader,
                 lease_namespace,
                 views: Mutex::default(),

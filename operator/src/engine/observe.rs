@@ -123,12 +123,10 @@ impl Engine {
                 finalizers.push(FINALIZER.to_owned());
                 self.set_finalizers(&name, &group, finalizers).await?;
             }
-            if self.inner.members.read().await.is_empty() {
-                // A new operator (a restart mid-freeze) has not connected the member clusters yet:
-                // resolving now would drop every member with its acknowledgements, and the sidecars,
-                // having acknowledged, would not send them again.
-                self.refresh_members().await;
-            }
+            // A new operator (a restart mid-freeze) has not connected the member clusters yet:
+            // resolving now would drop every member with its acknowledgements, and the sidecars,
+            // having acknowledged, would not send them again.
+            self.connect_members_once().await;
             let observation = self.observe(&uid, &group).await;
             self.handle_observed(&uid, &name, Event::Evaluate, Some(observation))
                 .await?;
