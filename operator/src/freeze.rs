@@ -1078,9 +1078,11 @@ fn advance(decision: &mut Decision, group: &ConsistencyGroup, uid: &str) {
 /// The FailoverReady condition, once `spec.failover` names an epoch: a failover is only taken from the
 /// complete consistent image of a freeze at exactly that epoch (frozen, released, or resyncing with the
 /// image kept in the secondaries' undo logs); any other state refuses it, saying why and what to do.
+/// `image` is the ConsistentImage condition just decided.
 fn failover_condition(
     status: &ConsistencyGroupStatus,
     group: &ConsistencyGroup,
+    image: &ConditionUpdate<'_>,
 ) -> Option<ConditionUpdate<'static>> {
     let asked = group.spec.failover?.epoch;
     let (epoch, stage) = status.position();
@@ -1103,7 +1105,6 @@ fn failover_condition(
             ),
         ));
     }
-    let image = image_condition(status);
     let kept = status
         .consistent_image
         .as_ref()
@@ -1246,10 +1247,11 @@ fn set_conditions(
     conditions::set(&mut status.conditions, frozen_update, generation, now);
 
     let image = image_condition(status);
+    let failover = failover_condition(status, group, &image);
     conditions::set(&mut status.conditions, image, generation, now);
     let kept = image_kept_condition(status);
     conditions::set(&mut status.conditions, kept, generation, now);
-    if let Some(failover) = failover_condition(status, group) {
+    if let Some(failover) = failover {
         conditions::set(&mut status.conditions, failover, generation, now);
     }
 
