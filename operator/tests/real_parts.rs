@@ -424,6 +424,14 @@ async fn freeze_and_stop_a_planned_freeze_holds_until_released_then_resync_makes
     })
     .await;
 
+    // Every member replicating in sync first, as a person waits before counting on the group: a
+    // volume not yet in sync when the freeze begins stays outside its image, and the failover to it is
+    // then refused as incomplete.
+    wait_for_group(&groups, "a consistent image while replicating", |group| {
+        condition(group, "ConsistentImage").is_some_and(|(status, _, _)| status == "True")
+    })
+    .await;
+
     // A planned freeze names the epoch it is meant for.
     patch_spec(&groups, serde_json::json!({"freeze": {"epoch": 0}})).await;
     let frozen = wait_for_group(&groups, "a planned freeze, every volume frozen", |group| {
