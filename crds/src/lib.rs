@@ -12,5 +12,7 @@ pub mod crds;
 pub mod domain;
 #[cfg(feature = "fuzz")]
 pub mod fuzz;
+#[cfg(feature = "mutants")]
+pub mod mutants;
 pub mod proto;
 pub mod v1alpha1;

@@ -460,6 +460,13 @@ fn freeze(decision: &mut Decision, uid: &str, trigger: FreezeTrigger) {
 /// Only the epoch after the persisted one can have been sent so: a claim beyond `limit` is refused (a
 /// Warning), never adopted.
 fn adopt(decision: &mut Decision, uid: &str, epoch: u64, limit: Option<u64>, now: &Time) {
+    #[cfg(feature = "mutants")]
+    let limit = if lockstep_api::mutants::active(lockstep_api::mutants::Mutant::AdoptAnyHigherEpoch)
+    {
+        Some(u64::MAX)
+    } else {
+        limit
+    };
     if limit.is_none_or(|limit| epoch > limit) {
         decision.notes.push(Note {
             warning: true,
@@ -915,16 +922,31 @@ fn record_ack(status: &mut ConsistencyGroupStatus, ack: &Ack, now: &Time) {
         let Some(handle) = member.volume_handle.as_deref() else {
             continue;
         };
-        if member.cluster != ack.cluster || !acked.contains(handle) {
+        let other_cluster = member.cluster != ack.cluster;
+        #[cfg(feature = "mutants")]
+        let other_cluster = other_cluster
+            && !lockstep_api::mutants::active(
+                lockstep_api::mutants::Mutant::AckMatchedAcrossClusters,
+            );
+        if other_cluster || !acked.contains(handle) {
             continue;
         }
+        let epoch = ack.epoch;
+        #[cfg(feature = "mutants")]
+        let epoch =
+            if lockstep_api::mutants::active(lockstep_api::mutants::Mutant::AckCountedForNextEpoch)
+            {
+                epoch + 1
+            } else {
+                epoch
+            };
         let newer = member
             .acknowledged
             .as_ref()
-            .is_none_or(|old| (ack.epoch, ack.stage) > (old.epoch, old.stage));
+            .is_none_or(|old| (epoch, ack.stage) > (old.epoch, old.stage));
         if newer {
             member.acknowledged = Some(Acknowledgement {
-                epoch: ack.epoch,
+                epoch,
                 stage: ack.stage,
                 path: ack.path,
                 fail_safe: ack.fail_safe,
@@ -970,8 +992,16 @@ fn unacknowledged(
 fn advance(decision: &mut Decision, group: &ConsistencyGroup, uid: &str) {
     let status = &mut decision.status;
     let (epoch, stage) = status.position();
-    let all_frozen =
-        members_resolved(status) && unacknowledged(status, epoch, Stage::Freeze).is_empty();
+    let unacknowledged_count = unacknowledged(status, epoch, Stage::Freeze).len();
+    #[cfg(feature = "mutants")]
+    let unacknowledged_count = if lockstep_api::mutants::active(
+        lockstep_api::mutants::Mutant::ReleaseWithOneUnacknowledged,
+    ) {
+        unacknowledged_count.saturating_sub(1)
+    } else {
+        unacknowledged_count
+    };
+    let all_frozen = members_resolved(status) && unacknowledged_count == 0;
     let point = |stage| GroupEpoch {
         group_uid: uid.to_owned(),
         epoch,

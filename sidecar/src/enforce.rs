@@ -31,7 +31,8 @@
 //!   group can claim it. A path that still lists the group, even one now unreachable whose last view
 //!   named it, keeps the volume where it is.
 //!
-//! A volume no group names is let go of only once a path has delivered its complete view. A volume in
+//! Nothing is let go of — and no volume changes group — before every path has delivered its complete
+//! view: after a restart the group a volume carries may list it on a path not read yet. A volume in
 //! no group whose copy fails has no group to freeze: the replicator runs it primary-only with its
 //! changes tracked and resynchronises it when the secondary answers; the core records no failure for it
 //! ([`Refusal::FailureOutsideGroup`], which the agent logs and counts).
@@ -660,9 +661,17 @@ impl Enforcer {
 
     fn inventory(&mut self, carried: Vec<Carried>, out: &mut Outcome) {
         let served: BTreeSet<String> = carried.iter().map(|c| c.volume.clone()).collect();
+        // Held after a failed copy — or suspended by a fail-safe, which a sidecar takes only for a
+        // failure it never got acknowledged: a restarted sidecar that forgot it would leave the volume
+        // suspended while its group replicates, every write failing at the hold timeout.
         let held: Vec<(String, u64, u64)> = carried
             .iter()
-            .filter_map(|c| Some((c.volume.clone(), c.held_after_failure?, c.level.epoch)))
+            .filter_map(|c| {
+                let sequence = c
+                    .held_after_failure
+                    .or_else(|| c.level.is_fail_safe().then_some(0))?;
+                Some((c.volume.clone(), sequence, c.level.epoch))
+            })
             .collect();
         self.volumes.retain(|name, _| served.contains(name));
         for c in carried {
@@ -702,7 +711,7 @@ impl Enforcer {
             if seen > failed_at {
                 continue;
             }
-            let error = "the replicator holds this volume's writes after a failed copy (found in its volume list: the failure was announced before this sidecar listened)".to_owned();
+            let error = "the replicator holds this volume's writes after a failed copy (found in its volume list, held or in a fail-safe suspension: the failure was announced before this sidecar listened)".to_owned();
             self.copy_failed(volume, sequence, error, 0, out);
         }
         self.enforce_all(out);
@@ -717,18 +726,47 @@ impl Enforcer {
             out.refused.push(Refusal::Stale { target, seen });
             return;
         }
-        if let Some(epoch) = group.fail_safe {
-            if target.epoch <= epoch {
-                out.refused.push(Refusal::BelowFailSafe { target, epoch });
-                return;
-            }
-            group.fail_safe = None;
+        if let Some(epoch) = group.fail_safe
+            && target.epoch <= epoch
+            && !self.lifts_at_same_epoch(&target, epoch)
+        {
+            out.refused.push(Refusal::BelowFailSafe { target, epoch });
+            return;
         }
+        let group = self.groups.entry(target.group_uid.clone()).or_default();
+        group.fail_safe = None;
         group.seen = Some(level);
         group.seen_by = Some(path);
         // A report counts as acknowledged once its sender sees a higher epoch (rule 4).
         group.failures.retain(|_, f| f.epoch_seen >= target.epoch);
         self.enforce_all(out);
+    }
+
+    /// Never: only a higher epoch lifts a fail-safe. With the `FailSafeLiftedAtSameEpoch` mutant, a
+    /// directive at the fail-safe's own epoch lifts it and the volumes it suspended follow that
+    /// directive, as if the group had suspended them at that epoch.
+    #[cfg(feature = "mutants")]
+    fn lifts_at_same_epoch(&mut self, target: &GroupEpoch, epoch: u64) -> bool {
+        if target.epoch != epoch
+            || !lockstep_api::mutants::active(
+                lockstep_api::mutants::Mutant::FailSafeLiftedAtSameEpoch,
+            )
+        {
+            return false;
+        }
+        for volume in self.volumes.values_mut() {
+            if volume.group_uid.as_deref() == Some(target.group_uid.as_str())
+                && volume.level == Some(Level::fail_safe(epoch))
+            {
+                volume.level = Some(Level::point(epoch, Stage::Freeze));
+            }
+        }
+        true
+    }
+
+    #[cfg(not(feature = "mutants"))]
+    fn lifts_at_same_epoch(&mut self, _target: &GroupEpoch, _epoch: u64) -> bool {
+        false
     }
 
     fn copy_failed(
@@ -857,8 +895,19 @@ impl Enforcer {
             .map(|(uid, _)| uid.clone())
             .collect();
         for uid in uids {
+            // At the highest epoch the sidecar knows the group at: seen, or — after a restart, before
+            // any path answered — carried by its volumes. At 0 it would suspend nothing that carries a
+            // later epoch, and the group's current point would lift it.
+            let carried = self
+                .volumes
+                .values()
+                .filter(|v| v.group_uid.as_deref() == Some(uid.as_str()))
+                .filter_map(|v| v.level)
+                .map(|l| l.epoch)
+                .max()
+                .unwrap_or(0);
             if let Some(group) = self.groups.get_mut(&uid) {
-                let epoch = group.seen.map_or(0, |l| l.epoch);
+                let epoch = group.seen.map_or(0, |l| l.epoch).max(carried);
                 group.fail_safe = Some(epoch);
                 out.fail_safe_taken.push(uid);
             }
@@ -960,8 +1009,30 @@ impl Enforcer {
                 {
                     holder
                 }
+                // Until every path has delivered its complete view, no other group takes a volume
+                // from the group it carries: that group may list it on a path not read yet (after a
+                // restart, the first claim's membership can arrive after a second group's).
+                Some((holder, _))
+                    if holder != *first
+                        && !listing.iter().any(|(_, uid)| *uid == holder)
+                        && !self.all_synced() =>
+                {
+                    continue;
+                }
                 _ => *first,
             };
+            #[cfg(feature = "mutants")]
+            if lockstep_api::mutants::active(
+                lockstep_api::mutants::Mutant::SecondGroupClaimHonoured,
+            ) {
+                for (_, uid) in &listing {
+                    result
+                        .entry((*uid).clone())
+                        .or_default()
+                        .insert(name.clone());
+                }
+                continue;
+            }
             for (_, uid) in &listing {
                 if *uid != owner {
                     out.refused.push(Refusal::DoubleClaim {
@@ -996,12 +1067,12 @@ impl Enforcer {
         let Some(group) = self.groups.get(uid) else {
             return;
         };
-        let Some(seen) = group.seen else {
-            return; // nothing read from a path yet: the volumes stay as they are (held if unconfirmed)
-        };
-        let target = match group.fail_safe {
-            Some(epoch) => Level::fail_safe(epoch),
-            None => seen,
+        // A fail-safe suspends even before any path answered (a sidecar restarted while cut off); else
+        // with nothing read from a path yet the volumes stay as they are (held if unconfirmed).
+        let target = match (group.fail_safe, group.seen) {
+            (Some(epoch), _) => Level::fail_safe(epoch),
+            (None, Some(seen)) => seen,
+            (None, None) => return,
         };
         let hold_timeout_ms = if group.hold_timeout_ms == 0 {
             DEFAULT_HOLD_TIMEOUT_MS
@@ -1154,7 +1225,8 @@ impl Enforcer {
     /// or past the volume's epoch, no path lists it any more, or the volume is itself at a replicating
     /// point and no group names it. A volume another group names is let go of first, then joins it (a
     /// `Configure` naming a new group alone would leave the replicator suspended at the old group's
-    /// epoch). A volume no group names is let go of only once a path has delivered its complete view.
+    /// epoch). Nothing is let go of before every path has delivered its complete view: the group a volume
+    /// carries may still list it on a path not read yet.
     fn release_unclaimed(&mut self, local: &BTreeMap<String, BTreeSet<String>>, out: &mut Outcome) {
         let claimed: BTreeMap<&String, &String> = local
             .iter()
@@ -1167,7 +1239,9 @@ impl Enforcer {
                 continue;
             };
             let claimed_by = claimed.get(name).map(|g| g.as_str());
-            if claimed_by == Some(uid) || (claimed_by.is_none() && !synced) {
+            // Nothing is let go of before every path has delivered its complete view: the group a
+            // volume carries may still list it on a path not read yet.
+            if claimed_by == Some(uid) || !synced {
                 continue;
             }
             // No path lists the group any more: deleted (rule 9), or never heard of since a restart.

@@ -34,6 +34,11 @@ pub type Ms = u64;
 
 /// The group's UID.
 const UID: &str = "sim-group";
+/// A second group that lists the same volumes after the first claimed them: every sidecar must refuse
+/// it (DESIGN.md rule 5), never act on it.
+const ROGUE: &str = "sim-rogue";
+/// The control paths every sidecar runs, as deployed.
+const BOTH_PATHS: [Path; 2] = [Path::Api, Path::Grpc];
 /// How often sidecars report, read their paths and poll their replicator.
 const SIDECAR_TICK: Ms = 250;
 /// How often the operator evaluates and sends its current point again.
@@ -41,13 +46,62 @@ const OPERATOR_TICK: Ms = 200;
 /// How long a copy may wait for the secondary's acknowledgement.
 const COPY_TIMEOUT: Ms = 150;
 
-/// A defect planted in the simulated world, to show the invariants catch it.
+/// A defect planted to show the invariants catch it: in the model replicator, or — with the `mutants`
+/// feature — in the real operator and sidecar cores.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mutant {
-    /// The replicator keeps copying new writes while suspended.
+    /// The (model) replicator keeps copying and acknowledging new writes while suspended.
     CopyWhileSuspended,
-    /// The operator takes one node's acknowledgement for every volume of its cluster.
-    AckForWholeCluster,
+    /// A defect in the operator's freeze core or the sidecar's enforcement core.
+    #[cfg(feature = "mutants")]
+    Core(lockstep_api::mutants::Mutant),
+}
+
+impl Mutant {
+    /// Every planted defect this build can plant.
+    pub fn all() -> Vec<Self> {
+        #[allow(unused_mut)]
+        let mut all = vec![Self::CopyWhileSuspended];
+        #[cfg(feature = "mutants")]
+        all.extend(lockstep_api::mutants::Mutant::ALL.map(Self::Core));
+        all
+    }
+
+    /// False for a defect the simulation shows cannot be reached: a sidecar that lifts its fail-safe
+    /// on a directive at the fail-safe's own epoch. Such a directive is never above what the sidecar
+    /// has seen while a fail-safe is in force (the simulator counts "directive at its fail-safe's own
+    /// epoch refused": zero over every soak), because a failure is recorded only while the volume
+    /// replicates — at `(e, Resume)`, the last point of its epoch — and a sidecar restarted while cut
+    /// off knows no group, so it takes no fail-safe until a path answers.
+    pub fn reachable(self) -> bool {
+        #[cfg(feature = "mutants")]
+        if self == Self::Core(lockstep_api::mutants::Mutant::FailSafeLiftedAtSameEpoch) {
+            return false;
+        }
+        true
+    }
+}
+
+/// Plants a seed's defect in the real cores (they read it per thread) and removes it when the seed ends.
+struct Planted;
+
+impl Planted {
+    #[allow(unused_variables)]
+    fn new(mutant: Option<Mutant>) -> Self {
+        #[cfg(feature = "mutants")]
+        lockstep_api::mutants::plant(match mutant {
+            Some(Mutant::Core(m)) => Some(m),
+            _ => None,
+        });
+        Self
+    }
+}
+
+impl Drop for Planted {
+    fn drop(&mut self) {
+        #[cfg(feature = "mutants")]
+        lockstep_api::mutants::plant(None);
+    }
 }
 
 /// One simulation's shape.
@@ -268,6 +322,14 @@ enum Step {
     SidecarUp {
         sidecar: usize,
     },
+    /// A member names an epoch the operator never sent (a buggy or hostile sidecar, or one that remembers
+    /// a deleted group of the same name).
+    BogusEpoch,
+    /// Both paths to a member cluster cut at once (its sidecars' fail-safe is for this).
+    Partition {
+        cluster: usize,
+        until: Ms,
+    },
     PersonResyncs,
     Heal,
 }
@@ -305,8 +367,12 @@ struct World {
     first_missing: usize,
     /// The highest `predecessors` of a write on the effective image.
     max_predecessors: usize,
+    /// Whether this seed's second group lists the first group's volumes.
+    rogue: bool,
     healing: bool,
     tracing: bool,
+    /// How many of the last steps a trace keeps (`LOCKSTEP_SIM_TRACE_LINES`, default 200).
+    trace_lines: usize,
     trace: std::collections::VecDeque<String>,
     summary: Summary,
 }
@@ -318,6 +384,7 @@ pub fn run(seed: u64, config: &Config) -> Result<Summary, Box<Violation>> {
 }
 
 fn simulate(seed: u64, config: &Config, tracing: bool) -> Result<Summary, Box<Violation>> {
+    let _planted = Planted::new(config.mutant);
     let mut world = World::new(seed, config.clone());
     world.tracing = tracing;
     world.start();
@@ -411,7 +478,7 @@ impl World {
                     cluster,
                     name,
                     volumes: mine,
-                    enforcer: Enforcer::new(),
+                    enforcer: Enforcer::with_paths(BOTH_PATHS.into()),
                     up: true,
                     incarnation: 0,
                     members_sent: [false; 2],
@@ -427,6 +494,7 @@ impl World {
             });
         }
         let mut rng = Rng::new(seed);
+        let rogue = rng.chance(500);
         let policy = if rng.chance(500) {
             Policy::FreezeAndGo
         } else {
@@ -491,8 +559,13 @@ impl World {
             on_image: Vec::new(),
             first_missing: 0,
             max_predecessors: 0,
+            rogue,
             healing: false,
             tracing: false,
+            trace_lines: std::env::var("LOCKSTEP_SIM_TRACE_LINES")
+                .ok()
+                .and_then(|lines| lines.parse().ok())
+                .unwrap_or(200),
             trace: std::collections::VecDeque::new(),
             summary: Summary::default(),
         }
@@ -513,7 +586,7 @@ impl World {
         if !self.tracing {
             return;
         }
-        if self.trace.len() >= 200 {
+        if self.trace.len() >= self.trace_lines {
             self.trace.pop_front();
         }
         self.trace.push_back(format!("{:>7} ms  {line}", self.now));
@@ -555,7 +628,7 @@ impl World {
         while t < self.config.fault_ms {
             t += self.rng.between(500, 4_000);
             let length = self.rng.between(200, 6_000);
-            let step = match self.rng.between(0, 9) {
+            let step = match self.rng.between(0, 11) {
                 0..=2 => Step::LinkCut {
                     volume: self.rng.index(self.volumes.len()),
                     until: t + length,
@@ -575,7 +648,12 @@ impl World {
                     sidecar: self.rng.index(self.sidecars.len()),
                     until: t + length / 3,
                 },
-                _ => Step::PersonResyncs,
+                9 => Step::PersonResyncs,
+                10 => Step::BogusEpoch,
+                _ => Step::Partition {
+                    cluster: self.rng.index(self.api_up.len()),
+                    until: t + length,
+                },
             };
             let delay = t.saturating_sub(self.now);
             self.at(delay, step);
@@ -725,6 +803,36 @@ impl World {
                 self.at_time(until, Step::SidecarUp { sidecar });
             }
             Step::SidecarUp { sidecar } => self.sidecar_starts(sidecar),
+            Step::BogusEpoch if !self.healing && self.operator_up => {
+                self.fault("a member named an epoch never sent");
+                let epoch = position(&self.group).0 + self.rng.between(2, 6);
+                self.decide(vec![freeze::Event::Seen { epoch }])?;
+            }
+            Step::Partition { cluster, until } if !self.healing => {
+                self.fault("member cluster partitioned");
+                self.grpc_up[cluster] = false;
+                self.api_up[cluster] = false;
+                self.at_time(until, Step::GrpcHealed { cluster });
+                self.at_time(until, Step::ApiUp { cluster });
+                // Half the time a node of the cut-off cluster reboots meanwhile: its new sidecar starts
+                // with no path answering, from what its replicator carries.
+                let nodes: Vec<usize> = (0..self.sidecars.len())
+                    .filter(|&s| self.sidecars[s].cluster == cluster)
+                    .collect();
+                if self.rng.chance(500) && !nodes.is_empty() {
+                    let sidecar = nodes[self.rng.index(nodes.len())];
+                    let length = until.saturating_sub(self.now);
+                    let down = self.rng.between(100, (length / 2).max(100));
+                    let up = down + self.rng.between(200, 1_500);
+                    self.at(
+                        down,
+                        Step::SidecarDown {
+                            sidecar,
+                            until: self.now + up,
+                        },
+                    );
+                }
+            }
             Step::PersonResyncs => {
                 self.person_resyncs();
                 if self.healing {
@@ -751,7 +859,9 @@ impl World {
             | Step::GrpcCut { .. }
             | Step::ApiDown { .. }
             | Step::OperatorDown { .. }
-            | Step::SidecarDown { .. } => {}
+            | Step::SidecarDown { .. }
+            | Step::BogusEpoch
+            | Step::Partition { .. } => {}
         }
         Ok(())
     }
@@ -953,6 +1063,18 @@ impl World {
 
     fn operate_on(&mut self, sidecar: usize, operation: &Operation) -> Result<(), Box<Violation>> {
         let level = operation.level();
+        let group_uid = match operation {
+            Operation::Suspend { group_uid, .. }
+            | Operation::Release { group_uid, .. }
+            | Operation::Resume { group_uid, .. }
+            | Operation::Configure { group_uid, .. } => group_uid,
+        };
+        if group_uid == ROGUE {
+            return Err(self.violation(format!(
+                "{} acted on a second group's claim: {operation:?} (its volumes are the first group's)",
+                self.sidecars[sidecar].name
+            )));
+        }
         for handle in operation.volumes() {
             let Some(&volume) = self.sidecars[sidecar]
                 .volumes
@@ -964,7 +1086,7 @@ impl World {
             let before = self.volumes[volume].level;
             if self.volumes[volume].confirmed && level < before {
                 return Err(self.violation(format!(
-                    "{} of {} moved back from {before:?} to {level:?}",
+                    "{} of {} moved back from {before:?} to {level:?} by {operation:?}",
                     self.volumes[volume].handle, self.sidecars[sidecar].name
                 )));
             }
@@ -1128,7 +1250,7 @@ impl World {
     fn sidecar_starts(&mut self, sidecar: usize) {
         let s = &mut self.sidecars[sidecar];
         s.up = true;
-        s.enforcer = Enforcer::new();
+        s.enforcer = Enforcer::with_paths(BOTH_PATHS.into());
         s.members_sent = [false; 2];
         s.acked.clear();
         s.last_heard = self.now;
@@ -1158,10 +1280,21 @@ impl World {
             return Ok(());
         }
         let outcome: Outcome = self.sidecars[sidecar].enforcer.handle(input);
+        if !outcome.fail_safe_taken.is_empty() {
+            self.fault("sidecar took its fail-safe");
+        }
+        if outcome.refused.iter().any(|refusal| {
+            matches!(refusal, enforce::Refusal::BelowFailSafe { target, epoch } if target.epoch == *epoch)
+        }) {
+            self.fault("directive at its fail-safe's own epoch refused");
+        }
         for operation in &outcome.operations {
             self.operate_on(sidecar, operation)?;
         }
         for ack in outcome.acks {
+            if ack.point.group_uid != UID {
+                continue; // the second group's, should it ever ack: its volumes are checked above
+            }
             for volume in &ack.volumes {
                 self.sidecars[sidecar]
                     .acked
@@ -1190,11 +1323,24 @@ impl World {
         for (index, (path, up)) in paths.into_iter().enumerate() {
             if up && !self.sidecars[sidecar].members_sent[index] {
                 self.sidecars[sidecar].members_sent[index] = true;
-                let volumes = self.sidecars[sidecar]
+                let volumes: BTreeSet<String> = self.sidecars[sidecar]
                     .volumes
                     .iter()
                     .map(|&v| self.volumes[v].handle.clone())
                     .collect();
+                if self.rogue {
+                    self.sidecar_input(
+                        sidecar,
+                        Input::Membership {
+                            path,
+                            group_uid: ROGUE.into(),
+                            group_name: "rogue".into(),
+                            order: ClaimOrder::new(Some(2), ROGUE),
+                            volumes: volumes.clone(),
+                            hold_timeout_ms: self.config.hold_timeout_ms,
+                        },
+                    )?;
+                }
                 self.sidecar_input(
                     sidecar,
                     Input::Membership {
@@ -1207,6 +1353,15 @@ impl World {
                     },
                 )?;
                 self.sidecar_input(sidecar, Input::Synced(path))?;
+                if self.rogue {
+                    // The second group runs its own life: released at its epoch 1.
+                    let target = GroupEpoch {
+                        group_uid: ROGUE.into(),
+                        epoch: 1,
+                        stage: Stage::Release,
+                    };
+                    self.sidecar_input(sidecar, Input::Directive { path, target })?;
+                }
             }
         }
         if self.grpc_up[cluster] {
@@ -1346,21 +1501,12 @@ impl World {
     }
 
     fn ack_event(&self, path: Path, cluster: usize, ack: enforce::Ack) -> freeze::Event {
-        let mut volume_handles = ack.volumes;
-        if self.config.mutant == Some(Mutant::AckForWholeCluster) {
-            volume_handles = self
-                .volumes
-                .iter()
-                .filter(|v| v.cluster == cluster)
-                .map(|v| v.handle.clone())
-                .collect();
-        }
         freeze::Event::Ack(freeze::Ack {
             path,
             cluster: format!("c{cluster}"),
             epoch: ack.point.epoch,
             stage: ack.point.stage,
-            volume_handles,
+            volume_handles: ack.volumes,
             fail_safe: ack.fail_safe,
         })
     }
@@ -1417,6 +1563,14 @@ impl World {
             if after.0 < before.0 {
                 return Err(self.violation(format!(
                     "the group's epoch went back from {} to {}",
+                    before.0, after.0
+                )));
+            }
+            // Only the epoch after the persisted one can have been sent (rule 8): none further is
+            // ever decided, whatever a member claims.
+            if after.0 > before.0 + 1 {
+                return Err(self.violation(format!(
+                    "the group's epoch jumped from {} to {}, past any epoch ever sent",
                     before.0, after.0
                 )));
             }

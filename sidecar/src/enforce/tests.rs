@@ -470,6 +470,7 @@ fn malformed_hold_timeouts_and_those_outside_a_group_are_refused() {
 #[test]
 fn a_volume_leaving_a_frozen_group_stays_suspended_until_that_group_replicates() {
     let mut core = replicating();
+    core.handle(Input::Synced(Path::Api));
     core.handle(directive(Path::Api, 2, Stage::Freeze));
     // v2 moves to another group while the first is frozen: refused, left suspended.
     core.handle(membership(Path::Api, &["v1"]));
@@ -498,6 +499,56 @@ fn a_volume_leaving_a_frozen_group_stays_suspended_until_that_group_replicates()
         op,
         Operation::Configure { volume, group_uid, .. } if volume == "v2" && group_uid == "other-group"
     )));
+}
+
+#[test]
+fn after_a_restart_a_second_groups_claim_read_first_takes_no_volume_from_the_group_it_carries() {
+    // Simulation seed 68 found it: a restarted sidecar read a second group's membership (listing v1, a
+    // later claim) before its own group's, while v1 carried its group frozen at 2 and the group had
+    // resumed at 2. The group "had let v1 go", so v1 was configured into no group — its freeze undone
+    // mid-resync — and then joined the second group. Until every path delivered its complete view the
+    // group a volume carries may still list it: nothing is taken from it before then.
+    let mut core = Enforcer::with_paths([Path::Api, Path::Grpc].into());
+    core.handle(Input::Inventory(vec![carrying(
+        "v1",
+        Level::point(2, Stage::Freeze),
+        true,
+    )]));
+    core.handle(directive(Path::Grpc, 2, Stage::Resume));
+    let second = |volumes: &[&str]| Input::Membership {
+        path: Path::Api,
+        group_uid: "second-group".into(),
+        group_name: "second".into(),
+        order: ClaimOrder::new(Some(FIRST_CREATED_MS + 1_000), "second-group"),
+        volumes: volumes.iter().map(|v| (*v).to_owned()).collect(),
+        hold_timeout_ms: 1000,
+    };
+    let mut operations = core.handle(second(&["v1"])).operations;
+    operations.extend(
+        core.handle(Input::Directive {
+            path: Path::Api,
+            target: GroupEpoch {
+                group_uid: "second-group".into(),
+                epoch: 1,
+                stage: Stage::Release,
+            },
+        })
+        .operations,
+    );
+    assert!(operations.is_empty(), "{operations:?}");
+    // Its own group's membership arrives: v1 stays in it and resumes at 2.
+    let out = core.handle(membership(Path::Api, &["v1"]));
+    assert!(
+        out.operations
+            .iter()
+            .all(|op| !matches!(op, Operation::Configure { group_uid, .. } if group_uid != G)),
+        "{:?}",
+        out.operations
+    );
+    for path in [Path::Api, Path::Grpc] {
+        core.handle(Input::Synced(path));
+    }
+    assert_eq!(group_of_volume(&core, "v1").as_deref(), Some(G));
 }
 
 fn let_go(volume: &str) -> Operation {
@@ -1186,6 +1237,62 @@ fn a_volume_the_replicator_holds_after_a_failed_copy_is_a_failure_even_unannounc
     // Listed again, it is still one failure.
     core.handle(Input::Inventory(vec![held]));
     assert_eq!(core.failures().len(), 1);
+}
+
+#[test]
+fn a_volume_found_in_a_fail_safe_suspension_after_a_restart_is_reported_and_freezes_the_group() {
+    // Simulation seed 7578 found it: a copy failed while the member cluster was cut off, the sidecar
+    // took its fail-safe (suspended at epoch 2), restarted before any path came back, and the new
+    // sidecar — which only looked for volumes *held* after a failed copy — forgot the failure. The
+    // operator never heard of it, the group stayed replicating at 2, and the volume stayed suspended,
+    // failing every write at the hold timeout. A fail-safe is taken only for a failure not yet
+    // acknowledged: found in the volume list, it is that failure, reported at the epoch it carries.
+    let mut core = replicating();
+    core.handle(directive(Path::Api, 2, Stage::Resume));
+    core.handle(Input::Inventory(vec![
+        carrying("v1", Level::fail_safe(2), true),
+        carrying("v2", Level::point(2, Stage::Resume), true),
+    ]));
+    let failures = core.failures();
+    assert_eq!(failures.len(), 1, "{failures:?}");
+    assert_eq!(
+        (failures[0].volume.as_str(), failures[0].epoch_seen),
+        ("v1", 2)
+    );
+    // The freeze it brings lifts the fail-safe and answers the report.
+    let out = core.handle(directive(Path::Api, 3, Stage::Freeze));
+    assert!(core.failures().is_empty(), "{:?}", core.failures());
+    assert!(
+        out.operations
+            .iter()
+            .any(|op| op.volumes().contains(&"v1".to_owned())
+                && op.level() == Level::point(3, Stage::Freeze)),
+        "{:?}",
+        out.operations
+    );
+}
+
+#[test]
+fn a_sidecar_restarted_while_cut_off_takes_its_fail_safe_at_the_epoch_its_volumes_carry() {
+    // Restarted with no path answering: v1 holds writes after a failed copy at epoch 3, v2 replicates
+    // at 3. The fail-safe suspends both at 3 — at 0 it would have suspended nothing carrying 3 — and
+    // the group's current point (3, Resume) does not lift it: only a later epoch does.
+    let mut core = Enforcer::with_paths([Path::Api, Path::Grpc].into());
+    let mut held = carrying("v1", Level::point(3, Stage::Resume), true);
+    held.held_after_failure = Some(9);
+    let inventory = vec![held, carrying("v2", Level::point(3, Stage::Resume), true)];
+    core.handle(Input::Inventory(inventory.clone()));
+    core.handle(membership(Path::Api, &["v1", "v2"]));
+    // The volume list is read again (every poll): now v1's failure has a group.
+    core.handle(Input::Inventory(inventory));
+    assert_eq!(core.failures().len(), 1);
+    let out = core.handle(Input::FailSafeTimer);
+    assert_eq!(out.operations, vec![suspend(3, &["v1", "v2"], true)]);
+    let out = core.handle(directive(Path::Api, 3, Stage::Resume));
+    assert!(out.operations.is_empty(), "{:?}", out.operations);
+    assert!(matches!(out.refused[..], [Refusal::BelowFailSafe { .. }]));
+    let out = core.handle(directive(Path::Api, 4, Stage::Freeze));
+    assert_eq!(out.operations, vec![suspend(4, &["v1", "v2"], false)]);
 }
 
 #[test]

@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use clap::Parser;
-use lockstep_sim::{Config, run};
+use lockstep_sim::{Config, Mutant, run};
 
 /// Runs simulation seeds.
 #[derive(Debug, Parser)]
@@ -24,11 +24,25 @@ struct Cli {
     /// Replays one seed and prints what it did.
     #[arg(long)]
     replay: Option<u64>,
+    /// Plants a defect, by name (`--mutant list` lists them; the cores' need `--features mutants`).
+    #[arg(long)]
+    mutant: Option<String>,
 }
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    let config = Config::default();
+    let mut config = Config::default();
+    if let Some(name) = &cli.mutant {
+        let all = Mutant::all();
+        let names: Vec<String> = all.iter().map(|m| format!("{m:?}")).collect();
+        match all.into_iter().find(|m| format!("{m:?}") == *name) {
+            Some(mutant) => config.mutant = Some(mutant),
+            None => {
+                println!("defects this build can plant:\n  {}", names.join("\n  "));
+                return std::process::ExitCode::from(u8::from(name != "list") * 2);
+            }
+        }
+    }
     if let Some(seed) = cli.replay {
         return match run(seed, &config) {
             Ok(summary) => {
@@ -65,8 +79,10 @@ fn main() -> std::process::ExitCode {
                                 }
                             }
                             Err(violation) => violations.push(format!(
-                                "seed {seed}: {} (replay: cargo run --release -p lockstep-sim -- --replay {seed})",
-                                violation.what
+                                "seed {seed}: {} (replay: cargo run --release -p lockstep-sim{} -- --replay {seed}{})",
+                                violation.what,
+                                if cli.mutant.is_some() { " --features mutants" } else { "" },
+                                cli.mutant.as_ref().map(|m| format!(" --mutant '{m}'")).unwrap_or_default()
                             )),
                         }
                     }
