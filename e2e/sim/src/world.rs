@@ -125,6 +125,39 @@ pub struct Config {
     pub mutant: Option<Mutant>,
 }
 
+impl Config {
+    /// The command that replays `seed` in this world, with its trace.
+    pub fn replay_command(&self, seed: u64) -> String {
+        let default = Self::default();
+        let mut command = "cargo run --release -p lockstep-sim".to_owned();
+        if self.mutant.is_some_and(|m| m != Mutant::CopyWhileSuspended) {
+            command.push_str(" --features mutants");
+        }
+        command.push_str(&format!(" -- --replay {seed}"));
+        for (flag, value, usual) in [
+            ("--clusters", self.clusters, default.clusters),
+            (
+                "--nodes-per-cluster",
+                self.nodes_per_cluster,
+                default.nodes_per_cluster,
+            ),
+            (
+                "--volumes-per-node",
+                self.volumes_per_node,
+                default.volumes_per_node,
+            ),
+        ] {
+            if value != usual {
+                command.push_str(&format!(" {flag} {value}"));
+            }
+        }
+        if let Some(mutant) = self.mutant {
+            command.push_str(&format!(" --mutant '{mutant:?}'"));
+        }
+        command
+    }
+}
+
 impl Default for Config {
     fn default() -> Self {
         Self {
@@ -159,10 +192,12 @@ pub struct Summary {
 
 /// An invariant that did not hold.
 #[derive(Debug, Clone, thiserror::Error)]
-#[error("seed {seed}: {what} (at {at_ms} ms, step {step})\n{trace}")]
+#[error("seed {seed}: {what} (at {at_ms} ms, step {step})\nreplay: {replay}\n{trace}")]
 pub struct Violation {
     /// The seed.
     pub seed: u64,
+    /// The command that replays it, with its trace.
+    pub replay: String,
     /// Which invariant, in a sentence.
     pub what: String,
     /// Simulated time.
@@ -595,6 +630,7 @@ impl World {
     fn violation(&self, what: String) -> Box<Violation> {
         Box::new(Violation {
             seed: self.seed,
+            replay: self.config.replay_command(self.seed),
             what,
             at_ms: self.now,
             step: self.step,

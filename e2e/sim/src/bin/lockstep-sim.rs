@@ -24,6 +24,18 @@ struct Cli {
     /// Replays one seed and prints what it did.
     #[arg(long)]
     replay: Option<u64>,
+    /// Member clusters in the world.
+    #[arg(long, default_value_t = Config::default().clusters)]
+    clusters: usize,
+    /// Nodes per member cluster.
+    #[arg(long, default_value_t = Config::default().nodes_per_cluster)]
+    nodes_per_cluster: usize,
+    /// Volumes per node.
+    #[arg(long, default_value_t = Config::default().volumes_per_node)]
+    volumes_per_node: usize,
+    /// Prints progress (seeds done, seeds/s, violations so far) every this many seconds; 0: never.
+    #[arg(long, default_value_t = 0)]
+    progress: u64,
     /// Plants a defect, by name (`--mutant list` lists them; the cores' need `--features mutants`).
     #[arg(long)]
     mutant: Option<String>,
@@ -31,7 +43,12 @@ struct Cli {
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    let mut config = Config::default();
+    let mut config = Config {
+        clusters: cli.clusters,
+        nodes_per_cluster: cli.nodes_per_cluster,
+        volumes_per_node: cli.volumes_per_node,
+        ..Config::default()
+    };
     if let Some(name) = &cli.mutant {
         let all = Mutant::all();
         let names: Vec<String> = all.iter().map(|m| format!("{m:?}")).collect();
@@ -57,45 +74,68 @@ fn main() -> std::process::ExitCode {
     }
     let started = Instant::now();
     let next = AtomicU64::new(cli.first);
+    let done = AtomicU64::new(0);
+    let failed = AtomicU64::new(0);
     let end = cli.first + cli.seeds;
-    let results: Vec<(BTreeMap<&'static str, u64>, Vec<String>, u64)> = std::thread::scope(
-        |scope| {
-            let workers: Vec<_> = (0..cli.threads.max(1))
-            .map(|_| {
+    let results: Vec<(BTreeMap<&'static str, u64>, Vec<String>, u64)> =
+        std::thread::scope(|scope| {
+            if cli.progress > 0 {
                 scope.spawn(|| {
-                    let mut faults = BTreeMap::new();
-                    let mut violations = Vec::new();
-                    let mut steps = 0;
-                    loop {
-                        let seed = next.fetch_add(1, Ordering::Relaxed);
-                        if seed >= end {
-                            break;
-                        }
-                        match run(seed, &config) {
-                            Ok(summary) => {
-                                steps += summary.steps;
-                                for (kind, count) in summary.faults {
-                                    *faults.entry(kind).or_default() += count;
-                                }
-                            }
-                            Err(violation) => violations.push(format!(
-                                "seed {seed}: {} (replay: cargo run --release -p lockstep-sim{} -- --replay {seed}{})",
-                                violation.what,
-                                if cli.mutant.is_some() { " --features mutants" } else { "" },
-                                cli.mutant.as_ref().map(|m| format!(" --mutant '{m}'")).unwrap_or_default()
-                            )),
+                    let mut last = Instant::now();
+                    while done.load(Ordering::Relaxed) < cli.seeds {
+                        std::thread::sleep(std::time::Duration::from_millis(200));
+                        if last.elapsed().as_secs() >= cli.progress {
+                            last = Instant::now();
+                            let seeds = done.load(Ordering::Relaxed);
+                            println!(
+                                "progress: {seeds} seeds in {:.0} s ({:.0} seeds/s), {} violations",
+                                started.elapsed().as_secs_f64(),
+                                seeds as f64 / started.elapsed().as_secs_f64(),
+                                failed.load(Ordering::Relaxed)
+                            );
                         }
                     }
-                    (faults, violations, steps)
+                });
+            }
+            let workers: Vec<_> = (0..cli.threads.max(1))
+                .map(|_| {
+                    scope.spawn(|| {
+                        let mut faults = BTreeMap::new();
+                        let mut violations = Vec::new();
+                        let mut steps = 0;
+                        loop {
+                            let seed = next.fetch_add(1, Ordering::Relaxed);
+                            if seed >= end {
+                                break;
+                            }
+                            let outcome = run(seed, &config);
+                            done.fetch_add(1, Ordering::Relaxed);
+                            match outcome {
+                                Ok(summary) => {
+                                    steps += summary.steps;
+                                    for (kind, count) in summary.faults {
+                                        *faults.entry(kind).or_default() += count;
+                                    }
+                                }
+                                Err(violation) => {
+                                    failed.fetch_add(1, Ordering::Relaxed);
+                                    println!("seed {seed}: {}", violation.what);
+                                    violations.push(format!(
+                                        "seed {seed}: {} (replay: {})",
+                                        violation.what, violation.replay
+                                    ));
+                                }
+                            }
+                        }
+                        (faults, violations, steps)
+                    })
                 })
-            })
-            .collect();
+                .collect();
             workers
                 .into_iter()
                 .filter_map(|worker| worker.join().ok())
                 .collect()
-        },
-    );
+        });
     let elapsed = started.elapsed().as_secs_f64();
     let mut faults: BTreeMap<&str, u64> = BTreeMap::new();
     let mut violations = Vec::new();
