@@ -498,9 +498,33 @@ impl fmt::Debug for RealCluster {
 }
 
 impl RealCluster {
-    /// Starts etcd and kube-apiserver and waits until `/readyz` answers `ok`.
+    /// Starts etcd and kube-apiserver and waits until `/readyz` answers `ok`. A port picked free can be
+    /// taken by another process before etcd or kube-apiserver binds it (the pick and the bind are two
+    /// steps): a start that fails so is tried again on new ports, up to three times.
     #[tracing::instrument(skip_all)]
     pub async fn start(
+        binaries: &KubeBinaries,
+        options: &ClusterOptions,
+    ) -> Result<Self, KubeError> {
+        let mut attempt = 1;
+        loop {
+            match Self::start_once(binaries, options).await {
+                Err(KubeError::Exited { process, tail, .. })
+                    if attempt < 3 && tail.contains("address already in use") =>
+                {
+                    warn!(
+                        process,
+                        attempt,
+                        "a port picked free was taken before it was bound; starting again on new ports"
+                    );
+                    attempt += 1;
+                }
+                result => return result,
+            }
+        }
+    }
+
+    async fn start_once(
         binaries: &KubeBinaries,
         options: &ClusterOptions,
     ) -> Result<Self, KubeError> {
