@@ -1364,30 +1364,25 @@ impl World {
                     .iter()
                     .map(|&v| self.volumes[v].handle.clone())
                     .collect();
+                // The second group's membership is read first: the claim order must decide, not
+                // the order of reading.
+                let mut groups = vec![(UID, "sim", 1)];
                 if self.rogue {
+                    groups.insert(0, (ROGUE, "rogue", 2));
+                }
+                for (uid, name, order) in groups {
                     self.sidecar_input(
                         sidecar,
                         Input::Membership {
                             path,
-                            group_uid: ROGUE.into(),
-                            group_name: "rogue".into(),
-                            order: ClaimOrder::new(Some(2), ROGUE),
+                            group_uid: uid.into(),
+                            group_name: name.into(),
+                            order: ClaimOrder::new(Some(order), uid),
                             volumes: volumes.clone(),
                             hold_timeout_ms: self.config.hold_timeout_ms,
                         },
                     )?;
                 }
-                self.sidecar_input(
-                    sidecar,
-                    Input::Membership {
-                        path,
-                        group_uid: UID.into(),
-                        group_name: "sim".into(),
-                        order: ClaimOrder::new(Some(1), UID),
-                        volumes,
-                        hold_timeout_ms: self.config.hold_timeout_ms,
-                    },
-                )?;
                 self.sidecar_input(sidecar, Input::Synced(path))?;
                 if self.rogue {
                     // The second group runs its own life: released at its epoch 1.

@@ -76,27 +76,10 @@ fn main() -> std::process::ExitCode {
     let next = AtomicU64::new(cli.first);
     let done = AtomicU64::new(0);
     let failed = AtomicU64::new(0);
+    let last_report = AtomicU64::new(0);
     let end = cli.first + cli.seeds;
     let results: Vec<(BTreeMap<&'static str, u64>, Vec<String>, u64)> =
         std::thread::scope(|scope| {
-            if cli.progress > 0 {
-                scope.spawn(|| {
-                    let mut last = Instant::now();
-                    while done.load(Ordering::Relaxed) < cli.seeds {
-                        std::thread::sleep(std::time::Duration::from_millis(200));
-                        if last.elapsed().as_secs() >= cli.progress {
-                            last = Instant::now();
-                            let seeds = done.load(Ordering::Relaxed);
-                            println!(
-                                "progress: {seeds} seeds in {:.0} s ({:.0} seeds/s), {} violations",
-                                started.elapsed().as_secs_f64(),
-                                seeds as f64 / started.elapsed().as_secs_f64(),
-                                failed.load(Ordering::Relaxed)
-                            );
-                        }
-                    }
-                });
-            }
             let workers: Vec<_> = (0..cli.threads.max(1))
                 .map(|_| {
                     scope.spawn(|| {
@@ -109,7 +92,8 @@ fn main() -> std::process::ExitCode {
                                 break;
                             }
                             let outcome = run(seed, &config);
-                            done.fetch_add(1, Ordering::Relaxed);
+                            let seeds = done.fetch_add(1, Ordering::Relaxed) + 1;
+                            report_progress(&cli, &started, &last_report, seeds, &failed);
                             match outcome {
                                 Ok(summary) => {
                                     steps += summary.steps;
@@ -165,4 +149,34 @@ fn main() -> std::process::ExitCode {
     } else {
         std::process::ExitCode::FAILURE
     }
+}
+
+/// Prints progress once `--progress` seconds have passed since the last report (`last_report`, in
+/// seconds since the start): the worker that finishes a seed first after that moment prints it.
+fn report_progress(
+    cli: &Cli,
+    started: &Instant,
+    last_report: &AtomicU64,
+    seeds: u64,
+    failed: &AtomicU64,
+) {
+    if cli.progress == 0 {
+        return;
+    }
+    let elapsed = started.elapsed();
+    let now = elapsed.as_secs();
+    let last = last_report.load(Ordering::Relaxed);
+    if now < last + cli.progress
+        || last_report
+            .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+            .is_err()
+    {
+        return;
+    }
+    println!(
+        "progress: {seeds} seeds in {:.0} s ({:.0} seeds/s), {} violations",
+        elapsed.as_secs_f64(),
+        seeds as f64 / elapsed.as_secs_f64(),
+        failed.load(Ordering::Relaxed)
+    );
 }
