@@ -430,6 +430,13 @@ impl Agent {
                 match self.replicator.apply(operation).await {
                     Ok(()) => {
                         tracing::info!(?operation, "replicator");
+                        if let crate::enforce::Operation::Resume { volumes, .. } = operation {
+                            // A resumed volume resynchronises from now on (the replicator enters its
+                            // resync as it takes the resume); until a listing says it finished, it is
+                            // reported resyncing, never in sync at the resumed epoch — the operator
+                            // counts that report as back in the image.
+                            self.context.resyncing().extend(volumes.iter().cloned());
+                        }
                         Metrics::count(&self.context.metrics.replicator_calls, kind, "ok");
                         break;
                     }

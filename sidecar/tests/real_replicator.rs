@@ -47,6 +47,53 @@ impl Node {
     }
 }
 
+/// Volumes v1 and v2 on a real replicator, in one group on the test API server, with a test `Control`
+/// server naming them members at (0, Resume) and sidecar options pointing at both.
+struct Rig {
+    node: Node,
+    replicator: ReplicatorClient<Channel>,
+    server: lockstep_testapi::TestApiServer,
+    client: kube::Client,
+    uid: String,
+    control: FakeControl,
+    opts: lockstep_sidecar::Options,
+}
+
+impl Rig {
+    async fn start() -> Rig {
+        let node = Node::start(&["v1", "v2"]).await;
+        let replicator = node.client().await;
+        let (server, client) = api_server().await;
+        let uid = create_group(&client, &["v1", "v2"]).await;
+        let control = FakeControl::start().await;
+        control.set_membership(&uid, 0, cpb::Stage::Resume, &["v1", "v2"]);
+        let mut opts = FakeReplicatorless::options(&node.socket());
+        opts.operator_endpoint = Some(control.endpoint());
+        opts.insecure_plaintext_control = true;
+        Rig {
+            node,
+            replicator,
+            server,
+            client,
+            uid,
+            control,
+            opts,
+        }
+    }
+}
+
+/// Waits until the sidecar confirmed both volumes and they replicate.
+async fn replicating(replicator: &ReplicatorClient<Channel>) {
+    for v in ["v1", "v2"] {
+        let r = replicator.clone();
+        eventually_async(&format!("{v} replicating"), move || {
+            let mut r = r.clone();
+            async move { mode(&mut r, v).await == rpb::Mode::Replicating as i32 }
+        })
+        .await;
+    }
+}
+
 async fn mode(client: &mut ReplicatorClient<Channel>, volume: &str) -> i32 {
     client
         .state(rpb::StateRequest {
@@ -60,26 +107,19 @@ async fn mode(client: &mut ReplicatorClient<Channel>, volume: &str) -> i32 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_cut_link_on_the_real_replicator_is_reported_frozen_and_released_over_both_paths() {
-    let node = Node::start(&["v1", "v2"]).await;
-    let mut replicator = node.client().await;
-    let (_server, client) = api_server().await;
-    let uid = create_group(&client, &["v1", "v2"]).await;
-    let control = FakeControl::start().await;
-    control.set_membership(&uid, 0, cpb::Stage::Resume, &["v1", "v2"]);
-    let mut opts = FakeReplicatorless::options(&node.socket());
-    opts.operator_endpoint = Some(control.endpoint());
-    opts.insecure_plaintext_control = true;
+    let Rig {
+        node,
+        mut replicator,
+        server: _server,
+        client,
+        uid,
+        control,
+        opts,
+    } = Rig::start().await;
     let sidecar = start(opts.clone(), Some(client.clone())).await;
 
     // Fail closed until the sidecar confirms; then replicating.
-    for v in ["v1", "v2"] {
-        let r = replicator.clone();
-        eventually_async(&format!("{v} replicating"), move || {
-            let mut r = r.clone();
-            async move { mode(&mut r, v).await == rpb::Mode::Replicating as i32 }
-        })
-        .await;
-    }
+    replicating(&replicator).await;
     let mut v1 = node.nbd("v1").await;
     v1.write(0, &[1u8; 4096], false).await.unwrap();
 
@@ -168,26 +208,19 @@ async fn a_cut_link_on_the_real_replicator_is_reported_frozen_and_released_over_
 /// it, and the release then completes the held write.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn with_both_paths_down_the_real_replicator_is_suspended_by_the_fail_safe() {
-    let node = Node::start(&["v1", "v2"]).await;
-    let mut replicator = node.client().await;
-    let (server, client) = api_server().await;
-    let uid = create_group(&client, &["v1", "v2"]).await;
-    let control = FakeControl::start().await;
-    control.set_membership(&uid, 0, cpb::Stage::Resume, &["v1", "v2"]);
-    let mut opts = FakeReplicatorless::options(&node.socket());
-    opts.operator_endpoint = Some(control.endpoint());
-    opts.insecure_plaintext_control = true;
+    let Rig {
+        node,
+        mut replicator,
+        server,
+        client,
+        uid,
+        control,
+        mut opts,
+    } = Rig::start().await;
     // Far below the group's 30 s hold timeout.
     opts.fail_safe_interval = Duration::from_secs(2);
     let sidecar = start(opts, Some(client.clone())).await;
-    for v in ["v1", "v2"] {
-        let r = replicator.clone();
-        eventually_async(&format!("{v} replicating"), move || {
-            let mut r = r.clone();
-            async move { mode(&mut r, v).await == rpb::Mode::Replicating as i32 }
-        })
-        .await;
-    }
+    replicating(&replicator).await;
     eventually("subscribed", || control.subscribers() > 0).await;
 
     stop_api_server(&server, &client).await;
@@ -261,4 +294,85 @@ impl FakeReplicatorless {
         options.lease_duration = Duration::from_secs(3);
         options
     }
+}
+
+/// A volume the sidecar resumed is resynchronising from that moment: no report may say it replicates at
+/// the resumed epoch before its resync finished. The operator counts a member whose sidecar reports it
+/// replicating at (e, Resume) as back in sync — in the image of the next freeze — so such a report, sent
+/// between the resume and the sidecar's next listing of the replicator, let a freeze during the resync
+/// name an image whose secondaries were half overwritten (a CI run failed so).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_resumed_volume_is_never_reported_in_sync_before_its_resync_finished() {
+    let Rig {
+        node,
+        mut replicator,
+        server: _server,
+        client,
+        uid,
+        control,
+        mut opts,
+    } = Rig::start().await;
+    // gRPC only: reports carry the volume states (with an API path its ReplicationNode says them).
+    opts.no_api_path = true;
+    let sidecar = start(opts, Some(client.clone())).await;
+    replicating(&replicator).await;
+
+    // Frozen and released at epoch 1 by a cut link; v1 then written primary-only (dirty regions).
+    node.cut("v1", LinkMode::Reset);
+    let mut v1 = node.nbd("v1").await;
+    let held = tokio::spawn(async move {
+        let result = v1.write(0, &[1u8; 4096], false).await;
+        (v1, result)
+    });
+    eventually("reported over gRPC", || {
+        control
+            .reports()
+            .iter()
+            .any(|r| r.failures.iter().any(|f| f.volume_handle == "v1"))
+    })
+    .await;
+    control.push(&uid, 1, cpb::Stage::Freeze);
+    eventually("frozen", || {
+        control.acked(1, cpb::Stage::Freeze, &["v1", "v2"], false)
+    })
+    .await;
+    control.push(&uid, 1, cpb::Stage::Release);
+    let (mut v1, result) = tokio::time::timeout(Duration::from_secs(60), held)
+        .await
+        .unwrap()
+        .unwrap();
+    result.unwrap();
+    v1.write(MIB, &[2u8; 4096], false).await.unwrap();
+
+    // The resync cannot finish: v1's link drops everything.
+    node.cut("v1", LinkMode::Blackhole);
+    control.push(&uid, 1, cpb::Stage::Resume);
+    eventually("resume acknowledged", || {
+        control.acked(1, cpb::Stage::Resume, &["v1", "v2"], false)
+    })
+    .await;
+    let v1_at_resume = |state: cpb::ReplicationState| {
+        control.reports().iter().any(|r| {
+            r.states.iter().any(|s| {
+                s.volume_handle == "v1"
+                    && s.epoch == 1
+                    && s.stage == cpb::Stage::Resume as i32
+                    && s.state == state as i32
+            })
+        })
+    };
+    eventually("v1 reported resyncing", || {
+        v1_at_resume(cpb::ReplicationState::Resyncing)
+    })
+    .await;
+    assert_eq!(
+        mode(&mut replicator, "v1").await,
+        rpb::Mode::Resyncing as i32,
+        "v1's resync cannot finish through a blackholed link"
+    );
+    assert!(
+        !v1_at_resume(cpb::ReplicationState::Replicating),
+        "v1 was reported replicating (in sync) at (1, Resume) while its resync had not finished"
+    );
+    sidecar.shutdown().await;
 }
