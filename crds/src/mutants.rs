@@ -21,17 +21,21 @@ pub enum Mutant {
     FailSafeLiftedAtSameEpoch,
     /// Sidecar: a volume two groups list is served to both instead of to the first claim only.
     SecondGroupClaimHonoured,
+    /// Sidecar: a volume it resumes is reported replicating (in sync) until a listing says it
+    /// resynchronises, instead of resynchronising until a listing says it is done.
+    ResumedReportedInSync,
 }
 
 impl Mutant {
     /// Every planted defect.
-    pub const ALL: [Self; 6] = [
+    pub const ALL: [Self; 7] = [
         Self::ReleaseWithOneUnacknowledged,
         Self::AckCountedForNextEpoch,
         Self::AckMatchedAcrossClusters,
         Self::AdoptAnyHigherEpoch,
         Self::FailSafeLiftedAtSameEpoch,
         Self::SecondGroupClaimHonoured,
+        Self::ResumedReportedInSync,
     ];
 }
 

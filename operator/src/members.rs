@@ -81,6 +81,21 @@ pub struct ReportedState {
     pub stage: Stage,
 }
 
+impl ReportedState {
+    /// Takes this report, from the volume's own node, as `member`'s state unless it is older than the
+    /// volume's last acknowledgement: then it says nothing about the volume now. Returns whether taken.
+    pub fn apply_to(&self, member: &mut MemberVolumeStatus) -> bool {
+        let current = member
+            .acknowledged
+            .as_ref()
+            .is_none_or(|ack| (self.epoch, self.stage) >= (ack.epoch, ack.stage));
+        if current {
+            member.state = Some(self.state);
+        }
+        current
+    }
+}
+
 /// A volume a sidecar resolved on its node.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ReportedVolume {
@@ -430,17 +445,11 @@ fn resolve_indexed<V: Borrow<ClusterView>>(
                 resolved.state = earlier.state;
                 resolved.image_epoch = earlier.image_epoch;
             }
-            // A report older than the volume's last acknowledgement says nothing about it now.
-            // Only the volume's own node speaks for its state; a report older than the volume's last
-            // acknowledgement says nothing about it now.
+            // Only the volume's own node speaks for its state.
             if let (Some(handle), Some(node)) = (&resolved.volume_handle, &resolved.node)
                 && let Some(reported) = view.state_of_volume.get(&(handle.clone(), node.clone()))
-                && resolved
-                    .acknowledged
-                    .as_ref()
-                    .is_none_or(|ack| (reported.epoch, reported.stage) >= (ack.epoch, ack.stage))
             {
-                resolved.state = Some(reported.state);
+                reported.apply_to(&mut resolved);
             }
             members.push(resolved);
         }

@@ -12,9 +12,7 @@ use lockstep_api::v1alpha1::ClaimRef;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
-use crate::enforce::{
-    Ack, Enforcer, Failure, GroupView, HoldTimeout, Input, Rank, Refusal, VolumeView,
-};
+use crate::enforce::{Ack, Enforcer, Failure, GroupView, HoldTimeout, Input, Refusal, VolumeView};
 use crate::metrics::{FailSafeLabels, GroupLabels, Metrics};
 use crate::replicator::{Replicator, ReplicatorEvent};
 use crate::report::{Backoff, Reports};
@@ -48,26 +46,12 @@ pub struct Snapshot {
     pub groups: Vec<GroupView>,
     /// The replicator's inventory is known.
     pub inventory_known: bool,
-    /// Volumes the replicator is still resynchronising (resumed, not yet in sync).
-    pub resyncing: std::collections::BTreeSet<String>,
 }
 
 impl Snapshot {
     /// The volume state a sidecar reports for a volume.
     pub fn volume_state(&self, volume: &VolumeView) -> VolumeState {
-        if self.failures.iter().any(|f| f.volume == volume.volume) {
-            return VolumeState::Held;
-        }
-        match (volume.confirmed, &volume.group_uid, volume.level) {
-            (false, _, _) => VolumeState::Unconfirmed,
-            (true, None, _) | (true, Some(_), None) => VolumeState::Standalone,
-            (true, Some(_), Some(level)) => match level.rank {
-                Rank::Freeze | Rank::FailSafe => VolumeState::Suspended,
-                Rank::Release => VolumeState::Running,
-                Rank::Resume if self.resyncing.contains(&volume.volume) => VolumeState::Resyncing,
-                Rank::Resume => VolumeState::Replicating,
-            },
-        }
+        volume.state(&self.failures)
     }
 }
 
@@ -88,8 +72,6 @@ pub struct Context {
     pub reports: Reports,
     /// Cancelled on shutdown.
     pub stop: CancellationToken,
-    /// Volumes the replicator last said are resynchronising.
-    resyncing: std::sync::Mutex<std::collections::BTreeSet<String>>,
     /// The claim bound to each volume, as a path named it (for the node status).
     claims: std::sync::Mutex<BTreeMap<String, ClaimRef>>,
     /// Asks the agent to list the replicator's volumes again (see [`Context::want_inventory`]).
@@ -104,13 +86,6 @@ impl Context {
     /// answered by one listing.
     pub fn want_inventory(&self) {
         self.inventory_wanted.notify_one();
-    }
-
-    /// The volumes the replicator last said are resynchronising.
-    pub fn resyncing(&self) -> std::sync::MutexGuard<'_, std::collections::BTreeSet<String>> {
-        self.resyncing
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// Remembers the claims a path named for volumes (volume handle → claim).
@@ -203,7 +178,6 @@ impl Agent {
             metrics,
             reports: Reports::new(),
             stop,
-            resyncing: std::sync::Mutex::default(),
             claims: std::sync::Mutex::default(),
             inventory_wanted: tokio::sync::Notify::new(),
         });
@@ -272,9 +246,8 @@ impl Agent {
     }
 
     async fn refresh_inventory(&mut self) {
-        match self.replicator.list_with_resyncing().await {
-            Ok((volumes, resyncing)) => {
-                *self.context.resyncing() = resyncing;
+        match self.replicator.list().await {
+            Ok(volumes) => {
                 self.context.metrics.set_path_up("replicator", true);
                 mark_ready(&self.context.metrics);
                 self.process(Input::Inventory(volumes)).await;
@@ -430,13 +403,6 @@ impl Agent {
                 match self.replicator.apply(operation).await {
                     Ok(()) => {
                         tracing::info!(?operation, "replicator");
-                        if let crate::enforce::Operation::Resume { volumes, .. } = operation {
-                            // A resumed volume resynchronises from now on (the replicator enters its
-                            // resync as it takes the resume); until a listing says it finished, it is
-                            // reported resyncing, never in sync at the resumed epoch — the operator
-                            // counts that report as back in the image.
-                            self.context.resyncing().extend(volumes.iter().cloned());
-                        }
                         Metrics::count(&self.context.metrics.replicator_calls, kind, "ok");
                         break;
                     }
@@ -482,7 +448,6 @@ impl Agent {
             volumes,
             groups,
             inventory_known: self.core.inventory_known(),
-            resyncing: self.context.resyncing().clone(),
         };
         // Volumes by group and state, for the metrics.
         let metrics = &self.context.metrics;

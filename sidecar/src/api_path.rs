@@ -707,23 +707,25 @@ mod tests {
                     group_uid: Some("g".into()),
                     level: Some(Level::fail_safe(3)),
                     confirmed: true,
+                    resyncing: false,
                 },
                 VolumeView {
                     volume: "vb".into(),
                     group_uid: Some("g".into()),
                     level: Some(Level::point(2, Stage::Resume)),
                     confirmed: true,
+                    resyncing: false,
                 },
                 VolumeView {
                     volume: "vc".into(),
                     group_uid: None,
                     level: None,
                     confirmed: false,
+                    resyncing: false,
                 },
             ],
             groups: vec![],
             inventory_known: true,
-            resyncing: Default::default(),
         };
         let claims = [(
             "vb".to_owned(),

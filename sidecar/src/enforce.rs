@@ -45,7 +45,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::time::Duration;
 
-use lockstep_api::domain::{ClaimOrder, GroupEpoch, Path, Stage};
+use lockstep_api::domain::{ClaimOrder, GroupEpoch, Path, Stage, VolumeState};
 
 /// Where a volume is in its group's life: an (epoch, stage) point, or a fail-safe suspension at an epoch,
 /// which ranks above every stage of that epoch and below the next epoch (only a higher epoch lifts it).
@@ -141,6 +141,8 @@ pub struct Carried {
     /// stream broke) is learnt from here: otherwise nothing would ever freeze the group, and the volume's
     /// writes would fail at every hold timeout.
     pub held_after_failure: Option<u64>,
+    /// Still copying its dirty regions to the secondary after a resume (mode Resyncing): not in sync.
+    pub resyncing: bool,
 }
 
 /// A write whose copy failed, as the core records it for the reports.
@@ -483,6 +485,8 @@ struct Volume {
     level: Option<Level>,
     /// Confirmed to the replicator.
     confirmed: bool,
+    /// Resynchronising: resumed by this core, or listed so, and not yet listed as done.
+    resyncing: bool,
 }
 
 /// What the core knows about one group.
@@ -563,6 +567,29 @@ pub struct VolumeView {
     pub level: Option<Level>,
     /// Confirmed to the replicator.
     pub confirmed: bool,
+    /// Still resynchronising after a resume: its secondary is not in sync yet.
+    pub resyncing: bool,
+}
+
+impl VolumeView {
+    /// The state a sidecar reports for the volume, given the core's outstanding `failures`. A volume at
+    /// `(e, Resume)` is replicating — in sync, so in the image of the next freeze — only once its resync
+    /// is known to be done: the operator takes that report as the volume being back in the image.
+    pub fn state(&self, failures: &[Failure]) -> VolumeState {
+        if failures.iter().any(|f| f.volume == self.volume) {
+            return VolumeState::Held;
+        }
+        match (self.confirmed, &self.group_uid, self.level) {
+            (false, _, _) => VolumeState::Unconfirmed,
+            (true, None, _) | (true, Some(_), None) => VolumeState::Standalone,
+            (true, Some(_), Some(level)) => match level.rank {
+                Rank::Freeze | Rank::FailSafe => VolumeState::Suspended,
+                Rank::Release => VolumeState::Running,
+                Rank::Resume if self.resyncing => VolumeState::Resyncing,
+                Rank::Resume => VolumeState::Replicating,
+            },
+        }
+    }
 }
 
 impl Enforcer {
@@ -692,8 +719,12 @@ impl Enforcer {
                         level: c.group_uid.as_ref().map(|_| c.level),
                         group_uid: c.group_uid,
                         confirmed: c.confirmed,
+                        resyncing: c.resyncing,
                     },
                 );
+            } else if let Some(volume) = self.volumes.get_mut(&c.volume) {
+                // Whether a resync is still copying is the replicator's to say, listing by listing.
+                volume.resyncing = c.resyncing;
             }
         }
         self.inventory_known = true;
@@ -1149,6 +1180,15 @@ impl Enforcer {
             if steps.resume {
                 resume.push(name.clone());
             }
+            // A resume starts the volume's resync: it is not in sync until a listing says the resync
+            // is done. Any other move stops the resync.
+            volume.resyncing = steps.resume || (volume.resyncing && target.rank == Rank::Resume);
+            #[cfg(feature = "mutants")]
+            if lockstep_api::mutants::active(lockstep_api::mutants::Mutant::ResumedReportedInSync)
+                && steps.resume
+            {
+                volume.resyncing = false;
+            }
             if steps.configure {
                 configure.push(name.clone());
             }
@@ -1419,6 +1459,7 @@ impl Enforcer {
                 group_uid: v.group_uid.clone(),
                 level: v.level,
                 confirmed: v.confirmed,
+                resyncing: v.resyncing,
             })
             .collect()
     }

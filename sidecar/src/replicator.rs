@@ -4,7 +4,6 @@
 //! [`Carried`] records. The channel is lazy: it (re)connects on demand, so a replicator restart only
 //! fails the calls made while it is down.
 
-use std::collections::BTreeSet;
 use std::path::{Path as FsPath, PathBuf};
 use std::time::Duration;
 
@@ -75,27 +74,13 @@ impl Replicator {
 
     /// Every volume the replicator serves, as the core's records.
     pub async fn list(&self) -> Result<Vec<Carried>, ReplicatorError> {
-        Ok(self.list_with_resyncing().await?.0)
-    }
-
-    /// What each volume carries, and the volumes still copying their dirty regions to the secondary (a
-    /// volume resumed at an epoch is not in sync until its resync is done).
-    pub async fn list_with_resyncing(
-        &self,
-    ) -> Result<(Vec<Carried>, BTreeSet<String>), ReplicatorError> {
         let response = self
             .client
             .clone()
             .list_volumes(pb::ListVolumesRequest {})
             .await
             .map_err(|status| call("ListVolumes", status))?;
-        let volumes = response.into_inner().volumes;
-        let resyncing = volumes
-            .iter()
-            .filter(|state| state.mode == pb::Mode::Resyncing as i32)
-            .map(|state| state.volume_handle.clone())
-            .collect();
-        Ok((volumes.iter().map(carried).collect(), resyncing))
+        Ok(response.into_inner().volumes.iter().map(carried).collect())
     }
 
     /// Opens the event stream.
@@ -279,6 +264,7 @@ pub fn carried(state: &pb::VolumeState) -> Carried {
         confirmed: state.mode != pb::Mode::Unconfirmed as i32,
         held_after_failure: (state.mode == pb::Mode::Held as i32)
             .then(|| state.last_acked_sequence.saturating_add(1)),
+        resyncing: state.mode == pb::Mode::Resyncing as i32,
     }
 }
 

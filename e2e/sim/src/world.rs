@@ -9,8 +9,9 @@
 //! a release, resynchronise on a resume, fail held writes at the hold timeout), the transports (a gRPC
 //! message may be lost, duplicated, delayed or reordered; the API path is level-triggered: the latest
 //! object is read, late, and not at all while that member's API server is down), member resolution
-//! (the members are resolved once, as the engine would) and the secondaries' kept image (taken at the
-//! first resume, dropped once every volume is in sync again).
+//! (the members are resolved once, as the engine would; the volume states the sidecars report are taken
+//! into them with the operator's own rule) and the secondaries' kept image (taken at the first resume,
+//! dropped once every volume is in sync again).
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
@@ -25,6 +26,7 @@ use lockstep_api::{
     },
 };
 use lockstep_operator::freeze;
+use lockstep_operator::members::ReportedState;
 use lockstep_sidecar::enforce::{self, Carried, Enforcer, Input, Level, Operation, Outcome};
 
 use crate::rng::Rng;
@@ -262,6 +264,8 @@ struct Sidecar {
     last_heard: Ms,
     /// The last acknowledged point of each volume.
     acked: BTreeMap<String, (GroupEpoch, bool)>,
+    /// The volume states last sent over gRPC.
+    states_sent: Vec<(String, ReportedState)>,
 }
 
 #[derive(Debug, Clone)]
@@ -281,6 +285,12 @@ enum ToOperator {
     HoldTimedOut {
         cluster: usize,
         timeouts: Vec<enforce::HoldTimeout>,
+    },
+    /// What the node's volumes of the group are doing, as its sidecar reports them.
+    States {
+        cluster: usize,
+        node: String,
+        states: Vec<(String, ReportedState)>,
     },
 }
 
@@ -374,6 +384,7 @@ enum Step {
 struct NodeStatus {
     failures: Vec<enforce::Failure>,
     enforced: Vec<enforce::Ack>,
+    states: Vec<(String, ReportedState)>,
 }
 
 struct World {
@@ -519,6 +530,7 @@ impl World {
                     members_sent: [false; 2],
                     last_heard: 0,
                     acked: BTreeMap::new(),
+                    states_sent: Vec::new(),
                 });
             }
             members.push(GroupMember {
@@ -728,6 +740,14 @@ impl World {
                 incarnation,
             } => {
                 if self.operator_up && incarnation == self.operator_incarnation {
+                    if let ToOperator::States {
+                        cluster,
+                        node,
+                        states,
+                    } = &message
+                    {
+                        self.take_states(*cluster, node, states);
+                    }
                     let events = self.events_of(message);
                     self.decide(events)?;
                 }
@@ -752,6 +772,11 @@ impl World {
             Step::ReadNode { sidecar } => {
                 let cluster = self.sidecars[sidecar].cluster;
                 if self.operator_up && self.api_up[cluster] {
+                    let (node, states) = (
+                        self.sidecars[sidecar].name.clone(),
+                        self.nodes[sidecar].states.clone(),
+                    );
+                    self.take_states(cluster, &node, &states);
                     let events = self.events_of_node(sidecar);
                     self.decide(events)?;
                 }
@@ -1289,6 +1314,7 @@ impl World {
         s.enforcer = Enforcer::with_paths(BOTH_PATHS.into());
         s.members_sent = [false; 2];
         s.acked.clear();
+        s.states_sent.clear();
         s.last_heard = self.now;
         let inventory = self.inventory(sidecar);
         let _ = self.sidecar_input(sidecar, Input::Inventory(inventory));
@@ -1306,6 +1332,7 @@ impl World {
                     level: volume.level,
                     confirmed: volume.confirmed,
                     held_after_failure: (volume.mode == Mode::Held).then_some(0),
+                    resyncing: volume.mode == Mode::Resyncing,
                 }
             })
             .collect()
@@ -1344,7 +1371,48 @@ impl World {
                 },
             );
         }
+        // As the sidecar publishes after every input: the states go as soon as they change.
+        let states = self.states_of(sidecar);
+        if states != self.sidecars[sidecar].states_sent {
+            self.sidecars[sidecar].states_sent = states.clone();
+            self.send_states(sidecar, states);
+        }
         Ok(())
+    }
+
+    fn send_states(&mut self, sidecar: usize, states: Vec<(String, ReportedState)>) {
+        let (cluster, node) = (
+            self.sidecars[sidecar].cluster,
+            self.sidecars[sidecar].name.clone(),
+        );
+        self.send_to_operator(
+            sidecar,
+            ToOperator::States {
+                cluster,
+                node,
+                states,
+            },
+        );
+    }
+
+    /// The states the sidecar reports for its volumes of the group (the real core decides them).
+    fn states_of(&self, sidecar: usize) -> Vec<(String, ReportedState)> {
+        let enforcer = &self.sidecars[sidecar].enforcer;
+        let failures = enforcer.failures();
+        enforcer
+            .volumes()
+            .into_iter()
+            .filter(|view| view.group_uid.as_deref() == Some(UID))
+            .filter_map(|view| {
+                let level = view.level?;
+                let reported = ReportedState {
+                    state: view.state(&failures),
+                    epoch: level.epoch,
+                    stage: level.stage(),
+                };
+                Some((view.volume, reported))
+            })
+            .collect()
     }
 
     fn sidecar_tick(&mut self, sidecar: usize) -> Result<(), Box<Violation>> {
@@ -1409,6 +1477,7 @@ impl World {
             self.nodes[sidecar] = NodeStatus {
                 failures: failures.clone(),
                 enforced: acks.clone(),
+                states: self.states_of(sidecar),
             };
             let delay = self.rng.between(1, 100);
             self.at(delay, Step::ReadNode { sidecar });
@@ -1436,6 +1505,7 @@ impl World {
         if let Some(epoch) = self.sidecars[sidecar].enforcer.seen_epoch(UID) {
             self.send_to_operator(sidecar, ToOperator::Seen { epoch });
         }
+        self.send_states(sidecar, self.states_of(sidecar));
         let both_down = !self.api_up[cluster] && !self.grpc_up[cluster];
         if both_down
             && self.now.saturating_sub(self.sidecars[sidecar].last_heard)
@@ -1515,6 +1585,8 @@ impl World {
                 .collect(),
             ToOperator::Ack { cluster, ack } => vec![self.ack_event(Path::Grpc, cluster, ack)],
             ToOperator::Seen { epoch } => vec![freeze::Event::Seen { epoch }],
+            // Taken into the members by the resolution (`take_states`), not a freeze event.
+            ToOperator::States { .. } => Vec::new(),
             ToOperator::HoldTimedOut { cluster, timeouts } => timeouts
                 .into_iter()
                 .map(|timeout| {
@@ -1528,6 +1600,24 @@ impl World {
                     })
                 })
                 .collect(),
+        }
+    }
+
+    /// The engine's member resolution: a node's report of its volumes' states, taken by the members
+    /// it serves with the operator's real rule (`ReportedState::apply_to`), before the next decision.
+    fn take_states(&mut self, cluster: usize, node: &str, states: &[(String, ReportedState)]) {
+        let Some(status) = self.group.status.as_mut() else {
+            return;
+        };
+        let cluster = format!("c{cluster}");
+        for (handle, reported) in states {
+            if let Some(member) = status.members.iter_mut().find(|m| {
+                m.cluster == cluster
+                    && m.volume_handle.as_deref() == Some(handle.as_str())
+                    && m.node.as_deref() == Some(node)
+            }) {
+                reported.apply_to(member);
+            }
         }
     }
 
@@ -1608,10 +1698,64 @@ impl World {
             if after.1 == Stage::Release && after > before {
                 self.check_release(after.0)?;
             }
+            let named = |status: Option<&ConsistencyGroupStatus>| {
+                status
+                    .and_then(|s| s.consistent_image.as_ref())
+                    .map(|image| image.epoch)
+            };
+            if named(Some(&decision.status)) == Some(after.0)
+                && named(self.group.status.as_ref()) != Some(after.0)
+                && let Some(image) = &decision.status.consistent_image
+            {
+                self.check_named_image(image)?;
+            }
             self.group.status = Some(decision.status);
         }
         if let Some(point) = decision.after_persist {
             self.broadcast(point);
+        }
+        Ok(())
+    }
+
+    /// The image a freeze names as its own is what the named volumes' secondaries hold now, with no
+    /// rollback: those contents must be dependent-write consistent. A volume counted in sync while its
+    /// resync was still overwriting its secondary (its own writes copied out of order) breaks this,
+    /// though the kept images — what the global check reads — stay consistent.
+    fn check_named_image(
+        &self,
+        image: &lockstep_api::v1alpha1::ConsistentImage,
+    ) -> Result<(), Box<Violation>> {
+        let named: Vec<bool> = self
+            .volumes
+            .iter()
+            .map(|v| {
+                let cluster = format!("c{}", v.cluster);
+                image
+                    .volumes
+                    .iter()
+                    .any(|i| i.cluster == cluster && i.volume_handle == v.handle)
+            })
+            .collect();
+        let on = |write: usize| {
+            let volume = self.writes[write].volume;
+            named[volume] && self.volumes[volume].image.contains(&write)
+        };
+        let first_missing = self
+            .acknowledged
+            .iter()
+            .position(|&w| named[self.writes[w].volume] && !on(w))
+            .unwrap_or(self.acknowledged.len());
+        let dependent =
+            (0..self.writes.len()).find(|&w| on(w) && self.writes[w].predecessors > first_missing);
+        if let Some(dependent) = dependent {
+            let missing = self.acknowledged[first_missing];
+            return Err(self.violation(format!(
+                "the group names the image of epoch {} ({} volumes), but its secondaries as they are are not dependent-write consistent: write {dependent} (on {}) is there, write {missing} (on {}), acknowledged before it was issued, is not",
+                image.epoch,
+                image.volumes.len(),
+                self.volumes[self.writes[dependent].volume].handle,
+                self.volumes[self.writes[missing].volume].handle
+            )));
         }
         Ok(())
     }

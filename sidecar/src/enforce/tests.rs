@@ -23,6 +23,7 @@ fn fresh(volume: &str) -> Carried {
         level: Level::point(0, Stage::Resume),
         confirmed: false,
         held_after_failure: None,
+        resyncing: false,
     }
 }
 
@@ -33,6 +34,7 @@ fn carrying(volume: &str, level: Level, confirmed: bool) -> Carried {
         level,
         confirmed,
         held_after_failure: None,
+        resyncing: false,
     }
 }
 
@@ -74,6 +76,14 @@ fn suspend(epoch: u64, volumes: &[&str], fail_safe: bool) -> Operation {
         epoch,
         volumes: names(volumes),
         fail_safe,
+    }
+}
+
+fn resume(epoch: u64, volumes: &[&str]) -> Operation {
+    Operation::Resume {
+        group_uid: G.to_owned(),
+        epoch,
+        volumes: names(volumes),
     }
 }
 
@@ -172,14 +182,7 @@ fn release_after_the_freeze_only_releases_and_resume_only_resumes() {
         }]
     );
     let out = core.handle(directive(Path::Api, 1, Stage::Resume));
-    assert_eq!(
-        out.operations,
-        vec![Operation::Resume {
-            group_uid: G.to_owned(),
-            epoch: 1,
-            volumes: names(&["v1", "v2"]),
-        }]
-    );
+    assert_eq!(out.operations, vec![resume(1, &["v1", "v2"])]);
     assert_eq!(out.acks, vec![ack(1, Stage::Resume, &["v1", "v2"], false)]);
 }
 
@@ -1391,4 +1394,58 @@ fn a_sidecar_running_one_path_lets_a_deleted_frozen_group_go_on_that_path_alone(
     });
     let out = core.handle(Input::Synced(Path::Grpc));
     assert_eq!(group_of_volume(&core, "v1"), None, "{out:?}");
+}
+
+/// The state reported for `volume`, as the paths send it.
+fn state_of(core: &Enforcer, volume: &str) -> VolumeState {
+    let failures = core.failures();
+    core.volumes()
+        .iter()
+        .find(|v| v.volume == volume)
+        .map(|v| v.state(&failures))
+        .unwrap()
+}
+
+#[test]
+fn a_resumed_volume_is_resyncing_until_a_listing_says_its_resync_is_done() {
+    let mut core = replicating();
+    core.handle(directive(Path::Grpc, 1, Stage::Freeze));
+    core.handle(directive(Path::Grpc, 1, Stage::Release));
+    assert_eq!(state_of(&core, "v1"), VolumeState::Running);
+    let out = core.handle(directive(Path::Grpc, 1, Stage::Resume));
+    assert_eq!(out.operations, vec![resume(1, &["v1", "v2"])]);
+    assert_eq!(out.acks, vec![ack(1, Stage::Resume, &["v1", "v2"], false)]);
+    // Acknowledged at (1, Resume), yet not in sync: the operator would count it in the next image.
+    assert_eq!(state_of(&core, "v1"), VolumeState::Resyncing);
+
+    // The replicator lists v1 still copying, v2 done.
+    let at_resume = |volume: &str, resyncing: bool| Carried {
+        resyncing,
+        ..carrying(volume, Level::point(1, Stage::Resume), true)
+    };
+    core.handle(Input::Inventory(vec![
+        at_resume("v1", true),
+        at_resume("v2", false),
+        fresh("other"),
+    ]));
+    assert_eq!(state_of(&core, "v1"), VolumeState::Resyncing);
+    assert_eq!(state_of(&core, "v2"), VolumeState::Replicating);
+    core.handle(Input::Inventory(vec![
+        at_resume("v1", false),
+        at_resume("v2", false),
+        fresh("other"),
+    ]));
+    assert_eq!(state_of(&core, "v1"), VolumeState::Replicating);
+
+    // A freeze stops the resync: suspended, and not resyncing once released again.
+    core.handle(Input::Inventory(vec![
+        at_resume("v1", true),
+        at_resume("v2", false),
+        fresh("other"),
+    ]));
+    core.handle(directive(Path::Grpc, 2, Stage::Freeze));
+    assert_eq!(state_of(&core, "v1"), VolumeState::Suspended);
+    core.handle(directive(Path::Grpc, 2, Stage::Release));
+    assert_eq!(state_of(&core, "v1"), VolumeState::Running);
+    assert!(core.volumes().iter().all(|v| !v.resyncing));
 }
