@@ -1,6 +1,7 @@
 //! The per-volume replication state machine: copying, holding, suspend / release / resume at epochs,
 //! hold timeouts and the dirty-region map. Pure: no I/O. It only completes waiters (oneshot senders)
-//! and queues [`Effect`]s that the volume carries out (start a link, persist, publish an event).
+//! and queues [`Effect`]s that the volume carries out (start a link, persist, publish an event). It reads
+//! no clock either: every time it needs (monotonic for timeouts, wall-clock for reports) is passed in.
 //!
 //! Modes (the `Mode` of the Replicator protocol):
 //! - `Unconfirmed`: just started; I/O waits until the sidecar confirms the volume (fail closed).
@@ -330,13 +331,16 @@ fn mode_name(mode: &Mode) -> &'static str {
 }
 
 impl ReplState {
-    /// A fresh or restored state. `confirmed` false starts `Unconfirmed` (fail closed).
+    /// A fresh or restored state. `confirmed` false starts `Unconfirmed` (fail closed). `wall_now` is the
+    /// wall-clock time now: the state machine reads no clock itself (times are passed in), so a simulator
+    /// can drive it.
     pub fn new(
         volume: &str,
         has_secondary: bool,
         hold_timeout: Duration,
         restored: Option<Persisted>,
         confirmed: bool,
+        wall_now: SystemTime,
     ) -> ReplState {
         let mut s = ReplState {
             volume: volume.to_owned(),
@@ -387,7 +391,7 @@ impl ReplState {
                 _ => Mode::Held {
                     first_seq: 0,
                     error: "held before the restart".into(),
-                    since: SystemTime::now(),
+                    since: wall_now,
                 },
             }
         } else {
@@ -851,13 +855,20 @@ impl ReplState {
         self.pending.front().map(|p| p.enqueued)
     }
 
-    /// Link `generation` failed: hold everything in flight and everything after it.
-    pub fn link_failed(&mut self, generation: u64, error: &CopyError, now: Instant) {
+    /// Link `generation` failed: hold everything in flight and everything after it. `wall_now` is when,
+    /// for the failure's report.
+    pub fn link_failed(
+        &mut self,
+        generation: u64,
+        error: &CopyError,
+        now: Instant,
+        wall_now: SystemTime,
+    ) {
         if generation != self.generation || !self.mode.copies() {
             return;
         }
         let first_seq = self.pending.front().map_or(self.next_seq, |p| p.seq);
-        let since = SystemTime::now();
+        let since = wall_now;
         self.close_link(now);
         if self.outside_groups && self.group.is_empty() {
             // No group to freeze: primary-only, changes tracked; the writes in flight complete once the
@@ -1031,6 +1042,7 @@ impl ReplState {
         &mut self,
         group: &str,
         epoch: u64,
+        now: Instant,
     ) -> Result<Option<oneshot::Receiver<Result<(), CopyError>>>, DirectiveError> {
         self.check_group(group)?;
         self.check_not_fenced("resume")?;
@@ -1052,7 +1064,7 @@ impl ReplState {
                 "a fail-safe suspension at epoch {at} is lifted only at a higher epoch"
             )));
         }
-        self.start_resync(epoch, Instant::now());
+        self.start_resync(epoch, now);
         self.stage = Some(Stage::Resume);
         Ok(Some(self.persist()))
     }
@@ -1170,7 +1182,7 @@ impl ReplState {
                     self.release(group, epoch)
                 }
             }
-            Some(Stage::Resume) => self.resume(group, epoch),
+            Some(Stage::Resume) => self.resume(group, epoch, now),
         }
     }
 }
@@ -1214,7 +1226,14 @@ mod tests {
     }
 
     fn replicating() -> ReplState {
-        let mut s = ReplState::new("v", true, Duration::from_secs(60), None, false);
+        let mut s = ReplState::new(
+            "v",
+            true,
+            Duration::from_secs(60),
+            None,
+            false,
+            SystemTime::now(),
+        );
         s.configure("g", 1, None, Instant::now()).unwrap();
         s.take_effects();
         s
@@ -1251,7 +1270,14 @@ mod tests {
 
     #[test]
     fn unconfirmed_holds_until_configured() {
-        let mut s = ReplState::new("v", true, Duration::from_secs(60), None, false);
+        let mut s = ReplState::new(
+            "v",
+            true,
+            Duration::from_secs(60),
+            None,
+            false,
+            SystemTime::now(),
+        );
         assert!(!s.confirmed());
         // An older confirmation of a restored state does not confirm.
         let restored = Persisted {
@@ -1264,7 +1290,14 @@ mod tests {
             dirty: vec![(0, 4096)],
             fenced: None,
         };
-        let mut r = ReplState::new("v", true, Duration::from_secs(60), Some(restored), false);
+        let mut r = ReplState::new(
+            "v",
+            true,
+            Duration::from_secs(60),
+            Some(restored),
+            false,
+            SystemTime::now(),
+        );
         assert!(matches!(
             r.configure("g", 4, Some(Stage::Resume), Instant::now()),
             Ok(None)
@@ -1292,7 +1325,12 @@ mod tests {
         let gen_ = s.generation;
         s.acked(gen_, 0).unwrap();
         assert_eq!(done(&mut a), Some(Ok(())));
-        s.link_failed(gen_, &CopyError::Link("cut".into()), Instant::now());
+        s.link_failed(
+            gen_,
+            &CopyError::Link("cut".into()),
+            Instant::now(),
+            SystemTime::now(),
+        );
         assert!(matches!(s.mode(), Mode::Held { first_seq: 1, .. }));
         let mut c = submit(&mut s);
         assert_eq!(done(&mut b), None, "held, not failed");
@@ -1351,7 +1389,12 @@ mod tests {
         let t0 = Instant::now();
         let mut a = submit(&mut s);
         let g = s.generation;
-        s.link_failed(g, &CopyError::Timeout(Duration::from_secs(1)), t0);
+        s.link_failed(
+            g,
+            &CopyError::Timeout(Duration::from_secs(1)),
+            t0,
+            SystemTime::now(),
+        );
         s.expire_holds(t0);
         assert_eq!(done(&mut a), None);
         s.expire_holds(t0 + Duration::from_millis(20));
@@ -1369,7 +1412,7 @@ mod tests {
         let mut s = replicating();
         s.suspend("g", 3, true, Instant::now()).unwrap();
         assert!(s.release("g", 3).is_err());
-        assert!(s.resume("g", 3).is_err());
+        assert!(s.resume("g", 3, Instant::now()).is_err());
         assert!(s.suspend("g", 4, false, Instant::now()).unwrap().is_some());
         assert!(s.release("g", 4).unwrap().is_some());
     }
@@ -1383,7 +1426,7 @@ mod tests {
         s.take_effects();
         assert!(s.acked(g, 0).is_ok(), "an old link's ack is ignored");
         assert_eq!(done(&mut a), None);
-        s.resume("g", 2).unwrap();
+        s.resume("g", 2, Instant::now()).unwrap();
         assert!(matches!(s.mode(), Mode::Resyncing { epoch: 2 }));
         let effects = s.take_effects();
         assert!(
@@ -1403,7 +1446,10 @@ mod tests {
         s.resync_done(g2);
         assert_eq!(s.mode(), &Mode::Replicating);
         assert_eq!(done(&mut a), Some(Ok(())));
-        assert!(s.resume("g", 2).unwrap().is_none(), "duplicate resume");
+        assert!(
+            s.resume("g", 2, Instant::now()).unwrap().is_none(),
+            "duplicate resume"
+        );
     }
 
     #[test]

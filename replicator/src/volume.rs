@@ -236,6 +236,7 @@ impl Volume {
             config.hold_timeout,
             restored,
             !config.require_confirmation,
+            std::time::SystemTime::now(),
         );
         let (persist, persist_rx) = mpsc::unbounded_channel();
         let (confirmed, _) = watch::channel(state.confirmed());
@@ -396,7 +397,14 @@ impl Volume {
     }
 
     pub(crate) fn copy_failed(&self, generation: u64, error: &CopyError) {
-        self.with_state(|s| s.link_failed(generation, error, Instant::now()));
+        self.with_state(|s| {
+            s.link_failed(
+                generation,
+                error,
+                Instant::now(),
+                std::time::SystemTime::now(),
+            )
+        });
     }
 
     /// The export name.
@@ -648,7 +656,7 @@ impl Volume {
     /// the resync has started.
     pub async fn resume(&self, group: &str, epoch: u64) -> Result<VolumeStatus, DirectiveError> {
         self.check_peer("resume")?;
-        let rx = self.with_state(|s| s.resume(group, epoch))?;
+        let rx = self.with_state(|s| s.resume(group, epoch, Instant::now()))?;
         Self::await_persist(rx).await?;
         Ok(self.status())
     }
