@@ -1225,15 +1225,20 @@ mod tests {
         assert!(matches!(release.try_recv(), Ok(Err(_))));
     }
 
-    fn replicating() -> ReplState {
-        let mut s = ReplState::new(
+    /// A volume with a secondary, a 60 s hold timeout, nothing restored, not confirmed yet.
+    fn unconfirmed() -> ReplState {
+        ReplState::new(
             "v",
             true,
             Duration::from_secs(60),
             None,
             false,
             SystemTime::now(),
-        );
+        )
+    }
+
+    fn replicating() -> ReplState {
+        let mut s = unconfirmed();
         s.configure("g", 1, None, Instant::now()).unwrap();
         s.take_effects();
         s
@@ -1270,14 +1275,7 @@ mod tests {
 
     #[test]
     fn unconfirmed_holds_until_configured() {
-        let mut s = ReplState::new(
-            "v",
-            true,
-            Duration::from_secs(60),
-            None,
-            false,
-            SystemTime::now(),
-        );
+        let mut s = unconfirmed();
         assert!(!s.confirmed());
         // An older confirmation of a restored state does not confirm.
         let restored = Persisted {
