@@ -238,9 +238,10 @@ fn mode_to_pb(mode: &Mode) -> pb::Mode {
 }
 
 /// A volume's status as the protocol's `VolumeState`.
-pub fn state_to_pb(s: &VolumeStatus) -> pb::VolumeState {
+pub fn state_to_pb(status: &VolumeStatus) -> pb::VolumeState {
+    let s = &status.replication;
     pb::VolumeState {
-        volume_handle: s.name.clone(),
+        volume_handle: status.name.clone(),
         group_uid: s.group_uid.clone(),
         epoch: s.epoch,
         stage: stage_to_pb(s.stage).into(),
@@ -250,9 +251,9 @@ pub fn state_to_pb(s: &VolumeStatus) -> pb::VolumeState {
         dirty_bytes: s.dirty_bytes,
         last_acked_sequence: s.last_acked.unwrap_or(0),
         hold_timeout_ms: u64::try_from(s.hold_timeout.as_millis()).unwrap_or(u64::MAX),
-        secondary: s.secondary.clone(),
-        kept_image_epoch: s.kept_image,
-        fenced_epoch: s.fenced,
+        secondary: status.secondary.clone(),
+        kept_image_epoch: status.kept_image,
+        fenced_epoch: status.fenced,
         promoted_epoch: None,
         replica: false,
     }
@@ -383,7 +384,7 @@ impl ControlService {
         let volumes = self.group_volumes(&request.group_uid, &request.volume_handles)?;
         if let Some(other) = volumes
             .iter()
-            .find(|v| v.status().group_uid != request.group_uid)
+            .find(|v| v.status().replication.group_uid != request.group_uid)
         {
             return Err(Status::failed_precondition(format!(
                 "volume {} is not in group {}",

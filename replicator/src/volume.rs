@@ -15,7 +15,7 @@ use tokio::sync::{broadcast, mpsc, oneshot, watch};
 
 use crate::copy::{CopyConfig, CopyError};
 use crate::events::Event;
-use crate::hold::{CopyWait, DirectiveError, Effect, Mode, Persisted, ReplState, Stage};
+use crate::hold::{CopyWait, DirectiveError, Effect, Persisted, ReplState, Snapshot, Stage};
 use crate::store::{Store, StoreError, StoreOp};
 use crate::wire::{Frame, valid_volume_name};
 
@@ -97,28 +97,8 @@ pub enum VolumeError {
 pub struct VolumeStatus {
     /// The volume.
     pub name: String,
-    /// Replication mode.
-    pub mode: Mode,
-    /// The group ("" for none).
-    pub group_uid: String,
-    /// The epoch.
-    pub epoch: u64,
-    /// The stage within the epoch.
-    pub stage: Option<Stage>,
-    /// Suspended by the fail-safe.
-    pub fail_safe: bool,
-    /// The sequence the next write will get.
-    pub next_seq: u64,
-    /// The highest sequence the secondary acknowledged on the current link.
-    pub last_acked: Option<u64>,
-    /// Writes waiting for the secondary.
-    pub pending: usize,
-    /// Writes held.
-    pub held: usize,
-    /// Bytes the secondary may lack.
-    pub dirty_bytes: u64,
-    /// The hold timeout.
-    pub hold_timeout: Duration,
+    /// What its replication state machine says: mode, point, sequences, held writes, dirty bytes.
+    pub replication: Snapshot,
     /// The secondary's address ("" when not replicated).
     pub secondary: String,
     /// The epoch of the image the secondary keeps, as it said when the last link opened.
@@ -435,17 +415,7 @@ impl Volume {
         };
         VolumeStatus {
             name: self.name.clone(),
-            mode: s.mode,
-            group_uid: s.group_uid,
-            epoch: s.epoch,
-            stage: s.stage,
-            fail_safe: s.fail_safe,
-            next_seq: s.next_seq,
-            last_acked: s.last_acked,
-            pending: s.pending,
-            held: s.held,
-            dirty_bytes: s.dirty_bytes,
-            hold_timeout: s.hold_timeout,
+            replication: s,
             secondary: self.copy_config().map(|c| c.secondary).unwrap_or_default(),
             kept_image: self.kept_image(),
             fenced,

@@ -176,7 +176,7 @@ async fn assert_refused<S: tokio::io::AsyncRead + Unpin>(mut stream: S) {
 async fn held_error(primary: &Primary, volume: &str) -> String {
     let volume = primary.volume(volume).unwrap();
     eventually("the copy to fail", || async {
-        match volume.status().mode {
+        match volume.status().replication.mode {
             ReplMode::Held { error, .. } => Some(error),
             _ => None,
         }
@@ -345,7 +345,15 @@ async fn a_second_primary_is_refused_while_the_owners_writes_keep_flowing() {
     assert_ne!(other_client.write(8192, &[0xee; 4096]).await, Some(0));
     let failed = held_error(&other, "vol1").await;
     assert!(failed.contains(&expected), "{failed}");
-    assert_eq!(other.volume("vol1").unwrap().status().last_acked, None);
+    assert_eq!(
+        other
+            .volume("vol1")
+            .unwrap()
+            .status()
+            .replication
+            .last_acked,
+        None
+    );
 
     // The refusal as a frame, word for word.
     let message = open(&sites.primary(OTHER), addr, "vol1", 1)
@@ -466,7 +474,10 @@ async fn tls_replicates_real_bytes_through_a_volume() {
     let large: Vec<u8> = (0..256 * 1024u32).map(|i| (i % 251) as u8).collect();
     assert_eq!(client.write(512 * 1024, &large).await, Some(0));
     let status = primary.volume("vol1").unwrap().status();
-    assert_eq!(status.last_acked, Some(status.next_seq - 1));
+    assert_eq!(
+        status.replication.last_acked,
+        Some(status.replication.next_seq - 1)
+    );
     assert_eq!(
         file_bytes(&dir.path().join("primary").join("vol1")),
         file_bytes(&secondary_dir.join("vol1")),

@@ -48,10 +48,10 @@ async fn cut_then_write(mode: LinkMode, timeout: Duration) -> (Pair, CopyFailed)
     assert!(!out.success, "{out:?}");
     let status = pair.primary.volume("vol1").unwrap().status();
     assert!(
-        matches!(status.mode, ReplMode::Held { first_seq: 2, .. }),
+        matches!(status.replication.mode, ReplMode::Held { first_seq: 2, .. }),
         "{status:?}"
     );
-    assert_eq!(status.last_acked, Some(1));
+    assert_eq!(status.replication.last_acked, Some(1));
     let dirty = pair.primary.volume("vol1").unwrap().dirty_regions();
     assert_eq!(
         dirty,
@@ -116,12 +116,12 @@ async fn secondary_refusal_is_a_copy_failure() {
     .unwrap();
     let vol = Arc::clone(primary.volume("vol1").unwrap());
     eventually("the refusal", || async {
-        matches!(vol.status().mode, ReplMode::Held { .. }).then_some(())
+        matches!(vol.status().replication.mode, ReplMode::Held { .. }).then_some(())
     })
     .await;
     let ReplMode::Held {
         error, first_seq, ..
-    } = vol.status().mode
+    } = vol.status().replication.mode
     else {
         unreachable!()
     };
@@ -216,7 +216,12 @@ async fn concurrent_writers_then_cut(mode: LinkMode, timeout: Duration) {
     }
     assert!(ev.sequence >= acked_count, "{ev:?} but {acked_count} acked");
     let status = pair.primary.volume("vol1").unwrap().status();
-    assert!(status.last_acked.is_some_and(|a| a + 1 >= acked_count));
+    assert!(
+        status
+            .replication
+            .last_acked
+            .is_some_and(|a| a + 1 >= acked_count)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -44,7 +44,7 @@ async fn a_tls_node_copies_each_volume_through_its_own_cuttable_link() {
     });
     let vol2 = Arc::clone(node.primary.volume("vol2").unwrap());
     eventually("vol2's write held", || async {
-        matches!(vol2.status().mode, ReplMode::Held { .. }).then_some(())
+        matches!(vol2.status().replication.mode, ReplMode::Held { .. }).then_some(())
     })
     .await;
     assert_eq!(vol1.write(4096, &[3u8; 4096]).await, Some(0));

@@ -96,10 +96,13 @@ async fn qemu_writes_are_replicated_and_read_back() {
     let out = qemu_io(&unix, &["read -P 0xef 4M 512k"]).await;
     assert!(out.clean(), "read back over unix: {out:?}");
     let status = pair.primary.volume("vol1").unwrap().status();
-    assert_eq!(status.mode, ReplMode::Replicating);
-    assert_eq!(status.pending, 0);
-    assert_eq!(status.last_acked, Some(status.next_seq - 1));
-    assert_eq!(status.dirty_bytes, 0);
+    assert_eq!(status.replication.mode, ReplMode::Replicating);
+    assert_eq!(status.replication.pending, 0);
+    assert_eq!(
+        status.replication.last_acked,
+        Some(status.replication.next_seq - 1)
+    );
+    assert_eq!(status.replication.dirty_bytes, 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -160,7 +163,7 @@ async fn replication_off_serves_the_file_alone() {
     assert!(out.clean(), "{out:?}");
     assert!(read_file_at(&path, 4096, 8192).iter().all(|&b| b == 0x99));
     assert_eq!(
-        primary.volume("solo").unwrap().status().mode,
+        primary.volume("solo").unwrap().status().replication.mode,
         ReplMode::Standalone
     );
     // The default export (empty name) is the only one.
@@ -219,10 +222,10 @@ async fn a_volume_served_unreplicated_before_is_fully_resynced() {
     .unwrap();
     let vol = primary.volume("vol1").unwrap().clone();
     eventually("the resync", || async {
-        (vol.status().mode == ReplMode::Replicating).then_some(())
+        (vol.status().replication.mode == ReplMode::Replicating).then_some(())
     })
     .await;
-    assert_eq!(vol.status().dirty_bytes, 0);
+    assert_eq!(vol.status().replication.dirty_bytes, 0);
     let cmp = qemu_img_compare(
         path.to_str().unwrap(),
         dir.path().join("secondary").join("vol1").to_str().unwrap(),

@@ -283,9 +283,9 @@ pub fn mode_words_of(mode: &ReplMode) -> String {
 fn report_of_status(s: &VolumeStatus) -> VolumeReport {
     VolumeReport {
         handle: s.name.clone(),
-        state: mode_words_of(&s.mode),
-        held_writes: Some(s.held as u64),
-        dirty_bytes: s.dirty_bytes,
+        state: mode_words_of(&s.replication.mode),
+        held_writes: Some(s.replication.held as u64),
+        dirty_bytes: s.replication.dirty_bytes,
     }
 }
 
@@ -463,7 +463,9 @@ impl<'a> NodeControl<'a> {
                 }
                 NodeControl::InProcess(cluster) => {
                     let s = cluster.volume_status(handle)?;
-                    s.mode == ReplMode::Replicating && s.dirty_bytes == 0 && s.held == 0
+                    s.replication.mode == ReplMode::Replicating
+                        && s.replication.dirty_bytes == 0
+                        && s.replication.held == 0
                 }
             };
             if !synced {

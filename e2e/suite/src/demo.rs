@@ -288,8 +288,8 @@ pub async fn run_in_world<C: ControlSystem>(
         timeline.say(format!(
             "{cluster}/{node}: {} is {}; {} writes held (not acknowledged)",
             failed.volume,
-            crate::control::mode_words_of(&status.mode),
-            status.held
+            crate::control::mode_words_of(&status.replication.mode),
+            status.replication.held
         ));
     }
     timeline.say(format!(
@@ -402,7 +402,7 @@ pub async fn run_in_world<C: ControlSystem>(
             Some(at) => format!(
                 "compare: {} primary and secondary differ from byte {at} ({} KiB dirty, never copied){}",
                 v.spec.handle,
-                status.dirty_bytes.div_ceil(1024),
+                status.replication.dirty_bytes.div_ceil(1024),
                 match &thaw {
                     ThawOutcome::Resumed => "",
                     ThawOutcome::Unsupported(_) => ": resync needs the replicator's Resume",
@@ -588,7 +588,7 @@ fn freeze_timeline(
             continue;
         };
         let volume = &status.name;
-        match status.mode {
+        match status.replication.mode {
             ReplMode::Suspended { epoch: e, .. } if e == epoch && frozen.insert(volume.clone()) => {
                 lines.push((
                     ms(*at),

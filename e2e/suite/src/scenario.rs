@@ -1051,9 +1051,9 @@ impl Harness {
         .await?;
         self.timeline.say(format!(
             "{handle}: {} at epoch {} ({} writes held)",
-            crate::control::mode_words_of(&status.mode),
-            status.epoch,
-            status.held
+            crate::control::mode_words_of(&status.replication.mode),
+            status.replication.epoch,
+            status.replication.held
         ));
         Ok(status)
     }
@@ -1066,7 +1066,7 @@ impl Harness {
                 .volumes
                 .iter()
                 .filter_map(|v| c.volume_status(&v.spec.handle).ok())
-                .map(|s| s.held)
+                .map(|s| s.replication.held)
                 .sum();
             (held > 0).then_some(held)
         })
@@ -1447,5 +1447,5 @@ where
 
 /// Whether `status` is suspended at `epoch`.
 pub fn suspended_at(status: &VolumeStatus, epoch: u64) -> bool {
-    matches!(status.mode, ReplMode::Suspended { epoch: e, .. } if e == epoch)
+    matches!(status.replication.mode, ReplMode::Suspended { epoch: e, .. } if e == epoch)
 }

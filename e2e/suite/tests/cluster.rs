@@ -90,9 +90,9 @@ async fn a_cut_link_holds_the_write_and_reports_the_failed_copy() {
     assert_eq!(failed.volume, "east-wal");
     let status = cluster.volume_status("east-wal").unwrap();
     assert!(
-        matches!(status.mode, ReplMode::Held { .. }),
+        matches!(status.replication.mode, ReplMode::Held { .. }),
         "{:?}",
-        status.mode
+        status.replication.mode
     );
     assert!(!write.is_finished(), "the held write was answered");
 

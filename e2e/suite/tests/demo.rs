@@ -310,10 +310,10 @@ impl ControlSystem for EarlyRelease {
                 timeline.say(format!("broken control: {} released early", v.spec.handle));
                 frozen.push(v.spec.handle.clone());
                 // Let it acknowledge writes primary-only while the volumes after it still copy.
-                let start = cluster.volume_status(&v.spec.handle)?.next_seq;
+                let start = cluster.volume_status(&v.spec.handle)?.replication.next_seq;
                 let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
                 let mut tick = tokio::time::interval(Duration::from_millis(5));
-                while cluster.volume_status(&v.spec.handle)?.next_seq < start + 30
+                while cluster.volume_status(&v.spec.handle)?.replication.next_seq < start + 30
                     && tokio::time::Instant::now() < deadline
                 {
                     tick.tick().await;

@@ -168,7 +168,7 @@ async fn node_cut_off_from_both_paths(
         h,
         h.wait_volume("west-reporting", "suspended by the fail-safe", |s| {
             matches!(
-                s.mode,
+                s.replication.mode,
                 ReplMode::Suspended {
                     fail_safe: true,
                     ..
@@ -177,7 +177,7 @@ async fn node_cut_off_from_both_paths(
         })
     );
     assert_eq!(
-        status.epoch, 0,
+        status.replication.epoch, 0,
         "the fail-safe suspends at the epoch last seen"
     );
     // The operator heard nothing: the other volumes replicate, and the lanes that avoid west run on.
@@ -264,7 +264,7 @@ async fn an_operator_killed_mid_freeze_is_replaced_and_the_new_one_finishes_the_
     let reporting = h
         .volume_status(&h.handle("west-reporting").unwrap())
         .unwrap();
-    assert_eq!(reporting.epoch, 1, "{}", h.timeline.text());
+    assert_eq!(reporting.replication.epoch, 1, "{}", h.timeline.text());
     finish(h).await;
 }
 
@@ -288,7 +288,7 @@ async fn a_sidecar_killed_mid_freeze_restarts_and_re_enforces_the_freeze() {
         ok!(
             h,
             h.wait_volume(volume, "running at epoch 1", |s| {
-                matches!(s.mode, ReplMode::Running { epoch: 1 })
+                matches!(s.replication.mode, ReplMode::Running { epoch: 1 })
             })
         );
     }
@@ -314,13 +314,13 @@ async fn a_replicator_killed_while_suspended_restarts_suspended_and_holds_writes
     let restarted = h.volume_status(&wal).unwrap();
     assert!(
         matches!(
-            restarted.mode,
+            restarted.replication.mode,
             ReplMode::Unconfirmed | ReplMode::Suspended { .. }
         ),
         "fail closed: {restarted:?}"
     );
     assert_eq!(
-        (restarted.epoch, restarted.stage),
+        (restarted.replication.epoch, restarted.replication.stage),
         (epoch, Some(lockstep_replicator::Stage::Freeze))
     );
     for volume in ["east-postgres-wal", "east-postgres-data"] {
@@ -386,7 +386,7 @@ async fn a_resync_returns_to_replicating_with_primaries_and_secondaries_identica
     // Unreplicated writes pile up as dirty regions.
     ok!(h, h.wait_for_more_writes(60));
     let reporting = h.handle("west-reporting").unwrap();
-    assert!(h.volume_status(&reporting).unwrap().dirty_bytes > 0);
+    assert!(h.volume_status(&reporting).unwrap().replication.dirty_bytes > 0);
     let volumes = all_handles(&h);
     let outcome = finish(h).await;
     assert_eq!(

@@ -167,7 +167,10 @@ async fn later_groups_claiming_the_first_groups_pvcs_are_refused_across_an_opera
     for handle in all_handles(&h) {
         let status = h.volume_status(&handle).unwrap();
         assert_eq!(
-            (status.group_uid.as_str(), status.epoch),
+            (
+                status.replication.group_uid.as_str(),
+                status.replication.epoch
+            ),
             (first_uid.as_str(), 1),
             "{handle} froze in the first group\n{}",
             h.timeline.text()

@@ -60,7 +60,8 @@ async fn a_release_east_cannot_write_holds_until_east_restarts_and_the_resync_lo
     ok!(
         h,
         h.wait_volume("west-reporting", "released", |s| {
-            s.epoch == epoch && s.stage == Some(lockstep_replicator::Stage::Release)
+            s.replication.epoch == epoch
+                && s.replication.stage == Some(lockstep_replicator::Stage::Release)
         })
     );
     let east_failures = {
@@ -86,7 +87,7 @@ async fn a_release_east_cannot_write_holds_until_east_restarts_and_the_resync_lo
         let status = h.volume_status(&h.handle(name).unwrap()).unwrap();
         assert!(
             suspended_at(&status, epoch)
-                && status.stage == Some(lockstep_replicator::Stage::Freeze),
+                && status.replication.stage == Some(lockstep_replicator::Stage::Freeze),
             "{name}: {status:?}\n{}",
             h.timeline.text()
         );
@@ -108,7 +109,7 @@ async fn a_release_east_cannot_write_holds_until_east_restarts_and_the_resync_lo
     for name in EAST_VOLUMES {
         let restarted = h.volume_status(&h.handle(name).unwrap()).unwrap();
         assert_eq!(
-            (restarted.epoch, restarted.stage),
+            (restarted.replication.epoch, restarted.replication.stage),
             (epoch, Some(lockstep_replicator::Stage::Freeze)),
             "{name} restarted from the state on disk\n{}",
             h.timeline.text()
@@ -119,7 +120,8 @@ async fn a_release_east_cannot_write_holds_until_east_restarts_and_the_resync_lo
         ok!(
             h,
             h.wait_volume(name, "released", |s| {
-                s.epoch == epoch && s.stage == Some(lockstep_replicator::Stage::Release)
+                s.replication.epoch == epoch
+                    && s.replication.stage == Some(lockstep_replicator::Stage::Release)
             })
         );
     }

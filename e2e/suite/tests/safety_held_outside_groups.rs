@@ -66,7 +66,7 @@ async fn a_group_deleted_while_a_node_is_cut_off_lets_its_volume_go_and_a_new_gr
         h,
         h.wait_volume("west-reporting", "suspended by the fail-safe", |s| {
             matches!(
-                s.mode,
+                s.replication.mode,
                 ReplMode::Suspended {
                     fail_safe: true,
                     ..
@@ -119,7 +119,7 @@ async fn a_group_deleted_while_a_node_is_cut_off_lets_its_volume_go_and_a_new_gr
     ));
     let still = h.volume_status(&reporting).unwrap();
     assert!(
-        matches!(still.mode, ReplMode::Suspended { .. }),
+        matches!(still.replication.mode, ReplMode::Suspended { .. }),
         "west is still cut off: its volume is still suspended ({still:?})"
     );
 
@@ -131,10 +131,12 @@ async fn a_group_deleted_while_a_node_is_cut_off_lets_its_volume_go_and_a_new_gr
         let status = ok!(
             h,
             h.wait_volume(volume, "replicating in no group", |s| {
-                s.group_uid.is_empty() && s.mode == ReplMode::Replicating && s.dirty_bytes == 0
+                s.replication.group_uid.is_empty()
+                    && s.replication.mode == ReplMode::Replicating
+                    && s.replication.dirty_bytes == 0
             })
         );
-        assert_eq!(status.held, 0, "{volume}: {status:?}");
+        assert_eq!(status.replication.held, 0, "{volume}: {status:?}");
     }
 
     // West returns (its control paths and its link): the sidecar learns the group is gone and lets go
@@ -144,10 +146,12 @@ async fn a_group_deleted_while_a_node_is_cut_off_lets_its_volume_go_and_a_new_gr
     let status = ok!(
         h,
         h.wait_volume("west-reporting", "replicating in no group", |s| {
-            s.group_uid.is_empty() && s.mode == ReplMode::Replicating && s.dirty_bytes == 0
+            s.replication.group_uid.is_empty()
+                && s.replication.mode == ReplMode::Replicating
+                && s.replication.dirty_bytes == 0
         })
     );
-    assert_eq!(status.held, 0, "{status:?}");
+    assert_eq!(status.replication.held, 0, "{status:?}");
 
     // A new group naming it resolves it and replicates it.
     let again: ConsistencyGroup = serde_json::from_value(json!({
@@ -199,7 +203,7 @@ async fn a_group_deleted_while_a_node_is_cut_off_lets_its_volume_go_and_a_new_gr
     ok!(
         h,
         h.wait_volume("west-reporting", "replicating in the new group", |s| {
-            s.group_uid == uid && s.mode == ReplMode::Replicating
+            s.replication.group_uid == uid && s.replication.mode == ReplMode::Replicating
         })
     );
 

@@ -229,7 +229,10 @@ async fn forged_acknowledgements_never_release_a_group_before_its_member_suspend
     );
     ok!(
         h,
-        h.wait_volume("west-reporting", "released at epoch 1", |s| s.epoch >= 1)
+        h.wait_volume("west-reporting", "released at epoch 1", |s| s
+            .replication
+            .epoch
+            >= 1)
     );
 
     // The image of epoch 1 holds every volume, west's included; then resynced and replicating again,

@@ -392,7 +392,7 @@ async fn run_case(
             let rows = measure_all(round, case, addr, plan).await?;
             if let Some(v) = primary.volume(EXPORT) {
                 let status = v.status();
-                if status.pending != 0 || status.dirty_bytes != 0 {
+                if status.replication.pending != 0 || status.replication.dirty_bytes != 0 {
                     bail!("unexpected volume state after the run: {status:?}");
                 }
             }
