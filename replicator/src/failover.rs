@@ -460,6 +460,7 @@ impl Site {
             hold_timeout_ms: u64::try_from(settings.hold_timeout.as_millis()).unwrap_or(u64::MAX),
             dirty: rolled_back.clone(),
             fenced: None,
+            active: Vec::new(),
         };
         let record = PromotionRecord {
             group_uid: group.to_owned(),

@@ -27,6 +27,16 @@
 //! system (never confirmed) keeps failing closed: held, until one configures it.
 //! Points (group, epoch, stage) never move backwards: an older directive or confirmation changes nothing.
 //!
+//! The activity map: a copied write reaches the primary's disk before its copy reaches the secondary,
+//! and a crash then left the two sides different with nothing saying so — while the application, or its
+//! recovery, reads that write on the primary and builds on it. So while the volume copies, before a write
+//! may land ([`ReplState::cover`]) its chunk is in the persisted activity map, and a restart takes every
+//! active chunk as dirty. The map is cleared once the volume replicates in sync and has been idle for
+//! [`ACTIVE_IDLE`]: a steady working set costs nothing, the first write to a chunk after a quiet spell
+//! waits for one state write. In the other modes the dirty map records writes; its state write is awaited
+//! before a write is acknowledged, not before it lands (a crash in between leaves that unacknowledged
+//! write's chunk out of the map — not closed yet).
+//!
 //! A release takes effect only once it is durable (rules 2 and 6): the volume stays `Suspended` while the
 //! state saying "running at `e`" — with the dirty map covering the held writes — is written, enters
 //! `Running` when that write succeeds, and stays suspended at its old stage when it fails, so a retry
@@ -45,6 +55,9 @@ use crate::dirty::DirtyMap;
 use crate::events::{CopyFailed, Event, HoldTimedOut};
 use crate::store::StoreError;
 use crate::wire::Frame;
+
+/// How long a volume replicating in sync stays without writes before its activity map is cleared.
+pub const ACTIVE_IDLE: Duration = Duration::from_secs(1);
 
 /// A stage within an epoch: Freeze < Release < Resume.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -201,6 +214,8 @@ struct Releasing {
 pub struct PersistTicket {
     /// The dirty version the written map covers.
     version: u64,
+    /// The activity version the written activity map covers.
+    active_version: u64,
     group: String,
     epoch: u64,
     stage: Option<Stage>,
@@ -252,6 +267,10 @@ pub struct Persisted {
     /// Fenced at this epoch (its secondary was promoted): every write fails, also after a restart.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fenced: Option<u64>,
+    /// Chunks writes may have reached the primary's disk in without being on the secondary or in
+    /// `dirty` (the activity map): taken as dirty after a restart.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub active: Vec<(u64, u64)>,
 }
 
 /// A snapshot for status.
@@ -305,6 +324,16 @@ pub struct ReplState {
     dirty_version: u64,
     /// The `dirty_version` the last completed persist covered.
     persisted_version: u64,
+    /// The activity map: chunks writes may land in before they are copied or recorded dirty on disk.
+    active: DirtyMap,
+    /// Bumped whenever the activity map changes.
+    active_version: u64,
+    /// The `active_version` the last completed persist covered.
+    active_persisted_version: u64,
+    /// Writes covered by [`ReplState::cover`] and not yet submitted: the map is not cleared under them.
+    covering: u64,
+    /// When the last write was submitted.
+    last_write: Option<Instant>,
     /// A release waiting for its state to be written.
     releasing: Option<Releasing>,
     /// What the last successful state write put on disk.
@@ -361,6 +390,11 @@ impl ReplState {
             persist_waiters: Vec::new(),
             dirty_version: 0,
             persisted_version: 0,
+            active: DirtyMap::default(),
+            active_version: 0,
+            active_persisted_version: 0,
+            covering: 0,
+            last_write: None,
             releasing: None,
             durable: None,
             outside_groups: false,
@@ -375,7 +409,8 @@ impl ReplState {
             s.epoch = p.epoch;
             s.stage = p.stage;
             s.hold_timeout = Duration::from_millis(p.hold_timeout_ms);
-            for (offset, length) in p.dirty {
+            // Chunks active at the stop may differ between the two sides: resynchronised like dirty ones.
+            for (offset, length) in p.dirty.into_iter().chain(p.active) {
                 s.dirty.mark(offset, length);
             }
             match p.mode.as_str() {
@@ -559,9 +594,11 @@ impl ReplState {
             hold_timeout_ms: u64::try_from(self.hold_timeout.as_millis()).unwrap_or(u64::MAX),
             dirty: self.dirty.regions(),
             fenced: self.fenced,
+            active: self.active.regions(),
         };
         let ticket = PersistTicket {
             version: self.dirty_version,
+            active_version: self.active_version,
             group: self.group.clone(),
             epoch: self.epoch,
             stage,
@@ -574,6 +611,7 @@ impl ReplState {
     /// covers complete (primary-only) once the volume runs released at the epoch written.
     pub fn persisted(&mut self, ticket: PersistTicket) {
         self.persisted_version = self.persisted_version.max(ticket.version);
+        self.active_persisted_version = self.active_persisted_version.max(ticket.active_version);
         if let Mode::Running { epoch } = ticket.mode
             && ticket.group == self.group
         {
@@ -722,6 +760,51 @@ impl ReplState {
         seq
     }
 
+    /// Brings `[offset, offset+length)` into the activity map before a write or trim there may land on the
+    /// primary's disk while the volume copies (replicating or resyncing). `Some`: wait for this state
+    /// write first (a failure fails the write: nothing lands). Pair every call with
+    /// [`ReplState::uncover`] once the write was submitted (or given up).
+    pub fn cover(
+        &mut self,
+        offset: u64,
+        length: u64,
+    ) -> Option<oneshot::Receiver<Result<(), CopyError>>> {
+        self.covering += 1;
+        // Only a write that is copied is on the primary alone until acknowledged; any other mode records
+        // it in the dirty map.
+        if !self.has_secondary || !self.mode.copies() {
+            return None;
+        }
+        if !self.active.is_dirty_all(offset, length) {
+            self.active.mark(offset, length);
+            self.active_version += 1;
+        }
+        (self.active_persisted_version < self.active_version).then(|| self.persist())
+    }
+
+    /// A write covered by [`ReplState::cover`] was submitted, or given up.
+    pub fn uncover(&mut self) {
+        self.covering = self.covering.saturating_sub(1);
+    }
+
+    /// Clears the activity map once nothing can be on the primary's disk that is not on the secondary:
+    /// replicating, nothing in flight or about to land, no write for [`ACTIVE_IDLE`].
+    fn clear_activity_when_idle(&mut self, now: Instant) {
+        let idle = self
+            .last_write
+            .is_none_or(|at| now.saturating_duration_since(at) >= ACTIVE_IDLE);
+        if self.mode == Mode::Replicating
+            && self.pending.is_empty()
+            && self.covering == 0
+            && idle
+            && !self.active.regions().is_empty()
+        {
+            self.active = DirtyMap::default();
+            self.active_version += 1;
+            drop(self.persist());
+        }
+    }
+
     /// Decides how write or trim `frame` (sequence `seq`, `[offset, offset+length)`) is replicated. Called
     /// under the volume's lock, in sequence order, after the local operation was queued.
     pub fn submit(
@@ -732,6 +815,7 @@ impl ReplState {
         frame: Frame,
         now: Instant,
     ) -> CopyWait {
+        self.last_write = Some(now);
         match &self.mode {
             Mode::Standalone => CopyWait::Done(Ok(())),
             Mode::Replicating | Mode::Resyncing { .. } => {
@@ -895,8 +979,10 @@ impl ReplState {
         drop(self.persist());
     }
 
-    /// Fails held writes older than the hold timeout; the volume keeps holding.
+    /// Fails held writes older than the hold timeout (the volume keeps holding), and clears the activity
+    /// map of a volume idle in sync.
     pub fn expire_holds(&mut self, now: Instant) {
+        self.clear_activity_when_idle(now);
         let timeout = self.hold_timeout;
         let mut failed = 0u64;
         while self
@@ -1287,6 +1373,7 @@ mod tests {
             hold_timeout_ms: 1000,
             dirty: vec![(0, 4096)],
             fenced: None,
+            active: Vec::new(),
         };
         let mut r = ReplState::new(
             "v",
@@ -1567,5 +1654,77 @@ mod tests {
         assert!(s.suspend("g", 2, false, Instant::now()).unwrap().is_some());
         write_state(&mut s, true);
         assert!(s.suspend("g", 2, false, Instant::now()).unwrap().is_none());
+    }
+
+    /// A copied write lands on the primary before its copy is acknowledged: its chunk must be in the
+    /// activity map on disk first, and a restart from that state resynchronises the chunk.
+    #[test]
+    fn a_copied_write_lands_only_once_its_chunk_is_in_the_activity_map_on_disk() {
+        let t0 = Instant::now();
+        let mut s = replicating();
+        let mut wait = s
+            .cover(0, 4096)
+            .expect("a new chunk waits for a state write");
+        assert!(
+            wait.try_recv().is_err(),
+            "answered before the state was written"
+        );
+        let on_disk = write_state(&mut s, true);
+        assert!(matches!(wait.try_recv(), Ok(Ok(()))));
+        assert_eq!(on_disk.active, vec![(0, crate::dirty::CHUNK)]);
+        s.uncover();
+        let seq = s.next_seq();
+        let mut copy = s.submit(seq, 0, 4096, write(seq), t0);
+        // The same chunk again: covered already, no state write.
+        assert!(s.cover(100, 100).is_none());
+        s.uncover();
+
+        // Killed with the write in flight: the restarted volume takes the active chunk as dirty.
+        let restarted = ReplState::new(
+            "v",
+            true,
+            Duration::from_secs(60),
+            Some(on_disk),
+            true,
+            SystemTime::now(),
+        );
+        assert!(
+            matches!(restarted.mode(), Mode::Resyncing { .. }),
+            "{:?}",
+            restarted.mode()
+        );
+        assert_eq!(restarted.dirty().regions(), vec![(0, crate::dirty::CHUNK)]);
+
+        // Acknowledged and idle long enough, the map is cleared (and written so).
+        s.acked(s.generation(), seq).unwrap();
+        assert!(matches!(done(&mut copy), Some(Ok(()))));
+        s.expire_holds(t0 + ACTIVE_IDLE / 2);
+        assert_eq!(write_state(&mut s, true).active.len(), 1, "not idle yet");
+        s.expire_holds(t0 + ACTIVE_IDLE);
+        assert!(write_state(&mut s, true).active.is_empty());
+        assert!(
+            s.cover(0, 4096).is_some(),
+            "a cleared chunk is covered again"
+        );
+    }
+
+    /// A state disk that fails: a copied write to an uncovered chunk fails rather than land unrecorded.
+    #[test]
+    fn a_copied_write_whose_chunk_cannot_be_recorded_fails() {
+        let mut s = replicating();
+        let mut wait = s.cover(0, 4096).expect("a state write");
+        write_state(&mut s, false);
+        assert!(matches!(wait.try_recv(), Ok(Err(CopyError::Persist(_)))));
+    }
+
+    /// Outside the copying modes the dirty map records writes: no activity map, no extra state write.
+    #[test]
+    fn a_suspended_volume_covers_nothing() {
+        let mut s = replicating();
+        s.suspend("g", 2, false, Instant::now()).unwrap();
+        write_state(&mut s, true);
+        assert!(s.cover(0, 4096).is_none());
+        s.uncover();
+        assert!(write_state(&mut s, true).active.is_empty());
     }
 }

@@ -503,6 +503,13 @@ impl Volume {
         frame: impl FnOnce(u64) -> Frame,
     ) -> Result<(), VolumeError> {
         self.gate().await;
+        // In the persisted activity map before it may land: a crash cannot leave it on the primary only.
+        let wait = self.with_state(|state| state.cover(offset, length));
+        let covered = Covered(self);
+        if let Some(rx) = wait {
+            rx.await
+                .unwrap_or_else(|_| Err(CopyError::Persist("the persister stopped".into())))?;
+        }
         let (local, copy): (_, CopyWait) = self.with_state(|state| {
             if let Some(epoch) = state.fenced() {
                 return Err(VolumeError::Fenced {
@@ -515,6 +522,7 @@ impl Volume {
             let copy = state.submit(seq, offset, length, frame(seq), Instant::now());
             Ok((local, copy))
         })?;
+        drop(covered);
         let (local, copy) = tokio::join!(local, copy.wait());
         local?;
         copy?;
@@ -633,6 +641,15 @@ impl Volume {
 }
 
 /// Writes the state file whenever asked, answering the waiters the snapshot covered.
+/// A write between [`ReplState::cover`] and its submission (or its end, cancelled or failed).
+struct Covered<'a>(&'a Volume);
+
+impl Drop for Covered<'_> {
+    fn drop(&mut self) {
+        self.0.with_state(ReplState::uncover);
+    }
+}
+
 async fn persister(volume: Weak<Volume>, mut rx: mpsc::UnboundedReceiver<()>) {
     while rx.recv().await.is_some() {
         while rx.try_recv().is_ok() {}

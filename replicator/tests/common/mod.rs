@@ -26,6 +26,8 @@ pub struct Pair {
     pub secondary: Secondary,
     pub link: Option<LinkCut>,
     pub primary: Primary,
+    /// What the primary was started with, to start it again.
+    pub primary_config: PrimaryConfig,
 }
 
 impl Pair {
@@ -70,7 +72,7 @@ pub async fn start_pair(volumes: &[(&str, u64)], cut: bool, timeout: Duration) -
         .as_ref()
         .map_or(secondary.local_addr(), LinkCut::addr)
         .to_string();
-    let primary = Primary::start(PrimaryConfig {
+    let primary_config = PrimaryConfig {
         volumes: volumes
             .iter()
             .map(|(name, size)| VolumeConfig {
@@ -91,14 +93,14 @@ pub async fn start_pair(volumes: &[(&str, u64)], cut: bool, timeout: Duration) -
         nbd_socket: Some(dir.path().join("nbd.sock")),
         record_latency: false,
         control_socket: None,
-    })
-    .await
-    .unwrap();
+    };
+    let primary = Primary::start(primary_config.clone()).await.unwrap();
     Pair {
         dir,
         secondary,
         link,
         primary,
+        primary_config,
     }
 }
 
