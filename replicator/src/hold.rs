@@ -59,6 +59,10 @@ use crate::wire::Frame;
 /// How long a volume replicating in sync stays without writes before its activity map is cleared.
 pub const ACTIVE_IDLE: Duration = Duration::from_secs(1);
 
+/// The activity map's granularity (DRBD's activity-log extent): a sequential writer waits for one state
+/// write per extent, and a restart resynchronises at most the active extents.
+pub const ACTIVE_EXTENT: u64 = 4 * 1024 * 1024;
+
 /// A stage within an epoch: Freeze < Release < Resume.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub enum Stage {
@@ -776,7 +780,12 @@ impl ReplState {
             return None;
         }
         if !self.active.is_dirty_all(offset, length) {
-            self.active.mark(offset, length);
+            let first = offset / ACTIVE_EXTENT * ACTIVE_EXTENT;
+            let end = offset
+                .saturating_add(length)
+                .div_ceil(ACTIVE_EXTENT)
+                .saturating_mul(ACTIVE_EXTENT);
+            self.active.mark(first, end.saturating_sub(first).max(1));
             self.active_version += 1;
         }
         (self.active_persisted_version < self.active_version).then(|| self.persist())
@@ -797,7 +806,7 @@ impl ReplState {
             && self.pending.is_empty()
             && self.covering == 0
             && idle
-            && !self.active.regions().is_empty()
+            && self.active.dirty_bytes() > 0
         {
             self.active = DirtyMap::default();
             self.active_version += 1;
@@ -1671,12 +1680,12 @@ mod tests {
         );
         let on_disk = write_state(&mut s, true);
         assert!(matches!(wait.try_recv(), Ok(Ok(()))));
-        assert_eq!(on_disk.active, vec![(0, crate::dirty::CHUNK)]);
+        assert_eq!(on_disk.active, vec![(0, ACTIVE_EXTENT)]);
         s.uncover();
         let seq = s.next_seq();
         let mut copy = s.submit(seq, 0, 4096, write(seq), t0);
-        // The same chunk again: covered already, no state write.
-        assert!(s.cover(100, 100).is_none());
+        // The same extent again: covered already, no state write.
+        assert!(s.cover(ACTIVE_EXTENT - 4096, 4096).is_none());
         s.uncover();
 
         // Killed with the write in flight: the restarted volume takes the active chunk as dirty.
@@ -1693,7 +1702,7 @@ mod tests {
             "{:?}",
             restarted.mode()
         );
-        assert_eq!(restarted.dirty().regions(), vec![(0, crate::dirty::CHUNK)]);
+        assert_eq!(restarted.dirty().regions(), vec![(0, ACTIVE_EXTENT)]);
 
         // Acknowledged and idle long enough, the map is cleared (and written so).
         s.acked(s.generation(), seq).unwrap();

@@ -210,6 +210,14 @@ impl Volume {
             p.mode = "resyncing".into();
             p.dirty = vec![(0, store.size())];
         }
+        if let Some(p) = &mut restored {
+            // Active extents end at the volume's end.
+            let size = store.size();
+            p.active.retain_mut(|(offset, length)| {
+                *length = (*length).min(size.saturating_sub(*offset));
+                *length > 0
+            });
+        }
         let state = ReplState::new(
             &config.name,
             config.copy.is_some() || config.track_changes,
