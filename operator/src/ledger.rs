@@ -416,6 +416,64 @@ pub fn membership_changed(
         .collect()
 }
 
+/// The member volumes of a shard written at `written` (epoch, stage, resyncing), as a restore at
+/// `now` (the group's persisted point) rebuilds them: a shard from before a freeze that began since has
+/// that freeze's image membership worked out again from what it lists (DESIGN rule 7), as it was when the
+/// freeze began; a shard further back has no image membership.
+fn replayed(
+    written: (u64, Stage, bool),
+    volumes: Vec<MemberVolumeStatus>,
+    now: (u64, Stage),
+) -> Vec<MemberVolumeStatus> {
+    let ((shard_epoch, shard_stage, resyncing), (epoch, stage)) = (written, now);
+    let mut then = ConsistencyGroupStatus {
+        epoch: shard_epoch,
+        stage: Some(shard_stage),
+        phase: resyncing.then_some(Phase::Resyncing),
+        members: volumes,
+        ..ConsistencyGroupStatus::default()
+    };
+    if (shard_epoch, shard_stage) < (epoch, Stage::Freeze) && stage != Stage::Resume {
+        if shard_epoch + 1 == epoch {
+            crate::freeze::begin_image(&mut then, epoch);
+        } else {
+            for member in &mut then.members {
+                member.image_epoch = None;
+            }
+        }
+    }
+    then.members
+}
+
+/// Whether a restart would rebuild `target`'s image membership wrongly from the shard as last
+/// `written`: a freeze that began after a state change the shard had not been written with yet. Such a
+/// shard is written even while the group is Freezing (in steady state none is: the shards are current
+/// when a freeze begins, and the freeze writes none).
+pub fn image_behind(
+    written: Option<&ConsistencyGroupShardSpec>,
+    target: &ConsistencyGroupShardSpec,
+) -> bool {
+    let Some(written) = written else {
+        return true;
+    };
+    let at = |spec: &ConsistencyGroupShardSpec| {
+        (
+            spec.epoch,
+            spec.stage.unwrap_or(Stage::Resume),
+            spec.phase == Some(Phase::Resyncing),
+        )
+    };
+    let now = (target.epoch, target.stage.unwrap_or(Stage::Resume));
+    let rebuilt = replayed(at(written), written.volumes.clone(), now);
+    let images = |members: &[MemberVolumeStatus]| -> BTreeMap<(String, String), Option<u64>> {
+        members
+            .iter()
+            .map(|m| ((m.namespace.clone(), m.pvc.clone()), m.image_epoch))
+            .collect()
+    };
+    images(&rebuilt) != images(&target.volumes)
+}
+
 /// The full status rebuilt from the persisted `status` and the group's shards, after a restart or a
 /// failover (the acknowledgements the shards missed come again: sidecars resend on every subscribe and
 /// ReplicationNodes are read every round). Without shards, a member list in `status` (written by an
@@ -447,23 +505,11 @@ pub fn restore(
             .extend(shard.volumes.iter().cloned());
     }
     for ((shard_epoch, shard_stage, resyncing), volumes) in by_point {
-        let mut then = ConsistencyGroupStatus {
-            epoch: shard_epoch,
-            stage: Some(shard_stage),
-            phase: resyncing.then_some(Phase::Resyncing),
-            members: volumes,
-            ..ConsistencyGroupStatus::default()
-        };
-        if (shard_epoch, shard_stage) < (epoch, Stage::Freeze) && stage != Stage::Resume {
-            if shard_epoch + 1 == epoch {
-                crate::freeze::begin_image(&mut then, epoch);
-            } else {
-                for member in &mut then.members {
-                    member.image_epoch = None;
-                }
-            }
-        }
-        members.extend(then.members);
+        members.extend(replayed(
+            (shard_epoch, shard_stage, resyncing),
+            volumes,
+            (epoch, stage),
+        ));
     }
     members.sort_by(|a, b| {
         (&a.cluster, &a.namespace, &a.pvc).cmp(&(&b.cluster, &b.namespace, &b.pvc))

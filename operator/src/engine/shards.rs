@@ -3,8 +3,10 @@
 //! background by one writer task per group ([`Engine::publish_record`]).
 //!
 //! The writer writes a shard only when it changed, and while the group is Freezing only the shards whose
-//! membership changed (a volume that joined must learn it to acknowledge): from a failed copy to the
-//! release decision the freeze writes the group's status and its mirrors, never a shard per node. Shards
+//! membership changed (a volume that joined must learn it to acknowledge) or that had not been written
+//! with the states the freeze's image was decided from (a restart would rebuild another image out of
+//! them): from a failed copy to the release decision a freeze that found the shards current writes the
+//! group's status and its mirrors, never a shard per node. Shards
 //! of a node go to the hub and, for a member cluster reached through its API server, to that cluster,
 //! where the node's sidecar watches them.
 
@@ -367,7 +369,13 @@ impl ShardWriter {
         let membership = ledger::membership_changed(written, target);
         let mut complete = true;
         for (key, spec) in target {
-            if written.get(key) == Some(spec) || (freezing && !membership.contains(key)) {
+            let unchanged = written.get(key) == Some(spec);
+            // While freezing: only a shard whose membership changed, or that a restart would read a
+            // different image out of (not written since a state change before the freeze began).
+            let held_back = freezing
+                && !membership.contains(key)
+                && !ledger::image_behind(written.get(key), spec);
+            if unchanged || held_back {
                 continue;
             }
             let name = key.object_name(&group);

@@ -294,3 +294,36 @@ fn a_nodes_acknowledgement_comes_back_after_a_restart_only_for_the_same_volumes(
         restored.members
     );
 }
+
+#[test]
+fn a_shard_written_before_its_volume_was_in_sync_is_written_again_when_a_freeze_begins() {
+    // The shard was last written while the volume was still unconfirmed; it replicated in sync before
+    // the freeze at epoch 1 began, so the freeze's image holds it.
+    let replicating = |state| ConsistencyGroupStatus {
+        phase: Some(Phase::Replicating),
+        epoch: 0,
+        stage: Some(Stage::Resume),
+        members: vec![member("west", 1, 1, state)],
+        ..ConsistencyGroupStatus::default()
+    };
+    let stale = shard_specs("orders", "uid-1", &replicating(VolumeState::Unconfirmed));
+    let current = shard_specs("orders", "uid-1", &replicating(VolumeState::Replicating));
+    let mut freezing = replicating(VolumeState::Replicating);
+    crate::freeze::begin_image(&mut freezing, 1);
+    freezing.epoch = 1;
+    freezing.stage = Some(Stage::Freeze);
+    freezing.phase = Some(Phase::Freezing);
+    let target = shard_specs("orders", "uid-1", &freezing);
+    let (key, spec) = target.iter().next().unwrap();
+    assert_eq!(spec.volumes[0].image_epoch, Some(1));
+    // A restart would rebuild the image without the volume from the stale shard: written again.
+    assert!(image_behind(stale.get(key), spec));
+    let rebuilt = restore(&freezing, &stale.values().cloned().collect::<Vec<_>>());
+    assert_eq!(
+        rebuilt.members[0].image_epoch, None,
+        "the stale shard's image"
+    );
+    // From a current shard the restart rebuilds the same image: nothing to write during the freeze.
+    assert!(!image_behind(current.get(key), spec));
+    assert!(image_behind(None, spec), "never written");
+}
