@@ -159,6 +159,12 @@ pub enum Effect {
     /// A volume in no group runs primary-only: probe the secondary until it answers, then call
     /// [`ReplState::secondary_answers`].
     ProbeSecondary,
+    /// Ask the secondary to keep its image of `epoch` from the next link on (DESIGN rule 7): a resume
+    /// at `epoch` is about to overwrite it with the dirty regions. Comes before the link it is for.
+    KeepImage {
+        /// The epoch whose image the secondary keeps (one that keeps an older image keeps that one).
+        epoch: u64,
+    },
 }
 
 /// How a write's replication completes.
@@ -346,6 +352,9 @@ pub struct ReplState {
     outside_groups: bool,
     /// Deliberately wrong semantics, for tests that must catch them: acknowledge writes while suspended.
     broken_ack_while_suspended: bool,
+    /// Deliberately wrong semantics, for tests that must catch them: let writes land uncovered by the
+    /// activity map.
+    broken_activity_map: bool,
     /// Fenced at this epoch: writes fail, directives that would replicate or acknowledge are refused.
     fenced: Option<u64>,
     effects: Vec<Effect>,
@@ -403,6 +412,7 @@ impl ReplState {
             durable: None,
             outside_groups: false,
             broken_ack_while_suspended: false,
+            broken_activity_map: false,
             fenced: restored.as_ref().and_then(|p| p.fenced),
             effects: Vec::new(),
         };
@@ -452,6 +462,14 @@ impl ReplState {
     #[doc(hidden)]
     pub fn break_ack_while_suspended(&mut self) {
         self.broken_ack_while_suspended = true;
+    }
+
+    /// **Breaks the crash guarantee on purpose**: writes land on the primary without their chunk in the
+    /// activity map, so a crash can leave a write on the primary that nothing resynchronises. Only for
+    /// tests that show the checks catch it.
+    #[doc(hidden)]
+    pub fn break_activity_map(&mut self) {
+        self.broken_activity_map = true;
     }
 
     /// The current link generation.
@@ -776,7 +794,7 @@ impl ReplState {
         self.covering += 1;
         // Only a write that is copied is on the primary alone until acknowledged; any other mode records
         // it in the dirty map.
-        if !self.has_secondary || !self.mode.copies() {
+        if !self.has_secondary || !self.mode.copies() || self.broken_activity_map {
             return None;
         }
         if !self.active.is_dirty_all(offset, length) {
@@ -1159,6 +1177,9 @@ impl ReplState {
                 "a fail-safe suspension at epoch {at} is lifted only at a higher epoch"
             )));
         }
+        // Whoever resumes it — a Resume, or a Configure confirming a volume restarted while its group
+        // resumed — the secondary keeps the image of `epoch` through the resync.
+        self.effects.push(Effect::KeepImage { epoch });
         self.start_resync(epoch, now);
         self.stage = Some(Stage::Resume);
         Ok(Some(self.persist()))

@@ -331,6 +331,7 @@ impl Volume {
                         ));
                     }
                 }
+                Effect::KeepImage { epoch } => self.set_keep_image(epoch),
                 Effect::ProbeSecondary => {
                     tracing::warn!(
                         volume = %self.name,

@@ -38,6 +38,19 @@ fn image(epoch: u64) -> pb::ImageRequest {
     }
 }
 
+/// Confirms the volume in `GROUP` at `(epoch, stage)`, as its sidecar does.
+async fn configure(c: &mut ReplicatorClient<Channel>, epoch: u64, stage: pb::Stage) {
+    c.configure(pb::ConfigureRequest {
+        volume_handle: VOLUME.into(),
+        group_uid: GROUP.into(),
+        epoch,
+        stage: stage.into(),
+        hold_timeout_ms: 120_000,
+    })
+    .await
+    .unwrap();
+}
+
 async fn state(c: &mut ReplicatorClient<Channel>) -> pb::VolumeState {
     c.state(pb::StateRequest {
         volume_handle: VOLUME.into(),
@@ -70,6 +83,30 @@ struct FrozenPair {
     frozen: Vec<u8>,
 }
 
+/// The primary's replicator: the volume (confirmed by its control system), served over NBD, and the
+/// control socket, all under `dir`.
+fn primary_config(dir: &std::path::Path, secondary: &Secondary) -> PrimaryConfig {
+    PrimaryConfig {
+        volumes: vec![VolumeConfig {
+            require_confirmation: true,
+            ..VolumeConfig::new(
+                VOLUME,
+                dir.join("primary").join(VOLUME),
+                Some(4 * MIB),
+                Some(CopyConfig {
+                    secondary: secondary.local_addr().to_string(),
+                    timeout: Duration::from_secs(5),
+                    security: lockstep_replicator::LinkSecurity::Plaintext,
+                }),
+            )
+        }],
+        nbd_listen: Some("127.0.0.1:0".parse().unwrap()),
+        nbd_socket: None,
+        record_latency: false,
+        control_socket: Some(dir.join("control.sock")),
+    }
+}
+
 async fn frozen_pair(undo_log_limit: Option<u64>) -> FrozenPair {
     let dir = tempfile::tempdir().unwrap();
     std::fs::create_dir_all(dir.path().join("primary")).unwrap();
@@ -82,37 +119,11 @@ async fn frozen_pair(undo_log_limit: Option<u64>) -> FrozenPair {
     .await
     .unwrap();
     secondary.set_undo_log_limit(undo_log_limit);
-    let primary = Primary::start(PrimaryConfig {
-        volumes: vec![VolumeConfig {
-            require_confirmation: true,
-            ..VolumeConfig::new(
-                VOLUME,
-                dir.path().join("primary").join(VOLUME),
-                Some(4 * MIB),
-                Some(CopyConfig {
-                    secondary: secondary.local_addr().to_string(),
-                    timeout: Duration::from_secs(5),
-                    security: lockstep_replicator::LinkSecurity::Plaintext,
-                }),
-            )
-        }],
-        nbd_listen: Some("127.0.0.1:0".parse().unwrap()),
-        nbd_socket: None,
-        record_latency: false,
-        control_socket: Some(dir.path().join("control.sock")),
-    })
-    .await
-    .unwrap();
+    let primary = Primary::start(primary_config(dir.path(), &secondary))
+        .await
+        .unwrap();
     let mut ctl = client(&dir.path().join("control.sock")).await;
-    ctl.configure(pb::ConfigureRequest {
-        volume_handle: VOLUME.into(),
-        group_uid: GROUP.into(),
-        epoch: 0,
-        stage: pb::Stage::Unspecified.into(),
-        hold_timeout_ms: 120_000,
-    })
-    .await
-    .unwrap();
+    configure(&mut ctl, 0, pb::Stage::Unspecified).await;
     let mut nbd = RawClient::connect(primary.nbd_addr().unwrap(), VOLUME).await;
     for i in 0..16u64 {
         assert_eq!(nbd.write(i * 200_000, &[i as u8 + 1; 8192]).await, Some(0));
@@ -207,6 +218,47 @@ async fn a_kept_image_rolls_the_secondary_back_to_the_freeze() {
     }
     // The primary site is lost: the secondary rolls back to the image of the freeze.
     drop(nbd);
+    drop(ctl);
+    drop(primary);
+    let done = secondary.roll_back(VOLUME).await.unwrap().unwrap();
+    assert_eq!(done.epoch, 1);
+    assert_eq!(std::fs::read(secondary_dir.join(VOLUME)).unwrap(), frozen);
+}
+
+/// A replicator restarted while its group resumed comes back released at the freeze, and its sidecar
+/// confirms it at the group's point, (1, Resume), with a `Configure` rather than `KeepImage` and
+/// `Resume`: the resync that starts must keep the secondary's frozen image all the same (the simulator
+/// found the other secondaries keeping theirs while this one was overwritten out of order).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_replicator_confirmed_into_a_resume_after_a_restart_keeps_the_frozen_image() {
+    let FrozenPair {
+        dir,
+        secondary_dir,
+        secondary,
+        primary,
+        ctl,
+        nbd,
+        frozen,
+    } = frozen_pair(None).await;
+    drop(nbd);
+    drop(ctl);
+    drop(primary);
+    let primary = Primary::start(primary_config(dir.path(), &secondary))
+        .await
+        .unwrap();
+    let mut ctl = client(&dir.path().join("control.sock")).await;
+    configure(&mut ctl, 1, pb::Stage::Resume).await;
+    until("resynced", async || {
+        state(&mut ctl).await.mode == pb::Mode::Replicating as i32
+    })
+    .await;
+    assert_eq!(secondary.kept_image(VOLUME).unwrap(), Some(1));
+    assert_eq!(
+        std::fs::read(secondary_dir.join(VOLUME)).unwrap(),
+        std::fs::read(dir.path().join("primary").join(VOLUME)).unwrap(),
+        "the resync brought the secondary in sync"
+    );
+    // The primary site is lost: the secondary rolls back to the image of the freeze.
     drop(ctl);
     drop(primary);
     let done = secondary.roll_back(VOLUME).await.unwrap().unwrap();

@@ -213,7 +213,7 @@ impl Replicator {
 
 /// The stage a `Configure` names: the baseline (Replicating at epoch 0, before any freeze) is sent as
 /// unspecified, which the replicator reads as "replicating, never frozen" rather than as a resume.
-fn configure_stage(epoch: u64, stage: Stage) -> pb::Stage {
+pub fn configure_stage(epoch: u64, stage: Stage) -> pb::Stage {
     if epoch == 0 && stage == Stage::Resume {
         pb::Stage::Unspecified
     } else {

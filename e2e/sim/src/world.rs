@@ -1,17 +1,17 @@
 //! The simulated world: a hub group decided by the operator's real freeze core
 //! ([`lockstep_operator::freeze`]), one sidecar per node running the real enforcement core
-//! ([`lockstep_sidecar::enforce::Enforcer`]), model replicators and secondaries, both report paths with
-//! their faults, and an application issuing dependent writes — all on one seeded event queue with
-//! simulated time, checked after every step.
+//! ([`lockstep_sidecar::enforce::Enforcer`]), each primary volume running the replicator's real hold
+//! state machine ([`lockstep_replicator::hold::ReplState`], see [`replicator`]), model secondaries,
+//! both report paths with their faults, and an application issuing dependent writes — all on one seeded
+//! event queue with simulated time, checked after every step.
 //!
-//! What is modelled rather than run: the replicator (a small model of the Replicator protocol's
-//! contract: copy in order, hold on a failed copy, stop copying when suspended, complete held writes on
-//! a release, resynchronise on a resume, fail held writes at the hold timeout), the transports (a gRPC
-//! message may be lost, duplicated, delayed or reordered; the API path is level-triggered: the latest
-//! object is read, late, and not at all while that member's API server is down), member resolution
-//! (the members are resolved once, as the engine would; the volume states the sidecars report are taken
-//! into them with the operator's own rule) and the secondaries' kept image (taken at the first resume,
-//! dropped once every volume is in sync again).
+//! What is modelled rather than run: the replicator process around its hold machine (state file, resync
+//! driver, link, timers, crashes: [`replicator`]), the secondaries (the writes they hold and the image they
+//! keep through a resync, dropped once every volume is in sync again), the transports (a gRPC message may
+//! be lost, duplicated, delayed or reordered; the API path is level-triggered: the latest object is read,
+//! late, and not at all while that member's API server is down) and member resolution (the members are
+//! resolved once, as the engine would; the volume states the sidecars report are taken into them with
+//! the operator's own rule).
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
@@ -27,9 +27,14 @@ use lockstep_api::{
 };
 use lockstep_operator::freeze;
 use lockstep_operator::members::ReportedState;
+use lockstep_replicator::hold;
 use lockstep_sidecar::enforce::{self, Carried, Enforcer, Input, Level, Operation, Outcome};
 
 use crate::rng::Rng;
+
+mod replicator;
+
+use replicator::{REPLICATOR_TICK, Volume};
 
 /// Simulated milliseconds.
 pub type Ms = u64;
@@ -45,15 +50,18 @@ const BOTH_PATHS: [Path; 2] = [Path::Api, Path::Grpc];
 const SIDECAR_TICK: Ms = 250;
 /// How often the operator evaluates and sends its current point again.
 const OPERATOR_TICK: Ms = 200;
-/// How long a copy may wait for the secondary's acknowledgement.
-const COPY_TIMEOUT: Ms = 150;
 
 /// A defect planted to show the invariants catch it: in the model replicator, or — with the `mutants`
 /// feature — in the real operator and sidecar cores.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mutant {
-    /// The (model) replicator keeps copying and acknowledging new writes while suspended.
-    CopyWhileSuspended,
+    /// The replicator's real hold machine acknowledges new writes while suspended (primary-only, before
+    /// any release): `ReplState::break_ack_while_suspended`.
+    AckWhileSuspended,
+    /// The replicator's real hold machine lets a copied write land on the primary before its chunk is
+    /// in the activity map (`ReplState::break_activity_map`): a crash then leaves it on the primary
+    /// with nothing recording that the secondary lacks it.
+    WriteLandsUncovered,
     /// A defect in the operator's freeze core or the sidecar's enforcement core.
     #[cfg(feature = "mutants")]
     Core(lockstep_api::mutants::Mutant),
@@ -63,7 +71,7 @@ impl Mutant {
     /// Every planted defect this build can plant.
     pub fn all() -> Vec<Self> {
         #[allow(unused_mut)]
-        let mut all = vec![Self::CopyWhileSuspended];
+        let mut all = vec![Self::AckWhileSuspended, Self::WriteLandsUncovered];
         #[cfg(feature = "mutants")]
         all.extend(lockstep_api::mutants::Mutant::ALL.map(Self::Core));
         all
@@ -132,7 +140,10 @@ impl Config {
     pub fn replay_command(&self, seed: u64) -> String {
         let default = Self::default();
         let mut command = "cargo run --release -p lockstep-sim".to_owned();
-        if self.mutant.is_some_and(|m| m != Mutant::CopyWhileSuspended) {
+        if self
+            .mutant
+            .is_some_and(|m| !matches!(m, Mutant::AckWhileSuspended | Mutant::WriteLandsUncovered))
+        {
             command.push_str(" --features mutants");
         }
         command.push_str(&format!(" -- --replay {seed}"));
@@ -210,40 +221,6 @@ pub struct Violation {
     pub trace: String,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Mode {
-    Unconfirmed,
-    Replicating,
-    Held,
-    Suspended,
-    Running,
-    Resyncing,
-}
-
-#[derive(Debug)]
-struct Volume {
-    cluster: usize,
-    node: usize,
-    handle: String,
-    mode: Mode,
-    level: Level,
-    confirmed: bool,
-    link_up: bool,
-    link_generation: u64,
-    /// Writes sent and not yet acknowledged by the secondary.
-    in_flight: BTreeSet<usize>,
-    /// Writes kept from the application, with when they were held.
-    held: BTreeMap<usize, Ms>,
-    /// Writes on the primary that are not known to be on the secondary.
-    dirty: BTreeSet<usize>,
-    /// Resync copies outstanding.
-    resync_left: BTreeSet<usize>,
-    /// Secondary: writes applied.
-    image: BTreeSet<usize>,
-    /// Secondary: the image kept through a resync.
-    kept: Option<BTreeSet<usize>>,
-}
-
 #[derive(Debug)]
 struct Write {
     volume: usize,
@@ -301,20 +278,50 @@ enum Step {
     },
     CopyArrives {
         volume: usize,
-        write: usize,
+        incarnation: u64,
+        cuts: u64,
         generation: u64,
-        resync: bool,
+        seq: u64,
+        writes: Vec<usize>,
     },
     CopyAcked {
         volume: usize,
-        write: usize,
+        incarnation: u64,
+        cuts: u64,
         generation: u64,
-        resync: bool,
+        seq: u64,
     },
-    CopyTimeout {
+    /// A new link's hello reaches the secondary.
+    HelloArrives {
         volume: usize,
-        write: usize,
-        generation: u64,
+        cuts: u64,
+        keep: Option<u64>,
+    },
+    ReplicatorTick {
+        volume: usize,
+    },
+    /// An event on a replicator's stream reaches its sidecar.
+    ReplicatorEvent {
+        sidecar: usize,
+        incarnation: u64,
+        input: Input,
+    },
+    ProbeSecondary {
+        volume: usize,
+        incarnation: u64,
+    },
+    /// A node's replicator is killed, and restarted at `until` from its state files.
+    ReplicatorDown {
+        sidecar: usize,
+        until: Ms,
+    },
+    ReplicatorUp {
+        sidecar: usize,
+    },
+    /// A node's replicator cannot write its state files until `until`.
+    StateWritesFail {
+        sidecar: usize,
+        until: Ms,
     },
     GrpcToOperator {
         message: ToOperator,
@@ -416,6 +423,8 @@ struct World {
     /// Whether this seed's second group lists the first group's volumes.
     rogue: bool,
     healing: bool,
+    /// The monotonic instant of simulated time 0, for the replicators' state machines.
+    clock_base: std::time::Instant,
     tracing: bool,
     /// How many of the last steps a trace keeps (`LOCKSTEP_SIM_TRACE_LINES`, default 200).
     trace_lines: usize,
@@ -503,22 +512,7 @@ impl World {
                     });
                     pvcs.push(pvc);
                     mine.push(volumes.len());
-                    volumes.push(Volume {
-                        cluster,
-                        node: sidecars.len(),
-                        handle,
-                        mode: Mode::Unconfirmed,
-                        level: Level::point(0, Stage::Resume),
-                        confirmed: false,
-                        link_up: true,
-                        link_generation: 0,
-                        in_flight: BTreeSet::new(),
-                        held: BTreeMap::new(),
-                        dirty: BTreeSet::new(),
-                        resync_left: BTreeSet::new(),
-                        image: BTreeSet::new(),
-                        kept: None,
-                    });
+                    volumes.push(Volume::new(cluster, sidecars.len(), handle));
                 }
                 sidecars.push(Sidecar {
                     cluster,
@@ -608,6 +602,7 @@ impl World {
             max_predecessors: 0,
             rogue,
             healing: false,
+            clock_base: std::time::Instant::now(),
             tracing: false,
             trace_lines: std::env::var("LOCKSTEP_SIM_TRACE_LINES")
                 .ok()
@@ -655,6 +650,12 @@ impl World {
     }
 
     fn start(&mut self) {
+        for volume in 0..self.volumes.len() {
+            // Nothing can fail yet: no write was issued, no fault drawn.
+            let _ = self.replicator_starts(volume);
+            let delay = self.rng.between(1, REPLICATOR_TICK);
+            self.at(delay, Step::ReplicatorTick { volume });
+        }
         for sidecar in 0..self.sidecars.len() {
             self.sidecar_starts(sidecar);
             let delay = self.rng.between(1, SIDECAR_TICK);
@@ -676,7 +677,7 @@ impl World {
         while t < self.config.fault_ms {
             t += self.rng.between(500, 4_000);
             let length = self.rng.between(200, 6_000);
-            let step = match self.rng.between(0, 11) {
+            let step = match self.rng.between(0, 13) {
                 0..=2 => Step::LinkCut {
                     volume: self.rng.index(self.volumes.len()),
                     until: t + length,
@@ -698,9 +699,17 @@ impl World {
                 },
                 9 => Step::PersonResyncs,
                 10 => Step::BogusEpoch,
-                _ => Step::Partition {
+                11 => Step::Partition {
                     cluster: self.rng.index(self.api_up.len()),
                     until: t + length,
+                },
+                12 => Step::ReplicatorDown {
+                    sidecar: self.rng.index(self.sidecars.len()),
+                    until: t + length / 3,
+                },
+                _ => Step::StateWritesFail {
+                    sidecar: self.rng.index(self.sidecars.len()),
+                    until: t + length / 3,
                 },
             };
             let delay = t.saturating_sub(self.now);
@@ -713,26 +722,51 @@ impl World {
             Step::Issue { thread } => self.issue(thread)?,
             Step::CopyArrives {
                 volume,
-                write,
+                incarnation,
+                cuts,
                 generation,
-                resync,
-            } => self.copy_arrives(volume, write, generation, resync)?,
+                seq,
+                writes,
+            } => self.copy_arrives(volume, incarnation, cuts, generation, seq, writes)?,
             Step::CopyAcked {
                 volume,
-                write,
+                incarnation,
+                cuts,
                 generation,
-                resync,
-            } => self.copy_acked(volume, write, generation, resync)?,
-            Step::CopyTimeout {
-                volume,
-                write,
-                generation,
+                seq,
+            } => self.copy_acked(volume, incarnation, cuts, generation, seq)?,
+            Step::HelloArrives { volume, cuts, keep } => self.hello_arrives(volume, cuts, keep)?,
+            Step::ReplicatorTick { volume } => {
+                self.replicator_tick(volume)?;
+                self.at(REPLICATOR_TICK, Step::ReplicatorTick { volume });
+            }
+            Step::ReplicatorEvent {
+                sidecar,
+                incarnation,
+                input,
             } => {
-                let v = &self.volumes[volume];
-                if v.link_generation == generation
-                    && (v.in_flight.contains(&write) || v.resync_left.contains(&write))
-                {
-                    self.copy_failed(volume, write)?;
+                if self.sidecars[sidecar].incarnation == incarnation {
+                    self.sidecar_input(sidecar, input)?;
+                }
+            }
+            Step::ProbeSecondary {
+                volume,
+                incarnation,
+            } => self.probe_secondary(volume, incarnation)?,
+            Step::ReplicatorDown { sidecar, until } if !self.healing => {
+                self.fault("replicator killed");
+                for volume in self.sidecars[sidecar].volumes.clone() {
+                    if self.volumes[volume].repl.is_some() {
+                        self.replicator_crashes(volume)?;
+                    }
+                }
+                self.at_time(until, Step::ReplicatorUp { sidecar });
+            }
+            Step::ReplicatorUp { sidecar } => self.replicators_up(sidecar)?,
+            Step::StateWritesFail { sidecar, until } if !self.healing => {
+                self.fault("replicator state writes failing");
+                for volume in self.sidecars[sidecar].volumes.clone() {
+                    self.volumes[volume].state_writes_fail_until = until;
                 }
             }
             Step::GrpcToOperator {
@@ -821,20 +855,9 @@ impl World {
                 self.fault("link cut");
                 let v = &mut self.volumes[volume];
                 v.link_up = false;
-                v.link_generation += 1;
-                let pending: Vec<usize> =
-                    v.in_flight.iter().chain(&v.resync_left).copied().collect();
-                let generation = v.link_generation;
-                for write in pending {
-                    self.at(
-                        COPY_TIMEOUT,
-                        Step::CopyTimeout {
-                            volume,
-                            write,
-                            generation,
-                        },
-                    );
-                }
+                // The connection is broken: what is on the wire is lost, and nothing more goes on it.
+                v.cuts += 1;
+                v.drop_link();
                 self.at_time(until, Step::LinkHealed { volume });
             }
             Step::LinkHealed { volume } => self.volumes[volume].link_up = true,
@@ -904,6 +927,10 @@ impl World {
                 self.healing = true;
                 for v in &mut self.volumes {
                     v.link_up = true;
+                    v.state_writes_fail_until = 0;
+                }
+                for sidecar in 0..self.sidecars.len() {
+                    self.replicators_up(sidecar)?;
                 }
                 self.grpc_up.iter_mut().for_each(|up| *up = true);
                 self.api_up.iter_mut().for_each(|up| *up = true);
@@ -921,6 +948,8 @@ impl World {
             | Step::ApiDown { .. }
             | Step::OperatorDown { .. }
             | Step::SidecarDown { .. }
+            | Step::ReplicatorDown { .. }
+            | Step::StateWritesFail { .. }
             | Step::BogusEpoch
             | Step::Partition { .. } => {}
         }
@@ -959,170 +988,13 @@ impl World {
         Ok(())
     }
 
-    // --- The replicator model --------------------------------------------------------------------
-
-    fn primary_write(&mut self, volume: usize, write: usize) -> Result<(), Box<Violation>> {
-        let copy_while_suspended = self.config.mutant == Some(Mutant::CopyWhileSuspended);
-        let v = &mut self.volumes[volume];
-        v.dirty.insert(write);
-        match v.mode {
-            Mode::Replicating | Mode::Resyncing => self.send(volume, write, false),
-            Mode::Suspended if copy_while_suspended => self.send(volume, write, false),
-            Mode::Unconfirmed | Mode::Held | Mode::Suspended => {
-                v.held.insert(write, self.now);
-            }
-            Mode::Running => return self.completed(write, true),
-        }
-        Ok(())
-    }
-
-    fn send(&mut self, volume: usize, write: usize, resync: bool) {
-        let v = &mut self.volumes[volume];
-        if resync {
-            v.resync_left.insert(write);
-        } else {
-            v.in_flight.insert(write);
-        }
-        let generation = v.link_generation;
-        if v.link_up {
-            let delay = self.rng.between(1, 20);
-            self.at(
-                delay,
-                Step::CopyArrives {
-                    volume,
-                    write,
-                    generation,
-                    resync,
-                },
-            );
-        }
-        self.at(
-            COPY_TIMEOUT,
-            Step::CopyTimeout {
-                volume,
-                write,
-                generation,
-            },
-        );
-    }
-
-    fn copy_arrives(
+    /// The sidecar carries out one of its core's operations: the core must never move a confirmed
+    /// volume back, nor act on a second group's claim. Returns the volumes it failed for.
+    fn operate_on(
         &mut self,
-        volume: usize,
-        write: usize,
-        generation: u64,
-        resync: bool,
-    ) -> Result<(), Box<Violation>> {
-        if self.volumes[volume].link_generation != generation || !self.volumes[volume].link_up {
-            return Ok(());
-        }
-        self.volumes[volume].image.insert(write);
-        if self.volumes[volume].kept.is_none() {
-            self.onto_image(write)?;
-        }
-        let delay = self.rng.between(1, 20);
-        self.at(
-            delay,
-            Step::CopyAcked {
-                volume,
-                write,
-                generation,
-                resync,
-            },
-        );
-        Ok(())
-    }
-
-    fn copy_acked(
-        &mut self,
-        volume: usize,
-        write: usize,
-        generation: u64,
-        resync: bool,
-    ) -> Result<(), Box<Violation>> {
-        let v = &mut self.volumes[volume];
-        if v.link_generation != generation || !v.link_up {
-            return Ok(());
-        }
-        if resync {
-            if v.resync_left.remove(&write) {
-                v.dirty.remove(&write);
-            }
-            return self.resync_progress(volume);
-        }
-        if !v.in_flight.remove(&write) {
-            return Ok(());
-        }
-        v.dirty.remove(&write);
-        match v.mode {
-            Mode::Replicating => self.completed(write, true),
-            Mode::Resyncing => {
-                self.completed(write, true)?;
-                self.resync_progress(volume)
-            }
-            // Copied, but the volume holds every write now: it completes with the others.
-            _ => {
-                v.held.insert(write, self.now);
-                Ok(())
-            }
-        }
-    }
-
-    fn copy_failed(&mut self, volume: usize, write: usize) -> Result<(), Box<Violation>> {
-        let now = self.now;
-        let v = &mut self.volumes[volume];
-        // The application's writes in flight are held; resync copies stay dirty.
-        for w in std::mem::take(&mut v.in_flight) {
-            v.held.insert(w, now);
-        }
-        v.resync_left.clear();
-        if matches!(v.mode, Mode::Replicating | Mode::Resyncing) {
-            v.mode = Mode::Held;
-            let node = v.node;
-            let error = format!("copy of write {write} failed");
-            self.sidecar_input(
-                node,
-                Input::CopyFailed {
-                    volume: self.volumes[volume].handle.clone(),
-                    sequence: write as u64,
-                    error,
-                    since_unix_ms: 0,
-                },
-            )?;
-        }
-        Ok(())
-    }
-
-    fn resync_progress(&mut self, volume: usize) -> Result<(), Box<Violation>> {
-        let v = &mut self.volumes[volume];
-        if v.mode != Mode::Resyncing || !v.resync_left.is_empty() || !v.in_flight.is_empty() {
-            return Ok(());
-        }
-        v.mode = Mode::Replicating;
-        let held: Vec<usize> = std::mem::take(&mut v.held).into_keys().collect();
-        for write in held {
-            self.completed(write, true)?;
-        }
-        self.drop_kept_images_when_in_sync()
-    }
-
-    /// The kept image goes once every volume replicates again with nothing left to copy (the operator
-    /// decides this group-wide).
-    fn drop_kept_images_when_in_sync(&mut self) -> Result<(), Box<Violation>> {
-        let in_sync = self
-            .volumes
-            .iter()
-            .all(|v| v.mode == Mode::Replicating && v.dirty.is_empty() && v.held.is_empty());
-        if in_sync && self.volumes.iter().any(|v| v.kept.is_some()) {
-            for v in &mut self.volumes {
-                v.kept = None;
-            }
-            self.recompute_image()?;
-        }
-        Ok(())
-    }
-
-    fn operate_on(&mut self, sidecar: usize, operation: &Operation) -> Result<(), Box<Violation>> {
+        sidecar: usize,
+        operation: &Operation,
+    ) -> Result<Vec<String>, Box<Violation>> {
         let level = operation.level();
         let group_uid = match operation {
             Operation::Suspend { group_uid, .. }
@@ -1144,112 +1016,27 @@ impl World {
             else {
                 continue;
             };
-            let before = self.volumes[volume].level;
-            if self.volumes[volume].confirmed && level < before {
+            let Some(before) = self.volumes[volume].carried() else {
+                continue;
+            };
+            if before.confirmed && before.group_uid.as_deref() == Some(UID) && level < before.level
+            {
                 return Err(self.violation(format!(
-                    "{} of {} moved back from {before:?} to {level:?} by {operation:?}",
-                    self.volumes[volume].handle, self.sidecars[sidecar].name
+                    "{} of {} moved back from {:?} to {level:?} by {operation:?}",
+                    self.volumes[volume].handle, self.sidecars[sidecar].name, before.level
                 )));
             }
             if self.tracing {
+                let snapshot = self.volumes[volume].snapshot();
                 self.note(format!(
-                    "  {} applies {operation:?} to {} ({:?}, {} held, {} dirty)",
+                    "  {} applies {operation:?} to {} ({:?})",
                     self.sidecars[sidecar].name,
                     self.volumes[volume].handle,
-                    self.volumes[volume].mode,
-                    self.volumes[volume].held.len(),
-                    self.volumes[volume].dirty.len()
+                    snapshot.map(|s| (s.mode, s.held, s.dirty_bytes)),
                 ));
             }
-            let v = &mut self.volumes[volume];
-            v.confirmed = true;
-            v.level = level;
-            match operation {
-                Operation::Suspend { .. } => {
-                    v.mode = Mode::Suspended;
-                    // Sent writes may still land; nothing new is sent.
-                }
-                Operation::Release { .. } => {
-                    v.mode = Mode::Running;
-                    let held: Vec<usize> = std::mem::take(&mut v.held).into_keys().collect();
-                    for write in held {
-                        self.completed(write, true)?;
-                    }
-                }
-                Operation::Resume { .. } => self.start_resync(volume)?,
-                Operation::Configure { stage, .. } => match stage {
-                    Stage::Freeze => v.mode = Mode::Suspended,
-                    Stage::Release => {
-                        v.mode = Mode::Running;
-                        let held: Vec<usize> = std::mem::take(&mut v.held).into_keys().collect();
-                        for write in held {
-                            self.completed(write, true)?;
-                        }
-                    }
-                    Stage::Resume => self.start_resync(volume)?,
-                },
-            }
         }
-        Ok(())
-    }
-
-    fn start_resync(&mut self, volume: usize) -> Result<(), Box<Violation>> {
-        let v = &mut self.volumes[volume];
-        // The secondary keeps its image before the first resync write, whatever it has to copy: new
-        // writes copied during the resync overwrite it too.
-        if v.kept.is_none() {
-            v.kept = Some(v.image.clone());
-        }
-        v.mode = Mode::Resyncing;
-        v.link_generation += 1;
-        // Writes still in flight from before are copied again with the dirty ones, and complete when
-        // the resync does.
-        let now = self.now;
-        for w in std::mem::take(&mut v.in_flight) {
-            v.held.insert(w, now);
-        }
-        v.resync_left.clear();
-        let dirty: Vec<usize> = v.dirty.iter().copied().collect();
-        for write in dirty {
-            self.send(volume, write, true);
-        }
-        self.resync_progress(volume)
-    }
-
-    fn expire_holds(&mut self, sidecar: usize) -> Result<(), Box<Violation>> {
-        let volumes = self.sidecars[sidecar].volumes.clone();
-        for volume in volumes {
-            let limit = self.config.hold_timeout_ms;
-            let now = self.now;
-            let v = &mut self.volumes[volume];
-            if !v.confirmed {
-                continue;
-            }
-            let expired: Vec<usize> = v
-                .held
-                .iter()
-                .filter(|(_, since)| now.saturating_sub(**since) >= limit)
-                .map(|(write, _)| *write)
-                .collect();
-            for write in &expired {
-                v.held.remove(write);
-            }
-            if !expired.is_empty() {
-                let handle = v.handle.clone();
-                for write in expired {
-                    self.completed(write, false)?;
-                }
-                self.sidecar_input(
-                    sidecar,
-                    Input::HoldTimedOut {
-                        volume: handle,
-                        failed_writes: 1,
-                        at_unix_ms: 0,
-                    },
-                )?;
-            }
-        }
-        Ok(())
+        self.replicator_call(sidecar, operation)
     }
 
     // --- The consistency checker -----------------------------------------------------------------
@@ -1316,25 +1103,18 @@ impl World {
         s.acked.clear();
         s.states_sent.clear();
         s.last_heard = self.now;
-        let inventory = self.inventory(sidecar);
-        let _ = self.sidecar_input(sidecar, Input::Inventory(inventory));
+        if let Some(inventory) = self.inventory(sidecar) {
+            let _ = self.sidecar_input(sidecar, Input::Inventory(inventory));
+        }
     }
 
-    fn inventory(&self, sidecar: usize) -> Vec<Carried> {
+    /// The node's replicator's volume list, as the sidecar reads it; `None` while the replicator is
+    /// down (the listing fails).
+    fn inventory(&self, sidecar: usize) -> Option<Vec<Carried>> {
         self.sidecars[sidecar]
             .volumes
             .iter()
-            .map(|&v| {
-                let volume = &self.volumes[v];
-                Carried {
-                    volume: volume.handle.clone(),
-                    group_uid: volume.confirmed.then(|| UID.to_owned()),
-                    level: volume.level,
-                    confirmed: volume.confirmed,
-                    held_after_failure: (volume.mode == Mode::Held).then_some(0),
-                    resyncing: volume.mode == Mode::Resyncing,
-                }
-            })
+            .map(|&v| self.volumes[v].carried())
             .collect()
     }
 
@@ -1351,10 +1131,20 @@ impl World {
         }) {
             self.fault("directive at its fail-safe's own epoch refused");
         }
+        let mut failed: Vec<String> = Vec::new();
         for operation in &outcome.operations {
-            self.operate_on(sidecar, operation)?;
+            failed.extend(self.operate_on(sidecar, operation)?);
         }
-        for ack in outcome.acks {
+        let mut acks = outcome.acks;
+        if !failed.is_empty() {
+            // As the agent does: no acknowledgement for a volume whose operation failed, and the core
+            // forgets what those volumes carry until the next listing.
+            acks.retain(|ack| !ack.volumes.iter().any(|v| failed.contains(v)));
+            let _ = self.sidecars[sidecar]
+                .enforcer
+                .handle(Input::OperationFailed { volumes: failed });
+        }
+        for ack in acks {
             if ack.point.group_uid != UID {
                 continue; // the second group's, should it ever ack: its volumes are checked above
             }
@@ -1466,9 +1256,9 @@ impl World {
         if self.grpc_up[cluster] {
             self.sidecars[sidecar].last_heard = self.now;
         }
-        let inventory = self.inventory(sidecar);
-        self.sidecar_input(sidecar, Input::Inventory(inventory))?;
-        self.expire_holds(sidecar)?;
+        if let Some(inventory) = self.inventory(sidecar) {
+            self.sidecar_input(sidecar, Input::Inventory(inventory))?;
+        }
         let failures = self.sidecars[sidecar].enforcer.failures();
         let timeouts = self.sidecars[sidecar].enforcer.hold_timeouts();
         let acks = self.acks_of(sidecar);
@@ -1763,14 +1553,19 @@ impl World {
     /// A release at `epoch` is decided only when every member volume is suspended at that epoch (or
     /// further): no dependent write can reach a secondary after its predecessor was lost.
     fn check_release(&self, epoch: u64) -> Result<(), Box<Violation>> {
-        let needed = Level::point(epoch, Stage::Freeze);
         for v in &self.volumes {
-            let suspended = matches!(v.mode, Mode::Suspended | Mode::Running) && v.level >= needed
-                || v.level.is_fail_safe() && v.level.epoch >= epoch;
-            if !suspended {
+            if !v.frozen_at(epoch) {
                 return Err(self.violation(format!(
-                    "release at epoch {epoch} decided while c{}/{} is {:?} at {:?}",
-                    v.cluster, v.handle, v.mode, v.level
+                    "release at epoch {epoch} decided while c{}/{} is {:?}",
+                    v.cluster,
+                    v.handle,
+                    v.snapshot()
+                        .map(|s| (s.mode, s.epoch, s.stage))
+                        .or_else(|| v.state_file.as_ref().map(|p| (
+                            hold::Mode::Unconfirmed,
+                            p.epoch,
+                            p.stage
+                        ))),
                 )));
             }
         }
@@ -1832,17 +1627,6 @@ impl World {
                 "after the heal phase the group is still at epoch {epoch} stage {stage:?}"
             )));
         }
-        for v in &self.volumes {
-            if v.mode != Mode::Replicating || !v.held.is_empty() {
-                return Err(self.violation(format!(
-                    "after the heal phase c{}/{} is {:?} holding {} writes",
-                    v.cluster,
-                    v.handle,
-                    v.mode,
-                    v.held.len()
-                )));
-            }
-        }
-        Ok(())
+        self.replicators_in_sync()
     }
 }

@@ -87,7 +87,22 @@ fn a_fail_safe_suspension_found_after_a_restart_is_reported() {
     }
 }
 
-/// The mutation check: each defect planted in the real cores (with `--features mutants`; the model
+#[test]
+fn a_volume_restarted_while_its_group_resumed_keeps_its_secondarys_image_through_its_resync() {
+    // Seeds 15, 126 and 133 found it once the simulator drove the replicator's real hold machine and
+    // killed replicators: a replicator restarted while its group was resumed came back suspended at
+    // the freeze, its sidecar confirmed it at (e, Resume) with a `Configure` — which resumed it, and the
+    // resync overwrote its secondary with no image kept (only a `Resume` call asked for one), while the
+    // other secondaries kept the image of e. The hold machine now asks for the kept image itself
+    // whenever it resumes (`Effect::KeepImage`).
+    for seed in [15, 126, 133] {
+        if let Err(violation) = run(seed, &Config::default()) {
+            panic!("{violation}");
+        }
+    }
+}
+
+/// The mutation check: each defect planted in the real cores (with `--features mutants`; the
 /// replicator's always) is caught within the CI seed budget, 10 000 seeds. Prints which seed caught each.
 #[test]
 fn each_planted_defect_is_caught_within_the_seed_budget() {
