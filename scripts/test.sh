@@ -30,7 +30,7 @@ cargo run --release --locked -p lockstep-e2e --bin lockstep-freeze-bench -- \
   --out "$CARGO_TARGET_DIR/freeze-bench-10k"
 
 echo "== deterministic simulation: 10 000 seeds of the operator's and sidecars' real cores under seeded faults"
-# Release build: about 100 seeds/s on two cores. A violation prints the seed and the command that replays it.
+# Release build: about 65 seeds/s on two cores. A violation prints the seed and the command that replays it.
 cargo run --release --locked -p lockstep-sim -- --seeds 10000
 
 echo "== the simulator's mutation check: each defect planted in the real cores is caught within 10 000 seeds"
