@@ -900,14 +900,17 @@ fn is_volume(member: &MemberVolumeStatus, cluster: &str, volume_handle: &str) ->
 /// Marks a reported volume Held, unless it already acknowledged a later epoch than the report saw: then the
 /// report is the failure's late copy on its second path (or a replay), and the volume has moved on
 /// (Suspended by the freeze it caused, or Running after its release); marking it Held again would show a
-/// frozen volume as still holding writes.
+/// frozen volume as still holding writes. A volume last reported Resyncing stays so: its copy failed
+/// mid-resync, its secondary is not in sync, and Held would put it in the image of the freeze its failure
+/// starts.
 fn mark_held(status: &mut ConsistencyGroupStatus, report: &Report) {
     for member in &mut status.members {
         let moved_on = member
             .acknowledged
             .as_ref()
             .is_some_and(|ack| ack.epoch > report.epoch_seen);
-        if is_volume(member, &report.cluster, &report.volume_handle) && !moved_on {
+        let resyncing = member.state == Some(VolumeState::Resyncing);
+        if is_volume(member, &report.cluster, &report.volume_handle) && !moved_on && !resyncing {
             member.state = Some(VolumeState::Held);
         }
     }

@@ -33,9 +33,9 @@
 //! may land ([`ReplState::cover`]) its chunk is in the persisted activity map, and a restart takes every
 //! active chunk as dirty. The map is cleared once the volume replicates in sync and has been idle for
 //! [`ACTIVE_IDLE`]: a steady working set costs nothing, the first write to a chunk after a quiet spell
-//! waits for one state write. In the other modes the dirty map records writes; its state write is awaited
-//! before a write is acknowledged, not before it lands (a crash in between leaves that unacknowledged
-//! write's chunk out of the map — not closed yet).
+//! waits for one state write. In the other modes (held, suspended, released) the dirty map records
+//! writes, and likewise its chunk is on disk before the write may land (the simulator found a suspended
+//! volume's write whose map write failed, then a crash, leaving it on the primary alone for good).
 //!
 //! A release takes effect only once it is durable (rules 2 and 6): the volume stays `Suspended` while the
 //! state saying "running at `e`" — with the dirty map covering the held writes — is written, enters
@@ -159,8 +159,10 @@ pub enum Effect {
     /// A volume in no group runs primary-only: probe the secondary until it answers, then call
     /// [`ReplState::secondary_answers`].
     ProbeSecondary,
-    /// Ask the secondary to keep its image of `epoch` from the next link on (DESIGN rule 7): a resume
-    /// at `epoch` is about to overwrite it with the dirty regions. Comes before the link it is for.
+    /// Ask the secondary to keep its image of `epoch` from the next link on (DESIGN rule 7): a
+    /// confirmation that resumes the volume at `epoch` is about to overwrite it with the dirty regions (a
+    /// `Resume` is preceded by the caller's own `KeepImage`; the failover's reverse resync keeps none).
+    /// Comes before the link it is for.
     KeepImage {
         /// The epoch whose image the secondary keeps (one that keeps an older image keeps that one).
         epoch: u64,
@@ -770,7 +772,13 @@ impl ReplState {
 
     fn confirm(&mut self) {
         if self.mode == Mode::Unconfirmed {
-            let restored = std::mem::replace(&mut self.restored, Mode::Standalone);
+            let mut restored = std::mem::replace(&mut self.restored, Mode::Standalone);
+            // Writes that came while the volume waited are held and dirty: one returning to replicate
+            // copies them first (and completes them once copied), or they would wait for the hold
+            // timeout and stay on the primary alone while the volume claims to be in sync.
+            if restored == Mode::Replicating && self.dirty.dirty_bytes() > 0 {
+                restored = Mode::Resyncing { epoch: self.epoch };
+            }
             self.enter(restored);
         }
     }
@@ -782,19 +790,28 @@ impl ReplState {
         seq
     }
 
-    /// Brings `[offset, offset+length)` into the activity map before a write or trim there may land on the
-    /// primary's disk while the volume copies (replicating or resyncing). `Some`: wait for this state
-    /// write first (a failure fails the write: nothing lands). Pair every call with
-    /// [`ReplState::uncover`] once the write was submitted (or given up).
+    /// Records `[offset, offset+length)` on disk before a write or trim there may land on the primary's
+    /// disk: while the volume copies (replicating or resyncing) in the activity map, in any other mode
+    /// (held, suspended, released) in the dirty map — so a crash can never leave a write on the primary
+    /// with nothing saying its secondary may lack it. `Some`: wait for this state write first (a failure
+    /// fails the write: nothing lands). Pair every call with [`ReplState::uncover`] once the write was
+    /// submitted (or given up).
     pub fn cover(
         &mut self,
         offset: u64,
         length: u64,
     ) -> Option<oneshot::Receiver<Result<(), CopyError>>> {
         self.covering += 1;
-        // Only a write that is copied is on the primary alone until acknowledged; any other mode records
-        // it in the dirty map.
-        if !self.has_secondary || !self.mode.copies() || self.broken_activity_map {
+        if !self.has_secondary {
+            return None;
+        }
+        if !self.mode.copies() {
+            // Not copied: the dirty map records it (and a released volume's write is acknowledged once
+            // the map on disk covers it, which it now does before the write lands).
+            self.mark_dirty(offset, length);
+            return (self.persisted_version < self.dirty_version).then(|| self.persist());
+        }
+        if self.broken_activity_map {
             return None;
         }
         if !self.active.is_dirty_all(offset, length) {
@@ -1177,9 +1194,6 @@ impl ReplState {
                 "a fail-safe suspension at epoch {at} is lifted only at a higher epoch"
             )));
         }
-        // Whoever resumes it — a Resume, or a Configure confirming a volume restarted while its group
-        // resumed — the secondary keeps the image of `epoch` through the resync.
-        self.effects.push(Effect::KeepImage { epoch });
         self.start_resync(epoch, now);
         self.stage = Some(Stage::Resume);
         Ok(Some(self.persist()))
@@ -1298,7 +1312,17 @@ impl ReplState {
                     self.release(group, epoch)
                 }
             }
-            Some(Stage::Resume) => self.resume(group, epoch, now),
+            Some(Stage::Resume) => {
+                // A volume restarted while its group resumed is resumed by its confirmation, not by a
+                // `Resume` its sidecar would precede with `KeepImage`: the secondary keeps the image of
+                // `epoch` through the resync all the same (asked before the link that resync opens).
+                let before = self.effects.len();
+                let resumed = self.resume(group, epoch, now);
+                if matches!(resumed, Ok(Some(_))) {
+                    self.effects.insert(before, Effect::KeepImage { epoch });
+                }
+                resumed
+            }
         }
     }
 }
@@ -1339,6 +1363,58 @@ mod tests {
         s.configure("g", 5, None, now).unwrap();
         write_state(&mut s, true);
         assert!(matches!(release.try_recv(), Ok(Err(_))));
+    }
+
+    /// The simulator, before it modelled the volume's gate, let writes reach a restarted volume before its
+    /// sidecar confirmed it: held and dirty, and the confirmation at the point it carried put it back to
+    /// replicating with them still held — failed at the hold timeout, left on the primary alone.
+    /// `Volume` gates I/O until the confirmation, but the state machine takes such writes: it now
+    /// resynchronises them first and completes them once copied.
+    #[test]
+    fn writes_held_before_a_restarted_volume_was_confirmed_are_copied_then_completed() {
+        let now = Instant::now();
+        let mut before = replicating();
+        let restored = write_state(&mut before, true);
+        let mut s = restarted(restored);
+        let CopyWait::Wait(mut held) = submit(&mut s) else {
+            panic!("an unconfirmed volume holds its writes");
+        };
+        s.configure("g", 1, None, now).unwrap();
+        assert!(
+            matches!(s.mode(), Mode::Resyncing { .. }),
+            "confirmed with a dirty write: {:?}",
+            s.mode()
+        );
+        assert!(matches!(
+            held.try_recv(),
+            Err(oneshot::error::TryRecvError::Empty)
+        ));
+        let generation = s.generation();
+        let pieces = s.dirty().pieces(1024 * 1024, 1 << 30);
+        assert_eq!(pieces, vec![(0, crate::dirty::CHUNK)]);
+        let seq = s.next_seq();
+        let (data_tx, data) = oneshot::channel();
+        let _ = data_tx.send(Ok(Bytes::new()));
+        let mut copied = s
+            .submit_resync(generation, seq, 0, crate::dirty::CHUNK, data, now)
+            .expect("the resync runs on the current link");
+        s.acked(generation, seq).unwrap();
+        assert!(copied.try_recv().is_ok());
+        s.resync_done(generation);
+        assert_eq!(s.mode(), &Mode::Replicating);
+        assert!(matches!(held.try_recv(), Ok(Ok(()))));
+    }
+
+    /// A volume restarted from `restored`, not confirmed yet.
+    fn restarted(restored: Persisted) -> ReplState {
+        ReplState::new(
+            "v",
+            true,
+            Duration::from_secs(60),
+            Some(restored),
+            false,
+            SystemTime::now(),
+        )
     }
 
     /// A volume with a secondary, a 60 s hold timeout, nothing restored, not confirmed yet.
@@ -1405,14 +1481,7 @@ mod tests {
             fenced: None,
             active: Vec::new(),
         };
-        let mut r = ReplState::new(
-            "v",
-            true,
-            Duration::from_secs(60),
-            Some(restored),
-            false,
-            SystemTime::now(),
-        );
+        let mut r = restarted(restored);
         assert!(matches!(
             r.configure("g", 4, Some(Stage::Resume), Instant::now()),
             Ok(None)
@@ -1747,14 +1816,29 @@ mod tests {
         assert!(matches!(wait.try_recv(), Ok(Err(CopyError::Persist(_)))));
     }
 
-    /// Outside the copying modes the dirty map records writes: no activity map, no extra state write.
+    /// Outside the copying modes the dirty map records writes, on disk before they land (the simulator,
+    /// seed 237: a suspended volume's write landed, its state write failed, the replicator was killed,
+    /// and nothing recorded that its secondary lacked it); no activity map.
     #[test]
-    fn a_suspended_volume_covers_nothing() {
+    fn a_suspended_volume_records_a_write_in_its_dirty_map_before_it_lands() {
         let mut s = replicating();
         s.suspend("g", 2, false, Instant::now()).unwrap();
         write_state(&mut s, true);
-        assert!(s.cover(0, 4096).is_none());
+        let mut covered = s.cover(0, 4096).expect("the dirty map to write first");
+        let on_disk = write_state(&mut s, true);
+        assert!(matches!(covered.try_recv(), Ok(Ok(()))));
+        assert_eq!(on_disk.dirty, vec![(0, crate::dirty::CHUNK)]);
+        assert!(on_disk.active.is_empty());
         s.uncover();
-        assert!(write_state(&mut s, true).active.is_empty());
+        // The chunk is on disk: the next write there waits for nothing.
+        assert!(s.cover(4096, 4096).is_none());
+        s.uncover();
+        // A state write that fails fails the write before it lands.
+        let mut failed = s
+            .cover(crate::dirty::CHUNK, 4096)
+            .expect("a new chunk to write");
+        write_state(&mut s, false);
+        assert!(matches!(failed.try_recv(), Ok(Err(_))));
+        s.uncover();
     }
 }

@@ -16,6 +16,7 @@ use common::*;
 use lockstep_api::proto::replicator::v1 as pb;
 use lockstep_replicator::dirty::CHUNK;
 use lockstep_replicator::hold::{Persisted, Stage};
+use lockstep_replicator::nbd::proto::EIO;
 use lockstep_replicator::secondary::{Secondary, SecondaryConfig};
 use lockstep_replicator::volume::{state_path, state_scratch_path};
 use lockstep_replicator::{CopyConfig, Primary, PrimaryConfig, VolumeConfig};
@@ -157,10 +158,11 @@ fn covers(p: &Persisted, offset: u64) -> bool {
 async fn a_release_whose_state_write_fails_keeps_holding_until_a_retry_persists_it() {
     let (node, mut ctl) = replicating().await;
     ctl.suspend(directive(2)).await.unwrap();
-    node.fail_state_writes();
-    // A write while suspended, to a chunk the map on disk does not cover yet: held.
+    // A write while suspended: its chunk is in the map on disk before it lands, then it is held.
     let held = node.write(3 * CHUNK, 0x22);
     wait_held(&mut ctl, 1).await;
+    assert!(covers(&node.on_disk(), 3 * CHUNK));
+    node.fail_state_writes();
 
     let err = ctl.release(directive(2)).await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::Internal, "{err:?}");
@@ -181,12 +183,13 @@ async fn a_release_whose_state_write_fails_keeps_holding_until_a_retry_persists_
         ),
         "still held at the old stage"
     );
-    // A suspend at the same epoch is not "already done" either while the map on disk lacks a held write.
-    let err = ctl.suspend(directive(2)).await.unwrap_err();
-    assert_eq!(err.code(), tonic::Code::Internal, "{err:?}");
+    // A write to a chunk the map on disk does not cover cannot be recorded: it fails before it lands
+    // (a crash could otherwise leave it on the primary with nothing saying the secondary lacks it).
+    assert_eq!(node.write(4 * CHUNK, 0x44).await.unwrap(), Some(EIO));
+    let primary = node.dir.path().join("primary").join(VOLUME);
+    assert_eq!(read_file_at(&primary, 4 * CHUNK, 4096), vec![0; 4096]);
     let disk = node.on_disk();
     assert_eq!((disk.mode.as_str(), disk.epoch), ("suspended", 2));
-    assert!(!covers(&disk, 3 * CHUNK), "the failed writes left {disk:?}");
     assert!(!held.is_finished(), "a held write was acknowledged");
 
     // The disk has room again: the retry persists the release, then the held write completes.
@@ -212,9 +215,9 @@ async fn a_suspend_whose_state_write_fails_is_not_acknowledged_until_a_retry_per
     node.fail_state_writes();
     let err = ctl.suspend(directive(2)).await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::Internal, "{err:?}");
-    // Freezing is always safe: the volume holds although its suspension is not on disk yet.
-    let held = node.write(5 * CHUNK, 0x33);
-    wait_held(&mut ctl, 1).await;
+    // Freezing is always safe: the volume holds although its suspension is not on disk yet, and a
+    // write it cannot record fails rather than land.
+    assert_eq!(node.write(5 * CHUNK, 0x33).await.unwrap(), Some(EIO));
     let retry = ctl.suspend(directive(2)).await;
     assert!(
         retry.is_err(),
@@ -231,7 +234,9 @@ async fn a_suspend_whose_state_write_fails_is_not_acknowledged_until_a_retry_per
         (disk.mode.as_str(), disk.epoch, disk.stage),
         ("suspended", 2, Some(Stage::Freeze))
     );
-    assert!(covers(&disk, 5 * CHUNK), "{disk:?}");
+    let held = node.write(5 * CHUNK, 0x33);
+    wait_held(&mut ctl, 1).await;
+    assert!(covers(&node.on_disk(), 5 * CHUNK));
     assert!(!held.is_finished(), "held until the release");
     ctl.release(directive(2)).await.unwrap();
     assert_eq!(held.await.unwrap(), Some(0));

@@ -577,7 +577,13 @@ impl VolumeView {
     /// is known to be done: the operator takes that report as the volume being back in the image.
     pub fn state(&self, failures: &[Failure]) -> VolumeState {
         if failures.iter().any(|f| f.volume == self.volume) {
-            return VolumeState::Held;
+            // Holding a failed write; one whose resync it interrupted is still out of sync (outside the
+            // image of the freeze its failure starts).
+            return if self.resyncing {
+                VolumeState::Resyncing
+            } else {
+                VolumeState::Held
+            };
         }
         match (self.confirmed, &self.group_uid, self.level) {
             (false, _, _) => VolumeState::Unconfirmed,
@@ -723,8 +729,10 @@ impl Enforcer {
                     },
                 );
             } else if let Some(volume) = self.volumes.get_mut(&c.volume) {
-                // Whether a resync is still copying is the replicator's to say, listing by listing.
-                volume.resyncing = c.resyncing;
+                // Whether a resync is still copying is the replicator's to say, listing by listing;
+                // one whose copy failed holds writes now, its secondary still half resynchronised.
+                volume.resyncing =
+                    c.resyncing || (volume.resyncing && c.held_after_failure.is_some());
             }
         }
         self.inventory_known = true;
@@ -1147,6 +1155,7 @@ impl Enforcer {
                     if level == target && !target.is_fail_safe() {
                         configure.push(name.clone());
                         volume.confirmed = true;
+                        volume.resyncing |= confirmed_into_replication(target);
                     } else if level > target {
                         out.refused.push(Refusal::CarriesNewer {
                             volume: name.clone(),
@@ -1166,6 +1175,7 @@ impl Enforcer {
                 }
                 configure.push(name.clone());
                 volume.confirmed = true;
+                volume.resyncing |= confirmed_into_replication(target);
                 volume.group_uid = Some(uid.to_owned());
                 volume.level = Some(target);
                 continue;
@@ -1478,6 +1488,13 @@ impl Enforcer {
 }
 
 /// The replicator steps that bring a volume from `from` to `to` (`from` < `to`, not satisfying it).
+/// Whether a `Configure` confirming a volume at `target` may start a resync in its replicator: one into
+/// replication copies whatever the volume holds dirty first (restarted mid-resync, or restarted while its
+/// group resumed), so it is not in sync until a listing says so.
+fn confirmed_into_replication(target: Level) -> bool {
+    target.rank == Rank::Resume
+}
+
 #[derive(Debug, Default)]
 struct Steps {
     suspend: bool,

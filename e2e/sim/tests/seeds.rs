@@ -89,16 +89,38 @@ fn a_fail_safe_suspension_found_after_a_restart_is_reported() {
 
 #[test]
 fn a_volume_restarted_while_its_group_resumed_keeps_its_secondarys_image_through_its_resync() {
-    // Seeds 15, 126 and 133 found it once the simulator drove the replicator's real hold machine and
+    // Seeds 15, 126 and 646 find it since the simulator drives the replicator's real hold machine and
     // killed replicators: a replicator restarted while its group was resumed came back suspended at
     // the freeze, its sidecar confirmed it at (e, Resume) with a `Configure` — which resumed it, and the
     // resync overwrote its secondary with no image kept (only a `Resume` call asked for one), while the
     // other secondaries kept the image of e. The hold machine now asks for the kept image itself
-    // whenever it resumes (`Effect::KeepImage`).
-    for seed in [15, 126, 133] {
+    // whenever a confirmation resumes the volume (`Effect::KeepImage`).
+    for seed in [15, 126, 646] {
         if let Err(violation) = run(seed, &Config::default()) {
             panic!("{violation}");
         }
+    }
+}
+
+#[test]
+fn a_write_landing_while_suspended_is_recorded_before_it_lands() {
+    // Seed 237 found it: a suspended volume's write landed before its dirty chunk was in the state
+    // file, that state write failed and nothing wrote the state again; the replicator was killed, and
+    // after every resync the write was on the primary and not on the secondary. The chunk is now on
+    // disk before the write lands, in every mode.
+    if let Err(violation) = run(237, &Config::default()) {
+        panic!("{violation}");
+    }
+}
+
+#[test]
+fn a_volume_confirmed_into_replication_stays_out_of_the_image_until_its_resync_is_done() {
+    // Seed 11473 found it: a replicator restarted while its group replicated came back with chunks to
+    // resynchronise; its sidecar confirmed it at the group's point with a `Configure` (which started
+    // that resync) and reported it in sync; the resync's copy failed, and the freeze it started named
+    // an image whose secondary was half resynchronised.
+    if let Err(violation) = run(11473, &Config::default()) {
+        panic!("{violation}");
     }
 }
 

@@ -1741,3 +1741,31 @@ fn a_failover_during_a_resync_rolls_back_to_the_kept_image_and_after_it_is_refus
     assert!(!ready, "{message}");
     assert_eq!(reason, "NotFrozen");
 }
+
+/// Found by the simulator (seed 11473 of a soak): a volume whose copy failed in the middle of a resync
+/// (a replicator restarted with chunks to copy, while the group replicated) was marked Held by the
+/// failure's report and counted in sync, so the freeze that report started named an image whose
+/// secondary was half resynchronised. A volume last reported Resyncing stays outside the image.
+#[test]
+fn a_copy_failed_in_the_middle_of_a_resync_leaves_the_volume_outside_the_image() {
+    let mut group = group(Policy::FreezeAndGo);
+    if let Some(status) = group.status.as_mut()
+        && let Some(wal) = status
+            .members
+            .iter_mut()
+            .find(|m| m.volume_handle.as_deref() == Some("vol-wal"))
+    {
+        wal.state = Some(VolumeState::Resyncing);
+    }
+    step(&mut group, &report(Path::Grpc, 0));
+    assert_eq!(status(&group).position(), (1, Stage::Freeze));
+    let wal = member(&group, "east", "vol-wal");
+    assert_eq!(wal.state, Some(VolumeState::Resyncing));
+    assert_eq!(wal.image_epoch, None, "its secondary is not in sync");
+    let data = member(&group, "east", "vol-data");
+    assert_eq!(
+        data.image_epoch,
+        Some(1),
+        "a volume in sync is in the image"
+    );
+}

@@ -1449,3 +1449,44 @@ fn a_resumed_volume_is_resyncing_until_a_listing_says_its_resync_is_done() {
     assert_eq!(state_of(&core, "v1"), VolumeState::Running);
     assert!(core.volumes().iter().all(|v| !v.resyncing));
 }
+
+/// Found by the simulator (seed 11473 of a soak): a replicator restarted while its group replicated came
+/// back unconfirmed with chunks to resynchronise; its sidecar confirmed it at the group's point (1, Resume)
+/// with a `Configure`, which started that resync, and reported it replicating — in sync — until its next
+/// listing. The resync's copy failed, the volume was reported Held (taken as in sync), and the freeze
+/// that failure started named an image whose secondary was half resynchronised.
+#[test]
+fn a_volume_confirmed_into_replication_resyncs_until_a_listing_says_it_is_done_even_if_its_copy_fails()
+ {
+    let mut core = Enforcer::new();
+    let at_resume = |resyncing: bool, held: Option<u64>, confirmed: bool| Carried {
+        resyncing,
+        held_after_failure: held,
+        ..carrying("v1", Level::point(1, Stage::Resume), confirmed)
+    };
+    // Restarted: unconfirmed, carrying the group's point.
+    core.handle(Input::Inventory(vec![at_resume(false, None, false)]));
+    core.handle(membership(Path::Api, &["v1"]));
+    let out = core.handle(directive(Path::Api, 1, Stage::Resume));
+    assert_eq!(out.operations, vec![configure("v1", 1, Stage::Resume)]);
+    assert_eq!(state_of(&core, "v1"), VolumeState::Resyncing);
+
+    // Its resync's copy fails: it holds writes, and its secondary is still not in sync.
+    core.handle(Input::CopyFailed {
+        volume: "v1".into(),
+        sequence: 7,
+        error: "secondary did not acknowledge".into(),
+        since_unix_ms: 0,
+    });
+    assert_eq!(state_of(&core, "v1"), VolumeState::Resyncing);
+    core.handle(Input::Inventory(vec![at_resume(false, Some(7), true)]));
+    assert_eq!(state_of(&core, "v1"), VolumeState::Resyncing);
+
+    // Confirmed with nothing to copy, a listing says so at once.
+    let mut core = Enforcer::new();
+    core.handle(Input::Inventory(vec![at_resume(false, None, false)]));
+    core.handle(membership(Path::Api, &["v1"]));
+    core.handle(directive(Path::Api, 1, Stage::Resume));
+    core.handle(Input::Inventory(vec![at_resume(false, None, true)]));
+    assert_eq!(state_of(&core, "v1"), VolumeState::Replicating);
+}

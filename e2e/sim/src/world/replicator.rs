@@ -55,6 +55,8 @@ pub(super) struct Volume {
     pub(super) incarnation: u64,
     /// The writes on the primary's disk, by offset.
     pub(super) primary: BTreeMap<u64, usize>,
+    /// Writes waiting at the volume's gate: I/O waits until the sidecar confirms the volume.
+    gated: Vec<usize>,
     /// Writes waiting for their outcome.
     pub(super) waits: Vec<(usize, oneshot::Receiver<Result<(), CopyError>>)>,
     pub(super) link_up: bool,
@@ -88,6 +90,7 @@ impl Volume {
             state_writes_fail_until: 0,
             incarnation: 0,
             primary: BTreeMap::new(),
+            gated: Vec::new(),
             waits: Vec::new(),
             link_up: true,
             cuts: 0,
@@ -203,6 +206,10 @@ impl World {
         v.resync = None;
         v.resync_writes.clear();
         v.keep = None;
+        // The application's requests waiting at the gate end with the process too.
+        for write in std::mem::take(&mut v.gated) {
+            self.completed(write, false)?;
+        }
         self.settle_writes(volume)
     }
 
@@ -219,6 +226,11 @@ impl World {
             // No replicator serves the volume: the application's I/O fails.
             return self.completed(write, false);
         };
+        if *repl.mode() == hold::Mode::Unconfirmed {
+            // `Volume::gate`: nothing lands before the sidecar confirms the volume.
+            self.volumes[volume].gated.push(write);
+            return Ok(());
+        }
         let cover = repl.cover(offset, BLOCK);
         self.drive(volume)?;
         let covered = match cover {
@@ -236,6 +248,19 @@ impl World {
         }
         v.primary.insert(offset, write);
         let seq = repl.next_seq();
+        if self.tracing {
+            let line = format!(
+                "  write {write} lands on c{}/{} as sequence {seq} ({:?})",
+                v.cluster,
+                v.handle,
+                repl.mode()
+            );
+            self.note(line);
+        }
+        let v = &mut self.volumes[volume];
+        let Some(repl) = v.repl.as_mut() else {
+            return self.completed(write, false);
+        };
         let frame = Frame::Write {
             seq,
             offset,
@@ -293,6 +318,16 @@ impl World {
         }
         self.ship_frames(volume);
         self.settle_writes(volume)?;
+        let confirmed = self.volumes[volume]
+            .repl
+            .as_ref()
+            .is_some_and(|repl| *repl.mode() != hold::Mode::Unconfirmed);
+        if confirmed && !self.volumes[volume].gated.is_empty() {
+            // The gate opens: the waiting writes go on, in order.
+            for write in std::mem::take(&mut self.volumes[volume].gated) {
+                self.primary_write(volume, write)?;
+            }
+        }
         self.drop_kept_images_when_in_sync()
     }
 
@@ -611,7 +646,21 @@ impl World {
                     false
                 }
             });
+        let copying = self.volumes[volume].snapshot().is_some_and(|s| {
+            matches!(
+                s.mode,
+                hold::Mode::Replicating | hold::Mode::Resyncing { .. }
+            )
+        });
         for (write, ok) in done {
+            // A write acknowledged while its volume copies was acknowledged as copied: its secondary
+            // must hold it (a release, which acknowledges primary-only, leaves the volume running).
+            if ok && copying && !self.volumes[volume].image.contains(&write) {
+                return Err(self.violation(format!(
+                    "write {write} was acknowledged as copied by {}, but its secondary does not hold it",
+                    self.volumes[volume].handle
+                )));
+            }
             self.completed(write, ok)?;
         }
         Ok(())
@@ -734,7 +783,12 @@ impl World {
                     v.cluster, v.handle, s.mode, s.held
                 )));
             }
-            let on_the_way: BTreeSet<usize> = v.waits.iter().map(|(write, _)| *write).collect();
+            let on_the_way: BTreeSet<usize> = v
+                .waits
+                .iter()
+                .map(|(write, _)| *write)
+                .chain(v.gated.iter().copied())
+                .collect();
             if let Some(missing) = v
                 .primary
                 .values()
