@@ -29,7 +29,7 @@ cargo run --release --locked -p lockstep-e2e --bin lockstep-freeze-bench -- \
   --volumes 10000 --paths both --clusters 5 --nodes-per-cluster 20 --trials 1 --warmup 0 --check \
   --out "$CARGO_TARGET_DIR/freeze-bench-10k"
 
-echo "== deterministic simulation: 10 000 seeds of the operator's and sidecars' real cores under seeded faults"
+echo "== deterministic simulation: 10 000 seeds of the operator's, sidecars' and replicators' real cores under seeded faults"
 # Release build: about 65 seeds/s on two cores. A violation prints the seed and the command that replays it.
 cargo run --release --locked -p lockstep-sim -- --seeds 10000
 
