@@ -802,7 +802,8 @@ impl ReplState {
         length: u64,
     ) -> Option<oneshot::Receiver<Result<(), CopyError>>> {
         self.covering += 1;
-        if !self.has_secondary {
+        // Nothing lands on a fenced volume (the write is refused), nor needs recording without a peer.
+        if !self.has_secondary || self.fenced.is_some() {
             return None;
         }
         if !self.mode.copies() {
