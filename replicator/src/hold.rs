@@ -1406,6 +1406,20 @@ mod tests {
         assert!(matches!(held.try_recv(), Ok(Ok(()))));
     }
 
+    /// A fenced volume refuses every write: `cover` records nothing, so the fence's report of what the
+    /// old site wrote after the image (its dirty map) names only what landed.
+    #[test]
+    fn a_fenced_volume_records_nothing_for_a_write_it_refuses() {
+        let mut s = replicating();
+        s.suspend("g", 2, false, Instant::now()).unwrap();
+        write_state(&mut s, true);
+        drop(s.fence("g", 2, Instant::now()).unwrap());
+        write_state(&mut s, true);
+        assert!(s.cover(0, 4096).is_none());
+        s.uncover();
+        assert_eq!(s.dirty().dirty_bytes(), 0);
+    }
+
     /// A volume restarted from `restored`, not confirmed yet.
     fn restarted(restored: Persisted) -> ReplState {
         ReplState::new(
