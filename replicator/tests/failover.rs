@@ -512,17 +512,23 @@ async fn fail_over_and_back(sites: Sites) {
         "the switch back to finish",
     )
     .await;
-    // The DR volumes are secondaries again (demoted by the stream); the old site takes writes.
-    let dr_list = dr_ctl
-        .list_volumes(pb::ListVolumesRequest {})
-        .await
-        .unwrap()
-        .into_inner();
-    assert!(
-        dr_list.volumes.iter().all(|v| v.replica),
-        "{:?}",
-        dr_list.volumes
-    );
+    // The DR volumes become secondaries again once the old site's streams arrive (demoted by them).
+    // With nothing to resync the old site reports Replicating at once and connects its links as
+    // they are needed, so the demotion may still be on its way.
+    eventually(
+        "the DR volumes to be demoted by the old site's streams",
+        || {
+            let mut dr_ctl = dr_ctl.clone();
+            async move {
+                states(&mut dr_ctl)
+                    .await
+                    .iter()
+                    .all(|v| v.replica)
+                    .then_some(())
+            }
+        },
+    )
+    .await;
     let mut old_clients = clients(old.nbd_addr().unwrap()).await;
     for n in 10..14 {
         acked.write(&mut old_clients, n, 0xf0 + n as u8).await;
