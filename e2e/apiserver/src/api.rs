@@ -388,8 +388,13 @@ fn parse_body(call: &Call<'_>) -> Result<Value, ApiError> {
         return Err(ApiError::unsupported_body(call.content_type));
     }
     let v: Value = if call.content_type.contains("yaml") {
-        serde_yaml_ng::from_slice(call.body)
-            .map_err(|e| ApiError::bad_request(format!("invalid YAML: {e}")))?
+        // Clients sending apply patches (`application/apply-patch+yaml`) mostly send JSON, a subset of
+        // YAML that serde_json parses several times faster.
+        match serde_json::from_slice(call.body) {
+            Ok(v) => v,
+            Err(_) => serde_yaml_ng::from_slice(call.body)
+                .map_err(|e| ApiError::bad_request(format!("invalid YAML: {e}")))?,
+        }
     } else {
         serde_json::from_slice(call.body)
             .map_err(|e| ApiError::bad_request(format!("invalid JSON: {e}")))?
