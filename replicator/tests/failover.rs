@@ -513,8 +513,8 @@ async fn fail_over_and_back(sites: Sites) {
     )
     .await;
     // The DR volumes become secondaries again once the old site's streams arrive (demoted by them).
-    // With nothing to resync the old site reports Replicating at once and connects its links as
-    // they are needed, so the demotion may still be on its way.
+    // With nothing to resync the old site reports Replicating at once while its streams connect in
+    // the background, so the demotion may still be on its way.
     eventually(
         "the DR volumes to be demoted by the old site's streams",
         || {
