@@ -772,10 +772,12 @@ fn compiled_pattern(pattern: &str) -> Result<regex::Regex, String> {
     let mut patterns = PATTERNS
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
-    patterns
-        .entry(pattern.to_owned())
-        .or_insert_with(|| regex::Regex::new(pattern).map_err(|e| e.to_string()))
-        .clone()
+    if let Some(compiled) = patterns.get(pattern) {
+        return compiled.clone();
+    }
+    let compiled = regex::Regex::new(pattern).map_err(|e| e.to_string());
+    patterns.insert(pattern.to_owned(), compiled.clone());
+    compiled
 }
 
 #[cfg(test)]
