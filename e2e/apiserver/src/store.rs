@@ -25,6 +25,16 @@ use tokio::sync::broadcast;
 use crate::error::{ApiError, ServerError};
 use crate::resources::{self, CRD_GROUP, CRD_PLURAL, Registry, TypeKey};
 
+/// The most changes a watch may fall behind the live stream before it is ended (the client resumes from
+/// its last resourceVersion, out of the history). The ring keeps its last `WATCH_RING` changes alive
+/// whether anyone reads them or not, so it stays small.
+const WATCH_RING: usize = 4_096;
+
+/// The most the kept history may hold, in estimated bytes of JSON: beside its count limit, large objects
+/// written often (a ReplicationNode of a thousand volumes) would otherwise keep gigabytes alive. A watch
+/// older than what is kept gets 410 Gone and lists again, as against kube-apiserver's watch cache.
+const HISTORY_BYTES: usize = 64 << 20;
+
 /// What happened to an object.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ChangeKind {
@@ -69,6 +79,33 @@ pub struct Change {
     pub object: Value,
     /// The object before the change (for selector transitions in watches).
     pub old: Option<Value>,
+}
+
+impl Change {
+    /// Roughly how many bytes of JSON the change holds (the object, and before it the old one).
+    pub fn approx_bytes(&self) -> usize {
+        approx_json_bytes(&self.object) + self.old.as_ref().map_or(0, approx_json_bytes)
+    }
+}
+
+/// Roughly the length of `value` serialised as JSON, counted without serialising it.
+fn approx_json_bytes(value: &Value) -> usize {
+    match value {
+        Value::Null | Value::Bool(_) | Value::Number(_) => 8,
+        Value::String(s) => s.len() + 2,
+        Value::Array(items) => {
+            2 + items
+                .iter()
+                .map(|v| approx_json_bytes(v) + 1)
+                .sum::<usize>()
+        }
+        Value::Object(fields) => {
+            2 + fields
+                .iter()
+                .map(|(k, v)| k.len() + 4 + approx_json_bytes(v))
+                .sum::<usize>()
+        }
+    }
 }
 
 /// What watches receive, in commit order.
@@ -128,6 +165,8 @@ pub struct Inner {
     count: usize,
     history: VecDeque<Arc<Change>>,
     history_cap: usize,
+    /// The estimated size of the kept history ([`Change::approx_bytes`] summed).
+    history_bytes: usize,
     oldest: u64,
     /// The types served, changed by CRD writes under the same lock.
     pub registry: Registry,
@@ -255,9 +294,13 @@ impl Inner {
     }
 
     fn remember(&mut self, change: Arc<Change>) {
+        self.history_bytes += change.approx_bytes();
         self.history.push_back(change);
-        while self.history.len() > self.history_cap {
+        while self.history.len() > self.history_cap
+            || (self.history_bytes > HISTORY_BYTES && self.history.len() > 1)
+        {
             if let Some(dropped) = self.history.pop_front() {
+                self.history_bytes -= dropped.approx_bytes();
                 self.oldest = dropped.rv;
             }
         }
@@ -345,13 +388,14 @@ impl Store {
     /// Opens a store: in memory when `data_dir` is `None`, else replayed from (and logged to)
     /// `data_dir/state.jsonl`. `history` bounds the changes kept for watches to resume from.
     pub fn open(data_dir: Option<&Path>, history: usize, now: &str) -> Result<Self, ServerError> {
-        let (tx, _) = broadcast::channel(65_536);
+        let (tx, _) = broadcast::channel(WATCH_RING);
         let mut inner = Inner {
             rv: 0,
             objects: HashMap::new(),
             count: 0,
             history: VecDeque::new(),
             history_cap: history.max(1),
+            history_bytes: 0,
             oldest: 0,
             registry: Registry::new(),
             log: None,

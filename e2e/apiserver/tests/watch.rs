@@ -538,3 +538,53 @@ async fn a_watch_delivers_every_change_in_order_exactly_once() -> TestResult {
     assert_eq!(seen, written, "every write exactly once");
     Ok(())
 }
+
+#[tokio::test]
+async fn the_history_is_bounded_by_size_as_well_as_count() -> TestResult {
+    // 40 changes of a 900 KB ConfigMap (each holding the object before and after it: ~72 MB) are far
+    // under the 10 000 changes kept by count, but over the 64 MiB kept by size: the oldest are dropped,
+    // and a watch from before them gets 410 Gone, while a recent one resumes.
+    let (_server, client) = server().await?;
+    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), "default");
+    let mut big = config_map("big", &[]);
+    big.data = Some(BTreeMap::from([("blob".to_string(), "x".repeat(900_000))]));
+    let created = cms.create(&PostParams::default(), &big).await?;
+    let first_rv = created
+        .metadata
+        .resource_version
+        .clone()
+        .unwrap_or_default();
+    let mut last_rv = first_rv.clone();
+    for i in 0..40 {
+        let patch = json!({"data": {"round": i.to_string()}});
+        let patched = cms
+            .patch("big", &PatchParams::default(), &Patch::Merge(&patch))
+            .await?;
+        last_rv = patched
+            .metadata
+            .resource_version
+            .clone()
+            .unwrap_or_default();
+    }
+
+    let mut old = cms.watch(&WatchParams::default(), &first_rv).await?.boxed();
+    match tokio::time::timeout(Duration::from_secs(10), old.try_next()).await {
+        Ok(Ok(Some(WatchEvent::Error(e)))) => {
+            assert_eq!((e.code, e.reason.as_str()), (410, "Expired"));
+        }
+        other => return Err(format!("expected 410 for rv {first_rv}, got {other:?}").into()),
+    }
+
+    let recent: u64 = last_rv.parse()?;
+    let mut stream = cms
+        .watch(&WatchParams::default(), &(recent - 1).to_string())
+        .await?
+        .boxed();
+    match tokio::time::timeout(Duration::from_secs(10), stream.try_next()).await {
+        Ok(Ok(Some(WatchEvent::Modified(cm)))) => {
+            assert_eq!(cm.metadata.resource_version, Some(last_rv));
+        }
+        other => return Err(format!("expected the last change, got {other:?}").into()),
+    }
+    Ok(())
+}
