@@ -138,7 +138,7 @@ async fn why_unresolved(connection: &Connection, member: &VolumeLine) -> String 
         .await
         .map(|list| list.items)
         .unwrap_or_default();
-    let bound = lockstep_operator::clusters::bound_nodes(&[pv], &attachments);
+    let bound = lockstep_operator::clusters::bound_nodes(&[std::sync::Arc::new(pv)], &attachments);
     match bound.get(&handle) {
         Some(node) => format!(
             "cluster {cluster} binds PV {pv_name} (handle {handle}) to node {node}, but the operator has not resolved it yet: see the group's MembersResolved condition"

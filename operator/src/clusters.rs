@@ -191,11 +191,17 @@ pub async fn view(member: &Member, sessions: &Sessions, lease_namespace: &str) -
                 Api::<PersistentVolumeClaim>::all(client.clone())
                     .list(&params)
                     .await?
-                    .items,
+                    .items
+                    .into_iter()
+                    .map(Arc::new)
+                    .collect(),
                 Api::<PersistentVolume>::all(client.clone())
                     .list(&params)
                     .await?
-                    .items,
+                    .items
+                    .into_iter()
+                    .map(Arc::new)
+                    .collect(),
             ),
         };
         let nodes = match cache.and_then(|cache| cache.nodes.snapshot()) {
@@ -354,7 +360,7 @@ pub fn sole_claims(
 /// affinity naming one `kubernetes.io/hostname`, else a VolumeAttachment that is attached. A volume
 /// attached to two nodes (a multi-attach) is bound to none.
 pub fn bound_nodes(
-    volumes: &[PersistentVolume],
+    volumes: &[Arc<PersistentVolume>],
     attachments: &[VolumeAttachment],
 ) -> BTreeMap<String, String> {
     let mut bound = BTreeMap::new();
@@ -514,7 +520,8 @@ mod tests {
             pv("pv-b", "vol-b", None),
             pv("pv-c", "vol-c", None),
             pv("pv-d", "vol-d", None),
-        ];
+        ]
+        .map(Arc::new);
         let attachments = [
             attachment("pv-b", "node-b", true),
             attachment("pv-c", "node-c", false),

@@ -122,16 +122,18 @@ impl MemberCache {
         })
     }
 
-    /// Every claim and volume of the cluster, once both have been listed.
-    pub fn snapshot(&self) -> Option<(Vec<PersistentVolumeClaim>, Vec<PersistentVolume>)> {
+    /// Every claim and volume of the cluster, once both have been listed: shared with the reflector's
+    /// store, not copied (a cluster of 10 000 claims is read every few hundred milliseconds).
+    pub fn snapshot(&self) -> Option<ClaimsAndVolumes> {
         if !(self.claims_listed.is_listed() && self.volumes_listed.is_listed()) {
             return None;
         }
-        let claims = self.claims.state().iter().map(|c| (**c).clone()).collect();
-        let volumes = self.volumes.state().iter().map(|v| (**v).clone()).collect();
-        Some((claims, volumes))
+        Some((self.claims.state(), self.volumes.state()))
     }
 }
+
+/// A cluster's claims and volumes, shared with the reflectors' stores.
+pub type ClaimsAndVolumes = (Vec<Arc<PersistentVolumeClaim>>, Vec<Arc<PersistentVolume>>);
 
 /// One ReplicationNode as its watch delivered it, decoded once for the cache and for path 1: its name,
 /// and the node or why it does not decode.

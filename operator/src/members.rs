@@ -11,6 +11,7 @@
 
 use std::borrow::Borrow;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
@@ -32,9 +33,9 @@ pub struct ClusterView {
     /// kubeconfig, no MemberCluster of that name).
     pub unavailable: Option<String>,
     /// Its PersistentVolumeClaims (API path).
-    pub claims: Vec<PersistentVolumeClaim>,
+    pub claims: Vec<Arc<PersistentVolumeClaim>>,
     /// Its PersistentVolumes (API path).
-    pub volumes: Vec<PersistentVolume>,
+    pub volumes: Vec<Arc<PersistentVolume>>,
     /// Volumes its sidecars resolved and reported (gRPC-only clusters, or any cluster's sidecars).
     pub reported: Vec<ReportedVolume>,
     /// The node serving each volume handle as its sidecar says (ReplicationNode status or its gRPC
@@ -212,11 +213,14 @@ impl<'a> ViewIndex<'a> {
 
     fn claim(&self, namespace: &str, name: &str) -> Option<&'a PersistentVolumeClaim> {
         let i = *self.names.claims.get(namespace)?.get(name)?;
-        self.view.claims.get(i)
+        self.view.claims.get(i).map(|claim| &**claim)
     }
 
     fn volume(&self, name: &str) -> Option<&'a PersistentVolume> {
-        self.view.volumes.get(*self.names.volumes.get(name)?)
+        self.view
+            .volumes
+            .get(*self.names.volumes.get(name)?)
+            .map(|volume| &**volume)
     }
 
     fn reported(&self, namespace: &str, pvc: &str) -> Option<&'a ReportedVolume> {
@@ -265,7 +269,9 @@ impl<'a> ViewIndex<'a> {
             .min_by_key(|positions| positions.len())
             .unwrap_or(everything);
         let claims = &self.view.claims;
-        positions.iter().filter_map(move |&i| claims.get(i))
+        positions
+            .iter()
+            .filter_map(move |&i| claims.get(i).map(|claim| &**claim))
     }
 }
 

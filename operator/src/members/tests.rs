@@ -50,17 +50,21 @@ fn pv(name: &str, handle: &str) -> PersistentVolume {
 
 fn east() -> ClusterView {
     ClusterView {
-        claims: vec![
+        claims: [
             claim("orders", "wal", "orders", Some("pv-wal")),
             claim("orders", "data", "orders", Some("pv-data")),
             claim("orders", "scratch", "other", Some("pv-scratch")),
             claim("billing", "ledger", "orders", Some("pv-ledger")),
-        ],
-        volumes: vec![
+        ]
+        .map(Arc::new)
+        .into(),
+        volumes: [
             pv("pv-wal", "vol-wal"),
             pv("pv-data", "vol-data"),
             pv("pv-scratch", "vol-scratch"),
-        ],
+        ]
+        .map(Arc::new)
+        .into(),
         node_of_volume: BTreeMap::from([
             ("vol-wal".to_owned(), "node-a".to_owned()),
             ("vol-data".to_owned(), "node-b".to_owned()),
@@ -243,7 +247,8 @@ fn unknown_clusters_unbound_claims_and_nodeless_volumes_are_named() {
 #[test]
 fn a_missing_claim_is_told_apart_from_an_unbound_one() {
     let mut view = east();
-    view.claims.push(claim("orders", "pending", "orders", None));
+    view.claims
+        .push(Arc::new(claim("orders", "pending", "orders", None)));
     let clusters = BTreeMap::from([("east".to_owned(), view)]);
     let resolution = resolve(
         &[by_names("east", &["wal", "missing", "pending"])],
@@ -525,9 +530,9 @@ fn selectors_select_the_same_claims_through_the_label_index() {
             labels.insert("tier".to_owned(), tier.to_owned());
         }
     };
-    tier(&mut view.claims[0], "log");
-    tier(&mut view.claims[1], "data");
-    tier(&mut view.claims[2], "log");
+    tier(Arc::make_mut(&mut view.claims[0]), "log");
+    tier(Arc::make_mut(&mut view.claims[1]), "data");
+    tier(Arc::make_mut(&mut view.claims[2]), "log");
     // Indexed once when read (as the operator does), or by each resolution (a view built by hand).
     let indexed = BTreeMap::from([("east".to_owned(), view.clone().indexed())]);
     let clusters = BTreeMap::from([("east".to_owned(), view)]);
