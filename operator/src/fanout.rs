@@ -57,9 +57,7 @@ impl Fanout {
         targets: &[Member],
     ) {
         let name = group.name_any();
-        let sent = self
-            .sessions
-            .send_to_clusters(clusters, &sessions::directive(point, &name));
+        let sent = self.sessions.send_directive(clusters, point, &name);
         self.metrics.directives(Path::Grpc, point.stage, sent);
         tracing::info!(epoch = point.epoch, stage = %point.stage, nodes = sent, "directive sent over gRPC");
         let Some(status) = status else { return };

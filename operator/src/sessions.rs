@@ -7,6 +7,7 @@
 use std::{
     collections::BTreeMap,
     sync::{Arc, Mutex, MutexGuard},
+    time::{Duration, Instant},
 };
 
 use lockstep_api::{
@@ -68,6 +69,8 @@ struct Inner {
     /// The membership last sent to each cluster's sessions, without the groups' current points (the
     /// directives carry those).
     memberships: BTreeMap<String, pb::Membership>,
+    /// The directive last sent for each group (by UID), and when.
+    directives_sent: BTreeMap<String, (GroupEpoch, Instant)>,
 }
 
 impl std::fmt::Debug for Sessions {
@@ -239,6 +242,57 @@ impl Sessions {
         sent
     }
 
+    /// Sends a group's directive to every session of `clusters`; returns how many took it. Remembered for
+    /// [`Self::send_directive_again`].
+    pub fn send_directive(
+        &self,
+        clusters: &[String],
+        point: &GroupEpoch,
+        group_name: &str,
+    ) -> usize {
+        let mut inner = self.lock();
+        inner
+            .directives_sent
+            .insert(point.group_uid.clone(), (point.clone(), Instant::now()));
+        Self::send_within(&mut inner, clusters, &directive(point, group_name))
+    }
+
+    /// Sends a group's directive again, as [`Self::send_directive`] — unless the same directive was sent
+    /// less than `interval` ago (returns `None` then). A repeat is cheap for one group, but a freeze of
+    /// hundreds of groups at once would otherwise resend every unacknowledged one after each group's
+    /// reconcile, filling the sessions' buffers until they are closed.
+    pub fn send_directive_again(
+        &self,
+        clusters: &[String],
+        point: &GroupEpoch,
+        group_name: &str,
+        interval: Duration,
+    ) -> Option<usize> {
+        let mut inner = self.lock();
+        let now = Instant::now();
+        if let Some((sent, at)) = inner.directives_sent.get(&point.group_uid)
+            && sent == point
+            && now.duration_since(*at) < interval
+        {
+            return None;
+        }
+        inner
+            .directives_sent
+            .insert(point.group_uid.clone(), (point.clone(), now));
+        Some(Self::send_within(
+            &mut inner,
+            clusters,
+            &directive(point, group_name),
+        ))
+    }
+
+    /// Forgets the directives sent for groups that no longer exist.
+    pub fn forget_directives_except(&self, groups: &std::collections::BTreeSet<&str>) {
+        self.lock()
+            .directives_sent
+            .retain(|uid, _| groups.contains(uid.as_str()));
+    }
+
     /// Sends a cluster's membership (every group with members there) to each of its sessions when it
     /// differs from the one they were sent last (a group created, changed or deleted), and to `joining`
     /// (a node that just subscribed) in any case; returns how many sessions took it.
@@ -358,6 +412,40 @@ mod tests {
         assert!(east_a.try_recv().is_ok() && east_b.try_recv().is_ok());
         assert!(east_a.try_recv().is_err(), "one message per node");
         assert!(west.try_recv().is_err(), "west is not a member cluster");
+    }
+
+    #[tokio::test]
+    async fn a_directive_is_sent_again_only_once_its_interval_has_passed() {
+        let sessions = Sessions::default();
+        let (_, mut east) = sessions.open_ok(key("east", "a"), Vec::new());
+        let east_only = ["east".to_owned()];
+        let freeze = GroupEpoch::new("uid", 1, Stage::Freeze).unwrap();
+        let hour = Duration::from_secs(3600);
+        assert_eq!(sessions.send_directive(&east_only, &freeze, "orders"), 1);
+        assert_eq!(
+            sessions.send_directive_again(&east_only, &freeze, "orders", hour),
+            None,
+            "sent a moment ago"
+        );
+        assert_eq!(
+            sessions.send_directive_again(&east_only, &freeze, "orders", Duration::ZERO),
+            Some(1),
+            "its interval has passed"
+        );
+        let release = GroupEpoch::new("uid", 1, Stage::Release).unwrap();
+        assert_eq!(
+            sessions.send_directive_again(&east_only, &release, "orders", hour),
+            Some(1),
+            "another point is sent at once"
+        );
+        let other = GroupEpoch::new("other-uid", 1, Stage::Freeze).unwrap();
+        assert_eq!(
+            sessions.send_directive_again(&east_only, &other, "billing", hour),
+            Some(1),
+            "so is another group's"
+        );
+        let received = std::iter::from_fn(|| east.try_recv().ok()).count();
+        assert_eq!(received, 4);
     }
 
     fn membership(group: &str, epoch: u64) -> pb::Membership {

@@ -250,8 +250,8 @@ fn feed_point(context: &Context, message: Option<&pb::GroupEpoch>, why: &str) {
 /// Keeps the Subscribe stream open.
 pub async fn subscribe(path: GrpcPath, context: Arc<Context>) {
     let mut backoff = Backoff::default();
-    // Groups the last membership listed, to notice groups that left.
-    let mut listed: BTreeSet<String> = BTreeSet::new();
+    // Groups the last membership listed, to notice groups that left and to skip those unchanged.
+    let mut listed = Listed::default();
     loop {
         if context.stop.is_cancelled() {
             return;
@@ -354,11 +354,35 @@ async fn resolve(client: &kube::Client, namespace: &str, pvc: &str) -> Option<(S
     Some((pv, handle))
 }
 
+/// What the last Membership said of each group, and what this node made of it.
+///
+/// The operator pushes a cluster's whole membership whenever any of its groups changes (a freeze of 500
+/// groups is some 1 500 pushes, each naming every group). A group whose entry is the same as last time,
+/// with every volume resolved then and the node serving the same volumes, is not fed to the core again:
+/// its directive would be refused as stale and its membership would change nothing, but each input
+/// re-enforces every group (a wave of pushes cost O(groups³) enforcement per sidecar).
+#[derive(Default)]
+struct Listed {
+    /// The volumes this node served when the entries below were read.
+    served: BTreeSet<String>,
+    /// By group UID.
+    groups: BTreeMap<String, ListedGroup>,
+}
+
+struct ListedGroup {
+    /// The entry as the operator sent it.
+    entry: pb::GroupMembership,
+    /// Every PVC it names had a volume handle (from the operator or resolved here): nothing to retry.
+    complete: bool,
+    /// Its volumes this node serves, by (namespace, PVC).
+    resolved: Vec<((String, String), pb::ResolvedVolume)>,
+}
+
 async fn membership_update(
     path: &GrpcPath,
     context: &Context,
     membership: pb::Membership,
-    listed: &mut BTreeSet<String>,
+    listed: &mut Listed,
 ) {
     let served: BTreeSet<String> = context
         .snapshot
@@ -367,7 +391,11 @@ async fn membership_update(
         .iter()
         .map(|v| v.volume.clone())
         .collect();
-    let mut now = BTreeSet::new();
+    if served != listed.served {
+        listed.groups.clear();
+        listed.served = served.clone();
+    }
+    let mut now = BTreeMap::new();
     let mut resolved = BTreeMap::new();
     for group in membership.groups {
         let Some(current) = group.current.as_ref() else {
@@ -381,6 +409,17 @@ async fn membership_update(
                 continue;
             }
         };
+        if let Some(known) = listed.groups.remove(&target.group_uid)
+            && known.complete
+            && known.entry == group
+        {
+            resolved.extend(known.resolved.iter().cloned());
+            now.insert(target.group_uid, known);
+            continue;
+        }
+        let entry_as_sent = group.clone();
+        let mut complete = true;
+        let mut resolved_here = Vec::new();
         // The membership lists the group's volumes in this cluster; this node's are those it serves
         // (the core keeps only those). A PVC named without a volume handle is resolved here.
         let mut volumes = BTreeSet::new();
@@ -408,6 +447,7 @@ async fn membership_update(
                 }
             }
             if entry.volume_handle.is_empty() {
+                complete = false;
                 continue;
             }
             if served.contains(&entry.volume_handle) {
@@ -418,11 +458,20 @@ async fn membership_update(
                         name: entry.pvc.clone(),
                     },
                 )]);
-                resolved.insert((entry.namespace.clone(), entry.pvc.clone()), entry.clone());
+                let key = (entry.namespace.clone(), entry.pvc.clone());
+                resolved.insert(key.clone(), entry.clone());
+                resolved_here.push((key, entry.clone()));
             }
             volumes.insert(entry.volume_handle);
         }
-        now.insert(target.group_uid.clone());
+        now.insert(
+            target.group_uid.clone(),
+            ListedGroup {
+                entry: entry_as_sent,
+                complete,
+                resolved: resolved_here,
+            },
+        );
         // Every member in sync at the group's resume: the images kept through its resync may go (the
         // membership says so; a gRPC-only cluster has no mirrored group to read the phase from).
         let mine: BTreeSet<String> = volumes.intersection(&served).cloned().collect();
@@ -455,13 +504,13 @@ async fn membership_update(
             hold_timeout_ms,
         });
     }
-    for gone in listed.difference(&now) {
+    for gone in listed.groups.keys() {
         context.send(Input::GroupGone {
             path: Path::Grpc,
             group_uid: gone.clone(),
         });
     }
-    *listed = now;
+    listed.groups = now;
     context.send(Input::Synced(Path::Grpc));
     if path.remember(resolved) {
         // Tell the operator which of the named PVCs this node serves (how a gRPC-only member resolves).

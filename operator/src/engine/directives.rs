@@ -3,6 +3,9 @@
 
 use super::*;
 
+/// How long a directive is left to be acknowledged before it is sent again to the nodes that have not.
+pub const RESEND_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
+
 impl Engine {
     /// Writes the group's mirror into every member cluster reached through its API server (not the hub),
     /// unless the group is being deleted (its finalizer removes the mirrors, under the same lock).
@@ -72,7 +75,13 @@ impl Engine {
     /// repeat costs nothing. Returns how many nodes were sent a directive.
     pub fn resend_unacknowledged(&self) -> usize {
         let mut sent = 0;
-        for group in self.groups() {
+        let groups = self.groups();
+        let uids: BTreeSet<&str> = groups
+            .iter()
+            .filter_map(|group| group.metadata.uid.as_deref())
+            .collect();
+        self.inner.sessions.forget_directives_except(&uids);
+        for group in &groups {
             let (Some(uid), Some(status)) = (group.metadata.uid.clone(), group.status.as_ref())
             else {
                 continue;
@@ -101,10 +110,14 @@ impl Engine {
                 stage,
             };
             let clusters: Vec<String> = behind.into_iter().collect();
-            let nodes = self
-                .inner
-                .sessions
-                .send_to_clusters(&clusters, &sessions::directive(&point, &group.name_any()));
+            let Some(nodes) = self.inner.sessions.send_directive_again(
+                &clusters,
+                &point,
+                &group.name_any(),
+                RESEND_INTERVAL,
+            ) else {
+                continue; // sent a moment ago: its acknowledgements are on their way
+            };
             tracing::debug!(group = %group.name_any(), epoch, ?stage, nodes, "directive sent again to unacknowledged clusters");
             sent += nodes;
         }

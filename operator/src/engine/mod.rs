@@ -62,7 +62,7 @@ use crate::{
     members::ClusterView,
     metrics::Metrics,
     mirror,
-    sessions::{self, Sessions},
+    sessions::Sessions,
 };
 
 /// The finalizer by which a deleted group releases and resumes its volumes before it goes (rule 9).
