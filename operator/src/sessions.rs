@@ -18,8 +18,11 @@ use tokio::sync::mpsc;
 
 use crate::members::{ReportedState, ReportedVolume};
 
-/// How many messages may wait for a slow sidecar before the stream counts as stuck and is closed.
-const SESSION_BUFFER: usize = 64;
+/// How many messages may wait for a slow sidecar before the stream counts as stuck and is closed. A freeze
+/// of hundreds of groups sends each node two directives per group within a moment (the stream's task
+/// drains them as the runtime gets to it), so the buffer holds a few of those bursts; a directive is a
+/// few hundred bytes, and the buffer takes memory only while it fills.
+const SESSION_BUFFER: usize = 4_096;
 
 /// A node's identity: (member cluster, node name).
 pub type NodeKey = (String, String);

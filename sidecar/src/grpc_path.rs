@@ -540,6 +540,11 @@ struct Retry {
     backoff: Backoff,
 }
 
+/// How many groups' acknowledgements are in flight at once. The operator decides each as it arrives (a
+/// release is a status write): one after the other, a node with a volume in each of 500 groups frozen
+/// together would release the last group 500 decisions after the first.
+const CONCURRENT_ACKS: usize = 32;
+
 /// Sends the latest acknowledgement of every group with `Ack` until the operator answers it applied: at
 /// once when it is new, again with backoff after an error or a not-applied answer (volumes the operator
 /// has not resolved yet, a group it does not know yet, a replica that is not the leader), and again on
@@ -569,15 +574,25 @@ pub async fn acknowledge(path: GrpcPath, context: Arc<Context>) {
             })
             .map(|p| p.ack.clone())
             .collect();
-        for ack in pending {
-            let uid = ack.point.group_uid.clone();
+        let node = identity(&context);
+        let answers = futures::stream::iter(pending.into_iter().map(|ack| {
+            let mut client = path.unary.clone();
             let request = pb::AckRequest {
-                node: Some(identity(&context)),
+                node: Some(node.clone()),
                 enforced: Some(pb::GroupEpoch::from(&ack.point)),
                 volume_handles: ack.volumes.clone(),
                 fail_safe: ack.fail_safe,
             };
-            let not_taken = match path.unary.clone().ack(request).await {
+            async move {
+                let answer = client.ack(request).await;
+                (ack, answer)
+            }
+        }))
+        .buffer_unordered(CONCURRENT_ACKS);
+        let mut answers = std::pin::pin!(answers);
+        while let Some((ack, answer)) = answers.next().await {
+            let uid = ack.point.group_uid.clone();
+            let not_taken = match answer {
                 Ok(response) => {
                     let response = response.into_inner();
                     feed_point(&context, response.current.as_ref(), "ack answer");
