@@ -159,6 +159,69 @@ async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
     body
 }
 
+/// How many directives the sidecar counted as stale (already enforced), summed over its series.
+async fn stale_directives(sidecar: &lockstep_sidecar::Sidecar) -> u64 {
+    http_get(sidecar.metrics_addr(), "/metrics")
+        .await
+        .lines()
+        .filter(|l| {
+            l.starts_with("lockstep_sidecar_directives_total") && l.contains("state=\"stale\"")
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum()
+}
+
+/// The operator pushes a cluster's whole membership whenever any of its groups changes: hundreds of times
+/// in a freeze of hundreds of groups. A group's entry repeated unchanged is not fed to the core again (each
+/// input re-enforced every group); a changed one is, and its point is enforced.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_membership_repeated_unchanged_is_not_fed_again_and_a_changed_one_is() {
+    let rep = FakeReplicator::start(&["v1", "v2"]).await;
+    let control = FakeControl::start().await;
+    control.set_membership("uid-g", 1, cpb::Stage::Freeze, &["v1", "v2"]);
+    let mut options = options(&rep);
+    options.no_api_path = true;
+    options.operator_endpoint = Some(control.endpoint());
+    options.insecure_plaintext_control = true;
+    let sidecar = start(options, None).await;
+    eventually("the membership's point acknowledged", || {
+        control.acked(1, cpb::Stage::Freeze, &["v1", "v2"], false)
+    })
+    .await;
+    // The operator's answer to that acknowledgement names the point just enforced, fed as a directive:
+    // stale. Counted before the repeats.
+    eventually_async("the acknowledgement's answer fed", || async {
+        stale_directives(&sidecar).await >= 1
+    })
+    .await;
+    let before = stale_directives(&sidecar).await;
+
+    for _ in 0..5 {
+        control.set_membership("uid-g", 1, cpb::Stage::Freeze, &["v1", "v2"]);
+    }
+    // Behind the repeats on the same stream: a changed entry, which moves the group on.
+    control.set_membership("uid-g", 2, cpb::Stage::Freeze, &["v1", "v2"]);
+    eventually("the changed membership's point acknowledged", || {
+        control.acked(2, cpb::Stage::Freeze, &["v1", "v2"], false)
+    })
+    .await;
+    // At most one more stale directive: the answer to the epoch-2 acknowledgement (whether fed before
+    // this read or after it). Fed again, the five repeats would each count one.
+    let after = stale_directives(&sidecar).await;
+    assert!(
+        after <= before + 1,
+        "the repeats were fed to the core again: {before} stale directives before them, {after} after"
+    );
+    assert!(
+        rep.calls("suspend")
+            .iter()
+            .any(|c| c.epoch == 2 && c.volumes.len() == 2),
+        "{:?}",
+        rep.calls("suspend")
+    );
+    sidecar.shutdown().await;
+}
+
 /// A node of many volumes whose replicator announces every change (as the reference replicator does)
 /// configures each volume once. Listings the replicator gave while the sidecar was configuring, read
 /// after, said volumes were still unconfirmed and had them configured again — at thousands of volumes,
