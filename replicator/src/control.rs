@@ -357,19 +357,24 @@ impl ControlService {
         what: Directive,
     ) -> Result<Response<pb::DirectiveResponse>, Status> {
         let volumes = self.group_volumes(&request.group_uid, &request.volume_handles)?;
-        let mut states = Vec::new();
-        for volume in volumes {
-            let result = match what {
-                Directive::Suspend => {
-                    volume
-                        .suspend(&request.group_uid, request.epoch, request.fail_safe)
-                        .await
+        // The volumes together: each persists its own state file, so a group's suspend costs one
+        // state write, not one per volume in a row.
+        let results = futures::future::join_all(volumes.iter().map(|volume| {
+            let (group, epoch) = (&request.group_uid, request.epoch);
+            async move {
+                match what {
+                    Directive::Suspend => volume.suspend(group, epoch, request.fail_safe).await,
+                    Directive::Release => volume.release(group, epoch).await,
+                    Directive::Resume => volume.resume(group, epoch).await,
                 }
-                Directive::Release => volume.release(&request.group_uid, request.epoch).await,
-                Directive::Resume => volume.resume(&request.group_uid, request.epoch).await,
-            };
-            states.push(state_to_pb(&result.map_err(directive_status)?));
-        }
+            }
+        }))
+        .await;
+        let states = results
+            .into_iter()
+            .map(|result| result.map(|status| state_to_pb(&status)))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(directive_status)?;
         Ok(Response::new(pb::DirectiveResponse { volumes: states }))
     }
 }

@@ -12,13 +12,20 @@ use lockstep_api::v1alpha1::ClaimRef;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
-use crate::enforce::{Ack, Enforcer, Failure, GroupView, HoldTimeout, Input, Refusal, VolumeView};
+use futures::StreamExt;
+
+use crate::enforce::{
+    Ack, Enforcer, Failure, GroupView, HoldTimeout, Input, Operation, Refusal, VolumeView,
+};
 use crate::metrics::{FailSafeLabels, GroupLabels, Metrics};
 use crate::replicator::{Replicator, ReplicatorEvent};
 use crate::report::{Backoff, Reports};
 
 /// At most this many queued inputs are handled before the node's snapshot is published.
 const INPUTS_PER_SNAPSHOT: usize = 64;
+
+/// At most this many replicator operations of one burst run at once.
+const CONCURRENT_OPERATIONS: usize = 32;
 
 /// An acknowledgement as published: what, and when it was first produced (ms since the Unix epoch).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -228,13 +235,14 @@ impl Agent {
                         // A burst (a freeze over both paths, hundreds of groups' memberships) is taken
                         // whole, then published once: a snapshot of every volume and group per input
                         // was most of a node's time with 500 groups on it.
-                        self.handle_input(input).await;
-                        for _ in 1..INPUTS_PER_SNAPSHOT {
+                        let mut burst = vec![input];
+                        while burst.len() < INPUTS_PER_SNAPSHOT {
                             match inputs.try_recv() {
-                                Ok(input) => self.handle_input(input).await,
+                                Ok(input) => burst.push(input),
                                 Err(_) => break,
                             }
                         }
+                        self.handle_inputs(burst).await;
                         self.publish_snapshot();
                     }
                     None => break,
@@ -268,42 +276,64 @@ impl Agent {
 
     /// Handles one input and publishes what the node now shows.
     async fn process(&mut self, input: Input) {
-        self.handle_input(input).await;
+        self.handle_inputs([input]).await;
         self.publish_snapshot();
     }
 
-    /// Handles one input: the core's decision, the replicator's operations, the acknowledgements kept
-    /// for the next snapshot.
-    async fn handle_input(&mut self, input: Input) {
-        if let Input::GroupInSync {
-            group_uid,
-            epoch,
-            volumes,
-        } = &input
-        {
-            let done = self.images_dropped.get(group_uid) >= Some(epoch);
-            if !done && !volumes.is_empty() {
-                let volumes: Vec<String> = volumes.iter().cloned().collect();
-                match self
-                    .replicator
-                    .drop_image(group_uid, *epoch, &volumes)
-                    .await
-                {
-                    Ok(()) => {
-                        tracing::info!(
-                            group_uid,
-                            epoch,
-                            "every member in sync: kept images dropped"
-                        );
-                        self.images_dropped.insert(group_uid.clone(), *epoch);
-                    }
-                    Err(error) => {
-                        tracing::warn!(%error, group_uid, epoch, "dropping the kept images failed; retried on the group's next update");
-                    }
-                }
+    /// Handles a burst of inputs: the core decides each in order, then the replicator's operations of
+    /// all of them run — those on disjoint volumes concurrently, those on one volume in the order
+    /// decided — and only then are the acknowledgements kept for the next snapshot. A freeze of many
+    /// groups on one node is a burst of directives, each suspending a few volumes: one after the other
+    /// they took the node two state-file syncs per volume in a row.
+    async fn handle_inputs(&mut self, inputs: impl IntoIterator<Item = Input>) {
+        let mut decided = Decided::default();
+        for input in inputs {
+            if let Input::GroupInSync {
+                group_uid,
+                epoch,
+                volumes,
+            } = input
+            {
+                // Dropping a kept image comes after every operation decided before it.
+                self.apply(std::mem::take(&mut decided)).await;
+                self.drop_images(group_uid, epoch, volumes).await;
+                continue;
             }
+            let out = self.decide(input);
+            decided.operations.extend(out.operations);
+            decided.acks.extend(out.acks);
+        }
+        self.apply(decided).await;
+    }
+
+    /// Drops the kept images of a group whose members are all in sync again.
+    async fn drop_images(&mut self, group_uid: String, epoch: u64, volumes: BTreeSet<String>) {
+        let done = self.images_dropped.get(&group_uid) >= Some(&epoch);
+        if done || volumes.is_empty() {
             return;
         }
+        let volumes: Vec<String> = volumes.into_iter().collect();
+        match self
+            .replicator
+            .drop_image(&group_uid, epoch, &volumes)
+            .await
+        {
+            Ok(()) => {
+                tracing::info!(
+                    group_uid,
+                    epoch,
+                    "every member in sync: kept images dropped"
+                );
+                self.images_dropped.insert(group_uid, epoch);
+            }
+            Err(error) => {
+                tracing::warn!(%error, group_uid, epoch, "dropping the kept images failed; retried on the group's next update");
+            }
+        }
+    }
+
+    /// The core's decision on one input, its refusals and fail-safes logged and counted.
+    fn decide(&mut self, input: Input) -> crate::enforce::Outcome {
         if let Input::Membership {
             group_uid,
             group_name,
@@ -388,41 +418,55 @@ impl Agent {
                 .get_or_create(&fail_safe_taken(self.group_name(uid)))
                 .inc();
         }
-        let mut failed: Vec<String> = Vec::new();
-        for operation in &out.operations {
-            let kind = match operation {
-                crate::enforce::Operation::Suspend { .. } => "suspend",
-                crate::enforce::Operation::Release { .. } => "release",
-                crate::enforce::Operation::Resume { .. } => "resume",
-                crate::enforce::Operation::Configure { .. } => "configure",
-            };
-            let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_millis(400));
-            let mut attempt = 0;
-            loop {
-                attempt += 1;
-                match self.replicator.apply(operation).await {
-                    Ok(()) => {
-                        tracing::info!(?operation, "replicator");
-                        Metrics::count(&self.context.metrics.replicator_calls, kind, "ok");
-                        break;
+        out
+    }
+
+    /// Runs the decided operations and keeps the acknowledgements whose volumes all succeeded. An
+    /// operation that failed (after retries) and every operation not yet started when it did are
+    /// reported to the core as failed: it re-learns those volumes from the replicator's listing, which
+    /// is asked for at once, and acknowledges them afresh.
+    async fn apply(&mut self, decided: Decided) {
+        let Decided { operations, acks } = decided;
+        let mut failed: BTreeSet<String> = BTreeSet::new();
+        let mut waves = operation_waves(operations).into_iter();
+        for wave in waves.by_ref() {
+            let results: Vec<(Operation, bool)> = futures::stream::iter(wave)
+                .map(|operation| {
+                    let replicator = self.replicator.clone();
+                    let metrics = self.context.metrics.clone();
+                    async move {
+                        let ok = apply_with_retries(&replicator, &metrics, &operation).await;
+                        (operation, ok)
                     }
-                    Err(error) if attempt < 4 => {
-                        tracing::warn!(%error, ?operation, "replicator call failed; retrying");
-                        tokio::time::sleep(backoff.next_delay()).await;
-                    }
-                    Err(error) => {
-                        tracing::error!(%error, ?operation, "replicator call failed");
-                        Metrics::count(&self.context.metrics.replicator_calls, kind, "error");
-                        failed.extend(operation.volumes());
-                        break;
-                    }
-                }
+                })
+                .buffer_unordered(CONCURRENT_OPERATIONS)
+                .collect()
+                .await;
+            failed.extend(
+                results
+                    .into_iter()
+                    .filter(|(_, ok)| !ok)
+                    .flat_map(|(operation, _)| operation.volumes()),
+            );
+            if !failed.is_empty() {
+                break;
             }
         }
-        let mut acks = out.acks;
+        let skipped: Vec<String> = waves.flatten().flat_map(|o| o.volumes()).collect();
+        if !skipped.is_empty() {
+            tracing::warn!(
+                volumes = skipped.len(),
+                "operations after a failed one not run; re-learnt from the replicator"
+            );
+        }
+        failed.extend(skipped);
+        let mut acks = acks;
         if !failed.is_empty() {
             acks.retain(|ack| !ack.volumes.iter().any(|v| failed.contains(v)));
-            let _ = self.core.handle(Input::OperationFailed { volumes: failed });
+            let _ = self.core.handle(Input::OperationFailed {
+                volumes: failed.into_iter().collect(),
+            });
+            self.context.want_inventory();
         }
         for ack in acks {
             self.acks.insert(
@@ -496,6 +540,73 @@ impl Agent {
 }
 
 /// The labels of a group's fail-safe counter.
+/// What the core decided on a burst of inputs, in order: the replicator operations to run and the
+/// acknowledgements that hold once they succeed.
+#[derive(Debug, Default)]
+struct Decided {
+    operations: Vec<Operation>,
+    acks: Vec<Ack>,
+}
+
+/// The operations in waves: each wave's operations touch disjoint volumes and may run together; an
+/// operation goes in the wave after the last one holding an earlier operation on any of its volumes, so
+/// each volume sees its operations in the order decided.
+fn operation_waves(operations: Vec<Operation>) -> Vec<Vec<Operation>> {
+    let mut last_wave: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
+    let mut waves: Vec<Vec<Operation>> = Vec::new();
+    for operation in operations {
+        let names = operation.volume_names();
+        let wave = names
+            .iter()
+            .filter_map(|name| last_wave.get(*name).map(|w| w + 1))
+            .max()
+            .unwrap_or(0);
+        for name in names {
+            last_wave.insert(name.to_owned(), wave);
+        }
+        if waves.len() <= wave {
+            waves.resize_with(wave + 1, Vec::new);
+        }
+        waves[wave].push(operation);
+    }
+    waves
+}
+
+/// Runs one operation on the replicator, retried a few times with backoff; whether it succeeded.
+async fn apply_with_retries(
+    replicator: &Replicator,
+    metrics: &Metrics,
+    operation: &Operation,
+) -> bool {
+    let kind = match operation {
+        Operation::Suspend { .. } => "suspend",
+        Operation::Release { .. } => "release",
+        Operation::Resume { .. } => "resume",
+        Operation::Configure { .. } => "configure",
+    };
+    let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_millis(400));
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        match replicator.apply(operation).await {
+            Ok(()) => {
+                tracing::info!(?operation, "replicator");
+                Metrics::count(&metrics.replicator_calls, kind, "ok");
+                return true;
+            }
+            Err(error) if attempt < 4 => {
+                tracing::warn!(%error, ?operation, "replicator call failed; retrying");
+                tokio::time::sleep(backoff.next_delay()).await;
+            }
+            Err(error) => {
+                tracing::error!(%error, ?operation, "replicator call failed");
+                Metrics::count(&metrics.replicator_calls, kind, "error");
+                return false;
+            }
+        }
+    }
+}
+
 fn fail_safe_taken(group: String) -> GroupLabels {
     GroupLabels {
         group,
@@ -597,4 +708,52 @@ pub async fn watch_replicator(context: Arc<Context>, replicator: Replicator) {
 /// Marks the replicator ready in the metrics once the first inventory is in.
 pub fn mark_ready(metrics: &Metrics) {
     metrics.ready.store(true, Ordering::Relaxed);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn suspend(group: &str, volumes: &[&str]) -> Operation {
+        Operation::Suspend {
+            group_uid: group.to_owned(),
+            epoch: 1,
+            volumes: volumes.iter().map(|v| (*v).to_owned()).collect(),
+            fail_safe: false,
+        }
+    }
+
+    fn resume(group: &str, volumes: &[&str]) -> Operation {
+        Operation::Resume {
+            group_uid: group.to_owned(),
+            epoch: 2,
+            volumes: volumes.iter().map(|v| (*v).to_owned()).collect(),
+        }
+    }
+
+    #[test]
+    fn operations_on_disjoint_volumes_share_a_wave_and_each_volume_keeps_its_order() {
+        let operations = vec![
+            suspend("a", &["a1", "a2"]),
+            suspend("b", &["b1"]),
+            resume("a", &["a1"]),
+            suspend("c", &["c1"]),
+            resume("b", &["b1", "a2"]),
+            resume("a", &["a1"]),
+        ];
+        let waves = operation_waves(operations.clone());
+        assert_eq!(
+            waves,
+            vec![
+                vec![
+                    operations[0].clone(),
+                    operations[1].clone(),
+                    operations[3].clone()
+                ],
+                vec![operations[2].clone(), operations[4].clone()],
+                vec![operations[5].clone()],
+            ]
+        );
+        assert!(operation_waves(Vec::new()).is_empty());
+    }
 }

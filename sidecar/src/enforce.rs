@@ -313,6 +313,16 @@ impl Operation {
         }
     }
 
+    /// The volumes' names, borrowed.
+    pub fn volume_names(&self) -> Vec<&str> {
+        match self {
+            Operation::Suspend { volumes, .. }
+            | Operation::Release { volumes, .. }
+            | Operation::Resume { volumes, .. } => volumes.iter().map(String::as_str).collect(),
+            Operation::Configure { volume, .. } => vec![volume.as_str()],
+        }
+    }
+
     /// The level the operation brings its volumes to.
     pub fn level(&self) -> Level {
         match self {

@@ -171,6 +171,67 @@ async fn stale_directives(sidecar: &lockstep_sidecar::Sidecar) -> u64 {
         .sum()
 }
 
+/// How many replicator operations of a kind the sidecar counted as failed (after its retries).
+async fn failed_replicator_calls(sidecar: &lockstep_sidecar::Sidecar, kind: &str) -> u64 {
+    let series =
+        format!("lockstep_sidecar_replicator_calls_total{{path=\"{kind}\",state=\"error\"}}");
+    http_get(sidecar.metrics_addr(), "/metrics")
+        .await
+        .lines()
+        .filter(|l| l.starts_with(&series))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum()
+}
+
+/// The replicator operations of a burst of directives run together, yet an acknowledgement still waits
+/// for its own volumes: with one group's suspend refused by the replicator, the other group frozen in
+/// the same burst is acknowledged, the refused one is not, and it is once the replicator takes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_refused_suspend_withholds_only_its_own_groups_acknowledgement() {
+    let rep = FakeReplicator::start(&["a1", "b1"]).await;
+    let control = FakeControl::start().await;
+    control.set_memberships(&[
+        ("uid-a", 0, cpb::Stage::Resume, &["a1"]),
+        ("uid-b", 0, cpb::Stage::Resume, &["b1"]),
+    ]);
+    let mut options = options(&rep);
+    options.no_api_path = true;
+    options.operator_endpoint = Some(control.endpoint());
+    options.insecure_plaintext_control = true;
+    let sidecar = start(options, None).await;
+    confirmed(&rep, &["a1", "b1"]).await;
+
+    rep.refuse_suspends(&["b1"]);
+    control.push("uid-a", 1, cpb::Stage::Freeze);
+    control.push("uid-b", 1, cpb::Stage::Freeze);
+    eventually("group a's freeze acknowledged", || {
+        control.acked(1, cpb::Stage::Freeze, &["a1"], false)
+    })
+    .await;
+    // Twice: the first failure's outcome was published, and b1 re-learnt from the replicator's
+    // listing and suspended again (refused again) before the check below.
+    eventually_async("b1's suspend failed after its retries, twice", || async {
+        failed_replicator_calls(&sidecar, "suspend").await >= 2
+    })
+    .await;
+    let unacknowledged = rep.volume("b1");
+    assert_ne!(unacknowledged.mode, rpb::Mode::Suspended as i32);
+    assert!(
+        !control.acked(1, cpb::Stage::Freeze, &["b1"], false),
+        "b1 acknowledged though its suspend failed: {:?}",
+        control.acks()
+    );
+
+    rep.refuse_suspends(&[]);
+    eventually(
+        "group b's freeze acknowledged once the replicator takes it",
+        || control.acked(1, cpb::Stage::Freeze, &["b1"], false),
+    )
+    .await;
+    assert_eq!(rep.volume("b1").mode, rpb::Mode::Suspended as i32);
+    sidecar.shutdown().await;
+}
+
 /// The operator pushes a cluster's whole membership whenever any of its groups changes: hundreds of times
 /// in a freeze of hundreds of groups. A group's entry repeated unchanged is not fed to the core again (each
 /// input re-enforced every group); a changed one is, and its point is enforced.

@@ -68,6 +68,8 @@ pub struct ReplicatorState {
     /// Whether a `Configure` that changes a volume announces its new state (as the reference
     /// replicator and the benchmark's do).
     pub announce_changes: std::sync::atomic::AtomicBool,
+    /// Volumes whose `Suspend` fails (unavailable), as a replicator that cannot write its state would.
+    pub refused_suspends: Mutex<std::collections::BTreeSet<String>>,
 }
 
 /// A recording Replicator service: keeps each volume's group, epoch, stage and mode.
@@ -129,6 +131,12 @@ impl FakeReplicator {
         self.state
             .announce_changes
             .store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// From now on, a `Suspend` naming any of `volumes` fails (an empty list: none does).
+    pub fn refuse_suspends(&self, volumes: &[&str]) {
+        *self.state.refused_suspends.lock().unwrap() =
+            volumes.iter().map(|v| (*v).to_owned()).collect();
     }
 
     /// The recorded calls of a kind.
@@ -306,6 +314,14 @@ impl rpb::replicator_server::Replicator for FakeReplicator {
             stage: rpb::Stage::Freeze as i32,
             fail_safe: r.fail_safe,
         });
+        {
+            let refused = self.state.refused_suspends.lock().unwrap();
+            if let Some(volume) = r.volume_handles.iter().find(|v| refused.contains(*v)) {
+                return Err(Status::unavailable(format!(
+                    "the state of {volume} cannot be written"
+                )));
+            }
+        }
         {
             let mut volumes = self.state.volumes.lock().unwrap();
             for name in &r.volume_handles {
@@ -624,18 +640,28 @@ impl FakeControl {
         volumes: &[&str],
         with_handles: bool,
     ) {
-        let current = cpb::GroupEpoch {
-            group_uid: group_uid.to_owned(),
-            epoch,
-            stage: stage as i32,
-        };
-        self.state
-            .current
-            .lock()
-            .unwrap()
-            .insert(group_uid.to_owned(), current.clone());
-        let membership = cpb::Membership {
-            groups: vec![cpb::GroupMembership {
+        self.set_groups(&[(group_uid, epoch, stage, volumes)], with_handles);
+    }
+
+    /// The cluster's whole membership: several groups, each (uid, epoch, stage, volumes).
+    pub fn set_memberships(&self, groups: &[(&str, u64, cpb::Stage, &[&str])]) {
+        self.set_groups(groups, true);
+    }
+
+    fn set_groups(&self, groups: &[(&str, u64, cpb::Stage, &[&str])], with_handles: bool) {
+        let mut memberships = Vec::new();
+        for (group_uid, epoch, stage, volumes) in groups {
+            let current = cpb::GroupEpoch {
+                group_uid: (*group_uid).to_owned(),
+                epoch: *epoch,
+                stage: *stage as i32,
+            };
+            self.state
+                .current
+                .lock()
+                .unwrap()
+                .insert((*group_uid).to_owned(), current.clone());
+            memberships.push(cpb::GroupMembership {
                 group_name: GROUP.to_owned(),
                 current: Some(current),
                 hold_timeout_ms: 30_000,
@@ -658,7 +684,10 @@ impl FakeControl {
                         },
                     })
                     .collect(),
-            }],
+            });
+        }
+        let membership = cpb::Membership {
+            groups: memberships,
         };
         *self.state.membership.lock().unwrap() = Some(membership.clone());
         let _ = self.out.send(cpb::ControlMessage {
