@@ -221,10 +221,6 @@ impl Sessions {
     /// Sends a message to every session of the given clusters; returns how many took it. A session whose
     /// buffer is full or whose stream is gone is closed: its sidecar reconnects and is sent the current
     /// state again.
-    pub fn send_to_clusters(&self, clusters: &[String], message: &ControlMessage) -> usize {
-        Self::send_within(&mut self.lock(), clusters, message)
-    }
-
     fn send_within(inner: &mut Inner, clusters: &[String], message: &ControlMessage) -> usize {
         let mut sent = 0;
         inner.by_node.retain(|(cluster, node), session| {
@@ -253,11 +249,8 @@ impl Sessions {
         point: &GroupEpoch,
         group_name: &str,
     ) -> usize {
-        let mut inner = self.lock();
-        inner
-            .directives_sent
-            .insert(point.group_uid.clone(), (point.clone(), Instant::now()));
-        Self::send_within(&mut inner, clusters, &directive(point, group_name))
+        self.send_directive_again(clusters, point, group_name, Duration::ZERO)
+            .unwrap_or_default()
     }
 
     /// Sends a group's directive again, as [`Self::send_directive`] — unless the same directive was sent
@@ -410,7 +403,7 @@ mod tests {
         let (_, mut east_b) = sessions.open_ok(key("east", "b"), Vec::new());
         let (_, mut west) = sessions.open_ok(key("west", "a"), Vec::new());
         let point = GroupEpoch::new("uid", 1, Stage::Freeze).unwrap();
-        let sent = sessions.send_to_clusters(&["east".to_owned()], &directive(&point, "orders"));
+        let sent = sessions.send_directive(&["east".to_owned()], &point, "orders");
         assert_eq!(sent, 2);
         assert!(east_a.try_recv().is_ok() && east_b.try_recv().is_ok());
         assert!(east_a.try_recv().is_err(), "one message per node");
@@ -513,7 +506,7 @@ mod tests {
         drop(receiver);
         let point = GroupEpoch::new("uid", 1, Stage::Freeze).unwrap();
         assert_eq!(
-            sessions.send_to_clusters(&["east".to_owned()], &directive(&point, "g")),
+            sessions.send_directive(&["east".to_owned()], &point, "g"),
             0
         );
         assert_eq!(sessions.count("east"), 0);
