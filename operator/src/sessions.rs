@@ -72,9 +72,19 @@ struct Inner {
     /// The membership last sent to each cluster's sessions, without the groups' current points (the
     /// directives carry those).
     memberships: BTreeMap<String, pb::Membership>,
-    /// The directive last sent for each group (by UID), and when.
-    directives_sent: BTreeMap<String, (GroupEpoch, Instant)>,
+    /// The directive last sent for each group (by UID).
+    directives_sent: BTreeMap<String, DirectiveSent>,
 }
+
+/// A group's directive as last sent: which point, when, and how many times it was sent before.
+struct DirectiveSent {
+    point: GroupEpoch,
+    at: Instant,
+    repeats: u32,
+}
+
+/// A directive resent again and again waits at most `2^MAX_RESEND_DOUBLINGS` resend intervals.
+const MAX_RESEND_DOUBLINGS: u32 = 5;
 
 impl std::fmt::Debug for Sessions {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -254,9 +264,10 @@ impl Sessions {
     }
 
     /// Sends a group's directive again, as [`Self::send_directive`] — unless the same directive was sent
-    /// less than `interval` ago (returns `None` then). A repeat is cheap for one group, but a freeze of
-    /// hundreds of groups at once would otherwise resend every unacknowledged one after each group's
-    /// reconcile, filling the sessions' buffers until they are closed.
+    /// too recently (returns `None` then): `interval` after its first send, then twice as long after each
+    /// repeat, up to [`MAX_RESEND_DOUBLINGS`] doublings. A repeat is cheap for one group, but hundreds of
+    /// groups frozen at once stay unacknowledged for seconds: resent every `interval`, they filled the
+    /// sessions' buffers until the sessions were closed.
     pub fn send_directive_again(
         &self,
         clusters: &[String],
@@ -264,17 +275,36 @@ impl Sessions {
         group_name: &str,
         interval: Duration,
     ) -> Option<usize> {
+        self.send_directive_at(clusters, point, group_name, interval, Instant::now())
+    }
+
+    fn send_directive_at(
+        &self,
+        clusters: &[String],
+        point: &GroupEpoch,
+        group_name: &str,
+        interval: Duration,
+        now: Instant,
+    ) -> Option<usize> {
         let mut inner = self.lock();
-        let now = Instant::now();
-        if let Some((sent, at)) = inner.directives_sent.get(&point.group_uid)
-            && sent == point
-            && now.duration_since(*at) < interval
-        {
-            return None;
-        }
-        inner
-            .directives_sent
-            .insert(point.group_uid.clone(), (point.clone(), now));
+        let repeats = match inner.directives_sent.get(&point.group_uid) {
+            Some(sent) if &sent.point == point => {
+                let gap = interval * (1u32 << sent.repeats.min(MAX_RESEND_DOUBLINGS));
+                if now.saturating_duration_since(sent.at) < gap {
+                    return None;
+                }
+                sent.repeats.saturating_add(1)
+            }
+            _ => 0,
+        };
+        inner.directives_sent.insert(
+            point.group_uid.clone(),
+            DirectiveSent {
+                point: point.clone(),
+                at: now,
+                repeats,
+            },
+        );
         Some(Self::send_within(
             &mut inner,
             clusters,
@@ -442,6 +472,42 @@ mod tests {
         );
         let received = std::iter::from_fn(|| east.try_recv().ok()).count();
         assert_eq!(received, 4);
+    }
+
+    #[tokio::test]
+    async fn a_directive_resent_again_and_again_waits_twice_as_long_each_time() {
+        let sessions = Sessions::default();
+        let (_, mut east) = sessions.open_ok(key("east", "a"), Vec::new());
+        let east_only = ["east".to_owned()];
+        let freeze = GroupEpoch::new("uid", 1, Stage::Freeze).unwrap();
+        let second = Duration::from_secs(1);
+        let start = Instant::now();
+        let at = |seconds: f64| start + Duration::from_secs_f64(seconds);
+        let send = |point: &GroupEpoch, seconds: f64| {
+            sessions.send_directive_at(&east_only, point, "orders", second, at(seconds))
+        };
+        assert_eq!(send(&freeze, 0.0), Some(1), "the first send");
+        // Resent after 1 s, then 2 s, 4 s, 8 s, 16 s, 32 s, and 32 s from then on.
+        let mut last = 0.0;
+        for gap in [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 32.0] {
+            assert_eq!(
+                send(&freeze, last + gap - 0.5),
+                None,
+                "{gap} s after {last} s"
+            );
+            assert_eq!(send(&freeze, last + gap), Some(1), "{gap} s after {last} s");
+            last += gap;
+        }
+        let release = GroupEpoch::new("uid", 1, Stage::Release).unwrap();
+        assert_eq!(send(&release, last + 0.1), Some(1), "a new point at once");
+        assert_eq!(send(&release, last + 0.6), None);
+        assert_eq!(
+            send(&release, last + 1.1),
+            Some(1),
+            "and its resends start again from one interval"
+        );
+        let received = std::iter::from_fn(|| east.try_recv().ok()).count();
+        assert_eq!(received, 1 + 7 + 2);
     }
 
     fn membership(group: &str, epoch: u64) -> pb::Membership {
