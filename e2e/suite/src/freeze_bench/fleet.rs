@@ -100,6 +100,8 @@ pub struct Fleet {
     groups: Vec<String>,
     replicators: Vec<MemoryReplicator>,
     operator: Option<Operator>,
+    /// The runtime the operator runs on (threads named [`OPERATOR_THREADS`]).
+    operator_runtime: Option<tokio::runtime::Runtime>,
     sidecars: Vec<Sidecar>,
     probe: Arc<Probe>,
     hub_watch: JoinHandle<()>,
@@ -452,8 +454,31 @@ impl Fleet {
             max_group_volumes: lockstep_operator::DEFAULT_MAX_GROUP_VOLUMES,
             control_security: lockstep_operator::ControlSecurity::insecure_plaintext(),
         };
-        let operator = Operator::start(hub_client.clone(), &options)
+        // The operator on its own runtime, its threads named, so that its CPU time can be read apart
+        // from the API servers', sidecars' and replicators' that share this process.
+        let operator_runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name(OPERATOR_THREADS)
+            .enable_all()
+            .build()
+            .map_err(|e| BenchError::Start(format!("the operator's runtime: {e}")))?;
+        let hub_kubeconfig = hub
+            .admin_kubeconfig_yaml()
+            .map_err(|e| BenchError::ApiServer(e.to_string()))?;
+        let operator = operator_runtime
+            .spawn(async move {
+                let kubeconfig = kube::config::Kubeconfig::from_yaml(&hub_kubeconfig)
+                    .map_err(|e| e.to_string())?;
+                let config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default())
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let client = Client::try_from(config).map_err(|e| e.to_string())?;
+                Operator::start(client, &options)
+                    .await
+                    .map_err(|e| e.to_string())
+            })
             .await
+            .map_err(|e| BenchError::Start(format!("the operator: {e}")))?
             .map_err(|e| BenchError::Start(format!("the operator: {e}")))?;
         let endpoint = format!("http://{}", operator.grpc_addr);
         let mut sidecars = Vec::new();
@@ -496,6 +521,7 @@ impl Fleet {
             groups,
             replicators,
             operator: Some(operator),
+            operator_runtime: Some(operator_runtime),
             sidecars,
             probe,
             hub_watch,
@@ -952,8 +978,12 @@ impl Fleet {
             server.forget_requests();
         }
         let before = count(&servers)?;
+        let cpu_before = operator_cpu();
         tokio::time::sleep(window).await;
         let after = count(&servers)?;
+        let operator_cpu = operator_cpu()
+            .zip(cpu_before)
+            .map(|(after, before)| after.saturating_sub(before));
         let writes = after
             .into_iter()
             .filter_map(|(request, n)| {
@@ -965,6 +995,7 @@ impl Fleet {
             window,
             idle_before: Duration::ZERO,
             writes,
+            operator_cpu,
         })
     }
 
@@ -984,8 +1015,11 @@ impl Fleet {
         for sidecar in self.sidecars.drain(..) {
             sidecar.shutdown().await;
         }
-        if let Some(operator) = self.operator.take() {
-            operator.shutdown().await;
+        if let (Some(operator), Some(runtime)) =
+            (self.operator.take(), self.operator_runtime.take())
+        {
+            let _ = runtime.spawn(operator.shutdown()).await;
+            runtime.shutdown_background();
         }
         for replicator in &self.replicators {
             replicator.stop();
@@ -1007,6 +1041,8 @@ pub struct SteadyState {
     pub idle_before: Duration,
     /// Requests that changed objects, by `verb resource`, over every API server of the cell.
     pub writes: BTreeMap<String, u64>,
+    /// CPU time the operator's threads spent in the window (None where /proc cannot tell).
+    pub operator_cpu: Option<Duration>,
 }
 
 impl SteadyState {
@@ -1035,6 +1071,39 @@ impl SteadyState {
     }
 }
 
+/// The name of the operator's runtime threads (at most 15 bytes: what /proc keeps of a thread's name).
+const OPERATOR_THREADS: &str = "bench-operator";
+
+/// The CPU time (user and system) the operator's live threads have spent, from `/proc/self/task`; None
+/// where that cannot be read. Clock ticks are USER_HZ, 100 a second on Linux.
+pub fn operator_cpu() -> Option<Duration> {
+    const TICKS_PER_SECOND: u64 = 100;
+    let mut ticks = 0u64;
+    for task in std::fs::read_dir("/proc/self/task")
+        .ok()
+        .into_iter()
+        .flatten()
+    {
+        let Ok(task) = task else { continue };
+        let Ok(stat) = std::fs::read_to_string(task.path().join("stat")) else {
+            continue;
+        };
+        // "tid (name) state ppid ...": the name may hold spaces, the fields follow its last ')'.
+        let Some((head, fields)) = stat.rsplit_once(')') else {
+            continue;
+        };
+        if head.split_once('(').map(|(_, name)| name) != Some(OPERATOR_THREADS) {
+            continue;
+        }
+        let fields: Vec<&str> = fields.split_whitespace().collect();
+        // utime and stime are the 14th and 15th fields of the line, the 12th and 13th after the name.
+        for field in fields.get(11..13).into_iter().flatten() {
+            ticks += field.parse::<u64>().unwrap_or(0);
+        }
+    }
+    (ticks > 0).then(|| Duration::from_millis(ticks * 1000 / TICKS_PER_SECOND))
+}
+
 /// Stamps the moment the hub's group shows the trial's epoch at stage Release: the operator had every
 /// volume's acknowledgement of the freeze and persisted the release decision.
 async fn watch_hub(
@@ -1059,5 +1128,38 @@ async fn watch_hub(
                 marks.frozen.get_or_insert(now);
             }
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_operator_threads_cpu_time_is_read_from_proc() {
+        assert_eq!(operator_cpu(), None, "no operator thread yet");
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let spinning = stop.clone();
+        let spinner = std::thread::Builder::new()
+            .name(OPERATOR_THREADS.to_owned())
+            .spawn(move || {
+                let mut n = 0u64;
+                while !spinning.load(std::sync::atomic::Ordering::Relaxed) {
+                    n = std::hint::black_box(n.wrapping_add(1));
+                }
+            })
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let mut cpu = None;
+        while cpu.is_none() && Instant::now() < deadline {
+            cpu = operator_cpu();
+            std::thread::yield_now();
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        spinner.join().unwrap();
+        assert!(
+            cpu.is_some_and(|cpu| cpu >= Duration::from_millis(10)),
+            "{cpu:?}"
+        );
     }
 }

@@ -174,13 +174,20 @@ impl CellResult {
         let _ = writeln!(
             out,
             "  steady state ({seconds:.1} s, after {:.1} s idle): writes/s {} (groups counts the hub's and \
-             the mirrors); beyond leases: {}",
+             the mirrors); beyond leases: {}; operator CPU {}",
             self.steady.idle_before.as_secs_f64(),
             rates.join(", "),
             if self.steady_writes() == 0 {
                 "none".to_owned()
             } else {
                 format!("{:?}", self.steady.writes_beyond_leases())
+            },
+            match self.steady.operator_cpu {
+                Some(cpu) => format!(
+                    "{:.1} % of a core",
+                    100.0 * cpu.as_secs_f64() / self.steady.window.as_secs_f64().max(f64::EPSILON)
+                ),
+                None => "not measured".to_owned(),
             }
         );
         let largest: Vec<String> = self
@@ -468,6 +475,7 @@ mod tests {
                     ("update leases".to_owned(), 4),
                     ("patch consistencygroups/status".to_owned(), 1),
                 ]),
+                operator_cpu: Some(Duration::from_millis(50)),
             },
             largest: BTreeMap::from([(
                 "ConsistencyGroupShard",
