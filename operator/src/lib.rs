@@ -280,6 +280,27 @@ impl Operator {
             leader.clone(),
         );
 
+        // What every reconcile may change for the connected sidecars: the clusters' memberships, and
+        // directives whose send was lost. Each reconcile asks for it; asks made while it runs coalesce
+        // into one more run. Run after each of hundreds of groups' reconciles, each pass over every group
+        // made a freeze of many groups quadratic.
+        let fan_out = Arc::new(tokio::sync::Notify::new());
+        tasks.push(spawn_until(&shutdown, {
+            let (engine, fan_out) = (engine.clone(), fan_out.clone());
+            async move {
+                loop {
+                    fan_out.notified().await;
+                    if engine.is_leader() {
+                        // A group created or changed reaches the connected sidecars now.
+                        control::push_memberships(&engine);
+                        // Directives whose send was lost reach the nodes that have not acknowledged
+                        // them.
+                        engine.resend_unacknowledged();
+                    }
+                }
+            }
+        }));
+
         // The hub's groups: a reflector, and a reconcile as soon as one changes.
         let group_changes = {
             let engine = engine.clone();
@@ -306,17 +327,14 @@ impl Operator {
                             };
                             let running = RunningReconcile::new(reconciles.clone(), uid);
                             let engine = engine.clone();
+                            let fan_out = fan_out.clone();
                             tokio::spawn(async move {
                                 let mut next = Some(group);
                                 while let Some(group) = next {
                                     if let Err(error) = engine.reconcile(Arc::new(group)).await {
                                         tracing::warn!(%error, "reconcile failed");
                                     }
-                                    // A group created or changed reaches the connected sidecars now.
-                                    control::push_memberships(&engine);
-                                    // Directives whose send was lost reach the nodes that have not
-                                    // acknowledged them.
-                                    engine.resend_unacknowledged();
+                                    fan_out.notify_one();
                                     next = running.next();
                                 }
                             });
