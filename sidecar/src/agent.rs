@@ -423,8 +423,8 @@ impl Agent {
 
     /// Runs the decided operations and keeps the acknowledgements whose volumes all succeeded. An
     /// operation that failed (after retries) and every operation not yet started when it did are
-    /// reported to the core as failed: it re-learns those volumes from the replicator's listing, which
-    /// is asked for at once, and acknowledges them afresh.
+    /// reported to the core as failed: it re-learns those volumes from the replicator's next listing and
+    /// acknowledges them afresh.
     async fn apply(&mut self, decided: Decided) {
         let Decided { operations, acks } = decided;
         let mut failed: BTreeSet<String> = BTreeSet::new();
@@ -466,7 +466,6 @@ impl Agent {
             let _ = self.core.handle(Input::OperationFailed {
                 volumes: failed.into_iter().collect(),
             });
-            self.context.want_inventory();
         }
         for ack in acks {
             self.acks.insert(

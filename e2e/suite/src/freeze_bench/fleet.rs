@@ -45,8 +45,12 @@ const CLAIMS_PER_NAMESPACE: usize = 1000;
 /// The label every bench PVC carries (its group's name as the value), which the group selects them by
 /// where the hub can list them.
 const CLAIM_LABEL: &str = "lockstep.dev/bench";
-/// How long a trial's freeze, or the set-up and resync around it, may take before it counts as lost.
+/// How long a trial's freeze, or the set-up and resync around it, may take before it counts as lost —
+/// with one group; see [`Fleet::deadline`].
 const DEADLINE: Duration = Duration::from_secs(60);
+/// What each group beyond the first adds to [`DEADLINE`]: hundreds of groups resync one decision (a
+/// status write) each, on the same two cores as every API server and sidecar of the cell.
+const DEADLINE_PER_GROUP: Duration = Duration::from_millis(250);
 /// How long the set-up (members resolved, every volume confirmed) may take.
 pub const SETUP_DEADLINE: Duration = Duration::from_secs(300);
 
@@ -697,7 +701,7 @@ impl Fleet {
             ..TrialMarks::default()
         });
         replicator.fail_copy(&placement.handle, self.sequence);
-        let deadline = tokio::time::Instant::now() + DEADLINE;
+        let deadline = tokio::time::Instant::now() + self.deadline();
         loop {
             let notified = self.probe.notified();
             tokio::pin!(notified);
@@ -727,7 +731,7 @@ impl Fleet {
             .map(|(_, epoch)| *epoch)
             .max()
             .unwrap_or(0);
-        let deadline = Instant::now() + DEADLINE;
+        let deadline = Instant::now() + self.deadline();
         loop {
             let groups = self.watched_groups();
             // Not phase Replicating: a gRPC-only member's volumes never report their state back as
@@ -874,7 +878,7 @@ impl Fleet {
             .applied_objects();
         let mut stream = std::pin::pin!(stream);
         let mut listed = BTreeSet::new();
-        let deadline = tokio::time::Instant::now() + DEADLINE;
+        let deadline = tokio::time::Instant::now() + self.deadline();
         while listed.len() < self.groups.len() {
             match tokio::time::timeout_at(deadline, stream.next()).await {
                 Ok(Some(Ok(group))) => {
@@ -919,7 +923,7 @@ impl Fleet {
         let started = Instant::now();
         let groups = self.list_groups().await?;
         futures::stream::iter(groups.iter().map(|group| {
-            let (api, name) = (self.groups(), group.name_any());
+            let (api, name, deadline) = (self.groups(), group.name_any(), self.deadline());
             let uid = group.metadata.uid.clone().unwrap_or_default();
             async move {
                 api.delete(&name, &kube::api::DeleteParams::default())
@@ -930,7 +934,7 @@ impl Fleet {
                     &name,
                     kube::runtime::wait::conditions::is_deleted(&uid),
                 );
-                match tokio::time::timeout(DEADLINE, deleted).await {
+                match tokio::time::timeout(deadline, deleted).await {
                     Ok(Ok(_)) => Ok(()),
                     Ok(Err(error)) => Err(BenchError::Timeout(format!(
                         "{name} deleted (watching it failed: {error})"
@@ -1007,6 +1011,13 @@ impl Fleet {
     /// Sidecars (nodes) in the cell.
     pub fn nodes(&self) -> usize {
         self.sidecars.len()
+    }
+
+    /// How long a trial, a resync or a deletion may take before it counts as lost: [`DEADLINE`], and
+    /// [`DEADLINE_PER_GROUP`] for each group beyond the first.
+    fn deadline(&self) -> Duration {
+        let more = u32::try_from(self.groups.len().saturating_sub(1)).unwrap_or(u32::MAX);
+        DEADLINE + DEADLINE_PER_GROUP.saturating_mul(more)
     }
 
     /// Stops everything.
