@@ -426,7 +426,10 @@ impl Agent {
     /// reported to the core as failed: it re-learns those volumes from the replicator's next listing and
     /// acknowledges them afresh.
     async fn apply(&mut self, decided: Decided) {
-        let Decided { operations, acks } = decided;
+        let Decided {
+            operations,
+            mut acks,
+        } = decided;
         let mut failed: BTreeSet<String> = BTreeSet::new();
         let mut waves = operation_waves(operations).into_iter();
         for wave in waves.by_ref() {
@@ -460,7 +463,6 @@ impl Agent {
             );
         }
         failed.extend(skipped);
-        let mut acks = acks;
         if !failed.is_empty() {
             acks.retain(|ack| !ack.volumes.iter().any(|v| failed.contains(v)));
             let _ = self.core.handle(Input::OperationFailed {

@@ -305,12 +305,7 @@ pub enum Operation {
 impl Operation {
     /// The volumes the operation acts on.
     pub fn volumes(&self) -> Vec<String> {
-        match self {
-            Operation::Suspend { volumes, .. }
-            | Operation::Release { volumes, .. }
-            | Operation::Resume { volumes, .. } => volumes.clone(),
-            Operation::Configure { volume, .. } => vec![volume.clone()],
-        }
+        self.volume_names().into_iter().map(str::to_owned).collect()
     }
 
     /// The volumes' names, borrowed.
